@@ -1,0 +1,24 @@
+"""convlora-kernels: fused Conv-LoRA ("Convolution Meets LoRA", ICLR 2024) for Segment Anything.
+
+    conv_lora_linear     the functional op (backends: reference, cpu, cuda, triton)
+    conv_lora_linear_ref the pure-PyTorch definition it is checked against
+    ConvLoRALinear       drop-in for nn.Linear (from_linear, from_autogluon)
+    NoisyTopOneRouter    the top-1 router with its load-balancing loss
+"""
+
+from .gating import NoisyTopOneRouter
+from .modules import ConvLoRALinear
+from .ops import BackendUnavailableError, available_backends, conv_lora_linear
+from .reference import conv_lora_linear_ref, lora_linear_ref
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "ConvLoRALinear",
+    "NoisyTopOneRouter",
+    "available_backends",
+    "conv_lora_linear",
+    "conv_lora_linear_ref",
+    "lora_linear_ref",
+]

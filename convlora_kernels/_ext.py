@@ -1,0 +1,30 @@
+"""Loading of the compiled extension convlora_kernels._C, never at import time of
+the package, so a missing or broken build only matters to the backends that need it."""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+REBUILD = "pip install --no-build-isolation -e .  (from the convlora-kernels checkout)"
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> Tuple[Optional[object], str]:
+    """(the _C module or None, why it is missing). Importing _C registers torch.ops.convlora."""
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as e:
+        return None, (f"the compiled extension convlora_kernels._C could not be imported "
+                      f"({e}); rebuild it with: {REBUILD}")
+    return _C, ""
+
+
+def has_cuda_kernels() -> bool:
+    """Whether _C was compiled with its CUDA kernels (a CPU-only build registers none)."""
+    mod, _ = load()
+    if mod is None:
+        return False
+    import torch
+
+    return torch._C._dispatch_has_kernel_for_dispatch_key("convlora::gelu_probe", "CUDA")

@@ -1,0 +1,145 @@
+"""The public op ``conv_lora_linear`` and its backend dispatch.
+
+Backends, all computing the function of ``convlora_kernels.reference``:
+    "reference"  pure PyTorch, any device
+    "cpu"        fused C++ kernels in convlora_kernels._C
+    "cuda"       fused CUDA kernels in convlora_kernels._C
+    "triton"     fused Triton kernels in convlora_kernels.triton_kernels
+    "auto"       the fastest available one for x's device; falls back to
+                 "reference" with a one-time warning saying why.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from . import _ext
+from ._validate import optional_hw
+from .reference import conv_lora_linear_ref
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+# The fused backends in the order "auto" prefers them, per device type.
+_AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+
+# name -> implementation with the reference's signature. A backend module adds
+# itself here when its kernels exist.
+_IMPLS: Dict[str, Callable[..., torch.Tensor]] = {"reference": conv_lora_linear_ref}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run here; the message says why."""
+
+
+def _device_ok(name: str, device: torch.device) -> Optional[str]:
+    want = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}.get(name)
+    if want is not None and device.type != want:
+        return f"backend={name!r} runs on {want} tensors, but x is on {device}"
+    return None
+
+
+def backend_unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    """None when backend ``name`` can run on ``device``, else a sentence saying why not."""
+    if name == "reference":
+        return None
+    reason = _device_ok(name, device)
+    if reason:
+        return reason
+    if name not in _IMPLS:
+        return (f"the fused {name!r} kernels are not part of this version of "
+                f"convlora-kernels yet; use backend='reference'")
+    if name in ("cpu", "cuda"):
+        mod, why = _ext.load()
+        if mod is None:
+            return why
+        if name == "cuda" and not _ext.has_cuda_kernels():
+            return ("convlora_kernels._C was built without CUDA kernels (no nvcc or a CPU "
+                    f"build of torch at build time); rebuild it with: {_ext.REBUILD}")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback_once(device_type: str, reasons: Tuple[str, ...]) -> None:
+    warnings.warn(
+        f"convlora_kernels: no fused backend for {device_type} tensors, using the PyTorch "
+        f"reference (slow): " + "; ".join(reasons), RuntimeWarning, stacklevel=4)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs for ``backend`` on ``device``; raises for an unusable name."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        reasons = []
+        for name in _AUTO_ORDER.get(device.type, ()):
+            why = backend_unavailable_reason(name, device)
+            if why is None:
+                return name
+            reasons.append(f"{name}: {why}")
+        if not reasons:
+            reasons.append(f"none is built for device type {device.type!r}")
+        _warn_fallback_once(device.type, tuple(reasons))
+        return "reference"
+    why = backend_unavailable_reason(backend, device)
+    if why is not None:
+        raise BackendUnavailableError(f"backend={backend!r} is not available: {why}")
+    return backend
+
+
+def conv_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     lora_A: torch.Tensor, lora_B: torch.Tensor, conv_weight: torch.Tensor,
+                     conv_bias: torch.Tensor, expert_index: torch.Tensor, scaling: float, *,
+                     scales: Optional[Sequence[int]] = None, interpolation: str = "bilinear",
+                     hw: Optional[Tuple[int, int]] = None, backend: str = "auto") -> torch.Tensor:
+    """Conv-LoRA linear layer: y = x W0ᵀ + b0 + scaling · (z + E_{e_t}(z)) Bᵀ, z = x Aᵀ.
+
+    Args:
+        x:            (B, H, W, C_in), or (B, L, C_in) with hw=(H, W) or L a square.
+        weight:       (C_out, C_in), the frozen base weight W0.
+        bias:         (C_out,) or None.
+        lora_A:       (r, C_in), down-projection.
+        lora_B:       (C_out, r), up-projection.
+        conv_weight:  (n, r, r, 3, 3), expert i's 3x3 conv weight.
+        conv_bias:    (n, r).
+        expert_index: (B, H, W) integer tensor, each token's expert in [0, n).
+        scaling:      alpha / r.
+        scales:       n positive integers, expert i's resampling scale; default 1..n.
+        interpolation: "bilinear" (default) or "bicubic" (the authors' choice).
+        hw:           (H, W) for a (B, L, C_in) input.
+        backend:      "auto", "reference", "cpu", "cuda" or "triton".
+
+    Returns:
+        x.shape[:-1] + (C_out,), in x's dtype. Differentiable in every tensor
+        but expert_index.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    name = resolve_backend(backend, x.device)
+    return _IMPLS[name](x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
+                        scaling, scales=scales, interpolation=interpolation, hw=optional_hw(hw))
+
+
+def available_backends(device: torch.device) -> Tuple[str, ...]:
+    """The backends that can run on ``device`` here, fastest first, "reference" last."""
+    device = torch.device(device)
+    names = [n for n in _AUTO_ORDER.get(device.type, ())
+             if backend_unavailable_reason(n, device) is None]
+    return tuple(names) + ("reference",)
+
+
+@functools.lru_cache(maxsize=None)
+def _register_probe_fake() -> None:
+    torch.library.register_fake("convlora::gelu_probe")(lambda x: torch.empty_like(x))
+
+
+def gelu_probe(x: torch.Tensor) -> torch.Tensor:
+    """Exact GELU computed by the extension's shared host/device math (a build check)."""
+    mod, why = _ext.load()
+    if mod is None:
+        raise BackendUnavailableError(why)
+    _register_probe_fake()
+    return torch.ops.convlora.gelu_probe(x)

@@ -1,0 +1,51 @@
+// Op schemas of the convlora library and their CPU kernels.
+//
+// Importing convlora_kernels._C loads this library; the ops then live under
+// torch.ops.convlora. Fake (meta) kernels and autograd are registered from Python
+// (convlora_kernels/ops.py).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "convlora_math.h"
+
+namespace convlora {
+
+// gelu_probe: exact GELU through the shared per-token math, the smallest op that
+// proves the build, the registration and the host/device sharing on each device.
+at::Tensor gelu_probe_cpu(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), "gelu_probe_cpu: expected a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "gelu_probe: expected float32 or float64, got ", x.scalar_type());
+  auto xc = x.contiguous();
+  auto y = at::empty_like(xc);
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "gelu_probe_cpu", [&] {
+    const scalar_t* in = xc.const_data_ptr<scalar_t>();
+    scalar_t* out = y.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, xc.numel(), 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) out[i] = gelu_erf(in[i]);
+    });
+  });
+  return y;
+}
+
+TORCH_LIBRARY(convlora, m) {
+  m.def("gelu_probe(Tensor x) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(convlora, CPU, m) {
+  m.impl("gelu_probe", &gelu_probe_cpu);
+}
+
+}  // namespace convlora
+
+// A Python module with no functions: importing it loads the library above.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

@@ -1,0 +1,100 @@
+"""Backend selection, the compiled extension and its torch.library registration."""
+
+import importlib.util
+import os
+import warnings
+
+import pytest
+import torch
+
+import convlora_kernels
+from convlora_kernels import BackendUnavailableError, available_backends, conv_lora_linear, ops
+from convlora_kernels import _ext
+
+from helpers import make_case
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def test_extension_is_built():
+    mod, why = _ext.load()
+    assert mod is not None, why
+
+
+def _cuda_build_expected():
+    if torch.version.cuda is None or os.environ.get("CONVLORA_SKIP_CUDA_BUILD", "0") != "0":
+        return False
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    return os.path.exists(os.path.join(home, "bin", "nvcc"))
+
+
+@pytest.mark.skipif(not _cuda_build_expected(),
+                    reason="no CUDA toolkit or a CPU build of torch: a C++-only build is right")
+def test_cuda_kernels_were_compiled():
+    """With nvcc and a CUDA build of torch present, the build must include the CUDA code."""
+    assert _ext.has_cuda_kernels(), "convlora_kernels._C was built without its CUDA kernels"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_probe_op_runs_the_shared_math_on_cpu(dtype):
+    x = torch.linspace(-6, 6, 2001, dtype=dtype).reshape(3, 667)
+    y = ops.gelu_probe(x)
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    torch.testing.assert_close(y, torch.nn.functional.gelu(x), rtol=tol, atol=tol)
+    # strided input
+    torch.testing.assert_close(ops.gelu_probe(x.t()), torch.nn.functional.gelu(x.t()),
+                               rtol=tol, atol=tol)
+
+
+def test_probe_op_opcheck():
+    x = torch.randn(4, 5)
+    torch.library.opcheck(torch.ops.convlora.gelu_probe.default, (x,),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+def test_probe_op_on_gpu():
+    x = torch.randn(10_000, device="cuda")
+    torch.testing.assert_close(ops.gelu_probe(x), torch.nn.functional.gelu(x))
+
+
+def test_auto_falls_back_to_reference_with_one_warning():
+    ops._warn_fallback_once.cache_clear()
+    c = make_case(dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1 = conv_lora_linear(*c.args(), **c.kwargs())
+        y2 = conv_lora_linear(*c.args(), **c.kwargs(), backend="auto")
+    msgs = [str(w.message) for w in caught if "no fused backend" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    assert "cpu:" in msgs[0]
+    assert torch.equal(y1, y2)
+    assert torch.equal(y1, conv_lora_linear(*c.args(), **c.kwargs(), backend="reference"))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
+def test_named_backend_that_cannot_run_says_why(backend):
+    c = make_case(dtype=torch.float32)
+    reason = ops.backend_unavailable_reason(backend, torch.device("cpu"))
+    if reason is None:
+        pytest.skip(f"{backend} runs here")
+    with pytest.raises(BackendUnavailableError, match=f"backend='{backend}' is not available: "):
+        conv_lora_linear(*c.args(), **c.kwargs(), backend=backend)
+
+
+def test_gpu_backends_refuse_cpu_tensors():
+    assert "runs on cuda tensors, but x is on cpu" in \
+        ops.backend_unavailable_reason("cuda", torch.device("cpu"))
+    assert "runs on cuda tensors" in ops.backend_unavailable_reason("triton", torch.device("cpu"))
+    assert available_backends("cpu")[-1] == "reference"
+
+
+def test_triton_kernels_live_inside_the_package():
+    import convlora_kernels.triton_kernels as tk
+
+    assert tk.__name__ == "convlora_kernels.triton_kernels"
+    root = os.path.dirname(os.path.dirname(convlora_kernels.__file__))
+    assert not os.path.exists(os.path.join(root, "triton_kernels", "__init__.py"))
+    spec = importlib.util.find_spec("triton_kernels")
+    assert spec is None or "convlora" not in (spec.origin or "")

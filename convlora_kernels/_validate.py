@@ -126,7 +126,8 @@ def _parse_hw(hw) -> Tuple[int, int]:
 
 
 def check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
-                 scaling, scales, interpolation, hw, check_index_values: bool = True) -> Problem:
+                 scaling, scales, interpolation, hw, z=None,
+                 check_index_values: bool = True) -> Problem:
     x = _need_tensor("x", x)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x: expected a float16, bfloat16, float32 or float64 tensor, "
@@ -180,6 +181,16 @@ def check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert
             bad = lo if lo < 0 else hi
             raise ValueError(f"expert_index: expected values in [0, {n - 1}] ({n} experts), "
                              f"found {bad}")
+
+    if z is not None:
+        _need_tensor("z", z)
+        want = tuple(x.shape[:-1]) + (rank,)
+        if tuple(z.shape) != want:
+            raise ValueError(f"z: expected x Aᵀ, shape x.shape[:-1] + (r,) = {want}, "
+                             f"got {tuple(z.shape)}")
+        if z.dtype != x.dtype or z.device != x.device:
+            raise TypeError(f"z: expected dtype {x.dtype} on {x.device} (those of x), got "
+                            f"{z.dtype} on {z.device}")
 
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         raise TypeError(f"scaling: expected a Python float (alpha / r), got {_describe(scaling)}")

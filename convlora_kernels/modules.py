@@ -168,10 +168,13 @@ class ConvLoRALinear(nn.Module):
             expert_index, aux = self.router(z)
             if self.training:
                 self.aux_loss = aux
+            # z is shared with the op, so x Aᵀ is computed once and lora_A's gradient
+            # comes from both the layer output and the aux loss through it.
             return conv_lora_linear(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias,
                                     expert_index, self.scaling, scales=self.scales,
                                     interpolation=self.interpolation, hw=(h, w),
-                                    backend=self.backend)
+                                    backend=self.backend,
+                                    z=z.reshape(x.shape[:-1] + (self.r,)))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

@@ -12,8 +12,9 @@ Backends, all computing the function of ``convlora_kernels.reference``:
 from __future__ import annotations
 
 import functools
+import importlib
 import warnings
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,9 +27,35 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # The fused backends in the order "auto" prefers them, per device type.
 _AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
-# name -> implementation with the reference's signature. A backend module adds
-# itself here when its kernels exist.
-_IMPLS: Dict[str, Callable[..., torch.Tensor]] = {"reference": conv_lora_linear_ref}
+# Each fused backend lives in its own module, which defines
+#   unavailable_reason(backend: str, device: torch.device) -> Optional[str]
+#   conv_lora_linear(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
+#                    scaling, *, scales, interpolation, hw, z) -> Tensor
+# with the semantics of conv_lora_linear_ref. A module that does not exist yet means
+# the backend is not part of this version.
+_BACKEND_MODULES = {
+    "cpu": "convlora_kernels.fused",
+    "cuda": "convlora_kernels.fused",
+    "triton": "convlora_kernels.triton_kernels.op",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_module(name: str):
+    modname = _BACKEND_MODULES[name]
+    try:
+        return importlib.import_module(modname), None
+    except ModuleNotFoundError as e:
+        if e.name != modname:
+            raise
+        return None, (f"the fused {name!r} kernels are not part of this version of "
+                      f"convlora-kernels yet; use backend='reference'")
+
+
+def _impl(name: str) -> Callable[..., torch.Tensor]:
+    if name == "reference":
+        return conv_lora_linear_ref
+    return _backend_module(name)[0].conv_lora_linear
 
 
 class BackendUnavailableError(RuntimeError):
@@ -49,17 +76,10 @@ def backend_unavailable_reason(name: str, device: torch.device) -> Optional[str]
     reason = _device_ok(name, device)
     if reason:
         return reason
-    if name not in _IMPLS:
-        return (f"the fused {name!r} kernels are not part of this version of "
-                f"convlora-kernels yet; use backend='reference'")
-    if name in ("cpu", "cuda"):
-        mod, why = _ext.load()
-        if mod is None:
-            return why
-        if name == "cuda" and not _ext.has_cuda_kernels():
-            return ("convlora_kernels._C was built without CUDA kernels (no nvcc or a CPU "
-                    f"build of torch at build time); rebuild it with: {_ext.REBUILD}")
-    return None
+    module, why = _backend_module(name)
+    if module is None:
+        return why
+    return module.unavailable_reason(name, device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,7 +114,8 @@ def conv_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                      lora_A: torch.Tensor, lora_B: torch.Tensor, conv_weight: torch.Tensor,
                      conv_bias: torch.Tensor, expert_index: torch.Tensor, scaling: float, *,
                      scales: Optional[Sequence[int]] = None, interpolation: str = "bilinear",
-                     hw: Optional[Tuple[int, int]] = None, backend: str = "auto") -> torch.Tensor:
+                     hw: Optional[Tuple[int, int]] = None, backend: str = "auto",
+                     z: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Conv-LoRA linear layer: y = x W0ᵀ + b0 + scaling · (z + E_{e_t}(z)) Bᵀ, z = x Aᵀ.
 
     Args:
@@ -111,6 +132,9 @@ def conv_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         interpolation: "bilinear" (default) or "bicubic" (the authors' choice).
         hw:           (H, W) for a (B, L, C_in) input.
         backend:      "auto", "reference", "cpu", "cuda" or "triton".
+        z:            optional x Aᵀ already computed (say by the router), shaped like x
+                      with r channels; used instead of recomputing it, so lora_A's
+                      gradient then flows through z alone.
 
     Returns:
         x.shape[:-1] + (C_out,), in x's dtype. Differentiable in every tensor
@@ -119,8 +143,9 @@ def conv_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     name = resolve_backend(backend, x.device)
-    return _IMPLS[name](x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
-                        scaling, scales=scales, interpolation=interpolation, hw=optional_hw(hw))
+    return _impl(name)(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
+                       scaling, scales=scales, interpolation=interpolation, hw=optional_hw(hw),
+                       z=z)
 
 
 def available_backends(device: torch.device) -> Tuple[str, ...]:

@@ -68,17 +68,19 @@ def conv_lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
                          conv_bias: torch.Tensor, expert_index: torch.Tensor, scaling: float,
                          *, scales: Optional[Sequence[int]] = None,
                          interpolation: str = "bilinear",
-                         hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+                         hw: Optional[Tuple[int, int]] = None,
+                         z: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x W0ᵀ + b0 + scaling · (z + E_{e_t}(z)) Bᵀ with z = x Aᵀ (shapes: module doc).
 
-    Computes in x's dtype throughout, differentiable in every tensor argument
-    but expert_index.
+    z, when given, is x Aᵀ already computed (x's leading shape, r channels) and is
+    used as is. Computes in x's dtype throughout, differentiable in every tensor
+    argument but expert_index.
     """
     p = check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
-                     scaling, scales, interpolation, hw)
+                     scaling, scales, interpolation, hw, z=z)
     x4 = as_map(x, p)
     y0 = F.linear(x4, weight, bias)
-    z = F.linear(x4, lora_A)
+    z = F.linear(x4, lora_A) if z is None else z.reshape(p.batch, p.height, p.width, p.rank)
     u = conv_lora_delta(z, conv_weight, conv_bias, expert_index, p.scales, p.interpolation)
     y = y0 + scaling * F.linear(u, lora_B)
     return y.reshape(out_shape(x, p))

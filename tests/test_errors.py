@@ -61,6 +61,9 @@ BAD = [
     (dict(scales=(1, "2", 3)), TypeError, r"scales\[1\]: expected a positive integer, got str"),
     (dict(scales=(1, 17, 3)), ValueError, r"scales\[1\]: .* got 17"),
     (dict(scales=3), TypeError, "scales: expected a sequence of 3 positive integers"),
+    # a precomputed z
+    (dict(z=lambda a: torch.zeros(2, 4, 5, 2)), ValueError, r"z: expected x Aᵀ, shape x.shape\[:-1\] \+ \(r,\) = \(2, 4, 5, 3\), got \(2, 4, 5, 2\)"),
+    (dict(z=lambda a: torch.zeros(2, 4, 5, 3, dtype=torch.float64)), TypeError, "z: expected dtype torch.float32"),
     # scalars and names
     (dict(scaling=torch.tensor(2.0)), TypeError, "scaling: expected a Python float"),
     (dict(scaling=float("nan")), ValueError, "scaling: expected a finite number"),

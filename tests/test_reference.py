@@ -196,3 +196,18 @@ def test_accuracy_rule_can_fail():
 
     with pytest.raises(AssertionError, match="dlora_A"):
         check_accuracy_rule(wrong, c, torch.float32, 1e-6)
+
+
+def test_precomputed_z_is_used_and_carries_lora_A_gradient():
+    c = make_case(seed=16).to(torch.float64, True)
+    y = conv_lora_linear_ref(*c.args(), **c.kwargs())
+    dy = torch.randn_like(y)
+    ga = torch.autograd.grad(y, [c.x, c.lora_A], dy)
+    z = c.x @ c.lora_A.t()
+    yz = conv_lora_linear_ref(*c.args(), **c.kwargs(), z=z)
+    assert_close(yz, y, 1e-14, 1e-14, "y")
+    gz = torch.autograd.grad(yz, [c.x, c.lora_A], dy)
+    for n, a, b in zip(["dx", "dlora_A"], gz, ga):
+        assert_close(a, b, 1e-12, 1e-12, n)
+    # z is taken as given: a different z changes the output
+    assert not torch.allclose(conv_lora_linear_ref(*c.args(), **c.kwargs(), z=z * 2), y)

@@ -175,8 +175,9 @@ def check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert
         raise ValueError(f"expert_index: expected a tensor on {x.device} (the device of x), "
                          f"got one on {expert_index.device}")
     _need_shape("expert_index", expert_index, (batch, height, width), "(B, H, W)")
-    if check_index_values and expert_index.numel() > 0 and not _is_tracing():
-        lo, hi = int(expert_index.min()), int(expert_index.max())
+    if check_index_values and expert_index.numel() > 0 and not _is_tracing() \
+            and not _is_capturing(expert_index):
+        lo, hi = (int(v) for v in torch.aminmax(expert_index))  # one sync on CUDA
         if lo < 0 or hi >= n:
             bad = lo if lo < 0 else hi
             raise ValueError(f"expert_index: expected values in [0, {n - 1}] ({n} experts), "
@@ -207,6 +208,10 @@ def _is_tracing() -> bool:
         return torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - older torch
         return False
+
+
+def _is_capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def as_map(x: torch.Tensor, p: Problem) -> torch.Tensor:

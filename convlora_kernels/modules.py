@@ -174,7 +174,8 @@ class ConvLoRALinear(nn.Module):
                                     expert_index, self.scaling, scales=self.scales,
                                     interpolation=self.interpolation, hw=(h, w),
                                     backend=self.backend,
-                                    z=z.reshape(x.shape[:-1] + (self.r,)))
+                                    z=z.reshape(x.shape[:-1] + (self.r,)),
+                                    check_expert_index=False)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

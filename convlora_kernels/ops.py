@@ -31,7 +31,7 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 # Each fused backend lives in its own module, which defines
 #   unavailable_reason(backend: str, device: torch.device) -> Optional[str]
 #   conv_lora_linear(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
-#                    scaling, *, scales, interpolation, hw, z) -> Tensor
+#                    scaling, *, scales, interpolation, hw, z, check_expert_index) -> Tensor
 # with the semantics of conv_lora_linear_ref. A module that does not exist yet means
 # the backend is not part of this version.
 _BACKEND_MODULES = {
@@ -118,7 +118,8 @@ def conv_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                      conv_bias: torch.Tensor, expert_index: torch.Tensor, scaling: float, *,
                      scales: Optional[Sequence[int]] = None, interpolation: str = "bilinear",
                      hw: Optional[Tuple[int, int]] = None, backend: str = "auto",
-                     z: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     z: Optional[torch.Tensor] = None,
+                     check_expert_index: bool = True) -> torch.Tensor:
     """Conv-LoRA linear layer: y = x W0ᵀ + b0 + scaling · (z + E_{e_t}(z)) Bᵀ, z = x Aᵀ.
 
     Args:
@@ -138,6 +139,12 @@ def conv_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         z:            optional x Aᵀ already computed (say by the router), shaped like x
                       with r channels; used instead of recomputing it, so lora_A's
                       gradient then flows through z alone.
+        check_expert_index: raise a clear error for an expert_index value outside
+                      [0, n). On CUDA this reads two numbers back to the host (a
+                      synchronisation; skipped during CUDA graph capture and
+                      torch.compile). ConvLoRALinear passes False: its router's
+                      indices are in range by construction. Unchecked, the fused
+                      kernels never read out of range: such a token's output is NaN.
 
     Returns:
         x.shape[:-1] + (C_out,), in x's dtype. Differentiable in every tensor
@@ -148,7 +155,7 @@ def conv_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     name = resolve_backend(backend, x.device)
     return _impl(name)(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
                        scaling, scales=scales, interpolation=interpolation, hw=optional_hw(hw),
-                       z=z)
+                       z=z, check_expert_index=check_expert_index)
 
 
 def available_backends(device: torch.device) -> Tuple[str, ...]:

@@ -69,7 +69,8 @@ def conv_lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
                          *, scales: Optional[Sequence[int]] = None,
                          interpolation: str = "bilinear",
                          hw: Optional[Tuple[int, int]] = None,
-                         z: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         z: Optional[torch.Tensor] = None,
+                         check_expert_index: bool = True) -> torch.Tensor:
     """y = x W0ᵀ + b0 + scaling · (z + E_{e_t}(z)) Bᵀ with z = x Aᵀ (shapes: module doc).
 
     z, when given, is x Aᵀ already computed (x's leading shape, r channels) and is
@@ -77,7 +78,8 @@ def conv_lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     argument but expert_index.
     """
     p = check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
-                     scaling, scales, interpolation, hw, z=z)
+                     scaling, scales, interpolation, hw, z=z,
+                     check_index_values=check_expert_index)
     x4 = as_map(x, p)
     y0 = F.linear(x4, weight, bias)
     z = F.linear(x4, lora_A) if z is None else z.reshape(p.batch, p.height, p.width, p.rank)

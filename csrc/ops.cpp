@@ -34,6 +34,14 @@ at::Tensor gelu_probe_cpu(const at::Tensor& x) {
 
 TORCH_LIBRARY(convlora, m) {
   m.def("gelu_probe(Tensor x) -> Tensor");
+  // See stencil.h for shapes. interpolation: 0 bilinear, 1 bicubic.
+  m.def(
+      "stencil_fwd(Tensor z, Tensor expert_index, Tensor conv_weight, Tensor conv_bias, "
+      "int[] scales, int interpolation, int height, int width) -> Tensor");
+  m.def(
+      "stencil_bwd(Tensor du, Tensor z, Tensor expert_index, Tensor conv_weight, "
+      "Tensor conv_bias, int[] scales, int interpolation, int height, int width) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(convlora, CPU, m) {

@@ -1,0 +1,106 @@
+"""The "cpu" and "cuda" backends: the fused stencil kernels of convlora_kernels._C between
+the layer's projections, which run as ATen GEMMs (BLAS on CPU, cuBLAS on CUDA).
+
+Forward, for N tokens (Problem sizes in _validate):
+    z = x Aᵀ                     GEMM, or the z the router already computed
+    u = z + E_e(z)               torch.ops.convlora.stencil_fwd: one pass over z (N·r)
+    y = x W0ᵀ + b, y += s·u Bᵀ   GEMM, then a rank-r GEMM accumulating onto y
+Backward (autograd of the GEMMs, plus the stencil's registered backward):
+    du = s·dy B, dB = s·dyᵀ u    GEMMs over dy
+    dz, dconv_w, dconv_b         torch.ops.convlora.stencil_bwd (stencil recomputed,
+                                 weight gradients in fp32, deterministic, no atomics)
+    dx = dy W0 + dz A, dA = dzᵀ x
+
+The stencil ops are registered with fake kernels and autograd, so torch.compile
+traces the layer without graph breaks.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _ext
+from ._validate import as_map, check_inputs, out_shape
+
+INTERPOLATION_CODES = {"bilinear": 0, "bicubic": 1}
+MAX_RANK = 64
+
+
+def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    mod, why = _ext.load()
+    if mod is None:
+        return why
+    if backend == "cuda" and not _ext.has_cuda_kernels():
+        return ("convlora_kernels._C was built without CUDA kernels (no nvcc or a CPU build of "
+                f"torch at build time); rebuild it with: {_ext.REBUILD}")
+    _register()
+    return None
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _register() -> None:
+    """Fake kernels and autograd for the C++ stencil ops (once, after _C is loaded)."""
+
+    @torch.library.register_fake("convlora::stencil_fwd")
+    def _(z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width):
+        return torch.empty_like(z)
+
+    @torch.library.register_fake("convlora::stencil_bwd")
+    def _(du, z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width):
+        acc = _acc_dtype(z.dtype)
+        return (torch.empty_like(z), conv_weight.new_empty(conv_weight.shape, dtype=acc),
+                conv_bias.new_empty(conv_bias.shape, dtype=acc))
+
+    def setup_context(ctx, inputs, output):
+        z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width = inputs
+        ctx.save_for_backward(z, expert_index, conv_weight, conv_bias)
+        ctx.meta = (scales, interpolation, height, width)
+
+    def backward(ctx, du):
+        z, expert_index, conv_weight, conv_bias = ctx.saved_tensors
+        dz, dw, db = torch.ops.convlora.stencil_bwd(du.contiguous(), z, expert_index,
+                                                    conv_weight, conv_bias, *ctx.meta)
+        return dz, None, dw.to(conv_weight.dtype), db.to(conv_bias.dtype), None, None, None, None
+
+    torch.library.register_autograd("convlora::stencil_fwd", backward,
+                                    setup_context=setup_context)
+
+
+def stencil(z: torch.Tensor, expert_index: torch.Tensor, conv_weight: torch.Tensor,
+            conv_bias: torch.Tensor, scales: Sequence[int], interpolation: str, height: int,
+            width: int) -> torch.Tensor:
+    """u = z + E_e(z) for z (N, r) with N = B·H·W tokens and expert_index (N,) (differentiable)."""
+    _register()
+    return torch.ops.convlora.stencil_fwd(
+        z.contiguous(), expert_index.reshape(-1).to(torch.int32), conv_weight.contiguous(),
+        conv_bias.contiguous(), list(scales), INTERPOLATION_CODES[interpolation], height, width)
+
+
+def conv_lora_linear(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
+                     scaling, *, scales, interpolation, hw: Optional[Tuple[int, int]],
+                     z: Optional[torch.Tensor] = None,
+                     check_expert_index: bool = True) -> torch.Tensor:
+    """The layer on the fused kernels; the semantics of conv_lora_linear_ref."""
+    p = check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
+                     scaling, scales, interpolation, hw, z=z,
+                     check_index_values=check_expert_index)
+    if p.rank > MAX_RANK:
+        raise ValueError(f"lora_A: the fused kernels support ranks up to {MAX_RANK}, got "
+                         f"r = {p.rank}; use backend='reference'")
+    x2 = as_map(x, p).reshape(-1, p.in_features)  # a view whenever x's layout allows
+    z2 = F.linear(x2, lora_A) if z is None else z.reshape(-1, p.rank)
+    u = stencil(z2, expert_index, conv_weight, conv_bias, p.scales, p.interpolation,
+                p.height, p.width)
+    y = F.linear(x2, weight, bias)
+    # The up-projection accumulates onto the base output in the GEMM (beta = 1):
+    # one read-modify-write of y, no separate scale and add passes.
+    y = y.addmm_(u, lora_B.t(), alpha=scaling)
+    return y.reshape(out_shape(x, p))

@@ -1,0 +1,119 @@
+// The stencil ops of the convlora library: u = z + E_e(z) per token and its backward.
+//
+//   stencil_fwd(z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width)
+//       -> u
+//   stencil_bwd(du, z, expert_index, conv_weight, conv_bias, scales, interpolation, height,
+//               width) -> (dz, dconv_weight, dconv_bias)
+//
+// z, u, du, dz: (N, r) with N = B·H·W tokens in (b, h, w) order; expert_index: (N,) int32;
+// conv_weight (n, r, r, 3, 3), conv_bias (n, r); dconv_* in float32 (float64 for
+// float64 inputs), every expert present. The projections around the stencil are
+// GEMMs done by the caller.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <tuple>
+
+#include "convlora_math.h"
+
+namespace convlora {
+
+// Checks shared by the CPU and CUDA kernels; the Python layer has already given
+// users named errors, these guard direct calls of torch.ops.convlora.*.
+inline void check_stencil_args(const at::Tensor& z, const at::Tensor& expert_index,
+                               const at::Tensor& conv_weight, const at::Tensor& conv_bias,
+                               at::IntArrayRef scales, int64_t interpolation, int64_t height,
+                               int64_t width) {
+  TORCH_CHECK(z.dim() == 2, "stencil: z must be (N, r), got ", z.sizes());
+  const int64_t r = z.size(1);
+  TORCH_CHECK(r >= 1 && r <= kMaxRank, "stencil: rank r must be in [1, ", kMaxRank, "], got ", r);
+  TORCH_CHECK(height >= 1 && width >= 1, "stencil: height and width must be >= 1, got ",
+              height, ", ", width);
+  TORCH_CHECK(z.size(0) % (height * width) == 0, "stencil: z has ", z.size(0),
+              " tokens, not a multiple of height * width = ", height * width);
+  TORCH_CHECK(expert_index.dim() == 1 && expert_index.size(0) == z.size(0) &&
+                  expert_index.scalar_type() == at::kInt,
+              "stencil: expert_index must be int32 of shape (", z.size(0), "), got ",
+              expert_index.scalar_type(), " ", expert_index.sizes());
+  TORCH_CHECK(conv_weight.dim() == 5, "stencil: conv_weight must be (n, r, r, 3, 3), got ",
+              conv_weight.sizes());
+  const int64_t n = conv_weight.size(0);
+  TORCH_CHECK(n >= 1 && n <= kMaxExperts, "stencil: 1 to ", kMaxExperts, " experts, got ", n);
+  TORCH_CHECK(conv_weight.sizes() == at::IntArrayRef({n, r, r, 3, 3}),
+              "stencil: conv_weight must be (n, r, r, 3, 3) = (", n, ", ", r, ", ", r,
+              ", 3, 3), got ", conv_weight.sizes());
+  TORCH_CHECK(conv_bias.sizes() == at::IntArrayRef({n, r}), "stencil: conv_bias must be (", n,
+              ", ", r, "), got ", conv_bias.sizes());
+  TORCH_CHECK(static_cast<int64_t>(scales.size()) == n, "stencil: one scale per expert (", n,
+              "), got ", scales.size());
+  for (auto s : scales)
+    TORCH_CHECK(s >= 1 && s <= kMaxScale, "stencil: scales must be in [1, ", kMaxScale,
+                "], got ", s);
+  TORCH_CHECK(interpolation == kBilinear || interpolation == kBicubic,
+              "stencil: interpolation must be 0 (bilinear) or 1 (bicubic), got ", interpolation);
+  TORCH_CHECK(conv_weight.scalar_type() == z.scalar_type() &&
+                  conv_bias.scalar_type() == z.scalar_type(),
+              "stencil: conv_weight and conv_bias must have z's dtype ", z.scalar_type());
+  TORCH_CHECK(expert_index.device() == z.device() && conv_weight.device() == z.device() &&
+                  conv_bias.device() == z.device(),
+              "stencil: all tensors must be on z's device ", z.device());
+}
+
+template <typename scalar_t>
+StencilParams<scalar_t> make_params(const at::Tensor& z, const at::Tensor& conv_weight,
+                                    const at::Tensor& conv_bias, at::IntArrayRef scales,
+                                    int64_t interpolation, int64_t height, int64_t width) {
+  StencilParams<scalar_t> p;
+  p.z = z.const_data_ptr<scalar_t>();
+  p.conv_w = conv_weight.const_data_ptr<scalar_t>();
+  p.conv_b = conv_bias.const_data_ptr<scalar_t>();
+  p.tokens = z.size(0);
+  p.H = static_cast<int>(height);
+  p.W = static_cast<int>(width);
+  p.r = static_cast<int>(z.size(1));
+  p.n = static_cast<int>(conv_weight.size(0));
+  p.mode = static_cast<int>(interpolation);
+  for (int i = 0; i < kMaxExperts; ++i)
+    p.scales[i] = i < p.n ? static_cast<int>(scales[i]) : 1;
+  return p;
+}
+
+// Calls f.template operator()<R>() with the smallest compiled rank bound R >= r.
+template <typename F>
+void dispatch_rank(int64_t r, F&& f) {
+  if (r <= 4) {
+    f.template operator()<4>();
+  } else if (r <= 8) {
+    f.template operator()<8>();
+  } else if (r <= 16) {
+    f.template operator()<16>();
+  } else if (r <= 32) {
+    f.template operator()<32>();
+  } else {
+    f.template operator()<64>();
+  }
+}
+
+// Entries of one expert's weight-gradient vector: r·r·9 conv weights, then r biases.
+inline int64_t dw_entries(int64_t r) { return r * r * 9 + r; }
+
+// Splits the flat (n, r·r·9 + r) gradient into the conv_weight and conv_bias shapes.
+inline std::tuple<at::Tensor, at::Tensor> split_dw(const at::Tensor& flat, int64_t n, int64_t r) {
+  auto w = flat.narrow(1, 0, r * r * 9).reshape({n, r, r, 3, 3});
+  auto b = flat.narrow(1, r * r * 9, r).contiguous();
+  return {w, b};
+}
+
+at::Tensor stencil_fwd_cpu(const at::Tensor& z, const at::Tensor& expert_index,
+                           const at::Tensor& conv_weight, const at::Tensor& conv_bias,
+                           at::IntArrayRef scales, int64_t interpolation, int64_t height,
+                           int64_t width);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
+    const at::Tensor& du, const at::Tensor& z, const at::Tensor& expert_index,
+    const at::Tensor& conv_weight, const at::Tensor& conv_bias, at::IntArrayRef scales,
+    int64_t interpolation, int64_t height, int64_t width);
+
+}  // namespace convlora

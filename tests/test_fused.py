@@ -1,0 +1,284 @@
+"""The fused "cpu" and "cuda" backends against the reference: forward, every gradient,
+shapes, dtypes, strides, registration (opcheck, torch.compile), determinism."""
+
+import pytest
+import torch
+
+from convlora_kernels import ConvLoRALinear, conv_lora_linear, conv_lora_linear_ref, ops
+from convlora_kernels.fused import stencil
+
+from helpers import TRAINABLE, assert_close, check_accuracy_rule, make_case
+
+HAS_GPU = torch.cuda.is_available()
+BACKENDS = [pytest.param("cpu", id="cpu")] + [
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not HAS_GPU, reason="needs a CUDA device")])]
+
+
+def _device(backend):
+    return "cuda" if backend == "cuda" else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _require_built(request):
+    backend = request.node.callspec.params.get("backend", "cpu") \
+        if hasattr(request.node, "callspec") else "cpu"
+    why = ops.backend_unavailable_reason(backend, torch.device(_device(backend)))
+    if why is not None and (backend == "cpu" or HAS_GPU):
+        pytest.fail(f"backend {backend!r} should be available here: {why}")
+
+
+def _fused(backend):
+    return lambda *a, **k: conv_lora_linear(*a, **k, backend=backend)
+
+
+def _compare(case, backend, rtol, atol, names=None):
+    """Output and gradients of the fused backend vs the reference, same dtype and inputs."""
+    names = names or [n for n in TRAINABLE if getattr(case, n) is not None]
+    y = conv_lora_linear(*case.args(), **case.kwargs(), backend=backend)
+    yr = conv_lora_linear_ref(*case.args(), **case.kwargs())
+    assert_close(y, yr, rtol, atol, "y")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    dy = dy.to(y.device, y.dtype)
+    grads = torch.autograd.grad(y, [getattr(case, n) for n in names], dy)
+    grads_ref = torch.autograd.grad(yr, [getattr(case, n) for n in names], dy)
+    for n, a, b in zip(names, grads, grads_ref):
+        assert a.dtype == b.dtype, n
+        assert_close(a, b, rtol, atol, f"d{n}")
+
+
+CASES = [
+    # (interpolation, gating, (H, W), scales, rank)
+    ("bilinear", "token", (5, 6), (1, 2, 3, 4, 5, 6, 7, 8), 3),
+    ("bilinear", "token", (1, 1), (1, 2, 3), 3),
+    ("bilinear", "token", (1, 7), (2, 5, 16), 1),
+    ("bilinear", "map", (6, 1), (1, 2, 3, 4), 8),
+    ("bilinear", "token", (13, 17), (3, 1, 4), 20),
+    ("bicubic", "map", (14, 14), (1, 2, 3, 4, 5, 6, 7, 8), 3),
+    ("bicubic", "token", (5, 7), (2, 16, 1), 8),
+    ("bicubic", "token", (2, 3), (4, 3), 33),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode,gating,hw,scales,rank", CASES)
+def test_float64_matches_reference(backend, mode, gating, hw, scales, rank):
+    c = make_case(batch=2, height=hw[0], width=hw[1], rank=rank, scales=scales,
+                  interpolation=mode, gating=gating, seed=hw[0] * 7 + rank,
+                  device=_device(backend)).to(torch.float64, True)
+    _compare(c, backend, 1e-10, 1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,floor", [(torch.float32, 1e-6), (torch.bfloat16, 1e-3),
+                                         (torch.float16, 1e-4)])
+@pytest.mark.parametrize("mode,gating", [("bilinear", "token"), ("bicubic", "map")])
+def test_accuracy_rule(backend, dtype, floor, mode, gating):
+    c = make_case(height=9, width=7, rank=8, interpolation=mode, gating=gating,
+                  scales=(1, 2, 3, 4, 5, 6, 7, 8), seed=3, device=_device(backend))
+    check_accuracy_rule(_fused(backend), c, dtype, floor)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_x_without_copy_matches(backend):
+    dev = _device(backend)
+    c = make_case(height=6, width=5, c_in=8, seed=4, device=dev, dtype=torch.float32)
+    big = torch.randn(2, 6, 5, 20, device=dev)
+    big[..., 4:12] = c.x
+    xs = big[..., 4:12]  # rows of 8 channels with a row stride of 20: a GEMM-able view
+    assert not xs.is_contiguous()
+    args = (xs,) + c.args()[1:]
+    y = conv_lora_linear(*args, **c.kwargs(), backend=backend)
+    assert torch.equal(y, conv_lora_linear(*c.args(), **c.kwargs(), backend=backend))
+    tr = c.x.transpose(1, 2).contiguous().transpose(1, 2)  # a layout that needs a copy
+    assert torch.equal(conv_lora_linear(tr, *c.args()[1:], **c.kwargs(), backend=backend), y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bl_input_precomputed_z_and_no_bias(backend):
+    c = make_case(height=4, width=4, bias=False, seed=5, device=_device(backend)).to(
+        torch.float64, True)
+    x3 = c.x.reshape(2, 16, -1)
+    z = x3 @ c.lora_A.t()
+    args = (x3,) + c.args()[1:]
+    y = conv_lora_linear(*args, **c.kwargs(), backend=backend, z=z)
+    yr = conv_lora_linear_ref(*args, **c.kwargs())
+    assert y.shape == (2, 16, 12)
+    assert_close(y, yr, 1e-12, 1e-12, "y")
+    dy = torch.randn_like(y)
+    ga = torch.autograd.grad(y, [c.x, c.lora_A, c.conv_weight], dy)
+    gb = torch.autograd.grad(yr, [c.x, c.lora_A, c.conv_weight], dy)
+    for n, a, b in zip(["dx", "dlora_A", "dconv_weight"], ga, gb):
+        assert_close(a, b, 1e-11, 1e-11, n)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_gradient_when_it_requires_grad(backend):
+    c = make_case(seed=6, device=_device(backend)).to(torch.float64, True)
+    c.weight.requires_grad_(True)
+    _compare(c, backend, 1e-10, 1e-10, names=["weight", "x"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    c = make_case(batch=0, seed=7, device=_device(backend)).to(torch.float32, True)
+    y = conv_lora_linear(*c.args(), **c.kwargs(), backend=backend)
+    assert y.shape == (0, 5, 6, 12)
+    y.sum().backward()
+    for n in TRAINABLE:
+        g = getattr(c, n).grad
+        assert g is not None and g.shape == getattr(c, n).shape and (g == 0).all(), n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_expert_gets_a_gradient(backend):
+    c = make_case(scales=(1, 2, 3, 4), seed=8, device=_device(backend)).to(torch.float32, True)
+    c.expert_index = torch.zeros_like(c.expert_index)  # experts 1..3 unused
+    conv_lora_linear(*c.args(), **c.kwargs(), backend=backend).square().sum().backward()
+    assert c.conv_weight.grad[0].abs().sum() > 0
+    assert (c.conv_weight.grad[1:] == 0).all() and (c.conv_bias.grad[1:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_index(backend):
+    c = make_case(scales=(1, 2, 3), seed=9, device=_device(backend), dtype=torch.float32)
+    c.expert_index = c.expert_index.clone()
+    c.expert_index[1, 2, 3] = 3
+    with pytest.raises(ValueError, match=r"expert_index: expected values in \[0, 2\]"):
+        conv_lora_linear(*c.args(), **c.kwargs(), backend=backend)
+    # unchecked, the kernels never read out of range; only that token is NaN
+    y = conv_lora_linear(*c.args(), **c.kwargs(), backend=backend, check_expert_index=False)
+    bad = torch.zeros(y.shape[:-1], dtype=torch.bool, device=y.device)
+    bad[1, 2, 3] = True
+    assert torch.isnan(y[bad]).all() and torch.isfinite(y[~bad]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_repeat_is_bit_identical(backend):
+    c = make_case(height=9, width=8, rank=8, scales=(1, 2, 3, 4, 5, 6, 7, 8), seed=10,
+                  device=_device(backend)).to(torch.float32, True)
+    names = list(TRAINABLE)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        runs = []
+        for _ in range(2):
+            y = conv_lora_linear(*c.args(), **c.kwargs(), backend=backend)
+            dy = torch.ones_like(y).cumsum(-1) / 7
+            runs.append([y] + list(torch.autograd.grad(y, [getattr(c, n) for n in names], dy)))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_stencil_opcheck():
+    c = make_case(height=4, width=5, rank=3, scales=(1, 2, 3), seed=11, dtype=torch.float32)
+    z = torch.randn(2 * 20, 3, requires_grad=True)
+    idx = c.expert_index.reshape(-1).to(torch.int32)
+    w = c.conv_weight.clone().requires_grad_(True)
+    b = c.conv_bias.clone().requires_grad_(True)
+    stencil(z, idx, w, b, (1, 2, 3), "bilinear", 4, 5)  # registers fakes and autograd
+    for mode in (0, 1):
+        torch.library.opcheck(torch.ops.convlora.stencil_fwd.default,
+                              (z, idx, w, b, [1, 2, 3], mode, 4, 5))
+        du = torch.randn(40, 3)
+        torch.library.opcheck(torch.ops.convlora.stencil_bwd.default,
+                              (du, z.detach(), idx, w.detach(), b.detach(), [1, 2, 3], mode, 4, 5))
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    c = make_case(height=4, width=6, seed=12, dtype=torch.float32).to(torch.float32, True)
+
+    def layer(x, lora_A, lora_B, conv_weight, conv_bias):
+        return conv_lora_linear(x, c.weight, c.bias, lora_A, lora_B, conv_weight, conv_bias,
+                                c.expert_index, c.scaling, **c.kwargs(), backend="cpu")
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    args = (c.x, c.lora_A, c.lora_B, c.conv_weight, c.conv_bias)
+    y = compiled(*args)
+    yr = layer(*args)
+    assert_close(y, yr, 1e-6, 1e-6, "compiled y")
+    ga = torch.autograd.grad(y.square().sum(), args)
+    gb = torch.autograd.grad(yr.square().sum(), args)
+    for n, a, b in zip(["x", "lora_A", "lora_B", "conv_weight", "conv_bias"], ga, gb):
+        assert_close(a, b, 1e-5, 1e-5, f"compiled d{n}")
+
+
+@pytest.mark.parametrize("gating,mode", [("token", "bilinear"), ("map", "bicubic")])
+def test_module_training_step_matches_reference_backend(gating, mode):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 48)
+    layers = {}
+    for backend in ("cpu", "reference"):
+        torch.manual_seed(1)
+        layer = ConvLoRALinear.from_linear(lin, r=4, num_experts=4, gating=gating,
+                                           interpolation=mode, backend=backend).train()
+        with torch.no_grad():
+            layer.lora_B.normal_()
+            layer.router.w_gate.normal_()
+            layer.router.w_noise.normal_()
+        layers[backend] = layer
+    x = torch.randn(2, 6, 6, 16)
+    losses = {}
+    for backend, layer in layers.items():
+        torch.manual_seed(2)
+        y = layer(x)
+        losses[backend] = y.square().mean() + layer.aux_loss
+        losses[backend].backward()
+    assert_close(losses["cpu"], losses["reference"], 1e-5, 1e-6, "loss")
+    for name, p in layers["cpu"].named_parameters():
+        if p.requires_grad:
+            q = layers["reference"].get_parameter(name)
+            assert p.grad is not None, name
+            assert_close(p.grad, q.grad, 1e-4, 1e-5, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rank_above_64_is_refused(backend):
+    c = make_case(rank=65, scales=(1, 2), height=2, width=2, seed=13, device=_device(backend),
+                  dtype=torch.float32)
+    with pytest.raises(ValueError, match="ranks up to 64, got r = 65"):
+        conv_lora_linear(*c.args(), **c.kwargs(), backend=backend)
+
+
+# --- GPU only: SAM's shapes, bf16, graphs -------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", [(2, 64, 64, 768), (50, 14, 14, 768)], ids=["global", "window"])
+@pytest.mark.parametrize("mode,gating,rank", [("bilinear", "token", 8), ("bilinear", "token", 3),
+                                              ("bicubic", "map", 3)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sam_shapes_on_gpu(shape, mode, gating, rank, dtype):
+    b, h, w, c_in = shape
+    c = make_case(batch=b, height=h, width=w, c_in=c_in, c_out=3 * c_in, rank=rank,
+                  scales=tuple(range(1, 9)), interpolation=mode, gating=gating, seed=14,
+                  device="cuda")
+    check_accuracy_rule(_fused("cuda"), c, dtype, 1e-3 if dtype == torch.bfloat16 else 1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+def test_cuda_graph_capture():
+    """No host synchronisation inside: the layer (forward and backward) can be captured."""
+    c = make_case(height=14, width=14, rank=8, scales=tuple(range(1, 9)), seed=15,
+                  device="cuda", dtype=torch.float32).to(torch.float32, True)
+
+    def step():
+        y = conv_lora_linear(*c.args(), **c.kwargs(), backend="cuda", check_expert_index=False)
+        return [y] + list(torch.autograd.grad(y.square().sum(), [c.x, c.conv_weight]))
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            eager = step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, eager):
+        assert torch.equal(a, b)

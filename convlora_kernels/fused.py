@@ -78,7 +78,6 @@ def stencil(z: torch.Tensor, expert_index: torch.Tensor, conv_weight: torch.Tens
             conv_bias: torch.Tensor, scales: Sequence[int], interpolation: str, height: int,
             width: int) -> torch.Tensor:
     """u = z + E_e(z) for z (N, r) with N = B·H·W tokens and expert_index (N,) (differentiable)."""
-    _register()
     return torch.ops.convlora.stencil_fwd(
         z.contiguous(), expert_index.reshape(-1).to(torch.int32), conv_weight.contiguous(),
         conv_bias.contiguous(), list(scales), INTERPOLATION_CODES[interpolation], height, width)
@@ -92,6 +91,9 @@ def conv_lora_linear(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, ex
     p = check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
                      scaling, scales, interpolation, hw, z=z,
                      check_index_values=check_expert_index)
+    if x.is_cuda and x.dtype == torch.float64:
+        raise TypeError("x: the cuda backend takes float32, float16 or bfloat16 tensors, got "
+                        "float64; use backend='cpu' or 'reference' for float64")
     if p.rank > MAX_RANK:
         raise ValueError(f"lora_A: the fused kernels support ranks up to {MAX_RANK}, got "
                          f"r = {p.rank}; use backend='reference'")
@@ -104,3 +106,7 @@ def conv_lora_linear(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, ex
     # one read-modify-write of y, no separate scale and add passes.
     y = y.addmm_(u, lora_B.t(), alpha=scaling)
     return y.reshape(out_shape(x, p))
+
+
+if _ext.load()[0] is not None:  # the ops exist once _C is loaded: complete them now
+    _register()

@@ -15,7 +15,7 @@ import functools
 import importlib
 import os
 import warnings
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -53,10 +53,9 @@ def _backend_module(name: str):
                       f"convlora-kernels yet; use backend='reference'")
 
 
-def _impl(name: str) -> Callable[..., torch.Tensor]:
-    if name == "reference":
-        return conv_lora_linear_ref
-    return _backend_module(name)[0].conv_lora_linear
+# Implementations of the backends resolve_backend has said yes to; a plain dict, so
+# torch.compile reads it without tracing the imports behind it.
+_IMPLS = {"reference": conv_lora_linear_ref}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -82,7 +81,10 @@ def backend_unavailable_reason(name: str, device: torch.device) -> Optional[str]
     module, why = _backend_module(name)
     if module is None:
         return why
-    return module.unavailable_reason(name, device)
+    why = module.unavailable_reason(name, device)
+    if why is None:
+        _IMPLS[name] = module.conv_lora_linear
+    return why
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,6 +94,9 @@ def _warn_fallback_once(device_type: str, reasons: Tuple[str, ...]) -> None:
         f"reference (slow): " + "; ".join(reasons), RuntimeWarning, stacklevel=4)
 
 
+# torch.compile calls this once while tracing and keeps the answer as a constant, so
+# the import machinery behind it never enters a graph.
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that runs for ``backend`` on ``device``; raises for an unusable name."""
     if backend not in BACKENDS:
@@ -153,7 +158,7 @@ def conv_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     name = resolve_backend(backend, x.device)
-    return _impl(name)(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
+    return _IMPLS[name](x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
                        scaling, scales=scales, interpolation=interpolation, hw=optional_hw(hw),
                        z=z, check_expert_index=check_expert_index)
 

@@ -157,6 +157,22 @@ CONVLORA_HD Taps<acc_t> up_taps(int p, int n, int s, int mode) {
   return resample_taps<acc_t>(p, n, static_cast<acc_t>(1.0 / s), mode);
 }
 
+// Calls f.template operator()<R>() with the smallest compiled rank bound R >= r.
+template <typename F>
+inline void dispatch_rank(int64_t r, F&& f) {
+  if (r <= 4) {
+    f.template operator()<4>();
+  } else if (r <= 8) {
+    f.template operator()<8>();
+  } else if (r <= 16) {
+    f.template operator()<16>();
+  } else if (r <= 32) {
+    f.template operator()<32>();
+  } else {
+    f.template operator()<64>();
+  }
+}
+
 // How far (in tokens) a token's stencil reaches, and the side of its square.
 CONVLORA_HD int stencil_halo(int mode) { return mode == kBicubic ? 3 : 1; }
 CONVLORA_HD int stencil_side(int mode) { return 2 * stencil_halo(mode) + 1; }

@@ -81,28 +81,12 @@ StencilParams<scalar_t> make_params(const at::Tensor& z, const at::Tensor& conv_
   return p;
 }
 
-// Calls f.template operator()<R>() with the smallest compiled rank bound R >= r.
-template <typename F>
-void dispatch_rank(int64_t r, F&& f) {
-  if (r <= 4) {
-    f.template operator()<4>();
-  } else if (r <= 8) {
-    f.template operator()<8>();
-  } else if (r <= 16) {
-    f.template operator()<16>();
-  } else if (r <= 32) {
-    f.template operator()<32>();
-  } else {
-    f.template operator()<64>();
-  }
-}
-
 // Entries of one expert's weight-gradient vector: r·r·9 conv weights, then r biases.
 inline int64_t dw_entries(int64_t r) { return r * r * 9 + r; }
 
 // Splits the flat (n, r·r·9 + r) gradient into the conv_weight and conv_bias shapes.
 inline std::tuple<at::Tensor, at::Tensor> split_dw(const at::Tensor& flat, int64_t n, int64_t r) {
-  auto w = flat.narrow(1, 0, r * r * 9).reshape({n, r, r, 3, 3});
+  auto w = flat.narrow(1, 0, r * r * 9).reshape({n, r, r, 3, 3}).contiguous();
   auto b = flat.narrow(1, r * r * 9, r).contiguous();
   return {w, b};
 }

@@ -27,6 +27,7 @@ from convlora_kernels import available_backends, conv_lora_linear, conv_lora_lin
 from convlora_kernels import lora_linear_ref  # noqa: E402
 
 FUSED = ("cuda", "triton", "cpu")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALPHA = 32.0
 
 
@@ -81,11 +82,11 @@ def sam_shapes(batch: int = 4, channels=(768, 1024, 1280), ranks=(3, 8, 32),
 # Each preset: (shapes, the default image batch it was sized for).
 def preset_shapes(preset: str, batch: Optional[int] = None) -> List[Shape]:
     if preset == "cpu":
-        # Sized for 2 CPU cores: the ViT-B layer on smaller maps, one real SAM window batch.
+        # Sized for 2 CPU cores: the ViT-B layer on a 32x32 map (token and map routing)
+        # and on the 25 windows of one image at the paper's r = 3.
         return [
             Shape("cpu-1x32x32-C768-r8", 1, 32, 32, 768, 8),
             Shape("cpu-1x32x32-C768-r8-map", 1, 32, 32, 768, 8, gating="map"),
-            Shape("cpu-4x14x14-C768-r3", 4, 14, 14, 768, 3),
             _window(768, 3, batch or 1),
         ]
     if preset == "gpu-check":
@@ -103,6 +104,23 @@ def preset_shapes(preset: str, batch: Optional[int] = None) -> List[Shape]:
 
 
 PRESETS = ("cpu", "gpu-check", "sam", "smoke")
+
+# Run settings when not given: (on a GPU, on a CPU). A GPU run times many calls in
+# bf16 over enough input sets to overflow its L2; the CPU subset must fit a few minutes.
+DEFAULTS = dict(dtype=("bfloat16", "float32"), preset=("sam", "cpu"), warmup=(10, 1),
+                repeats=(100, 7), rotate=(4, 2))
+
+
+def default_help(name: str) -> str:
+    gpu, cpu = DEFAULTS[name]
+    return f"default: {cpu} on CPU, {gpu} on CUDA"
+
+
+def fill_defaults(settings: dict, device: str) -> dict:
+    """``settings`` with each None replaced by its default for ``device``."""
+    gpu = str(device).startswith("cuda")
+    return {k: (DEFAULTS[k][0 if gpu else 1] if k in DEFAULTS and v is None else v)
+            for k, v in settings.items()}
 
 
 def make_inputs(shape: Shape, device, dtype, seed: int = 0) -> Dict[str, torch.Tensor]:

@@ -44,10 +44,11 @@ def measure_rates(device, dtype: torch.dtype) -> Dict[str, object]:
     gpu = device.type == "cuda"
     copy_bytes = (1 << 30) if gpu else (128 << 20)  # well past any cache
     n = 8192 if gpu else 1536
-    src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    t_copy = _timed(lambda: dst.copy_(src), device, repeats=20 if gpu else 5, warmup=3)
-    del src, dst
+    buffers = [torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+               for _ in range(2)]
+    t_copy = _timed(lambda: buffers[1].copy_(buffers[0]), device, repeats=20 if gpu else 5,
+                    warmup=3)
+    buffers.clear()
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)

@@ -47,12 +47,12 @@ def measure_rates(device, dtype: torch.dtype) -> Dict[str, object]:
     buffers = [torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
                for _ in range(2)]
     t_copy = _timed(lambda: buffers[1].copy_(buffers[0]), device, repeats=20 if gpu else 5,
-                    warmup=3)
+                    warmup=3 if gpu else 1)
     buffers.clear()
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-    t_mm = _timed(lambda: torch.mm(a, b), device, repeats=20 if gpu else 3, warmup=3)
+    t_mm = _timed(lambda: torch.mm(a, b), device, repeats=20 if gpu else 3, warmup=3 if gpu else 1)
     return dict(
         bandwidth_bytes_per_s=2 * copy_bytes / t_copy,
         matmul_flop_per_s=2 * n ** 3 / t_mm,

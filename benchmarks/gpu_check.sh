@@ -121,13 +121,6 @@ for d in "${CUDA_HOME:-}" "${CUDA_PATH:-}" "${NVCC:+$(dirname "$(dirname "$(read
 done
 CUDA_DIR=${CUDA_DIR:-/usr/local/cuda}
 say "toolkit $CUDA_DIR; nvcc: $("$CUDA_DIR/bin/nvcc" --version 2>/dev/null | grep -o 'release [0-9.]*' || echo 'not found')"
-if [ "$DEVICE" = cuda ]; then
-  stage cuda-device "$OUT/tests.log" 60 "$PY" -c "
-import torch
-ok = torch.cuda.is_available()
-print('RESULT:', 'PASS' if ok else 'FAIL', torch.cuda.get_device_name() if ok else 'torch sees no CUDA device')
-raise SystemExit(0 if ok else 1)"
-fi
 ("$PY" - 2>&1 <<'EOF' | tee -a "$SUMMARY"
 import os, platform, torch
 print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
@@ -139,6 +132,14 @@ except ImportError as e:
     print(f"triton: not importable ({e})")
 EOF
 ) || true
+
+if [ "$DEVICE" = cuda ]; then
+  stage cuda-device "$OUT/tests.log" 60 "$PY" -c "
+import torch
+ok = torch.cuda.is_available()
+print('RESULT:', 'PASS' if ok else 'FAIL', torch.cuda.get_device_name() if ok else 'torch sees no CUDA device')
+raise SystemExit(0 if ok else 1)"
+fi
 
 # ---- offline wheels for anything missing ----------------------------------------------
 if ls .whl/*.whl >/dev/null 2>&1; then

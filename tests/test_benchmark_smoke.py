@@ -166,7 +166,9 @@ def test_presets_cover_the_sam_shapes():
 def test_pytest_benchmark_suite_runs(tmp_path):
     """One case of benchmarks/test_microbench.py, in this process (no second torch import)."""
     out = tmp_path / "pb.json"
-    code = pytest.main([BENCH, "-q", "-p", "no:cacheprovider", "--benchmark-only",
+    # importlib mode: benchmarks/conftest.py must not meet another "conftest" module
+    code = pytest.main([BENCH, "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
+                        "--benchmark-only",
                         "--bench-preset", "smoke", "--bench-only", "smoke-2x6x7-C32-r3-map",
                         "--bench-repeats", "2", "--bench-warmup", "0", "-k", "fwd-frozen-linear",
                         f"--benchmark-json={out}"])

@@ -129,6 +129,7 @@ def plot(report: dict, path: str) -> Optional[str]:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError as e:
         return f"matplotlib is not installed ({e}); no plot"
     labels, series = [], {}
@@ -141,24 +142,35 @@ def plot(report: dict, path: str) -> Optional[str]:
     if not labels or not series:
         return "no rows to plot"
     height = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(9, 1.0 + 0.22 * len(labels) * max(3, len(series))))
+    rows = len(labels) * max(3, len(series))
+    fig, ax = plt.subplots(figsize=(9, 1.8 + 0.22 * rows), layout="constrained")
+    everything = []
     for k, (name, vals) in enumerate(series.items()):
         ys = [i + (k - (len(series) - 1) / 2) * height for i in vals if vals[i]]
         xs = [vals[i] for i in vals if vals[i]]
-        ax.barh(ys, xs, height=height, label=name)
+        everything += xs
+        bars = ax.barh(ys, xs, height=height, label=name)
+        ax.bar_label(bars, labels=[f"{x:.0f}x" if x >= 100 else f"{x:.3g}x" for x in xs],
+                     fontsize=7, padding=2)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
+    narrow = bool(everything) and max(everything + [1.0]) / min(everything + [1.0]) < 100
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(
+        base=10, subs=(1.0, 2.0, 5.0) if narrow else (1.0,)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.margins(x=0.15)
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels(labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("speedup over the eager Conv-LoRA reference (higher is faster; log scale)")
     env = report["environment"]
     where = env.get("card") or f"CPU, {env.get('threads', '?')} threads"
-    ax.set_title(f"{where}, {report.get('args', {}).get('dtype', '')}, "
-                 f"torch {env.get('torch')}", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.set_title(f"Conv-LoRA layer: speedup over the eager reference\n{where}, "
+                 f"{report.get('args', {}).get('dtype', '')}, torch {env.get('torch')}",
+                 fontsize=10)
+    fig.legend(fontsize=8, loc="outside lower center", ncol=min(3, len(series)), frameon=False)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return None
 
@@ -169,7 +181,10 @@ def write_all(report: dict, json_path: str) -> List[str]:
     with open(stem + ".md", "w") as f:
         f.write(markdown(report))
     notes = [f"wrote {stem}.md"]
-    why = plot(report, stem + ".png")
+    try:
+        why = plot(report, stem + ".png")
+    except Exception as e:  # an old or broken matplotlib costs the plot, not the report
+        why = f"no plot: {type(e).__name__}: {e}"
     notes.append(why or f"wrote {stem}.png")
     return notes
 

@@ -33,10 +33,12 @@ import torch  # noqa: E402
 SCHEMA = 2
 
 
-def _measure_one(prov, inputs, backward, args) -> dict:
+def _measure_one(name, prov, inputs, backward, args) -> dict:
     """Time, then memory, of one provider on one shape and mode; errors are recorded."""
+    # torch.compile compiles on the first call and may recompile on the next ones
+    warmup = max(args.warmup, 3) if name == common.COMPILED else args.warmup
     try:
-        row = measure.time_provider(prov.fn, inputs, backward, warmup=args.warmup,
+        row = measure.time_provider(prov.fn, inputs, backward, warmup=warmup,
                                     repeats=args.repeats)
     except Exception as e:  # one failing provider must not hide the others
         traceback.print_exc(file=sys.stderr)
@@ -96,7 +98,7 @@ def run(args, argv=(), on_shape=None) -> dict:
                 else:
                     print(f"[{done}/{total}] {shape.name} {mode} {name}", file=sys.stderr,
                           flush=True)
-                    row.update(_measure_one(prov, inputs, backward, args))
+                    row.update(_measure_one(name, prov, inputs, backward, args))
                 report["results"].append(row)
         del inputs
         if device.type == "cuda":

@@ -225,6 +225,10 @@ else
   fi
   stage bench "$OUT/bench.log" "$secs" "$PY" benchmarks/run.py "${BENCH[@]}" \
     --time-budget $((secs > 60 ? secs - 45 : secs / 2)) --out "$OUT/bench.json"
+  # A run cut short still wrote every finished row: render what there is.
+  if [ -f "$OUT/bench.json" ] && { [ ! -f "$OUT/bench.md" ] || [ "$OUT/bench.json" -nt "$OUT/bench.md" ]; }; then
+    timeout 60 "$PY" benchmarks/render.py "$OUT/bench.json" >/dev/null 2>>"$OUT/bench.log" || true
+  fi
 fi
 
 # ---- keep the logs short enough to fetch back -------------------------------------------

@@ -57,7 +57,22 @@ def _floor_entry(count: dict, rates: dict) -> dict:
                 terms=count["terms"])
 
 
-def run(args, argv=(), on_shape=None) -> dict:
+def plan(shapes, names, args):
+    """(shape, backward, provider name) in the order they are measured. The compiled
+    reference goes last: its compiles take longest, and a time budget then costs only it."""
+    first, last = [], []
+    for shape in shapes:
+        for backward in (False, True):
+            for name in names:
+                if name != common.COMPILED:
+                    first.append((shape, backward, name))
+                elif not args.compile_only or \
+                        any(o in shape.name for o in args.compile_only.split(",")):
+                    last.append((shape, backward, name))
+    return first + last
+
+
+def run(args, argv=(), on_row=None) -> dict:
     """Every provider on every shape of the preset, forward and forward+backward.
 
     The device's bandwidth and matmul rate are measured before and after the rows; each
@@ -74,37 +89,36 @@ def run(args, argv=(), on_shape=None) -> dict:
     report = dict(schema=SCHEMA, environment=envinfo.environment(device, command), args=vars(args),
                   baselines=dict(reference=common.REFERENCE, linear=common.LINEAR),
                   rates=floors.measure_rates(device, dtype), results=[])
-    total = len(shapes) * 2 * len(provs)
-    done = 0
-    for shape in shapes:
-        inputs = [common.make_inputs(shape, device, dtype, seed=args.seed + i)
-                  for i in range(args.rotate)]
-        index_bytes = inputs[0]["expert_index"].element_size()
-        for backward in (False, True):
-            mode = "fwd+bwd" if backward else "fwd"
-            for name, prov in provs.items():
-                done += 1
-                if name == common.COMPILED and args.compile_only and \
-                        not any(o in shape.name for o in args.compile_only.split(",")):
-                    continue
-                count = floors.counts(shape.as_dict(), mode, prov.problem,
-                                      torch.finfo(dtype).bits // 8, index_bytes)
-                row = dict(shape=shape.as_dict(), mode=mode, provider=name,
-                           problem=prov.problem, dtype=args.dtype,
-                           floor=_floor_entry(count, report["rates"]))
-                elapsed = time.perf_counter() - t_start
-                if args.time_budget and elapsed > args.time_budget:
-                    row["skipped"] = f"time budget of {args.time_budget:.0f} s spent"
-                else:
-                    print(f"[{done}/{total}] {shape.name} {mode} {name}", file=sys.stderr,
-                          flush=True)
-                    row.update(_measure_one(name, prov, inputs, backward, args))
-                report["results"].append(row)
-        del inputs
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if on_shape:
-            on_shape(report)
+    todo = plan(shapes, list(provs), args)
+    current, inputs = None, None
+    for done, (shape, backward, name) in enumerate(todo, 1):
+        if shape != current:  # the same seeds give the same tensors when a shape comes back
+            inputs = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            inputs = [common.make_inputs(shape, device, dtype, seed=args.seed + i)
+                      for i in range(args.rotate)]
+            current = shape
+        mode = "fwd+bwd" if backward else "fwd"
+        prov = provs[name]
+        count = floors.counts(shape.as_dict(), mode, prov.problem, torch.finfo(dtype).bits // 8,
+                              inputs[0]["expert_index"].element_size())
+        row = dict(shape=shape.as_dict(), mode=mode, provider=name, problem=prov.problem,
+                   dtype=args.dtype, floor=_floor_entry(count, report["rates"]))
+        if args.time_budget and time.perf_counter() - t_start > args.time_budget:
+            row["skipped"] = f"time budget of {args.time_budget:.0f} s spent"
+        else:
+            print(f"[{done}/{len(todo)}] {shape.name} {mode} {name}", file=sys.stderr, flush=True)
+            row.update(_measure_one(name, prov, inputs, backward, args))
+        report["results"].append(row)
+        if on_row:
+            on_row(report)
+    inputs = None
+    # Table order: shapes as listed, fwd before fwd+bwd, providers as listed.
+    order = {(s.name, b): i for i, (s, b) in enumerate((s, b) for s in shapes for b in (0, 1))}
+    names = list(provs)
+    report["results"].sort(key=lambda r: (order[(r["shape"]["name"], r["mode"] == "fwd+bwd")],
+                                          names.index(r["provider"])))
     after = floors.measure_rates(device, dtype)
     report["rates_measured"] = [report["rates"], after]
     report["rates"] = dict(report["rates"], **{
@@ -155,7 +169,7 @@ def main(argv=None):
                                 f"{args.device.split(':')[0]}-{args.dtype}-{args.preset}.json")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
-    report = run(args, argv, on_shape=lambda r: _write_json(r, args.out))
+    report = run(args, argv, on_row=lambda r: _write_json(r, args.out))
     _write_json(report, args.out)
     print(render.text_table(report))
     print(f"\nwrote {args.out}")

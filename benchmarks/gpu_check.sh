@@ -45,6 +45,9 @@ FAILED=0
 BENCH_MIN=150              # seconds kept for the benchmark whatever comes before it
 AFTER_BUILD=$((BENCH_MIN + 60))  # and for the tests after the build
 : >"$SUMMARY"
+for f in build.log tests.log sanitize.log bench.log bench.json bench.md bench.png; do
+  rm -f "${OUT:?}/$f"  # a previous run's files, which the stages would append to
+done
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
 

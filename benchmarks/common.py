@@ -28,6 +28,7 @@ from convlora_kernels import lora_linear_ref  # noqa: E402
 
 FUSED = ("cuda", "triton", "cpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INDEX_DTYPE = torch.int64  # expert_index as the router returns it (topk indices)
 ALPHA = 32.0
 
 
@@ -145,7 +146,7 @@ def make_inputs(shape: Shape, device, dtype, seed: int = 0) -> Dict[str, torch.T
         lora_B=rnd(shape.out_features, r, std=0.1),
         conv_weight=rnd(n, r, r, 3, 3, std=1 / math.sqrt(9 * r)),
         conv_bias=rnd(n, r, std=0.1),
-        expert_index=idx.to(device),
+        expert_index=idx.to(device=device, dtype=INDEX_DTYPE),
         scaling=ALPHA / r,
     )
 

@@ -7,7 +7,9 @@ the inputs are rotated between calls so caches do not flatter; the median is rep
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+import traceback
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -49,32 +51,66 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_provider(fn: Callable, inputs: List[Dict[str, torch.Tensor]], backward: bool,
-                  warmup: int = 3, repeats: int = 15) -> Dict[str, float]:
-    """Median, min and max of one call in milliseconds, cycling through ``inputs``."""
+def error_text(e: BaseException) -> str:
+    """One line for a table: the exception's type and the first line of its message."""
+    msg = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {msg}"
+
+
+def _time_call(fn: Callable, inp, backward: bool, dy, device: torch.device) -> float:
+    """One call in milliseconds: CUDA events on a GPU, perf_counter on a CPU."""
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        step(fn, inp, backward, dy)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    step(fn, inp, backward, dy)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_group(fns: Dict[str, Callable], inputs: List[Dict[str, torch.Tensor]],
+               backward: bool, warmup: Dict[str, int], repeats: int) -> Dict[str, dict]:
+    """Median, min and max of one call (ms) for each provider of one shape and mode.
+
+    Interleaved: each round times every provider once, in turn, so a slow moment of a
+    shared machine hits them all alike. Every call takes the next of ``inputs`` (rotated
+    across providers too), so no call finds its inputs in a cache the previous one warmed.
+    A provider that raises gets {"error": ...} and the others go on.
+    """
     prepare(inputs, backward)
     device = inputs[0]["x"].device
     dy = cotangent(inputs[0]) if backward else None
-    for i in range(warmup):
-        step(fn, inputs[i % len(inputs)], backward, dy)
-    _sync(device)
-    times = []
-    for i in range(repeats):
-        inp = inputs[i % len(inputs)]
-        if device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(fn, inp, backward, dy)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step(fn, inp, backward, dy)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return dict(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
-                repeats=repeats, warmup=warmup)
+    calls = 0
+    out: Dict[str, dict] = {}
+    times: Dict[str, List[float]] = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup[name]):
+                step(fn, inputs[calls % len(inputs)], backward, dy)
+                calls += 1
+            _sync(device)
+            times[name] = []
+        except Exception as e:
+            traceback.print_exc(file=sys.stderr)
+            out[name] = dict(error=error_text(e))
+    for _ in range(repeats):
+        for name in list(times):
+            try:
+                times[name].append(_time_call(fns[name], inputs[calls % len(inputs)], backward,
+                                              dy, device))
+            except Exception as e:
+                traceback.print_exc(file=sys.stderr)
+                out[name] = dict(error=error_text(e))
+                del times[name]
+            calls += 1
+    for name, ts in times.items():
+        out[name] = dict(median_ms=statistics.median(ts), min_ms=min(ts), max_ms=max(ts),
+                         repeats=repeats, warmup=warmup[name])
+    return {name: out[name] for name in fns}
 
 
 def peak_memory_mb(fn: Callable, inp: Dict[str, torch.Tensor], backward: bool) -> Optional[float]:

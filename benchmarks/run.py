@@ -19,7 +19,6 @@ import os
 import shlex
 import sys
 import time
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (puts the checkout's package first on sys.path)
@@ -33,23 +32,15 @@ import torch  # noqa: E402
 SCHEMA = 2
 
 
-def _measure_one(name, prov, inputs, backward, args) -> dict:
-    """Time, then memory, of one provider on one shape and mode; errors are recorded."""
-    # torch.compile compiles on the first call and may recompile on the next ones
-    warmup = max(args.warmup, 3) if name == common.COMPILED else args.warmup
+def _memory(prov, inputs, backward) -> dict:
+    """Peak memory (GPU) and, for fwd+bwd, activation memory; errors are recorded."""
     try:
-        row = measure.time_provider(prov.fn, inputs, backward, warmup=warmup,
-                                    repeats=args.repeats)
-    except Exception as e:  # one failing provider must not hide the others
-        traceback.print_exc(file=sys.stderr)
-        return dict(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    try:
-        row["peak_mb"] = measure.peak_memory_mb(prov.fn, inputs[0], backward)
+        row = dict(peak_mb=measure.peak_memory_mb(prov.fn, inputs[0], backward))
         if backward:
             row.update(measure.saved_for_backward(prov.fn, inputs[0]))
+        return row
     except Exception as e:
-        row["memory_error"] = f"{type(e).__name__}: {e}"
-    return row
+        return dict(memory_error=measure.error_text(e))
 
 
 def _floor_entry(count: dict, rates: dict) -> dict:
@@ -58,21 +49,21 @@ def _floor_entry(count: dict, rates: dict) -> dict:
 
 
 def plan(shapes, names, args):
-    """(shape, backward, provider name) in the order they are measured. The compiled
-    reference goes last: its compiles take longest, and a time budget then costs only it."""
-    first, last = [], []
-    for shape in shapes:
-        for backward in (False, True):
-            for name in names:
-                if name != common.COMPILED:
-                    first.append((shape, backward, name))
-                elif not args.compile_only or \
-                        any(o in shape.name for o in args.compile_only.split(",")):
-                    last.append((shape, backward, name))
+    """[(shape, backward, provider names)]: the groups timed together, in order. The
+    compiled reference goes last: its compiles take longest, and a time budget then costs
+    only it."""
+    def compiled_on(shape):
+        return common.COMPILED in names and (
+            not args.compile_only or any(o in shape.name for o in args.compile_only.split(",")))
+
+    eager = [n for n in names if n != common.COMPILED]
+    first = [(shape, backward, eager) for shape in shapes for backward in (False, True)]
+    last = [(shape, backward, [common.COMPILED]) for shape in shapes if compiled_on(shape)
+            for backward in (False, True)]
     return first + last
 
 
-def run(args, argv=(), on_row=None) -> dict:
+def run(args, argv=(), on_group=None) -> dict:
     """Every provider on every shape of the preset, forward and forward+backward.
 
     The device's bandwidth and matmul rate are measured before and after the rows; each
@@ -89,30 +80,39 @@ def run(args, argv=(), on_row=None) -> dict:
     report = dict(schema=SCHEMA, environment=envinfo.environment(device, command), args=vars(args),
                   baselines=dict(reference=common.REFERENCE, linear=common.LINEAR),
                   rates=floors.measure_rates(device, dtype), results=[])
-    todo = plan(shapes, list(provs), args)
+    groups = plan(shapes, list(provs), args)
     current, inputs = None, None
-    for done, (shape, backward, name) in enumerate(todo, 1):
-        if shape != current:  # the same seeds give the same tensors when a shape comes back
-            inputs = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            inputs = [common.make_inputs(shape, device, dtype, seed=args.seed + i)
-                      for i in range(args.rotate)]
-            current = shape
+    for done, (shape, backward, names) in enumerate(groups, 1):
         mode = "fwd+bwd" if backward else "fwd"
-        prov = provs[name]
-        count = floors.counts(shape.as_dict(), mode, prov.problem, torch.finfo(dtype).bits // 8,
-                              inputs[0]["expert_index"].element_size())
-        row = dict(shape=shape.as_dict(), mode=mode, provider=name, problem=prov.problem,
-                   dtype=args.dtype, floor=_floor_entry(count, report["rates"]))
         if args.time_budget and time.perf_counter() - t_start > args.time_budget:
-            row["skipped"] = f"time budget of {args.time_budget:.0f} s spent"
+            measured = {n: dict(skipped=f"time budget of {args.time_budget:.0f} s spent")
+                        for n in names}
         else:
-            print(f"[{done}/{len(todo)}] {shape.name} {mode} {name}", file=sys.stderr, flush=True)
-            row.update(_measure_one(name, prov, inputs, backward, args))
-        report["results"].append(row)
-        if on_row:
-            on_row(report)
+            if shape != current:  # the same seeds give the same tensors if a shape comes back
+                inputs = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                inputs = [common.make_inputs(shape, device, dtype, seed=args.seed + i)
+                          for i in range(args.rotate)]
+                current = shape
+            print(f"[{done}/{len(groups)}] {shape.name} {mode}: {', '.join(names)}",
+                  file=sys.stderr, flush=True)
+            # torch.compile compiles on the first call and may recompile on the next ones
+            warmup = {n: max(args.warmup, 3) if n == common.COMPILED else args.warmup
+                      for n in names}
+            measured = measure.time_group({n: provs[n].fn for n in names}, inputs, backward,
+                                          warmup, args.repeats)
+            for n, row in measured.items():
+                if "error" not in row:
+                    row.update(_memory(provs[n], inputs, backward))
+        for n, row in measured.items():
+            count = floors.counts(shape.as_dict(), mode, provs[n].problem, dtype.itemsize,
+                                  common.INDEX_DTYPE.itemsize)
+            report["results"].append(dict(shape=shape.as_dict(), mode=mode, provider=n,
+                                          problem=provs[n].problem, dtype=args.dtype,
+                                          floor=_floor_entry(count, report["rates"]), **row))
+        if on_group:
+            on_group(report)
     inputs = None
     # Table order: shapes as listed, fwd before fwd+bwd, providers as listed.
     order = {(s.name, b): i for i, (s, b) in enumerate((s, b) for s in shapes for b in (0, 1))}
@@ -169,7 +169,7 @@ def main(argv=None):
                                 f"{args.device.split(':')[0]}-{args.dtype}-{args.preset}.json")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
-    report = run(args, argv, on_row=lambda r: _write_json(r, args.out))
+    report = run(args, argv, on_group=lambda r: _write_json(r, args.out))
     _write_json(report, args.out)
     print(render.text_table(report))
     print(f"\nwrote {args.out}")

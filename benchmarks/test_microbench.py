@@ -35,8 +35,7 @@ def test_provider(benchmark, case, bench_settings, bench_providers, rates, input
         return out
 
     benchmark.group = f"{shape.name} {mode}"
-    count = floors.counts(shape.as_dict(), mode, provider.problem,
-                          torch.finfo(inputs[0]["x"].dtype).bits // 8,
+    count = floors.counts(shape.as_dict(), mode, provider.problem, inputs[0]["x"].dtype.itemsize,
                           inputs[0]["expert_index"].element_size())
     floor = floors.floor(count, rates)
     benchmark.extra_info.update(shape=shape.as_dict(), mode=mode, provider=name,

@@ -1,21 +1,35 @@
-"""Shared pieces of the microbenchmarks: shapes, providers and timing.
+"""What the microbenchmarks measure: shapes, inputs and providers (one place for each).
 
-A provider is a callable taking the inputs dict and returning the layer output;
-every provider of one shape sees the same tensors, so they are timed side by side.
+A provider is a callable taking the inputs dict and returning the layer output, plus
+the problem it solves ("conv-lora", "lora" or "linear", which sets its floor). Every
+provider of one shape sees the same tensors, so they are timed side by side. Both
+benchmarks/run.py and the pytest-benchmark suite (benchmarks/test_microbench.py) read
+shapes and providers from here.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
-import time
+import os
+import sys
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
-import torch
-import torch.nn.functional as F
+# The checkout's package, not whichever convlora_kernels an earlier install left behind.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path[:1]:
+    sys.path.insert(0, ROOT)
 
-from convlora_kernels import available_backends, conv_lora_linear, conv_lora_linear_ref
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from convlora_kernels import available_backends, conv_lora_linear, conv_lora_linear_ref  # noqa: E402
+from convlora_kernels import lora_linear_ref  # noqa: E402
+
+FUSED = ("cuda", "triton", "cpu")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INDEX_DTYPE = torch.int64  # expert_index as the router returns it (topk indices)
+ALPHA = 32.0
 
 
 @dataclass(frozen=True)
@@ -35,29 +49,84 @@ class Shape:
     def tokens(self) -> int:
         return self.batch * self.height * self.width
 
-    def as_dict(self):
-        return dict(asdict(self), out_features=3 * self.channels, tokens=self.tokens)
+    @property
+    def out_features(self) -> int:
+        return 3 * self.channels
+
+    @property
+    def scales(self) -> Sequence[int]:
+        return tuple(range(1, self.num_experts + 1))
+
+    def as_dict(self) -> dict:
+        return dict(asdict(self), out_features=self.out_features, tokens=self.tokens,
+                    scales=list(self.scales))
 
 
-# SAM's image encoder: global blocks see (B, 64, 64, C), windowed blocks (B*25, 14, 14, C).
-def sam_shapes(batch: int, channels=(768, 1024, 1280), ranks=(3, 8, 32)) -> List[Shape]:
-    out = []
-    for c in channels:
-        for r in ranks:
-            out.append(Shape(f"global-C{c}-r{r}", batch, 64, 64, c, r))
-            out.append(Shape(f"window-C{c}-r{r}", batch * 25, 14, 14, c, r))
-    return out
+def _global(c, r, batch, gating="token"):
+    suffix = "-map" if gating == "map" else ""
+    return Shape(f"global-C{c}-r{r}{suffix}", batch, 64, 64, c, r, gating=gating)
 
 
-# Small enough for a 2-core CPU: the layer shape of the CPU speed target.
-CPU_SHAPES = [
-    Shape("cpu-1x32x32-C768-r8", 1, 32, 32, 768, 8),
-    Shape("cpu-1x32x32-C768-r8-map", 1, 32, 32, 768, 8, gating="map"),
-    Shape("cpu-4x14x14-C768-r3", 4, 14, 14, 768, 3),
-]
+def _window(c, r, batch, gating="token"):
+    suffix = "-map" if gating == "map" else ""
+    return Shape(f"window-C{c}-r{r}{suffix}", batch * 25, 14, 14, c, r, gating=gating)
+
+
+def sam_shapes(batch: int = 4, channels=(768, 1024, 1280), ranks=(3, 8, 32),
+               gatings=("token", "map")) -> List[Shape]:
+    """SAM's image encoder: the qkv layer of a global block sees (B, 64, 64, C), of a
+    windowed block (B*25, 14, 14, C); C = 768 / 1024 / 1280 for ViT-B / L / H."""
+    return [make(c, r, batch, g) for g in gatings for c in channels for r in ranks
+            for make in (_global, _window)]
+
+
+# Each preset: (shapes, the default image batch it was sized for).
+def preset_shapes(preset: str, batch: Optional[int] = None) -> List[Shape]:
+    if preset == "cpu":
+        # Sized for 2 CPU cores: the ViT-B layer on a 32x32 map (token and map routing)
+        # and on the 25 windows of one image at the paper's r = 3.
+        return [
+            Shape("cpu-1x32x32-C768-r8", 1, 32, 32, 768, 8),
+            Shape("cpu-1x32x32-C768-r8-map", 1, 32, 32, 768, 8, gating="map"),
+            _window(768, 3, batch or 1),
+        ]
+    if preset == "gpu-check":
+        # ViT-B, the paper's r = 3 and r = 8, token routing, plus one map-routing row.
+        b = batch or 4
+        return [_global(768, 8, b), _window(768, 8, b), _global(768, 3, b), _window(768, 3, b),
+                _global(768, 8, b, "map")]
+    if preset == "sam":
+        return sam_shapes(batch or 4)
+    if preset == "smoke":
+        # Tiny: exercises every code path in well under a second per provider.
+        return [Shape("smoke-2x6x7-C32-r3", 2, 6, 7, 32, 3),
+                Shape("smoke-2x6x7-C32-r3-map", 2, 6, 7, 32, 3, gating="map")]
+    raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
+
+
+PRESETS = ("cpu", "gpu-check", "sam", "smoke")
+
+# Run settings when not given: (on a GPU, on a CPU). A GPU run times many calls in
+# bf16 over enough input sets to overflow its L2; the CPU subset must fit a few minutes.
+DEFAULTS = dict(dtype=("bfloat16", "float32"), preset=("sam", "cpu"), warmup=(10, 1),
+                repeats=(100, 7), rotate=(4, 2))
+
+
+def default_help(name: str) -> str:
+    gpu, cpu = DEFAULTS[name]
+    return f"default: {cpu} on CPU, {gpu} on CUDA"
+
+
+def fill_defaults(settings: dict, device: str) -> dict:
+    """``settings`` with each None replaced by its default for ``device``."""
+    gpu = str(device).startswith("cuda")
+    return {k: (DEFAULTS[k][0 if gpu else 1] if k in DEFAULTS and v is None else v)
+            for k, v in settings.items()}
 
 
 def make_inputs(shape: Shape, device, dtype, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Every tensor of one problem, drawn from ``seed`` on the CPU (so any device gets
+    the same values). lora_B is nonzero so every term of the layer is exercised."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     c, r, n = shape.channels, shape.rank, shape.num_experts
 
@@ -66,109 +135,108 @@ def make_inputs(shape: Shape, device, dtype, seed: int = 0) -> Dict[str, torch.T
 
     if shape.gating == "token":
         idx = torch.randint(0, n, (shape.batch, shape.height, shape.width), generator=g)
-    else:
+    else:  # one expert per map
         idx = torch.randint(0, n, (shape.batch, 1, 1), generator=g).expand(
             shape.batch, shape.height, shape.width).contiguous()
     return dict(
         x=rnd(shape.batch, shape.height, shape.width, c),
-        weight=rnd(3 * c, c, std=1 / math.sqrt(c)),
-        bias=rnd(3 * c, std=0.1),
+        weight=rnd(shape.out_features, c, std=1 / math.sqrt(c)),
+        bias=rnd(shape.out_features, std=0.1),
         lora_A=rnd(r, c, std=1 / math.sqrt(c)),
-        lora_B=rnd(3 * c, r, std=0.1),
+        lora_B=rnd(shape.out_features, r, std=0.1),
         conv_weight=rnd(n, r, r, 3, 3, std=1 / math.sqrt(9 * r)),
         conv_bias=rnd(n, r, std=0.1),
-        expert_index=idx.to(device),
-        scaling=32.0 / r,
+        expert_index=idx.to(device=device, dtype=INDEX_DTYPE),
+        scaling=ALPHA / r,
     )
 
 
+# The tensors that get gradients in fwd+bwd: the frozen base weight and bias do not.
 TRAINABLE = ("x", "lora_A", "lora_B", "conv_weight", "conv_bias")
 
 
-def conv_lora_provider(backend: str) -> Callable:
-    def run(inp):
-        return conv_lora_linear(inp["x"], inp["weight"], inp["bias"], inp["lora_A"],
-                                inp["lora_B"], inp["conv_weight"], inp["conv_bias"],
-                                inp["expert_index"], inp["scaling"], backend=backend)
-    return run
+class Provider(NamedTuple):
+    fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor]
+    problem: str  # "conv-lora", "lora" or "linear": what it computes, for its floor
+
+
+def _conv_lora_args(inp):
+    return (inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"],
+            inp["conv_weight"], inp["conv_bias"], inp["expert_index"], inp["scaling"])
+
+
+def conv_lora_provider(backend: str) -> Provider:
+    return Provider(lambda inp: conv_lora_linear(*_conv_lora_args(inp), backend=backend),
+                    "conv-lora")
+
+
+def compiled_reference_provider() -> Provider:
+    compiled = torch.compile(conv_lora_linear_ref)
+    return Provider(lambda inp: compiled(*_conv_lora_args(inp)), "conv-lora")
 
 
 def plain_lora(inp):
-    return F.linear(inp["x"], inp["weight"], inp["bias"]) + \
-        inp["scaling"] * F.linear(F.linear(inp["x"], inp["lora_A"]), inp["lora_B"])
+    return lora_linear_ref(inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"],
+                           inp["scaling"])
 
 
 def frozen_linear(inp):
     return F.linear(inp["x"], inp["weight"], inp["bias"])
 
 
-def providers(device, compile_reference: bool = False) -> Dict[str, Callable]:
-    """Fused backends available here, the references, plain LoRA and the frozen linear."""
-    out = {f"conv-lora[{b}]": conv_lora_provider(b)
-           for b in available_backends(device) if b != "reference"}
-    out["conv-lora[reference]"] = conv_lora_provider("reference")
+REFERENCE = "conv-lora[reference]"
+COMPILED = "conv-lora[reference+compile]"
+PLAIN_LORA = "plain-lora"
+LINEAR = "frozen-linear"
+
+
+def providers(device, compile_reference: bool = False) -> Dict[str, Provider]:
+    """Fused backends available on ``device`` (whichever exist), the eager reference,
+    optionally the reference under torch.compile, plain LoRA and the frozen linear."""
+    out = {}
+    for b in fused_backends(device):
+        out[f"conv-lora[{b}]"] = conv_lora_provider(b)
+    out[REFERENCE] = conv_lora_provider("reference")
     if compile_reference:
-        compiled = torch.compile(conv_lora_linear_ref)
-        out["conv-lora[reference+compile]"] = lambda inp: compiled(
-            inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"],
-            inp["conv_weight"], inp["conv_bias"], inp["expert_index"], inp["scaling"])
-    out["plain-lora"] = plain_lora
-    out["frozen-linear"] = frozen_linear
+        out[COMPILED] = compiled_reference_provider()
+    out[PLAIN_LORA] = Provider(plain_lora, "lora")
+    out[LINEAR] = Provider(frozen_linear, "linear")
     return out
 
 
-def _step(fn: Callable, inp: Dict[str, torch.Tensor], backward: bool, dy=None):
-    if not backward:
-        with torch.no_grad():
-            return fn(inp)
-    y = fn(inp)
-    grads = [inp[k] for k in TRAINABLE if inp[k].requires_grad]
-    return torch.autograd.grad(y, grads, dy if dy is not None else torch.ones_like(y),
-                               allow_unused=True)
+_DEVICE_BACKENDS = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 
-def time_provider(fn: Callable, inputs: List[Dict[str, torch.Tensor]], backward: bool,
-                  warmup: int = 3, repeats: int = 15) -> Dict[str, float]:
-    """Median and spread of one call, rotating through ``inputs`` so caches do not flatter.
+def _runs_or_raises(name: str, device: torch.device) -> bool:
+    """A backend whose check raises is kept, so that its provider records the error
+    where the table shows it."""
+    from convlora_kernels.ops import backend_unavailable_reason
 
-    CUDA: CUDA events around each call; CPU: perf_counter. Returns milliseconds.
-    """
-    if backward:
-        for inp in inputs:
-            for k in TRAINABLE:
-                inp[k].requires_grad_(True)
-    x0 = inputs[0]["x"]
-    dy = None
-    if backward:
-        with torch.no_grad():
-            dy = torch.randn_like(fn(inputs[0]))
-    is_cuda = x0.device.type == "cuda"
-    for i in range(warmup):
-        _step(fn, inputs[i % len(inputs)], backward, dy)
-    times = []
-    for i in range(repeats):
-        inp = inputs[i % len(inputs)]
-        if is_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            _step(fn, inp, backward, dy)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            _step(fn, inp, backward, dy)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return dict(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
-                repeats=repeats)
+    try:
+        return backend_unavailable_reason(name, device) is None
+    except Exception:
+        return True
 
 
-def peak_memory_mb(fn: Callable, inp: Dict[str, torch.Tensor], backward: bool) -> Optional[float]:
-    if inp["x"].device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    _step(fn, inp, backward)
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+def fused_backends(device) -> List[str]:
+    """The fused backends to time on ``device``: convlora_kernels.available_backends,
+    or, if that raises (a backend that fails to load), each backend checked alone."""
+    device = torch.device(device)
+    try:
+        return [b for b in available_backends(device) if b != "reference"]
+    except Exception:
+        return [b for b in _DEVICE_BACKENDS.get(device.type, ()) if _runs_or_raises(b, device)]
+
+
+def backend_status(device) -> Dict[str, Optional[str]]:
+    """For each fused backend: None when it runs on ``device``, else why not."""
+    from convlora_kernels.ops import backend_unavailable_reason
+
+    device = torch.device(device)
+    out = {}
+    for name in FUSED:
+        try:
+            out[name] = backend_unavailable_reason(name, device)
+        except Exception as e:  # a backend module that fails to import says so here
+            out[name] = f"{type(e).__name__}: {e}"
+    return out

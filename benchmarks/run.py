@@ -1,11 +1,14 @@
 """Microbenchmark: Conv-LoRA backends against unfused PyTorch, plain LoRA and the frozen linear.
 
-    python benchmarks/run.py                         # CPU subset, a few minutes on 2 cores
-    python benchmarks/run.py --device cuda --preset sam --dtype bfloat16 --out results/x.json
+    python benchmarks/run.py                 # CPU subset in fp32: a few minutes on 2 cores
+    python benchmarks/run.py --device cuda   # SAM ViT-B/L/H shapes in bf16, CUDA events
+    python benchmarks/run.py --device cuda --preset gpu-check --compile \
+        --compile-only global-C768-r8        # what benchmarks/gpu_check.sh runs
 
-Prints a ratio table per shape and mode: each provider's time over the frozen linear's
-(the floor of any adapter) and the reference's time over the provider's. On CPU only
-ratios are printed; the JSON holds the raw medians too.
+Prints a ratio table per shape and mode (see benchmarks/render.py for the columns) and
+writes a JSON report with raw medians, floors, memory and the environment, plus a
+markdown table and a PNG plot beside it (default: benchmarks/results/local/). On a CPU
+only ratios are printed; absolute times are printed only for a GPU, with the card named.
 """
 
 from __future__ import annotations
@@ -13,126 +16,165 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
+import shlex
 import sys
-
-import torch
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CPU_SHAPES, make_inputs, peak_memory_mb, providers, sam_shapes, time_provider  # noqa: E402
+import common  # noqa: E402  (puts the checkout's package first on sys.path)
+import envinfo  # noqa: E402
+import floors  # noqa: E402
+import measure  # noqa: E402
+import render  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+import torch  # noqa: E402
+
+SCHEMA = 2
 
 
-def _commit():
+def _memory(prov, inputs, backward) -> dict:
+    """Peak memory (GPU) and, for fwd+bwd, activation memory; errors are recorded."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=os.path.dirname(os.path.abspath(__file__))
-                              ).stdout.strip() or None
-    except OSError:
-        return None
+        row = dict(peak_mb=measure.peak_memory_mb(prov.fn, inputs[0], backward))
+        if backward:
+            row.update(measure.saved_for_backward(prov.fn, inputs[0]))
+        return row
+    except Exception as e:
+        return dict(memory_error=measure.error_text(e))
 
 
-def environment(device) -> dict:
-    env = dict(torch=torch.__version__, python=platform.python_version(), commit=_commit(),
-               device=str(device), cpu=platform.processor() or platform.machine(),
-               threads=torch.get_num_threads())
-    if device.type == "cuda":
-        env.update(card=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
-        try:
-            env["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True).stdout.strip()
-        except OSError:
-            pass
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return env
+def _floor_entry(count: dict, rates: dict) -> dict:
+    return dict(floors.floor(count, rates), bytes=count["bytes"], flops=count["flops"],
+                terms=count["terms"])
 
 
-def run(args) -> dict:
+def plan(shapes, names, args):
+    """[(shape, backward, provider names)]: the groups timed together, in order. The
+    compiled reference goes last: its compiles take longest, and a time budget then costs
+    only it."""
+    def compiled_on(shape):
+        return common.COMPILED in names and (
+            not args.compile_only or any(o in shape.name for o in args.compile_only.split(",")))
+
+    eager = [n for n in names if n != common.COMPILED]
+    first = [(shape, backward, eager) for shape in shapes for backward in (False, True)]
+    last = [(shape, backward, [common.COMPILED]) for shape in shapes if compiled_on(shape)
+            for backward in (False, True)]
+    return first + last
+
+
+def run(args, argv=(), on_group=None) -> dict:
+    """Every provider on every shape of the preset, forward and forward+backward.
+
+    The device's bandwidth and matmul rate are measured before and after the rows; each
+    floor uses the higher of the two (a busy moment must not lower the floor)."""
+    t_start = time.perf_counter()
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
-    shapes = CPU_SHAPES if args.preset == "cpu" else sam_shapes(args.batch)
+    dtype = common.DTYPES[args.dtype]
+    torch.manual_seed(args.seed)
+    shapes = common.preset_shapes(args.preset, args.batch)
     if args.only:
-        shapes = [s for s in shapes if args.only in s.name]
-    provs = providers(device, compile_reference=args.compile)
-    results = []
-    total = len(shapes) * 2 * len(provs)
-    done = 0
-    for shape in shapes:
-        inputs = [make_inputs(shape, device, dtype, seed=i) for i in range(args.rotate)]
-        for backward in (False, True):
-            mode = "fwd+bwd" if backward else "fwd"
-            for name, fn in provs.items():
-                done += 1
-                print(f"[{done}/{total}] {shape.name} {mode} {name}", file=sys.stderr, flush=True)
-                try:
-                    t = time_provider(fn, inputs, backward, warmup=args.warmup,
-                                      repeats=args.repeats)
-                    t["peak_mb"] = peak_memory_mb(fn, inputs[0], backward)
-                except Exception as e:  # one failing provider must not hide the others
-                    t = dict(error=f"{type(e).__name__}: {e}")
-                results.append(dict(shape=shape.as_dict(), mode=mode, provider=name,
-                                    dtype=args.dtype, **t))
-    return dict(environment=environment(device), results=results)
+        shapes = [s for s in shapes if any(o in s.name for o in args.only.split(","))]
+    provs = common.providers(device, compile_reference=args.compile)
+    command = shlex.join(["python", "benchmarks/run.py"] + list(argv))
+    report = dict(schema=SCHEMA, environment=envinfo.environment(device, command), args=vars(args),
+                  baselines=dict(reference=common.REFERENCE, linear=common.LINEAR),
+                  rates=floors.measure_rates(device, dtype), results=[])
+    groups = plan(shapes, list(provs), args)
+    current, inputs = None, None
+    for done, (shape, backward, names) in enumerate(groups, 1):
+        mode = "fwd+bwd" if backward else "fwd"
+        if args.time_budget and time.perf_counter() - t_start > args.time_budget:
+            measured = {n: dict(skipped=f"time budget of {args.time_budget:.0f} s spent")
+                        for n in names}
+        else:
+            if shape != current:  # the same seeds give the same tensors if a shape comes back
+                inputs = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                inputs = [common.make_inputs(shape, device, dtype, seed=args.seed + i)
+                          for i in range(args.rotate)]
+                current = shape
+            print(f"[{done}/{len(groups)}] {shape.name} {mode}: {', '.join(names)}",
+                  file=sys.stderr, flush=True)
+            # torch.compile compiles on the first call and may recompile on the next ones
+            warmup = {n: max(args.warmup, 3) if n == common.COMPILED else args.warmup
+                      for n in names}
+            measured = measure.time_group({n: provs[n].fn for n in names}, inputs, backward,
+                                          warmup, args.repeats)
+            for n, row in measured.items():
+                if "error" not in row:
+                    row.update(_memory(provs[n], inputs, backward))
+        for n, row in measured.items():
+            count = floors.counts(shape.as_dict(), mode, provs[n].problem, dtype.itemsize,
+                                  common.INDEX_DTYPE.itemsize)
+            report["results"].append(dict(shape=shape.as_dict(), mode=mode, provider=n,
+                                          problem=provs[n].problem, dtype=args.dtype,
+                                          floor=_floor_entry(count, report["rates"]), **row))
+        if on_group:
+            on_group(report)
+    inputs = None
+    # Table order: shapes as listed, fwd before fwd+bwd, providers as listed.
+    order = {(s.name, b): i for i, (s, b) in enumerate((s, b) for s in shapes for b in (0, 1))}
+    names = list(provs)
+    report["results"].sort(key=lambda r: (order[(r["shape"]["name"], r["mode"] == "fwd+bwd")],
+                                          names.index(r["provider"])))
+    after = floors.measure_rates(device, dtype)
+    report["rates_measured"] = [report["rates"], after]
+    report["rates"] = dict(report["rates"], **{
+        k: max(report["rates"][k], after[k])
+        for k in ("bandwidth_bytes_per_s", "matmul_flop_per_s")})
+    report["rates"]["method"] += "; the higher of a measurement before and after the rows"
+    for row in report["results"]:
+        row["floor"] = _floor_entry(row["floor"], report["rates"])
+    report["wall_s"] = round(time.perf_counter() - t_start, 1)
+    return report
 
 
-def ratio_table(report: dict, show_ms: bool) -> str:
-    rows = report["results"]
-    lines = []
-    keys = sorted({(r["shape"]["name"], r["mode"]) for r in rows},
-                  key=lambda k: ([r["shape"]["name"] for r in rows].index(k[0]), k[1] != "fwd"))
-    for shape_name, mode in keys:
-        group = {r["provider"]: r for r in rows
-                 if r["shape"]["name"] == shape_name and r["mode"] == mode}
-        floor = group.get("frozen-linear", {}).get("median_ms")
-        ref = group.get("conv-lora[reference]", {}).get("median_ms")
-        lines.append(f"\n{shape_name}  {mode}")
-        head = f"  {'provider':32s} {'x frozen linear':>16s} {'speedup vs ref':>15s}"
-        lines.append(head + (f" {'median ms':>10s}" if show_ms else ""))
-        for name, r in group.items():
-            if "error" in r:
-                lines.append(f"  {name:32s} {r['error']}")
-                continue
-            m = r["median_ms"]
-            over_floor = f"{m / floor:16.2f}" if floor else f"{'-':>16s}"
-            speedup = f"{ref / m:15.2f}" if ref else f"{'-':>15s}"
-            row = f"  {name:32s} {over_floor} {speedup}"
-            lines.append(row + (f" {m:10.3f}" if show_ms else ""))
-    return "\n".join(lines)
+def _write_json(report: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--preset", default=None, choices=["cpu", "sam"],
-                   help="cpu: small shapes (default on CPU); sam: SAM ViT-B/L/H shapes")
-    p.add_argument("--batch", type=int, default=4, help="images per batch for --preset sam")
-    p.add_argument("--only", default=None, help="keep shapes whose name contains this")
+    p.add_argument("--dtype", default=None, choices=sorted(common.DTYPES),
+                   help=common.default_help("dtype"))
+    p.add_argument("--preset", default=None, choices=common.PRESETS,
+                   help="cpu: small shapes; sam: every SAM ViT-B/L/H shape; gpu-check: the "
+                        "ViT-B subset; smoke: tiny. " + common.default_help("preset"))
+    p.add_argument("--batch", type=int, default=None, help="images per batch (SAM presets: 4)")
+    p.add_argument("--only", default=None, help="keep shapes whose name contains one of "
+                                                "these comma-separated strings")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(reference)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--rotate", type=int, default=2, help="input sets cycled through")
-    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--compile-only", default=None,
+                   help="time the compiled reference only on shapes matching these strings")
+    p.add_argument("--warmup", type=int, default=None, help=common.default_help("warmup"))
+    p.add_argument("--repeats", type=int, default=None, help=common.default_help("repeats"))
+    p.add_argument("--rotate", type=int, default=None,
+                   help="input sets cycled through; " + common.default_help("rotate"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds; rows not started by then are recorded as skipped")
+    p.add_argument("--out", default=None, help="JSON report path; .md and .png go beside it "
+                   "(default: benchmarks/results/local/<device>-<dtype>-<preset>.json)")
     args = p.parse_args(argv)
-    is_cuda = args.device.startswith("cuda")
-    args.dtype = args.dtype or ("bfloat16" if is_cuda else "float32")
-    args.preset = args.preset or ("sam" if is_cuda else "cpu")
-    report = run(args)
-    report["args"] = vars(args)
-    print(ratio_table(report, show_ms=is_cuda))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"\nwrote {args.out}")
+    args = argparse.Namespace(**common.fill_defaults(vars(args), args.device))
+    if args.out is None:
+        args.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "local",
+                                f"{args.device.split(':')[0]}-{args.dtype}-{args.preset}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    report = run(args, argv, on_group=lambda r: _write_json(r, args.out))
+    _write_json(report, args.out)
+    print(render.text_table(report))
+    print(f"\nwrote {args.out}")
+    for note in render.write_all(report, args.out):
+        print(note)
     return report
 
 

@@ -1,24 +1,186 @@
-"""The README's main job runs end to end (one tiny pass) and writes a complete report."""
+"""The benchmarks run end to end on a tiny shape and write complete reports; the floors'
+counting model matches DESIGN.md §4 by hand; activation memory is counted right.
+
+The benchmarks themselves live under benchmarks/ (not collected here); these tests
+import them and keep to a few seconds.
+"""
 
 import json
 import os
+import subprocess
 import sys
 
+import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+import common  # noqa: E402
+import floors  # noqa: E402
+import measure  # noqa: E402
+import render  # noqa: E402
 import run as bench  # noqa: E402
 
+TINY = ["--preset", "smoke", "--only", "smoke-2x6x7-C32-r3-map", "--repeats", "1",
+        "--warmup", "0", "--rotate", "1"]
 
-def test_microbenchmark_smoke(tmp_path, capsys):
-    out = tmp_path / "report.json"
-    bench.main(["--only", "4x14x14", "--repeats", "1", "--warmup", "0", "--rotate", "1",
-                "--out", str(out)])
-    text = capsys.readouterr().out
-    assert "x frozen linear" in text and "conv-lora[reference]" in text
-    report = json.loads(out.read_text())
-    assert report["environment"]["torch"] == torch.__version__
-    providers = {r["provider"] for r in report["results"]}
-    assert {"conv-lora[reference]", "plain-lora", "frozen-linear"} <= providers
-    assert all("error" not in r for r in report["results"]), report["results"]
-    assert {r["mode"] for r in report["results"]} == {"fwd", "fwd+bwd"}
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """One tiny run of the main job with an extra provider that always raises."""
+    out = tmp_path_factory.mktemp("bench") / "report.json"
+    real = common.providers
+
+    def with_broken(device, compile_reference=False):
+        provs = real(device, compile_reference)
+
+        def broken(inp):
+            raise RuntimeError("kernel exploded")
+        provs["conv-lora[broken]"] = common.Provider(broken, "conv-lora")
+        return provs
+
+    common.providers = with_broken
+    try:
+        bench.main(TINY + ["--out", str(out)])
+    finally:
+        common.providers = real
+    return out
+
+
+def test_main_job_writes_json_markdown_and_plot(report, capsys):
+    data = json.loads(report.read_text())
+    env = data["environment"]
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu"
+    assert env["command"].startswith("python benchmarks/run.py --preset smoke")
+    assert len(env["source_sha256"]) == 16 and set(env["backends"]) == {"cuda", "triton", "cpu"}
+    assert data["rates"]["bandwidth_bytes_per_s"] > 1e8 and data["rates"]["matmul_flop_per_s"] > 1e8
+    rows = [r for r in data["results"] if r["provider"] != "conv-lora[broken]"]
+    assert {r["provider"] for r in rows} >= {"conv-lora[reference]", "plain-lora", "frozen-linear"}
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["median_ms"] > 0 and r["floor"]["ms"] > 0
+        assert r["floor"]["bytes"] == sum(b for b, _ in r["floor"]["terms"].values())
+    train = {r["provider"]: r for r in rows if r["mode"] == "fwd+bwd"}
+    # The reference keeps upsampled expert maps alive; the frozen linear keeps only x.
+    assert train["conv-lora[reference]"]["saved_new_mb"] > 0
+    assert train["frozen-linear"]["saved_new_mb"] == 0 and train["frozen-linear"]["saved_mb"] > 0
+    md = report.with_suffix(".md").read_text()
+    assert "| shape | mode | provider | x floor | x frozen linear |" in md
+    assert "median ms" not in md  # a CPU report prints ratios only
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert report.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failing_provider_is_recorded_and_hides_nothing(report):
+    data = json.loads(report.read_text())
+    broken = [r for r in data["results"] if r["provider"] == "conv-lora[broken]"]
+    assert len(broken) == 2 and all(r["error"] == "RuntimeError: kernel exploded" for r in broken)
+    text = render.text_table(data)
+    assert "RuntimeError: kernel exploded" in text and "plain-lora" in text
+
+
+def test_ratios_and_renderer_cli(report, tmp_path, capsys):
+    data = json.loads(report.read_text())
+    (_, group), = [g for g in render.groups(data) if g[0][1] == "fwd"]
+    ref, lin = group["conv-lora[reference]"], group["frozen-linear"]
+    d = render.derived(data, lin, group)
+    assert d["x_linear"] == 1.0
+    assert d["speedup_ref"] == pytest.approx(ref["median_ms"] / lin["median_ms"])
+    assert d["x_floor"] == pytest.approx(lin["median_ms"] / lin["floor"]["ms"])
+    render.main([str(report), "--out-dir", str(tmp_path)])
+    assert "conv-lora[reference]" in capsys.readouterr().out
+    assert (tmp_path / "report.md").exists()
+
+
+def test_gpu_rows_show_times_and_card():
+    env = dict(device="cuda", card="NVIDIA H100 80GB HBM3", torch="x")
+    shape = common.Shape("s", 1, 2, 2, 4, 1).as_dict()
+    rows = [dict(shape=shape, mode="fwd", provider=p, median_ms=m, floor=dict(ms=0.5))
+            for p, m in (("conv-lora[reference]", 4.0), ("frozen-linear", 1.0))]
+    data = dict(environment=env, args=dict(dtype="bfloat16"), results=rows,
+                baselines=dict(reference="conv-lora[reference]", linear="frozen-linear"))
+    md = render.markdown(data)
+    assert "NVIDIA H100 80GB HBM3" in md and "| median ms | floor ms |" in md
+    assert "| s | fwd | frozen-linear | 1.0000 | 0.5000 | 2.00 | 1.00 | 4.00 |" in md
+
+
+def test_floor_counts_match_the_design_example():
+    """DESIGN.md §4: N = 16384, C = 768, C_out = 2304, r = 8, bf16."""
+    shape = common.Shape("t", 4, 64, 64, 768, 8).as_dict()
+    n, c, d, r = 16384, 768, 2304, 8
+    lin = floors.counts(shape, "fwd", "linear", 2, 8)
+    assert lin["flops"] == 2 * n * c * d  # 58 GFLOP
+    assert lin["bytes"] == 2 * (n * c + n * d + d * c + d)  # x, y, W0, b0
+    lin2 = floors.counts(shape, "fwd+bwd", "linear", 2, 8)
+    assert lin2["flops"] == 2 * lin["flops"]  # dx = dy W0, no dW for a frozen base
+    assert lin2["bytes"] == lin["bytes"] + 2 * (n * d + n * c + d * c)  # dy, dx, W0 again
+    cl = floors.counts(shape, "fwd", "conv-lora", 2, 8)
+    stencil = n * 2 * 9 * r * r * (1 + 4 + 1 + 4 + 1 + 4 + 1 + 4) / 8
+    assert cl["flops"] == lin["flops"] + 2 * n * r * (c + d) + stencil
+    conv_params = 8 * (r * r * 9 + r)
+    assert cl["bytes"] == lin["bytes"] + 2 * (r * c + d * r) + n * 8 + 2 * conv_params
+    rates = dict(bandwidth_bytes_per_s=3e12, matmul_flop_per_s=800e12)
+    f = floors.floor(lin2, rates)
+    assert f["bound"] == "compute" and f["ms"] == pytest.approx(0.145, rel=0.01)  # ~145 us
+    slow = floors.floor(lin2, dict(rates, bandwidth_bytes_per_s=1e11))
+    assert slow["bound"] == "memory" and slow["ms"] == pytest.approx(1e3 * lin2["bytes"] / 1e11)
+    with pytest.raises(ValueError):
+        floors.counts(shape, "bwd", "linear", 2, 8)
+
+
+def test_saved_activation_memory_counts_each_storage_once():
+    x = torch.randn(256, 64)
+    w = torch.randn(64, 64)
+    inp = {"x": x, "weight": w, **{k: torch.zeros(1) for k in common.TRAINABLE if k != "x"}}
+
+    def fn(t):
+        h = t["x"] @ t["weight"]  # saves weight (an input)
+        g = h.sin()  # saves h: 256 x 64 floats, new
+        return g * g  # saves g twice: counted once
+    got = measure.saved_for_backward(fn, inp)
+    new = 2 * 256 * 64 * 4 / 2 ** 20
+    assert got["saved_new_mb"] == pytest.approx(new)
+    # x is not saved: mm keeps it only to give the frozen weight a gradient
+    assert got["saved_mb"] == pytest.approx(new + 64 * 64 * 4 / 2 ** 20)
+
+
+def test_presets_cover_the_sam_shapes():
+    sam = common.preset_shapes("sam")
+    assert len(sam) == 3 * 3 * 2 * 2  # C x r x (global, window) x (token, map)
+    assert {(s.height, s.channels, s.rank, s.gating) for s in sam} == {
+        (h, c, r, g) for h in (64, 14) for c in (768, 1024, 1280) for r in (3, 8, 32)
+        for g in ("token", "map")}
+    window = next(s for s in sam if s.height == 14)
+    assert window.batch == 4 * 25 and window.out_features == 3 * window.channels
+    check = common.preset_shapes("gpu-check")
+    assert {s.channels for s in check} == {768} and {s.rank for s in check} == {3, 8}
+    assert [s.gating for s in check].count("map") == 1
+    with pytest.raises(ValueError):
+        common.preset_shapes("nope")
+
+
+def test_pytest_benchmark_suite_runs(tmp_path):
+    """One case of benchmarks/test_microbench.py, in this process (no second torch import)."""
+    out = tmp_path / "pb.json"
+    # importlib mode: benchmarks/conftest.py must not meet another "conftest" module
+    code = pytest.main([BENCH, "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
+                        "--benchmark-only",
+                        "--bench-preset", "smoke", "--bench-only", "smoke-2x6x7-C32-r3-map",
+                        "--bench-repeats", "2", "--bench-warmup", "0", "-k", "fwd-frozen-linear",
+                        f"--benchmark-json={out}"])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert len(data["benchmarks"]) == 1
+    info = data["benchmarks"][0]["extra_info"]
+    assert info["problem"] == "linear" and info["floor_ms"] > 0 and info["x_floor"] > 0
+    assert data["machine_info"]["convlora"]["torch"] == torch.__version__
+
+
+def test_gpu_check_script_is_valid_bash():
+    r = subprocess.run(["bash", "-n", os.path.join(BENCH, "gpu_check.sh")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

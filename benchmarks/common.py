@@ -166,13 +166,16 @@ def _conv_lora_args(inp):
 
 
 def conv_lora_provider(backend: str) -> Provider:
-    return Provider(lambda inp: conv_lora_linear(*_conv_lora_args(inp), backend=backend),
-                    "conv-lora")
+    # As ConvLoRALinear calls it: its router's indices need no range check (on CUDA that
+    # check would cost a host synchronisation per call).
+    return Provider(lambda inp: conv_lora_linear(*_conv_lora_args(inp), backend=backend,
+                                                 check_expert_index=False), "conv-lora")
 
 
 def compiled_reference_provider() -> Provider:
     compiled = torch.compile(conv_lora_linear_ref)
-    return Provider(lambda inp: compiled(*_conv_lora_args(inp)), "conv-lora")
+    return Provider(lambda inp: compiled(*_conv_lora_args(inp), check_expert_index=False),
+                    "conv-lora")
 
 
 def plain_lora(inp):

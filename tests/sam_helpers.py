@@ -19,10 +19,10 @@ from convlora_kernels.sam import adapter_state_dict, apply_conv_lora, aux_loss
 # (B·4, 14, 14, C) windows, global blocks (B, 28, 28, C), as SAM's do at 1024 (64×64).
 IMG, PATCH, WINDOW, GRID = 224, 8, 14, 28
 DIM, OUT = 32, 32
-GLOBAL_BLOCKS = (1, 3)
+DEPTH, GLOBAL_BLOCKS = 3, (1,)
 
 
-def tiny_encoder(seed: int = 0, depth: int = 4, global_attn_indexes=GLOBAL_BLOCKS):
+def tiny_encoder(seed: int = 0, depth: int = DEPTH, global_attn_indexes=GLOBAL_BLOCKS):
     """ImageEncoderViT with windowed and global blocks and relative positions; the
     positional tensors (zero-initialised by segment_anything) are made random so they act."""
     torch.manual_seed(seed)
@@ -37,7 +37,7 @@ def tiny_encoder(seed: int = 0, depth: int = 4, global_attn_indexes=GLOBAL_BLOCK
     return enc
 
 
-def tiny_sam(seed: int = 0, depth: int = 4) -> Sam:
+def tiny_sam(seed: int = 0, depth: int = DEPTH) -> Sam:
     enc = tiny_encoder(seed, depth)
     torch.manual_seed(seed + 1)
     return Sam(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -251,13 +252,26 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     DistributedDataParallel (find_unused_parameters=False) every router weight needs one.
     """
     root = _unwrap(model)
-    layers = list(_conv_lora_layers(root).values())
+    layers = _conv_lora_layers(root)
     if not layers:
         raise ValueError(f"model: {type(root).__name__} has no Conv-LoRA layers; call "
                          f"apply_conv_lora(model, ...) first")
-    losses = [m.aux_loss for m in layers if m.training and m.aux_loss is not None]
+    live = {n: m for n, m in layers.items() if m.training and m.aux_loss is not None}
+    # A training forward without autograd (torch.no_grad, or reentrant activation
+    # checkpointing, which runs the first forward without it) leaves a loss that cannot
+    # train the routers, and DDP then misses their gradients: say so instead of failing later.
+    cut = [n for n, m in live.items() if m.num_experts > 1 and m.router.w_gate.requires_grad
+           and not m.aux_loss.requires_grad]
+    if cut and torch.is_grad_enabled():
+        warnings.warn(f"aux_loss: the router loss of {cut[0]} ({len(cut)} layer(s) in all) "
+                      f"has no gradient: its training forward ran without autograd "
+                      f"(torch.no_grad, or activation checkpointing with use_reentrant=True; "
+                      f"use use_reentrant=False), so the routers will not train",
+                      RuntimeWarning, stacklevel=2)
+    losses = [m.aux_loss for m in live.values()]
     if not losses:
-        return torch.zeros((), dtype=torch.float32, device=layers[0].lora_A.device)
+        device = next(iter(layers.values())).lora_A.device
+        return torch.zeros((), dtype=torch.float32, device=device)
     return torch.stack([t.float() for t in losses]).sum()
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
                                        TwoWayTransformer)
 
-from convlora_kernels import NoisyTopOneRouter
+from convlora_kernels import ConvLoRALinear, NoisyTopOneRouter
 from convlora_kernels.sam import adapter_state_dict, apply_conv_lora, aux_loss
 
 # A 224×224 image in 8×8 patches is a 28×28 token map: windowed blocks see
@@ -20,6 +20,10 @@ from convlora_kernels.sam import adapter_state_dict, apply_conv_lora, aux_loss
 IMG, PATCH, WINDOW, GRID = 224, 8, 14, 28
 DIM, OUT = 32, 32
 DEPTH, GLOBAL_BLOCKS = 3, (1,)
+
+ADAPTER = ("lora_A", "lora_B", "conv_weight", "conv_bias", "router.w_gate", "router.w_noise")
+REF = dict(backend="reference")  # the CPU fallback, without its one-time warning
+FAST = dict(REF, num_experts=4)  # half the reference's work, where 8 experts add nothing
 
 
 def tiny_encoder(seed: int = 0, depth: int = DEPTH, global_attn_indexes=GLOBAL_BLOCKS):
@@ -95,6 +99,38 @@ def task_loss(masks, ious, target, target_iou):
     # The IoU head is part of the trainable decoder: under DDP without
     # find_unused_parameters every trainable tensor must take part in the loss.
     return F.binary_cross_entropy_with_logits(masks, target) + F.mse_loss(ious, target_iou)
+
+
+def images(seed: int = 0, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
+
+
+def trainable_names(model: nn.Module) -> set:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def layer_param_names(layer_names) -> set:
+    """The adapter tensors' names of the Conv-LoRA layers called layer_names."""
+    return {f"{n}.{t}" for n in layer_names for t in ADAPTER}
+
+
+def record_routing(model: nn.Module) -> dict:
+    """{layer name: [[qkv input, expert_index] per call]}, filled by every forward from now."""
+    seen = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, ConvLoRALinear):
+            calls = seen.setdefault(name, [])
+            layer.register_forward_pre_hook(lambda m, args, c=calls: c.append([args[0]]))
+            layer.router.register_forward_hook(lambda m, args, out, c=calls: c[-1].append(out[0]))
+    return seen
+
+
+def perturb_decoder(sam: nn.Module, seed: int = 2) -> None:
+    """Move every mask decoder weight, as fine-tuning would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sam.mask_decoder.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def randomise_adapters(model: nn.Module, seed: int = 1, std: float = 0.5) -> None:

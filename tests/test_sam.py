@@ -1,5 +1,5 @@
-"""convlora_kernels.sam on a small ImageEncoderViT / Sam (windowed and global blocks,
-relative positions), on real vit_b/l/h builds without weights, and on transformers' SAM."""
+"""convlora_kernels.sam on a small ImageEncoderViT / Sam: windowed and global blocks,
+relative positions (real builds and transformers' SAM: test_sam_builds.py)."""
 
 import copy
 import functools
@@ -7,24 +7,17 @@ import functools
 import pytest
 import torch
 import torch.nn as nn
-from segment_anything import sam_model_registry
 from segment_anything.modeling.image_encoder import Block
 
-from convlora_kernels import ConvLoRALinear, NoisyTopOneRouter
+from convlora_kernels import ConvLoRALinear
 from convlora_kernels.sam import (adapter_state_dict, apply_conv_lora, aux_loss, load_adapter,
                                   load_adapter_state_dict, print_trainable_parameters,
                                   read_adapter_config, save_adapter, trainable_parameters)
 
-from sam_helpers import (DEPTH, DIM, GLOBAL_BLOCKS, GRID, IMG, WINDOW, Segmenter, random_batch,
-                         randomise_adapters, segment, task_loss, tiny_encoder, tiny_sam)
-
-ADAPTER = ("lora_A", "lora_B", "conv_weight", "conv_bias", "router.w_gate", "router.w_noise")
-REF = dict(backend="reference")  # the CPU fallback, without its one-time warning
-FAST = dict(REF, num_experts=4)  # half the reference's work, where 8 experts add nothing
-
-
-def _images(seed=0, batch=2):
-    return torch.randn(batch, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
+from sam_helpers import (DEPTH, DIM, FAST, GLOBAL_BLOCKS, GRID, REF, WINDOW, Segmenter, images,
+                         layer_param_names, perturb_decoder, random_batch, randomise_adapters,
+                         record_routing, segment, task_loss, tiny_encoder, tiny_sam,
+                         trainable_names)
 
 
 def _adapted_encoder(seed=0, **kw):
@@ -33,29 +26,10 @@ def _adapted_encoder(seed=0, **kw):
     return enc
 
 
-def _trainable(model):
-    return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _layer_params(names):
-    return {f"{n}.{t}" for n in names for t in ADAPTER}
-
-
-def _record_routing(model):
-    """{layer name: [(qkv input, expert_index)]} filled by every forward from now on."""
-    seen = {}
-    for name, layer in model.named_modules():
-        if isinstance(layer, ConvLoRALinear):
-            calls = seen.setdefault(name, [])
-            layer.register_forward_pre_hook(lambda m, args, c=calls: c.append([args[0]]))
-            layer.router.register_forward_hook(lambda m, args, out, c=calls: c[-1].append(out[0]))
-    return seen
-
-
 # --- Set-up ---------------------------------------------------------------------------
 
 def test_output_unchanged_at_initialisation():
-    x = _images()
+    x = images()
     with torch.no_grad():
         expected = tiny_encoder().eval()(x)  # SAM has no dropout: train mode gives the same
         for gating, train in (("map", False), ("token", True)):
@@ -77,7 +51,7 @@ def test_only_adapters_and_the_decoder_train(capsys):
     qkv_weight = sam.image_encoder.blocks[0].attn.qkv.weight
     layers = apply_conv_lora(sam, **REF)
     decoder = {f"mask_decoder.{n}" for n, _ in sam.mask_decoder.named_parameters()}
-    assert _trainable(sam) == _layer_params(layers) | decoder
+    assert trainable_names(sam) == layer_param_names(layers) | decoder
     assert layers["image_encoder.blocks.0.attn.qkv"].weight is qkv_weight  # shared, frozen
     assert not qkv_weight.requires_grad
 
@@ -95,14 +69,14 @@ def test_only_adapters_and_the_decoder_train(capsys):
 
     frozen_decoder = tiny_sam()
     layers = apply_conv_lora(frozen_decoder, train_mask_decoder=False, **REF)
-    assert _trainable(frozen_decoder) == _layer_params(layers)
+    assert trainable_names(frozen_decoder) == layer_param_names(layers)
 
     some = tiny_encoder()
     layers = apply_conv_lora(some, blocks=[2, 0], **REF)
     assert list(layers) == ["blocks.0.attn.qkv", "blocks.2.attn.qkv"]
     assert type(some.blocks[1].attn.qkv) is nn.Linear
     assert some.conv_lora_config.blocks == (0, 2)
-    assert _trainable(some) == _layer_params(layers)
+    assert trainable_names(some) == layer_param_names(layers)
 
 
 def test_apply_conv_lora_errors_leave_the_model_unchanged():
@@ -144,7 +118,7 @@ def test_training_steps_reach_every_adapter_tensor(gating):
     sam = tiny_sam()
     layers = apply_conv_lora(sam, gating=gating, **FAST)
     model = Segmenter(sam).train()
-    routing = _record_routing(model)
+    routing = record_routing(model)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     unused = 0
     for step in range(2):
@@ -184,9 +158,9 @@ def test_training_steps_reach_every_adapter_tensor(gating):
 def test_map_gating_routes_per_window_and_per_image():
     enc = _adapted_encoder(gating="map")
     randomise_adapters(enc)
-    routing = _record_routing(enc)
+    routing = record_routing(enc)
     with torch.no_grad():
-        enc.eval()(_images())
+        enc.eval()(images())
     per_window = []
     for i, (name, calls) in enumerate(routing.items()):
         (x, expert_index), = calls
@@ -205,9 +179,9 @@ def test_map_gating_routes_per_window_and_per_image():
 
     token = _adapted_encoder(gating="token")
     randomise_adapters(token)
-    routing = _record_routing(token)
+    routing = record_routing(token)
     with torch.no_grad():
-        token.eval()(_images())
+        token.eval()(images())
     (_, expert_index), = routing["blocks.0.attn.qkv"]
     assert len(expert_index[0].unique()) > 1  # token gating varies inside a window
 
@@ -216,7 +190,7 @@ def test_aux_loss_sums_the_training_forwards():
     enc = _adapted_encoder()
     randomise_adapters(enc)
     layers = [m for m in enc.modules() if isinstance(m, ConvLoRALinear)]
-    x = _images()
+    x = images()
     enc.train()(x)
     total = aux_loss(enc)
     assert total.shape == () and total.dtype == torch.float32 and total.requires_grad
@@ -233,15 +207,14 @@ def test_aux_loss_sums_the_training_forwards():
     with pytest.raises(ValueError, match="has no Conv-LoRA layers"):
         aux_loss(tiny_encoder())
 
+    with torch.no_grad():  # a training forward without autograd cannot train the routers
+        enc.train()(x)
+    with pytest.warns(RuntimeWarning, match=r"aux_loss: the router loss of blocks.0.attn.qkv "
+                      r"\(3 layer\(s\) in all\) has no gradient"):
+        aux_loss(enc)
+
 
 # --- Saving and loading ---------------------------------------------------------------
-
-def _perturb_decoder(sam, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in sam.mask_decoder.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
 
 def _eval_outputs(sam, seed=7):
     images, boxes, _, _ = random_batch(seed)
@@ -253,9 +226,9 @@ def test_adapter_state_dict_round_trip(tmp_path):
     sam = tiny_sam()
     apply_conv_lora(sam, gating="map", **FAST)
     randomise_adapters(sam)
-    _perturb_decoder(sam)
+    perturb_decoder(sam)
     sd = adapter_state_dict(sam)
-    assert set(sd) == _trainable(sam)  # exactly the trained tensors, by state_dict names
+    assert set(sd) == trainable_names(sam)  # exactly the trained tensors, by state_dict names
     full = sam.state_dict()
     assert all(torch.equal(sd[k], full[k]) for k in sd)
     expected = _eval_outputs(sam)
@@ -269,13 +242,13 @@ def test_adapter_state_dict_round_trip(tmp_path):
     apply_conv_lora(fresh, **cfg, **REF)
     assert not torch.equal(_eval_outputs(fresh)[0], expected[0])
     load_adapter(fresh, path)
-    for got, want in zip(_eval_outputs(fresh), expected):
+    for got, want in zip(_eval_outputs(fresh), expected, strict=True):
         assert torch.equal(got, want)
 
     again = tiny_sam()
     apply_conv_lora(again, gating="map", **FAST)
     load_adapter_state_dict(again, sd)
-    for got, want in zip(_eval_outputs(again), expected):
+    for got, want in zip(_eval_outputs(again), expected, strict=True):
         assert torch.equal(got, want)
 
 
@@ -318,8 +291,8 @@ def test_loading_into_another_setup_names_the_mismatch(tmp_path):
             r"unexpected 6 \(this model has no such tensor\): image_encoder.blocks.2")
     refuses(model(train_mask_decoder=False), from_sd, ValueError, "unexpected .*mask_decoder")
     partial_sd = {k: v for k, v in sd.items() if not k.endswith("router.w_noise")}
-    refuses(model(), functools.partial(load_adapter_state_dict, state_dict=partial_sd),
-            ValueError, r"missing 3 \(this model has them\): image_encoder.blocks.0.attn.qkv.router")
+    refuses(model(), functools.partial(load_adapter_state_dict, state_dict=partial_sd), ValueError,
+            r"missing 3 \(this model has them\): image_encoder.blocks.0.attn.qkv.router")
     bad_value = dict(sd, **{next(iter(sd)): [1.0]})
     refuses(model(), functools.partial(load_adapter_state_dict, state_dict=bad_value),
             TypeError, "expected a tensor, got list")
@@ -348,7 +321,7 @@ def _bf16_error(enc, x):
 
 
 def test_bf16_autocast():
-    x = _images(batch=1)
+    x = images(batch=1)
     base = _adapted_encoder().eval()  # at initialisation: the frozen model's bf16 error
     err_base, out_base = _bf16_error(base, x)
     enc = _adapted_encoder().eval()
@@ -385,7 +358,7 @@ def test_activation_checkpointing_of_encoder_blocks():
     wrap(wrapped)
     assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_modules())
     assert adapter_state_dict(wrapped).keys() == adapter_state_dict(plain).keys()
-    x = _images()
+    x = images()
     outs = []
     for model in (plain, wrapped):
         torch.manual_seed(5)  # the same router noise in both
@@ -413,7 +386,7 @@ def test_torch_compile():
     enc = tiny_encoder(depth=2, global_attn_indexes=(1,))
     apply_conv_lora(enc, num_experts=2, **REF)
     randomise_adapters(enc, std=0.1)
-    x = _images()
+    x = images()
     compiled = torch.compile(enc, backend="aot_eager")
     with torch.no_grad():
         # float32 rounding only: AOT autograd decomposes some ops (interpolation, GELU)
@@ -427,156 +400,3 @@ def test_torch_compile():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert adapter_state_dict(compiled).keys() == adapter_state_dict(enc).keys()
     torch._dynamo.reset()
-
-
-# --- Real SAM builds ------------------------------------------------------------------
-
-VITS = {"vit_b": (12, 768, (2, 5, 8, 11)), "vit_l": (24, 1024, (5, 11, 17, 23)),
-        "vit_h": (32, 1280, (7, 15, 23, 31))}
-
-
-@pytest.mark.parametrize("name", list(VITS))
-def test_vit_structure_without_weights(name):
-    depth, dim, global_blocks = VITS[name]
-    with torch.device("meta"):  # the structure, without memory or initialisation time
-        sam = sam_model_registry[name]()
-    layers = apply_conv_lora(sam, **REF)
-    assert list(layers) == [f"image_encoder.blocks.{i}.attn.qkv" for i in range(depth)]
-    for i, block in enumerate(sam.image_encoder.blocks):
-        assert block.window_size == (0 if i in global_blocks else 14)
-        assert (block.attn.qkv.in_features, block.attn.qkv.out_features) == (dim, 3 * dim)
-    per_layer = 3 * dim + 3 * dim * 3 + 8 * (9 * 9 + 3) + 2 * 3 * 8
-    n_decoder = sum(p.numel() for p in sam.mask_decoder.parameters())
-    assert trainable_parameters(sam).trainable == depth * per_layer + n_decoder
-    assert set(adapter_state_dict(sam)) == _trainable(sam)
-
-
-def _encode_tokens(sam, tokens):
-    """The encoder's blocks and neck on a (B, H, W, C) token map: every module of the
-    1024×1024 forward (windows with padding, global blocks with interpolated relative
-    positions) at a fraction of its cost."""
-    x = tokens
-    with torch.no_grad():
-        for blk in sam.image_encoder.blocks:
-            x = blk(x)
-        return sam.image_encoder.neck(x.permute(0, 3, 1, 2))
-
-
-def test_vit_b_from_a_checkpoint_file(tmp_path):
-    torch.manual_seed(0)
-    original = sam_model_registry["vit_b"]()
-    with torch.no_grad():  # positional tensors start at zero; give them values that act
-        for n, p in original.image_encoder.named_parameters():
-            if "rel_pos" in n or n == "pos_embed":
-                p.normal_(0, 0.1)
-    path = tmp_path / "sam_vit_b.pth"
-    torch.save(original.state_dict(), path)
-
-    sam = sam_model_registry["vit_b"](checkpoint=str(path))  # the official loading path
-    layers = apply_conv_lora(sam, **REF)
-    assert len(layers) == 12
-    assert torch.equal(layers["image_encoder.blocks.3.attn.qkv"].weight,
-                       original.image_encoder.blocks[3].attn.qkv.weight)
-    # SAM's tensor names are kept: the checkpoint loads again, leaving out only the adapters
-    result = sam.load_state_dict(torch.load(path), strict=False)
-    assert result.unexpected_keys == []
-    assert set(result.missing_keys) == _layer_params(layers)
-
-    # 16×16 tokens: windowed blocks pad to 28×28 (4 windows), as 64×64 pads to 70×70
-    tokens = torch.randn(1, 16, 16, 768, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(_encode_tokens(sam, tokens), _encode_tokens(original, tokens),
-                               rtol=0, atol=0)
-
-    randomise_adapters(sam, std=0.05)
-    _perturb_decoder(sam)
-    adapter = tmp_path / "adapter.safetensors"
-    save_adapter(sam, adapter)
-    reloaded = sam_model_registry["vit_b"](checkpoint=str(path))
-    apply_conv_lora(reloaded, **read_adapter_config(adapter), **REF)
-    load_adapter(reloaded, adapter)
-    # every tensor of the fine-tuned model is back (outputs: test_adapter_state_dict_round_trip)
-    want, got = sam.state_dict(), reloaded.state_dict()
-    assert want.keys() == got.keys()
-    assert [k for k in want if not torch.equal(want[k], got[k])] == []
-    assert not torch.equal(got["mask_decoder.iou_token.weight"],
-                           original.mask_decoder.iou_token.weight)
-
-
-# --- transformers' SAM (optional) -----------------------------------------------------
-
-def _hf_config():
-    transformers = pytest.importorskip("transformers")
-    vision = transformers.SamVisionConfig(
-        hidden_size=DIM, output_channels=32, num_hidden_layers=DEPTH, num_attention_heads=2,
-        image_size=IMG, patch_size=8, mlp_dim=64, window_size=WINDOW,
-        global_attn_indexes=list(GLOBAL_BLOCKS), num_pos_feats=16)
-    return transformers, transformers.SamConfig(
-        vision_config=vision,
-        prompt_encoder_config=transformers.SamPromptEncoderConfig(
-            hidden_size=32, image_size=IMG, patch_size=8, mask_input_channels=4),
-        mask_decoder_config=transformers.SamMaskDecoderConfig(
-            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_dim=64,
-            iou_head_hidden_dim=32))
-
-
-def _hf_model(cls, config, seed=0):
-    torch.manual_seed(seed)
-    model = cls(config).eval()
-    with torch.no_grad():  # its default initialisation is near zero; make every weight act
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
-
-
-def _hf_sam():
-    transformers, config = _hf_config()
-    return _hf_model(transformers.SamModel, config)
-
-
-def _hf_forward(model, seed=0):
-    images, boxes, target, target_iou = random_batch(seed)
-    out = model(pixel_values=images, input_boxes=boxes[:, None], multimask_output=False)
-    return out.pred_masks[:, 0], out.iou_scores[:, 0], target, target_iou
-
-
-def test_transformers_sam_model():
-    model = _hf_sam()
-    with torch.no_grad():
-        expected = _hf_forward(model)[0]
-    layers = apply_conv_lora(model, gating="map", **FAST)
-    assert list(layers) == [f"vision_encoder.layers.{i}.attn.qkv" for i in range(DEPTH)]
-    decoder = {f"mask_decoder.{n}" for n, _ in model.mask_decoder.named_parameters()}
-    assert _trainable(model) == _layer_params(layers) | decoder
-    with torch.no_grad():
-        assert torch.equal(_hf_forward(model)[0], expected)
-
-    routing = _record_routing(model)
-    masks, ious, target, target_iou = _hf_forward(model.train())
-    (task_loss(masks, ious, target, target_iou) + aux_loss(model)).backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    (_, windowed), = routing["vision_encoder.layers.0.attn.qkv"]
-    (_, global_), = routing["vision_encoder.layers.1.attn.qkv"]
-    assert windowed.shape == (2 * 4, WINDOW, WINDOW) and global_.shape == (2, GRID, GRID)
-
-    randomise_adapters(model)
-    with torch.no_grad():
-        trained = _hf_forward(model.eval())[0]
-    fresh = _hf_sam()
-    apply_conv_lora(fresh, gating="map", **FAST)
-    load_adapter_state_dict(fresh, adapter_state_dict(model))
-    with torch.no_grad():
-        assert torch.equal(_hf_forward(fresh)[0], trained)
-
-
-def test_transformers_sam_vision_model():
-    transformers, config = _hf_config()
-    model = _hf_model(transformers.SamVisionModel, config.vision_config)
-    x = _images()
-    with torch.no_grad():
-        expected = model(pixel_values=x).last_hidden_state
-        layers = apply_conv_lora(model, **FAST)
-        assert list(layers) == [f"vision_encoder.layers.{i}.attn.qkv" for i in range(DEPTH)]
-        assert torch.equal(model(pixel_values=x).last_hidden_state, expected)
-        randomise_adapters(model)
-        assert not torch.equal(model(pixel_values=x).last_hidden_state, expected)
-    assert _trainable(model) == _layer_params(layers)

@@ -105,9 +105,10 @@ def _encoder_types() -> Tuple[Tuple[type, str], ...]:
 
 
 def _find_encoder(root: nn.Module) -> Tuple[str, nn.ModuleList]:
-    """(name, block list) of the one SAM image encoder in root; raises if none or several."""
+    """(name of the block list, block list) of the one SAM image encoder in root; raises
+    if there is none or several."""
     kinds = _encoder_types()
-    hits = [(_clean(name), getattr(m, attr)) for name, m in root.named_modules()
+    hits = [(_clean(f"{name}.{attr}"), getattr(m, attr)) for name, m in root.named_modules()
             for cls, attr in kinds if isinstance(m, cls)]
     if not hits:
         raise ValueError(
@@ -116,7 +117,7 @@ def _find_encoder(root: nn.Module) -> Tuple[str, nn.ModuleList]:
             f"{type(root).__name__} contains no such image encoder")
     if len(hits) > 1:
         raise ValueError(f"model: expected one SAM image encoder, found {len(hits)} "
-                         f"({', '.join(n or '<model>' for n, _ in hits)}); pass the one to adapt")
+                         f"(at {', '.join(n for n, _ in hits)}); pass the one to adapt")
     return hits[0]
 
 
@@ -209,14 +210,14 @@ def apply_conv_lora(model: nn.Module, r: int = 3, num_experts: int = 8, alpha: f
         raise ValueError(f"model: already has {len(existing)} Conv-LoRA layers (e.g. "
                          f"{next(iter(existing))}); apply_conv_lora may be called once per "
                          f"model")
-    enc_name, block_list = _find_encoder(root)
+    blocks_name, block_list = _find_encoder(root)
     chosen = _check_blocks(blocks, len(block_list))
 
     # Build every new layer before changing anything, so a bad argument leaves the model
     # as it was.
     plan = []
     for i in chosen:
-        where = f"{enc_name + '.' if enc_name else ''}{i}"
+        where = f"{blocks_name}.{i}"
         parent, qkv = _qkv_of(block_list[i], where)
         if not isinstance(qkv, nn.Linear):
             raise TypeError(f"model: expected block {where}'s attn.qkv to be an nn.Linear, "

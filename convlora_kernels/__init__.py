@@ -4,12 +4,16 @@
     conv_lora_linear_ref the pure-PyTorch definition it is checked against
     ConvLoRALinear       drop-in for nn.Linear (from_linear, from_autogluon)
     NoisyTopOneRouter    the top-1 router with its load-balancing loss
+    apply_conv_lora ...  Segment Anything integration (convlora_kernels.sam)
 """
 
 from .gating import NoisyTopOneRouter
 from .modules import ConvLoRALinear
 from .ops import BackendUnavailableError, available_backends, conv_lora_linear
 from .reference import conv_lora_linear_ref, lora_linear_ref
+from .sam import (adapter_state_dict, apply_conv_lora, aux_loss, load_adapter,
+                  load_adapter_state_dict, print_trainable_parameters, read_adapter_config,
+                  save_adapter, trainable_parameters)
 
 __version__ = "0.1.0"
 
@@ -17,8 +21,17 @@ __all__ = [
     "BackendUnavailableError",
     "ConvLoRALinear",
     "NoisyTopOneRouter",
+    "adapter_state_dict",
+    "apply_conv_lora",
     "available_backends",
+    "aux_loss",
     "conv_lora_linear",
     "conv_lora_linear_ref",
+    "load_adapter",
+    "load_adapter_state_dict",
     "lora_linear_ref",
+    "print_trainable_parameters",
+    "read_adapter_config",
+    "save_adapter",
+    "trainable_parameters",
 ]

@@ -22,8 +22,8 @@ DIM, OUT = 32, 32
 DEPTH, GLOBAL_BLOCKS = 3, (1,)
 
 ADAPTER = ("lora_A", "lora_B", "conv_weight", "conv_bias", "router.w_gate", "router.w_noise")
-REF = dict(backend="reference")  # the CPU fallback, without its one-time warning
-FAST = dict(REF, num_experts=4)  # half the reference's work, where 8 experts add nothing
+FUSED = dict(backend="cpu")  # the fused CPU kernels (what "auto" takes on CPU tensors)
+FAST = dict(FUSED, num_experts=4)  # half the reference's work, where 8 experts add nothing
 
 
 def tiny_encoder(seed: int = 0, depth: int = DEPTH, global_attn_indexes=GLOBAL_BLOCKS):

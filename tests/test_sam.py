@@ -14,7 +14,7 @@ from convlora_kernels.sam import (adapter_state_dict, apply_conv_lora, aux_loss,
                                   load_adapter_state_dict, print_trainable_parameters,
                                   read_adapter_config, save_adapter, trainable_parameters)
 
-from sam_helpers import (DEPTH, DIM, FAST, GLOBAL_BLOCKS, GRID, REF, WINDOW, Segmenter, images,
+from sam_helpers import (DEPTH, DIM, FAST, GLOBAL_BLOCKS, GRID, FUSED, WINDOW, Segmenter, images,
                          layer_param_names, perturb_decoder, random_batch, randomise_adapters,
                          record_routing, segment, task_loss, tiny_encoder, tiny_sam,
                          trainable_names)
@@ -34,7 +34,7 @@ def test_output_unchanged_at_initialisation():
         expected = tiny_encoder().eval()(x)  # SAM has no dropout: train mode gives the same
         for gating, train in (("map", False), ("token", True)):
             enc = tiny_encoder().train(train)
-            layers = apply_conv_lora(enc, gating=gating, **REF)
+            layers = apply_conv_lora(enc, gating=gating, **FUSED)
             assert list(layers) == [f"blocks.{i}.attn.qkv" for i in range(DEPTH)]
             assert all(enc.blocks[i].attn.qkv is m for i, m in enumerate(layers.values()))
             assert all(isinstance(m, ConvLoRALinear) and m.training == train
@@ -49,7 +49,7 @@ def test_output_unchanged_at_initialisation():
 def test_only_adapters_and_the_decoder_train(capsys):
     sam = tiny_sam()
     qkv_weight = sam.image_encoder.blocks[0].attn.qkv.weight
-    layers = apply_conv_lora(sam, **REF)
+    layers = apply_conv_lora(sam, **FUSED)
     decoder = {f"mask_decoder.{n}" for n, _ in sam.mask_decoder.named_parameters()}
     assert trainable_names(sam) == layer_param_names(layers) | decoder
     assert layers["image_encoder.blocks.0.attn.qkv"].weight is qkv_weight  # shared, frozen
@@ -68,11 +68,11 @@ def test_only_adapters_and_the_decoder_train(capsys):
         f"trainable%: {100 * counts.share:.4f}")
 
     frozen_decoder = tiny_sam()
-    layers = apply_conv_lora(frozen_decoder, train_mask_decoder=False, **REF)
+    layers = apply_conv_lora(frozen_decoder, train_mask_decoder=False, **FUSED)
     assert trainable_names(frozen_decoder) == layer_param_names(layers)
 
     some = tiny_encoder()
-    layers = apply_conv_lora(some, blocks=[2, 0], **REF)
+    layers = apply_conv_lora(some, blocks=[2, 0], **FUSED)
     assert list(layers) == ["blocks.0.attn.qkv", "blocks.2.attn.qkv"]
     assert type(some.blocks[1].attn.qkv) is nn.Linear
     assert some.conv_lora_config.blocks == (0, 2)
@@ -93,18 +93,18 @@ def test_apply_conv_lora_errors_leave_the_model_unchanged():
         (dict(train_mask_decoder="yes"), TypeError, "train_mask_decoder: expected a bool"),
     ]:
         with pytest.raises(err, match=match):
-            apply_conv_lora(enc, **{**REF, **kw})
+            apply_conv_lora(enc, **{**FUSED, **kw})
         assert not any(isinstance(m, ConvLoRALinear) for m in enc.modules())
         assert {n: p.requires_grad for n, p in enc.named_parameters()} == before
         assert not hasattr(enc, "conv_lora_config")
 
-    apply_conv_lora(enc, **REF)
+    apply_conv_lora(enc, **FUSED)
     with pytest.raises(ValueError, match="already has 3 Conv-LoRA layers"):
-        apply_conv_lora(enc, **REF)
+        apply_conv_lora(enc, **FUSED)
     sam = tiny_sam()
-    apply_conv_lora(sam.image_encoder, **REF)
+    apply_conv_lora(sam.image_encoder, **FUSED)
     with pytest.raises(ValueError, match="apply_conv_lora may be called once"):
-        apply_conv_lora(sam, **REF)
+        apply_conv_lora(sam, **FUSED)
     with pytest.raises(ValueError, match="Sequential contains no such image encoder"):
         apply_conv_lora(nn.Sequential(nn.Linear(4, 12)))
     with pytest.raises(TypeError, match="model: expected an nn.Module"):
@@ -239,7 +239,7 @@ def test_adapter_state_dict_round_trip(tmp_path):
     assert cfg == dict(r=3, num_experts=4, alpha=32, scales=[1, 2, 3, 4], gating="map",
                        interpolation="bilinear", blocks=[0, 1, 2], train_mask_decoder=True)
     fresh = tiny_sam()
-    apply_conv_lora(fresh, **cfg, **REF)
+    apply_conv_lora(fresh, **cfg, **FUSED)
     assert not torch.equal(_eval_outputs(fresh)[0], expected[0])
     load_adapter(fresh, path)
     for got, want in zip(_eval_outputs(fresh), expected, strict=True):
@@ -254,7 +254,7 @@ def test_adapter_state_dict_round_trip(tmp_path):
 
 def test_loading_into_another_setup_names_the_mismatch(tmp_path):
     sam = tiny_sam()
-    apply_conv_lora(sam, **REF)
+    apply_conv_lora(sam, **FUSED)
     randomise_adapters(sam)
     path = tmp_path / "adapter.safetensors"
     save_adapter(sam, path)
@@ -262,7 +262,7 @@ def test_loading_into_another_setup_names_the_mismatch(tmp_path):
 
     def model(**kw):
         m = tiny_sam(seed=3)
-        apply_conv_lora(m, **{**REF, **kw})
+        apply_conv_lora(m, **{**FUSED, **kw})
         return m
 
     def refuses(m, load, err, match):
@@ -375,7 +375,7 @@ def test_activation_checkpointing_of_encoder_blocks():
 
     blocks_first = tiny_encoder()  # blocks wrapped before apply_conv_lora
     wrap(blocks_first)
-    layers = apply_conv_lora(blocks_first, **REF)
+    layers = apply_conv_lora(blocks_first, **FUSED)
     assert list(layers) == [f"blocks.{i}.attn.qkv" for i in range(DEPTH)]
 
 
@@ -384,7 +384,7 @@ def test_torch_compile():
     the C++ code generation that takes minutes on a small CPU machine."""
     torch._dynamo.reset()
     enc = tiny_encoder(depth=2, global_attn_indexes=(1,))
-    apply_conv_lora(enc, num_experts=2, **REF)
+    apply_conv_lora(enc, num_experts=2, **FUSED)
     randomise_adapters(enc, std=0.1)
     x = images()
     compiled = torch.compile(enc, backend="aot_eager")

@@ -9,7 +9,7 @@ from convlora_kernels.sam import (adapter_state_dict, apply_conv_lora, aux_loss,
                                   load_adapter_state_dict, read_adapter_config, save_adapter,
                                   trainable_parameters)
 
-from sam_helpers import (DEPTH, DIM, FAST, GLOBAL_BLOCKS, GRID, IMG, REF, WINDOW, images,
+from sam_helpers import (DEPTH, DIM, FAST, GLOBAL_BLOCKS, GRID, IMG, FUSED, WINDOW, images,
                          layer_param_names, perturb_decoder, random_batch, randomise_adapters,
                          record_routing, task_loss, trainable_names)
 
@@ -25,7 +25,7 @@ def test_vit_structure_without_weights(name):
     depth, dim, global_blocks = VITS[name]
     with torch.device("meta"):  # the structure, without memory or initialisation time
         sam = sam_model_registry[name]()
-    layers = apply_conv_lora(sam, **REF)
+    layers = apply_conv_lora(sam, **FUSED)
     assert list(layers) == [f"image_encoder.blocks.{i}.attn.qkv" for i in range(depth)]
     for i, block in enumerate(sam.image_encoder.blocks):
         assert block.window_size == (0 if i in global_blocks else 14)
@@ -58,7 +58,7 @@ def test_vit_b_from_a_checkpoint_file(tmp_path):
     torch.save(original.state_dict(), path)
 
     sam = sam_model_registry["vit_b"](checkpoint=str(path))  # the official loading path
-    layers = apply_conv_lora(sam, **REF)
+    layers = apply_conv_lora(sam, **FUSED)
     assert len(layers) == 12
     assert torch.equal(layers["image_encoder.blocks.3.attn.qkv"].weight,
                        original.image_encoder.blocks[3].attn.qkv.weight)
@@ -77,7 +77,7 @@ def test_vit_b_from_a_checkpoint_file(tmp_path):
     adapter = tmp_path / "adapter.safetensors"
     save_adapter(sam, adapter)
     reloaded = sam_model_registry["vit_b"](checkpoint=str(path))
-    apply_conv_lora(reloaded, **read_adapter_config(adapter), **REF)
+    apply_conv_lora(reloaded, **read_adapter_config(adapter), **FUSED)
     load_adapter(reloaded, adapter)
     # every tensor of the fine-tuned model is back (outputs: test_adapter_state_dict_round_trip)
     want, got = sam.state_dict(), reloaded.state_dict()

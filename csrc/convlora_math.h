@@ -131,30 +131,27 @@ CONVLORA_HD Taps<acc_t> resample_taps(int d, int n_in, acc_t scale, int mode) {
   return t;
 }
 
+// Scale 1 resamples nothing: index d itself, weight 1.
+template <typename acc_t>
+CONVLORA_HD Taps<acc_t> identity_tap(int d) {
+  Taps<acc_t> t;
+  t.idx[0] = d;
+  t.w[0] = acc_t(1);
+  t.n = 1;
+  return t;
+}
+
 // Rows (or columns) of the s·n conv output that Down_s reads for output index d.
 template <typename acc_t>
 CONVLORA_HD Taps<acc_t> down_taps(int d, int n, int s, int mode) {
-  if (s == 1) {
-    Taps<acc_t> t;
-    t.idx[0] = d;
-    t.w[0] = acc_t(1);
-    t.n = 1;
-    return t;
-  }
-  return resample_taps<acc_t>(d, s * n, acc_t(s), mode);
+  return s == 1 ? identity_tap<acc_t>(d) : resample_taps<acc_t>(d, s * n, acc_t(s), mode);
 }
 
 // z rows (or columns) that Up_s combines into upsampled index p.
 template <typename acc_t>
 CONVLORA_HD Taps<acc_t> up_taps(int p, int n, int s, int mode) {
-  if (s == 1) {
-    Taps<acc_t> t;
-    t.idx[0] = p;
-    t.w[0] = acc_t(1);
-    t.n = 1;
-    return t;
-  }
-  return resample_taps<acc_t>(p, n, static_cast<acc_t>(1.0 / s), mode);
+  return s == 1 ? identity_tap<acc_t>(p)
+                : resample_taps<acc_t>(p, n, static_cast<acc_t>(1.0 / s), mode);
 }
 
 // Calls f.template operator()<R>() with the smallest compiled rank bound R >= r.

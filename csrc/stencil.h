@@ -62,6 +62,29 @@ inline void check_stencil_args(const at::Tensor& z, const at::Tensor& expert_ind
               "stencil: all tensors must be on z's device ", z.device());
 }
 
+// The operands of a stencil op, checked and made contiguous (copied only when they are not).
+struct Operands {
+  at::Tensor z, expert_index, conv_weight, conv_bias, du;
+};
+
+inline Operands checked_operands(const at::Tensor& z, const at::Tensor& expert_index,
+                                 const at::Tensor& conv_weight, const at::Tensor& conv_bias,
+                                 at::IntArrayRef scales, int64_t interpolation, int64_t height,
+                                 int64_t width, const at::Tensor* du = nullptr) {
+  check_stencil_args(z, expert_index, conv_weight, conv_bias, scales, interpolation, height,
+                     width);
+  Operands o{z.contiguous(), expert_index.contiguous(), conv_weight.contiguous(),
+             conv_bias.contiguous(), at::Tensor()};
+  if (du) {
+    TORCH_CHECK(du->sizes() == z.sizes() && du->scalar_type() == z.scalar_type() &&
+                    du->device() == z.device(),
+                "stencil_bwd: du must match z (", z.scalar_type(), " ", z.sizes(), " on ",
+                z.device(), "), got ", du->scalar_type(), " ", du->sizes(), " on ", du->device());
+    o.du = du->contiguous();
+  }
+  return o;
+}
+
 template <typename scalar_t>
 StencilParams<scalar_t> make_params(const at::Tensor& z, const at::Tensor& conv_weight,
                                     const at::Tensor& conv_bias, at::IntArrayRef scales,

@@ -30,14 +30,11 @@ at::Tensor stencil_fwd_cuda(const at::Tensor& z, const at::Tensor& expert_index,
                             const at::Tensor& conv_weight, const at::Tensor& conv_bias,
                             at::IntArrayRef scales, int64_t interpolation, int64_t height,
                             int64_t width) {
-  check_stencil_args(z, expert_index, conv_weight, conv_bias, scales, interpolation, height,
-                     width);
   TORCH_CHECK(z.is_cuda(), "stencil_fwd_cuda: expected CUDA tensors, got ", z.device());
   const c10::cuda::CUDAGuard guard(z.device());
-  const auto zc = z.contiguous();
-  const auto idx = expert_index.contiguous();
-  const auto cw = conv_weight.contiguous();
-  const auto cb = conv_bias.contiguous();
+  const auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales,
+                                  interpolation, height, width);
+  const auto &zc = o.z, &idx = o.expert_index, &cw = o.conv_weight, &cb = o.conv_bias;
   auto u = at::empty_like(zc);
   if (zc.size(0) == 0) return u;
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -52,19 +49,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cuda(
     const at::Tensor& du, const at::Tensor& z, const at::Tensor& expert_index,
     const at::Tensor& conv_weight, const at::Tensor& conv_bias, at::IntArrayRef scales,
     int64_t interpolation, int64_t height, int64_t width) {
-  check_stencil_args(z, expert_index, conv_weight, conv_bias, scales, interpolation, height,
-                     width);
   TORCH_CHECK(z.is_cuda(), "stencil_bwd_cuda: expected CUDA tensors, got ", z.device());
-  TORCH_CHECK(du.sizes() == z.sizes() && du.scalar_type() == z.scalar_type() &&
-                  du.device() == z.device(),
-              "stencil_bwd: du must match z (", z.scalar_type(), " ", z.sizes(), "), got ",
-              du.scalar_type(), " ", du.sizes());
   const c10::cuda::CUDAGuard guard(z.device());
-  const auto zc = z.contiguous();
-  const auto duc = du.contiguous();
-  const auto idx = expert_index.contiguous();
-  const auto cw = conv_weight.contiguous();
-  const auto cb = conv_bias.contiguous();
+  const auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales,
+                                  interpolation, height, width, &du);
+  const auto &zc = o.z, &duc = o.du, &idx = o.expert_index, &cw = o.conv_weight,
+             &cb = o.conv_bias;
   const int64_t N = zc.size(0), r = zc.size(1), n = cw.size(0);
   const auto acc_opts = zc.options().dtype(at::kFloat);
   auto dz = at::empty_like(zc);

@@ -151,6 +151,9 @@ def backward(dy, x4, weight, lora_A, lora_B, conv_weight, conv_bias, z2, u, perm
     rank, n_exp, c_out = lora_A.shape[0], conv_weight.shape[0], weight.shape[0]
     dtype, dev = x4.dtype, x4.device
     x2 = x4.reshape(n_tok, c_in)
+    z2 = z2.reshape(n_tok, rank)
+    if z2.stride(-1) != 1:
+        z2 = z2.contiguous()
     dy2 = dy.reshape(n_tok, c_out)
     if dy2.stride(-1) != 1:
         dy2 = dy2.contiguous()

@@ -28,7 +28,7 @@ and h - (n - rows) near the bottom (see row_of).
 from __future__ import annotations
 
 import functools
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -109,13 +109,14 @@ def down_taps(scales: Tuple[int, ...], mode: str) -> Tuple[int, ...]:
 
 
 def axis_tables(n: int, scales: Sequence[int], mode: str, halo_: int, taps_max: int,
-                nb_pad: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                nb_pad: int, rows: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """T (n_exp, rows, taps_max, 3, nb_pad) and omega (n_exp, rows, taps_max), float64.
 
-    Entries past an expert's taps, offsets past 2 * halo_ and z indices outside the
-    axis are zero. Raises if a weight falls outside the halo (a broken invariant).
+    rows defaults to table_rows(n); rows = n gives the uncompressed table (row h for
+    index h). Entries past an expert's taps, offsets past 2 * halo_ and z indices outside
+    the axis are zero. Raises if a weight falls outside the halo (a broken invariant).
     """
-    rows = table_rows(n)
+    rows = table_rows(n) if rows is None else rows
     t = torch.zeros(len(scales), rows, taps_max, 3, nb_pad, dtype=torch.float64)
     om = torch.zeros(len(scales), rows, taps_max, dtype=torch.float64)
     for e, s in enumerate(scales):

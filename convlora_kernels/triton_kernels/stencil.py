@@ -33,7 +33,7 @@ def expert_tile(bounds_ptr, n_exp, BT: tl.constexpr, NEXP_P: tl.constexpr):
     hi = tl.load(bounds_ptr + ev + 1, mask=ev < n_exp, other=0).to(tl.int64)
     tiles = (hi - lo + BT - 1) // BT
     ends = tl.cumsum(tiles, 0)
-    e = tl.sum((ends <= pid).to(tl.int64), 0)
+    e = tl.sum((ends <= pid).to(tl.int32), 0)  # < 17
     sel = ev == e
     first = tl.sum(tl.where(sel, ends - tiles, 0), 0)
     start = tl.sum(tl.where(sel, lo, 0), 0) + (pid - first) * BT
@@ -59,8 +59,9 @@ def load_tile(z_ptr, perm_ptr, start, stop, H, W, r, rows_y, rows_x, stride_zn,
     bi = tok // (H * W)
     h = hw // W
     w = hw % W
-    hr = table_row(h, H, rows_y, BORDER)
-    wr = table_row(w, W, rows_x, BORDER)
+    # table rows are < 2·BORDER + 1: int32 keeps the table addressing cheap
+    hr = table_row(h, H, rows_y, BORDER).to(tl.int32)
+    wr = table_row(w, W, rows_x, BORDER).to(tl.int32)
     a = tl.arange(0, NBP)[None, :, None, None]
     b = tl.arange(0, NBP)[None, None, :, None]
     ch = tl.arange(0, RZ)[None, None, None, :]
@@ -109,7 +110,7 @@ def conv_output(znb, cw_ptr, cb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, r, rows_y, r
     """c_k = conv_bias_e + sum_{dy,dx} W_e[:, :, dy, dx] U_k(dy, dx): [BT, RP]."""
     offs, wmask = conv_row_offsets(r, RZ, RP)
     c = tl.zeros([BT, RP], tl.float32) + cb[None, :]
-    for dy in tl.static_range(3):
+    for dy in range(3):
         up, wy, wx = upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, dy, rows_y,
                                     rows_x, BT, RZ, NBP, TAPS)
         w = tl.load(cw_ptr + e * (r * r * 9) + offs + dy * 3, mask=wmask,
@@ -241,7 +242,7 @@ def stencil_scatter_kernel(
     nt = tl.load(ntaps_ptr + e)
     dznb = tl.zeros([BT, NBP, NBP, RZ], tl.float32)
     offs, wmask = conv_row_offsets(r, RZ, RP)
-    for dy in tl.static_range(3):
+    for dy in range(3):
         w = tl.load(cw_ptr + e * (r * r * 9) + offs + dy * 3, mask=wmask,
                     other=0.0).to(tl.float32)
         dw = tl.zeros([4 * RZ, RP], tl.float32)

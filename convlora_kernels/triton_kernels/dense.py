@@ -49,6 +49,7 @@ def dy_pass_kernel(
     ci = tl.arange(0, RP)
     u = tl.load(u_ptr + rows[:, None] * r + ci[None, :],
                 mask=rmask[:, None] & (ci[None, :] < r), other=0.0)
+    uq = u.to(dy_ptr.dtype.element_ty)  # rounded to dy's dtype, as the reference rounds u
     du = tl.zeros([BT, RP], tl.float32)
     for n0 in range(0, C_out, BN):
         cols = n0 + tl.arange(0, BN)
@@ -59,7 +60,7 @@ def dy_pass_kernel(
                       mask=cmask[:, None] & (ci[None, :] < r), other=0.0)
         du += tl.dot(dyc, bch, input_precision=PREC)
         if NEED_DB:
-            part = scaling * tl.dot(tl.trans(dyc.to(tl.float32)), u, input_precision=PREC)
+            part = scaling * tl.dot(tl.trans(dyc), uq, input_precision=PREC)
             pm = cmask[:, None] & (ci[None, :] < r)
             if ATOMIC:
                 tl.atomic_add(dlb_ptr + cols[:, None] * r + ci[None, :], part, mask=pm)

@@ -55,7 +55,8 @@ _up = triton.autotune(
     key=["RP", "C_out"], restore_value=["y_ptr"],
 )(dense.up_project_kernel)
 _dy_pass = triton.autotune(
-    _configs([({"BN": 64}, 4), ({"BN": 128}, 4), ({"BN": 128}, 8), ({"BN": 256}, 8)]),
+    _configs([({"BN": 64}, 4), ({"BN": 32}, 4), ({"BN": 64}, 8), ({"BN": 128}, 8),
+              ({"BN": 256}, 8)]),
     key=["RP", "C_out", "NEED_DB", "NEED_DBIAS", "ATOMIC"],
     reset_to_zero=["dlb_ptr", "dbias_ptr"],
 )(dense.dy_pass_kernel)

@@ -75,10 +75,9 @@ GATHER_BT = 64  # tokens per program of the dL/dz gather
 
 
 class Plan:
-    """Sizes, tables and the expert-sorted token order of one call."""
+    """Tile sizes, padding, precision and stencil tables of one call."""
 
-    def __init__(self, height, width, rank, num_experts, scales, mode,
-                 dtype, device):
+    def __init__(self, height, width, rank, num_experts, scales, mode, dtype, device):
         ty, oy, tx, ox, ntaps, meta = stencil_tables(height, width, tuple(scales), mode,
                                                      device)
         self.tables = (ty, oy, tx, ox)
@@ -98,8 +97,8 @@ class Plan:
         return triton.cdiv(n_tokens, self.bt) + self.num_experts
 
     def common(self):
-        return dict(BT=self.bt, RZ=self.rz, RP=self.rp, NBP=self.nbp, HALO=self.halo, TAPS=self.taps,
-                    NEXP_P=self.nexp_p, BORDER=BORDER, PREC=self.prec)
+        return dict(BT=self.bt, RZ=self.rz, RP=self.rp, NBP=self.nbp, HALO=self.halo,
+                    TAPS=self.taps, NEXP_P=self.nexp_p, BORDER=BORDER, PREC=self.prec)
 
 
 def _pow2_floor(v: int) -> int:
@@ -128,8 +127,7 @@ def forward(x4, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_ind
     perm, bounds = sort_tokens(expert_index, n_exp)
     u = _empty((n_tok, rank), torch.float32, x4.device)
     if n_tok > 0:
-        plan = Plan(height, width, rank, n_exp, scales, mode, x4.dtype,
-                    x4.device)
+        plan = Plan(height, width, rank, n_exp, scales, mode, x4.dtype, x4.device)
         _fwd[(plan.programs(n_tok),)](
             z2, perm, bounds, plan.ntaps, *plan.tables, conv_weight.contiguous(),
             conv_bias.contiguous(), u, height, width, rank, n_exp, plan.rows_y, plan.rows_x,

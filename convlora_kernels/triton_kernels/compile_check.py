@@ -50,14 +50,15 @@ def variants(quick: bool):
         for mode, scales in modes:
             plan = launch.Plan(64, 64, 8, len(scales), scales, mode, dtype, torch.device("cpu"))
             common = plan.common()
-            yield "stencil_fwd", launch._fwd, common, dtype
+            yield "stencil_fwd", launch._fwd[0], common, dtype
             for atomic in ([True] if quick else [True, False]):
-                yield "stencil_grad", launch._grad, dict(common, ATOMIC=atomic), dtype
+                yield "stencil_grad", launch._grad[0], dict(common, ATOMIC=atomic), dtype
             for atomic in (True, False):
-                yield "stencil_scatter", launch._scatter, dict(common, ATOMIC=atomic), dtype
-        yield "up_project", launch._up, dict(RP=16, PREC=plan.prec), dtype
+                yield ("stencil_scatter", launch._scatter[0], dict(common, ATOMIC=atomic),
+                       dtype)
+        yield "up_project", launch._up[0], dict(RP=16, PREC=plan.prec), dtype
         for atomic in (True, False):
-            yield "dy_pass", launch._dy_pass, dict(BT=launch.DY_BT, RP=16, NEED_DB=True,
+            yield "dy_pass", launch._dy_pass[0], dict(BT=launch.DY_BT, RP=16, NEED_DB=True,
                                                    NEED_DBIAS=True, ATOMIC=atomic,
                                                    PREC=plan.prec), dtype
         yield "gather_dz", dense.gather_dz_kernel, dict(BT=launch.GATHER_BT, RP=16,

@@ -18,6 +18,8 @@ float atomics; with them, each tile writes its own partial sums, reduced in a fi
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -38,37 +40,39 @@ def _empty(shape, dtype, device):
 
 
 def _configs(options):
-    """Autotuning candidates; the interpreter takes the first (it has no timings)."""
-    options = options[:1] if INTERPRETED else options
     return [triton.Config(meta, num_warps=w) for meta, w in options]
 
 
+def _autotuned(kernel, options, **kw):
+    """(tuned, untuned): the kernel autotuned over ``options``, and the same kernel with
+    only the first candidate (no timing runs: the interpreter, or
+    CONVLORA_TRITON_AUTOTUNE=0 to skip the compile-and-time cost of the first call)."""
+    first = triton.autotune(_configs(options[:1]), **kw)(kernel)
+    return (first if INTERPRETED else triton.autotune(_configs(options), **kw)(kernel)), first
+
+
+def _pick(pair):
+    return pair[1] if os.environ.get("CONVLORA_TRITON_AUTOTUNE", "1") == "0" else pair[0]
+
+
 # Keys: the padded rank, the neighbourhood and the taps set the register footprint and
-# the work per token; C_out sets the length of the y and dy loops.
-_fwd = triton.autotune(
-    _configs([({}, 4), ({}, 8), ({}, 2)]), key=["RZ", "NBP", "TAPS", "BT"],
-)(stencil.stencil_fwd_kernel)
-_up = triton.autotune(
-    _configs([({"BM": 64, "BN": 64}, 4), ({"BM": 64, "BN": 128}, 4),
-              ({"BM": 128, "BN": 128}, 8), ({"BM": 128, "BN": 64}, 4),
-              ({"BM": 32, "BN": 256}, 4)]),
-    key=["RP", "C_out"], restore_value=["y_ptr"],
-)(dense.up_project_kernel)
-_dy_pass = triton.autotune(
-    _configs([({"BN": 64}, 4), ({"BN": 32}, 4), ({"BN": 64}, 8), ({"BN": 128}, 8),
-              ({"BN": 256}, 8)]),
-    key=["RP", "C_out", "NEED_DB", "NEED_DBIAS", "ATOMIC"],
-    reset_to_zero=["dlb_ptr", "dbias_ptr"],
-)(dense.dy_pass_kernel)
-_grad = triton.autotune(
-    _configs([({}, 4), ({}, 2), ({}, 8)]),
-    key=["RZ", "NBP", "TAPS", "BT", "ATOMIC"], reset_to_zero=["db_ptr"],
-)(stencil.stencil_grad_kernel)
-_scatter = triton.autotune(
-    _configs([({}, 4), ({}, 2), ({}, 8)]),
-    key=["RZ", "NBP", "TAPS", "BT", "ATOMIC"], reset_to_zero=["dw_ptr"],
-    restore_value=["dz_ptr"],
-)(stencil.stencil_scatter_kernel)
+# the work per token; C_out sets the length of the y and dy loops. Each list starts with
+# the candidate that compiles without register spills at the SAM shapes (sm_90).
+_fwd = _autotuned(stencil.stencil_fwd_kernel, [({}, 8), ({}, 4)],
+                  key=["RZ", "NBP", "TAPS", "BT"])
+_up = _autotuned(dense.up_project_kernel,
+                 [({"BM": 64, "BN": 128}, 4), ({"BM": 64, "BN": 64}, 4),
+                  ({"BM": 128, "BN": 128}, 8)],
+                 key=["RP", "C_out"], restore_value=["y_ptr"])
+_dy_pass = _autotuned(dense.dy_pass_kernel,
+                      [({"BN": 64}, 8), ({"BN": 128}, 8), ({"BN": 64}, 4)],
+                      key=["RP", "C_out", "NEED_DB", "NEED_DBIAS", "ATOMIC"],
+                      reset_to_zero=["dlb_ptr", "dbias_ptr"])
+_grad = _autotuned(stencil.stencil_grad_kernel, [({}, 8), ({}, 4)],
+                   key=["RZ", "NBP", "TAPS", "BT", "ATOMIC"], reset_to_zero=["db_ptr"])
+_scatter = _autotuned(stencil.stencil_scatter_kernel, [({}, 8), ({}, 4)],
+                      key=["RZ", "NBP", "TAPS", "BT", "ATOMIC"], reset_to_zero=["dw_ptr"],
+                      restore_value=["dz_ptr"])
 
 DY_BT = 64      # tokens per program of the dy pass (the M of its dots)
 GATHER_BT = 64  # tokens per program of the dL/dz gather
@@ -128,12 +132,15 @@ def forward(x4, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_ind
     u = _empty((n_tok, rank), torch.float32, x4.device)
     if n_tok > 0:
         plan = Plan(height, width, rank, n_exp, scales, mode, x4.dtype, x4.device)
-        _fwd[(plan.programs(n_tok),)](
+        _pick(_fwd)[(plan.programs(n_tok),)](
             z2, perm, bounds, plan.ntaps, *plan.tables, conv_weight.contiguous(),
             conv_bias.contiguous(), u, height, width, rank, n_exp, plan.rows_y, plan.rows_x,
             z2.stride(0), **plan.common())
         lb = lora_B.contiguous()
-        _up[lambda meta: (triton.cdiv(n_tok, meta["BM"]), triton.cdiv(c_out, meta["BN"]))](
+        def grid(meta):
+            return triton.cdiv(n_tok, meta["BM"]), triton.cdiv(c_out, meta["BN"])
+
+        _pick(_up)[grid](
             u, lb, y, n_tok, c_out, rank, float(scaling), lb.stride(0), y.stride(0),
             RP=plan.rp, PREC=plan.prec)
     return y.reshape(batch, height, width, c_out), z2, u, perm, bounds
@@ -170,7 +177,7 @@ def backward(dy, x4, weight, lora_A, lora_B, conv_weight, conv_bias, z2, u, perm
     d_lb = _acc((c_out, rank), dy_programs, atomic, dev) if need_b else unused
     d_bias = _acc((c_out,), dy_programs, atomic, dev) if need_bias else unused
     if n_tok > 0:
-        _dy_pass[(dy_programs,)](
+        _pick(_dy_pass)[(dy_programs,)](
             dy2, lb, u, du, d_lb, d_bias, n_tok, c_out, rank, float(scaling), dy2.stride(0),
             lb.stride(0), BT=DY_BT, RP=plan.rp, NEED_DB=need_b, NEED_DBIAS=need_bias,
             ATOMIC=atomic, PREC=plan.prec)
@@ -232,12 +239,12 @@ def _stencil_backward(plan, z2, perm, bounds, cw, conv_bias, du, n_tok, height, 
     g = _empty((n_tok, plan.taps ** 2, rank), f32, dev)
     args = (z2, perm, bounds, plan.ntaps)
     ty, oy, tx, ox = plan.tables
-    _grad[(programs,)](
+    _pick(_grad)[(programs,)](
         *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, g, d_cb, height, width, rank,
         n_exp, plan.rows_y, plan.rows_x, z2.stride(0), ATOMIC=atomic, **common)
     # atomics add the stencil's dL/dz onto du itself; otherwise per-token neighbour slots
     dz_buf = du if atomic else _empty((n_tok, nb, nb, rank), f32, dev)
-    _scatter[(programs,)](
+    _pick(_scatter)[(programs,)](
         *args, ty, tx, cw, g, d_cw, dz_buf, height, width, rank, n_exp, plan.rows_y,
         plan.rows_x, z2.stride(0), ATOMIC=atomic, **common)
     if atomic:

@@ -61,8 +61,8 @@ def _pick(pair):
 _fwd = _autotuned(stencil.stencil_fwd_kernel, [({}, 8), ({}, 4)],
                   key=["RZ", "NBP", "TAPS", "BT"])
 _up = _autotuned(dense.up_project_kernel,
-                 [({"BM": 64, "BN": 128}, 4), ({"BM": 64, "BN": 64}, 4),
-                  ({"BM": 128, "BN": 128}, 8)],
+                 [({"BM": 64, "BN": 64}, 4), ({"BM": 64, "BN": 128}, 8),
+                  ({"BM": 32, "BN": 128}, 4)],
                  key=["RP", "C_out"], restore_value=["y_ptr"])
 _dy_pass = _autotuned(dense.dy_pass_kernel,
                       [({"BN": 64}, 8), ({"BN": 128}, 8), ({"BN": 64}, 4)],

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from convlora_kernels import ConvLoRALinear, conv_lora_linear, conv_lora_linear_ref
-from convlora_kernels.triton_kernels import launch, op, tables
 
-from helpers import assert_close, check_accuracy_rule, make_case, resample_matrix
+pytest.importorskip("triton")
+from convlora_kernels.triton_kernels import launch, op, tables  # noqa: E402
+
+from helpers import assert_close, check_accuracy_rule, make_case, resample_matrix  # noqa: E402
 
 pytestmark = pytest.mark.triton
 

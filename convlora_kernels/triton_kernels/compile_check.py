@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from . import dense, launch, stencil
+from . import dense, launch
 
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 

@@ -204,7 +204,10 @@ def test_weight_gradient():
         close(a, b, n)
 
 
-def test_unused_experts_get_zero_gradients():
+@pytest.mark.parametrize("det", [False, True], ids=["atomics", "deterministic"])
+def test_unused_experts_get_zero_gradients(det, request):
+    if det:
+        request.getfixturevalue("deterministic")
     c = case(batch=1, height=4, width=4, scales=(1, 2, 3), seed=23).to(torch.float32, True)
     c.expert_index = torch.full_like(c.expert_index, 1)
     y = triton_op(*c.args(), **c.kwargs())

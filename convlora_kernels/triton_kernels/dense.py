@@ -1,0 +1,136 @@
+"""Triton kernels outside the stencil: the up-projection onto y, one pass over dy for
+dL/du and dL/dlora_B (and dL/dbias), the deterministic gather of dL/dz, and the
+fixed-order per-expert reduction of per-tile weight-gradient partials."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def up_project_kernel(
+        u_ptr,        # (N, r) float32 u = z + E(z)
+        lb_ptr,       # (C_out, r) lora_B, row stride stride_bn
+        y_ptr,        # (N, C_out) base output x W0ᵀ + b0, updated in place
+        N, C_out, r, scaling, stride_bn, stride_yn,
+        BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr):
+    """y += scaling · u Bᵀ on a [BM, BN] tile: one read-modify-write of y. u is rounded to
+    lora_B's dtype for the dot, as the reference rounds it to x's dtype."""
+    row0 = tl.program_id(0).to(tl.int64) * BM  # int64 tile origin, int32 offsets inside
+    col0 = tl.program_id(1).to(tl.int64) * BN
+    rl = tl.arange(0, BM)
+    cl = tl.arange(0, BN)
+    ci = tl.arange(0, RP)
+    rmask = row0 + rl < N
+    cmask = col0 + cl < C_out
+    u = tl.load(u_ptr + row0 * r + rl[:, None] * r + ci[None, :],
+                mask=rmask[:, None] & (ci[None, :] < r), other=0.0)
+    bt = tl.load(lb_ptr + col0 * stride_bn + cl[None, :] * stride_bn + ci[:, None],
+                 mask=cmask[None, :] & (ci[:, None] < r), other=0.0)
+    acc = tl.dot(u.to(lb_ptr.dtype.element_ty), bt, input_precision=PREC)
+    ym = rmask[:, None] & cmask[None, :]
+    yp = y_ptr + (row0 * stride_yn + col0) + rl[:, None] * stride_yn + cl[None, :]
+    yv = tl.load(yp, mask=ym, other=0.0).to(tl.float32)
+    tl.store(yp, (yv + scaling * acc).to(y_ptr.dtype.element_ty), mask=ym)
+
+
+@triton.jit
+def dy_pass_kernel(
+        dy_ptr,       # (N, C_out) dL/dy, row stride stride_dyn
+        lb_ptr,       # (C_out, r) lora_B, row stride stride_bn
+        u_ptr,        # (N, r) float32 u from the forward
+        du_ptr,       # (N, r) float32 output: dL/du = scaling · dy B
+        dlb_ptr,      # float32: (C_out, r) with ATOMIC, else (programs, C_out, r) partials
+        dbias_ptr,    # float32: (C_out,) with ATOMIC, else (programs, C_out) partials
+        N, C_out, r, scaling, stride_dyn, stride_bn,
+        BT: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, NEED_DB: tl.constexpr,
+        NEED_DBIAS: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr):
+    """Reads dy once: dL/du = scaling · dy B, dL/dB = scaling · dyᵀ u, dL/dbias = Σ_t dy_t."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BT + tl.arange(0, BT)
+    rmask = rows < N
+    ci = tl.arange(0, RP)
+    u = tl.load(u_ptr + rows[:, None] * r + ci[None, :],
+                mask=rmask[:, None] & (ci[None, :] < r), other=0.0)
+    uq = u.to(dy_ptr.dtype.element_ty)  # rounded to dy's dtype, as the reference rounds u
+    du = tl.zeros([BT, RP], tl.float32)
+    for n0 in range(0, C_out, BN):
+        cols = n0 + tl.arange(0, BN)
+        cmask = cols < C_out
+        dyc = tl.load(dy_ptr + rows[:, None] * stride_dyn + cols[None, :],
+                      mask=rmask[:, None] & cmask[None, :], other=0.0)
+        bch = tl.load(lb_ptr + cols[:, None] * stride_bn + ci[None, :],
+                      mask=cmask[:, None] & (ci[None, :] < r), other=0.0)
+        du += tl.dot(dyc, bch, input_precision=PREC)
+        if NEED_DB:
+            part = scaling * tl.dot(tl.trans(dyc), uq, input_precision=PREC)
+            pm = cmask[:, None] & (ci[None, :] < r)
+            if ATOMIC:
+                tl.atomic_add(dlb_ptr + cols[:, None] * r + ci[None, :], part, mask=pm)
+            else:
+                tl.store(dlb_ptr + (pid * C_out + cols[:, None]) * r + ci[None, :], part,
+                         mask=pm)
+        if NEED_DBIAS:
+            sb = tl.sum(dyc.to(tl.float32), axis=0)
+            if ATOMIC:
+                tl.atomic_add(dbias_ptr + cols, sb, mask=cmask)
+            else:
+                tl.store(dbias_ptr + pid * C_out + cols, sb, mask=cmask)
+    tl.store(du_ptr + rows[:, None] * r + ci[None, :], scaling * du,
+             mask=rmask[:, None] & (ci[None, :] < r))
+
+
+@triton.jit
+def gather_dz_kernel(
+        du_ptr,       # (N, r) float32 dL/du (the residual's share of dL/dz)
+        nb_ptr,       # (N, NB, NB, r) float32: token t's dL/dz at (h_t + a - HALO, w_t + b - HALO)
+        dz_ptr,       # (N, r) output dL/dz in dz_ptr's dtype
+        N, H, W, r,
+        BT: tl.constexpr, RP: tl.constexpr, HALO: tl.constexpr):
+    """dL/dz_j = dL/du_j + sum over the tokens t around j of t's share, in a fixed order."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BT + tl.arange(0, BT)
+    rmask = rows < N
+    ci = tl.arange(0, RP)
+    cm = ci[None, :] < r
+    acc = tl.load(du_ptr + rows[:, None] * r + ci[None, :], mask=rmask[:, None] & cm,
+                  other=0.0)
+    hw = rows % (H * W)
+    h = hw // W
+    w = hw % W
+    nb = 2 * HALO + 1
+    for a in tl.static_range(2 * HALO + 1):
+        for b in tl.static_range(2 * HALO + 1):
+            # the source token sits at (h - (a - HALO), w - (b - HALO))
+            hs = h - (a - HALO)
+            ws = w - (b - HALO)
+            ok = rmask & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
+            src = rows - (a - HALO) * W - (b - HALO)
+            acc += tl.load(nb_ptr + ((src[:, None] * nb + a) * nb + b) * r + ci[None, :],
+                           mask=ok[:, None] & cm, other=0.0)
+    tl.store(dz_ptr + rows[:, None] * r + ci[None, :], acc.to(dz_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cm)
+
+
+@triton.jit
+def expert_sum_kernel(
+        part_ptr,     # (programs, L) float32 per-tile partial sums of the stencil kernels
+        bounds_ptr,   # (n_exp + 1,) int32, as for the stencil kernels
+        out_ptr,      # (n_exp, L) float32 output
+        n_exp, L,
+        BT: tl.constexpr, NEXP_P: tl.constexpr, BLOCK: tl.constexpr):
+    """out[e] = sum of the partials of expert e's tiles, in tile order (deterministic);
+    zero for an expert without tokens."""
+    e = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ev = tl.arange(0, NEXP_P)
+    lo = tl.load(bounds_ptr + ev, mask=ev < n_exp, other=0).to(tl.int64)
+    hi = tl.load(bounds_ptr + ev + 1, mask=ev < n_exp, other=0).to(tl.int64)
+    tiles = (hi - lo + BT - 1) // BT
+    ends = tl.cumsum(tiles, 0)
+    sel = ev == e
+    last = tl.sum(tl.where(sel, ends, 0), 0)
+    first = last - tl.sum(tl.where(sel, tiles, 0), 0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for t in range(first, last):
+        acc += tl.load(part_ptr + t * L + cols, mask=cols < L, other=0.0)
+    tl.store(out_ptr + e * L + cols, acc, mask=cols < L)

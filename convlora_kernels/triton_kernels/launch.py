@@ -1,0 +1,270 @@
+"""Host side of the Triton backend: buffers, tile sizes, autotuning and the launch order.
+
+Forward (memory passes at the SAM target, DESIGN.md §4):
+    y = x W0ᵀ + b0            torch (cuBLAS): reads x, writes y
+    z = x Aᵀ                  torch (cuBLAS), skipped when z is given: reads x
+    sort tokens by expert     torch.sort on N integers
+    stencil_fwd_kernel        u = z + E(z) from z neighbourhoods (N×r fp32, kept for backward)
+    up_project_kernel         y += scaling·u Bᵀ: one read-modify-write of y
+Backward:
+    dy_pass_kernel            reads dy once: dL/du, dL/dlora_B (and dL/dbias)
+    stencil_grad_kernel       recomputes c_k, writes g_k = dL/dc_k, dL/dconv_bias
+    stencil_scatter_kernel    recomputes the upsampled taps: dL/dconv_weight, dL/dz
+    gather_dz_kernel          (deterministic mode) sums dL/dz over neighbours in order
+    torch                     dL/dx = dy W0 (+ dz A), dL/dlora_A = dzᵀ x
+Without deterministic algorithms the weight gradients and dL/dz are accumulated with
+float atomics; with them, each tile writes its own partial sums, reduced in a fixed order.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from . import dense, stencil
+from .tables import BORDER, next_pow2, stencil_tables
+
+INTERPRETED = type(stencil.stencil_fwd_kernel).__name__ == "InterpretedFunction"
+# Outputs that the kernels must write completely are allocated through _empty; tests set
+# POISON to fill them with NaN first, so a slot a kernel forgot shows up in the results.
+POISON = False
+
+
+def _empty(shape, dtype, device):
+    if POISON and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _configs(options):
+    return [triton.Config(meta, num_warps=w) for meta, w in options]
+
+
+def _autotuned(kernel, options, **kw):
+    """(tuned, untuned): the kernel autotuned over ``options``, and the same kernel with
+    only the first candidate (no timing runs: the interpreter, or
+    CONVLORA_TRITON_AUTOTUNE=0 to skip the compile-and-time cost of the first call)."""
+    first = triton.autotune(_configs(options[:1]), **kw)(kernel)
+    return (first if INTERPRETED else triton.autotune(_configs(options), **kw)(kernel)), first
+
+
+def _pick(pair):
+    return pair[1] if os.environ.get("CONVLORA_TRITON_AUTOTUNE", "1") == "0" else pair[0]
+
+
+# Keys: the padded rank, the neighbourhood and the taps set the register footprint and
+# the work per token; C_out sets the length of the y and dy loops. Each list starts with
+# the candidate that compiles without register spills at the SAM shapes (sm_90).
+_fwd = _autotuned(stencil.stencil_fwd_kernel, [({}, 8), ({}, 4)],
+                  key=["RZ", "NBP", "TAPS", "BT"])
+_up = _autotuned(dense.up_project_kernel,
+                 [({"BM": 64, "BN": 64}, 4), ({"BM": 64, "BN": 128}, 8),
+                  ({"BM": 32, "BN": 128}, 4)],
+                 key=["RP", "C_out"], restore_value=["y_ptr"])
+_dy_pass = _autotuned(dense.dy_pass_kernel,
+                      [({"BN": 64}, 8), ({"BN": 128}, 8), ({"BN": 64}, 4)],
+                      key=["RP", "C_out", "NEED_DB", "NEED_DBIAS", "ATOMIC"],
+                      reset_to_zero=["dlb_ptr", "dbias_ptr"])
+_grad = _autotuned(stencil.stencil_grad_kernel, [({}, 8), ({}, 4)],
+                   key=["RZ", "NBP", "TAPS", "BT", "ATOMIC"], reset_to_zero=["db_ptr"])
+_scatter = _autotuned(stencil.stencil_scatter_kernel, [({}, 8), ({}, 4)],
+                      key=["RZ", "NBP", "TAPS", "BT", "ATOMIC"], reset_to_zero=["dw_ptr"],
+                      restore_value=["dz_ptr"])
+
+DY_BT = 64      # tokens per program of the dy pass (the M of its dots)
+GATHER_BT = 64  # tokens per program of the dL/dz gather
+
+
+class Plan:
+    """Tile sizes, padding, precision and stencil tables of one call."""
+
+    def __init__(self, height, width, rank, num_experts, scales, mode, dtype, device):
+        ty, oy, tx, ox, ntaps, meta = stencil_tables(height, width, tuple(scales), mode,
+                                                     device)
+        self.tables = (ty, oy, tx, ox)
+        self.ntaps = ntaps
+        self.halo, self.nbp, self.taps = meta["halo"], meta["nb_pad"], meta["taps_max"]
+        self.rows_y, self.rows_x = meta["rows_y"], meta["rows_x"]
+        self.rank, self.num_experts = rank, num_experts
+        self.rp = max(16, next_pow2(rank))  # tl.dot needs 16 on every side
+        self.rz = max(4, next_pow2(rank))   # the conv's input side: 4 taps·RZ >= 16
+        # The z neighbourhood, BT·NBP²·RZ floats, lives in registers: keep it near 4K.
+        self.bt = min(64, max(16, _pow2_floor(4096 // (self.nbp ** 2 * self.rz))))
+        self.prec = "ieee" if dtype == torch.float32 else "tf32"
+        self.nexp_p = max(2, next_pow2(num_experts))
+
+    def programs(self, n_tokens: int) -> int:
+        """Enough programs for every expert's tiles: sum_e ceil(count_e / BT) <= this."""
+        return triton.cdiv(n_tokens, self.bt) + self.num_experts
+
+    def common(self):
+        return dict(BT=self.bt, RZ=self.rz, RP=self.rp, NBP=self.nbp, HALO=self.halo,
+                    TAPS=self.taps, NEXP_P=self.nexp_p, BORDER=BORDER, PREC=self.prec)
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(1, v).bit_length() - 1)
+
+
+def sort_tokens(expert_index: torch.Tensor, num_experts: int):
+    """(perm (N,) int64: token ids stably sorted by expert, bounds (n+1,) int32)."""
+    idx = expert_index.reshape(-1).to(torch.int32)
+    keys, perm = torch.sort(idx, stable=True)
+    edges = torch.arange(num_experts + 1, dtype=torch.int32, device=idx.device)
+    return perm, torch.searchsorted(keys, edges).to(torch.int32)
+
+
+def forward(x4, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index, z,
+            scaling, scales, mode):
+    """(y (B, H, W, C_out), z (N, r), u (N, r) fp32, perm, bounds); z is x Aᵀ or the given z."""
+    batch, height, width, c_in = x4.shape
+    n_tok = batch * height * width
+    rank, n_exp, c_out = lora_A.shape[0], conv_weight.shape[0], weight.shape[0]
+    x2 = x4.reshape(n_tok, c_in)
+    y = F.linear(x2, weight, bias)
+    z2 = F.linear(x2, lora_A) if z is None else z.reshape(n_tok, rank)
+    if z2.stride(-1) != 1:
+        z2 = z2.contiguous()
+    perm, bounds = sort_tokens(expert_index, n_exp)
+    u = _empty((n_tok, rank), torch.float32, x4.device)
+    if n_tok > 0:
+        plan = Plan(height, width, rank, n_exp, scales, mode, x4.dtype, x4.device)
+        _pick(_fwd)[(plan.programs(n_tok),)](
+            z2, perm, bounds, plan.ntaps, *plan.tables, conv_weight.contiguous(),
+            conv_bias.contiguous(), u, height, width, rank, n_exp, plan.rows_y, plan.rows_x,
+            z2.stride(0), **plan.common())
+        lb = lora_B.contiguous()
+        def grid(meta):
+            return triton.cdiv(n_tok, meta["BM"]), triton.cdiv(c_out, meta["BN"])
+
+        _pick(_up)[grid](
+            u, lb, y, n_tok, c_out, rank, float(scaling), lb.stride(0), y.stride(0),
+            RP=plan.rp, PREC=plan.prec)
+    return y.reshape(batch, height, width, c_out), z2, u, perm, bounds
+
+
+def backward(dy, x4, weight, lora_A, lora_B, conv_weight, conv_bias, z2, u, perm, bounds,
+             has_z, scaling, scales, mode, needs):
+    """Gradients (dx, dweight, dbias, dlora_A, dlora_B, dconv_weight, dconv_bias, dz);
+    needs says which of them to compute (the others are None). With has_z, z was given:
+    dz is its gradient and neither dx nor dlora_A gets the share that flows through z."""
+    need_x, need_w, need_bias, need_a, need_b, need_cw, need_cb, need_z = needs
+    batch, height, width, c_in = x4.shape
+    n_tok = batch * height * width
+    rank, n_exp, c_out = lora_A.shape[0], conv_weight.shape[0], weight.shape[0]
+    dtype, dev = x4.dtype, x4.device
+    x2 = x4.reshape(n_tok, c_in)
+    z2 = z2.reshape(n_tok, rank)
+    if z2.stride(-1) != 1:
+        z2 = z2.contiguous()
+    dy2 = dy.reshape(n_tok, c_out)
+    if dy2.stride(-1) != 1:
+        dy2 = dy2.contiguous()
+    need_dz = need_z if has_z else (need_a or need_x)
+    atomic = not torch.are_deterministic_algorithms_enabled()
+    f32 = torch.float32
+    plan = Plan(height, width, rank, n_exp, scales, mode, dtype, dev)
+    lb = lora_B.contiguous()
+    cw = conv_weight.contiguous()
+
+    # dL/du = scaling · dy B;  dL/dB = scaling · dyᵀ u;  dL/dbias = Σ_t dy_t
+    dy_programs = triton.cdiv(n_tok, DY_BT)
+    du = _empty((n_tok, rank), f32, dev)
+    unused = torch.zeros(1, dtype=f32, device=dev)
+    d_lb = _acc((c_out, rank), dy_programs, atomic, dev) if need_b else unused
+    d_bias = _acc((c_out,), dy_programs, atomic, dev) if need_bias else unused
+    if n_tok > 0:
+        _pick(_dy_pass)[(dy_programs,)](
+            dy2, lb, u, du, d_lb, d_bias, n_tok, c_out, rank, float(scaling), dy2.stride(0),
+            lb.stride(0), BT=DY_BT, RP=plan.rp, NEED_DB=need_b, NEED_DBIAS=need_bias,
+            ATOMIC=atomic, PREC=plan.prec)
+    d_lb = _reduce_rows(d_lb, atomic, need_b, (c_out, rank), dtype)
+    d_bias = _reduce_rows(d_bias, atomic, need_bias, (c_out,), dtype)
+
+    d_cw = d_cb = dz = None
+    if need_dz or need_cw or need_cb:
+        d_cw, d_cb, dz = _stencil_backward(plan, z2, perm, bounds, cw, conv_bias, du, n_tok,
+                                           height, width, atomic, dtype)
+    dx = d_w = d_a = None
+    if need_x:
+        dx = dy2 @ weight
+        if not has_z:
+            dx.addmm_(dz, lora_A)  # dL/dx through z = x Aᵀ
+        dx = dx.reshape(x4.shape)
+    if need_w:
+        d_w = dy2.t() @ x2
+    if need_a and not has_z:
+        d_a = dz.t() @ x2
+    d_z = dz.reshape(batch, height, width, rank) if (has_z and need_z) else None
+    return (dx, d_w, d_bias, d_a, d_lb, d_cw if need_cw else None,
+            d_cb if need_cb else None, d_z)
+
+
+def _acc(shape, programs, atomic, dev):
+    """A float32 accumulator: zeros for atomics, else one uninitialised slot per program."""
+    if atomic:
+        return torch.zeros(shape, dtype=torch.float32, device=dev)
+    return _empty((programs,) + tuple(shape), torch.float32, dev)
+
+
+def _reduce_rows(buf, atomic, needed, shape, dtype):
+    if not needed:
+        return None
+    if atomic:
+        return buf.to(dtype)
+    if buf.shape[0] == 0:
+        return torch.zeros(shape, dtype=dtype, device=buf.device)
+    return buf.sum(0).to(dtype)  # torch's reduction is deterministic
+
+
+def _stencil_backward(plan, z2, perm, bounds, cw, conv_bias, du, n_tok, height, width,
+                      atomic, dtype):
+    """(dL/dconv_weight, dL/dconv_bias, dL/dz in dtype); du becomes scratch."""
+    dev, rank, n_exp = du.device, plan.rank, plan.num_experts
+    f32 = torch.float32
+    programs = plan.programs(n_tok)
+    common = plan.common()
+    nb = 2 * plan.halo + 1
+    shapes = ((n_exp, rank), (n_exp, rank * rank * 9))
+    if n_tok == 0 or atomic:
+        d_cb, d_cw = (torch.zeros(s, dtype=f32, device=dev) for s in shapes)
+    else:  # one slot per program, reduced per expert in tile order
+        d_cb, d_cw = (_empty((programs, s[1]), f32, dev) for s in shapes)
+    if n_tok == 0:
+        dz = torch.zeros((0, rank), dtype=dtype, device=dev)
+        return d_cw.reshape(n_exp, rank, rank, 3, 3).to(dtype), d_cb.to(dtype), dz
+    g = _empty((n_tok, plan.taps ** 2, rank), f32, dev)
+    args = (z2, perm, bounds, plan.ntaps)
+    ty, oy, tx, ox = plan.tables
+    _pick(_grad)[(programs,)](
+        *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, g, d_cb, height, width, rank,
+        n_exp, plan.rows_y, plan.rows_x, z2.stride(0), ATOMIC=atomic, **common)
+    # atomics add the stencil's dL/dz onto du itself; otherwise per-token neighbour slots
+    dz_buf = du if atomic else _empty((n_tok, nb, nb, rank), f32, dev)
+    _pick(_scatter)[(programs,)](
+        *args, ty, tx, cw, g, d_cw, dz_buf, height, width, rank, n_exp, plan.rows_y,
+        plan.rows_x, z2.stride(0), ATOMIC=atomic, **common)
+    if atomic:
+        dz = du.to(dtype)
+    else:
+        d_cb = _expert_sum(d_cb, bounds, plan)
+        d_cw = _expert_sum(d_cw, bounds, plan)
+        dz = _empty((n_tok, rank), dtype, dev)
+        dense.gather_dz_kernel[(triton.cdiv(n_tok, GATHER_BT),)](
+            du, dz_buf, dz, n_tok, height, width, rank, BT=GATHER_BT, RP=plan.rp,
+            HALO=plan.halo, num_warps=4)
+    return d_cw.reshape(n_exp, rank, rank, 3, 3).to(dtype), d_cb.to(dtype), dz
+
+
+def _expert_sum(part, bounds, plan):
+    """(programs, L) per-tile partials -> (n_exp, L), summed in tile order."""
+    length = part.shape[1]
+    out = _empty((plan.num_experts, length), torch.float32, part.device)
+    block = 256
+    dense.expert_sum_kernel[(plan.num_experts, triton.cdiv(length, block))](
+        part, bounds, out, plan.num_experts, length, BT=plan.bt, NEXP_P=plan.nexp_p,
+        BLOCK=block, num_warps=4)
+    return out

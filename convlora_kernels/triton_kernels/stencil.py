@@ -1,0 +1,278 @@
+"""Triton kernels for the Conv-LoRA stencil: the forward u = z + E(z) and the two backward
+passes that recompute it.
+
+Notation (DESIGN.md §1): z = x Aᵀ (N×r), token t = (b, h, w) with expert e and scale s,
+    c_k = conv_bias_e + sum_{dy,dx} W_e[:, :, dy, dx] · U_k(dy, dx)     conv output k
+    u_t = z_t + sum_k omega_k · GELU(c_k)                               k = (ky, kx)
+    U_k(dy, dx) = sum_{a,b} Ty[h, ky, dy, a] · Tx[w, kx, dx, b] · z[h+a-HALO, w+b-HALO]
+with the tables T, omega of tables.py (Up_s, the conv's zero padding and Down_s).
+
+Tiles: tokens are sorted by expert (stable), and each program takes up to BT tokens of
+one expert, so the scale, the number of conv outputs and W_e are the same across the
+tile, and each row dy of the 3x3 conv is one tl.dot of [BT, 3·r] (the three taps dx side
+by side) with [3·r, r]. The z neighbourhood of each token, [BT, NBP, NBP, RZ] with
+NBP >= 2·HALO + 1, is loaded once per tile. Channels are zero-padded: to RZ >= 4 on the
+conv's input side (so 4·RZ >= 16, as tl.dot needs) and to RP >= 16 on its output side.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def expert_tile(bounds_ptr, n_exp, BT: tl.constexpr, NEXP_P: tl.constexpr):
+    """This program's expert e and its sorted-token range [start, stop).
+
+    bounds_ptr: (n_exp + 1,) int32, where each expert's tokens start in the sorted order.
+    Expert e owns ceil(count_e / BT) consecutive programs; programs past the last
+    tile get e = n_exp and an empty range.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    ev = tl.arange(0, NEXP_P)
+    lo = tl.load(bounds_ptr + ev, mask=ev < n_exp, other=0).to(tl.int64)
+    hi = tl.load(bounds_ptr + ev + 1, mask=ev < n_exp, other=0).to(tl.int64)
+    tiles = (hi - lo + BT - 1) // BT
+    ends = tl.cumsum(tiles, 0)
+    e = tl.sum((ends <= pid).to(tl.int32), 0)  # < 17
+    sel = ev == e
+    first = tl.sum(tl.where(sel, ends - tiles, 0), 0)
+    start = tl.sum(tl.where(sel, lo, 0), 0) + (pid - first) * BT
+    stop = tl.sum(tl.where(sel, hi, 0), 0)
+    return e, start, stop
+
+
+@triton.jit
+def table_row(h, n, rows, BORDER: tl.constexpr):
+    """tables.row_of: the table row of index h on an axis of length n."""
+    return tl.where(h < BORDER, h, tl.where(h >= n - BORDER, h - (n - rows), BORDER))
+
+
+@triton.jit
+def load_tile(z_ptr, perm_ptr, start, stop, H, W, r, rows_y, rows_x, stride_zn,
+              BT: tl.constexpr, RZ: tl.constexpr, NBP: tl.constexpr, HALO: tl.constexpr,
+              BORDER: tl.constexpr):
+    """Token ids, validity, table rows and the z neighbourhood [BT, NBP, NBP, RZ] (fp32)."""
+    offs = start + tl.arange(0, BT)
+    tmask = offs < stop
+    tok = tl.load(perm_ptr + offs, mask=tmask, other=0).to(tl.int64)
+    hw = tok % (H * W)
+    bi = tok // (H * W)
+    h = hw // W
+    w = hw % W
+    # table rows are < 2·BORDER + 1: int32 keeps the table addressing cheap
+    hr = table_row(h, H, rows_y, BORDER).to(tl.int32)
+    wr = table_row(w, W, rows_x, BORDER).to(tl.int32)
+    a = tl.arange(0, NBP)[None, :, None, None]
+    b = tl.arange(0, NBP)[None, None, :, None]
+    ch = tl.arange(0, RZ)[None, None, None, :]
+    hh = h[:, None, None, None] + a - HALO
+    ww = w[:, None, None, None] + b - HALO
+    m = (tmask[:, None, None, None] & (a <= 2 * HALO) & (b <= 2 * HALO) & (ch < r)
+         & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W))
+    znb = tl.load(z_ptr + ((bi[:, None, None, None] * H + hh) * W + ww) * stride_zn + ch,
+                  mask=m, other=0.0).to(tl.float32)
+    return tok, tmask, hr, wr, znb
+
+
+@triton.jit
+def upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, dy, rows_y, rows_x,
+                   BT: tl.constexpr, RZ: tl.constexpr, NBP: tl.constexpr,
+                   TAPS: tl.constexpr):
+    """The conv's inputs in row dy for conv output k = (ky, kx):
+    U[t, dx·RZ + i] = sum_{a,b} Ty[h, ky, dy, a] · Tx[w, kx, dx, b] · znb[t, a, b, i]
+    for dx = 0, 1, 2, and zero for dx = 3 (padding), so the conv row is one tl.dot.
+    Returns (U [BT, 4·RZ], wy [BT, NBP], wx [BT, 4, NBP])."""
+    nbv = tl.arange(0, NBP)
+    dxv = tl.arange(0, 4)[None, :, None]
+    wy = tl.load(ty_ptr + (((e * rows_y + hr[:, None]) * TAPS + ky) * 3 + dy) * NBP
+                 + nbv[None, :])
+    wx = tl.load(tx_ptr + (((e * rows_x + wr[:, None, None]) * TAPS + kx) * 3 + dxv) * NBP
+                 + nbv[None, None, :], mask=dxv < 3, other=0.0)
+    v = tl.sum(wy[:, :, None, None] * znb, axis=1)  # rows combined: [BT, NBP(b), RZ]
+    up = tl.sum(wx[:, :, :, None] * v[:, None, :, :], axis=2)  # [BT, 4(dx), RZ]
+    return tl.reshape(up, [BT, 4 * RZ]), wy, wx
+
+
+@triton.jit
+def conv_row_offsets(r, RZ: tl.constexpr, RP: tl.constexpr):
+    """Offsets (add dy·3) and mask of W_e[o, i, dy, dx] laid out as [4·RZ (dx, i), RP (o)]."""
+    rho = tl.arange(0, 4 * RZ)[:, None]
+    dx = rho // RZ
+    i = rho % RZ
+    o = tl.arange(0, RP)[None, :]
+    return o * (r * 9) + i * 9 + dx, (dx < 3) & (i < r) & (o < r)
+
+
+@triton.jit
+def conv_output(znb, cw_ptr, cb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, r, rows_y, rows_x,
+                BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
+                TAPS: tl.constexpr, PREC: tl.constexpr):
+    """c_k = conv_bias_e + sum_{dy,dx} W_e[:, :, dy, dx] U_k(dy, dx): [BT, RP]."""
+    offs, wmask = conv_row_offsets(r, RZ, RP)
+    c = tl.zeros([BT, RP], tl.float32) + cb[None, :]
+    for dy in range(3):
+        up, wy, wx = upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, dy, rows_y,
+                                    rows_x, BT, RZ, NBP, TAPS)
+        w = tl.load(cw_ptr + e * (r * r * 9) + offs + dy * 3, mask=wmask,
+                    other=0.0).to(tl.float32)
+        c += tl.dot(up, w, input_precision=PREC)
+    return c
+
+
+@triton.jit
+def gelu(c):
+    """Exact GELU: c · Φ(c) = 0.5 c (1 + erf(c / √2))."""
+    return 0.5 * c * (1.0 + tl.math.erf(c * 0.7071067811865476))
+
+
+@triton.jit
+def gelu_grad(c):
+    """d GELU / dc = Φ(c) + c · φ(c), φ(c) = exp(-c²/2) / √(2π)."""
+    return 0.5 * (1.0 + tl.math.erf(c * 0.7071067811865476)) + \
+        c * 0.3989422804014327 * tl.exp(-0.5 * c * c)
+
+
+@triton.jit
+def down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS: tl.constexpr):
+    """omega_k = omega_y[h, ky] · omega_x[w, kx], [BT]."""
+    return tl.load(oy_ptr + (e * rows_y + hr) * TAPS + ky) * \
+        tl.load(ox_ptr + (e * rows_x + wr) * TAPS + kx)
+
+
+@triton.jit
+def stencil_fwd_kernel(
+        z_ptr,        # (N, r) z = x Aᵀ, row stride stride_zn
+        perm_ptr,     # (N,) int64, token ids sorted by expert
+        bounds_ptr,   # (n_exp + 1,) int32, first sorted position of each expert
+        ntaps_ptr,    # (n_exp,) int32, down taps per axis of each expert
+        ty_ptr, oy_ptr, tx_ptr, ox_ptr,  # float32 stencil tables (tables.py)
+        cw_ptr,       # (n_exp, r, r, 3, 3) conv_weight, contiguous
+        cb_ptr,       # (n_exp, r) conv_bias, contiguous
+        u_ptr,        # (N, r) float32 output: u = z + E(z)
+        H, W, r, n_exp, rows_y, rows_x, stride_zn,
+        BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
+        HALO: tl.constexpr, TAPS: tl.constexpr, NEXP_P: tl.constexpr, BORDER: tl.constexpr,
+        PREC: tl.constexpr):
+    """u_t = z_t + E_{e_t}(z)_t."""
+    e, start, stop = expert_tile(bounds_ptr, n_exp, BT, NEXP_P)
+    if e >= n_exp:
+        return
+    tok, tmask, hr, wr, znb = load_tile(z_ptr, perm_ptr, start, stop, H, W, r, rows_y,
+                                        rows_x, stride_zn, BT, RZ, NBP, HALO, BORDER)
+    ci = tl.arange(0, RP)
+    cmask = tmask[:, None] & (ci[None, :] < r)
+    u = tl.load(z_ptr + tok[:, None] * stride_zn + ci[None, :], mask=cmask,
+                other=0.0).to(tl.float32)
+    cb = tl.load(cb_ptr + e * r + ci, mask=ci < r, other=0.0).to(tl.float32)
+    nt = tl.load(ntaps_ptr + e)
+    for k in range(0, nt * nt):
+        ky = k // nt
+        kx = k % nt
+        c = conv_output(znb, cw_ptr, cb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, r, rows_y,
+                        rows_x, BT, RZ, RP, NBP, TAPS, PREC)
+        om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
+        u += om[:, None] * gelu(c)
+    tl.store(u_ptr + tok[:, None] * r + ci[None, :], u, mask=cmask)
+
+
+@triton.jit
+def stencil_grad_kernel(
+        z_ptr, perm_ptr, bounds_ptr, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr, ox_ptr, cw_ptr,
+        cb_ptr,       # as in stencil_fwd_kernel
+        du_ptr,       # (N, r) float32, dL/du
+        g_ptr,        # (N, TAPS², r) float32 output: g_k = omega_k · du ⊙ GELU'(c_k)
+        db_ptr,       # float32: (n_exp, r) with ATOMIC, else (programs, r) partial sums
+        H, W, r, n_exp, rows_y, rows_x, stride_zn,
+        BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
+        HALO: tl.constexpr, TAPS: tl.constexpr, NEXP_P: tl.constexpr, BORDER: tl.constexpr,
+        PREC: tl.constexpr, ATOMIC: tl.constexpr):
+    """Backward, part 1: recompute each conv output and form g_k = dL/dc_k;
+    dL/dconv_bias_e = sum over the expert's tokens and conv outputs of g_k."""
+    pid = tl.program_id(0).to(tl.int64)
+    e, start, stop = expert_tile(bounds_ptr, n_exp, BT, NEXP_P)
+    ci = tl.arange(0, RP)
+    if e >= n_exp:  # past the last tile; the reduction reads only the tiles' slots
+        return
+    tok, tmask, hr, wr, znb = load_tile(z_ptr, perm_ptr, start, stop, H, W, r, rows_y,
+                                        rows_x, stride_zn, BT, RZ, NBP, HALO, BORDER)
+    cmask = tmask[:, None] & (ci[None, :] < r)
+    du = tl.load(du_ptr + tok[:, None] * r + ci[None, :], mask=cmask, other=0.0)
+    cb = tl.load(cb_ptr + e * r + ci, mask=ci < r, other=0.0).to(tl.float32)
+    nt = tl.load(ntaps_ptr + e)
+    db = tl.zeros([RP], tl.float32)
+    for k in range(0, nt * nt):
+        ky = k // nt
+        kx = k % nt
+        c = conv_output(znb, cw_ptr, cb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, r, rows_y,
+                        rows_x, BT, RZ, RP, NBP, TAPS, PREC)
+        om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
+        g = om[:, None] * du * gelu_grad(c)
+        tl.store(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :], g, mask=cmask)
+        db += tl.sum(g, axis=0)
+    if ATOMIC:
+        tl.atomic_add(db_ptr + e * r + ci, db, mask=ci < r)
+    else:
+        tl.store(db_ptr + pid * r + ci, db, mask=ci < r)
+
+
+@triton.jit
+def stencil_scatter_kernel(
+        z_ptr, perm_ptr, bounds_ptr, ntaps_ptr, ty_ptr, tx_ptr, cw_ptr,  # as in forward
+        g_ptr,        # (N, TAPS², r) float32, from stencil_grad_kernel
+        dw_ptr,       # float32: (n_exp, r, r, 3, 3) with ATOMIC, else (programs, r, r, 3, 3)
+        dz_ptr,       # ATOMIC: (N, r) float32 holding dL/du, += the stencil's dL/dz;
+                      # else (N, NB, NB, r) float32: each token's dL/dz of its neighbours
+        H, W, r, n_exp, rows_y, rows_x, stride_zn,
+        BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
+        HALO: tl.constexpr, TAPS: tl.constexpr, NEXP_P: tl.constexpr, BORDER: tl.constexpr,
+        PREC: tl.constexpr, ATOMIC: tl.constexpr):
+    """Backward, part 2, per conv row dy, with U = U_k(dy, dx) recomputed:
+        dL/dW_e[:, :, dy, dx] = sum_{t, k} g_k ⊗ U          (fp32, per tile)
+        dL/dU = g_k W_e[:, :, dy, dx]
+        dL/dz[h+a-HALO, w+b-HALO] += Ty[.., a] Tx[.., b] dL/dU   (the transpose of the gather)
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    e, start, stop = expert_tile(bounds_ptr, n_exp, BT, NEXP_P)
+    if e >= n_exp:
+        return
+    tok, tmask, hr, wr, znb = load_tile(z_ptr, perm_ptr, start, stop, H, W, r, rows_y,
+                                        rows_x, stride_zn, BT, RZ, NBP, HALO, BORDER)
+    ci = tl.arange(0, RP)
+    cmask = tmask[:, None] & (ci[None, :] < r)
+    nt = tl.load(ntaps_ptr + e)
+    dznb = tl.zeros([BT, NBP, NBP, RZ], tl.float32)
+    offs, wmask = conv_row_offsets(r, RZ, RP)
+    for dy in range(3):
+        w = tl.load(cw_ptr + e * (r * r * 9) + offs + dy * 3, mask=wmask,
+                    other=0.0).to(tl.float32)
+        dw = tl.zeros([4 * RZ, RP], tl.float32)
+        for k in range(0, nt * nt):
+            g = tl.load(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :],
+                        mask=cmask, other=0.0)
+            up, wy, wx = upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, k // nt, k % nt, dy,
+                                        rows_y, rows_x, BT, RZ, NBP, TAPS)
+            dw += tl.dot(tl.trans(up), g, input_precision=PREC)  # [4·RZ (dx, i), RP (o)]
+            dup = tl.reshape(tl.dot(g, tl.trans(w), input_precision=PREC), [BT, 4, RZ])
+            dv = tl.sum(wx[:, :, :, None] * dup[:, :, None, :], axis=1)  # [BT, NBP(b), RZ]
+            dznb += wy[:, :, None, None] * dv[:, None, :, :]
+        if ATOMIC:
+            tl.atomic_add(dw_ptr + e * (r * r * 9) + offs + dy * 3, dw, mask=wmask)
+        else:
+            tl.store(dw_ptr + pid * (r * r * 9) + offs + dy * 3, dw, mask=wmask)
+
+    a = tl.arange(0, NBP)[None, :, None, None]
+    b = tl.arange(0, NBP)[None, None, :, None]
+    ch = tl.arange(0, RZ)[None, None, None, :]
+    m = tmask[:, None, None, None] & (a <= 2 * HALO) & (b <= 2 * HALO) & (ch < r)
+    if ATOMIC:
+        hw = tok % (H * W)
+        bi = tok // (H * W)
+        hh = (hw // W)[:, None, None, None] + a - HALO
+        ww = (hw % W)[:, None, None, None] + b - HALO
+        m = m & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        tl.atomic_add(dz_ptr + ((bi[:, None, None, None] * H + hh) * W + ww) * r + ch, dznb,
+                      mask=m)
+    else:
+        nb = 2 * HALO + 1
+        tl.store(dz_ptr + ((tok[:, None, None, None] * nb + a) * nb + b) * r + ch, dznb,
+                 mask=m)

@@ -94,9 +94,16 @@ def _warn_fallback_once(device_type: str, reasons: Tuple[str, ...]) -> None:
         f"reference (slow): " + "; ".join(reasons), RuntimeWarning, stacklevel=4)
 
 
-# torch.compile calls this once while tracing and keeps the answer as a constant, so
-# the import machinery behind it never enters a graph.
-@torch.compiler.assume_constant_result
+def _constant_under_compile(fn):
+    """What torch.compiler.assume_constant_result marks, without importing torch._dynamo
+    (and triton with it) when the package is imported: torch.compile then calls ``fn``
+    once while tracing and keeps its answer as a constant."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+# Constant under torch.compile, so the import machinery behind it never enters a graph.
+@_constant_under_compile
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that runs for ``backend`` on ``device``; raises for an unusable name."""
     if backend not in BACKENDS:

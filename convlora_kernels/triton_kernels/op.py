@@ -51,10 +51,11 @@ def conv_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: 
                      expert_index: Tensor, scaling: float, *,
                      scales: Optional[Sequence[int]] = None, interpolation: str = "bilinear",
                      hw: Optional[Tuple[int, int]] = None,
-                     z: Optional[Tensor] = None) -> Tensor:
+                     z: Optional[Tensor] = None, check_expert_index: bool = True) -> Tensor:
     """conv_lora_linear_ref computed by the Triton kernels (same arguments and result)."""
     p = check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
-                     scaling, scales, interpolation, hw, z=z)
+                     scaling, scales, interpolation, hw, z=z,
+                     check_index_values=check_expert_index)
     if x.dtype not in DTYPES:
         raise TypeError(f"x: the triton backend takes float16, bfloat16 or float32 tensors, "
                         f"got {x.dtype}; use backend='reference' for {x.dtype}")

@@ -42,6 +42,11 @@ TORCH_LIBRARY(convlora, m) {
       "stencil_bwd(Tensor du, Tensor z, Tensor expert_index, Tensor conv_weight, "
       "Tensor conv_bias, int[] scales, int interpolation, int height, int width) "
       "-> (Tensor, Tensor, Tensor)");
+  // stencil_bwd computed on the CPU in the CUDA kernels' order of work (tests only).
+  m.def(
+      "stencil_bwd_gpu_schedule(Tensor du, Tensor z, Tensor expert_index, Tensor conv_weight, "
+      "Tensor conv_bias, int[] scales, int interpolation, int height, int width) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(convlora, CPU, m) {

@@ -15,6 +15,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "convlora_math.h"
@@ -102,6 +103,12 @@ StencilParams<scalar_t> make_params(const at::Tensor& z, const at::Tensor& conv_
   for (int i = 0; i < kMaxExperts; ++i)
     p.scales[i] = i < p.n ? static_cast<int>(scales[i]) : 1;
   return p;
+}
+
+// Token splits of the CUDA weight-gradient reduction: ~512 tokens each keeps the
+// partials small and every SM busy at SAM's sizes.
+inline int64_t dw_splits(int64_t tokens) {
+  return std::min<int64_t>(1024, std::max<int64_t>(1, (tokens + 511) / 512));
 }
 
 // Entries of one expert's weight-gradient vector: r·r·9 conv weights, then r biases.

@@ -53,10 +53,18 @@ at::Tensor stencil_fwd_cpu(const at::Tensor& z, const at::Tensor& expert_index,
   return u;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
+namespace {
+
+// The backward on the CPU. gpu_schedule = false: one pass per token computes its dz
+// contributions and adds its weight-gradient terms to its chunk's partial.
+// gpu_schedule = true: the CUDA kernels' schedule, step for step (stencil_cuda.cuh):
+// per-token g and contributions, then weight gradients entry by entry from g
+// (token_dw_entry) summed per split in token order, then over splits. Tests compare
+// the two, so CI executes every function the CUDA kernels call.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu_impl(
     const at::Tensor& du, const at::Tensor& z, const at::Tensor& expert_index,
     const at::Tensor& conv_weight, const at::Tensor& conv_bias, at::IntArrayRef scales,
-    int64_t interpolation, int64_t height, int64_t width) {
+    int64_t interpolation, int64_t height, int64_t width, bool gpu_schedule) {
   const auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales,
                                   interpolation, height, width, &du);
   const auto &zc = o.z, &duc = o.du, &idx = o.expert_index, &cw = o.conv_weight,
@@ -69,15 +77,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
     auto [w, b] = split_dw(dw, n, r);
     return {dz, w, b};
   }
-  const int side = stencil_side(static_cast<int>(interpolation));
+  const int mode = static_cast<int>(interpolation);
+  const int side = stencil_side(mode);
   const int64_t slots = static_cast<int64_t>(side) * side;
-  // Weight gradients: one partial per chunk of tokens, summed in chunk order, so the
+  const int64_t max_outputs = max_conv_outputs(mode);
+  const int64_t ne = dw_entries(r);
+  // Token chunks. Weight gradients: one partial per chunk, summed in chunk order, so the
   // result depends only on the thread count, never on scheduling.
   const int64_t chunks = std::max<int64_t>(
       1, std::min<int64_t>((N + 63) / 64, 4 * static_cast<int64_t>(at::get_num_threads())));
   const int64_t chunk_len = (N + chunks - 1) / chunks;
-  auto partial = at::zeros({chunks, n, dw_entries(r)}, dw.options());
+  const int64_t splits = gpu_schedule ? dw_splits(N) : chunks;
+  const int64_t split_len = (N + splits - 1) / splits;
+  auto partial = at::zeros({splits, n, ne}, dw.options());
   auto contrib = at::empty({N, slots, r}, dw.options());
+  auto g_buf = gpu_schedule ? at::empty({N, max_outputs, r}, dw.options()) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "stencil_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -86,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
     const scalar_t* dup = duc.const_data_ptr<scalar_t>();
     acc_t* ctb = contrib.mutable_data_ptr<acc_t>();
     acc_t* part = partial.mutable_data_ptr<acc_t>();
-    const int64_t ne = dw_entries(r);
+    acc_t* gb = gpu_schedule ? g_buf.mutable_data_ptr<acc_t>() : nullptr;
     dispatch_rank(r, [&]<int R>() {
       at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
         acc_t du_t[R];
@@ -104,9 +118,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
             }
             for (int c = 0; c < R; ++c)
               du_t[c] = c < r ? static_cast<acc_t>(dup[t * r + c]) : acc_t(0);
-            acc_t* pw = part + (chunk * n + e) * ne;
-            token_backward<R, true>(P, t, e, du_t, static_cast<acc_t*>(nullptr), ct, pw,
-                                    pw + r * r * 9);
+            if (gpu_schedule) {
+              token_backward<R, false>(P, t, e, du_t, gb + t * max_outputs * r, ct,
+                                       static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
+            } else {
+              acc_t* pw = part + (chunk * n + e) * ne;
+              token_backward<R, true>(P, t, e, du_t, static_cast<acc_t*>(nullptr), ct, pw,
+                                      pw + r * r * 9);
+            }
           }
         }
       });
@@ -119,17 +138,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
               static_cast<acc_t>(dup[t * r + c]) +
               gather_dz(ctb, t, static_cast<int>(c), P.H, P.W, P.r, P.mode));
     });
+    if (gpu_schedule) {  // dw_partial_kernel: each (split, expert, entry) in token order
+      at::parallel_for(0, splits, 1, [&](int64_t s0, int64_t s1) {
+        for (int64_t s = s0; s < s1; ++s) {
+          const int64_t t1 = std::min(N, (s + 1) * split_len);
+          for (int64_t e = 0; e < n; ++e)
+            for (int64_t entry = 0; entry < ne; ++entry) {
+              acc_t acc = acc_t(0);
+              for (int64_t t = s * split_len; t < t1; ++t)
+                if (ix[t] == e)
+                  acc += token_dw_entry(P, t, static_cast<int>(e), gb + t * max_outputs * r,
+                                        static_cast<int>(entry));
+              part[(s * n + e) * ne + entry] = acc;
+            }
+        }
+      });
+    }
     acc_t* dwp = dw.mutable_data_ptr<acc_t>();
-    for (int64_t chunk = 0; chunk < chunks; ++chunk)
-      for (int64_t i = 0; i < n * ne; ++i) dwp[i] += part[chunk * n * ne + i];
+    for (int64_t s = 0; s < splits; ++s)
+      for (int64_t i = 0; i < n * ne; ++i) dwp[i] += part[s * n * ne + i];
   });
   auto [w, b] = split_dw(dw, n, r);
   return {dz, w, b};
 }
 
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
+    const at::Tensor& du, const at::Tensor& z, const at::Tensor& expert_index,
+    const at::Tensor& conv_weight, const at::Tensor& conv_bias, at::IntArrayRef scales,
+    int64_t interpolation, int64_t height, int64_t width) {
+  return stencil_bwd_cpu_impl(du, z, expert_index, conv_weight, conv_bias, scales,
+                              interpolation, height, width, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_gpu_schedule_cpu(
+    const at::Tensor& du, const at::Tensor& z, const at::Tensor& expert_index,
+    const at::Tensor& conv_weight, const at::Tensor& conv_bias, at::IntArrayRef scales,
+    int64_t interpolation, int64_t height, int64_t width) {
+  return stencil_bwd_cpu_impl(du, z, expert_index, conv_weight, conv_bias, scales,
+                              interpolation, height, width, true);
+}
+
 TORCH_LIBRARY_IMPL(convlora, CPU, m) {
   m.impl("stencil_fwd", &stencil_fwd_cpu);
   m.impl("stencil_bwd", &stencil_bwd_cpu);
+  m.impl("stencil_bwd_gpu_schedule", &stencil_bwd_gpu_schedule_cpu);
 }
 
 }  // namespace convlora

@@ -69,8 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cuda(
   BwdScratch<float> s;
   s.max_outputs = max_conv_outputs(mode);
   s.slots = stencil_side(mode) * stencil_side(mode);
-  // ~512 tokens per split keeps the partials small and every SM busy at SAM's sizes.
-  s.splits = std::min<int64_t>(1024, (N + 511) / 512);
+  s.splits = dw_splits(N);
   s.split_len = (N + s.splits - 1) / s.splits;
   auto g_buf = at::empty({N, s.max_outputs, r}, acc_opts);
   auto contrib = at::empty({N, s.slots, r}, acc_opts);

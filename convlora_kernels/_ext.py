@@ -21,10 +21,10 @@ def load() -> Tuple[Optional[object], str]:
 
 
 def has_cuda_kernels() -> bool:
-    """Whether _C was compiled with its CUDA kernels (a CPU-only build registers none)."""
+    """Whether _C was compiled with its CUDA stencil kernels (a CPU-only build registers none)."""
     mod, _ = load()
     if mod is None:
         return False
     import torch
 
-    return torch._C._dispatch_has_kernel_for_dispatch_key("convlora::gelu_probe", "CUDA")
+    return torch._C._dispatch_has_kernel_for_dispatch_key("convlora::stencil_fwd", "CUDA")

@@ -10,7 +10,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "convlora_math.h"
+#include <vector>
+
+#include "stencil.h"
 
 namespace convlora {
 
@@ -32,7 +34,36 @@ at::Tensor gelu_probe_cpu(const at::Tensor& x) {
   return y;
 }
 
-TORCH_LIBRARY(convlora, m) {
+// stencil_plan: how the tiled stencil kernels cut a call with rank r and n experts, for
+// reports and the resource test: [shared-memory bytes per block, weights staged in shared
+// memory (0/1), weight-gradient accumulators in shared memory (0/1), threads per block,
+// tile height, tile width, items per round].
+std::vector<int64_t> stencil_plan(int64_t r, int64_t n, int64_t interpolation, bool backward) {
+  TORCH_CHECK(r >= 1 && r <= kMaxRank && n >= 1 && n <= kMaxExperts,
+              "stencil_plan: r must be in [1, ", kMaxRank, "] and n in [1, ", kMaxExperts,
+              "], got r = ", r, ", n = ", n);
+  std::vector<int64_t> out;
+  dispatch_rank(r, [&]<int R>() {
+    const auto go = [&]<int MODE, bool BWD>() {
+      const auto p = make_tile_plan<R, MODE, BWD, float>(1, 1, 1, static_cast<int>(r),
+                                                         static_cast<int>(n));
+      out = {p.layout.bytes, p.w_smem, p.dw_smem, tile::kThreads, tile::Geometry<R, MODE, BWD>::kTileH,
+             tile::Geometry<R, MODE, BWD>::kTileW,
+             tile::Geometry<R, MODE, BWD>::kRound};
+    };
+    if (interpolation == kBicubic) {
+      backward ? go.template operator()<kBicubic, true>()
+               : go.template operator()<kBicubic, false>();
+    } else {
+      backward ? go.template operator()<kBilinear, true>()
+               : go.template operator()<kBilinear, false>();
+    }
+  });
+  return out;
+}
+
+CONVLORA_LIBRARY(CONVLORA_NS, m) {
+  m.def("stencil_plan(int r, int n, int interpolation, bool backward) -> int[]", &stencil_plan);
   m.def("gelu_probe(Tensor x) -> Tensor");
   // See stencil.h for shapes. interpolation: 0 bilinear, 1 bicubic.
   m.def(
@@ -42,14 +73,9 @@ TORCH_LIBRARY(convlora, m) {
       "stencil_bwd(Tensor du, Tensor z, Tensor expert_index, Tensor conv_weight, "
       "Tensor conv_bias, int[] scales, int interpolation, int height, int width) "
       "-> (Tensor, Tensor, Tensor)");
-  // stencil_bwd computed on the CPU in the CUDA kernels' order of work (tests only).
-  m.def(
-      "stencil_bwd_gpu_schedule(Tensor du, Tensor z, Tensor expert_index, Tensor conv_weight, "
-      "Tensor conv_bias, int[] scales, int interpolation, int height, int width) "
-      "-> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(convlora, CPU, m) {
+CONVLORA_LIBRARY_IMPL(CONVLORA_NS, CPU, m) {
   m.impl("gelu_probe", &gelu_probe_cpu);
 }
 

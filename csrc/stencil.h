@@ -14,13 +14,30 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <tuple>
 
 #include "convlora_math.h"
+#include "stencil_tile.h"
+
+// The op library's namespace: torch.ops.convlora, or another name for a second build
+// of the CPU kernels in the same process (the checked build, tests/test_checked_build.py).
+#ifndef CONVLORA_NS
+#define CONVLORA_NS convlora
+#endif
+// Expand CONVLORA_NS before torch's macros paste it.
+#define CONVLORA_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define CONVLORA_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
 
 namespace convlora {
+
+// Floating dtype of the kernels' arithmetic and of the weight gradients: float32, or
+// float64 for float64 inputs.
+inline at::ScalarType acc_dtype_for(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 // Checks shared by the CPU and CUDA kernels; the Python layer has already given
 // users named errors, these guard direct calls of torch.ops.convlora.*.
@@ -55,9 +72,14 @@ inline void check_stencil_args(const at::Tensor& z, const at::Tensor& expert_ind
                 "], got ", s);
   TORCH_CHECK(interpolation == kBilinear || interpolation == kBicubic,
               "stencil: interpolation must be 0 (bilinear) or 1 (bicubic), got ", interpolation);
-  TORCH_CHECK(conv_weight.scalar_type() == z.scalar_type() &&
-                  conv_bias.scalar_type() == z.scalar_type(),
-              "stencil: conv_weight and conv_bias must have z's dtype ", z.scalar_type());
+  // The kernels read the conv weights in the accumulation dtype: float32 weights with a
+  // float16/bfloat16 z (autocast) are as good as weights in z's dtype.
+  TORCH_CHECK(conv_bias.scalar_type() == conv_weight.scalar_type() &&
+                  (conv_weight.scalar_type() == z.scalar_type() ||
+                   conv_weight.scalar_type() == acc_dtype_for(z.scalar_type())),
+              "stencil: conv_weight and conv_bias must both have z's dtype ", z.scalar_type(),
+              " or ", acc_dtype_for(z.scalar_type()), ", got ", conv_weight.scalar_type(),
+              " and ", conv_bias.scalar_type());
   TORCH_CHECK(expert_index.device() == z.device() && conv_weight.device() == z.device() &&
                   conv_bias.device() == z.device(),
               "stencil: all tensors must be on z's device ", z.device());
@@ -86,29 +108,53 @@ inline Operands checked_operands(const at::Tensor& z, const at::Tensor& expert_i
   return o;
 }
 
-template <typename scalar_t>
-StencilParams<scalar_t> make_params(const at::Tensor& z, const at::Tensor& conv_weight,
-                                    const at::Tensor& conv_bias, at::IntArrayRef scales,
-                                    int64_t interpolation, int64_t height, int64_t width) {
-  StencilParams<scalar_t> p;
-  p.z = z.const_data_ptr<scalar_t>();
-  p.conv_w = conv_weight.const_data_ptr<scalar_t>();
-  p.conv_b = conv_bias.const_data_ptr<scalar_t>();
-  p.tokens = z.size(0);
-  p.H = static_cast<int>(height);
-  p.W = static_cast<int>(width);
-  p.r = static_cast<int>(z.size(1));
-  p.n = static_cast<int>(conv_weight.size(0));
-  p.mode = static_cast<int>(interpolation);
-  for (int i = 0; i < kMaxExperts; ++i)
-    p.scales[i] = i < p.n ? static_cast<int>(scales[i]) : 1;
+// How a call is cut into blocks and what each block keeps in shared memory.
+struct TilePlan {
+  int64_t blocks;
+  int tiles_y, tiles_x;
+  tile::Layout layout;
+  bool w_smem, dw_smem;
+};
+
+// Weights go to shared memory when they fit the budget, then the weight-gradient
+// accumulators; what does not fit is read (or accumulated) in global memory.
+template <int R, int MODE, bool BWD, typename acc_t>
+TilePlan make_tile_plan(int64_t maps, int H, int W, int r, int n) {
+  TilePlan p;
+  using G = tile::Geometry<R, MODE, BWD>;
+  p.tiles_y = (H + G::kTileH - 1) / G::kTileH;
+  p.tiles_x = (W + G::kTileW - 1) / G::kTileW;
+  p.blocks = maps * p.tiles_y * p.tiles_x;
+  const bool choices[3][2] = {{true, true}, {true, false}, {false, false}};
+  for (const auto& c : choices) {
+    p.w_smem = c[0];
+    p.dw_smem = BWD && c[1];
+    p.layout = tile::make_layout<R, MODE, BWD, acc_t>(r, n, p.w_smem, p.dw_smem);
+    if (p.layout.bytes <= tile::kSmemBudget) break;
+  }
   return p;
 }
 
-// Token splits of the CUDA weight-gradient reduction: ~512 tokens each keeps the
-// partials small and every SM busy at SAM's sizes.
-inline int64_t dw_splits(int64_t tokens) {
-  return std::min<int64_t>(1024, std::max<int64_t>(1, (tokens + 511) / 512));
+template <int R>
+int64_t wbuf_size(int n) {
+  return static_cast<int64_t>(n) * (tile::weight_stride<R>() + R);
+}
+
+inline tile::Tables tables_for(int64_t height, int64_t width, int64_t interpolation,
+                               at::IntArrayRef scales) {
+  int sc[kMaxExperts];
+  for (size_t i = 0; i < scales.size(); ++i) sc[i] = static_cast<int>(scales[i]);
+  return tile::make_tables(static_cast<int>(height), static_cast<int>(width),
+                           static_cast<int>(scales.size()), static_cast<int>(interpolation), sc);
+}
+
+// True when z's (and du's) rows can be staged with 16-byte loads.
+template <int R, typename scalar_t>
+bool rows_vectorizable(int64_t r, const void* z, const void* du) {
+  const auto aligned = [](const void* p) {
+    return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0;
+  };
+  return r == R && (R * sizeof(scalar_t)) % 16 == 0 && aligned(z) && aligned(du);
 }
 
 // Entries of one expert's weight-gradient vector: r·r·9 conv weights, then r biases.

@@ -1,10 +1,11 @@
-// CPU kernels of the stencil ops: at::parallel_for over tokens, each token running
-// the same __host__ __device__ functions (convlora_math.h) the CUDA kernels run.
+// CPU kernels of the stencil ops: the tiled block programs of stencil_tile.h, each block's
+// phases run as loops over its 128 thread ids, blocks in parallel with at::parallel_for.
+// Built with CONVLORA_CHECKED, every shared-memory index is bounds-checked and buffers are
+// poisoned before they are written (see stencil_tile.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <limits>
+#include <cstring>
 #include <vector>
 
 #include "stencil.h"
@@ -13,7 +14,71 @@ namespace convlora {
 
 namespace {
 
-constexpr int64_t kGrain = 16;  // tokens: each costs thousands of flops
+// Runs a phase for every thread of the block, one after another: the barrier after a
+// phase is the end of the loop.
+struct CpuExec {
+  template <typename F>
+  void phase(F&& f) {
+    for (int tid = 0; tid < tile::kThreads; ++tid) f(tid);
+  }
+  void poison(void* p, int bytes) {
+#if defined(CONVLORA_CHECKED)
+    std::memset(p, 0xFF, bytes);  // NaN floats, -1 ints
+#else
+    (void)p;
+    (void)bytes;
+#endif
+  }
+};
+
+// The prep pass on the host: tap tables and padded weights.
+template <int R, typename acc_t>
+void prep_cpu(const at::Tensor& cw, const at::Tensor& cb, int r, const tile::Tables& T,
+              at::Tensor& taps, at::Tensor& wbuf) {
+  const int n = T.n;
+  taps = at::empty({static_cast<int64_t>(T.entries) * static_cast<int64_t>(sizeof(Taps<acc_t>))},
+                   cw.options().dtype(at::kByte));
+  wbuf = at::empty({wbuf_size<R>(n)}, cw.options().dtype(c10::CppTypeToScalarType<acc_t>()));
+  auto* tp = reinterpret_cast<Taps<acc_t>*>(taps.mutable_data_ptr());
+  for (int i = 0; i < T.entries; ++i) tile::table_entry<acc_t>(T, i, tp);
+  const auto cwa = cw.to(wbuf.scalar_type()).contiguous();
+  const auto cba = cb.to(wbuf.scalar_type()).contiguous();
+  acc_t* wp = wbuf.mutable_data_ptr<acc_t>();
+  for (int64_t i = 0; i < wbuf.numel(); ++i)
+    tile::weight_entry<R, acc_t>(cwa.const_data_ptr<acc_t>(), cba.const_data_ptr<acc_t>(), r, n,
+                                 static_cast<int>(i), wp);
+}
+
+// Runs every block of one call.
+template <int R, int MODE, bool BWD, typename scalar_t, typename acc_t>
+void run_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const TilePlan& plan) {
+  at::parallel_for(0, plan.blocks, 1, [&](int64_t b0, int64_t b1) {
+    // Shared memory of this worker's blocks, 16-byte aligned.
+    std::vector<double> storage((plan.layout.bytes + sizeof(double) - 1) / sizeof(double) + 2);
+    auto* smem = reinterpret_cast<unsigned char*>(
+        (reinterpret_cast<uintptr_t>(storage.data()) + 15) & ~static_cast<uintptr_t>(15));
+    CpuExec ex;
+    for (int64_t blk = b0; blk < b1; ++blk)
+      tile::run_block<R, MODE, BWD>(ex, A, plan.layout, smem, blk);
+  });
+}
+
+// The checked build instantiates float and double only (it is built by a test).
+#if defined(CONVLORA_CHECKED)
+#define CONVLORA_DISPATCH_CPU(t, name, ...) AT_DISPATCH_FLOATING_TYPES(t, name, __VA_ARGS__)
+#else
+#define CONVLORA_DISPATCH_CPU(t, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, name, __VA_ARGS__)
+#endif
+
+template <typename F>
+void dispatch_mode(int64_t interpolation, F&& f) {
+  if (interpolation == kBicubic) {
+    f.template operator()<kBicubic>();
+  } else {
+    f.template operator()<kBilinear>();
+  }
+}
 
 }  // namespace
 
@@ -23,167 +88,105 @@ at::Tensor stencil_fwd_cpu(const at::Tensor& z, const at::Tensor& expert_index,
                            int64_t width) {
   const auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales,
                                   interpolation, height, width);
-  const auto &zc = o.z, &idx = o.expert_index, &cw = o.conv_weight, &cb = o.conv_bias;
+  const auto &zc = o.z, &idx = o.expert_index;
   auto u = at::empty_like(zc);
   const int64_t N = zc.size(0), r = zc.size(1);
   if (N == 0) return u;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "stencil_fwd_cpu", [&] {
+  const auto T = tables_for(height, width, interpolation, scales);
+  CONVLORA_DISPATCH_CPU(zc.scalar_type(), "stencil_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto P = make_params<scalar_t>(zc, cw, cb, scales, interpolation, height, width);
-    const int* ix = idx.const_data_ptr<int>();
-    scalar_t* out = u.mutable_data_ptr<scalar_t>();
     dispatch_rank(r, [&]<int R>() {
-      at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-        acc_t e_out[R];
-        for (int64_t t = begin; t < end; ++t) {
-          const int e = ix[t];
-          scalar_t* ut = out + t * r;
-          const scalar_t* zt = P.z + t * r;
-          if (e < 0 || e >= P.n) {  // never read out of range; make the token visible
-            for (int64_t c = 0; c < r; ++c) ut[c] = std::numeric_limits<scalar_t>::quiet_NaN();
-            continue;
-          }
-          token_forward<R>(P, t, e, e_out);
-          for (int64_t c = 0; c < r; ++c)
-            ut[c] = static_cast<scalar_t>(static_cast<acc_t>(zt[c]) + e_out[c]);
-        }
+      dispatch_mode(interpolation, [&]<int MODE>() {
+        at::Tensor taps, wbuf;
+        prep_cpu<R, acc_t>(o.conv_weight, o.conv_bias, static_cast<int>(r), T, taps, wbuf);
+        const auto plan = make_tile_plan<R, MODE, false, acc_t>(N / (height * width), T.H, T.W,
+                                                                static_cast<int>(r), T.n);
+        tile::TileArgs<scalar_t, acc_t> A{};
+        A.z = zc.const_data_ptr<scalar_t>();
+        A.expert_index = idx.const_data_ptr<int>();
+        A.out = u.mutable_data_ptr<scalar_t>();
+        A.wbuf = wbuf.const_data_ptr<acc_t>();
+        A.taps = reinterpret_cast<const Taps<acc_t>*>(taps.const_data_ptr());
+        A.T = T;
+        A.maps = N / (height * width);
+        A.H = T.H;
+        A.W = T.W;
+        A.r = static_cast<int>(r);
+        A.n = T.n;
+        A.tiles_y = plan.tiles_y;
+        A.tiles_x = plan.tiles_x;
+        A.w_smem = plan.w_smem;
+        A.dw_smem = plan.dw_smem;
+        A.vec_z = rows_vectorizable<R, scalar_t>(r, A.z, nullptr);
+        run_blocks<R, MODE, false>(A, plan);
       });
     });
   });
   return u;
 }
 
-namespace {
-
-// The backward on the CPU. gpu_schedule = false: one pass per token computes its dz
-// contributions and adds its weight-gradient terms to its chunk's partial.
-// gpu_schedule = true: the CUDA kernels' schedule, step for step (stencil_cuda.cuh):
-// per-token g and contributions, then weight gradients entry by entry from g
-// (token_dw_entry) summed per split in token order, then over splits. Tests compare
-// the two, so CI executes every function the CUDA kernels call.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu_impl(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
     const at::Tensor& du, const at::Tensor& z, const at::Tensor& expert_index,
     const at::Tensor& conv_weight, const at::Tensor& conv_bias, at::IntArrayRef scales,
-    int64_t interpolation, int64_t height, int64_t width, bool gpu_schedule) {
+    int64_t interpolation, int64_t height, int64_t width) {
   const auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales,
                                   interpolation, height, width, &du);
-  const auto &zc = o.z, &duc = o.du, &idx = o.expert_index, &cw = o.conv_weight,
-             &cb = o.conv_bias;
-  const int64_t N = zc.size(0), r = zc.size(1), n = cw.size(0);
-  const auto acc_type = zc.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto &zc = o.z, &duc = o.du, &idx = o.expert_index;
+  const int64_t N = zc.size(0), r = zc.size(1), n = o.conv_weight.size(0);
   auto dz = at::empty_like(zc);
-  auto dw = at::zeros({n, dw_entries(r)}, zc.options().dtype(acc_type));
+  const auto acc_opts = zc.options().dtype(acc_dtype_for(zc.scalar_type()));
+  auto dw = at::empty({n, dw_entries(r)}, acc_opts);
   if (N == 0) {
+    dw.zero_();
     auto [w, b] = split_dw(dw, n, r);
     return {dz, w, b};
   }
-  const int mode = static_cast<int>(interpolation);
-  const int side = stencil_side(mode);
-  const int64_t slots = static_cast<int64_t>(side) * side;
-  const int64_t max_outputs = max_conv_outputs(mode);
-  const int64_t ne = dw_entries(r);
-  // Token chunks. Weight gradients: one partial per chunk, summed in chunk order, so the
-  // result depends only on the thread count, never on scheduling.
-  const int64_t chunks = std::max<int64_t>(
-      1, std::min<int64_t>((N + 63) / 64, 4 * static_cast<int64_t>(at::get_num_threads())));
-  const int64_t chunk_len = (N + chunks - 1) / chunks;
-  const int64_t splits = gpu_schedule ? dw_splits(N) : chunks;
-  const int64_t split_len = (N + splits - 1) / splits;
-  auto partial = at::zeros({splits, n, ne}, dw.options());
-  auto contrib = at::empty({N, slots, r}, dw.options());
-  auto g_buf = gpu_schedule ? at::empty({N, max_outputs, r}, dw.options()) : at::Tensor();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "stencil_bwd_cpu", [&] {
+  const auto T = tables_for(height, width, interpolation, scales);
+  CONVLORA_DISPATCH_CPU(zc.scalar_type(), "stencil_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto P = make_params<scalar_t>(zc, cw, cb, scales, interpolation, height, width);
-    const int* ix = idx.const_data_ptr<int>();
-    const scalar_t* dup = duc.const_data_ptr<scalar_t>();
-    acc_t* ctb = contrib.mutable_data_ptr<acc_t>();
-    acc_t* part = partial.mutable_data_ptr<acc_t>();
-    acc_t* gb = gpu_schedule ? g_buf.mutable_data_ptr<acc_t>() : nullptr;
     dispatch_rank(r, [&]<int R>() {
-      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-        acc_t du_t[R];
-        for (int64_t chunk = c0; chunk < c1; ++chunk) {
-          const int64_t t_end = std::min(N, (chunk + 1) * chunk_len);
-          for (int64_t t = chunk * chunk_len; t < t_end; ++t) {
-            acc_t* ct = ctb + t * slots * r;
-            std::fill(ct, ct + slots * r, acc_t(0));
-            const int e = ix[t];
-            if (e < 0 || e >= P.n) {  // poison the token's own dz, touch nothing else
-              const int center = (side / 2) * side + side / 2;
-              for (int64_t c = 0; c < r; ++c)
-                ct[center * r + c] = std::numeric_limits<acc_t>::quiet_NaN();
-              continue;
-            }
-            for (int c = 0; c < R; ++c)
-              du_t[c] = c < r ? static_cast<acc_t>(dup[t * r + c]) : acc_t(0);
-            if (gpu_schedule) {
-              token_backward<R, false>(P, t, e, du_t, gb + t * max_outputs * r, ct,
-                                       static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
-            } else {
-              acc_t* pw = part + (chunk * n + e) * ne;
-              token_backward<R, true>(P, t, e, du_t, static_cast<acc_t*>(nullptr), ct, pw,
-                                      pw + r * r * 9);
-            }
-          }
-        }
+      dispatch_mode(interpolation, [&]<int MODE>() {
+        at::Tensor taps, wbuf;
+        prep_cpu<R, acc_t>(o.conv_weight, o.conv_bias, static_cast<int>(r), T, taps, wbuf);
+        const auto plan = make_tile_plan<R, MODE, true, acc_t>(N / (height * width), T.H, T.W,
+                                                               static_cast<int>(r), T.n);
+        at::Tensor partial = at::empty({plan.blocks, n * dw_entries(r)}, acc_opts);
+        tile::TileArgs<scalar_t, acc_t> A{};
+        A.z = zc.const_data_ptr<scalar_t>();
+        A.expert_index = idx.const_data_ptr<int>();
+        A.du = duc.const_data_ptr<scalar_t>();
+        A.out = dz.mutable_data_ptr<scalar_t>();
+        A.wbuf = wbuf.const_data_ptr<acc_t>();
+        A.taps = reinterpret_cast<const Taps<acc_t>*>(taps.const_data_ptr());
+        A.dw_partial = partial.mutable_data_ptr<acc_t>();
+        A.T = T;
+        A.maps = N / (height * width);
+        A.H = T.H;
+        A.W = T.W;
+        A.r = static_cast<int>(r);
+        A.n = T.n;
+        A.tiles_y = plan.tiles_y;
+        A.tiles_x = plan.tiles_x;
+        A.w_smem = plan.w_smem;
+        A.dw_smem = plan.dw_smem;
+        A.vec_z = rows_vectorizable<R, scalar_t>(r, A.z, A.du);
+        run_blocks<R, MODE, true>(A, plan);
+        const int64_t per_block = n * dw_entries(r);
+        const acc_t* pp = partial.const_data_ptr<acc_t>();
+        acc_t* dwp = dw.mutable_data_ptr<acc_t>();
+        at::parallel_for(0, per_block, 64, [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i) tile::reduce_entry(pp, plan.blocks, per_block, i, dwp);
+        });
       });
     });
-    scalar_t* dzp = dz.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t)
-        for (int64_t c = 0; c < r; ++c)
-          dzp[t * r + c] = static_cast<scalar_t>(
-              static_cast<acc_t>(dup[t * r + c]) +
-              gather_dz(ctb, t, static_cast<int>(c), P.H, P.W, P.r, P.mode));
-    });
-    if (gpu_schedule) {  // dw_partial_kernel: each (split, expert, entry) in token order
-      at::parallel_for(0, splits, 1, [&](int64_t s0, int64_t s1) {
-        for (int64_t s = s0; s < s1; ++s) {
-          const int64_t t1 = std::min(N, (s + 1) * split_len);
-          for (int64_t e = 0; e < n; ++e)
-            for (int64_t entry = 0; entry < ne; ++entry) {
-              acc_t acc = acc_t(0);
-              for (int64_t t = s * split_len; t < t1; ++t)
-                if (ix[t] == e)
-                  acc += token_dw_entry(P, t, static_cast<int>(e), gb + t * max_outputs * r,
-                                        static_cast<int>(entry));
-              part[(s * n + e) * ne + entry] = acc;
-            }
-        }
-      });
-    }
-    acc_t* dwp = dw.mutable_data_ptr<acc_t>();
-    for (int64_t s = 0; s < splits; ++s)
-      for (int64_t i = 0; i < n * ne; ++i) dwp[i] += part[s * n * ne + i];
   });
   auto [w, b] = split_dw(dw, n, r);
   return {dz, w, b};
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
-    const at::Tensor& du, const at::Tensor& z, const at::Tensor& expert_index,
-    const at::Tensor& conv_weight, const at::Tensor& conv_bias, at::IntArrayRef scales,
-    int64_t interpolation, int64_t height, int64_t width) {
-  return stencil_bwd_cpu_impl(du, z, expert_index, conv_weight, conv_bias, scales,
-                              interpolation, height, width, false);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_gpu_schedule_cpu(
-    const at::Tensor& du, const at::Tensor& z, const at::Tensor& expert_index,
-    const at::Tensor& conv_weight, const at::Tensor& conv_bias, at::IntArrayRef scales,
-    int64_t interpolation, int64_t height, int64_t width) {
-  return stencil_bwd_cpu_impl(du, z, expert_index, conv_weight, conv_bias, scales,
-                              interpolation, height, width, true);
-}
-
-TORCH_LIBRARY_IMPL(convlora, CPU, m) {
+CONVLORA_LIBRARY_IMPL(CONVLORA_NS, CPU, m) {
   m.impl("stencil_fwd", &stencil_fwd_cpu);
   m.impl("stencil_bwd", &stencil_bwd_cpu);
-  m.impl("stencil_bwd_gpu_schedule", &stencil_bwd_gpu_schedule_cpu);
 }
 
 }  // namespace convlora

@@ -1,165 +1,162 @@
-// CUDA kernels of the stencil ops and their launchers, instantiated once per dtype
+// CUDA kernels of the stencil ops and their host launchers, instantiated once per dtype
 // (stencil_cuda_{f32,f16,bf16}.cu) so the build compiles them in parallel.
 //
-// One thread per token runs the shared __host__ __device__ math of convlora_math.h;
-// nothing is ever written for the upsampled maps. The backward is deterministic by
-// construction (no atomics):
-//   1. per token: g (the conv-output gradients) and the token's contributions to dz
-//      of its (2·halo+1)² neighbourhood, each into the token's own slots;
-//   2. per token: dz = du + the contributions that reach it, summed in a fixed order;
-//   3. weight gradients: block (split, expert, entry chunk) sums its tokens' terms in
-//      token order into a partial; 4. partials summed in split order.
+// Launches per call (docs/design.md, "The tiled stencil"):
+//   forward:  prep (tap tables, padded fp32 weights) -> stencil_tile_kernel
+//   backward: prep -> stencil_tile_kernel (dz and per-block weight-gradient partials)
+//             -> reduce_dw_kernel (partials summed over blocks in a fixed order)
+// The tile kernel is tile::run_block, the same block program the CPU backend runs, with
+// __syncthreads() between its phases. No atomics: the backward is deterministic.
 #pragma once
 
-#include <ATen/OpMathType.h>
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
-
-#include "convlora_math.h"
+#include "stencil.h"
 #include "stencil_cuda_launch.h"
 
 namespace convlora {
 namespace cuda_kernels {
 
+constexpr int kPrepThreads = 256;
 
-template <int R, typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-    stencil_fwd_kernel(const StencilParams<scalar_t> P, const int* __restrict__ idx,
-                       scalar_t* __restrict__ u) {
-  using acc_t = at::opmath_type<scalar_t>;
-  acc_t e_out[R];
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < P.tokens;
-       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int e = idx[t];
-    scalar_t* ut = u + t * P.r;
-    const scalar_t* zt = P.z + t * P.r;
-    if (e < 0 || e >= P.n) {  // never read out of range; make the token visible
-      for (int c = 0; c < P.r; ++c) ut[c] = static_cast<scalar_t>(acc_t(NAN));
-      continue;
-    }
-    token_forward<R>(P, t, e, e_out);
-    for (int c = 0; c < R; ++c)
-      if (c < P.r) ut[c] = static_cast<scalar_t>(static_cast<acc_t>(zt[c]) + e_out[c]);
+// Runs a phase on the block's threads, then the barrier.
+struct GpuExec {
+  template <typename F>
+  __device__ __forceinline__ void phase(F&& f) {
+    f(static_cast<int>(threadIdx.x));
+    __syncthreads();
+  }
+  __device__ __forceinline__ void poison(void*, int) {}
+};
+
+// At R <= 8 four blocks of 128 threads per SM: at most 128 registers per thread.
+template <int R>
+constexpr int min_blocks_per_sm() { return R <= 8 ? 4 : 2; }
+
+template <int R, int MODE, bool BWD, typename scalar_t>
+__global__ void __launch_bounds__(tile::kThreads, min_blocks_per_sm<R>())
+    stencil_tile_kernel(const tile::TileArgs<scalar_t, float> A, const tile::Layout L) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  GpuExec ex;
+  tile::run_block<R, MODE, BWD>(ex, A, L, smem, static_cast<int64_t>(blockIdx.x));
+}
+
+// One thread per table entry, then per padded weight: the per-call prep.
+template <int R>
+__global__ void __launch_bounds__(kPrepThreads)
+    prep_kernel(const float* __restrict__ conv_w, const float* __restrict__ conv_b, int r,
+                const tile::Tables T, Taps<float>* __restrict__ taps, float* __restrict__ wbuf,
+                int64_t nw) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < T.entries) {
+    tile::table_entry<float>(T, static_cast<int>(i), taps);
+  } else if (i - T.entries < nw) {
+    tile::weight_entry<R, float>(conv_w, conv_b, r, T.n, static_cast<int>(i - T.entries), wbuf);
   }
 }
 
-template <int R, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    stencil_bwd_token_kernel(const StencilParams<scalar_t> P, const int* __restrict__ idx,
-                             const scalar_t* __restrict__ du, acc_t* __restrict__ g_buf,
-                             int max_outputs, acc_t* __restrict__ contrib, int slots) {
-  acc_t du_t[R];
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < P.tokens;
-       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    acc_t* ct = contrib + t * slots * P.r;
-    for (int i = 0; i < slots * P.r; ++i) ct[i] = acc_t(0);
-    const int e = idx[t];
-    if (e < 0 || e >= P.n) {  // poison the token's own dz, touch nothing else
-      const int side = stencil_side(P.mode), center = (side / 2) * side + side / 2;
-      for (int c = 0; c < P.r; ++c) ct[center * P.r + c] = acc_t(NAN);
-      continue;
-    }
-    for (int c = 0; c < R; ++c) du_t[c] = c < P.r ? static_cast<acc_t>(du[t * P.r + c]) : acc_t(0);
-    token_backward<R, false>(P, t, e, du_t, g_buf + t * max_outputs * P.r, ct,
-                             static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
-  }
+template <typename acc_t>  // a template: one definition across the per-dtype files
+__global__ void __launch_bounds__(kPrepThreads)
+    reduce_dw_kernel(const acc_t* __restrict__ partial, int64_t blocks, int64_t per_block,
+                     acc_t* __restrict__ dw) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < per_block) tile::reduce_entry(partial, blocks, per_block, i, dw);
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    gather_dz_kernel(const acc_t* __restrict__ contrib, const scalar_t* __restrict__ du,
-                     scalar_t* __restrict__ dz, int64_t tokens, int H, int W, int r, int mode) {
-  const int64_t total = tokens * r;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = i / r;
-    const int c = static_cast<int>(i - t * r);
-    dz[i] = static_cast<scalar_t>(static_cast<acc_t>(du[i]) + gather_dz(contrib, t, c, H, W, r, mode));
-  }
+inline unsigned grid_for(int64_t work, int threads) {
+  return static_cast<unsigned>((work + threads - 1) / threads);
 }
 
-// grid (splits, experts, entry chunks): each thread owns kEntriesPerThread entries of
-// expert blockIdx.y's gradient and sums, in token order, the terms of the tokens of its
-// split routed to that expert.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    dw_partial_kernel(const StencilParams<scalar_t> P, const int* __restrict__ idx,
-                      const acc_t* __restrict__ g_buf, int max_outputs, int64_t split_len,
-                      acc_t* __restrict__ partial) {
-  const int64_t split = blockIdx.x;
-  const int e = blockIdx.y;
-  const int ne = P.r * P.r * 9 + P.r;
-  const int base = blockIdx.z * kThreads * kEntriesPerThread + threadIdx.x;
-  acc_t acc[kEntriesPerThread];
-  for (int k = 0; k < kEntriesPerThread; ++k) acc[k] = acc_t(0);
-  const int64_t t0 = split * split_len;
-  const int64_t t1 = t0 + split_len < P.tokens ? t0 + split_len : P.tokens;
-  for (int64_t t = t0; t < t1; ++t) {
-    if (idx[t] != e) continue;  // uniform across the block
-    const acc_t* g = g_buf + t * max_outputs * P.r;
-    for (int k = 0; k < kEntriesPerThread; ++k) {
-      const int entry = base + k * kThreads;
-      if (entry < ne) acc[k] += token_dw_entry(P, t, e, g, entry);
-    }
-  }
-  for (int k = 0; k < kEntriesPerThread; ++k) {
-    const int entry = base + k * kThreads;
-    if (entry < ne) partial[(split * P.n + e) * ne + entry] = acc[k];
-  }
+template <int MODE, bool BWD, typename scalar_t, int R>
+void launch_tile(const tile::TileArgs<scalar_t, float>& A, const TilePlan& plan,
+                 cudaStream_t stream) {
+  const auto kernel = stencil_tile_kernel<R, MODE, BWD, scalar_t>;
+  const int bytes = plan.layout.bytes;
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        bytes));
+  kernel<<<static_cast<unsigned>(plan.blocks), tile::kThreads, bytes, stream>>>(A,
+                                                                                 plan.layout);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename acc_t>
-__global__ void dw_reduce_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ dw,
-                                 int64_t splits, int64_t total) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    acc_t acc = acc_t(0);
-    for (int64_t s = 0; s < splits; ++s) acc += partial[s * total + i];
-    dw[i] = acc;
+// Prep, then the tile kernel (and for the backward the reduce) of one call.
+template <bool BWD, typename scalar_t, int R, int MODE>
+void run_call(const Operands& o, at::IntArrayRef scales, int64_t interpolation, int64_t height,
+              int64_t width, at::Tensor& out, at::Tensor* dw) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto& z = o.z;
+  const int64_t N = z.size(0), r = z.size(1), n = o.conv_weight.size(0);
+  const auto T = tables_for(height, width, interpolation, scales);
+  const auto f32 = z.options().dtype(at::kFloat);
+  const auto cw = o.conv_weight.to(at::kFloat), cb = o.conv_bias.to(at::kFloat);
+  at::Tensor taps = at::empty({static_cast<int64_t>(T.entries) * static_cast<int64_t>(sizeof(Taps<float>))},
+                        z.options().dtype(at::kByte));
+  at::Tensor wbuf = at::empty({wbuf_size<R>(static_cast<int>(n))}, f32);
+  prep_kernel<R><<<grid_for(T.entries + wbuf.numel(), kPrepThreads), kPrepThreads, 0, stream>>>(
+      cw.const_data_ptr<float>(), cb.const_data_ptr<float>(), static_cast<int>(r), T,
+      reinterpret_cast<Taps<float>*>(taps.mutable_data_ptr()), wbuf.mutable_data_ptr<float>(),
+      wbuf.numel());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t maps = N / (height * width);
+  const auto plan = make_tile_plan<R, MODE, BWD, float>(maps, T.H, T.W, static_cast<int>(r),
+                                                        T.n);
+  tile::TileArgs<scalar_t, float> A{};
+  A.z = z.const_data_ptr<scalar_t>();
+  A.expert_index = o.expert_index.const_data_ptr<int>();
+  A.du = BWD ? o.du.const_data_ptr<scalar_t>() : nullptr;
+  A.out = out.mutable_data_ptr<scalar_t>();
+  A.wbuf = wbuf.const_data_ptr<float>();
+  A.taps = reinterpret_cast<const Taps<float>*>(taps.const_data_ptr());
+  A.T = T;
+  A.maps = maps;
+  A.H = T.H;
+  A.W = T.W;
+  A.r = static_cast<int>(r);
+  A.n = T.n;
+  A.tiles_y = plan.tiles_y;
+  A.tiles_x = plan.tiles_x;
+  A.w_smem = plan.w_smem;
+  A.dw_smem = plan.dw_smem;
+  A.vec_z = rows_vectorizable<R, scalar_t>(r, A.z, A.du);
+  at::Tensor partial;
+  if (BWD) {
+    partial = at::empty({plan.blocks, n * dw_entries(r)}, f32);
+    A.dw_partial = partial.mutable_data_ptr<float>();
+  }
+  launch_tile<MODE, BWD, scalar_t, R>(A, plan, stream);
+  if (BWD) {
+    const int64_t per_block = n * dw_entries(r);
+    reduce_dw_kernel<float><<<grid_for(per_block, kPrepThreads), kPrepThreads, 0, stream>>>(
+        partial.const_data_ptr<float>(), plan.blocks, per_block, dw->mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
-
 
 }  // namespace cuda_kernels
 
 template <typename scalar_t>
-void launch_stencil_fwd(const StencilParams<scalar_t>& P, const int* idx, scalar_t* u,
-                        cudaStream_t stream) {
-  using namespace cuda_kernels;
-  const auto launch = [&]<int R>() {
-    stencil_fwd_kernel<R, scalar_t><<<blocks_for(P.tokens, kThreads), kThreads, 0, stream>>>(
-        P, idx, u);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  dispatch_rank(P.r, launch);
-}
-
-template <typename scalar_t>
-void launch_stencil_bwd(const StencilParams<scalar_t>& P, const int* idx, const scalar_t* du,
-                        scalar_t* dz, const BwdScratch<float>& s, cudaStream_t stream) {
-  using namespace cuda_kernels;
-  using acc_t = float;
-  const auto launch = [&]<int R>() {
-    stencil_bwd_token_kernel<R, scalar_t, acc_t><<<blocks_for(P.tokens, kThreads), kThreads, 0,
-                                                   stream>>>(P, idx, du, s.g_buf, s.max_outputs,
-                                                             s.contrib, s.slots);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  dispatch_rank(P.r, launch);
-  gather_dz_kernel<scalar_t, acc_t><<<blocks_for(P.tokens * P.r, kThreads), kThreads, 0, stream>>>(
-      s.contrib, du, dz, P.tokens, P.H, P.W, P.r, P.mode);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const dim3 grid(static_cast<unsigned>(s.splits), static_cast<unsigned>(P.n),
-                  static_cast<unsigned>(dw_chunks(P.r)));
-  dw_partial_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-      P, idx, s.g_buf, s.max_outputs, s.split_len, s.partial);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t total = static_cast<int64_t>(P.n) * (P.r * P.r * 9 + P.r);
-  dw_reduce_kernel<acc_t><<<blocks_for(total, kThreads), kThreads, 0, stream>>>(
-      s.partial, s.dw, s.splits, total);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+void stencil_cuda_call(const Operands& o, at::IntArrayRef scales, int64_t interpolation,
+                       int64_t height, int64_t width, at::Tensor& out, at::Tensor* dw) {
+  dispatch_rank(o.z.size(1), [&]<int R>() {
+    const auto go = [&]<int MODE>() {
+      if (dw) {
+        cuda_kernels::run_call<true, scalar_t, R, MODE>(o, scales, interpolation, height, width,
+                                                        out, dw);
+      } else {
+        cuda_kernels::run_call<false, scalar_t, R, MODE>(o, scales, interpolation, height,
+                                                         width, out, dw);
+      }
+    };
+    if (interpolation == kBicubic) {
+      go.template operator()<kBicubic>();
+    } else {
+      go.template operator()<kBilinear>();
+    }
+  });
 }
 
 }  // namespace convlora

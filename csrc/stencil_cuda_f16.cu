@@ -1,11 +1,10 @@
-// The CUDA stencil kernels for c10::Half inputs (one file per dtype: parallel builds).
+// The CUDA stencil kernels for float16 inputs (one file per dtype: parallel builds).
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include "stencil_cuda.cuh"
 
 namespace convlora {
-template void launch_stencil_fwd<c10::Half>(const StencilParams<c10::Half>&, const int*, c10::Half*, cudaStream_t);
-template void launch_stencil_bwd<c10::Half>(const StencilParams<c10::Half>&, const int*, const c10::Half*, c10::Half*,
-                                     const BwdScratch<float>&, cudaStream_t);
+template void stencil_cuda_call<c10::Half>(const Operands&, at::IntArrayRef, int64_t, int64_t, int64_t,
+                                      at::Tensor&, at::Tensor*);
 }  // namespace convlora

@@ -1,5 +1,5 @@
-// Host side of the CUDA stencil ops: checks, scratch allocation on the current
-// stream's allocator, dtype dispatch to the per-dtype kernels, registration.
+// Host side of the CUDA stencil ops: checks, dtype dispatch to the per-dtype kernels,
+// registration.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -34,13 +34,10 @@ at::Tensor stencil_fwd_cuda(const at::Tensor& z, const at::Tensor& expert_index,
   const c10::cuda::CUDAGuard guard(z.device());
   const auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales,
                                   interpolation, height, width);
-  const auto &zc = o.z, &idx = o.expert_index, &cw = o.conv_weight, &cb = o.conv_bias;
-  auto u = at::empty_like(zc);
-  if (zc.size(0) == 0) return u;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_cuda_dtype(zc.scalar_type(), "stencil_fwd", [&]<typename T>() {
-    const auto P = make_params<T>(zc, cw, cb, scales, interpolation, height, width);
-    launch_stencil_fwd<T>(P, idx.const_data_ptr<int>(), u.mutable_data_ptr<T>(), stream);
+  auto u = at::empty_like(o.z);
+  if (o.z.size(0) == 0) return u;
+  dispatch_cuda_dtype(o.z.scalar_type(), "stencil_fwd", [&]<typename T>() {
+    stencil_cuda_call<T>(o, scales, interpolation, height, width, u, nullptr);
   });
   return u;
 }
@@ -53,42 +50,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cuda(
   const c10::cuda::CUDAGuard guard(z.device());
   const auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales,
                                   interpolation, height, width, &du);
-  const auto &zc = o.z, &duc = o.du, &idx = o.expert_index, &cw = o.conv_weight,
-             &cb = o.conv_bias;
-  const int64_t N = zc.size(0), r = zc.size(1), n = cw.size(0);
-  const auto acc_opts = zc.options().dtype(at::kFloat);
-  auto dz = at::empty_like(zc);
-  const int64_t ne = dw_entries(r);
-  auto dw = at::empty({n, ne}, acc_opts);
+  const int64_t N = o.z.size(0), r = o.z.size(1), n = o.conv_weight.size(0);
+  auto dz = at::empty_like(o.z);
+  auto dw = at::empty({n, dw_entries(r)}, o.z.options().dtype(at::kFloat));
   if (N == 0) {
     dw.zero_();
-    auto [w, b] = split_dw(dw, n, r);
-    return {dz, w, b};
+  } else {
+    dispatch_cuda_dtype(o.z.scalar_type(), "stencil_bwd", [&]<typename T>() {
+      stencil_cuda_call<T>(o, scales, interpolation, height, width, dz, &dw);
+    });
   }
-  const int mode = static_cast<int>(interpolation);
-  BwdScratch<float> s;
-  s.max_outputs = max_conv_outputs(mode);
-  s.slots = stencil_side(mode) * stencil_side(mode);
-  s.splits = dw_splits(N);
-  s.split_len = (N + s.splits - 1) / s.splits;
-  auto g_buf = at::empty({N, s.max_outputs, r}, acc_opts);
-  auto contrib = at::empty({N, s.slots, r}, acc_opts);
-  auto partial = at::empty({s.splits, n, ne}, acc_opts);
-  s.g_buf = g_buf.mutable_data_ptr<float>();
-  s.contrib = contrib.mutable_data_ptr<float>();
-  s.partial = partial.mutable_data_ptr<float>();
-  s.dw = dw.mutable_data_ptr<float>();
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_cuda_dtype(zc.scalar_type(), "stencil_bwd", [&]<typename T>() {
-    const auto P = make_params<T>(zc, cw, cb, scales, interpolation, height, width);
-    launch_stencil_bwd<T>(P, idx.const_data_ptr<int>(), duc.const_data_ptr<T>(),
-                          dz.mutable_data_ptr<T>(), s, stream);
-  });
   auto [w, b] = split_dw(dw, n, r);
   return {dz, w, b};
 }
 
-TORCH_LIBRARY_IMPL(convlora, CUDA, m) {
+CONVLORA_LIBRARY_IMPL(CONVLORA_NS, CUDA, m) {
   m.impl("stencil_fwd", &stencil_fwd_cuda);
   m.impl("stencil_bwd", &stencil_bwd_cuda);
 }

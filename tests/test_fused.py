@@ -203,33 +203,6 @@ def test_stencil_opcheck():
                               (du, z.detach(), idx, w.detach(), b.detach(), [1, 2, 3], mode, 4, 5))
 
 
-@pytest.mark.parametrize("mode", [0, 1], ids=["bilinear", "bicubic"])
-@pytest.mark.parametrize("rank,scales,hw", [(3, (1, 2, 3, 4, 5, 6, 7, 8), (20, 20)),
-                                            (8, (2, 16, 1), (5, 6)), (20, (3, 4), (4, 3))])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_schedule_run_on_cpu_matches_the_cpu_backward(mode, rank, scales, hw, dtype):
-    """The CUDA kernels' order of work (per-token g, fixed-order gather of dz, weight
-    gradients entry by entry per token split), executed on the CPU, equals the CPU
-    backward: CI runs every function the CUDA backward calls. 2·20·20 tokens span two
-    splits."""
-    g = torch.Generator().manual_seed(rank)
-    n, (h, w) = len(scales), hw
-    tokens = 2 * h * w
-    z = torch.randn(tokens, rank, generator=g, dtype=dtype)
-    du = torch.randn(tokens, rank, generator=g, dtype=dtype)
-    idx = torch.randint(0, n, (tokens,), generator=g, dtype=torch.int32)
-    cw = torch.randn(n, rank, rank, 3, 3, generator=g, dtype=dtype) / (3 * rank ** 0.5)
-    cb = torch.randn(n, rank, generator=g, dtype=dtype)
-    args = (du, z, idx, cw, cb, list(scales), mode, h, w)
-    dz, dw, db = torch.ops.convlora.stencil_bwd(*args)
-    dz_s, dw_s, db_s = torch.ops.convlora.stencil_bwd_gpu_schedule(*args)
-    assert torch.equal(dz, dz_s)  # the same contributions gathered in the same order
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
-    assert_close(dw_s, dw, tol, tol, "dconv_weight")
-    assert_close(db_s, db, tol, tol, "dconv_bias")
-    assert dw.abs().sum() > 0 and db.abs().sum() > 0
-
-
 def test_torch_compile_traces_without_graph_breaks():
     c = make_case(height=4, width=6, seed=12, dtype=torch.float32).to(torch.float32, True)
 

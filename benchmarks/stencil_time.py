@@ -1,0 +1,126 @@
+"""The stencil kernels alone next to the whole layer, in one interleaved run.
+
+    python benchmarks/stencil_time.py                  # CPU, fp32, the CPU target shapes
+    python benchmarks/stencil_time.py --device cuda    # bf16, SAM's ViT-B shapes, CUDA events
+
+Per shape: torch.ops.convlora.stencil_fwd and stencil_bwd called directly (the tap-table
+prep and, for the backward, the weight-gradient reduce included), then the layer's
+forward+backward on the fused backend next to plain eager LoRA, the eager Conv-LoRA
+reference and the frozen linear. On a GPU the stencil rows are in microseconds with the
+card named; everything else is a ratio. The last line, "RESULT: ...", is what
+benchmarks/gpu_check.sh records for the target shape (the first one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (puts the checkout's package first on sys.path)
+import measure  # noqa: E402
+
+import torch  # noqa: E402
+
+from convlora_kernels.fused import INTERPOLATION_CODES  # noqa: E402
+
+SHAPES = {
+    # name: (batch, H, W, C, r, gating, interpolation)
+    "cuda": [("global-4x64x64-C768-r8", 4, 64, 64, 768, 8, "token", "bilinear"),
+             ("window-100x14x14-C768-r8", 100, 14, 14, 768, 8, "token", "bilinear"),
+             ("global-4x64x64-C768-r3-compat", 4, 64, 64, 768, 3, "map", "bicubic")],
+    "cpu": [("cpu-1x32x32-C768-r8", 1, 32, 32, 768, 8, "token", "bilinear"),
+            ("cpu-1x64x64-C768-r8", 1, 64, 64, 768, 8, "token", "bilinear")],
+}
+
+
+def _stencil_fns(inp, interpolation):
+    z = torch.nn.functional.linear(inp["x"], inp["lora_A"]).reshape(-1, inp["lora_A"].shape[0])
+    b, h, w = inp["expert_index"].shape
+    args = dict(idx=inp["expert_index"].reshape(-1).to(torch.int32),
+                cw=inp["conv_weight"].detach(), cb=inp["conv_bias"].detach(),
+                scales=list(range(1, inp["conv_weight"].shape[0] + 1)),
+                mode=INTERPOLATION_CODES[interpolation], h=h, w=w)
+    z = z.detach().contiguous()
+    du = torch.randn_like(z)
+
+    def fwd(_):
+        return torch.ops.convlora.stencil_fwd(z, args["idx"], args["cw"], args["cb"],
+                                              args["scales"], args["mode"], h, w)
+
+    def bwd(_):
+        return torch.ops.convlora.stencil_bwd(du, z, args["idx"], args["cw"], args["cb"],
+                                              args["scales"], args["mode"], h, w)
+
+    return {"stencil-fwd": fwd, "stencil-bwd": bwd}
+
+
+def _layer(backend, interpolation):
+    from convlora_kernels import conv_lora_linear
+
+    return lambda inp: conv_lora_linear(*common._conv_lora_args(inp), backend=backend,
+                                        interpolation=interpolation, check_expert_index=False)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=None, help="default: 50 on CUDA, 7 on CPU")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    repeats = args.repeats or (50 if gpu else 7)
+    warm = 5 if gpu else 1
+    backend = "cuda" if gpu else "cpu"
+    card = torch.cuda.get_device_name(device) if gpu else "CPU"
+    print(f"{card}, {dtype}, torch {torch.__version__}")
+    result = None
+    for name, b, h, w, c, r, gating, interp in SHAPES["cuda" if gpu else "cpu"]:
+        shape = common.Shape(name, b, h, w, c, r, gating=gating)
+        layer_fns = {f"conv-lora[{backend}]": _layer(backend, interp),
+                     common.PLAIN_LORA: common.plain_lora,
+                     common.REFERENCE: _layer("reference", interp),
+                     common.LINEAR: common.frozen_linear}
+        inputs = [common.make_inputs(shape, device, dtype, seed=s) for s in range(2)]
+        st = measure.time_group(_stencil_fns(inputs[0], interp), inputs, False,
+                                {"stencil-fwd": warm, "stencil-bwd": warm}, repeats)
+        lin_fwd = measure.time_group({common.LINEAR: common.frozen_linear}, inputs, False,
+                                     {common.LINEAR: warm}, repeats)[common.LINEAR]
+        layer = measure.time_group(layer_fns, inputs, True, {k: warm for k in layer_fns},
+                                   repeats)
+        med = {k: v.get("median_ms") for k, v in layer.items()}
+        print(f"\n{name} ({gating} routing, {interp})")
+        for k in ("stencil-fwd", "stencil-bwd"):
+            ms = st[k].get("median_ms")
+            if ms is None:
+                print(f"  {k:24s} error: {st[k]['error']}")
+            elif gpu:
+                print(f"  {k:24s} {ms * 1e3:9.1f} us")
+            else:
+                print(f"  {k:24s} {ms / lin_fwd['median_ms']:9.3f} x the frozen linear's forward")
+        fused = med[f"conv-lora[{backend}]"]
+        for k, ms in med.items():
+            if ms is None:
+                print(f"  {k:24s} fwd+bwd error: {layer[k]['error']}")
+                continue
+            print(f"  {k:24s} fwd+bwd {ms / med[common.PLAIN_LORA]:6.3f} x plain LoRA  "
+                  f"{ms / med[common.LINEAR]:6.3f} x frozen linear"
+                  + (f"  ({med[common.REFERENCE] / ms:5.1f} x faster than the reference)"
+                     if k != common.REFERENCE else ""))
+        if result is None and fused is not None and st["stencil-fwd"].get("median_ms"):
+            if gpu:
+                result = (f"{name}: stencil fwd {st['stencil-fwd']['median_ms'] * 1e3:.1f} us, "
+                          f"bwd {st['stencil-bwd']['median_ms'] * 1e3:.1f} us; ")
+            else:
+                result = f"{name}: "
+            result += (f"layer fwd+bwd {fused / med[common.PLAIN_LORA]:.2f}x plain LoRA, "
+                       f"{med[common.REFERENCE] / fused:.1f}x faster than the eager reference")
+    print(f"\nRESULT: {result or 'no fused timing'}")
+    return 0 if result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

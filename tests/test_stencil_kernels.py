@@ -1,0 +1,222 @@
+"""The tiled stencil kernels themselves: how a call is cut (stencil_plan), the GPU
+resources of the compiled CUDA kernels (read from the build, no GPU needed), the checked
+CPU build (bounds-checked shared memory, poisoned buffers), and the stencil ops on maps
+of many tiles, partial tiles and every shared/global memory path against the reference."""
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from convlora_kernels import _ext, conv_lora_linear, conv_lora_linear_ref
+from convlora_kernels.fused import INTERPOLATION_CODES
+
+from helpers import make_case, TRAINABLE, assert_close
+
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+RANK_BOUNDS = (4, 8, 16, 32, 64)
+SMEM_PER_SM = {80: 164 * 1024, 90: 228 * 1024}  # usable shared memory per SM (A100, H100)
+
+
+def _plan(r, n, mode, backward):
+    keys = ("bytes", "w_smem", "dw_smem", "threads", "tile_h", "tile_w", "round")
+    return dict(zip(keys, torch.ops.convlora.stencil_plan(r, n, INTERPOLATION_CODES[mode],
+                                                          backward)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    mod, why = _ext.load()
+    if mod is None:
+        pytest.fail(why)
+
+
+def test_stencil_plan_at_the_target_configuration():
+    """r = 8, 8 experts, bilinear: weights and weight-gradient sums in shared memory, and
+    two blocks' worth fits an SM of an A100 or H100 in both directions."""
+    for backward in (False, True):
+        p = _plan(8, 8, "bilinear", backward)
+        assert p["threads"] == 128 and (p["tile_h"], p["tile_w"]) == (8, 8)
+        assert p["w_smem"] == 1 and p["dw_smem"] == int(backward), p
+        assert 2 * p["bytes"] <= SMEM_PER_SM[80], p
+    # Every configuration fits one block's opt-in shared memory on an A100 (163 KB).
+    largest = max(_plan(r, 16, mode, backward)["bytes"] for r in range(1, 65)
+                  for mode in ("bilinear", "bicubic") for backward in (False, True))
+    assert largest <= 163 * 1024, largest
+
+
+# --- GPU resources, read from the compiled extension --------------------------------
+
+def _cuobjdump():
+    """The toolkit's cuobjdump, else the one the triton wheel ships."""
+    try:
+        import triton
+        bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                               "cuobjdump")
+    except ImportError:
+        bundled = None
+    for cand in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
+                              "cuobjdump"), shutil.which("cuobjdump"), bundled):
+        if cand and os.path.exists(cand):
+            return cand
+    return None
+
+
+def _resources():
+    """{(arch, kernel signature): {REG, STACK, SHARED, LOCAL}} of every kernel in _C."""
+    mod, _ = _ext.load()
+    out = subprocess.run([_cuobjdump(), "--dump-resource-usage", mod.__file__],
+                         capture_output=True, text=True, check=True).stdout
+    res, arch, name = {}, None, None
+    for line in out.splitlines():
+        m = re.search(r"arch = sm_(\d+)", line)
+        if m:
+            arch = int(m.group(1))
+        m = re.search(r"Function (\S+):", line)
+        if m:
+            name = m.group(1)
+        if "REG:" in line and name:
+            fields = dict(re.findall(r"(\w+):(\d+)", line))
+            res[(arch, _demangle(name))] = {k: int(v) for k, v in fields.items()}
+            name = None
+    return res
+
+
+def _demangle(name):
+    out = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip()
+    return re.sub(r"\(.*", "", out.replace("convlora::", "").replace("cuda_kernels::", ""))
+
+
+@pytest.mark.skipif(not _ext.has_cuda_kernels(), reason="_C was built without CUDA kernels")
+def test_cuda_kernel_resources():
+    """No stack frame and no local memory in any tile kernel at R <= 16, every dtype and
+    mode; at most 128 registers at R <= 8 (four 128-thread blocks per SM). The prep kernel
+    (one thread per table entry, once per call) keeps one tap record on its stack."""
+    if _cuobjdump() is None:
+        pytest.fail("cuobjdump not found (neither in CUDA_HOME/bin, on PATH nor in triton)")
+    res = _resources()
+    tiles = {k: v for k, v in res.items() if "stencil_tile_kernel" in k[1]}
+    print("\n".join(f"sm_{a} {n}: {v}" for (a, n), v in sorted(tiles.items())))
+    for arch in (80, 90):
+        kernels = [(n, v) for (a, n), v in tiles.items() if a == arch]
+        assert len(kernels) == len(RANK_BOUNDS) * 2 * 2 * 3, (arch, len(kernels))
+        for name, v in kernels:
+            R = int(re.search(r"stencil_tile_kernel<(\d+),", name).group(1))
+            if R <= 16:
+                assert v["STACK"] == 0 and v["LOCAL"] == 0, (arch, name, v)
+            if R <= 8:
+                assert v["REG"] <= 128, (arch, name, v)
+        preps = [v for (a, n), v in res.items() if a == arch and "prep_kernel" in n]
+        assert preps and all(v["STACK"] <= 64 for v in preps), preps
+
+
+# --- The checked CPU build ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checked_ops(tmp_path_factory):
+    """The CPU kernels built again with CONVLORA_CHECKED under torch.ops.convlora_checked."""
+    from torch.utils.cpp_extension import load
+
+    build = tmp_path_factory.mktemp("checked_build")
+    load(name="convlora_checked", sources=[os.path.join(CSRC, "ops.cpp"),
+                                           os.path.join(CSRC, "stencil_cpu.cpp")],
+         extra_cflags=["-O1", "-std=c++20", "-DCONVLORA_CHECKED",
+                       "-DCONVLORA_NS=convlora_checked"],
+         extra_include_paths=[CSRC], build_directory=str(build), is_python_module=False,
+         verbose=False)
+    return torch.ops.convlora_checked
+
+
+STENCIL_CASES = [
+    # (mode, (B, H, W), scales, rank): many tiles, partial tiles, every scale parity,
+    # weights and weight-gradient sums in shared or in global memory
+    ("bilinear", (2, 17, 23), tuple(range(1, 9)), 8),
+    ("bilinear", (1, 9, 8), (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16), 3),
+    ("bilinear", (3, 5, 11), (2, 1, 4), 16),
+    ("bilinear", (1, 10, 9), (3, 2), 20),
+    ("bicubic", (2, 19, 10), tuple(range(1, 9)), 4),
+    ("bicubic", (1, 7, 9), (2, 16, 1), 33),
+]
+
+
+def _stencil_problem(mode, bhw, scales, rank, dtype, seed=0):
+    b, h, w = bhw
+    g = torch.Generator().manual_seed(seed)
+    n, tokens = len(scales), b * h * w
+    z = torch.randn(tokens, rank, generator=g, dtype=torch.float64).to(dtype)
+    du = torch.randn(tokens, rank, generator=g, dtype=torch.float64).to(dtype)
+    idx = torch.randint(0, n, (tokens,), generator=g, dtype=torch.int32)
+    cw = (torch.randn(n, rank, rank, 3, 3, generator=g, dtype=torch.float64) /
+          (3 * rank ** 0.5)).to(dtype)
+    cb = torch.randn(n, rank, generator=g, dtype=torch.float64).to(dtype)
+    return z, du, idx, cw, cb, [int(s) for s in scales], INTERPOLATION_CODES[mode], h, w
+
+
+def _reference_stencil(z, du, idx, cw, cb, scales, mode, h, w):
+    """u = z + E(z) and its VJP from the reference layer with identity projections."""
+    from convlora_kernels.reference import conv_lora_linear_ref
+
+    r = z.shape[1]
+    eye = torch.eye(r, dtype=z.dtype)
+    zz = z.detach().clone().reshape(-1, h, w, r).requires_grad_(True)
+    cwr, cbr = cw.clone().requires_grad_(True), cb.clone().requires_grad_(True)
+    u = conv_lora_linear_ref(zz, torch.zeros(r, r, dtype=z.dtype), None, eye, eye, cwr, cbr,
+                             idx.reshape(-1, h, w).long(), 1.0, scales=scales,
+                             interpolation=["bilinear", "bicubic"][mode])
+    grads = torch.autograd.grad(u, [zz, cwr, cbr], du.reshape(u.shape))
+    return u.reshape(-1, r), [g.reshape(t.shape) for g, t in zip(grads, (z, cw, cb))]
+
+
+@pytest.mark.parametrize("mode,bhw,scales,rank", STENCIL_CASES)
+def test_stencil_ops_match_the_reference_in_float64(mode, bhw, scales, rank):
+    z, du, idx, cw, cb, sc, m, h, w = _stencil_problem(mode, bhw, scales, rank, torch.float64)
+    u = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w)
+    dz, dw, db = torch.ops.convlora.stencil_bwd(du, z, idx, cw, cb, sc, m, h, w)
+    u_ref, (dz_ref, dw_ref, db_ref) = _reference_stencil(z, du, idx, cw, cb, sc, m, h, w)
+    for name, a, b in [("u", u, u_ref), ("dz", dz, dz_ref), ("dconv_weight", dw, dw_ref),
+                       ("dconv_bias", db, db_ref)]:
+        assert_close(a, b, 1e-10, 1e-10, name)
+
+
+def test_stencil_cases_cover_every_memory_path():
+    seen = set()
+    for mode, _, scales, rank in STENCIL_CASES:
+        p = _plan(rank, len(scales), mode, True)
+        seen.add((p["w_smem"], p["dw_smem"]))
+    assert seen == {(1, 1), (1, 0), (0, 0)}, seen
+
+
+@pytest.mark.parametrize("mode,bhw,scales,rank", STENCIL_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_checked_build_matches(checked_ops, mode, bhw, scales, rank, dtype):
+    """The checked build runs the same phases with every shared index bounds-checked and
+    each buffer poisoned (NaN) before the phase that writes it: a read outside the staged
+    halo, or before the barrier that publishes a value, raises or turns the result NaN."""
+    args = _stencil_problem(mode, bhw, scales, rank, dtype, seed=rank)
+    z, du, idx, cw, cb, sc, m, h, w = args
+    u = checked_ops.stencil_fwd(z, idx, cw, cb, sc, m, h, w)
+    grads = checked_ops.stencil_bwd(du, z, idx, cw, cb, sc, m, h, w)
+    assert torch.isfinite(u).all() and all(torch.isfinite(g).all() for g in grads)
+    assert torch.equal(u, torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w))
+    for name, a, b in zip(("dz", "dconv_weight", "dconv_bias"), grads,
+                          torch.ops.convlora.stencil_bwd(du, z, idx, cw, cb, sc, m, h, w)):
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert_close(a, b, tol, tol, name)
+
+
+def test_checked_build_marks_an_out_of_range_expert(checked_ops):
+    """An out-of-range expert reads nothing out of range: its token is NaN, others finite."""
+    z, du, idx, cw, cb, sc, m, h, w = _stencil_problem("bilinear", (1, 9, 10), (1, 2, 3), 4,
+                                                       torch.float32)
+    idx = idx.clone()
+    idx[37] = 3
+    u = checked_ops.stencil_fwd(z, idx, cw, cb, sc, m, h, w)
+    dz, dw, db = checked_ops.stencil_bwd(du, z, idx, cw, cb, sc, m, h, w)
+    bad = torch.zeros(90, dtype=torch.bool)
+    bad[37] = True
+    for t in (u, dz):
+        assert torch.isnan(t[bad]).all() and torch.isfinite(t[~bad]).all()
+    assert torch.isfinite(dw).all() and torch.isfinite(db).all()

@@ -109,20 +109,26 @@ def _extensions():
 
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
-    cxx_flags = ["-O3"]  # torch's extension helper adds the C++ standard it needs
+    # C++20 (template lambdas), stated here: older torch versions add C++17. OpenMP: ATen's
+    # at::parallel_for is a header template that runs serially unless the code including it
+    # is compiled with -fopenmp (the library resolves to the libgomp torch already loaded).
+    # -fno-wrapv undoes the -fwrapv Python's build flags add, which blocks loop optimisation.
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-wrapv"]
+    link_flags = ["-fopenmp"]
     if build_cuda:
         _log(f"building the CUDA + C++ extension ({reason}; arch list "
              f"{os.environ['TORCH_CUDA_ARCH_LIST']}; MAX_JOBS={os.environ['MAX_JOBS']})")
         ext = CUDAExtension(
             "convlora_kernels._C", cpp_sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")] + _pip_cuda_includes(),
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "-std=c++20"]},
+            extra_link_args=link_flags,
         )
     else:
         _log(f"building the C++ (CPU) extension only: {reason}")
         ext = CppExtension("convlora_kernels._C", cpp_sources,
                            include_dirs=[os.path.join(ROOT, "csrc")],
-                           extra_compile_args={"cxx": cxx_flags})
+                           extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

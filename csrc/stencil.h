@@ -137,7 +137,7 @@ TilePlan make_tile_plan(int64_t maps, int H, int W, int r, int n) {
 
 template <int R>
 int64_t wbuf_size(int n) {
-  return static_cast<int64_t>(n) * (tile::weight_stride<R>() + R);
+  return static_cast<int64_t>(n) * (2 * tile::weight_stride<R>() + R);
 }
 
 inline tile::Tables tables_for(int64_t height, int64_t width, int64_t interpolation,

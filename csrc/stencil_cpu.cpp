@@ -150,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
         prep_cpu<R, acc_t>(o.conv_weight, o.conv_bias, static_cast<int>(r), T, taps, wbuf);
         const auto plan = make_tile_plan<R, MODE, true, acc_t>(N / (height * width), T.H, T.W,
                                                                static_cast<int>(r), T.n);
-        at::Tensor partial = at::empty({plan.blocks, n * dw_entries(r)}, acc_opts);
+        at::Tensor partial = at::empty({plan.blocks, n * tile::grad_stride<R>()}, acc_opts);
         tile::TileArgs<scalar_t, acc_t> A{};
         A.z = zc.const_data_ptr<scalar_t>();
         A.expert_index = idx.const_data_ptr<int>();
@@ -171,11 +171,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
         A.dw_smem = plan.dw_smem;
         A.vec_z = rows_vectorizable<R, scalar_t>(r, A.z, A.du);
         run_blocks<R, MODE, true>(A, plan);
-        const int64_t per_block = n * dw_entries(r);
         const acc_t* pp = partial.const_data_ptr<acc_t>();
         acc_t* dwp = dw.mutable_data_ptr<acc_t>();
-        at::parallel_for(0, per_block, 64, [&](int64_t i0, int64_t i1) {
-          for (int64_t i = i0; i < i1; ++i) tile::reduce_entry(pp, plan.blocks, per_block, i, dwp);
+        at::parallel_for(0, dw.numel(), 64, [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i)
+            tile::reduce_entry<R>(pp, plan.blocks, A.r, A.n, static_cast<int>(i), dwp);
         });
       });
     });

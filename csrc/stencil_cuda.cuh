@@ -58,12 +58,12 @@ __global__ void __launch_bounds__(kPrepThreads)
   }
 }
 
-template <typename acc_t>  // a template: one definition across the per-dtype files
+template <int R>
 __global__ void __launch_bounds__(kPrepThreads)
-    reduce_dw_kernel(const acc_t* __restrict__ partial, int64_t blocks, int64_t per_block,
-                     acc_t* __restrict__ dw) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < per_block) tile::reduce_entry(partial, blocks, per_block, i, dw);
+    reduce_dw_kernel(const float* __restrict__ partial, int64_t blocks, int r, int n,
+                     float* __restrict__ dw) {
+  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < n * tile::grad_entries(r)) tile::reduce_entry<R>(partial, blocks, r, n, i, dw);
 }
 
 inline unsigned grid_for(int64_t work, int threads) {
@@ -124,14 +124,13 @@ void run_call(const Operands& o, at::IntArrayRef scales, int64_t interpolation, 
   A.vec_z = rows_vectorizable<R, scalar_t>(r, A.z, A.du);
   at::Tensor partial;
   if (BWD) {
-    partial = at::empty({plan.blocks, n * dw_entries(r)}, f32);
+    partial = at::empty({plan.blocks, n * tile::grad_stride<R>()}, f32);
     A.dw_partial = partial.mutable_data_ptr<float>();
   }
   launch_tile<MODE, BWD, scalar_t, R>(A, plan, stream);
   if (BWD) {
-    const int64_t per_block = n * dw_entries(r);
-    reduce_dw_kernel<float><<<grid_for(per_block, kPrepThreads), kPrepThreads, 0, stream>>>(
-        partial.const_data_ptr<float>(), plan.blocks, per_block, dw->mutable_data_ptr<float>());
+    reduce_dw_kernel<R><<<grid_for(dw->numel(), kPrepThreads), kPrepThreads, 0, stream>>>(
+        partial.const_data_ptr<float>(), plan.blocks, A.r, A.n, dw->mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -21,9 +21,10 @@
 //   backward  the block owns a tile of dz. Sources are tile + halo tokens (their stencils
 //             reach the tile); their pre-activations are recomputed, g = w_o du GELU'(C).
 //             dW: thread-owned entries summed over the tile's items in order.
-//             dz: dU = W^T g per (item, tap), then scattered into the tile by colour
-//             classes of sources that are (2 halo + 1) apart, so no two threads of a
-//             phase write the same value: a gather with no atomics, deterministic.
+//             dz: per (item, channel), dU = W^T g at the nine taps, through the up
+//             taps, into the item's contributions to its source's z neighbourhood
+//             (2 halo + 1)^2; then each tile token pulls, in a fixed order, what its
+//             neighbours' items give it: a gather with no atomics, deterministic.
 //             Weight gradients leave as one fp32 partial per block, summed over blocks in
 //             a fixed order by a small reduce kernel.
 #pragma once
@@ -64,6 +65,13 @@ struct Interp {
   static constexpr int kMaxDown = MODE == kBicubic ? 4 : 2;  // conv outputs per axis
 };
 
+// Largest power of two <= 9216 / row, within [4, 64]: backward items per round.
+CONVLORA_HD constexpr int round_items(int row) {
+  int m = 64;
+  while (m > 4 && m * row > 9216) m /= 2;
+  return m;
+}
+
 // Shared-memory and per-block sizes of one kernel configuration.
 template <int R, int MODE, bool BWD>
 struct Geometry {
@@ -79,21 +87,29 @@ struct Geometry {
   static constexpr int kZW = kSrcW + 2 * kHalo;
   static constexpr int kCell = R + 1;              // odd row strides: no bank conflicts
   static constexpr int kMaxItems = kSrc * Interp<MODE>::kMaxDown * Interp<MODE>::kMaxDown;
-  // Items per round: forward buffers hold R values per item, backward 10 R.
-  static constexpr int kRound = !BWD ? 128 : (R <= 8 ? 64 : (R <= 16 ? 32 : (R <= 32 ? 16 : 8)));
   static constexpr int kItemRow = R + 1;           // cbuf row (GELU outputs or g)
-  static constexpr int kURow = 9 * R + 1;          // ubuf row (U taps, then dU taps)
+  // ubuf row (backward): an item's nine U vectors, then its contributions to the z
+  // neighbourhood (side x side cells) of its source token.
+  static constexpr int kNeighbours = Interp<MODE>::kSide * Interp<MODE>::kSide;
+  static constexpr int kURow = (kNeighbours > 9 ? kNeighbours : 9) * R + 1;
+  // Items per round: 128 forward (R values each); backward, about 36 KB of ubuf.
+  static constexpr int kRound = !BWD ? 128 : round_items(kURow);
   static constexpr int kBuckets = 2 * kMaxExperts; // (tile or halo) x expert
 };
 
-// Row stride of one expert's zero-padded fp32 conv weights [co][ci][k] (R x R x 9):
-// a multiple of 4 floats plus 4, so the 8 experts a warp may read at one (co, ci, k)
-// fall in distinct banks.
+// Row stride of one expert's zero-padded fp32 conv weights [k][ci][co] (9 x R x R, output
+// channels contiguous): a multiple of 4 floats plus 4, so the 8 experts a warp may read at
+// one (k, ci, co) fall in distinct banks.
 template <int R>
 CONVLORA_HD constexpr int weight_stride() { return ((R * R * 9 + 31) / 32) * 32 + 4; }
 
 // Entries of one expert's weight gradient: r·r·9 conv weights, then r biases.
 CONVLORA_HD int grad_entries(int r) { return r * r * 9 + r; }
+
+// One expert's weight-gradient accumulators inside the kernels: [co][k][ci] (R x 9 x R,
+// input channels contiguous), then R biases; reduce_entry maps them to (co, ci, k).
+template <int R>
+CONVLORA_HD constexpr int grad_stride() { return R * 9 * R + R; }
 
 // --- Per-call tables ----------------------------------------------------------------
 //
@@ -159,8 +175,9 @@ CONVLORA_HD void table_entry(const Tables& T, int i, Taps<acc_t>* out) {
   out[i] = t;
 }
 
-// Prep entry i of the padded weights: (n, weight_stride) conv weights [co][ci][k], zero
-// outside r x r, then (n, R) biases.
+// Prep entry i of the padded weights: (n, weight_stride) conv weights [k][ci][co], zero
+// outside r x r; then (n, R) biases; then (n, weight_stride) transposed weights [k][co][ci]
+// (the backward's W^T g runs over contiguous input channels).
 template <int R, typename acc_t>
 CONVLORA_HD void weight_entry(const acc_t* conv_w, const acc_t* conv_b, int r, int n, int i,
                               acc_t* wbuf) {
@@ -169,13 +186,21 @@ CONVLORA_HD void weight_entry(const acc_t* conv_w, const acc_t* conv_b, int r, i
     const int e = i / WS, off = i - e * WS;
     acc_t v = acc_t(0);
     if (off < R * R * 9) {
-      const int co = off / (9 * R), ci = (off / 9) % R, k = off % 9;
+      const int k = off / (R * R), ci = (off / R) % R, co = off % R;
       if (co < r && ci < r) v = conv_w[((static_cast<int64_t>(e) * r + co) * r + ci) * 9 + k];
     }
     wbuf[i] = v;
-  } else {
+  } else if (i < n * (WS + R)) {
     const int j = i - n * WS, e = j / R, co = j % R;
     wbuf[i] = co < r ? conv_b[e * r + co] : acc_t(0);
+  } else {
+    const int j = i - n * (WS + R), e = j / WS, off = j - e * WS;
+    acc_t v = acc_t(0);
+    if (off < R * R * 9) {
+      const int k = off / (R * R), co = (off / R) % R, ci = off % R;
+      if (co < r && ci < r) v = conv_w[((static_cast<int64_t>(e) * r + co) * r + ci) * 9 + k];
+    }
+    wbuf[i] = v;
   }
 }
 
@@ -211,7 +236,7 @@ struct SArr {
 
 // Byte offsets of a block's shared arrays (16-byte aligned), the same on host and device.
 struct Layout {
-  int zs, src, es, nt, start, bucket, first, meta, items, cbuf, ubuf, acc, w, b, dw, bytes;
+  int zs, src, es, nt, start, bucket, first, meta, items, cbuf, ubuf, acc, w, wt, b, dw, bytes;
   int w_count, dw_count;
 };
 
@@ -242,8 +267,9 @@ CONVLORA_HD Layout make_layout(int r, int n, bool w_smem, bool dw_smem) {
   L.acc = take(G::kTileH * G::kTileW * G::kCell * A);  // u (forward) or dz (backward) of the tile
   L.w_count = w_smem ? n * weight_stride<R>() : 0;
   L.w = take(L.w_count * A);
+  L.wt = take(BWD ? L.w_count * A : 0);
   L.b = take(n * R * A);
-  L.dw_count = BWD && dw_smem ? n * grad_entries(r) : 0;
+  L.dw_count = BWD && dw_smem ? n * grad_stride<R>() : 0;
   L.dw = take(L.dw_count * A);
   L.bytes = off;
   return L;
@@ -257,9 +283,9 @@ struct TileArgs {
   const int* expert_index;     // (N,)
   const scalar_t* du;          // (N, r), backward
   scalar_t* out;               // u (forward) or dz (backward), (N, r)
-  const acc_t* wbuf;           // prep: (n, weight_stride) weights, then (n, R) biases
+  const acc_t* wbuf;           // prep: weights, biases, transposed weights (weight_entry)
   const Taps<acc_t>* taps;     // prep: Tables entries
-  acc_t* dw_partial;           // backward: (blocks, n, grad_entries(r)) fp32 partials
+  acc_t* dw_partial;           // backward: (blocks, n, grad_stride) fp32 partials
   Tables T;
   int64_t maps;
   int H, W, r, n;
@@ -392,18 +418,31 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
             for (int ci = 0; ci < R; ++ci) urow[urow_off + k * R + ci] = acc_t(0);
           continue;
         }
-        for (int ci = 0; ci < R; ++ci) {
-          acc_t u = acc_t(0);
+        for (int ci0 = 0; ci0 < R; ci0 += CC) {
+          // U(tap k)[ci0 .. ci0 + CC): the up-sampling taps of the staged z
+          acc_t u[CC];
+          CONVLORA_UNROLL
+          for (int i = 0; i < CC; ++i) u[i] = acc_t(0);
           CONVLORA_UNROLL
           for (int a = 0; a < UT; ++a) {
-            acc_t ua = acc_t(0);
             CONVLORA_UNROLL
-            for (int b = 0; b < UT; ++b) ua += wx[kx][b] * zs[(ry[ky][a] + rx[kx][b]) * CELL + ci];
-            u += wy[ky][a] * ua;
+            for (int b = 0; b < UT; ++b) {
+              const acc_t wab = wy[ky][a] * wx[kx][b];
+              const int zc = (ry[ky][a] + rx[kx][b]) * CELL + ci0;
+              CONVLORA_UNROLL
+              for (int i = 0; i < CC; ++i) u[i] += wab * zs[zc + i];
+            }
           }
-          if (STORE_U && co0 == 0) urow[urow_off + k * R + ci] = u;
+          if (STORE_U && co0 == 0) {
+            CONVLORA_UNROLL
+            for (int i = 0; i < CC; ++i) urow[urow_off + k * R + ci0 + i] = u[i];
+          }
           CONVLORA_UNROLL
-          for (int j = 0; j < CC; ++j) c[j] += w[w_off + ((co0 + j) * R + ci) * 9 + k] * u;
+          for (int i = 0; i < CC; ++i) {
+            const int wrow = w_off + (k * R + ci0 + i) * R + co0;
+            CONVLORA_UNROLL
+            for (int j = 0; j < CC; ++j) c[j] += w[wrow + j] * u[i];
+          }
         }
       }
     }
@@ -431,11 +470,20 @@ CONVLORA_HD BlockPos block_pos(const TileArgs<scalar_t, acc_t>& A, int64_t block
   return P;
 }
 
+// A global-memory array seen through the shared-array type (what does not fit the budget).
+template <typename acc_t>
+CONVLORA_HD SArr<acc_t> global_arr(const acc_t* p, int offset, int count, const char* name) {
+  (void)count;
+  (void)name;
+  return CONVLORA_SARR(acc_t, reinterpret_cast<unsigned char*>(const_cast<acc_t*>(p + offset)),
+                       0, count, name);
+}
+
 // The shared arrays of one block, typed.
 template <int R, int MODE, bool BWD, typename acc_t>
 struct Smem {
   using G = Geometry<R, MODE, BWD>;
-  SArr<acc_t> zs, src, cbuf, ubuf, acc, w, b, dw;
+  SArr<acc_t> zs, src, cbuf, ubuf, acc, w, wt, b, dw;
   SArr<int> es, nt, start, bucket, first, meta, items;
 
   CONVLORA_HD Smem(unsigned char* base, const Layout& L, int n, const acc_t* wglobal,
@@ -446,13 +494,15 @@ struct Smem {
         ubuf(CONVLORA_SARR(acc_t, base, L.ubuf, BWD ? G::kRound * G::kURow : 0, "taps")),
         acc(CONVLORA_SARR(acc_t, base, L.acc, G::kTileH * G::kTileW * G::kCell, "tile sums")),
         w(L.w_count ? CONVLORA_SARR(acc_t, base, L.w, L.w_count, "weights")
-                    : CONVLORA_SARR(acc_t, reinterpret_cast<unsigned char*>(
-                                               const_cast<acc_t*>(wglobal)),
-                                    0, n * weight_stride<R>(), "weights (global)")),
+                    : global_arr(wglobal, 0, n * weight_stride<R>(), "weights (global)")),
+        wt(!BWD ? global_arr(wglobal, 0, 0, "transposed weights (none)")
+           : L.w_count ? CONVLORA_SARR(acc_t, base, L.wt, L.w_count, "transposed weights")
+                       : global_arr(wglobal, n * (weight_stride<R>() + R),
+                                    n * weight_stride<R>(), "transposed weights (global)")),
         b(CONVLORA_SARR(acc_t, base, L.b, n * R, "bias")),
         dw(L.dw_count ? CONVLORA_SARR(acc_t, base, L.dw, L.dw_count, "weight gradients")
                       : CONVLORA_SARR(acc_t, reinterpret_cast<unsigned char*>(dwglobal), 0,
-                                      BWD ? n * grad_entries(r) : 0,
+                                      BWD ? n * grad_stride<R>() : 0,
                                       "weight gradients (global)")),
         es(CONVLORA_SARR(int, base, L.es, G::kSrc, "expert")),
         nt(CONVLORA_SARR(int, base, L.nt, G::kSrc, "taps per token")),
@@ -491,13 +541,15 @@ CONVLORA_HD void phase_load(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
     S.nt[t] = nt;
   }
   if (A.w_smem) {
-    for (int i = tid; i < A.n * weight_stride<R>(); i += kThreads) S.w[i] = A.wbuf[i];
+    const int nw = A.n * weight_stride<R>();
+    for (int i = tid; i < nw; i += kThreads) S.w[i] = A.wbuf[i];
+    if (BWD)
+      for (int i = tid; i < nw; i += kThreads) S.wt[i] = A.wbuf[nw + A.n * R + i];
   }
   for (int i = tid; i < A.n * R; i += kThreads) S.b[i] = A.wbuf[A.n * weight_stride<R>() + i];
   for (int i = tid; i < G::kTileH * G::kTileW * G::kCell; i += kThreads) S.acc[i] = acc_t(0);
   if (BWD) {
-    const int ne = A.n * grad_entries(A.r);
-    for (int i = tid; i < ne; i += kThreads) S.dw[i] = acc_t(0);
+    for (int i = tid; i < A.n * grad_stride<R>(); i += kThreads) S.dw[i] = acc_t(0);
   }
 }
 
@@ -643,115 +695,154 @@ CONVLORA_HD void phase_store(const TileArgs<scalar_t, acc_t>& A, const BlockPos&
   }
 }
 
-// Backward phase 5 (per round): weight gradients. Each thread owns entries (co, ci, k) and
-// biases of every expert and adds, in item order, the round's tile items of that expert:
+// Backward phase 5 (per round): weight gradients of the round's tile items (the first
+// first[n] items; expert-sorted, so each expert's items are one stretch):
 //   dW[e, co, ci, k] += g[co] U(tap k)[ci],   db[e, co] += g[co]
+// Thread u owns (co, k, a chunk of CH input channels) of every expert, or bias co; it
+// walks the items in order and adds its sums to expert e's accumulators when e changes.
 template <int R, int MODE, typename acc_t>
-CONVLORA_HD void phase_dw(int r, int n, int r0, int nitems,
-                          const Smem<R, MODE, true, acc_t>& S, int tid) {
+CONVLORA_HD void phase_dw(int n, int r0, const Smem<R, MODE, true, acc_t>& S, int tid) {
   using G = Geometry<R, MODE, true>;
-  const int ne = grad_entries(r), nw = r * r * 9;
-  const int lo_round = r0, hi_round = r0 + G::kRound < nitems ? r0 + G::kRound : nitems;
-  for (int entry = tid; entry < ne; entry += kThreads) {
-    int co, ci = 0, k = 0;
-    if (entry < nw) {
-      co = entry / (9 * r);
-      const int rest = entry - co * 9 * r;
-      ci = rest / 9;
-      k = rest - ci * 9;
-    } else {
-      co = entry - nw;
-    }
-    for (int e = 0; e < n; ++e) {
-      const int b0 = S.first[e], b1 = S.first[e + 1];  // tile items of expert e
-      const int lo = b0 > lo_round ? b0 : lo_round, hi = b1 < hi_round ? b1 : hi_round;
-      if (lo >= hi) continue;
-      acc_t sum = acc_t(0);
-      if (entry < nw) {
-        for (int i = lo; i < hi; ++i)
-          sum += S.cbuf[(i - r0) * G::kItemRow + co] * S.ubuf[(i - r0) * G::kURow + k * R + ci];
-      } else {
-        for (int i = lo; i < hi; ++i) sum += S.cbuf[(i - r0) * G::kItemRow + co];
+  constexpr int CH = R < 16 ? R : 16, NCH = R / CH, NW = R * 9 * NCH;
+  constexpr int GS = grad_stride<R>();
+  const int tile_items = S.first[n];
+  const int lo = r0, hi = r0 + G::kRound < tile_items ? r0 + G::kRound : tile_items;
+  if (lo >= hi) return;
+  for (int u = tid; u < NW + R; u += kThreads) {
+    const bool bias = u >= NW;
+    const int co = bias ? u - NW : u / (9 * NCH);
+    const int rest = u - co * 9 * NCH, k = rest / NCH, c0 = (rest - k * NCH) * CH;
+    const int dst = bias ? R * 9 * R + co : (co * 9 + k) * R + c0;
+    acc_t acc[CH];
+    CONVLORA_UNROLL
+    for (int j = 0; j < CH; ++j) acc[j] = acc_t(0);
+    int e_cur = S.es[item_token(S.items[lo])];
+    for (int i = lo; i <= hi; ++i) {
+      const int e = i < hi ? S.es[item_token(S.items[i])] : -1;
+      if (e != e_cur) {  // flush expert e_cur's sums
+        if (bias) {
+          S.dw[e_cur * GS + dst] += acc[0];
+        } else {
+          CONVLORA_UNROLL
+          for (int j = 0; j < CH; ++j) S.dw[e_cur * GS + dst + j] += acc[j];
+        }
+        CONVLORA_UNROLL
+        for (int j = 0; j < CH; ++j) acc[j] = acc_t(0);
+        e_cur = e;
       }
-      S.dw[e * ne + entry] += sum;
+      if (i == hi) break;
+      const acc_t g = S.cbuf[(i - r0) * G::kItemRow + co];
+      if (bias) {
+        acc[0] += g;
+      } else {
+        const int ub = (i - r0) * G::kURow + k * R + c0;
+        CONVLORA_UNROLL
+        for (int j = 0; j < CH; ++j) acc[j] += g * S.ubuf[ub + j];
+      }
     }
   }
 }
 
-// Backward phase 6 (per round): thread per (item, tap k): dU = W[e, :, :, k]^T g into ubuf
-// (replacing U, which phase_dw has consumed).
-template <int R, int MODE, typename scalar_t, typename acc_t>
-CONVLORA_HD void phase_dU(int r0, int nitems, const Smem<R, MODE, true, acc_t>& S, int tid) {
-  using G = Geometry<R, MODE, true>;
-  for (int u = tid; u < G::kRound * 9; u += kThreads) {
-    const int j = u / 9, k = u - j * 9;
-    if (r0 + j >= nitems) break;
-    const int e = S.es[item_token(S.items[r0 + j])];
-    const int w_off = e * weight_stride<R>();
-    acc_t d[R];
-    CONVLORA_UNROLL
-    for (int ci = 0; ci < R; ++ci) d[ci] = acc_t(0);
-    for (int co = 0; co < R; ++co) {
-      const acc_t g = S.cbuf[j * G::kItemRow + co];
-      CONVLORA_UNROLL
-      for (int ci = 0; ci < R; ++ci) d[ci] += S.w[w_off + (co * R + ci) * 9 + k] * g;
-    }
-    CONVLORA_UNROLL
-    for (int ci = 0; ci < R; ++ci) S.ubuf[j * G::kURow + k * R + ci] = d[ci];
-  }
+// Checked build: a neighbourhood offset outside [0, side) breaks the halo the tiles rely on.
+CONVLORA_HD void check_offset(int off, int side) {
+#if defined(CONVLORA_CHECKED)
+  if (off < 0 || off >= side) smem_out_of_range("neighbourhood offset", off, side);
+#else
+  (void)off;
+  (void)side;
+#endif
 }
 
-// Backward phase 7 (per round, one per colour (cy, cx)): thread per (source of the colour,
-// channel ci) adds its round items' dU, through the up-sampling taps, to the tile's dz.
-// Sources of one colour are kSide apart, so their z reach (± halo) never overlaps: no two
-// threads of the phase write the same value.
+// Backward phase 6 (per round, after phase_dw has read U): thread per item. The item's
+// dU = W^T g at each of its nine upsampled taps goes, through the up-sampling taps, into
+// its contributions D[c] to the z values c of its source token's neighbourhood
+// (c = (dy + halo)·side + dx + halo), written over the item's ubuf row:
+//   dU(k)[ci] = sum_co W[e, k, ci, co] g[co],   D[z tap of k] += wy wx dU(k)
 template <int R, int MODE, typename scalar_t, typename acc_t>
-CONVLORA_HD void phase_scatter(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P, int r0,
-                               int nitems, int cy, int cx, const Smem<R, MODE, true, acc_t>& S,
-                               int tid) {
+CONVLORA_HD void phase_delta(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P, int r0,
+                             int nitems, const Smem<R, MODE, true, acc_t>& S, int tid) {
   using G = Geometry<R, MODE, true>;
-  constexpr int UT = Interp<MODE>::kUpTaps, SIDE = Interp<MODE>::kSide;
-  const int ny = (G::kSrcH - cy + SIDE - 1) / SIDE, nx = (G::kSrcW - cx + SIDE - 1) / SIDE;
+  constexpr int UT = Interp<MODE>::kUpTaps, SIDE = Interp<MODE>::kSide, HALO = G::kHalo;
+  constexpr int CH = R < 16 ? R : 16;  // channels per pass: bounded registers
   const int sy0 = P.h0 - G::kSH, sx0 = P.w0 - G::kSH;
-  const int hi_round = r0 + G::kRound < nitems ? r0 + G::kRound : nitems;
-  for (int u = tid; u < ny * nx * R; u += kThreads) {
-    const int j = u / R, ci = u - j * R;
-    const int jy = j / nx, jx = j - jy * nx;
-    const int t = (cy + jy * SIDE) * G::kSrcW + cx + jx * SIDE;
-    const int nt = S.nt[t];
-    if (nt == 0) continue;
-    const int i0 = S.start[t], i1 = i0 + (nt >> 3) * (nt & 7);
-    const int lo = i0 > r0 ? i0 : r0, hi = i1 < hi_round ? i1 : hi_round;
-    if (lo >= hi) continue;
-    const int e = S.es[t], s = A.T.scale[e];
-    const int sH = s * A.H, sW = s * A.W;
+  for (int j = tid; j < G::kRound && r0 + j < nitems; j += kThreads) {
+    const int it = S.items[r0 + j];
+    const int t = item_token(it), e = S.es[t], s = A.T.scale[e];
     const int gy = sy0 + t / G::kSrcW, gx = sx0 + t % G::kSrcW;
-    for (int i = lo; i < hi; ++i) {
-      const int it = S.items[i];
-      const ItemPos<acc_t> ip = item_pos(A, e, gy, gx, item_a(it), item_b(it));
-      for (int ky = 0; ky < 3; ++ky) {
-        const int p = ip.oy + ky - 1;
-        if (p < 0 || p >= sH) continue;
-        const Taps<acc_t>& tyt = A.taps[A.T.up_y[e] + p];
-        for (int kx = 0; kx < 3; ++kx) {
-          const int q = ip.ox + kx - 1;
-          if (q < 0 || q >= sW) continue;
-          const Taps<acc_t>& txt = A.taps[A.T.up_x[e] + q];
-          const acc_t d = S.ubuf[(i - r0) * G::kURow + (ky * 3 + kx) * R + ci];
+    const ItemPos<acc_t> ip = item_pos(A, e, gy, gx, item_a(it), item_b(it));
+    const int row = j * G::kURow, w_off = e * weight_stride<R>();
+    for (int c = 0; c < G::kNeighbours * R; ++c) S.ubuf[row + c] = acc_t(0);
+    for (int ky = 0; ky < 3; ++ky) {
+      const int p = ip.oy + ky - 1;
+      if (p < 0 || p >= s * A.H) continue;
+      const Taps<acc_t>& tyt = A.taps[A.T.up_y[e] + p];
+      for (int kx = 0; kx < 3; ++kx) {
+        const int q = ip.ox + kx - 1;
+        if (q < 0 || q >= s * A.W) continue;
+        const Taps<acc_t>& txt = A.taps[A.T.up_x[e] + q];
+        const int k = ky * 3 + kx;
+        for (int c0 = 0; c0 < R; c0 += CH) {
+          acc_t d[CH];
+          CONVLORA_UNROLL
+          for (int c = 0; c < CH; ++c) d[c] = acc_t(0);
+          for (int co = 0; co < R; ++co) {
+            const acc_t g = S.cbuf[j * G::kItemRow + co];
+            CONVLORA_UNROLL
+            for (int c = 0; c < CH; ++c) d[c] += S.wt[w_off + (k * R + co) * R + c0 + c] * g;
+          }
           CONVLORA_UNROLL
           for (int a = 0; a < UT; ++a) {
-            const int ty = tyt.idx[a] - P.h0;
-            if (ty < 0 || ty >= G::kTileH) continue;
+            const int oy = tyt.idx[a] - gy + HALO;
+            check_offset(oy, SIDE);
             CONVLORA_UNROLL
             for (int b = 0; b < UT; ++b) {
-              const int tx = txt.idx[b] - P.w0;
-              if (tx < 0 || tx >= G::kTileW) continue;
-              S.acc[(ty * G::kTileW + tx) * G::kCell + ci] += tyt.w[a] * txt.w[b] * d;
+              const int ox = txt.idx[b] - gx + HALO;
+              check_offset(ox, SIDE);
+              const acc_t wgt = tyt.w[a] * txt.w[b];
+              const int dst = row + (oy * SIDE + ox) * R + c0;
+              CONVLORA_UNROLL
+              for (int c = 0; c < CH; ++c) S.ubuf[dst + c] += wgt * d[c];
             }
           }
         }
       }
     }
+  }
+}
+
+// Backward phase 7 (per round): thread per (tile token, chunk of channels). The token
+// pulls, in a fixed order, the contributions of the round's items of every source whose
+// neighbourhood holds it.
+template <int R, int MODE, typename acc_t>
+CONVLORA_HD void phase_gather(int r0, int nitems, const Smem<R, MODE, true, acc_t>& S,
+                              int tid) {
+  using G = Geometry<R, MODE, true>;
+  constexpr int SIDE = Interp<MODE>::kSide, HALO = G::kHalo;
+  constexpr int CH = R < 16 ? R : 16, NCH = R / CH;
+  const int hi_round = r0 + G::kRound < nitems ? r0 + G::kRound : nitems;
+  for (int u = tid; u < G::kTileH * G::kTileW * NCH; u += kThreads) {
+    const int cell = u / NCH, c0 = (u - cell * NCH) * CH;
+    const int ty = cell / G::kTileW, tx = cell - ty * G::kTileW;
+    acc_t sum[CH];
+    CONVLORA_UNROLL
+    for (int c = 0; c < CH; ++c) sum[c] = acc_t(0);
+    for (int oy = 0; oy < SIDE; ++oy) {
+      for (int ox = 0; ox < SIDE; ++ox) {
+        // the source whose neighbourhood cell (oy, ox) is this token
+        const int t = (ty + G::kSH + HALO - oy) * G::kSrcW + tx + G::kSH + HALO - ox;
+        const int nt = S.nt[t];
+        if (nt == 0) continue;
+        const int i0 = S.start[t], i1 = i0 + (nt >> 3) * (nt & 7);
+        const int lo = i0 > r0 ? i0 : r0, hi = i1 < hi_round ? i1 : hi_round;
+        for (int i = lo; i < hi; ++i) {
+          const int src = (i - r0) * G::kURow + (oy * SIDE + ox) * R + c0;
+          CONVLORA_UNROLL
+          for (int c = 0; c < CH; ++c) sum[c] += S.ubuf[src + c];
+        }
+      }
+    }
+    CONVLORA_UNROLL
+    for (int c = 0; c < CH; ++c) S.acc[cell * G::kCell + c0 + c] += sum[c];
   }
 }
 
@@ -761,8 +852,7 @@ template <int R, int MODE, typename acc_t>
 CONVLORA_HD void phase_flush_dw(int r, int n, bool dw_smem, acc_t* partial,
                                 const Smem<R, MODE, true, acc_t>& S, int tid) {
   if (!dw_smem) return;
-  const int ne = n * grad_entries(r);
-  for (int i = tid; i < ne; i += kThreads) partial[i] = S.dw[i];
+  for (int i = tid; i < n * grad_stride<R>(); i += kThreads) partial[i] = S.dw[i];
 }
 
 // Runs one block. Exec::phase(f) calls f(tid) for every thread of the block and then
@@ -773,7 +863,7 @@ CONVLORA_HD void run_block(Exec& ex, const TileArgs<scalar_t, acc_t>& A, const L
                            unsigned char* smem, int64_t block) {
   using G = Geometry<R, MODE, BWD>;
   const BlockPos P = block_pos<G::kTileH, G::kTileW>(A, block);
-  acc_t* partial = BWD ? A.dw_partial + block * A.n * grad_entries(A.r) : nullptr;
+  acc_t* partial = BWD ? A.dw_partial + block * A.n * grad_stride<R>() : nullptr;
   const Smem<R, MODE, BWD, acc_t> S(smem, L, A.n, A.wbuf, partial, A.r);
   ex.poison(smem, L.bytes);
   ex.phase([&](int tid) { phase_load<R, MODE, BWD>(A, P, S, tid); });
@@ -787,11 +877,9 @@ CONVLORA_HD void run_block(Exec& ex, const TileArgs<scalar_t, acc_t>& A, const L
     if constexpr (!BWD) {
       ex.phase([&](int tid) { phase_combine<R, MODE>(r0, S, tid); });
     } else {
-      ex.phase([&](int tid) { phase_dw<R, MODE>(A.r, A.n, r0, nitems, S, tid); });
-      ex.phase([&](int tid) { phase_dU<R, MODE, scalar_t>(r0, nitems, S, tid); });
-      for (int cy = 0; cy < Interp<MODE>::kSide; ++cy)
-        for (int cx = 0; cx < Interp<MODE>::kSide; ++cx)
-          ex.phase([&](int tid) { phase_scatter<R, MODE>(A, P, r0, nitems, cy, cx, S, tid); });
+      ex.phase([&](int tid) { phase_dw<R, MODE>(A.n, r0, S, tid); });
+      ex.phase([&](int tid) { phase_delta<R, MODE>(A, P, r0, nitems, S, tid); });
+      ex.phase([&](int tid) { phase_gather<R, MODE>(r0, nitems, S, tid); });
     }
   }
   ex.phase([&](int tid) { phase_store<R, MODE, BWD>(A, P, S, tid); });
@@ -800,20 +888,30 @@ CONVLORA_HD void run_block(Exec& ex, const TileArgs<scalar_t, acc_t>& A, const L
   }
 }
 
-// The reduce after the backward: dw[i] = sum over blocks of partial[block, i], in block
-// order within four interleaved sums (i = e·grad_entries + entry; one thread per i).
-template <typename acc_t>
-CONVLORA_HD void reduce_entry(const acc_t* partial, int64_t blocks, int64_t per_block,
-                              int64_t i, acc_t* dw) {
+// The reduce after the backward: weight-gradient output i (expert e, then (co, ci, k) of
+// r·r·9 weights and r biases) = the sum over blocks of the matching accumulator of each
+// block's partial (n x grad_stride), in block order within four interleaved sums.
+template <int R, typename acc_t>
+CONVLORA_HD void reduce_entry(const acc_t* partial, int64_t blocks, int r, int n, int i,
+                              acc_t* dw) {
+  const int ne = grad_entries(r), nw = r * r * 9;
+  const int e = i / ne, entry = i - e * ne;
+  int src = R * 9 * R + (entry - nw);
+  if (entry < nw) {
+    const int co = entry / (9 * r), ci = (entry / 9) % r, k = entry % 9;
+    src = (co * 9 + k) * R + ci;
+  }
+  const int64_t per_block = static_cast<int64_t>(n) * grad_stride<R>();
+  const acc_t* p = partial + e * grad_stride<R>() + src;
   acc_t s0 = acc_t(0), s1 = acc_t(0), s2 = acc_t(0), s3 = acc_t(0);
   int64_t b = 0;
   for (; b + 4 <= blocks; b += 4) {
-    s0 += partial[(b + 0) * per_block + i];
-    s1 += partial[(b + 1) * per_block + i];
-    s2 += partial[(b + 2) * per_block + i];
-    s3 += partial[(b + 3) * per_block + i];
+    s0 += p[(b + 0) * per_block];
+    s1 += p[(b + 1) * per_block];
+    s2 += p[(b + 2) * per_block];
+    s3 += p[(b + 3) * per_block];
   }
-  for (; b < blocks; ++b) s0 += partial[b * per_block + i];
+  for (; b < blocks; ++b) s0 += p[b * per_block];
   dw[i] = (s0 + s1) + (s2 + s3);
 }
 

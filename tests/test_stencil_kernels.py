@@ -18,7 +18,8 @@ from helpers import make_case, TRAINABLE, assert_close
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 RANK_BOUNDS = (4, 8, 16, 32, 64)
-SMEM_PER_SM = {80: 164 * 1024, 90: 228 * 1024}  # usable shared memory per SM (A100, H100)
+SMEM_PER_SM = {80: 164 * 1024, 90: 228 * 1024}  # shared memory per SM (A100, H100)
+SMEM_PER_BLOCK_RESERVED = 1024  # the runtime's reservation per resident block
 
 
 def _plan(r, n, mode, backward):
@@ -35,13 +36,18 @@ def _built():
 
 
 def test_stencil_plan_at_the_target_configuration():
-    """r = 8, 8 experts, bilinear: weights and weight-gradient sums in shared memory, and
-    two blocks' worth fits an SM of an A100 or H100 in both directions."""
+    """r = 8, 8 experts, bilinear: weights (and in the backward the transposed weights and
+    the weight-gradient sums) in shared memory, and at least two blocks per SM of an H100
+    in both directions (the forward also on an A100)."""
     for backward in (False, True):
         p = _plan(8, 8, "bilinear", backward)
+        print(f"backward={backward}: {p}")
         assert p["threads"] == 128 and (p["tile_h"], p["tile_w"]) == (8, 8)
         assert p["w_smem"] == 1 and p["dw_smem"] == int(backward), p
-        assert 2 * p["bytes"] <= SMEM_PER_SM[80], p
+        per_block = p["bytes"] + SMEM_PER_BLOCK_RESERVED
+        assert 2 * per_block <= SMEM_PER_SM[90], p
+        if not backward:
+            assert 2 * per_block <= SMEM_PER_SM[80], p
     # Every configuration fits one block's opt-in shared memory on an A100 (163 KB).
     largest = max(_plan(r, 16, mode, backward)["bytes"] for r in range(1, 65)
                   for mode in ("bilinear", "bicubic") for backward in (False, True))
@@ -135,6 +141,7 @@ STENCIL_CASES = [
     # weights and weight-gradient sums in shared or in global memory
     ("bilinear", (2, 17, 23), tuple(range(1, 9)), 8),
     ("bilinear", (1, 9, 8), (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16), 3),
+    ("bilinear", (2, 9, 12), (1, 2, 3, 4, 5, 6, 7, 8, 9, 10), 6),
     ("bilinear", (3, 5, 11), (2, 1, 4), 16),
     ("bilinear", (1, 10, 9), (3, 2), 20),
     ("bicubic", (2, 19, 10), tuple(range(1, 9)), 4),

@@ -9,6 +9,8 @@
 #   memcheck   compute-sanitizer memcheck: probe op + backend "cuda", tiny fwd+bwd vs reference
 #   racecheck  compute-sanitizer racecheck: the same, backend "cuda" only
 #   memcheck-triton   compute-sanitizer memcheck of backend "triton" (SKIP if it is absent)
+#   stencil    the stencil kernels alone (stencil_fwd, stencil_bwd; CUDA events) next to the
+#              layer's fwd+bwd, plain LoRA and the eager reference (benchmarks/stencil_time.py)
 #   bench      the GPU benchmark subset (ViT-B global and window maps, r = 8 and 3, token
 #              routing, one map-routing row, bf16, torch.compile on one shape)
 # A stage that fails does not stop the others (a failed build skips the rest).
@@ -187,7 +189,7 @@ sys.exit(0 if ok else 1)"
 fi
 
 if grep -qE '^build(-check)? +FAIL' "$SUMMARY"; then
-  skip_rest "the build failed" tests memcheck racecheck memcheck-triton bench
+  skip_rest "the build failed" tests memcheck racecheck memcheck-triton stencil bench
 else
   # ---- GPU tests --------------------------------------------------------------------
   stage tests "$OUT/tests.log" "$(limit 90 "$BENCH_MIN")" "$PY" -m pytest -m gpu -ra -q -p no:cacheprovider tests
@@ -218,6 +220,9 @@ else
     unset PYTORCH_NO_CUDA_MEMORY_CACHING
   fi
 
+  # ---- the stencil kernels alone, next to the layer ----------------------------------
+  if [ "$DEVICE" = cuda ]; then STENCIL=(--device cuda); else STENCIL=(--device cpu --repeats 3); fi
+  stage stencil "$OUT/bench.log" "$(limit 90 "$BENCH_MIN")" "$PY" benchmarks/stencil_time.py "${STENCIL[@]}"
   # ---- benchmark subset ---------------------------------------------------------------
   # Whatever time is left, less a margin; rows not started in time are recorded as skipped.
   secs=$(limit 600)

@@ -6,7 +6,7 @@
 Runs the extension's probe op on CUDA tensors (unless --no-probe), then, for each
 backend asked for that can run here, forward + backward of a tiny problem (token and
 map routing; float32 and bfloat16), checked against the reference by the accuracy rule
-of DESIGN.md §3: the backend's error against the float64 reference is at most 2x the
+of docs/design.md (accuracy rule): the backend's error against the float64 reference is at most 2x the
 reference's own error in the same dtype, plus a small floor. The references run on
 the CPU, so only the backend's kernels run under the sanitizer.
 

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 from ._validate import INTERPOLATIONS, normalize_scales, resolve_hw
 from .gating import NoisyTopOneRouter
-from .ops import BACKENDS, conv_lora_linear
+from .ops import BACKENDS, autocast_inputs, conv_lora_linear
 
 
 class ConvLoRALinear(nn.Module):
-    """A frozen linear layer plus a Conv-LoRA branch (DESIGN.md §1).
+    """A frozen linear layer plus a Conv-LoRA branch (docs/design.md, The math).
 
     Parameters (trainable unless noted):
         weight (C_out, C_in), bias (C_out,)   frozen base layer
@@ -157,11 +157,8 @@ class ConvLoRALinear(nn.Module):
                              f"dimension, got shape {tuple(x.shape)}")
         params = (self.weight, self.bias, self.lora_A, self.lora_B, self.conv_weight,
                   self.conv_bias)
-        if torch.is_autocast_enabled(x.device.type):
-            # Run the whole layer in the autocast dtype, as F.linear would.
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x = x.to(dtype)
-            params = tuple(None if p is None else p.to(dtype) for p in params)
+        # Under autocast the whole layer, router included, runs in the autocast dtype.
+        x, *params = autocast_inputs(x.device.type, x, *params)
         weight, bias, lora_A, lora_B, conv_weight, conv_bias = params
         with torch.autocast(x.device.type, enabled=False):
             z = F.linear(x.reshape(b, h, w, self.in_features), lora_A)

@@ -164,10 +164,32 @@ def conv_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    name = resolve_backend(backend, x.device)
-    return _IMPLS[name](x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
-                       scaling, scales=scales, interpolation=interpolation, hw=optional_hw(hw),
-                       z=z, check_expert_index=check_expert_index)
+    impl = functools.partial(_IMPLS[resolve_backend(backend, x.device)], scales=scales,
+                             interpolation=interpolation, hw=optional_hw(hw),
+                             check_expert_index=check_expert_index)
+    if not _autocasting(x.device.type):
+        return impl(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
+                    scaling, z=z)
+    x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, z = autocast_inputs(
+        x.device.type, x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, z)
+    with torch.autocast(x.device.type, enabled=False):
+        return impl(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
+                    scaling, z=z)
+
+
+def _autocasting(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and \
+        torch.is_autocast_enabled(device_type)
+
+
+def autocast_inputs(device_type: str, *tensors: Optional[torch.Tensor]):
+    """Under torch.autocast for ``device_type``: the tensors in the autocast dtype (None
+    stays None), so the whole layer runs in that dtype, as F.linear would, with gradients
+    flowing back to the originals. Otherwise the tensors unchanged."""
+    if not _autocasting(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def available_backends(device: torch.device) -> Tuple[str, ...]:

@@ -2,7 +2,7 @@
 
 Built only from F.linear, F.interpolate, F.conv2d and F.gelu (plus the gather
 that picks each token's expert), so a reader can check it against the paper
-(Zhong et al., ICLR 2024) and against DESIGN.md §1 line by line. It is also
+(Zhong et al., ICLR 2024) and against docs/design.md (The math) line by line. It is also
 the "unfused eager PyTorch" peer of the benchmarks: like the authors' code it
 upsamples every expert's whole map.
 

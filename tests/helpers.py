@@ -1,5 +1,5 @@
 """Test helpers: random problems, an independent float64 Conv-LoRA written from the
-resampling rules of DESIGN.md §1, and the accuracy rule."""
+resampling rules of docs/design.md, and the accuracy rule."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def make_case(batch=2, height=5, width=6, c_in=8, c_out=12, rank=3, scales=(1, 2
                 tuple(scales), interpolation)
 
 
-# --- Independent math: resampling as matrices, written from DESIGN.md §1 -------------
+# --- Independent math: resampling as matrices, written from docs/design.md (Resampling) -------------
 
 def _cubic_weights(t: float, a: float = -0.75):
     def near(d):  # |d| <= 1
@@ -178,7 +178,7 @@ def outputs_and_grads(fn: Callable, case: Case, dy: torch.Tensor, names: Sequenc
 
 def check_accuracy_rule(fn: Callable, case64: Case, dtype: torch.dtype, floor: float,
                         reference: Callable = conv_lora_linear_ref, seed: int = 1):
-    """DESIGN.md §3: err(fn in dtype) <= 2 * err(reference in dtype) + floor, against the
+    """docs/design.md (accuracy rule): err(fn in dtype) <= 2 * err(reference in dtype) + floor, against the
     reference in float64, for the output and every gradient. Raises AssertionError."""
     names = [n for n in TRAINABLE if getattr(case64, n) is not None]
     g = torch.Generator().manual_seed(seed)

@@ -1,5 +1,5 @@
 """The benchmarks run end to end on a tiny shape and write complete reports; the floors'
-counting model matches DESIGN.md §4 by hand; activation memory is counted right.
+counting model matches docs/design.md (Performance) by hand; activation memory is counted right.
 
 The benchmarks themselves live under benchmarks/ (not collected here); these tests
 import them and keep to a few seconds.
@@ -20,6 +20,7 @@ import floors  # noqa: E402
 import measure  # noqa: E402
 import render  # noqa: E402
 import run as bench  # noqa: E402
+import stencil_time  # noqa: E402
 
 TINY = ["--preset", "smoke", "--only", "smoke-2x6x7-C32-r3-map", "--repeats", "1",
         "--warmup", "0", "--rotate", "1"]
@@ -109,7 +110,7 @@ def test_gpu_rows_show_times_and_card():
 
 
 def test_floor_counts_match_the_design_example():
-    """DESIGN.md §4: N = 16384, C = 768, C_out = 2304, r = 8, bf16."""
+    """docs/design.md (Performance): N = 16384, C = 768, C_out = 2304, r = 8, bf16."""
     shape = common.Shape("t", 4, 64, 64, 768, 8).as_dict()
     n, c, d, r = 16384, 768, 2304, 8
     lin = floors.counts(shape, "fwd", "linear", 2, 8)
@@ -184,3 +185,10 @@ def test_gpu_check_script_is_valid_bash():
     r = subprocess.run(["bash", "-n", os.path.join(BENCH, "gpu_check.sh")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_stencil_time_runs_on_cpu(capsys):
+    """benchmarks/stencil_time.py (a gpu_check.sh stage) runs and reports the target shape."""
+    assert stencil_time.main(["--device", "cpu", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "stencil-bwd" in out and "RESULT: cpu-1x32x32-C768-r8: layer fwd+bwd" in out

@@ -298,3 +298,42 @@ def test_cuda_graph_capture():
     torch.cuda.synchronize()
     for a, b in zip(captured, eager):
         assert torch.equal(a, b)
+
+
+AUTOCAST_BACKENDS = [
+    pytest.param("reference", torch.bfloat16, id="reference-bf16"),
+    pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+    pytest.param("cpu", torch.float16, id="cpu-fp16"),
+    # the interpreter has no bf16 (its tl.dot would multiply the raw 16-bit patterns)
+    pytest.param("triton", torch.float16, id="triton-fp16", marks=pytest.mark.triton),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=[pytest.mark.gpu,
+                 pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")]),
+]
+
+
+@pytest.mark.parametrize("backend,dtype", AUTOCAST_BACKENDS)
+def test_functional_op_under_autocast(backend, dtype):
+    """Under torch.autocast the whole layer runs in the autocast dtype: exactly the call on
+    inputs cast to it, and every float32 input gets a float32 gradient."""
+    from convlora_kernels import ops
+
+    if backend == "triton":
+        why = ops.backend_unavailable_reason("triton", torch.device("cpu"))
+        if why is not None:
+            pytest.skip(why)
+    dev = "cuda" if backend == "cuda" else "cpu"
+    c = make_case(height=9, width=7, rank=8, scales=tuple(range(1, 9)), seed=16,
+                  device=dev).to(torch.float32, True)
+    names = list(TRAINABLE)
+    with torch.autocast(dev, dtype=dtype):
+        y = conv_lora_linear(*c.args(), **c.kwargs(), backend=backend)
+    assert y.dtype == dtype
+    cast = c.to(dtype, True)
+    y_cast = conv_lora_linear(*cast.args(), **cast.kwargs(), backend=backend)
+    assert torch.equal(y, y_cast)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(17)).to(dev, dtype)
+    grads = torch.autograd.grad(y, [getattr(c, n) for n in names], dy)
+    grads_cast = torch.autograd.grad(y_cast, [getattr(cast, n) for n in names], dy)
+    for n, g, gc in zip(names, grads, grads_cast):
+        assert g.dtype == torch.float32, n
+        assert torch.equal(g, gc.float()), n

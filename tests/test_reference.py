@@ -16,7 +16,7 @@ MODES = ["bilinear", "bicubic"]
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("n_in,s", [(1, 2), (3, 2), (5, 3), (4, 4), (7, 5), (2, 8)])
 def test_resample_matrices_match_interpolate(mode, n_in, s):
-    """The rules of DESIGN.md §1, written as matrices, are PyTorch's interpolation."""
+    """The rules of docs/design.md (Resampling), written as matrices, are PyTorch's interpolation."""
     torch.manual_seed(0)
     t = torch.randn(1, 1, n_in, 1, dtype=torch.float64)
     up = torch.nn.functional.interpolate(t, scale_factor=(s, 1), mode=mode, align_corners=False)

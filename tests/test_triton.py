@@ -114,7 +114,7 @@ def test_clear_errors_for_unsupported_inputs():
 
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
 def test_table_resampling_is_designs_rules(mode):
-    """The matrices behind the tables (from F.interpolate) are DESIGN.md §1's rules, as
+    """The matrices behind the tables (from F.interpolate) are the rules of docs/design.md (Resampling), as
     written independently in tests/helpers.py."""
     for n in (1, 3, 9):
         for s in (2, 3, 4, 7, 16):
@@ -140,7 +140,7 @@ def test_compressed_table_rows_equal_full_tables(mode):
 
 
 def test_halo_and_taps_follow_design():
-    """DESIGN.md §1: halo 1 for bilinear; bicubic 3 at s = 2 and 2 above; one down tap for
+    """docs/design.md (Resampling): halo 1 for bilinear; bicubic 3 at s = 2 and 2 above; one down tap for
     odd s, two (bilinear) or four (bicubic) for even s."""
     for s in range(1, 17):
         assert tables.halo((s,), "bilinear") == 1

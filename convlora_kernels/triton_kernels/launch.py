@@ -1,6 +1,6 @@
 """Host side of the Triton backend: buffers, tile sizes, autotuning and the launch order.
 
-Forward (memory passes at the SAM target, DESIGN.md §4):
+Forward (memory passes at the SAM target, docs/design.md (Performance)):
     y = x W0ᵀ + b0            torch (cuBLAS): reads x, writes y
     z = x Aᵀ                  torch (cuBLAS), skipped when z is given: reads x
     sort tokens by expert     torch.sort on N integers

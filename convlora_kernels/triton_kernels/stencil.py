@@ -1,7 +1,7 @@
 """Triton kernels for the Conv-LoRA stencil: the forward u = z + E(z) and the two backward
 passes that recompute it.
 
-Notation (DESIGN.md §1): z = x Aᵀ (N×r), token t = (b, h, w) with expert e and scale s,
+Notation (docs/design.md, The math): z = x Aᵀ (N×r), token t = (b, h, w) with expert e and scale s,
     c_k = conv_bias_e + sum_{dy,dx} W_e[:, :, dy, dx] · U_k(dy, dx)     conv output k
     u_t = z_t + sum_k omega_k · GELU(c_k)                               k = (ky, kx)
     U_k(dy, dx) = sum_{a,b} Ty[h, ky, dy, a] · Tx[w, kx, dx, b] · z[h+a-HALO, w+b-HALO]

@@ -1,4 +1,4 @@
-"""Per-axis stencil tables: the resampling rules of DESIGN.md §1 as small lookup tables.
+"""Per-axis stencil tables: the resampling rules of docs/design.md as small lookup tables.
 
 Along one axis (rows, say) of length n, a token at index h with an expert of scale s
 needs, for E_s(z) = Down_s(GELU(Conv3x3(Up_s(z)))):

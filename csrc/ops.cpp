@@ -16,7 +16,7 @@
 
 namespace convlora {
 
-// gelu_probe: exact GELU through the shared per-token math, the smallest op that
+// gelu_probe: exact GELU through the shared host/device math, the smallest op that
 // proves the build, the registration and the host/device sharing on each device.
 at::Tensor gelu_probe_cpu(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu(), "gelu_probe_cpu: expected a CPU tensor, got ", x.device());

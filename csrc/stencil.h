@@ -157,6 +157,36 @@ bool rows_vectorizable(int64_t r, const void* z, const void* du) {
   return r == R && (R * sizeof(scalar_t)) % 16 == 0 && aligned(z) && aligned(du);
 }
 
+// The arguments of a tile kernel: the checked operands (o.du defined for the backward),
+// the tables, the plan, the prep buffers and the outputs.
+template <int R, typename scalar_t, typename acc_t>
+tile::TileArgs<scalar_t, acc_t> make_tile_args(const Operands& o, const tile::Tables& T,
+                                               const TilePlan& plan, const at::Tensor& taps,
+                                               const at::Tensor& wbuf, at::Tensor& out,
+                                               acc_t* dw_partial) {
+  tile::TileArgs<scalar_t, acc_t> A{};
+  A.z = o.z.const_data_ptr<scalar_t>();
+  A.expert_index = o.expert_index.const_data_ptr<int>();
+  A.du = o.du.defined() ? o.du.const_data_ptr<scalar_t>() : nullptr;
+  A.out = out.mutable_data_ptr<scalar_t>();
+  A.wbuf = wbuf.const_data_ptr<acc_t>();
+  A.taps = reinterpret_cast<const Taps<acc_t>*>(taps.const_data_ptr());
+  A.dw_partial = dw_partial;
+  A.T = T;
+  A.maps = o.z.size(0) / (static_cast<int64_t>(T.H) * T.W);
+  A.H = T.H;
+  A.W = T.W;
+  A.r = static_cast<int>(o.z.size(1));
+  A.n = T.n;
+  A.tiles_y = plan.tiles_y;
+  A.tiles_x = plan.tiles_x;
+  A.w_smem = plan.w_smem;
+  A.dw_smem = plan.dw_smem;
+  A.vec_z = rows_vectorizable<R, scalar_t>(A.r, A.z, A.du);
+  return A;
+}
+
+
 // Entries of one expert's weight-gradient vector: r·r·9 conv weights, then r biases.
 inline int64_t dw_entries(int64_t r) { return r * r * 9 + r; }
 

@@ -1,7 +1,8 @@
 // CPU kernels of the stencil ops: the tiled block programs of stencil_tile.h, each block's
 // phases run as loops over its 128 thread ids, blocks in parallel with at::parallel_for.
-// Built with CONVLORA_CHECKED, every shared-memory index is bounds-checked and buffers are
-// poisoned before they are written (see stencil_tile.h).
+// Built with CONVLORA_CHECKED, every shared-memory index is bounds-checked, cross-thread
+// accesses within a phase are reported as races, and buffers are poisoned before they are
+// written (see stencil_tile.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -19,7 +20,18 @@ namespace {
 struct CpuExec {
   template <typename F>
   void phase(F&& f) {
+#if defined(CONVLORA_CHECKED)
+    tile::Shadow& s = *tile::g_shadow;
+    ++s.phase;
+    for (int tid = 0; tid < tile::kThreads; ++tid) {
+      s.tid = tid;
+      f(tid);
+    }
+    s.tid = -1;  // what runs between phases is a phase of its own
+    ++s.phase;
+#else
     for (int tid = 0; tid < tile::kThreads; ++tid) f(tid);
+#endif
   }
   void poison(void* p, int bytes) {
 #if defined(CONVLORA_CHECKED)
@@ -36,7 +48,7 @@ template <int R, typename acc_t>
 void prep_cpu(const at::Tensor& cw, const at::Tensor& cb, int r, const tile::Tables& T,
               at::Tensor& taps, at::Tensor& wbuf) {
   const int n = T.n;
-  taps = at::empty({static_cast<int64_t>(T.entries) * static_cast<int64_t>(sizeof(Taps<acc_t>))},
+  taps = at::empty({T.entries * static_cast<int64_t>(sizeof(Taps<acc_t>))},
                    cw.options().dtype(at::kByte));
   wbuf = at::empty({wbuf_size<R>(n)}, cw.options().dtype(c10::CppTypeToScalarType<acc_t>()));
   auto* tp = reinterpret_cast<Taps<acc_t>*>(taps.mutable_data_ptr());
@@ -58,8 +70,16 @@ void run_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const TilePlan& plan) 
     auto* smem = reinterpret_cast<unsigned char*>(
         (reinterpret_cast<uintptr_t>(storage.data()) + 15) & ~static_cast<uintptr_t>(15));
     CpuExec ex;
+#if defined(CONVLORA_CHECKED)
+    tile::Shadow shadow;
+    shadow.attach(smem, plan.layout.bytes);
+    tile::g_shadow = &shadow;
+#endif
     for (int64_t blk = b0; blk < b1; ++blk)
       tile::run_block<R, MODE, BWD>(ex, A, plan.layout, smem, blk);
+#if defined(CONVLORA_CHECKED)
+    tile::g_shadow = nullptr;
+#endif
   });
 }
 
@@ -88,7 +108,7 @@ at::Tensor stencil_fwd_cpu(const at::Tensor& z, const at::Tensor& expert_index,
                            int64_t width) {
   const auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales,
                                   interpolation, height, width);
-  const auto &zc = o.z, &idx = o.expert_index;
+  const auto& zc = o.z;
   auto u = at::empty_like(zc);
   const int64_t N = zc.size(0), r = zc.size(1);
   if (N == 0) return u;
@@ -101,23 +121,7 @@ at::Tensor stencil_fwd_cpu(const at::Tensor& z, const at::Tensor& expert_index,
         prep_cpu<R, acc_t>(o.conv_weight, o.conv_bias, static_cast<int>(r), T, taps, wbuf);
         const auto plan = make_tile_plan<R, MODE, false, acc_t>(N / (height * width), T.H, T.W,
                                                                 static_cast<int>(r), T.n);
-        tile::TileArgs<scalar_t, acc_t> A{};
-        A.z = zc.const_data_ptr<scalar_t>();
-        A.expert_index = idx.const_data_ptr<int>();
-        A.out = u.mutable_data_ptr<scalar_t>();
-        A.wbuf = wbuf.const_data_ptr<acc_t>();
-        A.taps = reinterpret_cast<const Taps<acc_t>*>(taps.const_data_ptr());
-        A.T = T;
-        A.maps = N / (height * width);
-        A.H = T.H;
-        A.W = T.W;
-        A.r = static_cast<int>(r);
-        A.n = T.n;
-        A.tiles_y = plan.tiles_y;
-        A.tiles_x = plan.tiles_x;
-        A.w_smem = plan.w_smem;
-        A.dw_smem = plan.dw_smem;
-        A.vec_z = rows_vectorizable<R, scalar_t>(r, A.z, nullptr);
+        auto A = make_tile_args<R, scalar_t, acc_t>(o, T, plan, taps, wbuf, u, nullptr);
         run_blocks<R, MODE, false>(A, plan);
       });
     });
@@ -131,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
     int64_t interpolation, int64_t height, int64_t width) {
   const auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales,
                                   interpolation, height, width, &du);
-  const auto &zc = o.z, &duc = o.du, &idx = o.expert_index;
+  const auto& zc = o.z;
   const int64_t N = zc.size(0), r = zc.size(1), n = o.conv_weight.size(0);
   auto dz = at::empty_like(zc);
   const auto acc_opts = zc.options().dtype(acc_dtype_for(zc.scalar_type()));
@@ -151,25 +155,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
         const auto plan = make_tile_plan<R, MODE, true, acc_t>(N / (height * width), T.H, T.W,
                                                                static_cast<int>(r), T.n);
         at::Tensor partial = at::empty({plan.blocks, n * tile::grad_stride<R>()}, acc_opts);
-        tile::TileArgs<scalar_t, acc_t> A{};
-        A.z = zc.const_data_ptr<scalar_t>();
-        A.expert_index = idx.const_data_ptr<int>();
-        A.du = duc.const_data_ptr<scalar_t>();
-        A.out = dz.mutable_data_ptr<scalar_t>();
-        A.wbuf = wbuf.const_data_ptr<acc_t>();
-        A.taps = reinterpret_cast<const Taps<acc_t>*>(taps.const_data_ptr());
-        A.dw_partial = partial.mutable_data_ptr<acc_t>();
-        A.T = T;
-        A.maps = N / (height * width);
-        A.H = T.H;
-        A.W = T.W;
-        A.r = static_cast<int>(r);
-        A.n = T.n;
-        A.tiles_y = plan.tiles_y;
-        A.tiles_x = plan.tiles_x;
-        A.w_smem = plan.w_smem;
-        A.dw_smem = plan.dw_smem;
-        A.vec_z = rows_vectorizable<R, scalar_t>(r, A.z, A.du);
+        auto A = make_tile_args<R, scalar_t, acc_t>(o, T, plan, taps, wbuf, dz,
+                                                     partial.mutable_data_ptr<acc_t>());
         run_blocks<R, MODE, true>(A, plan);
         const acc_t* pp = partial.const_data_ptr<acc_t>();
         acc_t* dwp = dw.mutable_data_ptr<acc_t>();

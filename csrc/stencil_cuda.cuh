@@ -93,8 +93,8 @@ void run_call(const Operands& o, at::IntArrayRef scales, int64_t interpolation, 
   const auto T = tables_for(height, width, interpolation, scales);
   const auto f32 = z.options().dtype(at::kFloat);
   const auto cw = o.conv_weight.to(at::kFloat), cb = o.conv_bias.to(at::kFloat);
-  at::Tensor taps = at::empty({static_cast<int64_t>(T.entries) * static_cast<int64_t>(sizeof(Taps<float>))},
-                        z.options().dtype(at::kByte));
+  at::Tensor taps = at::empty({T.entries * static_cast<int64_t>(sizeof(Taps<float>))},
+                              z.options().dtype(at::kByte));
   at::Tensor wbuf = at::empty({wbuf_size<R>(static_cast<int>(n))}, f32);
   prep_kernel<R><<<grid_for(T.entries + wbuf.numel(), kPrepThreads), kPrepThreads, 0, stream>>>(
       cw.const_data_ptr<float>(), cb.const_data_ptr<float>(), static_cast<int>(r), T,
@@ -104,29 +104,10 @@ void run_call(const Operands& o, at::IntArrayRef scales, int64_t interpolation, 
   const int64_t maps = N / (height * width);
   const auto plan = make_tile_plan<R, MODE, BWD, float>(maps, T.H, T.W, static_cast<int>(r),
                                                         T.n);
-  tile::TileArgs<scalar_t, float> A{};
-  A.z = z.const_data_ptr<scalar_t>();
-  A.expert_index = o.expert_index.const_data_ptr<int>();
-  A.du = BWD ? o.du.const_data_ptr<scalar_t>() : nullptr;
-  A.out = out.mutable_data_ptr<scalar_t>();
-  A.wbuf = wbuf.const_data_ptr<float>();
-  A.taps = reinterpret_cast<const Taps<float>*>(taps.const_data_ptr());
-  A.T = T;
-  A.maps = maps;
-  A.H = T.H;
-  A.W = T.W;
-  A.r = static_cast<int>(r);
-  A.n = T.n;
-  A.tiles_y = plan.tiles_y;
-  A.tiles_x = plan.tiles_x;
-  A.w_smem = plan.w_smem;
-  A.dw_smem = plan.dw_smem;
-  A.vec_z = rows_vectorizable<R, scalar_t>(r, A.z, A.du);
   at::Tensor partial;
-  if (BWD) {
-    partial = at::empty({plan.blocks, n * tile::grad_stride<R>()}, f32);
-    A.dw_partial = partial.mutable_data_ptr<float>();
-  }
+  if (BWD) partial = at::empty({plan.blocks, n * tile::grad_stride<R>()}, f32);
+  auto A = make_tile_args<R, scalar_t, float>(o, T, plan, taps, wbuf, out,
+                                              BWD ? partial.mutable_data_ptr<float>() : nullptr);
   launch_tile<MODE, BWD, scalar_t, R>(A, plan, stream);
   if (BWD) {
     reduce_dw_kernel<R><<<grid_for(dw->numel(), kPrepThreads), kPrepThreads, 0, stream>>>(

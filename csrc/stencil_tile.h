@@ -6,9 +6,11 @@
 // threads with __syncthreads() after it; the CPU runs the same phase as a loop over the
 // 128 thread ids (blocks in parallel with at::parallel_for). Both read the same tables,
 // stage the same tiles and reduce in the same order, so CI executes what the GPU runs.
-// A checked CPU build (CONVLORA_CHECKED) bounds-checks every shared-memory index and
-// poisons shared memory (NaN bytes) before each buffer is written, so a halo read or
-// a read of a buffer before the phase that writes it shows up on the CPU.
+// A checked CPU build (CONVLORA_CHECKED) bounds-checks every shared-memory index, fails
+// when two threads touch one shared word in one phase with one of them writing (what a
+// missing barrier would make a race on the GPU), and poisons shared memory (NaN bytes)
+// before each buffer is written, so a halo read, a race or a read of a buffer before the
+// phase that writes it shows up on the CPU.
 //
 // Work decomposition (docs/design.md, "The tiled stencil"):
 //   items     one conv output of one token: odd scales need 1 per token, even scales
@@ -37,6 +39,7 @@
 #if defined(CONVLORA_CHECKED)
 #include <stdexcept>
 #include <string>
+#include <vector>
 #endif
 
 #if defined(__CUDA_ARCH__)
@@ -212,14 +215,101 @@ CONVLORA_HD void weight_entry(const acc_t* conv_w, const acc_t* conv_b, int r, i
                           " index " + std::to_string(i) + " outside [0, " + std::to_string(n) +
                           ")");
 }
+
+// Race detection of the checked build. For every 4-byte word of the block's shared memory:
+// the thread that last wrote it and the thread(s) that last read it, with their phase. Two
+// threads touching one word in the same phase, one of them writing, is what a missing
+// barrier would make a race on the GPU; the CPU runs threads one after another, so the
+// check is the only way it can show. The executor sets `phase` (advanced at each barrier)
+// and `tid`; reads between phases run as tid -1 in a phase of their own.
+struct Shadow {
+  const unsigned char* base = nullptr;
+  int64_t words = 0;
+  std::vector<int> wtid, wphase, rtid, rphase;
+  int phase = 0, tid = -1;
+  void attach(const unsigned char* smem, int bytes) {
+    base = smem;
+    words = bytes / 4;
+    wtid.assign(words, -1);
+    wphase.assign(words, -1);
+    rtid.assign(words, -1);
+    rphase.assign(words, -1);
+  }
+};
+inline thread_local Shadow* g_shadow = nullptr;
+
+[[noreturn]] inline void smem_race(const char* name, int i, const char* what, int other,
+                                   int tid) {
+  throw std::logic_error(std::string("stencil (checked build): shared array ") + name +
+                         " index " + std::to_string(i) + " " + what + " thread " +
+                         std::to_string(other) + " and thread " + std::to_string(tid) +
+                         " in one phase (a missing barrier)");
+}
+
+template <typename T>
+struct SArr;
+
+// A checked element: reads and writes go through the race check.
+template <typename T>
+struct SRef {
+  const SArr<T>* a;
+  int i;
+  operator T() const {
+    a->on_read(i);
+    return a->p[i];
+  }
+  SRef& operator=(T v) {
+    a->on_write(i);
+    a->p[i] = v;
+    return *this;
+  }
+  SRef& operator=(const SRef& o) { return *this = static_cast<T>(o); }
+  SRef& operator+=(T v) {
+    a->on_read(i);
+    a->on_write(i);
+    a->p[i] += v;
+    return *this;
+  }
+};
+
 template <typename T>
 struct SArr {
   T* p;
   int n;
   const char* name;
-  T& operator[](int i) const {
+  SRef<T> operator[](int i) const {
     if (i < 0 || i >= n) smem_out_of_range(name, i, n);
-    return p[i];
+    return SRef<T>{this, i};
+  }
+  int64_t word(int i) const {  // -1: not in the block's shared memory (a global array)
+    const Shadow* s = g_shadow;
+    if (s == nullptr || s->base == nullptr) return -1;
+    const auto off = reinterpret_cast<const unsigned char*>(p + i) - s->base;
+    return off >= 0 && off / 4 < s->words ? off / 4 : -1;
+  }
+  void on_read(int i) const {
+    const int64_t w = word(i);
+    if (w < 0) return;
+    Shadow& s = *g_shadow;
+    if (s.wphase[w] == s.phase && s.wtid[w] != s.tid)
+      smem_race(name, i, "written by", s.wtid[w], s.tid);
+    if (s.rphase[w] != s.phase) {
+      s.rphase[w] = s.phase;
+      s.rtid[w] = s.tid;
+    } else if (s.rtid[w] != s.tid) {
+      s.rtid[w] = -2;  // read by several threads
+    }
+  }
+  void on_write(int i) const {
+    const int64_t w = word(i);
+    if (w < 0) return;
+    Shadow& s = *g_shadow;
+    if (s.wphase[w] == s.phase && s.wtid[w] != s.tid)
+      smem_race(name, i, "written by", s.wtid[w], s.tid);
+    if (s.rphase[w] == s.phase && s.rtid[w] != s.tid)
+      smem_race(name, i, "read by", s.rtid[w], s.tid);
+    s.wphase[w] = s.phase;
+    s.wtid[w] = s.tid;
   }
 };
 #define CONVLORA_SARR(T, base, off, count, nm) \
@@ -871,15 +961,22 @@ CONVLORA_HD void run_block(Exec& ex, const TileArgs<scalar_t, acc_t>& A, const L
   ex.phase([&](int tid) { phase_list<R, MODE, BWD>(A.n, S, tid); });
   const int nitems = S.meta[0];
   for (int r0 = 0; r0 < nitems; r0 += G::kRound) {
-    ex.poison(&S.cbuf[0], G::kRound * G::kItemRow * static_cast<int>(sizeof(acc_t)));
-    if (BWD) ex.poison(&S.ubuf[0], G::kRound * G::kURow * static_cast<int>(sizeof(acc_t)));
+    ex.poison(S.cbuf.p, G::kRound * G::kItemRow * static_cast<int>(sizeof(acc_t)));
+    if (BWD) ex.poison(S.ubuf.p, G::kRound * G::kURow * static_cast<int>(sizeof(acc_t)));
     ex.phase([&](int tid) { phase_conv<R, MODE, BWD>(A, P, r0, nitems, S, tid); });
     if constexpr (!BWD) {
       ex.phase([&](int tid) { phase_combine<R, MODE>(r0, S, tid); });
     } else {
       ex.phase([&](int tid) { phase_dw<R, MODE>(A.n, r0, S, tid); });
+#if defined(CONVLORA_CHECKED_DROP_A_BARRIER)  // tests only: the race check must see this
+      ex.phase([&](int tid) {
+        phase_delta<R, MODE>(A, P, r0, nitems, S, tid);
+        phase_gather<R, MODE>(r0, nitems, S, tid);
+      });
+#else
       ex.phase([&](int tid) { phase_delta<R, MODE>(A, P, r0, nitems, S, tid); });
       ex.phase([&](int tid) { phase_gather<R, MODE>(r0, nitems, S, tid); });
+#endif
     }
   }
   ex.phase([&](int tid) { phase_store<R, MODE, BWD>(A, P, S, tid); });

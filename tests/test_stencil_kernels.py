@@ -121,19 +121,23 @@ def test_cuda_kernel_resources():
 
 # --- The checked CPU build ---------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def checked_ops(tmp_path_factory):
-    """The CPU kernels built again with CONVLORA_CHECKED under torch.ops.convlora_checked."""
+def _build_checked(tmp_path_factory, namespace, *defines):
+    """The CPU kernels built again with CONVLORA_CHECKED under torch.ops.<namespace>."""
     from torch.utils.cpp_extension import load
 
-    build = tmp_path_factory.mktemp("checked_build")
-    load(name="convlora_checked", sources=[os.path.join(CSRC, "ops.cpp"),
-                                           os.path.join(CSRC, "stencil_cpu.cpp")],
-         extra_cflags=["-O1", "-std=c++20", "-DCONVLORA_CHECKED",
-                       "-DCONVLORA_NS=convlora_checked"],
+    build = tmp_path_factory.mktemp(namespace)
+    load(name=namespace, sources=[os.path.join(CSRC, "ops.cpp"),
+                                  os.path.join(CSRC, "stencil_cpu.cpp")],
+         extra_cflags=["-O1", "-std=c++20", "-DCONVLORA_CHECKED", f"-DCONVLORA_NS={namespace}",
+                       *defines],
          extra_include_paths=[CSRC], build_directory=str(build), is_python_module=False,
          verbose=False)
-    return torch.ops.convlora_checked
+    return getattr(torch.ops, namespace)
+
+
+@pytest.fixture(scope="module")
+def checked_ops(tmp_path_factory):
+    return _build_checked(tmp_path_factory, "convlora_checked")
 
 
 STENCIL_CASES = [
@@ -227,3 +231,16 @@ def test_checked_build_marks_an_out_of_range_expert(checked_ops):
     for t in (u, dz):
         assert torch.isnan(t[bad]).all() and torch.isfinite(t[~bad]).all()
     assert torch.isfinite(dw).all() and torch.isfinite(db).all()
+
+
+def test_checked_build_reports_a_missing_barrier(tmp_path_factory):
+    """The same kernels with one barrier removed (the backward's contributions and gather in
+    one phase): the race check names the shared array and the two threads."""
+    faulty = _build_checked(tmp_path_factory, "convlora_no_barrier",
+                            "-DCONVLORA_CHECKED_DROP_A_BARRIER")
+    z, du, idx, cw, cb, sc, m, h, w = _stencil_problem("bilinear", (1, 9, 10), (1, 2, 3), 4,
+                                                       torch.float32)
+    faulty.stencil_fwd(z, idx, cw, cb, sc, m, h, w)  # the forward is untouched
+    with pytest.raises(RuntimeError, match=r"shared array taps index \d+ (read|written) by "
+                                           r"thread \d+ and thread \d+ in one phase"):
+        faulty.stencil_bwd(du, z, idx, cw, cb, sc, m, h, w)

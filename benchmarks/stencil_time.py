@@ -44,13 +44,15 @@ def _stencil_fns(inp, interpolation):
                 mode=INTERPOLATION_CODES[interpolation], h=h, w=w)
     z = z.detach().contiguous()
     du = torch.randn_like(z)
+    _, pre = torch.ops.convlora.stencil_fwd(z, args["idx"], args["cw"], args["cb"],
+                                            args["scales"], args["mode"], h, w, True)
 
-    def fwd(_):
+    def fwd(_):  # as in training: the pre-activations are saved for the backward
         return torch.ops.convlora.stencil_fwd(z, args["idx"], args["cw"], args["cb"],
-                                              args["scales"], args["mode"], h, w)
+                                              args["scales"], args["mode"], h, w, True)
 
     def bwd(_):
-        return torch.ops.convlora.stencil_bwd(du, z, args["idx"], args["cw"], args["cb"],
+        return torch.ops.convlora.stencil_bwd(du, z, pre, args["idx"], args["cw"], args["cb"],
                                               args["scales"], args["mode"], h, w)
 
     return {"stencil-fwd": fwd, "stencil-bwd": bwd}

@@ -7,8 +7,9 @@ Forward, for N tokens (Problem sizes in _validate):
     y = x W0ᵀ + b, y += s·u Bᵀ   GEMM, then a rank-r GEMM accumulating onto y
 Backward (autograd of the GEMMs, plus the stencil's registered backward):
     du = s·dy B, dB = s·dyᵀ u    GEMMs over dy
-    dz, dconv_w, dconv_b         torch.ops.convlora.stencil_bwd (stencil recomputed,
-                                 weight gradients in fp32, deterministic, no atomics)
+    dz, dconv_w, dconv_b         torch.ops.convlora.stencil_bwd (from the forward's saved
+                                 pre-activations; weight gradients in fp32, deterministic,
+                                 no atomics)
     dx = dy W0 + dz A, dA = dzᵀ x
 
 The stencil ops are registered with fake kernels and autograd, so torch.compile
@@ -27,6 +28,7 @@ from . import _ext
 from ._validate import as_map, check_inputs, out_shape
 
 INTERPOLATION_CODES = {"bilinear": 0, "bicubic": 1}
+PREACT_SLOTS = {0: 4, 1: 16}  # saved pre-activations per token, by interpolation code
 MAX_RANK = 64
 
 
@@ -50,25 +52,33 @@ def _register() -> None:
     """Fake kernels and autograd for the C++ stencil ops (once, after _C is loaded)."""
 
     @torch.library.register_fake("convlora::stencil_fwd")
-    def _(z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width):
-        return torch.empty_like(z)
+    def _(z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width,
+          save_preact):
+        shape = (z.shape[0], PREACT_SLOTS[interpolation], z.shape[1]) if save_preact else (0,)
+        return torch.empty_like(z), z.new_empty(shape, dtype=_acc_dtype(z.dtype))
 
     @torch.library.register_fake("convlora::stencil_bwd")
-    def _(du, z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width):
+    def _(du, z, preact, expert_index, conv_weight, conv_bias, scales, interpolation, height,
+          width):
         acc = _acc_dtype(z.dtype)
         return (torch.empty_like(z), conv_weight.new_empty(conv_weight.shape, dtype=acc),
                 conv_bias.new_empty(conv_bias.shape, dtype=acc))
 
     def setup_context(ctx, inputs, output):
-        z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width = inputs
-        ctx.save_for_backward(z, expert_index, conv_weight, conv_bias)
+        z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width, _ = inputs
+        ctx.save_for_backward(z, output[1], expert_index, conv_weight, conv_bias)
+        ctx.mark_non_differentiable(output[1])
         ctx.meta = (scales, interpolation, height, width)
 
-    def backward(ctx, du):
-        z, expert_index, conv_weight, conv_bias = ctx.saved_tensors
-        dz, dw, db = torch.ops.convlora.stencil_bwd(du.contiguous(), z, expert_index,
+    def backward(ctx, du, _dpreact):
+        z, preact, expert_index, conv_weight, conv_bias = ctx.saved_tensors
+        if preact.numel() == 0:  # the forward was told not to keep them: recompute
+            preact = torch.ops.convlora.stencil_fwd(z, expert_index, conv_weight, conv_bias,
+                                                    *ctx.meta, True)[1]
+        dz, dw, db = torch.ops.convlora.stencil_bwd(du.contiguous(), z, preact, expert_index,
                                                     conv_weight, conv_bias, *ctx.meta)
-        return dz, None, dw.to(conv_weight.dtype), db.to(conv_bias.dtype), None, None, None, None
+        return (dz, None, dw.to(conv_weight.dtype), db.to(conv_bias.dtype), None, None, None,
+                None, None)
 
     torch.library.register_autograd("convlora::stencil_fwd", backward,
                                     setup_context=setup_context)
@@ -77,10 +87,17 @@ def _register() -> None:
 def stencil(z: torch.Tensor, expert_index: torch.Tensor, conv_weight: torch.Tensor,
             conv_bias: torch.Tensor, scales: Sequence[int], interpolation: str, height: int,
             width: int) -> torch.Tensor:
-    """u = z + E_e(z) for z (N, r) with N = B·H·W tokens and expert_index (N,) (differentiable)."""
+    """u = z + E_e(z) for z (N, r) with N = B·H·W tokens and expert_index (N,) (differentiable).
+
+    When a gradient may be asked for, the forward also keeps each token's conv
+    pre-activations (N x 4 x r bilinear, N x 16 x r bicubic, float32), so the backward
+    recomputes only what the weight gradient needs."""
+    save = torch.is_grad_enabled() and (z.requires_grad or conv_weight.requires_grad or
+                                        conv_bias.requires_grad)
     return torch.ops.convlora.stencil_fwd(
         z.contiguous(), expert_index.reshape(-1).to(torch.int32), conv_weight.contiguous(),
-        conv_bias.contiguous(), list(scales), INTERPOLATION_CODES[interpolation], height, width)
+        conv_bias.contiguous(), list(scales), INTERPOLATION_CODES[interpolation], height, width,
+        save)[0]
 
 
 def conv_lora_linear(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,

@@ -68,11 +68,12 @@ CONVLORA_LIBRARY(CONVLORA_NS, m) {
   // See stencil.h for shapes. interpolation: 0 bilinear, 1 bicubic.
   m.def(
       "stencil_fwd(Tensor z, Tensor expert_index, Tensor conv_weight, Tensor conv_bias, "
-      "int[] scales, int interpolation, int height, int width) -> Tensor");
+      "int[] scales, int interpolation, int height, int width, bool save_preact) "
+      "-> (Tensor, Tensor)");
   m.def(
-      "stencil_bwd(Tensor du, Tensor z, Tensor expert_index, Tensor conv_weight, "
-      "Tensor conv_bias, int[] scales, int interpolation, int height, int width) "
-      "-> (Tensor, Tensor, Tensor)");
+      "stencil_bwd(Tensor du, Tensor z, Tensor preact, Tensor expert_index, "
+      "Tensor conv_weight, Tensor conv_bias, int[] scales, int interpolation, int height, "
+      "int width) -> (Tensor, Tensor, Tensor)");
 }
 
 CONVLORA_LIBRARY_IMPL(CONVLORA_NS, CPU, m) {

@@ -1,14 +1,15 @@
 // The stencil ops of the convlora library: u = z + E_e(z) per token and its backward.
 //
-//   stencil_fwd(z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width)
-//       -> u
-//   stencil_bwd(du, z, expert_index, conv_weight, conv_bias, scales, interpolation, height,
-//               width) -> (dz, dconv_weight, dconv_bias)
+//   stencil_fwd(z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width,
+//               save_preact) -> (u, preact)
+//   stencil_bwd(du, z, preact, expert_index, conv_weight, conv_bias, scales, interpolation,
+//               height, width) -> (dz, dconv_weight, dconv_bias)
 //
 // z, u, du, dz: (N, r) with N = B·H·W tokens in (b, h, w) order; expert_index: (N,) int32;
-// conv_weight (n, r, r, 3, 3), conv_bias (n, r); dconv_* in float32 (float64 for
-// float64 inputs), every expert present. The projections around the stencil are
-// GEMMs done by the caller.
+// conv_weight (n, r, r, 3, 3), conv_bias (n, r); preact: each token's conv pre-activations,
+// (N, 4, r) bilinear or (N, 16, r) bicubic, in float32 (float64 for float64 inputs), saved
+// by the forward for the backward when save_preact (else empty); dconv_* in that dtype too,
+// every expert present. The projections around the stencil are GEMMs done by the caller.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,6 +19,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <vector>
 
 #include "convlora_math.h"
 #include "stencil_tile.h"
@@ -87,13 +89,17 @@ inline void check_stencil_args(const at::Tensor& z, const at::Tensor& expert_ind
 
 // The operands of a stencil op, checked and made contiguous (copied only when they are not).
 struct Operands {
-  at::Tensor z, expert_index, conv_weight, conv_bias, du;
+  at::Tensor z, expert_index, conv_weight, conv_bias, du, preact;
 };
+
+// Saved pre-activation slots per token: the most conv outputs one token reads.
+inline int64_t preact_slots(int64_t interpolation) { return interpolation == kBicubic ? 16 : 4; }
 
 inline Operands checked_operands(const at::Tensor& z, const at::Tensor& expert_index,
                                  const at::Tensor& conv_weight, const at::Tensor& conv_bias,
                                  at::IntArrayRef scales, int64_t interpolation, int64_t height,
-                                 int64_t width, const at::Tensor* du = nullptr) {
+                                 int64_t width, const at::Tensor* du = nullptr,
+                                 const at::Tensor* preact = nullptr) {
   check_stencil_args(z, expert_index, conv_weight, conv_bias, scales, interpolation, height,
                      width);
   Operands o{z.contiguous(), expert_index.contiguous(), conv_weight.contiguous(),
@@ -104,6 +110,17 @@ inline Operands checked_operands(const at::Tensor& z, const at::Tensor& expert_i
                 "stencil_bwd: du must match z (", z.scalar_type(), " ", z.sizes(), " on ",
                 z.device(), "), got ", du->scalar_type(), " ", du->sizes(), " on ", du->device());
     o.du = du->contiguous();
+  }
+  if (preact) {
+    const std::vector<int64_t> want{z.size(0), preact_slots(interpolation), z.size(1)};
+    const auto acc = acc_dtype_for(z.scalar_type());
+    TORCH_CHECK(preact->sizes() == at::IntArrayRef(want) && preact->scalar_type() == acc &&
+                    preact->device() == z.device(),
+                "stencil_bwd: preact must be the forward's saved pre-activations, ", acc, " ",
+                at::IntArrayRef(want), " on ", z.device(), ", got ", preact->scalar_type(), " ",
+                preact->sizes(), " on ", preact->device(),
+                " (run stencil_fwd with save_preact=True)");
+    o.preact = preact->contiguous();
   }
   return o;
 }
@@ -163,7 +180,7 @@ template <int R, typename scalar_t, typename acc_t>
 tile::TileArgs<scalar_t, acc_t> make_tile_args(const Operands& o, const tile::Tables& T,
                                                const TilePlan& plan, const at::Tensor& taps,
                                                const at::Tensor& wbuf, at::Tensor& out,
-                                               acc_t* dw_partial) {
+                                               acc_t* dw_partial, acc_t* pre) {
   tile::TileArgs<scalar_t, acc_t> A{};
   A.z = o.z.const_data_ptr<scalar_t>();
   A.expert_index = o.expert_index.const_data_ptr<int>();
@@ -172,6 +189,7 @@ tile::TileArgs<scalar_t, acc_t> make_tile_args(const Operands& o, const tile::Ta
   A.wbuf = wbuf.const_data_ptr<acc_t>();
   A.taps = reinterpret_cast<const Taps<acc_t>*>(taps.const_data_ptr());
   A.dw_partial = dw_partial;
+  A.pre = pre;
   A.T = T;
   A.maps = o.z.size(0) / (static_cast<int64_t>(T.H) * T.W);
   A.H = T.H;
@@ -197,12 +215,20 @@ inline std::tuple<at::Tensor, at::Tensor> split_dw(const at::Tensor& flat, int64
   return {w, b};
 }
 
-at::Tensor stencil_fwd_cpu(const at::Tensor& z, const at::Tensor& expert_index,
-                           const at::Tensor& conv_weight, const at::Tensor& conv_bias,
-                           at::IntArrayRef scales, int64_t interpolation, int64_t height,
-                           int64_t width);
+// The preact output of stencil_fwd: saved pre-activations, or an empty tensor.
+inline at::Tensor new_preact(const at::Tensor& z, int64_t interpolation, bool save) {
+  const auto opts = z.options().dtype(acc_dtype_for(z.scalar_type()));
+  return save ? at::empty({z.size(0), preact_slots(interpolation), z.size(1)}, opts)
+              : at::empty({0}, opts);
+}
+
+std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
+    const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& conv_weight,
+    const at::Tensor& conv_bias, at::IntArrayRef scales, int64_t interpolation, int64_t height,
+    int64_t width, bool save_preact);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
-    const at::Tensor& du, const at::Tensor& z, const at::Tensor& expert_index,
+    const at::Tensor& du, const at::Tensor& z, const at::Tensor& preact,
+    const at::Tensor& expert_index,
     const at::Tensor& conv_weight, const at::Tensor& conv_bias, at::IntArrayRef scales,
     int64_t interpolation, int64_t height, int64_t width);
 

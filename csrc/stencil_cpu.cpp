@@ -102,16 +102,17 @@ void dispatch_mode(int64_t interpolation, F&& f) {
 
 }  // namespace
 
-at::Tensor stencil_fwd_cpu(const at::Tensor& z, const at::Tensor& expert_index,
-                           const at::Tensor& conv_weight, const at::Tensor& conv_bias,
-                           at::IntArrayRef scales, int64_t interpolation, int64_t height,
-                           int64_t width) {
+std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
+    const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& conv_weight,
+    const at::Tensor& conv_bias, at::IntArrayRef scales, int64_t interpolation, int64_t height,
+    int64_t width, bool save_preact) {
   const auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales,
                                   interpolation, height, width);
   const auto& zc = o.z;
   auto u = at::empty_like(zc);
+  auto pre = new_preact(zc, interpolation, save_preact);
   const int64_t N = zc.size(0), r = zc.size(1);
-  if (N == 0) return u;
+  if (N == 0) return {u, pre};
   const auto T = tables_for(height, width, interpolation, scales);
   CONVLORA_DISPATCH_CPU(zc.scalar_type(), "stencil_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -121,20 +122,22 @@ at::Tensor stencil_fwd_cpu(const at::Tensor& z, const at::Tensor& expert_index,
         prep_cpu<R, acc_t>(o.conv_weight, o.conv_bias, static_cast<int>(r), T, taps, wbuf);
         const auto plan = make_tile_plan<R, MODE, false, acc_t>(N / (height * width), T.H, T.W,
                                                                 static_cast<int>(r), T.n);
-        auto A = make_tile_args<R, scalar_t, acc_t>(o, T, plan, taps, wbuf, u, nullptr);
+        auto A = make_tile_args<R, scalar_t, acc_t>(
+            o, T, plan, taps, wbuf, u, nullptr,
+            save_preact ? pre.mutable_data_ptr<acc_t>() : nullptr);
         run_blocks<R, MODE, false>(A, plan);
       });
     });
   });
-  return u;
+  return {u, pre};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
-    const at::Tensor& du, const at::Tensor& z, const at::Tensor& expert_index,
-    const at::Tensor& conv_weight, const at::Tensor& conv_bias, at::IntArrayRef scales,
-    int64_t interpolation, int64_t height, int64_t width) {
+    const at::Tensor& du, const at::Tensor& z, const at::Tensor& preact,
+    const at::Tensor& expert_index, const at::Tensor& conv_weight, const at::Tensor& conv_bias,
+    at::IntArrayRef scales, int64_t interpolation, int64_t height, int64_t width) {
   const auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales,
-                                  interpolation, height, width, &du);
+                                  interpolation, height, width, &du, &preact);
   const auto& zc = o.z;
   const int64_t N = zc.size(0), r = zc.size(1), n = o.conv_weight.size(0);
   auto dz = at::empty_like(zc);
@@ -155,8 +158,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
         const auto plan = make_tile_plan<R, MODE, true, acc_t>(N / (height * width), T.H, T.W,
                                                                static_cast<int>(r), T.n);
         at::Tensor partial = at::empty({plan.blocks, n * tile::grad_stride<R>()}, acc_opts);
-        auto A = make_tile_args<R, scalar_t, acc_t>(o, T, plan, taps, wbuf, dz,
-                                                     partial.mutable_data_ptr<acc_t>());
+        auto A = make_tile_args<R, scalar_t, acc_t>(
+            o, T, plan, taps, wbuf, dz, partial.mutable_data_ptr<acc_t>(),
+            const_cast<acc_t*>(o.preact.const_data_ptr<acc_t>()));
         run_blocks<R, MODE, true>(A, plan);
         const acc_t* pp = partial.const_data_ptr<acc_t>();
         acc_t* dwp = dw.mutable_data_ptr<acc_t>();

@@ -86,7 +86,7 @@ void launch_tile(const tile::TileArgs<scalar_t, float>& A, const TilePlan& plan,
 // Prep, then the tile kernel (and for the backward the reduce) of one call.
 template <bool BWD, typename scalar_t, int R, int MODE>
 void run_call(const Operands& o, at::IntArrayRef scales, int64_t interpolation, int64_t height,
-              int64_t width, at::Tensor& out, at::Tensor* dw) {
+              int64_t width, at::Tensor& out, const at::Tensor& preact, at::Tensor* dw) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto& z = o.z;
   const int64_t N = z.size(0), r = z.size(1), n = o.conv_weight.size(0);
@@ -106,8 +106,11 @@ void run_call(const Operands& o, at::IntArrayRef scales, int64_t interpolation, 
                                                         T.n);
   at::Tensor partial;
   if (BWD) partial = at::empty({plan.blocks, n * tile::grad_stride<R>()}, f32);
+  float* pre = !preact.defined() || preact.numel() == 0
+                   ? nullptr : const_cast<float*>(preact.const_data_ptr<float>());
   auto A = make_tile_args<R, scalar_t, float>(o, T, plan, taps, wbuf, out,
-                                              BWD ? partial.mutable_data_ptr<float>() : nullptr);
+                                              BWD ? partial.mutable_data_ptr<float>() : nullptr,
+                                              pre);
   launch_tile<MODE, BWD, scalar_t, R>(A, plan, stream);
   if (BWD) {
     reduce_dw_kernel<R><<<grid_for(dw->numel(), kPrepThreads), kPrepThreads, 0, stream>>>(
@@ -120,15 +123,16 @@ void run_call(const Operands& o, at::IntArrayRef scales, int64_t interpolation, 
 
 template <typename scalar_t>
 void stencil_cuda_call(const Operands& o, at::IntArrayRef scales, int64_t interpolation,
-                       int64_t height, int64_t width, at::Tensor& out, at::Tensor* dw) {
+                       int64_t height, int64_t width, at::Tensor& out, const at::Tensor& preact,
+                       at::Tensor* dw) {
   dispatch_rank(o.z.size(1), [&]<int R>() {
     const auto go = [&]<int MODE>() {
       if (dw) {
         cuda_kernels::run_call<true, scalar_t, R, MODE>(o, scales, interpolation, height, width,
-                                                        out, dw);
+                                                        out, preact, dw);
       } else {
         cuda_kernels::run_call<false, scalar_t, R, MODE>(o, scales, interpolation, height,
-                                                         width, out, dw);
+                                                         width, out, preact, dw);
       }
     };
     if (interpolation == kBicubic) {

@@ -6,5 +6,5 @@
 
 namespace convlora {
 template void stencil_cuda_call<float>(const Operands&, at::IntArrayRef, int64_t, int64_t, int64_t,
-                                      at::Tensor&, at::Tensor*);
+                                      at::Tensor&, const at::Tensor&, at::Tensor*);
 }  // namespace convlora

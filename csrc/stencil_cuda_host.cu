@@ -26,30 +26,31 @@ void dispatch_cuda_dtype(at::ScalarType t, const char* op, F&& f) {
 
 }  // namespace
 
-at::Tensor stencil_fwd_cuda(const at::Tensor& z, const at::Tensor& expert_index,
-                            const at::Tensor& conv_weight, const at::Tensor& conv_bias,
-                            at::IntArrayRef scales, int64_t interpolation, int64_t height,
-                            int64_t width) {
+std::tuple<at::Tensor, at::Tensor> stencil_fwd_cuda(
+    const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& conv_weight,
+    const at::Tensor& conv_bias, at::IntArrayRef scales, int64_t interpolation, int64_t height,
+    int64_t width, bool save_preact) {
   TORCH_CHECK(z.is_cuda(), "stencil_fwd_cuda: expected CUDA tensors, got ", z.device());
   const c10::cuda::CUDAGuard guard(z.device());
   const auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales,
                                   interpolation, height, width);
   auto u = at::empty_like(o.z);
-  if (o.z.size(0) == 0) return u;
+  auto pre = new_preact(o.z, interpolation, save_preact);
+  if (o.z.size(0) == 0) return {u, pre};
   dispatch_cuda_dtype(o.z.scalar_type(), "stencil_fwd", [&]<typename T>() {
-    stencil_cuda_call<T>(o, scales, interpolation, height, width, u, nullptr);
+    stencil_cuda_call<T>(o, scales, interpolation, height, width, u, pre, nullptr);
   });
-  return u;
+  return {u, pre};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cuda(
-    const at::Tensor& du, const at::Tensor& z, const at::Tensor& expert_index,
-    const at::Tensor& conv_weight, const at::Tensor& conv_bias, at::IntArrayRef scales,
-    int64_t interpolation, int64_t height, int64_t width) {
+    const at::Tensor& du, const at::Tensor& z, const at::Tensor& preact,
+    const at::Tensor& expert_index, const at::Tensor& conv_weight, const at::Tensor& conv_bias,
+    at::IntArrayRef scales, int64_t interpolation, int64_t height, int64_t width) {
   TORCH_CHECK(z.is_cuda(), "stencil_bwd_cuda: expected CUDA tensors, got ", z.device());
   const c10::cuda::CUDAGuard guard(z.device());
   const auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales,
-                                  interpolation, height, width, &du);
+                                  interpolation, height, width, &du, &preact);
   const int64_t N = o.z.size(0), r = o.z.size(1), n = o.conv_weight.size(0);
   auto dz = at::empty_like(o.z);
   auto dw = at::empty({n, dw_entries(r)}, o.z.options().dtype(at::kFloat));
@@ -57,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cuda(
     dw.zero_();
   } else {
     dispatch_cuda_dtype(o.z.scalar_type(), "stencil_bwd", [&]<typename T>() {
-      stencil_cuda_call<T>(o, scales, interpolation, height, width, dz, &dw);
+      stencil_cuda_call<T>(o, scales, interpolation, height, width, dz, o.preact, &dw);
     });
   }
   auto [w, b] = split_dw(dw, n, r);

@@ -21,7 +21,9 @@
 //   forward   conv (thread per item: 9 upsampled taps from the staged z, r x r x 9 MACs,
 //             GELU, times the down-sampling weight) -> per-token sums in item order.
 //   backward  the block owns a tile of dz. Sources are tile + halo tokens (their stencils
-//             reach the tile); their pre-activations are recomputed, g = w_o du GELU'(C).
+//             reach the tile); g = w_o du GELU'(C) from the pre-activations the forward
+//             saved (N x 4 x r fp32 bilinear, N x 16 x r bicubic); U is recomputed for the
+//             tile's items only, for the weight gradient.
 //             dW: thread-owned entries summed over the tile's items in order.
 //             dz: per (item, channel), dU = W^T g at the nine taps, through the up
 //             taps, into the item's contributions to its source's z neighbourhood
@@ -86,8 +88,12 @@ struct Geometry {
   static constexpr int kSrcH = kTileH + 2 * kSH;   // source tokens (items come from these)
   static constexpr int kSrcW = kTileW + 2 * kSH;
   static constexpr int kSrc = kSrcH * kSrcW;
-  static constexpr int kZH = kSrcH + 2 * kHalo;    // staged z: sources + their reach
-  static constexpr int kZW = kSrcW + 2 * kHalo;
+  // Staged z: the tile and the reach of its tokens (the backward recomputes U for tile
+  // items only; halo items read their saved pre-activations).
+  static constexpr int kZH = kTileH + 2 * kHalo;
+  static constexpr int kZW = kTileW + 2 * kHalo;
+  // Saved pre-activation slots per token: its largest item count.
+  static constexpr int kPreSlots = Interp<MODE>::kMaxDown * Interp<MODE>::kMaxDown;
   static constexpr int kCell = R + 1;              // odd row strides: no bank conflicts
   static constexpr int kMaxItems = kSrc * Interp<MODE>::kMaxDown * Interp<MODE>::kMaxDown;
   static constexpr int kItemRow = R + 1;           // cbuf row (GELU outputs or g)
@@ -376,6 +382,8 @@ struct TileArgs {
   const acc_t* wbuf;           // prep: weights, biases, transposed weights (weight_entry)
   const Taps<acc_t>* taps;     // prep: Tables entries
   acc_t* dw_partial;           // backward: (blocks, n, grad_stride) fp32 partials
+  acc_t* pre;                  // (N, kPreSlots, r) pre-activations: written by the forward
+                               // when not null, read by the backward
   Tables T;
   int64_t maps;
   int H, W, r, n;
@@ -466,9 +474,9 @@ CONVLORA_HD int item_b(int it) { return (it >> 14) & 3; }
 
 // Pre-activation of one item: C[co] = bias[co] + sum_{k, ci} W[co, ci, k] U(tap k)[ci] for
 // the conv output (oy, ox) of expert e at scale s, U read from the staged z through the
-// up tables (zero outside the s·H x s·W map). Writes C to crow[0..R) and, with STORE_U,
-// the nine U vectors to urow[k·R + ci] (zero for taps outside the map).
-template <int R, int MODE, int ZW, int CELL, bool STORE_U, typename acc_t>
+// up tables (zero outside the s·H x s·W map). With COMPUTE_C writes C to crow[0..R); with
+// STORE_U the nine U vectors to urow[k·R + ci] (zero for taps outside the map).
+template <int R, int MODE, int ZW, int CELL, bool COMPUTE_C, bool STORE_U, typename acc_t>
 CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int s, int oy,
                            int ox, int zy0, int zx0, SArr<acc_t> zs, SArr<acc_t> w, int w_off,
                            SArr<acc_t> bias, SArr<acc_t> crow, int crow_off, SArr<acc_t> urow,
@@ -494,10 +502,11 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
       wx[k][a] = tx.w[a];
     }
   }
-  for (int co0 = 0; co0 < R; co0 += CC) {
+  constexpr int NCO = COMPUTE_C ? R : CC;  // U alone: one pass
+  for (int co0 = 0; co0 < NCO; co0 += CC) {
     acc_t c[CC];
     CONVLORA_UNROLL
-    for (int j = 0; j < CC; ++j) c[j] = bias[e * R + co0 + j];
+    for (int j = 0; j < CC; ++j) c[j] = COMPUTE_C ? acc_t(bias[e * R + co0 + j]) : acc_t(0);
     CONVLORA_UNROLL
     for (int ky = 0; ky < 3; ++ky) {
       CONVLORA_UNROLL
@@ -527,17 +536,21 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
             CONVLORA_UNROLL
             for (int i = 0; i < CC; ++i) urow[urow_off + k * R + ci0 + i] = u[i];
           }
-          CONVLORA_UNROLL
-          for (int i = 0; i < CC; ++i) {
-            const int wrow = w_off + (k * R + ci0 + i) * R + co0;
+          if (COMPUTE_C) {
             CONVLORA_UNROLL
-            for (int j = 0; j < CC; ++j) c[j] += w[wrow + j] * u[i];
+            for (int i = 0; i < CC; ++i) {
+              const int wrow = w_off + (k * R + ci0 + i) * R + co0;
+              CONVLORA_UNROLL
+              for (int j = 0; j < CC; ++j) c[j] += w[wrow + j] * u[i];
+            }
           }
         }
       }
     }
-    CONVLORA_UNROLL
-    for (int j = 0; j < CC; ++j) crow[crow_off + co0 + j] = c[j];
+    if (COMPUTE_C) {
+      CONVLORA_UNROLL
+      for (int j = 0; j < CC; ++j) crow[crow_off + co0 + j] = c[j];
+    }
   }
 }
 
@@ -611,7 +624,7 @@ CONVLORA_HD void phase_load(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
   using G = Geometry<R, MODE, BWD>;
   const int sy0 = P.h0 - G::kSH, sx0 = P.w0 - G::kSH;
   stage_region<R, G::kZH, G::kZW, G::kCell>(A.z + P.token0 * A.r, A.H, A.W, A.r,
-                                           sy0 - G::kHalo, sx0 - G::kHalo, A.vec_z, S.zs, tid);
+                                           P.h0 - G::kHalo, P.w0 - G::kHalo, A.vec_z, S.zs, tid);
   if (BWD)
     stage_region<R, G::kSrcH, G::kSrcW, G::kCell>(A.du + P.token0 * A.r, A.H, A.W, A.r, sy0,
                                                  sx0, A.vec_z, S.src, tid);
@@ -712,31 +725,44 @@ CONVLORA_HD ItemPos<acc_t> item_pos(const TileArgs<scalar_t, acc_t>& A, int e, i
   return p;
 }
 
-// Phase 4 (per round): thread per item: pre-activation, then
-//   forward:  cbuf = w_o GELU(C)
-//   backward: cbuf = g = w_o du GELU'(C), ubuf = the nine U vectors
+// Phase 4 (per round): thread per item.
+//   forward:  C (the pre-activation), saved to A.pre when given; cbuf = w_o GELU(C)
+//   backward: C from A.pre; cbuf = g = w_o du GELU'(C); for tile items ubuf = the nine U
+//             vectors (what the weight gradient needs)
 template <int R, int MODE, bool BWD, typename scalar_t, typename acc_t>
 CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P, int r0,
                             int nitems, const Smem<R, MODE, BWD, acc_t>& S, int tid) {
   using G = Geometry<R, MODE, BWD>;
   const int sy0 = P.h0 - G::kSH, sx0 = P.w0 - G::kSH;
-  const int zy0 = sy0 - G::kHalo, zx0 = sx0 - G::kHalo;
+  const int zy0 = P.h0 - G::kHalo, zx0 = P.w0 - G::kHalo;
+  const int tile_items = BWD ? S.first[A.n] : nitems;
   for (int j = tid; j < G::kRound && r0 + j < nitems; j += kThreads) {
     const int it = S.items[r0 + j];
     const int t = item_token(it);
     const int ly = t / G::kSrcW, lx = t - ly * G::kSrcW;
     const int e = S.es[t];
-    const ItemPos<acc_t> ip = item_pos(A, e, sy0 + ly, sx0 + lx, item_a(it), item_b(it));
-    conv_item<R, MODE, G::kZW, G::kCell, BWD>(A.taps, A.T, e, A.T.scale[e], ip.oy, ip.ox, zy0,
-                                              zx0, S.zs, S.w, e * weight_stride<R>(), S.b,
-                                              S.cbuf, j * G::kItemRow, S.ubuf, j * G::kURow);
-    for (int co = 0; co < R; ++co) {
-      const acc_t c = S.cbuf[j * G::kItemRow + co];
-      if (BWD) {
-        S.cbuf[j * G::kItemRow + co] = ip.w * S.src[t * G::kCell + co] * gelu_erf_grad(c);
-      } else {
-        S.cbuf[j * G::kItemRow + co] = ip.w * gelu_erf(c);
-      }
+    const int gy = sy0 + ly, gx = sx0 + lx;
+    const ItemPos<acc_t> ip = item_pos(A, e, gy, gx, item_a(it), item_b(it));
+    // the item's slot among its token's saved pre-activations
+    const int slot = item_a(it) * (S.nt[t] & 7) + item_b(it);
+    acc_t* pre = A.pre == nullptr ? nullptr
+        : A.pre + ((P.token0 + static_cast<int64_t>(gy) * A.W + gx) * G::kPreSlots + slot) * A.r;
+    const int row = j * G::kItemRow;
+    if (!BWD) {
+      conv_item<R, MODE, G::kZW, G::kCell, true, false>(
+          A.taps, A.T, e, A.T.scale[e], ip.oy, ip.ox, zy0, zx0, S.zs, S.w,
+          e * weight_stride<R>(), S.b, S.cbuf, row, S.ubuf, 0);
+      if (pre != nullptr)
+        for (int co = 0; co < A.r; ++co) pre[co] = S.cbuf[row + co];
+      for (int co = 0; co < R; ++co) S.cbuf[row + co] = ip.w * gelu_erf(acc_t(S.cbuf[row + co]));
+    } else {
+      if (r0 + j < tile_items)
+        conv_item<R, MODE, G::kZW, G::kCell, false, true>(
+            A.taps, A.T, e, A.T.scale[e], ip.oy, ip.ox, zy0, zx0, S.zs, S.w,
+            e * weight_stride<R>(), S.b, S.cbuf, row, S.ubuf, j * G::kURow);
+      for (int co = 0; co < R; ++co)
+        S.cbuf[row + co] = co < A.r
+            ? ip.w * S.src[t * G::kCell + co] * gelu_erf_grad(pre[co]) : acc_t(0);
     }
   }
 }
@@ -780,8 +806,13 @@ CONVLORA_HD void phase_store(const TileArgs<scalar_t, acc_t>& A, const BlockPos&
       const int zc = (ty + G::kHalo) * G::kZW + tx + G::kHalo;
       v = S.zs[zc * G::kCell + c] + S.acc[cell * G::kCell + c];
     }
-    A.out[P.token0 * r + (static_cast<int64_t>(gy) * A.W + gx) * r + c] =
-        static_cast<scalar_t>(v);
+    const int64_t tok = P.token0 + static_cast<int64_t>(gy) * A.W + gx;
+    A.out[tok * r + c] = static_cast<scalar_t>(v);
+    if (!BWD && A.pre != nullptr) {  // the token's unused pre-activation slots: zero
+      const int nt = S.nt[t];
+      for (int slot = (nt >> 3) * (nt & 7); slot < G::kPreSlots; ++slot)
+        A.pre[(tok * G::kPreSlots + slot) * r + c] = acc_t(0);
+    }
   }
 }
 

@@ -7,7 +7,8 @@ kernels of convlora_kernels. That is why it is set here, at import of the first 
 pytest loads, and only when no CUDA device is present: with one, the compiled kernels
 run. `import torch` alone does not import triton (test_triton.py checks it), and
 torch.cuda.is_available() asks the driver without creating a CUDA context, so nothing
-here changes what other tests see at import time.
+here changes what other tests see at import time, except that triton itself is imported
+here (see below).
 
 The variable has a second reader: convlora_kernels.ops lets backend="triton" take CPU
 tensors while it is set. Tests that describe the default environment (which backends
@@ -24,6 +25,14 @@ import torch
 INTERPRETER = not torch.cuda.is_available()
 if INTERPRETER:
     os.environ["TRITON_INTERPRET"] = "1"
+    # Triton builds its own @jit library functions (the combine functions of tl.sum,
+    # tl.max, ...) when triton is imported, interpreted or not as the variable says then.
+    # torch.compile and opcheck import triton too, during tests that run without the
+    # variable; import it here, while it is set.
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
 
 
 def pytest_configure(config):

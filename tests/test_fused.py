@@ -196,11 +196,15 @@ def test_stencil_opcheck():
     b = c.conv_bias.clone().requires_grad_(True)
     stencil(z, idx, w, b, (1, 2, 3), "bilinear", 4, 5)  # registers fakes and autograd
     for mode in (0, 1):
-        torch.library.opcheck(torch.ops.convlora.stencil_fwd.default,
-                              (z, idx, w, b, [1, 2, 3], mode, 4, 5))
+        for save in (False, True):
+            torch.library.opcheck(torch.ops.convlora.stencil_fwd.default,
+                                  (z, idx, w, b, [1, 2, 3], mode, 4, 5, save))
+        _, pre = torch.ops.convlora.stencil_fwd(z.detach(), idx, w.detach(), b.detach(),
+                                                [1, 2, 3], mode, 4, 5, True)
         du = torch.randn(40, 3)
         torch.library.opcheck(torch.ops.convlora.stencil_bwd.default,
-                              (du, z.detach(), idx, w.detach(), b.detach(), [1, 2, 3], mode, 4, 5))
+                              (du, z.detach(), pre, idx, w.detach(), b.detach(), [1, 2, 3], mode,
+                               4, 5))
 
 
 def test_torch_compile_traces_without_graph_breaks():

@@ -184,8 +184,8 @@ def _reference_stencil(z, du, idx, cw, cb, scales, mode, h, w):
 @pytest.mark.parametrize("mode,bhw,scales,rank", STENCIL_CASES)
 def test_stencil_ops_match_the_reference_in_float64(mode, bhw, scales, rank):
     z, du, idx, cw, cb, sc, m, h, w = _stencil_problem(mode, bhw, scales, rank, torch.float64)
-    u = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w)
-    dz, dw, db = torch.ops.convlora.stencil_bwd(du, z, idx, cw, cb, sc, m, h, w)
+    u, pre = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True)
+    dz, dw, db = torch.ops.convlora.stencil_bwd(du, z, pre, idx, cw, cb, sc, m, h, w)
     u_ref, (dz_ref, dw_ref, db_ref) = _reference_stencil(z, du, idx, cw, cb, sc, m, h, w)
     for name, a, b in [("u", u, u_ref), ("dz", dz, dz_ref), ("dconv_weight", dw, dw_ref),
                        ("dconv_bias", db, db_ref)]:
@@ -208,12 +208,14 @@ def test_checked_build_matches(checked_ops, mode, bhw, scales, rank, dtype):
     halo, or before the barrier that publishes a value, raises or turns the result NaN."""
     args = _stencil_problem(mode, bhw, scales, rank, dtype, seed=rank)
     z, du, idx, cw, cb, sc, m, h, w = args
-    u = checked_ops.stencil_fwd(z, idx, cw, cb, sc, m, h, w)
-    grads = checked_ops.stencil_bwd(du, z, idx, cw, cb, sc, m, h, w)
+    u, pre = checked_ops.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True)
+    grads = checked_ops.stencil_bwd(du, z, pre, idx, cw, cb, sc, m, h, w)
     assert torch.isfinite(u).all() and all(torch.isfinite(g).all() for g in grads)
-    assert torch.equal(u, torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w))
+    u_main, pre_main = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True)
+    assert torch.equal(u, u_main)
     for name, a, b in zip(("dz", "dconv_weight", "dconv_bias"), grads,
-                          torch.ops.convlora.stencil_bwd(du, z, idx, cw, cb, sc, m, h, w)):
+                          torch.ops.convlora.stencil_bwd(du, z, pre_main, idx, cw, cb, sc, m, h,
+                                                         w)):
         tol = 1e-12 if dtype == torch.float64 else 1e-5
         assert_close(a, b, tol, tol, name)
 
@@ -224,8 +226,8 @@ def test_checked_build_marks_an_out_of_range_expert(checked_ops):
                                                        torch.float32)
     idx = idx.clone()
     idx[37] = 3
-    u = checked_ops.stencil_fwd(z, idx, cw, cb, sc, m, h, w)
-    dz, dw, db = checked_ops.stencil_bwd(du, z, idx, cw, cb, sc, m, h, w)
+    u, pre = checked_ops.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True)
+    dz, dw, db = checked_ops.stencil_bwd(du, z, pre, idx, cw, cb, sc, m, h, w)
     bad = torch.zeros(90, dtype=torch.bool)
     bad[37] = True
     for t in (u, dz):
@@ -240,7 +242,18 @@ def test_checked_build_reports_a_missing_barrier(tmp_path_factory):
                             "-DCONVLORA_CHECKED_DROP_A_BARRIER")
     z, du, idx, cw, cb, sc, m, h, w = _stencil_problem("bilinear", (1, 9, 10), (1, 2, 3), 4,
                                                        torch.float32)
-    faulty.stencil_fwd(z, idx, cw, cb, sc, m, h, w)  # the forward is untouched
+    _, pre = faulty.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True)  # the forward is untouched
     with pytest.raises(RuntimeError, match=r"shared array taps index \d+ (read|written) by "
                                            r"thread \d+ and thread \d+ in one phase"):
-        faulty.stencil_bwd(du, z, idx, cw, cb, sc, m, h, w)
+        faulty.stencil_bwd(du, z, pre, idx, cw, cb, sc, m, h, w)
+
+
+def test_stencil_bwd_needs_the_saved_preactivations():
+    z, du, idx, cw, cb, sc, m, h, w = _stencil_problem("bilinear", (1, 5, 6), (1, 2), 3,
+                                                       torch.float32)
+    u, pre = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, False)
+    assert pre.numel() == 0
+    u2, pre = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True)
+    assert torch.equal(u, u2) and pre.shape == (30, 4, 3)
+    with pytest.raises(RuntimeError, match="preact must be the forward's saved pre-activations"):
+        torch.ops.convlora.stencil_bwd(du, z, torch.empty(0), idx, cw, cb, sc, m, h, w)

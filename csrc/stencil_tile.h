@@ -46,8 +46,10 @@
 
 #if defined(__CUDA_ARCH__)
 #define CONVLORA_UNROLL _Pragma("unroll")
+#define CONVLORA_NO_UNROLL _Pragma("unroll 1")  // chunk loops: keep one chunk's registers
 #else
 #define CONVLORA_UNROLL
+#define CONVLORA_NO_UNROLL
 #endif
 
 namespace convlora {
@@ -482,7 +484,8 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
                            SArr<acc_t> bias, SArr<acc_t> crow, int crow_off, SArr<acc_t> urow,
                            int urow_off) {
   constexpr int UT = Interp<MODE>::kUpTaps;
-  constexpr int CC = R < 16 ? R : 16;  // output channels per pass: bounded registers
+  // channels per pass: bounded registers (8 from R = 32: bicubic taps would spill at 16)
+  constexpr int CC = R < 16 ? R : (R < 32 ? 16 : 8);
   int ry[3][UT], rx[3][UT];
   acc_t wy[3][UT], wx[3][UT];
   bool vy[3], vx[3];
@@ -503,6 +506,7 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
     }
   }
   constexpr int NCO = COMPUTE_C ? R : CC;  // U alone: one pass
+  CONVLORA_NO_UNROLL
   for (int co0 = 0; co0 < NCO; co0 += CC) {
     acc_t c[CC];
     CONVLORA_UNROLL
@@ -517,6 +521,7 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
             for (int ci = 0; ci < R; ++ci) urow[urow_off + k * R + ci] = acc_t(0);
           continue;
         }
+        CONVLORA_NO_UNROLL
         for (int ci0 = 0; ci0 < R; ci0 += CC) {
           // U(tap k)[ci0 .. ci0 + CC): the up-sampling taps of the staged z
           acc_t u[CC];

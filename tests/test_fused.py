@@ -341,3 +341,51 @@ def test_functional_op_under_autocast(backend, dtype):
     for n, g, gc in zip(names, grads, grads_cast):
         assert g.dtype == torch.float32, n
         assert torch.equal(g, gc.float()), n
+
+
+OUT_OF_RANGE_CASES = [  # (interpolation, deterministic, the bad token's index), n = 8
+    ("bilinear", True, 8), ("bilinear", False, -1), ("bicubic", True, 1000),
+    ("bicubic", False, 8)]
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("triton", id="triton", marks=pytest.mark.triton),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not HAS_GPU, reason="needs a CUDA device")])])
+@pytest.mark.parametrize("mode,deterministic,bad_value", OUT_OF_RANGE_CASES)
+def test_unchecked_out_of_range_expert_reaches_nothing(backend, mode, deterministic,
+                                                        bad_value):
+    """An unchecked out-of-range index (no poisoning of outputs): that token's output and
+    its own dz are NaN; every other token's output and x gradient equal the run where the
+    token has a valid expert and no output gradient (so it contributes nothing)."""
+    if backend == "triton":
+        why = ops.backend_unavailable_reason("triton", torch.device("cpu"))
+        if why is not None:
+            pytest.skip(why)
+    dev = _device(backend)
+    c = make_case(height=9, width=7, rank=8, scales=tuple(range(1, 9)), interpolation=mode,
+                  seed=18, device=dev).to(torch.float32, True)
+    bad = torch.zeros(2, 9, 7, dtype=torch.bool, device=dev)
+    bad[1, 4, 3] = True
+    good_index = c.expert_index.clone()
+    good_index[bad] = 5
+    dy = torch.randn(2, 9, 7, 12, generator=torch.Generator().manual_seed(19)).to(dev)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        outs = {}
+        for name, index, cot in (("bad", good_index.masked_fill(bad, bad_value), dy),
+                                 ("good", good_index, dy.masked_fill(bad[..., None], 0))):
+            x = c.x.detach().clone().requires_grad_(True)
+            y = conv_lora_linear(x, *c.args()[1:7], index, c.scaling, **c.kwargs(),
+                                 backend=backend, check_expert_index=False)
+            (dx,) = torch.autograd.grad(y, [x], cot)
+            outs[name] = (y.detach(), dx)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    (y_bad, dx_bad), (y_good, dx_good) = outs["bad"], outs["good"]
+    assert torch.isnan(y_bad[bad]).all() and torch.isnan(dx_bad[bad]).all()
+    assert torch.isfinite(y_bad[~bad]).all() and torch.isfinite(dx_bad[~bad]).all()
+    assert_close(y_bad[~bad], y_good[~bad], 1e-6, 1e-6, "y of the other tokens")
+    assert_close(dx_bad[~bad], dx_good[~bad], 1e-5, 1e-5, "dx of the other tokens")

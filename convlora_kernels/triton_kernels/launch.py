@@ -129,7 +129,9 @@ def forward(x4, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_ind
     if z2.stride(-1) != 1:
         z2 = z2.contiguous()
     perm, bounds = sort_tokens(expert_index, n_exp)
-    u = _empty((n_tok, rank), torch.float32, x4.device)
+    # NaN until the stencil writes it: a token whose expert is out of range (unchecked
+    # index) sorts outside every expert's tiles, and its output must be NaN, not garbage.
+    u = torch.full((n_tok, rank), float("nan"), dtype=torch.float32, device=x4.device)
     if n_tok > 0:
         plan = Plan(height, width, rank, n_exp, scales, mode, x4.dtype, x4.device)
         _pick(_fwd)[(plan.programs(n_tok),)](
@@ -188,6 +190,9 @@ def backward(dy, x4, weight, lora_A, lora_B, conv_weight, conv_bias, z2, u, perm
     if need_dz or need_cw or need_cb:
         d_cw, d_cb, dz = _stencil_backward(plan, z2, perm, bounds, cw, conv_bias, du, n_tok,
                                            height, width, atomic, dtype)
+        # A token whose expert is out of range got no tile: nothing of it reached its
+        # neighbours, and its own dL/dz is NaN, as its output is.
+        dz.masked_fill_(_out_of_range(perm, bounds)[:, None], float("nan"))
     dx = d_w = d_a = None
     if need_x:
         dx = dy2 @ weight
@@ -201,6 +206,16 @@ def backward(dy, x4, weight, lora_A, lora_B, conv_weight, conv_bias, z2, u, perm
     d_z = dz.reshape(batch, height, width, rank) if (has_z and need_z) else None
     return (dx, d_w, d_bias, d_a, d_lb, d_cw if need_cw else None,
             d_cb if need_cb else None, d_z)
+
+
+def _out_of_range(perm, bounds):
+    """(N,) bool, without a host synchronisation: the tokens whose expert index is out of
+    range, which the stable sort puts before bounds[0] or from bounds[-1] on."""
+    pos = torch.arange(perm.numel(), device=perm.device)
+    outside = (pos < bounds[0]) | (pos >= bounds[-1])
+    bad = torch.empty_like(outside)
+    bad[perm] = outside
+    return bad
 
 
 def _acc(shape, programs, atomic, dev):
@@ -242,8 +257,9 @@ def _stencil_backward(plan, z2, perm, bounds, cw, conv_bias, du, n_tok, height, 
     _pick(_grad)[(programs,)](
         *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, g, d_cb, height, width, rank,
         n_exp, plan.rows_y, plan.rows_x, z2.stride(0), ATOMIC=atomic, **common)
-    # atomics add the stencil's dL/dz onto du itself; otherwise per-token neighbour slots
-    dz_buf = du if atomic else _empty((n_tok, nb, nb, rank), f32, dev)
+    # atomics add the stencil's dL/dz onto du itself; otherwise per-token neighbour slots,
+    # zero where no tile writes (tokens with an out-of-range expert)
+    dz_buf = du if atomic else torch.zeros((n_tok, nb, nb, rank), dtype=f32, device=dev)
     _pick(_scatter)[(programs,)](
         *args, ty, tx, cw, g, d_cw, dz_buf, height, width, rank, n_exp, plan.rows_y,
         plan.rows_x, z2.stride(0), ATOMIC=atomic, **common)

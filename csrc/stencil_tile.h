@@ -25,8 +25,8 @@
 //             saved (N x 4 x r fp32 bilinear, N x 16 x r bicubic); U is recomputed for the
 //             tile's items only, for the weight gradient.
 //             dW: thread-owned entries summed over the tile's items in order.
-//             dz: per (item, channel), dU = W^T g at the nine taps, through the up
-//             taps, into the item's contributions to its source's z neighbourhood
+//             dz: per item, dU = W^T g at the nine taps, through the up taps, into
+//             the item's contributions to its source's z neighbourhood
 //             (2 halo + 1)^2; then each tile token pulls, in a fixed order, what its
 //             neighbours' items give it: a gather with no atomics, deterministic.
 //             Weight gradients leave as one fp32 partial per block, summed over blocks in

@@ -7,8 +7,10 @@ Per shape: torch.ops.convlora.stencil_fwd and stencil_bwd called directly (the t
 prep and, for the backward, the weight-gradient reduce included), then the layer's
 forward+backward on the fused backend next to plain eager LoRA, the eager Conv-LoRA
 reference and the frozen linear. On a GPU the stencil rows are in microseconds with the
-card named; everything else is a ratio. The last line, "RESULT: ...", is what
-benchmarks/gpu_check.sh records for the target shape (the first one).
+card named; everything else is a ratio. For the first shape the stencil ops are also timed
+under each shared-memory budget (CONVLORA_STENCIL_SMEM_KB: what the kernels stage in shared
+memory against how many blocks fit an SM), the choice a GPU run should settle. The last
+line, "RESULT: ...", is what benchmarks/gpu_check.sh records for the target shape.
 """
 
 from __future__ import annotations
@@ -56,6 +58,35 @@ def _stencil_fns(inp, interpolation):
                                               args["scales"], args["mode"], h, w)
 
     return {"stencil-fwd": fwd, "stencil-bwd": bwd}
+
+
+SMEM_BUDGETS_KB = (48, 80, 96)  # the backward at r = 8: all global, weights staged, all staged
+
+
+def _budget_fns(fns):
+    """The stencil ops under each shared-memory budget (CONVLORA_STENCIL_SMEM_KB, read by
+    the kernels' plan on every call): what is staged in shared memory against occupancy."""
+    def under(kb, fn):
+        def call(inp):
+            os.environ["CONVLORA_STENCIL_SMEM_KB"] = str(kb)
+            return fn(inp)
+        return call
+    return {f"{name} @ {kb} KB": under(kb, fn) for kb in SMEM_BUDGETS_KB
+            for name, fn in fns.items()}
+
+
+def _plan_text(r, n, interpolation, kb):
+    os.environ["CONVLORA_STENCIL_SMEM_KB"] = str(kb)
+    try:
+        out = []
+        for backward in (False, True):
+            p = torch.ops.convlora.stencil_plan(r, n, INTERPOLATION_CODES[interpolation],
+                                                backward)
+            out.append(f"{'bwd' if backward else 'fwd'} {p[0] // 1024} KB"
+                       f"{' w' if p[1] else ''}{' dw' if p[2] else ''}")
+        return ", ".join(out)
+    finally:
+        del os.environ["CONVLORA_STENCIL_SMEM_KB"]
 
 
 def _layer(backend, interpolation):
@@ -112,6 +143,21 @@ def main(argv=None) -> int:
                   f"{ms / med[common.LINEAR]:6.3f} x frozen linear"
                   + (f"  ({med[common.REFERENCE] / ms:5.1f} x faster than the reference)"
                      if k != common.REFERENCE else ""))
+        if result is None:  # the target shape: the shared-memory budgets side by side
+            fns = _budget_fns(_stencil_fns(inputs[0], interp))
+            try:
+                bt = measure.time_group(fns, inputs, False, {k: warm for k in fns}, repeats)
+            finally:
+                os.environ.pop("CONVLORA_STENCIL_SMEM_KB", None)
+            print("  shared-memory budget (CONVLORA_STENCIL_SMEM_KB; w: weights staged, "
+                  "dw: weight-gradient sums staged):")
+            for kb in SMEM_BUDGETS_KB:
+                ms = [bt[f"{k} @ {kb} KB"].get("median_ms") for k in ("stencil-fwd",
+                                                                      "stencil-bwd")]
+                shown = [f"{m * 1e3:.1f} us" if gpu else f"{m / lin_fwd['median_ms']:.3f}x"
+                         for m in ms if m is not None]
+                print(f"    {kb:3d} KB ({_plan_text(r, 8, interp, kb)}): fwd, bwd "
+                      f"{' / '.join(shown)}")
         if result is None and fused is not None and st["stencil-fwd"].get("median_ms"):
             if gpu:
                 result = (f"{name}: stencil fwd {st['stencil-fwd']['median_ms'] * 1e3:.1f} us, "

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <tuple>
 #include <vector>
 
@@ -133,6 +134,17 @@ struct TilePlan {
   bool w_smem, dw_smem;
 };
 
+// The shared-memory budget of a block in bytes: tile::kSmemBudget, or
+// CONVLORA_STENCIL_SMEM_KB (an internal switch for timing the alternatives on a GPU).
+inline int smem_budget() {
+  const char* kb = std::getenv("CONVLORA_STENCIL_SMEM_KB");
+  if (kb == nullptr || *kb == '\0') return tile::kSmemBudget;
+  const long v = std::strtol(kb, nullptr, 10);
+  TORCH_CHECK(v > 0 && v <= 227, "CONVLORA_STENCIL_SMEM_KB must be a number of KB in [1, 227], "
+              "got '", kb, "'");
+  return static_cast<int>(v) * 1024;
+}
+
 // Weights go to shared memory when they fit the budget, then the weight-gradient
 // accumulators; what does not fit is read (or accumulated) in global memory.
 template <int R, int MODE, bool BWD, typename acc_t>
@@ -143,11 +155,12 @@ TilePlan make_tile_plan(int64_t maps, int H, int W, int r, int n) {
   p.tiles_x = (W + G::kTileW - 1) / G::kTileW;
   p.blocks = maps * p.tiles_y * p.tiles_x;
   const bool choices[3][2] = {{true, true}, {true, false}, {false, false}};
+  const int budget = smem_budget();
   for (const auto& c : choices) {
     p.w_smem = c[0];
     p.dw_smem = BWD && c[1];
     p.layout = tile::make_layout<R, MODE, BWD, acc_t>(r, n, p.w_smem, p.dw_smem);
-    if (p.layout.bytes <= tile::kSmemBudget) break;
+    if (p.layout.bytes <= budget) break;
   }
   return p;
 }

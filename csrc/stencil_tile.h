@@ -58,6 +58,8 @@ namespace tile {
 constexpr int kThreads = 128;
 // Per-block shared memory that stages the conv weights or the weight-gradient
 // accumulators only when they fit under this many bytes (else they stay in global memory).
+// A first choice, not a measured one: CONVLORA_STENCIL_SMEM_KB overrides it (stencil.h) and
+// benchmarks/stencil_time.py times the alternatives on a GPU.
 constexpr int kSmemBudget = 96 * 1024;
 
 // Expert index markers of staged tokens.

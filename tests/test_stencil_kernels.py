@@ -257,3 +257,24 @@ def test_stencil_bwd_needs_the_saved_preactivations():
     assert torch.equal(u, u2) and pre.shape == (30, 4, 3)
     with pytest.raises(RuntimeError, match="preact must be the forward's saved pre-activations"):
         torch.ops.convlora.stencil_bwd(du, z, torch.empty(0), idx, cw, cb, sc, m, h, w)
+
+
+def test_shared_memory_budget_switch(monkeypatch):
+    """CONVLORA_STENCIL_SMEM_KB moves the weights and weight-gradient sums between shared and
+    global memory (benchmarks/stencil_time.py times the choices on a GPU); results agree."""
+    z, du, idx, cw, cb, sc, m, h, w = _stencil_problem("bilinear", (2, 17, 23),
+                                                       tuple(range(1, 9)), 8, torch.float64)
+    runs = {}
+    for kb, staged in (("48", (0, 0)), ("80", (1, 0)), ("96", (1, 1))):
+        monkeypatch.setenv("CONVLORA_STENCIL_SMEM_KB", kb)
+        p = _plan(8, 8, "bilinear", True)
+        assert (p["w_smem"], p["dw_smem"]) == staged and p["bytes"] <= int(kb) * 1024, p
+        u, pre = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True)
+        runs[kb] = (u,) + tuple(torch.ops.convlora.stencil_bwd(du, z, pre, idx, cw, cb, sc, m,
+                                                               h, w))
+    for kb in ("48", "80"):
+        for a, b in zip(runs[kb], runs["96"]):
+            assert_close(a, b, 1e-12, 1e-12, f"budget {kb} KB")
+    monkeypatch.setenv("CONVLORA_STENCIL_SMEM_KB", "lots")
+    with pytest.raises(RuntimeError, match="CONVLORA_STENCIL_SMEM_KB must be a number of KB"):
+        _plan(8, 8, "bilinear", True)

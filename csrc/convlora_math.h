@@ -169,4 +169,14 @@ inline void dispatch_rank(int64_t r, F&& f) {
   }
 }
 
+// Calls f.template operator()<MODE>() with the interpolation as a compile-time constant.
+template <typename F>
+inline void dispatch_interpolation(int64_t interpolation, F&& f) {
+  if (interpolation == kBicubic) {
+    f.template operator()<kBicubic>();
+  } else {
+    f.template operator()<kBilinear>();
+  }
+}
+
 }  // namespace convlora

@@ -44,20 +44,16 @@ std::vector<int64_t> stencil_plan(int64_t r, int64_t n, int64_t interpolation, b
               "], got r = ", r, ", n = ", n);
   std::vector<int64_t> out;
   dispatch_rank(r, [&]<int R>() {
-    const auto go = [&]<int MODE, bool BWD>() {
+    const auto go = [&]<int MODE, bool BWD>() {  // BWD: a compile-time direction
       const auto p = make_tile_plan<R, MODE, BWD, float>(1, 1, 1, static_cast<int>(r),
                                                          static_cast<int>(n));
       out = {p.layout.bytes, p.w_smem, p.dw_smem, tile::kThreads, tile::Geometry<R, MODE, BWD>::kTileH,
              tile::Geometry<R, MODE, BWD>::kTileW,
              tile::Geometry<R, MODE, BWD>::kRound};
     };
-    if (interpolation == kBicubic) {
-      backward ? go.template operator()<kBicubic, true>()
-               : go.template operator()<kBicubic, false>();
-    } else {
-      backward ? go.template operator()<kBilinear, true>()
-               : go.template operator()<kBilinear, false>();
-    }
+    dispatch_interpolation(interpolation, [&]<int MODE>() {
+      backward ? go.template operator()<MODE, true>() : go.template operator()<MODE, false>();
+    });
   });
   return out;
 }

@@ -91,15 +91,6 @@ void run_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const TilePlan& plan) 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, name, __VA_ARGS__)
 #endif
 
-template <typename F>
-void dispatch_mode(int64_t interpolation, F&& f) {
-  if (interpolation == kBicubic) {
-    f.template operator()<kBicubic>();
-  } else {
-    f.template operator()<kBilinear>();
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
@@ -117,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
   CONVLORA_DISPATCH_CPU(zc.scalar_type(), "stencil_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_rank(r, [&]<int R>() {
-      dispatch_mode(interpolation, [&]<int MODE>() {
+      dispatch_interpolation(interpolation, [&]<int MODE>() {
         at::Tensor taps, wbuf;
         prep_cpu<R, acc_t>(o.conv_weight, o.conv_bias, static_cast<int>(r), T, taps, wbuf);
         const auto plan = make_tile_plan<R, MODE, false, acc_t>(N / (height * width), T.H, T.W,
@@ -152,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
   CONVLORA_DISPATCH_CPU(zc.scalar_type(), "stencil_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_rank(r, [&]<int R>() {
-      dispatch_mode(interpolation, [&]<int MODE>() {
+      dispatch_interpolation(interpolation, [&]<int MODE>() {
         at::Tensor taps, wbuf;
         prep_cpu<R, acc_t>(o.conv_weight, o.conv_bias, static_cast<int>(r), T, taps, wbuf);
         const auto plan = make_tile_plan<R, MODE, true, acc_t>(N / (height * width), T.H, T.W,

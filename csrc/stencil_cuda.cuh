@@ -126,7 +126,7 @@ void stencil_cuda_call(const Operands& o, at::IntArrayRef scales, int64_t interp
                        int64_t height, int64_t width, at::Tensor& out, const at::Tensor& preact,
                        at::Tensor* dw) {
   dispatch_rank(o.z.size(1), [&]<int R>() {
-    const auto go = [&]<int MODE>() {
+    dispatch_interpolation(interpolation, [&]<int MODE>() {
       if (dw) {
         cuda_kernels::run_call<true, scalar_t, R, MODE>(o, scales, interpolation, height, width,
                                                         out, preact, dw);
@@ -134,12 +134,7 @@ void stencil_cuda_call(const Operands& o, at::IntArrayRef scales, int64_t interp
         cuda_kernels::run_call<false, scalar_t, R, MODE>(o, scales, interpolation, height,
                                                          width, out, preact, dw);
       }
-    };
-    if (interpolation == kBicubic) {
-      go.template operator()<kBicubic>();
-    } else {
-      go.template operator()<kBilinear>();
-    }
+    });
   });
 }
 

@@ -336,7 +336,7 @@ struct SArr {
 
 // Byte offsets of a block's shared arrays (16-byte aligned), the same on host and device.
 struct Layout {
-  int zs, src, es, nt, start, bucket, first, meta, items, cbuf, ubuf, acc, w, wt, b, dw, bytes;
+  int zs, src, es, nt, start, bucket, first, items, cbuf, ubuf, acc, w, wt, b, dw, bytes;
   int w_count, dw_count;
 };
 
@@ -360,7 +360,6 @@ CONVLORA_HD Layout make_layout(int r, int n, bool w_smem, bool dw_smem) {
   L.start = take(G::kSrc * I);
   L.bucket = take(G::kBuckets * I);
   L.first = take((G::kBuckets + 1) * I);
-  L.meta = take(4 * I);
   L.items = take(G::kMaxItems * I);
   L.cbuf = take(G::kRound * G::kItemRow * A);
   L.ubuf = take(BWD ? G::kRound * G::kURow * A : 0);
@@ -594,7 +593,7 @@ template <int R, int MODE, bool BWD, typename acc_t>
 struct Smem {
   using G = Geometry<R, MODE, BWD>;
   SArr<acc_t> zs, src, cbuf, ubuf, acc, w, wt, b, dw;
-  SArr<int> es, nt, start, bucket, first, meta, items;
+  SArr<int> es, nt, start, bucket, first, items;
 
   CONVLORA_HD Smem(unsigned char* base, const Layout& L, int n, const acc_t* wglobal,
                    acc_t* dwglobal, int r)
@@ -619,7 +618,6 @@ struct Smem {
         start(CONVLORA_SARR(int, base, L.start, G::kSrc, "item start")),
         bucket(CONVLORA_SARR(int, base, L.bucket, G::kBuckets, "bucket size")),
         first(CONVLORA_SARR(int, base, L.first, G::kBuckets + 1, "bucket start")),
-        meta(CONVLORA_SARR(int, base, L.meta, 4, "meta")),
         items(CONVLORA_SARR(int, base, L.items, G::kMaxItems, "items")) {}
 };
 
@@ -692,7 +690,7 @@ CONVLORA_HD void phase_count(int n, const Smem<R, MODE, BWD, acc_t>& S, int tid)
 
 // Phase 3: thread b < 2n walks the sources in order and lists the items of bucket b from
 // the bucket's offset: items sorted by (halo, expert, token, down tap). first[b] is the
-// first item of bucket b (first[2n]: the item count, also in meta[0]).
+// first item of bucket b (first[2n]: the item count).
 template <int R, int MODE, bool BWD, typename acc_t>
 CONVLORA_HD void phase_list(int n, const Smem<R, MODE, BWD, acc_t>& S, int tid) {
   using G = Geometry<R, MODE, BWD>;
@@ -700,10 +698,7 @@ CONVLORA_HD void phase_list(int n, const Smem<R, MODE, BWD, acc_t>& S, int tid) 
   int off = 0;
   for (int b = 0; b < tid; ++b) off += S.bucket[b];
   S.first[tid] = off;
-  if (tid == 2 * n) {
-    S.meta[0] = off;
-    return;
-  }
+  if (tid == 2 * n) return;
   for (int t = 0; t < G::kSrc; ++t) {
     const int nt = S.nt[t];
     if (token_bucket<R, MODE, BWD>(t, S.es[t], nt, n) != tid) continue;
@@ -997,7 +992,7 @@ CONVLORA_HD void run_block(Exec& ex, const TileArgs<scalar_t, acc_t>& A, const L
   ex.phase([&](int tid) { phase_load<R, MODE, BWD>(A, P, S, tid); });
   ex.phase([&](int tid) { phase_count<R, MODE, BWD>(A.n, S, tid); });
   ex.phase([&](int tid) { phase_list<R, MODE, BWD>(A.n, S, tid); });
-  const int nitems = S.meta[0];
+  const int nitems = S.first[2 * A.n];
   for (int r0 = 0; r0 < nitems; r0 += G::kRound) {
     ex.poison(S.cbuf.p, G::kRound * G::kItemRow * static_cast<int>(sizeof(acc_t)));
     if (BWD) ex.poison(S.ubuf.p, G::kRound * G::kURow * static_cast<int>(sizeof(acc_t)));

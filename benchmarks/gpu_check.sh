@@ -11,12 +11,16 @@
 #   memcheck-triton   compute-sanitizer memcheck of backend "triton" (SKIP if it is absent)
 #   stencil    the stencil kernels alone (stencil_fwd, stencil_bwd; CUDA events) next to the
 #              layer's fwd+bwd, plain LoRA and the eager reference (benchmarks/stencil_time.py)
+#   plans      every candidate of the layer's plan, per fused backend, at SAM's shapes, and
+#              the winners (benchmarks/plan_time.py; plans.json, the source of the
+#              convlora_kernels/_plans.py entries)
 #   bench      the GPU benchmark subset (ViT-B global and window maps, r = 8 and 3, token
 #              routing, one map-routing row, bf16, torch.compile on one shape)
 # A stage that fails does not stop the others (a failed build skips the rest).
 #
 # Writes into OUT_DIR, at most 8 plain files: summary.txt (machine, versions, one line per
-# stage), build.log, tests.log, sanitize.log, bench.log, bench.json, bench.md, bench.png.
+# stage), build.log, tests.log (the sanitizers' output too), plans.json, bench.log,
+# bench.json, bench.md, bench.png.
 # Exit status 0 when every stage passed (SKIP counts as passed), 1 otherwise.
 #
 # Settings (environment):
@@ -47,7 +51,7 @@ FAILED=0
 BENCH_MIN=150              # seconds kept for the benchmark whatever comes before it
 AFTER_BUILD=$((BENCH_MIN + 60))  # and for the tests after the build
 : >"$SUMMARY"
-for f in build.log tests.log sanitize.log bench.log bench.json bench.md bench.png; do
+for f in build.log tests.log plans.json bench.log bench.json bench.md bench.png; do
   rm -f "${OUT:?}/$f"  # a previous run's files, which the stages would append to
 done
 
@@ -189,7 +193,7 @@ sys.exit(0 if ok else 1)"
 fi
 
 if grep -qE '^build(-check)? +FAIL' "$SUMMARY"; then
-  skip_rest "the build failed" tests memcheck racecheck memcheck-triton stencil bench
+  skip_rest "the build failed" tests memcheck racecheck memcheck-triton stencil plans bench
 else
   # ---- GPU tests --------------------------------------------------------------------
   stage tests "$OUT/tests.log" "$(limit 90 "$BENCH_MIN")" "$PY" -m pytest -m gpu -ra -q -p no:cacheprovider tests
@@ -211,11 +215,11 @@ else
     # No caching allocator, so an access past a tensor's end hits unallocated memory.
     export PYTORCH_NO_CUDA_MEMORY_CACHING=1
     SANOPT=(--error-exitcode 7 --print-limit 20 --target-processes application-only)
-    stage memcheck "$OUT/sanitize.log" "$(limit 60 "$BENCH_MIN")" "$SAN" --tool memcheck "${SANOPT[@]}" \
+    stage memcheck "$OUT/tests.log" "$(limit 60 "$BENCH_MIN")" "$SAN" --tool memcheck "${SANOPT[@]}" \
       "$PY" benchmarks/sanitize_case.py --backends cuda
-    stage racecheck "$OUT/sanitize.log" "$(limit 60 "$BENCH_MIN")" "$SAN" --tool racecheck "${SANOPT[@]}" \
+    stage racecheck "$OUT/tests.log" "$(limit 60 "$BENCH_MIN")" "$SAN" --tool racecheck "${SANOPT[@]}" \
       "$PY" benchmarks/sanitize_case.py --backends cuda
-    stage memcheck-triton "$OUT/sanitize.log" "$(limit 50 "$BENCH_MIN")" "$SAN" --tool memcheck "${SANOPT[@]}" \
+    stage memcheck-triton "$OUT/tests.log" "$(limit 50 "$BENCH_MIN")" "$SAN" --tool memcheck "${SANOPT[@]}" \
       "$PY" benchmarks/sanitize_case.py --backends triton --no-probe
     unset PYTORCH_NO_CUDA_MEMORY_CACHING
   fi
@@ -223,6 +227,10 @@ else
   # ---- the stencil kernels alone, next to the layer ----------------------------------
   if [ "$DEVICE" = cuda ]; then STENCIL=(--device cuda); else STENCIL=(--device cpu --repeats 3); fi
   stage stencil "$OUT/bench.log" "$(limit 90 "$BENCH_MIN")" "$PY" benchmarks/stencil_time.py "${STENCIL[@]}"
+  # ---- the layer's candidates, side by side ---------------------------------------------
+  if [ "$DEVICE" = cuda ]; then PLANS=(--device cuda); else PLANS=(--device cpu --repeats 3); fi
+  stage plans "$OUT/bench.log" "$(limit 90 "$BENCH_MIN")" "$PY" benchmarks/plan_time.py "${PLANS[@]}" \
+    --out "$OUT/plans.json"
   # ---- benchmark subset ---------------------------------------------------------------
   # Whatever time is left, less a margin; rows not started in time are recorded as skipped.
   secs=$(limit 600)

@@ -1,19 +1,11 @@
-"""The "cpu" and "cuda" backends: the fused stencil kernels of convlora_kernels._C between
-the layer's projections, which run as ATen GEMMs (BLAS on CPU, cuBLAS on CUDA).
+"""The "cpu" and "cuda" backends: the fused stencil kernels of convlora_kernels._C
+(torch.ops.convlora.stencil_fwd / stencil_bwd: one pass over z; the backward from the
+forward's saved pre-activations, weight gradients in fp32, deterministic, no atomics)
+between the layer's GEMMs (BLAS on CPU, cuBLAS on CUDA), composed and planned in
+convlora_kernels.layer.
 
-Forward, for N tokens (Problem sizes in _validate):
-    z = x Aᵀ                     GEMM, or the z the router already computed
-    u = z + E_e(z)               torch.ops.convlora.stencil_fwd: one pass over z (N·r)
-    y = x W0ᵀ + b, y += s·u Bᵀ   GEMM, then a rank-r GEMM accumulating onto y
-Backward (autograd of the GEMMs, plus the stencil's registered backward):
-    du = s·dy B, dB = s·dyᵀ u    GEMMs over dy
-    dz, dconv_w, dconv_b         torch.ops.convlora.stencil_bwd (from the forward's saved
-                                 pre-activations; weight gradients in fp32, deterministic,
-                                 no atomics)
-    dx = dy W0 + dz A, dA = dzᵀ x
-
-The stencil ops are registered with fake kernels and autograd, so torch.compile
-traces the layer without graph breaks.
+The stencil ops are also registered here with fake kernels and autograd, so ``stencil``
+can be used (and torch.compile-traced) on its own.
 """
 
 from __future__ import annotations
@@ -22,13 +14,12 @@ import functools
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from . import _ext
+from . import _ext, layer
 from ._validate import as_map, check_inputs, out_shape
 
-INTERPOLATION_CODES = {"bilinear": 0, "bicubic": 1}
-PREACT_SLOTS = {0: 4, 1: 16}  # saved pre-activations per token, by interpolation code
+INTERPOLATION_CODES = layer.INTERPOLATION_CODES
+PREACT_SLOTS = layer.PREACT_SLOTS  # saved pre-activations per token, by interpolation code
 MAX_RANK = 64
 
 
@@ -104,7 +95,8 @@ def conv_lora_linear(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, ex
                      scaling, *, scales, interpolation, hw: Optional[Tuple[int, int]],
                      z: Optional[torch.Tensor] = None,
                      check_expert_index: bool = True) -> torch.Tensor:
-    """The layer on the fused kernels; the semantics of conv_lora_linear_ref."""
+    """The layer on the fused kernels (convlora_kernels.layer); the semantics of
+    conv_lora_linear_ref."""
     p = check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
                      scaling, scales, interpolation, hw, z=z,
                      check_index_values=check_expert_index)
@@ -114,17 +106,8 @@ def conv_lora_linear(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, ex
     if p.rank > MAX_RANK:
         raise ValueError(f"lora_A: the fused kernels support ranks up to {MAX_RANK}, got "
                          f"r = {p.rank}; use backend='reference'")
-    x2 = as_map(x, p).reshape(-1, p.in_features)  # a view whenever x's layout allows
-    z2 = F.linear(x2, lora_A) if z is None else z.reshape(-1, p.rank)
-    u = stencil(z2, expert_index, conv_weight, conv_bias, p.scales, p.interpolation,
-                p.height, p.width)
-    y = F.linear(x2, weight, bias)
-    # The up-projection accumulates onto the base output in the GEMM (beta = 1):
-    # one read-modify-write of y, no separate scale and add passes. On CPU lora_B goes in
-    # as a contiguous (r, C_out) copy: BLAS then runs the backward's dy·B about 2x faster
-    # than on the (C_out, r) layout (benchmarks/fused_design.md, CPU).
-    b_t = lora_B.t().contiguous() if x2.device.type == "cpu" else lora_B.t()
-    y = y.addmm_(u, b_t, alpha=scaling)
+    y = layer.conv_lora_linear("cuda" if x.is_cuda else "cpu", p, as_map(x, p), weight, bias,
+                               lora_A, lora_B, conv_weight, conv_bias, expert_index, scaling, z)
     return y.reshape(out_shape(x, p))
 
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from convlora_kernels import ConvLoRALinear, conv_lora_linear, conv_lora_linear_ref
+from convlora_kernels import ConvLoRALinear, conv_lora_linear, conv_lora_linear_ref, layer
 
 pytest.importorskip("triton")
 from convlora_kernels.triton_kernels import launch, op, tables  # noqa: E402
@@ -85,7 +85,7 @@ def test_kernels_compile_for_the_gpu():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-3000:]
     built = {line.split()[1] for line in out.stdout.splitlines() if line.startswith("sm_90")}
-    assert built == {"stencil_fwd", "stencil_grad", "stencil_scatter", "up_project", "dy_pass",
+    assert built == {"stencil_fwd", "stencil_grad", "stencil_scatter", "dy_pass",
                      "gather_dz", "expert_sum"}, out.stdout
 
 
@@ -305,9 +305,12 @@ def test_torch_compile_sees_no_graph_break():
 
 def test_opcheck():
     c = case(batch=1, height=2, width=3, scales=(1, 2), seed=28).to(torch.float32, True)
-    args = (c.x, c.weight, c.bias, c.lora_A, c.lora_B, c.conv_weight, c.conv_bias,
-            c.expert_index, None, c.scaling, list(c.scales), c.interpolation)
-    torch.library.opcheck(torch.ops.convlora_triton.conv_lora_fwd.default, args)
+    idx = c.expert_index.reshape(-1)
+    for forward_plan in layer.FORWARD_PLANS:
+        args = (c.x.reshape(-1, c.x.shape[-1]), c.weight, c.bias, c.lora_A, c.lora_B,
+                c.conv_weight, c.conv_bias, idx, None, c.scaling, list(c.scales),
+                c.interpolation, 2, 3, "triton", forward_plan, True)
+        torch.library.opcheck(torch.ops.convlora_layer.forward.default, args)
 
 
 # --- GPU only ----------------------------------------------------------------------------

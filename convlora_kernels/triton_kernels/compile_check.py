@@ -56,7 +56,6 @@ def variants(quick: bool):
             for atomic in (True, False):
                 yield ("stencil_scatter", launch._scatter[0], dict(common, ATOMIC=atomic),
                        dtype)
-        yield "up_project", launch._up[0], dict(RP=16, PREC=plan.prec), dtype
         for atomic in (True, False):
             yield "dy_pass", launch._dy_pass[0], dict(BT=launch.DY_BT, RP=16, NEED_DB=True,
                                                    NEED_DBIAS=True, ATOMIC=atomic,

@@ -1,36 +1,9 @@
-"""Triton kernels outside the stencil: the up-projection onto y, one pass over dy for
-dL/du and dL/dlora_B (and dL/dbias), the deterministic gather of dL/dz, and the
-fixed-order per-expert reduction of per-tile weight-gradient partials."""
+"""Triton kernels outside the stencil: one pass over dy for dL/du and dL/dlora_B (and
+dL/dbias), the deterministic gather of dL/dz, and the fixed-order per-expert reduction of
+per-tile weight-gradient partials."""
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def up_project_kernel(
-        u_ptr,        # (N, r) float32 u = z + E(z)
-        lb_ptr,       # (C_out, r) lora_B, row stride stride_bn
-        y_ptr,        # (N, C_out) base output x W0ᵀ + b0, updated in place
-        N, C_out, r, scaling, stride_bn, stride_yn,
-        BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr):
-    """y += scaling · u Bᵀ on a [BM, BN] tile: one read-modify-write of y. u is rounded to
-    lora_B's dtype for the dot, as the reference rounds it to x's dtype."""
-    row0 = tl.program_id(0).to(tl.int64) * BM  # int64 tile origin, int32 offsets inside
-    col0 = tl.program_id(1).to(tl.int64) * BN
-    rl = tl.arange(0, BM)
-    cl = tl.arange(0, BN)
-    ci = tl.arange(0, RP)
-    rmask = row0 + rl < N
-    cmask = col0 + cl < C_out
-    u = tl.load(u_ptr + row0 * r + rl[:, None] * r + ci[None, :],
-                mask=rmask[:, None] & (ci[None, :] < r), other=0.0)
-    bt = tl.load(lb_ptr + col0 * stride_bn + cl[None, :] * stride_bn + ci[:, None],
-                 mask=cmask[None, :] & (ci[:, None] < r), other=0.0)
-    acc = tl.dot(u.to(lb_ptr.dtype.element_ty), bt, input_precision=PREC)
-    ym = rmask[:, None] & cmask[None, :]
-    yp = y_ptr + (row0 * stride_yn + col0) + rl[:, None] * stride_yn + cl[None, :]
-    yv = tl.load(yp, mask=ym, other=0.0).to(tl.float32)
-    tl.store(yp, (yv + scaling * acc).to(y_ptr.dtype.element_ty), mask=ym)
 
 
 @triton.jit

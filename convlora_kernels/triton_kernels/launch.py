@@ -1,17 +1,14 @@
-"""Host side of the Triton backend: buffers, tile sizes, autotuning and the launch order.
+"""Host side of the Triton kernels: buffers, tile sizes, autotuning and the launch order.
 
-Forward (memory passes at the SAM target, docs/design.md (Performance)):
-    y = x W0ᵀ + b0            torch (cuBLAS): reads x, writes y
-    z = x Aᵀ                  torch (cuBLAS), skipped when z is given: reads x
-    sort tokens by expert     torch.sort on N integers
-    stencil_fwd_kernel        u = z + E(z) from z neighbourhoods (N×r fp32, kept for backward)
-    up_project_kernel         y += scaling·u Bᵀ: one read-modify-write of y
-Backward:
-    dy_pass_kernel            reads dy once: dL/du, dL/dlora_B (and dL/dbias)
-    stencil_grad_kernel       recomputes c_k, writes g_k = dL/dc_k, dL/dconv_bias
-    stencil_scatter_kernel    recomputes the upsampled taps: dL/dconv_weight, dL/dz
-    gather_dz_kernel          (deterministic mode) sums dL/dz over neighbours in order
-    torch                     dL/dx = dy W0 (+ dz A), dL/dlora_A = dzᵀ x
+The layer's GEMMs and the order of its passes are planned in convlora_kernels.layer; what
+runs here is the Triton part of that plan:
+    stencil_forward       sort tokens by expert (torch.sort on N integers), then
+                          stencil_fwd_kernel: u = z + E(z) from z neighbourhoods (N×r fp32)
+    dy_pass               dy_pass_kernel reads dy once: dL/du, dL/dlora_B (and dL/dbias)
+    stencil_backward      stencil_grad_kernel recomputes c_k, writes g_k = dL/dc_k and
+                          dL/dconv_bias; stencil_scatter_kernel recomputes the upsampled
+                          taps: dL/dconv_weight, dL/dz; gather_dz_kernel (deterministic
+                          mode) sums dL/dz over neighbours in order
 Without deterministic algorithms the weight gradients and dL/dz are accumulated with
 float atomics; with them, each tile writes its own partial sums, reduced in a fixed order.
 """
@@ -21,7 +18,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 
 from . import dense, stencil
@@ -60,10 +56,6 @@ def _pick(pair):
 # the candidate that compiles without register spills at the SAM shapes (sm_90).
 _fwd = _autotuned(stencil.stencil_fwd_kernel, [({}, 8), ({}, 4)],
                   key=["RZ", "NBP", "TAPS", "BT"])
-_up = _autotuned(dense.up_project_kernel,
-                 [({"BM": 64, "BN": 64}, 4), ({"BM": 64, "BN": 128}, 8),
-                  ({"BM": 32, "BN": 128}, 4)],
-                 key=["RP", "C_out"], restore_value=["y_ptr"])
 _dy_pass = _autotuned(dense.dy_pass_kernel,
                       [({"BN": 64}, 8), ({"BN": 128}, 8), ({"BN": 64}, 4)],
                       key=["RP", "C_out", "NEED_DB", "NEED_DBIAS", "ATOMIC"],
@@ -93,7 +85,7 @@ class Plan:
         self.rz = max(4, next_pow2(rank))   # the conv's input side: 4 taps·RZ >= 16
         # The z neighbourhood, BT·NBP²·RZ floats, lives in registers: keep it near 4K.
         self.bt = min(64, max(16, _pow2_floor(4096 // (self.nbp ** 2 * self.rz))))
-        self.prec = "ieee" if dtype == torch.float32 else "tf32"
+        self.prec = _precision(dtype)
         self.nexp_p = max(2, next_pow2(num_experts))
 
     def programs(self, n_tokens: int) -> int:
@@ -117,95 +109,76 @@ def sort_tokens(expert_index: torch.Tensor, num_experts: int):
     return perm, torch.searchsorted(keys, edges).to(torch.int32)
 
 
-def forward(x4, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index, z,
-            scaling, scales, mode):
-    """(y (B, H, W, C_out), z (N, r), u (N, r) fp32, perm, bounds); z is x Aᵀ or the given z."""
-    batch, height, width, c_in = x4.shape
-    n_tok = batch * height * width
-    rank, n_exp, c_out = lora_A.shape[0], conv_weight.shape[0], weight.shape[0]
-    x2 = x4.reshape(n_tok, c_in)
-    y = F.linear(x2, weight, bias)
-    z2 = F.linear(x2, lora_A) if z is None else z.reshape(n_tok, rank)
+def stencil_forward(z2, expert_index, conv_weight, conv_bias, scales, mode, height, width):
+    """(u (N, r) float32 = z + E(z), perm, bounds) for z2 (N, r); perm and bounds (the
+    tokens sorted by expert) are kept for stencil_backward."""
+    n_tok, rank = z2.shape
+    n_exp = conv_weight.shape[0]
     if z2.stride(-1) != 1:
         z2 = z2.contiguous()
     perm, bounds = sort_tokens(expert_index, n_exp)
     # NaN until the stencil writes it: a token whose expert is out of range (unchecked
     # index) sorts outside every expert's tiles, and its output must be NaN, not garbage.
-    u = torch.full((n_tok, rank), float("nan"), dtype=torch.float32, device=x4.device)
+    u = torch.full((n_tok, rank), float("nan"), dtype=torch.float32, device=z2.device)
     if n_tok > 0:
-        plan = Plan(height, width, rank, n_exp, scales, mode, x4.dtype, x4.device)
+        plan = Plan(height, width, rank, n_exp, scales, mode, z2.dtype, z2.device)
         _pick(_fwd)[(plan.programs(n_tok),)](
             z2, perm, bounds, plan.ntaps, *plan.tables, conv_weight.contiguous(),
             conv_bias.contiguous(), u, height, width, rank, n_exp, plan.rows_y, plan.rows_x,
             z2.stride(0), **plan.common())
-        lb = lora_B.contiguous()
-        def grid(meta):
-            return triton.cdiv(n_tok, meta["BM"]), triton.cdiv(c_out, meta["BN"])
-
-        _pick(_up)[grid](
-            u, lb, y, n_tok, c_out, rank, float(scaling), lb.stride(0), y.stride(0),
-            RP=plan.rp, PREC=plan.prec)
-    return y.reshape(batch, height, width, c_out), z2, u, perm, bounds
+    return u, perm, bounds
 
 
-def backward(dy, x4, weight, lora_A, lora_B, conv_weight, conv_bias, z2, u, perm, bounds,
-             has_z, scaling, scales, mode, needs):
-    """Gradients (dx, dweight, dbias, dlora_A, dlora_B, dconv_weight, dconv_bias, dz);
-    needs says which of them to compute (the others are None). With has_z, z was given:
-    dz is its gradient and neither dx nor dlora_A gets the share that flows through z."""
-    need_x, need_w, need_bias, need_a, need_b, need_cw, need_cb, need_z = needs
-    batch, height, width, c_in = x4.shape
-    n_tok = batch * height * width
-    rank, n_exp, c_out = lora_A.shape[0], conv_weight.shape[0], weight.shape[0]
-    dtype, dev = x4.dtype, x4.device
-    x2 = x4.reshape(n_tok, c_in)
-    z2 = z2.reshape(n_tok, rank)
-    if z2.stride(-1) != 1:
-        z2 = z2.contiguous()
-    dy2 = dy.reshape(n_tok, c_out)
+def dy_pass(dy2, lora_B, u, scaling, need_b, need_bias):
+    """One pass over dy (N, C_out): (dL/du = scaling · dy B (N, r) float32,
+    dL/dB = scaling · dyᵀ u or None, dL/dbias = Σ_t dy_t or None), in dy's dtype."""
+    n_tok, c_out = dy2.shape
+    rank = lora_B.shape[1]
+    dev, dtype = dy2.device, dy2.dtype
     if dy2.stride(-1) != 1:
         dy2 = dy2.contiguous()
-    need_dz = need_z if has_z else (need_a or need_x)
+    u = u.to(torch.float32).contiguous()
     atomic = not torch.are_deterministic_algorithms_enabled()
     f32 = torch.float32
-    plan = Plan(height, width, rank, n_exp, scales, mode, dtype, dev)
-    lb = lora_B.contiguous()
-    cw = conv_weight.contiguous()
-
-    # dL/du = scaling · dy B;  dL/dB = scaling · dyᵀ u;  dL/dbias = Σ_t dy_t
-    dy_programs = triton.cdiv(n_tok, DY_BT)
+    programs = triton.cdiv(n_tok, DY_BT)
     du = _empty((n_tok, rank), f32, dev)
     unused = torch.zeros(1, dtype=f32, device=dev)
-    d_lb = _acc((c_out, rank), dy_programs, atomic, dev) if need_b else unused
-    d_bias = _acc((c_out,), dy_programs, atomic, dev) if need_bias else unused
+    d_lb = _acc((c_out, rank), programs, atomic, dev) if need_b else unused
+    d_bias = _acc((c_out,), programs, atomic, dev) if need_bias else unused
+    lb = lora_B.contiguous()
     if n_tok > 0:
-        _pick(_dy_pass)[(dy_programs,)](
+        _pick(_dy_pass)[(programs,)](
             dy2, lb, u, du, d_lb, d_bias, n_tok, c_out, rank, float(scaling), dy2.stride(0),
-            lb.stride(0), BT=DY_BT, RP=plan.rp, NEED_DB=need_b, NEED_DBIAS=need_bias,
-            ATOMIC=atomic, PREC=plan.prec)
-    d_lb = _reduce_rows(d_lb, atomic, need_b, (c_out, rank), dtype)
-    d_bias = _reduce_rows(d_bias, atomic, need_bias, (c_out,), dtype)
+            lb.stride(0), BT=DY_BT, RP=max(16, next_pow2(rank)), NEED_DB=need_b,
+            NEED_DBIAS=need_bias, ATOMIC=atomic, PREC=_precision(dtype))
+    return (du, _reduce_rows(d_lb, atomic, need_b, (c_out, rank), dtype),
+            _reduce_rows(d_bias, atomic, need_bias, (c_out,), dtype))
 
-    d_cw = d_cb = dz = None
-    if need_dz or need_cw or need_cb:
-        d_cw, d_cb, dz = _stencil_backward(plan, z2, perm, bounds, cw, conv_bias, du, n_tok,
-                                           height, width, atomic, dtype)
-        # A token whose expert is out of range got no tile: nothing of it reached its
-        # neighbours, and its own dL/dz is NaN, as its output is.
-        dz.masked_fill_(_out_of_range(perm, bounds)[:, None], float("nan"))
-    dx = d_w = d_a = None
-    if need_x:
-        dx = dy2 @ weight
-        if not has_z:
-            dx.addmm_(dz, lora_A)  # dL/dx through z = x Aᵀ
-        dx = dx.reshape(x4.shape)
-    if need_w:
-        d_w = dy2.t() @ x2
-    if need_a and not has_z:
-        d_a = dz.t() @ x2
-    d_z = dz.reshape(batch, height, width, rank) if (has_z and need_z) else None
-    return (dx, d_w, d_bias, d_a, d_lb, d_cw if need_cw else None,
-            d_cb if need_cb else None, d_z)
+
+def stencil_backward(du, z2, perm, bounds, conv_weight, conv_bias, scales, mode, height,
+                     width, du_is_scratch=False):
+    """(dL/dz (N, r) in z's dtype, dL/dconv_weight, dL/dconv_bias in conv_weight's dtype)
+    from dL/du (N, r); du is modified only when du_is_scratch says it may be."""
+    n_tok, rank = z2.shape
+    n_exp = conv_weight.shape[0]
+    if z2.stride(-1) != 1:
+        z2 = z2.contiguous()
+    plan = Plan(height, width, rank, n_exp, scales, mode, z2.dtype, z2.device)
+    atomic = not torch.are_deterministic_algorithms_enabled()
+    # the kernels use their dL/du as scratch: a float32 copy of it, unless it is one
+    scratch = du if du_is_scratch and du.dtype == torch.float32 and du.is_contiguous() \
+        else du.to(torch.float32, copy=True).contiguous()
+    d_cw, d_cb, dz = _stencil_backward(plan, z2, perm, bounds, conv_weight.contiguous(),
+                                       conv_bias, scratch, n_tok, height, width, atomic,
+                                       z2.dtype)
+    # A token whose expert is out of range got no tile: nothing of it reached its
+    # neighbours, and its own dL/dz is NaN, as its output is.
+    dz.masked_fill_(_out_of_range(perm, bounds)[:, None], float("nan"))
+    return dz, d_cw.to(conv_weight.dtype), d_cb.to(conv_bias.dtype)
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _out_of_range(perm, bounds):

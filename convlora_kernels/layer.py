@@ -1,0 +1,360 @@
+"""The whole Conv-LoRA layer as one custom-op pair, planned as a whole and shared by the
+fused backends ("cpu" and "cuda" run the C++/CUDA stencil of convlora_kernels._C,
+"triton" the Triton stencil of convlora_kernels.triton_kernels).
+
+For N tokens (sizes in _validate.Problem), z = x Aᵀ, u = z + E_e(z) (the stencil):
+
+Forward, one candidate of FORWARD_PLANS:
+    "post_add"    y = x W0ᵀ + b (GEMM), then y += s·u Bᵀ (rank-r GEMM, beta = 1): the
+                  rank-r GEMM is a read-modify-write of y of its own (memory-bound).
+    "bias_first"  C = b + s·u Bᵀ (rank-r GEMM writes C), then C += x W0ᵀ (the base GEMM
+                  with beta = 1): C is read in the base GEMM's epilogue, under its compute.
+Backward, dL/du and dL/dB by one candidate of DY_PLANS:
+    "two_gemms"   du = s·dy B and dBᵀ = s·uᵀ dy: two GEMMs, dy read twice.
+    "one_pass"    dy read once: the Triton dy-pass kernel (cuda, triton), or row blocks of
+                  dy through both BLAS GEMMs while they are in cache (cpu).
+then always:
+    dz, dconv_weight, dconv_bias    the stencil's backward
+    dx = dz A, then dx += dy W0     one GEMM with beta = 1 (no sum of two dx tensors)
+    dA = dzᵀ x
+
+Which candidate runs (``plan``): the environment's CONVLORA_LAYER_FORWARD and
+CONVLORA_LAYER_DY when set (internal switches, for benchmarks/plan_time.py), else the
+winner measured for the device type and backend (_plans.MEASURED, copied from reports under
+benchmarks/results/), else the candidate that moves the fewest bytes in memory-bound
+passes (``modeled_bytes``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _plans
+from ._validate import Problem
+
+FORWARD_PLANS = ("post_add", "bias_first")
+DY_PLANS = ("two_gemms", "one_pass")
+FORWARD_ENV = "CONVLORA_LAYER_FORWARD"
+DY_ENV = "CONVLORA_LAYER_DY"
+CPU_DY_ROWS = 512  # rows of dy per block of the cpu one-pass (fp32: 4.7 MB at C_out = 2304)
+
+INTERPOLATION_CODES = {"bilinear": 0, "bicubic": 1}
+PREACT_SLOTS = {0: 4, 1: 16}  # the C++ stencil's saved pre-activations per token
+
+
+# --- the plan --------------------------------------------------------------------------
+
+def modeled_bytes(candidate: str, p: Problem, element_size: int) -> int:
+    """Bytes a candidate moves in memory-bound passes, for N = B·H·W tokens.
+
+    A GEMM with K = C_in or C_out is compute-bound on every target (at SAM's sizes its
+    arithmetic intensity is far above the machine balance), so an operand its epilogue
+    reads or writes costs no time of its own and is not counted; rank-r GEMMs (K = r) and
+    elementwise passes are memory-bound and counted in full."""
+    n = p.batch * p.height * p.width
+    e = element_size
+    if candidate == "post_add":    # the rank-r GEMM reads u and y, writes y
+        return n * p.rank * e + 2 * n * p.out_features * e
+    if candidate == "bias_first":  # the rank-r GEMM reads u, writes C
+        return n * p.rank * e + n * p.out_features * e
+    if candidate == "two_gemms":   # each GEMM reads dy and u-sized operands
+        return 2 * n * p.out_features * e + 2 * n * p.rank * (e + 4)
+    if candidate == "one_pass":
+        return n * p.out_features * e + n * p.rank * (e + 4)
+    raise ValueError(f"candidate: expected one of {FORWARD_PLANS + DY_PLANS}, got "
+                     f"{candidate!r}")
+
+
+def _fewest_bytes(candidates: Sequence[str]) -> str:
+    # The ranking of each pair is the same at every size (bias_first and one_pass save a
+    # whole pass over y or dy), so one representative problem decides.
+    p = Problem(4, 64, 64, 768, 2304, 8, 8, tuple(range(1, 9)), "bilinear")
+    return min(candidates, key=lambda c: modeled_bytes(c, p, 2))
+
+
+def _constant_under_compile(fn):
+    """What torch.compiler.assume_constant_result marks (see ops.resolve_backend)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+def one_pass_unavailable(backend: str) -> Optional[str]:
+    """None when the "one_pass" dy candidate can run for ``backend``, else why not."""
+    if backend == "cpu":
+        return None
+    try:
+        from .triton_kernels import launch  # noqa: F401
+    except ImportError as e:
+        return f"the Triton dy-pass kernel cannot be imported ({e})"
+    return None
+
+
+@_constant_under_compile
+def plan(backend: str, device_type: str) -> Tuple[str, str]:
+    """(forward candidate, dy candidate) for ``backend`` on ``device_type`` (module doc)."""
+    chosen = []
+    for env, names in ((FORWARD_ENV, FORWARD_PLANS), (DY_ENV, DY_PLANS)):
+        forced = os.environ.get(env)
+        if forced:
+            if forced not in names:
+                raise ValueError(f"{env}: expected one of {names}, got {forced!r}")
+            chosen.append(forced)
+            continue
+        measured = _plans.MEASURED.get((device_type, backend), {}).get(env)
+        chosen.append(measured if measured in names else _fewest_bytes(names))
+    if chosen[1] == "one_pass" and one_pass_unavailable(backend) is not None:
+        if os.environ.get(DY_ENV):
+            raise ValueError(f"{DY_ENV}=one_pass: {one_pass_unavailable(backend)}")
+        chosen[1] = "two_gemms"
+    return chosen[0], chosen[1]
+
+
+# --- the stencils ------------------------------------------------------------------------
+# forward(z2, idx, cw, cb, scales, interpolation, H, W, save) -> (u, saved0, saved1)
+# backward(du, z2, saved0, saved1, idx, cw, cb, scales, interpolation, H, W, du_is_scratch)
+#     -> (dz in z's dtype, dconv_weight, dconv_bias in conv_weight's dtype)
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cpp_forward(z2, idx, cw, cb, scales, interpolation, height, width, save):
+    u, pre = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales,
+                                            INTERPOLATION_CODES[interpolation], height, width,
+                                            save)
+    return u, pre, z2.new_empty(0)
+
+
+def _cpp_backward(du, z2, preact, _unused, idx, cw, cb, scales, interpolation, height, width,
+                  du_is_scratch):
+    code = INTERPOLATION_CODES[interpolation]
+    if preact.numel() == 0:  # the forward was told not to keep them: recompute
+        preact = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales, code, height, width,
+                                                True)[1]
+    dz, dw, db = torch.ops.convlora.stencil_bwd(du.to(z2.dtype).contiguous(), z2, preact, idx,
+                                                cw, cb, scales, code, height, width)
+    return dz, dw.to(cw.dtype), db.to(cb.dtype)
+
+
+def _triton_forward(z2, idx, cw, cb, scales, interpolation, height, width, save):
+    from .triton_kernels import launch
+
+    return launch.stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width)
+
+
+def _triton_backward(du, z2, perm, bounds, idx, cw, cb, scales, interpolation, height, width,
+                     du_is_scratch):
+    from .triton_kernels import launch
+
+    return launch.stencil_backward(du, z2, perm, bounds, cw, cb, scales, interpolation,
+                                   height, width, du_is_scratch=du_is_scratch)
+
+
+_STENCILS = {"cpu": (_cpp_forward, _cpp_backward), "cuda": (_cpp_forward, _cpp_backward),
+             "triton": (_triton_forward, _triton_backward)}
+
+
+def _saved_shapes(backend, n_tok, rank, n_exp, interpolation, dtype, save):
+    """Shapes and dtypes of (u, saved0, saved1) of a stencil forward (for the fake kernel)."""
+    if backend == "triton":
+        return [((n_tok, rank), torch.float32), ((n_tok,), torch.int64),
+                ((n_exp + 1,), torch.int32)]
+    slots = PREACT_SLOTS[INTERPOLATION_CODES[interpolation]]
+    return [((n_tok, rank), dtype), ((n_tok, slots, rank) if save else (0,), _acc_dtype(dtype)),
+            ((0,), dtype)]
+
+
+# --- the layer's passes ------------------------------------------------------------------
+
+def _b_t(lora_B: Tensor) -> Tensor:
+    """Bᵀ as the GEMMs take it: on CPU a contiguous (r, C_out) copy, the layout on which
+    BLAS runs dy·B about 2x faster (benchmarks/fused_design.md, CPU); on GPUs a view."""
+    return lora_B.t().contiguous() if lora_B.device.type == "cpu" else lora_B.t()
+
+
+def _forward_impl(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index, z,
+                  scaling, scales, interpolation, height, width, backend, forward_plan, save):
+    z2 = F.linear(x2, lora_A) if z is None else z
+    if z2.stride(-1) != 1:
+        z2 = z2.contiguous()
+    stencil_fwd = _STENCILS[backend][0]
+    u, s0, s1 = stencil_fwd(z2, expert_index, conv_weight.contiguous(),
+                            conv_bias.contiguous(), list(scales), interpolation, height, width,
+                            save)
+    uq = u if u.dtype == x2.dtype else u.to(x2.dtype)  # rounded as the reference rounds u
+    bt = _b_t(lora_B)
+    if forward_plan == "bias_first":
+        if bias is not None:
+            y = torch.addmm(bias, uq, bt, alpha=scaling)
+        else:
+            y = torch.addmm(uq.new_zeros(()).expand(uq.shape[0], bt.shape[1]), uq, bt, beta=0,
+                            alpha=scaling)
+        y.addmm_(x2, weight.t())
+    else:
+        y = F.linear(x2, weight, bias)
+        y.addmm_(uq, bt, alpha=scaling)
+    return y, z2, u, s0, s1
+
+
+def _dy_products(dy2, lora_B, u, scaling, need_b, need_bias, backend, dy_plan):
+    """(dL/du (N, r), dL/dB or None, dL/dbias or None) by the dy candidate."""
+    if dy_plan == "one_pass" and backend != "cpu":
+        from .triton_kernels import launch
+
+        return launch.dy_pass(dy2, lora_B, u, scaling, need_b, need_bias)
+    uq = u if u.dtype == dy2.dtype else u.to(dy2.dtype)
+    bt = _b_t(lora_B)
+    d_bias = dy2.sum(0) if need_bias else None
+    if dy_plan == "one_pass":  # cpu: each block of dy rows feeds both GEMMs from cache
+        n = dy2.shape[0]
+        du = dy2.new_empty((n, lora_B.shape[1]))
+        d_bt = dy2.new_zeros(bt.shape) if need_b else None
+        for i in range(0, n, CPU_DY_ROWS):
+            rows = dy2[i:i + CPU_DY_ROWS]
+            torch.mm(rows, bt.t(), out=du[i:i + CPU_DY_ROWS])
+            if need_b:
+                d_bt.addmm_(uq[i:i + CPU_DY_ROWS].t(), rows)
+        du.mul_(scaling)
+        d_b = d_bt.mul_(scaling).t() if need_b else None
+        return du, d_b, d_bias
+    zero = dy2.new_zeros(())
+    du = torch.addmm(zero.expand(dy2.shape[0], bt.shape[0]), dy2, bt.t(), beta=0,
+                     alpha=scaling)
+    d_b = None
+    if need_b:  # as uᵀ dy, (r, C_out): the layout BLAS runs fastest (fused_design.md, CPU)
+        d_b = torch.addmm(zero.expand(bt.shape), uq.t(), dy2, beta=0, alpha=scaling).t()
+    return du, d_b, d_bias
+
+
+def _backward_impl(dy2, x2, weight, lora_A, lora_B, conv_weight, conv_bias, expert_index, z2,
+                   u, s0, s1, has_z, scaling, scales, interpolation, height, width, backend,
+                   dy_plan, needs):
+    need_x, need_w, need_bias, need_a, need_b, need_cw, need_cb, need_z = needs
+    need_dz = need_z if has_z else (need_a or need_x)
+    if dy2.stride(-1) != 1:
+        dy2 = dy2.contiguous()
+    need_du = need_dz or need_cw or need_cb
+    du = d_b = d_bias = None
+    if need_du or need_b or need_bias:
+        du, d_b, d_bias = _dy_products(dy2, lora_B, u, scaling, need_b, need_bias, backend,
+                                       dy_plan)
+    dz = d_cw = d_cb = None
+    if need_du:
+        dz, d_cw, d_cb = _STENCILS[backend][1](
+            du, z2, s0, s1, expert_index, conv_weight.contiguous(), conv_bias.contiguous(),
+            list(scales), interpolation, height, width, True)
+    dx = d_w = d_a = None
+    if need_x:
+        if not has_z:  # dx = dz A + dy W0: the base GEMM accumulates onto dz A
+            dx = torch.mm(dz, lora_A).addmm_(dy2, weight)
+        else:
+            dx = torch.mm(dy2, weight)
+    if need_w:
+        d_w = torch.mm(dy2.t(), x2)
+    if need_a and not has_z:
+        d_a = torch.mm(dz.t(), x2)
+    return [dx, d_w, d_bias, d_a, d_b, d_cw if need_cw else None, d_cb if need_cb else None,
+            dz if (has_z and need_z) else None]
+
+
+# --- the custom ops ----------------------------------------------------------------------
+
+@torch.library.custom_op("convlora_layer::forward", mutates_args=())
+def _forward_op(x2: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                lora_B: Tensor, conv_weight: Tensor, conv_bias: Tensor, expert_index: Tensor,
+                z: Optional[Tensor], scaling: float, scales: List[int], interpolation: str,
+                height: int, width: int, backend: str, forward_plan: str, save: bool
+                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x2 (N, C_in) -> (y (N, C_out), z (N, r) or (0,) when z is given, u, saved0, saved1);
+    the last four are kept for the backward."""
+    y, z2, u, s0, s1 = _forward_impl(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias,
+                                     expert_index, z, scaling, scales, interpolation, height,
+                                     width, backend, forward_plan, save)
+    return y, (z2 if z is None else x2.new_empty(0)), u, s0, s1
+
+
+@_forward_op.register_fake
+def _(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index, z, scaling,
+      scales, interpolation, height, width, backend, forward_plan, save):
+    n_tok, rank = x2.shape[0], lora_A.shape[0]
+    saved = _saved_shapes(backend, n_tok, rank, conv_weight.shape[0], interpolation, x2.dtype,
+                          save)
+    return (x2.new_empty((n_tok, weight.shape[0])),
+            x2.new_empty((n_tok, rank) if z is None else (0,)),
+            *(x2.new_empty(s, dtype=d) for s, d in saved))
+
+
+@torch.library.custom_op("convlora_layer::backward", mutates_args=())
+def _backward_op(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                 conv_weight: Tensor, conv_bias: Tensor, expert_index: Tensor, z2: Tensor,
+                 u: Tensor, saved0: Tensor, saved1: Tensor, has_z: bool, scaling: float,
+                 scales: List[int], interpolation: str, height: int, width: int,
+                 backend: str, dy_plan: str, needs: List[bool]) -> List[Tensor]:
+    """Gradients of (x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, z); a (0,)
+    tensor where needs is False."""
+    grads = _backward_impl(dy2, x2, weight, lora_A, lora_B, conv_weight, conv_bias,
+                           expert_index, z2, u, saved0, saved1, has_z, scaling, scales,
+                           interpolation, height, width, backend, dy_plan, needs)
+    return [x2.new_empty(0) if g is None else g.contiguous() for g in grads]
+
+
+@_backward_op.register_fake
+def _(dy2, x2, weight, lora_A, lora_B, conv_weight, conv_bias, expert_index, z2, u, saved0,
+      saved1, has_z, scaling, scales, interpolation, height, width, backend, dy_plan, needs):
+    shapes = [x2.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape,
+              conv_weight.shape, conv_bias.shape, (x2.shape[0], lora_A.shape[0])]
+    return [x2.new_empty(s if need else (0,)) for s, need in zip(shapes, needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    (x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index, z, scaling,
+     scales, interpolation, height, width, backend, forward_plan, save) = inputs
+    _, z2, u, s0, s1 = output
+    ctx.has_z = z is not None
+    ctx.has_bias = bias is not None
+    ctx.meta = (scaling, scales, interpolation, height, width, backend)
+    ctx.save_for_backward(x2, weight, lora_A, lora_B, conv_weight, conv_bias, expert_index,
+                          z if z is not None else z2, u, s0, s1)
+    ctx.mark_non_differentiable(z2, u, s0, s1)
+
+
+def _backward(ctx, dy2, *_unused):
+    saved = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = [n[0], n[1], ctx.has_bias and n[2], n[3] and not ctx.has_z, n[4], n[5], n[6],
+             ctx.has_z and n[8]]
+    scaling, scales, interpolation, height, width, backend = ctx.meta
+    dy_plan = plan(backend, dy2.device.type)[1]
+    grads = torch.ops.convlora_layer.backward(dy2, *saved, ctx.has_z, scaling, scales,
+                                              interpolation, height, width, backend, dy_plan,
+                                              needs)
+    dx, dw, dbias, da, db, dcw, dcb, dz = [g if need else None for g, need in zip(grads, needs)]
+    return (dx, dw, dbias, da, db, dcw, dcb, None, dz) + (None,) * 8
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def conv_lora_linear(backend: str, p: Problem, x4: Tensor, weight: Tensor,
+                     bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                     conv_weight: Tensor, conv_bias: Tensor, expert_index: Tensor,
+                     scaling: float, z: Optional[Tensor]) -> Tensor:
+    """y (N, C_out) of the layer for x4 (B, H, W, C_in) on a fused backend; the arguments
+    were checked (_validate.check_inputs) and p is their Problem."""
+    x2 = x4.reshape(-1, p.in_features)  # a view whenever x's layout allows
+    z2 = None if z is None else z.reshape(-1, p.rank)
+    idx = expert_index.reshape(-1)
+    if backend != "triton":
+        idx = idx.to(torch.int32)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (x4, weight, bias, lora_A, lora_B, conv_weight, conv_bias, z))
+    forward_plan = plan(backend, x4.device.type)[0]
+    return torch.ops.convlora_layer.forward(
+        x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, idx, z2, float(scaling),
+        list(p.scales), p.interpolation, p.height, p.width, backend, forward_plan, save)[0]

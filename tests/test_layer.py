@@ -1,0 +1,107 @@
+"""The layer's plan (convlora_kernels.layer): every candidate of the forward and of the dy
+pass against the reference, forward and every gradient, on each fused backend that runs
+here (cpu; triton under the interpreter); how ``plan`` chooses; the modeled bytes."""
+
+import os
+
+import pytest
+import torch
+
+from convlora_kernels import _plans, conv_lora_linear, conv_lora_linear_ref, layer, ops
+from convlora_kernels._validate import Problem
+
+from helpers import TRAINABLE, assert_close, make_case
+
+PLANS = [(f, d) for f in layer.FORWARD_PLANS for d in layer.DY_PLANS]
+
+
+def _triton_here():
+    return ops.backend_unavailable_reason("triton", torch.device("cpu")) is None
+
+
+BACKENDS = ["cpu", pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.skipif(
+    not (os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="the triton backend runs on CPU only under TRITON_INTERPRET=1")])]
+
+
+@pytest.fixture
+def switches(monkeypatch):
+    def use(forward_plan, dy_plan):
+        monkeypatch.setenv(layer.FORWARD_ENV, forward_plan)
+        monkeypatch.setenv(layer.DY_ENV, dy_plan)
+    return use
+
+
+def _grads(case, fn, names, dy, z):
+    y = fn(*case.args(), **case.kwargs(), z=z)
+    wrt = [z if n == "z" else getattr(case, n) for n in names]
+    return [y] + list(torch.autograd.grad(y, wrt, dy))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("forward_plan,dy_plan", PLANS)
+@pytest.mark.parametrize("bias,given_z,det", [(True, False, False), (False, True, True),
+                                              (True, False, True)])
+def test_every_candidate_matches_reference(backend, forward_plan, dy_plan, bias, given_z,
+                                           det, switches, monkeypatch):
+    if backend == "triton" and not _triton_here():
+        pytest.fail("the triton backend should run under the interpreter here")
+    switches(forward_plan, dy_plan)
+    monkeypatch.setattr(layer, "CPU_DY_ROWS", 7)  # several row blocks in the cpu one-pass
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    c = make_case(batch=2, height=5, width=6, rank=3, scales=(1, 2, 3), bias=bias,
+                  seed=41 + given_z).to(dtype, True)
+    names = [n for n in TRAINABLE + ("weight",) if getattr(c, n) is not None]
+    z = None
+    if given_z:  # z = x Aᵀ computed outside: its gradient carries lora_A's
+        z = torch.nn.functional.linear(c.x, c.lora_A).detach().requires_grad_(True)
+        names = [n for n in names if n != "lora_A"] + ["z"]
+    dy = torch.randn(2, 5, 6, c.weight.shape[0], generator=torch.Generator().manual_seed(3),
+                     dtype=torch.float64).to(dtype)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(det)
+    try:
+        ours = _grads(c, lambda *a, **k: conv_lora_linear(*a, **k, backend=backend), names, dy, z)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    ref = _grads(c, conv_lora_linear_ref, names, dy, z)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for n, a, b in zip(["y"] + [f"d{n}" for n in names], ours, ref):
+        assert a.dtype == b.dtype, n
+        assert_close(a, b, tol, tol, f"{n} ({forward_plan}, {dy_plan})")
+
+
+def test_plan_follows_switches_then_table_then_model(monkeypatch):
+    for env in (layer.FORWARD_ENV, layer.DY_ENV):
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setattr(_plans, "MEASURED", {})
+    assert layer.plan("cpu", "cpu") == ("bias_first", "one_pass")  # fewest modeled bytes
+    monkeypatch.setattr(_plans, "MEASURED", {("cpu", "cpu"): {
+        layer.FORWARD_ENV: "post_add", layer.DY_ENV: "two_gemms"}})
+    assert layer.plan("cpu", "cpu") == ("post_add", "two_gemms")
+    assert layer.plan("cuda", "cuda")[0] == "bias_first"  # no entry for that pair
+    monkeypatch.setenv(layer.FORWARD_ENV, "bias_first")
+    assert layer.plan("cpu", "cpu") == ("bias_first", "two_gemms")
+    monkeypatch.setenv(layer.DY_ENV, "three_gemms")
+    with pytest.raises(ValueError, match="CONVLORA_LAYER_DY: expected one of"):
+        layer.plan("cpu", "cpu")
+
+
+def test_measured_table_names_known_candidates():
+    for (device_type, backend), entry in _plans.MEASURED.items():
+        assert backend in ("cpu", "cuda", "triton") and device_type in ("cpu", "cuda")
+        assert entry.get(layer.FORWARD_ENV, "post_add") in layer.FORWARD_PLANS
+        assert entry.get(layer.DY_ENV, "two_gemms") in layer.DY_PLANS
+
+
+def test_modeled_bytes_at_the_target_shape():
+    """(4, 64, 64, 768 -> 2304), r = 8, bf16: the rank-r up-projection onto y moves two
+    passes over y (151 MB), written first as C only one; dy read once instead of twice."""
+    p = Problem(4, 64, 64, 768, 2304, 8, 8, tuple(range(1, 9)), "bilinear")
+    n = 4 * 64 * 64
+    assert layer.modeled_bytes("post_add", p, 2) == n * 8 * 2 + 2 * n * 2304 * 2
+    assert layer.modeled_bytes("bias_first", p, 2) == n * 8 * 2 + n * 2304 * 2
+    assert layer.modeled_bytes("two_gemms", p, 2) - layer.modeled_bytes("one_pass", p, 2) \
+        == n * 2304 * 2 + n * 8 * 6
+    with pytest.raises(ValueError, match="candidate"):
+        layer.modeled_bytes("fused", p, 2)

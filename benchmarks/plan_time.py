@@ -8,8 +8,8 @@ Per shape and fused backend: the forward alone under each forward candidate
 (CONVLORA_LAYER_FORWARD), and forward+backward under each pair of candidates (with
 CONVLORA_LAYER_DY), interleaved with plain eager LoRA and the frozen linear. Each row is a
 ratio to plain LoRA and to the frozen linear (on a GPU also microseconds, with the card
-named). The winner of each switch is the candidate with the smallest time summed over the
-shapes; ``--out`` writes them, per (device type, backend), in the form of
+named). The winner of each switch is the candidate with the fewest modeled bytes unless
+another one's time summed over the shapes is more than 2% smaller; ``--out`` writes them, per (device type, backend), in the form of
 convlora_kernels/_plans.py's MEASURED table, with the card, torch version and commit.
 The last line, "RESULT: ...", names the winners.
 """
@@ -38,6 +38,9 @@ SHAPES = {
     "cpu": [("cpu-1x32x32-C768-r8", 1, 32, 32, 768, 8),
             ("cpu-1x64x64-C768-r8", 1, 64, 64, 768, 8)],
 }
+
+
+SIGNIFICANT = 0.02  # a measured winner replaces the modeled choice when this much faster
 
 
 def _under(env, fn):
@@ -120,11 +123,20 @@ def main(argv=None) -> int:
                         key = (backend, layer.FORWARD_ENV, k)
                     totals[key] = totals.get(key, 0.0) + med[k]
     winners = {}
-    for (backend, switch, cand), ms in sorted(totals.items()):
-        entry = winners.setdefault(backend, {})
-        best = entry.get(switch)
-        if best is None or ms < totals[(backend, switch, best)]:
-            entry[switch] = cand
+    for backend in backends:
+        for switch, names in ((layer.FORWARD_ENV, layer.FORWARD_PLANS),
+                              (layer.DY_ENV, layer.DY_PLANS)):
+            timed = {c: totals[(backend, switch, c)] for c in names
+                     if (backend, switch, c) in totals}
+            if not timed:
+                continue
+            # The modeled choice stands unless another candidate is clearly faster: a
+            # difference inside run-to-run noise is no reason to leave the model.
+            model = layer.plan_by_model(names)
+            best = min(timed, key=timed.get)
+            if model in timed and timed[best] > (1 - SIGNIFICANT) * timed[model]:
+                best = model
+            winners.setdefault(backend, {})[switch] = best
     print()
     for backend, entry in winners.items():
         for switch, cand in entry.items():

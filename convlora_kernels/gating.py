@@ -14,6 +14,11 @@ cv²(v) = var(v) / (mean(v)² + 1e-10) with the unbiased variance, and 0 for a
 single expert. Gates are not differentiable (a softmax over one logit is the
 constant 1), so the router learns only through the load term.
 
+``noisy_top1`` is the reference; ``noisy_top1_fused`` (what the router module runs) computes
+the same experts for the same noise with one custom op for the logits, the top-1 and the
+statistics (one Triton kernel on CUDA when triton is importable, a few ATen ops otherwise)
+and a hand-written backward of the load term.
+
 Routing units:
     "token": f = z_t, one expert per token.
     "map":   f = mean of z over the map, one expert per (B, H, W) map; this is the
@@ -22,12 +27,14 @@ Routing units:
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 GRANULARITIES = ("token", "map")
 
@@ -80,10 +87,135 @@ def noisy_top1(features: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tens
     return expert, aux
 
 
+def _route_composite(features: Tensor, w_gate: Tensor, w_noise: Tensor,
+                     noise: Optional[Tensor], noise_epsilon: float):
+    """(expert (U,) int32, importance (n,), load (n,) float32) with ATen ops."""
+    f = features.float()
+    n = w_gate.shape[1]
+    clean = f @ w_gate.float()
+    if noise is not None:
+        std = F.softplus(f @ w_noise.float()) + noise_epsilon
+        logits = clean + noise * std
+    else:
+        logits = clean
+    top_values, top_indices = logits.topk(min(2, n), dim=1)
+    expert = top_indices[:, 0]
+    # exact integer counts, in any order: no one_hot (whose range check syncs on CUDA)
+    importance = clean.new_zeros(n).scatter_add_(0, expert, clean.new_ones(expert.shape))
+    if noise is None:
+        return expert.to(torch.int32), importance, importance.clone()
+    is_in = logits > top_values[:, 1:2]
+    threshold = torch.where(is_in, top_values[:, 1:2], top_values[:, 0:1])
+    load = _normal_cdf((clean - threshold) / std).sum(0)
+    return expert.to(torch.int32), importance, load
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_router():
+    try:
+        from .triton_kernels import router
+    except ImportError:
+        return None
+    return router
+
+
+@torch.library.custom_op("convlora_layer::route", mutates_args=())
+def _route_op(features: Tensor, w_gate: Tensor, w_noise: Tensor, noise: Optional[Tensor],
+              noise_epsilon: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(expert (U,) int32, importance (n,) float32, load (n,) float32) of U routing units."""
+    if features.is_cuda and _triton_router() is not None:
+        return _triton_router().route(features, w_gate, w_noise, noise, noise_epsilon)
+    return _route_composite(features, w_gate, w_noise, noise, noise_epsilon)
+
+
+@_route_op.register_fake
+def _(features, w_gate, w_noise, noise, noise_epsilon):
+    n = w_gate.shape[1]
+    f32 = torch.float32
+    return (features.new_empty(features.shape[:1], dtype=torch.int32),
+            features.new_empty((n,), dtype=f32), features.new_empty((n,), dtype=f32))
+
+
+@torch.library.custom_op("convlora_layer::route_backward", mutates_args=())
+def _route_backward_op(d_load: Tensor, features: Tensor, w_gate: Tensor, w_noise: Tensor,
+                       noise: Tensor, noise_epsilon: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of (features, w_gate, w_noise) from dL/dload, by hand.
+
+    With a_tj = (clean_tj - thr_tj) / std_tj and load_j = Σ_t Φ(a_tj): dL/da = dL/dload_j
+    φ(a); a reaches clean and std directly, and through thr the noisy logit it copies
+    (the winner's for the other experts, the runner-up's for the winner), which depends on
+    clean and std again."""
+    f = features.float()
+    wg, wn = w_gate.float(), w_noise.float()
+    clean = f @ wg
+    raw = f @ wn
+    std = F.softplus(raw) + noise_epsilon
+    logits = clean + noise * std
+    top_values, top_indices = logits.topk(2, dim=1)
+    is_in = logits > top_values[:, 1:2]
+    threshold = torch.where(is_in, top_values[:, 1:2], top_values[:, 0:1])
+    a = (clean - threshold) / std
+    g = d_load.float()[None, :] * torch.exp(-0.5 * a * a) * (1.0 / math.sqrt(2.0 * math.pi))
+    d_clean = g / std
+    d_std = -g * a / std
+    d_thr = -d_clean
+    # thr_tj is top_values[t, 1] where is_in, else top_values[t, 0]: scatter onto logits
+    d_top = torch.stack([torch.where(is_in, 0.0, d_thr).sum(1),
+                         torch.where(is_in, d_thr, 0.0).sum(1)], dim=1)
+    d_logits = torch.zeros_like(logits).scatter_add_(1, top_indices, d_top)
+    d_clean = d_clean + d_logits
+    d_std = d_std + d_logits * noise
+    d_raw = d_std * torch.where(raw > 20.0, torch.ones_like(raw), torch.sigmoid(raw))
+    df = d_clean @ wg.t() + d_raw @ wn.t()
+    return (df.to(features.dtype), (f.t() @ d_clean).to(w_gate.dtype),
+            (f.t() @ d_raw).to(w_noise.dtype))
+
+
+@_route_backward_op.register_fake
+def _(d_load, features, w_gate, w_noise, noise, noise_epsilon):
+    return torch.empty_like(features), torch.empty_like(w_gate), torch.empty_like(w_noise)
+
+
+def _route_setup(ctx, inputs, output):
+    features, w_gate, w_noise, noise, noise_epsilon = inputs
+    ctx.noise_epsilon = noise_epsilon
+    ctx.noisy = noise is not None
+    ctx.save_for_backward(features, w_gate, w_noise, noise if noise is not None else
+                          features.new_empty(0))
+    ctx.mark_non_differentiable(output[0], output[1])
+
+
+def _route_backward(ctx, _d_expert, _d_importance, d_load):
+    if not ctx.noisy:  # load is then the importance: a count, no gradient
+        return None, None, None, None, None
+    features, w_gate, w_noise, noise = ctx.saved_tensors
+    df, dwg, dwn = torch.ops.convlora_layer.route_backward(d_load, features, w_gate, w_noise,
+                                                           noise, ctx.noise_epsilon)
+    return df, dwg, dwn, None, None
+
+
+_route_op.register_autograd(_route_backward, setup_context=_route_setup)
+
+
+def noisy_top1_fused(features: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor,
+                     training: bool, noise_epsilon: float = 1e-2,
+                     loss_coef: float = 1e-2) -> Tuple[torch.Tensor, torch.Tensor]:
+    """noisy_top1 with one routing op: the same experts for the same noise (the same draws
+    of the global generator), as int32, and the same aux loss and gradients."""
+    n = w_gate.shape[1]
+    noise = None
+    if training and n > 1:
+        noise = torch.randn((features.shape[0], n), dtype=torch.float32,
+                            device=features.device)
+    expert, importance, load = torch.ops.convlora_layer.route(features, w_gate, w_noise,
+                                                              noise, noise_epsilon)
+    return expert, loss_coef * (cv_squared(importance) + cv_squared(load))
+
+
 class NoisyTopOneRouter(nn.Module):
     """Chooses one expert per token or per map from z = x Aᵀ.
 
-    forward(z: (B, H, W, r)) -> (expert_index (B, H, W) int64, aux_loss scalar).
+    forward(z: (B, H, W, r)) -> (expert_index (B, H, W) int32, aux_loss scalar).
     """
 
     def __init__(self, rank: int, num_experts: int, granularity: str = "token",
@@ -104,11 +236,11 @@ class NoisyTopOneRouter(nn.Module):
             raise ValueError(f"z: expected (B, H, W, r), got shape {tuple(z.shape)}")
         b, h, w, r = z.shape
         if self.granularity == "token":
-            expert, aux = noisy_top1(z.reshape(-1, r), self.w_gate, self.w_noise,
-                                     self.training, self.noise_epsilon, self.loss_coef)
+            expert, aux = noisy_top1_fused(z.reshape(-1, r), self.w_gate, self.w_noise,
+                                           self.training, self.noise_epsilon, self.loss_coef)
             return expert.view(b, h, w), aux
-        expert, aux = noisy_top1(z.mean(dim=(1, 2)), self.w_gate, self.w_noise,
-                                 self.training, self.noise_epsilon, self.loss_coef)
+        expert, aux = noisy_top1_fused(z.mean(dim=(1, 2)), self.w_gate, self.w_noise,
+                                       self.training, self.noise_epsilon, self.loss_coef)
         return expert.view(b, 1, 1).expand(b, h, w), aux
 
     def extra_repr(self) -> str:

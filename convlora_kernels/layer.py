@@ -70,7 +70,8 @@ def modeled_bytes(candidate: str, p: Problem, element_size: int) -> int:
                      f"{candidate!r}")
 
 
-def _fewest_bytes(candidates: Sequence[str]) -> str:
+def plan_by_model(candidates: Sequence[str]) -> str:
+    """The candidate with the fewest modeled bytes."""
     # The ranking of each pair is the same at every size (bias_first and one_pass save a
     # whole pass over y or dy), so one representative problem decides.
     p = Problem(4, 64, 64, 768, 2304, 8, 8, tuple(range(1, 9)), "bilinear")
@@ -106,7 +107,7 @@ def plan(backend: str, device_type: str) -> Tuple[str, str]:
             chosen.append(forced)
             continue
         measured = _plans.MEASURED.get((device_type, backend), {}).get(env)
-        chosen.append(measured if measured in names else _fewest_bytes(names))
+        chosen.append(measured if measured in names else plan_by_model(names))
     if chosen[1] == "one_pass" and one_pass_unavailable(backend) is not None:
         if os.environ.get(DY_ENV):
             raise ValueError(f"{DY_ENV}=one_pass: {one_pass_unavailable(backend)}")

@@ -120,3 +120,100 @@ def test_zero_router_routes_every_token_alike():
 def test_bad_granularity():
     with pytest.raises(ValueError, match="gating: expected one of"):
         NoisyTopOneRouter(3, 8, "pixel")
+
+
+# --- the fused router against the reference ------------------------------------------------
+
+def _fused_vs_reference(features, w_gate, w_noise, training, seed):
+    """Experts, aux and every gradient of aux from noisy_top1_fused and noisy_top1, each
+    called with the global generator at ``seed`` (so both draw the same noise)."""
+    from convlora_kernels.gating import noisy_top1, noisy_top1_fused
+
+    out = []
+    for fn in (noisy_top1_fused, noisy_top1):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (features, w_gate, w_noise)]
+        torch.manual_seed(seed)
+        expert, aux = fn(*leaves, training)
+        grads = torch.autograd.grad(aux, leaves, allow_unused=True) if aux.requires_grad \
+            else (None,) * 3
+        out.append((expert, aux, grads))
+    return out
+
+
+@pytest.mark.parametrize("units,n,training,dtype", [
+    (300, 8, True, torch.float64), (300, 8, True, torch.float32), (37, 2, True, torch.float32),
+    (64, 16, True, torch.float32), (300, 8, False, torch.float32), (5, 1, True, torch.float32),
+    (200, 8, True, torch.bfloat16)])
+def test_fused_router_matches_reference(units, n, training, dtype):
+    g = torch.Generator().manual_seed(units * 31 + n)
+    features = torch.randn(units, 8, generator=g).to(dtype)
+    w_gate = torch.randn(8, n, generator=g).to(dtype)
+    w_noise = (0.3 * torch.randn(8, n, generator=g)).to(dtype)
+    (e, aux, grads), (e_ref, aux_ref, grads_ref) = _fused_vs_reference(
+        features, w_gate, w_noise, training, seed=units)
+    assert e.dtype == torch.int32 and torch.equal(e.long(), e_ref)
+    # both compute in float32 whatever the features' dtype: fp32 rounding, relative to the
+    # largest value (gradients of the aux loss are ~1e-5, so no absolute floor of 1)
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-5
+    assert abs(aux.item() - aux_ref.item()) <= 2e-6 * abs(aux_ref.item()) + 1e-12
+    for name, a, b in zip(("features", "w_gate", "w_noise"), grads, grads_ref):
+        if b is None:
+            assert a is None or torch.count_nonzero(a) == 0, name
+            continue
+        assert a.dtype == b.dtype, name
+        a, b = a.double(), b.double()
+        bound = tol * b.abs().max().item()
+        assert (a - b).abs().max().item() <= bound, f"d{name}: {(a - b).abs().max().item()}"
+        assert torch.count_nonzero(b) > 0 or not training or n == 1
+
+
+def test_fused_router_ties_pick_the_lowest_expert():
+    """Zero router weights (the initialisation), eval: every logit ties; topk's choice."""
+    from convlora_kernels.gating import noisy_top1, noisy_top1_fused
+
+    f = torch.randn(10, 4)
+    w = torch.zeros(4, 5)
+    assert torch.equal(noisy_top1_fused(f, w, w, False)[0].long(), noisy_top1(f, w, w, False)[0])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("units,n,noisy", [(150, 8, True), (150, 8, False), (3, 3, True),
+                                           (70, 16, True)])
+def test_triton_route_kernel_matches_composite(units, n, noisy):
+    """The Triton routing kernel (under the interpreter without a GPU) against the ATen
+    implementation: same experts, importance and load."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    pytest.importorskip("triton")
+    from convlora_kernels.gating import _route_composite
+    from convlora_kernels.triton_kernels import router
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(units + n)
+    f = torch.randn(units, 8, generator=g).to(dev)
+    wg = torch.randn(8, n, generator=g).to(dev)
+    wn = (0.3 * torch.randn(8, n, generator=g)).to(dev)
+    noise = torch.randn(units, n, generator=g).to(dev) if noisy else None
+    got = router.route(f, wg, wn, noise, 1e-2)
+    want = _route_composite(f, wg, wn, noise, 1e-2)
+    assert torch.equal(got[0], want[0])
+    for name, a, b in zip(("importance", "load"), got[1:], want[1:]):
+        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item()), name
+
+
+@pytest.mark.triton
+def test_triton_route_kernel_ties_pick_the_lowest_expert():
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    pytest.importorskip("triton")
+    from convlora_kernels.triton_kernels import router
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    w = torch.zeros(4, 5, device=dev)
+    expert, importance, _ = router.route(torch.randn(20, 4, device=dev), w, w, None, 1e-2)
+    assert torch.equal(expert, torch.zeros(20, dtype=torch.int32, device=dev))
+    assert importance.tolist() == [20.0, 0.0, 0.0, 0.0, 0.0]

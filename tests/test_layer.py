@@ -105,3 +105,45 @@ def test_modeled_bytes_at_the_target_shape():
         == n * 2304 * 2 + n * 8 * 6
     with pytest.raises(ValueError, match="candidate"):
         layer.modeled_bytes("fused", p, 2)
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operators a step dispatches, views aside (each would be a kernel launch
+    on a GPU; what runs inside a custom op is its own business and not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            name = str(func.overloadpacket)
+            self.count[name] = self.count.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_step_operator_count():
+    """A ConvLoRALinear training step (forward, aux loss, backward) dispatches at most 60
+    operators on the cpu backend: the layer's two ops, the router's two, the aux loss's
+    small reductions over n experts, the z GEMM and its backward, gradient accumulation."""
+    import torch.utils._python_dispatch  # noqa: F401
+
+    from convlora_kernels import ConvLoRALinear
+
+    torch.manual_seed(0)
+    m = ConvLoRALinear(16, 48, r=4, num_experts=4, backend="cpu").train()
+    x = torch.randn(2, 6, 6, 16, requires_grad=True)
+
+    def step():
+        y = m(x)
+        (y.square().mean() + m.aux_loss).backward()
+
+    step()
+    with _CountOps() as ops_seen:
+        step()
+    total = sum(ops_seen.count.values())
+    print(f"\noperators per training step: {total}: {sorted(ops_seen.count.items())}")
+    for op in ("convlora_layer.forward", "convlora_layer.backward", "convlora_layer.route",
+               "convlora_layer.route_backward"):
+        assert ops_seen.count.get(op) == 1, (op, ops_seen.count)
+    assert total <= 60, ops_seen.count

@@ -85,7 +85,7 @@ def test_kernels_compile_for_the_gpu():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-3000:]
     built = {line.split()[1] for line in out.stdout.splitlines() if line.startswith("sm_90")}
-    assert built == {"stencil_fwd", "stencil_grad", "stencil_scatter", "dy_pass",
+    assert built == {"stencil_fwd", "stencil_grad", "stencil_scatter", "dy_pass", "route",
                      "gather_dz", "expert_sum"}, out.stdout
 
 

@@ -21,23 +21,24 @@ import time
 
 import torch
 
-from . import dense, launch
+from . import dense, launch, router
 
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def _pointer_types(dtype: str):
     """Triton signature types by argument name: inputs in the layer's dtype, the rest fp32."""
-    native = {"z_ptr", "cw_ptr", "cb_ptr", "lb_ptr", "y_ptr", "dy_ptr", "dz_ptr"}
+    native = {"z_ptr", "cw_ptr", "cb_ptr", "lb_ptr", "y_ptr", "dy_ptr", "dz_ptr", "f_ptr",
+              "wg_ptr", "wn_ptr"}
 
     def types(name: str) -> str:
         if name == "perm_ptr":
             return "*i64"
-        if name in ("bounds_ptr", "ntaps_ptr"):
+        if name in ("bounds_ptr", "ntaps_ptr", "expert_ptr"):
             return "*i32"
         if name.endswith("_ptr"):
             return "*" + (dtype if name in native else "fp32")
-        return "fp32" if name == "scaling" else "i32"
+        return "fp32" if name in ("scaling", "noise_epsilon") else "i32"
     return types
 
 
@@ -60,6 +61,10 @@ def variants(quick: bool):
             yield "dy_pass", launch._dy_pass[0], dict(BT=launch.DY_BT, RP=16, NEED_DB=True,
                                                    NEED_DBIAS=True, ATOMIC=atomic,
                                                    PREC=plan.prec), dtype
+        for noisy in (True, False):
+            for rp, np_ in ([(8, 8)] if quick else [(8, 8), (64, 16)]):
+                yield "route", router.route_kernel, dict(
+                    BU=router.block_units(rp, np_), RP=rp, NP=np_, NOISY=noisy), dtype
         yield "gather_dz", dense.gather_dz_kernel, dict(BT=launch.GATHER_BT, RP=16,
                                                         HALO=1), dtype
     yield "expert_sum", dense.expert_sum_kernel, dict(BT=32, NEXP_P=8, BLOCK=256), \

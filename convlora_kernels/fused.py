@@ -34,10 +34,6 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @functools.lru_cache(maxsize=None)
 def _register() -> None:
     """Fake kernels and autograd for the C++ stencil ops (once, after _C is loaded)."""
@@ -46,12 +42,12 @@ def _register() -> None:
     def _(z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width,
           save_preact):
         shape = (z.shape[0], PREACT_SLOTS[interpolation], z.shape[1]) if save_preact else (0,)
-        return torch.empty_like(z), z.new_empty(shape, dtype=_acc_dtype(z.dtype))
+        return torch.empty_like(z), z.new_empty(shape, dtype=layer._acc_dtype(z.dtype))
 
     @torch.library.register_fake("convlora::stencil_bwd")
     def _(du, z, preact, expert_index, conv_weight, conv_bias, scales, interpolation, height,
           width):
-        acc = _acc_dtype(z.dtype)
+        acc = layer._acc_dtype(z.dtype)
         return (torch.empty_like(z), conv_weight.new_empty(conv_weight.shape, dtype=acc),
                 conv_bias.new_empty(conv_bias.shape, dtype=acc))
 

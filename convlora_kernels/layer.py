@@ -36,6 +36,7 @@ from torch import Tensor
 
 from . import _plans
 from ._validate import Problem
+from .ops import _constant_under_compile
 
 FORWARD_PLANS = ("post_add", "bias_first")
 DY_PLANS = ("two_gemms", "one_pass")
@@ -76,12 +77,6 @@ def plan_by_model(candidates: Sequence[str]) -> str:
     # whole pass over y or dy), so one representative problem decides.
     p = Problem(4, 64, 64, 768, 2304, 8, 8, tuple(range(1, 9)), "bilinear")
     return min(candidates, key=lambda c: modeled_bytes(c, p, 2))
-
-
-def _constant_under_compile(fn):
-    """What torch.compiler.assume_constant_result marks (see ops.resolve_backend)."""
-    fn._dynamo_marked_constant = True
-    return fn
 
 
 def one_pass_unavailable(backend: str) -> Optional[str]:

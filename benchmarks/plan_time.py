@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     warm = 3 if gpu else 1
     card = torch.cuda.get_device_name(device) if gpu else "CPU"
     print(f"{card}, {dtype}, torch {torch.__version__}")
-    backends = [b for b in common.fused_backends(device)]
+    backends = common.fused_backends(device)
     if not backends:
         print("RESULT: no fused backend runs here")
         return 4

@@ -27,6 +27,7 @@ passes (``modeled_bytes``).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import List, Optional, Sequence, Tuple
 
@@ -79,8 +80,10 @@ def plan_by_model(candidates: Sequence[str]) -> str:
     return min(candidates, key=lambda c: modeled_bytes(c, p, 2))
 
 
+@functools.lru_cache(maxsize=None)
 def one_pass_unavailable(backend: str) -> Optional[str]:
-    """None when the "one_pass" dy candidate can run for ``backend``, else why not."""
+    """None when the "one_pass" dy candidate can run for ``backend``, else why not (asked
+    once per backend: plan() runs on every call)."""
     if backend == "cpu":
         return None
     try:
@@ -103,9 +106,10 @@ def plan(backend: str, device_type: str) -> Tuple[str, str]:
             continue
         measured = _plans.MEASURED.get((device_type, backend), {}).get(env)
         chosen.append(measured if measured in names else plan_by_model(names))
-    if chosen[1] == "one_pass" and one_pass_unavailable(backend) is not None:
+    why = one_pass_unavailable(backend) if chosen[1] == "one_pass" else None
+    if why is not None:
         if os.environ.get(DY_ENV):
-            raise ValueError(f"{DY_ENV}=one_pass: {one_pass_unavailable(backend)}")
+            raise ValueError(f"{DY_ENV}=one_pass: {why}")
         chosen[1] = "two_gemms"
     return chosen[0], chosen[1]
 

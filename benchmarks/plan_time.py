@@ -64,6 +64,10 @@ def _layer(backend):
                                         check_expert_index=False)
 
 
+def _runnable(candidates, backend):
+    return [c for c in candidates if layer.unavailable(c, backend) is None]
+
+
 def _label(fwd, dy=None):
     return f"{fwd}" if dy is None else f"{fwd} + {dy}"
 
@@ -92,11 +96,13 @@ def main(argv=None) -> int:
         inputs = [common.make_inputs(shape, device, dtype, seed=s) for s in range(2)]
         print(f"\n{name} (token routing, bilinear), {len(backends)} backend(s)")
         for backend in backends:
+            fwds, dys = (_runnable(names, backend)
+                         for names in (layer.FORWARD_PLANS, layer.DY_PLANS))
             fwd_fns = {_label(f): _under({layer.FORWARD_ENV: f}, _layer(backend))
-                       for f in layer.FORWARD_PLANS}
+                       for f in fwds}
             both_fns = {_label(f, d): _under({layer.FORWARD_ENV: f, layer.DY_ENV: d},
                                              _layer(backend))
-                        for f, d in itertools.product(layer.FORWARD_PLANS, layer.DY_PLANS)}
+                        for f, d in itertools.product(fwds, dys)}
             peers = {common.PLAIN_LORA: common.plain_lora, common.LINEAR: common.frozen_linear}
             for backward, fns in ((False, fwd_fns), (True, both_fns)):
                 fns = dict(fns, **peers)
@@ -132,7 +138,7 @@ def main(argv=None) -> int:
                 continue
             # The modeled choice stands unless another candidate is clearly faster: a
             # difference inside run-to-run noise is no reason to leave the model.
-            model = layer.plan_by_model(names)
+            model = layer.plan_by_model(_runnable(names, backend))
             best = min(timed, key=timed.get)
             if model in timed and timed[best] > (1 - SIGNIFICANT) * timed[model]:
                 best = model

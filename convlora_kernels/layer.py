@@ -9,6 +9,9 @@ Forward, one candidate of FORWARD_PLANS:
                   rank-r GEMM is a read-modify-write of y of its own (memory-bound).
     "bias_first"  C = b + s·u Bᵀ (rank-r GEMM writes C), then C += x W0ᵀ (the base GEMM
                   with beta = 1): C is read in the base GEMM's epilogue, under its compute.
+    "fused"       one Triton kernel (triton_kernels/layer_forward.py): per tile of tokens
+                  of one expert, the stencil, x W0ᵀ and the epilogue s·u Bᵀ + b; y is
+                  written once and C never exists (backend "triton" only).
 Backward, dL/du and dL/dB by one candidate of DY_PLANS:
     "two_gemms"   du = s·dy B and dBᵀ = s·uᵀ dy: two GEMMs, dy read twice.
     "one_pass"    dy read once: the Triton dy-pass kernel (cuda, triton), or row blocks of
@@ -22,7 +25,7 @@ Which candidate runs (``plan``): the environment's CONVLORA_LAYER_FORWARD and
 CONVLORA_LAYER_DY when set (internal switches, for benchmarks/plan_time.py), else the
 winner measured for the device type and backend (_plans.MEASURED, copied from reports under
 benchmarks/results/), else the candidate that moves the fewest bytes in memory-bound
-passes (``modeled_bytes``).
+passes (``modeled_bytes``; "fused" only by measurement, see MEASURED_ONLY).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from . import _plans
 from ._validate import Problem
 from .ops import _constant_under_compile
 
-FORWARD_PLANS = ("post_add", "bias_first")
+FORWARD_PLANS = ("post_add", "bias_first", "fused")
 DY_PLANS = ("two_gemms", "one_pass")
 FORWARD_ENV = "CONVLORA_LAYER_FORWARD"
 DY_ENV = "CONVLORA_LAYER_DY"
@@ -64,6 +67,8 @@ def modeled_bytes(candidate: str, p: Problem, element_size: int) -> int:
         return n * p.rank * e + 2 * n * p.out_features * e
     if candidate == "bias_first":  # the rank-r GEMM reads u, writes C
         return n * p.rank * e + n * p.out_features * e
+    if candidate == "fused":       # u (float32) written for the backward
+        return n * p.rank * 4
     if candidate == "two_gemms":   # each GEMM reads dy and u-sized operands
         return 2 * n * p.out_features * e + 2 * n * p.rank * (e + 4)
     if candidate == "one_pass":
@@ -72,24 +77,35 @@ def modeled_bytes(candidate: str, p: Problem, element_size: int) -> int:
                      f"{candidate!r}")
 
 
+# Candidates the byte model cannot rank: the fused forward's base GEMM is a Triton kernel,
+# not the vendor BLAS the model takes as compute-bound, and its tile (64 x 64 while the
+# stencil shares its registers) re-reads x and W0 from L2: ~1.8 GB at the target shape,
+# against ~0.7 GB for a 128 x 256 BLAS tile (triton_kernels/layer_forward.py). Whether
+# that costs more than the pass over y it saves, only a GPU can tell: a measurement
+# (_plans.MEASURED) selects it, the model never does.
+MEASURED_ONLY = ("fused",)
+
+
 def plan_by_model(candidates: Sequence[str]) -> str:
-    """The candidate with the fewest modeled bytes."""
-    # The ranking of each pair is the same at every size (bias_first and one_pass save a
-    # whole pass over y or dy), so one representative problem decides.
+    """The candidate with the fewest modeled bytes (never one of MEASURED_ONLY)."""
+    # The ranking is the same at every size (each candidate saves whole passes over y or
+    # dy against the one before), so one representative problem decides.
     p = Problem(4, 64, 64, 768, 2304, 8, 8, tuple(range(1, 9)), "bilinear")
-    return min(candidates, key=lambda c: modeled_bytes(c, p, 2))
+    return min((c for c in candidates if c not in MEASURED_ONLY),
+               key=lambda c: modeled_bytes(c, p, 2))
 
 
 @functools.lru_cache(maxsize=None)
-def one_pass_unavailable(backend: str) -> Optional[str]:
-    """None when the "one_pass" dy candidate can run for ``backend``, else why not (asked
-    once per backend: plan() runs on every call)."""
-    if backend == "cpu":
-        return None
-    try:
-        from .triton_kernels import launch  # noqa: F401
-    except ImportError as e:
-        return f"the Triton dy-pass kernel cannot be imported ({e})"
+def unavailable(candidate: str, backend: str) -> Optional[str]:
+    """None when ``candidate`` can run for ``backend``, else why not (asked once per pair:
+    plan() runs on every call)."""
+    if candidate == "fused" and backend != "triton":
+        return "the fused forward is a Triton kernel: it runs with backend='triton'"
+    if candidate == "one_pass" and backend != "cpu":
+        try:
+            from .triton_kernels import launch  # noqa: F401
+        except ImportError as e:
+            return f"the Triton dy-pass kernel cannot be imported ({e})"
     return None
 
 
@@ -102,15 +118,16 @@ def plan(backend: str, device_type: str) -> Tuple[str, str]:
         if forced:
             if forced not in names:
                 raise ValueError(f"{env}: expected one of {names}, got {forced!r}")
+            why = unavailable(forced, backend)
+            if why is not None:
+                raise ValueError(f"{env}={forced}: {why}")
             chosen.append(forced)
             continue
         measured = _plans.MEASURED.get((device_type, backend), {}).get(env)
-        chosen.append(measured if measured in names else plan_by_model(names))
-    why = one_pass_unavailable(backend) if chosen[1] == "one_pass" else None
-    if why is not None:
-        if os.environ.get(DY_ENV):
-            raise ValueError(f"{DY_ENV}=one_pass: {why}")
-        chosen[1] = "two_gemms"
+        if measured in names and unavailable(measured, backend) is None:
+            chosen.append(measured)
+        else:
+            chosen.append(plan_by_model([c for c in names if unavailable(c, backend) is None]))
     return chosen[0], chosen[1]
 
 
@@ -159,10 +176,11 @@ _STENCILS = {"cpu": (_cpp_forward, _cpp_backward), "cuda": (_cpp_forward, _cpp_b
              "triton": (_triton_forward, _triton_backward)}
 
 
-def _saved_shapes(backend, n_tok, rank, n_exp, interpolation, dtype, save):
+def _saved_shapes(backend, n_tok, rank, n_exp, interpolation, dtype, save, forward_plan):
     """Shapes and dtypes of (u, saved0, saved1) of a stencil forward (for the fake kernel)."""
     if backend == "triton":
-        return [((n_tok, rank), torch.float32), ((n_tok,), torch.int64),
+        kept = n_tok if save or forward_plan != "fused" else 0
+        return [((kept, rank), torch.float32), ((n_tok,), torch.int64),
                 ((n_exp + 1,), torch.int32)]
     slots = PREACT_SLOTS[INTERPOLATION_CODES[interpolation]]
     return [((n_tok, rank), dtype), ((n_tok, slots, rank) if save else (0,), _acc_dtype(dtype)),
@@ -182,6 +200,13 @@ def _forward_impl(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expe
     z2 = F.linear(x2, lora_A) if z is None else z
     if z2.stride(-1) != 1:
         z2 = z2.contiguous()
+    if forward_plan == "fused":
+        from .triton_kernels import launch
+
+        y, u, s0, s1 = launch.layer_forward(x2, weight, bias, lora_B, z2, expert_index,
+                                            conv_weight, conv_bias, scaling, list(scales),
+                                            interpolation, height, width, save)
+        return y, z2, u, s0, s1
     stencil_fwd = _STENCILS[backend][0]
     u, s0, s1 = stencil_fwd(z2, expert_index, conv_weight.contiguous(),
                             conv_bias.contiguous(), list(scales), interpolation, height, width,
@@ -283,7 +308,7 @@ def _(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index, z,
       scales, interpolation, height, width, backend, forward_plan, save):
     n_tok, rank = x2.shape[0], lora_A.shape[0]
     saved = _saved_shapes(backend, n_tok, rank, conv_weight.shape[0], interpolation, x2.dtype,
-                          save)
+                          save, forward_plan)
     return (x2.new_empty((n_tok, weight.shape[0])),
             x2.new_empty((n_tok, rank) if z is None else (0,)),
             *(x2.new_empty(s, dtype=d) for s, d in saved))

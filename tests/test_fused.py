@@ -4,7 +4,7 @@ shapes, dtypes, strides, registration (opcheck, torch.compile), determinism."""
 import pytest
 import torch
 
-from convlora_kernels import ConvLoRALinear, conv_lora_linear, conv_lora_linear_ref, ops
+from convlora_kernels import ConvLoRALinear, conv_lora_linear, conv_lora_linear_ref, layer, ops
 from convlora_kernels.fused import stencil
 
 from helpers import TRAINABLE, assert_close, check_accuracy_rule, make_case
@@ -348,18 +348,26 @@ OUT_OF_RANGE_CASES = [  # (interpolation, deterministic, the bad token's index),
     ("bicubic", False, 8)]
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("triton", id="triton", marks=pytest.mark.triton),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+@pytest.mark.parametrize("backend,forward_plan", [
+    pytest.param("cpu", "bias_first", id="cpu"),
+    pytest.param("triton", "bias_first", id="triton", marks=pytest.mark.triton),
+    pytest.param("triton", "fused", id="triton-fused", marks=pytest.mark.triton),
+    pytest.param("cuda", "bias_first", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
         not HAS_GPU, reason="needs a CUDA device")])])
 @pytest.mark.parametrize("mode,deterministic,bad_value", OUT_OF_RANGE_CASES)
-def test_unchecked_out_of_range_expert_reaches_nothing(backend, mode, deterministic,
-                                                        bad_value):
+def test_unchecked_out_of_range_expert_reaches_nothing(backend, forward_plan, mode,
+                                                        deterministic, bad_value,
+                                                        monkeypatch):
     """An unchecked out-of-range index (no poisoning of outputs): that token's output and
     its own dz are NaN; every other token's output and x gradient equal the run where the
-    token has a valid expert and no output gradient (so it contributes nothing)."""
+    token has a valid expert and no output gradient (so it contributes nothing). The
+    fused forward writes y itself: its spare programs must cover the bad token (the
+    Triton outputs are pre-filled with a finite value, so a row no kernel wrote shows)."""
+    monkeypatch.setenv(layer.FORWARD_ENV, forward_plan)
     if backend == "triton":
+        from convlora_kernels.triton_kernels import launch
+
+        monkeypatch.setattr(launch, "POISON", 7.0)
         why = ops.backend_unavailable_reason("triton", torch.device("cpu"))
         if why is not None:
             pytest.skip(why)

@@ -19,9 +19,13 @@ def _triton_here():
     return ops.backend_unavailable_reason("triton", torch.device("cpu")) is None
 
 
-BACKENDS = ["cpu", pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.skipif(
+_TRITON_MARKS = [pytest.mark.triton, pytest.mark.skipif(
     not (os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="the triton backend runs on CPU only under TRITON_INTERPRET=1")])]
+    reason="the triton backend runs on CPU only under TRITON_INTERPRET=1")]
+# every (backend, forward candidate, dy candidate) that runs: the fused forward is Triton's
+CASES = [pytest.param(b, f, d, marks=_TRITON_MARKS if b == "triton" else [])
+         for b in ("cpu", "triton") for f, d in PLANS
+         if layer.unavailable(f, b) is None or b == "triton"]
 
 
 @pytest.fixture
@@ -38,8 +42,7 @@ def _grads(case, fn, names, dy, z):
     return [y] + list(torch.autograd.grad(y, wrt, dy))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("forward_plan,dy_plan", PLANS)
+@pytest.mark.parametrize("backend,forward_plan,dy_plan", CASES)
 @pytest.mark.parametrize("bias,given_z,det", [(True, False, False), (False, True, True),
                                               (True, False, True)])
 def test_every_candidate_matches_reference(backend, forward_plan, dy_plan, bias, given_z,
@@ -87,6 +90,25 @@ def test_plan_follows_switches_then_table_then_model(monkeypatch):
         layer.plan("cpu", "cpu")
 
 
+def test_fused_forward_only_where_it_runs(monkeypatch):
+    """The fused forward is a Triton kernel whose speed only a GPU can tell: a measured
+    entry selects it for the triton backend, the byte model never does, and forcing it
+    where it cannot run says why not."""
+    for env in (layer.FORWARD_ENV, layer.DY_ENV):
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setattr(_plans, "MEASURED", {})
+    assert layer.plan("triton", "cuda")[0] == "bias_first"
+    assert layer.plan_by_model(["fused", "post_add"]) == "post_add"
+    fused = {layer.FORWARD_ENV: "fused"}
+    monkeypatch.setattr(_plans, "MEASURED", {("cuda", "triton"): fused, ("cuda", "cuda"): fused})
+    assert layer.plan("triton", "cuda")[0] == "fused"
+    assert layer.plan("cuda", "cuda")[0] == "bias_first"  # a measured entry it cannot run
+    monkeypatch.setenv(layer.FORWARD_ENV, "fused")
+    with pytest.raises(ValueError, match="CONVLORA_LAYER_FORWARD=fused: the fused forward "
+                                         "is a Triton kernel"):
+        layer.plan("cpu", "cpu")
+
+
 def test_measured_table_names_known_candidates():
     for (device_type, backend), entry in _plans.MEASURED.items():
         assert backend in ("cpu", "cuda", "triton") and device_type in ("cpu", "cuda")
@@ -103,8 +125,9 @@ def test_modeled_bytes_at_the_target_shape():
     assert layer.modeled_bytes("bias_first", p, 2) == n * 8 * 2 + n * 2304 * 2
     assert layer.modeled_bytes("two_gemms", p, 2) - layer.modeled_bytes("one_pass", p, 2) \
         == n * 2304 * 2 + n * 8 * 6
+    assert layer.modeled_bytes("fused", p, 2) == n * 8 * 4
     with pytest.raises(ValueError, match="candidate"):
-        layer.modeled_bytes("fused", p, 2)
+        layer.modeled_bytes("one_kernel", p, 2)
 
 
 class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):

@@ -7,7 +7,9 @@ GPU can check what the interpreter cannot: that every kernel builds for the targ
 (layouts, tl.dot shapes, atomics) in every dtype, and with how many registers and spill
 bytes. --quick builds the bfloat16 bilinear variant of each kernel with the first
 autotuning candidate; the default builds bf16/fp16/fp32, both modes, both reduction
-paths and every autotuning candidate. TRITON_INTERPRET must be unset.
+paths and every autotuning candidate. SMEM is the shared memory Triton allocates at
+launch (its pipelines' buffers), SHARED the cubin's static part. TRITON_INTERPRET must be
+unset.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 def _pointer_types(dtype: str):
     """Triton signature types by argument name: inputs in the layer's dtype, the rest fp32."""
     native = {"z_ptr", "cw_ptr", "cb_ptr", "lb_ptr", "y_ptr", "dy_ptr", "dz_ptr", "f_ptr",
-              "wg_ptr", "wn_ptr"}
+              "wg_ptr", "wn_ptr", "x_ptr", "w_ptr", "bias_ptr"}
 
     def types(name: str) -> str:
         if name == "perm_ptr":
@@ -52,6 +54,8 @@ def variants(quick: bool):
             plan = launch.Plan(64, 64, 8, len(scales), scales, mode, dtype, torch.device("cpu"))
             common = plan.common()
             yield "stencil_fwd", launch._fwd[0], common, dtype
+            yield "layer_forward", launch._layer_fwd[0], dict(
+                common, BT=launch.LAYER_FWD_BT, HAS_BIAS=True, SAVE_U=True), dtype
             for atomic in ([True] if quick else [True, False]):
                 yield "stencil_grad", launch._grad[0], dict(common, ATOMIC=atomic), dtype
             for atomic in (True, False):
@@ -105,7 +109,9 @@ def build(kernel, constexprs, dtype, arch: int, quick: bool):
         out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                              target=GPUTarget("cuda", arch, 32),
                              options=dict(num_warps=cfg.num_warps))
-        yield cfg, time.time() - t, _usage(out.asm["cubin"])
+        # SHARED is the cubin's static shared memory; SMEM what Triton allocates at launch
+        yield cfg, time.time() - t, f'{_usage(out.asm["cubin"])} SMEM:{out.metadata.shared}'
+
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,8 @@ The layer's GEMMs and the order of its passes are planned in convlora_kernels.la
 runs here is the Triton part of that plan:
     stencil_forward       sort tokens by expert (torch.sort on N integers), then
                           stencil_fwd_kernel: u = z + E(z) from z neighbourhoods (N×r fp32)
+    layer_forward         the "fused" forward: the same sort, then layer_forward_kernel:
+                          the stencil, x W0ᵀ and the epilogue s·u Bᵀ + b, y written once
     dy_pass               dy_pass_kernel reads dy once: dL/du, dL/dlora_B (and dL/dbias)
     stencil_backward      stencil_grad_kernel recomputes c_k, writes g_k = dL/dc_k and
                           dL/dconv_bias; stencil_scatter_kernel recomputes the upsampled
@@ -20,18 +22,19 @@ import os
 import torch
 import triton
 
-from . import dense, stencil
+from . import dense, layer_forward, stencil
 from .tables import BORDER, next_pow2, stencil_tables
 
 INTERPRETED = type(stencil.stencil_fwd_kernel).__name__ == "InterpretedFunction"
 # Outputs that the kernels must write completely are allocated through _empty; tests set
-# POISON to fill them with NaN first, so a slot a kernel forgot shows up in the results.
-POISON = False
+# POISON to a value to fill them with first (NaN, so a slot a kernel forgot shows up in
+# the results; or a finite value where a kernel must write NaN itself).
+POISON = None
 
 
 def _empty(shape, dtype, device):
-    if POISON and dtype.is_floating_point:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    if POISON is not None and dtype.is_floating_point:
+        return torch.full(shape, POISON, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -60,6 +63,17 @@ _dy_pass = _autotuned(dense.dy_pass_kernel,
                       [({"BN": 64}, 8), ({"BN": 128}, 8), ({"BN": 64}, 4)],
                       key=["RP", "C_out", "NEED_DB", "NEED_DBIAS", "ATOMIC"],
                       reset_to_zero=["dlb_ptr", "dbias_ptr"])
+# BM (tokens) x BN (output columns) x BK: the fused forward's GEMM tile. Its stencil runs
+# LAYER_FWD_BT tokens at a time. ptxas, sm_90, bf16, scales 1..8 (compile_check): the first
+# candidate has no spills at r = 8 (255 registers, bilinear and bicubic) and 16 B (bilinear)
+# / 544 B (bicubic) at r = 32; BN = 128 spills about 500 B at every r.
+LAYER_FWD_BT = 16
+_layer_fwd = _autotuned(layer_forward.layer_forward_kernel,
+                        [({"BM": 64, "BN": 64, "BK": 64}, 8),
+                         ({"BM": 64, "BN": 128, "BK": 64}, 8),
+                         ({"BM": 128, "BN": 64, "BK": 32}, 8),
+                         ({"BM": 64, "BN": 64, "BK": 64}, 4)],
+                        key=["C_in", "C_out", "RZ", "NBP", "TAPS", "HAS_BIAS", "SAVE_U"])
 _grad = _autotuned(stencil.stencil_grad_kernel, [({}, 8), ({}, 4)],
                    key=["RZ", "NBP", "TAPS", "BT", "ATOMIC"], reset_to_zero=["db_ptr"])
 _scatter = _autotuned(stencil.stencil_scatter_kernel, [({}, 8), ({}, 4)],
@@ -127,6 +141,36 @@ def stencil_forward(z2, expert_index, conv_weight, conv_bias, scales, mode, heig
             conv_bias.contiguous(), u, height, width, rank, n_exp, plan.rows_y, plan.rows_x,
             z2.stride(0), **plan.common())
     return u, perm, bounds
+
+
+def layer_forward(x2, weight, bias, lora_B, z2, expert_index, conv_weight, conv_bias,
+                  scaling, scales, mode, height, width, save):
+    """The fused forward (layer_forward.py): (y (N, C_out) in x's dtype, u (N, r) float32
+    when save else (0, r), perm, bounds), as stencil_forward's (u, perm, bounds)."""
+    n_tok, rank = z2.shape
+    c_out, c_in = weight.shape
+    n_exp = conv_weight.shape[0]
+    dev = x2.device
+    if z2.stride(-1) != 1:
+        z2 = z2.contiguous()
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    lb = lora_B if lora_B.stride(-1) == 1 else lora_B.contiguous()
+    perm, bounds = sort_tokens(expert_index, n_exp)
+    y = _empty((n_tok, c_out), x2.dtype, dev)
+    u = _empty((n_tok if save else 0, rank), torch.float32, dev)
+    if n_tok > 0:
+        plan = Plan(height, width, rank, n_exp, scales, mode, x2.dtype, dev)
+        has_bias = bias is not None
+        _pick(_layer_fwd)[lambda meta: (triton.cdiv(n_tok, meta["BM"]) + n_exp,)](
+            x2, weight, bias.contiguous() if has_bias else y, lb, z2, perm, bounds,
+            plan.ntaps, *plan.tables, conv_weight.contiguous(), conv_bias.contiguous(), y, u,
+            n_tok, c_in, c_out, height, width, rank, n_exp, plan.rows_y, plan.rows_x,
+            float(scaling), x2.stride(0), weight.stride(0), lb.stride(0), z2.stride(0),
+            HAS_BIAS=has_bias, SAVE_U=save, **dict(plan.common(), BT=LAYER_FWD_BT))
+    return y, u, perm, bounds
 
 
 def dy_pass(dy2, lora_B, u, scaling, need_b, need_bias):

@@ -140,6 +140,32 @@ def down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS: tl.cons
 
 
 @triton.jit
+def tile_u(z_ptr, perm_ptr, e, start, stop, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr, ox_ptr,
+           cw_ptr, cb_ptr, H, W, r, rows_y, rows_x, stride_zn,
+           BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
+           HALO: tl.constexpr, TAPS: tl.constexpr, BORDER: tl.constexpr, PREC: tl.constexpr):
+    """u_t = z_t + E_e(z)_t for the sorted tokens [start, min(stop, start + BT)) of expert
+    e: (token ids [BT], validity [BT], u [BT, RP] fp32; columns past r are zero, rows
+    past the range are not meaningful)."""
+    tok, tmask, hr, wr, znb = load_tile(z_ptr, perm_ptr, start, stop, H, W, r, rows_y,
+                                        rows_x, stride_zn, BT, RZ, NBP, HALO, BORDER)
+    ci = tl.arange(0, RP)
+    cmask = tmask[:, None] & (ci[None, :] < r)
+    u = tl.load(z_ptr + tok[:, None] * stride_zn + ci[None, :], mask=cmask,
+                other=0.0).to(tl.float32)
+    cb = tl.load(cb_ptr + e * r + ci, mask=ci < r, other=0.0).to(tl.float32)
+    nt = tl.load(ntaps_ptr + e)
+    for k in range(0, nt * nt):
+        ky = k // nt
+        kx = k % nt
+        c = conv_output(znb, cw_ptr, cb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, r, rows_y,
+                        rows_x, BT, RZ, RP, NBP, TAPS, PREC)
+        om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
+        u += om[:, None] * gelu(c)
+    return tok, tmask, u
+
+
+@triton.jit
 def stencil_fwd_kernel(
         z_ptr,        # (N, r) z = x Aᵀ, row stride stride_zn
         perm_ptr,     # (N,) int64, token ids sorted by expert
@@ -157,22 +183,12 @@ def stencil_fwd_kernel(
     e, start, stop = expert_tile(bounds_ptr, n_exp, BT, NEXP_P)
     if e >= n_exp:
         return
-    tok, tmask, hr, wr, znb = load_tile(z_ptr, perm_ptr, start, stop, H, W, r, rows_y,
-                                        rows_x, stride_zn, BT, RZ, NBP, HALO, BORDER)
+    tok, tmask, u = tile_u(z_ptr, perm_ptr, e, start, stop, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr,
+                           ox_ptr, cw_ptr, cb_ptr, H, W, r, rows_y, rows_x, stride_zn, BT, RZ,
+                           RP, NBP, HALO, TAPS, BORDER, PREC)
     ci = tl.arange(0, RP)
-    cmask = tmask[:, None] & (ci[None, :] < r)
-    u = tl.load(z_ptr + tok[:, None] * stride_zn + ci[None, :], mask=cmask,
-                other=0.0).to(tl.float32)
-    cb = tl.load(cb_ptr + e * r + ci, mask=ci < r, other=0.0).to(tl.float32)
-    nt = tl.load(ntaps_ptr + e)
-    for k in range(0, nt * nt):
-        ky = k // nt
-        kx = k % nt
-        c = conv_output(znb, cw_ptr, cb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, r, rows_y,
-                        rows_x, BT, RZ, RP, NBP, TAPS, PREC)
-        om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
-        u += om[:, None] * gelu(c)
-    tl.store(u_ptr + tok[:, None] * r + ci[None, :], u, mask=cmask)
+    tl.store(u_ptr + tok[:, None] * r + ci[None, :], u,
+             mask=tmask[:, None] & (ci[None, :] < r))
 
 
 @triton.jit

@@ -19,6 +19,24 @@ scales 1..8, against 2.5 on average in the sorted order); and recomputing the ha
 from x in a sorted tile reads (2·halo + 1)² rows of x per token. The price of sorted
 tiles is the z GEMM (one read of x, N·C_in elements) before this kernel.
 
+Counts at the target shape (4, 64, 64, 768 -> 2304), r = 8, 8 bilinear experts of scales
+1..8, bf16, first autotuning candidate (BM = BN = BK = 64, 8 warps; ptxas sm_90: 255
+registers, no spills, 18 KB of shared memory, so one CTA per SM):
+    programs      sum_e ceil(count_e / 64) + spares <= 256 + 8 = 264, two waves on 132 SMs
+    DRAM          x 25 MB + W0 3.5 MB read, y 75 MB written once, z ~0.3 MB, u 0.5 MB
+                  (training): ~105 MB, ~130 MB with the z GEMM before it; "bias_first"
+                  moves ~280 MB (C written by one GEMM, read by the base GEMM): the
+                  fused kernel saves C's write, ~23 µs at ~3.3 TB/s, if its GEMM runs
+                  near the 72 µs compute floor
+    L2 -> SM      every program reads its 64 rows of x once per column block (36 of them)
+                  and all of W0 once: 2 bytes · N · C_in · C_out · (1/BM + 1/BN) = 1.8 GB,
+                  against ~0.7 GB for a 128 x 256 vendor-BLAS tile; at a few TB/s of L2
+                  bandwidth that can cost more than the 75 MB pass over y it saves, unless
+                  the x rows stay in L1 across column blocks (98 KB per program).
+    flops         the base GEMM's 58 GFLOP; the stencil ~2.5 conv outputs per token
+So whether this kernel beats "bias_first" is a GPU measurement (benchmarks/plan_time.py,
+a stage of gpu_check.sh); layer.plan never picks it by the byte model.
+
 Tokens whose expert index is out of range (check_expert_index=False) sort outside every
 expert's tiles; the programs past the last tile write their rows of y (and u) as NaN,
 so every element of y is written by some program.

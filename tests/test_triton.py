@@ -273,6 +273,32 @@ def test_precomputed_z_carries_lora_A_gradient():
     close(torch.autograd.grad(y2, z2, dy)[0], g_ref[0], "dz")
 
 
+@pytest.mark.parametrize("det", [False, True], ids=["atomics", "deterministic"])
+def test_dy_pass_partials_do_not_grow_with_n(det, monkeypatch):
+    """The dy pass against torch with more row blocks than programs: deterministic mode
+    keeps DY_PARTIALS slots of partial sums whatever N is (here 3 for 7 row blocks), each
+    program adding its row blocks into its own slot."""
+    monkeypatch.setattr(launch, "DY_PARTIALS", 3)
+    shapes = []
+    acc = launch._acc
+    monkeypatch.setattr(launch, "_acc", lambda shape, programs, atomic, dev: (
+        shapes.append((programs,) + tuple(shape)), acc(shape, programs, atomic, dev))[1])
+    g = torch.Generator().manual_seed(40)
+    n, c_out, r, s = 7 * launch.DY_BT - 5, 20, 3, 0.7
+    dy, lb, u = (torch.randn(*shape, generator=g).to(DEV)
+                 for shape in ((n, c_out), (c_out, r), (n, r)))
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(det)
+    try:
+        du, d_lb, d_bias = launch.dy_pass(dy, lb, u, s, True, True)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    close(du, s * dy @ lb, "du")
+    close(d_lb, s * dy.t() @ u, "dlora_B")
+    close(d_bias, dy.sum(0), "dbias")
+    assert shapes == ([(3, c_out, r), (3, c_out)] if det else [(7, c_out, r), (7, c_out)])
+
+
 def test_empty_batch_forward_and_backward(forward_plan):
     c = case(batch=0, scales=(1, 2), seed=26).to(torch.float32, True)
     y = triton_op(*c.args(), **c.kwargs())

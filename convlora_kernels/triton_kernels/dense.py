@@ -17,39 +17,51 @@ def dy_pass_kernel(
         N, C_out, r, scaling, stride_dyn, stride_bn,
         BT: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, NEED_DB: tl.constexpr,
         NEED_DBIAS: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr):
-    """Reads dy once: dL/du = scaling · dy B, dL/dB = scaling · dyᵀ u, dL/dbias = Σ_t dy_t."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BT + tl.arange(0, BT)
-    rmask = rows < N
+    """Reads dy once: dL/du = scaling · dy B, dL/dB = scaling · dyᵀ u, dL/dbias = Σ_t dy_t.
+
+    Program p takes the row blocks p, p + P, p + 2P, ... (P programs). Without ATOMIC its
+    partial sums of dL/dB and dL/dbias accumulate in its own slot, in row-block order, so
+    the partial buffers hold P slots whatever N is, and the result is the same run to run.
+    """
+    pid = tl.program_id(0)
+    progs = tl.num_programs(0)
     ci = tl.arange(0, RP)
-    u = tl.load(u_ptr + rows[:, None] * r + ci[None, :],
-                mask=rmask[:, None] & (ci[None, :] < r), other=0.0)
-    uq = u.to(dy_ptr.dtype.element_ty)  # rounded to dy's dtype, as the reference rounds u
-    du = tl.zeros([BT, RP], tl.float32)
-    for n0 in range(0, C_out, BN):
-        cols = n0 + tl.arange(0, BN)
-        cmask = cols < C_out
-        dyc = tl.load(dy_ptr + rows[:, None] * stride_dyn + cols[None, :],
-                      mask=rmask[:, None] & cmask[None, :], other=0.0)
-        bch = tl.load(lb_ptr + cols[:, None] * stride_bn + ci[None, :],
-                      mask=cmask[:, None] & (ci[None, :] < r), other=0.0)
-        du += tl.dot(dyc, bch, input_precision=PREC)
-        if NEED_DB:
-            part = scaling * tl.dot(tl.trans(dyc), uq, input_precision=PREC)
-            pm = cmask[:, None] & (ci[None, :] < r)
-            if ATOMIC:
-                tl.atomic_add(dlb_ptr + cols[:, None] * r + ci[None, :], part, mask=pm)
-            else:
-                tl.store(dlb_ptr + (pid * C_out + cols[:, None]) * r + ci[None, :], part,
-                         mask=pm)
-        if NEED_DBIAS:
-            sb = tl.sum(dyc.to(tl.float32), axis=0)
-            if ATOMIC:
-                tl.atomic_add(dbias_ptr + cols, sb, mask=cmask)
-            else:
-                tl.store(dbias_ptr + pid * C_out + cols, sb, mask=cmask)
-    tl.store(du_ptr + rows[:, None] * r + ci[None, :], scaling * du,
-             mask=rmask[:, None] & (ci[None, :] < r))
+    for blk in range(pid, tl.cdiv(N, BT), progs):
+        rows = (blk * BT + tl.arange(0, BT)).to(tl.int64)  # blk * BT <= N fits int32
+        rmask = rows < N
+        later = blk > pid  # past this program's first row block: add to its slots
+        u = tl.load(u_ptr + rows[:, None] * r + ci[None, :],
+                    mask=rmask[:, None] & (ci[None, :] < r), other=0.0)
+        uq = u.to(dy_ptr.dtype.element_ty)  # rounded to dy's dtype, as the reference does
+        du = tl.zeros([BT, RP], tl.float32)
+        for n0 in range(0, C_out, BN):
+            cols = n0 + tl.arange(0, BN)
+            cmask = cols < C_out
+            dyc = tl.load(dy_ptr + rows[:, None] * stride_dyn + cols[None, :],
+                          mask=rmask[:, None] & cmask[None, :], other=0.0)
+            bch = tl.load(lb_ptr + cols[:, None] * stride_bn + ci[None, :],
+                          mask=cmask[:, None] & (ci[None, :] < r), other=0.0)
+            du += tl.dot(dyc, bch, input_precision=PREC)
+            if NEED_DB:
+                part = scaling * tl.dot(tl.trans(dyc), uq, input_precision=PREC)
+                pm = cmask[:, None] & (ci[None, :] < r)
+                if ATOMIC:
+                    tl.atomic_add(dlb_ptr + cols[:, None] * r + ci[None, :], part, mask=pm,
+                                  sem="relaxed")
+                else:
+                    slot = dlb_ptr + (pid * C_out + cols[:, None]) * r + ci[None, :]
+                    part += tl.load(slot, mask=pm & later, other=0.0)
+                    tl.store(slot, part, mask=pm)
+            if NEED_DBIAS:
+                sb = tl.sum(dyc.to(tl.float32), axis=0)
+                if ATOMIC:
+                    tl.atomic_add(dbias_ptr + cols, sb, mask=cmask, sem="relaxed")
+                else:
+                    slot_b = dbias_ptr + pid * C_out + cols
+                    sb += tl.load(slot_b, mask=cmask & later, other=0.0)
+                    tl.store(slot_b, sb, mask=cmask)
+        tl.store(du_ptr + rows[:, None] * r + ci[None, :], scaling * du,
+                 mask=rmask[:, None] & (ci[None, :] < r))
 
 
 @triton.jit

@@ -12,7 +12,9 @@ runs here is the Triton part of that plan:
                           taps: dL/dconv_weight, dL/dz; gather_dz_kernel (deterministic
                           mode) sums dL/dz over neighbours in order
 Without deterministic algorithms the weight gradients and dL/dz are accumulated with
-float atomics; with them, each tile writes its own partial sums, reduced in a fixed order.
+float atomics (relaxed: the sums need no ordering among themselves, only the kernel's end);
+with them, each tile (the dy pass: each of at most DY_PARTIALS programs) writes its own
+partial sums, reduced in a fixed order.
 """
 
 from __future__ import annotations
@@ -80,7 +82,11 @@ _scatter = _autotuned(stencil.stencil_scatter_kernel, [({}, 8), ({}, 4)],
                       key=["RZ", "NBP", "TAPS", "BT", "ATOMIC"], reset_to_zero=["dw_ptr"],
                       restore_value=["dz_ptr"])
 
-DY_BT = 64      # tokens per program of the dy pass (the M of its dots)
+DY_BT = 64      # tokens per row block of the dy pass (the M of its dots)
+# programs of the deterministic dy pass, so its partials of dL/dB are DY_PARTIALS x C_out x
+# r x 4 bytes at any N: 19 MB at C_out = 2304, r = 8; 84 MB at C_out = 1280, r = 64
+# (one slot per row block took 1.3 GB there at N = 64·64·64)
+DY_PARTIALS = 256
 GATHER_BT = 64  # tokens per program of the dL/dz gather
 
 
@@ -184,7 +190,11 @@ def dy_pass(dy2, lora_B, u, scaling, need_b, need_bias):
     u = u.to(torch.float32).contiguous()
     atomic = not torch.are_deterministic_algorithms_enabled()
     f32 = torch.float32
+    # atomics: one program per row block; else at most DY_PARTIALS programs, each summing
+    # its row blocks into its own partial slot (a buffer of fixed size, reduced in order)
     programs = triton.cdiv(n_tok, DY_BT)
+    if not atomic:
+        programs = min(programs, DY_PARTIALS)
     du = _empty((n_tok, rank), f32, dev)
     unused = torch.zeros(1, dtype=f32, device=dev)
     d_lb = _acc((c_out, rank), programs, atomic, dev) if need_b else unused

@@ -226,7 +226,7 @@ def stencil_grad_kernel(
         tl.store(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :], g, mask=cmask)
         db += tl.sum(g, axis=0)
     if ATOMIC:
-        tl.atomic_add(db_ptr + e * r + ci, db, mask=ci < r)
+        tl.atomic_add(db_ptr + e * r + ci, db, mask=ci < r, sem="relaxed")
     else:
         tl.store(db_ptr + pid * r + ci, db, mask=ci < r)
 
@@ -272,7 +272,8 @@ def stencil_scatter_kernel(
             dv = tl.sum(wx[:, :, :, None] * dup[:, :, None, :], axis=1)  # [BT, NBP(b), RZ]
             dznb += wy[:, :, None, None] * dv[:, None, :, :]
         if ATOMIC:
-            tl.atomic_add(dw_ptr + e * (r * r * 9) + offs + dy * 3, dw, mask=wmask)
+            tl.atomic_add(dw_ptr + e * (r * r * 9) + offs + dy * 3, dw, mask=wmask,
+                          sem="relaxed")
         else:
             tl.store(dw_ptr + pid * (r * r * 9) + offs + dy * 3, dw, mask=wmask)
 
@@ -287,7 +288,7 @@ def stencil_scatter_kernel(
         ww = (hw % W)[:, None, None, None] + b - HALO
         m = m & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
         tl.atomic_add(dz_ptr + ((bi[:, None, None, None] * H + hh) * W + ww) * r + ch, dznb,
-                      mask=m)
+                      mask=m, sem="relaxed")
     else:
         nb = 2 * HALO + 1
         tl.store(dz_ptr + ((tok[:, None, None, None] * nb + a) * nb + b) * r + ch, dznb,

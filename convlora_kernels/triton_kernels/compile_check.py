@@ -1,20 +1,32 @@
 """Compile the Triton kernels of this backend for a GPU without a GPU.
 
     python -m convlora_kernels.triton_kernels.compile_check [--arch 90] [--quick]
+        [--dtypes bf16,fp16,fp32] [--modes bilinear,bicubic] [--ranks 8,16] [--first]
 
 Triton lowers kernels to PTX and cubin with the ptxas it ships, so a machine without a
 GPU can check what the interpreter cannot: that every kernel builds for the target
 (layouts, tl.dot shapes, atomics) in every dtype, and with how many registers and spill
-bytes. --quick builds the bfloat16 bilinear variant of each kernel with the first
-autotuning candidate; the default builds bf16/fp16/fp32, both modes, both reduction
-paths and every autotuning candidate. SMEM is the shared memory Triton allocates at
-launch (its pipelines' buffers), SHARED the cubin's static part. TRITON_INTERPRET must be
-unset.
+bytes.
+
+What is compiled is what runs: the layer's own forward and backward (layer.py, every
+forward and dy candidate, atomic and deterministic reductions) and the router are called
+on CPU tensors of a SAM-like shape (a (1, 32, 32) map, C_in = 64, C_out = 192: sizes
+divisible by 16 as SAM's are), with every kernel launch recorded instead of run. Each
+recorded launch is compiled as Triton's JIT would compile it at that launch: the same
+argument dtypes and the same specialisation (16-divisible integers and 16-byte aligned
+pointers marked as such). Autotuned kernels are compiled for each candidate (the first
+alone with --first).
+
+Per compiled variant: REG registers, STACK bytes of stack (spills), SHARED the cubin's
+static shared memory and SMEM the shared memory Triton allocates at launch (its
+pipelines' buffers). --quick: bf16, bilinear, r = 8, first candidates. TRITON_INTERPRET
+must be unset.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -23,56 +35,132 @@ import time
 
 import torch
 
-from . import dense, launch, router
+from . import launch
 
-DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
-def _pointer_types(dtype: str):
-    """Triton signature types by argument name: inputs in the layer's dtype, the rest fp32."""
-    native = {"z_ptr", "cw_ptr", "cb_ptr", "lb_ptr", "y_ptr", "dy_ptr", "dz_ptr", "f_ptr",
-              "wg_ptr", "wn_ptr", "x_ptr", "w_ptr", "bias_ptr"}
-
-    def types(name: str) -> str:
-        if name == "perm_ptr":
-            return "*i64"
-        if name in ("bounds_ptr", "ntaps_ptr", "expert_ptr"):
-            return "*i32"
-        if name.endswith("_ptr"):
-            return "*" + (dtype if name in native else "fp32")
-        return "fp32" if name in ("scaling", "noise_epsilon") else "i32"
-    return types
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MODES = {"bilinear": tuple(range(1, 9)), "bicubic": tuple(range(1, 9))}
+SHAPE = dict(batch=1, height=32, width=32, c_in=64, c_out=192)
 
 
-def variants(quick: bool):
-    """(name, autotuned kernel or jit function, constexprs, dtype) to build."""
-    dtypes = [torch.bfloat16] if quick else list(DTYPES)
-    modes = [("bilinear", (1, 2, 3, 4))] if quick else [("bilinear", (1, 2, 3, 4)),
-                                                        ("bicubic", tuple(range(1, 9)))]
-    for dtype in dtypes:
-        for mode, scales in modes:
-            plan = launch.Plan(64, 64, 8, len(scales), scales, mode, dtype, torch.device("cpu"))
-            common = plan.common()
-            yield "stencil_fwd", launch._fwd[0], common, dtype
-            yield "layer_forward", launch._layer_fwd[0], dict(
-                common, BT=launch.LAYER_FWD_BT, HAS_BIAS=True, SAVE_U=True), dtype
-            for atomic in ([True] if quick else [True, False]):
-                yield "stencil_grad", launch._grad[0], dict(common, ATOMIC=atomic), dtype
-            for atomic in (True, False):
-                yield ("stencil_scatter", launch._scatter[0], dict(common, ATOMIC=atomic),
-                       dtype)
-        for atomic in (True, False):
-            yield "dy_pass", launch._dy_pass[0], dict(BT=launch.DY_BT, RP=16, NEED_DB=True,
-                                                   NEED_DBIAS=True, ATOMIC=atomic,
-                                                   PREC=plan.prec), dtype
-        for noisy in (True, False):
-            for rp, np_ in ([(8, 8)] if quick else [(8, 8), (64, 16)]):
-                yield "route", router.route_kernel, dict(
-                    BU=router.block_units(rp, np_), RP=rp, NP=np_, NOISY=noisy), dtype
-        yield "gather_dz", dense.gather_dz_kernel, dict(BT=launch.GATHER_BT, RP=16,
-                                                        HALO=1), dtype
-    yield "expert_sum", dense.expert_sum_kernel, dict(BT=32, NEXP_P=8, BLOCK=256), \
-        torch.float32
+def _autotuners():
+    """The JIT function of each autotuned kernel -> its full autotuner (every candidate)."""
+    return {pair[0].fn: pair[0] for pair in (launch._fwd, launch._layer_fwd, launch._dy_pass,
+                                             launch._grad, launch._scatter)}
+
+
+@contextlib.contextmanager
+def recorded_launches():
+    """Within: every Triton launch is appended to the yielded list as (jit function, args,
+    kwargs) instead of running (so CPU tensors may be passed); autotuning is off."""
+    from triton.runtime.jit import JITFunction
+
+    calls = []
+    run = JITFunction.run
+    tune = os.environ.get("CONVLORA_TRITON_AUTOTUNE")
+
+    def record(self, *args, grid, warmup, **kwargs):
+        calls.append((self, args, kwargs))
+
+    JITFunction.run = record
+    os.environ["CONVLORA_TRITON_AUTOTUNE"] = "0"
+    try:
+        yield calls
+    finally:
+        JITFunction.run = run
+        if tune is None:
+            os.environ.pop("CONVLORA_TRITON_AUTOTUNE", None)
+        else:
+            os.environ["CONVLORA_TRITON_AUTOTUNE"] = tune
+
+
+def layer_launches(dtype: torch.dtype, mode: str, rank: int):
+    """The launches of the layer (every candidate, both reduction paths) and the router
+    at SHAPE in ``dtype``, recorded on CPU tensors."""
+    from .. import layer
+    from . import router
+
+    b, h, w, c_in, c_out = (SHAPE[k] for k in ("batch", "height", "width", "c_in", "c_out"))
+    scales = MODES[mode]
+    n_exp, n_tok = len(scales), b * h * w
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g).to(dt)
+
+    x2, weight, bias = rnd(n_tok, c_in), rnd(c_out, c_in), rnd(c_out)
+    lora_a, lora_b = rnd(rank, c_in), rnd(c_out, rank)
+    cw, cb = rnd(n_exp, rank, rank, 3, 3), rnd(n_exp, rank)
+    idx = torch.randint(0, n_exp, (n_tok,), generator=g)
+    dy = rnd(n_tok, c_out)
+    geometry = (list(scales), mode, h, w)
+    with recorded_launches() as calls:
+        for forward_plan in layer.FORWARD_PLANS:
+            if layer.unavailable(forward_plan, "triton") is None:
+                layer._forward_impl(x2, weight, bias, lora_a, lora_b, cw, cb, idx, None, 1.0,
+                                    *geometry, "triton", forward_plan, True)
+        z2 = x2 @ lora_a.t()
+        u, perm, bounds = launch.stencil_forward(z2, idx, cw, cb, *geometry)
+        was = torch.are_deterministic_algorithms_enabled()
+        try:
+            for det in (False, True):
+                torch.use_deterministic_algorithms(det)
+                for dy_plan in layer.DY_PLANS:
+                    layer._backward_impl(dy, x2, weight, lora_a, lora_b, cw, cb, idx, z2, u,
+                                         perm, bounds, False, 1.0, *geometry, "triton",
+                                         dy_plan, [True] * 7 + [False])
+        finally:
+            torch.use_deterministic_algorithms(was)
+        f = rnd(n_tok, rank)
+        wg, wn = rnd(rank, n_exp, dt=torch.float32), rnd(rank, n_exp, dt=torch.float32)
+        for noise in (torch.randn(n_tok, n_exp, generator=g), None):
+            router.route(f, wg, wn, noise, 1e-2)
+    return calls
+
+
+def compile_launch(fn, args, kwargs, arch: int):
+    """Compile one recorded launch as the JIT would for a GPU of compute capability
+    ``arch``: the same binder and specialisation, then triton.compile."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
+                                                          specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                          options=options.__dict__)
+
+
+def variants(launches, first: bool):
+    """(kernel name, jit function, args, kwargs, config label) per distinct compile."""
+    tuners = _autotuners()
+    seen = set()
+    for fn, args, kwargs in launches:
+        tuner = tuners.get(fn)
+        configs = [None] if tuner is None else tuner.configs[:1] if first else tuner.configs
+        for cfg in configs:
+            kw = dict(kwargs)
+            label = {}
+            if cfg is not None:
+                kw.update(cfg.all_kwargs())
+                label = dict(cfg.kwargs)
+            key = (fn.__name__, tuple(_arg_key(a) for a in args), repr(sorted(kw.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            yield fn.__name__.replace("_kernel", ""), fn, args, kw, label
+
+
+def _arg_key(a):
+    if isinstance(a, torch.Tensor):
+        return (str(a.dtype), a.data_ptr() % 16 == 0)
+    if isinstance(a, int):
+        return ("int", a % 16 == 0, a == 1)
+    return (type(a).__name__,)
 
 
 def _usage(cubin: bytes) -> str:
@@ -89,45 +177,37 @@ def _usage(cubin: bytes) -> str:
     return " ".join(w for w in fields if w.startswith(("REG:", "STACK:", "SHARED:")))
 
 
-def build(kernel, constexprs, dtype, arch: int, quick: bool):
-    """Compile one kernel for every autotuning candidate (the first with quick)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    autotuned = isinstance(kernel, triton.runtime.Autotuner)
-    configs = kernel.configs if autotuned else [triton.Config({}, num_warps=4)]
-    fn = kernel.fn if autotuned else kernel
-    types = _pointer_types(DTYPES[dtype])
-    for cfg in configs[:1] if quick else configs:
-        consts = dict(constexprs, **cfg.kwargs)
-        sig = {n: "constexpr" if n in consts else types(n) for n in fn.arg_names}
-        missing = [p.name for p in fn.params if p.is_constexpr and p.name not in consts]
-        if missing:
-            raise ValueError(f"{fn.__name__}: no value for constexpr {missing}")
-        t = time.time()
-        out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                             target=GPUTarget("cuda", arch, 32),
-                             options=dict(num_warps=cfg.num_warps))
-        # SHARED is the cubin's static shared memory; SMEM what Triton allocates at launch
-        yield cfg, time.time() - t, f'{_usage(out.asm["cubin"])} SMEM:{out.metadata.shared}'
-
+def _flags(kwargs) -> str:
+    return " ".join(f"{k}={kwargs[k]}" for k in ("NBP", "ATOMIC", "NOISY") if k in kwargs)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="bf16, bilinear, r = 8, first candidates")
+    p.add_argument("--dtypes", default="bf16,fp16,fp32")
+    p.add_argument("--modes", default="bilinear,bicubic")
+    p.add_argument("--ranks", default="8,16,32,64")
+    p.add_argument("--first", action="store_true", help="first autotuning candidate only")
     args = p.parse_args(argv)
     if launch.INTERPRETED:
         print("TRITON_INTERPRET=1 is set: unset it to compile for the GPU", file=sys.stderr)
         return 2
-    for name, kernel, consts, dtype in variants(args.quick):
-        flags = " ".join(f"{k}={consts[k]}" for k in ("NBP", "ATOMIC") if k in consts)
-        for cfg, secs, usage in build(kernel, consts, dtype, args.arch, args.quick):
-            print(f"sm_{args.arch} {name:16s} {DTYPES[dtype]:5s} {flags:18s} "
-                  f"warps={cfg.num_warps} {cfg.kwargs} {usage} ({secs:.1f}s)", flush=True)
+    if args.quick:
+        args.dtypes, args.modes, args.ranks, args.first = "bf16", "bilinear", "8", True
+    for dname in args.dtypes.split(","):
+        for mode in args.modes.split(","):
+            for rank in (int(r) for r in args.ranks.split(",")):
+                launches = layer_launches(DTYPES[dname], mode, rank)
+                for name, fn, a, kw, label in variants(launches, args.first):
+                    t = time.time()
+                    out = compile_launch(fn, a, kw, args.arch)
+                    print(f"sm_{args.arch} {name:16s} {dname:5s} {mode:8s} r={rank:<3d} "
+                          f"{_flags(kw):22s} warps={kw.get('num_warps', 4)} {label} "
+                          f"{_usage(out.asm['cubin'])} SMEM:{out.metadata.shared} "
+                          f"({time.time() - t:.1f}s)", flush=True)
     return 0
 
 

@@ -83,15 +83,18 @@ def gather_dz_kernel(
     h = hw // W
     w = hw % W
     nb = 2 * HALO + 1
-    for a in tl.static_range(2 * HALO + 1):
-        for b in tl.static_range(2 * HALO + 1):
-            # the source token sits at (h - (a - HALO), w - (b - HALO))
-            hs = h - (a - HALO)
-            ws = w - (b - HALO)
-            ok = rmask & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
-            src = rows - (a - HALO) * W - (b - HALO)
-            acc += tl.load(nb_ptr + ((src[:, None] * nb + a) * nb + b) * r + ci[None, :],
-                           mask=ok[:, None] & cm, other=0.0)
+    # a loop rather than unrolled: unrolled, all (2·HALO + 1)² loads are in flight at once
+    # (255 registers and spills at HALO = 3)
+    for ab in range(nb * nb):  # row-major over (a, b), a fixed order
+        a = ab // nb
+        b = ab % nb
+        # the source token sits at (h - (a - HALO), w - (b - HALO))
+        hs = h - (a - HALO)
+        ws = w - (b - HALO)
+        ok = rmask & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
+        src = rows - (a - HALO) * W - (b - HALO)
+        acc += tl.load(nb_ptr + ((src[:, None] * nb + a) * nb + b) * r + ci[None, :],
+                       mask=ok[:, None] & cm, other=0.0)
     tl.store(dz_ptr + rows[:, None] * r + ci[None, :], acc.to(dz_ptr.dtype.element_ty),
              mask=rmask[:, None] & cm)
 

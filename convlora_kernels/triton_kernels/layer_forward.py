@@ -20,8 +20,8 @@ from x in a sorted tile reads (2·halo + 1)² rows of x per token. The price of 
 tiles is the z GEMM (one read of x, N·C_in elements) before this kernel.
 
 Counts at the target shape (4, 64, 64, 768 -> 2304), r = 8, 8 bilinear experts of scales
-1..8, bf16, first autotuning candidate (BM = BN = BK = 64, 8 warps; ptxas sm_90: 255
-registers, no spills, 18 KB of shared memory, so one CTA per SM):
+1..8, bf16, first autotuning candidate (BM = BN = BK = 64, 8 warps; ptxas sm_90: 202
+registers, no spills, 50 KB of shared memory for three pipeline stages; one CTA per SM):
     programs      sum_e ceil(count_e / 64) + spares <= 256 + 8 = 264, two waves on 132 SMs
     DRAM          x 25 MB + W0 3.5 MB read, y 75 MB written once, z ~0.3 MB, u 0.5 MB
                   (training): ~105 MB, ~130 MB with the z GEMM before it; "bias_first"

@@ -459,3 +459,33 @@ def test_gpu_autotuning_keeps_results(monkeypatch):
              scales=tuple(range(1, 9)), seed=33)
     check_accuracy_rule(triton_op, c, torch.bfloat16, 1e-3)  # tunes on the first call
     check_accuracy_rule(triton_op, c, torch.bfloat16, 1e-3)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_compile_check_agrees_with_the_jit():
+    """compile_check compiles a launch as the JIT does: for the same launch of the dL/dz
+    gather, its cubin's registers, stack and shared memory equal those of the kernel the
+    JIT built and ran."""
+    import triton
+
+    from convlora_kernels.triton_kernels import compile_check, dense
+
+    n, h, w, r, halo = 2 * 14 * 14, 14, 14, 8, 3
+    nb = 2 * halo + 1
+    du = torch.randn(n, r, device="cuda")
+    part = torch.randn(n, nb, nb, r, device="cuda")
+    dz = torch.empty(n, r, device="cuda", dtype=torch.bfloat16)
+    args = (du, part, dz, n, h, w, r)
+    kwargs = dict(BT=launch.GATHER_BT, RP=16, HALO=halo, num_warps=4)
+    dense.gather_dz_kernel[(triton.cdiv(n, launch.GATHER_BT),)](*args, **kwargs)
+    torch.cuda.synchronize()
+    device = torch.cuda.current_device()
+    ran = list(dense.gather_dz_kernel.device_caches[device][0].values())
+    arch = torch.cuda.get_device_capability()
+    built = compile_check.compile_launch(dense.gather_dz_kernel, args, kwargs,
+                                         arch[0] * 10 + arch[1])
+    usage = compile_check._usage(built.asm["cubin"])
+    assert usage and any(compile_check._usage(k.asm["cubin"]) == usage for k in ran), \
+        (usage, [compile_check._usage(k.asm["cubin"]) for k in ran])
+    assert any(k.metadata.shared == built.metadata.shared for k in ran)

@@ -113,7 +113,8 @@ def test_kernels_compile_for_the_gpu_without_new_spills():
     lines = [line for line in out.stdout.splitlines() if line.startswith("sm_90")]
     built = {line.split()[1] for line in lines}
     assert built == {"stencil_fwd", "layer_forward", "stencil_grad", "stencil_scatter",
-                     "dy_pass", "route", "gather_dz", "expert_sum"}, out.stdout
+                     "dy_pass", "route", "gather_dz", "expert_sum", "expert_counts",
+                     "expert_order"}, out.stdout
     assert len({tuple(line.split()[2:5]) for line in lines}) == 12, out.stdout
     worse = []
     for line in lines:
@@ -305,6 +306,23 @@ def test_precomputed_z_carries_lora_A_gradient():
     close(y2, conv_lora_linear_ref(*c.args(), **c.kwargs(), z=z2), "y(2z)")
     g_ref = torch.autograd.grad(conv_lora_linear_ref(*c.args(), **c.kwargs(), z=z2), z2, dy)
     close(torch.autograd.grad(y2, z2, dy)[0], g_ref[0], "dz")
+
+
+@pytest.mark.parametrize("n,experts,low,high", [
+    (1, 1, 0, 1), (7, 3, -2, 5), (3 * launch.SORT_BLOCK + 17, 8, 0, 8),
+    (2 * launch.SORT_BLOCK + 1, 16, -3, 20), (130, 5, 0, 5)])
+def test_counting_sort_is_a_stable_sort_by_expert(n, experts, low, high):
+    """sort_tokens against torch's stable sort: the same bounds, and the same order of every
+    in-range token; every token exactly once (out-of-range ones outside the bounds)."""
+    g = torch.Generator().manual_seed(n)
+    idx = torch.randint(low, high, (n,), generator=g).to(DEV)
+    perm, bounds = launch.sort_tokens(idx, experts)
+    keys, order = torch.sort(idx.to(torch.int32), stable=True)
+    ref = torch.searchsorted(keys, torch.arange(experts + 1, dtype=torch.int32, device=DEV))
+    assert perm.dtype == torch.int64 and bounds.dtype == torch.int32
+    assert torch.equal(bounds, ref.to(torch.int32))
+    assert torch.equal(perm[bounds[0]:bounds[-1]], order[ref[0]:ref[-1]])
+    assert torch.equal(perm.sort().values, torch.arange(n, device=DEV))
 
 
 @pytest.mark.parametrize("det", [False, True], ids=["atomics", "deterministic"])

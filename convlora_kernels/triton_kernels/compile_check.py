@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from . import launch
+from . import launch, sort
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = {"bilinear": tuple(range(1, 9)), "bicubic": tuple(range(1, 9))}
@@ -51,7 +51,8 @@ def _autotuners():
 @contextlib.contextmanager
 def recorded_launches():
     """Within: every Triton launch is appended to the yielded list as (jit function, args,
-    kwargs) instead of running (so CPU tensors may be passed); autotuning is off."""
+    kwargs) instead of running (so CPU tensors may be passed); autotuning is off. The
+    token sort's outputs are filled by torch, for the host code that indexes with them."""
     from triton.runtime.jit import JITFunction
 
     calls = []
@@ -60,6 +61,11 @@ def recorded_launches():
 
     def record(self, *args, grid, warmup, **kwargs):
         calls.append((self, args, kwargs))
+        if self is sort.expert_order_kernel:  # the host code after it indexes with perm
+            idx, _, perm, bounds, _, n_exp = args[:6]
+            keys, order = torch.sort(idx.to(torch.int32), stable=True)
+            perm.copy_(order)
+            bounds.copy_(torch.searchsorted(keys, torch.arange(n_exp + 1, dtype=torch.int32)))
 
     JITFunction.run = record
     os.environ["CONVLORA_TRITON_AUTOTUNE"] = "0"

@@ -2,7 +2,7 @@
 
 The layer's GEMMs and the order of its passes are planned in convlora_kernels.layer; what
 runs here is the Triton part of that plan:
-    stencil_forward       sort tokens by expert (torch.sort on N integers), then
+    stencil_forward       sort tokens by expert (sort.py: a counting sort, two launches), then
                           stencil_fwd_kernel: u = z + E(z) from z neighbourhoods (N×r fp32)
     layer_forward         the "fused" forward: the same sort, then layer_forward_kernel:
                           the stencil, x W0ᵀ and the epilogue s·u Bᵀ + b, y written once
@@ -24,7 +24,7 @@ import os
 import torch
 import triton
 
-from . import dense, layer_forward, stencil
+from . import dense, layer_forward, sort, stencil
 from .tables import BORDER, next_pow2, stencil_tables
 
 INTERPRETED = type(stencil.stencil_fwd_kernel).__name__ == "InterpretedFunction"
@@ -121,12 +121,29 @@ def _pow2_floor(v: int) -> int:
     return 1 << (max(1, v).bit_length() - 1)
 
 
+SORT_BLOCK = 256  # tokens per program of the counting sort
+
+
 def sort_tokens(expert_index: torch.Tensor, num_experts: int):
-    """(perm (N,) int64: token ids stably sorted by expert, bounds (n+1,) int32)."""
-    idx = expert_index.reshape(-1).to(torch.int32)
-    keys, perm = torch.sort(idx, stable=True)
-    edges = torch.arange(num_experts + 1, dtype=torch.int32, device=idx.device)
-    return perm, torch.searchsorted(keys, edges).to(torch.int32)
+    """(perm (N,) int64: token ids stably sorted by expert, bounds (n+1,) int32: where each
+    expert's tokens start), by the counting sort of sort.py in two launches; indices below
+    0 sort first and indices >= n last, outside every expert's range."""
+    idx = expert_index.reshape(-1)
+    if not idx.is_contiguous():
+        idx = idx.contiguous()
+    n_tok, dev = idx.numel(), idx.device
+    perm = torch.empty(n_tok, dtype=torch.int64, device=dev)
+    if n_tok == 0:
+        return perm, torch.zeros(num_experts + 1, dtype=torch.int32, device=dev)
+    bounds = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
+    blocks = triton.cdiv(n_tok, SORT_BLOCK)
+    nbins = next_pow2(num_experts + 2)
+    counts = torch.empty((blocks, nbins), dtype=torch.int32, device=dev)
+    sort.expert_counts_kernel[(blocks,)](idx, counts, n_tok, num_experts, BLOCK=SORT_BLOCK,
+                                         NBINS=nbins, num_warps=4)
+    sort.expert_order_kernel[(blocks,)](idx, counts, perm, bounds, n_tok, num_experts, blocks,
+                                        BLOCK=SORT_BLOCK, NBINS=nbins, CB=64, num_warps=4)
+    return perm, bounds
 
 
 def stencil_forward(z2, expert_index, conv_weight, conv_bias, scales, mode, height, width):

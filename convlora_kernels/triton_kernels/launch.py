@@ -90,6 +90,9 @@ DY_PARTIALS = 256
 GATHER_BT = 64  # tokens per program of the dL/dz gather
 
 
+NEIGHBOURHOOD_FLOATS = 2048
+
+
 class Plan:
     """Tile sizes, padding, precision and stencil tables of one call."""
 
@@ -103,8 +106,13 @@ class Plan:
         self.rank, self.num_experts = rank, num_experts
         self.rp = max(16, next_pow2(rank))  # tl.dot needs 16 on every side
         self.rz = max(4, next_pow2(rank))   # the conv's input side: 4 taps·RZ >= 16
-        # The z neighbourhood, BT·NBP²·RZ floats, lives in registers: keep it near 4K.
-        self.bt = min(64, max(16, _pow2_floor(4096 // (self.nbp ** 2 * self.rz))))
+        # The z neighbourhood, BT·NBP²·RZ floats, lives in registers (with its products in
+        # the upsampled taps): at most NEIGHBOURHOOD_FLOATS, 8 per thread of the 8-warp
+        # programs, and BT >= 16 (tl.dot's M). compile_check, sm_90, bf16, scales 1..8:
+        # bilinear r = 8 then takes BT = 16, and the forward and grad kernels need 105-114
+        # registers, so two 8-warp programs fit an SM (BT = 32: 198-227, one).
+        self.bt = min(64, max(16, _pow2_floor(NEIGHBOURHOOD_FLOATS
+                                              // (self.nbp ** 2 * self.rz))))
         self.prec = _precision(dtype)
         self.nexp_p = max(2, next_pow2(num_experts))
 

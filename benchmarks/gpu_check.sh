@@ -228,8 +228,9 @@ else
   if [ "$DEVICE" = cuda ]; then STENCIL=(--device cuda); else STENCIL=(--device cpu --repeats 3); fi
   stage stencil "$OUT/bench.log" "$(limit 90 "$BENCH_MIN")" "$PY" benchmarks/stencil_time.py "${STENCIL[@]}"
   # ---- the layer's candidates, side by side ---------------------------------------------
-  if [ "$DEVICE" = cuda ]; then PLANS=(--device cuda); else PLANS=(--device cpu --repeats 3); fi
-  stage plans "$OUT/bench.log" "$(limit 90 "$BENCH_MIN")" "$PY" benchmarks/plan_time.py "${PLANS[@]}" \
+  if [ "$DEVICE" = cuda ]; then PLANS=(--device cuda --repeats 20); else PLANS=(--device cpu --repeats 3); fi
+  # 150 s: three forward candidates on triton (the fused one autotunes four tiles per C)
+  stage plans "$OUT/bench.log" "$(limit 150 "$BENCH_MIN")" "$PY" benchmarks/plan_time.py "${PLANS[@]}" \
     --out "$OUT/plans.json"
   # ---- benchmark subset ---------------------------------------------------------------
   # Whatever time is left, less a margin; rows not started in time are recorded as skipped.

@@ -140,6 +140,18 @@ def down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS: tl.cons
 
 
 @triton.jit
+def conv_output_k(znb, cw_ptr, cb, ty_ptr, oy_ptr, tx_ptr, ox_ptr, e, hr, wr, k, nt, r,
+                  rows_y, rows_x, BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr,
+                  NBP: tl.constexpr, TAPS: tl.constexpr, PREC: tl.constexpr):
+    """(c_k [BT, RP], omega_k [BT]) of conv output k = (k // nt, k % nt) of the nt x nt."""
+    ky = k // nt
+    kx = k % nt
+    c = conv_output(znb, cw_ptr, cb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, r, rows_y, rows_x,
+                    BT, RZ, RP, NBP, TAPS, PREC)
+    return c, down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
+
+
+@triton.jit
 def tile_u(z_ptr, perm_ptr, e, start, stop, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr, ox_ptr,
            cw_ptr, cb_ptr, H, W, r, rows_y, rows_x, stride_zn,
            BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
@@ -156,11 +168,8 @@ def tile_u(z_ptr, perm_ptr, e, start, stop, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr, o
     cb = tl.load(cb_ptr + e * r + ci, mask=ci < r, other=0.0).to(tl.float32)
     nt = tl.load(ntaps_ptr + e)
     for k in range(0, nt * nt):
-        ky = k // nt
-        kx = k % nt
-        c = conv_output(znb, cw_ptr, cb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, r, rows_y,
-                        rows_x, BT, RZ, RP, NBP, TAPS, PREC)
-        om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
+        c, om = conv_output_k(znb, cw_ptr, cb, ty_ptr, oy_ptr, tx_ptr, ox_ptr, e, hr, wr, k,
+                              nt, r, rows_y, rows_x, BT, RZ, RP, NBP, TAPS, PREC)
         u += om[:, None] * gelu(c)
     return tok, tmask, u
 
@@ -217,11 +226,8 @@ def stencil_grad_kernel(
     nt = tl.load(ntaps_ptr + e)
     db = tl.zeros([RP], tl.float32)
     for k in range(0, nt * nt):
-        ky = k // nt
-        kx = k % nt
-        c = conv_output(znb, cw_ptr, cb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, r, rows_y,
-                        rows_x, BT, RZ, RP, NBP, TAPS, PREC)
-        om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
+        c, om = conv_output_k(znb, cw_ptr, cb, ty_ptr, oy_ptr, tx_ptr, ox_ptr, e, hr, wr, k,
+                              nt, r, rows_y, rows_x, BT, RZ, RP, NBP, TAPS, PREC)
         g = om[:, None] * du * gelu_grad(c)
         tl.store(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :], g, mask=cmask)
         db += tl.sum(g, axis=0)

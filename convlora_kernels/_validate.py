@@ -18,6 +18,9 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 MAX_SCALE = 16
+# The fused backends' largest rank: csrc/convlora_math.h (kMaxRank) sizes the C++/CUDA
+# tiles to it and the Triton tiles pad r to at most it (tests/test_errors.py ties the two).
+MAX_FUSED_RANK = 64
 MAX_EXPERTS = 16
 
 

@@ -16,11 +16,10 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import _ext, layer
-from ._validate import as_map, check_inputs, out_shape
+from ._validate import MAX_FUSED_RANK, as_map, check_inputs, out_shape
 
 INTERPOLATION_CODES = layer.INTERPOLATION_CODES
 PREACT_SLOTS = layer.PREACT_SLOTS  # saved pre-activations per token, by interpolation code
-MAX_RANK = 64
 
 
 def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
@@ -99,8 +98,8 @@ def conv_lora_linear(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, ex
     if x.is_cuda and x.dtype == torch.float64:
         raise TypeError("x: the cuda backend takes float32, float16 or bfloat16 tensors, got "
                         "float64; use backend='cpu' or 'reference' for float64")
-    if p.rank > MAX_RANK:
-        raise ValueError(f"lora_A: the fused kernels support ranks up to {MAX_RANK}, got "
+    if p.rank > MAX_FUSED_RANK:
+        raise ValueError(f"lora_A: the fused kernels support ranks up to {MAX_FUSED_RANK}, got "
                          f"r = {p.rank}; use backend='reference'")
     y = layer.conv_lora_linear("cuda" if x.is_cuda else "cpu", p, as_map(x, p), weight, bias,
                                lora_A, lora_B, conv_weight, conv_bias, expert_index, scaling, z)

@@ -35,6 +35,16 @@ def _built():
         pytest.fail(why)
 
 
+def test_rank_limit_is_the_extensions():
+    """_validate.MAX_FUSED_RANK, which the Python side checks, is the extension's kMaxRank."""
+    from convlora_kernels._validate import MAX_FUSED_RANK
+
+    assert RANK_BOUNDS[-1] == MAX_FUSED_RANK
+    _plan(MAX_FUSED_RANK, 8, "bilinear", True)
+    with pytest.raises(RuntimeError, match=rf"r must be in \[1, {MAX_FUSED_RANK}\]"):
+        _plan(MAX_FUSED_RANK + 1, 8, "bilinear", True)
+
+
 def test_stencil_plan_at_the_target_configuration():
     """r = 8, 8 experts, bilinear: weights (and in the backward the transposed weights and
     the weight-gradient sums) in shared memory, and at least two blocks per SM of an H100

@@ -13,14 +13,13 @@ import torch
 from torch import Tensor
 
 from .. import layer
-from .._validate import as_map, check_inputs, out_shape
+from .._validate import MAX_FUSED_RANK, as_map, check_inputs, out_shape
 
 try:
     import triton  # noqa: F401
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
-MAX_RANK = 64
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 if triton is not None:
@@ -57,8 +56,8 @@ def conv_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: 
     if x.dtype not in DTYPES:
         raise TypeError(f"x: the triton backend takes float16, bfloat16 or float32 tensors, "
                         f"got {x.dtype}; use backend='reference' for {x.dtype}")
-    if p.rank > MAX_RANK:
-        raise ValueError(f"lora_A: the triton backend supports ranks r <= {MAX_RANK}, got "
+    if p.rank > MAX_FUSED_RANK:
+        raise ValueError(f"lora_A: the triton backend supports ranks r <= {MAX_FUSED_RANK}, got "
                          f"r = {p.rank}")
     if triton is None:
         raise RuntimeError(unavailable_reason("triton", x.device))

@@ -9,7 +9,9 @@ forward+backward on the fused backend next to plain eager LoRA, the eager Conv-L
 reference and the frozen linear. On a GPU the stencil rows are in microseconds with the
 card named; everything else is a ratio. For the first shape the stencil ops are also timed
 under each shared-memory budget (CONVLORA_STENCIL_SMEM_KB: what the kernels stage in shared
-memory against how many blocks fit an SM), the choice a GPU run should settle. The last
+memory against how many blocks fit an SM), the choice a GPU run should settle. On a GPU the
+Triton stencil is timed alone too, its backward both split and merged
+(CONVLORA_TRITON_BACKWARD), another choice for a GPU run to settle. The last
 line, "RESULT: ...", is what benchmarks/gpu_check.sh records for the target shape.
 """
 
@@ -58,6 +60,41 @@ def _stencil_fns(inp, interpolation):
                                               args["scales"], args["mode"], h, w)
 
     return {"stencil-fwd": fwd, "stencil-bwd": bwd}
+
+
+def _triton_stencil_fns(inp, interpolation):
+    """The Triton stencil alone (launch.stencil_forward, then stencil_backward under each
+    of launch.BACKWARDS, the choice a GPU run should settle); {} where it cannot run."""
+    if not inp["x"].is_cuda:
+        return {}
+    try:
+        from convlora_kernels.triton_kernels import launch
+    except ImportError:
+        return {}
+    z = torch.nn.functional.linear(inp["x"], inp["lora_A"]).reshape(-1, inp["lora_A"].shape[0])
+    z = z.detach().contiguous()
+    b, h, w = inp["expert_index"].shape
+    cw, cb = inp["conv_weight"].detach(), inp["conv_bias"].detach()
+    scales = list(range(1, cw.shape[0] + 1))
+    idx = inp["expert_index"].reshape(-1)
+    du = torch.randn(z.shape, device=z.device)
+    _, perm, bounds = launch.stencil_forward(z, idx, cw, cb, scales, interpolation, h, w)
+
+    def fwd(_):
+        return launch.stencil_forward(z, idx, cw, cb, scales, interpolation, h, w)
+
+    def bwd(kind):
+        def run(_):
+            os.environ[launch.BACKWARD_ENV] = kind
+            try:
+                return launch.stencil_backward(du, z, perm, bounds, cw, cb, scales,
+                                               interpolation, h, w)
+            finally:
+                os.environ.pop(launch.BACKWARD_ENV, None)
+        return run
+
+    return dict({"triton-stencil-fwd": fwd},
+                **{f"triton-stencil-bwd[{k}]": bwd(k) for k in launch.BACKWARDS})
 
 
 SMEM_BUDGETS_KB = (48, 80, 96)  # the backward at r = 8: all global, weights staged, all staged
@@ -134,6 +171,13 @@ def main(argv=None) -> int:
                 print(f"  {k:24s} {ms * 1e3:9.1f} us")
             else:
                 print(f"  {k:24s} {ms / lin_fwd['median_ms']:9.3f} x the frozen linear's forward")
+        tfns = _triton_stencil_fns(inputs[0], interp)
+        if tfns:  # warm-up runs autotune (triton.autotune times its candidates once)
+            tt = measure.time_group(tfns, inputs, False, {k: warm for k in tfns}, repeats)
+            for k in tfns:
+                ms = tt[k].get("median_ms")
+                print(f"  {k:24s} " + (f"error: {tt[k]['error']}" if ms is None
+                                       else f"{ms * 1e3:9.1f} us"))
         fused = med[f"conv-lora[{backend}]"]
         for k, ms in med.items():
             if ms is None:

@@ -133,7 +133,7 @@ def plan(backend: str, device_type: str) -> Tuple[str, str]:
 
 # --- the stencils ------------------------------------------------------------------------
 # forward(z2, idx, cw, cb, scales, interpolation, H, W, save) -> (u, saved0, saved1)
-# backward(du, z2, saved0, saved1, idx, cw, cb, scales, interpolation, H, W, du_is_scratch)
+# backward(du, z2, saved0, saved1, idx, cw, cb, scales, interpolation, H, W)
 #     -> (dz in z's dtype, dconv_weight, dconv_bias in conv_weight's dtype)
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -147,8 +147,8 @@ def _cpp_forward(z2, idx, cw, cb, scales, interpolation, height, width, save):
     return u, pre, z2.new_empty(0)
 
 
-def _cpp_backward(du, z2, preact, _unused, idx, cw, cb, scales, interpolation, height, width,
-                  du_is_scratch):
+def _cpp_backward(du, z2, preact, _unused, idx, cw, cb, scales, interpolation, height,
+                  width):
     code = INTERPOLATION_CODES[interpolation]
     if preact.numel() == 0:  # the forward was told not to keep them: recompute
         preact = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales, code, height, width,
@@ -164,12 +164,12 @@ def _triton_forward(z2, idx, cw, cb, scales, interpolation, height, width, save)
     return launch.stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width)
 
 
-def _triton_backward(du, z2, perm, bounds, idx, cw, cb, scales, interpolation, height, width,
-                     du_is_scratch):
+def _triton_backward(du, z2, perm, bounds, idx, cw, cb, scales, interpolation, height,
+                     width):
     from .triton_kernels import launch
 
     return launch.stencil_backward(du, z2, perm, bounds, cw, cb, scales, interpolation,
-                                   height, width, du_is_scratch=du_is_scratch)
+                                   height, width)
 
 
 _STENCILS = {"cpu": (_cpp_forward, _cpp_backward), "cuda": (_cpp_forward, _cpp_backward),
@@ -272,7 +272,7 @@ def _backward_impl(dy2, x2, weight, lora_A, lora_B, conv_weight, conv_bias, expe
     if need_du:
         dz, d_cw, d_cb = _STENCILS[backend][1](
             du, z2, s0, s1, expert_index, conv_weight.contiguous(), conv_bias.contiguous(),
-            list(scales), interpolation, height, width, True)
+            list(scales), interpolation, height, width)
     dx = d_w = d_a = None
     if need_x:
         if not has_z:  # dx = dz A + dy W0: the base GEMM accumulates onto dz A

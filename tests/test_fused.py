@@ -348,15 +348,16 @@ OUT_OF_RANGE_CASES = [  # (interpolation, deterministic, the bad token's index),
     ("bicubic", False, 8)]
 
 
-@pytest.mark.parametrize("backend,forward_plan", [
-    pytest.param("cpu", "bias_first", id="cpu"),
-    pytest.param("triton", "bias_first", id="triton", marks=pytest.mark.triton),
-    pytest.param("triton", "fused", id="triton-fused", marks=pytest.mark.triton),
-    pytest.param("cuda", "bias_first", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not HAS_GPU, reason="needs a CUDA device")])])
+@pytest.mark.parametrize("backend,forward_plan,triton_backward", [
+    pytest.param("cpu", "bias_first", None, id="cpu"),
+    pytest.param("triton", "bias_first", "split", id="triton", marks=pytest.mark.triton),
+    pytest.param("triton", "fused", "merged", id="triton-fused-merged",
+                 marks=pytest.mark.triton),
+    pytest.param("cuda", "bias_first", None, id="cuda", marks=[
+        pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")])])
 @pytest.mark.parametrize("mode,deterministic,bad_value", OUT_OF_RANGE_CASES)
-def test_unchecked_out_of_range_expert_reaches_nothing(backend, forward_plan, mode,
-                                                        deterministic, bad_value,
+def test_unchecked_out_of_range_expert_reaches_nothing(backend, forward_plan, triton_backward,
+                                                        mode, deterministic, bad_value,
                                                         monkeypatch):
     """An unchecked out-of-range index (no poisoning of outputs): that token's output and
     its own dz are NaN; every other token's output and x gradient equal the run where the
@@ -368,6 +369,7 @@ def test_unchecked_out_of_range_expert_reaches_nothing(backend, forward_plan, mo
         from convlora_kernels.triton_kernels import launch
 
         monkeypatch.setattr(launch, "POISON", 7.0)
+        monkeypatch.setenv(launch.BACKWARD_ENV, triton_backward)
         why = ops.backend_unavailable_reason("triton", torch.device("cpu"))
         if why is not None:
             pytest.skip(why)

@@ -9,7 +9,8 @@ GPU can check what the interpreter cannot: that every kernel builds for the targ
 bytes.
 
 What is compiled is what runs: the layer's own forward and backward (layer.py, every
-forward and dy candidate, atomic and deterministic reductions) and the router are called
+forward and dy candidate, both stencil backwards, atomic and deterministic reductions) and
+the router are called
 on CPU tensors of a SAM-like shape (a (1, 32, 32) map, C_in = 64, C_out = 192: sizes
 divisible by 16 as SAM's are), with every kernel launch recorded instead of run. Each
 recorded launch is compiled as Triton's JIT would compile it at that launch: the same
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import subprocess
 import sys
@@ -45,7 +47,7 @@ SHAPE = dict(batch=1, height=32, width=32, c_in=64, c_out=192)
 def _autotuners():
     """The JIT function of each autotuned kernel -> its full autotuner (every candidate)."""
     return {pair[0].fn: pair[0] for pair in (launch._fwd, launch._layer_fwd, launch._dy_pass,
-                                             launch._grad, launch._scatter)}
+                                             launch._grad, launch._scatter, launch._bwd)}
 
 
 @contextlib.contextmanager
@@ -107,15 +109,21 @@ def layer_launches(dtype: torch.dtype, mode: str, rank: int):
         z2 = x2 @ lora_a.t()
         u, perm, bounds = launch.stencil_forward(z2, idx, cw, cb, *geometry)
         was = torch.are_deterministic_algorithms_enabled()
+        chosen = os.environ.get(launch.BACKWARD_ENV)
         try:
-            for det in (False, True):
+            for det, backward in itertools.product((False, True), launch.BACKWARDS):
                 torch.use_deterministic_algorithms(det)
+                os.environ[launch.BACKWARD_ENV] = backward
                 for dy_plan in layer.DY_PLANS:
                     layer._backward_impl(dy, x2, weight, lora_a, lora_b, cw, cb, idx, z2, u,
                                          perm, bounds, False, 1.0, *geometry, "triton",
                                          dy_plan, [True] * 7 + [False])
         finally:
             torch.use_deterministic_algorithms(was)
+            if chosen is None:
+                os.environ.pop(launch.BACKWARD_ENV, None)
+            else:
+                os.environ[launch.BACKWARD_ENV] = chosen
         f = rnd(n_tok, rank)
         wg, wn = rnd(rank, n_exp, dt=torch.float32), rnd(rank, n_exp, dt=torch.float32)
         for noise in (torch.randn(n_tok, n_exp, generator=g), None):

@@ -7,10 +7,12 @@ runs here is the Triton part of that plan:
     layer_forward         the "fused" forward: the same sort, then layer_forward_kernel:
                           the stencil, x W0ᵀ and the epilogue s·u Bᵀ + b, y written once
     dy_pass               dy_pass_kernel reads dy once: dL/du, dL/dlora_B (and dL/dbias)
-    stencil_backward      stencil_grad_kernel recomputes c_k, writes g_k = dL/dc_k and
-                          dL/dconv_bias; stencil_scatter_kernel recomputes the upsampled
-                          taps: dL/dconv_weight, dL/dz; gather_dz_kernel (deterministic
-                          mode) sums dL/dz over neighbours in order
+    stencil_backward      "split" (BACKWARD_ENV): stencil_grad_kernel recomputes c_k, writes
+                          g_k = dL/dc_k and dL/dconv_bias, then stencil_scatter_kernel
+                          rebuilds the upsampled taps for dL/dconv_weight and dL/dz; or
+                          "merged": stencil_bwd_kernel does both with the taps built once;
+                          then gather_dz_kernel (deterministic mode) sums dL/dz over
+                          neighbours in order, expert_sum_kernel the weight partials
 Without deterministic algorithms the weight gradients and dL/dz are accumulated with
 float atomics (relaxed: the sums need no ordering among themselves, only the kernel's end);
 with them, each tile (the dy pass: each of at most DY_PARTIALS programs) writes its own
@@ -81,6 +83,29 @@ _grad = _autotuned(stencil.stencil_grad_kernel, [({}, 8), ({}, 4)],
 _scatter = _autotuned(stencil.stencil_scatter_kernel, [({}, 8), ({}, 4)],
                       key=["RZ", "NBP", "TAPS", "BT", "ATOMIC"], reset_to_zero=["dw_ptr"],
                       restore_value=["dz_ptr"])
+_bwd = _autotuned(stencil.stencil_bwd_kernel, [({}, 8), ({}, 4)],
+                  key=["RZ", "NBP", "TAPS", "BT", "ATOMIC"],
+                  reset_to_zero=["db_ptr", "dw_ptr"], restore_value=["dz_ptr"])
+
+# The stencil's backward: "split" (stencil_grad_kernel writes g = dL/dc, then
+# stencil_scatter_kernel; each builds the taps) or "merged" (stencil_bwd_kernel: taps built
+# once, no g in memory, one launch). The byte count favours merged (it saves g's round trip,
+# 2·N·taps²·r·4 bytes, and a second load of every z neighbourhood), the registers split:
+# sm_90, bf16, bilinear r = 8, split needs 105-114 (grad, two programs per SM) and 172-181
+# (scatter), merged 255 (one per SM), and merged spills at r = 16 and for bicubic (up to
+# ~2 KB). Which is faster is for a GPU to tell (benchmarks/stencil_time.py times both); until
+# then "split", the spill-free pair at the default configuration, runs.
+BACKWARD_ENV = "CONVLORA_TRITON_BACKWARD"
+BACKWARDS = ("split", "merged")
+
+
+def backward_kernels() -> str:
+    """The stencil backward that runs: BACKWARD_ENV when set, else "split"."""
+    chosen = os.environ.get(BACKWARD_ENV, "split")
+    if chosen not in BACKWARDS:
+        raise ValueError(f"{BACKWARD_ENV}: expected one of {BACKWARDS}, got {chosen!r}")
+    return chosen
+
 
 DY_BT = 64      # tokens per row block of the dy pass (the M of its dots)
 # programs of the deterministic dy pass, so its partials of dL/dB are DY_PARTIALS x C_out x
@@ -235,20 +260,19 @@ def dy_pass(dy2, lora_B, u, scaling, need_b, need_bias):
 
 
 def stencil_backward(du, z2, perm, bounds, conv_weight, conv_bias, scales, mode, height,
-                     width, du_is_scratch=False):
+                     width):
     """(dL/dz (N, r) in z's dtype, dL/dconv_weight, dL/dconv_bias in conv_weight's dtype)
-    from dL/du (N, r); du is modified only when du_is_scratch says it may be."""
+    from dL/du (N, r), which is only read."""
     n_tok, rank = z2.shape
     n_exp = conv_weight.shape[0]
     if z2.stride(-1) != 1:
         z2 = z2.contiguous()
     plan = Plan(height, width, rank, n_exp, scales, mode, z2.dtype, z2.device)
     atomic = not torch.are_deterministic_algorithms_enabled()
-    # the kernels use their dL/du as scratch: a float32 copy of it, unless it is one
-    scratch = du if du_is_scratch and du.dtype == torch.float32 and du.is_contiguous() \
-        else du.to(torch.float32, copy=True).contiguous()
+    du32 = du if du.dtype == torch.float32 and du.is_contiguous() \
+        else du.to(torch.float32).contiguous()
     d_cw, d_cb, dz = _stencil_backward(plan, z2, perm, bounds, conv_weight.contiguous(),
-                                       conv_bias, scratch, n_tok, height, width, atomic,
+                                       conv_bias, du32, n_tok, height, width, atomic,
                                        z2.dtype)
     # A token whose expert is out of range got no tile: nothing of it reached its
     # neighbours, and its own dL/dz is NaN, as its output is.
@@ -289,7 +313,7 @@ def _reduce_rows(buf, atomic, needed, shape, dtype):
 
 def _stencil_backward(plan, z2, perm, bounds, cw, conv_bias, du, n_tok, height, width,
                       atomic, dtype):
-    """(dL/dconv_weight, dL/dconv_bias, dL/dz in dtype); du becomes scratch."""
+    """(dL/dconv_weight, dL/dconv_bias, dL/dz in dtype) from du (N, r) float32."""
     dev, rank, n_exp = du.device, plan.rank, plan.num_experts
     f32 = torch.float32
     programs = plan.programs(n_tok)
@@ -303,20 +327,27 @@ def _stencil_backward(plan, z2, perm, bounds, cw, conv_bias, du, n_tok, height, 
     if n_tok == 0:
         dz = torch.zeros((0, rank), dtype=dtype, device=dev)
         return d_cw.reshape(n_exp, rank, rank, 3, 3).to(dtype), d_cb.to(dtype), dz
-    g = _empty((n_tok, plan.taps ** 2, rank), f32, dev)
-    args = (z2, perm, bounds, plan.ntaps)
     ty, oy, tx, ox = plan.tables
-    _pick(_grad)[(programs,)](
-        *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, g, d_cb, height, width, rank,
-        n_exp, plan.rows_y, plan.rows_x, z2.stride(0), ATOMIC=atomic, **common)
-    # atomics add the stencil's dL/dz onto du itself; otherwise per-token neighbour slots,
-    # zero where no tile writes (tokens with an out-of-range expert)
-    dz_buf = du if atomic else torch.zeros((n_tok, nb, nb, rank), dtype=f32, device=dev)
-    _pick(_scatter)[(programs,)](
-        *args, ty, tx, cw, g, d_cw, dz_buf, height, width, rank, n_exp, plan.rows_y,
-        plan.rows_x, z2.stride(0), ATOMIC=atomic, **common)
+    args = (z2, perm, bounds, plan.ntaps)
+    geometry = (height, width, rank, n_exp, plan.rows_y, plan.rows_x, z2.stride(0))
+    # atomics add the stencil's dL/dz onto a copy of du (the kernels read du itself);
+    # otherwise per-token neighbour slots, zero where no tile writes (tokens with an
+    # out-of-range expert), gathered below in a fixed order
+    dz_buf = du.clone() if atomic else torch.zeros((n_tok, nb, nb, rank), dtype=f32,
+                                                   device=dev)
+    if backward_kernels() == "merged":
+        _pick(_bwd)[(programs,)](
+            *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, d_cb, d_cw, dz_buf,
+            *geometry, ATOMIC=atomic, **common)
+    else:
+        g = _empty((n_tok, plan.taps ** 2, rank), f32, dev)
+        _pick(_grad)[(programs,)](
+            *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, g, d_cb, *geometry,
+            ATOMIC=atomic, **common)
+        _pick(_scatter)[(programs,)](
+            *args, ty, tx, cw, g, d_cw, dz_buf, *geometry, ATOMIC=atomic, **common)
     if atomic:
-        dz = du.to(dtype)
+        dz = dz_buf.to(dtype)
     else:
         d_cb = _expert_sum(d_cb, bounds, plan)
         d_cw = _expert_sum(d_cw, bounds, plan)

@@ -1,5 +1,6 @@
-"""Triton kernels for the Conv-LoRA stencil: the forward u = z + E(z) and the two backward
-passes that recompute it.
+"""Triton kernels for the Conv-LoRA stencil: the forward u = z + E(z) and its backward,
+either split in two passes that each recompute what they need (stencil_grad_kernel, then
+stencil_scatter_kernel) or merged in one (stencil_bwd_kernel); launch.py says which runs.
 
 Notation (docs/design.md, The math): z = x Aᵀ (N×r), token t = (b, h, w) with expert e and scale s,
     c_k = conv_bias_e + sum_{dy,dx} W_e[:, :, dy, dx] · U_k(dy, dx)     conv output k
@@ -175,6 +176,29 @@ def tile_u(z_ptr, perm_ptr, e, start, stop, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr, o
 
 
 @triton.jit
+def store_dz(dz_ptr, dznb, tok, tmask, H, W, r, RZ: tl.constexpr, NBP: tl.constexpr,
+             HALO: tl.constexpr, ATOMIC: tl.constexpr):
+    """A tile's dL/dz of its tokens' neighbourhoods [BT, NBP, NBP, RZ]: added into dz (N, r)
+    with ATOMIC, else stored in each token's own slots (N, NB, NB, r)."""
+    a = tl.arange(0, NBP)[None, :, None, None]
+    b = tl.arange(0, NBP)[None, None, :, None]
+    ch = tl.arange(0, RZ)[None, None, None, :]
+    m = tmask[:, None, None, None] & (a <= 2 * HALO) & (b <= 2 * HALO) & (ch < r)
+    if ATOMIC:
+        hw = tok % (H * W)
+        bi = tok // (H * W)
+        hh = (hw // W)[:, None, None, None] + a - HALO
+        ww = (hw % W)[:, None, None, None] + b - HALO
+        m = m & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        tl.atomic_add(dz_ptr + ((bi[:, None, None, None] * H + hh) * W + ww) * r + ch, dznb,
+                      mask=m, sem="relaxed")
+    else:
+        nb = 2 * HALO + 1
+        tl.store(dz_ptr + ((tok[:, None, None, None] * nb + a) * nb + b) * r + ch, dznb,
+                 mask=m)
+
+
+@triton.jit
 def stencil_fwd_kernel(
         z_ptr,        # (N, r) z = x Aᵀ, row stride stride_zn
         perm_ptr,     # (N,) int64, token ids sorted by expert
@@ -283,19 +307,92 @@ def stencil_scatter_kernel(
         else:
             tl.store(dw_ptr + pid * (r * r * 9) + offs + dy * 3, dw, mask=wmask)
 
-    a = tl.arange(0, NBP)[None, :, None, None]
-    b = tl.arange(0, NBP)[None, None, :, None]
-    ch = tl.arange(0, RZ)[None, None, None, :]
-    m = tmask[:, None, None, None] & (a <= 2 * HALO) & (b <= 2 * HALO) & (ch < r)
+    store_dz(dz_ptr, dznb, tok, tmask, H, W, r, RZ, NBP, HALO, ATOMIC)
+
+
+@triton.jit
+def row_backward(up, wy, wx, g, w, dw, dznb, BT: tl.constexpr, RZ: tl.constexpr,
+                 PREC: tl.constexpr):
+    """One conv row of one conv output, given its upsampled taps (up, wy, wx of
+    upsampled_taps) and g = dL/dc: (dw + upᵀ g, dznb + the gather's transpose applied to
+    dL/dU = g W_e[:, :, dy]ᵀ)."""
+    dw += tl.dot(tl.trans(up), g, input_precision=PREC)  # [4·RZ (dx, i), RP (o)]
+    dup = tl.reshape(tl.dot(g, tl.trans(w), input_precision=PREC), [BT, 4, RZ])
+    dv = tl.sum(wx[:, :, :, None] * dup[:, :, None, :], axis=1)  # [BT, NBP(b), RZ]
+    return dw, dznb + wy[:, :, None, None] * dv[:, None, :, :]
+
+
+@triton.jit
+def stencil_bwd_kernel(
+        z_ptr, perm_ptr, bounds_ptr, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr, ox_ptr, cw_ptr,
+        cb_ptr,       # as in stencil_fwd_kernel
+        du_ptr,       # (N, r) float32, dL/du
+        db_ptr,       # float32: (n_exp, r) with ATOMIC, else (programs, r) partial sums
+        dw_ptr,       # float32: (n_exp, r, r, 3, 3) with ATOMIC, else (programs, r, r, 3, 3)
+        dz_ptr,       # ATOMIC: (N, r) float32 holding dL/du, += the stencil's dL/dz;
+                      # else (N, NB, NB, r) float32: each token's dL/dz of its neighbours
+        H, W, r, n_exp, rows_y, rows_x, stride_zn,
+        BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
+        HALO: tl.constexpr, TAPS: tl.constexpr, NEXP_P: tl.constexpr, BORDER: tl.constexpr,
+        PREC: tl.constexpr, ATOMIC: tl.constexpr):
+    """The stencil's backward in one pass per tile. For each conv output k, with the three
+    rows' upsampled taps U built once:
+        c_k = conv_bias_e + sum_dy U_dy W_e[:, :, dy]ᵀ,  g_k = omega_k · dL/du ⊙ GELU'(c_k)
+        dL/dconv_bias_e += sum_t g_k,  dL/dW_e[:, :, dy] += U_dyᵀ g_k          (per tile)
+        dL/dz[h+a-HALO, w+b-HALO] += Ty[.., a] Tx[.., b] (g_k W_e[:, :, dy])  (the gather's
+                                                                              transpose)
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    e, start, stop = expert_tile(bounds_ptr, n_exp, BT, NEXP_P)
+    if e >= n_exp:  # past the last tile; the reductions read only the tiles' slots
+        return
+    tok, tmask, hr, wr, znb = load_tile(z_ptr, perm_ptr, start, stop, H, W, r, rows_y,
+                                        rows_x, stride_zn, BT, RZ, NBP, HALO, BORDER)
+    ci = tl.arange(0, RP)
+    cmask = tmask[:, None] & (ci[None, :] < r)
+    du = tl.load(du_ptr + tok[:, None] * r + ci[None, :], mask=cmask, other=0.0)
+    cb = tl.load(cb_ptr + e * r + ci, mask=ci < r, other=0.0).to(tl.float32)
+    offs, wmask = conv_row_offsets(r, RZ, RP)
+    wbase = cw_ptr + e * (r * r * 9) + offs
+    w0 = tl.load(wbase, mask=wmask, other=0.0).to(tl.float32)
+    w1 = tl.load(wbase + 3, mask=wmask, other=0.0).to(tl.float32)
+    w2 = tl.load(wbase + 6, mask=wmask, other=0.0).to(tl.float32)
+    db = tl.zeros([RP], tl.float32)
+    dw0 = tl.zeros([4 * RZ, RP], tl.float32)
+    dw1 = tl.zeros([4 * RZ, RP], tl.float32)
+    dw2 = tl.zeros([4 * RZ, RP], tl.float32)
+    dznb = tl.zeros([BT, NBP, NBP, RZ], tl.float32)
+    nt = tl.load(ntaps_ptr + e)
+    for k in range(0, nt * nt):
+        ky = k // nt
+        kx = k % nt
+        # the three rows' taps, built once for c_k and for the backward
+        up0, wy0, wx0 = upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, 0, rows_y,
+                                       rows_x, BT, RZ, NBP, TAPS)
+        up1, wy1, wx1 = upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, 1, rows_y,
+                                       rows_x, BT, RZ, NBP, TAPS)
+        up2, wy2, wx2 = upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, 2, rows_y,
+                                       rows_x, BT, RZ, NBP, TAPS)
+        c = cb[None, :] + tl.dot(up0, w0, input_precision=PREC)
+        c += tl.dot(up1, w1, input_precision=PREC)
+        c += tl.dot(up2, w2, input_precision=PREC)
+        om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
+        g = om[:, None] * du * gelu_grad(c)
+        db += tl.sum(g, axis=0)
+        dw0, dznb = row_backward(up0, wy0, wx0, g, w0, dw0, dznb, BT, RZ, PREC)
+        dw1, dznb = row_backward(up1, wy1, wx1, g, w1, dw1, dznb, BT, RZ, PREC)
+        dw2, dznb = row_backward(up2, wy2, wx2, g, w2, dw2, dznb, BT, RZ, PREC)
     if ATOMIC:
-        hw = tok % (H * W)
-        bi = tok // (H * W)
-        hh = (hw // W)[:, None, None, None] + a - HALO
-        ww = (hw % W)[:, None, None, None] + b - HALO
-        m = m & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        tl.atomic_add(dz_ptr + ((bi[:, None, None, None] * H + hh) * W + ww) * r + ch, dznb,
-                      mask=m, sem="relaxed")
+        tl.atomic_add(db_ptr + e * r + ci, db, mask=ci < r, sem="relaxed")
+        dwp = dw_ptr + e * (r * r * 9) + offs
+        tl.atomic_add(dwp, dw0, mask=wmask, sem="relaxed")
+        tl.atomic_add(dwp + 3, dw1, mask=wmask, sem="relaxed")
+        tl.atomic_add(dwp + 6, dw2, mask=wmask, sem="relaxed")
     else:
-        nb = 2 * HALO + 1
-        tl.store(dz_ptr + ((tok[:, None, None, None] * nb + a) * nb + b) * r + ch, dznb,
-                 mask=m)
+        tl.store(db_ptr + pid * r + ci, db, mask=ci < r)
+        dwp = dw_ptr + pid * (r * r * 9) + offs
+        tl.store(dwp, dw0, mask=wmask)
+        tl.store(dwp + 3, dw1, mask=wmask)
+        tl.store(dwp + 6, dw2, mask=wmask)
+
+    store_dz(dz_ptr, dznb, tok, tmask, H, W, r, RZ, NBP, HALO, ATOMIC)

@@ -194,6 +194,13 @@ def test_halo_and_taps_follow_design():
         assert tables.down_taps((s,), "bicubic") == (1 if s % 2 else 4,)
 
 
+
+def test_tiles_run_heaviest_experts_first():
+    """The stencil kernels take the experts with the most conv outputs first (their tiles
+    fill the first wave); ties keep index order."""
+    ntaps = tables.stencil_tables(5, 6, (1, 2, 3, 4), "bicubic", torch.device("cpu"))[4]
+    assert ntaps.tolist() == [1, 4, 1, 4] + [1, 3, 0, 2]
+
 # --- forward and every gradient against the reference ------------------------------------
 
 CASES = {

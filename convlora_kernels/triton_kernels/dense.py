@@ -5,6 +5,8 @@ per-tile weight-gradient partials."""
 import triton
 import triton.language as tl
 
+from .stencil import tile_ranges
+
 
 @triton.jit
 def dy_pass_kernel(
@@ -103,22 +105,19 @@ def gather_dz_kernel(
 def expert_sum_kernel(
         part_ptr,     # (programs, L) float32 per-tile partial sums of the stencil kernels
         bounds_ptr,   # (n_exp + 1,) int32, as for the stencil kernels
+        ntaps_ptr,    # (2·n_exp,) int32, as for the stencil kernels (their tile order)
         out_ptr,      # (n_exp, L) float32 output
         n_exp, L,
         BT: tl.constexpr, NEXP_P: tl.constexpr, BLOCK: tl.constexpr):
     """out[e] = sum of the partials of expert e's tiles, in tile order (deterministic);
     zero for an expert without tokens."""
-    e = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(0)
     cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ev = tl.arange(0, NEXP_P)
-    lo = tl.load(bounds_ptr + ev, mask=ev < n_exp, other=0).to(tl.int64)
-    hi = tl.load(bounds_ptr + ev + 1, mask=ev < n_exp, other=0).to(tl.int64)
-    tiles = (hi - lo + BT - 1) // BT
-    ends = tl.cumsum(tiles, 0)
-    sel = ev == e
+    ex, valid, _, _, tiles, ends = tile_ranges(bounds_ptr, ntaps_ptr, n_exp, BT, NEXP_P)
+    sel = valid & (ex == e)
     last = tl.sum(tl.where(sel, ends, 0), 0)
     first = last - tl.sum(tl.where(sel, tiles, 0), 0)
     acc = tl.zeros([BLOCK], tl.float32)
     for t in range(first, last):
         acc += tl.load(part_ptr + t * L + cols, mask=cols < L, other=0.0)
-    tl.store(out_ptr + e * L + cols, acc, mask=cols < L)
+    tl.store(out_ptr + e.to(tl.int64) * L + cols, acc, mask=cols < L)

@@ -364,6 +364,7 @@ def _expert_sum(part, bounds, plan):
     out = _empty((plan.num_experts, length), torch.float32, part.device)
     block = 256
     dense.expert_sum_kernel[(plan.num_experts, triton.cdiv(length, block))](
-        part, bounds, out, plan.num_experts, length, BT=plan.bt, NEXP_P=plan.nexp_p,
+        part, bounds, plan.ntaps, out, plan.num_experts, length, BT=plan.bt,
+        NEXP_P=plan.nexp_p,
         BLOCK=block, num_warps=4)
     return out

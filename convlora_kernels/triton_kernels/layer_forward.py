@@ -85,7 +85,7 @@ def layer_forward_kernel(
         TAPS: tl.constexpr, NEXP_P: tl.constexpr, BORDER: tl.constexpr, PREC: tl.constexpr,
         HAS_BIAS: tl.constexpr, SAVE_U: tl.constexpr):
     """y_t = x_t W0ᵀ + scaling · u_t Bᵀ + b for BM tokens of one expert (module doc)."""
-    e, start, stop = expert_tile(bounds_ptr, n_exp, BM, NEXP_P)
+    e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BM, NEXP_P)
     ci = tl.arange(0, RP)
     if e >= n_exp:  # out-of-range tokens, if any: NaN rows
         pos, valid = spare_rows(bounds_ptr, n_exp, N, BM, NEXP_P)

@@ -21,21 +21,34 @@ import triton.language as tl
 
 
 @triton.jit
-def expert_tile(bounds_ptr, n_exp, BT: tl.constexpr, NEXP_P: tl.constexpr):
-    """This program's expert e and its sorted-token range [start, stop).
+def tile_ranges(bounds_ptr, ntaps_ptr, n_exp, BT: tl.constexpr, NEXP_P: tl.constexpr):
+    """The experts in tile order, heaviest first, per slot j < n_exp: (expert, valid,
+    lo, hi (its sorted-token range), tiles = ceil((hi - lo) / BT), ends = cumsum(tiles)).
 
-    bounds_ptr: (n_exp + 1,) int32, where each expert's tokens start in the sorted order.
-    Expert e owns ceil(count_e / BT) consecutive programs; programs past the last
-    tile get e = n_exp and an empty range.
+    bounds_ptr: (n_exp + 1,) int32, where each expert's tokens start in the sorted order;
+    ntaps_ptr: (2·n_exp,) int32, each expert's down taps per axis, then the experts by
+    decreasing taps (tables.stencil_tables), so the tiles with the most conv outputs run in
+    the first wave and the last wave holds the light ones.
     """
-    pid = tl.program_id(0).to(tl.int64)
     ev = tl.arange(0, NEXP_P)
-    lo = tl.load(bounds_ptr + ev, mask=ev < n_exp, other=0).to(tl.int64)
-    hi = tl.load(bounds_ptr + ev + 1, mask=ev < n_exp, other=0).to(tl.int64)
+    valid = ev < n_exp
+    ex = tl.load(ntaps_ptr + n_exp + ev, mask=valid, other=0)
+    lo = tl.load(bounds_ptr + ex, mask=valid, other=0).to(tl.int64)
+    hi = tl.load(bounds_ptr + ex + 1, mask=valid, other=0).to(tl.int64)
     tiles = (hi - lo + BT - 1) // BT
-    ends = tl.cumsum(tiles, 0)
-    e = tl.sum((ends <= pid).to(tl.int32), 0)  # < 17
-    sel = ev == e
+    return ex, valid, lo, hi, tiles, tl.cumsum(tiles, 0)
+
+
+@triton.jit
+def expert_tile(bounds_ptr, ntaps_ptr, n_exp, BT: tl.constexpr, NEXP_P: tl.constexpr):
+    """This program's expert e and its sorted-token range [start, stop): expert e owns
+    ceil(count_e / BT) consecutive programs, in the order of tile_ranges; programs past
+    the last tile get e = n_exp and an empty range."""
+    pid = tl.program_id(0).to(tl.int64)
+    ex, valid, lo, hi, tiles, ends = tile_ranges(bounds_ptr, ntaps_ptr, n_exp, BT, NEXP_P)
+    j = tl.sum((ends <= pid).to(tl.int32), 0)  # the slot, <= n_exp
+    sel = tl.arange(0, NEXP_P) == j
+    e = tl.where(j < n_exp, tl.sum(tl.where(sel, ex, 0), 0), n_exp)
     first = tl.sum(tl.where(sel, ends - tiles, 0), 0)
     start = tl.sum(tl.where(sel, lo, 0), 0) + (pid - first) * BT
     stop = tl.sum(tl.where(sel, hi, 0), 0)
@@ -203,7 +216,8 @@ def stencil_fwd_kernel(
         z_ptr,        # (N, r) z = x Aᵀ, row stride stride_zn
         perm_ptr,     # (N,) int64, token ids sorted by expert
         bounds_ptr,   # (n_exp + 1,) int32, first sorted position of each expert
-        ntaps_ptr,    # (n_exp,) int32, down taps per axis of each expert
+        ntaps_ptr,    # (2·n_exp,) int32, down taps per axis of each expert, then the
+                      # experts heaviest first (tile_ranges)
         ty_ptr, oy_ptr, tx_ptr, ox_ptr,  # float32 stencil tables (tables.py)
         cw_ptr,       # (n_exp, r, r, 3, 3) conv_weight, contiguous
         cb_ptr,       # (n_exp, r) conv_bias, contiguous
@@ -213,7 +227,7 @@ def stencil_fwd_kernel(
         HALO: tl.constexpr, TAPS: tl.constexpr, NEXP_P: tl.constexpr, BORDER: tl.constexpr,
         PREC: tl.constexpr):
     """u_t = z_t + E_{e_t}(z)_t."""
-    e, start, stop = expert_tile(bounds_ptr, n_exp, BT, NEXP_P)
+    e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BT, NEXP_P)
     if e >= n_exp:
         return
     tok, tmask, u = tile_u(z_ptr, perm_ptr, e, start, stop, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr,
@@ -238,7 +252,7 @@ def stencil_grad_kernel(
     """Backward, part 1: recompute each conv output and form g_k = dL/dc_k;
     dL/dconv_bias_e = sum over the expert's tokens and conv outputs of g_k."""
     pid = tl.program_id(0).to(tl.int64)
-    e, start, stop = expert_tile(bounds_ptr, n_exp, BT, NEXP_P)
+    e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BT, NEXP_P)
     ci = tl.arange(0, RP)
     if e >= n_exp:  # past the last tile; the reduction reads only the tiles' slots
         return
@@ -278,7 +292,7 @@ def stencil_scatter_kernel(
         dL/dz[h+a-HALO, w+b-HALO] += Ty[.., a] Tx[.., b] dL/dU   (the transpose of the gather)
     """
     pid = tl.program_id(0).to(tl.int64)
-    e, start, stop = expert_tile(bounds_ptr, n_exp, BT, NEXP_P)
+    e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BT, NEXP_P)
     if e >= n_exp:
         return
     tok, tmask, hr, wr, znb = load_tile(z_ptr, perm_ptr, start, stop, H, W, r, rows_y,
@@ -343,7 +357,7 @@ def stencil_bwd_kernel(
                                                                               transpose)
     """
     pid = tl.program_id(0).to(tl.int64)
-    e, start, stop = expert_tile(bounds_ptr, n_exp, BT, NEXP_P)
+    e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BT, NEXP_P)
     if e >= n_exp:  # past the last tile; the reductions read only the tiles' slots
         return
     tok, tmask, hr, wr, znb = load_tile(z_ptr, perm_ptr, start, stop, H, W, r, rows_y,

@@ -138,7 +138,8 @@ def stencil_tables(height: int, width: int, scales: Tuple[int, ...], mode: str,
                    device: torch.device):
     """Everything the stencil kernels need about resampling, as float32/int32 device tensors.
 
-    Returns (ty, oy, tx, ox, ntaps, meta) with meta = dict(halo, nb_pad, taps_max,
+    Returns (ty, oy, tx, ox, ntaps, meta): ntaps (2·n_exp,) holds each expert's down taps
+    per axis, then the experts by decreasing taps; meta = dict(halo, nb_pad, taps_max,
     rows_y, rows_x).
     """
     h_ = halo(scales, mode)
@@ -150,5 +151,8 @@ def stencil_tables(height: int, width: int, scales: Tuple[int, ...], mode: str,
     f32 = dict(dtype=torch.float32, device=device)
     meta = dict(halo=h_, nb_pad=nb_pad, taps_max=taps_max, rows_y=table_rows(height),
                 rows_x=table_rows(width))
+    # the experts heaviest first (most down taps, the most conv outputs per token): the
+    # stencil kernels' tile order (stencil.tile_ranges); stable, so ties keep index order
+    heaviest = sorted(range(len(scales)), key=lambda e: -ntaps[e])
     return (ty.to(**f32), oy.to(**f32), tx.to(**f32), ox.to(**f32),
-            torch.tensor(ntaps, dtype=torch.int32, device=device), meta)
+            torch.tensor(list(ntaps) + heaviest, dtype=torch.int32, device=device), meta)

@@ -189,6 +189,18 @@ def tile_u(z_ptr, perm_ptr, e, start, stop, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr, o
 
 
 @triton.jit
+def row_backward(up, wy, wx, g, w, dw, dznb, BT: tl.constexpr, RZ: tl.constexpr,
+                 PREC: tl.constexpr):
+    """One conv row of one conv output, given its upsampled taps (up, wy, wx of
+    upsampled_taps) and g = dL/dc: (dw + upᵀ g, dznb + the gather's transpose applied to
+    dL/dU = g W_e[:, :, dy]ᵀ)."""
+    dw += tl.dot(tl.trans(up), g, input_precision=PREC)  # [4·RZ (dx, i), RP (o)]
+    dup = tl.reshape(tl.dot(g, tl.trans(w), input_precision=PREC), [BT, 4, RZ])
+    dv = tl.sum(wx[:, :, :, None] * dup[:, :, None, :], axis=1)  # [BT, NBP(b), RZ]
+    return dw, dznb + wy[:, :, None, None] * dv[:, None, :, :]
+
+
+@triton.jit
 def store_dz(dz_ptr, dznb, tok, tmask, H, W, r, RZ: tl.constexpr, NBP: tl.constexpr,
              HALO: tl.constexpr, ATOMIC: tl.constexpr):
     """A tile's dL/dz of its tokens' neighbourhoods [BT, NBP, NBP, RZ]: added into dz (N, r)
@@ -311,10 +323,7 @@ def stencil_scatter_kernel(
                         mask=cmask, other=0.0)
             up, wy, wx = upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, k // nt, k % nt, dy,
                                         rows_y, rows_x, BT, RZ, NBP, TAPS)
-            dw += tl.dot(tl.trans(up), g, input_precision=PREC)  # [4·RZ (dx, i), RP (o)]
-            dup = tl.reshape(tl.dot(g, tl.trans(w), input_precision=PREC), [BT, 4, RZ])
-            dv = tl.sum(wx[:, :, :, None] * dup[:, :, None, :], axis=1)  # [BT, NBP(b), RZ]
-            dznb += wy[:, :, None, None] * dv[:, None, :, :]
+            dw, dznb = row_backward(up, wy, wx, g, w, dw, dznb, BT, RZ, PREC)
         if ATOMIC:
             tl.atomic_add(dw_ptr + e * (r * r * 9) + offs + dy * 3, dw, mask=wmask,
                           sem="relaxed")
@@ -322,18 +331,6 @@ def stencil_scatter_kernel(
             tl.store(dw_ptr + pid * (r * r * 9) + offs + dy * 3, dw, mask=wmask)
 
     store_dz(dz_ptr, dznb, tok, tmask, H, W, r, RZ, NBP, HALO, ATOMIC)
-
-
-@triton.jit
-def row_backward(up, wy, wx, g, w, dw, dznb, BT: tl.constexpr, RZ: tl.constexpr,
-                 PREC: tl.constexpr):
-    """One conv row of one conv output, given its upsampled taps (up, wy, wx of
-    upsampled_taps) and g = dL/dc: (dw + upᵀ g, dznb + the gather's transpose applied to
-    dL/dU = g W_e[:, :, dy]ᵀ)."""
-    dw += tl.dot(tl.trans(up), g, input_precision=PREC)  # [4·RZ (dx, i), RP (o)]
-    dup = tl.reshape(tl.dot(g, tl.trans(w), input_precision=PREC), [BT, 4, RZ])
-    dv = tl.sum(wx[:, :, :, None] * dup[:, :, None, :], axis=1)  # [BT, NBP(b), RZ]
-    return dw, dznb + wy[:, :, None, None] * dv[:, None, :, :]
 
 
 @triton.jit

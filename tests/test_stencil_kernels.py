@@ -11,10 +11,10 @@ import subprocess
 import pytest
 import torch
 
-from convlora_kernels import _ext, conv_lora_linear, conv_lora_linear_ref
+from convlora_kernels import _ext
 from convlora_kernels.fused import INTERPOLATION_CODES
 
-from helpers import make_case, TRAINABLE, assert_close
+from helpers import assert_close
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 RANK_BOUNDS = (4, 8, 16, 32, 64)

@@ -428,11 +428,11 @@ def test_module_backend_triton_matches_reference():
         layers[1].load_state_dict(layers[0].state_dict())
     x = torch.randn(2, 3, 4, 8, device=DEV)
     outs = []
-    for layer in layers:
+    for module in layers:
         torch.manual_seed(1)  # the same router noise
-        y = layer(x)
-        ((y * torch.cos(y.detach())).sum() + layer.aux_loss).backward()
-        outs.append((y, {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}))
+        y = module(x)
+        ((y * torch.cos(y.detach())).sum() + module.aux_loss).backward()
+        outs.append((y, {n: p.grad for n, p in module.named_parameters() if p.requires_grad}))
     close(outs[0][0], outs[1][0], "y")
     for n, g in outs[1][1].items():
         close(outs[0][1][n], g, f"d{n}")

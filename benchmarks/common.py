@@ -207,9 +207,6 @@ def providers(device, compile_reference: bool = False) -> Dict[str, Provider]:
     return out
 
 
-_DEVICE_BACKENDS = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
-
-
 def _runs_or_raises(name: str, device: torch.device) -> bool:
     """A backend whose check raises is kept, so that its provider records the error
     where the table shows it."""
@@ -228,7 +225,9 @@ def fused_backends(device) -> List[str]:
     try:
         return [b for b in available_backends(device) if b != "reference"]
     except Exception:
-        return [b for b in _DEVICE_BACKENDS.get(device.type, ()) if _runs_or_raises(b, device)]
+        from convlora_kernels.ops import fused_backend_order
+
+        return [b for b in fused_backend_order(device.type) if _runs_or_raises(b, device)]
 
 
 def backend_status(device) -> Dict[str, Optional[str]]:

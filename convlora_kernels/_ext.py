@@ -4,6 +4,7 @@ the package, so a missing or broken build only matters to the backends that need
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional, Tuple
 
 REBUILD = "pip install --no-build-isolation -e .  (from the convlora-kernels checkout)"
@@ -28,3 +29,9 @@ def has_cuda_kernels() -> bool:
     import torch
 
     return torch._C._dispatch_has_kernel_for_dispatch_key("convlora::stencil_fwd", "CUDA")
+
+
+def triton_interpreter_requested() -> bool:
+    """Whether TRITON_INTERPRET=1 asks Triton to run kernels on CPU tensors (tests); read
+    on every call, as Triton reads it when the kernels are first imported."""
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import warnings
 from typing import Optional, Sequence, Tuple
 
@@ -63,7 +62,7 @@ class BackendUnavailableError(RuntimeError):
 
 
 def _device_ok(name: str, device: torch.device) -> Optional[str]:
-    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    if name == "triton" and device.type == "cpu" and _ext.triton_interpreter_requested():
         return None  # Triton's interpreter runs the kernels on CPU tensors (tests)
     want = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}.get(name)
     if want is not None and device.type != want:
@@ -192,10 +191,16 @@ def autocast_inputs(device_type: str, *tensors: Optional[torch.Tensor]):
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
+def fused_backend_order(device_type: str) -> Tuple[str, ...]:
+    """The fused backends for tensors of ``device_type``, in the order "auto" prefers them
+    (whether they can run here or not)."""
+    return _AUTO_ORDER.get(device_type, ())
+
+
 def available_backends(device: torch.device) -> Tuple[str, ...]:
     """The backends that can run on ``device`` here, fastest first, "reference" last."""
     device = torch.device(device)
-    names = [n for n in _AUTO_ORDER.get(device.type, ())
+    names = [n for n in fused_backend_order(device.type)
              if backend_unavailable_reason(n, device) is None]
     return tuple(names) + ("reference",)
 

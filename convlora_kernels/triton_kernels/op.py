@@ -6,13 +6,12 @@ pass (launch.py). Importing this module never fails: without triton,
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import layer
+from .. import _ext, layer
 from .._validate import MAX_FUSED_RANK, as_map, check_inputs, out_shape
 
 try:
@@ -33,7 +32,7 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if not _ext.triton_interpreter_requested():
             return ("the Triton kernels take CPU tensors only under Triton's interpreter "
                     "(TRITON_INTERPRET=1)")
         if not launch.INTERPRETED:

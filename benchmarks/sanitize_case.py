@@ -28,7 +28,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from convlora_kernels import conv_lora_linear, conv_lora_linear_ref  # noqa: E402
-from convlora_kernels.ops import backend_unavailable_reason, gelu_probe  # noqa: E402
+from convlora_kernels._testing import gelu_probe  # noqa: E402
+from convlora_kernels.ops import backend_unavailable_reason  # noqa: E402
 
 # Every scale 1..8 (odd and even), borders on both axes, two maps.
 SHAPES = [common.Shape("sanitize-token", 2, 5, 6, 16, 3),

@@ -203,17 +203,3 @@ def available_backends(device: torch.device) -> Tuple[str, ...]:
     names = [n for n in fused_backend_order(device.type)
              if backend_unavailable_reason(n, device) is None]
     return tuple(names) + ("reference",)
-
-
-@functools.lru_cache(maxsize=None)
-def _register_probe_fake() -> None:
-    torch.library.register_fake("convlora::gelu_probe")(lambda x: torch.empty_like(x))
-
-
-def gelu_probe(x: torch.Tensor) -> torch.Tensor:
-    """Exact GELU computed by the extension's shared host/device math (a build check)."""
-    mod, why = _ext.load()
-    if mod is None:
-        raise BackendUnavailableError(why)
-    _register_probe_fake()
-    return torch.ops.convlora.gelu_probe(x)

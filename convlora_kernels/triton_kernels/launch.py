@@ -26,19 +26,16 @@ import os
 import torch
 import triton
 
+from .. import _testing
 from . import dense, layer_forward, sort, stencil
 from .tables import BORDER, next_pow2, stencil_tables
 
 INTERPRETED = type(stencil.stencil_fwd_kernel).__name__ == "InterpretedFunction"
-# Outputs that the kernels must write completely are allocated through _empty; tests set
-# POISON to a value to fill them with first (NaN, so a slot a kernel forgot shows up in
-# the results; or a finite value where a kernel must write NaN itself).
-POISON = None
-
-
 def _empty(shape, dtype, device):
-    if POISON is not None and dtype.is_floating_point:
-        return torch.full(shape, POISON, dtype=dtype, device=device)
+    """An output the kernels must write completely: torch.empty, or filled with
+    _testing.POISON when the tests set it."""
+    if _testing.POISON is not None and dtype.is_floating_point:
+        return torch.full(shape, _testing.POISON, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 

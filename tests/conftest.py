@@ -35,11 +35,6 @@ if INTERPRETER:
         pass
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "triton: runs the Triton kernels (under TRITON_INTERPRET=1 without a GPU)")
-
-
 @pytest.fixture(autouse=True)
 def _interpreter_only_for_triton_tests(request, monkeypatch):
     if INTERPRETER and request.node.get_closest_marker("triton") is None:

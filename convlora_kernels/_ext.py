@@ -22,7 +22,9 @@ def load() -> Tuple[Optional[object], str]:
 
 
 def has_cuda_kernels() -> bool:
-    """Whether _C was compiled with its CUDA stencil kernels (a CPU-only build registers none)."""
+    """Whether _C was compiled with its CUDA stencil kernels (a CPU-only build registers none).
+    Asks the dispatcher through a private torch API (no public one answers "is there a
+    CUDA kernel for this op"); tests/test_backends.py fails loudly if it changes."""
     mod, _ = load()
     if mod is None:
         return False

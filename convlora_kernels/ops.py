@@ -96,7 +96,8 @@ def _warn_fallback_once(device_type: str, reasons: Tuple[str, ...]) -> None:
 def _constant_under_compile(fn):
     """What torch.compiler.assume_constant_result marks, without importing torch._dynamo
     (and triton with it) when the package is imported: torch.compile then calls ``fn``
-    once while tracing and keeps its answer as a constant."""
+    once while tracing and keeps its answer as a constant. The attribute is torch's private
+    marker; tests/test_backends.py checks that assume_constant_result still sets it."""
     fn._dynamo_marked_constant = True
     return fn
 

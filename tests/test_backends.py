@@ -109,3 +109,21 @@ def test_triton_kernels_live_inside_the_package():
     assert not os.path.exists(os.path.join(root, "triton_kernels", "__init__.py"))
     spec = importlib.util.find_spec("triton_kernels")
     assert spec is None or "convlora" not in (spec.origin or "")
+
+
+def test_private_torch_apis_still_mean_what_we_use_them_for():
+    """The two private torch APIs the package relies on, each behind one function
+    (ops._constant_under_compile, _ext.has_cuda_kernels): fail loudly when torch changes
+    them. torch.compiler.assume_constant_result must still mark by the attribute we set
+    without importing torch._dynamo, and the dispatcher query must still answer."""
+    def probe():
+        return 1
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert getattr(marked, "_dynamo_marked_constant", False) is True
+    assert getattr(ops._constant_under_compile(lambda: 1), "_dynamo_marked_constant") is True
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert has("aten::add.Tensor", "CPU") is True
+    mod, why = _ext.load()  # registers the convlora ops
+    assert mod is not None, why
+    assert has("convlora::stencil_fwd", "CPU") is True

@@ -45,21 +45,19 @@ so every element of y is written by some program.
 import triton
 import triton.language as tl
 
-from .stencil import expert_tile, tile_u
+from .stencil import expert_tile, tile_ranges, tile_u
 
 
 @triton.jit
-def spare_rows(bounds_ptr, n_exp, N, BM: tl.constexpr, NEXP_P: tl.constexpr):
+def spare_rows(bounds_ptr, ntaps_ptr, n_exp, N, BM: tl.constexpr, NEXP_P: tl.constexpr):
     """For a program past the last expert tile: the sorted positions [BM] of the
     out-of-range tokens it covers and their validity. Those tokens sit before bounds[0]
     and from bounds[n_exp] on; spare program q takes the q-th block of BM of them.
     sum_e ceil(count_e / BM) + ceil(out_of_range / BM) <= ceil(N / BM) + n_exp, the grid,
     so every one is covered."""
     pid = tl.program_id(0).to(tl.int64)
-    ev = tl.arange(0, NEXP_P)
-    lo = tl.load(bounds_ptr + ev, mask=ev < n_exp, other=0).to(tl.int64)
-    hi = tl.load(bounds_ptr + ev + 1, mask=ev < n_exp, other=0).to(tl.int64)
-    q = pid - tl.sum((hi - lo + BM - 1) // BM, 0)
+    tiles = tile_ranges(bounds_ptr, ntaps_ptr, n_exp, BM, NEXP_P)[4]
+    q = pid - tl.sum(tiles, 0)
     first = tl.load(bounds_ptr).to(tl.int64)
     last = tl.load(bounds_ptr + n_exp).to(tl.int64)
     v = q * BM + tl.arange(0, BM)
@@ -88,7 +86,7 @@ def layer_forward_kernel(
     e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BM, NEXP_P)
     ci = tl.arange(0, RP)
     if e >= n_exp:  # out-of-range tokens, if any: NaN rows
-        pos, valid = spare_rows(bounds_ptr, n_exp, N, BM, NEXP_P)
+        pos, valid = spare_rows(bounds_ptr, ntaps_ptr, n_exp, N, BM, NEXP_P)
         tok = tl.load(perm_ptr + pos, mask=valid, other=0)
         nan = tl.full([BM, BN], float("nan"), y_ptr.dtype.element_ty)
         for n0 in range(0, C_out, BN):

@@ -2,6 +2,7 @@
 
     python -m convlora_kernels.triton_kernels.compile_check [--arch 90] [--quick]
         [--dtypes bf16,fp16,fp32] [--modes bilinear,bicubic] [--ranks 8,16] [--first]
+        [--kernels stencil_scatter,...]
 
 Triton lowers kernels to PTX and cubin with the ptxas it ships, so a machine without a
 GPU can check what the interpreter cannot: that every kernel builds for the target
@@ -205,6 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="bilinear,bicubic")
     p.add_argument("--ranks", default="8,16,32,64")
     p.add_argument("--first", action="store_true", help="first autotuning candidate only")
+    p.add_argument("--kernels", default="",
+                   help="only these kernels, e.g. stencil_scatter,stencil_fwd (default: all)")
     args = p.parse_args(argv)
     if launch.INTERPRETED:
         print("TRITON_INTERPRET=1 is set: unset it to compile for the GPU", file=sys.stderr)
@@ -216,6 +219,8 @@ def main(argv=None) -> int:
             for rank in (int(r) for r in args.ranks.split(",")):
                 launches = layer_launches(DTYPES[dname], mode, rank)
                 for name, fn, a, kw, label in variants(launches, args.first):
+                    if args.kernels and name not in args.kernels.split(","):
+                        continue
                     t = time.time()
                     out = compile_launch(fn, a, kw, args.arch)
                     print(f"sm_{args.arch} {name:16s} {dname:5s} {mode:8s} r={rank:<3d} "

@@ -88,7 +88,7 @@ _bwd = _autotuned(stencil.stencil_bwd_kernel, [({}, 8), ({}, 4)],
 # stencil_scatter_kernel; each builds the taps) or "merged" (stencil_bwd_kernel: taps built
 # once, no g in memory, one launch). The byte count favours merged (it saves g's round trip,
 # 2·N·taps²·r·4 bytes, and a second load of every z neighbourhood), the registers split:
-# sm_90, bf16, bilinear r = 8, split needs 105-114 (grad, two programs per SM) and 172-181
+# sm_90, bf16, bilinear r = 8, split needs 105-114 (grad, two programs per SM) and 146-172
 # (scatter), merged 255 (one per SM), and merged spills at r = 16 and for bicubic (up to
 # ~2 KB). Which is faster is for a GPU to tell (benchmarks/stencil_time.py times both); until
 # then "split", the spill-free pair at the default configuration, runs.
@@ -113,6 +113,7 @@ GATHER_BT = 64  # tokens per program of the dL/dz gather
 
 
 NEIGHBOURHOOD_FLOATS = 2048
+DZ_BLOCK_FLOATS = 4096
 
 
 class Plan:
@@ -135,6 +136,12 @@ class Plan:
         # registers, so two 8-warp programs fit an SM (BT = 32: 198-227, one).
         self.bt = min(64, max(16, _pow2_floor(NEIGHBOURHOOD_FLOATS
                                               // (self.nbp ** 2 * self.rz))))
+        # The scatter's dL/dz phase holds [BT, NBP, NBP, RC] floats of the neighbourhood's
+        # gradient, RC channels at a time: at most DZ_BLOCK_FLOATS, 16 per thread of 8 warps
+        # (compile_check, sm_90, every dtype and mode at r <= 16: no spills; bilinear r = 8
+        # takes RC = r in one pass, bicubic r = 8 and 16 take RC = 4).
+        self.rc = min(self.rz, max(4, _pow2_floor(DZ_BLOCK_FLOATS
+                                                  // (self.bt * self.nbp ** 2))))
         self.prec = _precision(dtype)
         self.nexp_p = max(2, next_pow2(num_experts))
 
@@ -342,7 +349,8 @@ def _stencil_backward(plan, z2, perm, bounds, cw, conv_bias, du, n_tok, height, 
             *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, g, d_cb, *geometry,
             ATOMIC=atomic, **common)
         _pick(_scatter)[(programs,)](
-            *args, ty, tx, cw, g, d_cw, dz_buf, *geometry, ATOMIC=atomic, **common)
+            *args, ty, tx, cw, g, d_cw, dz_buf, *geometry, ATOMIC=atomic, RC=plan.rc,
+            **common)
     if atomic:
         dz = dz_buf.to(dtype)
     else:

@@ -89,6 +89,20 @@ def load_tile(z_ptr, perm_ptr, start, stop, H, W, r, rows_y, rows_x, stride_zn,
 
 
 @triton.jit
+def tap_weights(ty_ptr, tx_ptr, e, hr, wr, ky, kx, dy, rows_y, rows_x, NBP: tl.constexpr,
+                TAPS: tl.constexpr):
+    """The gather weights of conv row dy for conv output k = (ky, kx): wy [BT, NBP] =
+    Ty[h, ky, dy, :] and wx [BT, 4, NBP] = Tx[w, kx, dx, :] for dx < 3, zero for dx = 3."""
+    nbv = tl.arange(0, NBP)
+    dxv = tl.arange(0, 4)[None, :, None]
+    wy = tl.load(ty_ptr + (((e * rows_y + hr[:, None]) * TAPS + ky) * 3 + dy) * NBP
+                 + nbv[None, :])
+    wx = tl.load(tx_ptr + (((e * rows_x + wr[:, None, None]) * TAPS + kx) * 3 + dxv) * NBP
+                 + nbv[None, None, :], mask=dxv < 3, other=0.0)
+    return wy, wx
+
+
+@triton.jit
 def upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, dy, rows_y, rows_x,
                    BT: tl.constexpr, RZ: tl.constexpr, NBP: tl.constexpr,
                    TAPS: tl.constexpr):
@@ -96,12 +110,7 @@ def upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, dy, rows_y, rows_x,
     U[t, dx·RZ + i] = sum_{a,b} Ty[h, ky, dy, a] · Tx[w, kx, dx, b] · znb[t, a, b, i]
     for dx = 0, 1, 2, and zero for dx = 3 (padding), so the conv row is one tl.dot.
     Returns (U [BT, 4·RZ], wy [BT, NBP], wx [BT, 4, NBP])."""
-    nbv = tl.arange(0, NBP)
-    dxv = tl.arange(0, 4)[None, :, None]
-    wy = tl.load(ty_ptr + (((e * rows_y + hr[:, None]) * TAPS + ky) * 3 + dy) * NBP
-                 + nbv[None, :])
-    wx = tl.load(tx_ptr + (((e * rows_x + wr[:, None, None]) * TAPS + kx) * 3 + dxv) * NBP
-                 + nbv[None, None, :], mask=dxv < 3, other=0.0)
+    wy, wx = tap_weights(ty_ptr, tx_ptr, e, hr, wr, ky, kx, dy, rows_y, rows_x, NBP, TAPS)
     v = tl.sum(wy[:, :, None, None] * znb, axis=1)  # rows combined: [BT, NBP(b), RZ]
     up = tl.sum(wx[:, :, :, None] * v[:, None, :, :], axis=2)  # [BT, 4(dx), RZ]
     return tl.reshape(up, [BT, 4 * RZ]), wy, wx
@@ -110,9 +119,15 @@ def upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, dy, rows_y, rows_x,
 @triton.jit
 def conv_row_offsets(r, RZ: tl.constexpr, RP: tl.constexpr):
     """Offsets (add dy·3) and mask of W_e[o, i, dy, dx] laid out as [4·RZ (dx, i), RP (o)]."""
-    rho = tl.arange(0, 4 * RZ)[:, None]
-    dx = rho // RZ
-    i = rho % RZ
+    return conv_row_offsets_from(r, 0, RZ, RP)
+
+
+@triton.jit
+def conv_row_offsets_from(r, c0, RC: tl.constexpr, RP: tl.constexpr):
+    """conv_row_offsets for the input channels c0 + [0, RC): [4·RC (dx, i), RP (o)]."""
+    rho = tl.arange(0, 4 * RC)[:, None]
+    dx = rho // RC
+    i = c0 + rho % RC
     o = tl.arange(0, RP)[None, :]
     return o * (r * 9) + i * 9 + dx, (dx < 3) & (i < r) & (o < r)
 
@@ -195,32 +210,43 @@ def row_backward(up, wy, wx, g, w, dw, dznb, BT: tl.constexpr, RZ: tl.constexpr,
     upsampled_taps) and g = dL/dc: (dw + upᵀ g, dznb + the gather's transpose applied to
     dL/dU = g W_e[:, :, dy]ᵀ)."""
     dw += tl.dot(tl.trans(up), g, input_precision=PREC)  # [4·RZ (dx, i), RP (o)]
-    dup = tl.reshape(tl.dot(g, tl.trans(w), input_precision=PREC), [BT, 4, RZ])
-    dv = tl.sum(wx[:, :, :, None] * dup[:, :, None, :], axis=1)  # [BT, NBP(b), RZ]
-    return dw, dznb + wy[:, :, None, None] * dv[:, None, :, :]
+    return dw, dz_row(wy, wx, g, w, dznb, BT, RZ, PREC)
 
 
 @triton.jit
-def store_dz(dz_ptr, dznb, tok, tmask, H, W, r, RZ: tl.constexpr, NBP: tl.constexpr,
+def dz_row(wy, wx, g, w, dznb, BT: tl.constexpr, RZ: tl.constexpr, PREC: tl.constexpr):
+    """dznb + the gather's transpose (weights wy, wx of tap_weights) applied to
+    dL/dU = g W_e[:, :, dy]ᵀ, for one conv row of one conv output."""
+    dup = tl.reshape(tl.dot(g, tl.trans(w), input_precision=PREC), [BT, 4, RZ])
+    dv = tl.sum(wx[:, :, :, None] * dup[:, :, None, :], axis=1)  # [BT, NBP(b), RZ]
+    return dznb + wy[:, :, None, None] * dv[:, None, :, :]
+
+
+@triton.jit
+def store_dz(dz_ptr, dznb, tok, tmask, H, W, r, c0, RZ: tl.constexpr, NBP: tl.constexpr,
              HALO: tl.constexpr, ATOMIC: tl.constexpr):
-    """A tile's dL/dz of its tokens' neighbourhoods [BT, NBP, NBP, RZ]: added into dz (N, r)
-    with ATOMIC, else stored in each token's own slots (N, NB, NB, r)."""
+    """A tile's dL/dz of its tokens' neighbourhoods, channels c0 + [0, RZ) of dznb [BT, NBP,
+    NBP, RZ]: added into dz (N, r) with ATOMIC, else stored in each token's own slots
+    (N, NB, NB, r). The addresses are each token's own row (int64) plus an int32 offset: a
+    neighbour in the map lies in the same image, so its row is the token's + (da·W + db)."""
     a = tl.arange(0, NBP)[None, :, None, None]
     b = tl.arange(0, NBP)[None, None, :, None]
-    ch = tl.arange(0, RZ)[None, None, None, :]
+    ch = c0 + tl.arange(0, RZ)[None, None, None, :]
     m = tmask[:, None, None, None] & (a <= 2 * HALO) & (b <= 2 * HALO) & (ch < r)
     if ATOMIC:
-        hw = tok % (H * W)
-        bi = tok // (H * W)
-        hh = (hw // W)[:, None, None, None] + a - HALO
-        ww = (hw % W)[:, None, None, None] + b - HALO
+        hw = (tok % (H * W)).to(tl.int32)
+        h = hw // W
+        w = hw % W
+        hh = h[:, None, None, None] + a - HALO
+        ww = w[:, None, None, None] + b - HALO
         m = m & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        tl.atomic_add(dz_ptr + ((bi[:, None, None, None] * H + hh) * W + ww) * r + ch, dznb,
+        rel = ((a - HALO) * W + (b - HALO)) * r + ch
+        tl.atomic_add((dz_ptr + tok * r)[:, None, None, None] + rel, dznb,
                       mask=m, sem="relaxed")
     else:
         nb = 2 * HALO + 1
-        tl.store(dz_ptr + ((tok[:, None, None, None] * nb + a) * nb + b) * r + ch, dznb,
-                 mask=m)
+        tl.store((dz_ptr + tok * (nb * nb * r))[:, None, None, None] + (a * nb + b) * r + ch,
+                 dznb, mask=m)
 
 
 @triton.jit
@@ -297,11 +323,20 @@ def stencil_scatter_kernel(
         H, W, r, n_exp, rows_y, rows_x, stride_zn,
         BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
         HALO: tl.constexpr, TAPS: tl.constexpr, NEXP_P: tl.constexpr, BORDER: tl.constexpr,
-        PREC: tl.constexpr, ATOMIC: tl.constexpr):
-    """Backward, part 2, per conv row dy, with U = U_k(dy, dx) recomputed:
+        PREC: tl.constexpr, ATOMIC: tl.constexpr, RC: tl.constexpr):
+    """Backward, part 2, with U = U_k(dy, dx) recomputed:
         dL/dW_e[:, :, dy, dx] = sum_{t, k} g_k ⊗ U          (fp32, per tile)
         dL/dU = g_k W_e[:, :, dy, dx]
         dL/dz[h+a-HALO, w+b-HALO] += Ty[.., a] Tx[.., b] dL/dU   (the transpose of the gather)
+    in two phases, so the z neighbourhood and its gradient ([BT, NBP, NBP, RZ] each) are never
+    in registers together: first dL/dW, one conv row at a time over the conv outputs (holds
+    z's neighbourhood), then dL/dz, RC channels at a time (launch.Plan.rc) over the conv
+    outputs and rows (holds one [BT, NBP, NBP, RC] block of its gradient). With both live,
+    the bicubic neighbourhood (8 x 8) spilled 50-770 bytes at r <= 16 (sm_90); now no
+    variant at r <= 16 spills (compile_check).
+    Cost of the split: a tile reads its g (BT·TAPS²·r·4 bytes, 8 KB for bicubic at r = 8)
+    3 + ceil(r / RC) times instead of 3, re-reads that stay in L1/L2 (DRAM sees g once), and
+    rebuilds the tap weights (two table rows per conv output and row) in the second phase.
     """
     pid = tl.program_id(0).to(tl.int64)
     e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BT, NEXP_P)
@@ -312,25 +347,35 @@ def stencil_scatter_kernel(
     ci = tl.arange(0, RP)
     cmask = tmask[:, None] & (ci[None, :] < r)
     nt = tl.load(ntaps_ptr + e)
-    dznb = tl.zeros([BT, NBP, NBP, RZ], tl.float32)
     offs, wmask = conv_row_offsets(r, RZ, RP)
-    for dy in range(3):
-        w = tl.load(cw_ptr + e * (r * r * 9) + offs + dy * 3, mask=wmask,
-                    other=0.0).to(tl.float32)
+    for row in tl.static_range(3):  # the conv row dy, unrolled
         dw = tl.zeros([4 * RZ, RP], tl.float32)
         for k in range(0, nt * nt):
             g = tl.load(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :],
                         mask=cmask, other=0.0)
-            up, wy, wx = upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, k // nt, k % nt, dy,
+            up, wy, wx = upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, k // nt, k % nt, row,
                                         rows_y, rows_x, BT, RZ, NBP, TAPS)
-            dw, dznb = row_backward(up, wy, wx, g, w, dw, dznb, BT, RZ, PREC)
+            dw += tl.dot(tl.trans(up), g, input_precision=PREC)
         if ATOMIC:
-            tl.atomic_add(dw_ptr + e * (r * r * 9) + offs + dy * 3, dw, mask=wmask,
+            tl.atomic_add(dw_ptr + e * (r * r * 9) + offs + row * 3, dw, mask=wmask,
                           sem="relaxed")
         else:
-            tl.store(dw_ptr + pid * (r * r * 9) + offs + dy * 3, dw, mask=wmask)
+            tl.store(dw_ptr + pid * (r * r * 9) + offs + row * 3, dw, mask=wmask)
 
-    store_dz(dz_ptr, dznb, tok, tmask, H, W, r, RZ, NBP, HALO, ATOMIC)
+    # dL/dz, RC channels at a time (launch.Plan.rc: one [BT, NBP, NBP, RC] block in registers)
+    for c0 in range(0, r, RC):
+        coffs, cmask_w = conv_row_offsets_from(r, c0, RC, RP)
+        dznb = tl.zeros([BT, NBP, NBP, RC], tl.float32)
+        for k in range(0, nt * nt):
+            g = tl.load(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :],
+                        mask=cmask, other=0.0)
+            for dy in range(3):
+                w = tl.load(cw_ptr + e * (r * r * 9) + coffs + dy * 3, mask=cmask_w,
+                            other=0.0).to(tl.float32)
+                wy, wx = tap_weights(ty_ptr, tx_ptr, e, hr, wr, k // nt, k % nt, dy, rows_y,
+                                     rows_x, NBP, TAPS)
+                dznb = dz_row(wy, wx, g, w, dznb, BT, RC, PREC)
+        store_dz(dz_ptr, dznb, tok, tmask, H, W, r, c0, RC, NBP, HALO, ATOMIC)
 
 
 @triton.jit
@@ -406,4 +451,4 @@ def stencil_bwd_kernel(
         tl.store(dwp + 3, dw1, mask=wmask)
         tl.store(dwp + 6, dw2, mask=wmask)
 
-    store_dz(dz_ptr, dznb, tok, tmask, H, W, r, RZ, NBP, HALO, ATOMIC)
+    store_dz(dz_ptr, dznb, tok, tmask, H, W, r, 0, RZ, NBP, HALO, ATOMIC)

@@ -116,10 +116,12 @@ def test_kernels_compile_for_the_gpu_without_new_spills():
         if f[1] != "stencil_bwd" and stack > KNOWN_SPILLS.get(key, 0):
             worse.append(line)
     assert not worse, "spills beyond KNOWN_SPILLS:\n" + "\n".join(worse)
-    # two 8-warp programs per SM (<= 128 registers) for the stencil forward and grad at the
-    # default bilinear r = 8 (the tile rule, launch.NEIGHBOURHOOD_FLOATS)
-    crowded = [line for line in lines if line.split()[1] in ("stencil_fwd", "stencil_grad")
-               and "bilinear r=8 " in line
+    # two 8-warp programs per SM (<= 128 registers) for the stencil kernels at the default
+    # bilinear r = 8 (the tile rules, launch.NEIGHBOURHOOD_FLOATS and DZ_BLOCK_FLOATS); the
+    # scatter in the 16-bit dtypes (fp32's exact dots take more)
+    crowded = [line for line in lines if "bilinear r=8 " in line
+               and (line.split()[1] in ("stencil_fwd", "stencil_grad")
+                    or line.split()[1] == "stencil_scatter" and line.split()[2] != "fp32")
                and int(next(w for w in line.split() if w.startswith("REG:"))[4:]) > 128]
     assert not crowded, "\n".join(crowded)
 

@@ -113,7 +113,9 @@ GATHER_BT = 64  # tokens per program of the dL/dz gather
 
 
 NEIGHBOURHOOD_FLOATS = 2048
-DZ_BLOCK_FLOATS = 4096
+# the scatter's dL/dz block (Plan.rc): fp32 multiplies its dots exactly on the CUDA cores,
+# which takes more registers than the 16-bit types' tensor-core dots
+DZ_BLOCK_FLOATS = {torch.float32: 4096, torch.bfloat16: 1024, torch.float16: 1024}
 
 
 class Plan:
@@ -137,10 +139,11 @@ class Plan:
         self.bt = min(64, max(16, _pow2_floor(NEIGHBOURHOOD_FLOATS
                                               // (self.nbp ** 2 * self.rz))))
         # The scatter's dL/dz phase holds [BT, NBP, NBP, RC] floats of the neighbourhood's
-        # gradient, RC channels at a time: at most DZ_BLOCK_FLOATS, 16 per thread of 8 warps
-        # (compile_check, sm_90, every dtype and mode at r <= 16: no spills; bilinear r = 8
-        # takes RC = r in one pass, bicubic r = 8 and 16 take RC = 4).
-        self.rc = min(self.rz, max(4, _pow2_floor(DZ_BLOCK_FLOATS
+        # gradient, RC channels at a time: at most DZ_BLOCK_FLOATS[dtype]. compile_check,
+        # sm_90, r <= 16: no spills in any dtype or interpolation; bf16/fp16 bilinear take
+        # RC = 4 and 128 registers (two 8-warp programs per SM; 146-172 with RC = r = 8);
+        # fp32 bilinear r = 8 takes RC = 8 (RC = 4 spilled 8-16 bytes at 128); bicubic RC = 4.
+        self.rc = min(self.rz, max(4, _pow2_floor(DZ_BLOCK_FLOATS.get(dtype, 1024)
                                                   // (self.bt * self.nbp ** 2))))
         self.prec = _precision(dtype)
         self.nexp_p = max(2, next_pow2(num_experts))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 
@@ -131,13 +131,32 @@ def _parse_hw(hw) -> Tuple[int, int]:
 def check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
                  scaling, scales, interpolation, hw, z=None,
                  check_index_values: bool = True) -> Problem:
+    """Every argument of conv_lora_linear checked, each error naming the argument, what was
+    expected and what came; the call's sizes as a Problem."""
     x = _need_tensor("x", x)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x: expected a float16, bfloat16, float32 or float64 tensor, "
                         f"got {x.dtype}")
     batch, height, width = resolve_hw(x, hw)
     c_in = x.shape[-1]
+    c_out, rank, n = _check_parameters(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias)
+    _check_expert_index(expert_index, x, (batch, height, width), n, check_index_values)
+    if z is not None:
+        _check_z(z, x, rank)
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling: expected a Python float (alpha / r), got {_describe(scaling)}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling: expected a finite number, got {scaling}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation: expected one of {INTERPOLATIONS}, got {interpolation!r}")
+    return Problem(batch, height, width, c_in, c_out, rank, n,
+                   normalize_scales(scales, n), interpolation)
 
+
+def _check_parameters(x, weight, bias, lora_A, lora_B, conv_weight,
+                      conv_bias) -> Tuple[int, int, int]:
+    """The layer's tensors against x and each other: (C_out, r, n)."""
+    c_in = x.shape[-1]
     named = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B),
              ("conv_weight", conv_weight), ("conv_bias", conv_bias)]
     if bias is not None:
@@ -170,15 +189,18 @@ def check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert
                          f"n = {n}")
     _need_shape("conv_weight", conv_weight, (n, rank, rank, 3, 3), "(n, r, r, 3, 3)")
     _need_shape("conv_bias", conv_bias, (n, rank), "(n, r)")
+    return c_out, rank, n
 
+
+def _check_expert_index(expert_index, x, bhw, n: int, check_values: bool) -> None:
     expert_index = _need_tensor("expert_index", expert_index)
     if expert_index.dtype not in INDEX_DTYPES:
         raise TypeError(f"expert_index: expected an integer tensor, got {expert_index.dtype}")
     if expert_index.device != x.device:
         raise ValueError(f"expert_index: expected a tensor on {x.device} (the device of x), "
                          f"got one on {expert_index.device}")
-    _need_shape("expert_index", expert_index, (batch, height, width), "(B, H, W)")
-    if check_index_values and expert_index.numel() > 0 and not _is_tracing() \
+    _need_shape("expert_index", expert_index, bhw, "(B, H, W)")
+    if check_values and expert_index.numel() > 0 and not _is_tracing() \
             and not _is_capturing(expert_index):
         lo, hi = (int(v) for v in torch.aminmax(expert_index))  # one sync on CUDA
         if lo < 0 or hi >= n:
@@ -186,24 +208,16 @@ def check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert
             raise ValueError(f"expert_index: expected values in [0, {n - 1}] ({n} experts), "
                              f"found {bad}")
 
-    if z is not None:
-        _need_tensor("z", z)
-        want = tuple(x.shape[:-1]) + (rank,)
-        if tuple(z.shape) != want:
-            raise ValueError(f"z: expected x Aᵀ, shape x.shape[:-1] + (r,) = {want}, "
-                             f"got {tuple(z.shape)}")
-        if z.dtype != x.dtype or z.device != x.device:
-            raise TypeError(f"z: expected dtype {x.dtype} on {x.device} (those of x), got "
-                            f"{z.dtype} on {z.device}")
 
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling: expected a Python float (alpha / r), got {_describe(scaling)}")
-    if not math.isfinite(scaling):
-        raise ValueError(f"scaling: expected a finite number, got {scaling}")
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation: expected one of {INTERPOLATIONS}, got {interpolation!r}")
-    return Problem(batch, height, width, c_in, c_out, rank, n,
-                   normalize_scales(scales, n), interpolation)
+def _check_z(z, x, rank: int) -> None:
+    _need_tensor("z", z)
+    want = tuple(x.shape[:-1]) + (rank,)
+    if tuple(z.shape) != want:
+        raise ValueError(f"z: expected x Aᵀ, shape x.shape[:-1] + (r,) = {want}, "
+                         f"got {tuple(z.shape)}")
+    if z.dtype != x.dtype or z.device != x.device:
+        raise TypeError(f"z: expected dtype {x.dtype} on {x.device} (those of x), got "
+                        f"{z.dtype} on {z.device}")
 
 
 def _is_tracing() -> bool:
@@ -224,7 +238,3 @@ def as_map(x: torch.Tensor, p: Problem) -> torch.Tensor:
 
 def out_shape(x: torch.Tensor, p: Problem) -> Tuple[int, ...]:
     return tuple(x.shape[:-1]) + (p.out_features,)
-
-
-def optional_hw(hw) -> Optional[Tuple[int, int]]:
-    return None if hw is None else _parse_hw(hw)

@@ -11,12 +11,12 @@ can be used (and torch.compile-traced) on its own.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 
 from . import _ext, layer
-from ._validate import MAX_FUSED_RANK, as_map, check_inputs, out_shape
+from ._validate import MAX_FUSED_RANK, Problem
 
 INTERPOLATION_CODES = layer.INTERPOLATION_CODES
 PREACT_SLOTS = layer.PREACT_SLOTS  # saved pre-activations per token, by interpolation code
@@ -86,24 +86,21 @@ def stencil(z: torch.Tensor, expert_index: torch.Tensor, conv_weight: torch.Tens
         save)[0]
 
 
-def conv_lora_linear(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
-                     scaling, *, scales, interpolation, hw: Optional[Tuple[int, int]],
-                     z: Optional[torch.Tensor] = None,
-                     check_expert_index: bool = True) -> torch.Tensor:
-    """The layer on the fused kernels (convlora_kernels.layer); the semantics of
-    conv_lora_linear_ref."""
-    p = check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
-                     scaling, scales, interpolation, hw, z=z,
-                     check_index_values=check_expert_index)
-    if x.is_cuda and x.dtype == torch.float64:
+def conv_lora_linear(p: Problem, x4: torch.Tensor, weight, bias, lora_A, lora_B,
+                     conv_weight, conv_bias, expert_index, scaling,
+                     z: Optional[torch.Tensor]) -> torch.Tensor:
+    """The layer on the fused kernels (convlora_kernels.layer): y (N, C_out) for x4
+    (B, H, W, C_in); the arguments were checked at the public boundary (ops.py) and p is
+    their Problem. Raises only for what these kernels cannot do."""
+    if x4.is_cuda and x4.dtype == torch.float64:
         raise TypeError("x: the cuda backend takes float32, float16 or bfloat16 tensors, got "
                         "float64; use backend='cpu' or 'reference' for float64")
     if p.rank > MAX_FUSED_RANK:
         raise ValueError(f"lora_A: the fused kernels support ranks up to {MAX_FUSED_RANK}, got "
                          f"r = {p.rank}; use backend='reference'")
-    y = layer.conv_lora_linear("cuda" if x.is_cuda else "cpu", p, as_map(x, p), weight, bias,
-                               lora_A, lora_B, conv_weight, conv_bias, expert_index, scaling, z)
-    return y.reshape(out_shape(x, p))
+    return layer.conv_lora_linear("cuda" if x4.is_cuda else "cpu", p, x4, weight, bias,
+                                  lora_A, lora_B, conv_weight, conv_bias, expert_index,
+                                  scaling, z)
 
 
 if _ext.load()[0] is not None:  # the ops exist once _C is loaded: complete them now

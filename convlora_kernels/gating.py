@@ -1,4 +1,5 @@
-"""Noisy top-1 router (Shazeer et al. 2017) and its load-balancing loss.
+"""Noisy top-1 router (Shazeer et al. 2017) and its load-balancing loss (the paper's MoE
+loss).
 
 For a routing unit with features f (r values):
 
@@ -19,7 +20,7 @@ the same experts for the same noise with one custom op for the logits, the top-1
 statistics (one Triton kernel on CUDA when triton is importable, a few ATen ops otherwise)
 and a hand-written backward of the load term.
 
-Routing units:
+Routing units (``gating``, the paper's router granularity):
     "token": f = z_t, one expert per token.
     "map":   f = mean of z over the map, one expert per (B, H, W) map; this is the
              behaviour of the authors' autogluon code.
@@ -36,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-GRANULARITIES = ("token", "map")
+GATINGS = ("token", "map")
 
 
 def cv_squared(v: torch.Tensor) -> torch.Tensor:
@@ -218,13 +219,13 @@ class NoisyTopOneRouter(nn.Module):
     forward(z: (B, H, W, r)) -> (expert_index (B, H, W) int32, aux_loss scalar).
     """
 
-    def __init__(self, rank: int, num_experts: int, granularity: str = "token",
+    def __init__(self, rank: int, num_experts: int, gating: str = "token",
                  noise_epsilon: float = 1e-2, loss_coef: float = 1e-2,
                  device=None, dtype=None):
         super().__init__()
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"gating: expected one of {GRANULARITIES}, got {granularity!r}")
-        self.granularity = granularity
+        if gating not in GATINGS:
+            raise ValueError(f"gating: expected one of {GATINGS}, got {gating!r}")
+        self.gating = gating
         self.noise_epsilon = noise_epsilon
         self.loss_coef = loss_coef
         kw = dict(device=device, dtype=dtype)
@@ -235,7 +236,7 @@ class NoisyTopOneRouter(nn.Module):
         if z.dim() != 4:
             raise ValueError(f"z: expected (B, H, W, r), got shape {tuple(z.shape)}")
         b, h, w, r = z.shape
-        if self.granularity == "token":
+        if self.gating == "token":
             expert, aux = noisy_top1_fused(z.reshape(-1, r), self.w_gate, self.w_noise,
                                            self.training, self.noise_epsilon, self.loss_coef)
             return expert.view(b, h, w), aux
@@ -245,4 +246,4 @@ class NoisyTopOneRouter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.w_gate.shape[0]}, num_experts={self.w_gate.shape[1]}, " \
-               f"granularity={self.granularity!r}"
+               f"gating={self.gating!r}"

@@ -28,6 +28,12 @@ class ConvLoRALinear(nn.Module):
     forward(x) takes (B, H, W, C_in), or (B, L, C_in) with ``hw`` or L a square,
     and returns only the output. The router's aux loss of the last training
     forward is kept on ``.aux_loss`` (None before the first one).
+
+    The paper's terms: ``num_experts`` is its number of experts (each a 3x3 conv on the
+    LoRA features); ``scales`` its scaling ratios (expert i upsamples by scales[i], convolves,
+    downsamples back); ``gating`` its router granularity ("token": each token picks its
+    expert, ours; "map": one expert per feature map, the authors' code); ``aux_loss`` its
+    MoE loss (the router's load-balancing term, weighted by the training script).
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 3, num_experts: int = 8,
@@ -71,7 +77,7 @@ class ConvLoRALinear(nn.Module):
 
     @property
     def gating(self) -> str:
-        return self.router.granularity
+        return self.router.gating
 
     def reset_parameters(self) -> None:
         """The authors' initialisation; the base layer as nn.Linear's default."""

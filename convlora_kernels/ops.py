@@ -11,6 +11,7 @@ Backends, all computing the function of ``convlora_kernels.reference``:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import warnings
@@ -19,8 +20,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import _ext
-from ._validate import optional_hw
-from .reference import conv_lora_linear_ref
+from ._validate import as_map, check_inputs, out_shape
+from .reference import reference_layer
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
@@ -29,10 +30,12 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 # Each fused backend lives in its own module, which defines
 #   unavailable_reason(backend: str, device: torch.device) -> Optional[str]
-#   conv_lora_linear(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
-#                    scaling, *, scales, interpolation, hw, z, check_expert_index) -> Tensor
-# with the semantics of conv_lora_linear_ref. A module that does not exist yet means
-# the backend is not part of this version.
+#   conv_lora_linear(p: Problem, x4, weight, bias, lora_A, lora_B, conv_weight, conv_bias,
+#                    expert_index, scaling, z) -> y with y.numel() == B·H·W·C_out
+# computing conv_lora_linear_ref for x4 = x as a (B, H, W, C_in) map. conv_lora_linear
+# below checks the arguments once (_validate.check_inputs, which makes p) before any backend
+# sees them; a backend raises only for what it alone cannot do (a dtype, a rank). A module
+# that does not exist yet means the backend is not part of this version.
 _BACKEND_MODULES = {
     "cpu": "convlora_kernels.fused",
     "cuda": "convlora_kernels.fused",
@@ -54,7 +57,7 @@ def _backend_module(name: str):
 
 # Implementations of the backends resolve_backend has said yes to; a plain dict, so
 # torch.compile reads it without tracing the imports behind it.
-_IMPLS = {"reference": conv_lora_linear_ref}
+_IMPLS = {"reference": reference_layer}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -70,20 +73,24 @@ def _device_ok(name: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def backend_unavailable_reason(name: str, device: torch.device) -> Optional[str]:
-    """None when backend ``name`` can run on ``device``, else a sentence saying why not."""
+def _availability(name: str, device: torch.device):
+    """(implementation, None) when backend ``name`` can run on ``device``, else
+    (None, a sentence saying why not)."""
     if name == "reference":
-        return None
+        return reference_layer, None
     reason = _device_ok(name, device)
     if reason:
-        return reason
+        return None, reason
     module, why = _backend_module(name)
     if module is None:
-        return why
+        return None, why
     why = module.unavailable_reason(name, device)
-    if why is None:
-        _IMPLS[name] = module.conv_lora_linear
-    return why
+    return (None, why) if why is not None else (module.conv_lora_linear, None)
+
+
+def backend_unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    """None when backend ``name`` can run on ``device``, else a sentence saying why not."""
+    return _availability(name, device)[1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,17 +118,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         reasons = []
         for name in _AUTO_ORDER.get(device.type, ()):
-            why = backend_unavailable_reason(name, device)
-            if why is None:
+            impl, why = _availability(name, device)
+            if impl is not None:
+                _IMPLS[name] = impl
                 return name
             reasons.append(f"{name}: {why}")
         if not reasons:
             reasons.append(f"none is built for device type {device.type!r}")
         _warn_fallback_once(device.type, tuple(reasons))
         return "reference"
-    why = backend_unavailable_reason(backend, device)
-    if why is not None:
+    impl, why = _availability(backend, device)
+    if impl is None:
         raise BackendUnavailableError(f"backend={backend!r} is not available: {why}")
+    _IMPLS[backend] = impl
     return backend
 
 
@@ -164,17 +173,18 @@ def conv_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    impl = functools.partial(_IMPLS[resolve_backend(backend, x.device)], scales=scales,
-                             interpolation=interpolation, hw=optional_hw(hw),
-                             check_expert_index=check_expert_index)
-    if not _autocasting(x.device.type):
-        return impl(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
-                    scaling, z=z)
-    x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, z = autocast_inputs(
-        x.device.type, x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, z)
-    with torch.autocast(x.device.type, enabled=False):
-        return impl(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
-                    scaling, z=z)
+    impl = _IMPLS[resolve_backend(backend, x.device)]
+    tensors = autocast_inputs(x.device.type, x, weight, bias, lora_A, lora_B, conv_weight,
+                              conv_bias, z)
+    x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, z = tensors
+    p = check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
+                     scaling, scales, interpolation, hw, z=z,
+                     check_index_values=check_expert_index)
+    with torch.autocast(x.device.type, enabled=False) if _autocasting(x.device.type) \
+            else contextlib.nullcontext():
+        y = impl(p, as_map(x, p), weight, bias, lora_A, lora_B, conv_weight, conv_bias,
+                 expert_index, scaling, z)
+    return y.reshape(out_shape(x, p))
 
 
 def _autocasting(device_type: str) -> bool:
@@ -189,7 +199,9 @@ def autocast_inputs(device_type: str, *tensors: Optional[torch.Tensor]):
     if not _autocasting(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(None if t is None else t.to(dtype) for t in tensors)
+    # anything but a floating tensor passes unchanged, for the checks to name
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                 for t in tensors)
 
 
 def fused_backend_order(device_type: str) -> Tuple[str, ...]:

@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._validate import as_map, check_inputs, out_shape
+from ._validate import Problem, as_map, check_inputs, out_shape
 
 
 def expert_map(z: torch.Tensor, conv_weight_i: torch.Tensor, conv_bias_i: torch.Tensor,
@@ -80,12 +80,20 @@ def conv_lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     p = check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
                      scaling, scales, interpolation, hw, z=z,
                      check_index_values=check_expert_index)
-    x4 = as_map(x, p)
+    y = reference_layer(p, as_map(x, p), weight, bias, lora_A, lora_B, conv_weight,
+                        conv_bias, expert_index, scaling, z)
+    return y.reshape(out_shape(x, p))
+
+
+def reference_layer(p: Problem, x4: torch.Tensor, weight, bias, lora_A, lora_B, conv_weight,
+                    conv_bias, expert_index, scaling,
+                    z: Optional[torch.Tensor]) -> torch.Tensor:
+    """conv_lora_linear_ref for arguments already checked (p: their Problem) and x4 the
+    (B, H, W, C_in) map: y (B, H, W, C_out). The "reference" backend of ops.py."""
     y0 = F.linear(x4, weight, bias)
     z = F.linear(x4, lora_A) if z is None else z.reshape(p.batch, p.height, p.width, p.rank)
     u = conv_lora_delta(z, conv_weight, conv_bias, expert_index, p.scales, p.interpolation)
-    y = y0 + scaling * F.linear(u, lora_B)
-    return y.reshape(out_shape(x, p))
+    return y0 + scaling * F.linear(u, lora_B)
 
 
 def lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -195,6 +195,34 @@ def apply_conv_lora(model: nn.Module, r: int = 3, num_experts: int = 8, alpha: f
     Call it once, on the model itself (before wrapping it in DistributedDataParallel).
     Returns {name in the model's state_dict: the new ConvLoRALinear}, in block order.
     """
+    root = _check_model(model, train_mask_decoder)
+    blocks_name, block_list = _find_encoder(root)
+    chosen = _check_blocks(blocks, len(block_list))
+
+    # Build every new layer before changing anything, so a bad argument leaves the model
+    # as it was.
+    plan = [_new_layer(block_list[i], f"{blocks_name}.{i}", dict(
+        r=r, num_experts=num_experts, alpha=alpha, scales=scales, gating=gating,
+        interpolation=interpolation, backend=backend)) for i in chosen]
+
+    root.requires_grad_(False)
+    for parent, layer in plan:  # the new layers' adapter tensors are trainable
+        parent.qkv = layer
+    decoder = _find_mask_decoder(root)
+    train_decoder = train_mask_decoder and decoder is not None
+    if train_decoder:
+        decoder[1].requires_grad_(True)
+    first = plan[0][1]
+    root.conv_lora_config = ConvLoRAConfig(
+        r=first.r, num_experts=first.num_experts, alpha=first.alpha, scales=first.scales,
+        gating=first.gating, interpolation=first.interpolation, blocks=chosen,
+        train_mask_decoder=train_decoder)
+    return _conv_lora_layers(root)
+
+
+def _check_model(model, train_mask_decoder) -> nn.Module:
+    """The model apply_conv_lora may change (unwrapped from torch.compile), or a clear
+    error: a DDP/DataParallel wrapper, not a module, adapters already in it."""
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         raise TypeError("model: apply_conv_lora must run before the model is wrapped in "
                         "DistributedDataParallel / DataParallel (the wrapper has already "
@@ -210,37 +238,18 @@ def apply_conv_lora(model: nn.Module, r: int = 3, num_experts: int = 8, alpha: f
         raise ValueError(f"model: already has {len(existing)} Conv-LoRA layers (e.g. "
                          f"{next(iter(existing))}); apply_conv_lora may be called once per "
                          f"model")
-    blocks_name, block_list = _find_encoder(root)
-    chosen = _check_blocks(blocks, len(block_list))
+    return root
 
-    # Build every new layer before changing anything, so a bad argument leaves the model
-    # as it was.
-    plan = []
-    for i in chosen:
-        where = f"{blocks_name}.{i}"
-        parent, qkv = _qkv_of(block_list[i], where)
-        if not isinstance(qkv, nn.Linear):
-            raise TypeError(f"model: expected block {where}'s attn.qkv to be an nn.Linear, "
-                            f"got {type(qkv).__name__}")
-        layer = ConvLoRALinear.from_linear(qkv, r=r, num_experts=num_experts, alpha=alpha,
-                                           scales=scales, gating=gating,
-                                           interpolation=interpolation, backend=backend)
-        layer.train(qkv.training)
-        plan.append((parent, layer))
 
-    root.requires_grad_(False)
-    for parent, layer in plan:  # the new layers' adapter tensors are trainable
-        parent.qkv = layer
-    decoder = _find_mask_decoder(root)
-    train_decoder = train_mask_decoder and decoder is not None
-    if train_decoder:
-        decoder[1].requires_grad_(True)
-    first = plan[0][1]
-    root.conv_lora_config = ConvLoRAConfig(
-        r=first.r, num_experts=first.num_experts, alpha=first.alpha, scales=first.scales,
-        gating=first.gating, interpolation=first.interpolation, blocks=chosen,
-        train_mask_decoder=train_decoder)
-    return _conv_lora_layers(root)
+def _new_layer(block: nn.Module, where: str, options: dict):
+    """(the module holding block's attn.qkv, the ConvLoRALinear to put in its place)."""
+    parent, qkv = _qkv_of(block, where)
+    if not isinstance(qkv, nn.Linear):
+        raise TypeError(f"model: expected block {where}'s attn.qkv to be an nn.Linear, "
+                        f"got {type(qkv).__name__}")
+    layer = ConvLoRALinear.from_linear(qkv, **options)
+    layer.train(qkv.training)
+    return parent, layer
 
 
 # --- Training -------------------------------------------------------------------------

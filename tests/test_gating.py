@@ -9,9 +9,9 @@ from convlora_kernels import NoisyTopOneRouter
 from convlora_kernels.gating import cv_squared
 
 
-def _router(granularity, w_gate, w_noise=None):
+def _router(gating, w_gate, w_noise=None):
     r, n = len(w_gate), len(w_gate[0])
-    router = NoisyTopOneRouter(r, n, granularity)
+    router = NoisyTopOneRouter(r, n, gating)
     with torch.no_grad():
         router.w_gate.copy_(torch.tensor(w_gate))
         if w_noise is not None:
@@ -58,17 +58,17 @@ def _phi(t):
     return 0.5 * (1 + math.erf(t / math.sqrt(2)))
 
 
-@pytest.mark.parametrize("granularity", ["token", "map"])
-def test_noisy_training_aux_by_hand(granularity):
+@pytest.mark.parametrize("gating", ["token", "map"])
+def test_noisy_training_aux_by_hand(gating):
     torch.manual_seed(0)
     w_gate = torch.randn(2, 3).tolist()
     w_noise = torch.randn(2, 3).tolist()
-    router = _router(granularity, w_gate, w_noise).train()
+    router = _router(gating, w_gate, w_noise).train()
     z = torch.randn(2, 3, 2, 2)
     torch.manual_seed(123)
     idx, aux = router(z)
 
-    feats = z.reshape(-1, 2).tolist() if granularity == "token" else z.mean((1, 2)).tolist()
+    feats = z.reshape(-1, 2).tolist() if gating == "token" else z.mean((1, 2)).tolist()
     torch.manual_seed(123)
     noise = torch.randn(len(feats), 3).tolist()
     counts, load = [0.0] * 3, [0.0] * 3
@@ -93,7 +93,7 @@ def test_noisy_training_aux_by_hand(granularity):
         return var / (m * m + 1e-10)
 
     expected = 0.01 * (cv2(counts) + cv2(load))
-    got_idx = idx.reshape(-1).tolist() if granularity == "token" else idx[:, 0, 0].tolist()
+    got_idx = idx.reshape(-1).tolist() if gating == "token" else idx[:, 0, 0].tolist()
     assert got_idx == chosen
     assert aux.item() == pytest.approx(expected, rel=1e-5)
 
@@ -117,7 +117,7 @@ def test_zero_router_routes_every_token_alike():
     assert (idx == idx.reshape(-1)[0]).all()
 
 
-def test_bad_granularity():
+def test_bad_gating():
     with pytest.raises(ValueError, match="gating: expected one of"):
         NoisyTopOneRouter(3, 8, "pixel")
 

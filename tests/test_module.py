@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 
 from convlora_kernels import ConvLoRALinear
-from convlora_kernels.reference import conv_lora_linear_ref
 
 from helpers import Case, assert_close, conv_lora_math
 

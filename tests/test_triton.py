@@ -398,16 +398,16 @@ def test_dy_pass_partials_do_not_grow_with_n(det, monkeypatch):
         shapes.append((programs,) + tuple(shape)), acc(shape, programs, atomic, dev))[1])
     g = torch.Generator().manual_seed(40)
     n, c_out, r, s = 7 * launch.DY_BT - 5, 20, 3, 0.7
-    dy, lb, u = (torch.randn(*shape, generator=g).to(DEV)
+    dy, lora_b, u = (torch.randn(*shape, generator=g).to(DEV)
                  for shape in ((n, c_out), (c_out, r), (n, r)))
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(det)
     try:
-        du, d_lb, d_bias = launch.dy_pass(dy, lb, u, s, True, True)
+        du, d_lora_b, d_bias = launch.dy_pass(dy, lora_b, u, s, True, True)
     finally:
         torch.use_deterministic_algorithms(was)
-    close(du, s * dy @ lb, "du")
-    close(d_lb, s * dy.t() @ u, "dlora_B")
+    close(du, s * dy @ lora_b, "du")
+    close(d_lora_b, s * dy.t() @ u, "dlora_B")
     close(d_bias, dy.sum(0), "dbias")
     assert shapes == ([(3, c_out, r), (3, c_out)] if det else [(7, c_out, r), (7, c_out)])
 

@@ -1,7 +1,7 @@
 """Compile the Triton kernels of this backend for a GPU without a GPU.
 
     python -m convlora_kernels.triton_kernels.compile_check [--arch 90] [--quick]
-        [--dtypes bf16,fp16,fp32] [--modes bilinear,bicubic] [--ranks 8,16] [--first]
+        [--dtypes bf16,fp16,fp32] [--interpolations bilinear,bicubic] [--ranks 8,16] [--first]
         [--kernels stencil_scatter,...]
 
 Triton lowers kernels to PTX and cubin with the ptxas it ships, so a machine without a
@@ -41,7 +41,7 @@ import torch
 from . import launch, sort
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-MODES = {"bilinear": tuple(range(1, 9)), "bicubic": tuple(range(1, 9))}
+SCALES = {"bilinear": tuple(range(1, 9)), "bicubic": tuple(range(1, 9))}  # per interpolation
 SHAPE = dict(batch=1, height=32, width=32, c_in=64, c_out=192)
 
 
@@ -82,14 +82,14 @@ def recorded_launches():
             os.environ["CONVLORA_TRITON_AUTOTUNE"] = tune
 
 
-def layer_launches(dtype: torch.dtype, mode: str, rank: int):
+def layer_launches(dtype: torch.dtype, interpolation: str, rank: int):
     """The launches of the layer (every candidate, both reduction paths) and the router
     at SHAPE in ``dtype``, recorded on CPU tensors."""
     from .. import layer
     from . import router
 
     b, h, w, c_in, c_out = (SHAPE[k] for k in ("batch", "height", "width", "c_in", "c_out"))
-    scales = MODES[mode]
+    scales = SCALES[interpolation]
     n_exp, n_tok = len(scales), b * h * w
     g = torch.Generator().manual_seed(0)
 
@@ -101,7 +101,7 @@ def layer_launches(dtype: torch.dtype, mode: str, rank: int):
     cw, cb = rnd(n_exp, rank, rank, 3, 3), rnd(n_exp, rank)
     idx = torch.randint(0, n_exp, (n_tok,), generator=g)
     dy = rnd(n_tok, c_out)
-    geometry = (list(scales), mode, h, w)
+    geometry = (list(scales), interpolation, h, w)
     with recorded_launches() as calls:
         for forward_plan in layer.FORWARD_PLANS:
             if layer.unavailable(forward_plan, "triton") is None:
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="bf16, bilinear, r = 8, first candidates")
     p.add_argument("--dtypes", default="bf16,fp16,fp32")
-    p.add_argument("--modes", default="bilinear,bicubic")
+    p.add_argument("--interpolations", default="bilinear,bicubic")
     p.add_argument("--ranks", default="8,16,32,64")
     p.add_argument("--first", action="store_true", help="first autotuning candidate only")
     p.add_argument("--kernels", default="",
@@ -213,17 +213,17 @@ def main(argv=None) -> int:
         print("TRITON_INTERPRET=1 is set: unset it to compile for the GPU", file=sys.stderr)
         return 2
     if args.quick:
-        args.dtypes, args.modes, args.ranks, args.first = "bf16", "bilinear", "8", True
+        args.dtypes, args.interpolations, args.ranks, args.first = "bf16", "bilinear", "8", True
     for dname in args.dtypes.split(","):
-        for mode in args.modes.split(","):
+        for interp in args.interpolations.split(","):
             for rank in (int(r) for r in args.ranks.split(",")):
-                launches = layer_launches(DTYPES[dname], mode, rank)
+                launches = layer_launches(DTYPES[dname], interp, rank)
                 for name, fn, a, kw, label in variants(launches, args.first):
                     if args.kernels and name not in args.kernels.split(","):
                         continue
                     t = time.time()
                     out = compile_launch(fn, a, kw, args.arch)
-                    print(f"sm_{args.arch} {name:16s} {dname:5s} {mode:8s} r={rank:<3d} "
+                    print(f"sm_{args.arch} {name:16s} {dname:5s} {interp:8s} r={rank:<3d} "
                           f"{_flags(kw):22s} warps={kw.get('num_warps', 4)} {label} "
                           f"{_usage(out.asm['cubin'])} SMEM:{out.metadata.shared} "
                           f"({time.time() - t:.1f}s)", flush=True)

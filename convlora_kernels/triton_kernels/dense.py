@@ -11,10 +11,10 @@ from .stencil import tile_ranges
 @triton.jit
 def dy_pass_kernel(
         dy_ptr,       # (N, C_out) dL/dy, row stride stride_dyn
-        lb_ptr,       # (C_out, r) lora_B, row stride stride_bn
+        lora_b_ptr,       # (C_out, r) lora_B, row stride stride_bn
         u_ptr,        # (N, r) float32 u from the forward
         du_ptr,       # (N, r) float32 output: dL/du = scaling · dy B
-        dlb_ptr,      # float32: (C_out, r) with ATOMIC, else (programs, C_out, r) partials
+        d_lora_b_ptr,      # float32: (C_out, r) with ATOMIC, else (programs, C_out, r) partials
         dbias_ptr,    # float32: (C_out,) with ATOMIC, else (programs, C_out) partials
         N, C_out, r, scaling, stride_dyn, stride_bn,
         BT: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, NEED_DB: tl.constexpr,
@@ -41,17 +41,17 @@ def dy_pass_kernel(
             cmask = cols < C_out
             dyc = tl.load(dy_ptr + rows[:, None] * stride_dyn + cols[None, :],
                           mask=rmask[:, None] & cmask[None, :], other=0.0)
-            bch = tl.load(lb_ptr + cols[:, None] * stride_bn + ci[None, :],
+            bch = tl.load(lora_b_ptr + cols[:, None] * stride_bn + ci[None, :],
                           mask=cmask[:, None] & (ci[None, :] < r), other=0.0)
             du += tl.dot(dyc, bch, input_precision=PREC)
             if NEED_DB:
                 part = scaling * tl.dot(tl.trans(dyc), uq, input_precision=PREC)
                 pm = cmask[:, None] & (ci[None, :] < r)
                 if ATOMIC:
-                    tl.atomic_add(dlb_ptr + cols[:, None] * r + ci[None, :], part, mask=pm,
+                    tl.atomic_add(d_lora_b_ptr + cols[:, None] * r + ci[None, :], part, mask=pm,
                                   sem="relaxed")
                 else:
-                    slot = dlb_ptr + (pid * C_out + cols[:, None]) * r + ci[None, :]
+                    slot = d_lora_b_ptr + (pid * C_out + cols[:, None]) * r + ci[None, :]
                     part += tl.load(slot, mask=pm & later, other=0.0)
                     tl.store(slot, part, mask=pm)
             if NEED_DBIAS:

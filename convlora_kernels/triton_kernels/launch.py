@@ -51,7 +51,9 @@ def _autotuned(kernel, options, **kw):
     return (first if INTERPRETED else triton.autotune(_configs(options), **kw)(kernel)), first
 
 
-def _pick(pair):
+def _tuned_or_first(pair):
+    """The autotuned kernel of an _autotuned pair, or its first candidate alone when
+    CONVLORA_TRITON_AUTOTUNE=0."""
     return pair[1] if os.environ.get("CONVLORA_TRITON_AUTOTUNE", "1") == "0" else pair[0]
 
 
@@ -63,7 +65,7 @@ _fwd = _autotuned(stencil.stencil_fwd_kernel, [({}, 8), ({}, 4)],
 _dy_pass = _autotuned(dense.dy_pass_kernel,
                       [({"BN": 64}, 8), ({"BN": 128}, 8), ({"BN": 64}, 4)],
                       key=["RP", "C_out", "NEED_DB", "NEED_DBIAS", "ATOMIC"],
-                      reset_to_zero=["dlb_ptr", "dbias_ptr"])
+                      reset_to_zero=["d_lora_b_ptr", "dbias_ptr"])
 # BM (tokens) x BN (output columns) x BK: the fused forward's GEMM tile. Its stencil runs
 # LAYER_FWD_BT tokens at a time. As the JIT builds them for sm_90 (compile_check), bf16,
 # scales 1..8: at r = 8 every candidate is spill-free (202-254 registers, 40-76 KB of shared
@@ -121,8 +123,8 @@ DZ_BLOCK_FLOATS = {torch.float32: 4096, torch.bfloat16: 1024, torch.float16: 102
 class Plan:
     """Tile sizes, padding, precision and stencil tables of one call."""
 
-    def __init__(self, height, width, rank, num_experts, scales, mode, dtype, device):
-        ty, oy, tx, ox, ntaps, meta = stencil_tables(height, width, tuple(scales), mode,
+    def __init__(self, height, width, rank, num_experts, scales, interpolation, dtype, device):
+        ty, oy, tx, ox, ntaps, meta = stencil_tables(height, width, tuple(scales), interpolation,
                                                      device)
         self.tables = (ty, oy, tx, ox)
         self.ntaps = ntaps
@@ -152,7 +154,8 @@ class Plan:
         """Enough programs for every expert's tiles: sum_e ceil(count_e / BT) <= this."""
         return triton.cdiv(n_tokens, self.bt) + self.num_experts
 
-    def common(self):
+    def constexprs(self):
+        """The stencil kernels' compile-time arguments (tile, padding, taps, precision)."""
         return dict(BT=self.bt, RZ=self.rz, RP=self.rp, NBP=self.nbp, HALO=self.halo,
                     TAPS=self.taps, NEXP_P=self.nexp_p, BORDER=BORDER, PREC=self.prec)
 
@@ -186,7 +189,7 @@ def sort_tokens(expert_index: torch.Tensor, num_experts: int):
     return perm, bounds
 
 
-def stencil_forward(z2, expert_index, conv_weight, conv_bias, scales, mode, height, width):
+def stencil_forward(z2, expert_index, conv_weight, conv_bias, scales, interpolation, height, width):
     """(u (N, r) float32 = z + E(z), perm, bounds) for z2 (N, r); perm and bounds (the
     tokens sorted by expert) are kept for stencil_backward."""
     n_tok, rank = z2.shape
@@ -198,16 +201,16 @@ def stencil_forward(z2, expert_index, conv_weight, conv_bias, scales, mode, heig
     # index) sorts outside every expert's tiles, and its output must be NaN, not garbage.
     u = torch.full((n_tok, rank), float("nan"), dtype=torch.float32, device=z2.device)
     if n_tok > 0:
-        plan = Plan(height, width, rank, n_exp, scales, mode, z2.dtype, z2.device)
-        _pick(_fwd)[(plan.programs(n_tok),)](
+        plan = Plan(height, width, rank, n_exp, scales, interpolation, z2.dtype, z2.device)
+        _tuned_or_first(_fwd)[(plan.programs(n_tok),)](
             z2, perm, bounds, plan.ntaps, *plan.tables, conv_weight.contiguous(),
             conv_bias.contiguous(), u, height, width, rank, n_exp, plan.rows_y, plan.rows_x,
-            z2.stride(0), **plan.common())
+            z2.stride(0), **plan.constexprs())
     return u, perm, bounds
 
 
 def layer_forward(x2, weight, bias, lora_B, z2, expert_index, conv_weight, conv_bias,
-                  scaling, scales, mode, height, width, save):
+                  scaling, scales, interpolation, height, width, save):
     """The fused forward (layer_forward.py): (y (N, C_out) in x's dtype, u (N, r) float32
     when save else (0, r), perm, bounds), as stencil_forward's (u, perm, bounds)."""
     n_tok, rank = z2.shape
@@ -220,19 +223,19 @@ def layer_forward(x2, weight, bias, lora_B, z2, expert_index, conv_weight, conv_
         x2 = x2.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    lb = lora_B if lora_B.stride(-1) == 1 else lora_B.contiguous()
+    lora_b = lora_B if lora_B.stride(-1) == 1 else lora_B.contiguous()
     perm, bounds = sort_tokens(expert_index, n_exp)
     y = _empty((n_tok, c_out), x2.dtype, dev)
     u = _empty((n_tok if save else 0, rank), torch.float32, dev)
     if n_tok > 0:
-        plan = Plan(height, width, rank, n_exp, scales, mode, x2.dtype, dev)
+        plan = Plan(height, width, rank, n_exp, scales, interpolation, x2.dtype, dev)
         has_bias = bias is not None
-        _pick(_layer_fwd)[lambda meta: (triton.cdiv(n_tok, meta["BM"]) + n_exp,)](
-            x2, weight, bias.contiguous() if has_bias else y, lb, z2, perm, bounds,
+        _tuned_or_first(_layer_fwd)[lambda meta: (triton.cdiv(n_tok, meta["BM"]) + n_exp,)](
+            x2, weight, bias.contiguous() if has_bias else y, lora_b, z2, perm, bounds,
             plan.ntaps, *plan.tables, conv_weight.contiguous(), conv_bias.contiguous(), y, u,
             n_tok, c_in, c_out, height, width, rank, n_exp, plan.rows_y, plan.rows_x,
-            float(scaling), x2.stride(0), weight.stride(0), lb.stride(0), z2.stride(0),
-            HAS_BIAS=has_bias, SAVE_U=save, **dict(plan.common(), BT=LAYER_FWD_BT))
+            float(scaling), x2.stride(0), weight.stride(0), lora_b.stride(0), z2.stride(0),
+            HAS_BIAS=has_bias, SAVE_U=save, **dict(plan.constexprs(), BT=LAYER_FWD_BT))
     return y, u, perm, bounds
 
 
@@ -254,19 +257,19 @@ def dy_pass(dy2, lora_B, u, scaling, need_b, need_bias):
         programs = min(programs, DY_PARTIALS)
     du = _empty((n_tok, rank), f32, dev)
     unused = torch.zeros(1, dtype=f32, device=dev)
-    d_lb = _acc((c_out, rank), programs, atomic, dev) if need_b else unused
+    d_lora_b = _acc((c_out, rank), programs, atomic, dev) if need_b else unused
     d_bias = _acc((c_out,), programs, atomic, dev) if need_bias else unused
-    lb = lora_B.contiguous()
+    lora_b = lora_B.contiguous()
     if n_tok > 0:
-        _pick(_dy_pass)[(programs,)](
-            dy2, lb, u, du, d_lb, d_bias, n_tok, c_out, rank, float(scaling), dy2.stride(0),
-            lb.stride(0), BT=DY_BT, RP=max(16, next_pow2(rank)), NEED_DB=need_b,
+        _tuned_or_first(_dy_pass)[(programs,)](
+            dy2, lora_b, u, du, d_lora_b, d_bias, n_tok, c_out, rank, float(scaling), dy2.stride(0),
+            lora_b.stride(0), BT=DY_BT, RP=max(16, next_pow2(rank)), NEED_DB=need_b,
             NEED_DBIAS=need_bias, ATOMIC=atomic, PREC=_precision(dtype))
-    return (du, _reduce_rows(d_lb, atomic, need_b, (c_out, rank), dtype),
+    return (du, _reduce_rows(d_lora_b, atomic, need_b, (c_out, rank), dtype),
             _reduce_rows(d_bias, atomic, need_bias, (c_out,), dtype))
 
 
-def stencil_backward(du, z2, perm, bounds, conv_weight, conv_bias, scales, mode, height,
+def stencil_backward(du, z2, perm, bounds, conv_weight, conv_bias, scales, interpolation, height,
                      width):
     """(dL/dz (N, r) in z's dtype, dL/dconv_weight, dL/dconv_bias in conv_weight's dtype)
     from dL/du (N, r), which is only read."""
@@ -274,7 +277,7 @@ def stencil_backward(du, z2, perm, bounds, conv_weight, conv_bias, scales, mode,
     n_exp = conv_weight.shape[0]
     if z2.stride(-1) != 1:
         z2 = z2.contiguous()
-    plan = Plan(height, width, rank, n_exp, scales, mode, z2.dtype, z2.device)
+    plan = Plan(height, width, rank, n_exp, scales, interpolation, z2.dtype, z2.device)
     atomic = not torch.are_deterministic_algorithms_enabled()
     du32 = du if du.dtype == torch.float32 and du.is_contiguous() \
         else du.to(torch.float32).contiguous()
@@ -324,7 +327,7 @@ def _stencil_backward(plan, z2, perm, bounds, cw, conv_bias, du, n_tok, height, 
     dev, rank, n_exp = du.device, plan.rank, plan.num_experts
     f32 = torch.float32
     programs = plan.programs(n_tok)
-    common = plan.common()
+    consts = plan.constexprs()
     nb = 2 * plan.halo + 1
     shapes = ((n_exp, rank), (n_exp, rank * rank * 9))
     if n_tok == 0 or atomic:
@@ -343,17 +346,17 @@ def _stencil_backward(plan, z2, perm, bounds, cw, conv_bias, du, n_tok, height, 
     dz_buf = du.clone() if atomic else torch.zeros((n_tok, nb, nb, rank), dtype=f32,
                                                    device=dev)
     if backward_kernels() == "merged":
-        _pick(_bwd)[(programs,)](
+        _tuned_or_first(_bwd)[(programs,)](
             *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, d_cb, d_cw, dz_buf,
-            *geometry, ATOMIC=atomic, **common)
+            *geometry, ATOMIC=atomic, **consts)
     else:
         g = _empty((n_tok, plan.taps ** 2, rank), f32, dev)
-        _pick(_grad)[(programs,)](
+        _tuned_or_first(_grad)[(programs,)](
             *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, g, d_cb, *geometry,
-            ATOMIC=atomic, **common)
-        _pick(_scatter)[(programs,)](
+            ATOMIC=atomic, **consts)
+        _tuned_or_first(_scatter)[(programs,)](
             *args, ty, tx, cw, g, d_cw, dz_buf, *geometry, ATOMIC=atomic, RC=plan.rc,
-            **common)
+            **consts)
     if atomic:
         dz = dz_buf.to(dtype)
     else:

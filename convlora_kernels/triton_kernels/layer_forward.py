@@ -70,7 +70,7 @@ def layer_forward_kernel(
         x_ptr,        # (N, C_in) x, row stride stride_xn
         w_ptr,        # (C_out, C_in) W0, row stride stride_wn
         bias_ptr,     # (C_out,) b (unused without HAS_BIAS)
-        lb_ptr,       # (C_out, r) lora_B, row stride stride_bn
+        lora_b_ptr,       # (C_out, r) lora_B, row stride stride_bn
         z_ptr,        # (N, r) z = x Aᵀ, row stride stride_zn
         perm_ptr, bounds_ptr, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr, ox_ptr, cw_ptr, cb_ptr,
         # (as for stencil.stencil_fwd_kernel)
@@ -131,7 +131,7 @@ def layer_forward_kernel(
             wb = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None],
                          mask=kmask[:, None] & cmask[None, :], other=0.0)
             acc = tl.dot(xa, wb, acc, input_precision=PREC)
-        bt = tl.load(lb_ptr + cols[None, :] * stride_bn + ci[:, None],
+        bt = tl.load(lora_b_ptr + cols[None, :] * stride_bn + ci[:, None],
                      mask=(ci[:, None] < r) & cmask[None, :], other=0.0)
         acc += scaling * tl.dot(uq, bt, input_precision=PREC)
         if HAS_BIAS:

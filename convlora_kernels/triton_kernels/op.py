@@ -1,18 +1,18 @@
-"""The "triton" backend of ``conv_lora_linear`` (loaded by convlora_kernels.ops): the
-argument checks, then the layer of convlora_kernels.layer with the Triton stencil and dy
+"""The "triton" backend of ``conv_lora_linear`` (loaded by convlora_kernels.ops, which
+checks the arguments): the layer of convlora_kernels.layer with the Triton stencil and dy
 pass (launch.py). Importing this module never fails: without triton,
 ``unavailable_reason`` says so.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _ext, layer
-from .._validate import MAX_FUSED_RANK, as_map, check_inputs, out_shape
+from .._validate import MAX_FUSED_RANK, Problem
 
 try:
     import triton  # noqa: F401
@@ -42,24 +42,19 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     return f"the Triton kernels run on cuda tensors, not on {device.type}"
 
 
-def conv_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
-                     lora_B: Tensor, conv_weight: Tensor, conv_bias: Tensor,
-                     expert_index: Tensor, scaling: float, *,
-                     scales: Optional[Sequence[int]] = None, interpolation: str = "bilinear",
-                     hw: Optional[Tuple[int, int]] = None,
-                     z: Optional[Tensor] = None, check_expert_index: bool = True) -> Tensor:
-    """conv_lora_linear_ref computed by the Triton kernels (same arguments and result)."""
-    p = check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
-                     scaling, scales, interpolation, hw, z=z,
-                     check_index_values=check_expert_index)
-    if x.dtype not in DTYPES:
+def conv_lora_linear(p: Problem, x4: Tensor, weight: Tensor, bias: Optional[Tensor],
+                     lora_A: Tensor, lora_B: Tensor, conv_weight: Tensor, conv_bias: Tensor,
+                     expert_index: Tensor, scaling: float, z: Optional[Tensor]) -> Tensor:
+    """The layer on the Triton kernels: y (N, C_out) for x4 (B, H, W, C_in); the arguments
+    were checked at the public boundary (ops.py) and p is their Problem. Raises only for
+    what these kernels cannot do."""
+    if x4.dtype not in DTYPES:
         raise TypeError(f"x: the triton backend takes float16, bfloat16 or float32 tensors, "
-                        f"got {x.dtype}; use backend='reference' for {x.dtype}")
+                        f"got {x4.dtype}; use backend='reference' for {x4.dtype}")
     if p.rank > MAX_FUSED_RANK:
         raise ValueError(f"lora_A: the triton backend supports ranks r <= {MAX_FUSED_RANK}, got "
                          f"r = {p.rank}")
     if triton is None:
-        raise RuntimeError(unavailable_reason("triton", x.device))
-    y = layer.conv_lora_linear("triton", p, as_map(x, p), weight, bias, lora_A, lora_B,
-                               conv_weight, conv_bias, expert_index, scaling, z)
-    return y.reshape(out_shape(x, p))
+        raise RuntimeError(unavailable_reason("triton", x4.device))
+    return layer.conv_lora_linear("triton", p, x4, weight, bias, lora_A, lora_B, conv_weight,
+                                  conv_bias, expert_index, scaling, z)

@@ -42,22 +42,22 @@ def next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
 
-def _resample(n: int, s: int, mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _resample(n: int, s: int, interpolation: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """(Up_s (s*n, n), Down_s (n, s*n)) along one axis, float64, from F.interpolate."""
     if s == 1:
         eye = torch.eye(n, dtype=torch.float64)
         return eye, eye
     eye = torch.eye(n, dtype=torch.float64).reshape(1, n, n, 1)
-    up = F.interpolate(eye, scale_factor=(s, 1), mode=mode, align_corners=False)
+    up = F.interpolate(eye, scale_factor=(s, 1), mode=interpolation, align_corners=False)
     big = torch.eye(s * n, dtype=torch.float64).reshape(1, s * n, s * n, 1)
-    down = F.interpolate(big, size=(n, 1), mode=mode, align_corners=False)
+    down = F.interpolate(big, size=(n, 1), mode=interpolation, align_corners=False)
     return up[0, :, :, 0].t().contiguous(), down[0, :, :, 0].t().contiguous()
 
 
 @functools.lru_cache(maxsize=None)
-def _axis_rows(n: int, s: int, mode: str):
+def _axis_rows(n: int, s: int, interpolation: str):
     """For each h < n: [(P_k, omega_k, [(d, {z index: weight})])] over the down taps."""
-    up, down = _resample(n, s, mode)
+    up, down = _resample(n, s, interpolation)
     rows = []
     for h in range(n):
         taps = []
@@ -89,12 +89,12 @@ def row_of(h: int, n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def halo(scales: Tuple[int, ...], mode: str) -> int:
+def halo(scales: Tuple[int, ...], interpolation: str) -> int:
     """Largest |z index - h| with a nonzero weight in any token's stencil."""
     reach = 0
     n = table_rows(10 ** 6)
     for s in set(scales):
-        for h, taps in enumerate(_axis_rows(n, s, mode)):
+        for h, taps in enumerate(_axis_rows(n, s, interpolation)):
             for _, _, conv in taps:
                 for coef in conv:
                     reach = max([reach] + [abs(j - h) for j in coef])
@@ -102,13 +102,13 @@ def halo(scales: Tuple[int, ...], mode: str) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def down_taps(scales: Tuple[int, ...], mode: str) -> Tuple[int, ...]:
+def down_taps(scales: Tuple[int, ...], interpolation: str) -> Tuple[int, ...]:
     """Per expert: the number of down taps per axis (1, 2 or 4)."""
     n = table_rows(10 ** 6)
-    return tuple(max(len(t) for t in _axis_rows(n, s, mode)) for s in scales)
+    return tuple(max(len(t) for t in _axis_rows(n, s, interpolation)) for s in scales)
 
 
-def axis_tables(n: int, scales: Sequence[int], mode: str, halo_: int, taps_max: int,
+def axis_tables(n: int, scales: Sequence[int], interpolation: str, halo_: int, taps_max: int,
                 nb_pad: int, rows: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """T (n_exp, rows, taps_max, 3, nb_pad) and omega (n_exp, rows, taps_max), float64.
 
@@ -120,7 +120,7 @@ def axis_tables(n: int, scales: Sequence[int], mode: str, halo_: int, taps_max: 
     t = torch.zeros(len(scales), rows, taps_max, 3, nb_pad, dtype=torch.float64)
     om = torch.zeros(len(scales), rows, taps_max, dtype=torch.float64)
     for e, s in enumerate(scales):
-        for h, taps in enumerate(_axis_rows(rows, s, mode)):
+        for h, taps in enumerate(_axis_rows(rows, s, interpolation)):
             for k, (_, w, conv) in enumerate(taps):
                 om[e, h, k] = w
                 for d, coef in enumerate(conv):
@@ -128,13 +128,13 @@ def axis_tables(n: int, scales: Sequence[int], mode: str, halo_: int, taps_max: 
                         a = j - h + halo_
                         if not 0 <= a <= 2 * halo_:
                             raise AssertionError(f"stencil weight at offset {j - h} outside "
-                                                 f"the halo {halo_} (s={s}, {mode})")
+                                                 f"the halo {halo_} (s={s}, {interpolation})")
                         t[e, h, k, d, a] += c
     return t, om
 
 
 @functools.lru_cache(maxsize=64)
-def stencil_tables(height: int, width: int, scales: Tuple[int, ...], mode: str,
+def stencil_tables(height: int, width: int, scales: Tuple[int, ...], interpolation: str,
                    device: torch.device):
     """Everything the stencil kernels need about resampling, as float32/int32 device tensors.
 
@@ -142,12 +142,12 @@ def stencil_tables(height: int, width: int, scales: Tuple[int, ...], mode: str,
     per axis, then the experts by decreasing taps; meta = dict(halo, nb_pad, taps_max,
     rows_y, rows_x).
     """
-    h_ = halo(scales, mode)
+    h_ = halo(scales, interpolation)
     nb_pad = next_pow2(2 * h_ + 1)
-    ntaps = down_taps(scales, mode)
+    ntaps = down_taps(scales, interpolation)
     taps_max = max(ntaps)
-    ty, oy = axis_tables(height, scales, mode, h_, taps_max, nb_pad)
-    tx, ox = axis_tables(width, scales, mode, h_, taps_max, nb_pad)
+    ty, oy = axis_tables(height, scales, interpolation, h_, taps_max, nb_pad)
+    tx, ox = axis_tables(width, scales, interpolation, h_, taps_max, nb_pad)
     f32 = dict(dtype=torch.float32, device=device)
     meta = dict(halo=h_, nb_pad=nb_pad, taps_max=taps_max, rows_y=table_rows(height),
                 rows_x=table_rows(width))

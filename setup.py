@@ -7,6 +7,9 @@ Environment:
                                  PTX for the newest so later GPUs JIT it)
     CUDA_HOME                    default: found from nvcc, or /usr/local/cuda
     MAX_JOBS                     default: sized from CPU count and free memory
+    CONVLORA_BUILD_TEMP          where the objects go, default build/temp-<python>-<torch>-
+                                 <cuda|cpu> in the checkout: a repeated build recompiles
+                                 only what changed
 """
 
 import glob
@@ -97,7 +100,7 @@ def _max_jobs():
 
 def _extensions():
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         _log("torch is not installed: building without the _C extension "
              "(install torch first, then pip install --no-build-isolation .)")
@@ -129,7 +132,27 @@ def _extensions():
         ext = CppExtension("convlora_kernels._C", cpp_sources,
                            include_dirs=[os.path.join(ROOT, "csrc")],
                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    kind = "cuda" if build_cuda else "cpu"
+    tag = f"{sys.implementation.cache_tag}-torch{torch.__version__}-{kind}"
+    return [ext], {"build_ext": _persistent(BuildExtension.with_options(use_ninja=True), tag)}
+
+
+def _persistent(base, tag):
+    """build_ext compiling into build/temp-<python>-<torch>-<cuda|cpu> in the checkout
+    instead of a fresh temporary folder per pip run, so a repeated
+    ``pip install --no-build-isolation -e .`` recompiles only what changed: ninja keeps its
+    log and each object's header dependencies there and rebuilds an object when its
+    sources, headers or command line change (a clean clone has no build/ and builds all).
+    CONVLORA_BUILD_TEMP overrides the folder."""
+
+    class PersistentBuildExt(base):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.environ.get("CONVLORA_BUILD_TEMP") or os.path.join(
+                ROOT, "build", f"temp-{tag}")
+            _log(f"objects in {self.build_temp} (reused by the next build)")
+
+    return PersistentBuildExt
 
 
 ext_modules, cmdclass = _extensions()

@@ -107,10 +107,10 @@ CONVLORA_HD void compact(Taps<acc_t>& t) {
 //   bilinear: source clamped at 0; taps floor, floor + 1 (capped at n_in - 1)
 //   bicubic:  no clamp; taps floor - 1 .. floor + 2, each clamped to [0, n_in - 1]
 template <typename acc_t>
-CONVLORA_HD Taps<acc_t> resample_taps(int d, int n_in, acc_t scale, int mode) {
+CONVLORA_HD Taps<acc_t> resample_taps(int d, int n_in, acc_t scale, int interp) {
   Taps<acc_t> t;
   acc_t src = scale * (acc_t(d) + acc_t(0.5)) - acc_t(0.5);
-  if (mode == kBilinear) {
+  if (interp == kBilinear) {
     if (src < acc_t(0)) src = acc_t(0);
     const int i0 = static_cast<int>(src);  // floor: src >= 0
     const acc_t lam = src - acc_t(i0);
@@ -142,15 +142,15 @@ CONVLORA_HD Taps<acc_t> identity_tap(int d) {
 
 // Rows (or columns) of the s·n conv output that Down_s reads for output index d.
 template <typename acc_t>
-CONVLORA_HD Taps<acc_t> down_taps(int d, int n, int s, int mode) {
-  return s == 1 ? identity_tap<acc_t>(d) : resample_taps<acc_t>(d, s * n, acc_t(s), mode);
+CONVLORA_HD Taps<acc_t> down_taps(int d, int n, int s, int interp) {
+  return s == 1 ? identity_tap<acc_t>(d) : resample_taps<acc_t>(d, s * n, acc_t(s), interp);
 }
 
 // z rows (or columns) that Up_s combines into upsampled index p.
 template <typename acc_t>
-CONVLORA_HD Taps<acc_t> up_taps(int p, int n, int s, int mode) {
+CONVLORA_HD Taps<acc_t> up_taps(int p, int n, int s, int interp) {
   return s == 1 ? identity_tap<acc_t>(p)
-                : resample_taps<acc_t>(p, n, static_cast<acc_t>(1.0 / s), mode);
+                : resample_taps<acc_t>(p, n, static_cast<acc_t>(1.0 / s), interp);
 }
 
 // Calls f.template operator()<R>() with the smallest compiled rank bound R >= r.
@@ -169,7 +169,7 @@ inline void dispatch_rank(int64_t r, F&& f) {
   }
 }
 
-// Calls f.template operator()<MODE>() with the interpolation as a compile-time constant.
+// Calls f.template operator()<INTERP>() with the interpolation as a compile-time constant.
 template <typename F>
 inline void dispatch_interpolation(int64_t interpolation, F&& f) {
   if (interpolation == kBicubic) {

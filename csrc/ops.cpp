@@ -44,15 +44,15 @@ std::vector<int64_t> stencil_plan(int64_t r, int64_t n, int64_t interpolation, b
               "], got r = ", r, ", n = ", n);
   std::vector<int64_t> out;
   dispatch_rank(r, [&]<int R>() {
-    const auto go = [&]<int MODE, bool BWD>() {  // BWD: a compile-time direction
-      const auto p = make_tile_plan<R, MODE, BWD, float>(1, 1, 1, static_cast<int>(r),
+    const auto go = [&]<int INTERP, bool BWD>() {  // BWD: a compile-time direction
+      const auto p = make_tile_plan<R, INTERP, BWD, float>(1, 1, 1, static_cast<int>(r),
                                                          static_cast<int>(n));
-      out = {p.layout.bytes, p.w_smem, p.dw_smem, tile::kThreads, tile::Geometry<R, MODE, BWD>::kTileH,
-             tile::Geometry<R, MODE, BWD>::kTileW,
-             tile::Geometry<R, MODE, BWD>::kRound};
+      out = {p.layout.bytes, p.w_smem, p.dw_smem, tile::kThreads, tile::Geometry<R, INTERP, BWD>::kTileH,
+             tile::Geometry<R, INTERP, BWD>::kTileW,
+             tile::Geometry<R, INTERP, BWD>::kRound};
     };
-    dispatch_interpolation(interpolation, [&]<int MODE>() {
-      backward ? go.template operator()<MODE, true>() : go.template operator()<MODE, false>();
+    dispatch_interpolation(interpolation, [&]<int INTERP>() {
+      backward ? go.template operator()<INTERP, true>() : go.template operator()<INTERP, false>();
     });
   });
   return out;

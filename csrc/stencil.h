@@ -147,10 +147,10 @@ inline int smem_budget() {
 
 // Weights go to shared memory when they fit the budget, then the weight-gradient
 // accumulators; what does not fit is read (or accumulated) in global memory.
-template <int R, int MODE, bool BWD, typename acc_t>
+template <int R, int INTERP, bool BWD, typename acc_t>
 TilePlan make_tile_plan(int64_t maps, int H, int W, int r, int n) {
   TilePlan p;
-  using G = tile::Geometry<R, MODE, BWD>;
+  using G = tile::Geometry<R, INTERP, BWD>;
   p.tiles_y = (H + G::kTileH - 1) / G::kTileH;
   p.tiles_x = (W + G::kTileW - 1) / G::kTileW;
   p.blocks = maps * p.tiles_y * p.tiles_x;
@@ -159,7 +159,7 @@ TilePlan make_tile_plan(int64_t maps, int H, int W, int r, int n) {
   for (const auto& c : choices) {
     p.w_smem = c[0];
     p.dw_smem = BWD && c[1];
-    p.layout = tile::make_layout<R, MODE, BWD, acc_t>(r, n, p.w_smem, p.dw_smem);
+    p.layout = tile::make_layout<R, INTERP, BWD, acc_t>(r, n, p.w_smem, p.dw_smem);
     if (p.layout.bytes <= budget) break;
   }
   return p;

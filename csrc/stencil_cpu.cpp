@@ -62,7 +62,7 @@ void prep_cpu(const at::Tensor& cw, const at::Tensor& cb, int r, const tile::Tab
 }
 
 // Runs every block of one call.
-template <int R, int MODE, bool BWD, typename scalar_t, typename acc_t>
+template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
 void run_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const TilePlan& plan) {
   at::parallel_for(0, plan.blocks, 1, [&](int64_t b0, int64_t b1) {
     // Shared memory of this worker's blocks, 16-byte aligned.
@@ -76,7 +76,7 @@ void run_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const TilePlan& plan) 
     tile::g_shadow = &shadow;
 #endif
     for (int64_t blk = b0; blk < b1; ++blk)
-      tile::run_block<R, MODE, BWD>(ex, A, plan.layout, smem, blk);
+      tile::run_block<R, INTERP, BWD>(ex, A, plan.layout, smem, blk);
 #if defined(CONVLORA_CHECKED)
     tile::g_shadow = nullptr;
 #endif
@@ -108,15 +108,15 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
   CONVLORA_DISPATCH_CPU(zc.scalar_type(), "stencil_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_rank(r, [&]<int R>() {
-      dispatch_interpolation(interpolation, [&]<int MODE>() {
+      dispatch_interpolation(interpolation, [&]<int INTERP>() {
         at::Tensor taps, wbuf;
         prep_cpu<R, acc_t>(o.conv_weight, o.conv_bias, static_cast<int>(r), T, taps, wbuf);
-        const auto plan = make_tile_plan<R, MODE, false, acc_t>(N / (height * width), T.H, T.W,
+        const auto plan = make_tile_plan<R, INTERP, false, acc_t>(N / (height * width), T.H, T.W,
                                                                 static_cast<int>(r), T.n);
         auto A = make_tile_args<R, scalar_t, acc_t>(
             o, T, plan, taps, wbuf, u, nullptr,
             save_preact ? pre.mutable_data_ptr<acc_t>() : nullptr);
-        run_blocks<R, MODE, false>(A, plan);
+        run_blocks<R, INTERP, false>(A, plan);
       });
     });
   });
@@ -143,16 +143,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
   CONVLORA_DISPATCH_CPU(zc.scalar_type(), "stencil_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_rank(r, [&]<int R>() {
-      dispatch_interpolation(interpolation, [&]<int MODE>() {
+      dispatch_interpolation(interpolation, [&]<int INTERP>() {
         at::Tensor taps, wbuf;
         prep_cpu<R, acc_t>(o.conv_weight, o.conv_bias, static_cast<int>(r), T, taps, wbuf);
-        const auto plan = make_tile_plan<R, MODE, true, acc_t>(N / (height * width), T.H, T.W,
+        const auto plan = make_tile_plan<R, INTERP, true, acc_t>(N / (height * width), T.H, T.W,
                                                                static_cast<int>(r), T.n);
         at::Tensor partial = at::empty({plan.blocks, n * tile::grad_stride<R>()}, acc_opts);
         auto A = make_tile_args<R, scalar_t, acc_t>(
             o, T, plan, taps, wbuf, dz, partial.mutable_data_ptr<acc_t>(),
             const_cast<acc_t*>(o.preact.const_data_ptr<acc_t>()));
-        run_blocks<R, MODE, true>(A, plan);
+        run_blocks<R, INTERP, true>(A, plan);
         const acc_t* pp = partial.const_data_ptr<acc_t>();
         acc_t* dwp = dw.mutable_data_ptr<acc_t>();
         at::parallel_for(0, dw.numel(), 64, [&](int64_t i0, int64_t i1) {

@@ -36,12 +36,12 @@ struct GpuExec {
 template <int R>
 constexpr int min_blocks_per_sm() { return R <= 8 ? 4 : 2; }
 
-template <int R, int MODE, bool BWD, typename scalar_t>
+template <int R, int INTERP, bool BWD, typename scalar_t>
 __global__ void __launch_bounds__(tile::kThreads, min_blocks_per_sm<R>())
     stencil_tile_kernel(const tile::TileArgs<scalar_t, float> A, const tile::Layout L) {
   extern __shared__ __align__(16) unsigned char smem[];
   GpuExec ex;
-  tile::run_block<R, MODE, BWD>(ex, A, L, smem, static_cast<int64_t>(blockIdx.x));
+  tile::run_block<R, INTERP, BWD>(ex, A, L, smem, static_cast<int64_t>(blockIdx.x));
 }
 
 // One thread per table entry, then per padded weight: the per-call prep.
@@ -70,10 +70,10 @@ inline unsigned grid_for(int64_t work, int threads) {
   return static_cast<unsigned>((work + threads - 1) / threads);
 }
 
-template <int MODE, bool BWD, typename scalar_t, int R>
+template <int INTERP, bool BWD, typename scalar_t, int R>
 void launch_tile(const tile::TileArgs<scalar_t, float>& A, const TilePlan& plan,
                  cudaStream_t stream) {
-  const auto kernel = stencil_tile_kernel<R, MODE, BWD, scalar_t>;
+  const auto kernel = stencil_tile_kernel<R, INTERP, BWD, scalar_t>;
   const int bytes = plan.layout.bytes;
   if (bytes > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -84,7 +84,7 @@ void launch_tile(const tile::TileArgs<scalar_t, float>& A, const TilePlan& plan,
 }
 
 // Prep, then the tile kernel (and for the backward the reduce) of one call.
-template <bool BWD, typename scalar_t, int R, int MODE>
+template <bool BWD, typename scalar_t, int R, int INTERP>
 void run_call(const Operands& o, at::IntArrayRef scales, int64_t interpolation, int64_t height,
               int64_t width, at::Tensor& out, const at::Tensor& preact, at::Tensor* dw) {
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -102,7 +102,7 @@ void run_call(const Operands& o, at::IntArrayRef scales, int64_t interpolation, 
       wbuf.numel());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t maps = N / (height * width);
-  const auto plan = make_tile_plan<R, MODE, BWD, float>(maps, T.H, T.W, static_cast<int>(r),
+  const auto plan = make_tile_plan<R, INTERP, BWD, float>(maps, T.H, T.W, static_cast<int>(r),
                                                         T.n);
   at::Tensor partial;
   if (BWD) partial = at::empty({plan.blocks, n * tile::grad_stride<R>()}, f32);
@@ -111,7 +111,7 @@ void run_call(const Operands& o, at::IntArrayRef scales, int64_t interpolation, 
   auto A = make_tile_args<R, scalar_t, float>(o, T, plan, taps, wbuf, out,
                                               BWD ? partial.mutable_data_ptr<float>() : nullptr,
                                               pre);
-  launch_tile<MODE, BWD, scalar_t, R>(A, plan, stream);
+  launch_tile<INTERP, BWD, scalar_t, R>(A, plan, stream);
   if (BWD) {
     reduce_dw_kernel<R><<<grid_for(dw->numel(), kPrepThreads), kPrepThreads, 0, stream>>>(
         partial.const_data_ptr<float>(), plan.blocks, A.r, A.n, dw->mutable_data_ptr<float>());
@@ -126,12 +126,12 @@ void stencil_cuda_call(const Operands& o, at::IntArrayRef scales, int64_t interp
                        int64_t height, int64_t width, at::Tensor& out, const at::Tensor& preact,
                        at::Tensor* dw) {
   dispatch_rank(o.z.size(1), [&]<int R>() {
-    dispatch_interpolation(interpolation, [&]<int MODE>() {
+    dispatch_interpolation(interpolation, [&]<int INTERP>() {
       if (dw) {
-        cuda_kernels::run_call<true, scalar_t, R, MODE>(o, scales, interpolation, height, width,
+        cuda_kernels::run_call<true, scalar_t, R, INTERP>(o, scales, interpolation, height, width,
                                                         out, preact, dw);
       } else {
-        cuda_kernels::run_call<false, scalar_t, R, MODE>(o, scales, interpolation, height,
+        cuda_kernels::run_call<false, scalar_t, R, INTERP>(o, scales, interpolation, height,
                                                          width, out, preact, dw);
       }
     });

@@ -66,12 +66,12 @@ constexpr int kSmemBudget = 96 * 1024;
 constexpr int kOutside = -2;  // outside the map: no token
 constexpr int kBadExpert = -1;  // index out of range: NaN output, no contribution
 
-template <int MODE>
+template <int INTERP>
 struct Interp {
-  static constexpr int kHalo = MODE == kBicubic ? 3 : 1;  // z reach of one token's stencil
+  static constexpr int kHalo = INTERP == kBicubic ? 3 : 1;  // z reach of one token's stencil
   static constexpr int kSide = 2 * kHalo + 1;
-  static constexpr int kUpTaps = MODE == kBicubic ? 4 : 2;   // z taps per upsampled index
-  static constexpr int kMaxDown = MODE == kBicubic ? 4 : 2;  // conv outputs per axis
+  static constexpr int kUpTaps = INTERP == kBicubic ? 4 : 2;   // z taps per upsampled index
+  static constexpr int kMaxDown = INTERP == kBicubic ? 4 : 2;  // conv outputs per axis
 };
 
 // Largest power of two <= 9216 / row, within [4, 64]: backward items per round.
@@ -82,11 +82,11 @@ CONVLORA_HD constexpr int round_items(int row) {
 }
 
 // Shared-memory and per-block sizes of one kernel configuration.
-template <int R, int MODE, bool BWD>
+template <int R, int INTERP, bool BWD>
 struct Geometry {
-  static constexpr int kHalo = Interp<MODE>::kHalo;
+  static constexpr int kHalo = Interp<INTERP>::kHalo;
   // 8 x 8 tokens; 4 x 4 where the staged halo would outgrow an A100's 163 KB per block.
-  static constexpr int kTileH = R >= 64 && MODE == kBicubic && BWD ? 4 : 8;
+  static constexpr int kTileH = R >= 64 && INTERP == kBicubic && BWD ? 4 : 8;
   static constexpr int kTileW = kTileH;
   static constexpr int kSH = BWD ? kHalo : 0;      // source ring around the tile
   static constexpr int kSrcH = kTileH + 2 * kSH;   // source tokens (items come from these)
@@ -97,13 +97,13 @@ struct Geometry {
   static constexpr int kZH = kTileH + 2 * kHalo;
   static constexpr int kZW = kTileW + 2 * kHalo;
   // Saved pre-activation slots per token: its largest item count.
-  static constexpr int kPreSlots = Interp<MODE>::kMaxDown * Interp<MODE>::kMaxDown;
+  static constexpr int kPreSlots = Interp<INTERP>::kMaxDown * Interp<INTERP>::kMaxDown;
   static constexpr int kCell = R + 1;              // odd row strides: no bank conflicts
-  static constexpr int kMaxItems = kSrc * Interp<MODE>::kMaxDown * Interp<MODE>::kMaxDown;
+  static constexpr int kMaxItems = kSrc * Interp<INTERP>::kMaxDown * Interp<INTERP>::kMaxDown;
   static constexpr int kItemRow = R + 1;           // cbuf row (GELU outputs or g)
   // ubuf row (backward): an item's nine U vectors, then its contributions to the z
   // neighbourhood (side x side cells) of its source token.
-  static constexpr int kNeighbours = Interp<MODE>::kSide * Interp<MODE>::kSide;
+  static constexpr int kNeighbours = Interp<INTERP>::kSide * Interp<INTERP>::kSide;
   static constexpr int kURow = (kNeighbours > 9 ? kNeighbours : 9) * R + 1;
   // Items per round: 128 forward (R values each); backward, about 36 KB of ubuf.
   static constexpr int kRound = !BWD ? 128 : round_items(kURow);
@@ -133,19 +133,19 @@ CONVLORA_HD constexpr int grad_stride() { return R * 9 * R + R; }
 // up_y[e], then s·W columns from up_x[e] -> the z rows Up_s combines (kUpTaps slots,
 // unused slots repeat the first index with weight 0, so every index is in the halo).
 struct Tables {
-  int H, W, n, mode;
+  int H, W, n, interp;
   int scale[kMaxExperts];
   int down_y, down_x;
   int up_y[kMaxExperts], up_x[kMaxExperts];
   int entries;
 };
 
-inline Tables make_tables(int H, int W, int n, int mode, const int* scales) {
+inline Tables make_tables(int H, int W, int n, int interp, const int* scales) {
   Tables T;
   T.H = H;
   T.W = W;
   T.n = n;
-  T.mode = mode;
+  T.interp = interp;
   int off = 0;
   T.down_y = off;
   off += n * H;
@@ -170,16 +170,16 @@ CONVLORA_HD void table_entry(const Tables& T, int i, Taps<acc_t>* out) {
   Taps<acc_t> t;
   if (i < T.down_x) {
     const int e = i / T.H;
-    t = down_taps<acc_t>(i - e * T.H, T.H, T.scale[e], T.mode);
+    t = down_taps<acc_t>(i - e * T.H, T.H, T.scale[e], T.interp);
   } else if (i < T.up_y[0]) {
     const int e = (i - T.down_x) / T.W;
-    t = down_taps<acc_t>(i - T.down_x - e * T.W, T.W, T.scale[e], T.mode);
+    t = down_taps<acc_t>(i - T.down_x - e * T.W, T.W, T.scale[e], T.interp);
   } else {
     const bool rows = i < T.up_x[0];
     int e = 0;
     while (e + 1 < T.n && i >= (rows ? T.up_y : T.up_x)[e + 1]) ++e;
     const int p = i - (rows ? T.up_y : T.up_x)[e];
-    t = up_taps<acc_t>(p, rows ? T.H : T.W, T.scale[e], T.mode);
+    t = up_taps<acc_t>(p, rows ? T.H : T.W, T.scale[e], T.interp);
   }
   for (int k = t.n; k < 4; ++k) {
     t.idx[k] = t.idx[0];
@@ -342,9 +342,9 @@ struct Layout {
 
 CONVLORA_HD int align16(int x) { return (x + 15) & ~15; }
 
-template <int R, int MODE, bool BWD, typename acc_t>
+template <int R, int INTERP, bool BWD, typename acc_t>
 CONVLORA_HD Layout make_layout(int r, int n, bool w_smem, bool dw_smem) {
-  using G = Geometry<R, MODE, BWD>;
+  using G = Geometry<R, INTERP, BWD>;
   Layout L;
   int off = 0;
   auto take = [&off](int bytes) {
@@ -479,12 +479,12 @@ CONVLORA_HD int item_b(int it) { return (it >> 14) & 3; }
 // the conv output (oy, ox) of expert e at scale s, U read from the staged z through the
 // up tables (zero outside the s·H x s·W map). With COMPUTE_C writes C to crow[0..R); with
 // STORE_U the nine U vectors to urow[k·R + ci] (zero for taps outside the map).
-template <int R, int MODE, int ZW, int CELL, bool COMPUTE_C, bool STORE_U, typename acc_t>
+template <int R, int INTERP, int ZW, int CELL, bool COMPUTE_C, bool STORE_U, typename acc_t>
 CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int s, int oy,
                            int ox, int zy0, int zx0, SArr<acc_t> zs, SArr<acc_t> w, int w_off,
                            SArr<acc_t> bias, SArr<acc_t> crow, int crow_off, SArr<acc_t> urow,
                            int urow_off) {
-  constexpr int UT = Interp<MODE>::kUpTaps;
+  constexpr int UT = Interp<INTERP>::kUpTaps;
   // channels per pass: bounded registers (8 from R = 32: bicubic taps would spill at 16)
   constexpr int CC = R < 16 ? R : (R < 32 ? 16 : 8);
   int ry[3][UT], rx[3][UT];
@@ -589,9 +589,9 @@ CONVLORA_HD SArr<acc_t> global_arr(const acc_t* p, int offset, int count, const 
 }
 
 // The shared arrays of one block, typed.
-template <int R, int MODE, bool BWD, typename acc_t>
+template <int R, int INTERP, bool BWD, typename acc_t>
 struct Smem {
-  using G = Geometry<R, MODE, BWD>;
+  using G = Geometry<R, INTERP, BWD>;
   SArr<acc_t> zs, src, cbuf, ubuf, acc, w, wt, b, dw;
   SArr<int> es, nt, start, bucket, first, items;
 
@@ -623,10 +623,10 @@ struct Smem {
 
 // Phase 1: stage z (and du), the expert of every source token, weights and biases;
 // zero the tile accumulators.
-template <int R, int MODE, bool BWD, typename scalar_t, typename acc_t>
+template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
 CONVLORA_HD void phase_load(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P,
-                            const Smem<R, MODE, BWD, acc_t>& S, int tid) {
-  using G = Geometry<R, MODE, BWD>;
+                            const Smem<R, INTERP, BWD, acc_t>& S, int tid) {
+  using G = Geometry<R, INTERP, BWD>;
   const int sy0 = P.h0 - G::kSH, sx0 = P.w0 - G::kSH;
   stage_region<R, G::kZH, G::kZW, G::kCell>(A.z + P.token0 * A.r, A.H, A.W, A.r,
                                            P.h0 - G::kHalo, P.w0 - G::kHalo, A.vec_z, S.zs, tid);
@@ -661,29 +661,29 @@ CONVLORA_HD void phase_load(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
   }
 }
 
-template <int R, int MODE, bool BWD>
+template <int R, int INTERP, bool BWD>
 CONVLORA_HD bool in_tile(int t) {
-  using G = Geometry<R, MODE, BWD>;
+  using G = Geometry<R, INTERP, BWD>;
   const int ly = t / G::kSrcW - G::kSH, lx = t % G::kSrcW - G::kSH;
   return ly >= 0 && ly < G::kTileH && lx >= 0 && lx < G::kTileW;
 }
 
 // Bucket of a source token: its expert, + n for halo tokens; -1 without items.
-template <int R, int MODE, bool BWD>
+template <int R, int INTERP, bool BWD>
 CONVLORA_HD int token_bucket(int t, int e, int nt, int n) {
   if (nt == 0) return -1;
-  return in_tile<R, MODE, BWD>(t) ? e : n + e;
+  return in_tile<R, INTERP, BWD>(t) ? e : n + e;
 }
 
 // Phase 2: thread b < 2n counts the items of bucket b.
-template <int R, int MODE, bool BWD, typename acc_t>
-CONVLORA_HD void phase_count(int n, const Smem<R, MODE, BWD, acc_t>& S, int tid) {
-  using G = Geometry<R, MODE, BWD>;
+template <int R, int INTERP, bool BWD, typename acc_t>
+CONVLORA_HD void phase_count(int n, const Smem<R, INTERP, BWD, acc_t>& S, int tid) {
+  using G = Geometry<R, INTERP, BWD>;
   if (tid >= 2 * n) return;
   int total = 0;
   for (int t = 0; t < G::kSrc; ++t) {
     const int nt = S.nt[t];
-    if (token_bucket<R, MODE, BWD>(t, S.es[t], nt, n) == tid) total += (nt >> 3) * (nt & 7);
+    if (token_bucket<R, INTERP, BWD>(t, S.es[t], nt, n) == tid) total += (nt >> 3) * (nt & 7);
   }
   S.bucket[tid] = total;
 }
@@ -691,9 +691,9 @@ CONVLORA_HD void phase_count(int n, const Smem<R, MODE, BWD, acc_t>& S, int tid)
 // Phase 3: thread b < 2n walks the sources in order and lists the items of bucket b from
 // the bucket's offset: items sorted by (halo, expert, token, down tap). first[b] is the
 // first item of bucket b (first[2n]: the item count).
-template <int R, int MODE, bool BWD, typename acc_t>
-CONVLORA_HD void phase_list(int n, const Smem<R, MODE, BWD, acc_t>& S, int tid) {
-  using G = Geometry<R, MODE, BWD>;
+template <int R, int INTERP, bool BWD, typename acc_t>
+CONVLORA_HD void phase_list(int n, const Smem<R, INTERP, BWD, acc_t>& S, int tid) {
+  using G = Geometry<R, INTERP, BWD>;
   if (tid > 2 * n) return;
   int off = 0;
   for (int b = 0; b < tid; ++b) off += S.bucket[b];
@@ -701,7 +701,7 @@ CONVLORA_HD void phase_list(int n, const Smem<R, MODE, BWD, acc_t>& S, int tid) 
   if (tid == 2 * n) return;
   for (int t = 0; t < G::kSrc; ++t) {
     const int nt = S.nt[t];
-    if (token_bucket<R, MODE, BWD>(t, S.es[t], nt, n) != tid) continue;
+    if (token_bucket<R, INTERP, BWD>(t, S.es[t], nt, n) != tid) continue;
     S.start[t] = off;
     for (int a = 0; a < (nt >> 3); ++a)
       for (int b = 0; b < (nt & 7); ++b) S.items[off++] = make_item(t, a, b);
@@ -731,10 +731,10 @@ CONVLORA_HD ItemPos<acc_t> item_pos(const TileArgs<scalar_t, acc_t>& A, int e, i
 //   forward:  C (the pre-activation), saved to A.pre when given; cbuf = w_o GELU(C)
 //   backward: C from A.pre; cbuf = g = w_o du GELU'(C); for tile items ubuf = the nine U
 //             vectors (what the weight gradient needs)
-template <int R, int MODE, bool BWD, typename scalar_t, typename acc_t>
+template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
 CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P, int r0,
-                            int nitems, const Smem<R, MODE, BWD, acc_t>& S, int tid) {
-  using G = Geometry<R, MODE, BWD>;
+                            int nitems, const Smem<R, INTERP, BWD, acc_t>& S, int tid) {
+  using G = Geometry<R, INTERP, BWD>;
   const int sy0 = P.h0 - G::kSH, sx0 = P.w0 - G::kSH;
   const int zy0 = P.h0 - G::kHalo, zx0 = P.w0 - G::kHalo;
   const int tile_items = BWD ? S.first[A.n] : nitems;
@@ -751,7 +751,7 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
         : A.pre + ((P.token0 + static_cast<int64_t>(gy) * A.W + gx) * G::kPreSlots + slot) * A.r;
     const int row = j * G::kItemRow;
     if (!BWD) {
-      conv_item<R, MODE, G::kZW, G::kCell, true, false>(
+      conv_item<R, INTERP, G::kZW, G::kCell, true, false>(
           A.taps, A.T, e, A.T.scale[e], ip.oy, ip.ox, zy0, zx0, S.zs, S.w,
           e * weight_stride<R>(), S.b, S.cbuf, row, S.ubuf, 0);
       if (pre != nullptr)
@@ -759,7 +759,7 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
       for (int co = 0; co < R; ++co) S.cbuf[row + co] = ip.w * gelu_erf(acc_t(S.cbuf[row + co]));
     } else {
       if (r0 + j < tile_items)
-        conv_item<R, MODE, G::kZW, G::kCell, false, true>(
+        conv_item<R, INTERP, G::kZW, G::kCell, false, true>(
             A.taps, A.T, e, A.T.scale[e], ip.oy, ip.ox, zy0, zx0, S.zs, S.w,
             e * weight_stride<R>(), S.b, S.cbuf, row, S.ubuf, j * G::kURow);
       for (int co = 0; co < R; ++co)
@@ -771,9 +771,9 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
 
 // Forward phase 5 (per round): thread per (tile token, channel): add the round's items of
 // the token in item order.
-template <int R, int MODE, typename acc_t>
-CONVLORA_HD void phase_combine(int r0, const Smem<R, MODE, false, acc_t>& S, int tid) {
-  using G = Geometry<R, MODE, false>;
+template <int R, int INTERP, typename acc_t>
+CONVLORA_HD void phase_combine(int r0, const Smem<R, INTERP, false, acc_t>& S, int tid) {
+  using G = Geometry<R, INTERP, false>;
   for (int u = tid; u < G::kSrc * R; u += kThreads) {
     const int t = u / R, c = u - t * R;
     const int nt = S.nt[t];
@@ -788,10 +788,10 @@ CONVLORA_HD void phase_combine(int r0, const Smem<R, MODE, false, acc_t>& S, int
 
 // Last phase: write the tile's rows of u = z + E(z) (forward) or dz = du + the gathered
 // contributions (backward); tokens with an out-of-range expert get NaN.
-template <int R, int MODE, bool BWD, typename scalar_t, typename acc_t>
+template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
 CONVLORA_HD void phase_store(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P,
-                             const Smem<R, MODE, BWD, acc_t>& S, int tid) {
-  using G = Geometry<R, MODE, BWD>;
+                             const Smem<R, INTERP, BWD, acc_t>& S, int tid) {
+  using G = Geometry<R, INTERP, BWD>;
   const int r = A.r;
   for (int u = tid; u < G::kTileH * G::kTileW * r; u += kThreads) {
     const int cell = u / r, c = u - cell * r;
@@ -823,9 +823,9 @@ CONVLORA_HD void phase_store(const TileArgs<scalar_t, acc_t>& A, const BlockPos&
 //   dW[e, co, ci, k] += g[co] U(tap k)[ci],   db[e, co] += g[co]
 // Thread u owns (co, k, a chunk of CH input channels) of every expert, or bias co; it
 // walks the items in order and adds its sums to expert e's accumulators when e changes.
-template <int R, int MODE, typename acc_t>
-CONVLORA_HD void phase_dw(int n, int r0, const Smem<R, MODE, true, acc_t>& S, int tid) {
-  using G = Geometry<R, MODE, true>;
+template <int R, int INTERP, typename acc_t>
+CONVLORA_HD void phase_dw(int n, int r0, const Smem<R, INTERP, true, acc_t>& S, int tid) {
+  using G = Geometry<R, INTERP, true>;
   constexpr int CH = R < 16 ? R : 16, NCH = R / CH, NW = R * 9 * NCH;
   constexpr int GS = grad_stride<R>();
   const int tile_items = S.first[n];
@@ -881,11 +881,11 @@ CONVLORA_HD void check_offset(int off, int side) {
 // its contributions D[c] to the z values c of its source token's neighbourhood
 // (c = (dy + halo)·side + dx + halo), written over the item's ubuf row:
 //   dU(k)[ci] = sum_co W[e, k, ci, co] g[co],   D[z tap of k] += wy wx dU(k)
-template <int R, int MODE, typename scalar_t, typename acc_t>
+template <int R, int INTERP, typename scalar_t, typename acc_t>
 CONVLORA_HD void phase_delta(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P, int r0,
-                             int nitems, const Smem<R, MODE, true, acc_t>& S, int tid) {
-  using G = Geometry<R, MODE, true>;
-  constexpr int UT = Interp<MODE>::kUpTaps, SIDE = Interp<MODE>::kSide, HALO = G::kHalo;
+                             int nitems, const Smem<R, INTERP, true, acc_t>& S, int tid) {
+  using G = Geometry<R, INTERP, true>;
+  constexpr int UT = Interp<INTERP>::kUpTaps, SIDE = Interp<INTERP>::kSide, HALO = G::kHalo;
   constexpr int CH = R < 16 ? R : 16;  // channels per pass: bounded registers
   const int sy0 = P.h0 - G::kSH, sx0 = P.w0 - G::kSH;
   for (int j = tid; j < G::kRound && r0 + j < nitems; j += kThreads) {
@@ -936,11 +936,11 @@ CONVLORA_HD void phase_delta(const TileArgs<scalar_t, acc_t>& A, const BlockPos&
 // Backward phase 7 (per round): thread per (tile token, chunk of channels). The token
 // pulls, in a fixed order, the contributions of the round's items of every source whose
 // neighbourhood holds it.
-template <int R, int MODE, typename acc_t>
-CONVLORA_HD void phase_gather(int r0, int nitems, const Smem<R, MODE, true, acc_t>& S,
+template <int R, int INTERP, typename acc_t>
+CONVLORA_HD void phase_gather(int r0, int nitems, const Smem<R, INTERP, true, acc_t>& S,
                               int tid) {
-  using G = Geometry<R, MODE, true>;
-  constexpr int SIDE = Interp<MODE>::kSide, HALO = G::kHalo;
+  using G = Geometry<R, INTERP, true>;
+  constexpr int SIDE = Interp<INTERP>::kSide, HALO = G::kHalo;
   constexpr int CH = R < 16 ? R : 16, NCH = R / CH;
   const int hi_round = r0 + G::kRound < nitems ? r0 + G::kRound : nitems;
   for (int u = tid; u < G::kTileH * G::kTileW * NCH; u += kThreads) {
@@ -971,9 +971,9 @@ CONVLORA_HD void phase_gather(int r0, int nitems, const Smem<R, MODE, true, acc_
 
 // Backward last phase: the block's weight-gradient partial to global memory (when the
 // accumulators were in shared memory; otherwise they already are).
-template <int R, int MODE, typename acc_t>
+template <int R, int INTERP, typename acc_t>
 CONVLORA_HD void phase_flush_dw(int r, int n, bool dw_smem, acc_t* partial,
-                                const Smem<R, MODE, true, acc_t>& S, int tid) {
+                                const Smem<R, INTERP, true, acc_t>& S, int tid) {
   if (!dw_smem) return;
   for (int i = tid; i < n * grad_stride<R>(); i += kThreads) partial[i] = S.dw[i];
 }
@@ -981,40 +981,40 @@ CONVLORA_HD void phase_flush_dw(int r, int n, bool dw_smem, acc_t* partial,
 // Runs one block. Exec::phase(f) calls f(tid) for every thread of the block and then
 // synchronises (a __syncthreads() on the GPU); Exec::poison(p, bytes) fills a buffer with
 // NaN bytes in the checked CPU build and does nothing elsewhere.
-template <int R, int MODE, bool BWD, typename Exec, typename scalar_t, typename acc_t>
+template <int R, int INTERP, bool BWD, typename Exec, typename scalar_t, typename acc_t>
 CONVLORA_HD void run_block(Exec& ex, const TileArgs<scalar_t, acc_t>& A, const Layout& L,
                            unsigned char* smem, int64_t block) {
-  using G = Geometry<R, MODE, BWD>;
+  using G = Geometry<R, INTERP, BWD>;
   const BlockPos P = block_pos<G::kTileH, G::kTileW>(A, block);
   acc_t* partial = BWD ? A.dw_partial + block * A.n * grad_stride<R>() : nullptr;
-  const Smem<R, MODE, BWD, acc_t> S(smem, L, A.n, A.wbuf, partial, A.r);
+  const Smem<R, INTERP, BWD, acc_t> S(smem, L, A.n, A.wbuf, partial, A.r);
   ex.poison(smem, L.bytes);
-  ex.phase([&](int tid) { phase_load<R, MODE, BWD>(A, P, S, tid); });
-  ex.phase([&](int tid) { phase_count<R, MODE, BWD>(A.n, S, tid); });
-  ex.phase([&](int tid) { phase_list<R, MODE, BWD>(A.n, S, tid); });
+  ex.phase([&](int tid) { phase_load<R, INTERP, BWD>(A, P, S, tid); });
+  ex.phase([&](int tid) { phase_count<R, INTERP, BWD>(A.n, S, tid); });
+  ex.phase([&](int tid) { phase_list<R, INTERP, BWD>(A.n, S, tid); });
   const int nitems = S.first[2 * A.n];
   for (int r0 = 0; r0 < nitems; r0 += G::kRound) {
     ex.poison(S.cbuf.p, G::kRound * G::kItemRow * static_cast<int>(sizeof(acc_t)));
     if (BWD) ex.poison(S.ubuf.p, G::kRound * G::kURow * static_cast<int>(sizeof(acc_t)));
-    ex.phase([&](int tid) { phase_conv<R, MODE, BWD>(A, P, r0, nitems, S, tid); });
+    ex.phase([&](int tid) { phase_conv<R, INTERP, BWD>(A, P, r0, nitems, S, tid); });
     if constexpr (!BWD) {
-      ex.phase([&](int tid) { phase_combine<R, MODE>(r0, S, tid); });
+      ex.phase([&](int tid) { phase_combine<R, INTERP>(r0, S, tid); });
     } else {
-      ex.phase([&](int tid) { phase_dw<R, MODE>(A.n, r0, S, tid); });
+      ex.phase([&](int tid) { phase_dw<R, INTERP>(A.n, r0, S, tid); });
 #if defined(CONVLORA_CHECKED_DROP_A_BARRIER)  // tests only: the race check must see this
       ex.phase([&](int tid) {
-        phase_delta<R, MODE>(A, P, r0, nitems, S, tid);
-        phase_gather<R, MODE>(r0, nitems, S, tid);
+        phase_delta<R, INTERP>(A, P, r0, nitems, S, tid);
+        phase_gather<R, INTERP>(r0, nitems, S, tid);
       });
 #else
-      ex.phase([&](int tid) { phase_delta<R, MODE>(A, P, r0, nitems, S, tid); });
-      ex.phase([&](int tid) { phase_gather<R, MODE>(r0, nitems, S, tid); });
+      ex.phase([&](int tid) { phase_delta<R, INTERP>(A, P, r0, nitems, S, tid); });
+      ex.phase([&](int tid) { phase_gather<R, INTERP>(r0, nitems, S, tid); });
 #endif
     }
   }
-  ex.phase([&](int tid) { phase_store<R, MODE, BWD>(A, P, S, tid); });
+  ex.phase([&](int tid) { phase_store<R, INTERP, BWD>(A, P, S, tid); });
   if constexpr (BWD) {
-    ex.phase([&](int tid) { phase_flush_dw<R, MODE>(A.r, A.n, A.dw_smem, partial, S, tid); });
+    ex.phase([&](int tid) { phase_flush_dw<R, INTERP>(A.r, A.n, A.dw_smem, partial, S, tid); });
   }
 }
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._validate import INTERPOLATIONS, normalize_scales, resolve_hw
+from ._validate import (INTERPOLATIONS, MAX_EXPERTS, MAX_FUSED_RANK, normalize_scales,
+                        resolve_hw)
 from .gating import NoisyTopOneRouter
 from .ops import BACKENDS, autocast_inputs, conv_lora_linear
 
@@ -53,6 +54,14 @@ class ConvLoRALinear(nn.Module):
                              f"got {interpolation!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        # the limits every call would hit, said now rather than at the first forward
+        if num_experts > MAX_EXPERTS:
+            raise ValueError(f"num_experts: at most {MAX_EXPERTS} experts are supported, "
+                             f"got {num_experts}")
+        if r > MAX_FUSED_RANK and backend in ("cpu", "cuda", "triton"):
+            raise ValueError(f"r: backend={backend!r} supports ranks up to {MAX_FUSED_RANK}, "
+                             f"got r = {r}; use backend='auto' (which runs the PyTorch "
+                             f"reference for this rank) or 'reference'")
         kw = dict(device=device, dtype=dtype)
         self.in_features = in_features
         self.out_features = out_features

@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import _ext
-from ._validate import as_map, check_inputs, out_shape
+from ._validate import Problem, as_map, check_inputs, out_shape
 from .reference import reference_layer
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
@@ -134,6 +134,32 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def unsupported_reason(name: str, p: Problem, dtype: torch.dtype,
+                       device: torch.device) -> Optional[str]:
+    """None when the kernels of backend ``name`` (available on ``device``) can compute
+    problem p in ``dtype``, else the error they would raise (a rank or dtype limit)."""
+    if name == "reference":
+        return None
+    return _backend_module(name)[0].unsupported(p, dtype, device)
+
+
+@_constant_under_compile
+def _auto_falls_back(name: str, p: Problem, dtype: torch.dtype, device: torch.device) -> bool:
+    """True (with a one-time warning) when "auto" resolved to fused backend ``name`` but its
+    kernels cannot compute p: the call then runs on the reference, as "auto" promises."""
+    why = unsupported_reason(name, p, dtype, device)
+    if why is not None:
+        _warn_unsupported_once(name, why)
+    return why is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unsupported_once(name: str, why: str) -> None:
+    warnings.warn(f"convlora_kernels: backend='auto' chose {name!r}, whose kernels cannot run "
+                  f"this call ({why}); using the PyTorch reference (slow)", RuntimeWarning,
+                  stacklevel=5)
+
+
 def conv_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      lora_A: torch.Tensor, lora_B: torch.Tensor, conv_weight: torch.Tensor,
                      conv_bias: torch.Tensor, expert_index: torch.Tensor, scaling: float, *,
@@ -173,13 +199,16 @@ def conv_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    impl = _IMPLS[resolve_backend(backend, x.device)]
+    name = resolve_backend(backend, x.device)
     tensors = autocast_inputs(x.device.type, x, weight, bias, lora_A, lora_B, conv_weight,
                               conv_bias, z)
     x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, z = tensors
     p = check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
                      scaling, scales, interpolation, hw, z=z,
                      check_index_values=check_expert_index)
+    if backend == "auto" and _auto_falls_back(name, p, x.dtype, x.device):
+        name = "reference"
+    impl = _IMPLS[name]
     with torch.autocast(x.device.type, enabled=False) if _autocasting(x.device.type) \
             else contextlib.nullcontext():
         y = impl(p, as_map(x, p), weight, bias, lora_A, lora_B, conv_weight, conv_bias,

@@ -34,9 +34,17 @@ if INTERPRETER:
     except ImportError:
         pass
 
+try:
+    import triton  # noqa: F401,E402
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
 
 @pytest.fixture(autouse=True)
 def _interpreter_only_for_triton_tests(request, monkeypatch):
+    if request.node.get_closest_marker("triton") is not None and not HAS_TRITON:
+        pytest.skip("triton is not installed")
     if INTERPRETER and request.node.get_closest_marker("triton") is None:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     yield

@@ -8,6 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+pytest.importorskip("segment_anything", reason="the SAM tests need segment-anything "
+                    "(pip install -e .[test])")
+
 from sam_helpers import DDP_GATINGS, DDP_STEPS, ddp_worker
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),

@@ -140,10 +140,39 @@ def test_module_in_float64_and_no_bias():
     (dict(gating="pixel"), "gating: expected one of"),
     (dict(interpolation="nearest"), "interpolation: expected one of"),
     (dict(backend="cudnn"), "backend: expected one of"),
+    (dict(num_experts=17, scales=list(range(1, 18))), "num_experts: at most 16 experts"),
+    (dict(r=65, backend="cpu"), r"r: backend='cpu' supports ranks up to 64, got r = 65; use "
+                                r"backend='auto'"),
+    (dict(r=65, backend="triton"), r"r: backend='triton' supports ranks up to 64"),
 ])
 def test_bad_construction(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ConvLoRALinear.from_linear(nn.Linear(8, 8), **kw)
+
+
+def test_auto_runs_the_reference_for_a_rank_the_kernels_lack(recwarn):
+    """backend="auto" with r beyond the fused kernels' limit: set-up succeeds, the forward
+    and backward run on the reference (same result as backend="reference") with one
+    warning that says why; explicit "cpu" refuses at set-up (test_bad_construction)."""
+    import warnings
+
+    from convlora_kernels import ops
+
+    ops._warn_unsupported_once.cache_clear()
+    auto, ref = _layer(c_in=8, c_out=12, r=65, backend="auto"), \
+        _layer(c_in=8, c_out=12, r=65, backend="reference")
+    _randomise_adapter(auto)
+    ref.load_state_dict(auto.state_dict())
+    x = torch.randn(2, 3, 4, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ya = auto.eval()(x)
+        auto(x)
+    said = [str(w.message) for w in caught if "cannot run this call" in str(w.message)]
+    assert len(said) == 1 and "ranks up to 64, got r = 65" in said[0], said
+    assert torch.equal(ya, ref.eval()(x))
+    ya.square().sum().backward()
+    assert auto.lora_B.grad is not None and auto.conv_weight.grad is not None
 
 
 def test_bad_forward_input():

@@ -7,6 +7,9 @@ import functools
 import pytest
 import torch
 import torch.nn as nn
+
+pytest.importorskip("segment_anything", reason="the SAM tests need segment-anything "
+                    "(pip install -e .[test])")
 from segment_anything.modeling.image_encoder import Block
 
 from convlora_kernels import ConvLoRALinear

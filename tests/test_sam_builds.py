@@ -3,6 +3,9 @@ and on transformers' SamModel / SamVisionModel (skipped when transformers is mis
 
 import pytest
 import torch
+
+pytest.importorskip("segment_anything", reason="the SAM tests need segment-anything "
+                    "(pip install -e .[test])")
 from segment_anything import sam_model_registry
 
 from convlora_kernels.sam import (adapter_state_dict, apply_conv_lora, aux_loss, load_adapter,

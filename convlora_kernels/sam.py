@@ -22,8 +22,11 @@ model's ``state_dict()``.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sys
+import uuid
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -280,6 +283,8 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
                       RuntimeWarning, stacklevel=2)
     losses = [m.aux_loss for m in live.values()]
     if not losses:
+        if torch.is_grad_enabled() and not any(m.training for m in layers.values()):
+            _warn_eval_mode_once()
         device = next(iter(layers.values())).lora_A.device
         return torch.zeros((), dtype=torch.float32, device=device)
     return torch.stack([t.float() for t in losses]).sum()
@@ -386,23 +391,69 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
             t.copy_(state_dict[k])
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_eval_mode_once() -> None:
+    warnings.warn("aux_loss: every Conv-LoRA layer is in eval mode, so the routers' loss is "
+                  "a constant 0 and the routers will not train; call model.train() before "
+                  "the training forward (sam_model_registry returns the model in eval mode)",
+                  RuntimeWarning, stacklevel=3)
+
+
 def save_adapter(model: nn.Module, path) -> None:
     """Write adapter_state_dict(model) to a safetensors file, with the settings of
-    apply_conv_lora in its metadata."""
+    apply_conv_lora in its metadata. The file is written beside ``path`` and renamed into
+    place, so ``path`` is never left half-written."""
     from safetensors.torch import save_file
 
     _, cfg = _config_of(model)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"path: the folder {folder} does not exist; create it first "
+                                f"(os.makedirs({folder!r}, exist_ok=True))")
     # Copies on the CPU: safetensors refuses tensors that share storage.
     tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, str(path), metadata={
-        "format": FILE_FORMAT, "format_version": FILE_FORMAT_VERSION,
-        "conv_lora_config": json.dumps(cfg.to_dict())})
+    # a new name in the same folder (so the rename is atomic), created with the usual mode
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}."
+                               f"{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file(tensors, tmp, metadata={
+            "format": FILE_FORMAT, "format_version": FILE_FORMAT_VERSION,
+            "conv_lora_config": json.dumps(cfg.to_dict())})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _not_an_adapter_file(path) -> Optional[str]:
+    """Why ``path`` cannot be an adapter file (missing, a folder, a PyTorch checkpoint such
+    as SAM's own weights, or no safetensors header), else None."""
+    if not os.path.exists(path):
+        return f"path: {path} does not exist"
+    if os.path.isdir(path):
+        return f"path: {path} is a folder, not an adapter file written by save_adapter"
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return (f"path: {path} is a PyTorch checkpoint (torch.save), not an adapter file: "
+                f"SAM's own weights load with sam_model_registry[...](checkpoint=...); "
+                f"adapter files are the .safetensors files save_adapter writes")
+    if len(head) < 8 or int.from_bytes(head, "little") > os.path.getsize(path) - 8:
+        return (f"path: {path} is not a safetensors file (no valid header), so not an "
+                f"adapter file written by save_adapter")
+    return None
 
 
 def _read_file(path) -> Tuple[ConvLoRAConfig, Dict[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    path = os.fspath(path)
+    why = _not_an_adapter_file(path)
+    if why is not None:
+        raise (FileNotFoundError if "does not exist" in why else ValueError)(why)
+    with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != FILE_FORMAT or "conv_lora_config" not in meta:
             raise ValueError(f"path: {path} is not a Conv-LoRA adapter file written by "

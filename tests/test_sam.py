@@ -3,6 +3,7 @@ relative positions (real builds and transformers' SAM: test_sam_builds.py)."""
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ pytest.importorskip("segment_anything", reason="the SAM tests need segment-anyth
 from segment_anything.modeling.image_encoder import Block
 
 from convlora_kernels import ConvLoRALinear
+from convlora_kernels import sam as sam_module
 from convlora_kernels.sam import (adapter_state_dict, apply_conv_lora, aux_loss, load_adapter,
                                   load_adapter_state_dict, print_trainable_parameters,
                                   read_adapter_config, save_adapter, trainable_parameters)
@@ -205,8 +207,16 @@ def test_aux_loss_sums_the_training_forwards():
     assert torch.allclose(aux_loss(enc), sum(m.aux_loss for m in layers[1:]))
     with torch.no_grad():
         enc.eval()(x)
-    zero = aux_loss(enc)
+    with torch.no_grad():  # evaluation: no warning
+        assert aux_loss(enc).item() == 0
+    sam_module._warn_eval_mode_once.cache_clear()
+    with pytest.warns(RuntimeWarning, match=r"every Conv-LoRA layer is in eval mode.*call "
+                      r"model.train\(\) before the training forward"):
+        zero = aux_loss(enc)
     assert zero.item() == 0 and not zero.requires_grad and zero.shape == ()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        aux_loss(enc)  # once per process
     with pytest.raises(ValueError, match="has no Conv-LoRA layers"):
         aux_loss(tiny_encoder())
 
@@ -253,6 +263,51 @@ def test_adapter_state_dict_round_trip(tmp_path):
     load_adapter_state_dict(again, sd)
     for got, want in zip(_eval_outputs(again), expected, strict=True):
         assert torch.equal(got, want)
+
+
+def test_adapter_file_mix_ups_get_clear_errors(tmp_path, monkeypatch):
+    """SAM's own checkpoint, a file that is not safetensors, a missing path or a folder given
+    to read_adapter_config / load_adapter; save_adapter into a missing folder; and a save
+    that fails midway leaves the previous file whole and no temporary file behind."""
+    sam = tiny_sam()
+    apply_conv_lora(sam, **FUSED)
+    ckpt = tmp_path / "sam_vit_b_01ec64.pth"
+    torch.save(sam.state_dict(), ckpt)
+    with pytest.raises(ValueError, match=r"sam_vit_b_01ec64.pth is a PyTorch checkpoint "
+                       r"\(torch.save\), not an adapter file: SAM's own weights load with "
+                       r"sam_model_registry"):
+        read_adapter_config(ckpt)
+    with pytest.raises(ValueError, match="is a PyTorch checkpoint"):
+        load_adapter(sam, ckpt)
+    junk = tmp_path / "notes.txt"
+    junk.write_text("a text file that is long enough to have eight bytes")
+    with pytest.raises(ValueError, match="notes.txt is not a safetensors file"):
+        read_adapter_config(junk)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors does not exist"):
+        read_adapter_config(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="is a folder"):
+        read_adapter_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"path: the folder .*nope does not exist; "
+                       r"create it first \(os.makedirs"):
+        save_adapter(sam, tmp_path / "nope" / "adapter.safetensors")
+
+    path = tmp_path / "adapter.safetensors"
+    save_adapter(sam, path)
+    before = path.read_bytes()
+    import safetensors.torch
+
+    def half_written(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    randomise_adapters(sam)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(sam, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter.safetensors", "notes.txt", "sam_vit_b_01ec64.pth"]
 
 
 def test_loading_into_another_setup_names_the_mismatch(tmp_path):

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 # The checkout's package, not whichever convlora_kernels an earlier install left behind.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +44,7 @@ class Shape:
     rank: int
     num_experts: int = 8
     gating: str = "token"
+    interpolation: str = "bilinear"
 
     @property
     def tokens(self) -> int:
@@ -62,14 +63,25 @@ class Shape:
                     scales=list(self.scales))
 
 
-def _global(c, r, batch, gating="token"):
-    suffix = "-map" if gating == "map" else ""
-    return Shape(f"global-C{c}-r{r}{suffix}", batch, 64, 64, c, r, gating=gating)
+def _suffix(gating, interpolation):
+    return ("-map" if gating == "map" else "") + \
+        ("-bicubic" if interpolation == "bicubic" else "")
 
 
-def _window(c, r, batch, gating="token"):
-    suffix = "-map" if gating == "map" else ""
-    return Shape(f"window-C{c}-r{r}{suffix}", batch * 25, 14, 14, c, r, gating=gating)
+def _global(c, r, batch, gating="token", interpolation="bilinear"):
+    return Shape(f"global-C{c}-r{r}{_suffix(gating, interpolation)}", batch, 64, 64, c, r,
+                 gating=gating, interpolation=interpolation)
+
+
+def _window(c, r, batch, gating="token", interpolation="bilinear"):
+    return Shape(f"window-C{c}-r{r}{_suffix(gating, interpolation)}", batch * 25, 14, 14, c,
+                 r, gating=gating, interpolation=interpolation)
+
+
+def compat_shapes(batch: int) -> List[Shape]:
+    """The paper's own setting (the authors' code): ViT-B's qkv at r = 3, 8 experts, one
+    expert per map, bicubic; a global block's (B, 64, 64) and the windows (25·B, 14, 14)."""
+    return [_global(768, 3, batch, "map", "bicubic"), _window(768, 3, batch, "map", "bicubic")]
 
 
 def sam_shapes(batch: int = 4, channels=(768, 1024, 1280), ranks=(3, 8, 32),
@@ -91,10 +103,13 @@ def preset_shapes(preset: str, batch: Optional[int] = None) -> List[Shape]:
             _window(768, 3, batch or 1),
         ]
     if preset == "gpu-check":
-        # ViT-B, the paper's r = 3 and r = 8, token routing, plus one map-routing row.
+        # ViT-B, the paper's r = 3 and r = 8, token routing, one map-routing row, and the
+        # authors' setting (map routing, bicubic, r = 3).
         b = batch or 4
         return [_global(768, 8, b), _window(768, 8, b), _global(768, 3, b), _window(768, 3, b),
-                _global(768, 8, b, "map")]
+                _global(768, 8, b, "map")] + compat_shapes(b)
+    if preset == "compat":
+        return compat_shapes(batch or 1)
     if preset == "sam":
         return sam_shapes(batch or 4)
     if preset == "smoke":
@@ -104,7 +119,7 @@ def preset_shapes(preset: str, batch: Optional[int] = None) -> List[Shape]:
     raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
 
 
-PRESETS = ("cpu", "gpu-check", "sam", "smoke")
+PRESETS = ("cpu", "gpu-check", "compat", "sam", "smoke")
 
 # Run settings when not given: (on a GPU, on a CPU). A GPU run times many calls in
 # bf16 over enough input sets to overflow its L2; the CPU subset must fit a few minutes.
@@ -133,11 +148,12 @@ def make_inputs(shape: Shape, device, dtype, seed: int = 0) -> Dict[str, torch.T
     def rnd(*s, std=1.0):
         return (torch.randn(*s, generator=g) * std).to(device=device, dtype=dtype)
 
+    bhw = (shape.batch, shape.height, shape.width)
     if shape.gating == "token":
-        idx = torch.randint(0, n, (shape.batch, shape.height, shape.width), generator=g)
-    else:  # one expert per map
-        idx = torch.randint(0, n, (shape.batch, 1, 1), generator=g).expand(
-            shape.batch, shape.height, shape.width).contiguous()
+        idx = torch.randint(0, n, bhw, generator=g).to(device=device, dtype=INDEX_DTYPE)
+    else:  # one expert per map, expanded as the map router returns it (the map kernels)
+        idx = torch.randint(0, n, (shape.batch, 1, 1), generator=g).to(
+            device=device, dtype=INDEX_DTYPE).expand(bhw)
     return dict(
         x=rnd(shape.batch, shape.height, shape.width, c),
         weight=rnd(shape.out_features, c, std=1 / math.sqrt(c)),
@@ -146,8 +162,9 @@ def make_inputs(shape: Shape, device, dtype, seed: int = 0) -> Dict[str, torch.T
         lora_B=rnd(shape.out_features, r, std=0.1),
         conv_weight=rnd(n, r, r, 3, 3, std=1 / math.sqrt(9 * r)),
         conv_bias=rnd(n, r, std=0.1),
-        expert_index=idx.to(device=device, dtype=INDEX_DTYPE),
+        expert_index=idx,
         scaling=ALPHA / r,
+        interpolation=shape.interpolation,
     )
 
 
@@ -158,6 +175,7 @@ TRAINABLE = ("x", "lora_A", "lora_B", "conv_weight", "conv_bias")
 class Provider(NamedTuple):
     fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor]
     problem: str  # "conv-lora", "lora" or "linear": what it computes, for its floor
+    applies: Optional[Callable[[Shape], bool]] = None  # None: every shape
 
 
 def _conv_lora_args(inp):
@@ -169,13 +187,14 @@ def conv_lora_provider(backend: str) -> Provider:
     # As ConvLoRALinear calls it: its router's indices need no range check (on CUDA that
     # check would cost a host synchronisation per call).
     return Provider(lambda inp: conv_lora_linear(*_conv_lora_args(inp), backend=backend,
+                                                 interpolation=inp["interpolation"],
                                                  check_expert_index=False), "conv-lora")
 
 
 def compiled_reference_provider() -> Provider:
     compiled = torch.compile(conv_lora_linear_ref)
-    return Provider(lambda inp: compiled(*_conv_lora_args(inp), check_expert_index=False),
-                    "conv-lora")
+    return Provider(lambda inp: compiled(*_conv_lora_args(inp), check_expert_index=False,
+                                         interpolation=inp["interpolation"]), "conv-lora")
 
 
 def plain_lora(inp):
@@ -189,19 +208,47 @@ def frozen_linear(inp):
 
 REFERENCE = "conv-lora[reference]"
 COMPILED = "conv-lora[reference+compile]"
+AUTHORS = "authors[autogluon]"
 PLAIN_LORA = "plain-lora"
 LINEAR = "frozen-linear"
 
 
-def providers(device, compile_reference: bool = False) -> Dict[str, Provider]:
+def authors_applies(shape: Shape) -> bool:
+    """The authors' layer computes map routing, bicubic, scales 1..n only."""
+    return shape.gating == "map" and shape.interpolation == "bicubic" and \
+        tuple(shape.scales) == tuple(range(1, shape.num_experts + 1))
+
+
+def authors_provider() -> Tuple[Optional[Provider], str]:
+    """(the authors' layer as a provider, where its source came from), or (None, why not):
+    benchmarks/authors.py."""
+    import authors
+
+    mod, where = authors.load()
+    if mod is None:
+        return None, where
+    return Provider(authors.make_fn(mod, ALPHA), "conv-lora", authors_applies), where
+
+
+def providers(device, compile_reference: bool = False,
+              authors: bool = False) -> Dict[str, Provider]:
     """Fused backends available on ``device`` (whichever exist), the eager reference,
-    optionally the reference under torch.compile, plain LoRA and the frozen linear."""
+    optionally the reference under torch.compile and the authors' layer (map-routing
+    bicubic shapes only; left out, with a note on stderr, when it cannot be loaded), plain
+    LoRA and the frozen linear."""
     out = {}
     for b in fused_backends(device):
         out[f"conv-lora[{b}]"] = conv_lora_provider(b)
     out[REFERENCE] = conv_lora_provider("reference")
     if compile_reference:
         out[COMPILED] = compiled_reference_provider()
+    if authors:
+        prov, where = authors_provider()
+        if prov is None:
+            print(f"note: {AUTHORS} left out: {where}", file=sys.stderr)
+        else:
+            print(f"note: {AUTHORS} from {where}", file=sys.stderr)
+            out[AUTHORS] = prov
     out[PLAIN_LORA] = Provider(plain_lora, "lora")
     out[LINEAR] = Provider(frozen_linear, "linear")
     return out

@@ -6,6 +6,7 @@ Columns, per shape and mode (fwd, or fwd+bwd):
     x floor          median time over the floor of its problem (1.0 = the physical limit)
     x frozen linear  median time over the frozen nn.Linear's (the floor of any adapter)
     speedup vs ref   the eager reference's median over this provider's
+    vs authors'      the authors' layer's median over this provider's (when it was timed)
     saved MiB        activation memory a training forward keeps for backward, less its inputs
     median ms, floor ms, peak MiB   GPU reports only (CPU reports print ratios alone)
 """
@@ -35,10 +36,12 @@ def derived(report: dict, row: dict, group: Dict[str, dict]) -> Dict[str, Option
     base = report["baselines"]
     m = med(row)
     lin, ref = med(group.get(base["linear"])), med(group.get(base["reference"]))
+    auth = med(group.get(base.get("authors")))
     fl = (row.get("floor") or {}).get("ms")
     return dict(x_floor=m / fl if m and fl else None,
                 x_linear=m / lin if m and lin else None,
-                speedup_ref=ref / m if m and ref else None)
+                speedup_ref=ref / m if m and ref else None,
+                speedup_authors=auth / m if m and auth else None)
 
 
 def is_gpu(report: dict) -> bool:
@@ -49,11 +52,18 @@ def _f(v, fmt="{:.2f}", none="-"):
     return none if v is None else fmt.format(v)
 
 
-def _columns(gpu: bool):
+def _has_authors(report: dict) -> bool:
+    name = report["baselines"].get("authors")
+    return any(r["provider"] == name for r in report["results"])
+
+
+def _columns(gpu: bool, authors: bool = False):
     cols = [("x floor", lambda r, d: _f(d["x_floor"])),
             ("x frozen linear", lambda r, d: _f(d["x_linear"])),
-            ("speedup vs ref", lambda r, d: _f(d["speedup_ref"])),
-            ("saved MiB", lambda r, d: _f(r.get("saved_new_mb"), "{:.1f}"))]
+            ("speedup vs ref", lambda r, d: _f(d["speedup_ref"]))]
+    if authors:
+        cols.append(("vs authors'", lambda r, d: _f(d["speedup_authors"])))
+    cols.append(("saved MiB", lambda r, d: _f(r.get("saved_new_mb"), "{:.1f}")))
     if gpu:
         cols = [("median ms", lambda r, d: _f(r.get("median_ms"), "{:.4f}")),
                 ("floor ms", lambda r, d: _f((r.get("floor") or {}).get("ms"), "{:.4f}"))] + \
@@ -75,7 +85,7 @@ def _problem_line(report: dict) -> str:
 def text_table(report: dict) -> str:
     """The terminal table: one block per shape and mode."""
     gpu = is_gpu(report)
-    cols = _columns(gpu)
+    cols = _columns(gpu, _has_authors(report))
     lines = [_problem_line(report)]
     rates = report.get("rates")
     if rates:
@@ -96,7 +106,7 @@ def text_table(report: dict) -> str:
 def markdown(report: dict) -> str:
     """One markdown table of every row, headed by the card (or CPU) and versions."""
     gpu = is_gpu(report)
-    cols = _columns(gpu)
+    cols = _columns(gpu, _has_authors(report))
     env = report["environment"]
     out = [f"**{_problem_line(report)}**", ""]
     rates = report.get("rates")

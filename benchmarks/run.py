@@ -4,6 +4,7 @@
     python benchmarks/run.py --device cuda   # SAM ViT-B/L/H shapes in bf16, CUDA events
     python benchmarks/run.py --device cuda --preset gpu-check --compile \
         --compile-only global-C768-r8        # what benchmarks/gpu_check.sh runs
+    python benchmarks/run.py --preset compat # the paper's setting against the authors' layer
 
 Prints a ratio table per shape and mode (see benchmarks/render.py for the columns) and
 writes a JSON report with raw medians, floors, memory and the environment, plus a
@@ -48,16 +49,20 @@ def _floor_entry(count: dict, rates: dict) -> dict:
                 terms=count["terms"])
 
 
-def plan(shapes, names, args):
-    """[(shape, backward, provider names)]: the groups timed together, in order. The
-    compiled reference goes last: its compiles take longest, and a time budget then costs
-    only it."""
+def plan(shapes, provs, args):
+    """[(shape, backward, provider names)]: the groups timed together, in order, each with
+    the providers that apply to its shape. The compiled reference goes last: its compiles
+    take longest, and a time budget then costs only it."""
+    names = list(provs)
     def compiled_on(shape):
         return common.COMPILED in names and (
             not args.compile_only or any(o in shape.name for o in args.compile_only.split(",")))
 
-    eager = [n for n in names if n != common.COMPILED]
-    first = [(shape, backward, eager) for shape in shapes for backward in (False, True)]
+    def eager(shape):
+        return [n for n in names if n != common.COMPILED and
+                (provs[n].applies is None or provs[n].applies(shape))]
+
+    first = [(shape, backward, eager(shape)) for shape in shapes for backward in (False, True)]
     last = [(shape, backward, [common.COMPILED]) for shape in shapes if compiled_on(shape)
             for backward in (False, True)]
     return first + last
@@ -75,12 +80,15 @@ def run(args, argv=(), on_group=None) -> dict:
     shapes = common.preset_shapes(args.preset, args.batch)
     if args.only:
         shapes = [s for s in shapes if any(o in s.name for o in args.only.split(","))]
-    provs = common.providers(device, compile_reference=args.compile)
+    provs = common.providers(device, compile_reference=args.compile,
+                             authors=args.authors and any(common.authors_applies(s)
+                                                          for s in shapes))
     command = shlex.join(["python", "benchmarks/run.py"] + list(argv))
     report = dict(schema=SCHEMA, environment=envinfo.environment(device, command), args=vars(args),
-                  baselines=dict(reference=common.REFERENCE, linear=common.LINEAR),
+                  baselines=dict(reference=common.REFERENCE, linear=common.LINEAR,
+                                 authors=common.AUTHORS),
                   rates=floors.measure_rates(device, dtype), results=[])
-    groups = plan(shapes, list(provs), args)
+    groups = plan(shapes, provs, args)
     current, inputs = None, None
     for done, (shape, backward, names) in enumerate(groups, 1):
         mode = "fwd+bwd" if backward else "fwd"
@@ -157,6 +165,10 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None, help=common.default_help("repeats"))
     p.add_argument("--rotate", type=int, default=None,
                    help="input sets cycled through; " + common.default_help("rotate"))
+    p.add_argument("--authors", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the authors' layer (autogluon.multimodal's ConvLoRALinear, "
+                        "read from its wheel: benchmarks/authors.py) on map-routing bicubic "
+                        "shapes; default: on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; rows not started by then are recorded as skipped")

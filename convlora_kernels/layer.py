@@ -365,6 +365,15 @@ def _backward(ctx, dy2, *_unused):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def stencil_index(expert_index: Tensor) -> Tensor:
+    """expert_index (B, H, W) as the C++ stencils take it, int32: (B,) when it is one expert
+    per map by construction (expanded from (B, 1, 1), as the map router returns it), so the
+    map kernels run (csrc/stencil_map.h); else one entry per token (N,)."""
+    if expert_index.dim() == 3 and expert_index.stride(1) == 0 and expert_index.stride(2) == 0:
+        return expert_index[:, 0, 0].to(torch.int32).contiguous()
+    return expert_index.reshape(-1).to(torch.int32)
+
+
 def conv_lora_linear(backend: str, p: Problem, x4: Tensor, weight: Tensor,
                      bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                      conv_weight: Tensor, conv_bias: Tensor, expert_index: Tensor,
@@ -373,9 +382,7 @@ def conv_lora_linear(backend: str, p: Problem, x4: Tensor, weight: Tensor,
     were checked (_validate.check_inputs) and p is their Problem."""
     x2 = x4.reshape(-1, p.in_features)  # a view whenever x's layout allows
     z2 = None if z is None else z.reshape(-1, p.rank)
-    idx = expert_index.reshape(-1)
-    if backend != "triton":
-        idx = idx.to(torch.int32)
+    idx = expert_index.reshape(-1) if backend == "triton" else stencil_index(expert_index)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (x4, weight, bias, lora_A, lora_B, conv_weight, conv_bias, z))

@@ -177,7 +177,9 @@ def conv_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         lora_B:       (C_out, r), up-projection.
         conv_weight:  (n, r, r, 3, 3), expert i's 3x3 conv weight.
         conv_bias:    (n, r).
-        expert_index: (B, H, W) integer tensor, each token's expert in [0, n).
+        expert_index: (B, H, W) integer tensor, each token's expert in [0, n). One
+                      expert per map as ``e.view(B, 1, 1).expand(B, H, W)`` (what the map
+                      router returns) runs the cpu/cuda backends' map kernels.
         scaling:      alpha / r.
         scales:       n positive integers, expert i's resampling scale; default 1..n.
         interpolation: "bilinear" (default) or "bicubic" (the authors' choice).

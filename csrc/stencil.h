@@ -5,7 +5,8 @@
 //   stencil_bwd(du, z, preact, expert_index, conv_weight, conv_bias, scales, interpolation,
 //               height, width) -> (dz, dconv_weight, dconv_bias)
 //
-// z, u, du, dz: (N, r) with N = B·H·W tokens in (b, h, w) order; expert_index: (N,) int32;
+// z, u, du, dz: (N, r) with N = B·H·W tokens in (b, h, w) order; expert_index: (N,) int32,
+// or (B,) int32 for one expert per map (the map programs of stencil_map.h run then);
 // conv_weight (n, r, r, 3, 3), conv_bias (n, r); preact: each token's conv pre-activations,
 // (N, 4, r) bilinear or (N, 16, r) bicubic, in float32 (float64 for float64 inputs), saved
 // by the forward for the backward when save_preact (else empty); dconv_* in that dtype too,
@@ -20,9 +21,11 @@
 #include <algorithm>
 #include <cstdlib>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "convlora_math.h"
+#include "stencil_map.h"
 #include "stencil_tile.h"
 
 // The op library's namespace: torch.ops.convlora, or another name for a second build
@@ -55,10 +58,12 @@ inline void check_stencil_args(const at::Tensor& z, const at::Tensor& expert_ind
               height, ", ", width);
   TORCH_CHECK(z.size(0) % (height * width) == 0, "stencil: z has ", z.size(0),
               " tokens, not a multiple of height * width = ", height * width);
-  TORCH_CHECK(expert_index.dim() == 1 && expert_index.size(0) == z.size(0) &&
+  const int64_t maps = z.size(0) / (height * width);
+  TORCH_CHECK(expert_index.dim() == 1 &&
+                  (expert_index.size(0) == z.size(0) || expert_index.size(0) == maps) &&
                   expert_index.scalar_type() == at::kInt,
-              "stencil: expert_index must be int32 of shape (", z.size(0), "), got ",
-              expert_index.scalar_type(), " ", expert_index.sizes());
+              "stencil: expert_index must be int32 of shape (", z.size(0), ") (per token) or (",
+              maps, ") (per map), got ", expert_index.scalar_type(), " ", expert_index.sizes());
   TORCH_CHECK(conv_weight.dim() == 5, "stencil: conv_weight must be (n, r, r, 3, 3), got ",
               conv_weight.sizes());
   const int64_t n = conv_weight.size(0);
@@ -126,6 +131,17 @@ inline Operands checked_operands(const at::Tensor& z, const at::Tensor& expert_i
   return o;
 }
 
+// True when the call runs the map programs: expert_index has one entry per map and the rank
+// has them (r <= tile::kMapMaxRank). A per-map index at a larger rank is expanded to every
+// token of its map here, for the per-token programs.
+inline bool map_programs(Operands& o, int64_t height, int64_t width) {
+  const int64_t hw = height * width;
+  if (o.expert_index.size(0) == o.z.size(0)) return false;
+  if (o.z.size(1) <= tile::kMapMaxRank) return true;
+  o.expert_index = o.expert_index.repeat_interleave(hw).contiguous();
+  return false;
+}
+
 // How a call is cut into blocks and what each block keeps in shared memory.
 struct TilePlan {
   int64_t blocks;
@@ -165,6 +181,31 @@ TilePlan make_tile_plan(int64_t maps, int H, int W, int r, int n) {
   return p;
 }
 
+// The map programs' cut: kTile x kTile tokens per block, every shared array in shared memory.
+struct MapPlan {
+  int64_t blocks;
+  int tiles_y, tiles_x;
+  tile::MapLayout layout;
+};
+
+template <int R, int INTERP, bool BWD, typename acc_t>
+MapPlan make_map_plan(int64_t maps, int H, int W) {
+  using G = tile::MapGeometry<R, INTERP>;
+  MapPlan p;
+  p.tiles_y = (H + G::kTile - 1) / G::kTile;
+  p.tiles_x = (W + G::kTile - 1) / G::kTile;
+  p.blocks = maps * p.tiles_y * p.tiles_x;
+  p.layout = tile::make_map_layout<R, INTERP, BWD, acc_t>();
+  return p;
+}
+
+// Floats of one map block's dz partial (the tile and its halo, R channels).
+template <int R, int INTERP>
+constexpr int64_t map_region_size() {
+  using G = tile::MapGeometry<R, INTERP>;
+  return static_cast<int64_t>(G::kZ) * G::kZ * R;
+}
+
 template <int R>
 int64_t wbuf_size(int n) {
   return static_cast<int64_t>(n) * (2 * tile::weight_stride<R>() + R);
@@ -189,9 +230,9 @@ bool rows_vectorizable(int64_t r, const void* z, const void* du) {
 
 // The arguments of a tile kernel: the checked operands (o.du defined for the backward),
 // the tables, the plan, the prep buffers and the outputs.
-template <int R, typename scalar_t, typename acc_t>
+template <int R, typename scalar_t, typename acc_t, typename Plan>
 tile::TileArgs<scalar_t, acc_t> make_tile_args(const Operands& o, const tile::Tables& T,
-                                               const TilePlan& plan, const at::Tensor& taps,
+                                               const Plan& plan, const at::Tensor& taps,
                                                const at::Tensor& wbuf, at::Tensor& out,
                                                acc_t* dw_partial, acc_t* pre) {
   tile::TileArgs<scalar_t, acc_t> A{};
@@ -211,8 +252,10 @@ tile::TileArgs<scalar_t, acc_t> make_tile_args(const Operands& o, const tile::Ta
   A.n = T.n;
   A.tiles_y = plan.tiles_y;
   A.tiles_x = plan.tiles_x;
-  A.w_smem = plan.w_smem;
-  A.dw_smem = plan.dw_smem;
+  if constexpr (std::is_same_v<Plan, TilePlan>) {
+    A.w_smem = plan.w_smem;
+    A.dw_smem = plan.dw_smem;
+  }
   A.vec_z = rows_vectorizable<R, scalar_t>(A.r, A.z, A.du);
   return A;
 }

@@ -1,5 +1,6 @@
-// CPU kernels of the stencil ops: the tiled block programs of stencil_tile.h, each block's
-// phases run as loops over its 128 thread ids, blocks in parallel with at::parallel_for.
+// CPU kernels of the stencil ops: the tiled block programs of stencil_tile.h (per-token
+// experts) and stencil_map.h (one expert per map), each block's phases run as loops over its
+// 128 thread ids, blocks in parallel with at::parallel_for.
 // Built with CONVLORA_CHECKED, every shared-memory index is bounds-checked, cross-thread
 // accesses within a phase are reported as races, and buffers are poisoned before they are
 // written (see stencil_tile.h).
@@ -61,25 +62,53 @@ void prep_cpu(const at::Tensor& cw, const at::Tensor& cb, int r, const tile::Tab
                                  static_cast<int>(i), wp);
 }
 
-// Runs every block of one call.
-template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
-void run_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const TilePlan& plan) {
-  at::parallel_for(0, plan.blocks, 1, [&](int64_t b0, int64_t b1) {
-    // Shared memory of this worker's blocks, 16-byte aligned.
-    std::vector<double> storage((plan.layout.bytes + sizeof(double) - 1) / sizeof(double) + 2);
+// Runs f(ex, smem, block) for every block of one call, blocks in parallel, each worker
+// with its own shared memory (16-byte aligned) and, in the checked build, its race shadow.
+template <typename F>
+void for_each_block(int64_t blocks, int bytes, F&& f) {
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<double> storage((bytes + sizeof(double) - 1) / sizeof(double) + 2);
     auto* smem = reinterpret_cast<unsigned char*>(
         (reinterpret_cast<uintptr_t>(storage.data()) + 15) & ~static_cast<uintptr_t>(15));
     CpuExec ex;
 #if defined(CONVLORA_CHECKED)
     tile::Shadow shadow;
-    shadow.attach(smem, plan.layout.bytes);
+    shadow.attach(smem, bytes);
     tile::g_shadow = &shadow;
 #endif
-    for (int64_t blk = b0; blk < b1; ++blk)
-      tile::run_block<R, INTERP, BWD>(ex, A, plan.layout, smem, blk);
+    for (int64_t blk = b0; blk < b1; ++blk) f(ex, smem, blk);
 #if defined(CONVLORA_CHECKED)
     tile::g_shadow = nullptr;
 #endif
+  });
+}
+
+// Runs every block of one call (per-token programs).
+template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
+void run_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const TilePlan& plan) {
+  for_each_block(plan.blocks, plan.layout.bytes, [&](CpuExec& ex, unsigned char* smem,
+                                                      int64_t blk) {
+    tile::run_block<R, INTERP, BWD>(ex, A, plan.layout, smem, blk);
+  });
+}
+
+// Runs every block of one call (map programs).
+template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
+void run_map_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const MapPlan& plan) {
+  for_each_block(plan.blocks, plan.layout.bytes, [&](CpuExec& ex, unsigned char* smem,
+                                                      int64_t blk) {
+    tile::run_map_block<R, INTERP, BWD>(ex, A, plan.layout, smem, blk);
+  });
+}
+
+// The weight-gradient reduce of a backward: dw (n, r·r·9 + r) from the blocks' partials.
+template <int R, typename acc_t>
+void reduce_dw(const at::Tensor& partial, int64_t blocks, int r, int n, at::Tensor& dw) {
+  const acc_t* pp = partial.const_data_ptr<acc_t>();
+  acc_t* dwp = dw.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, dw.numel(), 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      tile::reduce_entry<R>(pp, blocks, r, n, static_cast<int>(i), dwp);
   });
 }
 
@@ -97,13 +126,15 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
     const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& conv_weight,
     const at::Tensor& conv_bias, at::IntArrayRef scales, int64_t interpolation, int64_t height,
     int64_t width, bool save_preact) {
-  const auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales,
-                                  interpolation, height, width);
+  auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales, interpolation,
+                            height, width);
   const auto& zc = o.z;
   auto u = at::empty_like(zc);
   auto pre = new_preact(zc, interpolation, save_preact);
   const int64_t N = zc.size(0), r = zc.size(1);
   if (N == 0) return {u, pre};
+  const bool per_map = map_programs(o, height, width);
+  const int64_t maps = N / (height * width);
   const auto T = tables_for(height, width, interpolation, scales);
   CONVLORA_DISPATCH_CPU(zc.scalar_type(), "stencil_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -111,11 +142,19 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
       dispatch_interpolation(interpolation, [&]<int INTERP>() {
         at::Tensor taps, wbuf;
         prep_cpu<R, acc_t>(o.conv_weight, o.conv_bias, static_cast<int>(r), T, taps, wbuf);
-        const auto plan = make_tile_plan<R, INTERP, false, acc_t>(N / (height * width), T.H, T.W,
+        acc_t* pre_p = save_preact ? pre.mutable_data_ptr<acc_t>() : nullptr;
+        if constexpr (R <= tile::kMapMaxRank) {
+          if (per_map) {
+            const auto plan = make_map_plan<R, INTERP, false, acc_t>(maps, T.H, T.W);
+            auto A = make_tile_args<R, scalar_t, acc_t>(o, T, plan, taps, wbuf, u, nullptr,
+                                                        pre_p);
+            run_map_blocks<R, INTERP, false>(A, plan);
+            return;
+          }
+        }
+        const auto plan = make_tile_plan<R, INTERP, false, acc_t>(maps, T.H, T.W,
                                                                 static_cast<int>(r), T.n);
-        auto A = make_tile_args<R, scalar_t, acc_t>(
-            o, T, plan, taps, wbuf, u, nullptr,
-            save_preact ? pre.mutable_data_ptr<acc_t>() : nullptr);
+        auto A = make_tile_args<R, scalar_t, acc_t>(o, T, plan, taps, wbuf, u, nullptr, pre_p);
         run_blocks<R, INTERP, false>(A, plan);
       });
     });
@@ -127,8 +166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
     const at::Tensor& du, const at::Tensor& z, const at::Tensor& preact,
     const at::Tensor& expert_index, const at::Tensor& conv_weight, const at::Tensor& conv_bias,
     at::IntArrayRef scales, int64_t interpolation, int64_t height, int64_t width) {
-  const auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales,
-                                  interpolation, height, width, &du, &preact);
+  auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales, interpolation,
+                            height, width, &du, &preact);
   const auto& zc = o.z;
   const int64_t N = zc.size(0), r = zc.size(1), n = o.conv_weight.size(0);
   auto dz = at::empty_like(zc);
@@ -139,6 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
     auto [w, b] = split_dw(dw, n, r);
     return {dz, w, b};
   }
+  const bool per_map = map_programs(o, height, width);
+  const int64_t maps = N / (height * width);
   const auto T = tables_for(height, width, interpolation, scales);
   CONVLORA_DISPATCH_CPU(zc.scalar_type(), "stencil_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -146,19 +187,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
       dispatch_interpolation(interpolation, [&]<int INTERP>() {
         at::Tensor taps, wbuf;
         prep_cpu<R, acc_t>(o.conv_weight, o.conv_bias, static_cast<int>(r), T, taps, wbuf);
-        const auto plan = make_tile_plan<R, INTERP, true, acc_t>(N / (height * width), T.H, T.W,
+        acc_t* pre_p = const_cast<acc_t*>(o.preact.const_data_ptr<acc_t>());
+        if constexpr (R <= tile::kMapMaxRank) {
+          if (per_map) {
+            const auto plan = make_map_plan<R, INTERP, true, acc_t>(maps, T.H, T.W);
+            at::Tensor partial = at::empty({plan.blocks, n * tile::grad_stride<R>()}, acc_opts);
+            at::Tensor region = at::empty({plan.blocks, map_region_size<R, INTERP>()}, acc_opts);
+            auto A = make_tile_args<R, scalar_t, acc_t>(
+                o, T, plan, taps, wbuf, dz, partial.mutable_data_ptr<acc_t>(), pre_p);
+            A.region = region.mutable_data_ptr<acc_t>();
+            run_map_blocks<R, INTERP, true>(A, plan);
+            at::parallel_for(0, N * r, 4096, [&](int64_t i0, int64_t i1) {
+              for (int64_t i = i0; i < i1; ++i) tile::fold_entry<R, INTERP>(A, i);
+            });
+            reduce_dw<R, acc_t>(partial, plan.blocks, A.r, A.n, dw);
+            return;
+          }
+        }
+        const auto plan = make_tile_plan<R, INTERP, true, acc_t>(maps, T.H, T.W,
                                                                static_cast<int>(r), T.n);
         at::Tensor partial = at::empty({plan.blocks, n * tile::grad_stride<R>()}, acc_opts);
-        auto A = make_tile_args<R, scalar_t, acc_t>(
-            o, T, plan, taps, wbuf, dz, partial.mutable_data_ptr<acc_t>(),
-            const_cast<acc_t*>(o.preact.const_data_ptr<acc_t>()));
+        auto A = make_tile_args<R, scalar_t, acc_t>(o, T, plan, taps, wbuf, dz,
+                                                    partial.mutable_data_ptr<acc_t>(), pre_p);
         run_blocks<R, INTERP, true>(A, plan);
-        const acc_t* pp = partial.const_data_ptr<acc_t>();
-        acc_t* dwp = dw.mutable_data_ptr<acc_t>();
-        at::parallel_for(0, dw.numel(), 64, [&](int64_t i0, int64_t i1) {
-          for (int64_t i = i0; i < i1; ++i)
-            tile::reduce_entry<R>(pp, plan.blocks, A.r, A.n, static_cast<int>(i), dwp);
-        });
+        reduce_dw<R, acc_t>(partial, plan.blocks, A.r, A.n, dw);
       });
     });
   });

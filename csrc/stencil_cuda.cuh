@@ -5,6 +5,8 @@
 //   forward:  prep (tap tables, padded fp32 weights) -> stencil_tile_kernel
 //   backward: prep -> stencil_tile_kernel (dz and per-block weight-gradient partials)
 //             -> reduce_dw_kernel (partials summed over blocks in a fixed order)
+//   one expert per map (r <= 8): prep -> stencil_map_kernel, and for the backward
+//             -> fold_kernel (dz from the blocks' halo partials) -> reduce_dw_kernel
 // The tile kernel is tile::run_block, the same block program the CPU backend runs, with
 // __syncthreads() between its phases. No atomics: the backward is deterministic.
 #pragma once
@@ -44,6 +46,22 @@ __global__ void __launch_bounds__(tile::kThreads, min_blocks_per_sm<R>())
   tile::run_block<R, INTERP, BWD>(ex, A, L, smem, static_cast<int64_t>(blockIdx.x));
 }
 
+// One expert per map (stencil_map.h): the map block program, then for the backward the fold.
+template <int R, int INTERP, bool BWD, typename scalar_t>
+__global__ void __launch_bounds__(tile::kThreads)
+    stencil_map_kernel(const tile::TileArgs<scalar_t, float> A, const tile::MapLayout L) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  GpuExec ex;
+  tile::run_map_block<R, INTERP, BWD>(ex, A, L, smem, static_cast<int64_t>(blockIdx.x));
+}
+
+template <int R, int INTERP, typename scalar_t>
+__global__ void __launch_bounds__(kPrepThreads)
+    fold_kernel(const tile::TileArgs<scalar_t, float> A, int64_t total) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < total) tile::fold_entry<R, INTERP>(A, i);
+}
+
 // One thread per table entry, then per padded weight: the per-call prep.
 template <int R>
 __global__ void __launch_bounds__(kPrepThreads)
@@ -70,23 +88,52 @@ inline unsigned grid_for(int64_t work, int threads) {
   return static_cast<unsigned>((work + threads - 1) / threads);
 }
 
-template <int INTERP, bool BWD, typename scalar_t, int R>
-void launch_tile(const tile::TileArgs<scalar_t, float>& A, const TilePlan& plan,
-                 cudaStream_t stream) {
-  const auto kernel = stencil_tile_kernel<R, INTERP, BWD, scalar_t>;
-  const int bytes = plan.layout.bytes;
-  if (bytes > 48 * 1024)
+template <typename Kernel, typename Layout, typename scalar_t>
+void launch_blocks(Kernel kernel, const tile::TileArgs<scalar_t, float>& A, const Layout& L,
+                   int64_t blocks, cudaStream_t stream) {
+  if (L.bytes > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        bytes));
-  kernel<<<static_cast<unsigned>(plan.blocks), tile::kThreads, bytes, stream>>>(A,
-                                                                                 plan.layout);
+                                        L.bytes));
+  kernel<<<static_cast<unsigned>(blocks), tile::kThreads, L.bytes, stream>>>(A, L);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The map programs of one call: the map kernel, then for the backward the fold (dz) and
+// the reduce (weight gradients).
+template <bool BWD, typename scalar_t, int R, int INTERP>
+void run_map_call(tile::TileArgs<scalar_t, float> A, const Operands& o, const tile::Tables& T,
+                  const at::Tensor& taps, const at::Tensor& wbuf, at::Tensor& out, float* pre,
+                  at::Tensor* dw, cudaStream_t stream) {
+  const int64_t N = o.z.size(0), maps = N / (static_cast<int64_t>(T.H) * T.W);
+  const int64_t n = o.conv_weight.size(0);
+  const auto plan = make_map_plan<R, INTERP, BWD, float>(maps, T.H, T.W);
+  const auto f32 = o.z.options().dtype(at::kFloat);
+  at::Tensor partial, region;
+  if (BWD) {
+    partial = at::empty({plan.blocks, n * tile::grad_stride<R>()}, f32);
+    region = at::empty({plan.blocks, map_region_size<R, INTERP>()}, f32);
+  }
+  A = make_tile_args<R, scalar_t, float>(o, T, plan, taps, wbuf, out,
+                                         BWD ? partial.mutable_data_ptr<float>() : nullptr, pre);
+  if (BWD) A.region = region.mutable_data_ptr<float>();
+  launch_blocks(stencil_map_kernel<R, INTERP, BWD, scalar_t>, A, plan.layout, plan.blocks,
+                stream);
+  if (BWD) {
+    const int64_t total = N * A.r;
+    fold_kernel<R, INTERP, scalar_t><<<grid_for(total, kPrepThreads), kPrepThreads, 0, stream>>>(
+        A, total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    reduce_dw_kernel<R><<<grid_for(dw->numel(), kPrepThreads), kPrepThreads, 0, stream>>>(
+        partial.const_data_ptr<float>(), plan.blocks, A.r, A.n, dw->mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 // Prep, then the tile kernel (and for the backward the reduce) of one call.
 template <bool BWD, typename scalar_t, int R, int INTERP>
-void run_call(const Operands& o, at::IntArrayRef scales, int64_t interpolation, int64_t height,
-              int64_t width, at::Tensor& out, const at::Tensor& preact, at::Tensor* dw) {
+void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t interpolation,
+              int64_t height, int64_t width, at::Tensor& out, const at::Tensor& preact,
+              at::Tensor* dw) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto& z = o.z;
   const int64_t N = z.size(0), r = z.size(1), n = o.conv_weight.size(0);
@@ -101,17 +148,25 @@ void run_call(const Operands& o, at::IntArrayRef scales, int64_t interpolation, 
       reinterpret_cast<Taps<float>*>(taps.mutable_data_ptr()), wbuf.mutable_data_ptr<float>(),
       wbuf.numel());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  float* pre = !preact.defined() || preact.numel() == 0
+                   ? nullptr : const_cast<float*>(preact.const_data_ptr<float>());
+  if constexpr (R <= tile::kMapMaxRank) {
+    if (per_map) {
+      run_map_call<BWD, scalar_t, R, INTERP>(tile::TileArgs<scalar_t, float>{}, o, T, taps,
+                                             wbuf, out, pre, dw, stream);
+      return;
+    }
+  }
   const int64_t maps = N / (height * width);
   const auto plan = make_tile_plan<R, INTERP, BWD, float>(maps, T.H, T.W, static_cast<int>(r),
                                                         T.n);
   at::Tensor partial;
   if (BWD) partial = at::empty({plan.blocks, n * tile::grad_stride<R>()}, f32);
-  float* pre = !preact.defined() || preact.numel() == 0
-                   ? nullptr : const_cast<float*>(preact.const_data_ptr<float>());
   auto A = make_tile_args<R, scalar_t, float>(o, T, plan, taps, wbuf, out,
                                               BWD ? partial.mutable_data_ptr<float>() : nullptr,
                                               pre);
-  launch_tile<INTERP, BWD, scalar_t, R>(A, plan, stream);
+  launch_blocks(stencil_tile_kernel<R, INTERP, BWD, scalar_t>, A, plan.layout, plan.blocks,
+                stream);
   if (BWD) {
     reduce_dw_kernel<R><<<grid_for(dw->numel(), kPrepThreads), kPrepThreads, 0, stream>>>(
         partial.const_data_ptr<float>(), plan.blocks, A.r, A.n, dw->mutable_data_ptr<float>());
@@ -122,17 +177,17 @@ void run_call(const Operands& o, at::IntArrayRef scales, int64_t interpolation, 
 }  // namespace cuda_kernels
 
 template <typename scalar_t>
-void stencil_cuda_call(const Operands& o, at::IntArrayRef scales, int64_t interpolation,
-                       int64_t height, int64_t width, at::Tensor& out, const at::Tensor& preact,
-                       at::Tensor* dw) {
+void stencil_cuda_call(const Operands& o, bool per_map, at::IntArrayRef scales,
+                       int64_t interpolation, int64_t height, int64_t width, at::Tensor& out,
+                       const at::Tensor& preact, at::Tensor* dw) {
   dispatch_rank(o.z.size(1), [&]<int R>() {
     dispatch_interpolation(interpolation, [&]<int INTERP>() {
       if (dw) {
-        cuda_kernels::run_call<true, scalar_t, R, INTERP>(o, scales, interpolation, height, width,
-                                                        out, preact, dw);
+        cuda_kernels::run_call<true, scalar_t, R, INTERP>(o, per_map, scales, interpolation,
+                                                        height, width, out, preact, dw);
       } else {
-        cuda_kernels::run_call<false, scalar_t, R, INTERP>(o, scales, interpolation, height,
-                                                         width, out, preact, dw);
+        cuda_kernels::run_call<false, scalar_t, R, INTERP>(o, per_map, scales, interpolation,
+                                                         height, width, out, preact, dw);
       }
     });
   });

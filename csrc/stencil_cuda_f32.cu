@@ -5,6 +5,6 @@
 #include "stencil_cuda.cuh"
 
 namespace convlora {
-template void stencil_cuda_call<float>(const Operands&, at::IntArrayRef, int64_t, int64_t, int64_t,
+template void stencil_cuda_call<float>(const Operands&, bool, at::IntArrayRef, int64_t, int64_t, int64_t,
                                       at::Tensor&, const at::Tensor&, at::Tensor*);
 }  // namespace convlora

@@ -32,13 +32,14 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cuda(
     int64_t width, bool save_preact) {
   TORCH_CHECK(z.is_cuda(), "stencil_fwd_cuda: expected CUDA tensors, got ", z.device());
   const c10::cuda::CUDAGuard guard(z.device());
-  const auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales,
-                                  interpolation, height, width);
+  auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales, interpolation,
+                            height, width);
   auto u = at::empty_like(o.z);
   auto pre = new_preact(o.z, interpolation, save_preact);
   if (o.z.size(0) == 0) return {u, pre};
+  const bool per_map = map_programs(o, height, width);
   dispatch_cuda_dtype(o.z.scalar_type(), "stencil_fwd", [&]<typename T>() {
-    stencil_cuda_call<T>(o, scales, interpolation, height, width, u, pre, nullptr);
+    stencil_cuda_call<T>(o, per_map, scales, interpolation, height, width, u, pre, nullptr);
   });
   return {u, pre};
 }
@@ -49,16 +50,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cuda(
     at::IntArrayRef scales, int64_t interpolation, int64_t height, int64_t width) {
   TORCH_CHECK(z.is_cuda(), "stencil_bwd_cuda: expected CUDA tensors, got ", z.device());
   const c10::cuda::CUDAGuard guard(z.device());
-  const auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales,
-                                  interpolation, height, width, &du, &preact);
+  auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales, interpolation,
+                            height, width, &du, &preact);
   const int64_t N = o.z.size(0), r = o.z.size(1), n = o.conv_weight.size(0);
   auto dz = at::empty_like(o.z);
   auto dw = at::empty({n, dw_entries(r)}, o.z.options().dtype(at::kFloat));
   if (N == 0) {
     dw.zero_();
   } else {
+    const bool per_map = map_programs(o, height, width);
     dispatch_cuda_dtype(o.z.scalar_type(), "stencil_bwd", [&]<typename T>() {
-      stencil_cuda_call<T>(o, scales, interpolation, height, width, dz, o.preact, &dw);
+      stencil_cuda_call<T>(o, per_map, scales, interpolation, height, width, dz, o.preact, &dw);
     });
   }
   auto [w, b] = split_dw(dw, n, r);

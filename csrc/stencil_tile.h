@@ -387,6 +387,7 @@ struct TileArgs {
   acc_t* dw_partial;           // backward: (blocks, n, grad_stride) fp32 partials
   acc_t* pre;                  // (N, kPreSlots, r) pre-activations: written by the forward
                                // when not null, read by the backward
+  acc_t* region;               // map backward: (blocks, kZ, kZ, R) dz partials (stencil_map.h)
   Tables T;
   int64_t maps;
   int H, W, r, n;

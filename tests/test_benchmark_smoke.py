@@ -32,8 +32,8 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "report.json"
     real = common.providers
 
-    def with_broken(device, compile_reference=False):
-        provs = real(device, compile_reference)
+    def with_broken(device, compile_reference=False, authors=False):
+        provs = real(device, compile_reference, authors)
 
         def broken(inp):
             raise RuntimeError("kernel exploded")
@@ -159,7 +159,13 @@ def test_presets_cover_the_sam_shapes():
     assert window.batch == 4 * 25 and window.out_features == 3 * window.channels
     check = common.preset_shapes("gpu-check")
     assert {s.channels for s in check} == {768} and {s.rank for s in check} == {3, 8}
-    assert [s.gating for s in check].count("map") == 1
+    assert [(s.gating, s.interpolation) for s in check].count(("map", "bilinear")) == 1
+    # the authors' setting: map routing, bicubic, r = 3, at (4, 64, 64) and (100, 14, 14)
+    compat = [s for s in check if s.interpolation == "bicubic"]
+    assert [(s.batch, s.height, s.rank, s.gating) for s in compat] == [
+        (4, 64, 3, "map"), (100, 14, 3, "map")]
+    assert all(common.authors_applies(s) for s in compat)
+    assert [(s.batch, s.height) for s in common.preset_shapes("compat")] == [(1, 64), (25, 14)]
     with pytest.raises(ValueError):
         common.preset_shapes("nope")
 
@@ -192,3 +198,18 @@ def test_stencil_time_runs_on_cpu(capsys):
     assert stencil_time.main(["--device", "cpu", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "stencil-bwd" in out and "RESULT: cpu-1x32x32-C768-r8: layer fwd+bwd" in out
+
+
+def test_authors_layer_left_out_with_a_note(monkeypatch, capsys):
+    """Without the autogluon wheel the authors' provider is left out, saying why, and the
+    other providers still run."""
+    import authors
+
+    monkeypatch.setenv("CONVLORA_AUTOGLUON_WHEEL", "/nonexistent/autogluon.whl")
+    authors.load.cache_clear()
+    try:
+        provs = common.providers(torch.device("cpu"), authors=True)
+    finally:
+        authors.load.cache_clear()
+    assert common.AUTHORS not in provs and common.LINEAR in provs
+    assert "authors[autogluon] left out" in capsys.readouterr().err

@@ -127,6 +127,12 @@ def test_cuda_kernel_resources():
                 assert v["REG"] <= 128, (arch, name, v)
         preps = [v for (a, n), v in res.items() if a == arch and "prep_kernel" in n]
         assert preps and all(v["STACK"] <= 64 for v in preps), preps
+        # the map programs (r <= 8) and their fold: no stack, no local memory, <= 128 regs
+        maps = [(n, v) for (a, n), v in res.items() if a == arch and
+                ("stencil_map_kernel" in n or "fold_kernel" in n)]
+        assert len(maps) == 2 * 2 * 3 * 3, (arch, len(maps))  # R x interp x (fwd, bwd, fold)
+        for name, v in maps:
+            assert v["STACK"] == 0 and v["LOCAL"] == 0 and v["REG"] <= 128, (arch, name, v)
 
 
 # --- The checked CPU build ---------------------------------------------------------
@@ -163,13 +169,14 @@ STENCIL_CASES = [
 ]
 
 
-def _stencil_problem(mode, bhw, scales, rank, dtype, seed=0):
+def _stencil_problem(mode, bhw, scales, rank, dtype, seed=0, per_map=False):
+    """Random operands; per_map: expert_index (B,), one expert per map (the map programs)."""
     b, h, w = bhw
     g = torch.Generator().manual_seed(seed)
     n, tokens = len(scales), b * h * w
     z = torch.randn(tokens, rank, generator=g, dtype=torch.float64).to(dtype)
     du = torch.randn(tokens, rank, generator=g, dtype=torch.float64).to(dtype)
-    idx = torch.randint(0, n, (tokens,), generator=g, dtype=torch.int32)
+    idx = torch.randint(0, n, (b if per_map else tokens,), generator=g, dtype=torch.int32)
     cw = (torch.randn(n, rank, rank, 3, 3, generator=g, dtype=torch.float64) /
           (3 * rank ** 0.5)).to(dtype)
     cb = torch.randn(n, rank, generator=g, dtype=torch.float64).to(dtype)
@@ -181,6 +188,8 @@ def _reference_stencil(z, du, idx, cw, cb, scales, mode, h, w):
     from convlora_kernels.reference import conv_lora_linear_ref
 
     r = z.shape[1]
+    if idx.numel() != z.shape[0]:  # one expert per map
+        idx = idx.repeat_interleave(h * w)
     eye = torch.eye(r, dtype=z.dtype)
     zz = z.detach().clone().reshape(-1, h, w, r).requires_grad_(True)
     cwr, cbr = cw.clone().requires_grad_(True), cb.clone().requires_grad_(True)
@@ -228,6 +237,85 @@ def test_checked_build_matches(checked_ops, mode, bhw, scales, rank, dtype):
                                                          w)):
         tol = 1e-12 if dtype == torch.float64 else 1e-5
         assert_close(a, b, tol, tol, name)
+
+
+MAP_CASES = [
+    # (mode, (B, H, W), scales, rank): one expert per map. Several maps (each scale parity),
+    # partial tiles, 4 x 4 tiles (bicubic R = 8), maps smaller than the halo, and r > 8
+    # (the per-token programs with the map's expert on every token).
+    ("bicubic", (6, 19, 10), tuple(range(1, 9)), 3),
+    ("bicubic", (5, 14, 14), (2, 16, 1, 3, 8), 8),
+    ("bicubic", (4, 3, 2), (2, 5), 1),
+    ("bilinear", (6, 17, 23), tuple(range(1, 9)), 4),
+    ("bilinear", (5, 9, 8), (1, 2, 7, 16, 6), 7),
+    ("bicubic", (3, 9, 10), (1, 2, 4), 12),
+]
+
+
+@pytest.mark.parametrize("mode,bhw,scales,rank", MAP_CASES)
+def test_map_programs_match_the_reference_in_float64(mode, bhw, scales, rank):
+    """expert_index (B,): the map programs (csrc/stencil_map.h), forward and every gradient,
+    against the reference with each map's expert on all its tokens; the per-token programs
+    on that expanded index agree."""
+    z, du, idx, cw, cb, sc, m, h, w = _stencil_problem(mode, bhw, scales, rank, torch.float64,
+                                                       seed=rank, per_map=True)
+    assert len(set(idx.tolist())) > 1
+    u, pre = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True)
+    grads = torch.ops.convlora.stencil_bwd(du, z, pre, idx, cw, cb, sc, m, h, w)
+    u_ref, grads_ref = _reference_stencil(z, du, idx, cw, cb, sc, m, h, w)
+    tok = idx.repeat_interleave(h * w)
+    u_tok, pre_tok = torch.ops.convlora.stencil_fwd(z, tok, cw, cb, sc, m, h, w, True)
+    grads_tok = torch.ops.convlora.stencil_bwd(du, z, pre_tok, tok, cw, cb, sc, m, h, w)
+    assert_close(pre, pre_tok, 1e-12, 1e-12, "pre-activations")
+    for name, a, b, c in zip(("u", "dz", "dconv_weight", "dconv_bias"), (u, *grads),
+                             (u_ref, *grads_ref), (u_tok, *grads_tok)):
+        assert_close(a, b, 1e-10, 1e-10, name)
+        assert_close(a, c, 1e-12, 1e-12, name + " (per-token programs)")
+
+
+@pytest.mark.parametrize("mode,bhw,scales,rank", MAP_CASES[:5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_checked_build_runs_the_map_programs(checked_ops, mode, bhw, scales, rank, dtype):
+    """The map programs in the checked build: every shared index bounds-checked, buffers
+    poisoned, the race check on, and the list invariants (conv rows in order, at most two
+    token taps per conv row) asserted."""
+    z, du, idx, cw, cb, sc, m, h, w = _stencil_problem(mode, bhw, scales, rank, dtype,
+                                                       seed=rank, per_map=True)
+    u, pre = checked_ops.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True)
+    grads = checked_ops.stencil_bwd(du, z, pre, idx, cw, cb, sc, m, h, w)
+    assert torch.isfinite(u).all() and all(torch.isfinite(g).all() for g in grads)
+    u_main, pre_main = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_close(u, u_main, tol, tol, "u")
+    for name, a, b in zip(("dz", "dconv_weight", "dconv_bias"), grads,
+                          torch.ops.convlora.stencil_bwd(du, z, pre_main, idx, cw, cb, sc, m, h,
+                                                         w)):
+        assert_close(a, b, tol, tol, name)
+
+
+def test_map_programs_mark_an_out_of_range_expert(checked_ops):
+    """A map whose expert is out of range: its tokens NaN (u and dz), no weight gradient
+    from it, every other map finite, nothing read out of range (checked build)."""
+    z, du, idx, cw, cb, sc, m, h, w = _stencil_problem("bicubic", (3, 9, 10), (1, 2, 3), 4,
+                                                       torch.float32, per_map=True)
+    idx = idx.clone()
+    idx[1] = 3
+    for ops in (checked_ops, torch.ops.convlora):
+        u, pre = ops.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True)
+        dz, dw, db = ops.stencil_bwd(du, z, pre, idx, cw, cb, sc, m, h, w)
+        bad = torch.zeros(3, 90, dtype=torch.bool)
+        bad[1] = True
+        bad = bad.reshape(-1)
+        for t in (u, dz):
+            assert torch.isnan(t[bad]).all() and torch.isfinite(t[~bad]).all()
+        assert torch.isfinite(dw).all() and torch.isfinite(db).all()
+        keep = torch.tensor([0, 2])
+        _, (_, dw_ref, db_ref) = _reference_stencil(
+            z.reshape(3, 90, 4)[keep].reshape(-1, 4).double(),
+            du.reshape(3, 90, 4)[keep].reshape(-1, 4).double(), idx[keep], cw.double(),
+            cb.double(), sc, m, h, w)
+        assert_close(dw.double(), dw_ref, 1e-4, 1e-4, "dconv_weight")
+        assert_close(db.double(), db_ref, 1e-4, 1e-4, "dconv_bias")
 
 
 def test_checked_build_marks_an_out_of_range_expert(checked_ops):

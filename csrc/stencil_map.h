@@ -1,0 +1,651 @@
+// The stencil when one expert serves a whole map (map routing, the authors' gating): block
+// programs over dense grids, shared by the CUDA kernels and the CPU backend as
+// stencil_tile.h's are (the same phases, the same reductions in the same order).
+//
+// With one expert e (scale s) for every token of a tile, the conv outputs the tile's
+// tokens read form a grid: rows CY (the down-sampling rows of the tile's rows, at most
+// kMaxDown per token) by columns CX; the upsampled values those outputs read form another,
+// UY x UX (CY and CX widened by one, inside the s·H x s·W map). So a block computes U once
+// per grid point, separably (rows, then columns), instead of once per conv output and tap
+// as the per-token items do: at s = 8 bicubic, 36 U values per token where the items
+// compute 144, each with 8 multiply-adds per channel instead of 16.
+//
+// Forward, per tile (phases, a barrier after each):
+//   1 stage z (tile + halo), expert e's weights; thread 0 lists the rows, thread 32 the
+//     columns (conv grid, U grid, which tokens read each conv row)
+//   2 the U grid's up-sampling taps, from the per-call tables
+//   3 V = Up_y(z) on the U rows                   4 U = Up_x(V)
+//   5 C = bias + conv3x3(U) on the conv grid (saved as the pre-activations)
+//   6 u = z + sum of the token's down taps of GELU(C)
+// Backward (scatter, then a fold; no atomics, deterministic):
+//   1-2 as the forward, du of the tile staged
+//   3 V, and dC = GELU'(C) · sum over the tokens reading the output of w_down · du
+//   4 U                       5 dW = sum over the grid of dC U (per block, fp32 partials)
+//   6 dU = W^T dC on the U grid (over U)
+//   7 T = Up_x^T(dU)          8 dZ = Up_y^T(T) over the tile and its halo, to a per-block
+//                               partial in global memory
+//   fold: dz = du + the partials of the (at most 2 x 2) blocks whose halo holds the token,
+//         in block order; the weight-gradient partials are summed by reduce_entry.
+#pragma once
+
+#include "stencil_tile.h"
+
+namespace convlora {
+namespace tile {
+
+// Ranks the map programs are built for (r <= 8: the paper's r = 3 and SAM's usual ranks);
+// larger ranks run the per-token programs with the map's expert on every token.
+constexpr int kMapMaxRank = 8;
+
+template <int R, int INTERP>
+struct MapGeometry {
+  static constexpr int kHalo = Interp<INTERP>::kHalo;
+  static constexpr int kDown = Interp<INTERP>::kMaxDown;  // conv rows one token reads
+  static constexpr int kUT = Interp<INTERP>::kUpTaps;     // z rows one U row combines
+  static constexpr int kCell = R + 1;                     // odd strides: no bank conflicts
+  // 8 x 8 tokens unless the U grid would outgrow ~48 KB (bicubic at R = 8: 4 x 4).
+  static constexpr int kTile = (kDown + 2) * 8 * (kDown + 2) * 8 * kCell <= 12288 ? 8 : 4;
+  static constexpr int kZ = kTile + 2 * kHalo;       // staged z, and the dz partial, side
+  static constexpr int kMaxC = kDown * kTile;        // conv rows (columns) of a tile
+  static constexpr int kMaxU = (kDown + 2) * kTile;  // U rows (columns): conv rows +- 1
+  static constexpr int kReaders = 2;                 // tokens reading one conv row, at most
+};
+
+// One axis's lists (rows or columns) of a tile, in shared memory.
+//   n[0] conv rows, n[1] U rows
+//   conv[i]     the conv row (in the s·H map) of list entry i, ascending
+//   cu[3i + k]  U list entry of conv row conv[i] + k - 1, or -1 outside the map (zero)
+//   uc[3j + k]  conv list entry i with cu[3i + k] == j, or -1
+//   urow[j]     the U row of entry j, ascending
+//   utap[kUT j + a], utw[...]  its up-sampling taps: staged-z row (relative to the tile
+//               origin minus the halo) and weight
+//   tokc[4d + a], tokw[...]    conv list entry and weight of token row d's down tap a
+//   tokn[d]     its down-tap count
+//   readers[2i + m]  4d + a of the m-th token tap reading conv entry i, or -1
+template <typename acc_t>
+struct AxisLists {
+  SArr<int> n, conv, cu, uc, urow, utap, tokc, tokn, readers;
+  SArr<acc_t> utw, tokw;
+};
+
+template <int R, int INTERP>
+struct AxisSizes {
+  using G = MapGeometry<R, INTERP>;
+  static constexpr int kInts = 2 + G::kMaxC + 3 * G::kMaxC + 3 * G::kMaxU + G::kMaxU +
+                               G::kUT * G::kMaxU + 4 * G::kTile + G::kTile +
+                               G::kReaders * G::kMaxC;
+  static constexpr int kAccs = G::kUT * G::kMaxU + 4 * G::kTile;
+};
+
+// Byte offsets of a map block's shared arrays.
+struct MapLayout {
+  int zs, vbuf, ubuf, cbuf, dus, w, b, ints_y, ints_x, accs_y, accs_x, bytes;
+};
+
+template <int R, int INTERP, bool BWD, typename acc_t>
+CONVLORA_HD MapLayout make_map_layout() {
+  using G = MapGeometry<R, INTERP>;
+  using S = AxisSizes<R, INTERP>;
+  MapLayout L;
+  int off = 0;
+  auto take = [&off](int bytes) {
+    const int at = off;
+    off += align16(bytes);
+    return at;
+  };
+  const int A = static_cast<int>(sizeof(acc_t)), I = static_cast<int>(sizeof(int));
+  L.zs = take(G::kZ * G::kZ * G::kCell * A);  // z; in the backward later the dz region
+  L.vbuf = take(G::kMaxU * G::kZ * G::kCell * A);  // V; backward later T
+  L.ubuf = take(G::kMaxU * G::kMaxU * G::kCell * A);  // U; backward later dU
+  L.cbuf = take(G::kMaxC * G::kMaxC * G::kCell * A);  // C (forward) or dC (backward)
+  L.dus = take(BWD ? G::kTile * G::kTile * G::kCell * A : 0);
+  L.w = take(9 * R * R * A);  // forward W [k][ci][co]; backward W^T [k][co][ci]
+  L.b = take(R * A);
+  L.ints_y = take(S::kInts * I);
+  L.ints_x = take(S::kInts * I);
+  L.accs_y = take(S::kAccs * A);
+  L.accs_x = take(S::kAccs * A);
+  L.bytes = off;
+  return L;
+}
+
+template <int R, int INTERP, typename acc_t>
+CONVLORA_HD AxisLists<acc_t> axis_lists(unsigned char* base, int ints, int accs,
+                                        const char* name) {
+  using G = MapGeometry<R, INTERP>;
+  (void)name;
+  AxisLists<acc_t> X;
+  int o = ints;
+  auto next_int = [&](int count, const char* nm) {
+    (void)nm;
+    const SArr<int> a = CONVLORA_SARR(int, base, o, count, nm);
+    o += count * static_cast<int>(sizeof(int));
+    return a;
+  };
+  X.n = next_int(2, "axis counts");
+  X.conv = next_int(G::kMaxC, "conv rows");
+  X.cu = next_int(3 * G::kMaxC, "conv to U");
+  X.uc = next_int(3 * G::kMaxU, "U to conv");
+  X.urow = next_int(G::kMaxU, "U rows");
+  X.utap = next_int(G::kUT * G::kMaxU, "up taps");
+  X.tokc = next_int(4 * G::kTile, "token down taps");
+  X.tokn = next_int(G::kTile, "token down-tap counts");
+  X.readers = next_int(G::kReaders * G::kMaxC, "conv readers");
+  int a = accs;
+  X.utw = CONVLORA_SARR(acc_t, base, a, G::kUT * G::kMaxU, "up weights");
+  a += G::kUT * G::kMaxU * static_cast<int>(sizeof(acc_t));
+  X.tokw = CONVLORA_SARR(acc_t, base, a, 4 * G::kTile, "token down weights");
+  return X;
+}
+
+// The typed shared arrays of a map block.
+template <int R, int INTERP, bool BWD, typename acc_t>
+struct MapSmem {
+  using G = MapGeometry<R, INTERP>;
+  SArr<acc_t> zs, vbuf, ubuf, cbuf, dus, w, b;
+  AxisLists<acc_t> y, x;
+  CONVLORA_HD MapSmem(unsigned char* base, const MapLayout& L)
+      : zs(CONVLORA_SARR(acc_t, base, L.zs, G::kZ * G::kZ * G::kCell, "z")),
+        vbuf(CONVLORA_SARR(acc_t, base, L.vbuf, G::kMaxU * G::kZ * G::kCell, "V")),
+        ubuf(CONVLORA_SARR(acc_t, base, L.ubuf, G::kMaxU * G::kMaxU * G::kCell, "U")),
+        cbuf(CONVLORA_SARR(acc_t, base, L.cbuf, G::kMaxC * G::kMaxC * G::kCell, "C")),
+        dus(CONVLORA_SARR(acc_t, base, L.dus, BWD ? G::kTile * G::kTile * G::kCell : 0, "du")),
+        w(CONVLORA_SARR(acc_t, base, L.w, 9 * R * R, "weights")),
+        b(CONVLORA_SARR(acc_t, base, L.b, R, "bias")),
+        y(axis_lists<R, INTERP, acc_t>(base, L.ints_y, L.accs_y, "rows")),
+        x(axis_lists<R, INTERP, acc_t>(base, L.ints_x, L.accs_x, "columns")) {}
+};
+
+// Checked build: the list invariants the programs rely on (down taps of consecutive tokens
+// are contiguous and advance; one conv row is read by at most two token taps).
+CONVLORA_HD void check_list(bool ok, const char* what) {
+#if defined(CONVLORA_CHECKED)
+  if (!ok) throw std::logic_error(std::string("stencil map lists (checked build): ") + what);
+#else
+  (void)ok;
+  (void)what;
+#endif
+}
+
+// Lists of one axis (one thread): the tile covers map rows [o, o + t) of L; e, s its expert
+// and scale; down = table offset of expert e's down taps on this axis.
+template <int R, int INTERP, typename acc_t>
+CONVLORA_HD void build_axis(const Taps<acc_t>* taps, int down, int o, int t, int sL,
+                            const AxisLists<acc_t>& X) {
+  using G = MapGeometry<R, INTERP>;
+  for (int i = 0; i < G::kReaders * G::kMaxC; ++i) X.readers[i] = -1;
+  for (int j = 0; j < 3 * G::kMaxU; ++j) X.uc[j] = -1;
+  int nc = 0;
+  for (int d = 0; d < t; ++d) {
+    const Taps<acc_t>& tp = taps[down + o + d];
+    X.tokn[d] = tp.n;
+    for (int a = 0; a < tp.n; ++a) {
+      const int c = tp.idx[a];
+      int k = nc - 1;
+      while (k >= 0 && X.conv[k] > c) --k;
+      if (k < 0 || X.conv[k] != c) {
+        check_list(k == nc - 1 && nc < G::kMaxC, "a conv row out of order");
+        k = nc++;
+        X.conv[k] = c;
+      }
+      X.tokc[4 * d + a] = k;
+      X.tokw[4 * d + a] = tp.w[a];
+      const int m = X.readers[G::kReaders * k] < 0 ? 0 : 1;
+      check_list(X.readers[G::kReaders * k + m] < 0, "a conv row read by three token taps");
+      X.readers[G::kReaders * k + m] = 4 * d + a;
+    }
+  }
+  int nu = 0;
+  for (int i = 0; i < nc; ++i) {
+    for (int k = 0; k < 3; ++k) {
+      const int p = X.conv[i] + k - 1;
+      int j = -1;
+      if (p >= 0 && p < sL) {
+        j = nu - 1;
+        while (j >= 0 && X.urow[j] > p) --j;
+        if (j < 0 || X.urow[j] != p) {
+          check_list(j == nu - 1 && nu < G::kMaxU, "a U row out of order");
+          j = nu++;
+          X.urow[j] = p;
+        }
+        X.uc[3 * j + k] = i;
+      }
+      X.cu[3 * i + k] = j;
+    }
+  }
+  X.n[0] = nc;
+  X.n[1] = nu;
+}
+
+// Up-sampling taps of U entry j (one thread per entry): staged-z rows and weights.
+template <int R, int INTERP, typename acc_t>
+CONVLORA_HD void load_up_taps(const Taps<acc_t>* taps, int up, int z0, int j,
+                              const AxisLists<acc_t>& X) {
+  using G = MapGeometry<R, INTERP>;
+  const Taps<acc_t>& tp = taps[up + X.urow[j]];
+  CONVLORA_UNROLL
+  for (int a = 0; a < G::kUT; ++a) {
+    X.utap[G::kUT * j + a] = tp.idx[a] - z0;
+    X.utw[G::kUT * j + a] = tp.w[a];
+  }
+}
+
+// The staged-z columns (rows) [lo, hi) the U grid reads along an axis.
+template <int R, int INTERP, typename acc_t>
+CONVLORA_HD void z_span(const AxisLists<acc_t>& X, int& lo, int& hi) {
+  using G = MapGeometry<R, INTERP>;
+  const int nu = X.n[1];
+  lo = X.utap[0];
+  hi = lo;
+  for (int a = 0; a < G::kUT; ++a) {
+    const int v = X.utap[G::kUT * (nu - 1) + a];
+    hi = v > hi ? v : hi;
+  }
+  ++hi;
+}
+
+// Where a map block sits, and its expert (or -1 when the map's index is out of range).
+struct MapPos {
+  BlockPos P;
+  int m;       // map
+  int e, s;    // expert and scale
+  int th, tw;  // tokens of the tile inside the map
+};
+
+template <int R, int INTERP, typename scalar_t, typename acc_t>
+CONVLORA_HD MapPos map_pos(const TileArgs<scalar_t, acc_t>& A, int64_t block) {
+  using G = MapGeometry<R, INTERP>;
+  MapPos M;
+  M.P = block_pos<G::kTile, G::kTile>(A, block);
+  M.m = static_cast<int>(block / (static_cast<int64_t>(A.tiles_y) * A.tiles_x));
+  const int e = A.expert_index[M.m];
+  M.e = e >= 0 && e < A.n ? e : -1;
+  M.s = M.e >= 0 ? A.T.scale[M.e] : 1;
+  M.th = A.H - M.P.h0 < G::kTile ? A.H - M.P.h0 : G::kTile;
+  M.tw = A.W - M.P.w0 < G::kTile ? A.W - M.P.w0 : G::kTile;
+  return M;
+}
+
+// Phase 1: stage z (and du), the expert's weights (W, or W^T for the backward) and bias;
+// threads 0 and 32 list the rows and the columns.
+template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
+CONVLORA_HD void map_phase_load(const TileArgs<scalar_t, acc_t>& A, const MapPos& M,
+                                const MapSmem<R, INTERP, BWD, acc_t>& S, int tid) {
+  using G = MapGeometry<R, INTERP>;
+  if (M.e < 0) return;
+  const BlockPos& P = M.P;
+  stage_region<R, G::kZ, G::kZ, G::kCell>(A.z + P.token0 * A.r, A.H, A.W, A.r, P.h0 - G::kHalo,
+                                         P.w0 - G::kHalo, A.vec_z, S.zs, tid);
+  if (BWD)
+    stage_region<R, G::kTile, G::kTile, G::kCell>(A.du + P.token0 * A.r, A.H, A.W, A.r, P.h0,
+                                                 P.w0, A.vec_z, S.dus, tid);
+  constexpr int WS = weight_stride<R>();
+  const int wsrc = BWD ? A.n * (WS + R) + M.e * WS : M.e * WS;
+  for (int i = tid; i < 9 * R * R; i += kThreads) S.w[i] = A.wbuf[wsrc + i];
+  for (int i = tid; i < R; i += kThreads) S.b[i] = A.wbuf[A.n * WS + M.e * R + i];
+  if (tid == 0)
+    build_axis<R, INTERP>(A.taps, A.T.down_y + M.e * A.H, P.h0, M.th, M.s * A.H, S.y);
+  if (tid == 32)
+    build_axis<R, INTERP>(A.taps, A.T.down_x + M.e * A.W, P.w0, M.tw, M.s * A.W, S.x);
+}
+
+// Phase 2: the up-sampling taps of every U row and column.
+template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
+CONVLORA_HD void map_phase_taps(const TileArgs<scalar_t, acc_t>& A, const MapPos& M,
+                                const MapSmem<R, INTERP, BWD, acc_t>& S, int tid) {
+  using G = MapGeometry<R, INTERP>;
+  if (M.e < 0) return;
+  const int nuy = S.y.n[1], nux = S.x.n[1];
+  for (int j = tid; j < nuy + nux; j += kThreads) {
+    if (j < nuy)
+      load_up_taps<R, INTERP>(A.taps, A.T.up_y[M.e], M.P.h0 - G::kHalo, j, S.y);
+    else
+      load_up_taps<R, INTERP>(A.taps, A.T.up_x[M.e], M.P.w0 - G::kHalo, j - nuy, S.x);
+  }
+}
+
+// V[j][x] = sum_a wy z[row a of U row j][x], for the staged columns the U grid reads.
+// Rows in turn, each row's (column, channel) values across the threads (no division by a
+// runtime size on the per-value path).
+template <int R, int INTERP, bool BWD, typename acc_t>
+CONVLORA_HD void map_rows_up(const MapSmem<R, INTERP, BWD, acc_t>& S, int tid) {
+  using G = MapGeometry<R, INTERP>;
+  int lo, hi;
+  z_span<R, INTERP>(S.x, lo, hi);
+  const int nuy = S.y.n[1];
+  for (int j = 0; j < nuy; ++j) {
+    for (int v = tid; v < (hi - lo) * R; v += kThreads) {
+      const int x = lo + v / R, c = v % R;
+      acc_t sum = acc_t(0);
+      CONVLORA_UNROLL
+      for (int a = 0; a < G::kUT; ++a)
+        sum += S.y.utw[G::kUT * j + a] *
+               S.zs[(S.y.utap[G::kUT * j + a] * G::kZ + x) * G::kCell + c];
+      S.vbuf[(j * G::kZ + x) * G::kCell + c] = sum;
+    }
+  }
+}
+
+// U[j][q] = sum_b wx V[j][column b of U column q].
+template <int R, int INTERP, bool BWD, typename acc_t>
+CONVLORA_HD void map_cols_up(const MapSmem<R, INTERP, BWD, acc_t>& S, int tid) {
+  using G = MapGeometry<R, INTERP>;
+  const int nuy = S.y.n[1], nux = S.x.n[1];
+  for (int j = 0; j < nuy; ++j) {
+    for (int v = tid; v < nux * R; v += kThreads) {
+      const int q = v / R, c = v % R;
+      acc_t sum = acc_t(0);
+      CONVLORA_UNROLL
+      for (int b = 0; b < G::kUT; ++b)
+        sum += S.x.utw[G::kUT * q + b] *
+               S.vbuf[(j * G::kZ + S.x.utap[G::kUT * q + b]) * G::kCell + c];
+      S.ubuf[(j * G::kMaxU + q) * G::kCell + c] = sum;
+    }
+  }
+}
+
+// Forward phase 5: C = bias + conv3x3(U) at every conv grid point (zero U outside the map).
+template <int R, int INTERP, typename acc_t>
+CONVLORA_HD void map_phase_conv(const MapSmem<R, INTERP, false, acc_t>& S, int tid) {
+  using G = MapGeometry<R, INTERP>;
+  const int ncy = S.y.n[0], ncx = S.x.n[0];
+  for (int cell = tid; cell < ncy * ncx; cell += kThreads) {
+    const int i = cell / ncx, j = cell - i * ncx;
+    acc_t c[R];
+    CONVLORA_UNROLL
+    for (int co = 0; co < R; ++co) c[co] = S.b[co];
+    CONVLORA_UNROLL
+    for (int ky = 0; ky < 3; ++ky) {
+      const int p = S.y.cu[3 * i + ky];
+      if (p < 0) continue;
+      CONVLORA_UNROLL
+      for (int kx = 0; kx < 3; ++kx) {
+        const int q = S.x.cu[3 * j + kx];
+        if (q < 0) continue;
+        const int k = ky * 3 + kx, ub = (p * G::kMaxU + q) * G::kCell;
+        CONVLORA_UNROLL
+        for (int ci = 0; ci < R; ++ci) {
+          const acc_t uv = S.ubuf[ub + ci];
+          CONVLORA_UNROLL
+          for (int co = 0; co < R; ++co) c[co] += S.w[(k * R + ci) * R + co] * uv;
+        }
+      }
+    }
+    CONVLORA_UNROLL
+    for (int co = 0; co < R; ++co) S.cbuf[(i * G::kMaxC + j) * G::kCell + co] = c[co];
+  }
+}
+
+// Forward phase 6: u = z + sum_{a, b} wy_a wx_b GELU(C) for each tile token, the
+// pre-activations to their slots (a · taps_x + b; the unused slots zero). A map whose
+// expert index is out of range gets NaN.
+template <int R, int INTERP, typename scalar_t, typename acc_t>
+CONVLORA_HD void map_phase_combine(const TileArgs<scalar_t, acc_t>& A, const MapPos& M,
+                                   const MapSmem<R, INTERP, false, acc_t>& S, int tid) {
+  using G = MapGeometry<R, INTERP>;
+  constexpr int SLOTS = Interp<INTERP>::kMaxDown * Interp<INTERP>::kMaxDown;
+  const int r = A.r;
+  for (int u = tid; u < M.th * M.tw * R; u += kThreads) {
+    const int cell = u / R, c = u % R;
+    if (c >= r) continue;
+    const int ty = cell / M.tw, tx = cell - ty * M.tw;
+    const int64_t tok = M.P.token0 + static_cast<int64_t>(M.P.h0 + ty) * A.W + M.P.w0 + tx;
+    acc_t* pre = A.pre == nullptr ? nullptr : A.pre + tok * SLOTS * r + c;
+    if (M.e < 0) {
+      A.out[tok * r + c] = static_cast<scalar_t>(nan_value<acc_t>());
+      if (pre != nullptr)
+        for (int slot = 0; slot < SLOTS; ++slot) pre[slot * r] = acc_t(0);
+      continue;
+    }
+    const int na = S.y.tokn[ty], nb = S.x.tokn[tx];
+    acc_t sum = acc_t(0);
+    for (int a = 0; a < na; ++a) {
+      const int i = S.y.tokc[4 * ty + a];
+      const acc_t wa = S.y.tokw[4 * ty + a];
+      for (int b = 0; b < nb; ++b) {
+        const acc_t cv = S.cbuf[(i * G::kMaxC + S.x.tokc[4 * tx + b]) * G::kCell + c];
+        sum += wa * S.x.tokw[4 * tx + b] * gelu_erf(cv);
+        if (pre != nullptr) pre[(a * nb + b) * r] = cv;
+      }
+    }
+    if (pre != nullptr)
+      for (int slot = na * nb; slot < SLOTS; ++slot) pre[slot * r] = acc_t(0);
+    const acc_t zv = S.zs[((ty + G::kHalo) * G::kZ + tx + G::kHalo) * G::kCell + c];
+    A.out[tok * r + c] = static_cast<scalar_t>(zv + sum);
+  }
+}
+
+// Backward phase 3 (with V): dC[i][j][co] = GELU'(C) sum over the token taps reading
+// (conv row i, conv column j) of wy wx du[token][co]; C from the forward's saved slots.
+template <int R, int INTERP, typename scalar_t, typename acc_t>
+CONVLORA_HD void map_dc(const TileArgs<scalar_t, acc_t>& A, const MapPos& M,
+                        const MapSmem<R, INTERP, true, acc_t>& S, int tid) {
+  using G = MapGeometry<R, INTERP>;
+  constexpr int SLOTS = Interp<INTERP>::kMaxDown * Interp<INTERP>::kMaxDown;
+  const int ncy = S.y.n[0], ncx = S.x.n[0], r = A.r;
+  for (int i = 0; i < ncy; ++i) {
+    for (int v = tid; v < ncx * R; v += kThreads) {
+      const int j = v / R, co = v % R;
+      acc_t g = acc_t(0);
+      if (co < r) {
+        acc_t sum = acc_t(0), pre = acc_t(0);
+        CONVLORA_UNROLL
+        for (int my = 0; my < G::kReaders; ++my) {
+          const int ry = S.y.readers[G::kReaders * i + my];
+          if (ry < 0) continue;
+          const int ty = ry >> 2, a = ry & 3;
+          CONVLORA_UNROLL
+          for (int mx = 0; mx < G::kReaders; ++mx) {
+            const int rx = S.x.readers[G::kReaders * j + mx];
+            if (rx < 0) continue;
+            const int tx = rx >> 2, b = rx & 3;
+            const int64_t tok =
+                M.P.token0 + static_cast<int64_t>(M.P.h0 + ty) * A.W + M.P.w0 + tx;
+            pre = A.pre[(tok * SLOTS + a * S.x.tokn[tx] + b) * r + co];
+            sum += S.y.tokw[ry] * S.x.tokw[rx] * S.dus[(ty * G::kTile + tx) * G::kCell + co];
+          }
+        }
+        g = sum * gelu_erf_grad(pre);
+      }
+      S.cbuf[(i * G::kMaxC + j) * G::kCell + co] = g;
+    }
+  }
+}
+
+// Backward phase 5: the block's weight gradients, written to its partial (the other
+// experts' entries zero). Thread per (tap k, input channel ci): R output-channel sums over
+// the conv grid in order; thread 9R + co: bias co.
+template <int R, int INTERP, typename acc_t>
+CONVLORA_HD void map_phase_dw(int n, const MapPos& M, acc_t* partial,
+                              const MapSmem<R, INTERP, true, acc_t>& S, int tid) {
+  using G = MapGeometry<R, INTERP>;
+  constexpr int GS = grad_stride<R>(), NW = R * 9 * R;
+  for (int i = tid; i < n * GS; i += kThreads)
+    if (M.e < 0 || i / GS != M.e) partial[i] = acc_t(0);
+  if (M.e < 0) return;
+  const int ncy = S.y.n[0], ncx = S.x.n[0];
+  acc_t* dst = partial + M.e * GS;
+  for (int u = tid; u < 9 * R + R; u += kThreads) {
+    if (u >= 9 * R) {
+      const int co = u - 9 * R;
+      acc_t acc = acc_t(0);
+      for (int i = 0; i < ncy; ++i)
+        for (int j = 0; j < ncx; ++j) acc += S.cbuf[(i * G::kMaxC + j) * G::kCell + co];
+      dst[NW + co] = acc;
+      continue;
+    }
+    const int k = u / R, ci = u % R, ky = k / 3, kx = k - ky * 3;
+    acc_t acc[R];
+    CONVLORA_UNROLL
+    for (int co = 0; co < R; ++co) acc[co] = acc_t(0);
+    for (int i = 0; i < ncy; ++i) {
+      const int p = S.y.cu[3 * i + ky];
+      if (p < 0) continue;
+      for (int j = 0; j < ncx; ++j) {
+        const int q = S.x.cu[3 * j + kx];
+        if (q < 0) continue;
+        const acc_t uv = S.ubuf[(p * G::kMaxU + q) * G::kCell + ci];
+        const int cb = (i * G::kMaxC + j) * G::kCell;
+        CONVLORA_UNROLL
+        for (int co = 0; co < R; ++co) acc[co] += S.cbuf[cb + co] * uv;
+      }
+    }
+    CONVLORA_UNROLL
+    for (int co = 0; co < R; ++co) dst[(co * 9 + k) * R + ci] = acc[co];  // [co][k][ci]
+  }
+}
+
+// Backward phase 6: dU[p][q][ci] = sum over the conv outputs reading U(p, q) at tap
+// (ky, kx) of sum_co W^T[k][co][ci] dC[co], over U.
+template <int R, int INTERP, typename acc_t>
+CONVLORA_HD void map_phase_du(const MapSmem<R, INTERP, true, acc_t>& S, int tid) {
+  using G = MapGeometry<R, INTERP>;
+  const int nuy = S.y.n[1], nux = S.x.n[1];
+  for (int cell = tid; cell < nuy * nux; cell += kThreads) {
+    const int p = cell / nux, q = cell - p * nux;
+    acc_t d[R];
+    CONVLORA_UNROLL
+    for (int ci = 0; ci < R; ++ci) d[ci] = acc_t(0);
+    CONVLORA_UNROLL
+    for (int ky = 0; ky < 3; ++ky) {
+      const int i = S.y.uc[3 * p + ky];
+      if (i < 0) continue;
+      CONVLORA_UNROLL
+      for (int kx = 0; kx < 3; ++kx) {
+        const int j = S.x.uc[3 * q + kx];
+        if (j < 0) continue;
+        const int k = ky * 3 + kx, cb = (i * G::kMaxC + j) * G::kCell;
+        CONVLORA_UNROLL
+        for (int co = 0; co < R; ++co) {
+          const acc_t g = S.cbuf[cb + co];
+          CONVLORA_UNROLL
+          for (int ci = 0; ci < R; ++ci) d[ci] += S.w[(k * R + co) * R + ci] * g;
+        }
+      }
+    }
+    CONVLORA_UNROLL
+    for (int ci = 0; ci < R; ++ci) S.ubuf[(p * G::kMaxU + q) * G::kCell + ci] = d[ci];
+  }
+}
+
+// Backward phase 7: T[p][x] = sum over U columns q of wx dU[p][q] at q's taps x; thread per
+// (U row, channel), so each thread owns the row it accumulates.
+template <int R, int INTERP, typename acc_t>
+CONVLORA_HD void map_phase_cols_down(const MapSmem<R, INTERP, true, acc_t>& S, int tid) {
+  using G = MapGeometry<R, INTERP>;
+  int lo, hi;
+  z_span<R, INTERP>(S.x, lo, hi);
+  const int nuy = S.y.n[1], nux = S.x.n[1];
+  for (int u = tid; u < nuy * R; u += kThreads) {
+    const int p = u / R, c = u - p * R;
+    for (int x = lo; x < hi; ++x) S.vbuf[(p * G::kZ + x) * G::kCell + c] = acc_t(0);
+    for (int q = 0; q < nux; ++q) {
+      const acc_t g = S.ubuf[(p * G::kMaxU + q) * G::kCell + c];
+      CONVLORA_UNROLL
+      for (int b = 0; b < G::kUT; ++b)
+        S.vbuf[(p * G::kZ + S.x.utap[G::kUT * q + b]) * G::kCell + c] +=
+            S.x.utw[G::kUT * q + b] * g;
+    }
+  }
+}
+
+// Backward phase 8: the block's dz partial over the tile and its halo, kZ x kZ x R in
+// global memory: dZ[y][x] = sum over U rows p of wy T[p][x] at p's taps y; thread per
+// (staged column, channel), accumulating in the staged-z buffer, then storing its column.
+template <int R, int INTERP, typename acc_t>
+CONVLORA_HD void map_phase_rows_down(const MapPos& M, acc_t* region,
+                                     const MapSmem<R, INTERP, true, acc_t>& S, int tid) {
+  using G = MapGeometry<R, INTERP>;
+  int lo = 0, hi = 0;
+  if (M.e >= 0) z_span<R, INTERP>(S.x, lo, hi);
+  const int nuy = M.e >= 0 ? static_cast<int>(S.y.n[1]) : 0;
+  for (int u = tid; u < G::kZ * R; u += kThreads) {
+    const int x = u / R, c = u - x * R;
+    for (int y = 0; y < G::kZ; ++y) S.zs[(y * G::kZ + x) * G::kCell + c] = acc_t(0);
+    if (x >= lo && x < hi) {
+      for (int p = 0; p < nuy; ++p) {
+        const acc_t t = S.vbuf[(p * G::kZ + x) * G::kCell + c];
+        CONVLORA_UNROLL
+        for (int a = 0; a < G::kUT; ++a)
+          S.zs[(S.y.utap[G::kUT * p + a] * G::kZ + x) * G::kCell + c] += S.y.utw[G::kUT * p + a] * t;
+      }
+    }
+    for (int y = 0; y < G::kZ; ++y)
+      region[(y * G::kZ + x) * R + c] = S.zs[(y * G::kZ + x) * G::kCell + c];
+  }
+}
+
+// Runs one map block (Exec as for run_block).
+template <int R, int INTERP, bool BWD, typename Exec, typename scalar_t, typename acc_t>
+CONVLORA_HD void run_map_block(Exec& ex, const TileArgs<scalar_t, acc_t>& A, const MapLayout& L,
+                               unsigned char* smem, int64_t block) {
+  using G = MapGeometry<R, INTERP>;
+  const MapPos M = map_pos<R, INTERP>(A, block);
+  const MapSmem<R, INTERP, BWD, acc_t> S(smem, L);
+  ex.poison(smem, L.bytes);
+  const bool ok = M.e >= 0;
+  ex.phase([&](int tid) { map_phase_load<R, INTERP, BWD>(A, M, S, tid); });
+  ex.phase([&](int tid) { map_phase_taps<R, INTERP, BWD>(A, M, S, tid); });
+  if constexpr (!BWD) {
+    if (ok) {
+      ex.phase([&](int tid) { map_rows_up<R, INTERP, false>(S, tid); });
+      ex.phase([&](int tid) { map_cols_up<R, INTERP, false>(S, tid); });
+      ex.phase([&](int tid) { map_phase_conv<R, INTERP>(S, tid); });
+    }
+    ex.phase([&](int tid) { map_phase_combine<R, INTERP>(A, M, S, tid); });
+  } else {
+    acc_t* partial = A.dw_partial + block * A.n * grad_stride<R>();
+    acc_t* region = A.region + block * G::kZ * G::kZ * R;
+    if (ok) {
+      ex.phase([&](int tid) {
+        map_rows_up<R, INTERP, true>(S, tid);
+        map_dc<R, INTERP>(A, M, S, tid);
+      });
+      ex.phase([&](int tid) { map_cols_up<R, INTERP, true>(S, tid); });
+    }
+    ex.phase([&](int tid) { map_phase_dw<R, INTERP>(A.n, M, partial, S, tid); });
+    if (ok) {
+      ex.phase([&](int tid) { map_phase_du<R, INTERP>(S, tid); });
+      ex.phase([&](int tid) { map_phase_cols_down<R, INTERP>(S, tid); });
+    }
+    ex.phase([&](int tid) { map_phase_rows_down<R, INTERP>(M, region, S, tid); });
+  }
+}
+
+// The fold after the map backward, one call per (token, channel) i < N·r: dz = du + the dz
+// partials of the blocks whose tile-plus-halo holds the token, in block order; NaN where
+// the map's expert index is out of range.
+template <int R, int INTERP, typename scalar_t, typename acc_t>
+CONVLORA_HD void fold_entry(const TileArgs<scalar_t, acc_t>& A, int64_t i) {
+  using G = MapGeometry<R, INTERP>;
+  const int r = A.r;
+  const int64_t tok = i / r;
+  const int c = static_cast<int>(i - tok * r);
+  const int64_t hw = static_cast<int64_t>(A.H) * A.W;
+  const int64_t m = tok / hw;
+  const int rest = static_cast<int>(tok - m * hw);
+  const int gy = rest / A.W, gx = rest - gy * A.W;
+  const int e = A.expert_index[m];
+  if (e < 0 || e >= A.n) {
+    A.out[i] = static_cast<scalar_t>(nan_value<acc_t>());
+    return;
+  }
+  const int ly0 = gy - G::kTile - G::kHalo, lx0 = gx - G::kTile - G::kHalo;
+  const int ty0 = ly0 < 0 ? 0 : ly0 / G::kTile + 1, tx0 = lx0 < 0 ? 0 : lx0 / G::kTile + 1;
+  const int ty1 = (gy + G::kHalo) / G::kTile < A.tiles_y - 1 ? (gy + G::kHalo) / G::kTile
+                                                              : A.tiles_y - 1;
+  const int tx1 = (gx + G::kHalo) / G::kTile < A.tiles_x - 1 ? (gx + G::kHalo) / G::kTile
+                                                              : A.tiles_x - 1;
+  acc_t acc = static_cast<acc_t>(A.du[i]);
+  for (int ty = ty0; ty <= ty1; ++ty) {
+    for (int tx = tx0; tx <= tx1; ++tx) {
+      const int64_t blk = (m * A.tiles_y + ty) * A.tiles_x + tx;
+      const int ly = gy - ty * G::kTile + G::kHalo, lx = gx - tx * G::kTile + G::kHalo;
+      acc += A.region[((blk * G::kZ + ly) * G::kZ + lx) * R + c];
+    }
+  }
+  A.out[i] = static_cast<scalar_t>(acc);
+}
+
+}  // namespace tile
+}  // namespace convlora

@@ -57,9 +57,10 @@ def _find_source() -> Tuple[Optional[str], str]:
     wheel = os.path.join(CACHE, f"autogluon_multimodal-{VERSION}-py3-none-any.whl")
     if not os.path.exists(wheel):
         try:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
-                            CACHE, f"autogluon.multimodal=={VERSION}"], check=True,
-                           capture_output=True, timeout=120)
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                            "--retries", "0", "--timeout", "10", "-d", CACHE,
+                            f"autogluon.multimodal=={VERSION}"], check=True,
+                           capture_output=True, timeout=60)
         except (subprocess.SubprocessError, OSError) as e:
             return None, (f"the autogluon.multimodal {VERSION} wheel could not be fetched "
                           f"({type(e).__name__}); set CONVLORA_AUTOGLUON_WHEEL to a local copy")
@@ -113,7 +114,12 @@ def make_fn(mod: types.ModuleType, alpha: float):
         for i in range(n):
             params[f"lora_moe_experts.{i}.0.weight"] = inp["conv_weight"][i]
             params[f"lora_moe_experts.{i}.0.bias"] = inp["conv_bias"][i]
-        y, _ = torch.func.functional_call(layer, params, (inp["x"],))
-        return y
+        x = inp["x"]
+        # In 16-bit, as the authors train (autocast): their combine step adds a float32 term,
+        # which plain bf16/fp16 weights would refuse in the up-projection.
+        amp = x.dtype in (torch.float16, torch.bfloat16)
+        with torch.autocast(x.device.type, dtype=x.dtype, enabled=amp):
+            y, _ = torch.func.functional_call(layer, params, (x,))
+        return y.to(x.dtype)
 
     return fn

@@ -10,12 +10,16 @@
 #   racecheck  compute-sanitizer racecheck: the same, backend "cuda" only
 #   memcheck-triton   compute-sanitizer memcheck of backend "triton" (SKIP if it is absent)
 #   stencil    the stencil kernels alone (stencil_fwd, stencil_bwd; CUDA events) next to the
-#              layer's fwd+bwd, plain LoRA and the eager reference (benchmarks/stencil_time.py)
+#              layer's fwd+bwd, plain LoRA and the eager reference (benchmarks/stencil_time.py);
+#              for map routing the map programs next to the per-token ones
+#              (CONVLORA_MAP_KERNELS=0 switches the layer to the latter)
 #   plans      every candidate of the layer's plan, per fused backend, at SAM's shapes, and
 #              the winners (benchmarks/plan_time.py; plans.json, the source of the
 #              convlora_kernels/_plans.py entries)
 #   bench      the GPU benchmark subset (ViT-B global and window maps, r = 8 and 3, token
-#              routing, one map-routing row, bf16, torch.compile on one shape)
+#              routing, one map-routing row, the authors' setting (map, bicubic, r = 3) with
+#              their layer when CONVLORA_AUTOGLUON_WHEEL names its wheel, bf16,
+#              torch.compile on one shape)
 # A stage that fails does not stop the others (a failed build skips the rest).
 #
 # Writes into OUT_DIR, at most 8 plain files: summary.txt (machine, versions, one line per
@@ -28,6 +32,7 @@
 #   CONVLORA_CHECK_DEVICE   cuda (default), or cpu to exercise the script on a machine
 #                           without a GPU (sanitizers skipped, smoke-sized benchmark)
 #   CONVLORA_CHECK_SKIP_BUILD=1   use the extension already built in the checkout
+#   CONVLORA_AUTOGLUON_WHEEL      the autogluon.multimodal wheel (the authors' layer)
 #   PYTHON                  the interpreter (default: python)
 #   COMPUTE_SANITIZER       path to compute-sanitizer (default: $CUDA_HOME/bin, /usr/local/cuda/bin, PATH)
 # Wheels in .whl/ at the checkout's root are installed (offline, --no-deps) for any
@@ -240,6 +245,9 @@ else
   else
     BENCH=(--device cpu --preset smoke --repeats 3 --warmup 1)
   fi
+  # The authors' layer needs its wheel (benchmarks/authors.py); without network, only a
+  # copy named by CONVLORA_AUTOGLUON_WHEEL.
+  [ -n "${CONVLORA_AUTOGLUON_WHEEL:-}" ] || BENCH+=(--no-authors)
   stage bench "$OUT/bench.log" "$secs" "$PY" benchmarks/run.py "${BENCH[@]}" \
     --time-budget $((secs > 60 ? secs - 45 : secs / 2)) --out "$OUT/bench.json"
   # A run cut short still wrote every finished row: render what there is.

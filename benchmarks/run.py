@@ -84,7 +84,10 @@ def run(args, argv=(), on_group=None) -> dict:
                              authors=args.authors and any(common.authors_applies(s)
                                                           for s in shapes))
     command = shlex.join(["python", "benchmarks/run.py"] + list(argv))
-    report = dict(schema=SCHEMA, environment=envinfo.environment(device, command), args=vars(args),
+    env = envinfo.environment(device, command)
+    if common.AUTHORS in provs:  # where the authors' layer was read from
+        env["authors_layer"] = common.authors_provider()[1]
+    report = dict(schema=SCHEMA, environment=env, args=vars(args),
                   baselines=dict(reference=common.REFERENCE, linear=common.LINEAR,
                                  authors=common.AUTHORS),
                   rates=floors.measure_rates(device, dtype), results=[])

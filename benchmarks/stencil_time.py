@@ -35,14 +35,21 @@ SHAPES = {
              ("window-100x14x14-C768-r8", 100, 14, 14, 768, 8, "token", "bilinear"),
              ("global-4x64x64-C768-r3-compat", 4, 64, 64, 768, 3, "map", "bicubic")],
     "cpu": [("cpu-1x32x32-C768-r8", 1, 32, 32, 768, 8, "token", "bilinear"),
-            ("cpu-1x64x64-C768-r8", 1, 64, 64, 768, 8, "token", "bilinear")],
+            ("cpu-1x64x64-C768-r8", 1, 64, 64, 768, 8, "token", "bilinear"),
+            ("cpu-25x14x14-C768-r3-compat", 25, 14, 14, 768, 3, "map", "bicubic")],
 }
 
 
-def _stencil_fns(inp, interpolation):
+def _stencil_fns(inp, interpolation, per_token=False, suffix=""):
+    """The stencil ops as the layer calls them (for map routing: the map programs), or with
+    per_token the per-token programs whatever the routing."""
+    from convlora_kernels.layer import stencil_index
+
     z = torch.nn.functional.linear(inp["x"], inp["lora_A"]).reshape(-1, inp["lora_A"].shape[0])
     b, h, w = inp["expert_index"].shape
-    args = dict(idx=inp["expert_index"].reshape(-1).to(torch.int32),
+    idx = inp["expert_index"].reshape(-1).to(torch.int32) if per_token \
+        else stencil_index(inp["expert_index"])
+    args = dict(idx=idx,
                 cw=inp["conv_weight"].detach(), cb=inp["conv_bias"].detach(),
                 scales=list(range(1, inp["conv_weight"].shape[0] + 1)),
                 mode=INTERPOLATION_CODES[interpolation], h=h, w=w)
@@ -59,7 +66,7 @@ def _stencil_fns(inp, interpolation):
         return torch.ops.convlora.stencil_bwd(du, z, pre, args["idx"], args["cw"], args["cb"],
                                               args["scales"], args["mode"], h, w)
 
-    return {"stencil-fwd": fwd, "stencil-bwd": bwd}
+    return {"stencil-fwd" + suffix: fwd, "stencil-bwd" + suffix: bwd}
 
 
 def _triton_stencil_fns(inp, interpolation):
@@ -149,21 +156,23 @@ def main(argv=None) -> int:
     print(f"{card}, {dtype}, torch {torch.__version__}")
     result = None
     for name, b, h, w, c, r, gating, interp in SHAPES["cuda" if gpu else "cpu"]:
-        shape = common.Shape(name, b, h, w, c, r, gating=gating)
+        shape = common.Shape(name, b, h, w, c, r, gating=gating, interpolation=interp)
         layer_fns = {f"conv-lora[{backend}]": _layer(backend, interp),
                      common.PLAIN_LORA: common.plain_lora,
                      common.REFERENCE: _layer("reference", interp),
                      common.LINEAR: common.frozen_linear}
         inputs = [common.make_inputs(shape, device, dtype, seed=s) for s in range(2)]
-        st = measure.time_group(_stencil_fns(inputs[0], interp), inputs, False,
-                                {"stencil-fwd": warm, "stencil-bwd": warm}, repeats)
+        sfns = _stencil_fns(inputs[0], interp)
+        if gating == "map":  # the map programs next to the per-token ones (a GPU's choice)
+            sfns.update(_stencil_fns(inputs[0], interp, per_token=True, suffix=" per-token"))
+        st = measure.time_group(sfns, inputs, False, {k: warm for k in sfns}, repeats)
         lin_fwd = measure.time_group({common.LINEAR: common.frozen_linear}, inputs, False,
                                      {common.LINEAR: warm}, repeats)[common.LINEAR]
         layer = measure.time_group(layer_fns, inputs, True, {k: warm for k in layer_fns},
                                    repeats)
         med = {k: v.get("median_ms") for k, v in layer.items()}
         print(f"\n{name} ({gating} routing, {interp})")
-        for k in ("stencil-fwd", "stencil-bwd"):
+        for k in sfns:
             ms = st[k].get("median_ms")
             if ms is None:
                 print(f"  {k:24s} error: {st[k]['error']}")

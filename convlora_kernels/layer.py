@@ -365,11 +365,17 @@ def _backward(ctx, dy2, *_unused):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Internal switch: CONVLORA_MAP_KERNELS=0 runs the per-token stencil programs for map routing
+# too (benchmarks/stencil_time.py times both on a GPU).
+MAP_KERNELS_ENV = "CONVLORA_MAP_KERNELS"
+
+
 def stencil_index(expert_index: Tensor) -> Tensor:
     """expert_index (B, H, W) as the C++ stencils take it, int32: (B,) when it is one expert
     per map by construction (expanded from (B, 1, 1), as the map router returns it), so the
     map kernels run (csrc/stencil_map.h); else one entry per token (N,)."""
-    if expert_index.dim() == 3 and expert_index.stride(1) == 0 and expert_index.stride(2) == 0:
+    if expert_index.dim() == 3 and expert_index.stride(1) == 0 and \
+            expert_index.stride(2) == 0 and os.environ.get(MAP_KERNELS_ENV, "1") != "0":
         return expert_index[:, 0, 0].to(torch.int32).contiguous()
     return expert_index.reshape(-1).to(torch.int32)
 

@@ -376,3 +376,20 @@ def test_shared_memory_budget_switch(monkeypatch):
     monkeypatch.setenv("CONVLORA_STENCIL_SMEM_KB", "lots")
     with pytest.raises(RuntimeError, match="CONVLORA_STENCIL_SMEM_KB must be a number of KB"):
         _plan(8, 8, "bilinear", True)
+
+
+def test_layer_hands_the_map_programs_a_per_map_index(monkeypatch):
+    """An index expanded from (B, 1, 1), as the map router returns it, reaches the stencil
+    as (B,) (the map programs); a materialised one per token; CONVLORA_MAP_KERNELS=0 (the
+    internal switch a GPU measurement may need) keeps the per-token programs."""
+    from convlora_kernels.gating import NoisyTopOneRouter
+    from convlora_kernels.layer import stencil_index
+
+    e = torch.tensor([2, 0, 1]).view(3, 1, 1).expand(3, 5, 4)
+    idx = stencil_index(e)
+    assert idx.dtype == torch.int32 and idx.tolist() == [2, 0, 1]
+    assert stencil_index(e.contiguous()).shape == (60,)
+    routed, _ = NoisyTopOneRouter(4, 3, "map")(torch.randn(3, 5, 4, 4))
+    assert stencil_index(routed).shape == (3,)
+    monkeypatch.setenv("CONVLORA_MAP_KERNELS", "0")
+    assert stencil_index(e).shape == (60,)

@@ -5,7 +5,7 @@
 
 Runs the extension's probe op on CUDA tensors (unless --no-probe), then, for each
 backend asked for that can run here, forward + backward of a tiny problem (token and
-map routing; float32 and bfloat16), checked against the reference by the accuracy rule
+map routing, bilinear and bicubic; float32 and bfloat16), checked against the reference by the accuracy rule
 of docs/design.md (accuracy rule): the backend's error against the float64 reference is at most 2x the
 reference's own error in the same dtype, plus a small floor. The references run on
 the CPU, so only the backend's kernels run under the sanitizer.
@@ -33,19 +33,27 @@ from convlora_kernels.ops import backend_unavailable_reason  # noqa: E402
 
 # Every scale 1..8 (odd and even), borders on both axes, two maps.
 SHAPES = [common.Shape("sanitize-token", 2, 5, 6, 16, 3),
-          common.Shape("sanitize-map", 2, 5, 6, 16, 3, gating="map")]
+          common.Shape("sanitize-map", 2, 5, 6, 16, 3, gating="map"),
+          common.Shape("sanitize-map-bicubic", 2, 9, 10, 16, 3, gating="map",
+                       interpolation="bicubic")]
 GRADS = ("x", "bias", "lora_A", "lora_B", "conv_weight", "conv_bias")
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
 
 
 def _run(fn, inp: Dict[str, torch.Tensor], dtype, device, dy) -> List[torch.Tensor]:
     """Output and gradients of ``fn`` with the inputs cast to dtype and moved to device."""
-    t = {k: (v.detach().to(device=device, dtype=dtype) if v.is_floating_point()
-             else v.to(device)) if isinstance(v, torch.Tensor) else v for k, v in inp.items()}
+    def move(v):
+        if v.is_floating_point():
+            return v.detach().to(device=device, dtype=dtype)
+        if v.dim() == 3 and v.stride(1) == 0 and v.stride(2) == 0:
+            return v[:, :1, :1].to(device).expand(v.shape)  # per map: the map kernels
+        return v.to(device)
+
+    t = {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in inp.items()}
     for k in GRADS:
         t[k].requires_grad_(True)
     y = fn(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["conv_weight"],
-           t["conv_bias"], t["expert_index"], t["scaling"])
+           t["conv_bias"], t["expert_index"], t["scaling"], interpolation=t["interpolation"])
     grads = torch.autograd.grad(y, [t[k] for k in GRADS], dy.to(device=device, dtype=dtype))
     return [v.detach().double().cpu() for v in (y, *grads)]
 
@@ -60,8 +68,8 @@ def check_backend(backend: str, shape: common.Shape, dtype: torch.dtype,
     truth = _run(conv_lora_linear_ref, inp, torch.float64, "cpu", dy)
     ref = _run(conv_lora_linear_ref, inp, dtype, "cpu", dy)
 
-    def fused(*args):
-        return conv_lora_linear(*args, backend=backend)
+    def fused(*args, **kwargs):
+        return conv_lora_linear(*args, backend=backend, **kwargs)
 
     got = _run(fused, inp, dtype, device, dy)
     failures = []

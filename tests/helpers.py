@@ -72,10 +72,11 @@ def make_case(batch=2, height=5, width=6, c_in=8, c_out=12, rank=3, scales=(1, 2
     conv_weight = rnd(n, rank, rank, 3, 3, std=1 / math.sqrt(9 * rank))
     conv_bias = rnd(n, rank, std=0.5)
     if gating == "token":
-        idx = torch.randint(0, n, (batch, height, width), generator=g)
-    else:
-        idx = torch.randint(0, n, (batch, 1, 1), generator=g).expand(batch, height, width)
-    return Case(x, weight, b, lora_A, lora_B, conv_weight, conv_bias, idx.to(device), 0.75,
+        idx = torch.randint(0, n, (batch, height, width), generator=g).to(device)
+    else:  # expanded on the device, as the map router returns it (the map kernels run)
+        idx = torch.randint(0, n, (batch, 1, 1), generator=g).to(device).expand(
+            batch, height, width)
+    return Case(x, weight, b, lora_A, lora_B, conv_weight, conv_bias, idx, 0.75,
                 tuple(scales), interpolation)
 
 

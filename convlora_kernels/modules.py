@@ -30,6 +30,9 @@ class ConvLoRALinear(nn.Module):
     and returns only the output. The router's aux loss of the last training
     forward is kept on ``.aux_loss`` (None before the first one).
 
+    ``adapter_enabled`` (True) switches the Conv-LoRA branch: when False, forward is the
+    frozen base layer alone, F.linear(x, weight, bias), and leaves no aux loss.
+
     The paper's terms: ``num_experts`` is its number of experts (each a 3x3 conv on the
     LoRA features); ``scales`` its scaling ratios (expert i upsamples by scales[i], convolves,
     downsamples back); ``gating`` its router granularity ("token": each token picks its
@@ -82,6 +85,7 @@ class ConvLoRALinear(nn.Module):
         self.conv_bias = nn.Parameter(torch.empty(num_experts, r, **kw))
         self.router = NoisyTopOneRouter(r, num_experts, gating, **kw)
         self.aux_loss: Optional[torch.Tensor] = None
+        self.adapter_enabled = True
         self.reset_parameters()
 
     @property
@@ -170,6 +174,10 @@ class ConvLoRALinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected {self.in_features} input features in the last "
                              f"dimension, got shape {tuple(x.shape)}")
+        if not self.adapter_enabled:
+            if self.training:
+                self.aux_loss = None
+            return F.linear(x, self.weight, self.bias)
         params = (self.weight, self.bias, self.lora_A, self.lora_B, self.conv_weight,
                   self.conv_bias)
         # Under autocast the whole layer, router included, runs in the autocast dtype.
@@ -193,4 +201,5 @@ class ConvLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"num_experts={self.num_experts}, alpha={self.alpha}, scales={self.scales}, "
                 f"gating={self.gating!r}, interpolation={self.interpolation!r}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}"
+                + ("" if self.adapter_enabled else ", adapter_enabled=False"))

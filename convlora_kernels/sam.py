@@ -1,7 +1,11 @@
 """Conv-LoRA for Segment Anything: set up, train, save and load the adapters.
 
     apply_conv_lora(model, ...)       qkv of the image encoder's blocks -> ConvLoRALinear
+    add_modules_to_save(model, ...)   modules added later (a head) train and are saved too
+    box_prompted_masks / mask_loss    a batched box-prompt forward and its loss
     aux_loss(model)                   the routers' load-balancing loss, to add to the task loss
+    adapters_disabled(model)          the frozen model for a while (set_adapters_enabled)
+    remove_conv_lora(model)           the plain nn.Linear layers back
     adapter_state_dict(model)         exactly the trained tensors; load_adapter_state_dict
     save_adapter / load_adapter       the same in a safetensors file that records the settings
     read_adapter_config(path)         those settings, as apply_conv_lora's keyword arguments
@@ -22,6 +26,8 @@ model's ``state_dict()``.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -29,17 +35,20 @@ import sys
 import uuid
 import warnings
 from dataclasses import asdict, dataclass, fields
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .modules import ConvLoRALinear
 
 __all__ = [
-    "ConvLoRAConfig", "TrainableParameters", "adapter_state_dict", "apply_conv_lora",
-    "aux_loss", "load_adapter", "load_adapter_state_dict", "print_trainable_parameters",
-    "read_adapter_config", "save_adapter", "trainable_parameters",
+    "ConvLoRAConfig", "PromptedMasks", "TrainableParameters", "adapter_state_dict",
+    "adapters_disabled", "add_modules_to_save", "apply_conv_lora", "aux_loss",
+    "box_prompted_masks", "load_adapter", "load_adapter_state_dict", "mask_loss",
+    "print_trainable_parameters", "read_adapter_config", "remove_conv_lora", "save_adapter",
+    "set_adapters_enabled", "trainable_parameters",
 ]
 
 # The trained tensors of one ConvLoRALinear, by their names inside it.
@@ -56,8 +65,9 @@ class ConvLoRAConfig:
     """What apply_conv_lora set up; kept on the model as ``model.conv_lora_config``.
 
     The fields are apply_conv_lora's keyword arguments, with ``blocks`` the indices of the
-    blocks given Conv-LoRA and ``train_mask_decoder`` True only when the model has a mask
-    decoder and it was left trainable.
+    blocks given Conv-LoRA, ``train_mask_decoder`` True only when the model has a mask
+    decoder and it was left trainable, and ``modules_to_save`` the names (in the module
+    holding this config) of the other modules that train and are saved with the adapters.
     """
 
     r: int
@@ -68,6 +78,7 @@ class ConvLoRAConfig:
     interpolation: str
     blocks: Tuple[int, ...]
     train_mask_decoder: bool
+    modules_to_save: Tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -145,13 +156,19 @@ def _find_mask_decoder(root: nn.Module) -> Optional[Tuple[str, nn.Module]]:
 
 
 def _config_of(model: nn.Module) -> Tuple[nn.Module, ConvLoRAConfig]:
+    root, _, holder = _config_holder(model)
+    return root, holder.conv_lora_config
+
+
+def _config_holder(model: nn.Module) -> Tuple[nn.Module, str, nn.Module]:
+    """(unwrapped model, clean name of the module holding conv_lora_config in it, that
+    module); raises if apply_conv_lora never ran on the model or a module inside it."""
     root = _unwrap(model)
     if not isinstance(root, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    for m in root.modules():
-        cfg = getattr(m, "conv_lora_config", None)
-        if isinstance(cfg, ConvLoRAConfig):
-            return root, cfg
+    for name, m in root.named_modules():
+        if isinstance(getattr(m, "conv_lora_config", None), ConvLoRAConfig):
+            return root, _clean(name), m
     raise ValueError(f"model: {type(root).__name__} has no Conv-LoRA set up by "
                      f"apply_conv_lora; call apply_conv_lora(model, ...) first, and pass the "
                      f"model given to it (or that model wrapped in DDP / torch.compile)")
@@ -185,15 +202,20 @@ def apply_conv_lora(model: nn.Module, r: int = 3, num_experts: int = 8, alpha: f
                     scales: Optional[Sequence[int]] = None, gating: str = "token",
                     interpolation: str = "bilinear", backend: str = "auto",
                     blocks: Optional[Sequence[int]] = None,
-                    train_mask_decoder: bool = True) -> Dict[str, ConvLoRALinear]:
+                    train_mask_decoder: bool = True,
+                    modules_to_save: Optional[Sequence[Union[str, nn.Module]]] = None,
+                    ) -> Dict[str, ConvLoRALinear]:
     """Give the SAM image encoder's blocks Conv-LoRA, in place, and freeze the rest.
 
     Every block's ``attn.qkv`` (or those of the listed ``blocks``, indices into the
     encoder's block list) becomes ``ConvLoRALinear.from_linear(qkv, r, num_experts, alpha,
     scales, gating, interpolation, backend)``, sharing qkv's weight and bias, so the model's
     output is unchanged until the adapters train. Every other parameter is frozen except,
-    with ``train_mask_decoder``, the mask decoder's (the paper fine-tunes it fully). New
-    layers take the train/eval mode of the layers they replace.
+    with ``train_mask_decoder``, the mask decoder's (the paper fine-tunes it fully), and
+    those of ``modules_to_save``: modules of the model (given as modules or by their names
+    in ``model.named_modules()``) that train fully and are saved with the adapters, such as
+    a head of your own or the encoder's neck. New layers take the train/eval mode of the
+    layers they replace.
 
     Call it once, on the model itself (before wrapping it in DistributedDataParallel).
     Returns {name in the model's state_dict: the new ConvLoRALinear}, in block order.
@@ -201,6 +223,11 @@ def apply_conv_lora(model: nn.Module, r: int = 3, num_experts: int = 8, alpha: f
     root = _check_model(model, train_mask_decoder)
     blocks_name, block_list = _find_encoder(root)
     chosen = _check_blocks(blocks, len(block_list))
+    decoder = _find_mask_decoder(root)
+    train_decoder = train_mask_decoder and decoder is not None
+    saved = _resolve_modules_to_save(
+        root, modules_to_save, [f"{blocks_name}.{i}.attn.qkv" for i in chosen],
+        [decoder[0]] if train_decoder else [])
 
     # Build every new layer before changing anything, so a bad argument leaves the model
     # as it was.
@@ -211,16 +238,96 @@ def apply_conv_lora(model: nn.Module, r: int = 3, num_experts: int = 8, alpha: f
     root.requires_grad_(False)
     for parent, layer in plan:  # the new layers' adapter tensors are trainable
         parent.qkv = layer
-    decoder = _find_mask_decoder(root)
-    train_decoder = train_mask_decoder and decoder is not None
     if train_decoder:
         decoder[1].requires_grad_(True)
+    for name in saved:
+        root.get_submodule(_raw_name(root, name)).requires_grad_(True)
     first = plan[0][1]
     root.conv_lora_config = ConvLoRAConfig(
         r=first.r, num_experts=first.num_experts, alpha=first.alpha, scales=first.scales,
         gating=first.gating, interpolation=first.interpolation, blocks=chosen,
-        train_mask_decoder=train_decoder)
+        train_mask_decoder=train_decoder, modules_to_save=saved)
     return _conv_lora_layers(root)
+
+
+def _raw_name(root: nn.Module, clean: str) -> str:
+    """The named_modules() name (wrapper segments included) of the module named ``clean``."""
+    for name, _ in root.named_modules():
+        if _clean(name) == clean:
+            return name
+    raise ValueError(f"model: it has no module {clean!r} any more")
+
+
+def _inside(name: str, outer: str) -> bool:
+    """Whether module ``name`` is ``outer`` or inside it ("" is the whole model)."""
+    return outer == "" or name == outer or name.startswith(outer + ".")
+
+
+def _resolve_modules_to_save(root: nn.Module, modules, adapted: Sequence[str],
+                             saved_already: Sequence[str]) -> Tuple[str, ...]:
+    """The clean names in root of ``modules`` (names or submodules), or a clear error: not
+    in the model, the whole model, holding an adapted layer (its frozen base would train),
+    inside what is saved already, or overlapping another entry."""
+    if modules is None:
+        return ()
+    if isinstance(modules, (str, nn.Module)):
+        modules = [modules]
+    elif not isinstance(modules, (list, tuple)):
+        raise TypeError(f"modules_to_save: expected a list of module names or modules, got "
+                        f"{type(modules).__name__}")
+    by_name: Dict[str, nn.Module] = {}
+    for n, m in root.named_modules():
+        by_name.setdefault(_clean(n), m)
+    names: List[str] = []
+    for item in modules:
+        if isinstance(item, str):
+            if item not in by_name or item == "":
+                top = [n for n in by_name if n and "." not in n]
+                raise ValueError(f"modules_to_save: {item!r} is not the name of a module in "
+                                 f"{type(root).__name__} (names as model.named_modules() "
+                                 f"gives them; its top-level modules: {', '.join(top)})")
+            name = item
+        elif isinstance(item, nn.Module):
+            hits = [n for n, m in by_name.items() if m is item]
+            if not hits:
+                raise ValueError(f"modules_to_save: the {type(item).__name__} given is not a "
+                                 f"module of the model; add it to the model first")
+            name = hits[0]
+        else:
+            raise TypeError(f"modules_to_save: expected module names or modules, got "
+                            f"{type(item).__name__} {item!r}")
+        if name == "":
+            raise ValueError("modules_to_save: the whole model cannot be saved with the "
+                             "adapters; name the modules to train (a head, the neck)")
+        held = [a for a in adapted if _inside(a, name)]
+        if held:
+            raise ValueError(f"modules_to_save: {name!r} holds the Conv-LoRA layer {held[0]} "
+                             f"({len(held)} in all), whose frozen base weights would then "
+                             f"train; name modules outside the adapted blocks")
+        for other in list(saved_already) + names:
+            if _inside(name, other) or _inside(other, name):
+                raise ValueError(f"modules_to_save: {name!r} overlaps {other!r}, which is "
+                                 f"saved with the adapters already")
+        names.append(name)
+    return tuple(names)
+
+
+def add_modules_to_save(model: nn.Module,
+                        modules: Sequence[Union[str, nn.Module]]) -> Tuple[str, ...]:
+    """Make modules added after apply_conv_lora (a head, a new decoder) train and be
+    saved with the adapters: apply_conv_lora's ``modules_to_save`` for a model already set
+    up. Returns every saved module's name. Call it before building the optimizer."""
+    _, holder_name, holder = _config_holder(model)
+    cfg = holder.conv_lora_config
+    adapted = list(_conv_lora_layers(holder))
+    found = _find_mask_decoder(holder) if cfg.train_mask_decoder else None
+    names = _resolve_modules_to_save(holder, modules, adapted,
+                                     ([found[0]] if found else []) + list(cfg.modules_to_save))
+    for name in names:
+        holder.get_submodule(_raw_name(holder, name)).requires_grad_(True)
+    holder.conv_lora_config = dataclasses.replace(
+        cfg, modules_to_save=cfg.modules_to_save + names)
+    return holder.conv_lora_config.modules_to_save
 
 
 def _check_model(model, train_mask_decoder) -> nn.Module:
@@ -253,6 +360,79 @@ def _new_layer(block: nn.Module, where: str, options: dict):
     layer = ConvLoRALinear.from_linear(qkv, **options)
     layer.train(qkv.training)
     return parent, layer
+
+
+# --- Switching the adapters off, removing them ------------------------------------------
+
+def _layers_or_raise(model: nn.Module) -> Tuple[nn.Module, Dict[str, ConvLoRALinear]]:
+    root = _unwrap(model)
+    if not isinstance(root, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    layers = _conv_lora_layers(root)
+    if not layers:
+        raise ValueError(f"model: {type(root).__name__} has no Conv-LoRA layers; call "
+                         f"apply_conv_lora(model, ...) first")
+    return root, layers
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every Conv-LoRA layer's branch on or off: off, each layer is its frozen
+    nn.Linear again (the model computes what it did before apply_conv_lora) and leaves no
+    aux loss; the adapters stay in place, trained and saved as before."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__} {enabled!r}")
+    for layer in _layers_or_raise(model)[1].values():
+        layer.adapter_enabled = enabled
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """``with adapters_disabled(model): ...`` runs the model without its Conv-LoRA branches
+    (the frozen model, e.g. a baseline next to the fine-tuned one) and restores each
+    layer's previous setting on exit."""
+    layers = _layers_or_raise(model)[1]
+    before = {name: layer.adapter_enabled for name, layer in layers.items()}
+    try:
+        for layer in layers.values():
+            layer.adapter_enabled = False
+        yield
+    finally:
+        for name, layer in layers.items():
+            layer.adapter_enabled = before[name]
+
+
+def remove_conv_lora(model: nn.Module) -> Dict[str, nn.Linear]:
+    """Undo apply_conv_lora, in place: each ConvLoRALinear becomes an nn.Linear holding its
+    base weight and bias (the same tensors, so the model computes what it did before), and
+    the Conv-LoRA settings are dropped. requires_grad is left as it is (the rest of the
+    model stays frozen). Save the adapters first if you need them. Returns {name: the
+    restored nn.Linear}.
+
+    There is no merge: the experts' term s·E(x Aᵀ) Bᵀ is not linear in x, so a layer with
+    B A folded into its weight would still compute x Aᵀ, the experts and a rank-r
+    up-projection, the same work as the unmerged layer.
+    """
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise TypeError("model: remove_conv_lora changes the model's parameters; call it on "
+                        "the model itself, not its DistributedDataParallel / DataParallel "
+                        "wrapper")
+    root, _ = _layers_or_raise(model)
+    found = [(n, m) for n, m in root.named_modules() if isinstance(m, ConvLoRALinear)]
+    restored: Dict[str, nn.Linear] = {}
+    for name, layer in found:
+        parent_name, _, attr = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device="meta")
+        linear.weight = layer.weight
+        linear.bias = layer.bias
+        linear.train(layer.training)
+        setattr(parent, attr, linear)
+        restored[_clean(name)] = linear
+    for m in root.modules():
+        if isinstance(getattr(m, "conv_lora_config", None), ConvLoRAConfig):
+            del m.conv_lora_config
+    return restored
 
 
 # --- Training -------------------------------------------------------------------------
@@ -288,6 +468,141 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
         device = next(iter(layers.values())).lora_A.device
         return torch.zeros((), dtype=torch.float32, device=device)
     return torch.stack([t.float() for t in losses]).sum()
+
+
+# --- Box prompts ------------------------------------------------------------------------
+
+class PromptedMasks(NamedTuple):
+    """box_prompted_masks' outputs, with K the boxes per image (no K axis for (B, 4) boxes)
+    and M the masks per prompt (1, or 3 with multimask_output)."""
+
+    logits: torch.Tensor            # (B, [K,] M, H, W): mask logits in the images' frame
+    iou_predictions: torch.Tensor   # (B, [K,] M): the decoder's estimate of each mask's IoU
+    low_res_logits: torch.Tensor    # (B, [K,] M, 256, 256) at 1024: the decoder's output,
+                                    # covering the padded square input
+
+
+def box_prompted_masks(sam: nn.Module, images: torch.Tensor, boxes: torch.Tensor,
+                       multimask_output: bool = False) -> PromptedMasks:
+    """segment_anything ``Sam``'s masks for box prompts, with gradients (Sam.forward runs
+    under no_grad and takes a list of dicts), batched over images.
+
+    images: (B, 3, H, W) float, RGB in 0-255, resized so that the longest side is the
+        encoder's input size (1024 for the released models:
+        segment_anything.utils.transforms.ResizeLongestSide(1024)); H, W at most that size.
+    boxes: (B, 4) or (B, K, 4), x0, y0, x1, y1 in pixels of those images.
+
+    The image encoder runs on the whole batch (after sam.preprocess: normalise, pad to the
+    square input); the prompt encoder and mask decoder run per image, since SAM's decoder
+    takes one image's embedding (with any number of boxes). ``logits`` are the low-
+    resolution logits upsampled to the padded input and cropped to (H, W), as
+    ``sam.postprocess_masks`` does, so they line up with the images' pixels. Transformers'
+    SamModel does this in its own forward (``input_boxes``).
+    """
+    root = _unwrap_for_forward(sam)
+    for attr in ("image_encoder", "prompt_encoder", "mask_decoder", "preprocess",
+                 "postprocess_masks"):
+        if not hasattr(root, attr):
+            raise TypeError(f"sam: expected segment_anything's Sam (image_encoder, "
+                            f"prompt_encoder, mask_decoder), got {type(root).__name__}; "
+                            f"transformers' SamModel takes boxes in its forward (input_boxes)")
+    size = root.image_encoder.img_size
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 \
+            or not images.is_floating_point():
+        raise ValueError(f"images: expected a float tensor (B, 3, H, W) of RGB values in "
+                         f"0-255, got {_describe(images)}")
+    b, _, h, w = images.shape
+    if h > size or w > size or max(h, w) < 1:
+        raise ValueError(f"images: expected H, W at most the encoder's input size {size} "
+                         f"(resize the longest side to {size} with ResizeLongestSide({size})), "
+                         f"got {h}x{w}")
+    if not isinstance(boxes, torch.Tensor) or boxes.dim() not in (2, 3) \
+            or boxes.shape[0] != b or boxes.shape[-1] != 4 or boxes.numel() == 0:
+        raise ValueError(f"boxes: expected (B, 4) or (B, K, 4) boxes x0, y0, x1, y1 with "
+                         f"B = {b} as in images, got {_describe(boxes)}")
+    if images.device != root.device or boxes.device != root.device:
+        raise ValueError(f"images, boxes: expected tensors on the model's device "
+                         f"{root.device}, got {images.device} and {boxes.device}")
+    if not isinstance(multimask_output, bool):
+        raise TypeError(f"multimask_output: expected a bool, got {multimask_output!r}")
+    per_image = boxes if boxes.dim() == 3 else boxes[:, None]
+    embeddings = root.image_encoder(root.preprocess(images))
+    pe = root.prompt_encoder.get_dense_pe()
+    low, iou = [], []
+    for i in range(b):
+        sparse, dense = root.prompt_encoder(points=None, boxes=per_image[i].float(), masks=None)
+        m, q = root.mask_decoder(image_embeddings=embeddings[i:i + 1], image_pe=pe,
+                                 sparse_prompt_embeddings=sparse,
+                                 dense_prompt_embeddings=dense,
+                                 multimask_output=multimask_output)
+        low.append(m)
+        iou.append(q)
+    low_res, ious = torch.stack(low), torch.stack(iou)  # (B, K, M, 256, 256), (B, K, M)
+    k, m = low_res.shape[1:3]
+    logits = root.postprocess_masks(low_res.flatten(0, 1), (h, w), (h, w))
+    logits = logits.reshape(b, k, m, h, w)
+    if boxes.dim() == 2:
+        logits, ious, low_res = logits[:, 0], ious[:, 0], low_res[:, 0]
+    return PromptedMasks(logits, ious, low_res)
+
+
+def _unwrap_for_forward(model):
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise TypeError("sam: a DistributedDataParallel / DataParallel wrapper synchronises "
+                        "gradients only through its own forward; call box_prompted_masks on "
+                        "the Sam inside a module whose forward you wrap instead")
+    return _unwrap(model)
+
+
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} tensor of shape {tuple(t.shape)}"
+    return type(t).__name__
+
+
+def mask_loss(logits: torch.Tensor, targets: torch.Tensor,
+              iou_predictions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Binary cross-entropy + Dice between mask logits and target masks, plus the mean
+    squared error of the IoU predictions against the masks' actual IoU: a float32 scalar.
+
+    logits: (..., M, H, W), e.g. box_prompted_masks(...).logits; targets: (..., H, W) (or
+    (..., 1, H, W)) in the same frame, 0/1 (bool, integer or float; floats in [0, 1] act
+    as soft targets); iou_predictions: (..., M) or None. With M > 1 masks per prompt, each
+    prompt takes its lowest mask loss (SAM's multimask training); the IoU term covers every
+    mask. Dice is per mask, smoothed by 1.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 3 or not logits.is_floating_point():
+        raise ValueError(f"logits: expected float mask logits (..., M, H, W), got "
+                         f"{_describe(logits)}")
+    lead, (hh, ww) = logits.shape[:-3], logits.shape[-2:]
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets: expected a tensor, got {type(targets).__name__}")
+    if targets.dim() == logits.dim() and targets.shape[-3] == 1:
+        targets = targets.squeeze(-3)
+    if targets.shape != lead + (hh, ww):
+        raise ValueError(f"targets: expected shape {tuple(lead + (hh, ww))} to match logits "
+                         f"{tuple(logits.shape)} (one target per prompt, in the logits' "
+                         f"frame), got {tuple(targets.shape)}")
+    if targets.device != logits.device:
+        raise ValueError(f"targets: expected a tensor on {logits.device}, got {targets.device}")
+    x = logits.float()
+    t = targets.float().unsqueeze(-3).expand_as(x)
+    bce = F.binary_cross_entropy_with_logits(x, t, reduction="none").mean((-2, -1))
+    p = torch.sigmoid(x)
+    dice = 1 - (2 * (p * t).sum((-2, -1)) + 1) / (p.sum((-2, -1)) + t.sum((-2, -1)) + 1)
+    loss = (bce + dice).min(-1).values.mean()
+    if iou_predictions is not None:
+        if not isinstance(iou_predictions, torch.Tensor) \
+                or iou_predictions.shape != logits.shape[:-2]:
+            raise ValueError(f"iou_predictions: expected shape {tuple(logits.shape[:-2])} to "
+                             f"match logits, got {_describe(iou_predictions)}")
+        with torch.no_grad():
+            pred, true = x > 0, t > 0.5
+            inter = (pred & true).sum((-2, -1)).float()
+            union = (pred | true).sum((-2, -1)).float()
+            actual = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+        loss = loss + F.mse_loss(iou_predictions.float(), actual)
+    return loss
 
 
 class TrainableParameters(NamedTuple):
@@ -329,8 +644,10 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Exactly the tensors apply_conv_lora left trainable, detached (sharing storage, as
     state_dict() does), under their names in the unwrapped model's state_dict(): each
     Conv-LoRA layer's lora_A, lora_B, conv_weight, conv_bias, router.w_gate and
-    router.w_noise, then the mask decoder's state when it was trainable."""
-    root, cfg = _config_of(model)
+    router.w_noise, then the mask decoder's state when it was trainable, then the state of
+    each module of ``modules_to_save``."""
+    root, holder_name, holder = _config_holder(model)
+    cfg = holder.conv_lora_config
     out: Dict[str, torch.Tensor] = {}
     for name, layer in _conv_lora_layers(root).items():
         for t in ADAPTER_TENSORS:
@@ -343,6 +660,11 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
         prefix, decoder = found
         for k, v in decoder.state_dict().items():
             out[f"{prefix}.{k}" if prefix else k] = v.detach()
+    for name in cfg.modules_to_save:
+        prefix = f"{holder_name}.{name}" if holder_name else name
+        module = holder.get_submodule(_raw_name(holder, name))
+        for k, v in module.state_dict().items():
+            out[f"{prefix}.{k}"] = v.detach()
     return out
 
 
@@ -376,7 +698,8 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
                          f"{_describe_keys(unexpected)}")
         raise ValueError(
             f"state_dict: its tensors do not match this model's Conv-LoRA layers (blocks "
-            f"{list(cfg.blocks)}, train_mask_decoder={cfg.train_mask_decoder}); "
+            f"{list(cfg.blocks)}, train_mask_decoder={cfg.train_mask_decoder}, "
+            f"modules_to_save={list(cfg.modules_to_save)}); "
             + "; ".join(parts))
     for k, t in target.items():
         v = state_dict[k]
@@ -405,7 +728,7 @@ def save_adapter(model: nn.Module, path) -> None:
     place, so ``path`` is never left half-written."""
     from safetensors.torch import save_file
 
-    _, cfg = _config_of(model)
+    root, cfg = _config_of(model)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -413,6 +736,7 @@ def save_adapter(model: nn.Module, path) -> None:
                                 f"(os.makedirs({folder!r}, exist_ok=True))")
     # Copies on the CPU: safetensors refuses tensors that share storage.
     tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
+    _warn_unsaved_trainables(root, tensors)
     # a new name in the same folder (so the rename is atomic), created with the usual mode
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}."
                                f"{uuid.uuid4().hex[:8]}.tmp")
@@ -425,6 +749,26 @@ def save_adapter(model: nn.Module, path) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _warn_unsaved_trainables(root: nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
+    """Warn when trainable parameters are left out of the file: a head or module added
+    to the model that was never named in modules_to_save would be lost on reload."""
+    stray = [_clean(n) for n, p in root.named_parameters()
+             if p.requires_grad and _clean(n) not in saved]
+    if not stray:
+        return
+    owners: List[str] = []
+    for n in stray:
+        owner = n.rpartition(".")[0]
+        if owner and not any(_inside(owner, o) for o in owners):
+            owners = [o for o in owners if not _inside(o, owner)] + [owner]
+    fix = (f"add_modules_to_save(model, {owners!r}) before training (or apply_conv_lora(..., "
+           f"modules_to_save={owners!r}))" if owners else "modules_to_save")
+    warnings.warn(f"save_adapter: {len(stray)} trainable parameter(s) are neither adapters, "
+                  f"the mask decoder nor modules_to_save, and are not saved: "
+                  f"{_describe_keys(stray)}; to save them, {fix}; to silence this, freeze "
+                  f"them with requires_grad_(False)", UserWarning, stacklevel=3)
 
 
 def _not_an_adapter_file(path) -> Optional[str]:
@@ -465,10 +809,12 @@ def _read_file(path) -> Tuple[ConvLoRAConfig, Dict[str, torch.Tensor]]:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     raw = json.loads(meta["conv_lora_config"])
     names = {f.name for f in fields(ConvLoRAConfig)}
+    raw.setdefault("modules_to_save", [])  # files written before it existed
     if set(raw) != names:
         raise ValueError(f"path: {path} records the settings {sorted(raw)}, expected "
                          f"{sorted(names)}")
-    raw["scales"], raw["blocks"] = tuple(raw["scales"]), tuple(raw["blocks"])
+    for key in ("scales", "blocks", "modules_to_save"):
+        raw[key] = tuple(raw[key])
     return ConvLoRAConfig(**raw), tensors
 
 
@@ -490,5 +836,6 @@ def load_adapter(model: nn.Module, path) -> None:
             raise ValueError(
                 f"{path}: the adapter was trained with {f.name}={a!r}, but this model has "
                 f"{f.name}={b!r}; set the model up with "
-                f"apply_conv_lora(model, **read_adapter_config(path))")
+                f"apply_conv_lora(model, **read_adapter_config(path))"
+                + (" after adding those modules to it" if f.name == "modules_to_save" else ""))
     load_adapter_state_dict(model, tensors)

@@ -1,0 +1,184 @@
+"""Losses and metrics for semantic segmentation.
+
+Targets are class-id maps (B, H, W) int64: 0/1 for binary segmentation, 0..K-1 for K
+classes, and IGNORE_INDEX (255) for pixels that count nowhere (the padding of a resized
+image). Logits are (B, 1, H, W) for binary, (B, K, H, W) for K classes.
+
+    structure_loss      binary: weighted BCE + weighted IoU (the paper's, from PraNet)
+    ce_dice_loss        multi-class: cross-entropy + soft Dice
+    segmentation_loss   the one that fits the logits, plus the routers' aux loss weighted
+    SegmentationMetrics IoU, Dice, MAE (binary); mIoU, per-class IoU, pixel accuracy
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = 255
+# The routers' aux-loss weight of the paper's training: 1 for binary, 2 for multi-class.
+AUX_WEIGHT_BINARY = 1.0
+AUX_WEIGHT_MULTICLASS = 2.0
+
+
+def _check(logits: torch.Tensor, target: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 4 \
+            or not logits.is_floating_point():
+        got = (f"{logits.dtype} tensor of shape {tuple(logits.shape)}"
+               if isinstance(logits, torch.Tensor) else type(logits).__name__)
+        raise ValueError(f"logits: expected float logits (B, K, H, W), got {got}")
+    if not isinstance(target, torch.Tensor) or target.dtype.is_floating_point \
+            or target.shape != logits.shape[:1] + logits.shape[2:]:
+        got = (f"{target.dtype} tensor of shape {tuple(target.shape)}"
+               if isinstance(target, torch.Tensor) else type(target).__name__)
+        raise ValueError(f"target: expected integer class ids of shape "
+                         f"{tuple(logits.shape[:1] + logits.shape[2:])} (logits "
+                         f"{tuple(logits.shape)}), got {got}")
+    if target.device != logits.device:
+        raise ValueError(f"target: expected a tensor on {logits.device}, got {target.device}")
+
+
+def structure_loss(logits: torch.Tensor, target: torch.Tensor,
+                   weighted_bce: bool = True) -> torch.Tensor:
+    """Binary segmentation: BCE + IoU, both weighted by 1 + 5·|avgpool31(t) - t| (pixels
+    near the boundary count up to 6x), a float32 scalar.
+
+    logits (B, 1, H, W); target (B, H, W) with 0, 1 and IGNORE_INDEX. The PraNet and
+    autogluon code pass ``reduce="none"`` to binary_cross_entropy_with_logits, which
+    PyTorch reads as the legacy ``reduce=True``: their BCE term is the plain mean.
+    ``weighted_bce=False`` reproduces that; the default weights it as described.
+    """
+    _check(logits, target)
+    if logits.shape[1] != 1:
+        raise ValueError(f"logits: structure_loss is for binary segmentation, (B, 1, H, W), "
+                         f"got {logits.shape[1]} channels; use ce_dice_loss for several")
+    x = logits[:, 0].float()
+    valid = (target != IGNORE_INDEX).float()
+    t = (target == 1).float()
+    weight = (1 + 5 * (F.avg_pool2d(t[:, None], 31, stride=1, padding=15)[:, 0] - t).abs())
+    weight = weight * valid
+    bce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    if weighted_bce:
+        bce = (weight * bce).sum((1, 2)) / weight.sum((1, 2)).clamp_min(1e-6)
+    else:
+        bce = (valid * bce).sum((1, 2)) / valid.sum((1, 2)).clamp_min(1)
+    p = torch.sigmoid(x)
+    inter = (p * t * weight).sum((1, 2))
+    union = ((p + t) * weight).sum((1, 2))
+    iou = 1 - (inter + 1) / (union - inter + 1)
+    return (bce + iou).mean()
+
+
+def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor,
+                 dice_weight: float = 1.0) -> torch.Tensor:
+    """Multi-class segmentation: cross-entropy + dice_weight · (1 - soft Dice), a float32
+    scalar. Dice is computed per class over the batch's valid pixels (smoothed by 1) and
+    averaged over the classes; IGNORE_INDEX pixels count in neither term."""
+    _check(logits, target)
+    k = logits.shape[1]
+    if k < 2:
+        raise ValueError("logits: ce_dice_loss needs K >= 2 classes (background included); "
+                         "use structure_loss for binary segmentation")
+    x = logits.float()
+    valid = target != IGNORE_INDEX
+    bad = (target[valid] >= k) | (target[valid] < 0)
+    if bad.any():
+        raise ValueError(f"target: class ids must be in [0, {k}) or {IGNORE_INDEX} (ignored), "
+                         f"got {target[valid][bad].unique()[:5].tolist()}")
+    if not valid.any():
+        return x.sum() * 0
+    ce = F.cross_entropy(x, target, ignore_index=IGNORE_INDEX)
+    p = torch.softmax(x, 1) * valid[:, None]
+    onehot = F.one_hot(target.clamp(0, k - 1) * valid, k).permute(0, 3, 1, 2).float()
+    onehot = onehot * valid[:, None]
+    inter = (p * onehot).sum((0, 2, 3))
+    total = p.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    dice = 1 - ((2 * inter + 1) / (total + 1)).mean()
+    return ce + dice_weight * dice
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor,
+                      aux: Optional[torch.Tensor] = None,
+                      aux_weight: Optional[float] = None) -> torch.Tensor:
+    """structure_loss for one channel, ce_dice_loss for several, plus aux_weight · aux
+    (the routers' aux loss; the paper's weights by default: 1 binary, 2 multi-class)."""
+    binary = isinstance(logits, torch.Tensor) and logits.dim() == 4 and logits.shape[1] == 1
+    loss = structure_loss(logits, target) if binary else ce_dice_loss(logits, target)
+    if aux is not None:
+        if aux_weight is None:
+            aux_weight = AUX_WEIGHT_BINARY if binary else AUX_WEIGHT_MULTICLASS
+        loss = loss + aux_weight * aux.float()
+    return loss
+
+
+class SegmentationMetrics:
+    """Running metrics over batches: ``update(logits, target)`` then ``compute()``.
+
+    Binary (num_classes == 1): "iou" and "dice" of the foreground, each the mean over
+    images of the per-image score (an image with no foreground in prediction and target
+    scores 1), and "mae", the mean over images of the mean |sigmoid(logit) - target| over
+    valid pixels. Multi-class: "miou", the mean over classes present in prediction or
+    target of the dataset-wide IoU, "iou_per_class" (NaN for a class never seen) and
+    "pixel_accuracy". IGNORE_INDEX pixels count nowhere.
+    """
+
+    def __init__(self, num_classes: int):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.reset()
+
+    def reset(self) -> None:
+        k = max(2, self.num_classes)
+        self.confusion = torch.zeros(k, k, dtype=torch.int64)
+        self.images = 0
+        self.iou_sum = self.dice_sum = self.mae_sum = 0.0
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        _check(logits, target)
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits: expected {self.num_classes} channels "
+                             f"(num_classes), got {logits.shape[1]}")
+        valid = target != IGNORE_INDEX
+        if self.num_classes == 1:
+            prob = torch.sigmoid(logits[:, 0].float())
+            pred = (prob > 0.5).long()
+            t = (target == 1)
+            for b in range(target.shape[0]):
+                v = valid[b]
+                pb, tb = pred[b][v].bool(), t[b][v]
+                inter = (pb & tb).sum().item()
+                union = (pb | tb).sum().item()
+                both = pb.sum().item() + tb.sum().item()
+                self.iou_sum += inter / union if union else 1.0
+                self.dice_sum += 2 * inter / both if both else 1.0
+                self.mae_sum += ((prob[b][v] - tb.float()).abs().mean().item()
+                                 if v.any() else 0.0)
+                self.images += 1
+            target = t.long()
+        else:
+            pred = logits.argmax(1)
+        k = self.confusion.shape[0]
+        tv, pv = target[valid], pred[valid]
+        if ((tv < 0) | (tv >= k)).any():
+            raise ValueError(f"target: class ids must be in [0, {k}) or {IGNORE_INDEX}, got "
+                             f"{tv[(tv < 0) | (tv >= k)].unique()[:5].tolist()}")
+        self.confusion += torch.bincount((tv * k + pv).cpu(), minlength=k * k).view(k, k)
+        if self.num_classes > 1:
+            self.images += target.shape[0]
+
+    def compute(self) -> Dict[str, object]:
+        c = self.confusion.double()
+        inter = c.diag()
+        union = c.sum(0) + c.sum(1) - inter
+        if self.num_classes == 1:
+            n = max(self.images, 1)
+            return {"iou": self.iou_sum / n, "dice": self.dice_sum / n, "mae": self.mae_sum / n}
+        iou = torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, float("nan")))
+        seen = union > 0
+        return {"miou": iou[seen].mean().item() if seen.any() else float("nan"),
+                "iou_per_class": iou.tolist(),
+                "pixel_accuracy": (inter.sum() / c.sum().clamp_min(1)).item()}

@@ -16,11 +16,11 @@ def test_extras_exist_and_the_readme_names_them():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)["project"]
     extras = project["optional-dependencies"]
-    assert {"sam", "hf", "test", "bench"} <= set(extras)
+    assert {"sam", "seg", "hf", "test", "bench"} <= set(extras)
     assert "segment-anything" in extras["sam"] and "transformers" in extras["hf"]
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
-    for name in ("sam", "hf", "test", "bench"):
+    for name in ("sam", "seg", "hf", "test", "bench"):
         assert f'".[{name}]"' in readme, name
     floor = re.fullmatch(r"torch>=([0-9.]+)", project["dependencies"][0]).group(1)
     assert f"The oldest torch built and tested is {floor}" in readme

@@ -1,14 +1,23 @@
 """Prompt-free semantic segmentation with Conv-LoRA SAM: the model, losses and metrics,
-datasets, and the fine-tuning steps.
+datasets, and the fine-tuning steps (``python -m convlora_kernels.finetune``).
 
     SamSegmenter          SAM + Conv-LoRA, one decoder token per class, batched, no prompts
     segmentation_loss     structure loss (binary) or cross-entropy + Dice, plus the aux loss
     SegmentationMetrics   IoU / Dice / MAE (binary), mIoU and per-class IoU (multi-class)
+    SegmentationDataset   a folder (images/, masks/) or a CSV of image,mask paths
+    make_synthetic        textured shapes on textured backgrounds, to try the flow
+    FinetuneConfig, train, evaluate, predict, load_segmenter, build_sam
+                          the fine-tuning steps (convlora_kernels.seg.train)
 """
 
-from .losses import (IGNORE_INDEX, SegmentationMetrics, ce_dice_loss, segmentation_loss,
-                     structure_loss)
+from .data import (IGNORE_INDEX, SegmentationDataset, collate, csv_pairs, folder_pairs,
+                   make_synthetic, read_image, read_mask, synthetic_split)
+from .losses import SegmentationMetrics, ce_dice_loss, segmentation_loss, structure_loss
 from .model import SamSegmenter
+from .train import FinetuneConfig, build_sam, evaluate, load_segmenter, predict, train
 
-__all__ = ["IGNORE_INDEX", "SamSegmenter", "SegmentationMetrics", "ce_dice_loss",
-           "segmentation_loss", "structure_loss"]
+__all__ = ["FinetuneConfig", "IGNORE_INDEX", "SamSegmenter", "SegmentationDataset",
+           "SegmentationMetrics", "build_sam", "ce_dice_loss", "collate", "csv_pairs",
+           "evaluate", "folder_pairs", "load_segmenter", "make_synthetic", "predict",
+           "read_image", "read_mask", "segmentation_loss", "structure_loss",
+           "synthetic_split", "train"]

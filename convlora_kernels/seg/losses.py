@@ -17,7 +17,8 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255
+from .data import IGNORE_INDEX
+
 # The routers' aux-loss weight of the paper's training: 1 for binary, 2 for multi-class.
 AUX_WEIGHT_BINARY = 1.0
 AUX_WEIGHT_MULTICLASS = 2.0

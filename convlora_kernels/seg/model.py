@@ -205,8 +205,14 @@ class SamSegmenter(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Class ids (B, H, W) int64: logit > 0 for binary, the arg max otherwise."""
-        logits = self(images)
+        """Class ids (B, H, W) int64: logit > 0 for binary, the arg max otherwise (in eval
+        mode whatever the module's mode, which it keeps)."""
+        was = self.training
+        self.eval()
+        try:
+            logits = self(images)
+        finally:
+            self.train(was)
         if self.num_classes == 1:
             return (logits[:, 0] > 0).long()
         return logits.argmax(1)
@@ -218,7 +224,8 @@ class SamSegmenter(nn.Module):
     @classmethod
     def from_adapter(cls, sam: nn.Module, path, backend: str = "auto") -> "SamSegmenter":
         """A segmenter around ``sam`` (the same pretrained SAM it was trained from) with
-        the adapters, decoder and class tokens of a file written by save_adapter."""
+        the adapters, decoder and class tokens of a file written by save_adapter, in eval
+        mode."""
         from safetensors import safe_open
 
         cfg = sam_api.read_adapter_config(path)
@@ -232,4 +239,4 @@ class SamSegmenter(nn.Module):
                   alpha=cfg["alpha"], scales=cfg["scales"], gating=cfg["gating"],
                   interpolation=cfg["interpolation"], backend=backend, blocks=cfg["blocks"])
         sam_api.load_adapter(seg, path)
-        return seg
+        return seg.eval()

@@ -1,0 +1,139 @@
+"""Fine-tune SAM with Conv-LoRA for semantic segmentation, from the command line.
+
+    python -m convlora_kernels.finetune synthetic --out data --num-classes 3
+    python -m convlora_kernels.finetune train --train data/train --val data/val \\
+        --num-classes 3 --out run --checkpoint sam_vit_b_01ec64.pth
+    python -m convlora_kernels.finetune eval --weights run/best.safetensors --data data/val
+    python -m convlora_kernels.finetune predict --weights run/best.safetensors \\
+        --images data/val/images --out masks
+
+Data: a folder with images/ and masks/ (matching names; masks are PNGs of class ids,
+0/255 accepted for binary) or a CSV file with image,mask columns. ``--num-classes 1`` is
+binary segmentation; otherwise count the background as class 0. The same steps are
+Python functions in convlora_kernels.seg.train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from .seg.train import MODEL_TYPES, FinetuneConfig
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m convlora_kernels.finetune",
+                                description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(q, weights=False):
+        q.add_argument("--model-type", choices=MODEL_TYPES, default=None if weights else "vit_b",
+                       help="SAM's image encoder; 'tiny' is a small random SAM for trying "
+                            "the flow on a CPU" + (" (default: the run's)" if weights else ""))
+        q.add_argument("--checkpoint", default=None,
+                       help="SAM's official weights (sam_vit_b_01ec64.pth, ...)"
+                            + (" (default: the run's)" if weights else
+                               "; without it the model starts from random weights"))
+        q.add_argument("--backend", default="auto",
+                       help="Conv-LoRA kernels: auto, cuda, triton, cpu, reference")
+        q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+        q.add_argument("--no-bf16", dest="bf16", action="store_false",
+                       help="float32 on GPU too (bf16 autocast is the default there)")
+        q.add_argument("--no-progress", dest="progress", action="store_false")
+
+    t = sub.add_parser("train", help="fine-tune; writes finetune.json, history.json, "
+                                     "best/last.safetensors and last.pt into --out")
+    t.add_argument("--train", required=True, help="training data: a folder or a CSV file")
+    t.add_argument("--val", default=None, help="validation data (a folder or a CSV file)")
+    t.add_argument("--num-classes", type=int, required=True,
+                   help="1 for binary; else the classes including background")
+    t.add_argument("--out", required=True, help="the run's folder")
+    model_args(t)
+    d = FinetuneConfig("", 1, "")
+    t.add_argument("--steps", type=int, default=d.steps)
+    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    t.add_argument("--r", type=int, default=d.r, help="Conv-LoRA rank")
+    t.add_argument("--experts", type=int, default=d.num_experts)
+    t.add_argument("--alpha", type=float, default=d.alpha)
+    t.add_argument("--gating", choices=("token", "map"), default=d.gating)
+    t.add_argument("--interpolation", choices=("bilinear", "bicubic"), default=d.interpolation)
+    t.add_argument("--aux-weight", type=float, default=None,
+                   help="weight of the routers' aux loss (default: 1 binary, 2 multi-class)")
+    t.add_argument("--val-every", type=int, default=d.val_every,
+                   help="validate and write checkpoints every N steps")
+    t.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+
+    e = sub.add_parser("eval", help="metrics of a trained model on a dataset")
+    e.add_argument("--weights", required=True, help="a run's best.safetensors or last.safetensors")
+    e.add_argument("--data", required=True, help="a folder or a CSV file")
+    e.add_argument("--batch-size", type=int, default=4)
+    model_args(e, weights=True)
+
+    r = sub.add_parser("predict", help="mask PNGs and overlays for images")
+    r.add_argument("--weights", required=True)
+    r.add_argument("--images", required=True, help="a folder of images or one image")
+    r.add_argument("--out", required=True)
+    model_args(r, weights=True)
+
+    s = sub.add_parser("synthetic", help="write a synthetic dataset (textured shapes)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--num-classes", type=int, default=3)
+    s.add_argument("--train", type=int, default=64, help="training images")
+    s.add_argument("--val", type=int, default=16, help="validation images")
+    s.add_argument("--size", type=int, default=256)
+    s.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad data or settings: said plainly
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from .seg import train as steps
+
+    if args.command == "train":
+        cfg = FinetuneConfig(
+            train_data=args.train, val_data=args.val, num_classes=args.num_classes,
+            out=args.out, model_type=args.model_type, checkpoint=args.checkpoint,
+            steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+            weight_decay=args.weight_decay, r=args.r, num_experts=args.experts,
+            alpha=args.alpha, gating=args.gating, interpolation=args.interpolation,
+            backend=args.backend, aux_weight=args.aux_weight, val_every=args.val_every,
+            device=args.device, bf16=args.bf16, workers=args.workers, seed=args.seed)
+        result = steps.train(cfg, resume=args.resume, progress=args.progress)
+        print(json.dumps({"step": result["step"], "best": result["best"]}))
+    elif args.command == "eval":
+        seg = steps.load_segmenter(args.weights, args.model_type, args.checkpoint,
+                                   backend=args.backend, device=args.device)
+        metrics = steps.evaluate(seg, args.data, batch_size=args.batch_size, bf16=args.bf16,
+                                 progress=args.progress)
+        print(json.dumps(metrics))
+    elif args.command == "predict":
+        seg = steps.load_segmenter(args.weights, args.model_type, args.checkpoint,
+                                   backend=args.backend, device=args.device)
+        files = steps.predict(seg, args.images, args.out, bf16=args.bf16,
+                              progress=args.progress)
+        print(f"wrote {len(files)} masks and overlays to {args.out}")
+    else:
+        from .seg.data import synthetic_split
+
+        synthetic_split(args.out, args.train, args.val, num_classes=args.num_classes,
+                        size=args.size, seed=args.seed)
+        print(f"wrote {args.train} training and {args.val} validation images to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

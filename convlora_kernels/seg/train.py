@@ -1,0 +1,434 @@
+"""Fine-tune, evaluate and run a SamSegmenter: the steps behind
+``python -m convlora_kernels.finetune`` as Python functions.
+
+    build_sam(model_type, checkpoint)   segment_anything's SAM, from an official .pth or not
+    FinetuneConfig                      every setting of a run (the paper's defaults)
+    train(config)                       train with periodic validation; best and last
+                                        checkpoints; resume
+    load_segmenter(weights)             a trained segmenter from its .safetensors file
+    evaluate(segmenter, data)           the metrics on a dataset
+    predict(segmenter, images, out)     mask PNGs and overlays
+
+A run's folder holds ``finetune.json`` (the settings), ``history.json`` (training loss and
+validation metrics), ``best.safetensors`` and ``last.safetensors`` (adapters, decoder,
+class tokens and Conv-LoRA settings, as save_adapter writes them) and ``last.pt`` (the
+same plus the optimizer state and step, to resume). Every file is written beside its
+target and renamed into place, so none is ever half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .. import sam as sam_api
+from .data import SegmentationDataset, collate, read_image
+from .losses import SegmentationMetrics, segmentation_loss
+from .model import SamSegmenter
+
+MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
+CHECKPOINT_FORMAT = "convlora-kernels-finetune"
+
+
+# --- Models ---------------------------------------------------------------------------
+
+def _tiny_sam() -> nn.Module:
+    """A small, randomly initialised SAM (128x128 input, 16x16 token grid in 8x8 windows,
+    4 blocks of width 64): for trying the whole flow on a CPU. Not a pretrained model."""
+    from functools import partial
+
+    from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
+                                           TwoWayTransformer)
+
+    size, patch, dim = 128, 8, 64
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=size, patch_size=patch, embed_dim=dim, depth=4, num_heads=2, mlp_ratio=4,
+            out_chans=dim, norm_layer=partial(nn.LayerNorm, eps=1e-6), qkv_bias=True,
+            use_rel_pos=True, window_size=8, global_attn_indexes=(1, 3)),
+        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(size // patch,) * 2,
+                                     input_image_size=(size, size), mask_in_chans=8),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=256, num_heads=4),
+            transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=dim),
+    ).eval()
+
+
+def build_sam(model_type: str = "vit_b", checkpoint: Optional[str] = None,
+              seed: int = 0) -> nn.Module:
+    """segment_anything's SAM of ``model_type`` with the weights of ``checkpoint`` (an
+    official sam_vit_*.pth), or initialised at random from ``seed`` without one (the same
+    seed gives the same weights, so a run's adapters load onto the model they trained
+    on). "tiny" is a small random SAM for trying the flow on a CPU."""
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type: expected one of {MODEL_TYPES}, got {model_type!r}")
+    if model_type == "tiny" and checkpoint is not None:
+        raise ValueError("checkpoint: the 'tiny' model has no pretrained weights; pass "
+                         "--model-type vit_b / vit_l / vit_h with an official checkpoint")
+    state = None
+    if checkpoint is not None:  # read before building the model: a bad path fails fast
+        path = os.fspath(checkpoint)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint: {path} does not exist (the official SAM "
+                                    f"weights, e.g. sam_vit_b_01ec64.pth)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"checkpoint: {path} is not a PyTorch checkpoint of SAM's "
+                             f"weights ({type(e).__name__}: {e})") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if model_type == "tiny":
+            return _tiny_sam()
+        from segment_anything import sam_model_registry
+
+        sam = sam_model_registry[model_type](checkpoint=None)
+    if state is not None:
+        if not isinstance(state, dict):
+            raise ValueError(f"checkpoint: {path} holds a {type(state).__name__}, not a "
+                             f"state dict of SAM's weights")
+        try:
+            sam.load_state_dict(state)
+        except RuntimeError as e:  # missing, unexpected or differently shaped tensors
+            detail = " ".join(str(e).split())
+            raise ValueError(f"checkpoint: {path} does not fit SAM {model_type} "
+                             f"({detail[:300]}); is it another model type?") from None
+    return sam.eval()
+
+
+@dataclass
+class FinetuneConfig:
+    """The settings of a fine-tuning run; the defaults are the paper's (Adam, lr 1e-4,
+    weight decay 1e-4, batch 4, r = 3, 8 experts, alpha 32)."""
+
+    train_data: str
+    num_classes: int
+    out: str
+    val_data: Optional[str] = None
+    model_type: str = "vit_b"
+    checkpoint: Optional[str] = None
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    r: int = 3
+    num_experts: int = 8
+    alpha: float = 32
+    scales: Optional[List[int]] = None
+    gating: str = "token"
+    interpolation: str = "bilinear"
+    backend: str = "auto"
+    aux_weight: Optional[float] = None
+    val_every: int = 100
+    device: str = "auto"
+    bf16: bool = True
+    hflip: float = 0.5
+    scale_jitter: Tuple[float, float] = (0.75, 1.25)
+    workers: int = 0
+    seed: int = 0
+
+    def check(self) -> None:
+        for name in ("num_classes", "steps", "batch_size", "val_every", "r", "num_experts"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        for name in ("lr", "weight_decay"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type: expected one of {MODEL_TYPES}, got "
+                             f"{self.model_type!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"workers: expected an integer >= 0, got {self.workers!r}")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got "
+                         f"{device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device} was asked for, but PyTorch sees no CUDA device")
+    return dev
+
+
+def _segmenter(cfg: FinetuneConfig, device: torch.device) -> SamSegmenter:
+    sam = build_sam(cfg.model_type, cfg.checkpoint, seed=cfg.seed)
+    seg = SamSegmenter(sam, cfg.num_classes, r=cfg.r, num_experts=cfg.num_experts,
+                       alpha=cfg.alpha, scales=cfg.scales, gating=cfg.gating,
+                       interpolation=cfg.interpolation, backend=cfg.backend)
+    return seg.to(device)
+
+
+# --- Writing files --------------------------------------------------------------------
+
+def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def _write_json(path: Path, obj) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    _replace_atomically(path, write)
+
+
+# --- Train ----------------------------------------------------------------------------
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=bf16 and device.type == "cuda")
+
+
+def _score(metrics: Dict[str, object], num_classes: int) -> float:
+    return float(metrics["iou"] if num_classes == 1 else metrics["miou"])
+
+
+def train(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
+          log: Callable[[str], None] = print) -> Dict[str, object]:
+    """Fine-tune a SamSegmenter as ``cfg`` says; returns {"step", "best", "history"}.
+
+    Validation (on cfg.val_data, every cfg.val_every steps and at the end) keeps
+    best.safetensors at the best IoU (binary) or mIoU; without val_data the last step is
+    the best. With ``resume``, training continues from out/last.pt (same settings
+    required; steps may grow).
+    """
+    cfg.check()
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    seg = _segmenter(cfg, device)
+    train_ds = SegmentationDataset(cfg.train_data, cfg.num_classes, size=seg.image_size,
+                                   train=True, hflip=cfg.hflip, scale=tuple(cfg.scale_jitter),
+                                   seed=cfg.seed)
+    val_ds = (SegmentationDataset(cfg.val_data, cfg.num_classes, size=seg.image_size)
+              if cfg.val_data else None)
+    params = [p for p in seg.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, epoch, best, history = 0, 0, None, []
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in ("out", "device", "workers", "steps", "val_every")}
+    if resume:
+        step, epoch, best, history = _resume(out / "last.pt", seg, opt, settings)
+        log(f"resumed from {out / 'last.pt'} at step {step}")
+    _write_json(out / "finetune.json", asdict(cfg))
+
+    g = torch.Generator().manual_seed(cfg.seed + epoch)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True,
+                                         generator=g, collate_fn=collate,
+                                         num_workers=cfg.workers,
+                                         drop_last=len(train_ds) >= cfg.batch_size)
+    bar = _progress(cfg.steps, step, progress)
+    seg.train()
+    seen, t0 = 0, time.perf_counter()
+    while step < cfg.steps:
+        if hasattr(train_ds, "set_epoch"):
+            train_ds.set_epoch(epoch)
+        for batch in loader:
+            images = batch["image"].to(device, non_blocking=True)
+            masks = batch["mask"].to(device, non_blocking=True)
+            with _autocast(device, cfg.bf16):
+                logits = seg(images)
+            loss = segmentation_loss(logits.float(), masks, seg.aux_loss(), cfg.aux_weight)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss is {loss.item()} at step {step + 1}; "
+                                         f"lower the learning rate (lr={cfg.lr})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            seen += images.shape[0]
+            rate = seen / max(time.perf_counter() - t0, 1e-9)
+            history.append({"step": step, "loss": loss.item()})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.1f}")
+            if step % cfg.val_every == 0 or step == cfg.steps:
+                best = _checkpoint(seg, opt, cfg, out, step, epoch, best, history, val_ds,
+                                   settings, log, progress)
+                seg.train()
+            if step >= cfg.steps:
+                break
+        else:
+            epoch += 1
+    if bar is not None:
+        bar.close()
+    return {"step": step, "best": best, "history": history}
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def _checkpoint(seg, opt, cfg, out: Path, step, epoch, best, history, val_ds, settings, log,
+                progress):
+    record, score = {"step": step}, None
+    if val_ds is not None:
+        metrics = evaluate(seg, val_ds, batch_size=cfg.batch_size, device=None,
+                           bf16=cfg.bf16, progress=False)
+        record.update(metrics)
+        score = _score(metrics, cfg.num_classes)
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()
+                 if k != "iou_per_class"}
+        log(f"step {step}: validation {shown}")
+    history.append({"validation": record})
+    # save_adapter writes beside its target and renames: never half-written
+    if best is None or score is None or score > best["score"]:
+        best = {"step": step, "score": score}
+        sam_api.save_adapter(seg, out / "best.safetensors")
+    sam_api.save_adapter(seg, out / "last.safetensors")
+    state = {"format": CHECKPOINT_FORMAT, "step": step, "epoch": epoch, "best": best,
+             "history": history, "settings": settings,
+             "adapter": {k: v.detach().cpu() for k, v in
+                         sam_api.adapter_state_dict(seg).items()},
+             "optimizer": opt.state_dict()}
+    _replace_atomically(out / "last.pt", lambda tmp: torch.save(state, tmp))
+    _write_json(out / "history.json", history)
+    return best
+
+
+def _resume(path: Path, seg, opt, settings) -> Tuple[int, int, object, list]:
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: {path} does not exist; a run writes it at its first "
+                                f"validation step (val_every)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"resume: {path} is not a checkpoint written by this fine-tuning")
+    changed = {k: (state["settings"].get(k), v) for k, v in settings.items()
+               if json.loads(json.dumps(state["settings"].get(k))) != json.loads(json.dumps(v))}
+    if changed:
+        k, (was, now) = next(iter(changed.items()))
+        raise ValueError(f"resume: the run in {path.parent} was trained with {k}={was!r}, now "
+                         f"{k}={now!r}; resume with the same settings (only steps, device, "
+                         f"workers may change)")
+    sam_api.load_adapter_state_dict(seg, state["adapter"])
+    opt.load_state_dict(state["optimizer"])
+    return state["step"], state["epoch"], state["best"], state["history"]
+
+
+# --- Evaluate, predict ----------------------------------------------------------------
+
+def load_segmenter(weights, model_type: Optional[str] = None, checkpoint: Optional[str] = None,
+                   backend: str = "auto", device: str = "auto") -> SamSegmenter:
+    """The segmenter saved in ``weights`` (best/last.safetensors), around the SAM it was
+    trained from: model_type and checkpoint from the run's finetune.json beside the file
+    unless given (and its seed, which made the base weights of a run without one)."""
+    weights = Path(weights)
+    run = weights.parent / "finetune.json"
+    saved = json.loads(run.read_text()) if run.is_file() else {}
+    model_type = model_type or saved.get("model_type", "vit_b")
+    checkpoint = checkpoint if checkpoint is not None else saved.get("checkpoint")
+    sam = build_sam(model_type, checkpoint, seed=saved.get("seed", 0))
+    return SamSegmenter.from_adapter(sam, weights, backend=backend).to(resolve_device(device))
+
+
+@torch.no_grad()
+def evaluate(seg: SamSegmenter, data, batch_size: int = 4, device=None, bf16: bool = True,
+             progress: bool = True) -> Dict[str, object]:
+    """The metrics (SegmentationMetrics) of ``seg`` on ``data``: a SegmentationDataset or
+    what it takes (a folder, a CSV file, (image, mask) pairs)."""
+    if not isinstance(data, SegmentationDataset):
+        data = SegmentationDataset(data, seg.num_classes, size=seg.image_size)
+    device = device or next(seg.parameters()).device
+    was = seg.training
+    seg.eval()
+    metrics = SegmentationMetrics(seg.num_classes)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate)
+    bar = _progress(len(loader), 0, progress)
+    for batch in loader:
+        with _autocast(torch.device(device), bf16):
+            logits = seg(batch["image"].to(device))
+        metrics.update(logits.float(), batch["mask"].to(device))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    seg.train(was)
+    return metrics.compute()
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Overlay colours of classes 1.. (class 0, the background, is left as it is).
+PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+           (145, 30, 180), (70, 240, 240), (240, 50, 230))
+
+
+@torch.no_grad()
+def predict(seg: SamSegmenter, images, out, bf16: bool = True, alpha: float = 0.5,
+            progress: bool = True) -> List[Path]:
+    """Segment every image of ``images`` (a folder or a list of files) at its own size;
+    writes out/<name>.png (class ids; binary masks as 0/255) and out/<name>_overlay.png.
+    Returns the mask files."""
+    from PIL import Image
+
+    if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
+        files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"images: {images} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    elif isinstance(images, (str, os.PathLike)):
+        files = [Path(images)]
+    else:
+        files = [Path(p) for p in images]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(seg.parameters()).device
+    was = seg.training
+    seg.eval()
+    written = []
+    bar = _progress(len(files), 0, progress)
+    for path in files:
+        img = read_image(path)
+        with _autocast(device, bf16):
+            logits = seg(img[None].to(device))
+        ids = (logits[0, 0] > 0).long() if seg.num_classes == 1 else logits[0].argmax(0)
+        ids = ids.cpu()
+        mask = (ids * 255 if seg.num_classes == 1 else ids).to(torch.uint8).numpy()
+        target = out / f"{path.stem}.png"
+        _replace_atomically(target, lambda tmp: Image.fromarray(mask).save(tmp, format="PNG"))
+        over = img.clone()
+        for c in range(1, max(2, seg.num_classes)):
+            colour = torch.tensor(PALETTE[(c - 1) % len(PALETTE)], dtype=over.dtype)[:, None]
+            sel = ids == c
+            over[:, sel] = (1 - alpha) * over[:, sel] + alpha * colour
+        pixels = over.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        _replace_atomically(out / f"{path.stem}_overlay.png",
+                            lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
+        written.append(target)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    seg.train(was)
+    return written
+
+
+__all__ = ["FinetuneConfig", "MODEL_TYPES", "build_sam", "evaluate", "load_segmenter",
+           "predict", "resolve_device", "train"]

@@ -1,0 +1,171 @@
+"""The fine-tuning flow end to end on synthetic data with the small random SAM: train
+(learning test), evaluate, resume, predict, the command line and its errors."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("segment_anything", reason="the SAM tests need segment-anything "
+                    "(pip install -e .[test])")
+pytest.importorskip("PIL", reason="the data tests need Pillow")
+
+from convlora_kernels import finetune
+from convlora_kernels.seg.data import SegmentationDataset, read_image, read_mask, synthetic_split
+from convlora_kernels.seg.train import (FinetuneConfig, build_sam, evaluate, load_segmenter,
+                                        predict, train)
+
+STEPS = 150
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    train_dir, val_dir = synthetic_split(root, 48, 16, num_classes=1, size=128, seed=0)
+    return train_dir, val_dir
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = FinetuneConfig(train_data=str(data[0]), val_data=str(data[1]), num_classes=1,
+                         out=str(out), model_type="tiny", steps=STEPS, val_every=30, lr=1e-3,
+                         backend="cpu")
+    logs = []
+    result = train(cfg, progress=False, log=logs.append)
+    return cfg, out, result, logs
+
+
+def _all_foreground_iou(val_dir):
+    """The IoU of predicting foreground everywhere: the score to beat by far."""
+    ds = SegmentationDataset(val_dir, 1)
+    scores = [(ds[i]["mask"] == 1).float().mean().item() for i in range(len(ds))]
+    return sum(scores) / len(scores)
+
+
+def test_training_learns_the_task(run, data):
+    cfg, out, result, logs = run
+    validations = [h["validation"] for h in result["history"] if "validation" in h]
+    assert [v["step"] for v in validations] == [30, 60, 90, 120, 150]
+    first, best = validations[0]["iou"], max(v["iou"] for v in validations)
+    chance = _all_foreground_iou(data[1])
+    assert best > 0.35 and best > 2 * chance and best > first + 0.2, (first, best, chance)
+    assert result["best"]["score"] == best
+    losses = [h["loss"] for h in result["history"] if "loss" in h]
+    assert len(losses) == STEPS and sum(losses[-20:]) < sum(losses[:20])
+    assert len(logs) == 5 and logs[0].startswith("step 30: validation {'iou': ")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "best.safetensors", "finetune.json", "history.json", "last.pt", "last.safetensors"]
+    assert json.loads((out / "finetune.json").read_text())["steps"] == STEPS
+
+
+def test_evaluate_and_predict_from_the_saved_files(run, data, tmp_path):
+    cfg, out, result, _ = run
+    seg = load_segmenter(out / "best.safetensors", backend="cpu")
+    metrics = evaluate(seg, data[1], progress=False)
+    assert metrics["iou"] == pytest.approx(result["best"]["score"], abs=1e-6)
+
+    images = sorted((data[1] / "images").iterdir())[:3]
+    written = predict(seg, images, tmp_path / "pred", progress=False)
+    assert [p.name for p in written] == [p.name for p in images]
+    for img_path, mask_path in zip(images, written, strict=True):
+        want = seg.predict(read_image(img_path)[None])[0]
+        assert torch.equal(read_mask(mask_path, 1), want)
+        assert (tmp_path / "pred" / f"{img_path.stem}_overlay.png").is_file()
+
+
+def test_resume_continues_the_run(run, data, tmp_path):
+    cfg, out, result, _ = run
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    state = torch.load(copy / "last.pt", weights_only=False)
+    logs = []
+    more = FinetuneConfig(**{**cfg.__dict__, "out": str(copy), "steps": STEPS + 10,
+                             "val_every": 10})
+    resumed = train(more, resume=True, progress=False, log=logs.append)
+    assert logs[0] == f"resumed from {copy / 'last.pt'} at step {STEPS}"
+    assert resumed["step"] == STEPS + 10
+    assert resumed["history"][:len(state["history"])] == state["history"]
+    adam = torch.load(copy / "last.pt", weights_only=False)["optimizer"]["state"]
+    assert all(s["step"].item() == STEPS + 10 for s in adam.values())
+
+    changed = FinetuneConfig(**{**more.__dict__, "lr": 1e-4})
+    with pytest.raises(ValueError, match=r"resume: the run in .* was trained with lr=0.001, "
+                                         r"now lr=0.0001; resume with the same settings"):
+        train(changed, resume=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="resume: .*last.pt does not exist"):
+        train(FinetuneConfig(**{**more.__dict__, "out": str(tmp_path / "new")}), resume=True,
+              progress=False)
+
+
+def test_a_failed_write_leaves_the_checkpoint_whole(run, data, tmp_path, monkeypatch):
+    cfg, out, _, _ = run
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    before = (copy / "last.pt").read_bytes()
+
+    def disk_full(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"\0" * 64)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    more = FinetuneConfig(**{**cfg.__dict__, "out": str(copy), "steps": STEPS + 1})
+    with pytest.raises(OSError, match="disk full"):
+        train(more, resume=True, progress=False)
+    assert (copy / "last.pt").read_bytes() == before
+    assert not [p for p in copy.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_command_line(data, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert finetune.main(["train", "--train", str(data[0]), "--num-classes", "1", "--out",
+                          str(out), "--model-type", "tiny", "--steps", "2", "--val-every", "2",
+                          "--backend", "cpu", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
+    assert finetune.main(["eval", "--weights", str(out / "best.safetensors"), "--data",
+                          str(data[1]), "--no-progress", "--backend", "cpu"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"iou", "dice", "mae"}
+    assert finetune.main(["predict", "--weights", str(out / "last.safetensors"), "--images",
+                          str(data[1] / "images"), "--out", str(tmp_path / "masks"),
+                          "--no-progress", "--backend", "cpu"]) == 0
+    assert len(list((tmp_path / "masks").glob("*_overlay.png"))) == 16
+    assert finetune.main(["synthetic", "--out", str(tmp_path / "syn"), "--train", "2",
+                          "--val", "1", "--size", "64"]) == 0
+    assert (tmp_path / "syn" / "val" / "masks").is_dir()
+
+    for args, message in [
+        (["train", "--train", str(tmp_path / "nope"), "--num-classes", "1", "--out",
+          str(tmp_path / "x"), "--model-type", "tiny"], "does not exist"),
+        (["train", "--train", str(data[0]), "--num-classes", "0", "--out",
+          str(tmp_path / "x"), "--model-type", "tiny"], "num_classes: expected a positive"),
+        (["train", "--train", str(data[0]), "--num-classes", "1", "--out",
+          str(tmp_path / "x"), "--model-type", "tiny", "--checkpoint", "sam.pth"],
+         "checkpoint: the 'tiny' model has no pretrained weights"),
+    ]:
+        capsys.readouterr()
+        assert finetune.main(args) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_build_sam_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint: .*missing.pth does not exist"):
+        build_sam("vit_b", tmp_path / "missing.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint: .*junk.pth is not a PyTorch checkpoint"):
+        build_sam("vit_b", junk)
+    other = tmp_path / "tiny.pth"
+    torch.save(build_sam("tiny").state_dict(), other)
+    with pytest.raises(ValueError, match=r"tiny.pth does not fit SAM vit_b .*is it another "
+                                         r"model type\?"):
+        build_sam("vit_b", other)
+    with pytest.raises(ValueError, match="model_type: expected one of"):
+        build_sam("vit_s")
+    a, b = build_sam("tiny", seed=3), build_sam("tiny", seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                  b.state_dict().values(), strict=True))

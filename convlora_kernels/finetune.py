@@ -10,7 +10,7 @@
 Data: a folder with images/ and masks/ (matching names; masks are PNGs of class ids,
 0/255 accepted for binary) or a CSV file with image,mask columns. ``--num-classes 1`` is
 binary segmentation; otherwise count the background as class 0. The same steps are
-Python functions in convlora_kernels.seg.train.
+Python functions in convlora_kernels.seg.trainer.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import json
 import sys
 from typing import List, Optional
 
-from .seg.train import MODEL_TYPES, FinetuneConfig
+from .seg.trainer import MODEL_TYPES, FinetuneConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args) -> int:
-    from .seg import train as steps
+    from .seg import trainer as steps
 
     if args.command == "train":
         cfg = FinetuneConfig(

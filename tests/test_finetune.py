@@ -12,7 +12,7 @@ pytest.importorskip("PIL", reason="the data tests need Pillow")
 
 from convlora_kernels import finetune
 from convlora_kernels.seg.data import SegmentationDataset, read_image, read_mask, synthetic_split
-from convlora_kernels.seg.train import (FinetuneConfig, build_sam, evaluate, load_segmenter,
+from convlora_kernels.seg.trainer import (FinetuneConfig, build_sam, evaluate, load_segmenter,
                                         predict, train)
 
 STEPS = 150

@@ -7,14 +7,14 @@ datasets, and the fine-tuning steps (``python -m convlora_kernels.finetune``).
     SegmentationDataset   a folder (images/, masks/) or a CSV of image,mask paths
     make_synthetic        textured shapes on textured backgrounds, to try the flow
     FinetuneConfig, train, evaluate, predict, load_segmenter, build_sam
-                          the fine-tuning steps (convlora_kernels.seg.train)
+                          the fine-tuning steps (convlora_kernels.seg.trainer)
 """
 
 from .data import (IGNORE_INDEX, SegmentationDataset, collate, csv_pairs, folder_pairs,
                    make_synthetic, read_image, read_mask, synthetic_split)
 from .losses import SegmentationMetrics, ce_dice_loss, segmentation_loss, structure_loss
 from .model import SamSegmenter
-from .train import FinetuneConfig, build_sam, evaluate, load_segmenter, predict, train
+from .trainer import FinetuneConfig, build_sam, evaluate, load_segmenter, predict, train
 
 __all__ = ["FinetuneConfig", "IGNORE_INDEX", "SamSegmenter", "SegmentationDataset",
            "SegmentationMetrics", "build_sam", "ce_dice_loss", "collate", "csv_pairs",

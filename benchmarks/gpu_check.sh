@@ -16,6 +16,9 @@
 #   plans      every candidate of the layer's plan, per fused backend, at SAM's shapes, and
 #              the winners (benchmarks/plan_time.py; plans.json, the source of the
 #              convlora_kernels/_plans.py entries)
+#   segstep    one semantic-segmentation training step end to end (SamSegmenter, ViT-B,
+#              batch 4, 1024x1024, bf16) per backend, plain LoRA and the frozen encoder
+#              (benchmarks/seg_step.py; into bench.log)
 #   bench      the GPU benchmark subset (ViT-B global and window maps, r = 8 and 3, token
 #              routing, one map-routing row, the authors' setting (map, bicubic, r = 3) with
 #              their layer when CONVLORA_AUTOGLUON_WHEEL names its wheel, bf16,
@@ -198,7 +201,7 @@ sys.exit(0 if ok else 1)"
 fi
 
 if grep -qE '^build(-check)? +FAIL' "$SUMMARY"; then
-  skip_rest "the build failed" tests memcheck racecheck memcheck-triton stencil plans bench
+  skip_rest "the build failed" tests memcheck racecheck memcheck-triton stencil plans segstep bench
 else
   # ---- GPU tests --------------------------------------------------------------------
   stage tests "$OUT/tests.log" "$(limit 90 "$BENCH_MIN")" "$PY" -m pytest -m gpu -ra -q -p no:cacheprovider tests
@@ -237,6 +240,9 @@ else
   # 150 s: three forward candidates on triton (the fused one autotunes four tiles per C)
   stage plans "$OUT/bench.log" "$(limit 150 "$BENCH_MIN")" "$PY" benchmarks/plan_time.py "${PLANS[@]}" \
     --out "$OUT/plans.json"
+  # ---- one segmentation training step, end to end ---------------------------------------
+  if [ "$DEVICE" = cuda ]; then SEG=(--device cuda); else SEG=(--device cpu --repeats 2); fi
+  stage segstep "$OUT/bench.log" "$(limit 75 "$BENCH_MIN")" "$PY" benchmarks/seg_step.py "${SEG[@]}"
   # ---- benchmark subset ---------------------------------------------------------------
   # Whatever time is left, less a margin; rows not started in time are recorded as skipped.
   secs=$(limit 600)

@@ -32,7 +32,6 @@ import functools
 import json
 import os
 import sys
-import uuid
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
@@ -41,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._files import write_atomically
 from .modules import ConvLoRALinear
 
 __all__ = [
@@ -737,18 +737,9 @@ def save_adapter(model: nn.Module, path) -> None:
     # Copies on the CPU: safetensors refuses tensors that share storage.
     tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
     _warn_unsaved_trainables(root, tensors)
-    # a new name in the same folder (so the rename is atomic), created with the usual mode
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}."
-                               f"{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file(tensors, tmp, metadata={
-            "format": FILE_FORMAT, "format_version": FILE_FORMAT_VERSION,
-            "conv_lora_config": json.dumps(cfg.to_dict())})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    metadata = {"format": FILE_FORMAT, "format_version": FILE_FORMAT_VERSION,
+                "conv_lora_config": json.dumps(cfg.to_dict())}
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _warn_unsaved_trainables(root: nn.Module, saved: Mapping[str, torch.Tensor]) -> None:

@@ -213,3 +213,19 @@ def test_authors_layer_left_out_with_a_note(monkeypatch, capsys):
         authors.load.cache_clear()
     assert common.AUTHORS not in provs and common.LINEAR in provs
     assert "authors[autogluon] left out" in capsys.readouterr().err
+
+
+def test_seg_step_runs_on_cpu(tmp_path):
+    """benchmarks/seg_step.py (a gpu_check.sh stage): one segmentation training step per
+    adapter, every row timed."""
+    pytest.importorskip("segment_anything")
+    out = tmp_path / "seg_step.json"
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "seg_step.py"), "--repeats", "1",
+                        "--warmup", "0", "--json", str(out)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["provider"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"conv-lora[cpu]", "conv-lora[reference]", "plain-lora",
+                         "frozen-encoder"}
+    assert all(row["ms"] > 0 for row in rows.values())
+    assert "| conv-lora[cpu] |" in r.stdout and "× frozen encoder" in r.stdout

@@ -132,7 +132,14 @@ def test_read_mask_multiclass_and_palette(tmp_path):
 def test_read_mask_errors(tmp_path):
     p = save(tmp_path / "ids.png", np.array([[0, 1, 2, 3, 7]], np.uint8))
     with pytest.raises(ValueError, match=re.escape(
-            f"{p}: ids beyond num_classes=3: found 3, 7 (expected ids in [0, 3))")):
+            f"{p}: ids beyond num_classes=3: found 3, 7 (expected ids in [0, 3), or 255 for "
+            f"pixels to ignore)")):
+        read_mask(p, 3)
+    # 255 marks pixels to ignore (VOC / ADE masks) and is kept as such; 254 is an error
+    p = save(tmp_path / "void.png", np.array([[0, 2, 255, 1]], np.uint8))
+    assert read_mask(p, 3).tolist() == [[0, 2, IGNORE_INDEX, 1]]
+    p = save(tmp_path / "void254.png", np.array([[0, 254, 255]], np.uint8))
+    with pytest.raises(ValueError, match="ids beyond num_classes=3: found 254 "):
         read_mask(p, 3)
     # A palette PNG with indices beyond num_classes.
     p = save(tmp_path / "pal.png", np.array([[0, 4]], np.uint8), "P", palette=[0] * 15)

@@ -129,7 +129,8 @@ def read_mask(path: PathLike, num_classes: int) -> torch.Tensor:
     channels are equal; alpha channels are ignored.
 
     num_classes == 1 (binary): values {0, 1} or {0, 255}; 255 becomes 1.
-    num_classes >= 2: ids in [0, num_classes).
+    num_classes >= 2: ids in [0, num_classes), and IGNORE_INDEX (255: pixels to ignore,
+    as in VOC- or ADE-style masks) when num_classes < 255.
     Anything else raises ValueError naming the file and the values found.
     """
     np = _np()
@@ -164,10 +165,12 @@ def read_mask(path: PathLike, num_classes: int) -> torch.Tensor:
             raise ValueError(f"{path}: expected a binary mask (num_classes=1) with values "
                              f"{{0, 1}} or {{0, 255}}, found values {_few(values.tolist())}")
     else:
-        bad = values[(values < 0) | (values >= num_classes)]
+        ignored = (values == IGNORE_INDEX) & (num_classes < IGNORE_INDEX)
+        bad = values[((values < 0) | (values >= num_classes)) & ~ignored]
         if bad.size:
             raise ValueError(f"{path}: ids beyond num_classes={num_classes}: found "
-                             f"{_few(bad.tolist())} (expected ids in [0, {num_classes}))")
+                             f"{_few(bad.tolist())} (expected ids in [0, {num_classes}), or "
+                             f"{IGNORE_INDEX} for pixels to ignore)")
     return torch.from_numpy(a)
 
 

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -31,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from .. import sam as sam_api
+from .._files import write_atomically
 from .data import SegmentationDataset, collate, read_image
 from .losses import SegmentationMetrics, segmentation_loss
 from .model import SamSegmenter
@@ -176,22 +176,11 @@ def _segmenter(cfg: FinetuneConfig, device: torch.device) -> SamSegmenter:
 
 # --- Writing files --------------------------------------------------------------------
 
-def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
-
-
 def _write_json(path: Path, obj) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
-    _replace_atomically(path, write)
+    write_atomically(path, write)
 
 
 # --- Train ----------------------------------------------------------------------------
@@ -310,7 +299,7 @@ def _checkpoint(seg, opt, cfg, out: Path, step, epoch, best, history, val_ds, se
              "adapter": {k: v.detach().cpu() for k, v in
                          sam_api.adapter_state_dict(seg).items()},
              "optimizer": opt.state_dict()}
-    _replace_atomically(out / "last.pt", lambda tmp: torch.save(state, tmp))
+    write_atomically(out / "last.pt", lambda tmp: torch.save(state, tmp))
     _write_json(out / "history.json", history)
     return best
 
@@ -412,14 +401,14 @@ def predict(seg: SamSegmenter, images, out, bf16: bool = True, alpha: float = 0.
         ids = ids.cpu()
         mask = (ids * 255 if seg.num_classes == 1 else ids).to(torch.uint8).numpy()
         target = out / f"{path.stem}.png"
-        _replace_atomically(target, lambda tmp: Image.fromarray(mask).save(tmp, format="PNG"))
+        write_atomically(target, lambda tmp: Image.fromarray(mask).save(tmp, format="PNG"))
         over = img.clone()
         for c in range(1, max(2, seg.num_classes)):
             colour = torch.tensor(PALETTE[(c - 1) % len(PALETTE)], dtype=over.dtype)[:, None]
             sel = ids == c
             over[:, sel] = (1 - alpha) * over[:, sel] + alpha * colour
         pixels = over.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-        _replace_atomically(out / f"{path.stem}_overlay.png",
+        write_atomically(out / f"{path.stem}_overlay.png",
                             lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
         written.append(target)
         if bar is not None:

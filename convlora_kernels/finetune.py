@@ -23,6 +23,17 @@ from typing import List, Optional
 from .seg.trainer import MODEL_TYPES, FinetuneConfig
 
 
+class _Defaults(argparse.HelpFormatter):
+    """Help that shows a value default ("(default: 4)"), not None or a flag's bool."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, True, False, argparse.SUPPRESS) \
+                and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m convlora_kernels.finetune",
                                 description=__doc__.split("\n\n")[0])
@@ -44,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--no-progress", dest="progress", action="store_false")
 
     t = sub.add_parser("train", help="fine-tune; writes finetune.json, history.json, "
-                                     "best/last.safetensors and last.pt into --out")
+                                     "best/last.safetensors and last.pt into --out",
+                       formatter_class=_Defaults)
     t.add_argument("--train", required=True, help="training data: a folder or a CSV file")
     t.add_argument("--val", default=None, help="validation data (a folder or a CSV file)")
     t.add_argument("--num-classes", type=int, required=True,
@@ -52,42 +64,49 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="the run's folder")
     model_args(t)
     d = FinetuneConfig("", 1, "")
-    t.add_argument("--steps", type=int, default=d.steps)
-    t.add_argument("--batch-size", type=int, default=d.batch_size)
-    t.add_argument("--lr", type=float, default=d.lr)
-    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    t.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in all")
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
+    t.add_argument("--lr", type=float, default=d.lr, help="Adam's learning rate")
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="Adam's")
     t.add_argument("--r", type=int, default=d.r, help="Conv-LoRA rank")
-    t.add_argument("--experts", type=int, default=d.num_experts)
-    t.add_argument("--alpha", type=float, default=d.alpha)
-    t.add_argument("--gating", choices=("token", "map"), default=d.gating)
-    t.add_argument("--interpolation", choices=("bilinear", "bicubic"), default=d.interpolation)
+    t.add_argument("--experts", type=int, default=d.num_experts, help="Conv-LoRA experts")
+    t.add_argument("--alpha", type=float, default=d.alpha, help="LoRA scaling alpha / r")
+    t.add_argument("--gating", choices=("token", "map"), default=d.gating,
+                   help="one expert per token, or per feature map (the authors')")
+    t.add_argument("--interpolation", choices=("bilinear", "bicubic"), default=d.interpolation,
+                   help="the experts' resampling (bicubic: the authors')")
     t.add_argument("--aux-weight", type=float, default=None,
                    help="weight of the routers' aux loss (default: 1 binary, 2 multi-class)")
     t.add_argument("--val-every", type=int, default=d.val_every,
                    help="validate and write checkpoints every N steps")
     t.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
-    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--seed", type=int, default=d.seed,
+                   help="data order, augmentation and, without --checkpoint, SAM's weights")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
 
-    e = sub.add_parser("eval", help="metrics of a trained model on a dataset")
+    e = sub.add_parser("eval", help="metrics of a trained model on a dataset",
+                       formatter_class=_Defaults)
     e.add_argument("--weights", required=True, help="a run's best.safetensors or last.safetensors")
     e.add_argument("--data", required=True, help="a folder or a CSV file")
-    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--batch-size", type=int, default=4, help="images per forward")
     model_args(e, weights=True)
 
-    r = sub.add_parser("predict", help="mask PNGs and overlays for images")
+    r = sub.add_parser("predict", help="mask PNGs and overlays for images",
+                       formatter_class=_Defaults)
     r.add_argument("--weights", required=True)
     r.add_argument("--images", required=True, help="a folder of images or one image")
     r.add_argument("--out", required=True)
     model_args(r, weights=True)
 
-    s = sub.add_parser("synthetic", help="write a synthetic dataset (textured shapes)")
-    s.add_argument("--out", required=True)
-    s.add_argument("--num-classes", type=int, default=3)
+    s = sub.add_parser("synthetic", help="write a synthetic dataset (textured shapes)",
+                       formatter_class=_Defaults)
+    s.add_argument("--out", required=True, help="writes OUT/train and OUT/val")
+    s.add_argument("--num-classes", type=int, default=3,
+                   help="1 for binary; else the classes including background")
     s.add_argument("--train", type=int, default=64, help="training images")
     s.add_argument("--val", type=int, default=16, help="validation images")
-    s.add_argument("--size", type=int, default=256)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, default=256, help="image side in pixels")
+    s.add_argument("--seed", type=int, default=0, help="the same seed, the same images")
     return p
 
 

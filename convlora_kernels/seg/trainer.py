@@ -241,22 +241,23 @@ def train(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
             with _autocast(device, cfg.bf16):
                 logits = seg(images)
             loss = segmentation_loss(logits.float(), masks, seg.aux_loss(), cfg.aux_weight)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss is {loss.item()} at step {step + 1}; "
-                                         f"lower the learning rate (lr={cfg.lr})")
+            value = loss.item()  # the one host sync of a step: the bar and the history
+            if not math.isfinite(value):
+                raise FloatingPointError(f"the loss is {value} at step {step + 1}; lower the "
+                                         f"learning rate (lr={cfg.lr})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
             seen += images.shape[0]
             rate = seen / max(time.perf_counter() - t0, 1e-9)
-            history.append({"step": step, "loss": loss.item()})
+            history.append({"step": step, "loss": value})
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.1f}")
+                bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.1f}")
             if step % cfg.val_every == 0 or step == cfg.steps:
                 best = _checkpoint(seg, opt, cfg, out, step, epoch, best, history, val_ds,
-                                   settings, log, progress)
+                                   settings, log)
                 seg.train()
             if step >= cfg.steps:
                 break
@@ -277,8 +278,7 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
-def _checkpoint(seg, opt, cfg, out: Path, step, epoch, best, history, val_ds, settings, log,
-                progress):
+def _checkpoint(seg, opt, cfg, out: Path, step, epoch, best, history, val_ds, settings, log):
     record, score = {"step": step}, None
     if val_ds is not None:
         metrics = evaluate(seg, val_ds, batch_size=cfg.batch_size, device=None,

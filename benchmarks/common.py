@@ -34,7 +34,8 @@ ALPHA = 32.0
 
 @dataclass(frozen=True)
 class Shape:
-    """One benchmark problem: a (B, H, W, C) map through a C -> 3C qkv layer."""
+    """One benchmark problem: a (B, H, W, C) map through a C -> 3C qkv layer (or C ->
+    out_channels: SAM 3's separate projections, Hiera's pooling blocks)."""
 
     name: str
     batch: int
@@ -45,6 +46,7 @@ class Shape:
     num_experts: int = 8
     gating: str = "token"
     interpolation: str = "bilinear"
+    out_channels: Optional[int] = None
 
     @property
     def tokens(self) -> int:
@@ -52,7 +54,7 @@ class Shape:
 
     @property
     def out_features(self) -> int:
-        return 3 * self.channels
+        return self.out_channels or 3 * self.channels
 
     @property
     def scales(self) -> Sequence[int]:
@@ -92,6 +94,28 @@ def sam_shapes(batch: int = 4, channels=(768, 1024, 1280), ranks=(3, 8, 32),
             for make in (_global, _window)]
 
 
+def sam2_shapes(batch: int = 4, ranks=(3, 8)) -> List[Shape]:
+    """SAM 2's Hiera-B+ at 1024x1024 (sam2.1 config: widths 112/224/448/896, windows 8, 4,
+    14, 7, global blocks 12, 16, 20): the qkv inputs of each stage. Stage 0 sees 1024
+    windows of 8x8 per image, stage 1 1024 of 4x4, stage 2 25 windows of 14x14 (a 64x64
+    map padded to 70x70) and the whole map in its global blocks, stage 3 25 of 7x7."""
+    out = []
+    for r in ranks:
+        for name, b, h, c in (("hiera-s0", 1024, 8, 112), ("hiera-s1", 1024, 4, 224),
+                              ("hiera-s2-window", 25, 14, 448), ("hiera-s2-global", 1, 64, 448),
+                              ("hiera-s3", 25, 7, 896)):
+            out.append(Shape(f"{name}-C{c}-r{r}", batch * b, h, h, c, r))
+    return out
+
+
+def sam3_shapes(batch: int = 4, ranks=(3, 8)) -> List[Shape]:
+    """SAM 3's ViT at 1008x1008 (72x72 patches of 14, width 1024): q_proj / v_proj
+    (C -> C) of the windowed layers (9 windows of 24x24 per image) and of the global
+    layers (the whole map)."""
+    return [Shape(f"sam3-{name}-C1024-r{r}", batch * b, h, h, 1024, r, out_channels=1024)
+            for r in ranks for name, b, h in (("window", 9, 24), ("global", 1, 72))]
+
+
 # Each preset: (shapes, the default image batch it was sized for).
 def preset_shapes(preset: str, batch: Optional[int] = None) -> List[Shape]:
     if preset == "cpu":
@@ -112,6 +136,10 @@ def preset_shapes(preset: str, batch: Optional[int] = None) -> List[Shape]:
         return compat_shapes(batch or 1)
     if preset == "sam":
         return sam_shapes(batch or 4)
+    if preset == "sam2":
+        return sam2_shapes(batch or 4)
+    if preset == "sam3":
+        return sam3_shapes(batch or 4)
     if preset == "smoke":
         # Tiny: exercises every code path in well under a second per provider.
         return [Shape("smoke-2x6x7-C32-r3", 2, 6, 7, 32, 3),
@@ -119,7 +147,7 @@ def preset_shapes(preset: str, batch: Optional[int] = None) -> List[Shape]:
     raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
 
 
-PRESETS = ("cpu", "gpu-check", "compat", "sam", "smoke")
+PRESETS = ("cpu", "gpu-check", "compat", "sam", "sam2", "sam3", "smoke")
 
 # Run settings when not given: (on a GPU, on a CPU). A GPU run times many calls in
 # bf16 over enough input sets to overflow its L2; the CPU subset must fit a few minutes.

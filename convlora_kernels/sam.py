@@ -1,6 +1,6 @@
 """Conv-LoRA for Segment Anything: set up, train, save and load the adapters.
 
-    apply_conv_lora(model, ...)       qkv of the image encoder's blocks -> ConvLoRALinear
+    apply_conv_lora(model, ...)       the encoder blocks' qkv (or q, v) -> ConvLoRALinear
     add_modules_to_save(model, ...)   modules added later (a head) train and are saved too
     box_prompted_masks / mask_loss    a batched box-prompt forward and its loss
     aux_loss(model)                   the routers' load-balancing loss, to add to the task loss
@@ -11,13 +11,18 @@
     read_adapter_config(path)         those settings, as apply_conv_lora's keyword arguments
     trainable_parameters(model)       trainable count and share; print_trainable_parameters
 
-Models: segment_anything's ``Sam`` and ``ImageEncoderViT`` and, when transformers is
-installed, its ``SamModel``, ``SamVisionModel`` and ``SamVisionEncoder`` (or any module
-holding one of these encoders). In both libraries each encoder block's attention calls a
-fused ``qkv`` nn.Linear on a channels-last map: (B·nW, 14, 14, C) windows in the windowed
-blocks, (B, 64, 64, C) in the global blocks for a 1024×1024 image. ConvLoRALinear takes
-that map as is, so with ``gating="map"`` a windowed block routes each 14×14 window and a
-global block each image.
+Models (or any module holding one of their image encoders):
+    SAM      segment_anything's Sam / ImageEncoderViT; transformers' SamModel,
+             SamVisionModel; SamHQModel, SamHQVisionModel
+    SAM 2    transformers' Sam2Model, Sam2VisionModel, Sam2VideoModel (Hiera); the sam2
+             package's SAM2Base / Hiera
+    SAM 3    transformers' Sam3Model, Sam3TrackerModel, Sam3VisionModel (a ViT with separate
+             q/k/v projections: q and v adapted by default); the sam3 package's ViT
+Each encoder block's attention calls its projections on a channels-last map: in SAM,
+(B·nW, 14, 14, C) windows in the windowed blocks and (B, 64, 64, C) in the global blocks for
+a 1024×1024 image; in Hiera, maps that shrink stage by stage (8×8 windows of a 256×256 map
+first). ConvLoRALinear takes each map as it comes, so with ``gating="map"`` a windowed block
+routes each window and a global block each image.
 
 The helpers accept the model wrapped in DistributedDataParallel or torch.compile, and blocks
 wrapped by torch's activation-checkpoint wrapper; tensor names are those of the unwrapped
@@ -54,6 +59,8 @@ __all__ = [
 # The trained tensors of one ConvLoRALinear, by their names inside it.
 ADAPTER_TENSORS = ("lora_A", "lora_B", "conv_weight", "conv_bias", "router.w_gate",
                    "router.w_noise")
+# The projection adapted in encoders with one fused qkv layer (all but transformers' SAM 3).
+_FUSED_QKV = ("qkv",)
 FILE_FORMAT = "convlora-kernels-adapter"
 FILE_FORMAT_VERSION = "1"
 # Name segments that module wrappers add and their state_dict() leaves out.
@@ -66,8 +73,9 @@ class ConvLoRAConfig:
 
     The fields are apply_conv_lora's keyword arguments, with ``blocks`` the indices of the
     blocks given Conv-LoRA, ``train_mask_decoder`` True only when the model has a mask
-    decoder and it was left trainable, and ``modules_to_save`` the names (in the module
-    holding this config) of the other modules that train and are saved with the adapters.
+    decoder and it was left trainable, ``modules_to_save`` the names (in the module
+    holding this config) of the other modules that train and are saved with the adapters,
+    and ``targets`` the projections adapted in each block's attention.
     """
 
     r: int
@@ -79,6 +87,7 @@ class ConvLoRAConfig:
     blocks: Tuple[int, ...]
     train_mask_decoder: bool
     modules_to_save: Tuple[str, ...] = ()
+    targets: Tuple[str, ...] = _FUSED_QKV
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -102,46 +111,91 @@ def _clean(name: str) -> str:
     return ".".join(p for p in name.split(".") if p and p not in _WRAPPER_SEGMENTS)
 
 
-def _encoder_types() -> Tuple[Tuple[type, str], ...]:
-    """(encoder class, attribute holding its blocks) for the libraries already imported.
+class _EncoderKind(NamedTuple):
+    """How to find the projections of one library's image encoder."""
+
+    cls: type
+    blocks: str                   # the attribute holding the block list
+    attention: str                # the attention module's name inside a block
+    projections: Tuple[str, ...]  # the Linear layers inside it that may be adapted
+    default: Tuple[str, ...]      # those adapted unless ``targets`` says otherwise
+
+# (module, class, block list, attention, projections, default targets)
+_ENCODERS = (
+    ("segment_anything.modeling.image_encoder", "ImageEncoderViT", "blocks", "attn",
+     _FUSED_QKV, _FUSED_QKV),
+    ("transformers.models.sam.modeling_sam", "SamVisionEncoder", "layers", "attn",
+     _FUSED_QKV, _FUSED_QKV),
+    ("transformers.models.sam_hq.modeling_sam_hq", "SamHQVisionEncoder", "layers", "attn",
+     _FUSED_QKV, _FUSED_QKV),
+    ("transformers.models.sam2.modeling_sam2", "Sam2HieraDetModel", "blocks", "attn",
+     _FUSED_QKV, _FUSED_QKV),
+    ("sam2.modeling.backbones.hieradet", "Hiera", "blocks", "attn", _FUSED_QKV, _FUSED_QKV),
+    # SAM 3's ViT: separate projections; q and v by default, the usual LoRA choice
+    ("transformers.models.sam3.modeling_sam3", "Sam3ViTModel", "layers", "attention",
+     ("q_proj", "k_proj", "v_proj"), ("q_proj", "v_proj")),
+    ("sam3.model.vitdet", "ViT", "blocks", "attn", _FUSED_QKV, _FUSED_QKV),
+)
+
+
+def _encoder_types() -> Tuple[_EncoderKind, ...]:
+    """The image encoders of the libraries already imported.
 
     A model of a library that was never imported cannot be in memory, so nothing is
     imported here (transformers in particular is optional and slow to import).
     """
     found = []
-    mod = sys.modules.get("segment_anything.modeling.image_encoder")
-    if mod is not None:
-        found.append((mod.ImageEncoderViT, "blocks"))
-    mod = sys.modules.get("transformers.models.sam.modeling_sam")
-    if mod is not None:
-        found.append((mod.SamVisionEncoder, "layers"))
+    for module, name, blocks, attention, projections, default in _ENCODERS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type):
+            found.append(_EncoderKind(cls, blocks, attention, projections, default))
     return tuple(found)
 
 
-def _find_encoder(root: nn.Module) -> Tuple[str, nn.ModuleList]:
-    """(name of the block list, block list) of the one SAM image encoder in root; raises
-    if there is none or several."""
-    kinds = _encoder_types()
-    hits = [(_clean(f"{name}.{attr}"), getattr(m, attr)) for name, m in root.named_modules()
-            for cls, attr in kinds if isinstance(m, cls)]
+def _find_encoder(root: nn.Module) -> Tuple[str, nn.ModuleList, _EncoderKind]:
+    """(name of the block list, block list, encoder kind) of the one SAM image encoder
+    in root; raises if there is none or several."""
+    hits = [(_clean(f"{name}.{kind.blocks}"), getattr(m, kind.blocks), kind)
+            for name, m in root.named_modules() for kind in _encoder_types()
+            if isinstance(m, kind.cls)]
     if not hits:
         raise ValueError(
             f"model: expected a Segment Anything model or image encoder (segment_anything's "
-            f"Sam / ImageEncoderViT, or transformers' SamModel / SamVisionModel), but "
-            f"{type(root).__name__} contains no such image encoder")
+            f"Sam / ImageEncoderViT; transformers' SamModel, SamHQModel, Sam2Model, "
+            f"Sam3Model, Sam3TrackerModel or their vision models; sam2's SAM2Base / Hiera), "
+            f"but {type(root).__name__} contains no such image encoder")
     if len(hits) > 1:
         raise ValueError(f"model: expected one SAM image encoder, found {len(hits)} "
-                         f"(at {', '.join(n for n, _ in hits)}); pass the one to adapt")
+                         f"(at {', '.join(n for n, _, _ in hits)}); pass the one to adapt")
     return hits[0]
 
 
-def _qkv_of(block: nn.Module, where: str) -> Tuple[nn.Module, nn.Module]:
-    """(parent module, its .qkv) for an encoder block, looking through wrappers."""
+def _check_targets(targets, kind: _EncoderKind) -> Tuple[str, ...]:
+    if targets is None:
+        return kind.default
+    if isinstance(targets, str) or not isinstance(targets, (list, tuple)):
+        raise TypeError(f"targets: expected a list of projection names among "
+                        f"{list(kind.projections)}, got {type(targets).__name__} {targets!r}")
+    bad = [t for t in targets if t not in kind.projections]
+    if bad or not targets or len(set(targets)) != len(targets):
+        raise ValueError(f"targets: {kind.cls.__name__}'s attention has the projections "
+                         f"{list(kind.projections)}; expected a non-empty list of them without "
+                         f"repeats, got {list(targets)}")
+    return tuple(t for t in kind.projections if t in targets)  # the model's order
+
+
+def _projections_of(block: nn.Module, where: str, kind: _EncoderKind,
+                    targets: Sequence[str]) -> List[Tuple[nn.Module, str, nn.Module]]:
+    """[(attention module, projection name, the projection)] of an encoder block, looking
+    through wrappers."""
     for name, m in block.named_modules():
-        if _clean(name) == "attn" and hasattr(m, "qkv"):
-            return m, m.qkv
+        if _clean(name) == kind.attention:
+            missing = [t for t in targets if not hasattr(m, t)]
+            if missing:
+                break
+            return [(m, t, getattr(m, t)) for t in targets]
     raise ValueError(f"model: the encoder block {where} ({type(block).__name__}) has no "
-                     f"attn.qkv layer")
+                     f"{kind.attention}.{' / '.join(targets)} layer")
 
 
 def _conv_lora_layers(root: nn.Module) -> Dict[str, ConvLoRALinear]:
@@ -204,13 +258,17 @@ def apply_conv_lora(model: nn.Module, r: int = 3, num_experts: int = 8, alpha: f
                     blocks: Optional[Sequence[int]] = None,
                     train_mask_decoder: bool = True,
                     modules_to_save: Optional[Sequence[Union[str, nn.Module]]] = None,
+                    targets: Optional[Sequence[str]] = None,
                     ) -> Dict[str, ConvLoRALinear]:
     """Give the SAM image encoder's blocks Conv-LoRA, in place, and freeze the rest.
 
     Every block's ``attn.qkv`` (or those of the listed ``blocks``, indices into the
     encoder's block list) becomes ``ConvLoRALinear.from_linear(qkv, r, num_experts, alpha,
     scales, gating, interpolation, backend)``, sharing qkv's weight and bias, so the model's
-    output is unchanged until the adapters train. Every other parameter is frozen except,
+    output is unchanged until the adapters train. Transformers' SAM 3 ViT has separate
+    ``attention.q_proj / k_proj / v_proj``: ``targets`` picks among them (default q_proj and
+    v_proj); the other encoders have only "qkv". Each layer takes its map size from its
+    input, so Hiera's stages (SAM 2) and windowed blocks need nothing more. Every other parameter is frozen except,
     with ``train_mask_decoder``, the mask decoder's (the paper fine-tunes it fully), and
     those of ``modules_to_save``: modules of the model (given as modules or by their names
     in ``model.named_modules()``) that train fully and are saved with the adapters, such as
@@ -221,32 +279,35 @@ def apply_conv_lora(model: nn.Module, r: int = 3, num_experts: int = 8, alpha: f
     Returns {name in the model's state_dict: the new ConvLoRALinear}, in block order.
     """
     root = _check_model(model, train_mask_decoder)
-    blocks_name, block_list = _find_encoder(root)
+    blocks_name, block_list, kind = _find_encoder(root)
     chosen = _check_blocks(blocks, len(block_list))
+    targets = _check_targets(targets, kind)
     decoder = _find_mask_decoder(root)
     train_decoder = train_mask_decoder and decoder is not None
-    saved = _resolve_modules_to_save(
-        root, modules_to_save, [f"{blocks_name}.{i}.attn.qkv" for i in chosen],
-        [decoder[0]] if train_decoder else [])
 
+    saved = _resolve_modules_to_save(
+        root, modules_to_save, [f"{blocks_name}.{i}.{kind.attention}.{t}" for i in chosen
+                                for t in targets],
+        [decoder[0]] if train_decoder else [])
     # Build every new layer before changing anything, so a bad argument leaves the model
     # as it was.
-    plan = [_new_layer(block_list[i], f"{blocks_name}.{i}", dict(
-        r=r, num_experts=num_experts, alpha=alpha, scales=scales, gating=gating,
-        interpolation=interpolation, backend=backend)) for i in chosen]
+    options = dict(r=r, num_experts=num_experts, alpha=alpha, scales=scales, gating=gating,
+                   interpolation=interpolation, backend=backend)
+    plan = [step for i in chosen
+            for step in _new_layers(block_list[i], f"{blocks_name}.{i}", kind, targets, options)]
 
     root.requires_grad_(False)
-    for parent, layer in plan:  # the new layers' adapter tensors are trainable
-        parent.qkv = layer
+    for parent, attr, layer in plan:  # the new layers' adapter tensors are trainable
+        setattr(parent, attr, layer)
     if train_decoder:
         decoder[1].requires_grad_(True)
     for name in saved:
         root.get_submodule(_raw_name(root, name)).requires_grad_(True)
-    first = plan[0][1]
+    first = plan[0][2]
     root.conv_lora_config = ConvLoRAConfig(
         r=first.r, num_experts=first.num_experts, alpha=first.alpha, scales=first.scales,
         gating=first.gating, interpolation=first.interpolation, blocks=chosen,
-        train_mask_decoder=train_decoder, modules_to_save=saved)
+        train_mask_decoder=train_decoder, modules_to_save=saved, targets=targets)
     return _conv_lora_layers(root)
 
 
@@ -351,15 +412,17 @@ def _check_model(model, train_mask_decoder) -> nn.Module:
     return root
 
 
-def _new_layer(block: nn.Module, where: str, options: dict):
-    """(the module holding block's attn.qkv, the ConvLoRALinear to put in its place)."""
-    parent, qkv = _qkv_of(block, where)
-    if not isinstance(qkv, nn.Linear):
-        raise TypeError(f"model: expected block {where}'s attn.qkv to be an nn.Linear, "
-                        f"got {type(qkv).__name__}")
-    layer = ConvLoRALinear.from_linear(qkv, **options)
-    layer.train(qkv.training)
-    return parent, layer
+def _new_layers(block: nn.Module, where: str, kind: _EncoderKind, targets, options: dict):
+    """[(the attention module, projection name, the ConvLoRALinear to put in its place)]."""
+    out = []
+    for parent, attr, linear in _projections_of(block, where, kind, targets):
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"model: expected block {where}'s {kind.attention}.{attr} to be an "
+                            f"nn.Linear, got {type(linear).__name__}")
+        layer = ConvLoRALinear.from_linear(linear, **options)
+        layer.train(linear.training)
+        out.append((parent, attr, layer))
+    return out
 
 
 # --- Switching the adapters off, removing them ------------------------------------------
@@ -800,11 +863,12 @@ def _read_file(path) -> Tuple[ConvLoRAConfig, Dict[str, torch.Tensor]]:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     raw = json.loads(meta["conv_lora_config"])
     names = {f.name for f in fields(ConvLoRAConfig)}
-    raw.setdefault("modules_to_save", [])  # files written before it existed
+    raw.setdefault("modules_to_save", [])  # files written before these existed
+    raw.setdefault("targets", list(_FUSED_QKV))
     if set(raw) != names:
         raise ValueError(f"path: {path} records the settings {sorted(raw)}, expected "
                          f"{sorted(names)}")
-    for key in ("scales", "blocks", "modules_to_save"):
+    for key in ("scales", "blocks", "modules_to_save", "targets"):
         raw[key] = tuple(raw[key])
     return ConvLoRAConfig(**raw), tensors
 

@@ -166,6 +166,14 @@ def test_presets_cover_the_sam_shapes():
         (4, 64, 3, "map"), (100, 14, 3, "map")]
     assert all(common.authors_applies(s) for s in compat)
     assert [(s.batch, s.height) for s in common.preset_shapes("compat")] == [(1, 64), (25, 14)]
+    # SAM 2's Hiera-B+ qkv per stage, SAM 3's q/v projections (C -> C), at 4 images
+    hiera = common.preset_shapes("sam2")
+    assert {(s.batch, s.height, s.channels, s.out_features) for s in hiera} == {
+        (4096, 8, 112, 336), (4096, 4, 224, 672), (100, 14, 448, 1344), (4, 64, 448, 1344),
+        (100, 7, 896, 2688)}
+    sam3 = common.preset_shapes("sam3")
+    assert {(s.batch, s.height, s.channels, s.out_features) for s in sam3} == {
+        (36, 24, 1024, 1024), (4, 72, 1024, 1024)}
     with pytest.raises(ValueError):
         common.preset_shapes("nope")
 

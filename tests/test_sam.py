@@ -251,7 +251,7 @@ def test_adapter_state_dict_round_trip(tmp_path):
     cfg = read_adapter_config(path)
     assert cfg == dict(r=3, num_experts=4, alpha=32, scales=[1, 2, 3, 4], gating="map",
                        interpolation="bilinear", blocks=[0, 1, 2], train_mask_decoder=True,
-                       modules_to_save=[])
+                       modules_to_save=[], targets=["qkv"])
     fresh = tiny_sam()
     apply_conv_lora(fresh, **cfg, **FUSED)
     assert not torch.equal(_eval_outputs(fresh)[0], expected[0])

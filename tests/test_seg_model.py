@@ -251,3 +251,14 @@ def test_metrics_against_hand_counts():
     assert got["pixel_accuracy"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match=r"logits: expected 4 channels \(num_classes\), got 1"):
         m.update(lg[:, :1], tg)
+
+
+def test_sam2_is_refused_with_a_clear_error():
+    pytest.importorskip("transformers")
+    from test_sam_families import _build
+
+    sam2, _ = _build("sam2")
+    with pytest.raises(TypeError, match=r"got Sam2Model \(SAM 2 and SAM 3 decoders are not "
+                                        r"supported here"):
+        SamSegmenter(sam2, 1)
+    assert not any(isinstance(m, ConvLoRALinear) for m in sam2.modules())

@@ -16,6 +16,7 @@ and std, padded bottom and right to a square. Logits come back at the input reso
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -89,13 +90,15 @@ class _TransformersParts:
 
 
 def _parts(sam):
-    if all(hasattr(sam, a) for a in ("image_encoder", "prompt_encoder", "mask_decoder")):
+    sa = sys.modules.get("segment_anything.modeling.sam")
+    if sa is not None and isinstance(sam, sa.Sam):
         return _SegmentAnythingParts(sam)
-    if all(hasattr(sam, a) for a in ("vision_encoder", "prompt_encoder", "mask_decoder",
-                                     "get_image_wide_positional_embeddings")):
+    hf = sys.modules.get("transformers.models.sam.modeling_sam")
+    if hf is not None and isinstance(sam, hf.SamModel):
         return _TransformersParts(sam)
     raise TypeError(f"sam: expected segment_anything's Sam (sam_model_registry[...]) or "
-                    f"transformers' SamModel, got {type(sam).__name__}")
+                    f"transformers' SamModel, got {type(sam).__name__} (SAM 2 and SAM 3 "
+                    f"decoders are not supported here; apply_conv_lora adapts their encoders)")
 
 
 class SamSegmenter(nn.Module):

@@ -140,7 +140,8 @@ def check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert
     batch, height, width = resolve_hw(x, hw)
     c_in = x.shape[-1]
     c_out, rank, n = _check_parameters(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias)
-    _check_expert_index(expert_index, x, (batch, height, width), n, check_index_values)
+    if expert_index is not None:  # None: a router inside the layer's op picks the experts
+        _check_expert_index(expert_index, x, (batch, height, width), n, check_index_values)
     if z is not None:
         _check_z(z, x, rank)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):

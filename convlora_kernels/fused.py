@@ -86,15 +86,15 @@ def stencil(z: torch.Tensor, expert_index: torch.Tensor, conv_weight: torch.Tens
         save)[0]
 
 
-def unsupported(p: Problem, dtype: torch.dtype, device: torch.device) -> Optional[str]:
-    """None when these kernels can compute problem p in ``dtype`` on ``device``, else why
-    not (an error message naming the argument and the way out)."""
+def unsupported(rank: int, dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """None when these kernels can compute a call of rank ``rank`` in ``dtype`` on
+    ``device``, else why not (an error message naming the argument and the way out)."""
     if device.type == "cuda" and dtype == torch.float64:
         return ("x: the cuda backend takes float32, float16 or bfloat16 tensors, got "
                 "float64; use backend='cpu' or 'reference' for float64")
-    if p.rank > MAX_FUSED_RANK:
+    if rank > MAX_FUSED_RANK:
         return (f"lora_A: the fused kernels support ranks up to {MAX_FUSED_RANK}, got "
-                f"r = {p.rank}; use backend='auto' or 'reference'")
+                f"r = {rank}; use backend='auto' or 'reference'")
     return None
 
 
@@ -104,7 +104,7 @@ def conv_lora_linear(p: Problem, x4: torch.Tensor, weight, bias, lora_A, lora_B,
     """The layer on the fused kernels (convlora_kernels.layer): y (N, C_out) for x4
     (B, H, W, C_in); the arguments were checked at the public boundary (ops.py) and p is
     their Problem. Raises only for what these kernels cannot do (``unsupported``)."""
-    why = unsupported(p, x4.dtype, x4.device)
+    why = unsupported(p.rank, x4.dtype, x4.device)
     if why is not None:
         raise (TypeError if why.startswith("x:") else ValueError)(why)
     return layer.conv_lora_linear("cuda" if x4.is_cuda else "cpu", p, x4, weight, bias,

@@ -21,6 +21,12 @@ then always:
     dx = dz A, then dx += dy W0     one GEMM with beta = 1 (no sum of two dx tensors)
     dA = dzᵀ x
 
+ConvLoRALinear runs the same layer with its router inside (``routed_conv_lora_linear``, the
+custom-op pair convlora_layer::routed_forward / routed_backward): z = x Aᵀ, the router on z,
+then the layer as above; in the backward the router's dL/dz (its load term) joins the
+stencil's dz before dx = dz A + dy W0 and dA = dzᵀ x are formed, so x's gradient is one
+GEMM with no second (N, C_in) tensor to add.
+
 Which candidate runs (``plan``): the environment's CONVLORA_LAYER_FORWARD and
 CONVLORA_LAYER_DY when set (internal switches, for benchmarks/plan_time.py), else the
 winner measured for the device type and backend (_plans.MEASURED, copied from reports under
@@ -258,7 +264,9 @@ def _dy_products(dy2, lora_B, u, scaling, need_b, need_bias, backend, dy_plan):
 
 def _backward_impl(dy2, x2, weight, lora_A, lora_B, conv_weight, conv_bias, expert_index, z2,
                    u, s0, s1, has_z, scaling, scales, interpolation, height, width, backend,
-                   dy_plan, needs):
+                   dy_plan, needs, add_router_dz=None):
+    """add_router_dz(dz): adds the router's dL/dz into the stencil's dz in place, before dz
+    reaches dx and dA (the routed op: z is then the op's own, has_z False)."""
     need_x, need_w, need_bias, need_a, need_b, need_cw, need_cb, need_z = needs
     need_dz = need_z if has_z else (need_a or need_x)
     if dy2.stride(-1) != 1:
@@ -273,6 +281,8 @@ def _backward_impl(dy2, x2, weight, lora_A, lora_B, conv_weight, conv_bias, expe
         dz, d_cw, d_cb = _STENCILS[backend][1](
             du, z2, s0, s1, expert_index, conv_weight.contiguous(), conv_bias.contiguous(),
             list(scales), interpolation, height, width)
+        if add_router_dz is not None and dz is not None:
+            add_router_dz(dz)
     dx = d_w = d_a = None
     if need_x:
         if not has_z:  # dx = dz A + dy W0: the base GEMM accumulates onto dz A
@@ -325,7 +335,16 @@ def _backward_op(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B
     grads = _backward_impl(dy2, x2, weight, lora_A, lora_B, conv_weight, conv_bias,
                            expert_index, z2, u, saved0, saved1, has_z, scaling, scales,
                            interpolation, height, width, backend, dy_plan, needs)
-    return [x2.new_empty(0) if g is None else g.contiguous() for g in grads]
+    return _own_outputs(x2, grads)
+
+
+def _own_outputs(x2: Tensor, grads) -> List[Tensor]:
+    """The gradients as a custom op may return them: contiguous, none a view of another
+    (with one expert the C++ stencil's dconv_weight and dconv_bias are views of one
+    buffer), (0,) for None."""
+    return [x2.new_empty(0) if g is None else
+            g.clone(memory_format=torch.contiguous_format) if g._base is not None else
+            g.contiguous() for g in grads]
 
 
 @_backward_op.register_fake
@@ -365,6 +384,150 @@ def _backward(ctx, dy2, *_unused):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# --- the layer with its router inside (ConvLoRALinear on a fused backend) ----------------
+# The router's features come from z = x Aᵀ, and its load term sends a gradient back into z.
+# With the router outside the op, z's gradient reaches x through an autograd node of its
+# own: dx = dz A written to a fresh (N, C_in) tensor, then added to the op's dy W0 (two
+# passes over dx, and on CPU the page faults of two fresh tensors). Inside, the router's
+# dL/dz joins the stencil's dz before dx = dz A + dy W0 is formed by one GEMM with beta = 1,
+# and dA = dzᵀ x is one GEMM too.
+
+def _router_features(z2: Tensor, gating: str, height: int, width: int) -> Tensor:
+    """The routing units' features: each token's z ("token"), or the mean of z over each
+    (H, W) map ("map"), as NoisyTopOneRouter computes them."""
+    if gating == "token":
+        return z2
+    return z2.view(-1, height * width, z2.shape[1]).mean(1)
+
+
+def _stencil_expert(expert: Tensor, gating: str, backend: str, height: int,
+                    width: int) -> Tensor:
+    """The router's expert per unit as the stencil of ``backend`` takes it (stencil_index):
+    per map for the C++ map kernels, else per token."""
+    if gating == "map" and (backend == "triton" or
+                            os.environ.get(MAP_KERNELS_ENV, "1") == "0"):
+        return expert.repeat_interleave(height * width)
+    return expert
+
+
+@torch.library.custom_op("convlora_layer::routed_forward", mutates_args=())
+def _routed_forward_op(x2: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                       lora_B: Tensor, conv_weight: Tensor, conv_bias: Tensor, w_gate: Tensor,
+                       w_noise: Tensor, noise: Optional[Tensor], noise_epsilon: float,
+                       gating: str, scaling: float, scales: List[int], interpolation: str,
+                       height: int, width: int, backend: str, forward_plan: str, save: bool
+                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                  Tensor]:
+    """x2 (N, C_in) -> (y, z, u, saved0, saved1, the stencil's expert index, importance,
+    load): z = x Aᵀ, the router on z (convlora_layer::route), then the layer."""
+    z2 = F.linear(x2, lora_A)
+    expert, importance, load = torch.ops.convlora_layer.route(
+        _router_features(z2, gating, height, width), w_gate, w_noise, noise, noise_epsilon)
+    idx = _stencil_expert(expert, gating, backend, height, width)
+    y, z2, u, s0, s1 = _forward_impl(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias,
+                                     idx, z2, scaling, scales, interpolation, height, width,
+                                     backend, forward_plan, save)
+    return y, z2, u, s0, s1, idx, importance, load
+
+
+@_routed_forward_op.register_fake
+def _(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise, noise,
+      noise_epsilon, gating, scaling, scales, interpolation, height, width, backend,
+      forward_plan, save):
+    n_tok, rank, n_exp = x2.shape[0], lora_A.shape[0], conv_weight.shape[0]
+    saved = _saved_shapes(backend, n_tok, rank, n_exp, interpolation, x2.dtype, save,
+                          forward_plan)
+    per_map = gating == "map" and backend != "triton" and \
+        os.environ.get(MAP_KERNELS_ENV, "1") != "0"
+    f32 = torch.float32
+    return (x2.new_empty((n_tok, weight.shape[0])), x2.new_empty((n_tok, rank)),
+            *(x2.new_empty(s, dtype=d) for s, d in saved),
+            x2.new_empty((n_tok // (height * width) if per_map else n_tok,), dtype=torch.int32),
+            x2.new_empty((n_exp,), dtype=f32), x2.new_empty((n_exp,), dtype=f32))
+
+
+@torch.library.custom_op("convlora_layer::routed_backward", mutates_args=())
+def _routed_backward_op(dy2: Tensor, d_load: Optional[Tensor], x2: Tensor, weight: Tensor,
+                        lora_A: Tensor, lora_B: Tensor, conv_weight: Tensor,
+                        conv_bias: Tensor, w_gate: Tensor, w_noise: Tensor,
+                        noise: Optional[Tensor], idx: Tensor, z2: Tensor, u: Tensor,
+                        saved0: Tensor, saved1: Tensor, noise_epsilon: float, gating: str,
+                        scaling: float, scales: List[int], interpolation: str, height: int,
+                        width: int, backend: str, dy_plan: str, needs: List[bool]
+                        ) -> List[Tensor]:
+    """Gradients of (x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate,
+    w_noise); a (0,) tensor where needs is False. d_load is None when the aux loss was not
+    differentiated; the router has gradients only when it drew noise (training)."""
+    need_wg, need_wn = needs[7], needs[8]
+    layer_needs = list(needs[:7]) + [False]
+    d_f = d_wg = d_wn = None
+    if d_load is not None and noise is not None:
+        feats = _router_features(z2, gating, height, width)
+        d_f, d_wg, d_wn = torch.ops.convlora_layer.route_backward(d_load, feats, w_gate,
+                                                                  w_noise, noise,
+                                                                  noise_epsilon)
+
+    def add_router_dz(dz: Tensor) -> None:
+        if d_f is None:
+            return
+        if gating == "token":
+            dz.add_(d_f.to(dz.dtype))
+        else:  # the mean's gradient: d_f / (H·W) on every token of the map
+            hw = height * width
+            dz.view(-1, hw, dz.shape[1]).add_((d_f / hw).to(dz.dtype).unsqueeze(1))
+
+    grads = _backward_impl(dy2, x2, weight, lora_A, lora_B, conv_weight, conv_bias, idx, z2,
+                           u, saved0, saved1, False, scaling, scales, interpolation, height,
+                           width, backend, dy_plan, layer_needs, add_router_dz)[:7]
+    grads += [d_wg if need_wg else None, d_wn if need_wn else None]
+    return _own_outputs(x2, grads)
+
+
+@_routed_backward_op.register_fake
+def _(dy2, d_load, x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise, noise,
+      idx, z2, u, saved0, saved1, noise_epsilon, gating, scaling, scales, interpolation,
+      height, width, backend, dy_plan, needs):
+    shapes = [x2.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape,
+              conv_weight.shape, conv_bias.shape, w_gate.shape, w_noise.shape]
+    dtypes = [x2.dtype] * 7 + [w_gate.dtype, w_noise.dtype]
+    return [x2.new_empty(s if need else (0,), dtype=d)
+            for s, need, d in zip(shapes, needs, dtypes)]
+
+
+def _routed_setup_context(ctx, inputs, output):
+    (x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise, noise,
+     noise_epsilon, gating, scaling, scales, interpolation, height, width, backend,
+     forward_plan, save) = inputs
+    _, z2, u, s0, s1, idx, importance, _load = output
+    ctx.has_bias = bias is not None
+    ctx.has_noise = noise is not None
+    ctx.meta = (noise_epsilon, gating, scaling, scales, interpolation, height, width, backend)
+    ctx.save_for_backward(x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise,
+                          noise if noise is not None else x2.new_empty(0), idx, z2, u, s0, s1)
+    ctx.mark_non_differentiable(z2, u, s0, s1, idx, importance)
+
+
+def _routed_backward(ctx, dy2, _dz, _du, _d0, _d1, _didx, _dimportance, d_load):
+    (x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise, noise, idx, z2, u,
+     s0, s1) = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    # without noise the load is a count: the router's weights get no gradient (None)
+    needs = [n[0], n[1], ctx.has_bias and n[2], n[3], n[4], n[5], n[6],
+             ctx.has_noise and n[7], ctx.has_noise and n[8]]
+    noise_epsilon, gating, scaling, scales, interpolation, height, width, backend = ctx.meta
+    dy_plan = plan(backend, dy2.device.type)[1]
+    grads = torch.ops.convlora_layer.routed_backward(
+        dy2, d_load, x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise,
+        noise if ctx.has_noise else None, idx, z2, u, s0, s1, noise_epsilon, gating, scaling,
+        scales, interpolation, height, width, backend, dy_plan, needs)
+    dx, dw, dbias, da, db, dcw, dcb, dwg, dwn = [g if need else None
+                                                for g, need in zip(grads, needs)]
+    return (dx, dw, dbias, da, db, dcw, dcb, dwg, dwn) + (None,) * 11
+
+
+_routed_forward_op.register_autograd(_routed_backward, setup_context=_routed_setup_context)
+
+
 # Internal switch: CONVLORA_MAP_KERNELS=0 runs the per-token stencil programs for map routing
 # too (benchmarks/stencil_time.py times both on a GPU).
 MAP_KERNELS_ENV = "CONVLORA_MAP_KERNELS"
@@ -396,3 +559,28 @@ def conv_lora_linear(backend: str, p: Problem, x4: Tensor, weight: Tensor,
     return torch.ops.convlora_layer.forward(
         x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, idx, z2, float(scaling),
         list(p.scales), p.interpolation, p.height, p.width, backend, forward_plan, save)[0]
+
+
+def routed_conv_lora_linear(backend: str, p: Problem, x4: Tensor, weight: Tensor,
+                            bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                            conv_weight: Tensor, conv_bias: Tensor, w_gate: Tensor,
+                            w_noise: Tensor, noise: Optional[Tensor], noise_epsilon: float,
+                            gating: str, scaling: float
+                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y (N, C_out), expert index (B, H, W) int32, importance (n,), load (n,)) of the
+    router on z = x Aᵀ followed by the layer, both inside one custom-op pair on a fused
+    backend (ConvLoRALinear's path); the arguments were checked (_validate.check_inputs)
+    and p is their Problem."""
+    x2 = x4.reshape(-1, p.in_features)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (x4, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise))
+    forward_plan = plan(backend, x4.device.type)[0]
+    out = torch.ops.convlora_layer.routed_forward(
+        x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise, noise,
+        float(noise_epsilon), gating, float(scaling), list(p.scales), p.interpolation,
+        p.height, p.width, backend, forward_plan, save)
+    idx, bhw = out[5], (p.batch, p.height, p.width)
+    idx = idx.view(bhw) if idx.numel() == p.batch * p.height * p.width else \
+        idx.view(p.batch, 1, 1).expand(bhw)
+    return out[0], idx, out[6], out[7]

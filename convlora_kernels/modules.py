@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ._validate import (INTERPOLATIONS, MAX_EXPERTS, MAX_FUSED_RANK, normalize_scales,
                         resolve_hw)
 from .gating import NoisyTopOneRouter
-from .ops import BACKENDS, autocast_inputs, conv_lora_linear
+from .ops import BACKENDS, autocast_inputs, routed_conv_lora_linear
 
 
 class ConvLoRALinear(nn.Module):
@@ -28,7 +28,10 @@ class ConvLoRALinear(nn.Module):
 
     forward(x) takes (B, H, W, C_in), or (B, L, C_in) with ``hw`` or L a square,
     and returns only the output. The router's aux loss of the last training
-    forward is kept on ``.aux_loss`` (None before the first one).
+    forward is kept on ``.aux_loss`` (None before the first one), and the experts it
+    chose in the last forward on ``.expert_index``: (B, H, W) int32, one expert per map
+    expanded over the map with gating="map" (on fused backends the router runs inside
+    the layer's op, so hooks on ``.router`` do not see it; read this instead).
 
     ``adapter_enabled`` (True) switches the Conv-LoRA branch: when False, forward is the
     frozen base layer alone, F.linear(x, weight, bias), and leaves no aux loss.
@@ -85,6 +88,7 @@ class ConvLoRALinear(nn.Module):
         self.conv_bias = nn.Parameter(torch.empty(num_experts, r, **kw))
         self.router = NoisyTopOneRouter(r, num_experts, gating, **kw)
         self.aux_loss: Optional[torch.Tensor] = None
+        self.expert_index: Optional[torch.Tensor] = None
         self.adapter_enabled = True
         self.reset_parameters()
 
@@ -177,6 +181,7 @@ class ConvLoRALinear(nn.Module):
         if not self.adapter_enabled:
             if self.training:
                 self.aux_loss = None
+            self.expert_index = None
             return F.linear(x, self.weight, self.bias)
         params = (self.weight, self.bias, self.lora_A, self.lora_B, self.conv_weight,
                   self.conv_bias)
@@ -184,18 +189,15 @@ class ConvLoRALinear(nn.Module):
         x, *params = autocast_inputs(x.device.type, x, *params)
         weight, bias, lora_A, lora_B, conv_weight, conv_bias = params
         with torch.autocast(x.device.type, enabled=False):
-            z = F.linear(x.reshape(b, h, w, self.in_features), lora_A)
-            expert_index, aux = self.router(z)
+            # The router on z = x Aᵀ, then the layer; on a fused backend both inside one
+            # custom-op pair, so x Aᵀ is computed once and the router's gradient joins the
+            # layer's before dx is formed (ops.routed_conv_lora_linear).
+            y, aux, self.expert_index = routed_conv_lora_linear(
+                x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, self.router,
+                self.scaling, self.scales, self.interpolation, (b, h, w), self.backend)
             if self.training:
                 self.aux_loss = aux
-            # z is shared with the op, so x Aᵀ is computed once and lora_A's gradient
-            # comes from both the layer output and the aux loss through it.
-            return conv_lora_linear(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias,
-                                    expert_index, self.scaling, scales=self.scales,
-                                    interpolation=self.interpolation, hw=(h, w),
-                                    backend=self.backend,
-                                    z=z.reshape(x.shape[:-1] + (self.r,)),
-                                    check_expert_index=False)
+            return y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

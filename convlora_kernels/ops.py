@@ -20,7 +20,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import _ext
-from ._validate import Problem, as_map, check_inputs, out_shape
+from ._validate import as_map, check_inputs, out_shape
+from .gating import cv_squared
 from .reference import reference_layer
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
@@ -134,20 +135,25 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def unsupported_reason(name: str, p: Problem, dtype: torch.dtype,
+# These take the rank, not the Problem: torch.compile cannot hand a dataclass to a function
+# whose result it assumes constant.
+@_constant_under_compile
+def unsupported_reason(name: str, rank: int, dtype: torch.dtype,
                        device: torch.device) -> Optional[str]:
-    """None when the kernels of backend ``name`` (available on ``device``) can compute
-    problem p in ``dtype``, else the error they would raise (a rank or dtype limit)."""
+    """None when the kernels of backend ``name`` (available on ``device``) can compute a
+    call of rank ``rank`` in ``dtype``, else the error they would raise (a rank or dtype
+    limit)."""
     if name == "reference":
         return None
-    return _backend_module(name)[0].unsupported(p, dtype, device)
+    return _backend_module(name)[0].unsupported(rank, dtype, device)
 
 
 @_constant_under_compile
-def _auto_falls_back(name: str, p: Problem, dtype: torch.dtype, device: torch.device) -> bool:
+def _auto_falls_back(name: str, rank: int, dtype: torch.dtype, device: torch.device) -> bool:
     """True (with a one-time warning) when "auto" resolved to fused backend ``name`` but its
-    kernels cannot compute p: the call then runs on the reference, as "auto" promises."""
-    why = unsupported_reason(name, p, dtype, device)
+    kernels cannot compute a call of rank ``rank``: the call then runs on the reference, as
+    "auto" promises."""
+    why = unsupported_reason(name, rank, dtype, device)
     if why is not None:
         _warn_unsupported_once(name, why)
     return why is not None
@@ -208,7 +214,7 @@ def conv_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     p = check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
                      scaling, scales, interpolation, hw, z=z,
                      check_index_values=check_expert_index)
-    if backend == "auto" and _auto_falls_back(name, p, x.dtype, x.device):
+    if backend == "auto" and _auto_falls_back(name, p.rank, x.dtype, x.device):
         name = "reference"
     impl = _IMPLS[name]
     with torch.autocast(x.device.type, enabled=False) if _autocasting(x.device.type) \
@@ -216,6 +222,47 @@ def conv_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         y = impl(p, as_map(x, p), weight, bias, lora_A, lora_B, conv_weight, conv_bias,
                  expert_index, scaling, z)
     return y.reshape(out_shape(x, p))
+
+
+def routed_conv_lora_linear(x: torch.Tensor, weight, bias, lora_A, lora_B, conv_weight,
+                            conv_bias, router, scaling: float, scales: Sequence[int],
+                            interpolation: str, hw: Tuple[int, int], backend: str
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ConvLoRALinear's forward after autocast's casts: (y, aux loss, expert index
+    (B, H, W)) of ``router`` (a NoisyTopOneRouter) choosing experts from z = x Aᵀ, then the
+    layer on them.
+
+    On a fused backend the router runs inside the layer's custom-op pair
+    (convlora_layer.routed_forward), so z's gradient from the router's load term joins the
+    stencil's before dx = dz A + dy W0 is formed once. On the reference (or when "auto" falls
+    back to it) the router and conv_lora_linear run as they read."""
+    name = resolve_backend(backend, x.device)
+    b, h, w = hw
+    if name != "reference":
+        p = check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, None,
+                         scaling, scales, interpolation, (h, w))
+        if backend != "auto" or not _auto_falls_back(name, p.rank, x.dtype, x.device):
+            why = unsupported_reason(name, p.rank, x.dtype, x.device)
+            if why is not None:  # an explicit backend that cannot compute p
+                raise (TypeError if why.startswith("x:") else ValueError)(why)
+            n = p.num_experts
+            units = b if router.gating == "map" else b * h * w
+            noise = None
+            if router.training and n > 1:  # the draws noisy_top1_fused makes
+                noise = torch.randn((units, n), dtype=torch.float32, device=x.device)
+            y, expert_index, importance, load = layer.routed_conv_lora_linear(
+                name, p, as_map(x, p), weight, bias, lora_A, lora_B, conv_weight, conv_bias,
+                router.w_gate, router.w_noise, noise, router.noise_epsilon, router.gating,
+                scaling)
+            aux = router.loss_coef * (cv_squared(importance) + cv_squared(load))
+            return y.reshape(out_shape(x, p)), aux, expert_index
+    z = torch.nn.functional.linear(x.reshape(b, h, w, x.shape[-1]), lora_A)
+    expert_index, aux = router(z)
+    y = conv_lora_linear(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index,
+                         scaling, scales=scales, interpolation=interpolation, hw=(h, w),
+                         backend=backend, z=z.reshape(x.shape[:-1] + (lora_A.shape[0],)),
+                         check_expert_index=False)
+    return y, aux, expert_index
 
 
 def _autocasting(device_type: str) -> bool:
@@ -247,3 +294,7 @@ def available_backends(device: torch.device) -> Tuple[str, ...]:
     names = [n for n in fused_backend_order(device.type)
              if backend_unavailable_reason(n, device) is None]
     return tuple(names) + ("reference",)
+
+
+# Last: layer imports this module's helpers (ops -> layer -> ops resolves either way round).
+from . import layer  # noqa: E402

@@ -120,8 +120,8 @@ def record_routing(model: nn.Module) -> dict:
     for name, layer in model.named_modules():
         if isinstance(layer, ConvLoRALinear):
             calls = seen.setdefault(name, [])
-            layer.register_forward_pre_hook(lambda m, args, c=calls: c.append([args[0]]))
-            layer.router.register_forward_hook(lambda m, args, out, c=calls: c[-1].append(out[0]))
+            layer.register_forward_hook(
+                lambda m, args, out, c=calls: c.append([args[0], m.expert_index]))
     return seen
 
 

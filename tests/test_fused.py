@@ -255,6 +255,124 @@ def test_module_training_step_matches_reference_backend(gating, mode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_one_expert(backend):
+    """num_experts = 1: the stencil's two weight gradients come from one buffer; the layer's
+    backward still returns them as tensors of their own."""
+    c = make_case(scales=(3,), seed=15, device=_device(backend)).to(torch.float64, True) \
+        if backend == "cpu" else make_case(scales=(3,), seed=15, dtype=torch.float32,
+                                           device=_device(backend)).to(torch.float32, True)
+    tol = 1e-10 if backend == "cpu" else 1e-4
+    _compare(c, backend, tol, tol)
+
+
+def _module_pair(gating, mode, dtype=torch.float64, r=3, n=4):
+    """A ConvLoRALinear on the cpu backend (router inside the op) and a copy on the
+    reference (router outside), every trainable tensor random."""
+    torch.manual_seed(3)
+    fused = ConvLoRALinear(8, 12, r=r, num_experts=n, gating=gating, interpolation=mode,
+                           backend="cpu", dtype=dtype).train()
+    with torch.no_grad():
+        for p in fused.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    ref = ConvLoRALinear(8, 12, r=r, num_experts=n, gating=gating, interpolation=mode,
+                         backend="reference", dtype=dtype).train()
+    ref.load_state_dict(fused.state_dict())
+    return fused, ref
+
+
+def _step(layer, x, loss):
+    """(output, aux loss, gradients of x and every trainable tensor) of one training step."""
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(4)  # the same router noise for both layers
+    y = layer(x)
+    names = [n for n, p in layer.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss(y, layer.aux_loss),
+                                [x] + [layer.get_parameter(n) for n in names],
+                                materialize_grads=True)  # zeros for tensors aux never uses
+    return y, layer.aux_loss, dict(zip(["x"] + names, grads))
+
+
+@pytest.mark.parametrize("gating,mode", [("token", "bilinear"), ("token", "bicubic"),
+                                         ("map", "bilinear"), ("map", "bicubic")])
+@pytest.mark.parametrize("part", ["output and aux", "aux alone"])
+def test_router_inside_the_op_matches_the_router_outside(gating, mode, part):
+    """ConvLoRALinear on a fused backend routes inside the layer's op
+    (convlora_layer.routed_forward): the router's dL/dz joins the stencil's before dx and
+    dA are formed. Float64, every gradient against the reference module, whose router runs
+    outside; 'aux alone' differentiates the load term only, so x, lora_A and the router
+    get nothing but the router's part."""
+    fused, ref = _module_pair(gating, mode)
+    x = torch.randn(2, 5, 6, 8, dtype=torch.float64)
+    dy = torch.randn(2, 5, 6, 12, dtype=torch.float64)
+    if part == "aux alone":
+        def loss(y, aux):
+            return aux
+    else:
+        def loss(y, aux):
+            return (y * dy).sum() + 10 * aux
+    y, aux, g = _step(fused, x, loss)
+    yr, auxr, gr = _step(ref, x, loss)
+    # the same experts, kept on the module as (B, H, W) either way
+    assert fused.expert_index.shape == ref.expert_index.shape == (2, 5, 6)
+    assert fused.expert_index.dtype == torch.int32
+    assert torch.equal(fused.expert_index, ref.expert_index)
+    if gating == "map":
+        assert (fused.expert_index == fused.expert_index[:, :1, :1]).all()
+    assert_close(y, yr, 1e-12, 1e-12, "y")
+    assert_close(aux, auxr, 1e-12, 1e-12, "aux")
+    assert aux.dtype == auxr.dtype == torch.float32
+    for name, gref in gr.items():
+        assert_close(g[name], gref, 1e-10, 1e-12, f"d{name}")
+    # the router's part is there: its weights and lora_A (through z) get gradients
+    for name in ("router.w_gate", "router.w_noise", "lora_A", "x"):
+        assert g[name].abs().max() > 0, name
+
+
+def test_router_inside_the_op_in_eval_and_single_expert():
+    """No noise (eval, or one expert): the load is a count, so the router gets no gradient,
+    and the output still matches the reference."""
+    for n, train in ((4, False), (1, True)):
+        fused, ref = _module_pair("map", "bicubic", n=n)
+        fused.train(train)
+        ref.train(train)
+        x = torch.randn(2, 4, 4, 8, dtype=torch.float64, requires_grad=True)
+        assert_close(fused(x), ref(x), 1e-12, 1e-12, "y")
+        fused(x).square().sum().backward()
+        assert fused.router.w_gate.grad is None and fused.lora_A.grad is not None
+
+
+def test_routed_ops_opcheck():
+    fused, _ = _module_pair("map", "bicubic", dtype=torch.float32)
+    x2 = torch.randn(2 * 4 * 5, 8, requires_grad=True)
+    params = [fused.weight, fused.bias, fused.lora_A, fused.lora_B, fused.conv_weight,
+              fused.conv_bias, fused.router.w_gate, fused.router.w_noise]
+    for gating in ("map", "token"):
+        units = 2 if gating == "map" else 40
+        for noise in (torch.randn(units, 4), None):
+            args = (x2, *params, noise, 1e-2, gating, 2.0, list(fused.scales), "bicubic", 4,
+                    5, "cpu", "bias_first", True)
+            torch.library.opcheck(torch.ops.convlora_layer.routed_forward.default, args)
+
+
+@pytest.mark.parametrize("module_backend", ["cpu", "auto"])
+def test_module_compiles_to_one_graph_with_the_router_inside(module_backend):
+    """Also with backend='auto' (the default), whose fallback check runs once at trace time."""
+    fused, _ = _module_pair("token", "bilinear", dtype=torch.float32)
+    fused.backend = module_backend
+    fused.eval()  # no noise draw: one graph, nothing random
+    x = torch.randn(2, 5, 6, 8, requires_grad=True)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    yr = fused(x)
+    assert_close(y, yr, 1e-6, 1e-6, "compiled y")
+    ga = torch.autograd.grad(y.square().sum(), [x, fused.lora_A])
+    gb = torch.autograd.grad(yr.square().sum(), [x, fused.lora_A])
+    for a, b, n in zip(ga, gb, ("x", "lora_A")):
+        assert_close(a, b, 1e-5, 1e-6, f"compiled d{n}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_rank_above_64_is_refused(backend):
     c = make_case(rank=65, scales=(1, 2), height=2, width=2, seed=13, device=_device(backend),
                   dtype=torch.float32)

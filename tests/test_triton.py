@@ -433,13 +433,17 @@ def test_empty_batch_forward_and_backward(forward_plan):
     assert c.x.grad.shape == c.x.shape
 
 
-def test_module_backend_triton_matches_reference():
+@pytest.mark.parametrize("gating,interpolation", [("token", "bilinear"), ("map", "bicubic")])
+def test_module_backend_triton_matches_reference(gating, interpolation):
+    """The router inside the layer's op (one expert per map reaches the Triton stencil as
+    one per token) against the reference module's router outside, every gradient."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(8, 12, device=DEV)
-    layers = [ConvLoRALinear.from_linear(lin, r=3, num_experts=2, backend=b).train()
+    layers = [ConvLoRALinear.from_linear(lin, r=3, num_experts=2, backend=b, gating=gating,
+                                         interpolation=interpolation).train()
               for b in ("triton", "reference")]
     with torch.no_grad():
-        for p in ("lora_B", "conv_bias", "router.w_gate"):
+        for p in ("lora_B", "conv_bias", "router.w_gate", "router.w_noise"):
             layers[0].get_parameter(p).normal_()
         layers[1].load_state_dict(layers[0].state_dict())
     x = torch.randn(2, 3, 4, 8, device=DEV)
@@ -475,6 +479,15 @@ def test_opcheck():
                 c.conv_weight, c.conv_bias, idx, None, c.scaling, list(c.scales),
                 c.interpolation, 2, 3, "triton", forward_plan, True)
         torch.library.opcheck(torch.ops.convlora_layer.forward.default, args)
+    # the layer with its router inside (ConvLoRALinear's path), both gatings
+    n = c.conv_weight.shape[0]
+    w_gate, w_noise = torch.randn(c.lora_A.shape[0], n), torch.randn(c.lora_A.shape[0], n)
+    for gating, units in (("map", 1), ("token", 6)):
+        args = (c.x.reshape(-1, c.x.shape[-1]), c.weight, c.bias, c.lora_A, c.lora_B,
+                c.conv_weight, c.conv_bias, w_gate, w_noise, torch.randn(units, n), 1e-2,
+                gating, c.scaling, list(c.scales), c.interpolation, 2, 3, "triton",
+                "bias_first", True)
+        torch.library.opcheck(torch.ops.convlora_layer.routed_forward.default, args)
 
 
 # --- GPU only ----------------------------------------------------------------------------

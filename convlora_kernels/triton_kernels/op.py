@@ -42,15 +42,15 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     return f"the Triton kernels run on cuda tensors, not on {device.type}"
 
 
-def unsupported(p: Problem, dtype: torch.dtype, device: torch.device) -> Optional[str]:
-    """None when these kernels can compute problem p in ``dtype`` on ``device``, else why
-    not (an error message naming the argument and the way out)."""
+def unsupported(rank: int, dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """None when these kernels can compute a call of rank ``rank`` in ``dtype`` on
+    ``device``, else why not (an error message naming the argument and the way out)."""
     if dtype not in DTYPES:
         return (f"x: the triton backend takes float16, bfloat16 or float32 tensors, got "
                 f"{dtype}; use backend='reference' for {dtype}")
-    if p.rank > MAX_FUSED_RANK:
+    if rank > MAX_FUSED_RANK:
         return (f"lora_A: the triton backend supports ranks r <= {MAX_FUSED_RANK}, got "
-                f"r = {p.rank}; use backend='auto' or 'reference'")
+                f"r = {rank}; use backend='auto' or 'reference'")
     return None
 
 
@@ -60,7 +60,7 @@ def conv_lora_linear(p: Problem, x4: Tensor, weight: Tensor, bias: Optional[Tens
     """The layer on the Triton kernels: y (N, C_out) for x4 (B, H, W, C_in); the arguments
     were checked at the public boundary (ops.py) and p is their Problem. Raises only for
     what these kernels cannot do (``unsupported``)."""
-    why = unsupported(p, x4.dtype, x4.device)
+    why = unsupported(p.rank, x4.dtype, x4.device)
     if why is not None:
         raise (TypeError if why.startswith("x:") else ValueError)(why)
     if triton is None:

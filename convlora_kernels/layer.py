@@ -46,6 +46,7 @@ from torch import Tensor
 
 from . import _plans
 from ._validate import Problem
+from .gating import cv_squared
 from .ops import _constant_under_compile
 
 FORWARD_PLANS = ("post_add", "bias_first", "fused")
@@ -410,29 +411,46 @@ def _stencil_expert(expert: Tensor, gating: str, backend: str, height: int,
     return expert
 
 
+def _cv_squared_backward(v: Tensor, grad: Tensor) -> Tensor:
+    """d(grad · cv²(v))/dv for gating.cv_squared (float32; zero for one element): with
+    m = mean(v), var the unbiased variance and D = m² + 1e-10,
+    dcv²/dv_j = 2 (v_j - m) / ((n - 1) D) - var · 2 m / (n D²)."""
+    n = v.numel()
+    if n <= 1:
+        return torch.zeros_like(v, dtype=torch.float32)
+    v = v.float()
+    m = v.mean()
+    d = m * m + 1e-10
+    g = (v - m).mul_(2.0 / (n - 1)).div_(d).sub_(v.var() * (2.0 / n) * m / (d * d))
+    return g.mul_(grad.float())
+
+
 @torch.library.custom_op("convlora_layer::routed_forward", mutates_args=())
 def _routed_forward_op(x2: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                        lora_B: Tensor, conv_weight: Tensor, conv_bias: Tensor, w_gate: Tensor,
                        w_noise: Tensor, noise: Optional[Tensor], noise_epsilon: float,
-                       gating: str, scaling: float, scales: List[int], interpolation: str,
-                       height: int, width: int, backend: str, forward_plan: str, save: bool
+                       loss_coef: float, gating: str, scaling: float, scales: List[int],
+                       interpolation: str, height: int, width: int, backend: str,
+                       forward_plan: str, save: bool
                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                   Tensor]:
-    """x2 (N, C_in) -> (y, z, u, saved0, saved1, the stencil's expert index, importance,
-    load): z = x Aᵀ, the router on z (convlora_layer::route), then the layer."""
+    """x2 (N, C_in) -> (y, z, u, saved0, saved1, the stencil's expert index, load, aux
+    loss): z = x Aᵀ, the router on z (convlora_layer::route), its load-balancing loss
+    loss_coef · (cv²(importance) + cv²(load)) (float32), then the layer."""
     z2 = F.linear(x2, lora_A)
     expert, importance, load = torch.ops.convlora_layer.route(
         _router_features(z2, gating, height, width), w_gate, w_noise, noise, noise_epsilon)
+    aux = (cv_squared(importance) + cv_squared(load)).mul_(loss_coef)
     idx = _stencil_expert(expert, gating, backend, height, width)
     y, z2, u, s0, s1 = _forward_impl(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias,
                                      idx, z2, scaling, scales, interpolation, height, width,
                                      backend, forward_plan, save)
-    return y, z2, u, s0, s1, idx, importance, load
+    return y, z2, u, s0, s1, idx, load, aux
 
 
 @_routed_forward_op.register_fake
 def _(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise, noise,
-      noise_epsilon, gating, scaling, scales, interpolation, height, width, backend,
+      noise_epsilon, loss_coef, gating, scaling, scales, interpolation, height, width, backend,
       forward_plan, save):
     n_tok, rank, n_exp = x2.shape[0], lora_A.shape[0], conv_weight.shape[0]
     saved = _saved_shapes(backend, n_tok, rank, n_exp, interpolation, x2.dtype, save,
@@ -443,25 +461,28 @@ def _(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise,
     return (x2.new_empty((n_tok, weight.shape[0])), x2.new_empty((n_tok, rank)),
             *(x2.new_empty(s, dtype=d) for s, d in saved),
             x2.new_empty((n_tok // (height * width) if per_map else n_tok,), dtype=torch.int32),
-            x2.new_empty((n_exp,), dtype=f32), x2.new_empty((n_exp,), dtype=f32))
+            x2.new_empty((n_exp,), dtype=f32), x2.new_empty((), dtype=f32))
 
 
 @torch.library.custom_op("convlora_layer::routed_backward", mutates_args=())
-def _routed_backward_op(dy2: Tensor, d_load: Optional[Tensor], x2: Tensor, weight: Tensor,
-                        lora_A: Tensor, lora_B: Tensor, conv_weight: Tensor,
+def _routed_backward_op(dy2: Optional[Tensor], d_aux: Optional[Tensor], x2: Tensor,
+                        weight: Tensor, lora_A: Tensor, lora_B: Tensor, conv_weight: Tensor,
                         conv_bias: Tensor, w_gate: Tensor, w_noise: Tensor,
                         noise: Optional[Tensor], idx: Tensor, z2: Tensor, u: Tensor,
-                        saved0: Tensor, saved1: Tensor, noise_epsilon: float, gating: str,
-                        scaling: float, scales: List[int], interpolation: str, height: int,
-                        width: int, backend: str, dy_plan: str, needs: List[bool]
-                        ) -> List[Tensor]:
+                        saved0: Tensor, saved1: Tensor, load: Tensor, noise_epsilon: float,
+                        loss_coef: float, gating: str, scaling: float, scales: List[int],
+                        interpolation: str, height: int, width: int, backend: str,
+                        dy_plan: str, needs: List[bool]) -> List[Tensor]:
     """Gradients of (x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate,
-    w_noise); a (0,) tensor where needs is False. d_load is None when the aux loss was not
-    differentiated; the router has gradients only when it drew noise (training)."""
+    w_noise); a (0,) tensor where needs is False. dy2 or d_aux is None when that output was
+    not differentiated; the router has gradients only when it drew noise (training)."""
     need_wg, need_wn = needs[7], needs[8]
     layer_needs = list(needs[:7]) + [False]
+    if dy2 is None:  # only the aux loss was differentiated
+        dy2 = x2.new_zeros((x2.shape[0], weight.shape[0]))
     d_f = d_wg = d_wn = None
-    if d_load is not None and noise is not None:
+    if d_aux is not None and noise is not None:
+        d_load = _cv_squared_backward(load, d_aux * loss_coef)
         feats = _router_features(z2, gating, height, width)
         d_f, d_wg, d_wn = torch.ops.convlora_layer.route_backward(d_load, feats, w_gate,
                                                                   w_noise, noise,
@@ -484,9 +505,9 @@ def _routed_backward_op(dy2: Tensor, d_load: Optional[Tensor], x2: Tensor, weigh
 
 
 @_routed_backward_op.register_fake
-def _(dy2, d_load, x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise, noise,
-      idx, z2, u, saved0, saved1, noise_epsilon, gating, scaling, scales, interpolation,
-      height, width, backend, dy_plan, needs):
+def _(dy2, d_aux, x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise, noise,
+      idx, z2, u, saved0, saved1, load, noise_epsilon, loss_coef, gating, scaling, scales,
+      interpolation, height, width, backend, dy_plan, needs):
     shapes = [x2.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape,
               conv_weight.shape, conv_bias.shape, w_gate.shape, w_noise.shape]
     dtypes = [x2.dtype] * 7 + [w_gate.dtype, w_noise.dtype]
@@ -496,33 +517,39 @@ def _(dy2, d_load, x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w
 
 def _routed_setup_context(ctx, inputs, output):
     (x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise, noise,
-     noise_epsilon, gating, scaling, scales, interpolation, height, width, backend,
+     noise_epsilon, loss_coef, gating, scaling, scales, interpolation, height, width, backend,
      forward_plan, save) = inputs
-    _, z2, u, s0, s1, idx, importance, _load = output
+    _, z2, u, s0, s1, idx, load, _aux = output
     ctx.has_bias = bias is not None
     ctx.has_noise = noise is not None
-    ctx.meta = (noise_epsilon, gating, scaling, scales, interpolation, height, width, backend)
+    ctx.meta = (noise_epsilon, loss_coef, gating, scaling, scales, interpolation, height,
+                width, backend)
     ctx.save_for_backward(x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise,
-                          noise if noise is not None else x2.new_empty(0), idx, z2, u, s0, s1)
-    ctx.mark_non_differentiable(z2, u, s0, s1, idx, importance)
+                          noise if noise is not None else x2.new_empty(0), idx, z2, u, s0, s1,
+                          load)
+    ctx.mark_non_differentiable(z2, u, s0, s1, idx, load)
+    ctx.set_materialize_grads(False)  # no zero tensors for the outputs kept for backward
 
 
-def _routed_backward(ctx, dy2, _dz, _du, _d0, _d1, _didx, _dimportance, d_load):
+def _routed_backward(ctx, dy2, _dz, _du, _d0, _d1, _didx, _dload, d_aux):
     (x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise, noise, idx, z2, u,
-     s0, s1) = ctx.saved_tensors
+     s0, s1, load) = ctx.saved_tensors
     n = ctx.needs_input_grad
     # without noise the load is a count: the router's weights get no gradient (None)
     needs = [n[0], n[1], ctx.has_bias and n[2], n[3], n[4], n[5], n[6],
              ctx.has_noise and n[7], ctx.has_noise and n[8]]
-    noise_epsilon, gating, scaling, scales, interpolation, height, width, backend = ctx.meta
-    dy_plan = plan(backend, dy2.device.type)[1]
+    (noise_epsilon, loss_coef, gating, scaling, scales, interpolation, height, width,
+     backend) = ctx.meta
+    if dy2 is None and (d_aux is None or not ctx.has_noise):
+        return (None,) * 21
+    dy_plan = plan(backend, x2.device.type)[1]
     grads = torch.ops.convlora_layer.routed_backward(
-        dy2, d_load, x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise,
-        noise if ctx.has_noise else None, idx, z2, u, s0, s1, noise_epsilon, gating, scaling,
-        scales, interpolation, height, width, backend, dy_plan, needs)
+        dy2, d_aux, x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise,
+        noise if ctx.has_noise else None, idx, z2, u, s0, s1, load, noise_epsilon, loss_coef,
+        gating, scaling, scales, interpolation, height, width, backend, dy_plan, needs)
     dx, dw, dbias, da, db, dcw, dcb, dwg, dwn = [g if need else None
                                                 for g, need in zip(grads, needs)]
-    return (dx, dw, dbias, da, db, dcw, dcb, dwg, dwn) + (None,) * 11
+    return (dx, dw, dbias, da, db, dcw, dcb, dwg, dwn) + (None,) * 12
 
 
 _routed_forward_op.register_autograd(_routed_backward, setup_context=_routed_setup_context)
@@ -565,12 +592,12 @@ def routed_conv_lora_linear(backend: str, p: Problem, x4: Tensor, weight: Tensor
                             bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                             conv_weight: Tensor, conv_bias: Tensor, w_gate: Tensor,
                             w_noise: Tensor, noise: Optional[Tensor], noise_epsilon: float,
-                            gating: str, scaling: float
-                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y (N, C_out), expert index (B, H, W) int32, importance (n,), load (n,)) of the
-    router on z = x Aᵀ followed by the layer, both inside one custom-op pair on a fused
-    backend (ConvLoRALinear's path); the arguments were checked (_validate.check_inputs)
-    and p is their Problem."""
+                            loss_coef: float, gating: str, scaling: float
+                            ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(y (N, C_out), expert index (B, H, W) int32, aux loss () float32) of the router on
+    z = x Aᵀ followed by the layer, both inside one custom-op pair on a fused backend
+    (ConvLoRALinear's path); the arguments were checked (_validate.check_inputs) and p is
+    their Problem."""
     x2 = x4.reshape(-1, p.in_features)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
@@ -578,9 +605,9 @@ def routed_conv_lora_linear(backend: str, p: Problem, x4: Tensor, weight: Tensor
     forward_plan = plan(backend, x4.device.type)[0]
     out = torch.ops.convlora_layer.routed_forward(
         x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise, noise,
-        float(noise_epsilon), gating, float(scaling), list(p.scales), p.interpolation,
-        p.height, p.width, backend, forward_plan, save)
+        float(noise_epsilon), float(loss_coef), gating, float(scaling), list(p.scales),
+        p.interpolation, p.height, p.width, backend, forward_plan, save)
     idx, bhw = out[5], (p.batch, p.height, p.width)
     idx = idx.view(bhw) if idx.numel() == p.batch * p.height * p.width else \
         idx.view(p.batch, 1, 1).expand(bhw)
-    return out[0], idx, out[6], out[7]
+    return out[0], idx, out[7]

@@ -21,7 +21,6 @@ import torch
 
 from . import _ext
 from ._validate import as_map, check_inputs, out_shape
-from .gating import cv_squared
 from .reference import reference_layer
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
@@ -250,11 +249,10 @@ def routed_conv_lora_linear(x: torch.Tensor, weight, bias, lora_A, lora_B, conv_
             noise = None
             if router.training and n > 1:  # the draws noisy_top1_fused makes
                 noise = torch.randn((units, n), dtype=torch.float32, device=x.device)
-            y, expert_index, importance, load = layer.routed_conv_lora_linear(
+            y, expert_index, aux = layer.routed_conv_lora_linear(
                 name, p, as_map(x, p), weight, bias, lora_A, lora_B, conv_weight, conv_bias,
-                router.w_gate, router.w_noise, noise, router.noise_epsilon, router.gating,
-                scaling)
-            aux = router.loss_coef * (cv_squared(importance) + cv_squared(load))
+                router.w_gate, router.w_noise, noise, router.noise_epsilon, router.loss_coef,
+                router.gating, scaling)
             return y.reshape(out_shape(x, p)), aux, expert_index
     z = torch.nn.functional.linear(x.reshape(b, h, w, x.shape[-1]), lora_A)
     expert_index, aux = router(z)

@@ -322,8 +322,13 @@ def test_router_inside_the_op_matches_the_router_outside(gating, mode, part):
     assert_close(y, yr, 1e-12, 1e-12, "y")
     assert_close(aux, auxr, 1e-12, 1e-12, "aux")
     assert aux.dtype == auxr.dtype == torch.float32
+    # The router's part is float32 in both (the load term's cv² differentiated by hand in
+    # the op, by autograd in the reference): float32 rounding of that part, float64 elsewhere.
     for name, gref in gr.items():
-        assert_close(g[name], gref, 1e-10, 1e-12, f"d{name}")
+        if part == "aux alone" or name.startswith("router."):  # all float32
+            assert_close(g[name], gref, 1e-5, 1e-6 * gref.abs().max().item(), f"d{name}")
+        else:
+            assert_close(g[name], gref, 1e-10, 1e-7 * gref.abs().max().item(), f"d{name}")
     # the router's part is there: its weights and lora_A (through z) get gradients
     for name in ("router.w_gate", "router.w_noise", "lora_A", "x"):
         assert g[name].abs().max() > 0, name
@@ -350,8 +355,8 @@ def test_routed_ops_opcheck():
     for gating in ("map", "token"):
         units = 2 if gating == "map" else 40
         for noise in (torch.randn(units, 4), None):
-            args = (x2, *params, noise, 1e-2, gating, 2.0, list(fused.scales), "bicubic", 4,
-                    5, "cpu", "bias_first", True)
+            args = (x2, *params, noise, 1e-2, 1e-2, gating, 2.0, list(fused.scales),
+                    "bicubic", 4, 5, "cpu", "bias_first", True)
             torch.library.opcheck(torch.ops.convlora_layer.routed_forward.default, args)
 
 

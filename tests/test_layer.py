@@ -146,10 +146,10 @@ class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def test_training_step_operator_count():
-    """A ConvLoRALinear training step (forward, aux loss, backward) dispatches at most 52
-    operators on the cpu backend: the layer's two ops (the z GEMM and the router inside
-    them), the noise draw, the aux loss's small reductions over n experts and their
-    backward, gradient accumulation."""
+    """A ConvLoRALinear training step (forward, aux loss, backward) dispatches at most 20
+    operators on the cpu backend: the layer's two ops (the z GEMM, the router and its aux
+    loss inside them), the noise draw, the test's own loss and its backward, gradient
+    accumulation. (With the router and its aux loss outside the op: 112, then 59, then 51.)"""
     import torch.utils._python_dispatch  # noqa: F401
 
     from convlora_kernels import ConvLoRALinear
@@ -170,6 +170,6 @@ def test_training_step_operator_count():
     for op in ("convlora_layer.routed_forward", "convlora_layer.routed_backward"):
         assert ops_seen.count.get(op) == 1, (op, ops_seen.count)
     for op in ("convlora_layer.route", "convlora_layer.route_backward", "aten.mm",
-               "aten.addmm", "aten.linear"):  # inside the layer's ops now
+               "aten.addmm", "aten.linear", "aten.var", "aten.zeros"):  # inside, or gone
         assert op not in ops_seen.count, (op, ops_seen.count)
-    assert total <= 52, ops_seen.count
+    assert total <= 20, ops_seen.count

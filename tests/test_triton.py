@@ -484,7 +484,7 @@ def test_opcheck():
     w_gate, w_noise = torch.randn(c.lora_A.shape[0], n), torch.randn(c.lora_A.shape[0], n)
     for gating, units in (("map", 1), ("token", 6)):
         args = (c.x.reshape(-1, c.x.shape[-1]), c.weight, c.bias, c.lora_A, c.lora_B,
-                c.conv_weight, c.conv_bias, w_gate, w_noise, torch.randn(units, n), 1e-2,
+                c.conv_weight, c.conv_bias, w_gate, w_noise, torch.randn(units, n), 1e-2, 1e-2,
                 gating, c.scaling, list(c.scales), c.interpolation, 2, 3, "triton",
                 "bias_first", True)
         torch.library.opcheck(torch.ops.convlora_layer.routed_forward.default, args)

@@ -16,7 +16,9 @@ alpha 32 (--batch scales both). Self time per op is summed into parts:
     other             copies, adds, reshapes, autograd bookkeeping
 
 and printed with the step's median wall time next to the frozen linear's (x W0ᵀ + b and its
-input gradient alone), measured side by side in the same run.
+input gradient alone) and the module's composition with its router outside the layer's op
+(z = x Aᵀ and the router as their own autograd nodes, then conv_lora_linear with z), all
+measured in the same run.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ import common  # noqa: E402,F401  (puts the checkout's package first on sys.path
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from convlora_kernels import ConvLoRALinear  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from convlora_kernels import ConvLoRALinear, conv_lora_linear  # noqa: E402
 
 SHAPES = {"global": (1, 64, 64), "window": (25, 14, 14)}
 
@@ -42,7 +46,8 @@ def _part(name: str, shapes, r: int) -> str:
         return "stencil fwd"
     if "stencil_bwd" in name or "stencil_backward" in name or "stencil_scatter" in name:
         return "stencil bwd"
-    if "route" in name or "cv_squared" in name:
+    if name in ("convlora_layer::route", "convlora_layer::route_backward") or \
+            "cv_squared" in name:
         return "router"
     if name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::linear", "aten::matmul"):
         dims = [d for s in shapes or [] for d in s]
@@ -55,18 +60,21 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _median_ms(fn, device, warmup, steps):
-    for _ in range(warmup):
-        fn()
-    times = []
+def _interleaved_medians(fns, device, warmup, steps):
+    """Median ms of each function, timed in turn within each round (this machine's speed
+    drifts over a run, so side by side means interleaved)."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(steps):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2] * 1e3
+        for fn, ts in zip(fns, times):
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            ts.append(time.perf_counter() - t)
+    return [sorted(ts)[len(ts) // 2] * 1e3 for ts in times]
 
 
 def profile_shape(name, bhw, args):
@@ -90,8 +98,16 @@ def profile_shape(name, bhw, args):
     def frozen():
         lin(x).backward(dy)
 
-    ms = _median_ms(step, device, args.warmup, args.steps)
-    ms_lin = _median_ms(frozen, device, args.warmup, args.steps)
+    def router_outside():  # the module's composition before its router moved into the op
+        z = F.linear(x, layer.lora_A)
+        expert_index, _ = layer.router(z)
+        conv_lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
+                         layer.conv_weight, layer.conv_bias, expert_index, layer.scaling,
+                         scales=layer.scales, interpolation=layer.interpolation,
+                         backend=layer.backend, z=z, check_expert_index=False).backward(dy)
+
+    ms, ms_lin, ms_out = _interleaved_medians((step, frozen, router_outside), device,
+                                              args.warmup, args.steps)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts, record_shapes=True) as prof:
         for _ in range(args.steps):
@@ -109,11 +125,14 @@ def profile_shape(name, bhw, args):
           f"interpolation={args.interpolation}, backend={args.backend}, {args.dtype}")
     print(f"  step (forward + backward, median of {args.steps}): {ms:.1f} ms; "
           f"frozen linear {ms_lin:.1f} ms; ratio {ms / ms_lin:.2f}")
+    print(f"  the same with the router outside the layer's op: {ms_out:.1f} ms; ratio "
+          f"{ms_out / ms_lin:.2f}")
     print(f"  {'part':16s} {'ms/step':>9s} {'share':>7s}   (profiled self time)")
     for part in ("base GEMMs", "rank-r GEMMs", "stencil fwd", "stencil bwd", "router", "other"):
         v = parts.get(part, 0.0)
         print(f"  {part:16s} {v:9.2f} {100 * v / total:6.1f}%")
-    return dict(shape=name, step_ms=ms, frozen_ms=ms_lin, parts=parts)
+    return dict(shape=name, step_ms=ms, frozen_ms=ms_lin, router_outside_ms=ms_out,
+                parts=parts)
 
 
 def main(argv=None):

@@ -535,9 +535,11 @@ def _routed_backward(ctx, dy2, _dz, _du, _d0, _d1, _didx, _dload, d_aux):
     (x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise, noise, idx, z2, u,
      s0, s1, load) = ctx.saved_tensors
     n = ctx.needs_input_grad
-    # without noise the load is a count: the router's weights get no gradient (None)
-    needs = [n[0], n[1], ctx.has_bias and n[2], n[3], n[4], n[5], n[6],
-             ctx.has_noise and n[7], ctx.has_noise and n[8]]
+    # the router's weights learn only through the aux loss's load term: no gradient (None)
+    # without noise (the load is then a count) or when the aux loss was not differentiated
+    router = ctx.has_noise and d_aux is not None
+    needs = [n[0], n[1], ctx.has_bias and n[2], n[3], n[4], n[5], n[6], router and n[7],
+             router and n[8]]
     (noise_epsilon, loss_coef, gating, scaling, scales, interpolation, height, width,
      backend) = ctx.meta
     if dy2 is None and (d_aux is None or not ctx.has_noise):

@@ -16,6 +16,10 @@
 #   plans      every candidate of the layer's plan, per fused backend, at SAM's shapes, and
 #              the winners (benchmarks/plan_time.py; plans.json, the source of the
 #              convlora_kernels/_plans.py entries)
+#   module     ConvLoRALinear's training step (bf16, 4 images) with its router inside the
+#              layer's op, next to the frozen linear and the router outside
+#              (benchmarks/profile_layer.py, compatibility mode; module-token: token routing,
+#              bilinear, r = 8)
 #   segstep    one semantic-segmentation training step end to end (SamSegmenter, ViT-B,
 #              batch 4, 1024x1024, bf16) per backend, plain LoRA and the frozen encoder
 #              (benchmarks/seg_step.py; into bench.log)
@@ -240,6 +244,15 @@ else
   # 150 s: three forward candidates on triton (the fused one autotunes four tiles per C)
   stage plans "$OUT/bench.log" "$(limit 150 "$BENCH_MIN")" "$PY" benchmarks/plan_time.py "${PLANS[@]}" \
     --out "$OUT/plans.json"
+  # ---- the module's training step: router inside the op against outside ----------------
+  if [ "$DEVICE" = cuda ]; then
+    MOD=(--device cuda --dtype bfloat16 --batch 4 --steps 20 --warmup 5)
+  else
+    MOD=(--device cpu --channels 64 --steps 2 --warmup 1)
+  fi
+  stage module "$OUT/bench.log" "$(limit 40 "$BENCH_MIN")" "$PY" benchmarks/profile_layer.py "${MOD[@]}"
+  stage module-token "$OUT/bench.log" "$(limit 30 "$BENCH_MIN")" "$PY" benchmarks/profile_layer.py \
+    "${MOD[@]}" --gating token --interpolation bilinear --rank 8 --shapes global
   # ---- one segmentation training step, end to end ---------------------------------------
   if [ "$DEVICE" = cuda ]; then SEG=(--device cuda); else SEG=(--device cpu --repeats 2); fi
   stage segstep "$OUT/bench.log" "$(limit 75 "$BENCH_MIN")" "$PY" benchmarks/seg_step.py "${SEG[@]}"

@@ -237,3 +237,17 @@ def test_seg_step_runs_on_cpu(tmp_path):
                          "frozen-encoder"}
     assert all(row["ms"] > 0 for row in rows.values())
     assert "| conv-lora[cpu] |" in r.stdout and "× frozen encoder" in r.stdout
+
+
+def test_profile_layer_runs_on_cpu(capsys):
+    """benchmarks/profile_layer.py (the gpu_check.sh module stages) at a small width: the
+    step, the frozen linear and the router-outside composition timed, every part listed."""
+    import profile_layer
+
+    for extra in ([], ["--gating", "token", "--interpolation", "bilinear", "--rank", "8",
+                       "--shapes", "global"]):
+        rows = profile_layer.main(["--channels", "32", "--steps", "1", "--warmup", "0"] + extra)
+        assert rows and all(r["step_ms"] > 0 and r["frozen_ms"] > 0 and
+                            r["router_outside_ms"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "the same with the router outside the layer's op" in out and "stencil bwd" in out

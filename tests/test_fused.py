@@ -265,18 +265,18 @@ def test_one_expert(backend):
     _compare(c, backend, tol, tol)
 
 
-def _module_pair(gating, mode, dtype=torch.float64, r=3, n=4):
-    """A ConvLoRALinear on the cpu backend (router inside the op) and a copy on the
+def _module_pair(gating, mode, dtype=torch.float64, r=3, n=4, backend="cpu"):
+    """A ConvLoRALinear on a fused backend (router inside the op) and a copy on the
     reference (router outside), every trainable tensor random."""
     torch.manual_seed(3)
     fused = ConvLoRALinear(8, 12, r=r, num_experts=n, gating=gating, interpolation=mode,
-                           backend="cpu", dtype=dtype).train()
+                           backend=backend, dtype=dtype, device=_device(backend)).train()
     with torch.no_grad():
         for p in fused.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.5)
     ref = ConvLoRALinear(8, 12, r=r, num_experts=n, gating=gating, interpolation=mode,
-                         backend="reference", dtype=dtype).train()
+                         backend="reference", dtype=dtype, device=_device(backend)).train()
     ref.load_state_dict(fused.state_dict())
     return fused, ref
 
@@ -296,15 +296,18 @@ def _step(layer, x, loss):
 @pytest.mark.parametrize("gating,mode", [("token", "bilinear"), ("token", "bicubic"),
                                          ("map", "bilinear"), ("map", "bicubic")])
 @pytest.mark.parametrize("part", ["output and aux", "aux alone", "output alone"])
-def test_router_inside_the_op_matches_the_router_outside(gating, mode, part):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_router_inside_the_op_matches_the_router_outside(gating, mode, part, backend):
     """ConvLoRALinear on a fused backend routes inside the layer's op
     (convlora_layer.routed_forward): the router's dL/dz joins the stencil's before dx and
-    dA are formed. Float64, every gradient against the reference module, whose router runs
-    outside; 'aux alone' differentiates the load term only, so x, lora_A and the router
-    get nothing but the router's part."""
-    fused, ref = _module_pair(gating, mode)
-    x = torch.randn(2, 5, 6, 8, dtype=torch.float64)
-    dy = torch.randn(2, 5, 6, 12, dtype=torch.float64)
+    dA are formed. Float64 (cuda: float32), every gradient against the reference module,
+    whose router runs outside; 'aux alone' differentiates the load term only, so x, lora_A
+    and the router get nothing but the router's part."""
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    fused, ref = _module_pair(gating, mode, dtype=dtype, backend=backend)
+    dev = _device(backend)
+    x = torch.randn(2, 5, 6, 8, dtype=dtype).to(dev)
+    dy = torch.randn(2, 5, 6, 12, dtype=dtype).to(dev)
     if part == "aux alone":
         def loss(y, aux):
             return aux
@@ -322,16 +325,18 @@ def test_router_inside_the_op_matches_the_router_outside(gating, mode, part):
     assert torch.equal(fused.expert_index, ref.expert_index)
     if gating == "map":
         assert (fused.expert_index == fused.expert_index[:, :1, :1]).all()
-    assert_close(y, yr, 1e-12, 1e-12, "y")
+    tight = 1e-12 if dtype == torch.float64 else 1e-5  # float32: the accuracy rule's scale
+    assert_close(y, yr, tight, tight, "y")
     assert_close(aux, auxr, 1e-12, 1e-12, "aux")
     assert aux.dtype == auxr.dtype == torch.float32
     # The router's part is float32 in both (the load term's cv² differentiated by hand in
     # the op, by autograd in the reference): float32 rounding of that part, float64 elsewhere.
     for name, gref in gr.items():
-        if part == "aux alone" or name.startswith("router."):  # all float32
-            assert_close(g[name], gref, 1e-5, 1e-6 * gref.abs().max().item(), f"d{name}")
+        scale = gref.abs().max().item()
+        if part == "aux alone" or name.startswith("router.") or dtype == torch.float32:
+            assert_close(g[name], gref, 1e-5, 1e-6 * scale, f"d{name}")
         else:
-            assert_close(g[name], gref, 1e-10, 1e-7 * gref.abs().max().item(), f"d{name}")
+            assert_close(g[name], gref, 1e-10, 1e-7 * scale, f"d{name}")
     # the router's part is there: its weights and lora_A (through z) get gradients
     for name in ("router.w_gate", "router.w_noise", "lora_A", "x"):
         assert (g[name].abs().max() > 0) == (part != "output alone" or

@@ -48,6 +48,29 @@ def cv_squared(v: torch.Tensor) -> torch.Tensor:
     return v.var() / (v.mean() ** 2 + 1e-10)
 
 
+def cv_squared_backward(v: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """d(grad · cv²(v))/dv, by hand (the routed layer op's backward; float32, zero for one
+    element): with m = mean(v), var the unbiased variance and D = m² + 1e-10,
+    dcv²/dv_j = 2 (v_j - m) / ((n - 1) D) - var · 2 m / (n D²)."""
+    n = v.numel()
+    if n <= 1:
+        return torch.zeros_like(v, dtype=torch.float32)
+    v = v.float()
+    m = v.mean()
+    d = m * m + 1e-10
+    g = (v - m).mul_(2.0 / (n - 1)).div_(d).sub_(v.var() * (2.0 / n) * m / (d * d))
+    return g.mul_(grad.float())
+
+
+def router_features(z2: torch.Tensor, gating: str, height: int,
+                    width: int) -> torch.Tensor:
+    """The routing units' features from z (N, r) of N = B·H·W tokens: each token's z
+    ("token"), or the mean of z over each (H, W) map ("map")."""
+    if gating == "token":
+        return z2
+    return z2.reshape(-1, height * width, z2.shape[1]).mean(1)
+
+
 def _normal_cdf(t: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.erf(t / math.sqrt(2.0)))
 
@@ -236,12 +259,11 @@ class NoisyTopOneRouter(nn.Module):
         if z.dim() != 4:
             raise ValueError(f"z: expected (B, H, W, r), got shape {tuple(z.shape)}")
         b, h, w, r = z.shape
+        features = router_features(z.reshape(-1, r), self.gating, h, w)
+        expert, aux = noisy_top1_fused(features, self.w_gate, self.w_noise, self.training,
+                                       self.noise_epsilon, self.loss_coef)
         if self.gating == "token":
-            expert, aux = noisy_top1_fused(z.reshape(-1, r), self.w_gate, self.w_noise,
-                                           self.training, self.noise_epsilon, self.loss_coef)
             return expert.view(b, h, w), aux
-        expert, aux = noisy_top1_fused(z.mean(dim=(1, 2)), self.w_gate, self.w_noise,
-                                       self.training, self.noise_epsilon, self.loss_coef)
         return expert.view(b, 1, 1).expand(b, h, w), aux
 
     def extra_repr(self) -> str:

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from . import _plans
 from ._validate import Problem
-from .gating import cv_squared
+from .gating import cv_squared, cv_squared_backward, router_features
 from .ops import _constant_under_compile
 
 FORWARD_PLANS = ("post_add", "bias_first", "fused")
@@ -393,14 +393,6 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 # dL/dz joins the stencil's dz before dx = dz A + dy W0 is formed by one GEMM with beta = 1,
 # and dA = dzᵀ x is one GEMM too.
 
-def _router_features(z2: Tensor, gating: str, height: int, width: int) -> Tensor:
-    """The routing units' features: each token's z ("token"), or the mean of z over each
-    (H, W) map ("map"), as NoisyTopOneRouter computes them."""
-    if gating == "token":
-        return z2
-    return z2.view(-1, height * width, z2.shape[1]).mean(1)
-
-
 def _stencil_expert(expert: Tensor, gating: str, backend: str, height: int,
                     width: int) -> Tensor:
     """The router's expert per unit as the stencil of ``backend`` takes it (stencil_index):
@@ -409,20 +401,6 @@ def _stencil_expert(expert: Tensor, gating: str, backend: str, height: int,
                             os.environ.get(MAP_KERNELS_ENV, "1") == "0"):
         return expert.repeat_interleave(height * width)
     return expert
-
-
-def _cv_squared_backward(v: Tensor, grad: Tensor) -> Tensor:
-    """d(grad · cv²(v))/dv for gating.cv_squared (float32; zero for one element): with
-    m = mean(v), var the unbiased variance and D = m² + 1e-10,
-    dcv²/dv_j = 2 (v_j - m) / ((n - 1) D) - var · 2 m / (n D²)."""
-    n = v.numel()
-    if n <= 1:
-        return torch.zeros_like(v, dtype=torch.float32)
-    v = v.float()
-    m = v.mean()
-    d = m * m + 1e-10
-    g = (v - m).mul_(2.0 / (n - 1)).div_(d).sub_(v.var() * (2.0 / n) * m / (d * d))
-    return g.mul_(grad.float())
 
 
 @torch.library.custom_op("convlora_layer::routed_forward", mutates_args=())
@@ -439,7 +417,7 @@ def _routed_forward_op(x2: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
     loss_coef · (cv²(importance) + cv²(load)) (float32), then the layer."""
     z2 = F.linear(x2, lora_A)
     expert, importance, load = torch.ops.convlora_layer.route(
-        _router_features(z2, gating, height, width), w_gate, w_noise, noise, noise_epsilon)
+        router_features(z2, gating, height, width), w_gate, w_noise, noise, noise_epsilon)
     aux = (cv_squared(importance) + cv_squared(load)).mul_(loss_coef)
     idx = _stencil_expert(expert, gating, backend, height, width)
     y, z2, u, s0, s1 = _forward_impl(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias,
@@ -482,8 +460,8 @@ def _routed_backward_op(dy2: Optional[Tensor], d_aux: Optional[Tensor], x2: Tens
         dy2 = x2.new_zeros((x2.shape[0], weight.shape[0]))
     d_f = d_wg = d_wn = None
     if d_aux is not None and noise is not None:
-        d_load = _cv_squared_backward(load, d_aux * loss_coef)
-        feats = _router_features(z2, gating, height, width)
+        d_load = cv_squared_backward(load, d_aux * loss_coef)
+        feats = router_features(z2, gating, height, width)
         d_f, d_wg, d_wn = torch.ops.convlora_layer.route_backward(d_load, feats, w_gate,
                                                                   w_noise, noise,
                                                                   noise_epsilon)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from convlora_kernels import NoisyTopOneRouter
-from convlora_kernels.gating import cv_squared
+from convlora_kernels.gating import cv_squared, cv_squared_backward
 
 
 def _router(gating, w_gate, w_noise=None):
@@ -221,17 +221,15 @@ def test_triton_route_kernel_ties_pick_the_lowest_expert():
 
 @pytest.mark.parametrize("n", [1, 2, 5, 16])
 def test_cv_squared_backward_by_hand(n):
-    """The routed op differentiates the load term by hand (layer._cv_squared_backward):
+    """The routed op differentiates the load term by hand (gating.cv_squared_backward):
     equal to autograd through cv_squared, in float32 where cv_squared computes."""
-    from convlora_kernels.layer import _cv_squared_backward
-
     v = (torch.rand(n, generator=torch.Generator().manual_seed(n)) * 7).requires_grad_(True)
     grad = torch.tensor(0.37)
     if n == 1:  # cv² is the constant 0
         expected = torch.zeros(1)
     else:
         (expected,) = torch.autograd.grad(cv_squared(v) * grad, v)
-    got = _cv_squared_backward(v.detach(), grad)
+    got = cv_squared_backward(v.detach(), grad)
     assert got.dtype == torch.float32 and got.shape == v.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     if n > 1:

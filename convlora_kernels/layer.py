@@ -393,12 +393,16 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 # dL/dz joins the stencil's dz before dx = dz A + dy W0 is formed by one GEMM with beta = 1,
 # and dA = dzᵀ x is one GEMM too.
 
+def _per_map_stencil(gating: str, backend: str) -> bool:
+    """True when the router's one expert per map reaches the stencil as it is, one per map
+    (the C++ map kernels); else it goes per token."""
+    return gating == "map" and backend != "triton" and _map_kernels_on()
+
+
 def _stencil_expert(expert: Tensor, gating: str, backend: str, height: int,
                     width: int) -> Tensor:
-    """The router's expert per unit as the stencil of ``backend`` takes it (stencil_index):
-    per map for the C++ map kernels, else per token."""
-    if gating == "map" and (backend == "triton" or
-                            os.environ.get(MAP_KERNELS_ENV, "1") == "0"):
+    """The router's expert per unit as the stencil of ``backend`` takes it (stencil_index)."""
+    if gating == "map" and not _per_map_stencil(gating, backend):
         return expert.repeat_interleave(height * width)
     return expert
 
@@ -433,8 +437,7 @@ def _(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise,
     n_tok, rank, n_exp = x2.shape[0], lora_A.shape[0], conv_weight.shape[0]
     saved = _saved_shapes(backend, n_tok, rank, n_exp, interpolation, x2.dtype, save,
                           forward_plan)
-    per_map = gating == "map" and backend != "triton" and \
-        os.environ.get(MAP_KERNELS_ENV, "1") != "0"
+    per_map = _per_map_stencil(gating, backend)
     f32 = torch.float32
     return (x2.new_empty((n_tok, weight.shape[0])), x2.new_empty((n_tok, rank)),
             *(x2.new_empty(s, dtype=d) for s, d in saved),
@@ -540,12 +543,16 @@ _routed_forward_op.register_autograd(_routed_backward, setup_context=_routed_set
 MAP_KERNELS_ENV = "CONVLORA_MAP_KERNELS"
 
 
+def _map_kernels_on() -> bool:
+    return os.environ.get(MAP_KERNELS_ENV, "1") != "0"
+
+
 def stencil_index(expert_index: Tensor) -> Tensor:
     """expert_index (B, H, W) as the C++ stencils take it, int32: (B,) when it is one expert
     per map by construction (expanded from (B, 1, 1), as the map router returns it), so the
     map kernels run (csrc/stencil_map.h); else one entry per token (N,)."""
     if expert_index.dim() == 3 and expert_index.stride(1) == 0 and \
-            expert_index.stride(2) == 0 and os.environ.get(MAP_KERNELS_ENV, "1") != "0":
+            expert_index.stride(2) == 0 and _map_kernels_on():
         return expert_index[:, 0, 0].to(torch.int32).contiguous()
     return expert_index.reshape(-1).to(torch.int32)
 

@@ -271,6 +271,35 @@ CHUNKED = {"bicubic-rank-6": dict(batch=1, height=5, width=4, rank=6, scales=(1,
            "rank-20": CASES["rank-20"]}
 
 
+@pytest.mark.parametrize("name", ["bicubic-map", "bicubic-token-even", "bilinear-token",
+                                  "scales-16-1-6", "rank-8"])
+@pytest.mark.parametrize("rows", launch.ROW_PASSES)
+def test_row_passes_shared_or_per_output_match_reference(name, rows, monkeypatch):
+    """The forward and grad kernels with each down-tap row's row passes held for its conv
+    outputs ("shared", bicubic's default at r <= 8) and computed per conv output
+    ("per-output", the default elsewhere): forward and every gradient, either way."""
+    monkeypatch.setenv(launch.ROW_PASSES_ENV, rows)
+    kw = CASES[name]
+    plan = launch.Plan(kw["height"], kw["width"], kw.get("rank", 4), len(kw["scales"]),
+                       kw["scales"], kw.get("interpolation", "bilinear"), torch.float32, DEV)
+    assert plan.shared_rows == (rows == "shared")
+    check_accuracy_rule(triton_op, case(seed=len(name) + 90, **kw), torch.float32, FLOOR32)
+
+
+def test_row_passes_default_follows_taps_and_rank(monkeypatch):
+    """Without the switch the row passes are shared exactly where holding them costs no
+    occupancy by compile_check's registers (launch.ROW_PASSES_ENV): bicubic, r <= 8."""
+    monkeypatch.delenv(launch.ROW_PASSES_ENV, raising=False)
+    for interpolation, rank, shared in [("bicubic", 3, True), ("bicubic", 8, True),
+                                        ("bicubic", 9, False), ("bicubic", 16, False),
+                                        ("bilinear", 3, False), ("bilinear", 8, False)]:
+        plan = launch.Plan(8, 8, rank, 8, range(1, 9), interpolation, torch.bfloat16, DEV)
+        assert plan.shared_rows is shared, (interpolation, rank)
+    monkeypatch.setenv(launch.ROW_PASSES_ENV, "hoisted")
+    with pytest.raises(ValueError, match="CONVLORA_TRITON_ROW_PASSES: expected one of"):
+        launch.shared_row_passes(4, 4)
+
+
 def test_backward_switch_names_its_values(monkeypatch):
     monkeypatch.setenv(launch.BACKWARD_ENV, "fused")
     with pytest.raises(ValueError, match="CONVLORA_TRITON_BACKWARD: expected one of"):

@@ -61,7 +61,7 @@ def _tuned_or_first(pair):
 # the work per token; C_out sets the length of the y and dy loops. Each list starts with
 # the candidate that compiles without register spills at the SAM shapes (sm_90).
 _fwd = _autotuned(stencil.stencil_fwd_kernel, [({}, 8), ({}, 4)],
-                  key=["RZ", "NBP", "TAPS", "BT"])
+                  key=["RZ", "NBP", "TAPS", "BT", "SHARED_ROWS"])
 _dy_pass = _autotuned(dense.dy_pass_kernel,
                       [({"BN": 64}, 8), ({"BN": 128}, 8), ({"BN": 64}, 4)],
                       key=["RP", "C_out", "NEED_DB", "NEED_DBIAS", "ATOMIC"],
@@ -78,7 +78,8 @@ _layer_fwd = _autotuned(layer_forward.layer_forward_kernel,
                          ({"BM": 64, "BN": 64, "BK": 64}, 4)],
                         key=["C_in", "C_out", "RZ", "NBP", "TAPS", "HAS_BIAS", "SAVE_U"])
 _grad = _autotuned(stencil.stencil_grad_kernel, [({}, 8), ({}, 4)],
-                   key=["RZ", "NBP", "TAPS", "BT", "ATOMIC"], reset_to_zero=["db_ptr"])
+                   key=["RZ", "NBP", "TAPS", "BT", "ATOMIC", "SHARED_ROWS"],
+                   reset_to_zero=["db_ptr"])
 _scatter = _autotuned(stencil.stencil_scatter_kernel, [({}, 8), ({}, 4)],
                       key=["RZ", "NBP", "TAPS", "BT", "ATOMIC"], reset_to_zero=["dw_ptr"],
                       restore_value=["dz_ptr"])
@@ -104,6 +105,35 @@ def backward_kernels() -> str:
     if chosen not in BACKWARDS:
         raise ValueError(f"{BACKWARD_ENV}: expected one of {BACKWARDS}, got {chosen!r}")
     return chosen
+
+
+# The forward and the grad kernel's conv outputs: "shared" row passes (stencil.row_passes:
+# each down-tap row's three row passes computed once and held while its nt conv outputs
+# use them) or "per-output" (each conv output computes its own: nt times the row passes,
+# nothing held). Multiply-adds per token of an even-scale expert, row passes + column
+# passes (NBP²·RZ and 4·NBP·RZ each, 3 conv rows per conv output):
+#     bicubic (nt = 4, NBP = 8)   per-output 48·(64 + 32)·RZ = 4608·RZ, shared 2304·RZ
+#     bilinear (nt = 2, NBP = 4)  per-output 12·(16 + 16)·RZ = 384·RZ,  shared 288·RZ
+# (odd scales, nt = 1: the same either way). What holding them costs, compile_check, sm_90,
+# 8 warps: bicubic r = 8, forward and grad 162-181 -> 252-255 registers, no spills, one
+# program per SM either way (65536 registers / 256 threads); bicubic r = 16 spills 336-440
+# bytes; bilinear r = 8, 105-114 -> 128-180, which halves the programs per SM for 25% fewer
+# multiply-adds. So "shared" runs for bicubic at r <= 8 (twice fewer multiply-adds at the
+# same occupancy), "per-output" elsewhere; ROW_PASSES_ENV forces either for a GPU to compare
+# (benchmarks/stencil_time.py times both). The backward kernels keep the per-output order:
+# the scatter is at 240-255 registers already and spilled with any row pass held.
+ROW_PASSES_ENV = "CONVLORA_TRITON_ROW_PASSES"
+ROW_PASSES = ("shared", "per-output")
+
+
+def shared_row_passes(taps: int, rz: int) -> bool:
+    """Whether the forward and grad kernels hold the row passes (see ROW_PASSES_ENV)."""
+    chosen = os.environ.get(ROW_PASSES_ENV)
+    if chosen is None:
+        return taps == 4 and rz <= 8
+    if chosen not in ROW_PASSES:
+        raise ValueError(f"{ROW_PASSES_ENV}: expected one of {ROW_PASSES}, got {chosen!r}")
+    return chosen == "shared"
 
 
 DY_BT = 64      # tokens per row block of the dy pass (the M of its dots)
@@ -148,6 +178,7 @@ class Plan:
         self.rc = min(self.rz, max(4, _pow2_floor(DZ_BLOCK_FLOATS.get(dtype, 1024)
                                                   // (self.bt * self.nbp ** 2))))
         self.prec = _precision(dtype)
+        self.shared_rows = shared_row_passes(self.taps, self.rz)
         self.nexp_p = max(2, next_pow2(num_experts))
 
     def programs(self, n_tokens: int) -> int:
@@ -205,7 +236,7 @@ def stencil_forward(z2, expert_index, conv_weight, conv_bias, scales, interpolat
         _tuned_or_first(_fwd)[(plan.programs(n_tok),)](
             z2, perm, bounds, plan.ntaps, *plan.tables, conv_weight.contiguous(),
             conv_bias.contiguous(), u, height, width, rank, n_exp, plan.rows_y, plan.rows_x,
-            z2.stride(0), **plan.constexprs())
+            z2.stride(0), SHARED_ROWS=plan.shared_rows, **plan.constexprs())
     return u, perm, bounds
 
 
@@ -353,7 +384,7 @@ def _stencil_backward(plan, z2, perm, bounds, cw, conv_bias, du, n_tok, height, 
         g = _empty((n_tok, plan.taps ** 2, rank), f32, dev)
         _tuned_or_first(_grad)[(programs,)](
             *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, g, d_cb, *geometry,
-            ATOMIC=atomic, **consts)
+            ATOMIC=atomic, SHARED_ROWS=plan.shared_rows, **consts)
         _tuned_or_first(_scatter)[(programs,)](
             *args, ty, tx, cw, g, d_cw, dz_buf, *geometry, ATOMIC=atomic, RC=plan.rc,
             **consts)

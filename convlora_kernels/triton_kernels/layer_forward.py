@@ -105,7 +105,7 @@ def layer_forward_kernel(
     for j in range(BM // BT):
         _, _, us = tile_u(z_ptr, perm_ptr, e, start + j * BT, stop, ntaps_ptr, ty_ptr,
                           oy_ptr, tx_ptr, ox_ptr, cw_ptr, cb_ptr, H, W, r, rows_y, rows_x,
-                          stride_zn, BT, RZ, RP, NBP, HALO, TAPS, BORDER, PREC)
+                          stride_zn, BT, RZ, RP, NBP, HALO, TAPS, BORDER, PREC, False)
         u3 = tl.where((sub == j)[:, None, None], us[None, :, :], u3)
     u = tl.reshape(u3, [BM, RP])
     offs = start + tl.arange(0, BM)

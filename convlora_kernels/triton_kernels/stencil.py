@@ -14,6 +14,18 @@ tile, and each row dy of the 3x3 conv is one tl.dot of [BT, 3·r] (the three tap
 by side) with [3·r, r]. The z neighbourhood of each token, [BT, NBP, NBP, RZ] with
 NBP >= 2·HALO + 1, is loaded once per tile. Channels are zero-padded: to RZ >= 4 on the
 conv's input side (so 4·RZ >= 16, as tl.dot needs) and to RP >= 16 on its output side.
+
+U is separable: the row pass v = sum_a Ty[h, ky, dy, a] · z[h+a-HALO, :] (NBP²·RZ
+multiply-adds a token, row_pass) depends on (ky, dy) only, the column pass on kx (4·NBP·RZ
+for the three dx, col_pass). With SHARED_ROWS the forward and grad kernels compute each
+down-tap row's three row passes once for its nt conv outputs (launch.ROW_PASSES_ENV has the
+counts and when it applies); otherwise each conv output computes its own.
+
+Under map routing (one expert per map) these programs run as they are: the sort puts a
+map's tokens in one expert's tiles, so each tile already uses one expert's tables and
+weights. What the C++ map programs add (csrc/stencil_map.h: the tile's conv-output and
+upsampled grids listed once, halo work scattered to per-block partials instead of
+recomputed) rests on data-dependent lists in shared memory, which Triton does not expose.
 """
 
 import triton
@@ -89,31 +101,44 @@ def load_tile(z_ptr, perm_ptr, start, stop, H, W, r, rows_y, rows_x, stride_zn,
 
 
 @triton.jit
-def tap_weights(ty_ptr, tx_ptr, e, hr, wr, ky, kx, dy, rows_y, rows_x, NBP: tl.constexpr,
-                TAPS: tl.constexpr):
-    """The gather weights of conv row dy for conv output k = (ky, kx): wy [BT, NBP] =
-    Ty[h, ky, dy, :] and wx [BT, 4, NBP] = Tx[w, kx, dx, :] for dx < 3, zero for dx = 3."""
-    nbv = tl.arange(0, NBP)
-    dxv = tl.arange(0, 4)[None, :, None]
-    wy = tl.load(ty_ptr + (((e * rows_y + hr[:, None]) * TAPS + ky) * 3 + dy) * NBP
-                 + nbv[None, :])
-    wx = tl.load(tx_ptr + (((e * rows_x + wr[:, None, None]) * TAPS + kx) * 3 + dxv) * NBP
-                 + nbv[None, None, :], mask=dxv < 3, other=0.0)
-    return wy, wx
+def row_weights(ty_ptr, e, hr, ky, dy, rows_y, NBP: tl.constexpr, TAPS: tl.constexpr):
+    """wy [BT, NBP] = Ty[h, ky, dy, :]: how conv row dy of the conv outputs in down-tap row
+    ky combines the neighbourhood's rows."""
+    return tl.load(ty_ptr + (((e * rows_y + hr[:, None]) * TAPS + ky) * 3 + dy) * NBP
+                   + tl.arange(0, NBP)[None, :])
 
 
 @triton.jit
-def upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, dy, rows_y, rows_x,
-                   BT: tl.constexpr, RZ: tl.constexpr, NBP: tl.constexpr,
-                   TAPS: tl.constexpr):
-    """The conv's inputs in row dy for conv output k = (ky, kx):
-    U[t, dx·RZ + i] = sum_{a,b} Ty[h, ky, dy, a] · Tx[w, kx, dx, b] · znb[t, a, b, i]
-    for dx = 0, 1, 2, and zero for dx = 3 (padding), so the conv row is one tl.dot.
-    Returns (U [BT, 4·RZ], wy [BT, NBP], wx [BT, 4, NBP])."""
-    wy, wx = tap_weights(ty_ptr, tx_ptr, e, hr, wr, ky, kx, dy, rows_y, rows_x, NBP, TAPS)
-    v = tl.sum(wy[:, :, None, None] * znb, axis=1)  # rows combined: [BT, NBP(b), RZ]
+def col_weights(tx_ptr, e, wr, kx, rows_x, NBP: tl.constexpr, TAPS: tl.constexpr):
+    """wx [BT, 4, NBP] = Tx[w, kx, dx, :] for the conv columns dx < 3, zero for dx = 3: how
+    they combine the neighbourhood's columns (the same for the three conv rows)."""
+    dxv = tl.arange(0, 4)[None, :, None]
+    return tl.load(tx_ptr + (((e * rows_x + wr[:, None, None]) * TAPS + kx) * 3 + dxv) * NBP
+                   + tl.arange(0, NBP)[None, None, :], mask=dxv < 3, other=0.0)
+
+
+@triton.jit
+def row_pass(znb, ty_ptr, e, hr, ky, dy, rows_y, NBP: tl.constexpr, TAPS: tl.constexpr):
+    """The rows of the upsampled taps: (v [BT, NBP(b), RZ] = sum_a wy[t, a] znb[t, a, b, :],
+    wy [BT, NBP]) for conv row dy of down-tap row ky. v serves every down-tap column kx:
+    computed once per (ky, dy), not once per conv output (NBP²·RZ multiply-adds a token)."""
+    wy = row_weights(ty_ptr, e, hr, ky, dy, rows_y, NBP, TAPS)
+    return rows_combined(wy, znb), wy
+
+
+@triton.jit
+def rows_combined(wy, znb):
+    """v [BT, NBP(b), RZ] = sum_a wy[t, a] znb[t, a, b, :]."""
+    return tl.sum(wy[:, :, None, None] * znb, axis=1)
+
+
+@triton.jit
+def col_pass(v, wx, BT: tl.constexpr, RZ: tl.constexpr):
+    """The conv's inputs in one row for one conv output: U[t, dx·RZ + i] = sum_b wx[t, dx, b]
+    v[t, b, i] for dx = 0, 1, 2 and zero for dx = 3 (padding), so the conv row is one tl.dot
+    [BT, 4·RZ] x [4·RZ, RP] (4·NBP·RZ multiply-adds a token)."""
     up = tl.sum(wx[:, :, :, None] * v[:, None, :, :], axis=2)  # [BT, 4(dx), RZ]
-    return tl.reshape(up, [BT, 4 * RZ]), wy, wx
+    return tl.reshape(up, [BT, 4 * RZ])
 
 
 @triton.jit
@@ -133,10 +158,28 @@ def conv_row_offsets_from(r, c0, RC: tl.constexpr, RP: tl.constexpr):
 
 
 @triton.jit
-def conv_output(znb, cw_ptr, cb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, r, rows_y, rows_x,
-                BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
-                TAPS: tl.constexpr, PREC: tl.constexpr):
-    """c_k = conv_bias_e + sum_{dy,dx} W_e[:, :, dy, dx] U_k(dy, dx): [BT, RP]."""
+def conv_output(v0, v1, v2, wx, cw_ptr, cb, e, r, BT: tl.constexpr, RZ: tl.constexpr,
+                RP: tl.constexpr, PREC: tl.constexpr):
+    """c_k = conv_bias_e + sum_{dy,dx} W_e[:, :, dy, dx] U_k(dy, dx): [BT, RP], from the
+    row passes v0, v1, v2 of its down-tap row and the column weights wx of its column."""
+    offs, wmask = conv_row_offsets(r, RZ, RP)
+    wbase = cw_ptr + e * (r * r * 9) + offs
+    c = tl.zeros([BT, RP], tl.float32) + cb[None, :]
+    c += tl.dot(col_pass(v0, wx, BT, RZ),
+                tl.load(wbase, mask=wmask, other=0.0).to(tl.float32), input_precision=PREC)
+    c += tl.dot(col_pass(v1, wx, BT, RZ),
+                tl.load(wbase + 3, mask=wmask, other=0.0).to(tl.float32), input_precision=PREC)
+    c += tl.dot(col_pass(v2, wx, BT, RZ),
+                tl.load(wbase + 6, mask=wmask, other=0.0).to(tl.float32), input_precision=PREC)
+    return c
+
+
+@triton.jit
+def conv_output_recomputed(znb, cw_ptr, cb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, r, rows_y,
+                           rows_x, BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr,
+                           NBP: tl.constexpr, TAPS: tl.constexpr, PREC: tl.constexpr):
+    """conv_output for conv output (ky, kx) with its row passes computed here, one conv row
+    at a time (nothing held across conv outputs: fewer registers, nt times the row passes)."""
     offs, wmask = conv_row_offsets(r, RZ, RP)
     c = tl.zeros([BT, RP], tl.float32) + cb[None, :]
     for dy in range(3):
@@ -169,22 +212,20 @@ def down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS: tl.cons
 
 
 @triton.jit
-def conv_output_k(znb, cw_ptr, cb, ty_ptr, oy_ptr, tx_ptr, ox_ptr, e, hr, wr, k, nt, r,
-                  rows_y, rows_x, BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr,
-                  NBP: tl.constexpr, TAPS: tl.constexpr, PREC: tl.constexpr):
-    """(c_k [BT, RP], omega_k [BT]) of conv output k = (k // nt, k % nt) of the nt x nt."""
-    ky = k // nt
-    kx = k % nt
-    c = conv_output(znb, cw_ptr, cb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, r, rows_y, rows_x,
-                    BT, RZ, RP, NBP, TAPS, PREC)
-    return c, down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
+def row_passes(znb, ty_ptr, e, hr, ky, rows_y, NBP: tl.constexpr, TAPS: tl.constexpr):
+    """row_pass for the three conv rows of down-tap row ky: (v0, v1, v2, wy0, wy1, wy2)."""
+    v0, wy0 = row_pass(znb, ty_ptr, e, hr, ky, 0, rows_y, NBP, TAPS)
+    v1, wy1 = row_pass(znb, ty_ptr, e, hr, ky, 1, rows_y, NBP, TAPS)
+    v2, wy2 = row_pass(znb, ty_ptr, e, hr, ky, 2, rows_y, NBP, TAPS)
+    return v0, v1, v2, wy0, wy1, wy2
 
 
 @triton.jit
 def tile_u(z_ptr, perm_ptr, e, start, stop, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr, ox_ptr,
            cw_ptr, cb_ptr, H, W, r, rows_y, rows_x, stride_zn,
            BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
-           HALO: tl.constexpr, TAPS: tl.constexpr, BORDER: tl.constexpr, PREC: tl.constexpr):
+           HALO: tl.constexpr, TAPS: tl.constexpr, BORDER: tl.constexpr, PREC: tl.constexpr,
+           SHARED_ROWS: tl.constexpr):
     """u_t = z_t + E_e(z)_t for the sorted tokens [start, min(stop, start + BT)) of expert
     e: (token ids [BT], validity [BT], u [BT, RP] fp32; columns past r are zero, rows
     past the range are not meaningful)."""
@@ -196,11 +237,32 @@ def tile_u(z_ptr, perm_ptr, e, start, stop, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr, o
                 other=0.0).to(tl.float32)
     cb = tl.load(cb_ptr + e * r + ci, mask=ci < r, other=0.0).to(tl.float32)
     nt = tl.load(ntaps_ptr + e)
-    for k in range(0, nt * nt):
-        c, om = conv_output_k(znb, cw_ptr, cb, ty_ptr, oy_ptr, tx_ptr, ox_ptr, e, hr, wr, k,
-                              nt, r, rows_y, rows_x, BT, RZ, RP, NBP, TAPS, PREC)
-        u += om[:, None] * gelu(c)
+    if SHARED_ROWS:
+        for ky in range(0, nt):
+            v0, v1, v2, wy0, wy1, wy2 = row_passes(znb, ty_ptr, e, hr, ky, rows_y, NBP, TAPS)
+            for kx in range(0, nt):
+                c = conv_output(v0, v1, v2, col_weights(tx_ptr, e, wr, kx, rows_x, NBP, TAPS),
+                                cw_ptr, cb, e, r, BT, RZ, RP, PREC)
+                om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
+                u += om[:, None] * gelu(c)
+    else:
+        for k in range(0, nt * nt):
+            c = conv_output_recomputed(znb, cw_ptr, cb, ty_ptr, tx_ptr, e, hr, wr, k // nt,
+                                       k % nt, r, rows_y, rows_x, BT, RZ, RP, NBP, TAPS, PREC)
+            om = down_weight(oy_ptr, ox_ptr, e, hr, wr, k // nt, k % nt, rows_y, rows_x, TAPS)
+            u += om[:, None] * gelu(c)
     return tok, tmask, u
+
+
+@triton.jit
+def upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, dy, rows_y, rows_x,
+                   BT: tl.constexpr, RZ: tl.constexpr, NBP: tl.constexpr,
+                   TAPS: tl.constexpr):
+    """The conv's inputs in row dy for conv output k = (ky, kx), both passes:
+    (U [BT, 4·RZ] of col_pass, wy [BT, NBP], wx [BT, 4, NBP])."""
+    wy = row_weights(ty_ptr, e, hr, ky, dy, rows_y, NBP, TAPS)
+    wx = col_weights(tx_ptr, e, wr, kx, rows_x, NBP, TAPS)
+    return col_pass(rows_combined(wy, znb), wx, BT, RZ), wy, wx
 
 
 @triton.jit
@@ -215,8 +277,9 @@ def row_backward(up, wy, wx, g, w, dw, dznb, BT: tl.constexpr, RZ: tl.constexpr,
 
 @triton.jit
 def dz_row(wy, wx, g, w, dznb, BT: tl.constexpr, RZ: tl.constexpr, PREC: tl.constexpr):
-    """dznb + the gather's transpose (weights wy, wx of tap_weights) applied to
-    dL/dU = g W_e[:, :, dy]ᵀ, for one conv row of one conv output."""
+    """dznb + the gather's transpose (weights wy, wx of upsampled_taps) applied to
+    dL/dU = g W_e[:, :, dy]ᵀ, for one conv row of one conv output: the column pass's
+    transpose (4·NBP·RZ multiply-adds a token), then the row pass's (NBP²·RZ)."""
     dup = tl.reshape(tl.dot(g, tl.trans(w), input_precision=PREC), [BT, 4, RZ])
     dv = tl.sum(wx[:, :, :, None] * dup[:, :, None, :], axis=1)  # [BT, NBP(b), RZ]
     return dznb + wy[:, :, None, None] * dv[:, None, :, :]
@@ -263,14 +326,14 @@ def stencil_fwd_kernel(
         H, W, r, n_exp, rows_y, rows_x, stride_zn,
         BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
         HALO: tl.constexpr, TAPS: tl.constexpr, NEXP_P: tl.constexpr, BORDER: tl.constexpr,
-        PREC: tl.constexpr):
+        PREC: tl.constexpr, SHARED_ROWS: tl.constexpr):
     """u_t = z_t + E_{e_t}(z)_t."""
     e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BT, NEXP_P)
     if e >= n_exp:
         return
     tok, tmask, u = tile_u(z_ptr, perm_ptr, e, start, stop, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr,
                            ox_ptr, cw_ptr, cb_ptr, H, W, r, rows_y, rows_x, stride_zn, BT, RZ,
-                           RP, NBP, HALO, TAPS, BORDER, PREC)
+                           RP, NBP, HALO, TAPS, BORDER, PREC, SHARED_ROWS)
     ci = tl.arange(0, RP)
     tl.store(u_ptr + tok[:, None] * r + ci[None, :], u,
              mask=tmask[:, None] & (ci[None, :] < r))
@@ -286,9 +349,10 @@ def stencil_grad_kernel(
         H, W, r, n_exp, rows_y, rows_x, stride_zn,
         BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
         HALO: tl.constexpr, TAPS: tl.constexpr, NEXP_P: tl.constexpr, BORDER: tl.constexpr,
-        PREC: tl.constexpr, ATOMIC: tl.constexpr):
-    """Backward, part 1: recompute each conv output and form g_k = dL/dc_k;
-    dL/dconv_bias_e = sum over the expert's tokens and conv outputs of g_k."""
+        PREC: tl.constexpr, ATOMIC: tl.constexpr, SHARED_ROWS: tl.constexpr):
+    """Backward, part 1: recompute each conv output (as tile_u does, SHARED_ROWS alike) and
+    form g_k = dL/dc_k; dL/dconv_bias_e = sum over the expert's tokens and conv outputs of
+    g_k."""
     pid = tl.program_id(0).to(tl.int64)
     e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BT, NEXP_P)
     ci = tl.arange(0, RP)
@@ -301,12 +365,26 @@ def stencil_grad_kernel(
     cb = tl.load(cb_ptr + e * r + ci, mask=ci < r, other=0.0).to(tl.float32)
     nt = tl.load(ntaps_ptr + e)
     db = tl.zeros([RP], tl.float32)
-    for k in range(0, nt * nt):
-        c, om = conv_output_k(znb, cw_ptr, cb, ty_ptr, oy_ptr, tx_ptr, ox_ptr, e, hr, wr, k,
-                              nt, r, rows_y, rows_x, BT, RZ, RP, NBP, TAPS, PREC)
-        g = om[:, None] * du * gelu_grad(c)
-        tl.store(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :], g, mask=cmask)
-        db += tl.sum(g, axis=0)
+    if SHARED_ROWS:
+        for ky in range(0, nt):
+            v0, v1, v2, wy0, wy1, wy2 = row_passes(znb, ty_ptr, e, hr, ky, rows_y, NBP, TAPS)
+            for kx in range(0, nt):
+                c = conv_output(v0, v1, v2, col_weights(tx_ptr, e, wr, kx, rows_x, NBP, TAPS),
+                                cw_ptr, cb, e, r, BT, RZ, RP, PREC)
+                om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
+                g = om[:, None] * du * gelu_grad(c)
+                tl.store(g_ptr + (tok[:, None] * (TAPS * TAPS) + ky * nt + kx) * r
+                         + ci[None, :], g, mask=cmask)
+                db += tl.sum(g, axis=0)
+    else:
+        for k in range(0, nt * nt):
+            c = conv_output_recomputed(znb, cw_ptr, cb, ty_ptr, tx_ptr, e, hr, wr, k // nt,
+                                       k % nt, r, rows_y, rows_x, BT, RZ, RP, NBP, TAPS, PREC)
+            om = down_weight(oy_ptr, ox_ptr, e, hr, wr, k // nt, k % nt, rows_y, rows_x, TAPS)
+            g = om[:, None] * du * gelu_grad(c)
+            tl.store(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :], g,
+                     mask=cmask)
+            db += tl.sum(g, axis=0)
     if ATOMIC:
         tl.atomic_add(db_ptr + e * r + ci, db, mask=ci < r, sem="relaxed")
     else:
@@ -372,8 +450,8 @@ def stencil_scatter_kernel(
             for dy in range(3):
                 w = tl.load(cw_ptr + e * (r * r * 9) + coffs + dy * 3, mask=cmask_w,
                             other=0.0).to(tl.float32)
-                wy, wx = tap_weights(ty_ptr, tx_ptr, e, hr, wr, k // nt, k % nt, dy, rows_y,
-                                     rows_x, NBP, TAPS)
+                wy = row_weights(ty_ptr, e, hr, k // nt, dy, rows_y, NBP, TAPS)
+                wx = col_weights(tx_ptr, e, wr, k % nt, rows_x, NBP, TAPS)
                 dznb = dz_row(wy, wx, g, w, dznb, BT, RC, PREC)
         store_dz(dz_ptr, dznb, tok, tmask, H, W, r, c0, RC, NBP, HALO, ATOMIC)
 

@@ -10,8 +10,9 @@ reference and the frozen linear. On a GPU the stencil rows are in microseconds w
 card named; everything else is a ratio. For the first shape the stencil ops are also timed
 under each shared-memory budget (CONVLORA_STENCIL_SMEM_KB: what the kernels stage in shared
 memory against how many blocks fit an SM), the choice a GPU run should settle. On a GPU the
-Triton stencil is timed alone too, its backward both split and merged
-(CONVLORA_TRITON_BACKWARD), another choice for a GPU run to settle. The last
+Triton stencil is timed alone too: its backward both split and merged
+(CONVLORA_TRITON_BACKWARD), and its forward and grad kernels with the row passes shared
+and per conv output (CONVLORA_TRITON_ROW_PASSES), choices for a GPU run to settle. The last
 line, "RESULT: ...", is what benchmarks/gpu_check.sh records for the target shape.
 """
 
@@ -70,8 +71,9 @@ def _stencil_fns(inp, interpolation, per_token=False, suffix=""):
 
 
 def _triton_stencil_fns(inp, interpolation):
-    """The Triton stencil alone (launch.stencil_forward, then stencil_backward under each
-    of launch.BACKWARDS, the choice a GPU run should settle); {} where it cannot run."""
+    """The Triton stencil alone (launch.stencil_forward and stencil_backward under each of
+    launch.ROW_PASSES and launch.BACKWARDS, the choices a GPU run should settle); {} where
+    it cannot run."""
     if not inp["x"].is_cuda:
         return {}
     try:
@@ -87,21 +89,30 @@ def _triton_stencil_fns(inp, interpolation):
     du = torch.randn(z.shape, device=z.device)
     _, perm, bounds = launch.stencil_forward(z, idx, cw, cb, scales, interpolation, h, w)
 
-    def fwd(_):
-        return launch.stencil_forward(z, idx, cw, cb, scales, interpolation, h, w)
-
-    def bwd(kind):
+    def under(env, fn):
         def run(_):
-            os.environ[launch.BACKWARD_ENV] = kind
+            os.environ.update(env)
             try:
-                return launch.stencil_backward(du, z, perm, bounds, cw, cb, scales,
-                                               interpolation, h, w)
+                return fn()
             finally:
-                os.environ.pop(launch.BACKWARD_ENV, None)
+                for k in env:
+                    os.environ.pop(k, None)
         return run
 
-    return dict({"triton-stencil-fwd": fwd},
-                **{f"triton-stencil-bwd[{k}]": bwd(k) for k in launch.BACKWARDS})
+    def fwd():
+        return launch.stencil_forward(z, idx, cw, cb, scales, interpolation, h, w)
+
+    def bwd():
+        return launch.stencil_backward(du, z, perm, bounds, cw, cb, scales, interpolation,
+                                       h, w)
+
+    fns = {f"triton-stencil-fwd[{rows}]": under({launch.ROW_PASSES_ENV: rows}, fwd)
+           for rows in launch.ROW_PASSES}
+    for rows in launch.ROW_PASSES:  # split's grad kernel recomputes c as the forward does
+        fns[f"triton-stencil-bwd[split, {rows}]"] = under(
+            {launch.BACKWARD_ENV: "split", launch.ROW_PASSES_ENV: rows}, bwd)
+    fns["triton-stencil-bwd[merged]"] = under({launch.BACKWARD_ENV: "merged"}, bwd)
+    return fns
 
 
 SMEM_BUDGETS_KB = (48, 80, 96)  # the backward at r = 8: all global, weights staged, all staged

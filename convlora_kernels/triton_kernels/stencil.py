@@ -119,11 +119,10 @@ def col_weights(tx_ptr, e, wr, kx, rows_x, NBP: tl.constexpr, TAPS: tl.constexpr
 
 @triton.jit
 def row_pass(znb, ty_ptr, e, hr, ky, dy, rows_y, NBP: tl.constexpr, TAPS: tl.constexpr):
-    """The rows of the upsampled taps: (v [BT, NBP(b), RZ] = sum_a wy[t, a] znb[t, a, b, :],
-    wy [BT, NBP]) for conv row dy of down-tap row ky. v serves every down-tap column kx:
-    computed once per (ky, dy), not once per conv output (NBP²·RZ multiply-adds a token)."""
-    wy = row_weights(ty_ptr, e, hr, ky, dy, rows_y, NBP, TAPS)
-    return rows_combined(wy, znb), wy
+    """The rows of the upsampled taps for conv row dy of down-tap row ky: v [BT, NBP(b), RZ]
+    = sum_a Ty[h, ky, dy, a] znb[t, a, b, :] (NBP²·RZ multiply-adds a token), the same for
+    every down-tap column kx."""
+    return rows_combined(row_weights(ty_ptr, e, hr, ky, dy, rows_y, NBP, TAPS), znb)
 
 
 @triton.jit
@@ -213,11 +212,10 @@ def down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS: tl.cons
 
 @triton.jit
 def row_passes(znb, ty_ptr, e, hr, ky, rows_y, NBP: tl.constexpr, TAPS: tl.constexpr):
-    """row_pass for the three conv rows of down-tap row ky: (v0, v1, v2, wy0, wy1, wy2)."""
-    v0, wy0 = row_pass(znb, ty_ptr, e, hr, ky, 0, rows_y, NBP, TAPS)
-    v1, wy1 = row_pass(znb, ty_ptr, e, hr, ky, 1, rows_y, NBP, TAPS)
-    v2, wy2 = row_pass(znb, ty_ptr, e, hr, ky, 2, rows_y, NBP, TAPS)
-    return v0, v1, v2, wy0, wy1, wy2
+    """row_pass for the three conv rows of down-tap row ky: (v0, v1, v2)."""
+    return (row_pass(znb, ty_ptr, e, hr, ky, 0, rows_y, NBP, TAPS),
+            row_pass(znb, ty_ptr, e, hr, ky, 1, rows_y, NBP, TAPS),
+            row_pass(znb, ty_ptr, e, hr, ky, 2, rows_y, NBP, TAPS))
 
 
 @triton.jit
@@ -239,7 +237,7 @@ def tile_u(z_ptr, perm_ptr, e, start, stop, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr, o
     nt = tl.load(ntaps_ptr + e)
     if SHARED_ROWS:
         for ky in range(0, nt):
-            v0, v1, v2, wy0, wy1, wy2 = row_passes(znb, ty_ptr, e, hr, ky, rows_y, NBP, TAPS)
+            v0, v1, v2 = row_passes(znb, ty_ptr, e, hr, ky, rows_y, NBP, TAPS)
             for kx in range(0, nt):
                 c = conv_output(v0, v1, v2, col_weights(tx_ptr, e, wr, kx, rows_x, NBP, TAPS),
                                 cw_ptr, cb, e, r, BT, RZ, RP, PREC)
@@ -367,7 +365,7 @@ def stencil_grad_kernel(
     db = tl.zeros([RP], tl.float32)
     if SHARED_ROWS:
         for ky in range(0, nt):
-            v0, v1, v2, wy0, wy1, wy2 = row_passes(znb, ty_ptr, e, hr, ky, rows_y, NBP, TAPS)
+            v0, v1, v2 = row_passes(znb, ty_ptr, e, hr, ky, rows_y, NBP, TAPS)
             for kx in range(0, nt):
                 c = conv_output(v0, v1, v2, col_weights(tx_ptr, e, wr, kx, rows_x, NBP, TAPS),
                                 cw_ptr, cb, e, r, BT, RZ, RP, PREC)

@@ -20,6 +20,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import _ext
+from ._compat import autocast_available
 from ._validate import as_map, check_inputs, out_shape
 from .reference import reference_layer
 
@@ -264,7 +265,7 @@ def routed_conv_lora_linear(x: torch.Tensor, weight, bias, lora_A, lora_B, conv_
 
 
 def _autocasting(device_type: str) -> bool:
-    return torch.amp.is_autocast_available(device_type) and \
+    return autocast_available(device_type) and \
         torch.is_autocast_enabled(device_type)
 
 

@@ -75,23 +75,47 @@ def test_imports_and_reasons_without_triton():
     assert out.stdout.strip() == "triton is not installed: pip install triton"
 
 
-# Spills at r <= 16 as compile_check reports them for sm_90: (kernel, dtype, mode, r,
-# ATOMIC) -> stack bytes. Only the fused forward (layer.MEASURED_ONLY: never chosen by the
+# Spills at r <= 16 as compile_check reports them for sm_90, per Triton release (the
+# register allocation differs between them): (kernel, dtype, mode, r, ATOMIC) -> stack
+# bytes. Under Triton 3.8 only the fused forward (layer.MEASURED_ONLY: never chosen by the
 # byte model, only by a GPU's measurement) spills, in fp32 bicubic at r = 16 (its stencil
-# holds a [16, 8, 8, 16] neighbourhood next to the GEMM tile). A variant not listed must not
-# spill; a listed one must not spill more. The merged backward (stencil_bwd,
-# launch.BACKWARD_ENV=merged) is a candidate for a GPU to judge, not the default: its spills
-# are reported by compile_check and not held here.
-KNOWN_SPILLS = {
-    ("layer_forward", "fp32", "bicubic", 16, None): 8,
+# holds a [16, 8, 8, 16] neighbourhood next to the GEMM tile). Triton 3.6 spills more there
+# and also in the fp32 dy pass with per-program partials (deterministic mode: 255
+# registers and 64 bytes of stack at BN = 64, 8 warps); the 16-bit dtypes, the ones SAM runs
+# in, spill under neither. A variant not listed must not spill; a listed one must not
+# spill more. A release without its own table is held to the largest figure of any. The
+# merged backward (stencil_bwd, launch.BACKWARD_ENV=merged) is a candidate for a GPU to
+# judge, not the default: its spills are reported by compile_check and not held here.
+KNOWN_SPILLS_BY_TRITON = {
+    (3, 8): {
+        ("layer_forward", "fp32", "bicubic", 16, None): 8,
+    },
+    (3, 6): {
+        ("layer_forward", "fp32", "bicubic", 16, None): 40,
+        ("dy_pass", "fp32", "bilinear", 8, False): 64,
+        ("dy_pass", "fp32", "bicubic", 8, False): 64,
+    },
 }
+
+
+def _known_spills():
+    import triton
+
+    release = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    if release in KNOWN_SPILLS_BY_TRITON:
+        return KNOWN_SPILLS_BY_TRITON[release]
+    merged = {}
+    for table in KNOWN_SPILLS_BY_TRITON.values():
+        for key, stack in table.items():
+            merged[key] = max(stack, merged.get(key, 0))
+    return merged
 
 
 def test_kernels_compile_for_the_gpu_without_new_spills():
     """Every kernel builds for sm_90 as the JIT would build it at the layer's launches (the
     interpreter cannot show that): bf16, fp16 and fp32, bilinear and bicubic, r = 8 and 16,
     the first autotuning candidate; and none spills (STACK in ptxas' resource usage) beyond
-    KNOWN_SPILLS."""
+    KNOWN_SPILLS_BY_TRITON."""
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -106,16 +130,16 @@ def test_kernels_compile_for_the_gpu_without_new_spills():
                      "stencil_bwd", "dy_pass", "route", "gather_dz", "expert_sum",
                      "expert_counts", "expert_order"}, out.stdout
     assert len({tuple(line.split()[2:5]) for line in lines}) == 12, out.stdout
-    worse = []
+    known, worse = _known_spills(), []
     for line in lines:
         f = line.split()
         atomic = {"ATOMIC=True": True, "ATOMIC=False": False}
         key = (f[1], f[2], f[3], int(f[4][2:]), next((atomic[w] for w in f if w in atomic),
                                                      None))
         stack = int(next(w for w in f if w.startswith("STACK:"))[6:])
-        if f[1] != "stencil_bwd" and stack > KNOWN_SPILLS.get(key, 0):
+        if f[1] != "stencil_bwd" and stack > known.get(key, 0):
             worse.append(line)
-    assert not worse, "spills beyond KNOWN_SPILLS:\n" + "\n".join(worse)
+    assert not worse, "spills beyond KNOWN_SPILLS_BY_TRITON:\n" + "\n".join(worse)
     # two 8-warp programs per SM (<= 128 registers) for the stencil kernels at the default
     # bilinear r = 8 (the tile rules, launch.NEIGHBOURHOOD_FLOATS and DZ_BLOCK_FLOATS); the
     # scatter in the 16-bit dtypes (fp32's exact dots take more)

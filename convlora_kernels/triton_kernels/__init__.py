@@ -8,3 +8,7 @@ never shadows the unrelated top-level ``triton_kernels`` distributions).
     tables.py         the resampling rules as per-axis lookup tables
     compile_check.py  builds every kernel for sm_80/sm_90 without a GPU
 """
+
+from .._compat import patch_triton_interpreter
+
+patch_triton_interpreter()

@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import _ext
-from ._compat import autocast_available
+from ._versions import autocast_available
 from ._validate import as_map, check_inputs, out_shape
 from .reference import reference_layer
 

@@ -23,4 +23,9 @@ def test_extras_exist_and_the_readme_names_them():
     for name in ("sam", "seg", "hf", "test", "bench"):
         assert f'".[{name}]"' in readme, name
     floor = re.fullmatch(r"torch>=([0-9.]+)", project["dependencies"][0]).group(1)
-    assert f"The oldest torch built and tested is {floor}" in readme
+    assert f"Supported: torch {floor} to" in readme
+    # the floor check installs exactly the floor
+    with open(os.path.join(ROOT, ".ci", "torch_floor.sh")) as f:
+        assert f'TORCH_SPEC:-"torch=={floor}.0 ' in f.read()
+    python_floor = re.fullmatch(r">=([0-9.]+)", project["requires-python"]).group(1)
+    assert f"Python {python_floor} and later" in readme and f"Python {python_floor}+" in readme

@@ -9,6 +9,6 @@ never shadows the unrelated top-level ``triton_kernels`` distributions).
     compile_check.py  builds every kernel for sm_80/sm_90 without a GPU
 """
 
-from .._compat import patch_triton_interpreter
+from .._versions import patch_triton_interpreter
 
 patch_triton_interpreter()

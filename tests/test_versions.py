@@ -1,16 +1,16 @@
-"""The version shims of convlora_kernels._compat, on whichever torch and Triton run here
+"""The version shims of convlora_kernels._versions, on whichever torch and Triton run here
 (the suite runs on torch 2.14 / Triton 3.8 and on torch 2.11 / Triton 3.6:
 .ci/torch_floor.sh)."""
 
 import pytest
 import torch
 
-from convlora_kernels import _compat
+from convlora_kernels import _versions
 
 
 @pytest.mark.parametrize("device_type", ["cpu", "cuda", "xpu", "mps", "hpu", "meta"])
 def test_autocast_available_agrees_with_torch(device_type):
-    assert _compat.autocast_available(device_type) == torch.amp.is_autocast_available(device_type)
+    assert _versions.autocast_available(device_type) == torch.amp.is_autocast_available(device_type)
 
 
 def test_autocast_available_compiles_without_graph_break():
@@ -18,7 +18,7 @@ def test_autocast_available_compiles_without_graph_break():
     torch.amp.is_autocast_available; fullgraph=True turns a break into an error."""
 
     def f(x):
-        if _compat.autocast_available("cpu") and torch.is_autocast_enabled("cpu"):
+        if _versions.autocast_available("cpu") and torch.is_autocast_enabled("cpu"):
             return x * 2
         return x + 1
 
@@ -31,10 +31,10 @@ def test_autocast_available_compiles_without_graph_break():
 
 
 def test_version_tuple():
-    assert _compat._version_tuple("2.11.0+cu130") == (2, 11, 0)
-    assert _compat._version_tuple("2.14.1") == (2, 14, 1)
-    assert _compat._version_tuple("3.6.0") == (3, 6, 0)
-    assert _compat._version_tuple("2.15.0a0+git1234") == (2, 15, 0)
+    assert _versions._version_tuple("2.11.0+cu130") == (2, 11, 0)
+    assert _versions._version_tuple("2.14.1") == (2, 14, 1)
+    assert _versions._version_tuple("3.6.0") == (3, 6, 0)
+    assert _versions._version_tuple("2.15.0a0+git1234") == (2, 15, 0)
 
 
 @pytest.mark.triton

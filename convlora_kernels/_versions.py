@@ -23,15 +23,16 @@ def autocast_available(device_type: str) -> bool:
 
     torch 2.11's Dynamo cannot trace the builtin behind it
     (torch._C._is_autocast_available) and breaks the graph, which fails fullgraph
-    compilation; 2.13 and later trace it. Autocast exists for exactly these device types on
-    every supported release, so the answer is a constant of the string."""
-    if TORCH_VERSION >= (2, 13):
+    compilation; 2.14 traces it (2.12 and 2.13, untested, take the constant too). Autocast
+    exists for exactly these device types on every supported release, so the answer is a
+    constant of the string (tests/test_versions.py compares it with torch's own)."""
+    if TORCH_VERSION >= (2, 14):
         return torch.amp.is_autocast_available(device_type)
     return device_type in _AUTOCAST_DEVICE_TYPES
 
 
-# The device types torch 2.11/2.12 accept in torch.autocast (the privateuse1 backend's name
-# is added at run time when one is registered).
+# The device types torch 2.11 accepts in torch.autocast, with the privateuse1 backend's name
+# as it stands when the package is imported.
 _AUTOCAST_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu", "mps", "xla", "hpu", "ipu", "mtia",
                                     "maia", torch._C._get_privateuse1_backend_name()})
 

@@ -5,7 +5,7 @@
 #
 # Stages, each under its own time limit, all within about 8 minutes on an H100:
 #   build      the extension from source (sm_XY of this card only), timed
-#   tests      python -m pytest -m gpu -ra tests
+#   tests      python -m pytest -m gpu -ra tests (SKIP on the CPU: they skip there)
 #   memcheck   compute-sanitizer memcheck: probe op + backend "cuda", tiny fwd+bwd vs reference
 #   racecheck  compute-sanitizer racecheck: the same, backend "cuda" only
 #   memcheck-triton   compute-sanitizer memcheck of backend "triton" (SKIP if it is absent)
@@ -160,6 +160,8 @@ import torch
 ok = torch.cuda.is_available()
 print('RESULT:', 'PASS' if ok else 'FAIL', torch.cuda.get_device_name() if ok else 'torch sees no CUDA device')
 raise SystemExit(0 if ok else 1)"
+else
+  record cuda-device SKIP "device $DEVICE: the stages run on the CPU"
 fi
 
 # ---- offline wheels for anything missing ----------------------------------------------
@@ -208,7 +210,13 @@ if grep -qE '^build(-check)? +FAIL' "$SUMMARY"; then
   skip_rest "the build failed" tests memcheck racecheck memcheck-triton stencil plans segstep bench
 else
   # ---- GPU tests --------------------------------------------------------------------
-  stage tests "$OUT/tests.log" "$(limit 90 "$BENCH_MIN")" "$PY" -m pytest -m gpu -ra -q -p no:cacheprovider tests
+  # Without a GPU the GPU-marked tests are collected and skip: the stage says so (SKIP).
+  stage tests "$OUT/tests.log" "$(limit 90 "$BENCH_MIN")" bash -c '
+    "$1" -m pytest -m gpu -ra -q -p no:cacheprovider tests || exit
+    if [ "$2" != cuda ]; then
+      echo "RESULT: SKIP device $2: the GPU tests were collected and skipped (see tests.log)"
+      exit 4
+    fi' gpu-tests "$PY" "$DEVICE"
 
   # ---- compute-sanitizer ------------------------------------------------------------
   SAN=${COMPUTE_SANITIZER:-}

@@ -25,8 +25,16 @@ steps=${STEPS:-"tests compile gpucheck"}
 venv="${1:-$(mktemp -d)/venv}"
 out="${2:-$(mktemp -d)}"
 work="$(mktemp -d)"
-echo "+ torch floor check: $spec under $py in $venv; logs in $out"
-[ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
+if [ ! -x "$venv/bin/python" ]; then
+  if ! "$py" -V >/dev/null 2>&1; then  # pyenv's shim answers only for its active versions
+    for c in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3; do
+      if [ -x "$c" ]; then py=$c; fi
+    done
+  fi
+  "$py" -V >/dev/null 2>&1 || { echo "$py does not run: set PYTHON to a Python 3.12" >&2; exit 2; }
+  "$py" -m venv "$venv"
+fi
+echo "+ torch floor check: $spec in $venv ($("$venv/bin/python" -V)); logs in $out"
 # The other packages at the GPU machine's versions where the tests read them (numpy 2.5,
 # transformers 5.17); the rest as requirements.txt has them.
 # shellcheck disable=SC2086

@@ -1,22 +1,15 @@
 """Hooks for the tests and the GPU check, kept out of the public surface.
 
-    POISON        a value the Triton launches pre-fill the outputs the kernels must write
-                  completely with (None: plain torch.empty); tests set NaN, so a slot a
-                  kernel forgot shows in the results, or a finite value where a kernel must
-                  write NaN itself
     gelu_probe    exact GELU by the extension's shared host/device math (a build check)
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 
 from . import _ext
-
-POISON: Optional[float] = None
 
 
 @functools.lru_cache(maxsize=None)

@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _plans
+from ._compile import constant_under_compile
 from ._validate import Problem
 from .gating import cv_squared, cv_squared_backward, router_features
-from .ops import _constant_under_compile
 
 FORWARD_PLANS = ("post_add", "bias_first", "fused")
 DY_PLANS = ("two_gemms", "one_pass")
@@ -116,7 +116,7 @@ def unavailable(candidate: str, backend: str) -> Optional[str]:
     return None
 
 
-@_constant_under_compile
+@constant_under_compile
 def plan(backend: str, device_type: str) -> Tuple[str, str]:
     """(forward candidate, dy candidate) for ``backend`` on ``device_type`` (module doc)."""
     chosen = []

@@ -19,7 +19,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from . import _ext
+from . import _ext, layer
+from ._compile import constant_under_compile
 from ._versions import autocast_available
 from ._validate import as_map, check_inputs, out_shape
 from .reference import reference_layer
@@ -101,17 +102,8 @@ def _warn_fallback_once(device_type: str, reasons: Tuple[str, ...]) -> None:
         f"reference (slow): " + "; ".join(reasons), RuntimeWarning, stacklevel=4)
 
 
-def _constant_under_compile(fn):
-    """What torch.compiler.assume_constant_result marks, without importing torch._dynamo
-    (and triton with it) when the package is imported: torch.compile then calls ``fn``
-    once while tracing and keeps its answer as a constant. The attribute is torch's private
-    marker; tests/test_backends.py checks that assume_constant_result still sets it."""
-    fn._dynamo_marked_constant = True
-    return fn
-
-
 # Constant under torch.compile, so the import machinery behind it never enters a graph.
-@_constant_under_compile
+@constant_under_compile
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that runs for ``backend`` on ``device``; raises for an unusable name."""
     if backend not in BACKENDS:
@@ -137,7 +129,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 # These take the rank, not the Problem: torch.compile cannot hand a dataclass to a function
 # whose result it assumes constant.
-@_constant_under_compile
+@constant_under_compile
 def unsupported_reason(name: str, rank: int, dtype: torch.dtype,
                        device: torch.device) -> Optional[str]:
     """None when the kernels of backend ``name`` (available on ``device``) can compute a
@@ -148,7 +140,7 @@ def unsupported_reason(name: str, rank: int, dtype: torch.dtype,
     return _backend_module(name)[0].unsupported(rank, dtype, device)
 
 
-@_constant_under_compile
+@constant_under_compile
 def _auto_falls_back(name: str, rank: int, dtype: torch.dtype, device: torch.device) -> bool:
     """True (with a one-time warning) when "auto" resolved to fused backend ``name`` but its
     kernels cannot compute a call of rank ``rank``: the call then runs on the reference, as
@@ -293,7 +285,3 @@ def available_backends(device: torch.device) -> Tuple[str, ...]:
     names = [n for n in fused_backend_order(device.type)
              if backend_unavailable_reason(n, device) is None]
     return tuple(names) + ("reference",)
-
-
-# Last: layer imports this module's helpers (ops -> layer -> ops resolves either way round).
-from . import layer  # noqa: E402

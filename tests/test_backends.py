@@ -9,7 +9,7 @@ import torch
 
 import convlora_kernels
 from convlora_kernels import BackendUnavailableError, available_backends, conv_lora_linear, ops
-from convlora_kernels import _ext, _testing
+from convlora_kernels import _compile, _ext, _testing
 
 from helpers import make_case
 
@@ -113,7 +113,7 @@ def test_triton_kernels_live_inside_the_package():
 
 def test_private_torch_apis_still_mean_what_we_use_them_for():
     """The two private torch APIs the package relies on, each behind one function
-    (ops._constant_under_compile, _ext.has_cuda_kernels): fail loudly when torch changes
+    (_compile.constant_under_compile, _ext.has_cuda_kernels): fail loudly when torch changes
     them. torch.compiler.assume_constant_result must still mark by the attribute we set
     without importing torch._dynamo, and the dispatcher query must still answer."""
     def probe():
@@ -121,7 +121,7 @@ def test_private_torch_apis_still_mean_what_we_use_them_for():
 
     marked = torch.compiler.assume_constant_result(probe)
     assert getattr(marked, "_dynamo_marked_constant", False) is True
-    assert getattr(ops._constant_under_compile(lambda: 1), "_dynamo_marked_constant") is True
+    assert getattr(_compile.constant_under_compile(lambda: 1), "_dynamo_marked_constant") is True
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     assert has("aten::add.Tensor", "CPU") is True
     mod, why = _ext.load()  # registers the convlora ops

@@ -498,10 +498,9 @@ def test_unchecked_out_of_range_expert_reaches_nothing(backend, forward_plan, tr
     Triton outputs are pre-filled with a finite value, so a row no kernel wrote shows)."""
     monkeypatch.setenv(layer.FORWARD_ENV, forward_plan)
     if backend == "triton":
-        from convlora_kernels import _testing
         from convlora_kernels.triton_kernels import launch
 
-        monkeypatch.setattr(_testing, "POISON", 7.0)
+        monkeypatch.setattr(launch, "POISON", 7.0)
         monkeypatch.setenv(launch.BACKWARD_ENV, triton_backward)
         why = ops.backend_unavailable_reason("triton", torch.device("cpu"))
         if why is not None:

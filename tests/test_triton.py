@@ -3,7 +3,7 @@
 Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by
 conftest.py) on CPU tensors in float32, on tiny shapes; the interpreter is slow, so each
 case keeps the number of experts and tiles small. Every buffer a kernel must fill is
-poisoned with NaN first (_testing.POISON). Tests marked `gpu` need a CUDA device.
+poisoned with NaN first (launch.POISON). Tests marked `gpu` need a CUDA device.
 """
 
 import subprocess
@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from convlora_kernels import (ConvLoRALinear, _testing, conv_lora_linear, conv_lora_linear_ref,
+from convlora_kernels import (ConvLoRALinear, conv_lora_linear, conv_lora_linear_ref,
                               layer)
 
 pytest.importorskip("triton")
@@ -34,7 +34,7 @@ def triton_op(*args, **kwargs):
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(_testing, "POISON", float("nan"))
+    monkeypatch.setattr(launch, "POISON", float("nan"))
 
 
 @pytest.fixture

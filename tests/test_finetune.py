@@ -42,7 +42,7 @@ def _all_foreground_iou(val_dir):
     scores = [(ds[i]["mask"] == 1).float().mean().item() for i in range(len(ds))]
     return sum(scores) / len(scores)
 
-
+@pytest.mark.slow  # the shared 150-step training run: ~2 min on 2 cores
 def test_training_learns_the_task(run, data):
     cfg, out, result, logs = run
     validations = [h["validation"] for h in result["history"] if "validation" in h]
@@ -58,7 +58,7 @@ def test_training_learns_the_task(run, data):
         "best.safetensors", "finetune.json", "history.json", "last.pt", "last.safetensors"]
     assert json.loads((out / "finetune.json").read_text())["steps"] == STEPS
 
-
+@pytest.mark.slow  # the shared 150-step training run: ~2 min on 2 cores
 def test_evaluate_and_predict_from_the_saved_files(run, data, tmp_path):
     cfg, out, result, _ = run
     seg = load_segmenter(out / "best.safetensors", backend="cpu")
@@ -73,7 +73,7 @@ def test_evaluate_and_predict_from_the_saved_files(run, data, tmp_path):
         assert torch.equal(read_mask(mask_path, 1), want)
         assert (tmp_path / "pred" / f"{img_path.stem}_overlay.png").is_file()
 
-
+@pytest.mark.slow  # the shared 150-step training run: ~2 min on 2 cores
 def test_resume_continues_the_run(run, data, tmp_path):
     cfg, out, result, _ = run
     import shutil
@@ -99,7 +99,7 @@ def test_resume_continues_the_run(run, data, tmp_path):
         train(FinetuneConfig(**{**more.__dict__, "out": str(tmp_path / "new")}), resume=True,
               progress=False)
 
-
+@pytest.mark.slow  # the shared 150-step training run: ~2 min on 2 cores
 def test_a_failed_write_leaves_the_checkpoint_whole(run, data, tmp_path, monkeypatch):
     cfg, out, _, _ = run
     import shutil

@@ -265,6 +265,7 @@ def test_bf16_autocast(family):
         assert err < 2e-2, err  # inputs and weights rounded to bf16: a few units of 2^-8
 
 
+@pytest.mark.slow  # compiling SAM 2 / SAM 3: 1-2 min each on 2 cores
 @pytest.mark.parametrize("family", ["sam2", "sam3-tracker"])
 def test_torch_compile(family):
     model, size = _build(family)

@@ -110,7 +110,7 @@ def _known_spills():
             merged[key] = max(stack, merged.get(key, 0))
     return merged
 
-
+@pytest.mark.slow  # builds ~190 kernel variants for sm_90: ~4 min on 2 cores
 def test_kernels_compile_for_the_gpu_without_new_spills():
     """Every kernel builds for sm_90 as the JIT would build it at the layer's launches (the
     interpreter cannot show that): bf16, fp16 and fp32, bilinear and bicubic, r = 8 and 16,

@@ -28,7 +28,7 @@ import measure  # noqa: E402
 
 import torch  # noqa: E402
 
-from convlora_kernels import conv_lora_linear, layer  # noqa: E402
+from convlora_kernels import _switches, conv_lora_linear, layer  # noqa: E402
 
 SHAPES = {
     # name: (batch, H, W, C, r)
@@ -44,18 +44,10 @@ SIGNIFICANT = 0.02  # a measured winner replaces the modeled choice when this mu
 
 
 def _under(env, fn):
-    """fn with the switches of ``env`` set for the call (and restored after it)."""
+    """fn with the switches of ``env`` forced for the call."""
     def call(inp):
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with _switches.forced(env):
             return fn(inp)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     return call
 
 

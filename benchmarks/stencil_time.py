@@ -28,6 +28,7 @@ import measure  # noqa: E402
 
 import torch  # noqa: E402
 
+from convlora_kernels import _switches  # noqa: E402
 from convlora_kernels.fused import INTERPOLATION_CODES  # noqa: E402
 
 SHAPES = {
@@ -91,12 +92,8 @@ def _triton_stencil_fns(inp, interpolation):
 
     def under(env, fn):
         def run(_):
-            os.environ.update(env)
-            try:
+            with _switches.forced(env):
                 return fn()
-            finally:
-                for k in env:
-                    os.environ.pop(k, None)
         return run
 
     def fwd():

@@ -37,14 +37,13 @@ passes (``modeled_bytes``; "fused" only by measurement, see MEASURED_ONLY).
 from __future__ import annotations
 
 import functools
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _plans
+from . import _plans, _switches
 from ._compile import constant_under_compile
 from ._validate import Problem
 from .gating import cv_squared, cv_squared_backward, router_features
@@ -121,7 +120,7 @@ def plan(backend: str, device_type: str) -> Tuple[str, str]:
     """(forward candidate, dy candidate) for ``backend`` on ``device_type`` (module doc)."""
     chosen = []
     for env, names in ((FORWARD_ENV, FORWARD_PLANS), (DY_ENV, DY_PLANS)):
-        forced = os.environ.get(env)
+        forced = _switches.get(env)
         if forced:
             if forced not in names:
                 raise ValueError(f"{env}: expected one of {names}, got {forced!r}")
@@ -544,7 +543,7 @@ MAP_KERNELS_ENV = "CONVLORA_MAP_KERNELS"
 
 
 def _map_kernels_on() -> bool:
-    return os.environ.get(MAP_KERNELS_ENV, "1") != "0"
+    return _switches.get(MAP_KERNELS_ENV, "1") != "0"
 
 
 def stencil_index(expert_index: Tensor) -> Tensor:

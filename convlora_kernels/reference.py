@@ -44,9 +44,9 @@ def expert_map(z: torch.Tensor, conv_weight_i: torch.Tensor, conv_bias_i: torch.
     return h
 
 
-def conv_lora_delta(z: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
-                    expert_index: torch.Tensor, scales: Sequence[int],
-                    interpolation: str) -> torch.Tensor:
+def conv_lora_u(z: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
+                expert_index: torch.Tensor, scales: Sequence[int],
+                interpolation: str) -> torch.Tensor:
     """u = z + E_{e_t}(z)_t for every token t.
 
     z: (B, H, W, r); expert_index: (B, H, W); returns u: (B, H, W, r).
@@ -92,7 +92,7 @@ def reference_layer(p: Problem, x4: torch.Tensor, weight, bias, lora_A, lora_B, 
     (B, H, W, C_in) map: y (B, H, W, C_out). The "reference" backend of ops.py."""
     y0 = F.linear(x4, weight, bias)
     z = F.linear(x4, lora_A) if z is None else z.reshape(p.batch, p.height, p.width, p.rank)
-    u = conv_lora_delta(z, conv_weight, conv_bias, expert_index, p.scales, p.interpolation)
+    u = conv_lora_u(z, conv_weight, conv_bias, expert_index, p.scales, p.interpolation)
     return y0 + scaling * F.linear(u, lora_B)
 
 

@@ -17,6 +17,7 @@ os.environ for the duration of every test not marked `triton`. Kernels defined u
 interpreter stay interpreted.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -48,3 +49,13 @@ def _interpreter_only_for_triton_tests(request, monkeypatch):
     if INTERPRETER and request.node.get_closest_marker("triton") is None:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     yield
+
+
+@pytest.fixture
+def switch():
+    """switch(NAME, value): force the internal switch NAME (convlora_kernels._switches) for
+    the rest of the test; value None means not forced, whatever the environment says."""
+    from convlora_kernels import _switches
+
+    with contextlib.ExitStack() as stack:
+        yield lambda name, value: stack.enter_context(_switches.forced({name: value}))

@@ -490,18 +490,18 @@ OUT_OF_RANGE_CASES = [  # (interpolation, deterministic, the bad token's index),
 @pytest.mark.parametrize("mode,deterministic,bad_value", OUT_OF_RANGE_CASES)
 def test_unchecked_out_of_range_expert_reaches_nothing(backend, forward_plan, triton_backward,
                                                         mode, deterministic, bad_value,
-                                                        monkeypatch):
+                                                        monkeypatch, switch):
     """An unchecked out-of-range index (no poisoning of outputs): that token's output and
     its own dz are NaN; every other token's output and x gradient equal the run where the
     token has a valid expert and no output gradient (so it contributes nothing). The
     fused forward writes y itself: its spare programs must cover the bad token (the
     Triton outputs are pre-filled with a finite value, so a row no kernel wrote shows)."""
-    monkeypatch.setenv(layer.FORWARD_ENV, forward_plan)
+    switch(layer.FORWARD_ENV, forward_plan)
     if backend == "triton":
         from convlora_kernels.triton_kernels import launch
 
         monkeypatch.setattr(launch, "POISON", 7.0)
-        monkeypatch.setenv(launch.BACKWARD_ENV, triton_backward)
+        switch(launch.BACKWARD_ENV, triton_backward)
         why = ops.backend_unavailable_reason("triton", torch.device("cpu"))
         if why is not None:
             pytest.skip(why)

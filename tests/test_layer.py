@@ -29,10 +29,10 @@ CASES = [pytest.param(b, f, d, marks=_TRITON_MARKS if b == "triton" else [])
 
 
 @pytest.fixture
-def switches(monkeypatch):
+def switches(switch):
     def use(forward_plan, dy_plan):
-        monkeypatch.setenv(layer.FORWARD_ENV, forward_plan)
-        monkeypatch.setenv(layer.DY_ENV, dy_plan)
+        switch(layer.FORWARD_ENV, forward_plan)
+        switch(layer.DY_ENV, dy_plan)
     return use
 
 
@@ -74,28 +74,28 @@ def test_every_candidate_matches_reference(backend, forward_plan, dy_plan, bias,
         assert_close(a, b, tol, tol, f"{n} ({forward_plan}, {dy_plan})")
 
 
-def test_plan_follows_switches_then_table_then_model(monkeypatch):
+def test_plan_follows_switches_then_table_then_model(monkeypatch, switch):
     for env in (layer.FORWARD_ENV, layer.DY_ENV):
-        monkeypatch.delenv(env, raising=False)
+        switch(env, None)
     monkeypatch.setattr(_plans, "MEASURED", {})
     assert layer.plan("cpu", "cpu") == ("bias_first", "one_pass")  # fewest modeled bytes
     monkeypatch.setattr(_plans, "MEASURED", {("cpu", "cpu"): {
         layer.FORWARD_ENV: "post_add", layer.DY_ENV: "two_gemms"}})
     assert layer.plan("cpu", "cpu") == ("post_add", "two_gemms")
     assert layer.plan("cuda", "cuda")[0] == "bias_first"  # no entry for that pair
-    monkeypatch.setenv(layer.FORWARD_ENV, "bias_first")
+    switch(layer.FORWARD_ENV, "bias_first")
     assert layer.plan("cpu", "cpu") == ("bias_first", "two_gemms")
-    monkeypatch.setenv(layer.DY_ENV, "three_gemms")
+    switch(layer.DY_ENV, "three_gemms")
     with pytest.raises(ValueError, match="CONVLORA_LAYER_DY: expected one of"):
         layer.plan("cpu", "cpu")
 
 
-def test_fused_forward_only_where_it_runs(monkeypatch):
+def test_fused_forward_only_where_it_runs(monkeypatch, switch):
     """The fused forward is a Triton kernel whose speed only a GPU can tell: a measured
     entry selects it for the triton backend, the byte model never does, and forcing it
     where it cannot run says why not."""
     for env in (layer.FORWARD_ENV, layer.DY_ENV):
-        monkeypatch.delenv(env, raising=False)
+        switch(env, None)
     monkeypatch.setattr(_plans, "MEASURED", {})
     assert layer.plan("triton", "cuda")[0] == "bias_first"
     assert layer.plan_by_model(["fused", "post_add"]) == "post_add"
@@ -103,7 +103,7 @@ def test_fused_forward_only_where_it_runs(monkeypatch):
     monkeypatch.setattr(_plans, "MEASURED", {("cuda", "triton"): fused, ("cuda", "cuda"): fused})
     assert layer.plan("triton", "cuda")[0] == "fused"
     assert layer.plan("cuda", "cuda")[0] == "bias_first"  # a measured entry it cannot run
-    monkeypatch.setenv(layer.FORWARD_ENV, "fused")
+    switch(layer.FORWARD_ENV, "fused")
     with pytest.raises(ValueError, match="CONVLORA_LAYER_FORWARD=fused: the fused forward "
                                          "is a Triton kernel"):
         layer.plan("cpu", "cpu")

@@ -382,7 +382,7 @@ def test_shared_memory_budget_switch(monkeypatch):
         _plan(8, 8, "bilinear", True)
 
 
-def test_layer_hands_the_map_programs_a_per_map_index(monkeypatch):
+def test_layer_hands_the_map_programs_a_per_map_index(monkeypatch, switch):
     """An index expanded from (B, 1, 1), as the map router returns it, reaches the stencil
     as (B,) (the map programs); a materialised one per token; CONVLORA_MAP_KERNELS=0 (the
     internal switch a GPU measurement may need) keeps the per-token programs."""
@@ -395,5 +395,5 @@ def test_layer_hands_the_map_programs_a_per_map_index(monkeypatch):
     assert stencil_index(e.contiguous()).shape == (60,)
     routed, _ = NoisyTopOneRouter(4, 3, "map")(torch.randn(3, 5, 4, 4))
     assert stencil_index(routed).shape == (3,)
-    monkeypatch.setenv("CONVLORA_MAP_KERNELS", "0")
+    switch("CONVLORA_MAP_KERNELS", "0")
     assert stencil_index(e).shape == (60,)

@@ -248,10 +248,10 @@ def test_matches_reference_forward_and_every_gradient(name):
 @pytest.mark.parametrize("name", ["bilinear-token", "bicubic-map", "rank-20", "scales-16-1-6",
                                   "no-bias"])
 @pytest.mark.parametrize("det", [False, True], ids=["atomics", "deterministic"])
-def test_merged_backward_matches_reference(name, det, monkeypatch):
+def test_merged_backward_matches_reference(name, det, monkeypatch, switch):
     """The merged stencil backward (one kernel, taps built once), forward and every
     gradient, both reduction paths; and bit-identical twice in deterministic mode."""
-    monkeypatch.setenv(launch.BACKWARD_ENV, "merged")
+    switch(launch.BACKWARD_ENV, "merged")
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(det)
     try:
@@ -273,10 +273,10 @@ def test_merged_backward_matches_reference(name, det, monkeypatch):
 
 @pytest.mark.parametrize("name", ["bicubic-rank-6", "rank-20"])
 @pytest.mark.parametrize("det", [False, True], ids=["atomics", "deterministic"])
-def test_split_backward_in_channel_chunks(name, det, monkeypatch):
+def test_split_backward_in_channel_chunks(name, det, monkeypatch, switch):
     """The split backward's dL/dz pass runs RC < r channels at a time here (the second
     chunk partly past r): forward and every gradient, both reduction paths."""
-    monkeypatch.setenv(launch.BACKWARD_ENV, "split")
+    switch(launch.BACKWARD_ENV, "split")
     kw = CHUNKED[name]
     plan = launch.Plan(kw["height"], kw["width"], kw["rank"], len(kw["scales"]), kw["scales"],
                        kw.get("interpolation", "bilinear"), torch.float32, DEV)
@@ -298,11 +298,11 @@ CHUNKED = {"bicubic-rank-6": dict(batch=1, height=5, width=4, rank=6, scales=(1,
 @pytest.mark.parametrize("name", ["bicubic-map", "bicubic-token-even", "bilinear-token",
                                   "scales-16-1-6", "rank-8"])
 @pytest.mark.parametrize("rows", launch.ROW_PASSES)
-def test_row_passes_shared_or_per_output_match_reference(name, rows, monkeypatch):
+def test_row_passes_shared_or_per_output_match_reference(name, rows, monkeypatch, switch):
     """The forward and grad kernels with each down-tap row's row passes held for its conv
     outputs ("shared", bicubic's default at r <= 8) and computed per conv output
     ("per-output", the default elsewhere): forward and every gradient, either way."""
-    monkeypatch.setenv(launch.ROW_PASSES_ENV, rows)
+    switch(launch.ROW_PASSES_ENV, rows)
     kw = CASES[name]
     plan = launch.Plan(kw["height"], kw["width"], kw.get("rank", 4), len(kw["scales"]),
                        kw["scales"], kw.get("interpolation", "bilinear"), torch.float32, DEV)
@@ -310,7 +310,7 @@ def test_row_passes_shared_or_per_output_match_reference(name, rows, monkeypatch
     check_accuracy_rule(triton_op, case(seed=len(name) + 90, **kw), torch.float32, FLOOR32)
 
 
-def test_row_passes_default_follows_taps_and_rank(monkeypatch):
+def test_row_passes_default_follows_taps_and_rank(monkeypatch, switch):
     """Without the switch the row passes are shared exactly where holding them costs no
     occupancy by compile_check's registers (launch.ROW_PASSES_ENV): bicubic, r <= 8."""
     monkeypatch.delenv(launch.ROW_PASSES_ENV, raising=False)
@@ -319,13 +319,13 @@ def test_row_passes_default_follows_taps_and_rank(monkeypatch):
                                         ("bilinear", 3, False), ("bilinear", 8, False)]:
         plan = launch.Plan(8, 8, rank, 8, range(1, 9), interpolation, torch.bfloat16, DEV)
         assert plan.shared_rows is shared, (interpolation, rank)
-    monkeypatch.setenv(launch.ROW_PASSES_ENV, "hoisted")
+    switch(launch.ROW_PASSES_ENV, "hoisted")
     with pytest.raises(ValueError, match="CONVLORA_TRITON_ROW_PASSES: expected one of"):
         launch.shared_row_passes(4, 4)
 
 
-def test_backward_switch_names_its_values(monkeypatch):
-    monkeypatch.setenv(launch.BACKWARD_ENV, "fused")
+def test_backward_switch_names_its_values(monkeypatch, switch):
+    switch(launch.BACKWARD_ENV, "fused")
     with pytest.raises(ValueError, match="CONVLORA_TRITON_BACKWARD: expected one of"):
         launch.backward_kernels()
 
@@ -373,11 +373,11 @@ def test_unused_experts_get_zero_gradients(det, request):
 
 
 @pytest.fixture(params=["bias_first", "fused"])
-def forward_plan(request, monkeypatch):
+def forward_plan(request, monkeypatch, switch):
     """The forward candidates that run the stencil apart from the GEMMs and inside them."""
     from convlora_kernels import layer
 
-    monkeypatch.setenv(layer.FORWARD_ENV, request.param)
+    switch(layer.FORWARD_ENV, request.param)
     return request.param
 
 
@@ -546,10 +546,10 @@ def test_opcheck():
 # --- GPU only ----------------------------------------------------------------------------
 
 @pytest.fixture
-def untuned(monkeypatch):
+def untuned(monkeypatch, switch):
     """GPU tests check each kernel's first autotuning candidate: compiling and timing every
     candidate of every kernel would take most of their time (one test covers tuning)."""
-    monkeypatch.setenv("CONVLORA_TRITON_AUTOTUNE", "0")
+    switch("CONVLORA_TRITON_AUTOTUNE", "0")
 
 
 @pytest.mark.gpu
@@ -597,9 +597,9 @@ def test_gpu_deterministic_runs_are_bit_identical(deterministic):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_autotuning_keeps_results(monkeypatch):
+def test_gpu_autotuning_keeps_results(monkeypatch, switch):
     """Timing runs of kernels that accumulate (y, dL/dz, atomics) restore their outputs."""
-    monkeypatch.setenv("CONVLORA_TRITON_AUTOTUNE", "1")
+    switch("CONVLORA_TRITON_AUTOTUNE", "1")
     c = case(batch=2, height=16, width=16, c_in=64, c_out=96, rank=8,
              scales=tuple(range(1, 9)), seed=33)
     check_accuracy_rule(triton_op, c, torch.bfloat16, 1e-3)  # tunes on the first call

@@ -38,6 +38,7 @@ import time
 
 import torch
 
+from .. import _switches
 from . import launch, sort
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -60,7 +61,6 @@ def recorded_launches():
 
     calls = []
     run = JITFunction.run
-    tune = os.environ.get("CONVLORA_TRITON_AUTOTUNE")
 
     def record(self, *args, grid, warmup, **kwargs):
         calls.append((self, args, kwargs))
@@ -71,15 +71,11 @@ def recorded_launches():
             bounds.copy_(torch.searchsorted(keys, torch.arange(n_exp + 1, dtype=torch.int32)))
 
     JITFunction.run = record
-    os.environ["CONVLORA_TRITON_AUTOTUNE"] = "0"
     try:
-        yield calls
+        with _switches.forced({launch.AUTOTUNE_ENV: "0"}):
+            yield calls
     finally:
         JITFunction.run = run
-        if tune is None:
-            os.environ.pop("CONVLORA_TRITON_AUTOTUNE", None)
-        else:
-            os.environ["CONVLORA_TRITON_AUTOTUNE"] = tune
 
 
 def layer_launches(dtype: torch.dtype, interpolation: str, rank: int):
@@ -110,21 +106,16 @@ def layer_launches(dtype: torch.dtype, interpolation: str, rank: int):
         z2 = x2 @ lora_a.t()
         u, perm, bounds = launch.stencil_forward(z2, idx, cw, cb, *geometry)
         was = torch.are_deterministic_algorithms_enabled()
-        chosen = os.environ.get(launch.BACKWARD_ENV)
         try:
             for det, backward in itertools.product((False, True), launch.BACKWARDS):
                 torch.use_deterministic_algorithms(det)
-                os.environ[launch.BACKWARD_ENV] = backward
-                for dy_plan in layer.DY_PLANS:
-                    layer._backward_impl(dy, x2, weight, lora_a, lora_b, cw, cb, idx, z2, u,
-                                         perm, bounds, False, 1.0, *geometry, "triton",
-                                         dy_plan, [True] * 7 + [False])
+                with _switches.forced({launch.BACKWARD_ENV: backward}):
+                    for dy_plan in layer.DY_PLANS:
+                        layer._backward_impl(dy, x2, weight, lora_a, lora_b, cw, cb, idx, z2,
+                                             u, perm, bounds, False, 1.0, *geometry, "triton",
+                                             dy_plan, [True] * 7 + [False])
         finally:
             torch.use_deterministic_algorithms(was)
-            if chosen is None:
-                os.environ.pop(launch.BACKWARD_ENV, None)
-            else:
-                os.environ[launch.BACKWARD_ENV] = chosen
         f = rnd(n_tok, rank)
         wg, wn = rnd(rank, n_exp, dt=torch.float32), rnd(rank, n_exp, dt=torch.float32)
         for noise in (torch.randn(n_tok, n_exp, generator=g), None):

@@ -21,12 +21,12 @@ partial sums, reduced in a fixed order.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 
+from .. import _switches
 from . import dense, layer_forward, sort, stencil
 from .tables import BORDER, next_pow2, stencil_tables
 
@@ -58,10 +58,13 @@ def _autotuned(kernel, options, **kw):
     return (first if INTERPRETED else triton.autotune(_configs(options), **kw)(kernel)), first
 
 
+AUTOTUNE_ENV = "CONVLORA_TRITON_AUTOTUNE"
+
+
 def _tuned_or_first(pair):
     """The autotuned kernel of an _autotuned pair, or its first candidate alone when
     CONVLORA_TRITON_AUTOTUNE=0."""
-    return pair[1] if os.environ.get("CONVLORA_TRITON_AUTOTUNE", "1") == "0" else pair[0]
+    return pair[1] if _switches.get(AUTOTUNE_ENV, "1") == "0" else pair[0]
 
 
 # Keys: the padded rank, the neighbourhood and the taps set the register footprint and
@@ -108,7 +111,7 @@ BACKWARDS = ("split", "merged")
 
 def backward_kernels() -> str:
     """The stencil backward that runs: BACKWARD_ENV when set, else "split"."""
-    chosen = os.environ.get(BACKWARD_ENV, "split")
+    chosen = _switches.get(BACKWARD_ENV, "split")
     if chosen not in BACKWARDS:
         raise ValueError(f"{BACKWARD_ENV}: expected one of {BACKWARDS}, got {chosen!r}")
     return chosen
@@ -135,7 +138,7 @@ ROW_PASSES = ("shared", "per-output")
 
 def shared_row_passes(taps: int, rz: int) -> bool:
     """Whether the forward and grad kernels hold the row passes (see ROW_PASSES_ENV)."""
-    chosen = os.environ.get(ROW_PASSES_ENV)
+    chosen = _switches.get(ROW_PASSES_ENV)
     if chosen is None:
         return taps == 4 and rz <= 8
     if chosen not in ROW_PASSES:

@@ -2,7 +2,7 @@
 //
 // Importing convlora_kernels._C loads this library; the ops then live under
 // torch.ops.convlora. Fake (meta) kernels and autograd are registered from Python
-// (convlora_kernels/ops.py).
+// (convlora_kernels/fused.py, gating.py and _testing.py).
 #include <Python.h>
 
 #include <ATen/ATen.h>

@@ -29,7 +29,7 @@
 #include "stencil_tile.h"
 
 // The op library's namespace: torch.ops.convlora, or another name for a second build
-// of the CPU kernels in the same process (the checked build, tests/test_checked_build.py).
+// of the CPU kernels in the same process (the checked build, tests/test_stencil_kernels.py).
 #ifndef CONVLORA_NS
 #define CONVLORA_NS convlora
 #endif

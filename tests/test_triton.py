@@ -150,6 +150,24 @@ def test_kernels_compile_for_the_gpu_without_new_spills():
     assert not crowded, "\n".join(crowded)
 
 
+def test_deterministic_mode_pins_the_first_candidate(switch):
+    """Deterministic mode never autotunes: the winner of a timing run can differ between
+    processes, and candidates reduce in different orders."""
+    pair = ("tuned", "first")
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        switch(launch.AUTOTUNE_ENV, "1")
+        torch.use_deterministic_algorithms(False)
+        assert launch._tuned_or_first(pair) == "tuned"
+        torch.use_deterministic_algorithms(True)
+        assert launch._tuned_or_first(pair) == "first"
+        torch.use_deterministic_algorithms(False)
+        switch(launch.AUTOTUNE_ENV, "0")
+        assert launch._tuned_or_first(pair) == "first"
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 def test_unavailable_reason_on_cpu(monkeypatch):
     assert op.unavailable_reason("triton", torch.device("cuda")) is None
     if not launch.INTERPRETED:

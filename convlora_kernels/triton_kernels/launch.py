@@ -63,7 +63,11 @@ AUTOTUNE_ENV = "CONVLORA_TRITON_AUTOTUNE"
 
 def _tuned_or_first(pair):
     """The autotuned kernel of an _autotuned pair, or its first candidate alone when
-    CONVLORA_TRITON_AUTOTUNE=0."""
+    CONVLORA_TRITON_AUTOTUNE=0 or under torch.use_deterministic_algorithms: candidates
+    with other warps or tiles sum in other orders, and which one wins the timing can
+    differ between processes, so deterministic mode pins the first."""
+    if torch.are_deterministic_algorithms_enabled():
+        return pair[1]
     return pair[1] if _switches.get(AUTOTUNE_ENV, "1") == "0" else pair[0]
 
 

@@ -209,7 +209,7 @@ def test_aux_loss_sums_the_training_forwards():
         enc.eval()(x)
     with torch.no_grad():  # evaluation: no warning
         assert aux_loss(enc).item() == 0
-    sam_module._warn_eval_mode_once.cache_clear()
+    sam_module.model._warn_eval_mode_once.cache_clear()
     with pytest.warns(RuntimeWarning, match=r"every Conv-LoRA layer is in eval mode.*call "
                       r"model.train\(\) before the training forward"):
         zero = aux_loss(enc)

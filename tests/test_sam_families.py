@@ -1,6 +1,6 @@
 """apply_conv_lora on SAM 2 (Hiera), SAM-HQ and SAM 3 (its ViT, q/k/v projections), as
 transformers builds them, in small random configurations (no downloads). Meta's sam2 and
-sam3 packages are not installed here: their encoders are found by class (sam.py), and run
+sam3 packages are not installed here: their encoders are found by class (sam/model.py), and run
 the same attention code as transformers' ports."""
 
 import pytest

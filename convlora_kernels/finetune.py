@@ -146,7 +146,7 @@ def _run(args) -> int:
                               progress=args.progress)
         print(f"wrote {len(files)} masks and overlays to {args.out}")
     else:
-        from .seg.data import synthetic_split
+        from .seg.synthetic import synthetic_split
 
         synthetic_split(args.out, args.train, args.val, num_classes=args.num_classes,
                         size=args.size, seed=args.seed)

@@ -11,7 +11,8 @@ pytest.importorskip("segment_anything", reason="the SAM tests need segment-anyth
 pytest.importorskip("PIL", reason="the data tests need Pillow")
 
 from convlora_kernels import finetune
-from convlora_kernels.seg.data import SegmentationDataset, read_image, read_mask, synthetic_split
+from convlora_kernels.seg.data import SegmentationDataset, read_image, read_mask
+from convlora_kernels.seg.synthetic import synthetic_split
 from convlora_kernels.seg.trainer import (FinetuneConfig, build_sam, evaluate, load_segmenter,
                                         predict, train)
 

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from convlora_kernels.seg.data import (IGNORE_INDEX, SegmentationDataset, collate, csv_pairs,
-                                       folder_pairs, make_synthetic, read_image, read_mask,
-                                       synthetic_split)
+                                       folder_pairs, read_image, read_mask)
+from convlora_kernels.seg.synthetic import make_synthetic, synthetic_split
 
 
 def save(path, array, mode=None, palette=None):

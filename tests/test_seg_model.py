@@ -13,8 +13,9 @@ pytest.importorskip("segment_anything", reason="the SAM tests need segment-anyth
 
 from convlora_kernels import ConvLoRALinear
 from convlora_kernels.sam import save_adapter
-from convlora_kernels.seg.losses import (IGNORE_INDEX, SegmentationMetrics, ce_dice_loss,
-                                         segmentation_loss, structure_loss)
+from convlora_kernels.seg.losses import (IGNORE_INDEX, ce_dice_loss, segmentation_loss,
+                                         structure_loss)
+from convlora_kernels.seg.metrics import SegmentationMetrics
 from convlora_kernels.seg.model import SamSegmenter
 
 from sam_helpers import FAST, FUSED, IMG, randomise_adapters, tiny_sam

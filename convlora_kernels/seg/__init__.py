@@ -11,9 +11,11 @@ datasets, and the fine-tuning steps (``python -m convlora_kernels.finetune``).
 """
 
 from .data import (IGNORE_INDEX, SegmentationDataset, collate, csv_pairs, folder_pairs,
-                   make_synthetic, read_image, read_mask, synthetic_split)
-from .losses import SegmentationMetrics, ce_dice_loss, segmentation_loss, structure_loss
+                   read_image, read_mask)
+from .losses import ce_dice_loss, segmentation_loss, structure_loss
+from .metrics import SegmentationMetrics
 from .model import SamSegmenter
+from .synthetic import make_synthetic, synthetic_split
 from .trainer import FinetuneConfig, build_sam, evaluate, load_segmenter, predict, train
 
 __all__ = ["FinetuneConfig", "IGNORE_INDEX", "SamSegmenter", "SegmentationDataset",

@@ -32,7 +32,8 @@ import torch.nn as nn
 from .. import sam as sam_api
 from .._files import write_atomically
 from .data import SegmentationDataset, collate, read_image
-from .losses import SegmentationMetrics, segmentation_loss
+from .losses import segmentation_loss
+from .metrics import SegmentationMetrics
 from .model import SamSegmenter
 
 MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")

@@ -1,0 +1,83 @@
+"""Metrics for semantic segmentation: SegmentationMetrics (IoU, Dice, MAE for binary;
+mIoU, per-class IoU and pixel accuracy for multi-class), over targets as losses.py takes
+them (class ids, IGNORE_INDEX for pixels that count nowhere)."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from .data import IGNORE_INDEX
+from .losses import _check
+
+
+class SegmentationMetrics:
+    """Running metrics over batches: ``update(logits, target)`` then ``compute()``.
+
+    Binary (num_classes == 1): "iou" and "dice" of the foreground, each the mean over
+    images of the per-image score (an image with no foreground in prediction and target
+    scores 1), and "mae", the mean over images of the mean |sigmoid(logit) - target| over
+    valid pixels. Multi-class: "miou", the mean over classes present in prediction or
+    target of the dataset-wide IoU, "iou_per_class" (NaN for a class never seen) and
+    "pixel_accuracy". IGNORE_INDEX pixels count nowhere.
+    """
+
+    def __init__(self, num_classes: int):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.reset()
+
+    def reset(self) -> None:
+        k = max(2, self.num_classes)
+        self.confusion = torch.zeros(k, k, dtype=torch.int64)
+        self.images = 0
+        self.iou_sum = self.dice_sum = self.mae_sum = 0.0
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        _check(logits, target)
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits: expected {self.num_classes} channels "
+                             f"(num_classes), got {logits.shape[1]}")
+        valid = target != IGNORE_INDEX
+        if self.num_classes == 1:
+            prob = torch.sigmoid(logits[:, 0].float())
+            pred = (prob > 0.5).long()
+            t = (target == 1)
+            for b in range(target.shape[0]):
+                v = valid[b]
+                pb, tb = pred[b][v].bool(), t[b][v]
+                inter = (pb & tb).sum().item()
+                union = (pb | tb).sum().item()
+                both = pb.sum().item() + tb.sum().item()
+                self.iou_sum += inter / union if union else 1.0
+                self.dice_sum += 2 * inter / both if both else 1.0
+                self.mae_sum += ((prob[b][v] - tb.float()).abs().mean().item()
+                                 if v.any() else 0.0)
+                self.images += 1
+            target = t.long()
+        else:
+            pred = logits.argmax(1)
+        k = self.confusion.shape[0]
+        tv, pv = target[valid], pred[valid]
+        if ((tv < 0) | (tv >= k)).any():
+            raise ValueError(f"target: class ids must be in [0, {k}) or {IGNORE_INDEX}, got "
+                             f"{tv[(tv < 0) | (tv >= k)].unique()[:5].tolist()}")
+        self.confusion += torch.bincount((tv * k + pv).cpu(), minlength=k * k).view(k, k)
+        if self.num_classes > 1:
+            self.images += target.shape[0]
+
+    def compute(self) -> Dict[str, object]:
+        c = self.confusion.double()
+        inter = c.diag()
+        union = c.sum(0) + c.sum(1) - inter
+        if self.num_classes == 1:
+            n = max(self.images, 1)
+            return {"iou": self.iou_sum / n, "dice": self.dice_sum / n, "mae": self.mae_sum / n}
+        iou = torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, float("nan")))
+        seen = union > 0
+        return {"miou": iou[seen].mean().item() if seen.any() else float("nan"),
+                "iou_per_class": iou.tolist(),
+                "pixel_accuracy": (inter.sum() / c.sum().clamp_min(1)).item()}

@@ -101,7 +101,9 @@ KNOWN_SPILLS_BY_TRITON = {
 def _known_spills():
     import triton
 
-    release = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    from convlora_kernels._versions import _version_tuple
+
+    release = _version_tuple(triton.__version__)[:2]
     if release in KNOWN_SPILLS_BY_TRITON:
         return KNOWN_SPILLS_BY_TRITON[release]
     merged = {}

@@ -13,9 +13,12 @@ import torch
 import torch.nn as nn
 
 from .._files import write_atomically
-from .model import (ADAPTER_TENSORS, ConvLoRAConfig, FILE_FORMAT, FILE_FORMAT_VERSION, _FUSED_QKV,
-                    _clean, _config_holder, _config_of, _conv_lora_layers, _find_mask_decoder,
-                    _inside, _raw_name)
+from .model import (ADAPTER_TENSORS, ConvLoRAConfig, _FUSED_QKV, _clean, _config_holder,
+                    _config_of, _conv_lora_layers, _find_mask_decoder, _inside, _raw_name)
+
+# What save_adapter writes into the file's metadata, and load_adapter requires.
+FILE_FORMAT = "convlora-kernels-adapter"
+FILE_FORMAT_VERSION = "1"
 
 
 def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -22,8 +22,6 @@ ADAPTER_TENSORS = ("lora_A", "lora_B", "conv_weight", "conv_bias", "router.w_gat
                    "router.w_noise")
 # The projection adapted in encoders with one fused qkv layer (all but transformers' SAM 3).
 _FUSED_QKV = ("qkv",)
-FILE_FORMAT = "convlora-kernels-adapter"
-FILE_FORMAT_VERSION = "1"
 # Name segments that module wrappers add and their state_dict() leaves out.
 _WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
 

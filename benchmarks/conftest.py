@@ -4,24 +4,19 @@
     python -m pytest benchmarks/ --benchmark-only --bench-device cuda   # SAM shapes, bf16
     python -m pytest benchmarks/ --benchmark-only --bench-only window-C768 --bench-compile
 
-Shapes and providers come from benchmarks/common.py, as for benchmarks/run.py.
+Shapes and providers come from benchmarks/benchlib/common.py, as for benchmarks/run.py.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import pytest
+import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-import floors  # noqa: E402
-
-import torch  # noqa: E402
+from benchlib import common, floors
 
 
 
@@ -122,7 +117,7 @@ def inputs_for(bench_settings):
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     """The card, driver, torch/triton/CUDA versions and commit go into --benchmark-json."""
-    import envinfo
+    from benchlib import envinfo
 
     s = settings(config)
     if s.is_cuda and not torch.cuda.is_available():

@@ -15,7 +15,7 @@
 #              (CONVLORA_MAP_KERNELS=0 switches the layer to the latter)
 #   plans      every candidate of the layer's plan, per fused backend, at SAM's shapes, and
 #              the winners (benchmarks/plan_time.py; plans.json, the source of the
-#              convlora_kernels/_plans.py entries)
+#              MEASURED table of convlora_kernels/plan.py)
 #   module     ConvLoRALinear's training step (bf16, 4 images) with its router inside the
 #              layer's op, next to the frozen linear and the router outside
 #              (benchmarks/profile_layer.py, compatibility mode; module-token: token routing,
@@ -249,7 +249,7 @@ else
   stage stencil "$OUT/bench.log" "$(limit 90 "$BENCH_MIN")" "$PY" benchmarks/stencil_time.py "${STENCIL[@]}"
   # ---- the layer's candidates, side by side ---------------------------------------------
   if [ "$DEVICE" = cuda ]; then PLANS=(--device cuda --repeats 20); else PLANS=(--device cpu --repeats 3); fi
-  # 150 s: three forward candidates on triton (the fused one autotunes four tiles per C)
+  # 150 s: three forward candidates on triton (one_kernel autotunes four tiles per C)
   stage plans "$OUT/bench.log" "$(limit 150 "$BENCH_MIN")" "$PY" benchmarks/plan_time.py "${PLANS[@]}" \
     --out "$OUT/plans.json"
   # ---- the module's training step: router inside the op against outside ----------------
@@ -272,7 +272,7 @@ else
   else
     BENCH=(--device cpu --preset smoke --repeats 3 --warmup 1)
   fi
-  # The authors' layer needs its wheel (benchmarks/authors.py); without network, only a
+  # The authors' layer needs its wheel (benchmarks/benchlib/authors.py); without network, only a
   # copy named by CONVLORA_AUTOGLUON_WHEEL.
   [ -n "${CONVLORA_AUTOGLUON_WHEEL:-}" ] || BENCH+=(--no-authors)
   stage bench "$OUT/bench.log" "$secs" "$PY" benchmarks/run.py "${BENCH[@]}" \

@@ -1,4 +1,4 @@
-"""Every candidate of the layer's plan (convlora_kernels.layer), timed side by side.
+"""Every candidate of the layer's plan (convlora_kernels.plan), timed side by side.
 
     python benchmarks/plan_time.py                       # CPU, fp32, the CPU target shapes
     python benchmarks/plan_time.py --device cuda         # bf16, SAM's ViT-B shapes
@@ -9,8 +9,9 @@ Per shape and fused backend: the forward alone under each forward candidate
 CONVLORA_LAYER_DY), interleaved with plain eager LoRA and the frozen linear. Each row is a
 ratio to plain LoRA and to the frozen linear (on a GPU also microseconds, with the card
 named). The winner of each switch is the candidate with the fewest modeled bytes unless
-another one's time summed over the shapes is more than 2% smaller; ``--out`` writes them, per (device type, backend), in the form of
-convlora_kernels/_plans.py's MEASURED table, with the card, torch version and commit.
+another one's time summed over the shapes is more than 2% smaller; ``--out`` writes them,
+per (device type, backend), in the form of the MEASURED table of convlora_kernels/plan.py,
+with the card, torch version and commit.
 The last line, "RESULT: ...", names the winners.
 """
 
@@ -22,13 +23,11 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (puts the checkout's package first on sys.path)
-import measure  # noqa: E402
+import torch
 
-import torch  # noqa: E402
+from convlora_kernels import _switches, conv_lora_linear, plan
 
-from convlora_kernels import _switches, conv_lora_linear, layer  # noqa: E402
+from benchlib import common, measure
 
 SHAPES = {
     # name: (batch, H, W, C, r)
@@ -57,7 +56,7 @@ def _layer(backend):
 
 
 def _runnable(candidates, backend):
-    return [c for c in candidates if layer.unavailable(c, backend) is None]
+    return [c for c in candidates if plan.unavailable(c, backend) is None]
 
 
 def _label(fwd, dy=None):
@@ -89,10 +88,10 @@ def main(argv=None) -> int:
         print(f"\n{name} (token routing, bilinear), {len(backends)} backend(s)")
         for backend in backends:
             fwds, dys = (_runnable(names, backend)
-                         for names in (layer.FORWARD_PLANS, layer.DY_PLANS))
-            fwd_fns = {_label(f): _under({layer.FORWARD_ENV: f}, _layer(backend))
+                         for names in (plan.FORWARD_CANDIDATES, plan.DY_CANDIDATES))
+            fwd_fns = {_label(f): _under({plan.FORWARD_ENV: f}, _layer(backend))
                        for f in fwds}
-            both_fns = {_label(f, d): _under({layer.FORWARD_ENV: f, layer.DY_ENV: d},
+            both_fns = {_label(f, d): _under({plan.FORWARD_ENV: f, plan.DY_ENV: d},
                                              _layer(backend))
                         for f, d in itertools.product(fwds, dys)}
             peers = {common.PLAIN_LORA: common.plain_lora, common.LINEAR: common.frozen_linear}
@@ -116,21 +115,21 @@ def main(argv=None) -> int:
                     # the forward decides the forward switch; fwd+bwd decides the dy switch
                     if backward:
                         cand = k.split(" + ")[1]
-                        key = (backend, layer.DY_ENV, cand)
+                        key = (backend, plan.DY_ENV, cand)
                     else:
-                        key = (backend, layer.FORWARD_ENV, k)
+                        key = (backend, plan.FORWARD_ENV, k)
                     totals[key] = totals.get(key, 0.0) + med[k]
     winners = {}
     for backend in backends:
-        for switch, names in ((layer.FORWARD_ENV, layer.FORWARD_PLANS),
-                              (layer.DY_ENV, layer.DY_PLANS)):
+        for switch, names in ((plan.FORWARD_ENV, plan.FORWARD_CANDIDATES),
+                              (plan.DY_ENV, plan.DY_CANDIDATES)):
             timed = {c: totals[(backend, switch, c)] for c in names
                      if (backend, switch, c) in totals}
             if not timed:
                 continue
             # The modeled choice stands unless another candidate is clearly faster: a
             # difference inside run-to-run noise is no reason to leave the model.
-            model = layer.plan_by_model(_runnable(names, backend))
+            model = plan.by_model(_runnable(names, backend))
             best = min(timed, key=timed.get)
             if model in timed and timed[best] > (1 - SIGNIFICANT) * timed[model]:
                 best = model

@@ -24,19 +24,15 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402,F401  (puts the checkout's package first on sys.path)
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from convlora_kernels import ConvLoRALinear, conv_lora_linear
 
-import torch.nn.functional as F  # noqa: E402
-
-from convlora_kernels import ConvLoRALinear, conv_lora_linear  # noqa: E402
+from benchlib import common
 
 SHAPES = {"global": (1, 64, 64), "window": (25, 14, 14)}
 

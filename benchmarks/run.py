@@ -6,7 +6,7 @@
         --compile-only global-C768-r8        # what benchmarks/gpu_check.sh runs
     python benchmarks/run.py --preset compat # the paper's setting against the authors' layer
 
-Prints a ratio table per shape and mode (see benchmarks/render.py for the columns) and
+Prints a ratio table per shape and mode (see benchmarks/benchlib/render.py for the columns) and
 writes a JSON report with raw medians, floors, memory and the environment, plus a
 markdown table and a PNG plot beside it (default: benchmarks/results/local/). On a CPU
 only ratios are printed; absolute times are printed only for a GPU, with the card named.
@@ -21,14 +21,9 @@ import shlex
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (puts the checkout's package first on sys.path)
-import envinfo  # noqa: E402
-import floors  # noqa: E402
-import measure  # noqa: E402
-import render  # noqa: E402
+import torch
 
-import torch  # noqa: E402
+from benchlib import common, envinfo, floors, measure, render
 
 SCHEMA = 2
 
@@ -170,7 +165,7 @@ def main(argv=None):
                    help="input sets cycled through; " + common.default_help("rotate"))
     p.add_argument("--authors", action=argparse.BooleanOptionalAction, default=True,
                    help="time the authors' layer (autogluon.multimodal's ConvLoRALinear, "
-                        "read from its wheel: benchmarks/authors.py) on map-routing bicubic "
+                        "read from its wheel: benchmarks/benchlib/authors.py) on map-routing bicubic "
                         "shapes; default: on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget", type=float, default=None,

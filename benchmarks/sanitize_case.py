@@ -17,19 +17,17 @@ failed, 4 nothing to check (no backend asked for can run, and no probe).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Dict, List
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (puts the checkout's package first on sys.path)
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from convlora_kernels import conv_lora_linear, conv_lora_linear_ref
+from convlora_kernels._testing import gelu_probe
+from convlora_kernels.ops import backend_unavailable_reason
 
-from convlora_kernels import conv_lora_linear, conv_lora_linear_ref  # noqa: E402
-from convlora_kernels._testing import gelu_probe  # noqa: E402
-from convlora_kernels.ops import backend_unavailable_reason  # noqa: E402
+from benchlib import common
 
 # Every scale 1..8 (odd and even), borders on both axes, two maps.
 SHAPES = [common.Shape("sanitize-token", 2, 5, 6, 16, 3),

@@ -30,13 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from convlora_kernels import ConvLoRALinear  # noqa: E402
-from convlora_kernels.ops import available_backends  # noqa: E402
-from convlora_kernels.sam import adapters_disabled  # noqa: E402
-from convlora_kernels.seg import SamSegmenter, segmentation_loss  # noqa: E402
-from convlora_kernels.seg.trainer import build_sam  # noqa: E402
+from convlora_kernels import ConvLoRALinear
+from convlora_kernels.ops import available_backends
+from convlora_kernels.sam import adapters_disabled
+from convlora_kernels.seg import SamSegmenter, segmentation_loss
+from convlora_kernels.seg.trainer import build_sam
 
 
 class LoRALinear(nn.Module):

@@ -19,17 +19,14 @@ line, "RESULT: ...", is what benchmarks/gpu_check.sh records for the target shap
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (puts the checkout's package first on sys.path)
-import measure  # noqa: E402
+import torch
 
-import torch  # noqa: E402
+from convlora_kernels import _switches
+from convlora_kernels.backends.extension import INTERPOLATION_CODES
 
-from convlora_kernels import _switches  # noqa: E402
-from convlora_kernels.fused import INTERPOLATION_CODES  # noqa: E402
+from benchlib import common, measure
 
 SHAPES = {
     # name: (batch, H, W, C, r, gating, interpolation)
@@ -42,10 +39,11 @@ SHAPES = {
 }
 
 
-def _stencil_fns(inp, interpolation, per_token=False, suffix=""):
+def _stencil_fns(inp, interpolation, per_token=False, suffix="", smem_kb=0):
     """The stencil ops as the layer calls them (for map routing: the map programs), or with
-    per_token the per-token programs whatever the routing."""
-    from convlora_kernels.layer import stencil_index
+    per_token the per-token programs whatever the routing; smem_kb: a tile block's
+    shared-memory budget (0: the default)."""
+    from convlora_kernels.backends.extension import stencil_index
 
     z = torch.nn.functional.linear(inp["x"], inp["lora_A"]).reshape(-1, inp["lora_A"].shape[0])
     b, h, w = inp["expert_index"].shape
@@ -58,15 +56,16 @@ def _stencil_fns(inp, interpolation, per_token=False, suffix=""):
     z = z.detach().contiguous()
     du = torch.randn_like(z)
     _, pre = torch.ops.convlora.stencil_fwd(z, args["idx"], args["cw"], args["cb"],
-                                            args["scales"], args["mode"], h, w, True)
+                                            args["scales"], args["mode"], h, w, True, smem_kb)
 
     def fwd(_):  # as in training: the pre-activations are saved for the backward
         return torch.ops.convlora.stencil_fwd(z, args["idx"], args["cw"], args["cb"],
-                                              args["scales"], args["mode"], h, w, True)
+                                              args["scales"], args["mode"], h, w, True,
+                                              smem_kb)
 
     def bwd(_):
         return torch.ops.convlora.stencil_bwd(du, z, pre, args["idx"], args["cw"], args["cb"],
-                                              args["scales"], args["mode"], h, w)
+                                              args["scales"], args["mode"], h, w, smem_kb)
 
     return {"stencil-fwd" + suffix: fwd, "stencil-bwd" + suffix: bwd}
 
@@ -115,30 +114,22 @@ def _triton_stencil_fns(inp, interpolation):
 SMEM_BUDGETS_KB = (48, 80, 96)  # the backward at r = 8: all global, weights staged, all staged
 
 
-def _budget_fns(fns):
-    """The stencil ops under each shared-memory budget (CONVLORA_STENCIL_SMEM_KB, read by
-    the kernels' plan on every call): what is staged in shared memory against occupancy."""
-    def under(kb, fn):
-        def call(inp):
-            os.environ["CONVLORA_STENCIL_SMEM_KB"] = str(kb)
-            return fn(inp)
-        return call
-    return {f"{name} @ {kb} KB": under(kb, fn) for kb in SMEM_BUDGETS_KB
-            for name, fn in fns.items()}
+def _budget_fns(inp, interpolation):
+    """The stencil ops under each shared-memory budget (the ops' smem_kb, which the layer
+    takes from CONVLORA_STENCIL_SMEM_KB): what is staged in shared memory against
+    occupancy."""
+    return {f"{name} @ {kb} KB": fn for kb in SMEM_BUDGETS_KB
+            for name, fn in _stencil_fns(inp, interpolation, smem_kb=kb).items()}
 
 
-def _plan_text(r, n, interpolation, kb):
-    os.environ["CONVLORA_STENCIL_SMEM_KB"] = str(kb)
-    try:
-        out = []
-        for backward in (False, True):
-            p = torch.ops.convlora.stencil_plan(r, n, INTERPOLATION_CODES[interpolation],
-                                                backward)
-            out.append(f"{'bwd' if backward else 'fwd'} {p[0] // 1024} KB"
-                       f"{' w' if p[1] else ''}{' dw' if p[2] else ''}")
-        return ", ".join(out)
-    finally:
-        del os.environ["CONVLORA_STENCIL_SMEM_KB"]
+def _grid_text(r, n, interpolation, kb):
+    out = []
+    for backward in (False, True):
+        p = torch.ops.convlora.stencil_grid(r, n, INTERPOLATION_CODES[interpolation], backward,
+                                            kb)
+        out.append(f"{'bwd' if backward else 'fwd'} {p[0] // 1024} KB"
+                   f"{' w' if p[1] else ''}{' dw' if p[2] else ''}")
+    return ", ".join(out)
 
 
 def _layer(backend, interpolation):
@@ -205,11 +196,8 @@ def main(argv=None) -> int:
                   + (f"  ({med[common.REFERENCE] / ms:5.1f} x faster than the reference)"
                      if k != common.REFERENCE else ""))
         if result is None:  # the target shape: the shared-memory budgets side by side
-            fns = _budget_fns(_stencil_fns(inputs[0], interp))
-            try:
-                bt = measure.time_group(fns, inputs, False, {k: warm for k in fns}, repeats)
-            finally:
-                os.environ.pop("CONVLORA_STENCIL_SMEM_KB", None)
+            fns = _budget_fns(inputs[0], interp)
+            bt = measure.time_group(fns, inputs, False, {k: warm for k in fns}, repeats)
             print("  shared-memory budget (CONVLORA_STENCIL_SMEM_KB; w: weights staged, "
                   "dw: weight-gradient sums staged):")
             for kb in SMEM_BUDGETS_KB:
@@ -217,7 +205,7 @@ def main(argv=None) -> int:
                                                                       "stencil-bwd")]
                 shown = [f"{m * 1e3:.1f} us" if gpu else f"{m / lin_fwd['median_ms']:.3f}x"
                          for m in ms if m is not None]
-                print(f"    {kb:3d} KB ({_plan_text(r, 8, interp, kb)}): fwd, bwd "
+                print(f"    {kb:3d} KB ({_grid_text(r, 8, interp, kb)}): fwd, bwd "
                       f"{' / '.join(shown)}")
         if result is None and fused is not None and st["stencil-fwd"].get("median_ms"):
             if gpu:

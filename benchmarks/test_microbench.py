@@ -13,8 +13,7 @@ import itertools
 
 import torch
 
-import floors
-import measure
+from benchlib import floors, measure
 
 
 def test_provider(benchmark, case, bench_settings, bench_providers, rates, inputs_for):

@@ -10,7 +10,6 @@ process changes nothing; within a process, benchmarks and tests force a value wi
 
 (a value of None there means "not forced", whatever the environment says). The values are
 returned as given: each reader checks them and names the variable in its error.
-CONVLORA_STENCIL_SMEM_KB is read by the C++ stencil itself (csrc/stencil.h), per call.
 """
 
 from __future__ import annotations
@@ -21,9 +20,10 @@ import threading
 from typing import Dict, Iterator, List, Mapping, Optional
 
 NAMES = (
-    "CONVLORA_LAYER_FORWARD",      # layer.FORWARD_ENV
-    "CONVLORA_LAYER_DY",           # layer.DY_ENV
-    "CONVLORA_MAP_KERNELS",        # layer.MAP_KERNELS_ENV
+    "CONVLORA_LAYER_FORWARD",      # plan.FORWARD_ENV
+    "CONVLORA_LAYER_DY",           # plan.DY_ENV
+    "CONVLORA_MAP_KERNELS",        # backends.extension.MAP_KERNELS_ENV
+    "CONVLORA_STENCIL_SMEM_KB",    # backends.extension.SMEM_KB_ENV
     "CONVLORA_TRITON_AUTOTUNE",    # triton_kernels.launch.AUTOTUNE_ENV
     "CONVLORA_TRITON_BACKWARD",    # triton_kernels.launch.BACKWARD_ENV
     "CONVLORA_TRITON_ROW_PASSES",  # triton_kernels.launch.ROW_PASSES_ENV

@@ -1,18 +1,19 @@
-"""The whole Conv-LoRA layer as one custom-op pair, planned as a whole and shared by the
-fused backends ("cpu" and "cuda" run the C++/CUDA stencil of convlora_kernels._C,
-"triton" the Triton stencil of convlora_kernels.triton_kernels).
+"""The whole Conv-LoRA layer as one custom-op pair, planned as a whole (convlora_kernels.plan)
+and shared by the fused backends (convlora_kernels.backends: "cpu" and "cuda" run the
+C++/CUDA stencil of convlora_kernels._C, "triton" the Triton stencil of
+convlora_kernels.triton_kernels).
 
 For N tokens (sizes in _validate.Problem), z = x Aᵀ, u = z + E_e(z) (the stencil):
 
-Forward, one candidate of FORWARD_PLANS:
+Forward, one candidate of plan.FORWARD_CANDIDATES:
     "post_add"    y = x W0ᵀ + b (GEMM), then y += s·u Bᵀ (rank-r GEMM, beta = 1): the
                   rank-r GEMM is a read-modify-write of y of its own (memory-bound).
     "bias_first"  C = b + s·u Bᵀ (rank-r GEMM writes C), then C += x W0ᵀ (the base GEMM
                   with beta = 1): C is read in the base GEMM's epilogue, under its compute.
-    "fused"       one Triton kernel (triton_kernels/layer_forward.py): per tile of tokens
+    "one_kernel"  one Triton kernel (triton_kernels/layer_forward.py): per tile of tokens
                   of one expert, the stencil, x W0ᵀ and the epilogue s·u Bᵀ + b; y is
                   written once and C never exists (backend "triton" only).
-Backward, dL/du and dL/dB by one candidate of DY_PLANS:
+Backward, dL/du and dL/dB by one candidate of plan.DY_CANDIDATES:
     "two_gemms"   du = s·dy B and dBᵀ = s·uᵀ dy: two GEMMs, dy read twice.
     "one_pass"    dy read once: the Triton dy-pass kernel (cuda, triton), or row blocks of
                   dy through both BLAS GEMMs while they are in cache (cpu).
@@ -27,170 +28,22 @@ then the layer as above; in the backward the router's dL/dz (its load term) join
 stencil's dz before dx = dz A + dy W0 and dA = dzᵀ x are formed, so x's gradient is one
 GEMM with no second (N, C_in) tensor to add.
 
-Which candidate runs (``plan``): the environment's CONVLORA_LAYER_FORWARD and
-CONVLORA_LAYER_DY when set (internal switches, for benchmarks/plan_time.py), else the
-winner measured for the device type and backend (_plans.MEASURED, copied from reports under
-benchmarks/results/), else the candidate that moves the fewest bytes in memory-bound
-passes (``modeled_bytes``; "fused" only by measurement, see MEASURED_ONLY).
+Which candidate runs: convlora_kernels.plan.choose. What each backend supplies (its
+stencil, its dy pass, the shapes it saves): convlora_kernels.backends.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _plans, _switches
-from ._compile import constant_under_compile
+from . import backends
 from ._validate import Problem
 from .gating import cv_squared, cv_squared_backward, router_features
-
-FORWARD_PLANS = ("post_add", "bias_first", "fused")
-DY_PLANS = ("two_gemms", "one_pass")
-FORWARD_ENV = "CONVLORA_LAYER_FORWARD"
-DY_ENV = "CONVLORA_LAYER_DY"
-CPU_DY_ROWS = 512  # rows of dy per block of the cpu one-pass (fp32: 4.7 MB at C_out = 2304)
-
-INTERPOLATION_CODES = {"bilinear": 0, "bicubic": 1}
-PREACT_SLOTS = {0: 4, 1: 16}  # the C++ stencil's saved pre-activations per token
-
-
-# --- the plan --------------------------------------------------------------------------
-
-def modeled_bytes(candidate: str, p: Problem, element_size: int) -> int:
-    """Bytes a candidate moves in memory-bound passes, for N = B·H·W tokens.
-
-    A GEMM with K = C_in or C_out is compute-bound on every target (at SAM's sizes its
-    arithmetic intensity is far above the machine balance), so an operand its epilogue
-    reads or writes costs no time of its own and is not counted; rank-r GEMMs (K = r) and
-    elementwise passes are memory-bound and counted in full."""
-    n = p.batch * p.height * p.width
-    e = element_size
-    if candidate == "post_add":    # the rank-r GEMM reads u and y, writes y
-        return n * p.rank * e + 2 * n * p.out_features * e
-    if candidate == "bias_first":  # the rank-r GEMM reads u, writes C
-        return n * p.rank * e + n * p.out_features * e
-    if candidate == "fused":       # u (float32) written for the backward
-        return n * p.rank * 4
-    if candidate == "two_gemms":   # each GEMM reads dy and u-sized operands
-        return 2 * n * p.out_features * e + 2 * n * p.rank * (e + 4)
-    if candidate == "one_pass":
-        return n * p.out_features * e + n * p.rank * (e + 4)
-    raise ValueError(f"candidate: expected one of {FORWARD_PLANS + DY_PLANS}, got "
-                     f"{candidate!r}")
-
-
-# Candidates the byte model cannot rank: the fused forward's base GEMM is a Triton kernel,
-# not the vendor BLAS the model takes as compute-bound, and its tile (64 x 64 while the
-# stencil shares its registers) re-reads x and W0 from L2: ~1.8 GB at the target shape,
-# against ~0.7 GB for a 128 x 256 BLAS tile (triton_kernels/layer_forward.py). Whether
-# that costs more than the pass over y it saves, only a GPU can tell: a measurement
-# (_plans.MEASURED) selects it, the model never does.
-MEASURED_ONLY = ("fused",)
-
-
-def plan_by_model(candidates: Sequence[str]) -> str:
-    """The candidate with the fewest modeled bytes (never one of MEASURED_ONLY)."""
-    # The ranking is the same at every size (each candidate saves whole passes over y or
-    # dy against the one before), so one representative problem decides.
-    p = Problem(4, 64, 64, 768, 2304, 8, 8, tuple(range(1, 9)), "bilinear")
-    return min((c for c in candidates if c not in MEASURED_ONLY),
-               key=lambda c: modeled_bytes(c, p, 2))
-
-
-@functools.lru_cache(maxsize=None)
-def unavailable(candidate: str, backend: str) -> Optional[str]:
-    """None when ``candidate`` can run for ``backend``, else why not (asked once per pair:
-    plan() runs on every call)."""
-    if candidate == "fused" and backend != "triton":
-        return "the fused forward is a Triton kernel: it runs with backend='triton'"
-    if candidate == "one_pass" and backend != "cpu":
-        try:
-            from .triton_kernels import launch  # noqa: F401
-        except ImportError as e:
-            return f"the Triton dy-pass kernel cannot be imported ({e})"
-    return None
-
-
-@constant_under_compile
-def plan(backend: str, device_type: str) -> Tuple[str, str]:
-    """(forward candidate, dy candidate) for ``backend`` on ``device_type`` (module doc)."""
-    chosen = []
-    for env, names in ((FORWARD_ENV, FORWARD_PLANS), (DY_ENV, DY_PLANS)):
-        forced = _switches.get(env)
-        if forced:
-            if forced not in names:
-                raise ValueError(f"{env}: expected one of {names}, got {forced!r}")
-            why = unavailable(forced, backend)
-            if why is not None:
-                raise ValueError(f"{env}={forced}: {why}")
-            chosen.append(forced)
-            continue
-        measured = _plans.MEASURED.get((device_type, backend), {}).get(env)
-        if measured in names and unavailable(measured, backend) is None:
-            chosen.append(measured)
-        else:
-            chosen.append(plan_by_model([c for c in names if unavailable(c, backend) is None]))
-    return chosen[0], chosen[1]
-
-
-# --- the stencils ------------------------------------------------------------------------
-# forward(z2, idx, cw, cb, scales, interpolation, H, W, save) -> (u, saved0, saved1)
-# backward(du, z2, saved0, saved1, idx, cw, cb, scales, interpolation, H, W)
-#     -> (dz in z's dtype, dconv_weight, dconv_bias in conv_weight's dtype)
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _cpp_forward(z2, idx, cw, cb, scales, interpolation, height, width, save):
-    u, pre = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales,
-                                            INTERPOLATION_CODES[interpolation], height, width,
-                                            save)
-    return u, pre, z2.new_empty(0)
-
-
-def _cpp_backward(du, z2, preact, _unused, idx, cw, cb, scales, interpolation, height,
-                  width):
-    code = INTERPOLATION_CODES[interpolation]
-    if preact.numel() == 0:  # the forward was told not to keep them: recompute
-        preact = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales, code, height, width,
-                                                True)[1]
-    dz, dw, db = torch.ops.convlora.stencil_bwd(du.to(z2.dtype).contiguous(), z2, preact, idx,
-                                                cw, cb, scales, code, height, width)
-    return dz, dw.to(cw.dtype), db.to(cb.dtype)
-
-
-def _triton_forward(z2, idx, cw, cb, scales, interpolation, height, width, save):
-    from .triton_kernels import launch
-
-    return launch.stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width)
-
-
-def _triton_backward(du, z2, perm, bounds, idx, cw, cb, scales, interpolation, height,
-                     width):
-    from .triton_kernels import launch
-
-    return launch.stencil_backward(du, z2, perm, bounds, cw, cb, scales, interpolation,
-                                   height, width)
-
-
-_STENCILS = {"cpu": (_cpp_forward, _cpp_backward), "cuda": (_cpp_forward, _cpp_backward),
-             "triton": (_triton_forward, _triton_backward)}
-
-
-def _saved_shapes(backend, n_tok, rank, n_exp, interpolation, dtype, save, forward_plan):
-    """Shapes and dtypes of (u, saved0, saved1) of a stencil forward (for the fake kernel)."""
-    if backend == "triton":
-        kept = n_tok if save or forward_plan != "fused" else 0
-        return [((kept, rank), torch.float32), ((n_tok,), torch.int64),
-                ((n_exp + 1,), torch.int32)]
-    slots = PREACT_SLOTS[INTERPOLATION_CODES[interpolation]]
-    return [((n_tok, rank), dtype), ((n_tok, slots, rank) if save else (0,), _acc_dtype(dtype)),
-            ((0,), dtype)]
+from .plan import choose
 
 
 # --- the layer's passes ------------------------------------------------------------------
@@ -206,17 +59,15 @@ def _forward_impl(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expe
     z2 = F.linear(x2, lora_A) if z is None else z
     if z2.stride(-1) != 1:
         z2 = z2.contiguous()
-    if forward_plan == "fused":
-        from .triton_kernels import launch
-
-        y, u, s0, s1 = launch.layer_forward(x2, weight, bias, lora_B, z2, expert_index,
-                                            conv_weight, conv_bias, scaling, list(scales),
-                                            interpolation, height, width, save)
+    impl = backends.module(backend)
+    if forward_plan == "one_kernel":
+        y, u, s0, s1 = impl.layer_forward(x2, weight, bias, lora_B, z2, expert_index,
+                                          conv_weight, conv_bias, scaling, list(scales),
+                                          interpolation, height, width, save)
         return y, z2, u, s0, s1
-    stencil_fwd = _STENCILS[backend][0]
-    u, s0, s1 = stencil_fwd(z2, expert_index, conv_weight.contiguous(),
-                            conv_bias.contiguous(), list(scales), interpolation, height, width,
-                            save)
+    u, s0, s1 = impl.stencil_forward(z2, expert_index, conv_weight.contiguous(),
+                                     conv_bias.contiguous(), list(scales), interpolation,
+                                     height, width, save)
     uq = u if u.dtype == x2.dtype else u.to(x2.dtype)  # rounded as the reference rounds u
     bt = _b_t(lora_B)
     if forward_plan == "bias_first":
@@ -234,25 +85,11 @@ def _forward_impl(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expe
 
 def _dy_products(dy2, lora_B, u, scaling, need_b, need_bias, backend, dy_plan):
     """(dL/du (N, r), dL/dB or None, dL/dbias or None) by the dy candidate."""
-    if dy_plan == "one_pass" and backend != "cpu":
-        from .triton_kernels import launch
-
-        return launch.dy_pass(dy2, lora_B, u, scaling, need_b, need_bias)
+    if dy_plan == "one_pass":
+        return backends.module(backend).dy_pass(dy2, lora_B, u, scaling, need_b, need_bias)
     uq = u if u.dtype == dy2.dtype else u.to(dy2.dtype)
     bt = _b_t(lora_B)
     d_bias = dy2.sum(0) if need_bias else None
-    if dy_plan == "one_pass":  # cpu: each block of dy rows feeds both GEMMs from cache
-        n = dy2.shape[0]
-        du = dy2.new_empty((n, lora_B.shape[1]))
-        d_bt = dy2.new_zeros(bt.shape) if need_b else None
-        for i in range(0, n, CPU_DY_ROWS):
-            rows = dy2[i:i + CPU_DY_ROWS]
-            torch.mm(rows, bt.t(), out=du[i:i + CPU_DY_ROWS])
-            if need_b:
-                d_bt.addmm_(uq[i:i + CPU_DY_ROWS].t(), rows)
-        du.mul_(scaling)
-        d_b = d_bt.mul_(scaling).t() if need_b else None
-        return du, d_b, d_bias
     zero = dy2.new_zeros(())
     du = torch.addmm(zero.expand(dy2.shape[0], bt.shape[0]), dy2, bt.t(), beta=0,
                      alpha=scaling)
@@ -278,7 +115,7 @@ def _backward_impl(dy2, x2, weight, lora_A, lora_B, conv_weight, conv_bias, expe
                                        dy_plan)
     dz = d_cw = d_cb = None
     if need_du:
-        dz, d_cw, d_cb = _STENCILS[backend][1](
+        dz, d_cw, d_cb = backends.module(backend).stencil_backward(
             du, z2, s0, s1, expert_index, conv_weight.contiguous(), conv_bias.contiguous(),
             list(scales), interpolation, height, width)
         if add_router_dz is not None and dz is not None:
@@ -317,8 +154,8 @@ def _forward_op(x2: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
 def _(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index, z, scaling,
       scales, interpolation, height, width, backend, forward_plan, save):
     n_tok, rank = x2.shape[0], lora_A.shape[0]
-    saved = _saved_shapes(backend, n_tok, rank, conv_weight.shape[0], interpolation, x2.dtype,
-                          save, forward_plan)
+    saved = backends.module(backend).saved_shapes(n_tok, rank, conv_weight.shape[0],
+                                                  interpolation, x2.dtype, save, forward_plan)
     return (x2.new_empty((n_tok, weight.shape[0])),
             x2.new_empty((n_tok, rank) if z is None else (0,)),
             *(x2.new_empty(s, dtype=d) for s, d in saved))
@@ -373,7 +210,7 @@ def _backward(ctx, dy2, *_unused):
     needs = [n[0], n[1], ctx.has_bias and n[2], n[3] and not ctx.has_z, n[4], n[5], n[6],
              ctx.has_z and n[8]]
     scaling, scales, interpolation, height, width, backend = ctx.meta
-    dy_plan = plan(backend, dy2.device.type)[1]
+    dy_plan = choose(backend, dy2.device.type)[1]
     grads = torch.ops.convlora_layer.backward(dy2, *saved, ctx.has_z, scaling, scales,
                                               interpolation, height, width, backend, dy_plan,
                                               needs)
@@ -392,20 +229,6 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 # dL/dz joins the stencil's dz before dx = dz A + dy W0 is formed by one GEMM with beta = 1,
 # and dA = dzᵀ x is one GEMM too.
 
-def _per_map_stencil(gating: str, backend: str) -> bool:
-    """True when the router's one expert per map reaches the stencil as it is, one per map
-    (the C++ map kernels); else it goes per token."""
-    return gating == "map" and backend != "triton" and _map_kernels_on()
-
-
-def _stencil_expert(expert: Tensor, gating: str, backend: str, height: int,
-                    width: int) -> Tensor:
-    """The router's expert per unit as the stencil of ``backend`` takes it (stencil_index)."""
-    if gating == "map" and not _per_map_stencil(gating, backend):
-        return expert.repeat_interleave(height * width)
-    return expert
-
-
 @torch.library.custom_op("convlora_layer::routed_forward", mutates_args=())
 def _routed_forward_op(x2: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                        lora_B: Tensor, conv_weight: Tensor, conv_bias: Tensor, w_gate: Tensor,
@@ -422,7 +245,7 @@ def _routed_forward_op(x2: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
     expert, importance, load = torch.ops.convlora_layer.route(
         router_features(z2, gating, height, width), w_gate, w_noise, noise, noise_epsilon)
     aux = (cv_squared(importance) + cv_squared(load)).mul_(loss_coef)
-    idx = _stencil_expert(expert, gating, backend, height, width)
+    idx = backends.module(backend).routed_index(expert, gating, height, width)
     y, z2, u, s0, s1 = _forward_impl(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias,
                                      idx, z2, scaling, scales, interpolation, height, width,
                                      backend, forward_plan, save)
@@ -434,13 +257,13 @@ def _(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise,
       noise_epsilon, loss_coef, gating, scaling, scales, interpolation, height, width, backend,
       forward_plan, save):
     n_tok, rank, n_exp = x2.shape[0], lora_A.shape[0], conv_weight.shape[0]
-    saved = _saved_shapes(backend, n_tok, rank, n_exp, interpolation, x2.dtype, save,
-                          forward_plan)
-    per_map = _per_map_stencil(gating, backend)
+    impl = backends.module(backend)
+    saved = impl.saved_shapes(n_tok, rank, n_exp, interpolation, x2.dtype, save, forward_plan)
+    n_idx = impl.routed_index_length(n_tok, gating, height, width)
     f32 = torch.float32
     return (x2.new_empty((n_tok, weight.shape[0])), x2.new_empty((n_tok, rank)),
             *(x2.new_empty(s, dtype=d) for s, d in saved),
-            x2.new_empty((n_tok // (height * width) if per_map else n_tok,), dtype=torch.int32),
+            x2.new_empty((n_idx,), dtype=torch.int32),
             x2.new_empty((n_exp,), dtype=f32), x2.new_empty((), dtype=f32))
 
 
@@ -524,7 +347,7 @@ def _routed_backward(ctx, dy2, _dz, _du, _d0, _d1, _didx, _dload, d_aux):
      backend) = ctx.meta
     if dy2 is None and (d_aux is None or not ctx.has_noise):
         return (None,) * 21
-    dy_plan = plan(backend, x2.device.type)[1]
+    dy_plan = choose(backend, x2.device.type)[1]
     grads = torch.ops.convlora_layer.routed_backward(
         dy2, d_aux, x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise,
         noise if ctx.has_noise else None, idx, z2, u, s0, s1, load, noise_epsilon, loss_coef,
@@ -537,25 +360,6 @@ def _routed_backward(ctx, dy2, _dz, _du, _d0, _d1, _didx, _dload, d_aux):
 _routed_forward_op.register_autograd(_routed_backward, setup_context=_routed_setup_context)
 
 
-# Internal switch: CONVLORA_MAP_KERNELS=0 runs the per-token stencil programs for map routing
-# too (benchmarks/stencil_time.py times both on a GPU).
-MAP_KERNELS_ENV = "CONVLORA_MAP_KERNELS"
-
-
-def _map_kernels_on() -> bool:
-    return _switches.get(MAP_KERNELS_ENV, "1") != "0"
-
-
-def stencil_index(expert_index: Tensor) -> Tensor:
-    """expert_index (B, H, W) as the C++ stencils take it, int32: (B,) when it is one expert
-    per map by construction (expanded from (B, 1, 1), as the map router returns it), so the
-    map kernels run (csrc/stencil_map.h); else one entry per token (N,)."""
-    if expert_index.dim() == 3 and expert_index.stride(1) == 0 and \
-            expert_index.stride(2) == 0 and _map_kernels_on():
-        return expert_index[:, 0, 0].to(torch.int32).contiguous()
-    return expert_index.reshape(-1).to(torch.int32)
-
-
 def conv_lora_linear(backend: str, p: Problem, x4: Tensor, weight: Tensor,
                      bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                      conv_weight: Tensor, conv_bias: Tensor, expert_index: Tensor,
@@ -564,11 +368,11 @@ def conv_lora_linear(backend: str, p: Problem, x4: Tensor, weight: Tensor,
     were checked (_validate.check_inputs) and p is their Problem."""
     x2 = x4.reshape(-1, p.in_features)  # a view whenever x's layout allows
     z2 = None if z is None else z.reshape(-1, p.rank)
-    idx = expert_index.reshape(-1) if backend == "triton" else stencil_index(expert_index)
+    idx = backends.module(backend).stencil_index(expert_index)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (x4, weight, bias, lora_A, lora_B, conv_weight, conv_bias, z))
-    forward_plan = plan(backend, x4.device.type)[0]
+    forward_plan = choose(backend, x4.device.type)[0]
     return torch.ops.convlora_layer.forward(
         x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, idx, z2, float(scaling),
         list(p.scales), p.interpolation, p.height, p.width, backend, forward_plan, save)[0]
@@ -588,7 +392,7 @@ def routed_conv_lora_linear(backend: str, p: Problem, x4: Tensor, weight: Tensor
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (x4, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise))
-    forward_plan = plan(backend, x4.device.type)[0]
+    forward_plan = choose(backend, x4.device.type)[0]
     out = torch.ops.convlora_layer.routed_forward(
         x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise, noise,
         float(noise_epsilon), float(loss_coef), gating, float(scaling), list(p.scales),

@@ -5,6 +5,8 @@ Backends, all computing the function of ``convlora_kernels.reference``:
     "cpu"        fused C++ kernels in convlora_kernels._C
     "cuda"       fused CUDA kernels in convlora_kernels._C
     "triton"     fused Triton kernels in convlora_kernels.triton_kernels
+The fused ones run the layer of convlora_kernels.layer with the stencil of their module in
+convlora_kernels.backends (which also says what each supplies).
     "auto"       the fastest available one for x's device; falls back to
                  "reference" with a one-time warning saying why.
 """
@@ -13,13 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-from . import _ext, layer
+from . import _ext, backends, layer
 from ._compile import constant_under_compile
 from ._versions import autocast_available
 from ._validate import as_map, check_inputs, out_shape
@@ -30,36 +31,19 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # The fused backends in the order "auto" prefers them, per device type.
 _AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
-# Each fused backend lives in its own module, which defines
-#   unavailable_reason(backend: str, device: torch.device) -> Optional[str]
-#   conv_lora_linear(p: Problem, x4, weight, bias, lora_A, lora_B, conv_weight, conv_bias,
-#                    expert_index, scaling, z) -> y with y.numel() == B·H·W·C_out
-# computing conv_lora_linear_ref for x4 = x as a (B, H, W, C_in) map. conv_lora_linear
-# below checks the arguments once (_validate.check_inputs, which makes p) before any backend
-# sees them; a backend raises only for what it alone cannot do (a dtype, a rank). A module
-# that does not exist yet means the backend is not part of this version.
-_BACKEND_MODULES = {
-    "cpu": "convlora_kernels.fused",
-    "cuda": "convlora_kernels.fused",
-    "triton": "convlora_kernels.triton_kernels.op",
-}
-
 
 @functools.lru_cache(maxsize=None)
 def _backend_module(name: str):
-    modname = _BACKEND_MODULES[name]
+    """(the module of fused backend ``name``, None), or (None, why it is missing): a module
+    that does not exist means the backend is not part of this version."""
+    modname = backends.MODULES[name]
     try:
-        return importlib.import_module(modname), None
+        return backends.module(name), None
     except ModuleNotFoundError as e:
         if e.name != modname:
             raise
         return None, (f"the fused {name!r} kernels are not part of this version of "
                       f"convlora-kernels yet; use backend='reference'")
-
-
-# Implementations of the backends resolve_backend has said yes to; a plain dict, so
-# torch.compile reads it without tracing the imports behind it.
-_IMPLS = {"reference": reference_layer}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -75,24 +59,17 @@ def _device_ok(name: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def _availability(name: str, device: torch.device):
-    """(implementation, None) when backend ``name`` can run on ``device``, else
-    (None, a sentence saying why not)."""
-    if name == "reference":
-        return reference_layer, None
-    reason = _device_ok(name, device)
-    if reason:
-        return None, reason
-    module, why = _backend_module(name)
-    if module is None:
-        return None, why
-    why = module.unavailable_reason(name, device)
-    return (None, why) if why is not None else (module.conv_lora_linear, None)
-
-
 def backend_unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     """None when backend ``name`` can run on ``device``, else a sentence saying why not."""
-    return _availability(name, device)[1]
+    if name == "reference":
+        return None
+    reason = _device_ok(name, device)
+    if reason:
+        return reason
+    module, why = _backend_module(name)
+    if module is None:
+        return why
+    return module.unavailable_reason(name, device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,19 +88,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         reasons = []
         for name in _AUTO_ORDER.get(device.type, ()):
-            impl, why = _availability(name, device)
-            if impl is not None:
-                _IMPLS[name] = impl
+            why = backend_unavailable_reason(name, device)
+            if why is None:
                 return name
             reasons.append(f"{name}: {why}")
         if not reasons:
             reasons.append(f"none is built for device type {device.type!r}")
         _warn_fallback_once(device.type, tuple(reasons))
         return "reference"
-    impl, why = _availability(backend, device)
-    if impl is None:
+    why = backend_unavailable_reason(backend, device)
+    if why is not None:
         raise BackendUnavailableError(f"backend={backend!r} is not available: {why}")
-    _IMPLS[backend] = impl
     return backend
 
 
@@ -208,12 +183,23 @@ def conv_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                      check_index_values=check_expert_index)
     if backend == "auto" and _auto_falls_back(name, p.rank, x.dtype, x.device):
         name = "reference"
-    impl = _IMPLS[name]
+    elif name != "reference":
+        _raise_unsupported(name, p.rank, x.dtype, x.device)
     with torch.autocast(x.device.type, enabled=False) if _autocasting(x.device.type) \
             else contextlib.nullcontext():
-        y = impl(p, as_map(x, p), weight, bias, lora_A, lora_B, conv_weight, conv_bias,
-                 expert_index, scaling, z)
+        args = (p, as_map(x, p), weight, bias, lora_A, lora_B, conv_weight, conv_bias,
+                expert_index, scaling, z)
+        y = reference_layer(*args) if name == "reference" else \
+            layer.conv_lora_linear(name, *args)
     return y.reshape(out_shape(x, p))
+
+
+def _raise_unsupported(name: str, rank: int, dtype: torch.dtype, device: torch.device) -> None:
+    """The error of an explicitly asked fused backend whose kernels cannot compute a call
+    (a rank or dtype limit: ``unsupported_reason``)."""
+    why = unsupported_reason(name, rank, dtype, device)
+    if why is not None:
+        raise (TypeError if why.startswith("x:") else ValueError)(why)
 
 
 def routed_conv_lora_linear(x: torch.Tensor, weight, bias, lora_A, lora_B, conv_weight,
@@ -234,9 +220,7 @@ def routed_conv_lora_linear(x: torch.Tensor, weight, bias, lora_A, lora_B, conv_
         p = check_inputs(x, weight, bias, lora_A, lora_B, conv_weight, conv_bias, None,
                          scaling, scales, interpolation, (h, w))
         if backend != "auto" or not _auto_falls_back(name, p.rank, x.dtype, x.device):
-            why = unsupported_reason(name, p.rank, x.dtype, x.device)
-            if why is not None:  # an explicit backend that cannot compute p
-                raise (TypeError if why.startswith("x:") else ValueError)(why)
+            _raise_unsupported(name, p.rank, x.dtype, x.device)
             n = p.num_experts
             units = b if router.gating == "map" else b * h * w
             noise = None

@@ -2,7 +2,7 @@
 //
 // Importing convlora_kernels._C loads this library; the ops then live under
 // torch.ops.convlora. Fake (meta) kernels and autograd are registered from Python
-// (convlora_kernels/fused.py, gating.py and _testing.py).
+// (convlora_kernels/backends/extension.py, gating.py and _testing.py).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -34,19 +34,22 @@ at::Tensor gelu_probe_cpu(const at::Tensor& x) {
   return y;
 }
 
-// stencil_plan: how the tiled stencil kernels cut a call with rank r and n experts, for
-// reports and the resource test: [shared-memory bytes per block, weights staged in shared
-// memory (0/1), weight-gradient accumulators in shared memory (0/1), threads per block,
-// tile height, tile width, items per round].
-std::vector<int64_t> stencil_plan(int64_t r, int64_t n, int64_t interpolation, bool backward) {
+// stencil_grid: how the tiled stencil kernels cut a call with rank r and n experts under a
+// shared-memory budget of smem_kb KB (0: the default), for reports and the resource test:
+// [shared-memory bytes per block, weights staged in shared memory (0/1), weight-gradient
+// accumulators in shared memory (0/1), threads per block, tile height, tile width, items
+// per round].
+std::vector<int64_t> stencil_grid(int64_t r, int64_t n, int64_t interpolation, bool backward,
+                                  int64_t smem_kb) {
   TORCH_CHECK(r >= 1 && r <= kMaxRank && n >= 1 && n <= kMaxExperts,
-              "stencil_plan: r must be in [1, ", kMaxRank, "] and n in [1, ", kMaxExperts,
+              "stencil_grid: r must be in [1, ", kMaxRank, "] and n in [1, ", kMaxExperts,
               "], got r = ", r, ", n = ", n);
+  const int budget = smem_budget(smem_kb);
   std::vector<int64_t> out;
   dispatch_rank(r, [&]<int R>() {
     const auto go = [&]<int INTERP, bool BWD>() {  // BWD: a compile-time direction
-      const auto p = make_tile_plan<R, INTERP, BWD, float>(1, 1, 1, static_cast<int>(r),
-                                                         static_cast<int>(n));
+      const auto p = make_tile_grid<R, INTERP, BWD, float>(1, 1, 1, static_cast<int>(r),
+                                                         static_cast<int>(n), budget);
       out = {p.layout.bytes, p.w_smem, p.dw_smem, tile::kThreads, tile::Geometry<R, INTERP, BWD>::kTileH,
              tile::Geometry<R, INTERP, BWD>::kTileW,
              tile::Geometry<R, INTERP, BWD>::kRound};
@@ -59,17 +62,19 @@ std::vector<int64_t> stencil_plan(int64_t r, int64_t n, int64_t interpolation, b
 }
 
 CONVLORA_LIBRARY(CONVLORA_NS, m) {
-  m.def("stencil_plan(int r, int n, int interpolation, bool backward) -> int[]", &stencil_plan);
+  m.def("stencil_grid(int r, int n, int interpolation, bool backward, int smem_kb=0) -> int[]",
+        &stencil_grid);
   m.def("gelu_probe(Tensor x) -> Tensor");
-  // See stencil.h for shapes. interpolation: 0 bilinear, 1 bicubic.
+  // See stencil.h for shapes. interpolation: 0 bilinear, 1 bicubic. smem_kb: the
+  // shared-memory budget of a tile block in KB, 0 for the default (smem_budget).
   m.def(
       "stencil_fwd(Tensor z, Tensor expert_index, Tensor conv_weight, Tensor conv_bias, "
-      "int[] scales, int interpolation, int height, int width, bool save_preact) "
-      "-> (Tensor, Tensor)");
+      "int[] scales, int interpolation, int height, int width, bool save_preact, "
+      "int smem_kb=0) -> (Tensor, Tensor)");
   m.def(
       "stencil_bwd(Tensor du, Tensor z, Tensor preact, Tensor expert_index, "
       "Tensor conv_weight, Tensor conv_bias, int[] scales, int interpolation, int height, "
-      "int width) -> (Tensor, Tensor, Tensor)");
+      "int width, int smem_kb=0) -> (Tensor, Tensor, Tensor)");
 }
 
 CONVLORA_LIBRARY_IMPL(CONVLORA_NS, CPU, m) {

@@ -1,16 +1,17 @@
 // The stencil ops of the convlora library: u = z + E_e(z) per token and its backward.
 //
 //   stencil_fwd(z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width,
-//               save_preact) -> (u, preact)
+//               save_preact, smem_kb=0) -> (u, preact)
 //   stencil_bwd(du, z, preact, expert_index, conv_weight, conv_bias, scales, interpolation,
-//               height, width) -> (dz, dconv_weight, dconv_bias)
+//               height, width, smem_kb=0) -> (dz, dconv_weight, dconv_bias)
 //
 // z, u, du, dz: (N, r) with N = B·H·W tokens in (b, h, w) order; expert_index: (N,) int32,
 // or (B,) int32 for one expert per map (the map programs of stencil_map.h run then);
 // conv_weight (n, r, r, 3, 3), conv_bias (n, r); preact: each token's conv pre-activations,
 // (N, 4, r) bilinear or (N, 16, r) bicubic, in float32 (float64 for float64 inputs), saved
 // by the forward for the backward when save_preact (else empty); dconv_* in that dtype too,
-// every expert present. The projections around the stencil are GEMMs done by the caller.
+// every expert present; smem_kb: a tile block's shared-memory budget (smem_budget). The
+// projections around the stencil are GEMMs done by the caller.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -93,9 +94,20 @@ inline void check_stencil_args(const at::Tensor& z, const at::Tensor& expert_ind
               "stencil: all tensors must be on z's device ", z.device());
 }
 
+// The shared-memory budget of a tile block in bytes for an op's smem_kb argument:
+// tile::kSmemBudget for 0, else smem_kb KB. The Python side passes its internal switch
+// CONVLORA_STENCIL_SMEM_KB here (for timing the alternatives on a GPU) and checks it first.
+inline int smem_budget(int64_t smem_kb) {
+  if (smem_kb == 0) return tile::kSmemBudget;
+  TORCH_CHECK(smem_kb >= 1 && smem_kb <= 227, "stencil: smem_kb must be 0 (the default budget) "
+              "or a number of KB in [1, 227], got ", smem_kb);
+  return static_cast<int>(smem_kb) * 1024;
+}
+
 // The operands of a stencil op, checked and made contiguous (copied only when they are not).
 struct Operands {
   at::Tensor z, expert_index, conv_weight, conv_bias, du, preact;
+  int smem_budget;  // bytes (smem_budget)
 };
 
 // Saved pre-activation slots per token: the most conv outputs one token reads.
@@ -104,12 +116,13 @@ inline int64_t preact_slots(int64_t interpolation) { return interpolation == kBi
 inline Operands checked_operands(const at::Tensor& z, const at::Tensor& expert_index,
                                  const at::Tensor& conv_weight, const at::Tensor& conv_bias,
                                  at::IntArrayRef scales, int64_t interpolation, int64_t height,
-                                 int64_t width, const at::Tensor* du = nullptr,
+                                 int64_t width, int64_t smem_kb,
+                                 const at::Tensor* du = nullptr,
                                  const at::Tensor* preact = nullptr) {
   check_stencil_args(z, expert_index, conv_weight, conv_bias, scales, interpolation, height,
                      width);
   Operands o{z.contiguous(), expert_index.contiguous(), conv_weight.contiguous(),
-             conv_bias.contiguous(), at::Tensor()};
+             conv_bias.contiguous(), at::Tensor(), at::Tensor(), smem_budget(smem_kb)};
   if (du) {
     TORCH_CHECK(du->sizes() == z.sizes() && du->scalar_type() == z.scalar_type() &&
                     du->device() == z.device(),
@@ -143,35 +156,23 @@ inline bool map_programs(Operands& o, int64_t height, int64_t width) {
 }
 
 // How a call is cut into blocks and what each block keeps in shared memory.
-struct TilePlan {
+struct TileGrid {
   int64_t blocks;
   int tiles_y, tiles_x;
   tile::Layout layout;
   bool w_smem, dw_smem;
 };
 
-// The shared-memory budget of a block in bytes: tile::kSmemBudget, or
-// CONVLORA_STENCIL_SMEM_KB (an internal switch for timing the alternatives on a GPU).
-inline int smem_budget() {
-  const char* kb = std::getenv("CONVLORA_STENCIL_SMEM_KB");
-  if (kb == nullptr || *kb == '\0') return tile::kSmemBudget;
-  const long v = std::strtol(kb, nullptr, 10);
-  TORCH_CHECK(v > 0 && v <= 227, "CONVLORA_STENCIL_SMEM_KB must be a number of KB in [1, 227], "
-              "got '", kb, "'");
-  return static_cast<int>(v) * 1024;
-}
-
 // Weights go to shared memory when they fit the budget, then the weight-gradient
 // accumulators; what does not fit is read (or accumulated) in global memory.
 template <int R, int INTERP, bool BWD, typename acc_t>
-TilePlan make_tile_plan(int64_t maps, int H, int W, int r, int n) {
-  TilePlan p;
+TileGrid make_tile_grid(int64_t maps, int H, int W, int r, int n, int budget) {
+  TileGrid p;
   using G = tile::Geometry<R, INTERP, BWD>;
   p.tiles_y = (H + G::kTileH - 1) / G::kTileH;
   p.tiles_x = (W + G::kTileW - 1) / G::kTileW;
   p.blocks = maps * p.tiles_y * p.tiles_x;
   const bool choices[3][2] = {{true, true}, {true, false}, {false, false}};
-  const int budget = smem_budget();
   for (const auto& c : choices) {
     p.w_smem = c[0];
     p.dw_smem = BWD && c[1];
@@ -182,16 +183,16 @@ TilePlan make_tile_plan(int64_t maps, int H, int W, int r, int n) {
 }
 
 // The map programs' cut: kTile x kTile tokens per block, every shared array in shared memory.
-struct MapPlan {
+struct MapGrid {
   int64_t blocks;
   int tiles_y, tiles_x;
   tile::MapLayout layout;
 };
 
 template <int R, int INTERP, bool BWD, typename acc_t>
-MapPlan make_map_plan(int64_t maps, int H, int W) {
+MapGrid make_map_grid(int64_t maps, int H, int W) {
   using G = tile::MapGeometry<R, INTERP>;
-  MapPlan p;
+  MapGrid p;
   p.tiles_y = (H + G::kTile - 1) / G::kTile;
   p.tiles_x = (W + G::kTile - 1) / G::kTile;
   p.blocks = maps * p.tiles_y * p.tiles_x;
@@ -229,10 +230,10 @@ bool rows_vectorizable(int64_t r, const void* z, const void* du) {
 }
 
 // The arguments of a tile kernel: the checked operands (o.du defined for the backward),
-// the tables, the plan, the prep buffers and the outputs.
-template <int R, typename scalar_t, typename acc_t, typename Plan>
+// the tables, the grid, the prep buffers and the outputs.
+template <int R, typename scalar_t, typename acc_t, typename Grid>
 tile::TileArgs<scalar_t, acc_t> make_tile_args(const Operands& o, const tile::Tables& T,
-                                               const Plan& plan, const at::Tensor& taps,
+                                               const Grid& grid, const at::Tensor& taps,
                                                const at::Tensor& wbuf, at::Tensor& out,
                                                acc_t* dw_partial, acc_t* pre) {
   tile::TileArgs<scalar_t, acc_t> A{};
@@ -250,11 +251,11 @@ tile::TileArgs<scalar_t, acc_t> make_tile_args(const Operands& o, const tile::Ta
   A.W = T.W;
   A.r = static_cast<int>(o.z.size(1));
   A.n = T.n;
-  A.tiles_y = plan.tiles_y;
-  A.tiles_x = plan.tiles_x;
-  if constexpr (std::is_same_v<Plan, TilePlan>) {
-    A.w_smem = plan.w_smem;
-    A.dw_smem = plan.dw_smem;
+  A.tiles_y = grid.tiles_y;
+  A.tiles_x = grid.tiles_x;
+  if constexpr (std::is_same_v<Grid, TileGrid>) {
+    A.w_smem = grid.w_smem;
+    A.dw_smem = grid.dw_smem;
   }
   A.vec_z = rows_vectorizable<R, scalar_t>(A.r, A.z, A.du);
   return A;
@@ -281,11 +282,11 @@ inline at::Tensor new_preact(const at::Tensor& z, int64_t interpolation, bool sa
 std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
     const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& conv_weight,
     const at::Tensor& conv_bias, at::IntArrayRef scales, int64_t interpolation, int64_t height,
-    int64_t width, bool save_preact);
+    int64_t width, bool save_preact, int64_t smem_kb);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
     const at::Tensor& du, const at::Tensor& z, const at::Tensor& preact,
     const at::Tensor& expert_index,
     const at::Tensor& conv_weight, const at::Tensor& conv_bias, at::IntArrayRef scales,
-    int64_t interpolation, int64_t height, int64_t width);
+    int64_t interpolation, int64_t height, int64_t width, int64_t smem_kb);
 
 }  // namespace convlora

@@ -85,19 +85,19 @@ void for_each_block(int64_t blocks, int bytes, F&& f) {
 
 // Runs every block of one call (per-token programs).
 template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
-void run_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const TilePlan& plan) {
-  for_each_block(plan.blocks, plan.layout.bytes, [&](CpuExec& ex, unsigned char* smem,
+void run_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const TileGrid& grid) {
+  for_each_block(grid.blocks, grid.layout.bytes, [&](CpuExec& ex, unsigned char* smem,
                                                       int64_t blk) {
-    tile::run_block<R, INTERP, BWD>(ex, A, plan.layout, smem, blk);
+    tile::run_block<R, INTERP, BWD>(ex, A, grid.layout, smem, blk);
   });
 }
 
 // Runs every block of one call (map programs).
 template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
-void run_map_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const MapPlan& plan) {
-  for_each_block(plan.blocks, plan.layout.bytes, [&](CpuExec& ex, unsigned char* smem,
+void run_map_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const MapGrid& grid) {
+  for_each_block(grid.blocks, grid.layout.bytes, [&](CpuExec& ex, unsigned char* smem,
                                                       int64_t blk) {
-    tile::run_map_block<R, INTERP, BWD>(ex, A, plan.layout, smem, blk);
+    tile::run_map_block<R, INTERP, BWD>(ex, A, grid.layout, smem, blk);
   });
 }
 
@@ -125,9 +125,9 @@ void reduce_dw(const at::Tensor& partial, int64_t blocks, int r, int n, at::Tens
 std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
     const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& conv_weight,
     const at::Tensor& conv_bias, at::IntArrayRef scales, int64_t interpolation, int64_t height,
-    int64_t width, bool save_preact) {
+    int64_t width, bool save_preact, int64_t smem_kb) {
   auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales, interpolation,
-                            height, width);
+                            height, width, smem_kb);
   const auto& zc = o.z;
   auto u = at::empty_like(zc);
   auto pre = new_preact(zc, interpolation, save_preact);
@@ -145,17 +145,18 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
         acc_t* pre_p = save_preact ? pre.mutable_data_ptr<acc_t>() : nullptr;
         if constexpr (R <= tile::kMapMaxRank) {
           if (per_map) {
-            const auto plan = make_map_plan<R, INTERP, false, acc_t>(maps, T.H, T.W);
-            auto A = make_tile_args<R, scalar_t, acc_t>(o, T, plan, taps, wbuf, u, nullptr,
+            const auto grid = make_map_grid<R, INTERP, false, acc_t>(maps, T.H, T.W);
+            auto A = make_tile_args<R, scalar_t, acc_t>(o, T, grid, taps, wbuf, u, nullptr,
                                                         pre_p);
-            run_map_blocks<R, INTERP, false>(A, plan);
+            run_map_blocks<R, INTERP, false>(A, grid);
             return;
           }
         }
-        const auto plan = make_tile_plan<R, INTERP, false, acc_t>(maps, T.H, T.W,
-                                                                static_cast<int>(r), T.n);
-        auto A = make_tile_args<R, scalar_t, acc_t>(o, T, plan, taps, wbuf, u, nullptr, pre_p);
-        run_blocks<R, INTERP, false>(A, plan);
+        const auto grid = make_tile_grid<R, INTERP, false, acc_t>(maps, T.H, T.W,
+                                                                static_cast<int>(r), T.n,
+                                                                o.smem_budget);
+        auto A = make_tile_args<R, scalar_t, acc_t>(o, T, grid, taps, wbuf, u, nullptr, pre_p);
+        run_blocks<R, INTERP, false>(A, grid);
       });
     });
   });
@@ -165,9 +166,10 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
     const at::Tensor& du, const at::Tensor& z, const at::Tensor& preact,
     const at::Tensor& expert_index, const at::Tensor& conv_weight, const at::Tensor& conv_bias,
-    at::IntArrayRef scales, int64_t interpolation, int64_t height, int64_t width) {
+    at::IntArrayRef scales, int64_t interpolation, int64_t height, int64_t width,
+    int64_t smem_kb) {
   auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales, interpolation,
-                            height, width, &du, &preact);
+                            height, width, smem_kb, &du, &preact);
   const auto& zc = o.z;
   const int64_t N = zc.size(0), r = zc.size(1), n = o.conv_weight.size(0);
   auto dz = at::empty_like(zc);
@@ -190,27 +192,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
         acc_t* pre_p = const_cast<acc_t*>(o.preact.const_data_ptr<acc_t>());
         if constexpr (R <= tile::kMapMaxRank) {
           if (per_map) {
-            const auto plan = make_map_plan<R, INTERP, true, acc_t>(maps, T.H, T.W);
-            at::Tensor partial = at::empty({plan.blocks, n * tile::grad_stride<R>()}, acc_opts);
-            at::Tensor region = at::empty({plan.blocks, map_region_size<R, INTERP>()}, acc_opts);
+            const auto grid = make_map_grid<R, INTERP, true, acc_t>(maps, T.H, T.W);
+            at::Tensor partial = at::empty({grid.blocks, n * tile::grad_stride<R>()}, acc_opts);
+            at::Tensor region = at::empty({grid.blocks, map_region_size<R, INTERP>()}, acc_opts);
             auto A = make_tile_args<R, scalar_t, acc_t>(
-                o, T, plan, taps, wbuf, dz, partial.mutable_data_ptr<acc_t>(), pre_p);
+                o, T, grid, taps, wbuf, dz, partial.mutable_data_ptr<acc_t>(), pre_p);
             A.region = region.mutable_data_ptr<acc_t>();
-            run_map_blocks<R, INTERP, true>(A, plan);
+            run_map_blocks<R, INTERP, true>(A, grid);
             at::parallel_for(0, N * r, 4096, [&](int64_t i0, int64_t i1) {
               for (int64_t i = i0; i < i1; ++i) tile::fold_entry<R, INTERP>(A, i);
             });
-            reduce_dw<R, acc_t>(partial, plan.blocks, A.r, A.n, dw);
+            reduce_dw<R, acc_t>(partial, grid.blocks, A.r, A.n, dw);
             return;
           }
         }
-        const auto plan = make_tile_plan<R, INTERP, true, acc_t>(maps, T.H, T.W,
-                                                               static_cast<int>(r), T.n);
-        at::Tensor partial = at::empty({plan.blocks, n * tile::grad_stride<R>()}, acc_opts);
-        auto A = make_tile_args<R, scalar_t, acc_t>(o, T, plan, taps, wbuf, dz,
+        const auto grid = make_tile_grid<R, INTERP, true, acc_t>(maps, T.H, T.W,
+                                                               static_cast<int>(r), T.n,
+                                                                o.smem_budget);
+        at::Tensor partial = at::empty({grid.blocks, n * tile::grad_stride<R>()}, acc_opts);
+        auto A = make_tile_args<R, scalar_t, acc_t>(o, T, grid, taps, wbuf, dz,
                                                     partial.mutable_data_ptr<acc_t>(), pre_p);
-        run_blocks<R, INTERP, true>(A, plan);
-        reduce_dw<R, acc_t>(partial, plan.blocks, A.r, A.n, dw);
+        run_blocks<R, INTERP, true>(A, grid);
+        reduce_dw<R, acc_t>(partial, grid.blocks, A.r, A.n, dw);
       });
     });
   });

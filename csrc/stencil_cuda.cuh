@@ -106,17 +106,17 @@ void run_map_call(tile::TileArgs<scalar_t, float> A, const Operands& o, const ti
                   at::Tensor* dw, cudaStream_t stream) {
   const int64_t N = o.z.size(0), maps = N / (static_cast<int64_t>(T.H) * T.W);
   const int64_t n = o.conv_weight.size(0);
-  const auto plan = make_map_plan<R, INTERP, BWD, float>(maps, T.H, T.W);
+  const auto grid = make_map_grid<R, INTERP, BWD, float>(maps, T.H, T.W);
   const auto f32 = o.z.options().dtype(at::kFloat);
   at::Tensor partial, region;
   if (BWD) {
-    partial = at::empty({plan.blocks, n * tile::grad_stride<R>()}, f32);
-    region = at::empty({plan.blocks, map_region_size<R, INTERP>()}, f32);
+    partial = at::empty({grid.blocks, n * tile::grad_stride<R>()}, f32);
+    region = at::empty({grid.blocks, map_region_size<R, INTERP>()}, f32);
   }
-  A = make_tile_args<R, scalar_t, float>(o, T, plan, taps, wbuf, out,
+  A = make_tile_args<R, scalar_t, float>(o, T, grid, taps, wbuf, out,
                                          BWD ? partial.mutable_data_ptr<float>() : nullptr, pre);
   if (BWD) A.region = region.mutable_data_ptr<float>();
-  launch_blocks(stencil_map_kernel<R, INTERP, BWD, scalar_t>, A, plan.layout, plan.blocks,
+  launch_blocks(stencil_map_kernel<R, INTERP, BWD, scalar_t>, A, grid.layout, grid.blocks,
                 stream);
   if (BWD) {
     const int64_t total = N * A.r;
@@ -124,7 +124,7 @@ void run_map_call(tile::TileArgs<scalar_t, float> A, const Operands& o, const ti
         A, total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     reduce_dw_kernel<R><<<grid_for(dw->numel(), kPrepThreads), kPrepThreads, 0, stream>>>(
-        partial.const_data_ptr<float>(), plan.blocks, A.r, A.n, dw->mutable_data_ptr<float>());
+        partial.const_data_ptr<float>(), grid.blocks, A.r, A.n, dw->mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -158,18 +158,18 @@ void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t i
     }
   }
   const int64_t maps = N / (height * width);
-  const auto plan = make_tile_plan<R, INTERP, BWD, float>(maps, T.H, T.W, static_cast<int>(r),
-                                                        T.n);
+  const auto grid = make_tile_grid<R, INTERP, BWD, float>(maps, T.H, T.W, static_cast<int>(r),
+                                                        T.n, o.smem_budget);
   at::Tensor partial;
-  if (BWD) partial = at::empty({plan.blocks, n * tile::grad_stride<R>()}, f32);
-  auto A = make_tile_args<R, scalar_t, float>(o, T, plan, taps, wbuf, out,
+  if (BWD) partial = at::empty({grid.blocks, n * tile::grad_stride<R>()}, f32);
+  auto A = make_tile_args<R, scalar_t, float>(o, T, grid, taps, wbuf, out,
                                               BWD ? partial.mutable_data_ptr<float>() : nullptr,
                                               pre);
-  launch_blocks(stencil_tile_kernel<R, INTERP, BWD, scalar_t>, A, plan.layout, plan.blocks,
+  launch_blocks(stencil_tile_kernel<R, INTERP, BWD, scalar_t>, A, grid.layout, grid.blocks,
                 stream);
   if (BWD) {
     reduce_dw_kernel<R><<<grid_for(dw->numel(), kPrepThreads), kPrepThreads, 0, stream>>>(
-        partial.const_data_ptr<float>(), plan.blocks, A.r, A.n, dw->mutable_data_ptr<float>());
+        partial.const_data_ptr<float>(), grid.blocks, A.r, A.n, dw->mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -6,11 +6,11 @@
 // threads with __syncthreads() after it; the CPU runs the same phase as a loop over the
 // 128 thread ids (blocks in parallel with at::parallel_for). Both read the same tables,
 // stage the same tiles and reduce in the same order, so CI executes what the GPU runs.
-// A checked CPU build (CONVLORA_CHECKED) bounds-checks every shared-memory index, fails
+// A checked CPU build (CONVLORA_CHECKED) bounds-checks every shared-memory index and fails
 // when two threads touch one shared word in one phase with one of them writing (what a
-// missing barrier would make a race on the GPU), and poisons shared memory (NaN bytes)
-// before each buffer is written, so a halo read, a race or a read of a buffer before the
-// phase that writes it shows up on the CPU.
+// missing barrier would make a race on the GPU; shared_array.h), and poisons shared memory
+// (NaN bytes) before each buffer is written, so a halo read, a race or a read of a buffer
+// before the phase that writes it shows up on the CPU.
 //
 // Work decomposition (docs/design.md, "The tiled stencil"):
 //   items     one conv output of one token: odd scales need 1 per token, even scales
@@ -37,11 +37,11 @@
 #include <string.h>
 
 #include "convlora_math.h"
+#include "shared_array.h"
 
 #if defined(CONVLORA_CHECKED)
 #include <stdexcept>
 #include <string>
-#include <vector>
 #endif
 
 #if defined(__CUDA_ARCH__)
@@ -58,8 +58,9 @@ namespace tile {
 constexpr int kThreads = 128;
 // Per-block shared memory that stages the conv weights or the weight-gradient
 // accumulators only when they fit under this many bytes (else they stay in global memory).
-// A first choice, not a measured one: CONVLORA_STENCIL_SMEM_KB overrides it (stencil.h) and
-// benchmarks/stencil_time.py times the alternatives on a GPU.
+// A first choice, not a measured one: the ops' smem_kb argument overrides it (stencil.h; the
+// internal switch CONVLORA_STENCIL_SMEM_KB sets it) and benchmarks/stencil_time.py times the
+// alternatives on a GPU.
 constexpr int kSmemBudget = 96 * 1024;
 
 // Expert index markers of staged tokens.
@@ -216,123 +217,6 @@ CONVLORA_HD void weight_entry(const acc_t* conv_w, const acc_t* conv_b, int r, i
     wbuf[i] = v;
   }
 }
-
-// --- Shared memory ------------------------------------------------------------------
-
-#if defined(CONVLORA_CHECKED)
-[[noreturn]] inline void smem_out_of_range(const char* name, int i, int n) {
-  throw std::out_of_range(std::string("stencil (checked build): shared array ") + name +
-                          " index " + std::to_string(i) + " outside [0, " + std::to_string(n) +
-                          ")");
-}
-
-// Race detection of the checked build. For every 4-byte word of the block's shared memory:
-// the thread that last wrote it and the thread(s) that last read it, with their phase. Two
-// threads touching one word in the same phase, one of them writing, is what a missing
-// barrier would make a race on the GPU; the CPU runs threads one after another, so the
-// check is the only way it can show. The executor sets `phase` (advanced at each barrier)
-// and `tid`; reads between phases run as tid -1 in a phase of their own.
-struct Shadow {
-  const unsigned char* base = nullptr;
-  int64_t words = 0;
-  std::vector<int> wtid, wphase, rtid, rphase;
-  int phase = 0, tid = -1;
-  void attach(const unsigned char* smem, int bytes) {
-    base = smem;
-    words = bytes / 4;
-    wtid.assign(words, -1);
-    wphase.assign(words, -1);
-    rtid.assign(words, -1);
-    rphase.assign(words, -1);
-  }
-};
-inline thread_local Shadow* g_shadow = nullptr;
-
-[[noreturn]] inline void smem_race(const char* name, int i, const char* what, int other,
-                                   int tid) {
-  throw std::logic_error(std::string("stencil (checked build): shared array ") + name +
-                         " index " + std::to_string(i) + " " + what + " thread " +
-                         std::to_string(other) + " and thread " + std::to_string(tid) +
-                         " in one phase (a missing barrier)");
-}
-
-template <typename T>
-struct SArr;
-
-// A checked element: reads and writes go through the race check.
-template <typename T>
-struct SRef {
-  const SArr<T>* a;
-  int i;
-  operator T() const {
-    a->on_read(i);
-    return a->p[i];
-  }
-  SRef& operator=(T v) {
-    a->on_write(i);
-    a->p[i] = v;
-    return *this;
-  }
-  SRef& operator=(const SRef& o) { return *this = static_cast<T>(o); }
-  SRef& operator+=(T v) {
-    a->on_read(i);
-    a->on_write(i);
-    a->p[i] += v;
-    return *this;
-  }
-};
-
-template <typename T>
-struct SArr {
-  T* p;
-  int n;
-  const char* name;
-  SRef<T> operator[](int i) const {
-    if (i < 0 || i >= n) smem_out_of_range(name, i, n);
-    return SRef<T>{this, i};
-  }
-  int64_t word(int i) const {  // -1: not in the block's shared memory (a global array)
-    const Shadow* s = g_shadow;
-    if (s == nullptr || s->base == nullptr) return -1;
-    const auto off = reinterpret_cast<const unsigned char*>(p + i) - s->base;
-    return off >= 0 && off / 4 < s->words ? off / 4 : -1;
-  }
-  void on_read(int i) const {
-    const int64_t w = word(i);
-    if (w < 0) return;
-    Shadow& s = *g_shadow;
-    if (s.wphase[w] == s.phase && s.wtid[w] != s.tid)
-      smem_race(name, i, "written by", s.wtid[w], s.tid);
-    if (s.rphase[w] != s.phase) {
-      s.rphase[w] = s.phase;
-      s.rtid[w] = s.tid;
-    } else if (s.rtid[w] != s.tid) {
-      s.rtid[w] = -2;  // read by several threads
-    }
-  }
-  void on_write(int i) const {
-    const int64_t w = word(i);
-    if (w < 0) return;
-    Shadow& s = *g_shadow;
-    if (s.wphase[w] == s.phase && s.wtid[w] != s.tid)
-      smem_race(name, i, "written by", s.wtid[w], s.tid);
-    if (s.rphase[w] == s.phase && s.rtid[w] != s.tid)
-      smem_race(name, i, "read by", s.rtid[w], s.tid);
-    s.wphase[w] = s.phase;
-    s.wtid[w] = s.tid;
-  }
-};
-#define CONVLORA_SARR(T, base, off, count, nm) \
-  SArr<T> { reinterpret_cast<T*>((base) + (off)), (count), nm }
-#else
-template <typename T>
-struct SArr {
-  T* p;
-  CONVLORA_HD T& operator[](int i) const { return p[i]; }
-};
-#define CONVLORA_SARR(T, base, off, count, nm) \
-  SArr<T> { reinterpret_cast<T*>((base) + (off)) }
-#endif
 
 // Byte offsets of a block's shared arrays (16-byte aligned), the same on host and device.
 struct Layout {

@@ -14,13 +14,10 @@ import pytest
 import torch
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, BENCH)
-import common  # noqa: E402
-import floors  # noqa: E402
-import measure  # noqa: E402
-import render  # noqa: E402
+sys.path.insert(0, BENCH)  # the scripts, and their helpers in benchlib
 import run as bench  # noqa: E402
 import stencil_time  # noqa: E402
+from benchlib import common, floors, measure, render  # noqa: E402
 
 TINY = ["--preset", "smoke", "--only", "smoke-2x6x7-C32-r3-map", "--repeats", "1",
         "--warmup", "0", "--rotate", "1"]
@@ -211,7 +208,7 @@ def test_stencil_time_runs_on_cpu(capsys):
 def test_authors_layer_left_out_with_a_note(monkeypatch, capsys):
     """Without the autogluon wheel the authors' provider is left out, saying why, and the
     other providers still run."""
-    import authors
+    from benchlib import authors
 
     monkeypatch.setenv("CONVLORA_AUTOGLUON_WHEEL", "/nonexistent/autogluon.whl")
     authors.load.cache_clear()

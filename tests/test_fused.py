@@ -4,8 +4,8 @@ shapes, dtypes, strides, registration (opcheck, torch.compile), determinism."""
 import pytest
 import torch
 
-from convlora_kernels import ConvLoRALinear, conv_lora_linear, conv_lora_linear_ref, layer, ops
-from convlora_kernels.fused import stencil
+from convlora_kernels import ConvLoRALinear, conv_lora_linear, conv_lora_linear_ref, ops, plan
+from convlora_kernels.backends.extension import stencil
 
 from helpers import TRAINABLE, assert_close, check_accuracy_rule, make_case
 
@@ -483,7 +483,7 @@ OUT_OF_RANGE_CASES = [  # (interpolation, deterministic, the bad token's index),
 @pytest.mark.parametrize("backend,forward_plan,triton_backward", [
     pytest.param("cpu", "bias_first", None, id="cpu"),
     pytest.param("triton", "bias_first", "split", id="triton", marks=pytest.mark.triton),
-    pytest.param("triton", "fused", "merged", id="triton-fused-merged",
+    pytest.param("triton", "one_kernel", "merged", id="triton-one_kernel-merged",
                  marks=pytest.mark.triton),
     pytest.param("cuda", "bias_first", None, id="cuda", marks=[
         pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")])])
@@ -494,9 +494,9 @@ def test_unchecked_out_of_range_expert_reaches_nothing(backend, forward_plan, tr
     """An unchecked out-of-range index (no poisoning of outputs): that token's output and
     its own dz are NaN; every other token's output and x gradient equal the run where the
     token has a valid expert and no output gradient (so it contributes nothing). The
-    fused forward writes y itself: its spare programs must cover the bad token (the
+    one-kernel forward writes y itself: its spare programs must cover the bad token (the
     Triton outputs are pre-filled with a finite value, so a row no kernel wrote shows)."""
-    switch(layer.FORWARD_ENV, forward_plan)
+    switch(plan.FORWARD_ENV, forward_plan)
     if backend == "triton":
         from convlora_kernels.triton_kernels import launch
 

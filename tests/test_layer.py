@@ -1,18 +1,20 @@
-"""The layer's plan (convlora_kernels.layer): every candidate of the forward and of the dy
-pass against the reference, forward and every gradient, on each fused backend that runs
-here (cpu; triton under the interpreter); how ``plan`` chooses; the modeled bytes."""
+"""The layer (convlora_kernels.layer) and its plan (convlora_kernels.plan): every candidate
+of the forward and of the dy pass against the reference, forward and every gradient, on
+each fused backend that runs here (cpu; triton under the interpreter); how ``plan.choose``
+chooses; the modeled bytes."""
 
 import os
 
 import pytest
 import torch
 
-from convlora_kernels import _plans, conv_lora_linear, conv_lora_linear_ref, layer, ops
+from convlora_kernels import conv_lora_linear, conv_lora_linear_ref, ops, plan
+from convlora_kernels.backends import extension
 from convlora_kernels._validate import Problem
 
 from helpers import TRAINABLE, assert_close, make_case
 
-PLANS = [(f, d) for f in layer.FORWARD_PLANS for d in layer.DY_PLANS]
+PLANS = [(f, d) for f in plan.FORWARD_CANDIDATES for d in plan.DY_CANDIDATES]
 
 
 def _triton_here():
@@ -22,17 +24,17 @@ def _triton_here():
 _TRITON_MARKS = [pytest.mark.triton, pytest.mark.skipif(
     not (os.environ.get("TRITON_INTERPRET") == "1"),
     reason="the triton backend runs on CPU only under TRITON_INTERPRET=1")]
-# every (backend, forward candidate, dy candidate) that runs: the fused forward is Triton's
+# every (backend, forward candidate, dy candidate) that runs: the one-kernel forward is Triton's
 CASES = [pytest.param(b, f, d, marks=_TRITON_MARKS if b == "triton" else [])
          for b in ("cpu", "triton") for f, d in PLANS
-         if layer.unavailable(f, b) is None or b == "triton"]
+         if plan.unavailable(f, b) is None or b == "triton"]
 
 
 @pytest.fixture
 def switches(switch):
     def use(forward_plan, dy_plan):
-        switch(layer.FORWARD_ENV, forward_plan)
-        switch(layer.DY_ENV, dy_plan)
+        switch(plan.FORWARD_ENV, forward_plan)
+        switch(plan.DY_ENV, dy_plan)
     return use
 
 
@@ -50,7 +52,7 @@ def test_every_candidate_matches_reference(backend, forward_plan, dy_plan, bias,
     if backend == "triton" and not _triton_here():
         pytest.fail("the triton backend should run under the interpreter here")
     switches(forward_plan, dy_plan)
-    monkeypatch.setattr(layer, "CPU_DY_ROWS", 7)  # several row blocks in the cpu one-pass
+    monkeypatch.setattr(extension, "CPU_DY_ROWS", 7)  # several row blocks in the cpu one-pass
     dtype = torch.float64 if backend == "cpu" else torch.float32
     c = make_case(batch=2, height=5, width=6, rank=3, scales=(1, 2, 3), bias=bias,
                   seed=41 + given_z).to(dtype, True)
@@ -75,45 +77,45 @@ def test_every_candidate_matches_reference(backend, forward_plan, dy_plan, bias,
 
 
 def test_plan_follows_switches_then_table_then_model(monkeypatch, switch):
-    for env in (layer.FORWARD_ENV, layer.DY_ENV):
+    for env in (plan.FORWARD_ENV, plan.DY_ENV):
         switch(env, None)
-    monkeypatch.setattr(_plans, "MEASURED", {})
-    assert layer.plan("cpu", "cpu") == ("bias_first", "one_pass")  # fewest modeled bytes
-    monkeypatch.setattr(_plans, "MEASURED", {("cpu", "cpu"): {
-        layer.FORWARD_ENV: "post_add", layer.DY_ENV: "two_gemms"}})
-    assert layer.plan("cpu", "cpu") == ("post_add", "two_gemms")
-    assert layer.plan("cuda", "cuda")[0] == "bias_first"  # no entry for that pair
-    switch(layer.FORWARD_ENV, "bias_first")
-    assert layer.plan("cpu", "cpu") == ("bias_first", "two_gemms")
-    switch(layer.DY_ENV, "three_gemms")
+    monkeypatch.setattr(plan, "MEASURED", {})
+    assert plan.choose("cpu", "cpu") == ("bias_first", "one_pass")  # fewest modeled bytes
+    monkeypatch.setattr(plan, "MEASURED", {("cpu", "cpu"): {
+        plan.FORWARD_ENV: "post_add", plan.DY_ENV: "two_gemms"}})
+    assert plan.choose("cpu", "cpu") == ("post_add", "two_gemms")
+    assert plan.choose("cuda", "cuda")[0] == "bias_first"  # no entry for that pair
+    switch(plan.FORWARD_ENV, "bias_first")
+    assert plan.choose("cpu", "cpu") == ("bias_first", "two_gemms")
+    switch(plan.DY_ENV, "three_gemms")
     with pytest.raises(ValueError, match="CONVLORA_LAYER_DY: expected one of"):
-        layer.plan("cpu", "cpu")
+        plan.choose("cpu", "cpu")
 
 
-def test_fused_forward_only_where_it_runs(monkeypatch, switch):
-    """The fused forward is a Triton kernel whose speed only a GPU can tell: a measured
+def test_one_kernel_forward_only_where_it_runs(monkeypatch, switch):
+    """The one-kernel forward is a Triton kernel whose speed only a GPU can tell: a measured
     entry selects it for the triton backend, the byte model never does, and forcing it
     where it cannot run says why not."""
-    for env in (layer.FORWARD_ENV, layer.DY_ENV):
+    for env in (plan.FORWARD_ENV, plan.DY_ENV):
         switch(env, None)
-    monkeypatch.setattr(_plans, "MEASURED", {})
-    assert layer.plan("triton", "cuda")[0] == "bias_first"
-    assert layer.plan_by_model(["fused", "post_add"]) == "post_add"
-    fused = {layer.FORWARD_ENV: "fused"}
-    monkeypatch.setattr(_plans, "MEASURED", {("cuda", "triton"): fused, ("cuda", "cuda"): fused})
-    assert layer.plan("triton", "cuda")[0] == "fused"
-    assert layer.plan("cuda", "cuda")[0] == "bias_first"  # a measured entry it cannot run
-    switch(layer.FORWARD_ENV, "fused")
-    with pytest.raises(ValueError, match="CONVLORA_LAYER_FORWARD=fused: the fused forward "
-                                         "is a Triton kernel"):
-        layer.plan("cpu", "cpu")
+    monkeypatch.setattr(plan, "MEASURED", {})
+    assert plan.choose("triton", "cuda")[0] == "bias_first"
+    assert plan.by_model(["one_kernel", "post_add"]) == "post_add"
+    one = {plan.FORWARD_ENV: "one_kernel"}
+    monkeypatch.setattr(plan, "MEASURED", {("cuda", "triton"): one, ("cuda", "cuda"): one})
+    assert plan.choose("triton", "cuda")[0] == "one_kernel"
+    assert plan.choose("cuda", "cuda")[0] == "bias_first"  # a measured entry it cannot run
+    switch(plan.FORWARD_ENV, "one_kernel")
+    with pytest.raises(ValueError, match="CONVLORA_LAYER_FORWARD=one_kernel: the one-kernel "
+                                         "forward is a Triton kernel"):
+        plan.choose("cpu", "cpu")
 
 
 def test_measured_table_names_known_candidates():
-    for (device_type, backend), entry in _plans.MEASURED.items():
+    for (device_type, backend), entry in plan.MEASURED.items():
         assert backend in ("cpu", "cuda", "triton") and device_type in ("cpu", "cuda")
-        assert entry.get(layer.FORWARD_ENV, "post_add") in layer.FORWARD_PLANS
-        assert entry.get(layer.DY_ENV, "two_gemms") in layer.DY_PLANS
+        assert entry.get(plan.FORWARD_ENV, "post_add") in plan.FORWARD_CANDIDATES
+        assert entry.get(plan.DY_ENV, "two_gemms") in plan.DY_CANDIDATES
 
 
 def test_modeled_bytes_at_the_target_shape():
@@ -121,13 +123,13 @@ def test_modeled_bytes_at_the_target_shape():
     passes over y (151 MB), written first as C only one; dy read once instead of twice."""
     p = Problem(4, 64, 64, 768, 2304, 8, 8, tuple(range(1, 9)), "bilinear")
     n = 4 * 64 * 64
-    assert layer.modeled_bytes("post_add", p, 2) == n * 8 * 2 + 2 * n * 2304 * 2
-    assert layer.modeled_bytes("bias_first", p, 2) == n * 8 * 2 + n * 2304 * 2
-    assert layer.modeled_bytes("two_gemms", p, 2) - layer.modeled_bytes("one_pass", p, 2) \
+    assert plan.modeled_bytes("post_add", p, 2) == n * 8 * 2 + 2 * n * 2304 * 2
+    assert plan.modeled_bytes("bias_first", p, 2) == n * 8 * 2 + n * 2304 * 2
+    assert plan.modeled_bytes("two_gemms", p, 2) - plan.modeled_bytes("one_pass", p, 2) \
         == n * 2304 * 2 + n * 8 * 6
-    assert layer.modeled_bytes("fused", p, 2) == n * 8 * 4
+    assert plan.modeled_bytes("one_kernel", p, 2) == n * 8 * 4
     with pytest.raises(ValueError, match="candidate"):
-        layer.modeled_bytes("one_kernel", p, 2)
+        plan.modeled_bytes("fused", p, 2)
 
 
 class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):

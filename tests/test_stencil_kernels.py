@@ -1,4 +1,4 @@
-"""The tiled stencil kernels themselves: how a call is cut (stencil_plan), the GPU
+"""The tiled stencil kernels themselves: how a call is cut (stencil_grid), the GPU
 resources of the compiled CUDA kernels (read from the build, no GPU needed), the checked
 CPU build (bounds-checked shared memory, poisoned buffers), and the stencil ops on maps
 of many tiles, partial tiles and every shared/global memory path against the reference."""
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from convlora_kernels import _ext
-from convlora_kernels.fused import INTERPOLATION_CODES
+from convlora_kernels.backends.extension import INTERPOLATION_CODES
 
 from helpers import assert_close
 
@@ -22,10 +22,10 @@ SMEM_PER_SM = {80: 164 * 1024, 90: 228 * 1024}  # shared memory per SM (A100, H1
 SMEM_PER_BLOCK_RESERVED = 1024  # the runtime's reservation per resident block
 
 
-def _plan(r, n, mode, backward):
+def _grid(r, n, mode, backward, smem_kb=0):
     keys = ("bytes", "w_smem", "dw_smem", "threads", "tile_h", "tile_w", "round")
-    return dict(zip(keys, torch.ops.convlora.stencil_plan(r, n, INTERPOLATION_CODES[mode],
-                                                          backward)))
+    return dict(zip(keys, torch.ops.convlora.stencil_grid(r, n, INTERPOLATION_CODES[mode],
+                                                          backward, smem_kb)))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,17 +40,17 @@ def test_rank_limit_is_the_extensions():
     from convlora_kernels._validate import MAX_FUSED_RANK
 
     assert RANK_BOUNDS[-1] == MAX_FUSED_RANK
-    _plan(MAX_FUSED_RANK, 8, "bilinear", True)
+    _grid(MAX_FUSED_RANK, 8, "bilinear", True)
     with pytest.raises(RuntimeError, match=rf"r must be in \[1, {MAX_FUSED_RANK}\]"):
-        _plan(MAX_FUSED_RANK + 1, 8, "bilinear", True)
+        _grid(MAX_FUSED_RANK + 1, 8, "bilinear", True)
 
 
-def test_stencil_plan_at_the_target_configuration():
+def test_stencil_grid_at_the_target_configuration():
     """r = 8, 8 experts, bilinear: weights (and in the backward the transposed weights and
     the weight-gradient sums) in shared memory, and at least two blocks per SM of an H100
     in both directions (the forward also on an A100)."""
     for backward in (False, True):
-        p = _plan(8, 8, "bilinear", backward)
+        p = _grid(8, 8, "bilinear", backward)
         print(f"backward={backward}: {p}")
         assert p["threads"] == 128 and (p["tile_h"], p["tile_w"]) == (8, 8)
         assert p["w_smem"] == 1 and p["dw_smem"] == int(backward), p
@@ -59,7 +59,7 @@ def test_stencil_plan_at_the_target_configuration():
         if not backward:
             assert 2 * per_block <= SMEM_PER_SM[80], p
     # Every configuration fits one block's opt-in shared memory on an A100 (163 KB).
-    largest = max(_plan(r, 16, mode, backward)["bytes"] for r in range(1, 65)
+    largest = max(_grid(r, 16, mode, backward)["bytes"] for r in range(1, 65)
                   for mode in ("bilinear", "bicubic") for backward in (False, True))
     assert largest <= 163 * 1024, largest
 
@@ -218,7 +218,7 @@ def test_stencil_ops_match_the_reference_in_float64(mode, bhw, scales, rank):
 def test_stencil_cases_cover_every_memory_path():
     seen = set()
     for mode, _, scales, rank in STENCIL_CASES:
-        p = _plan(rank, len(scales), mode, True)
+        p = _grid(rank, len(scales), mode, True)
         seen.add((p["w_smem"], p["dw_smem"]))
     assert seen == {(1, 1), (1, 0), (0, 0)}, seen
 
@@ -361,25 +361,35 @@ def test_stencil_bwd_needs_the_saved_preactivations():
         torch.ops.convlora.stencil_bwd(du, z, torch.empty(0), idx, cw, cb, sc, m, h, w)
 
 
-def test_shared_memory_budget_switch(monkeypatch):
-    """CONVLORA_STENCIL_SMEM_KB moves the weights and weight-gradient sums between shared and
-    global memory (benchmarks/stencil_time.py times the choices on a GPU); results agree."""
+def test_shared_memory_budget(switch):
+    """The ops' smem_kb moves the weights and weight-gradient sums between shared and global
+    memory (benchmarks/stencil_time.py times the choices on a GPU); results agree. The
+    layer passes the internal switch CONVLORA_STENCIL_SMEM_KB, checked and named."""
+    from convlora_kernels.backends import extension
+
     z, du, idx, cw, cb, sc, m, h, w = _stencil_problem("bilinear", (2, 17, 23),
                                                        tuple(range(1, 9)), 8, torch.float64)
     runs = {}
-    for kb, staged in (("48", (0, 0)), ("80", (1, 0)), ("96", (1, 1))):
-        monkeypatch.setenv("CONVLORA_STENCIL_SMEM_KB", kb)
-        p = _plan(8, 8, "bilinear", True)
-        assert (p["w_smem"], p["dw_smem"]) == staged and p["bytes"] <= int(kb) * 1024, p
-        u, pre = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True)
-        runs[kb] = (u,) + tuple(torch.ops.convlora.stencil_bwd(du, z, pre, idx, cw, cb, sc, m,
-                                                               h, w))
-    for kb in ("48", "80"):
-        for a, b in zip(runs[kb], runs["96"]):
+    for kb, staged in ((48, (0, 0)), (80, (1, 0)), (96, (1, 1))):
+        p = _grid(8, 8, "bilinear", True, kb)
+        assert (p["w_smem"], p["dw_smem"]) == staged and p["bytes"] <= kb * 1024, p
+        switch("CONVLORA_STENCIL_SMEM_KB", str(kb))
+        assert extension.smem_kb() == kb
+        u, pre, _ = extension.stencil_forward(z, idx, cw, cb, list(sc), "bilinear", h, w, True)
+        runs[kb] = (u,) + tuple(extension.stencil_backward(du, z, pre, None, idx, cw, cb,
+                                                           list(sc), "bilinear", h, w))
+    assert _grid(8, 8, "bilinear", True) == _grid(8, 8, "bilinear", True, 96)  # the default
+    for kb in (48, 80):
+        for a, b in zip(runs[kb], runs[96]):
             assert_close(a, b, 1e-12, 1e-12, f"budget {kb} KB")
-    monkeypatch.setenv("CONVLORA_STENCIL_SMEM_KB", "lots")
-    with pytest.raises(RuntimeError, match="CONVLORA_STENCIL_SMEM_KB must be a number of KB"):
-        _plan(8, 8, "bilinear", True)
+    for bad in ("lots", "0", "228"):
+        switch("CONVLORA_STENCIL_SMEM_KB", bad)
+        with pytest.raises(ValueError, match="CONVLORA_STENCIL_SMEM_KB: expected a number of "
+                                             f"KB in \\[1, 227\\], got '{bad}'"):
+            extension.smem_kb()
+    with pytest.raises(RuntimeError, match="smem_kb must be 0 \\(the default budget\\) or a "
+                                           "number of KB in \\[1, 227\\], got 300"):
+        _grid(8, 8, "bilinear", True, 300)
 
 
 def test_layer_hands_the_map_programs_a_per_map_index(monkeypatch, switch):
@@ -387,7 +397,7 @@ def test_layer_hands_the_map_programs_a_per_map_index(monkeypatch, switch):
     as (B,) (the map programs); a materialised one per token; CONVLORA_MAP_KERNELS=0 (the
     internal switch a GPU measurement may need) keeps the per-token programs."""
     from convlora_kernels.gating import NoisyTopOneRouter
-    from convlora_kernels.layer import stencil_index
+    from convlora_kernels.backends.extension import stencil_index
 
     e = torch.tensor([2, 0, 1]).view(3, 1, 1).expand(3, 5, 4)
     idx = stencil_index(e)

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from convlora_kernels import _switches, layer
+from convlora_kernels import _switches, plan
+from convlora_kernels.backends import extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,11 +30,11 @@ def test_forced_nests_and_restores():
 
 
 def test_forced_steers_the_plan_and_its_errors():
-    with _switches.forced({layer.FORWARD_ENV: "post_add", layer.DY_ENV: "two_gemms"}):
-        assert layer.plan("cpu", "cpu") == ("post_add", "two_gemms")
-    with _switches.forced({layer.DY_ENV: "three_gemms"}):
+    with _switches.forced({plan.FORWARD_ENV: "post_add", plan.DY_ENV: "two_gemms"}):
+        assert plan.choose("cpu", "cpu") == ("post_add", "two_gemms")
+    with _switches.forced({plan.DY_ENV: "three_gemms"}):
         with pytest.raises(ValueError, match="CONVLORA_LAYER_DY: expected one of"):
-            layer.plan("cpu", "cpu")
+            plan.choose("cpu", "cpu")
 
 
 def test_unknown_names_are_refused():
@@ -48,10 +49,10 @@ def test_environment_is_read_once():
     """A variable set before the first question steers the plan; one set afterwards, in
     the same process, does not."""
     code = ("import os\n"
-            "from convlora_kernels import layer\n"
-            "first = layer.plan('cpu', 'cpu')[0]\n"
+            "from convlora_kernels import plan\n"
+            "first = plan.choose('cpu', 'cpu')[0]\n"
             "os.environ['CONVLORA_LAYER_FORWARD'] = 'bias_first'\n"
-            "print(first, layer.plan('cpu', 'cpu')[0])\n")
+            "print(first, plan.choose('cpu', 'cpu')[0])\n")
     env = dict(os.environ, CONVLORA_LAYER_FORWARD="post_add")
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
@@ -65,8 +66,9 @@ def test_every_reader_names_a_declared_switch():
     """The constants the package reads its switches by are the declared ones."""
     from convlora_kernels.triton_kernels import launch
 
-    assert {layer.FORWARD_ENV, layer.DY_ENV, layer.MAP_KERNELS_ENV, launch.AUTOTUNE_ENV,
-            launch.BACKWARD_ENV, launch.ROW_PASSES_ENV} == set(_switches.NAMES)
+    assert {plan.FORWARD_ENV, plan.DY_ENV, extension.MAP_KERNELS_ENV, extension.SMEM_KB_ENV,
+            launch.AUTOTUNE_ENV, launch.BACKWARD_ENV,
+            launch.ROW_PASSES_ENV} == set(_switches.NAMES)
 
 
 def test_the_package_never_writes_the_environment():

@@ -6,17 +6,19 @@ case keeps the number of experts and tiles small. Every buffer a kernel must fil
 poisoned with NaN first (launch.POISON). Tests marked `gpu` need a CUDA device.
 """
 
+import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from convlora_kernels import (ConvLoRALinear, conv_lora_linear, conv_lora_linear_ref,
-                              layer)
+from convlora_kernels import ConvLoRALinear, conv_lora_linear, conv_lora_linear_ref, plan
 
-pytest.importorskip("triton")
-from convlora_kernels.triton_kernels import launch, op, tables  # noqa: E402
+triton = pytest.importorskip("triton")
+from convlora_kernels.backends import triton as op  # noqa: E402
+from convlora_kernels.triton_kernels import compile_check, launch, tables  # noqa: E402
 
 from helpers import assert_close, check_accuracy_rule, make_case, resample_matrix  # noqa: E402
 
@@ -68,7 +70,7 @@ def test_imports_and_reasons_without_triton():
         "import convlora_kernels\n"
         "assert 'triton' not in sys.modules, 'import convlora_kernels imported triton'\n"
         "sys.modules['triton'] = None\n"
-        "from convlora_kernels.triton_kernels import op\n"
+        "from convlora_kernels.backends import triton as op\n"
         "print(op.unavailable_reason('triton', torch.device('cuda')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -77,7 +79,7 @@ def test_imports_and_reasons_without_triton():
 
 # Spills at r <= 16 as compile_check reports them for sm_90, per Triton release (the
 # register allocation differs between them): (kernel, dtype, mode, r, ATOMIC) -> stack
-# bytes. Under Triton 3.8 only the fused forward (layer.MEASURED_ONLY: never chosen by the
+# bytes. Under Triton 3.8 only the one-kernel forward (plan.MEASURED_ONLY: never chosen by the
 # byte model, only by a GPU's measurement) spills, in fp32 bicubic at r = 16 (its stencil
 # holds a [16, 8, 8, 16] neighbourhood next to the GEMM tile). Triton 3.6 spills more there
 # and also in the fp32 dy pass with per-program partials (deterministic mode: 255
@@ -99,8 +101,6 @@ KNOWN_SPILLS_BY_TRITON = {
 
 
 def _known_spills():
-    import triton
-
     from convlora_kernels._versions import _version_tuple
 
     release = _version_tuple(triton.__version__)[:2]
@@ -112,14 +112,13 @@ def _known_spills():
             merged[key] = max(stack, merged.get(key, 0))
     return merged
 
+
 @pytest.mark.slow  # builds ~190 kernel variants for sm_90: ~4 min on 2 cores
 def test_kernels_compile_for_the_gpu_without_new_spills():
     """Every kernel builds for sm_90 as the JIT would build it at the layer's launches (the
     interpreter cannot show that): bf16, fp16 and fp32, bilinear and bicubic, r = 8 and 16,
     the first autotuning candidate; and none spills (STACK in ptxas' resource usage) beyond
     KNOWN_SPILLS_BY_TRITON."""
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "convlora_kernels.triton_kernels.compile_check",
                           "--first", "--ranks", "8,16", "--arch", "90"], capture_output=True,
@@ -150,6 +149,51 @@ def test_kernels_compile_for_the_gpu_without_new_spills():
                     or line.split()[1] == "stencil_scatter" and line.split()[2] != "fp32")
                and int(next(w for w in line.split() if w.startswith("REG:"))[4:]) > 128]
     assert not crowded, "\n".join(crowded)
+    # the generated table of docs/design.md ("Triton kernel resources") is what the bf16
+    # kernels compile to under the Triton release it names
+    version, table = _design_table()
+    if version == triton.__version__:
+        rows = [_parsed(line) for line in lines if line.split()[2] == "bf16"]
+        assert compile_check.design_rows(rows)[2:] == table, (
+            "docs/design.md's resource table is stale: regenerate it with python -m "
+            "convlora_kernels.triton_kernels.compile_check --design docs/design.md")
+
+
+def _parsed(line):
+    """A printed compile_check line as the fields of its design table row."""
+    f = line.split()
+    value = {w.split(":")[0]: int(w.split(":")[1]) for w in f
+             if w.startswith(("REG:", "STACK:", "SMEM:"))}
+    return dict(kernel=f[1], mode=f[3], r=int(f[4][2:]),
+                flags=" ".join(w for w in f if w.startswith(("NBP=", "ATOMIC=", "NOISY="))),
+                warps=int(next(w for w in f if w.startswith("warps="))[6:]), **value)
+
+
+def _design_table():
+    """(the Triton release docs/design.md's resource table names, its rows)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "design.md")) as fh:
+        text = fh.read()
+    section = text[text.index(compile_check.DESIGN_BEGIN):text.index(compile_check.DESIGN_END)]
+    version = re.search(r"Triton (\S+), commit", section)
+    rows = [r for r in section.splitlines() if r.startswith("| ") and not r.startswith(
+        ("| kernel ", "| ---"))]
+    assert version and rows, "docs/design.md has no generated resource table"
+    return version.group(1), rows
+
+
+def test_design_table_reads_back():
+    """The table's parser and compile_check's writer agree (the staleness check above
+    compares them only under the Triton release the table names)."""
+    version, rows = _design_table()
+    line = ("sm_90 stencil_fwd       bf16  bilinear r=8   NBP=4                  warps=8 {} "
+            "REG:114 STACK:0 SHARED:0 SMEM:0 (1.0s)")
+    v = _parsed(line)
+    assert v == dict(kernel="stencil_fwd", mode="bilinear", r=8, flags="NBP=4", warps=8,
+                     REG=114, STACK=0, SMEM=0)
+    assert compile_check.design_rows([v])[2] == \
+        "| stencil_fwd | bilinear | 8 | NBP=4 | 8 | 114 | 0 | 0 |"
+    assert any(r.startswith("| stencil_fwd | bilinear | 8 |") for r in rows)
 
 
 def test_deterministic_mode_pins_the_first_candidate(switch):
@@ -298,9 +342,10 @@ def test_split_backward_in_channel_chunks(name, det, monkeypatch, switch):
     chunk partly past r): forward and every gradient, both reduction paths."""
     switch(launch.BACKWARD_ENV, "split")
     kw = CHUNKED[name]
-    plan = launch.Plan(kw["height"], kw["width"], kw["rank"], len(kw["scales"]), kw["scales"],
-                       kw.get("interpolation", "bilinear"), torch.float32, DEV)
-    assert plan.rc < kw["rank"] < 2 * plan.rc, (plan.rc, kw["rank"])
+    tiling = launch.Tiling(kw["height"], kw["width"], kw["rank"], len(kw["scales"]),
+                           kw["scales"], kw.get("interpolation", "bilinear"), torch.float32,
+                           DEV)
+    assert tiling.rc < kw["rank"] < 2 * tiling.rc, (tiling.rc, kw["rank"])
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(det)
     try:
@@ -324,9 +369,9 @@ def test_row_passes_shared_or_per_output_match_reference(name, rows, monkeypatch
     ("per-output", the default elsewhere): forward and every gradient, either way."""
     switch(launch.ROW_PASSES_ENV, rows)
     kw = CASES[name]
-    plan = launch.Plan(kw["height"], kw["width"], kw.get("rank", 4), len(kw["scales"]),
+    tiling = launch.Tiling(kw["height"], kw["width"], kw.get("rank", 4), len(kw["scales"]),
                        kw["scales"], kw.get("interpolation", "bilinear"), torch.float32, DEV)
-    assert plan.shared_rows == (rows == "shared")
+    assert tiling.shared_rows == (rows == "shared")
     check_accuracy_rule(triton_op, case(seed=len(name) + 90, **kw), torch.float32, FLOOR32)
 
 
@@ -337,8 +382,8 @@ def test_row_passes_default_follows_taps_and_rank(monkeypatch, switch):
     for interpolation, rank, shared in [("bicubic", 3, True), ("bicubic", 8, True),
                                         ("bicubic", 9, False), ("bicubic", 16, False),
                                         ("bilinear", 3, False), ("bilinear", 8, False)]:
-        plan = launch.Plan(8, 8, rank, 8, range(1, 9), interpolation, torch.bfloat16, DEV)
-        assert plan.shared_rows is shared, (interpolation, rank)
+        tiling = launch.Tiling(8, 8, rank, 8, range(1, 9), interpolation, torch.bfloat16, DEV)
+        assert tiling.shared_rows is shared, (interpolation, rank)
     switch(launch.ROW_PASSES_ENV, "hoisted")
     with pytest.raises(ValueError, match="CONVLORA_TRITON_ROW_PASSES: expected one of"):
         launch.shared_row_passes(4, 4)
@@ -392,12 +437,10 @@ def test_unused_experts_get_zero_gradients(det, request):
     assert (g_b[0] == 0).all() and (g_b[2] == 0).all()
 
 
-@pytest.fixture(params=["bias_first", "fused"])
+@pytest.fixture(params=["bias_first", "one_kernel"])
 def forward_plan(request, monkeypatch, switch):
     """The forward candidates that run the stencil apart from the GEMMs and inside them."""
-    from convlora_kernels import layer
-
-    switch(layer.FORWARD_ENV, request.param)
+    switch(plan.FORWARD_ENV, request.param)
     return request.param
 
 
@@ -419,7 +462,7 @@ def test_bl_input_strided_x_and_index(forward_plan):
     y3 = triton_op(x3, *c32.args()[1:], **c32.kwargs(), hw=(3, 4))
     assert y3.shape == (2, 12, 12)
     close(y3.reshape(2, 3, 4, 12), ref, "(B, L, C) y")
-    with torch.no_grad():  # inference: the fused forward keeps no u
+    with torch.no_grad():  # inference: the one-kernel forward keeps no u
         close(triton_op(*c32.args(), **c32.kwargs()), ref, "y without grad")
 
 
@@ -488,7 +531,7 @@ def test_dy_pass_partials_do_not_grow_with_n(det, monkeypatch):
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
 def test_float16_by_the_accuracy_rule(mode, forward_plan):
     """float16 runs under the interpreter too (bfloat16 does not: its tl.dot multiplies
-    the raw 16-bit patterns), so every kernel's half-precision path, the fused forward's
+    the raw 16-bit patterns), so every kernel's half-precision path, the one-kernel forward's
     included, is checked here against the reference, forward and every gradient."""
     c = case(batch=1, height=5, width=6, rank=3, scales=(1, 2, 3), interpolation=mode,
              seed=5)
@@ -547,7 +590,7 @@ def test_torch_compile_sees_no_graph_break():
 def test_opcheck():
     c = case(batch=1, height=2, width=3, scales=(1, 2), seed=28).to(torch.float32, True)
     idx = c.expert_index.reshape(-1)
-    for forward_plan in layer.FORWARD_PLANS:
+    for forward_plan in plan.FORWARD_CANDIDATES:
         args = (c.x.reshape(-1, c.x.shape[-1]), c.weight, c.bias, c.lora_A, c.lora_B,
                 c.conv_weight, c.conv_bias, idx, None, c.scaling, list(c.scales),
                 c.interpolation, 2, 3, "triton", forward_plan, True)
@@ -632,9 +675,7 @@ def test_gpu_compile_check_agrees_with_the_jit():
     """compile_check compiles a launch as the JIT does: for the same launch of the dL/dz
     gather, its cubin's registers, stack and shared memory equal those of the kernel the
     JIT built and ran."""
-    import triton
-
-    from convlora_kernels.triton_kernels import compile_check, dense
+    from convlora_kernels.triton_kernels import dense
 
     n, h, w, r, halo = 2 * 14 * 14, 14, 14, 8, 3
     nb = 2 * halo + 1

@@ -3,6 +3,7 @@
     python -m convlora_kernels.triton_kernels.compile_check [--arch 90] [--quick]
         [--dtypes bf16,fp16,fp32] [--interpolations bilinear,bicubic] [--ranks 8,16] [--first]
         [--kernels stencil_scatter,...]
+    python -m convlora_kernels.triton_kernels.compile_check --design docs/design.md
 
 Triton lowers kernels to PTX and cubin with the ptxas it ships, so a machine without a
 GPU can check what the interpreter cannot: that every kernel builds for the target
@@ -23,6 +24,11 @@ Per compiled variant: REG registers, STACK bytes of stack (spills), SHARED the c
 static shared memory and SMEM the shared memory Triton allocates at launch (its
 pipelines' buffers). --quick: bf16, bilinear, r = 8, first candidates. TRITON_INTERPRET
 must be unset.
+
+--design FILE writes the table of what runs by default (bf16, sm_90, both interpolations,
+r = 8 and 16, the first candidates) into FILE between DESIGN_BEGIN and DESIGN_END, with the
+Triton release and the commit it came from: the figures the code's comments argue from
+live there, and tests/test_triton.py fails when the kernels no longer compile to them.
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ from . import launch, sort
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SCALES = {"bilinear": tuple(range(1, 9)), "bicubic": tuple(range(1, 9))}  # per interpolation
 SHAPE = dict(batch=1, height=32, width=32, c_in=64, c_out=192)
+DESIGN_BEGIN = "<!-- compile_check --design: begin -->"
+DESIGN_END = "<!-- compile_check --design: end -->"
+DESIGN_ARGS = dict(arch=90, dtypes="bf16", interpolations="bilinear,bicubic", ranks="8,16",
+                   first=True, kernels="")
 
 
 def _autotuners():
@@ -81,7 +91,7 @@ def recorded_launches():
 def layer_launches(dtype: torch.dtype, interpolation: str, rank: int):
     """The launches of the layer (every candidate, both reduction paths) and the router
     at SHAPE in ``dtype``, recorded on CPU tensors."""
-    from .. import layer
+    from .. import layer, plan
     from . import router
 
     b, h, w, c_in, c_out = (SHAPE[k] for k in ("batch", "height", "width", "c_in", "c_out"))
@@ -99,8 +109,8 @@ def layer_launches(dtype: torch.dtype, interpolation: str, rank: int):
     dy = rnd(n_tok, c_out)
     geometry = (list(scales), interpolation, h, w)
     with recorded_launches() as calls:
-        for forward_plan in layer.FORWARD_PLANS:
-            if layer.unavailable(forward_plan, "triton") is None:
+        for forward_plan in plan.FORWARD_CANDIDATES:
+            if plan.unavailable(forward_plan, "triton") is None:
                 layer._forward_impl(x2, weight, bias, lora_a, lora_b, cw, cb, idx, None, 1.0,
                                     *geometry, "triton", forward_plan, True)
         z2 = x2 @ lora_a.t()
@@ -110,7 +120,7 @@ def layer_launches(dtype: torch.dtype, interpolation: str, rank: int):
             for det, backward in itertools.product((False, True), launch.BACKWARDS):
                 torch.use_deterministic_algorithms(det)
                 with _switches.forced({launch.BACKWARD_ENV: backward}):
-                    for dy_plan in layer.DY_PLANS:
+                    for dy_plan in plan.DY_CANDIDATES:
                         layer._backward_impl(dy, x2, weight, lora_a, lora_b, cw, cb, idx, z2,
                                              u, perm, bounds, False, 1.0, *geometry, "triton",
                                              dy_plan, [True] * 7 + [False])
@@ -187,6 +197,67 @@ def _flags(kwargs) -> str:
     return " ".join(f"{k}={kwargs[k]}" for k in ("NBP", "ATOMIC", "NOISY") if k in kwargs)
 
 
+def compiled(arch: int, dtypes: str, interpolations: str, ranks: str, first: bool,
+             kernels: str):
+    """One dict per compiled variant: kernel, dtype, mode, r, flags, warps, config, REG,
+    STACK, SHARED (the cubin's static shared memory, bytes), SMEM (allocated at launch),
+    seconds."""
+    for dname in dtypes.split(","):
+        for interp in interpolations.split(","):
+            for rank in (int(r) for r in ranks.split(",")):
+                launches = layer_launches(DTYPES[dname], interp, rank)
+                for name, fn, a, kw, label in variants(launches, first):
+                    if kernels and name not in kernels.split(","):
+                        continue
+                    t = time.time()
+                    out = compile_launch(fn, a, kw, arch)
+                    text = _usage(out.asm["cubin"])
+                    usage = dict(w.split(":") for w in text.split())
+                    yield dict(kernel=name, dtype=dname, mode=interp, r=rank, flags=_flags(kw),
+                               warps=kw.get("num_warps", 4), config=label, usage=text,
+                               REG=int(usage.get("REG", -1)), STACK=int(usage.get("STACK", -1)),
+                               SHARED=int(usage.get("SHARED", -1)), SMEM=out.metadata.shared,
+                               seconds=time.time() - t)
+
+
+def line(arch: int, v: dict) -> str:
+    """The printed line of one variant (tests/test_triton.py parses it)."""
+    return (f"sm_{arch} {v['kernel']:16s} {v['dtype']:5s} {v['mode']:8s} r={v['r']:<3d} "
+            f"{v['flags']:22s} warps={v['warps']} {v['config']} {v['usage']} SMEM:{v['SMEM']} "
+            f"({v['seconds']:.1f}s)")
+
+
+def design_rows(rows) -> list:
+    """The markdown rows of --design's table."""
+    out = ["| kernel | mode | r | flags | warps | registers | stack (B) | shared memory (B) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for v in rows:
+        out.append(f"| {v['kernel']} | {v['mode']} | {v['r']} | {v['flags'] or '-'} | "
+                   f"{v['warps']} | {v['REG']} | {v['STACK']} | {v['SMEM']} |")
+    return out
+
+
+def write_design(path: str, rows) -> None:
+    """Replaces the text between DESIGN_BEGIN and DESIGN_END in ``path`` with the table."""
+    import triton
+
+    with open(path) as f:
+        text = f.read()
+    if DESIGN_BEGIN not in text or DESIGN_END not in text:
+        raise SystemExit(f"--design: {path} has no {DESIGN_BEGIN} ... {DESIGN_END} section")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=os.path.dirname(os.path.abspath(path))).stdout.strip()
+    a = DESIGN_ARGS
+    head = (f"sm_{a['arch']}, {a['dtypes']}, scales 1..8, the first autotuning candidate, "
+            f"Triton {triton.__version__}, commit {commit or 'unknown'} (regenerate: `python -m "
+            f"convlora_kernels.triton_kernels.compile_check --design docs/design.md`):")
+    body = "\n".join([head, ""] + design_rows(rows))
+    start = text.index(DESIGN_BEGIN) + len(DESIGN_BEGIN)
+    text = text[:start] + "\n" + body + "\n" + text[text.index(DESIGN_END):]
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
@@ -199,25 +270,23 @@ def main(argv=None) -> int:
     p.add_argument("--first", action="store_true", help="first autotuning candidate only")
     p.add_argument("--kernels", default="",
                    help="only these kernels, e.g. stencil_scatter,stencil_fwd (default: all)")
+    p.add_argument("--design", metavar="FILE", default=None,
+                   help="write the default kernels' table into FILE (see above)")
     args = p.parse_args(argv)
     if launch.INTERPRETED:
         print("TRITON_INTERPRET=1 is set: unset it to compile for the GPU", file=sys.stderr)
         return 2
     if args.quick:
         args.dtypes, args.interpolations, args.ranks, args.first = "bf16", "bilinear", "8", True
-    for dname in args.dtypes.split(","):
-        for interp in args.interpolations.split(","):
-            for rank in (int(r) for r in args.ranks.split(",")):
-                launches = layer_launches(DTYPES[dname], interp, rank)
-                for name, fn, a, kw, label in variants(launches, args.first):
-                    if args.kernels and name not in args.kernels.split(","):
-                        continue
-                    t = time.time()
-                    out = compile_launch(fn, a, kw, args.arch)
-                    print(f"sm_{args.arch} {name:16s} {dname:5s} {interp:8s} r={rank:<3d} "
-                          f"{_flags(kw):22s} warps={kw.get('num_warps', 4)} {label} "
-                          f"{_usage(out.asm['cubin'])} SMEM:{out.metadata.shared} "
-                          f"({time.time() - t:.1f}s)", flush=True)
+    settings = DESIGN_ARGS if args.design else dict(
+        arch=args.arch, dtypes=args.dtypes, interpolations=args.interpolations,
+        ranks=args.ranks, first=args.first, kernels=args.kernels)
+    rows = []
+    for v in compiled(**settings):
+        print(line(settings["arch"], v), flush=True)
+        rows.append(v)
+    if args.design:
+        write_design(args.design, rows)
     return 0
 
 

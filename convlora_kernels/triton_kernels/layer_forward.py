@@ -1,6 +1,6 @@
 """The layer's forward as one Triton kernel: the expert stencil, the base GEMM and the
-up-projection, with y written once (the "fused" forward candidate of
-convlora_kernels.layer).
+up-projection, with y written once (the "one_kernel" forward candidate of
+convlora_kernels.plan).
 
 Per program, BM tokens of one expert in the sorted order (as the stencil kernels take
 them, stencil.expert_tile):
@@ -20,8 +20,8 @@ from x in a sorted tile reads (2·halo + 1)² rows of x per token. The price of 
 tiles is the z GEMM (one read of x, N·C_in elements) before this kernel.
 
 Counts at the target shape (4, 64, 64, 768 -> 2304), r = 8, 8 bilinear experts of scales
-1..8, bf16, first autotuning candidate (BM = BN = BK = 64, 8 warps; ptxas sm_90: 202
-registers, no spills, 50 KB of shared memory for three pipeline stages; one CTA per SM):
+1..8, bf16, first autotuning candidate (BM = BN = BK = 64, 8 warps; one CTA per SM by
+registers, docs/design.md "Triton kernel resources" has its registers and shared memory):
     programs      sum_e ceil(count_e / 64) + spares <= 256 + 8 = 264, two waves on 132 SMs
     DRAM          x 25 MB + W0 3.5 MB read, y 75 MB written once, z ~0.3 MB, u 0.5 MB
                   (training): ~105 MB, ~130 MB with the z GEMM before it; "bias_first"
@@ -35,7 +35,7 @@ registers, no spills, 50 KB of shared memory for three pipeline stages; one CTA 
                   the x rows stay in L1 across column blocks (98 KB per program).
     flops         the base GEMM's 58 GFLOP; the stencil ~2.5 conv outputs per token
 So whether this kernel beats "bias_first" is a GPU measurement (benchmarks/plan_time.py,
-a stage of gpu_check.sh); layer.plan never picks it by the byte model.
+a stage of gpu_check.sh); plan.choose never picks it by the byte model.
 
 Tokens whose expert index is out of range (check_expert_index=False) sort outside every
 expert's tiles; the programs past the last tile write their rows of y (and u) as NaN,

@@ -406,7 +406,7 @@ def stencil_scatter_kernel(
         dL/dz[h+a-HALO, w+b-HALO] += Ty[.., a] Tx[.., b] dL/dU   (the transpose of the gather)
     in two phases, so the z neighbourhood and its gradient ([BT, NBP, NBP, RZ] each) are never
     in registers together: first dL/dW, one conv row at a time over the conv outputs (holds
-    z's neighbourhood), then dL/dz, RC channels at a time (launch.Plan.rc) over the conv
+    z's neighbourhood), then dL/dz, RC channels at a time (launch.Tiling.rc) over the conv
     outputs and rows (holds one [BT, NBP, NBP, RC] block of its gradient). With both live,
     the bicubic neighbourhood (8 x 8) spilled 50-770 bytes at r <= 16 (sm_90); now no
     variant at r <= 16 spills (compile_check).
@@ -438,7 +438,7 @@ def stencil_scatter_kernel(
         else:
             tl.store(dw_ptr + pid * (r * r * 9) + offs + row * 3, dw, mask=wmask)
 
-    # dL/dz, RC channels at a time (launch.Plan.rc: one [BT, NBP, NBP, RC] block in registers)
+    # dL/dz, RC channels at a time (launch.Tiling.rc: one [BT, NBP, NBP, RC] block in registers)
     for c0 in range(0, r, RC):
         coffs, cmask_w = conv_row_offsets_from(r, c0, RC, RP)
         dznb = tl.zeros([BT, NBP, NBP, RC], tl.float32)

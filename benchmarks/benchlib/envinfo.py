@@ -10,7 +10,7 @@ import subprocess
 
 import torch
 
-import common
+from . import common
 
 
 def _git(*args):
@@ -25,7 +25,7 @@ def source_digest() -> str:
     """sha256 over the package, kernel, build and benchmark sources: names the code that
     ran even where the checkout has no git metadata (a copied working tree)."""
     h = hashlib.sha256()
-    patterns = ["setup.py", "csrc/*", "convlora_kernels/**/*.py", "benchmarks/*.py",
+    patterns = ["setup.py", "csrc/*", "convlora_kernels/**/*.py", "benchmarks/**/*.py",
                 "benchmarks/*.sh"]
     files = sorted({f for p in patterns for f in glob.glob(os.path.join(common.ROOT, p),
                                                            recursive=True)})
@@ -55,7 +55,7 @@ def environment(device: torch.device, command: str) -> dict:
         commit=os.environ.get("CONVLORA_BENCH_COMMIT") or _git("rev-parse", "HEAD"),
         dirty=bool(status) if status is not None else None, source_sha256=source_digest(),
         device=str(device), cpu=_cpu_name(), threads=torch.get_num_threads(),
-        platform=platform.platform(),
+        platform=platform.platform(), package=common.PACKAGE_DIR,
         command=command,
         env_vars={k: v for k, v in sorted(os.environ.items())
                   if k.startswith(("CONVLORA_", "TORCH_CUDA_ARCH", "TRITON_", "OMP_", "MKL_"))

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from common import TRAINABLE
+from .common import TRAINABLE
 
 MiB = float(2 ** 20)
 

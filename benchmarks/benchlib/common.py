@@ -12,19 +12,25 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-# The checkout's package, not whichever convlora_kernels an earlier install left behind.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path[:1]:
-    sys.path.insert(0, ROOT)
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import convlora_kernels
+from convlora_kernels import available_backends, conv_lora_linear, conv_lora_linear_ref
+from convlora_kernels import lora_linear_ref
 
-from convlora_kernels import available_backends, conv_lora_linear, conv_lora_linear_ref  # noqa: E402
-from convlora_kernels import lora_linear_ref  # noqa: E402
+# The checkout the benchmarks belong to. They time the installed package (pip install -e .
+# from this checkout); one installed from elsewhere is timed too, with a warning.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACKAGE_DIR = os.path.dirname(os.path.abspath(convlora_kernels.__file__))
+if os.path.dirname(PACKAGE_DIR) != ROOT:
+    warnings.warn(f"benchmarks: timing convlora_kernels installed at {PACKAGE_DIR}, not this "
+                  f"checkout's ({ROOT}); run `pip install --no-build-isolation -e .` here "
+                  f"to time this checkout", RuntimeWarning, stacklevel=2)
 
 FUSED = ("cuda", "triton", "cpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -249,8 +255,8 @@ def authors_applies(shape: Shape) -> bool:
 
 def authors_provider() -> Tuple[Optional[Provider], str]:
     """(the authors' layer as a provider, where its source came from), or (None, why not):
-    benchmarks/authors.py."""
-    import authors
+    benchmarks/benchlib/authors.py."""
+    from . import authors
 
     mod, where = authors.load()
     if mod is None:

@@ -1,0 +1,243 @@
+"""The "cpu" and "cuda" backends: the fused stencil kernels of convlora_kernels._C
+(torch.ops.convlora.stencil_fwd / stencil_bwd: one pass over z; the backward from the
+forward's saved pre-activations, weight gradients in fp32, deterministic, no atomics)
+between the layer's GEMMs (BLAS on CPU, cuBLAS on CUDA), composed and planned in
+convlora_kernels.layer. The backend interface is described in convlora_kernels.backends.
+
+The stencil ops are also registered here with fake kernels and autograd, so ``stencil``
+can be used (and torch.compile-traced) on its own.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _ext, _switches
+from .._compile import constant_under_compile
+from .._validate import MAX_FUSED_RANK
+
+INTERPOLATION_CODES = {"bilinear": 0, "bicubic": 1}
+PREACT_SLOTS = {0: 4, 1: 16}  # saved pre-activations per token, by interpolation code
+CPU_DY_ROWS = 512  # rows of dy per block of the cpu one-pass (fp32: 4.7 MB at C_out = 2304)
+
+# Internal switches (docs/design.md, "Internal switches"): CONVLORA_MAP_KERNELS=0 runs the
+# per-token stencil programs for map routing too; CONVLORA_STENCIL_SMEM_KB sets the
+# shared memory one tile block may use (benchmarks/stencil_time.py times both on a GPU).
+MAP_KERNELS_ENV = "CONVLORA_MAP_KERNELS"
+SMEM_KB_ENV = "CONVLORA_STENCIL_SMEM_KB"
+
+
+# --- availability --------------------------------------------------------------------------
+
+def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    mod, why = _ext.load()
+    if mod is None:
+        return why
+    if backend == "cuda" and not _ext.has_cuda_kernels():
+        return ("convlora_kernels._C was built without CUDA kernels (no nvcc or a CPU build of "
+                f"torch at build time); rebuild it with: {_ext.REBUILD}")
+    _register()
+    return None
+
+
+def unsupported(rank: int, dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """None when these kernels can compute a call of rank ``rank`` in ``dtype`` on
+    ``device``, else why not (an error message naming the argument and the way out)."""
+    if device.type == "cuda" and dtype == torch.float64:
+        return ("x: the cuda backend takes float32, float16 or bfloat16 tensors, got "
+                "float64; use backend='cpu' or 'reference' for float64")
+    if rank > MAX_FUSED_RANK:
+        return (f"lora_A: the fused kernels support ranks up to {MAX_FUSED_RANK}, got "
+                f"r = {rank}; use backend='auto' or 'reference'")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def candidate_unavailable(candidate: str, backend: str) -> Optional[str]:
+    if candidate == "one_kernel":
+        return "the one-kernel forward is a Triton kernel: it runs with backend='triton'"
+    if candidate == "one_pass" and backend == "cuda":
+        try:
+            from . import triton as triton_backend
+        except ImportError as e:  # pragma: no cover - the module guards its own imports
+            return f"the Triton dy-pass kernel cannot be imported ({e})"
+        why = triton_backend.kernels_missing()
+        if why is not None:
+            return f"the Triton dy-pass kernel cannot be imported ({why})"
+    return None
+
+
+# --- the switches --------------------------------------------------------------------------
+
+def map_kernels_on() -> bool:
+    return _switches.get(MAP_KERNELS_ENV, "1") != "0"
+
+
+@constant_under_compile
+def smem_kb() -> int:
+    """The ops' smem_kb argument: 0 (the kernels' default budget) unless
+    CONVLORA_STENCIL_SMEM_KB sets a number of KB in [1, 227]."""
+    value = _switches.get(SMEM_KB_ENV)
+    if not value:
+        return 0
+    try:
+        kb = int(value)
+    except ValueError:
+        kb = 0
+    if not 1 <= kb <= 227:
+        raise ValueError(f"{SMEM_KB_ENV}: expected a number of KB in [1, 227], got {value!r}")
+    return kb
+
+
+# --- the expert index ----------------------------------------------------------------------
+
+def stencil_index(expert_index: Tensor) -> Tensor:
+    """expert_index (B, H, W) as the C++ stencils take it, int32: (B,) when it is one expert
+    per map by construction (expanded from (B, 1, 1), as the map router returns it), so the
+    map kernels run (csrc/stencil_map.h); else one entry per token (N,)."""
+    if expert_index.dim() == 3 and expert_index.stride(1) == 0 and \
+            expert_index.stride(2) == 0 and map_kernels_on():
+        return expert_index[:, 0, 0].to(torch.int32).contiguous()
+    return expert_index.reshape(-1).to(torch.int32)
+
+
+def _per_map(gating: str) -> bool:
+    return gating == "map" and map_kernels_on()
+
+
+def routed_index(expert: Tensor, gating: str, height: int, width: int) -> Tensor:
+    """The router's expert per unit (map or token) as the stencil takes it: one per map
+    stays one per map (the map kernels), unless they are switched off."""
+    if gating == "map" and not _per_map(gating):
+        return expert.repeat_interleave(height * width)
+    return expert
+
+
+def routed_index_length(n_tok: int, gating: str, height: int, width: int) -> int:
+    return n_tok // (height * width) if _per_map(gating) else n_tok
+
+
+# --- the stencil ---------------------------------------------------------------------------
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' arithmetic and weight-gradient dtype for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width, save):
+    u, pre = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales,
+                                            INTERPOLATION_CODES[interpolation], height, width,
+                                            save, smem_kb())
+    return u, pre, z2.new_empty(0)
+
+
+def stencil_backward(du, z2, preact, _unused, idx, cw, cb, scales, interpolation, height,
+                     width):
+    code = INTERPOLATION_CODES[interpolation]
+    kb = smem_kb()
+    if preact.numel() == 0:  # the forward was told not to keep them: recompute
+        preact = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales, code, height, width,
+                                                True, kb)[1]
+    dz, dw, db = torch.ops.convlora.stencil_bwd(du.to(z2.dtype).contiguous(), z2, preact, idx,
+                                                cw, cb, scales, code, height, width, kb)
+    return dz, dw.to(cw.dtype), db.to(cb.dtype)
+
+
+def saved_shapes(n_tok, rank, n_exp, interpolation, dtype, save, forward_candidate):
+    """Shapes and dtypes of (u, saved0, saved1) of stencil_forward: u, the pre-activations
+    (or nothing), nothing."""
+    slots = PREACT_SLOTS[INTERPOLATION_CODES[interpolation]]
+    return [((n_tok, rank), dtype), ((n_tok, slots, rank) if save else (0,), acc_dtype(dtype)),
+            ((0,), dtype)]
+
+
+# --- the dy pass ---------------------------------------------------------------------------
+
+def dy_pass(dy2, lora_B, u, scaling, need_b, need_bias):
+    """The "one_pass" dy candidate: on CUDA the Triton dy-pass kernel; on CPU row blocks of
+    dy through both BLAS GEMMs while they are in cache. Returns (dL/du, dL/dB or None,
+    dL/dbias or None)."""
+    if dy2.device.type != "cpu":
+        from . import triton as triton_backend
+
+        return triton_backend.dy_pass(dy2, lora_B, u, scaling, need_b, need_bias)
+    uq = u if u.dtype == dy2.dtype else u.to(dy2.dtype)
+    bt = lora_B.t().contiguous()  # (r, C_out): the layout BLAS runs fastest on CPU
+    d_bias = dy2.sum(0) if need_bias else None
+    n = dy2.shape[0]
+    du = dy2.new_empty((n, lora_B.shape[1]))
+    d_bt = dy2.new_zeros(bt.shape) if need_b else None
+    for i in range(0, n, CPU_DY_ROWS):
+        rows = dy2[i:i + CPU_DY_ROWS]
+        torch.mm(rows, bt.t(), out=du[i:i + CPU_DY_ROWS])
+        if need_b:
+            d_bt.addmm_(uq[i:i + CPU_DY_ROWS].t(), rows)
+    du.mul_(scaling)
+    d_b = d_bt.mul_(scaling).t() if need_b else None
+    return du, d_b, d_bias
+
+
+# --- the stencil ops on their own ----------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _register() -> None:
+    """Fake kernels and autograd for the C++ stencil ops (once, after _C is loaded)."""
+
+    @torch.library.register_fake("convlora::stencil_fwd")
+    def _(z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width,
+          save_preact, smem_kb=0):
+        shape = (z.shape[0], PREACT_SLOTS[interpolation], z.shape[1]) if save_preact else (0,)
+        return torch.empty_like(z), z.new_empty(shape, dtype=acc_dtype(z.dtype))
+
+    @torch.library.register_fake("convlora::stencil_bwd")
+    def _(du, z, preact, expert_index, conv_weight, conv_bias, scales, interpolation, height,
+          width, smem_kb=0):
+        acc = acc_dtype(z.dtype)
+        return (torch.empty_like(z), conv_weight.new_empty(conv_weight.shape, dtype=acc),
+                conv_bias.new_empty(conv_bias.shape, dtype=acc))
+
+    def setup_context(ctx, inputs, output):
+        (z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width, _,
+         kb) = inputs
+        ctx.save_for_backward(z, output[1], expert_index, conv_weight, conv_bias)
+        ctx.mark_non_differentiable(output[1])
+        ctx.meta = (scales, interpolation, height, width)
+        ctx.smem_kb = kb
+
+    def backward(ctx, du, _dpreact):
+        z, preact, expert_index, conv_weight, conv_bias = ctx.saved_tensors
+        if preact.numel() == 0:  # the forward was told not to keep them: recompute
+            preact = torch.ops.convlora.stencil_fwd(z, expert_index, conv_weight, conv_bias,
+                                                    *ctx.meta, True, ctx.smem_kb)[1]
+        dz, dw, db = torch.ops.convlora.stencil_bwd(du.contiguous(), z, preact, expert_index,
+                                                    conv_weight, conv_bias, *ctx.meta,
+                                                    ctx.smem_kb)
+        return (dz, None, dw.to(conv_weight.dtype), db.to(conv_bias.dtype), None, None, None,
+                None, None, None)
+
+    torch.library.register_autograd("convlora::stencil_fwd", backward,
+                                    setup_context=setup_context)
+
+
+def stencil(z: torch.Tensor, expert_index: torch.Tensor, conv_weight: torch.Tensor,
+            conv_bias: torch.Tensor, scales: Sequence[int], interpolation: str, height: int,
+            width: int) -> torch.Tensor:
+    """u = z + E_e(z) for z (N, r) with N = B·H·W tokens and expert_index (N,) (differentiable).
+
+    When a gradient may be asked for, the forward also keeps each token's conv
+    pre-activations (N x 4 x r bilinear, N x 16 x r bicubic, float32), so the backward
+    recomputes only what the weight gradient needs."""
+    save = torch.is_grad_enabled() and (z.requires_grad or conv_weight.requires_grad or
+                                        conv_bias.requires_grad)
+    return torch.ops.convlora.stencil_fwd(
+        z.contiguous(), expert_index.reshape(-1).to(torch.int32), conv_weight.contiguous(),
+        conv_bias.contiguous(), list(scales), INTERPOLATION_CODES[interpolation], height, width,
+        save, smem_kb())[0]
+
+
+if _ext.load()[0] is not None:  # the ops exist once _C is loaded: complete them now
+    _register()

@@ -1,0 +1,142 @@
+// A block's shared-memory array as the tile and map programs index it (SArr), and the
+// race checker of the checked CPU build.
+//
+// Normal builds: SArr is a bare pointer with operator[]. Built with CONVLORA_CHECKED (the
+// CPU kernels only, tests/test_stencil_kernels.py), every index is bounds-checked and every
+// read and write of a 4-byte word of the block's shared memory is recorded with the thread
+// and the phase (the stretch between two barriers) that made it: two threads touching one
+// word in one phase, one of them writing, throws, naming the array, the index and both
+// threads. That is what a missing barrier would make a race on the GPU; the CPU runs a
+// block's threads one after another, so the check is the only way it can show there.
+#pragma once
+
+#include <stdint.h>
+
+#include "convlora_math.h"
+
+#if defined(CONVLORA_CHECKED)
+#include <stdexcept>
+#include <string>
+#include <vector>
+#endif
+
+namespace convlora {
+namespace tile {
+
+#if defined(CONVLORA_CHECKED)
+[[noreturn]] inline void smem_out_of_range(const char* name, int i, int n) {
+  throw std::out_of_range(std::string("stencil (checked build): shared array ") + name +
+                          " index " + std::to_string(i) + " outside [0, " + std::to_string(n) +
+                          ")");
+}
+
+// Race detection of the checked build. For every 4-byte word of the block's shared memory:
+// the thread that last wrote it and the thread(s) that last read it, with their phase. Two
+// threads touching one word in the same phase, one of them writing, is what a missing
+// barrier would make a race on the GPU; the CPU runs threads one after another, so the
+// check is the only way it can show. The executor sets `phase` (advanced at each barrier)
+// and `tid`; reads between phases run as tid -1 in a phase of their own.
+struct Shadow {
+  const unsigned char* base = nullptr;
+  int64_t words = 0;
+  std::vector<int> wtid, wphase, rtid, rphase;
+  int phase = 0, tid = -1;
+  void attach(const unsigned char* smem, int bytes) {
+    base = smem;
+    words = bytes / 4;
+    wtid.assign(words, -1);
+    wphase.assign(words, -1);
+    rtid.assign(words, -1);
+    rphase.assign(words, -1);
+  }
+};
+inline thread_local Shadow* g_shadow = nullptr;
+
+[[noreturn]] inline void smem_race(const char* name, int i, const char* what, int other,
+                                   int tid) {
+  throw std::logic_error(std::string("stencil (checked build): shared array ") + name +
+                         " index " + std::to_string(i) + " " + what + " thread " +
+                         std::to_string(other) + " and thread " + std::to_string(tid) +
+                         " in one phase (a missing barrier)");
+}
+
+template <typename T>
+struct SArr;
+
+// A checked element: reads and writes go through the race check.
+template <typename T>
+struct SRef {
+  const SArr<T>* a;
+  int i;
+  operator T() const {
+    a->on_read(i);
+    return a->p[i];
+  }
+  SRef& operator=(T v) {
+    a->on_write(i);
+    a->p[i] = v;
+    return *this;
+  }
+  SRef& operator=(const SRef& o) { return *this = static_cast<T>(o); }
+  SRef& operator+=(T v) {
+    a->on_read(i);
+    a->on_write(i);
+    a->p[i] += v;
+    return *this;
+  }
+};
+
+template <typename T>
+struct SArr {
+  T* p;
+  int n;
+  const char* name;
+  SRef<T> operator[](int i) const {
+    if (i < 0 || i >= n) smem_out_of_range(name, i, n);
+    return SRef<T>{this, i};
+  }
+  int64_t word(int i) const {  // -1: not in the block's shared memory (a global array)
+    const Shadow* s = g_shadow;
+    if (s == nullptr || s->base == nullptr) return -1;
+    const auto off = reinterpret_cast<const unsigned char*>(p + i) - s->base;
+    return off >= 0 && off / 4 < s->words ? off / 4 : -1;
+  }
+  void on_read(int i) const {
+    const int64_t w = word(i);
+    if (w < 0) return;
+    Shadow& s = *g_shadow;
+    if (s.wphase[w] == s.phase && s.wtid[w] != s.tid)
+      smem_race(name, i, "written by", s.wtid[w], s.tid);
+    if (s.rphase[w] != s.phase) {
+      s.rphase[w] = s.phase;
+      s.rtid[w] = s.tid;
+    } else if (s.rtid[w] != s.tid) {
+      s.rtid[w] = -2;  // read by several threads
+    }
+  }
+  void on_write(int i) const {
+    const int64_t w = word(i);
+    if (w < 0) return;
+    Shadow& s = *g_shadow;
+    if (s.wphase[w] == s.phase && s.wtid[w] != s.tid)
+      smem_race(name, i, "written by", s.wtid[w], s.tid);
+    if (s.rphase[w] == s.phase && s.rtid[w] != s.tid)
+      smem_race(name, i, "read by", s.rtid[w], s.tid);
+    s.wphase[w] = s.phase;
+    s.wtid[w] = s.tid;
+  }
+};
+#define CONVLORA_SARR(T, base, off, count, nm) \
+  SArr<T> { reinterpret_cast<T*>((base) + (off)), (count), nm }
+#else
+template <typename T>
+struct SArr {
+  T* p;
+  CONVLORA_HD T& operator[](int i) const { return p[i]; }
+};
+#define CONVLORA_SARR(T, base, off, count, nm) \
+  SArr<T> { reinterpret_cast<T*>((base) + (off)) }
+#endif
+
+}  // namespace tile
+}  // namespace convlora

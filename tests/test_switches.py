@@ -72,10 +72,13 @@ def test_every_reader_names_a_declared_switch():
 
 
 def test_the_package_never_writes_the_environment():
-    """No module of the package assigns, updates or deletes os.environ entries (a switch is
-    forced with _switches.forced)."""
+    """No module of the package or the benchmarks assigns, updates or deletes os.environ
+    entries (a switch is forced with _switches.forced; the stencil's shared-memory budget
+    is an argument of its ops)."""
     writes = []
-    for folder, _, files in os.walk(os.path.join(ROOT, "convlora_kernels")):
+    walked = [w for d in ("convlora_kernels", "benchmarks")
+              for w in os.walk(os.path.join(ROOT, d))]
+    for folder, _, files in walked:
         for f in files:
             if not f.endswith(".py"):
                 continue

@@ -229,7 +229,7 @@ def line(arch: int, v: dict) -> str:
 
 def design_rows(rows) -> list:
     """The markdown rows of --design's table."""
-    out = ["| kernel | mode | r | flags | warps | registers | stack (B) | shared memory (B) |",
+    out = ["| kernel | mode | r | flags | warps | registers | stack (B) | shared memory at launch (B) |",
            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for v in rows:
         out.append(f"| {v['kernel']} | {v['mode']} | {v['r']} | {v['flags'] or '-'} | "

@@ -22,6 +22,7 @@ from typing import Dict, Iterator, List, Mapping, Optional
 NAMES = (
     "CONVLORA_LAYER_FORWARD",      # plan.FORWARD_ENV
     "CONVLORA_LAYER_DY",           # plan.DY_ENV
+    "CONVLORA_LAYER_DX",           # plan.DX_ENV
     "CONVLORA_MAP_KERNELS",        # backends.extension.MAP_KERNELS_ENV
     "CONVLORA_STENCIL_SMEM_KB",    # backends.extension.SMEM_KB_ENV
     "CONVLORA_TRITON_AUTOTUNE",    # triton_kernels.launch.AUTOTUNE_ENV

@@ -13,14 +13,19 @@ Forward, one candidate of plan.FORWARD_CANDIDATES:
     "one_kernel"  one Triton kernel (triton_kernels/layer_forward.py): per tile of tokens
                   of one expert, the stencil, x W0ᵀ and the epilogue s·u Bᵀ + b; y is
                   written once and C never exists (backend "triton" only).
+    "two_source"  the stencil, then y = x W0ᵀ + s·u Bᵀ + b as one Triton GEMM whose K loop
+                  runs over u Bᵀ and then x W0ᵀ into one accumulator
+                  (triton_kernels/gemm.py): y written once, C never exists (cuda, triton).
 Backward, dL/du and dL/dB by one candidate of plan.DY_CANDIDATES:
     "two_gemms"   du = s·dy B and dBᵀ = s·uᵀ dy: two GEMMs, dy read twice.
     "one_pass"    dy read once: the Triton dy-pass kernel (cuda, triton), or row blocks of
                   dy through both BLAS GEMMs while they are in cache (cpu).
-then always:
-    dz, dconv_weight, dconv_bias    the stencil's backward
-    dx = dz A, then dx += dy W0     one GEMM with beta = 1 (no sum of two dx tensors)
-    dA = dzᵀ x
+then always dz, dconv_weight, dconv_bias by the stencil's backward, dA = dzᵀ x, and dx by
+one candidate of plan.DX_CANDIDATES:
+    "accumulate"  dx = dz A, then dx += dy W0: the base GEMM with beta = 1 (no sum of two
+                  dx tensors; dz A is a pass over dx of its own, memory-bound)
+    "two_source"  dx = dy W0 + dz A as one Triton GEMM (gemm.py): dx written once (cuda,
+                  triton).
 
 ConvLoRALinear runs the same layer with its router inside (``routed_conv_lora_linear``, the
 custom-op pair convlora_layer::routed_forward / routed_backward): z = x Aᵀ, the router on z,
@@ -70,6 +75,9 @@ def _forward_impl(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expe
                                      height, width, save)
     uq = u if u.dtype == x2.dtype else u.to(x2.dtype)  # rounded as the reference rounds u
     bt = _b_t(lora_B)
+    if forward_plan == "two_source":  # u rounded to x's dtype inside, as uq is here
+        y = impl.two_source_gemm(x2, weight.t(), u, lora_B.t(), scaling, bias)
+        return y, z2, u, s0, s1
     if forward_plan == "bias_first":
         if bias is not None:
             y = torch.addmm(bias, uq, bt, alpha=scaling)
@@ -101,7 +109,7 @@ def _dy_products(dy2, lora_B, u, scaling, need_b, need_bias, backend, dy_plan):
 
 def _backward_impl(dy2, x2, weight, lora_A, lora_B, conv_weight, conv_bias, expert_index, z2,
                    u, s0, s1, has_z, scaling, scales, interpolation, height, width, backend,
-                   dy_plan, needs, add_router_dz=None):
+                   dy_plan, dx_plan, needs, add_router_dz=None):
     """add_router_dz(dz): adds the router's dL/dz into the stencil's dz in place, before dz
     reaches dx and dA (the routed op: z is then the op's own, has_z False)."""
     need_x, need_w, need_bias, need_a, need_b, need_cw, need_cb, need_z = needs
@@ -122,7 +130,9 @@ def _backward_impl(dy2, x2, weight, lora_A, lora_B, conv_weight, conv_bias, expe
             add_router_dz(dz)
     dx = d_w = d_a = None
     if need_x:
-        if not has_z:  # dx = dz A + dy W0: the base GEMM accumulates onto dz A
+        if not has_z and dx_plan == "two_source":  # dy W0 and dz A in one GEMM
+            dx = backends.module(backend).two_source_gemm(dy2, weight, dz, lora_A, 1.0)
+        elif not has_z:  # dx = dz A + dy W0: the base GEMM accumulates onto dz A
             dx = torch.mm(dz, lora_A).addmm_(dy2, weight)
         else:
             dx = torch.mm(dy2, weight)
@@ -166,12 +176,12 @@ def _backward_op(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B
                  conv_weight: Tensor, conv_bias: Tensor, expert_index: Tensor, z2: Tensor,
                  u: Tensor, saved0: Tensor, saved1: Tensor, has_z: bool, scaling: float,
                  scales: List[int], interpolation: str, height: int, width: int,
-                 backend: str, dy_plan: str, needs: List[bool]) -> List[Tensor]:
+                 backend: str, dy_plan: str, dx_plan: str, needs: List[bool]) -> List[Tensor]:
     """Gradients of (x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, z); a (0,)
     tensor where needs is False."""
     grads = _backward_impl(dy2, x2, weight, lora_A, lora_B, conv_weight, conv_bias,
                            expert_index, z2, u, saved0, saved1, has_z, scaling, scales,
-                           interpolation, height, width, backend, dy_plan, needs)
+                           interpolation, height, width, backend, dy_plan, dx_plan, needs)
     return _own_outputs(x2, grads)
 
 
@@ -186,7 +196,8 @@ def _own_outputs(x2: Tensor, grads) -> List[Tensor]:
 
 @_backward_op.register_fake
 def _(dy2, x2, weight, lora_A, lora_B, conv_weight, conv_bias, expert_index, z2, u, saved0,
-      saved1, has_z, scaling, scales, interpolation, height, width, backend, dy_plan, needs):
+      saved1, has_z, scaling, scales, interpolation, height, width, backend, dy_plan, dx_plan,
+      needs):
     shapes = [x2.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape,
               conv_weight.shape, conv_bias.shape, (x2.shape[0], lora_A.shape[0])]
     return [x2.new_empty(s if need else (0,)) for s, need in zip(shapes, needs)]
@@ -210,10 +221,10 @@ def _backward(ctx, dy2, *_unused):
     needs = [n[0], n[1], ctx.has_bias and n[2], n[3] and not ctx.has_z, n[4], n[5], n[6],
              ctx.has_z and n[8]]
     scaling, scales, interpolation, height, width, backend = ctx.meta
-    dy_plan = choose(backend, dy2.device.type)[1]
+    _, dy_plan, dx_plan = choose(backend, dy2.device.type)
     grads = torch.ops.convlora_layer.backward(dy2, *saved, ctx.has_z, scaling, scales,
                                               interpolation, height, width, backend, dy_plan,
-                                              needs)
+                                              dx_plan, needs)
     dx, dw, dbias, da, db, dcw, dcb, dz = [g if need else None for g, need in zip(grads, needs)]
     return (dx, dw, dbias, da, db, dcw, dcb, None, dz) + (None,) * 8
 
@@ -275,7 +286,7 @@ def _routed_backward_op(dy2: Optional[Tensor], d_aux: Optional[Tensor], x2: Tens
                         saved0: Tensor, saved1: Tensor, load: Tensor, noise_epsilon: float,
                         loss_coef: float, gating: str, scaling: float, scales: List[int],
                         interpolation: str, height: int, width: int, backend: str,
-                        dy_plan: str, needs: List[bool]) -> List[Tensor]:
+                        dy_plan: str, dx_plan: str, needs: List[bool]) -> List[Tensor]:
     """Gradients of (x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate,
     w_noise); a (0,) tensor where needs is False. dy2 or d_aux is None when that output was
     not differentiated; the router has gradients only when it drew noise (training)."""
@@ -302,7 +313,7 @@ def _routed_backward_op(dy2: Optional[Tensor], d_aux: Optional[Tensor], x2: Tens
 
     grads = _backward_impl(dy2, x2, weight, lora_A, lora_B, conv_weight, conv_bias, idx, z2,
                            u, saved0, saved1, False, scaling, scales, interpolation, height,
-                           width, backend, dy_plan, layer_needs, add_router_dz)[:7]
+                           width, backend, dy_plan, dx_plan, layer_needs, add_router_dz)[:7]
     grads += [d_wg if need_wg else None, d_wn if need_wn else None]
     return _own_outputs(x2, grads)
 
@@ -310,7 +321,7 @@ def _routed_backward_op(dy2: Optional[Tensor], d_aux: Optional[Tensor], x2: Tens
 @_routed_backward_op.register_fake
 def _(dy2, d_aux, x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise, noise,
       idx, z2, u, saved0, saved1, load, noise_epsilon, loss_coef, gating, scaling, scales,
-      interpolation, height, width, backend, dy_plan, needs):
+      interpolation, height, width, backend, dy_plan, dx_plan, needs):
     shapes = [x2.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape,
               conv_weight.shape, conv_bias.shape, w_gate.shape, w_noise.shape]
     dtypes = [x2.dtype] * 7 + [w_gate.dtype, w_noise.dtype]
@@ -347,11 +358,12 @@ def _routed_backward(ctx, dy2, _dz, _du, _d0, _d1, _didx, _dload, d_aux):
      backend) = ctx.meta
     if dy2 is None and (d_aux is None or not ctx.has_noise):
         return (None,) * 21
-    dy_plan = choose(backend, x2.device.type)[1]
+    _, dy_plan, dx_plan = choose(backend, x2.device.type)
     grads = torch.ops.convlora_layer.routed_backward(
         dy2, d_aux, x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise,
         noise if ctx.has_noise else None, idx, z2, u, s0, s1, load, noise_epsilon, loss_coef,
-        gating, scaling, scales, interpolation, height, width, backend, dy_plan, needs)
+        gating, scaling, scales, interpolation, height, width, backend, dy_plan, dx_plan,
+        needs)
     dx, dw, dbias, da, db, dcw, dcb, dwg, dwn = [g if need else None
                                                 for g, need in zip(grads, needs)]
     return (dx, dw, dbias, da, db, dcw, dcb, dwg, dwn) + (None,) * 12

@@ -1,11 +1,14 @@
-"""The layer's plan: which candidate runs its forward, and which its pass over dy
-(convlora_kernels.layer describes each candidate).
+"""The layer's plan: which candidate runs its forward, which its pass over dy, and which
+forms dx (convlora_kernels.layer describes each candidate).
 
-Forward candidates: "post_add", "bias_first", "one_kernel" (triton only).
+Forward candidates: "post_add", "bias_first", "one_kernel" (triton only), "two_source"
+                    (cuda, triton).
 Dy candidates:      "two_gemms", "one_pass".
+Dx candidates:      "accumulate", "two_source" (cuda, triton).
 
-``choose`` answers, in this order: the internal switches CONVLORA_LAYER_FORWARD and
-CONVLORA_LAYER_DY when set (for benchmarks/plan_time.py), else the winner measured for the
+``choose`` answers, in this order: the internal switches CONVLORA_LAYER_FORWARD,
+CONVLORA_LAYER_DY and CONVLORA_LAYER_DX when set (for benchmarks/plan_time.py), else the
+winner measured for the
 device type and backend (MEASURED, copied from reports under benchmarks/results/), else
 the candidate that moves the fewest bytes in memory-bound passes (``modeled_bytes``;
 MEASURED_ONLY never by the model). A candidate the backend cannot run
@@ -21,10 +24,14 @@ from . import _switches, backends
 from ._compile import constant_under_compile
 from ._validate import Problem
 
-FORWARD_CANDIDATES = ("post_add", "bias_first", "one_kernel")
+FORWARD_CANDIDATES = ("post_add", "bias_first", "one_kernel", "two_source")
 DY_CANDIDATES = ("two_gemms", "one_pass")
+DX_CANDIDATES = ("accumulate", "two_source")
 FORWARD_ENV = "CONVLORA_LAYER_FORWARD"
 DY_ENV = "CONVLORA_LAYER_DY"
+DX_ENV = "CONVLORA_LAYER_DX"
+SWITCHES = ((FORWARD_ENV, FORWARD_CANDIDATES), (DY_ENV, DY_CANDIDATES),
+            (DX_ENV, DX_CANDIDATES))
 
 # The winners measured per (device type, backend), each naming the report it was copied
 # from (written by benchmarks/plan_time.py). A pair without an entry gets the candidate
@@ -36,13 +43,14 @@ MEASURED = {
     ("cpu", "cpu"): {FORWARD_ENV: "bias_first", DY_ENV: "one_pass"},
 }
 
-# Candidates the byte model cannot rank: the one-kernel forward's base GEMM is a Triton
-# kernel, not the vendor BLAS the model takes as compute-bound, and its 64 x 64 tile (the
-# stencil shares its registers) re-reads x and W0 from L2 several times more than a
-# 128 x 256 BLAS tile does (benchmarks/fused_design.md counts it). Whether that costs more
-# than the pass over y it saves, only a GPU can tell: a measurement selects it, the model
-# never does.
-MEASURED_ONLY = ("one_kernel",)
+# Candidates the byte model cannot rank: their big GEMM is a Triton kernel, not the vendor
+# BLAS the model takes as compute-bound at its peak. The one-kernel forward's 64 x 64 tile
+# (the stencil shares its registers) re-reads x and W0 from L2 several times more than a
+# 128 x 256 BLAS tile does (benchmarks/fused_design.md counts it); the two-source GEMMs
+# take vendor-sized tiles, but whether Triton's GEMM keeps up with cuBLAS there is a
+# measurement too. Whether what they save (a pass over y or dx) outweighs that, only a GPU
+# can tell: a measurement selects them, the model never does.
+MEASURED_ONLY = ("one_kernel", "two_source")
 
 
 def modeled_bytes(candidate: str, p: Problem, element_size: int) -> int:
@@ -60,12 +68,16 @@ def modeled_bytes(candidate: str, p: Problem, element_size: int) -> int:
         return n * p.rank * e + n * p.out_features * e
     if candidate == "one_kernel":  # u (float32) written for the backward
         return n * p.rank * 4
+    if candidate == "two_source":  # forward: u read by y's GEMM; dx: dz read by dx's GEMM
+        return n * p.rank * e
+    if candidate == "accumulate":  # dx = dz A (a rank-r GEMM) writes dx, reads dz
+        return n * p.rank * e + n * p.in_features * e
     if candidate == "two_gemms":   # each GEMM reads dy and u-sized operands
         return 2 * n * p.out_features * e + 2 * n * p.rank * (e + 4)
     if candidate == "one_pass":
         return n * p.out_features * e + n * p.rank * (e + 4)
-    raise ValueError(f"candidate: expected one of {FORWARD_CANDIDATES + DY_CANDIDATES}, got "
-                     f"{candidate!r}")
+    raise ValueError(f"candidate: expected one of "
+                     f"{FORWARD_CANDIDATES + DY_CANDIDATES + DX_CANDIDATES}, got {candidate!r}")
 
 
 def by_model(candidates: Sequence[str]) -> str:
@@ -85,10 +97,10 @@ def unavailable(candidate: str, backend: str) -> Optional[str]:
 
 
 @constant_under_compile
-def choose(backend: str, device_type: str) -> Tuple[str, str]:
-    """(forward candidate, dy candidate) for ``backend`` on ``device_type`` (module doc)."""
+def choose(backend: str, device_type: str) -> Tuple[str, str, str]:
+    """(forward, dy, dx candidates) for ``backend`` on ``device_type`` (module doc)."""
     chosen = []
-    for env, names in ((FORWARD_ENV, FORWARD_CANDIDATES), (DY_ENV, DY_CANDIDATES)):
+    for env, names in SWITCHES:
         forced = _switches.get(env)
         if forced:
             if forced not in names:
@@ -103,4 +115,4 @@ def choose(backend: str, device_type: str) -> Tuple[str, str]:
             chosen.append(measured)
         else:
             chosen.append(by_model([c for c in names if unavailable(c, backend) is None]))
-    return chosen[0], chosen[1]
+    return chosen[0], chosen[1], chosen[2]

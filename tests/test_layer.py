@@ -14,7 +14,10 @@ from convlora_kernels._validate import Problem
 
 from helpers import TRAINABLE, assert_close, make_case
 
-PLANS = [(f, d) for f in plan.FORWARD_CANDIDATES for d in plan.DY_CANDIDATES]
+# every forward and dy candidate with today's dx, and the two-source dx GEMM with its
+# forward twin under both dy candidates
+PLANS = [(f, d, "accumulate") for f in plan.FORWARD_CANDIDATES for d in plan.DY_CANDIDATES] + \
+    [("two_source", d, "two_source") for d in plan.DY_CANDIDATES]
 
 
 def _triton_here():
@@ -24,17 +27,19 @@ def _triton_here():
 _TRITON_MARKS = [pytest.mark.triton, pytest.mark.skipif(
     not (os.environ.get("TRITON_INTERPRET") == "1"),
     reason="the triton backend runs on CPU only under TRITON_INTERPRET=1")]
-# every (backend, forward candidate, dy candidate) that runs: the one-kernel forward is Triton's
-CASES = [pytest.param(b, f, d, marks=_TRITON_MARKS if b == "triton" else [])
-         for b in ("cpu", "triton") for f, d in PLANS
-         if plan.unavailable(f, b) is None or b == "triton"]
+# every (backend, candidates) that runs: the one-kernel forward and the two-source GEMMs
+# are Triton's
+CASES = [pytest.param(b, f, d, x, marks=_TRITON_MARKS if b == "triton" else [])
+         for b in ("cpu", "triton") for f, d, x in PLANS
+         if all(plan.unavailable(c, b) is None for c in (f, d, x)) or b == "triton"]
 
 
 @pytest.fixture
 def switches(switch):
-    def use(forward_plan, dy_plan):
+    def use(forward_plan, dy_plan, dx_plan="accumulate"):
         switch(plan.FORWARD_ENV, forward_plan)
         switch(plan.DY_ENV, dy_plan)
+        switch(plan.DX_ENV, dx_plan)
     return use
 
 
@@ -44,14 +49,14 @@ def _grads(case, fn, names, dy, z):
     return [y] + list(torch.autograd.grad(y, wrt, dy))
 
 
-@pytest.mark.parametrize("backend,forward_plan,dy_plan", CASES)
+@pytest.mark.parametrize("backend,forward_plan,dy_plan,dx_plan", CASES)
 @pytest.mark.parametrize("bias,given_z,det", [(True, False, False), (False, True, True),
                                               (True, False, True)])
-def test_every_candidate_matches_reference(backend, forward_plan, dy_plan, bias, given_z,
-                                           det, switches, monkeypatch):
+def test_every_candidate_matches_reference(backend, forward_plan, dy_plan, dx_plan, bias,
+                                           given_z, det, switches, monkeypatch):
     if backend == "triton" and not _triton_here():
         pytest.fail("the triton backend should run under the interpreter here")
-    switches(forward_plan, dy_plan)
+    switches(forward_plan, dy_plan, dx_plan)
     monkeypatch.setattr(extension, "CPU_DY_ROWS", 7)  # several row blocks in the cpu one-pass
     dtype = torch.float64 if backend == "cpu" else torch.float32
     c = make_case(batch=2, height=5, width=6, rank=3, scales=(1, 2, 3), bias=bias,
@@ -73,20 +78,21 @@ def test_every_candidate_matches_reference(backend, forward_plan, dy_plan, bias,
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     for n, a, b in zip(["y"] + [f"d{n}" for n in names], ours, ref):
         assert a.dtype == b.dtype, n
-        assert_close(a, b, tol, tol, f"{n} ({forward_plan}, {dy_plan})")
+        assert_close(a, b, tol, tol, f"{n} ({forward_plan}, {dy_plan}, {dx_plan})")
 
 
 def test_plan_follows_switches_then_table_then_model(monkeypatch, switch):
-    for env in (plan.FORWARD_ENV, plan.DY_ENV):
+    for env, _ in plan.SWITCHES:
         switch(env, None)
     monkeypatch.setattr(plan, "MEASURED", {})
-    assert plan.choose("cpu", "cpu") == ("bias_first", "one_pass")  # fewest modeled bytes
+    # fewest modeled bytes
+    assert plan.choose("cpu", "cpu") == ("bias_first", "one_pass", "accumulate")
     monkeypatch.setattr(plan, "MEASURED", {("cpu", "cpu"): {
         plan.FORWARD_ENV: "post_add", plan.DY_ENV: "two_gemms"}})
-    assert plan.choose("cpu", "cpu") == ("post_add", "two_gemms")
+    assert plan.choose("cpu", "cpu") == ("post_add", "two_gemms", "accumulate")
     assert plan.choose("cuda", "cuda")[0] == "bias_first"  # no entry for that pair
     switch(plan.FORWARD_ENV, "bias_first")
-    assert plan.choose("cpu", "cpu") == ("bias_first", "two_gemms")
+    assert plan.choose("cpu", "cpu") == ("bias_first", "two_gemms", "accumulate")
     switch(plan.DY_ENV, "three_gemms")
     with pytest.raises(ValueError, match="CONVLORA_LAYER_DY: expected one of"):
         plan.choose("cpu", "cpu")
@@ -96,7 +102,7 @@ def test_one_kernel_forward_only_where_it_runs(monkeypatch, switch):
     """The one-kernel forward is a Triton kernel whose speed only a GPU can tell: a measured
     entry selects it for the triton backend, the byte model never does, and forcing it
     where it cannot run says why not."""
-    for env in (plan.FORWARD_ENV, plan.DY_ENV):
+    for env, _ in plan.SWITCHES:
         switch(env, None)
     monkeypatch.setattr(plan, "MEASURED", {})
     assert plan.choose("triton", "cuda")[0] == "bias_first"
@@ -111,11 +117,30 @@ def test_one_kernel_forward_only_where_it_runs(monkeypatch, switch):
         plan.choose("cpu", "cpu")
 
 
+def test_two_source_gemms_only_where_they_run(monkeypatch, switch):
+    """The two-source GEMMs are Triton's: measured-only (the model never picks them), on
+    the cuda and triton backends, refused by name on cpu."""
+    for env, _ in plan.SWITCHES:
+        switch(env, None)
+    monkeypatch.setattr(plan, "MEASURED", {})
+    assert plan.choose("cuda", "cuda") == ("bias_first", "one_pass", "accumulate")
+    assert plan.by_model(["accumulate", "two_source"]) == "accumulate"
+    both = {plan.FORWARD_ENV: "two_source", plan.DX_ENV: "two_source"}
+    monkeypatch.setattr(plan, "MEASURED", {("cuda", "cuda"): both, ("cpu", "cpu"): both})
+    assert plan.choose("cuda", "cuda") == ("two_source", "one_pass", "two_source")
+    assert plan.choose("cpu", "cpu") == ("bias_first", "one_pass", "accumulate")
+    switch(plan.DX_ENV, "two_source")
+    with pytest.raises(ValueError, match="CONVLORA_LAYER_DX=two_source: the two-source GEMM "
+                                         "is a Triton kernel"):
+        plan.choose("cpu", "cpu")
+
+
 def test_measured_table_names_known_candidates():
     for (device_type, backend), entry in plan.MEASURED.items():
         assert backend in ("cpu", "cuda", "triton") and device_type in ("cpu", "cuda")
         assert entry.get(plan.FORWARD_ENV, "post_add") in plan.FORWARD_CANDIDATES
         assert entry.get(plan.DY_ENV, "two_gemms") in plan.DY_CANDIDATES
+        assert entry.get(plan.DX_ENV, "accumulate") in plan.DX_CANDIDATES
 
 
 def test_modeled_bytes_at_the_target_shape():
@@ -128,6 +153,12 @@ def test_modeled_bytes_at_the_target_shape():
     assert plan.modeled_bytes("two_gemms", p, 2) - plan.modeled_bytes("one_pass", p, 2) \
         == n * 2304 * 2 + n * 8 * 6
     assert plan.modeled_bytes("one_kernel", p, 2) == n * 8 * 4
+    # the two-source GEMMs leave only u (forward) and dz (dx) to memory-bound passes:
+    # C's write (75 MB) and dz A's write of dx (25 MB) are gone
+    assert plan.modeled_bytes("bias_first", p, 2) - plan.modeled_bytes("two_source", p, 2) \
+        == n * 2304 * 2
+    assert plan.modeled_bytes("accumulate", p, 2) - plan.modeled_bytes("two_source", p, 2) \
+        == n * 768 * 2
     with pytest.raises(ValueError, match="candidate"):
         plan.modeled_bytes("fused", p, 2)
 

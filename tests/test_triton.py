@@ -129,7 +129,7 @@ def test_kernels_compile_for_the_gpu_without_new_spills():
     built = {line.split()[1] for line in lines}
     assert built == {"stencil_fwd", "layer_forward", "stencil_grad", "stencil_scatter",
                      "stencil_bwd", "dy_pass", "route", "gather_dz", "expert_sum",
-                     "expert_counts", "expert_order"}, out.stdout
+                     "expert_counts", "expert_order", "two_source_gemm"}, out.stdout
     assert len({tuple(line.split()[2:5]) for line in lines}) == 12, out.stdout
     known, worse = _known_spills(), []
     for line in lines:
@@ -604,6 +604,36 @@ def test_opcheck():
                 gating, c.scaling, list(c.scales), c.interpolation, 2, 3, "triton",
                 "bias_first", True)
         torch.library.opcheck(torch.ops.convlora_layer.routed_forward.default, args)
+
+
+# --- the two-source GEMM -------------------------------------------------------------------
+
+@pytest.mark.parametrize("m,k1,n", [(3, 1, 5), (37, 33, 130), (129, 70, 17), (5, 64, 256)])
+@pytest.mark.parametrize("r", [1, 3, 8, 16, 64])
+def test_two_source_gemm_matches_float64(m, k1, n, r):
+    """C = A1 B1 + alpha · A2 B2 + bias against float64: every K remainder of the first
+    tile (BK = 32) and of the padded rank, M and N not multiples of the tile, B operands as
+    the transposed parameter views the layer passes, A1 with a row stride wider than K1,
+    the output poisoned (NaN) before the kernel writes it."""
+    g = torch.Generator().manual_seed(m * 1000 + k1 * 10 + r)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    wide, w0, u, lora_b, bias = rnd(m, k1 + 7), rnd(n, k1), rnd(m, r), rnd(n, r), rnd(n)
+    a1 = wide[:, :k1]
+    alpha = 0.37
+    expected = a1 @ w0.t() + alpha * (u @ lora_b.t()) + bias
+    f32 = [t.to(torch.float32).to(DEV) for t in (wide, w0, u, lora_b, bias)]
+    got = launch.two_source_gemm(f32[0][:, :k1], f32[1].t(), f32[2], f32[3].t(), alpha, f32[4])
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    close(got.double().cpu(), expected, f"C ({m}, {k1}, {n}, r = {r})")
+    # no bias; dx's operands: B1 = W0 itself, B2 = lora_A (r, n) as stored
+    lora_a, w_dx = rnd(r, n), rnd(k1, n)
+    expected = a1 @ w_dx + u @ lora_a
+    got = launch.two_source_gemm(f32[0][:, :k1], w_dx.float().to(DEV), f32[2],
+                                 lora_a.float().to(DEV), 1.0)
+    close(got.double().cpu(), expected, f"dx-like C ({m}, {k1}, {n}, r = {r})")
 
 
 # --- GPU only ----------------------------------------------------------------------------

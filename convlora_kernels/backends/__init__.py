@@ -27,6 +27,10 @@ backend module supplies:
     dy_pass(dy2, lora_B, u, scaling, need_b, need_bias)
                                         -> (dL/du, dL/dB or None, dL/dbias or None), the
                                            "one_pass" dy candidate: dy read once
+    two_source_gemm(a1, b1, a2, b2, alpha, bias)
+                                        -> a1 b1 + alpha · a2 b2 (+ bias) in one GEMM, the
+                                           "two_source" forward and dx candidates
+                                           (raises where candidate_unavailable refuses it)
 and the "triton" module also ``layer_forward`` (the "one_kernel" forward candidate).
 
 Importing a backend module never fails: what it lacks (the extension, triton) its

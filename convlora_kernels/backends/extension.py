@@ -60,14 +60,17 @@ def unsupported(rank: int, dtype: torch.dtype, device: torch.device) -> Optional
 def candidate_unavailable(candidate: str, backend: str) -> Optional[str]:
     if candidate == "one_kernel":
         return "the one-kernel forward is a Triton kernel: it runs with backend='triton'"
-    if candidate == "one_pass" and backend == "cuda":
+    if candidate == "two_source" and backend == "cpu":
+        return ("the two-source GEMM is a Triton kernel: it runs with backend='cuda' or "
+                "'triton' (the cpu backend's GEMMs are BLAS)")
+    if candidate in ("one_pass", "two_source") and backend == "cuda":
         try:
             from . import triton as triton_backend
         except ImportError as e:  # pragma: no cover - the module guards its own imports
-            return f"the Triton dy-pass kernel cannot be imported ({e})"
+            return f"the Triton kernels cannot be imported ({e})"
         why = triton_backend.kernels_missing()
         if why is not None:
-            return f"the Triton dy-pass kernel cannot be imported ({why})"
+            return f"the Triton kernels cannot be imported ({why})"
     return None
 
 
@@ -179,6 +182,14 @@ def dy_pass(dy2, lora_B, u, scaling, need_b, need_bias):
     du.mul_(scaling)
     d_b = d_bt.mul_(scaling).t() if need_b else None
     return du, d_b, d_bias
+
+
+def two_source_gemm(a1, b1, a2, b2, alpha, bias=None):
+    """The "two_source" candidates' GEMM, C = a1 b1 + alpha · a2 b2 (+ bias): a Triton
+    kernel (cuda only: candidate_unavailable refuses it on cpu)."""
+    from . import triton as triton_backend
+
+    return triton_backend.two_source_gemm(a1, b1, a2, b2, alpha, bias)
 
 
 # --- the stencil ops on their own ----------------------------------------------------------

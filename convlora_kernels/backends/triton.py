@@ -100,6 +100,11 @@ def dy_pass(dy2, lora_B, u, scaling, need_b, need_bias):
     return launch.dy_pass(dy2, lora_B, u, scaling, need_b, need_bias)
 
 
+def two_source_gemm(a1, b1, a2, b2, alpha, bias=None):
+    """C = a1 b1 + alpha · a2 b2 (+ bias), written once (triton_kernels/gemm.py)."""
+    return launch.two_source_gemm(a1, b1, a2, b2, alpha, bias)
+
+
 def layer_forward(x2, weight, bias, lora_B, z2, idx, cw, cb, scaling, scales, interpolation,
                   height, width, save):
     """The "one_kernel" forward candidate: (y, u, perm, bounds) from one Triton kernel."""

@@ -57,9 +57,22 @@ DESIGN_ARGS = dict(arch=90, dtypes="bf16", interpolations="bilinear,bicubic", ra
 
 
 def _autotuners():
-    """The JIT function of each autotuned kernel -> its full autotuner (every candidate)."""
-    return {pair[0].fn: pair[0] for pair in (launch._fwd, launch._layer_fwd, launch._dy_pass,
-                                             launch._grad, launch._scatter, launch._bwd)}
+    """The JIT function of each autotuned kernel -> its full autotuners (every candidate;
+    one kernel can have several, say one per dtype's tiles)."""
+    out = {}
+    for pair in (launch._fwd, launch._layer_fwd, launch._dy_pass, launch._grad,
+                 launch._scatter, launch._bwd, launch._two_source, launch._two_source_f32):
+        out.setdefault(pair[0].fn, []).append(pair[0])
+    return out
+
+
+def _tuner_of(tuners, kwargs):
+    """The autotuner a launch recorded with its first candidate came from: the one whose
+    first configuration the launch's arguments hold."""
+    for tuner in tuners:
+        if all(kwargs.get(k) == v for k, v in tuner.configs[0].kwargs.items()):
+            return tuner
+    return tuners[0]
 
 
 @contextlib.contextmanager
@@ -120,10 +133,11 @@ def layer_launches(dtype: torch.dtype, interpolation: str, rank: int):
             for det, backward in itertools.product((False, True), launch.BACKWARDS):
                 torch.use_deterministic_algorithms(det)
                 with _switches.forced({launch.BACKWARD_ENV: backward}):
-                    for dy_plan in plan.DY_CANDIDATES:
+                    for dy_plan, dx_plan in itertools.product(plan.DY_CANDIDATES,
+                                                              plan.DX_CANDIDATES):
                         layer._backward_impl(dy, x2, weight, lora_a, lora_b, cw, cb, idx, z2,
                                              u, perm, bounds, False, 1.0, *geometry, "triton",
-                                             dy_plan, [True] * 7 + [False])
+                                             dy_plan, dx_plan, [True] * 7 + [False])
         finally:
             torch.use_deterministic_algorithms(was)
         f = rnd(n_tok, rank)
@@ -156,7 +170,7 @@ def variants(launches, first: bool):
     tuners = _autotuners()
     seen = set()
     for fn, args, kwargs in launches:
-        tuner = tuners.get(fn)
+        tuner = _tuner_of(tuners[fn], kwargs) if fn in tuners else None
         configs = [None] if tuner is None else tuner.configs[:1] if first else tuner.configs
         for cfg in configs:
             kw = dict(kwargs)

@@ -7,6 +7,8 @@ among its candidates in convlora_kernels.plan; what runs here is the Triton part
     layer_forward         the "one_kernel" forward: the same sort, then layer_forward_kernel:
                           the stencil, x W0ᵀ and the epilogue s·u Bᵀ + b, y written once
     dy_pass               dy_pass_kernel reads dy once: dL/du, dL/dlora_B (and dL/dbias)
+    two_source_gemm       gemm.py: C = A1 B1 + alpha · A2 B2 (+ bias) written once, the
+                          "two_source" forward (y) and dx candidates
     stencil_backward      "split" (BACKWARD_ENV): stencil_grad_kernel recomputes c_k, writes
                           g_k = dL/dc_k and dL/dconv_bias, then stencil_scatter_kernel
                           rebuilds the upsampled taps for dL/dconv_weight and dL/dz; or
@@ -27,7 +29,7 @@ import torch
 import triton
 
 from .. import _switches
-from . import dense, layer_forward, sort, stencil
+from . import dense, gemm, layer_forward, sort, stencil
 from .tables import BORDER, next_pow2, stencil_tables
 
 INTERPRETED = type(stencil.stencil_fwd_kernel).__name__ == "InterpretedFunction"
@@ -47,7 +49,9 @@ def _empty(shape, dtype, device):
 
 
 def _configs(options):
-    return [triton.Config(meta, num_warps=w) for meta, w in options]
+    """(meta, warps) or (meta, warps, stages) -> triton.Config."""
+    return [triton.Config(o[0], num_warps=o[1], **({"num_stages": o[2]} if len(o) > 2 else {}))
+            for o in options]
 
 
 def _autotuned(kernel, options, **kw):
@@ -97,6 +101,34 @@ _grad = _autotuned(stencil.stencil_grad_kernel, [({}, 8), ({}, 4)],
 _scatter = _autotuned(stencil.stencil_scatter_kernel, [({}, 8), ({}, 4)],
                       key=["RZ", "NBP", "TAPS", "BT", "ATOMIC"], reset_to_zero=["dw_ptr"],
                       restore_value=["dz_ptr"])
+# The two-source GEMM's tiles (BM x BN x BK, warps, pipeline stages), per dtype: fp32's
+# exact dots run on the CUDA cores and take far more registers per output than the 16-bit
+# types' MMAs, so its tiles are a quarter the size and its K steps 16 (the rank's too:
+# GEMM_RANK_STEP). Every tile builds without spills for sm_90 at r <= 64 (compile_check),
+# and for sm_80 but 128 x 256, Hopper's usual bf16 tile, which spills there and which
+# _hopper_tiles leaves out below sm_90. The first of each list, the one deterministic mode
+# and the interpreter take, fits either's shared memory. Autotuning chooses among the
+# rest on the GPU. Key: the output width, K1 and the padded rank (M, the tokens, changes
+# with every batch).
+def _hopper_tiles(configs, named_args, **kwargs):
+    dev = named_args["c_ptr"].device
+    if dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9:
+        return configs
+    return [c for c in configs if c.kwargs["BN"] < 256]
+
+
+_GEMM_KEY = ["N", "K1", "RK", "HAS_BIAS"]
+_two_source = _autotuned(gemm.two_source_gemm_kernel,
+                         [({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, 8, 3),
+                          ({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, 4, 4),
+                          ({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, 8, 3)],
+                         key=_GEMM_KEY, prune_configs_by={"early_config_prune": _hopper_tiles})
+_two_source_f32 = _autotuned(gemm.two_source_gemm_kernel,
+                             [({"BM": 64, "BN": 64, "BK": 16, "GROUP_M": 8}, 4, 3),
+                              ({"BM": 64, "BN": 128, "BK": 16, "GROUP_M": 8}, 8, 3)],
+                             key=_GEMM_KEY)
+# the rank's K step: the whole padded rank in one dot, but 16 for fp32 (as its BK)
+GEMM_RANK_STEP = {torch.float32: 16}
 _bwd = _autotuned(stencil.stencil_bwd_kernel, [({}, 8), ({}, 4)],
                   key=["RZ", "NBP", "TAPS", "BT", "ATOMIC"],
                   reset_to_zero=["db_ptr", "dw_ptr"], restore_value=["dz_ptr"])
@@ -314,6 +346,29 @@ def dy_pass(dy2, lora_B, u, scaling, need_b, need_bias):
             NEED_DBIAS=need_bias, ATOMIC=atomic, PREC=_precision(dtype))
     return (du, _reduce_rows(d_lora_b, atomic, need_b, (c_out, rank), dtype),
             _reduce_rows(d_bias, atomic, need_bias, (c_out,), dtype))
+
+
+def two_source_gemm(a1, b1, a2, b2, alpha, bias=None):
+    """C = a1 b1 + alpha · a2 b2 (+ bias) in a1's dtype, written once (gemm.py): a1 (M, K1),
+    b1 (K1, N), a2 (M, K2), b2 (K2, N), any strides (the b operands are parameter views);
+    a2 and b2 are cast to a1's dtype when they differ (u is float32 on this backend)."""
+    m, k1 = a1.shape
+    n, k2 = b1.shape[1], a2.shape[1]
+    dtype = a1.dtype
+    a2 = a2 if a2.dtype == dtype else a2.to(dtype)
+    b2 = b2 if b2.dtype == dtype else b2.to(dtype)
+    c = _empty((m, n), dtype, a1.device)
+    if m == 0 or n == 0:
+        return c
+    has_bias = bias is not None
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
+    tuners = _two_source_f32 if dtype == torch.float32 else _two_source
+    _tuned_or_first(tuners)[grid](
+        a1, b1, a2, b2, bias if has_bias else c, c, m, n, k1, k2, float(alpha),
+        a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1), a2.stride(0), a2.stride(1),
+        b2.stride(0), b2.stride(1), c.stride(0), HAS_BIAS=has_bias,
+        RK=max(16, next_pow2(min(k2, GEMM_RANK_STEP.get(dtype, 64)))), PREC=_precision(dtype))
+    return c
 
 
 def stencil_backward(du, z2, perm, bounds, conv_weight, conv_bias, scales, interpolation, height,

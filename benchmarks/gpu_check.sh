@@ -249,8 +249,9 @@ else
   stage stencil "$OUT/bench.log" "$(limit 90 "$BENCH_MIN")" "$PY" benchmarks/stencil_time.py "${STENCIL[@]}"
   # ---- the layer's candidates, side by side ---------------------------------------------
   if [ "$DEVICE" = cuda ]; then PLANS=(--device cuda --repeats 20); else PLANS=(--device cpu --repeats 3); fi
-  # 150 s: three forward candidates on triton (one_kernel autotunes four tiles per C)
-  stage plans "$OUT/bench.log" "$(limit 150 "$BENCH_MIN")" "$PY" benchmarks/plan_time.py "${PLANS[@]}" \
+  # 200 s: four forward candidates and 2 x 2 backward ones on triton, 12 on cuda (one_kernel
+  # autotunes four tiles per C, the two-source GEMM three per output width and K)
+  stage plans "$OUT/bench.log" "$(limit 200 "$BENCH_MIN")" "$PY" benchmarks/plan_time.py "${PLANS[@]}" \
     --out "$OUT/plans.json"
   # ---- the module's training step: router inside the op against outside ----------------
   if [ "$DEVICE" = cuda ]; then

@@ -5,8 +5,9 @@
     python benchmarks/plan_time.py --out plans.json      # also write the winners
 
 Per shape and fused backend: the forward alone under each forward candidate
-(CONVLORA_LAYER_FORWARD), and forward+backward under each pair of candidates (with
-CONVLORA_LAYER_DY), interleaved with plain eager LoRA and the frozen linear. Each row is a
+(CONVLORA_LAYER_FORWARD), and forward+backward under each combination of candidates (with
+CONVLORA_LAYER_DY and CONVLORA_LAYER_DX), interleaved with plain eager LoRA and the frozen
+linear. Each row is a
 ratio to plain LoRA and to the frozen linear (on a GPU also microseconds, with the card
 named). The winner of each switch is the candidate with the fewest modeled bytes unless
 another one's time summed over the shapes is more than 2% smaller; ``--out`` writes them,
@@ -59,8 +60,8 @@ def _runnable(candidates, backend):
     return [c for c in candidates if plan.unavailable(c, backend) is None]
 
 
-def _label(fwd, dy=None):
-    return f"{fwd}" if dy is None else f"{fwd} + {dy}"
+def _label(fwd, dy=None, dx=None):
+    return f"{fwd}" if dy is None else f"{fwd} + {dy} + {dx}"
 
 
 def main(argv=None) -> int:
@@ -87,13 +88,12 @@ def main(argv=None) -> int:
         inputs = [common.make_inputs(shape, device, dtype, seed=s) for s in range(2)]
         print(f"\n{name} (token routing, bilinear), {len(backends)} backend(s)")
         for backend in backends:
-            fwds, dys = (_runnable(names, backend)
-                         for names in (plan.FORWARD_CANDIDATES, plan.DY_CANDIDATES))
+            fwds, dys, dxs = (_runnable(names, backend) for _, names in plan.SWITCHES)
             fwd_fns = {_label(f): _under({plan.FORWARD_ENV: f}, _layer(backend))
                        for f in fwds}
-            both_fns = {_label(f, d): _under({plan.FORWARD_ENV: f, plan.DY_ENV: d},
-                                             _layer(backend))
-                        for f, d in itertools.product(fwds, dys)}
+            both_fns = {_label(f, d, x): _under({plan.FORWARD_ENV: f, plan.DY_ENV: d,
+                                                 plan.DX_ENV: x}, _layer(backend))
+                        for f, d, x in itertools.product(fwds, dys, dxs)}
             peers = {common.PLAIN_LORA: common.plain_lora, common.LINEAR: common.frozen_linear}
             for backward, fns in ((False, fwd_fns), (True, both_fns)):
                 fns = dict(fns, **peers)
@@ -104,25 +104,26 @@ def main(argv=None) -> int:
                 print(f"  [{backend}] {what}")
                 for k, ms in med.items():
                     if ms is None:
-                        print(f"    {k:28s} error: {res[k]['error']}")
+                        print(f"    {k:40s} error: {res[k]['error']}")
                         continue
                     us = f"{ms * 1e3:9.1f} us  " if gpu else ""
-                    print(f"    {k:28s} {us}{ms / med[common.PLAIN_LORA]:6.3f} x plain LoRA  "
+                    print(f"    {k:40s} {us}{ms / med[common.PLAIN_LORA]:6.3f} x plain LoRA  "
                           f"{ms / med[common.LINEAR]:6.3f} x frozen linear")
                 for k in fns:
                     if k in peers or med[k] is None:
                         continue
-                    # the forward decides the forward switch; fwd+bwd decides the dy switch
+                    # the forward decides the forward switch; fwd+bwd, summed over the
+                    # other switches' candidates, the dy and dx switches
                     if backward:
-                        cand = k.split(" + ")[1]
-                        key = (backend, plan.DY_ENV, cand)
+                        _, d, x = k.split(" + ")
+                        keys = [(backend, plan.DY_ENV, d), (backend, plan.DX_ENV, x)]
                     else:
-                        key = (backend, plan.FORWARD_ENV, k)
-                    totals[key] = totals.get(key, 0.0) + med[k]
+                        keys = [(backend, plan.FORWARD_ENV, k)]
+                    for key in keys:
+                        totals[key] = totals.get(key, 0.0) + med[k]
     winners = {}
     for backend in backends:
-        for switch, names in ((plan.FORWARD_ENV, plan.FORWARD_CANDIDATES),
-                              (plan.DY_ENV, plan.DY_CANDIDATES)):
+        for switch, names in plan.SWITCHES:
             timed = {c: totals[(backend, switch, c)] for c in names
                      if (backend, switch, c) in totals}
             if not timed:

@@ -206,3 +206,30 @@ def test_training_step_operator_count():
                "aten.addmm", "aten.linear", "aten.var", "aten.zeros"):  # inside, or gone
         assert op not in ops_seen.count, (op, ops_seen.count)
     assert total <= 20, ops_seen.count
+
+
+def test_launches_per_training_step_match_design():
+    """The launches of a ConvLoRALinear training step on the GPU backends, counted on CPU
+    (convlora_kernels.launch_count), are those of docs/design.md's generated table under
+    the torch release it names, and never more under another; none synchronises."""
+    import re
+
+    from convlora_kernels import launch_count
+
+    rows, totals = launch_count.table()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "design.md")) as f:
+        text = f.read()
+    section = text[text.index(launch_count.DESIGN_BEGIN):text.index(launch_count.DESIGN_END)]
+    documented = [r for r in section.splitlines() if r.startswith("| ")]
+    version = re.search(r"torch (\S+), commit", section).group(1)
+    if version == torch.__version__:
+        assert rows == documented, ("docs/design.md's launch table is stale: regenerate it "
+                                    "with python -m convlora_kernels.launch_count --design "
+                                    "docs/design.md\n" + "\n".join(rows))
+    for row in documented[2:]:
+        backend, router, launches, syncs = [c.strip() for c in row.split("|")[1:5]]
+        assert totals[(backend, router)] <= int(launches), (backend, router, totals)
+        assert syncs == "0"
+    # the layer without its router launches a fraction of the step
+    assert totals[("cuda", "none")] * 3 < totals[("cuda", "token")]

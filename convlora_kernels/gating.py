@@ -168,7 +168,18 @@ def _route_backward_op(d_load: Tensor, features: Tensor, w_gate: Tensor, w_noise
     With a_tj = (clean_tj - thr_tj) / std_tj and load_j = Σ_t Φ(a_tj): dL/da = dL/dload_j
     φ(a); a reaches clean and std directly, and through thr the noisy logit it copies
     (the winner's for the other experts, the runner-up's for the winner), which depends on
-    clean and std again."""
+    clean and std again. On CUDA one Triton kernel (triton_kernels/router.py) computes
+    what the composite below does."""
+    if features.is_cuda and _triton_router() is not None:
+        return _triton_router().route_backward(d_load, features, w_gate, w_noise, noise,
+                                               noise_epsilon)
+    return _route_backward_composite(d_load, features, w_gate, w_noise, noise, noise_epsilon)
+
+
+def _route_backward_composite(d_load: Tensor, features: Tensor, w_gate: Tensor,
+                              w_noise: Tensor, noise: Tensor, noise_epsilon: float
+                              ) -> Tuple[Tensor, Tensor, Tensor]:
+    """route_backward in ATen operators (CPU, and CUDA without triton)."""
     f = features.float()
     wg, wn = w_gate.float(), w_noise.float()
     clean = f @ wg

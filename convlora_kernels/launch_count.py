@@ -74,14 +74,26 @@ def _gpu_route(features, w_gate, w_noise, noise, noise_epsilon):
     return router.route(features, w_gate, w_noise, noise, noise_epsilon)
 
 
+def _gpu_route_backward(d_load, features, w_gate, w_noise, noise, noise_epsilon):
+    """convlora_layer::route_backward as it runs on CUDA."""
+    from . import gating
+
+    router = gating._triton_router()
+    if router is None:
+        return gating._route_backward_composite(d_load, features, w_gate, w_noise, noise,
+                                                noise_epsilon)
+    return router.route_backward(d_load, features, w_gate, w_noise, noise, noise_epsilon)
+
+
 def _expanded():
     """The custom ops whose Python implementation runs under the counting mode."""
-    from . import gating, layer
+    from . import layer
 
     ops = (layer._forward_op, layer._backward_op, layer._routed_forward_op,
-           layer._routed_backward_op, gating._route_backward_op)
+           layer._routed_backward_op)
     out = {str(op._opoverload.overloadpacket): op._init_fn for op in ops}
     out["convlora_layer.route"] = _gpu_route
+    out["convlora_layer.route_backward"] = _gpu_route_backward
     return out
 
 

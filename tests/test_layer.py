@@ -208,6 +208,7 @@ def test_training_step_operator_count():
     assert total <= 20, ops_seen.count
 
 
+@pytest.mark.triton  # imports the Triton kernels: under the interpreter, as the others do
 def test_launches_per_training_step_match_design():
     """The launches of a ConvLoRALinear training step on the GPU backends, counted on CPU
     (convlora_kernels.launch_count), are those of docs/design.md's generated table under
@@ -231,5 +232,6 @@ def test_launches_per_training_step_match_design():
         backend, router, launches, syncs = [c.strip() for c in row.split("|")[1:5]]
         assert totals[(backend, router)] <= int(launches), (backend, router, totals)
         assert syncs == "0"
-    # the layer without its router launches a fraction of the step
-    assert totals[("cuda", "none")] * 3 < totals[("cuda", "token")]
+    # the router's share of the step (its forward and aux loss, the load term's backward
+    # as one kernel): as ATen operators its backward alone took about 40
+    assert totals[("cuda", "token")] - totals[("cuda", "none")] <= 30, totals

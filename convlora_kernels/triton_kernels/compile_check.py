@@ -144,6 +144,8 @@ def layer_launches(dtype: torch.dtype, interpolation: str, rank: int):
         wg, wn = rnd(rank, n_exp, dt=torch.float32), rnd(rank, n_exp, dt=torch.float32)
         for noise in (torch.randn(n_tok, n_exp, generator=g), None):
             router.route(f, wg, wn, noise, 1e-2)
+        router.route_backward(torch.randn(n_exp, generator=g), f, wg, wn,
+                              torch.randn(n_tok, n_exp, generator=g), 1e-2)
     return calls
 
 

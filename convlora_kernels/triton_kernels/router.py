@@ -1,6 +1,10 @@
-"""The noisy top-1 router's forward as one Triton kernel (convlora_kernels.gating has the
-math and the reference): per block of routing units, the logits, the noise, the top-1
-expert as int32 and per-block sums of the aux loss's statistics (importance and load).
+"""The noisy top-1 router as Triton kernels (convlora_kernels.gating has the math and the
+reference). Forward: per block of routing units, the logits, the noise, the top-1 expert as
+int32 and per-block sums of the aux loss's statistics (importance and load). Backward (of
+the load term, the only one with a gradient): per block of units, the logits again, the
+top two, dL/dclean and dL/draw, then dL/dfeatures for each unit and per-block partial sums
+of dL/dw_gate and dL/dw_noise, summed in block order (one launch where the composite
+takes about 35).
 
 Bytes per call, U units of r features and n experts: the features once (U·r), the noise
 once (U·n fp32, in training), the experts out (U·4) and (U/BU)·2·n partial sums (BU from
@@ -12,7 +16,6 @@ import triton
 import triton.language as tl
 
 from .tables import next_pow2
-
 
 
 def block_units(rp: int, np_: int) -> int:
@@ -98,3 +101,90 @@ def route(features, w_gate, w_noise, noise, noise_epsilon):
         NOISY=noisy, num_warps=4)
     importance = imp.sum(0)[:n]
     return expert, importance, (load.sum(0)[:n] if noisy else importance.clone())
+
+
+@triton.jit
+def route_backward_kernel(
+        f_ptr,        # (U, r) features, row stride stride_f
+        wg_ptr,       # (r, n) w_gate, contiguous
+        wn_ptr,       # (r, n) w_noise, contiguous
+        noise_ptr,    # (U, n) float32, the forward's draws
+        dload_ptr,    # (n,) float32 dL/dload
+        df_ptr,       # (U, r) output dL/dfeatures in the features' dtype, contiguous
+        dwg_ptr,      # (programs, RP, NP) float32 output: this block's dL/dw_gate
+        dwn_ptr,      # (programs, RP, NP) float32 output: this block's dL/dw_noise
+        U, r, n, noise_epsilon, stride_f,
+        BU: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr):
+    """The composite route_backward (gating.py) per block of units: load_j = Σ_t Φ(a_tj),
+    a_tj = (clean_tj - thr_tj) / std_tj, thr the best other noisy logit, which depends on
+    clean and std again through the top two."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BU + tl.arange(0, BU)
+    rm = rows < U
+    ci = tl.arange(0, RP)
+    ei = tl.arange(0, NP)
+    em = ei < n
+    live = rm[:, None] & em[None, :]
+    wmask = (ci[:, None] < r) & em[None, :]
+    f = tl.load(f_ptr + rows[:, None] * stride_f + ci[None, :],
+                mask=rm[:, None] & (ci[None, :] < r), other=0.0).to(tl.float32)
+    wg = tl.load(wg_ptr + ci[:, None] * n + ei[None, :], mask=wmask, other=0.0).to(tl.float32)
+    wn = tl.load(wn_ptr + ci[:, None] * n + ei[None, :], mask=wmask, other=0.0).to(tl.float32)
+    clean = tl.sum(f[:, :, None] * wg[None, :, :], axis=1)  # (BU, NP)
+    raw = tl.sum(f[:, :, None] * wn[None, :, :], axis=1)
+    soft = tl.maximum(raw, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(raw)))
+    std = tl.where(raw > 20.0, raw, soft) + noise_epsilon
+    noise = tl.load(noise_ptr + rows[:, None] * n + ei[None, :], mask=live, other=0.0)
+    logits = tl.where(em[None, :], clean + noise * std, float("-inf"))
+    top = tl.max(logits, axis=1)
+    win = tl.min(tl.where(logits == top[:, None], ei[None, :], NP), axis=1)
+    others = tl.where(ei[None, :] == win[:, None], float("-inf"), logits)
+    second = tl.max(others, axis=1)
+    runner = tl.min(tl.where(others == second[:, None], ei[None, :], NP), axis=1)
+    is_in = logits > second[:, None]
+    thr = tl.where(is_in, second[:, None], top[:, None])
+    a = (clean - thr) / std
+    d_load = tl.load(dload_ptr + ei, mask=em, other=0.0)
+    g = d_load[None, :] * tl.exp(-0.5 * a * a) * 0.3989422804014327  # 1 / sqrt(2 pi)
+    g = tl.where(live, g, 0.0)
+    d_clean = g / std
+    d_std = -g * a / std
+    d_thr = -d_clean
+    d_top0 = tl.sum(tl.where(is_in, 0.0, d_thr), axis=1)  # onto the winner's logit
+    d_top1 = tl.sum(tl.where(is_in, d_thr, 0.0), axis=1)  # onto the runner-up's
+    d_logits = tl.where(ei[None, :] == win[:, None], d_top0[:, None], 0.0) + \
+        tl.where(ei[None, :] == runner[:, None], d_top1[:, None], 0.0)
+    d_clean = tl.where(live, d_clean + d_logits, 0.0)
+    d_std = d_std + d_logits * noise
+    d_raw = tl.where(live, d_std * tl.where(raw > 20.0, 1.0, tl.sigmoid(raw)), 0.0)
+    df = tl.sum(d_clean[:, None, :] * wg[None, :, :], axis=2) + \
+        tl.sum(d_raw[:, None, :] * wn[None, :, :], axis=2)  # (BU, RP)
+    tl.store(df_ptr + rows[:, None] * r + ci[None, :], df.to(df_ptr.dtype.element_ty),
+             mask=rm[:, None] & (ci[None, :] < r))
+    slot = pid * RP * NP + ci[:, None] * NP + ei[None, :]
+    tl.store(dwg_ptr + slot, tl.sum(f[:, :, None] * d_clean[:, None, :], axis=0))
+    tl.store(dwn_ptr + slot, tl.sum(f[:, :, None] * d_raw[:, None, :], axis=0))
+
+
+def route_backward(d_load, features, w_gate, w_noise, noise, noise_epsilon):
+    """(dL/dfeatures, dL/dw_gate, dL/dw_noise) from dL/dload, as gating's composite
+    route_backward computes them, in the dtypes of features, w_gate and w_noise."""
+    units, rank = features.shape
+    n = w_gate.shape[1]
+    dev = features.device
+    if features.stride(-1) != 1:
+        features = features.contiguous()
+    rp, np_ = max(2, next_pow2(rank)), max(2, next_pow2(n))
+    bu = block_units(rp, np_)
+    programs = max(1, triton.cdiv(units, bu))
+    df = torch.empty((units, rank), dtype=features.dtype, device=dev)
+    part = torch.empty((2, programs, rp, np_), dtype=torch.float32, device=dev)
+    if units > 0:
+        route_backward_kernel[(programs,)](
+            features, w_gate.contiguous(), w_noise.contiguous(), noise.contiguous(),
+            d_load.to(torch.float32).contiguous(), df, part[0], part[1], units, rank, n,
+            float(noise_epsilon), features.stride(0), BU=bu, RP=rp, NP=np_, num_warps=4)
+    else:
+        part.zero_()
+    sums = part.sum(1)[:, :rank, :n]  # torch's reduction: the same every run
+    return df, sums[0].to(w_gate.dtype), sums[1].to(w_noise.dtype)

@@ -54,6 +54,9 @@ mkdir -p "$1"
 OUT=$(cd "$1" && pwd)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+# The extension is built in place (build_ext --inplace), not installed: the scripts
+# import the checkout's package.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
 DEVICE=${CONVLORA_CHECK_DEVICE:-cuda}
 BUDGET=${CONVLORA_CHECK_BUDGET:-450}

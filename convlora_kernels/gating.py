@@ -143,11 +143,42 @@ def _triton_router():
     return router
 
 
+# The device types whose tensors take the Triton router (launch_count adds "meta", on which
+# it counts what CUDA would launch).
+GPU_DEVICE_TYPES = ("cuda",)
+
+
+def _on_gpu(t: Tensor) -> bool:
+    return t.device.type in GPU_DEVICE_TYPES and _triton_router() is not None
+
+
+def aux_loss(importance: Tensor, load: Tensor, loss_coef: float) -> Tensor:
+    """loss_coef · (cv²(importance) + cv²(load)), () float32: one Triton launch on CUDA."""
+    if importance.numel() > 1 and _on_gpu(importance):
+        return _triton_router().aux_loss(importance, load, loss_coef)
+    return (cv_squared(importance) + cv_squared(load)).mul_(loss_coef)
+
+
+def load_term_backward(load: Tensor, d_aux: Tensor, loss_coef: float, features: Tensor,
+                       w_gate: Tensor, w_noise: Tensor, noise: Tensor,
+                       noise_epsilon: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of (features, w_gate, w_noise) from dL/daux through the aux loss's load
+    term: dL/dload = d_aux · loss_coef · dcv²(load)/dload (cv_squared_backward), then
+    route_backward. On CUDA both in one Triton kernel."""
+    if load.numel() > 1 and _on_gpu(features):
+        return _triton_router().route_backward(None, features, w_gate, w_noise, noise,
+                                               noise_epsilon,
+                                               aux=(load, d_aux.float(), loss_coef))
+    d_load = cv_squared_backward(load, d_aux * loss_coef)
+    return torch.ops.convlora_layer.route_backward(d_load, features, w_gate, w_noise, noise,
+                                                   noise_epsilon)
+
+
 @torch.library.custom_op("convlora_layer::route", mutates_args=())
 def _route_op(features: Tensor, w_gate: Tensor, w_noise: Tensor, noise: Optional[Tensor],
               noise_epsilon: float) -> Tuple[Tensor, Tensor, Tensor]:
     """(expert (U,) int32, importance (n,) float32, load (n,) float32) of U routing units."""
-    if features.is_cuda and _triton_router() is not None:
+    if _on_gpu(features):
         return _triton_router().route(features, w_gate, w_noise, noise, noise_epsilon)
     return _route_composite(features, w_gate, w_noise, noise, noise_epsilon)
 
@@ -170,7 +201,7 @@ def _route_backward_op(d_load: Tensor, features: Tensor, w_gate: Tensor, w_noise
     (the winner's for the other experts, the runner-up's for the winner), which depends on
     clean and std again. On CUDA one Triton kernel (triton_kernels/router.py) computes
     what the composite below does."""
-    if features.is_cuda and _triton_router() is not None:
+    if _on_gpu(features):
         return _triton_router().route_backward(d_load, features, w_gate, w_noise, noise,
                                                noise_epsilon)
     return _route_backward_composite(d_load, features, w_gate, w_noise, noise, noise_epsilon)

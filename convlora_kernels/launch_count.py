@@ -4,7 +4,8 @@
 
 The step (the forward, then the backward from dL/dy and dL/daux) runs the layer's code for
 a GPU backend on tensors of the "meta" device (shapes and dtypes, no data; the backends
-take every branch they take on CUDA, the router's too: GPU_ROUTER) under a dispatch mode
+take every branch they take on CUDA, the router's too: gating.GPU_DEVICE_TYPES) under a
+dispatch mode
 that counts what would launch a kernel on the GPU:
   - an ATen operator with a tensor of at least one element among its inputs or outputs,
     except views and allocations (NO_LAUNCH);
@@ -64,37 +65,13 @@ CPP_LAUNCHES = {"convlora.stencil_fwd": _stencil_fwd_launches,
                 "convlora.stencil_bwd": _stencil_bwd_launches}
 
 
-def _gpu_route(features, w_gate, w_noise, noise, noise_epsilon):
-    """convlora_layer::route as it runs on CUDA: the Triton router where triton is."""
-    from . import gating
-
-    router = gating._triton_router()
-    if router is None:
-        return gating._route_composite(features, w_gate, w_noise, noise, noise_epsilon)
-    return router.route(features, w_gate, w_noise, noise, noise_epsilon)
-
-
-def _gpu_route_backward(d_load, features, w_gate, w_noise, noise, noise_epsilon):
-    """convlora_layer::route_backward as it runs on CUDA."""
-    from . import gating
-
-    router = gating._triton_router()
-    if router is None:
-        return gating._route_backward_composite(d_load, features, w_gate, w_noise, noise,
-                                                noise_epsilon)
-    return router.route_backward(d_load, features, w_gate, w_noise, noise, noise_epsilon)
-
-
 def _expanded():
     """The custom ops whose Python implementation runs under the counting mode."""
-    from . import layer
+    from . import gating, layer
 
     ops = (layer._forward_op, layer._backward_op, layer._routed_forward_op,
-           layer._routed_backward_op)
-    out = {str(op._opoverload.overloadpacket): op._init_fn for op in ops}
-    out["convlora_layer.route"] = _gpu_route
-    out["convlora_layer.route_backward"] = _gpu_route_backward
-    return out
+           layer._routed_backward_op, gating._route_op, gating._route_backward_op)
+    return {str(op._opoverload.overloadpacket): op._init_fn for op in ops}
 
 
 def _on_gpu(tree) -> bool:
@@ -162,47 +139,57 @@ def training_step(backend: str, gating: str = "token", dtype: torch.dtype = torc
     """The launches of ConvLoRALinear's training step (forward, backward from dL/dy and
     the aux loss) on ``backend``, the second of two (one-time work done); gating "none":
     the functional op alone (conv_lora_linear with a given expert index, no router)."""
-    from . import layer
-    from ._validate import as_map, check_inputs
+    from . import gating as gating_module
     from .modules import ConvLoRALinear
 
     b, h, w = shape["batch"], shape["height"], shape["width"]
-    dev = GPU
     m = ConvLoRALinear(shape["c_in"], shape["c_out"], r=shape["r"],
                        num_experts=shape["experts"],
                        gating="token" if gating == "none" else gating, backend=backend,
-                       device=dev, dtype=dtype).train()
-    x = torch.randn(b, h, w, shape["c_in"], device=dev, dtype=dtype, requires_grad=True)
-    dy = torch.randn(b * h * w, shape["c_out"], device=dev, dtype=dtype)
-    d_aux = torch.ones((), device=dev)
-    counter = None
-    for _ in range(2):
-        for t in list(m.parameters()) + [x]:
-            t.grad = None
-        counter = LaunchCounter()
-        with _triton_launches_counted(counter), counter:
-            # ConvLoRALinear.forward on a fused backend (ops.routed_conv_lora_linear): the
-            # checks, the router's noise draw, the layer's op pair
-            if gating == "none":
-                idx = torch.zeros((b, h, w), dtype=torch.int64, device=dev)
-                p = check_inputs(x, m.weight, m.bias, m.lora_A, m.lora_B, m.conv_weight,
-                                 m.conv_bias, idx, m.scaling, m.scales, m.interpolation, None,
-                                 check_index_values=False)
-                y = layer.conv_lora_linear(backend, p, x, m.weight, m.bias, m.lora_A,
-                                           m.lora_B, m.conv_weight, m.conv_bias, idx,
-                                           m.scaling, None)
-                y.backward(dy)
-                continue
-            p = check_inputs(x, m.weight, m.bias, m.lora_A, m.lora_B, m.conv_weight,
-                             m.conv_bias, None, m.scaling, m.scales, m.interpolation, (h, w))
-            units = b if gating == "map" else b * h * w
-            noise = torch.randn((units, shape["experts"]), dtype=torch.float32, device=dev)
-            y, _, aux = layer.routed_conv_lora_linear(
-                backend, p, as_map(x, p), m.weight, m.bias, m.lora_A, m.lora_B,
-                m.conv_weight, m.conv_bias, m.router.w_gate, m.router.w_noise, noise,
-                m.router.noise_epsilon, m.router.loss_coef, gating, m.scaling)
-            torch.autograd.backward([y, aux], [dy, d_aux])
-    return counter
+                       device=GPU, dtype=dtype).train()
+    x = torch.randn(b, h, w, shape["c_in"], device=GPU, dtype=dtype, requires_grad=True)
+    dy = torch.randn(b * h * w, shape["c_out"], device=GPU, dtype=dtype)
+    d_aux = torch.ones((), device=GPU)
+    gpu_types = gating_module.GPU_DEVICE_TYPES
+    gating_module.GPU_DEVICE_TYPES = gpu_types + (GPU,)
+    try:
+        counter = None
+        for _ in range(2):
+            for t in list(m.parameters()) + [x]:
+                t.grad = None
+            counter = LaunchCounter()
+            with _triton_launches_counted(counter), counter:
+                _step(backend, gating, m, x, dy, d_aux, shape["experts"])
+        return counter
+    finally:
+        gating_module.GPU_DEVICE_TYPES = gpu_types
+
+
+def _step(backend, gating, m, x, dy, d_aux, experts):
+    """ConvLoRALinear.forward on a fused backend (ops.routed_conv_lora_linear: the checks,
+    the router's noise draw, the layer's op pair), then the backward."""
+    from . import layer
+    from ._validate import as_map, check_inputs
+
+    b, h, w = x.shape[:3]
+    if gating == "none":
+        idx = torch.zeros((b, h, w), dtype=torch.int64, device=GPU)
+        p = check_inputs(x, m.weight, m.bias, m.lora_A, m.lora_B, m.conv_weight, m.conv_bias,
+                         idx, m.scaling, m.scales, m.interpolation, None,
+                         check_index_values=False)
+        y = layer.conv_lora_linear(backend, p, x, m.weight, m.bias, m.lora_A, m.lora_B,
+                                   m.conv_weight, m.conv_bias, idx, m.scaling, None)
+        y.backward(dy)
+        return
+    p = check_inputs(x, m.weight, m.bias, m.lora_A, m.lora_B, m.conv_weight, m.conv_bias,
+                     None, m.scaling, m.scales, m.interpolation, (h, w))
+    units = b if gating == "map" else b * h * w
+    noise = torch.randn((units, experts), dtype=torch.float32, device=GPU)
+    y, _, aux = layer.routed_conv_lora_linear(
+        backend, p, as_map(x, p), m.weight, m.bias, m.lora_A, m.lora_B, m.conv_weight,
+        m.conv_bias, m.router.w_gate, m.router.w_noise, noise, m.router.noise_epsilon,
+        m.router.loss_coef, gating, m.scaling)
+    torch.autograd.backward([y, aux], [dy, d_aux])
 
 
 def table(backends=("cuda", "triton")) -> Tuple[List[str], Dict[Tuple[str, str], int]]:

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from . import backends
 from ._validate import Problem
-from .gating import cv_squared, cv_squared_backward, router_features
+from .gating import aux_loss, load_term_backward, router_features
 from .plan import choose
 
 
@@ -255,7 +255,7 @@ def _routed_forward_op(x2: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
     z2 = F.linear(x2, lora_A)
     expert, importance, load = torch.ops.convlora_layer.route(
         router_features(z2, gating, height, width), w_gate, w_noise, noise, noise_epsilon)
-    aux = (cv_squared(importance) + cv_squared(load)).mul_(loss_coef)
+    aux = aux_loss(importance, load, loss_coef)
     idx = backends.module(backend).routed_index(expert, gating, height, width)
     y, z2, u, s0, s1 = _forward_impl(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias,
                                      idx, z2, scaling, scales, interpolation, height, width,
@@ -296,11 +296,9 @@ def _routed_backward_op(dy2: Optional[Tensor], d_aux: Optional[Tensor], x2: Tens
         dy2 = x2.new_zeros((x2.shape[0], weight.shape[0]))
     d_f = d_wg = d_wn = None
     if d_aux is not None and noise is not None:
-        d_load = cv_squared_backward(load, d_aux * loss_coef)
         feats = router_features(z2, gating, height, width)
-        d_f, d_wg, d_wn = torch.ops.convlora_layer.route_backward(d_load, feats, w_gate,
-                                                                  w_noise, noise,
-                                                                  noise_epsilon)
+        d_f, d_wg, d_wn = load_term_backward(load, d_aux, loss_coef, feats, w_gate, w_noise,
+                                             noise, noise_epsilon)
 
     def add_router_dz(dz: Tensor) -> None:
         if d_f is None:

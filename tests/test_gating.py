@@ -234,6 +234,41 @@ def test_triton_route_backward_kernel_matches_composite(units, rank, n):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("units,rank,n", [(150, 8, 8), (3, 3, 3), (65, 1, 2)])
+def test_triton_aux_loss_and_its_load_term_match_composite(units, rank, n):
+    """The aux loss in one launch (router.aux_loss) and its load term's backward with
+    dL/dload computed inside the backward kernel (aux=...) against cv_squared,
+    cv_squared_backward and the composite route_backward."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    pytest.importorskip("triton")
+    from convlora_kernels.gating import _route_backward_composite
+    from convlora_kernels.triton_kernels import router
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(units * 11 + n)
+    importance = (torch.rand(n, generator=g) * units).to(dev)
+    load = (torch.rand(n, generator=g) * units).to(dev)
+    got = router.aux_loss(importance, load, 0.01)
+    want = 0.01 * (cv_squared(importance) + cv_squared(load))
+    assert got.shape == () and got.dtype == torch.float32
+    assert abs(got.item() - want.item()) <= 1e-5 * max(1.0, abs(want.item()))
+    f = torch.randn(units, rank, generator=g).to(dev)
+    wg = torch.randn(rank, n, generator=g).to(dev)
+    wn = (0.3 * torch.randn(rank, n, generator=g)).to(dev)
+    noise = torch.randn(units, n, generator=g).to(dev)
+    d_aux = torch.tensor(1.7, device=dev)
+    got = router.route_backward(None, f, wg, wn, noise, 1e-2, aux=(load, d_aux, 0.01))
+    d_load = cv_squared_backward(load, d_aux * 0.01)
+    want = _route_backward_composite(d_load, f, wg, wn, noise, 1e-2)
+    for name, a, b in zip(("dfeatures", "dw_gate", "dw_noise"), got, want):
+        assert b.abs().max() > 0, name  # relative to the gradient's own size
+        assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item(), name
+
+
+@pytest.mark.triton
 def test_triton_route_kernel_ties_pick_the_lowest_expert():
     import os
 

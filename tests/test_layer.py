@@ -232,6 +232,6 @@ def test_launches_per_training_step_match_design():
         backend, router, launches, syncs = [c.strip() for c in row.split("|")[1:5]]
         assert totals[(backend, router)] <= int(launches), (backend, router, totals)
         assert syncs == "0"
-    # the router's share of the step (its forward and aux loss, the load term's backward
-    # as one kernel): as ATen operators its backward alone took about 40
-    assert totals[("cuda", "token")] - totals[("cuda", "none")] <= 30, totals
+    # the router's share of the step: its forward, the aux loss and the load term's
+    # backward are a kernel each on CUDA (as ATen operators they took about 65 launches)
+    assert totals[("cuda", "token")] - totals[("cuda", "none")] <= 10, totals

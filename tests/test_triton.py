@@ -130,7 +130,7 @@ def test_kernels_compile_for_the_gpu_without_new_spills():
     assert built == {"stencil_fwd", "layer_forward", "stencil_grad", "stencil_scatter",
                      "stencil_bwd", "dy_pass", "route", "gather_dz", "expert_sum",
                      "expert_counts", "expert_order", "two_source_gemm",
-                     "route_backward"}, out.stdout
+                     "route_backward", "aux_loss"}, out.stdout
     assert len({tuple(line.split()[2:5]) for line in lines}) == 12, out.stdout
     known, worse = _known_spills(), []
     for line in lines:
@@ -166,7 +166,8 @@ def _parsed(line):
     value = {w.split(":")[0]: int(w.split(":")[1]) for w in f
              if w.startswith(("REG:", "STACK:", "SMEM:"))}
     return dict(kernel=f[1], mode=f[3], r=int(f[4][2:]),
-                flags=" ".join(w for w in f if w.startswith(("NBP=", "ATOMIC=", "NOISY="))),
+                flags=" ".join(w for w in f
+                               if w.startswith(("NBP=", "ATOMIC=", "NOISY=", "FROM_AUX="))),
                 warps=int(next(w for w in f if w.startswith("warps="))[6:]), **value)
 
 

@@ -144,8 +144,12 @@ def layer_launches(dtype: torch.dtype, interpolation: str, rank: int):
         wg, wn = rnd(rank, n_exp, dt=torch.float32), rnd(rank, n_exp, dt=torch.float32)
         for noise in (torch.randn(n_tok, n_exp, generator=g), None):
             router.route(f, wg, wn, noise, 1e-2)
-        router.route_backward(torch.randn(n_exp, generator=g), f, wg, wn,
-                              torch.randn(n_tok, n_exp, generator=g), 1e-2)
+        noise = torch.randn(n_tok, n_exp, generator=g)
+        load = torch.rand(n_exp, generator=g)
+        router.route_backward(torch.randn(n_exp, generator=g), f, wg, wn, noise, 1e-2)
+        router.route_backward(None, f, wg, wn, noise, 1e-2,
+                              aux=(load, torch.ones(()), 1e-2))
+        router.aux_loss(torch.rand(n_exp, generator=g), load, 1e-2)
     return calls
 
 
@@ -210,7 +214,8 @@ def _usage(cubin: bytes) -> str:
 
 
 def _flags(kwargs) -> str:
-    return " ".join(f"{k}={kwargs[k]}" for k in ("NBP", "ATOMIC", "NOISY") if k in kwargs)
+    return " ".join(f"{k}={kwargs[k]}" for k in ("NBP", "ATOMIC", "NOISY", "FROM_AUX")
+                    if k in kwargs)
 
 
 def compiled(arch: int, dtypes: str, interpolations: str, ranks: str, first: bool,

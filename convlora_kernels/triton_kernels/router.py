@@ -109,15 +109,17 @@ def route_backward_kernel(
         wg_ptr,       # (r, n) w_gate, contiguous
         wn_ptr,       # (r, n) w_noise, contiguous
         noise_ptr,    # (U, n) float32, the forward's draws
-        dload_ptr,    # (n,) float32 dL/dload
+        dload_ptr,    # (n,) float32 dL/dload; with FROM_AUX the load itself
+        daux_ptr,     # () float32 dL/daux (FROM_AUX)
         df_ptr,       # (U, r) output dL/dfeatures in the features' dtype, contiguous
         dwg_ptr,      # (programs, RP, NP) float32 output: this block's dL/dw_gate
         dwn_ptr,      # (programs, RP, NP) float32 output: this block's dL/dw_noise
-        U, r, n, noise_epsilon, stride_f,
-        BU: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr):
+        U, r, n, noise_epsilon, loss_coef, stride_f,
+        BU: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr, FROM_AUX: tl.constexpr):
     """The composite route_backward (gating.py) per block of units: load_j = Σ_t Φ(a_tj),
     a_tj = (clean_tj - thr_tj) / std_tj, thr the best other noisy logit, which depends on
-    clean and std again through the top two."""
+    clean and std again through the top two. FROM_AUX: dL/dload is that of the aux loss
+    loss_coef · cv²(load) (gating.cv_squared_backward), computed here from the load."""
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BU + tl.arange(0, BU)
     rm = rows < U
@@ -145,6 +147,14 @@ def route_backward_kernel(
     thr = tl.where(is_in, second[:, None], top[:, None])
     a = (clean - thr) / std
     d_load = tl.load(dload_ptr + ei, mask=em, other=0.0)
+    if FROM_AUX:  # d_load holds the load; dcv²/dv_j = 2 (v_j - m) / ((n - 1) D) - var 2m / (n D²)
+        m = tl.sum(d_load, axis=0) / n
+        dev_ = tl.where(em, d_load - m, 0.0)
+        var = tl.sum(dev_ * dev_, axis=0) / (n - 1)
+        den = m * m + 1e-10
+        coef = tl.load(daux_ptr) * loss_coef
+        d_load = tl.where(em, (dev_ * (2.0 / (n - 1)) / den - var * (2.0 / n) * m / (den * den))
+                          * coef, 0.0)
     g = d_load[None, :] * tl.exp(-0.5 * a * a) * 0.3989422804014327  # 1 / sqrt(2 pi)
     g = tl.where(live, g, 0.0)
     d_clean = g / std
@@ -166,9 +176,11 @@ def route_backward_kernel(
     tl.store(dwn_ptr + slot, tl.sum(f[:, :, None] * d_raw[:, None, :], axis=0))
 
 
-def route_backward(d_load, features, w_gate, w_noise, noise, noise_epsilon):
+def route_backward(d_load, features, w_gate, w_noise, noise, noise_epsilon, aux=None):
     """(dL/dfeatures, dL/dw_gate, dL/dw_noise) from dL/dload, as gating's composite
-    route_backward computes them, in the dtypes of features, w_gate and w_noise."""
+    route_backward computes them, in the dtypes of features, w_gate and w_noise. With aux =
+    (load, dL/daux, loss_coef), d_load is None: dL/dload is the aux loss's, computed in
+    the kernel (n > 1)."""
     units, rank = features.shape
     n = w_gate.shape[1]
     dev = features.device
@@ -180,11 +192,41 @@ def route_backward(d_load, features, w_gate, w_noise, noise, noise_epsilon):
     df = torch.empty((units, rank), dtype=features.dtype, device=dev)
     part = torch.empty((2, programs, rp, np_), dtype=torch.float32, device=dev)
     if units > 0:
+        from_aux = aux is not None
+        vec, d_aux, coef = aux if from_aux else (d_load, part, 0.0)
         route_backward_kernel[(programs,)](
             features, w_gate.contiguous(), w_noise.contiguous(), noise.contiguous(),
-            d_load.to(torch.float32).contiguous(), df, part[0], part[1], units, rank, n,
-            float(noise_epsilon), features.stride(0), BU=bu, RP=rp, NP=np_, num_warps=4)
+            vec.to(torch.float32).contiguous(), d_aux, df, part[0], part[1], units, rank, n,
+            float(noise_epsilon), float(coef), features.stride(0), BU=bu, RP=rp, NP=np_,
+            FROM_AUX=from_aux, num_warps=4)
     else:
         part.zero_()
     sums = part.sum(1)[:, :rank, :n]  # torch's reduction: the same every run
     return df, sums[0].to(w_gate.dtype), sums[1].to(w_noise.dtype)
+
+
+@triton.jit
+def _cv_squared(ptr, n, NP: tl.constexpr):
+    """var / (mean² + 1e-10) of the n values at ptr, the variance unbiased
+    (gating.cv_squared)."""
+    ei = tl.arange(0, NP)
+    em = ei < n
+    v = tl.load(ptr + ei, mask=em, other=0.0)
+    m = tl.sum(v, axis=0) / n
+    d = tl.where(em, v - m, 0.0)
+    return (tl.sum(d * d, axis=0) / (n - 1)) / (m * m + 1e-10)
+
+
+@triton.jit
+def aux_loss_kernel(imp_ptr, load_ptr, out_ptr, n, loss_coef, NP: tl.constexpr):
+    """out = loss_coef · (cv²(importance) + cv²(load)), one program."""
+    tl.store(out_ptr, (_cv_squared(imp_ptr, n, NP) + _cv_squared(load_ptr, n, NP)) * loss_coef)
+
+
+def aux_loss(importance, load, loss_coef):
+    """loss_coef · (cv²(importance) + cv²(load)) () float32 in one launch (n > 1)."""
+    n = importance.shape[0]
+    out = torch.empty((), dtype=torch.float32, device=importance.device)
+    aux_loss_kernel[(1,)](importance.float().contiguous(), load.float().contiguous(), out, n,
+                          float(loss_coef), NP=max(2, next_pow2(n)), num_warps=1)
+    return out

@@ -47,18 +47,16 @@ NO_LAUNCH = {"aten.empty", "aten.empty_strided", "aten.empty_like", "aten.new_em
 
 
 def _stencil_fwd_launches(args) -> int:
-    # run_call / run_map_call: the conv weights and biases cast to float32 when they are
-    # not (two copies), prep_kernel, then the tile (or map) kernel
-    cw = args[2]
-    return (0 if cw.dtype == torch.float32 else 2) + 2
+    # run_call / run_map_call: prep_kernel (reading the weights in their dtype), then the
+    # tile (or map) kernel
+    return 2
 
 
 def _stencil_bwd_launches(args) -> int:
-    # the same casts and prep, the tile kernel then reduce_dw_kernel; the map programs
-    # (one expert per map: expert_index shorter than z) add fold_kernel between them
-    z, idx, cw = args[1], args[3], args[4]
-    per_map = idx.shape[0] != z.shape[0]
-    return (0 if cw.dtype == torch.float32 else 2) + (4 if per_map else 3)
+    # prep, the tile kernel then reduce_dw_kernel; the map programs (one expert per map:
+    # expert_index shorter than z) add fold_kernel between them
+    z, idx = args[1], args[3]
+    return 4 if idx.shape[0] != z.shape[0] else 3
 
 
 CPP_LAUNCHES = {"convlora.stencil_fwd": _stencil_fwd_launches,
@@ -150,6 +148,7 @@ def training_step(backend: str, gating: str = "token", dtype: torch.dtype = torc
     x = torch.randn(b, h, w, shape["c_in"], device=GPU, dtype=dtype, requires_grad=True)
     dy = torch.randn(b * h * w, shape["c_out"], device=GPU, dtype=dtype)
     d_aux = torch.ones((), device=GPU)
+    m.expert_index_for_counting = torch.zeros((b, h, w), dtype=torch.int64, device=GPU)
     gpu_types = gating_module.GPU_DEVICE_TYPES
     gating_module.GPU_DEVICE_TYPES = gpu_types + (GPU,)
     try:
@@ -173,7 +172,7 @@ def _step(backend, gating, m, x, dy, d_aux, experts):
 
     b, h, w = x.shape[:3]
     if gating == "none":
-        idx = torch.zeros((b, h, w), dtype=torch.int64, device=GPU)
+        idx = m.expert_index_for_counting
         p = check_inputs(x, m.weight, m.bias, m.lora_A, m.lora_B, m.conv_weight, m.conv_bias,
                          idx, m.scaling, m.scales, m.interpolation, None,
                          check_index_values=False)

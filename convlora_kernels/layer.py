@@ -213,9 +213,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x2, weight, lora_A, lora_B, conv_weight, conv_bias, expert_index,
                           z if z is not None else z2, u, s0, s1)
     ctx.mark_non_differentiable(z2, u, s0, s1)
+    ctx.set_materialize_grads(False)  # no zero fills for the outputs kept for backward
 
 
 def _backward(ctx, dy2, *_unused):
+    if dy2 is None:
+        return (None,) * 17
     saved = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = [n[0], n[1], ctx.has_bias and n[2], n[3] and not ctx.has_z, n[4], n[5], n[6],

@@ -62,17 +62,19 @@ __global__ void __launch_bounds__(kPrepThreads)
   if (i < total) tile::fold_entry<R, INTERP>(A, i);
 }
 
-// One thread per table entry, then per padded weight: the per-call prep.
-template <int R>
+// One thread per table entry, then per padded weight: the per-call prep. The weights are
+// read as stored (w_t: float, or the inputs' 16-bit type) and widened here.
+template <int R, typename w_t>
 __global__ void __launch_bounds__(kPrepThreads)
-    prep_kernel(const float* __restrict__ conv_w, const float* __restrict__ conv_b, int r,
+    prep_kernel(const w_t* __restrict__ conv_w, const w_t* __restrict__ conv_b, int r,
                 const tile::Tables T, Taps<float>* __restrict__ taps, float* __restrict__ wbuf,
                 int64_t nw) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < T.entries) {
     tile::table_entry<float>(T, static_cast<int>(i), taps);
   } else if (i - T.entries < nw) {
-    tile::weight_entry<R, float>(conv_w, conv_b, r, T.n, static_cast<int>(i - T.entries), wbuf);
+    tile::weight_entry<R, float, w_t>(conv_w, conv_b, r, T.n, static_cast<int>(i - T.entries),
+                                      wbuf);
   }
 }
 
@@ -139,14 +141,23 @@ void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t i
   const int64_t N = z.size(0), r = z.size(1), n = o.conv_weight.size(0);
   const auto T = tables_for(height, width, interpolation, scales);
   const auto f32 = z.options().dtype(at::kFloat);
-  const auto cw = o.conv_weight.to(at::kFloat), cb = o.conv_bias.to(at::kFloat);
   at::Tensor taps = at::empty({T.entries * static_cast<int64_t>(sizeof(Taps<float>))},
                               z.options().dtype(at::kByte));
   at::Tensor wbuf = at::empty({wbuf_size<R>(static_cast<int>(n))}, f32);
-  prep_kernel<R><<<grid_for(T.entries + wbuf.numel(), kPrepThreads), kPrepThreads, 0, stream>>>(
-      cw.const_data_ptr<float>(), cb.const_data_ptr<float>(), static_cast<int>(r), T,
-      reinterpret_cast<Taps<float>*>(taps.mutable_data_ptr()), wbuf.mutable_data_ptr<float>(),
-      wbuf.numel());
+  // The weights in their dtype (float, or z's: check_stencil_args allows no other).
+  const auto prep = [&](auto* tag) {
+    using w_t = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    prep_kernel<R, w_t><<<grid_for(T.entries + wbuf.numel(), kPrepThreads), kPrepThreads, 0,
+                          stream>>>(
+        o.conv_weight.const_data_ptr<w_t>(), o.conv_bias.const_data_ptr<w_t>(),
+        static_cast<int>(r), T, reinterpret_cast<Taps<float>*>(taps.mutable_data_ptr()),
+        wbuf.mutable_data_ptr<float>(), wbuf.numel());
+  };
+  if (o.conv_weight.scalar_type() == at::kFloat) {
+    prep(static_cast<float*>(nullptr));
+  } else {
+    prep(static_cast<scalar_t*>(nullptr));
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   float* pre = !preact.defined() || preact.numel() == 0
                    ? nullptr : const_cast<float*>(preact.const_data_ptr<float>());

@@ -192,8 +192,10 @@ CONVLORA_HD void table_entry(const Tables& T, int i, Taps<acc_t>* out) {
 // Prep entry i of the padded weights: (n, weight_stride) conv weights [k][ci][co], zero
 // outside r x r; then (n, R) biases; then (n, weight_stride) transposed weights [k][co][ci]
 // (the backward's W^T g runs over contiguous input channels).
-template <int R, typename acc_t>
-CONVLORA_HD void weight_entry(const acc_t* conv_w, const acc_t* conv_b, int r, int n, int i,
+// w_t: the weights' dtype as stored (acc_t, or the inputs' 16-bit type, read and widened
+// here so no cast of the weights runs before the prep).
+template <int R, typename acc_t, typename w_t = acc_t>
+CONVLORA_HD void weight_entry(const w_t* conv_w, const w_t* conv_b, int r, int n, int i,
                               acc_t* wbuf) {
   constexpr int WS = weight_stride<R>();
   if (i < n * WS) {
@@ -201,18 +203,20 @@ CONVLORA_HD void weight_entry(const acc_t* conv_w, const acc_t* conv_b, int r, i
     acc_t v = acc_t(0);
     if (off < R * R * 9) {
       const int k = off / (R * R), ci = (off / R) % R, co = off % R;
-      if (co < r && ci < r) v = conv_w[((static_cast<int64_t>(e) * r + co) * r + ci) * 9 + k];
+      if (co < r && ci < r)
+        v = static_cast<acc_t>(conv_w[((static_cast<int64_t>(e) * r + co) * r + ci) * 9 + k]);
     }
     wbuf[i] = v;
   } else if (i < n * (WS + R)) {
     const int j = i - n * WS, e = j / R, co = j % R;
-    wbuf[i] = co < r ? conv_b[e * r + co] : acc_t(0);
+    wbuf[i] = co < r ? static_cast<acc_t>(conv_b[e * r + co]) : acc_t(0);
   } else {
     const int j = i - n * (WS + R), e = j / WS, off = j - e * WS;
     acc_t v = acc_t(0);
     if (off < R * R * 9) {
       const int k = off / (R * R), co = (off / R) % R, ci = off % R;
-      if (co < r && ci < r) v = conv_w[((static_cast<int64_t>(e) * r + co) * r + ci) * 9 + k];
+      if (co < r && ci < r)
+        v = static_cast<acc_t>(conv_w[((static_cast<int64_t>(e) * r + co) * r + ci) * 9 + k]);
     }
     wbuf[i] = v;
   }

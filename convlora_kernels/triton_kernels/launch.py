@@ -335,7 +335,7 @@ def dy_pass(dy2, lora_B, u, scaling, need_b, need_bias):
     if not atomic:
         programs = min(programs, DY_PARTIALS)
     du = _empty((n_tok, rank), f32, dev)
-    unused = torch.zeros(1, dtype=f32, device=dev)
+    unused = torch.empty(1, dtype=f32, device=dev)  # a pointer the kernel never follows
     d_lora_b = _acc((c_out, rank), programs, atomic, dev) if need_b else unused
     d_bias = _acc((c_out,), programs, atomic, dev) if need_bias else unused
     lora_b = lora_B.contiguous()
@@ -388,7 +388,7 @@ def stencil_backward(du, z2, perm, bounds, conv_weight, conv_bias, scales, inter
                                        z2.dtype)
     # A token whose expert is out of range got no tile: nothing of it reached its
     # neighbours, and its own dL/dz is NaN, as its output is.
-    dz.masked_fill_(_out_of_range(perm, bounds)[:, None], float("nan"))
+    nan_out_of_range(dz, perm, bounds)
     return dz, d_cw.to(conv_weight.dtype), d_cb.to(conv_bias.dtype)
 
 
@@ -396,14 +396,18 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _out_of_range(perm, bounds):
-    """(N,) bool, without a host synchronisation: the tokens whose expert index is out of
-    range, which the stable sort puts before bounds[0] or from bounds[-1] on."""
-    pos = torch.arange(perm.numel(), device=perm.device)
-    outside = (pos < bounds[0]) | (pos >= bounds[-1])
-    bad = torch.empty_like(outside)
-    bad[perm] = outside
-    return bad
+NAN_BLOCK = 64  # sorted positions per program of nan_out_of_range (a [64, RP] tile)
+
+
+def nan_out_of_range(out, perm, bounds):
+    """Sets the rows of out (N, r), contiguous, of the tokens whose expert index is out of
+    range to NaN, without a host synchronisation (sort.nan_out_of_range_kernel)."""
+    n_tok, rank = out.shape
+    if n_tok == 0:
+        return
+    sort.nan_out_of_range_kernel[(triton.cdiv(n_tok, NAN_BLOCK),)](
+        perm, bounds, out, n_tok, bounds.numel() - 1, rank, BLOCK=NAN_BLOCK,
+        RP=max(2, next_pow2(rank)), num_warps=4)
 
 
 def _acc(shape, programs, atomic, dev):

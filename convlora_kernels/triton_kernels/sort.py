@@ -64,3 +64,22 @@ def expert_order_kernel(
     rank = tl.cumsum(onehot, axis=0) - onehot  # earlier tokens of the same bin in the block
     pos = tl.sum(onehot * (rank + (start + before)[None, :]), axis=1)
     tl.store(perm_ptr + pos, tok, mask=valid)
+
+
+@triton.jit
+def nan_out_of_range_kernel(
+        perm_ptr,     # (N,) int64 token ids sorted by expert
+        bounds_ptr,   # (n + 1,) int32 where each expert's tokens start
+        out_ptr,      # (N, r) rows to set to NaN, contiguous
+        N, n_exp, r,
+        BLOCK: tl.constexpr, RP: tl.constexpr):
+    """out[t] = NaN for every token t whose expert index was out of range: the sort put
+    it before bounds[0] or from bounds[n] on (one launch, no host synchronisation)."""
+    pos = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    lo = tl.load(bounds_ptr)
+    hi = tl.load(bounds_ptr + n_exp)
+    bad = (pos < N) & ((pos < lo) | (pos >= hi))
+    tok = tl.load(perm_ptr + pos, mask=bad, other=0)
+    ci = tl.arange(0, RP)
+    nan = tl.full([BLOCK, RP], float("nan"), out_ptr.dtype.element_ty)
+    tl.store(out_ptr + tok[:, None] * r + ci[None, :], nan, mask=bad[:, None] & (ci[None, :] < r))

@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import subprocess
-import os
 import sys
 from typing import Counter, Dict, List, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import _design_tables
 
 DESIGN_BEGIN = "<!-- launch_count --design: begin -->"
 DESIGN_END = "<!-- launch_count --design: end -->"
@@ -208,22 +208,12 @@ def table(backends=("cuda", "triton")) -> Tuple[List[str], Dict[Tuple[str, str],
 
 
 def write_design(path: str, rows: List[str]) -> None:
-    with open(path) as f:
-        text = f.read()
-    if DESIGN_BEGIN not in text or DESIGN_END not in text:
-        raise SystemExit(f"--design: {path} has no {DESIGN_BEGIN} ... {DESIGN_END} section")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=os.path.dirname(os.path.abspath(path))).stdout.strip()
     s = SHAPE
     head = (f"ConvLoRALinear {s['c_in']} -> {s['c_out']}, r = {s['r']}, {s['experts']} "
             f"experts, ({s['batch']}, {s['height']}, {s['width']}) maps, bf16, the default "
-            f"plan, torch {torch.__version__}, commit {commit or 'unknown'} (regenerate: "
-            f"`python -m convlora_kernels.launch_count --design docs/design.md`):")
-    body = "\n".join([head, ""] + rows)
-    start = text.index(DESIGN_BEGIN) + len(DESIGN_BEGIN)
-    text = text[:start] + "\n" + body + "\n" + text[text.index(DESIGN_END):]
-    with open(path, "w") as f:
-        f.write(text)
+            f"plan, torch {torch.__version__}, commit {_design_tables.commit_of(path)} "
+            f"(regenerate: `python -m convlora_kernels.launch_count --design docs/design.md`):")
+    _design_tables.write_section(path, DESIGN_BEGIN, DESIGN_END, head, rows)
 
 
 def main(argv=None) -> int:

@@ -44,7 +44,7 @@ import time
 
 import torch
 
-from .. import _switches
+from .. import _design_tables, _switches
 from . import launch, sort
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -262,21 +262,12 @@ def write_design(path: str, rows) -> None:
     """Replaces the text between DESIGN_BEGIN and DESIGN_END in ``path`` with the table."""
     import triton
 
-    with open(path) as f:
-        text = f.read()
-    if DESIGN_BEGIN not in text or DESIGN_END not in text:
-        raise SystemExit(f"--design: {path} has no {DESIGN_BEGIN} ... {DESIGN_END} section")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=os.path.dirname(os.path.abspath(path))).stdout.strip()
     a = DESIGN_ARGS
     head = (f"sm_{a['arch']}, {a['dtypes']}, scales 1..8, the first autotuning candidate, "
-            f"Triton {triton.__version__}, commit {commit or 'unknown'} (regenerate: `python -m "
-            f"convlora_kernels.triton_kernels.compile_check --design docs/design.md`):")
-    body = "\n".join([head, ""] + design_rows(rows))
-    start = text.index(DESIGN_BEGIN) + len(DESIGN_BEGIN)
-    text = text[:start] + "\n" + body + "\n" + text[text.index(DESIGN_END):]
-    with open(path, "w") as f:
-        f.write(text)
+            f"Triton {triton.__version__}, commit {_design_tables.commit_of(path)} (regenerate: "
+            f"`python -m convlora_kernels.triton_kernels.compile_check --design "
+            f"docs/design.md`):")
+    _design_tables.write_section(path, DESIGN_BEGIN, DESIGN_END, head, design_rows(rows))
 
 
 def main(argv=None) -> int:

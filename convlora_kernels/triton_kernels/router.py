@@ -78,17 +78,23 @@ def route_kernel(
         tl.store(load_ptr + pid * NP + ei, tl.sum(p, axis=0))
 
 
-def route(features, w_gate, w_noise, noise, noise_epsilon):
-    """(expert (U,) int32, importance (n,) float32, load (n,) float32); noise (U, n) float32
-    in noisy training, None otherwise (load is then the importance)."""
+def _blocks(features, w_gate):
+    """(features with unit column stride, U, r, n, RP, NP, BU, programs) of a router
+    launch."""
     units, rank = features.shape
     n = w_gate.shape[1]
-    dev = features.device
     if features.stride(-1) != 1:
         features = features.contiguous()
     rp, np_ = max(2, next_pow2(rank)), max(2, next_pow2(n))
     bu = block_units(rp, np_)
-    programs = max(1, triton.cdiv(units, bu))
+    return features, units, rank, n, rp, np_, bu, max(1, triton.cdiv(units, bu))
+
+
+def route(features, w_gate, w_noise, noise, noise_epsilon):
+    """(expert (U,) int32, importance (n,) float32, load (n,) float32); noise (U, n) float32
+    in noisy training, None otherwise (load is then the importance)."""
+    features, units, rank, n, rp, np_, bu, programs = _blocks(features, w_gate)
+    dev = features.device
     expert = torch.empty(units, dtype=torch.int32, device=dev)
     imp = torch.empty((programs, np_), dtype=torch.float32, device=dev)
     load = torch.empty((programs, np_), dtype=torch.float32, device=dev) if noise is not None \
@@ -181,14 +187,8 @@ def route_backward(d_load, features, w_gate, w_noise, noise, noise_epsilon, aux=
     route_backward computes them, in the dtypes of features, w_gate and w_noise. With aux =
     (load, dL/daux, loss_coef), d_load is None: dL/dload is the aux loss's, computed in
     the kernel (n > 1)."""
-    units, rank = features.shape
-    n = w_gate.shape[1]
+    features, units, rank, n, rp, np_, bu, programs = _blocks(features, w_gate)
     dev = features.device
-    if features.stride(-1) != 1:
-        features = features.contiguous()
-    rp, np_ = max(2, next_pow2(rank)), max(2, next_pow2(n))
-    bu = block_units(rp, np_)
-    programs = max(1, triton.cdiv(units, bu))
     df = torch.empty((units, rank), dtype=features.dtype, device=dev)
     part = torch.empty((2, programs, rp, np_), dtype=torch.float32, device=dev)
     if units > 0:

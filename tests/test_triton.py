@@ -395,6 +395,12 @@ def test_backward_switch_names_its_values(monkeypatch, switch):
     switch(launch.BACKWARD_ENV, "fused")
     with pytest.raises(ValueError, match="CONVLORA_TRITON_BACKWARD: expected one of"):
         launch.backward_kernels()
+    # the merged backward cannot launch above a padded rank of 32: refused by name
+    switch(launch.BACKWARD_ENV, "merged")
+    assert launch.backward_kernels(32) == "merged"
+    with pytest.raises(ValueError, match="CONVLORA_TRITON_BACKWARD=merged: the merged stencil "
+                                         "backward takes ranks up to 32"):
+        launch.backward_kernels(64)
 
 
 def test_deterministic_mode_is_accurate_and_bit_identical(deterministic):

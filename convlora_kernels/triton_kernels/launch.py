@@ -146,11 +146,23 @@ BACKWARD_ENV = "CONVLORA_TRITON_BACKWARD"
 BACKWARDS = ("split", "merged")
 
 
-def backward_kernels() -> str:
-    """The stencil backward that runs: BACKWARD_ENV when set, else "split"."""
+# The merged backward's largest padded rank: at RZ = 64 it needs 250-450 KB of shared
+# memory per program (compile_check, sm_90, bf16 and fp32), more than any GPU has (227 KB
+# on H100/H200); at RZ = 32, 80-130 KB.
+MERGED_MAX_RZ = 32
+
+
+def backward_kernels(rz: int = 0) -> str:
+    """The stencil backward that runs for padded rank ``rz``: BACKWARD_ENV when set, else
+    "split"; "merged" is refused above MERGED_MAX_RZ, where it cannot launch."""
     chosen = _switches.get(BACKWARD_ENV, "split")
     if chosen not in BACKWARDS:
         raise ValueError(f"{BACKWARD_ENV}: expected one of {BACKWARDS}, got {chosen!r}")
+    if chosen == "merged" and rz > MERGED_MAX_RZ:
+        raise ValueError(f"{BACKWARD_ENV}=merged: the merged stencil backward takes ranks up "
+                         f"to {MERGED_MAX_RZ} (above, one program needs more shared memory "
+                         f"than a GPU has); got a rank padded to {rz}; use split, the "
+                         f"default")
     return chosen
 
 
@@ -451,7 +463,7 @@ def _stencil_backward(tiling, z2, perm, bounds, cw, conv_bias, du, n_tok, height
     # out-of-range expert), gathered below in a fixed order
     dz_buf = du.clone() if atomic else torch.zeros((n_tok, nb, nb, rank), dtype=f32,
                                                    device=dev)
-    if backward_kernels() == "merged":
+    if backward_kernels(tiling.rz) == "merged":
         _tuned_or_first(_bwd)[(programs,)](
             *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, d_cb, d_cw, dz_buf,
             *geometry, ATOMIC=atomic, **consts)

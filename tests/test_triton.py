@@ -166,8 +166,7 @@ def _parsed(line):
     value = {w.split(":")[0]: int(w.split(":")[1]) for w in f
              if w.startswith(("REG:", "STACK:", "SMEM:"))}
     return dict(kernel=f[1], mode=f[3], r=int(f[4][2:]),
-                flags=" ".join(w for w in f
-                               if w.startswith(("NBP=", "ATOMIC=", "NOISY=", "FROM_AUX="))),
+                flags=" ".join(w for w in f if w.split("=")[0] in compile_check.FLAGS),
                 warps=int(next(w for w in f if w.startswith("warps="))[6:]), **value)
 
 
@@ -645,6 +644,28 @@ def test_two_source_gemm_matches_float64(m, k1, n, r):
 
 
 # --- GPU only ----------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_go_to_the_tensors_device(deterministic):
+    """Tensors on cuda:1 while cuda:0 is current: every Triton launch goes to cuda:1
+    (triton_kernels/device.py), so forward and every gradient equal a run with cuda:1
+    current, bit for bit (deterministic mode)."""
+    c = case(batch=2, height=8, width=8, rank=8, scales=tuple(range(1, 9)), seed=90,
+             device="cuda:1").to(torch.bfloat16, True)
+
+    def run():
+        y = triton_op(*c.args(), **c.kwargs())
+        return [y] + list(torch.autograd.grad(y.float().square().sum(),
+                                              [c.x, c.lora_A, c.lora_B, c.conv_weight]))
+
+    with torch.cuda.device(0):
+        away = run()
+    with torch.cuda.device(1):
+        home = run()
+    for a, b in zip(away, home):
+        assert a.device == torch.device("cuda:1") and torch.equal(a, b)
+
 
 @pytest.fixture
 def untuned(monkeypatch, switch):

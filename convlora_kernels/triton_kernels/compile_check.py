@@ -102,8 +102,9 @@ def recorded_launches():
 
 
 def layer_launches(dtype: torch.dtype, interpolation: str, rank: int):
-    """The launches of the layer (every candidate, both reduction paths) and the router
-    at SHAPE in ``dtype``, recorded on CPU tensors."""
+    """The launches of the layer (every candidate, both reduction paths, with and without
+    a bias, u kept or not) and the router at SHAPE in ``dtype``, recorded on CPU
+    tensors."""
     from .. import layer, plan
     from . import router
 
@@ -122,10 +123,13 @@ def layer_launches(dtype: torch.dtype, interpolation: str, rank: int):
     dy = rnd(n_tok, c_out)
     geometry = (list(scales), interpolation, h, w)
     with recorded_launches() as calls:
-        for forward_plan in plan.FORWARD_CANDIDATES:
+        # every forward candidate with and without a bias, keeping u for a backward or not
+        for forward_plan, with_bias, save in itertools.product(
+                plan.FORWARD_CANDIDATES, (True, False), (True, False)):
             if plan.unavailable(forward_plan, "triton") is None:
-                layer._forward_impl(x2, weight, bias, lora_a, lora_b, cw, cb, idx, None, 1.0,
-                                    *geometry, "triton", forward_plan, True)
+                layer._forward_impl(x2, weight, bias if with_bias else None, lora_a, lora_b,
+                                    cw, cb, idx, None, 1.0, *geometry, "triton",
+                                    forward_plan, save)
         z2 = x2 @ lora_a.t()
         u, perm, bounds = launch.stencil_forward(z2, idx, cw, cb, *geometry)
         was = torch.are_deterministic_algorithms_enabled()
@@ -137,11 +141,13 @@ def layer_launches(dtype: torch.dtype, interpolation: str, rank: int):
                     continue  # refused there: it cannot launch (launch.backward_kernels)
                 torch.use_deterministic_algorithms(det)
                 with _switches.forced({launch.BACKWARD_ENV: backward}):
-                    for dy_plan, dx_plan in itertools.product(plan.DY_CANDIDATES,
-                                                              plan.DX_CANDIDATES):
+                    # the bias trained or frozen (LoRA's usual case: no dL/dbias)
+                    for dy_plan, dx_plan, need_bias in itertools.product(
+                            plan.DY_CANDIDATES, plan.DX_CANDIDATES, (True, False)):
+                        needs = [True, True, need_bias, True, True, True, True, False]
                         layer._backward_impl(dy, x2, weight, lora_a, lora_b, cw, cb, idx, z2,
                                              u, perm, bounds, False, 1.0, *geometry, "triton",
-                                             dy_plan, dx_plan, [True] * 7 + [False])
+                                             dy_plan, dx_plan, needs)
         finally:
             torch.use_deterministic_algorithms(was)
         f = rnd(n_tok, rank)
@@ -217,9 +223,12 @@ def _usage(cubin: bytes) -> str:
     return " ".join(w for w in fields if w.startswith(("REG:", "STACK:", "SHARED:")))
 
 
+# The specialisations a variant's line names (besides dtype, mode, rank and warps).
+FLAGS = ("NBP", "ATOMIC", "NOISY", "FROM_AUX", "HAS_BIAS", "SAVE_U", "NEED_DBIAS")
+
+
 def _flags(kwargs) -> str:
-    return " ".join(f"{k}={kwargs[k]}" for k in ("NBP", "ATOMIC", "NOISY", "FROM_AUX")
-                    if k in kwargs)
+    return " ".join(f"{k}={kwargs[k]}" for k in FLAGS if k in kwargs)
 
 
 def compiled(arch: int, dtypes: str, interpolations: str, ranks: str, first: bool,

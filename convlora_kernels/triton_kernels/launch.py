@@ -30,6 +30,7 @@ import triton
 
 from .. import _switches
 from . import dense, gemm, layer_forward, sort, stencil
+from .device import on_tensors_device
 from .tables import BORDER, next_pow2, stencil_tables
 
 INTERPRETED = type(stencil.stencil_fwd_kernel).__name__ == "InterpretedFunction"
@@ -258,6 +259,7 @@ def _pow2_floor(v: int) -> int:
 SORT_BLOCK = 256  # tokens per program of the counting sort
 
 
+@on_tensors_device
 def sort_tokens(expert_index: torch.Tensor, num_experts: int):
     """(perm (N,) int64: token ids stably sorted by expert, bounds (n+1,) int32: where each
     expert's tokens start), by the counting sort of sort.py in two launches; indices below
@@ -280,6 +282,7 @@ def sort_tokens(expert_index: torch.Tensor, num_experts: int):
     return perm, bounds
 
 
+@on_tensors_device
 def stencil_forward(z2, expert_index, conv_weight, conv_bias, scales, interpolation, height, width):
     """(u (N, r) float32 = z + E(z), perm, bounds) for z2 (N, r); perm and bounds (the
     tokens sorted by expert) are kept for stencil_backward."""
@@ -300,6 +303,7 @@ def stencil_forward(z2, expert_index, conv_weight, conv_bias, scales, interpolat
     return u, perm, bounds
 
 
+@on_tensors_device
 def layer_forward(x2, weight, bias, lora_B, z2, expert_index, conv_weight, conv_bias,
                   scaling, scales, interpolation, height, width, save):
     """The one-kernel forward (layer_forward.py): (y (N, C_out) in x's dtype, u (N, r) float32
@@ -330,6 +334,7 @@ def layer_forward(x2, weight, bias, lora_B, z2, expert_index, conv_weight, conv_
     return y, u, perm, bounds
 
 
+@on_tensors_device
 def dy_pass(dy2, lora_B, u, scaling, need_b, need_bias):
     """One pass over dy (N, C_out): (dL/du = scaling · dy B (N, r) float32,
     dL/dB = scaling · dyᵀ u or None, dL/dbias = Σ_t dy_t or None), in dy's dtype."""
@@ -360,6 +365,7 @@ def dy_pass(dy2, lora_B, u, scaling, need_b, need_bias):
             _reduce_rows(d_bias, atomic, need_bias, (c_out,), dtype))
 
 
+@on_tensors_device
 def two_source_gemm(a1, b1, a2, b2, alpha, bias=None):
     """C = a1 b1 + alpha · a2 b2 (+ bias) in a1's dtype, written once (gemm.py): a1 (M, K1),
     b1 (K1, N), a2 (M, K2), b2 (K2, N), any strides (the b operands are parameter views);
@@ -383,6 +389,7 @@ def two_source_gemm(a1, b1, a2, b2, alpha, bias=None):
     return c
 
 
+@on_tensors_device
 def stencil_backward(du, z2, perm, bounds, conv_weight, conv_bias, scales, interpolation, height,
                      width):
     """(dL/dz (N, r) in z's dtype, dL/dconv_weight, dL/dconv_bias in conv_weight's dtype)

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_tensors_device
 from .tables import next_pow2
 
 
@@ -90,6 +91,7 @@ def _blocks(features, w_gate):
     return features, units, rank, n, rp, np_, bu, max(1, triton.cdiv(units, bu))
 
 
+@on_tensors_device
 def route(features, w_gate, w_noise, noise, noise_epsilon):
     """(expert (U,) int32, importance (n,) float32, load (n,) float32); noise (U, n) float32
     in noisy training, None otherwise (load is then the importance)."""
@@ -182,6 +184,7 @@ def route_backward_kernel(
     tl.store(dwn_ptr + slot, tl.sum(f[:, :, None] * d_raw[:, None, :], axis=0))
 
 
+@on_tensors_device
 def route_backward(d_load, features, w_gate, w_noise, noise, noise_epsilon, aux=None):
     """(dL/dfeatures, dL/dw_gate, dL/dw_noise) from dL/dload, as gating's composite
     route_backward computes them, in the dtypes of features, w_gate and w_noise. With aux =
@@ -223,6 +226,7 @@ def aux_loss_kernel(imp_ptr, load_ptr, out_ptr, n, loss_coef, NP: tl.constexpr):
     tl.store(out_ptr, (_cv_squared(imp_ptr, n, NP) + _cv_squared(load_ptr, n, NP)) * loss_coef)
 
 
+@on_tensors_device
 def aux_loss(importance, load, loss_coef):
     """loss_coef · (cv²(importance) + cv²(load)) () float32 in one launch (n > 1)."""
     n = importance.shape[0]

@@ -197,6 +197,38 @@ def test_design_table_reads_back():
     assert any(r.startswith("| stencil_fwd | bilinear | 8 |") for r in rows)
 
 
+_TWICE = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from helpers import make_case
+from convlora_kernels import conv_lora_linear
+torch.use_deterministic_algorithms(True)
+c = make_case(batch=2, height=5, width=6, rank=4, scales=(1, 2, 3), seed=7).to(torch.float32,
+                                                                              True)
+y = conv_lora_linear(*c.args(), **c.kwargs(), backend="triton")
+grads = torch.autograd.grad(y.square().sum(), [c.x, c.lora_A, c.lora_B, c.conv_weight,
+                                               c.conv_bias])
+torch.save([y.detach()] + list(grads), sys.argv[1])
+"""
+
+
+def test_deterministic_mode_is_bitwise_equal_across_processes(tmp_path):
+    """Deterministic mode gives the same bits in two fresh processes (autotuning, whose
+    winner can differ between processes, is off; the reductions run in a fixed order):
+    forward and every gradient."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}.pt"
+        r = subprocess.run([sys.executable, "-c", _TWICE.format(tests=tests), str(out)],
+                           capture_output=True, text=True, env=dict(os.environ),
+                           cwd=os.path.dirname(tests), timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append(torch.load(out))
+    for a, b in zip(*outs):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
 def test_deterministic_mode_pins_the_first_candidate(switch):
     """Deterministic mode never autotunes: the winner of a timing run can differ between
     processes, and candidates reduce in different orders."""

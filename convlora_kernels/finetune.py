@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=d.seed,
                    help="data order, augmentation and, without --checkpoint, SAM's weights")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start a new run over the one in --out (refused without it)")
 
     e = sub.add_parser("eval", help="metrics of a trained model on a dataset",
                        formatter_class=_Defaults)
@@ -95,7 +97,10 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=_Defaults)
     r.add_argument("--weights", required=True)
     r.add_argument("--images", required=True, help="a folder of images or one image")
-    r.add_argument("--out", required=True)
+    r.add_argument("--out", required=True,
+                   help="a folder of its own: never the images' folder or a dataset folder")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace masks and overlays already in --out (refused without it)")
     model_args(r, weights=True)
 
     s = sub.add_parser("synthetic", help="write a synthetic dataset (textured shapes)",
@@ -131,7 +136,8 @@ def _run(args) -> int:
             alpha=args.alpha, gating=args.gating, interpolation=args.interpolation,
             backend=args.backend, aux_weight=args.aux_weight, val_every=args.val_every,
             device=args.device, bf16=args.bf16, workers=args.workers, seed=args.seed)
-        result = steps.train(cfg, resume=args.resume, progress=args.progress)
+        result = steps.train(cfg, resume=args.resume, progress=args.progress,
+                             overwrite=args.overwrite)
         print(json.dumps({"step": result["step"], "best": result["best"]}))
     elif args.command == "eval":
         seg = steps.load_segmenter(args.weights, args.model_type, args.checkpoint,
@@ -140,10 +146,11 @@ def _run(args) -> int:
                                  progress=args.progress)
         print(json.dumps(metrics))
     elif args.command == "predict":
+        steps.prediction_targets(args.images, args.out, args.overwrite)  # before the model
         seg = steps.load_segmenter(args.weights, args.model_type, args.checkpoint,
                                    backend=args.backend, device=args.device)
         files = steps.predict(seg, args.images, args.out, bf16=args.bf16,
-                              progress=args.progress)
+                              progress=args.progress, overwrite=args.overwrite)
         print(f"wrote {len(files)} masks and overlays to {args.out}")
     else:
         from .seg.synthetic import synthetic_split

@@ -170,3 +170,52 @@ def test_build_sam_checkpoint_errors(tmp_path):
     a, b = build_sam("tiny", seed=3), build_sam("tiny", seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
                                                   b.state_dict().values(), strict=True))
+
+
+def _command(*args):
+    """The command as a user runs it: (exit status, stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "convlora_kernels.finetune", *map(str, args)],
+                       capture_output=True, text=True, cwd=root, timeout=300)
+    return r.returncode, r.stderr
+
+
+def test_outputs_never_replace_inputs(data, tmp_path):
+    """predict refuses an --out in a folder it reads (the masks beside the images, the
+    images' own folder) and existing files without --overwrite; train refuses an --out
+    holding a run without --resume or --overwrite, and one inside its data. Every refusal
+    comes before the model is loaded (the weights here do not exist) and changes nothing."""
+    val = data[1]
+    masks_before = sorted(p.name for p in (val / "masks").iterdir())
+    weights = tmp_path / "absent.safetensors"
+    for out in (val / "masks", val / "images" / "pred", val):
+        status, err = _command("predict", "--weights", weights, "--images", val / "images",
+                               "--out", out, "--no-progress")
+        assert status == 2 and "lies inside the data folder" in err, err
+    assert sorted(p.name for p in (val / "masks").iterdir()) == masks_before
+    elsewhere = tmp_path / "pred"
+    elsewhere.mkdir()
+    first = sorted((val / "images").iterdir())[0]
+    (elsewhere / f"{first.stem}.png").write_bytes(b"mine")
+    status, err = _command("predict", "--weights", weights, "--images", val / "images",
+                           "--out", elsewhere, "--no-progress")
+    assert status == 2 and "exist already" in err and "--overwrite" in err, err
+    assert (elsewhere / f"{first.stem}.png").read_bytes() == b"mine"
+    status, err = _command("predict", "--weights", weights, "--images", val / "images",
+                           "--out", elsewhere, "--overwrite", "--no-progress")
+    assert status == 2 and "absent.safetensors" in err, err  # past the check: the weights
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "finetune.json").write_text("{}")
+    train = ["train", "--train", data[0], "--val", val, "--num-classes", "1",
+             "--model-type", "tiny", "--backend", "cpu", "--no-progress", "--steps", "1"]
+    status, err = _command(*train, "--out", run)
+    assert status == 2 and "holds a run (finetune.json)" in err and "--resume" in err, err
+    assert (run / "finetune.json").read_text() == "{}"
+    status, err = _command(*train, "--out", data[0] / "run")
+    assert status == 2 and "lies inside the data folder" in err, err

@@ -195,16 +195,58 @@ def _score(metrics: Dict[str, object], num_classes: int) -> float:
     return float(metrics["iou"] if num_classes == 1 else metrics["miou"])
 
 
+RUN_FILES = ("finetune.json", "history.json", "last.pt", "best.safetensors",
+             "last.safetensors")
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    """True when folder a is folder b, holds it or lies inside it."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def _data_folders(data) -> List[Path]:
+    """The folders a data argument reads: a dataset folder itself (its images/ and masks/
+    inside), or the folder of a folder named images/ (its masks/ beside it); nothing for a
+    CSV file, whose rows may point anywhere."""
+    path = Path(data)
+    if not path.is_dir():
+        return []
+    return [path.parent] if path.name == "images" else [path]
+
+
+def check_out(out, inputs, what: str) -> None:
+    """Refuses an output folder that is, holds or lies inside a folder the command reads
+    (``inputs``: data arguments), so no output can replace an input."""
+    for data in inputs:
+        for folder in _data_folders(data):
+            if _overlap(Path(out), folder):
+                raise ValueError(f"out: {out} is, holds or lies inside the data folder "
+                                 f"{folder} that {what} reads; write to a folder of its own")
+
+
+def check_run_folder(out, resume: bool, overwrite: bool) -> None:
+    """Refuses an output folder that holds a run unless it is resumed or overwritten."""
+    held = [f for f in RUN_FILES if (Path(out) / f).exists()]
+    if held and not resume and not overwrite:
+        raise ValueError(f"out: {out} holds a run ({', '.join(held)}); pass --resume to "
+                         f"continue it or --overwrite to start a new one over it")
+
+
 def train(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print) -> Dict[str, object]:
+          log: Callable[[str], None] = print, overwrite: bool = False) -> Dict[str, object]:
     """Fine-tune a SamSegmenter as ``cfg`` says; returns {"step", "best", "history"}.
 
     Validation (on cfg.val_data, every cfg.val_every steps and at the end) keeps
     best.safetensors at the best IoU (binary) or mIoU; without val_data the last step is
     the best. With ``resume``, training continues from out/last.pt (same settings
-    required; steps may grow).
+    required; steps may grow). An out holding a run is refused unless ``resume`` or
+    ``overwrite``, and so is an out that is, holds or lies inside a data folder.
     """
     cfg.check()
+    check_out(cfg.out, [cfg.train_data] + ([cfg.val_data] if cfg.val_data else []),
+              "training")
+    check_run_folder(cfg.out, resume, overwrite)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -371,37 +413,56 @@ PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
            (145, 30, 180), (70, 240, 240), (240, 50, 230))
 
 
-@torch.no_grad()
-def predict(seg: SamSegmenter, images, out, bf16: bool = True, alpha: float = 0.5,
-            progress: bool = True) -> List[Path]:
-    """Segment every image of ``images`` (a folder or a list of files) at its own size;
-    writes out/<name>.png (class ids; binary masks as 0/255) and out/<name>_overlay.png.
-    Returns the mask files."""
-    from PIL import Image
-
+def prediction_targets(images, out, overwrite: bool = False) -> List[Tuple[Path, Path]]:
+    """[(image, its mask file in out)] for ``images`` (a folder, one file or a list),
+    checked before anything is written: out must not be, hold or lie inside the images'
+    folder (or the dataset folder around an images/ folder), and no mask or overlay may
+    exist there already unless ``overwrite``."""
     if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
         files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"images: {images} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-    elif isinstance(images, (str, os.PathLike)):
-        files = [Path(images)]
+        folders = [images]
     else:
-        files = [Path(p) for p in images]
+        files = [Path(images)] if isinstance(images, (str, os.PathLike)) else \
+            [Path(p) for p in images]
+        folders = sorted({str(p.parent) for p in files})
+    check_out(out, folders, "predict")
+    out = Path(out)
+    targets = [(p, out / f"{p.stem}.png") for p in files]
+    if not overwrite:
+        there = [t for _, m in targets for t in (m, m.with_name(f"{m.stem}_overlay.png"))
+                 if t.exists()]
+        if there:
+            shown = ", ".join(str(t) for t in there[:3]) + (", ..." if len(there) > 3 else "")
+            raise ValueError(f"out: {len(there)} of the files predict would write exist "
+                             f"already ({shown}); pass --overwrite to replace them")
+    return targets
+
+
+@torch.no_grad()
+def predict(seg: SamSegmenter, images, out, bf16: bool = True, alpha: float = 0.5,
+            progress: bool = True, overwrite: bool = False) -> List[Path]:
+    """Segment every image of ``images`` (a folder or a list of files) at its own size;
+    writes out/<name>.png (class ids; binary masks as 0/255) and out/<name>_overlay.png
+    (prediction_targets checks out first). Returns the mask files."""
+    from PIL import Image
+
+    targets = prediction_targets(images, out, overwrite)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = next(seg.parameters()).device
     was = seg.training
     seg.eval()
     written = []
-    bar = _progress(len(files), 0, progress)
-    for path in files:
+    bar = _progress(len(targets), 0, progress)
+    for path, target in targets:
         img = read_image(path)
         with _autocast(device, bf16):
             logits = seg(img[None].to(device))
         ids = (logits[0, 0] > 0).long() if seg.num_classes == 1 else logits[0].argmax(0)
         ids = ids.cpu()
         mask = (ids * 255 if seg.num_classes == 1 else ids).to(torch.uint8).numpy()
-        target = out / f"{path.stem}.png"
         write_atomically(target, lambda tmp: Image.fromarray(mask).save(tmp, format="PNG"))
         over = img.clone()
         for c in range(1, max(2, seg.num_classes)):

@@ -32,11 +32,12 @@ def main() -> int:
          "--size", "128"],
         ["train", "--train", str(data / "train"), "--val", str(data / "val"),
          "--num-classes", "1", "--out", str(run), "--model-type", "tiny",
-         "--steps", str(args.steps), "--val-every", "25", "--lr", "1e-3", "--no-progress"],
+         "--steps", str(args.steps), "--val-every", "25", "--lr", "1e-3", "--no-progress",
+         "--overwrite"],  # a second demo in the same --work starts over
         ["eval", "--weights", str(run / "best.safetensors"), "--data", str(data / "val"),
          "--no-progress"],
         ["predict", "--weights", str(run / "best.safetensors"), "--images",
-         str(data / "val" / "images"), "--out", str(masks), "--no-progress"],
+         str(data / "val" / "images"), "--out", str(masks), "--no-progress", "--overwrite"],
     ]
     for c in commands:
         print("+ python -m convlora_kernels.finetune", " ".join(c), flush=True)

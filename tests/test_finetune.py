@@ -219,3 +219,14 @@ def test_outputs_never_replace_inputs(data, tmp_path):
     assert (run / "finetune.json").read_text() == "{}"
     status, err = _command(*train, "--out", data[0] / "run")
     assert status == 2 and "lies inside the data folder" in err, err
+
+
+def test_binary_masks_with_two_classes_are_refused(data, tmp_path):
+    """0/255 masks trained with --num-classes 2 (background + foreground) would read 255 as
+    'ignore' and learn no foreground while validation reported perfect scores: refused
+    with both fixes named, before a checkpoint claims anything."""
+    status, err = _command("train", "--train", data[0], "--val", data[1], "--num-classes", "2",
+                           "--out", tmp_path / "run", "--model-type", "tiny", "--backend",
+                           "cpu", "--no-progress", "--steps", "2")
+    assert status == 2 and "255 is read as 'ignore'" in err and "--num-classes 1" in err, err
+    assert not (tmp_path / "run" / "best.safetensors").exists()

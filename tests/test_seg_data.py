@@ -141,6 +141,14 @@ def test_read_mask_errors(tmp_path):
     p = save(tmp_path / "void254.png", np.array([[0, 254, 255]], np.uint8))
     with pytest.raises(ValueError, match="ids beyond num_classes=3: found 254 "):
         read_mask(p, 3)
+    # a binary mask saved as 0/255 with 2 classes would train no foreground: refused,
+    # naming both fixes (255 with other ids stays "ignore", as above)
+    p = save(tmp_path / "binary255.png", np.array([[0, 255], [255, 0]], np.uint8))
+    with pytest.raises(ValueError, match=re.escape(
+            f"{p}: values {{0, 255}} with num_classes=2: 255 is read as 'ignore'")) as e:
+        read_mask(p, 2)
+    assert "--num-classes 1" in str(e.value) and "ids 1 to 1" in str(e.value)
+    assert read_mask(p, 1).tolist() == [[0, 1], [1, 0]]
     # A palette PNG with indices beyond num_classes.
     p = save(tmp_path / "pal.png", np.array([[0, 4]], np.uint8), "P", palette=[0] * 15)
     with pytest.raises(ValueError, match="ids beyond num_classes=2: found 4"):

@@ -128,7 +128,8 @@ def read_mask(path: PathLike, num_classes: int) -> torch.Tensor:
 
     num_classes == 1 (binary): values {0, 1} or {0, 255}; 255 becomes 1.
     num_classes >= 2: ids in [0, num_classes), and IGNORE_INDEX (255: pixels to ignore,
-    as in VOC- or ADE-style masks) when num_classes < 255.
+    as in VOC- or ADE-style masks) when num_classes < 255; a mask of only 0 and 255 is
+    refused there (a binary mask saved as 0/255 would train no foreground at all).
     Anything else raises ValueError naming the file and the values found.
     """
     np = _np()
@@ -163,6 +164,13 @@ def read_mask(path: PathLike, num_classes: int) -> torch.Tensor:
             raise ValueError(f"{path}: expected a binary mask (num_classes=1) with values "
                              f"{{0, 1}} or {{0, 255}}, found values {_few(values.tolist())}")
     else:
+        if IGNORE_INDEX in values.tolist() and set(values.tolist()) <= {0, IGNORE_INDEX}:
+            raise ValueError(
+                f"{path}: values {{0, {IGNORE_INDEX}}} with num_classes={num_classes}: "
+                f"{IGNORE_INDEX} is read as 'ignore' (VOC style), so nothing in this mask "
+                f"would be learned as foreground. A binary mask saved as 0/255 takes "
+                f"--num-classes 1; with {num_classes} classes save the foreground as ids 1 to "
+                f"{num_classes - 1} (and {IGNORE_INDEX} only for pixels to ignore)")
         ignored = (values == IGNORE_INDEX) & (num_classes < IGNORE_INDEX)
         bad = values[((values < 0) | (values >= num_classes)) & ~ignored]
         if bad.size:

@@ -8,7 +8,8 @@
         --images data/val/images --out masks
 
 Data: a folder with images/ and masks/ (matching names; masks are PNGs of class ids,
-0/255 accepted for binary) or a CSV file with image,mask columns. ``--num-classes 1`` is
+0/255 accepted for binary; with more classes 255 marks pixels to ignore) or a CSV file
+with image,mask columns. ``--num-classes 1`` is
 binary segmentation; otherwise count the background as class 0. The same steps are
 Python functions in convlora_kernels.seg.trainer.
 """

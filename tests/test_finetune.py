@@ -230,3 +230,22 @@ def test_binary_masks_with_two_classes_are_refused(data, tmp_path):
                            "cpu", "--no-progress", "--steps", "2")
     assert status == 2 and "255 is read as 'ignore'" in err and "--num-classes 1" in err, err
     assert not (tmp_path / "run" / "best.safetensors").exists()
+
+
+def test_written_files_take_the_umask_mode(tmp_path):
+    """Files written atomically (checkpoints, masks, JSON) get the mode any new file gets
+    under the process's umask, not a temporary file's 0600."""
+    import os
+    import stat
+
+    from convlora_kernels._files import write_atomically
+
+    old = os.umask(0o022)
+    try:
+        target = tmp_path / "x.json"
+        write_atomically(target, lambda tmp: open(tmp, "w").write("{}"))
+        plain = tmp_path / "plain.json"
+        plain.write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o644

@@ -44,16 +44,33 @@ def _find_cuda_home():
     return None
 
 
+def _flag(name):
+    return os.environ.get(name, "0") not in ("", "0", "false", "FALSE")
+
+
 def _cuda_decision():
-    """(build_cuda, reason) without importing torch.utils.cpp_extension yet."""
-    if os.environ.get("CONVLORA_SKIP_CUDA_BUILD", "0") not in ("", "0", "false", "FALSE"):
+    """(build_cuda, reason) without importing torch.utils.cpp_extension yet. The CUDA
+    kernels (about 20 minutes on 2 cores for two architectures) are compiled when torch
+    sees a GPU or FORCE_CUDA=1 asks for them (a wheel built on a machine without a GPU,
+    CI); otherwise the C++ kernels alone (about a minute)."""
+    if _flag("CONVLORA_SKIP_CUDA_BUILD"):
         return False, "CONVLORA_SKIP_CUDA_BUILD is set"
     import torch
 
+    forced = _flag("FORCE_CUDA")
     if torch.version.cuda is None:
+        if forced:
+            raise RuntimeError(f"FORCE_CUDA=1, but torch {torch.__version__} is a CPU-only "
+                               f"build: install a CUDA build of torch")
         return False, f"torch {torch.__version__} is a CPU-only build"
+    if not forced and not torch.cuda.is_available():
+        return False, ("torch sees no GPU and FORCE_CUDA is not set (FORCE_CUDA=1 compiles "
+                       "the CUDA kernels too, about 20 minutes on 2 cores)")
     home = _find_cuda_home()
     if home is None:
+        if forced:
+            raise RuntimeError("FORCE_CUDA=1, but no nvcc was found: set CUDA_HOME to a CUDA "
+                               "toolkit")
         return False, "no nvcc found (set CUDA_HOME to a CUDA toolkit)"
     os.environ["CUDA_HOME"] = home  # read by torch.utils.cpp_extension at import
     try:

@@ -46,7 +46,8 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 # built in place, not installed: the benchmark scripts (and the tests that run them) import
 # the copy's package
 export PYTHONPATH="$work${PYTHONPATH:+:$PYTHONPATH}"
-TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} "$venv/bin/python" setup.py build_ext --inplace \
+FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+  "$venv/bin/python" setup.py build_ext --inplace \
     >"$out/build.log" 2>&1 || { tail -n 40 "$out/build.log"; exit 1; }
 "$venv/bin/python" -c "
 import sys, torch, triton

@@ -198,7 +198,7 @@ else
   fi
   say "build: TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default} MAX_JOBS=${MAX_JOBS:-from setup.py}"
   rm -f convlora_kernels/_C*.so
-  stage build "$OUT/build.log" "$(limit 240 "$AFTER_BUILD")" "$PY" setup.py build_ext --inplace
+  stage build "$OUT/build.log" "$(limit 240 "$AFTER_BUILD")" env FORCE_CUDA=1 "$PY" setup.py build_ext --inplace
   stage build-check "$OUT/build.log" "$(limit 60 "$AFTER_BUILD")" "$PY" -c "
 import sys, torch
 from convlora_kernels import _ext

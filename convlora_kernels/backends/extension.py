@@ -56,7 +56,6 @@ def unsupported(rank: int, dtype: torch.dtype, device: torch.device) -> Optional
     return None
 
 
-@functools.lru_cache(maxsize=None)
 def candidate_unavailable(candidate: str, backend: str) -> Optional[str]:
     if candidate == "one_kernel":
         return "the one-kernel forward is a Triton kernel: it runs with backend='triton'"

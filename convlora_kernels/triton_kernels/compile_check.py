@@ -135,9 +135,7 @@ def layer_launches(dtype: torch.dtype, interpolation: str, rank: int):
         was = torch.are_deterministic_algorithms_enabled()
         try:
             for det, backward in itertools.product((False, True), launch.BACKWARDS):
-                if backward == "merged" and launch.Tiling(
-                        h, w, rank, n_exp, scales, interpolation, dtype,
-                        "cpu").rz > launch.MERGED_MAX_RZ:
+                if backward == "merged" and launch.padded_rank(rank) > launch.MERGED_MAX_RZ:
                     continue  # refused there: it cannot launch (launch.backward_kernels)
                 torch.use_deterministic_algorithms(det)
                 with _switches.forced({launch.BACKWARD_ENV: backward}):

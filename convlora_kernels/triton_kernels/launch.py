@@ -210,6 +210,11 @@ NEIGHBOURHOOD_FLOATS = 2048
 DZ_BLOCK_FLOATS = {torch.float32: 4096, torch.bfloat16: 1024, torch.float16: 1024}
 
 
+def padded_rank(rank: int) -> int:
+    """RZ, the stencil kernels' rank: a power of two, and 4 taps·RZ >= 16 for the conv."""
+    return max(4, next_pow2(rank))
+
+
 class Tiling:
     """Tile sizes, padding, precision and stencil tables of one call."""
 
@@ -222,7 +227,7 @@ class Tiling:
         self.rows_y, self.rows_x = meta["rows_y"], meta["rows_x"]
         self.rank, self.num_experts = rank, num_experts
         self.rp = max(16, next_pow2(rank))  # tl.dot needs 16 on every side
-        self.rz = max(4, next_pow2(rank))   # the conv's input side: 4 taps·RZ >= 16
+        self.rz = padded_rank(rank)
         # The z neighbourhood, BT·NBP²·RZ floats, lives in registers (with its products in
         # the upsampled taps): at most NEIGHBOURHOOD_FLOATS, 8 per thread of the 8-warp
         # programs, and BT >= 16 (tl.dot's M). Bilinear r = 8 then takes BT = 16, and the

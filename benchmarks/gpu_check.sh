@@ -9,6 +9,9 @@
 #   memcheck   compute-sanitizer memcheck: probe op + backend "cuda", tiny fwd+bwd vs reference
 #   racecheck  compute-sanitizer racecheck: the same, backend "cuda" only
 #   memcheck-triton   compute-sanitizer memcheck of backend "triton" (SKIP if it is absent)
+#   model      the CUDA stencil's cost model (benchmarks/cost_model.py: shared-memory
+#              wavefronts, SASS, bytes -> est. H100 times; CPU only), printed before the
+#              stencil stage measures the same kernels
 #   stencil    the stencil kernels alone (stencil_fwd, stencil_bwd; CUDA events) next to the
 #              layer's fwd+bwd, plain LoRA and the eager reference (benchmarks/stencil_time.py);
 #              for map routing the map programs next to the per-token ones
@@ -210,7 +213,7 @@ sys.exit(0 if ok else 1)"
 fi
 
 if grep -qE '^build(-check)? +FAIL' "$SUMMARY"; then
-  skip_rest "the build failed" tests memcheck racecheck memcheck-triton stencil plans segstep bench
+  skip_rest "the build failed" tests memcheck racecheck memcheck-triton model stencil plans segstep bench
 else
   # ---- GPU tests --------------------------------------------------------------------
   # Without a GPU the GPU-marked tests are collected and skip: the stage says so (SKIP).
@@ -247,7 +250,8 @@ else
     unset PYTORCH_NO_CUDA_MEMORY_CACHING
   fi
 
-  # ---- the stencil kernels alone, next to the layer ----------------------------------
+  # ---- the stencil kernels alone, next to the layer, after what the model expects -----
+  stage model "$OUT/bench.log" "$(limit 60 "$BENCH_MIN")" "$PY" benchmarks/cost_model.py
   if [ "$DEVICE" = cuda ]; then STENCIL=(--device cuda); else STENCIL=(--device cpu --repeats 3); fi
   stage stencil "$OUT/bench.log" "$(limit 90 "$BENCH_MIN")" "$PY" benchmarks/stencil_time.py "${STENCIL[@]}"
   # ---- the layer's candidates, side by side ---------------------------------------------

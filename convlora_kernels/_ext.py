@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from typing import Optional, Tuple
 
 REBUILD = "pip install --no-build-isolation -e .  (from the convlora-kernels checkout)"
@@ -31,6 +32,24 @@ def has_cuda_kernels() -> bool:
     import torch
 
     return torch._C._dispatch_has_kernel_for_dispatch_key("convlora::stencil_fwd", "CUDA")
+
+
+def cuobjdump() -> Optional[str]:
+    """The CUDA toolkit's cuobjdump (CUDA_HOME, else /usr/local/cuda, else the PATH), else
+    the one the triton wheel ships; None without any. Reads the machine code of _C (its
+    resources for the tests, its SASS for benchmarks/cost_model.py)."""
+    try:
+        import triton
+
+        bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                               "cuobjdump")
+    except ImportError:
+        bundled = None
+    for cand in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
+                              "cuobjdump"), shutil.which("cuobjdump"), bundled):
+        if cand and os.path.exists(cand):
+            return cand
+    return None
 
 
 def triton_interpreter_requested() -> bool:

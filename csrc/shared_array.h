@@ -8,6 +8,7 @@
 // word in one phase, one of them writing, throws, naming the array, the index and both
 // threads. That is what a missing barrier would make a race on the GPU; the CPU runs a
 // block's threads one after another, so the check is the only way it can show there.
+// When the cost model asks (smem_trace.h), the same hooks count each phase's accesses.
 #pragma once
 
 #include <stdint.h>
@@ -18,6 +19,8 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "smem_trace.h"
 #endif
 
 namespace convlora {
@@ -41,6 +44,7 @@ struct Shadow {
   int64_t words = 0;
   std::vector<int> wtid, wphase, rtid, rphase;
   int phase = 0, tid = -1;
+  Trace* trace = nullptr;  // the cost model's count of this block's accesses, when asked
   void attach(const unsigned char* smem, int bytes) {
     base = smem;
     words = bytes / 4;
@@ -105,6 +109,7 @@ struct SArr {
     const int64_t w = word(i);
     if (w < 0) return;
     Shadow& s = *g_shadow;
+    if (s.trace != nullptr && s.tid >= 0) s.trace->reads[s.tid].push_back(w);
     if (s.wphase[w] == s.phase && s.wtid[w] != s.tid)
       smem_race(name, i, "written by", s.wtid[w], s.tid);
     if (s.rphase[w] != s.phase) {
@@ -120,6 +125,7 @@ struct SArr {
     Shadow& s = *g_shadow;
     if (s.wphase[w] == s.phase && s.wtid[w] != s.tid)
       smem_race(name, i, "written by", s.wtid[w], s.tid);
+    if (s.trace != nullptr && s.tid >= 0) s.trace->writes[s.tid].push_back(w);
     if (s.rphase[w] == s.phase && s.rtid[w] != s.tid)
       smem_race(name, i, "read by", s.rtid[w], s.tid);
     s.wphase[w] = s.phase;

@@ -20,17 +20,20 @@ namespace {
 // phase is the end of the loop.
 struct CpuExec {
   template <typename F>
-  void phase(F&& f) {
+  void phase(const char* name, F&& f) {
 #if defined(CONVLORA_CHECKED)
     tile::Shadow& s = *tile::g_shadow;
     ++s.phase;
+    if (s.trace != nullptr) s.trace->begin(name);
     for (int tid = 0; tid < tile::kThreads; ++tid) {
       s.tid = tid;
       f(tid);
     }
+    if (s.trace != nullptr) s.trace->end();
     s.tid = -1;  // what runs between phases is a phase of its own
     ++s.phase;
 #else
+    (void)name;
     for (int tid = 0; tid < tile::kThreads; ++tid) f(tid);
 #endif
   }
@@ -63,9 +66,14 @@ void prep_cpu(const at::Tensor& cw, const at::Tensor& cb, int r, const tile::Tab
 }
 
 // Runs f(ex, smem, block) for every block of one call, blocks in parallel, each worker
-// with its own shared memory (16-byte aligned) and, in the checked build, its race shadow.
+// with its own shared memory (16-byte aligned) and, in the checked build, its race shadow
+// and, when the cost model asks (smem_trace), its count of shared accesses.
 template <typename F>
 void for_each_block(int64_t blocks, int bytes, F&& f) {
+#if defined(CONVLORA_CHECKED)
+  const bool trace = tile::trace_request().on;
+  if (trace) tile::trace_request().begin_call(blocks, bytes);
+#endif
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<double> storage((bytes + sizeof(double) - 1) / sizeof(double) + 2);
     auto* smem = reinterpret_cast<unsigned char*>(
@@ -74,11 +82,14 @@ void for_each_block(int64_t blocks, int bytes, F&& f) {
 #if defined(CONVLORA_CHECKED)
     tile::Shadow shadow;
     shadow.attach(smem, bytes);
+    tile::Trace counts(tile::kThreads);
+    if (trace) shadow.trace = &counts;
     tile::g_shadow = &shadow;
 #endif
     for (int64_t blk = b0; blk < b1; ++blk) f(ex, smem, blk);
 #if defined(CONVLORA_CHECKED)
     tile::g_shadow = nullptr;
+    if (trace) tile::trace_request().add(counts);
 #endif
   });
 }
@@ -225,5 +236,20 @@ CONVLORA_LIBRARY_IMPL(CONVLORA_NS, CPU, m) {
   m.impl("stencil_fwd", &stencil_fwd_cpu);
   m.impl("stencil_bwd", &stencil_bwd_cpu);
 }
+
+#if defined(CONVLORA_CHECKED)
+// The checked build's shared-memory counts, for benchmarks/cost_model.py (smem_trace.h):
+// smem_trace(true) clears them and counts the block programs of the stencil calls that
+// follow; smem_traffic() reports them; smem_wavefronts(words) is one warp access's count.
+void smem_trace(bool on) { tile::trace_request().start(on); }
+std::string smem_traffic() { return tile::trace_report(); }
+int64_t smem_wavefronts(std::vector<int64_t> words) { return tile::wavefronts_of(words); }
+
+TORCH_LIBRARY_FRAGMENT(CONVLORA_NS, m) {
+  m.def("smem_trace(bool on) -> ()", &smem_trace);
+  m.def("smem_traffic() -> str", &smem_traffic);
+  m.def("smem_wavefronts(int[] words) -> int", &smem_wavefronts);
+}
+#endif
 
 }  // namespace convlora

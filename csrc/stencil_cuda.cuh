@@ -27,7 +27,7 @@ constexpr int kPrepThreads = 256;
 // Runs a phase on the block's threads, then the barrier.
 struct GpuExec {
   template <typename F>
-  __device__ __forceinline__ void phase(F&& f) {
+  __device__ __forceinline__ void phase(const char*, F&& f) {
     f(static_cast<int>(threadIdx.x));
     __syncthreads();
   }

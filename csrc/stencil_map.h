@@ -584,31 +584,31 @@ CONVLORA_HD void run_map_block(Exec& ex, const TileArgs<scalar_t, acc_t>& A, con
   const MapSmem<R, INTERP, BWD, acc_t> S(smem, L);
   ex.poison(smem, L.bytes);
   const bool ok = M.e >= 0;
-  ex.phase([&](int tid) { map_phase_load<R, INTERP, BWD>(A, M, S, tid); });
-  ex.phase([&](int tid) { map_phase_taps<R, INTERP, BWD>(A, M, S, tid); });
+  ex.phase("load", [&](int tid) { map_phase_load<R, INTERP, BWD>(A, M, S, tid); });
+  ex.phase("taps", [&](int tid) { map_phase_taps<R, INTERP, BWD>(A, M, S, tid); });
   if constexpr (!BWD) {
     if (ok) {
-      ex.phase([&](int tid) { map_rows_up<R, INTERP, false>(S, tid); });
-      ex.phase([&](int tid) { map_cols_up<R, INTERP, false>(S, tid); });
-      ex.phase([&](int tid) { map_phase_conv<R, INTERP>(S, tid); });
+      ex.phase("rows_up", [&](int tid) { map_rows_up<R, INTERP, false>(S, tid); });
+      ex.phase("cols_up", [&](int tid) { map_cols_up<R, INTERP, false>(S, tid); });
+      ex.phase("conv", [&](int tid) { map_phase_conv<R, INTERP>(S, tid); });
     }
-    ex.phase([&](int tid) { map_phase_combine<R, INTERP>(A, M, S, tid); });
+    ex.phase("combine", [&](int tid) { map_phase_combine<R, INTERP>(A, M, S, tid); });
   } else {
     acc_t* partial = A.dw_partial + block * A.n * grad_stride<R>();
     acc_t* region = A.region + block * G::kZ * G::kZ * R;
     if (ok) {
-      ex.phase([&](int tid) {
+      ex.phase("rows_up+dc", [&](int tid) {
         map_rows_up<R, INTERP, true>(S, tid);
         map_dc<R, INTERP>(A, M, S, tid);
       });
-      ex.phase([&](int tid) { map_cols_up<R, INTERP, true>(S, tid); });
+      ex.phase("cols_up", [&](int tid) { map_cols_up<R, INTERP, true>(S, tid); });
     }
-    ex.phase([&](int tid) { map_phase_dw<R, INTERP>(A.n, M, partial, S, tid); });
+    ex.phase("dw", [&](int tid) { map_phase_dw<R, INTERP>(A.n, M, partial, S, tid); });
     if (ok) {
-      ex.phase([&](int tid) { map_phase_du<R, INTERP>(S, tid); });
-      ex.phase([&](int tid) { map_phase_cols_down<R, INTERP>(S, tid); });
+      ex.phase("du", [&](int tid) { map_phase_du<R, INTERP>(S, tid); });
+      ex.phase("cols_down", [&](int tid) { map_phase_cols_down<R, INTERP>(S, tid); });
     }
-    ex.phase([&](int tid) { map_phase_rows_down<R, INTERP>(M, region, S, tid); });
+    ex.phase("rows_down", [&](int tid) { map_phase_rows_down<R, INTERP>(M, region, S, tid); });
   }
 }
 

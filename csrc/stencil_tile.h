@@ -867,7 +867,7 @@ CONVLORA_HD void phase_flush_dw(int r, int n, bool dw_smem, acc_t* partial,
   for (int i = tid; i < n * grad_stride<R>(); i += kThreads) partial[i] = S.dw[i];
 }
 
-// Runs one block. Exec::phase(f) calls f(tid) for every thread of the block and then
+// Runs one block. Exec::phase(name, f) calls f(tid) for every thread of the block and then
 // synchronises (a __syncthreads() on the GPU); Exec::poison(p, bytes) fills a buffer with
 // NaN bytes in the checked CPU build and does nothing elsewhere.
 template <int R, int INTERP, bool BWD, typename Exec, typename scalar_t, typename acc_t>
@@ -878,32 +878,32 @@ CONVLORA_HD void run_block(Exec& ex, const TileArgs<scalar_t, acc_t>& A, const L
   acc_t* partial = BWD ? A.dw_partial + block * A.n * grad_stride<R>() : nullptr;
   const Smem<R, INTERP, BWD, acc_t> S(smem, L, A.n, A.wbuf, partial, A.r);
   ex.poison(smem, L.bytes);
-  ex.phase([&](int tid) { phase_load<R, INTERP, BWD>(A, P, S, tid); });
-  ex.phase([&](int tid) { phase_count<R, INTERP, BWD>(A.n, S, tid); });
-  ex.phase([&](int tid) { phase_list<R, INTERP, BWD>(A.n, S, tid); });
+  ex.phase("load", [&](int tid) { phase_load<R, INTERP, BWD>(A, P, S, tid); });
+  ex.phase("count", [&](int tid) { phase_count<R, INTERP, BWD>(A.n, S, tid); });
+  ex.phase("list", [&](int tid) { phase_list<R, INTERP, BWD>(A.n, S, tid); });
   const int nitems = S.first[2 * A.n];
   for (int r0 = 0; r0 < nitems; r0 += G::kRound) {
     ex.poison(S.cbuf.p, G::kRound * G::kItemRow * static_cast<int>(sizeof(acc_t)));
     if (BWD) ex.poison(S.ubuf.p, G::kRound * G::kURow * static_cast<int>(sizeof(acc_t)));
-    ex.phase([&](int tid) { phase_conv<R, INTERP, BWD>(A, P, r0, nitems, S, tid); });
+    ex.phase("conv", [&](int tid) { phase_conv<R, INTERP, BWD>(A, P, r0, nitems, S, tid); });
     if constexpr (!BWD) {
-      ex.phase([&](int tid) { phase_combine<R, INTERP>(r0, S, tid); });
+      ex.phase("combine", [&](int tid) { phase_combine<R, INTERP>(r0, S, tid); });
     } else {
-      ex.phase([&](int tid) { phase_dw<R, INTERP>(A.n, r0, S, tid); });
+      ex.phase("dw", [&](int tid) { phase_dw<R, INTERP>(A.n, r0, S, tid); });
 #if defined(CONVLORA_CHECKED_DROP_A_BARRIER)  // tests only: the race check must see this
-      ex.phase([&](int tid) {
+      ex.phase("delta+gather", [&](int tid) {
         phase_delta<R, INTERP>(A, P, r0, nitems, S, tid);
         phase_gather<R, INTERP>(r0, nitems, S, tid);
       });
 #else
-      ex.phase([&](int tid) { phase_delta<R, INTERP>(A, P, r0, nitems, S, tid); });
-      ex.phase([&](int tid) { phase_gather<R, INTERP>(r0, nitems, S, tid); });
+      ex.phase("delta", [&](int tid) { phase_delta<R, INTERP>(A, P, r0, nitems, S, tid); });
+      ex.phase("gather", [&](int tid) { phase_gather<R, INTERP>(r0, nitems, S, tid); });
 #endif
     }
   }
-  ex.phase([&](int tid) { phase_store<R, INTERP, BWD>(A, P, S, tid); });
+  ex.phase("store", [&](int tid) { phase_store<R, INTERP, BWD>(A, P, S, tid); });
   if constexpr (BWD) {
-    ex.phase([&](int tid) { phase_flush_dw<R, INTERP>(A.r, A.n, A.dw_smem, partial, S, tid); });
+    ex.phase("flush_dw", [&](int tid) { phase_flush_dw<R, INTERP>(A.r, A.n, A.dw_smem, partial, S, tid); });
   }
 }
 

@@ -66,25 +66,10 @@ def test_stencil_grid_at_the_target_configuration():
 
 # --- GPU resources, read from the compiled extension --------------------------------
 
-def _cuobjdump():
-    """The toolkit's cuobjdump, else the one the triton wheel ships."""
-    try:
-        import triton
-        bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                               "cuobjdump")
-    except ImportError:
-        bundled = None
-    for cand in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
-                              "cuobjdump"), shutil.which("cuobjdump"), bundled):
-        if cand and os.path.exists(cand):
-            return cand
-    return None
-
-
 def _resources():
     """{(arch, kernel signature): {REG, STACK, SHARED, LOCAL}} of every kernel in _C."""
     mod, _ = _ext.load()
-    out = subprocess.run([_cuobjdump(), "--dump-resource-usage", mod.__file__],
+    out = subprocess.run([_ext.cuobjdump(), "--dump-resource-usage", mod.__file__],
                          capture_output=True, text=True, check=True).stdout
     res, arch, name = {}, None, None
     for line in out.splitlines():
@@ -111,7 +96,7 @@ def test_cuda_kernel_resources():
     """No stack frame and no local memory in any tile kernel at R <= 16, every dtype and
     mode; at most 128 registers at R <= 8 (four 128-thread blocks per SM). The prep kernel
     (one thread per table entry, once per call) keeps one tap record on its stack."""
-    if _cuobjdump() is None:
+    if _ext.cuobjdump() is None:
         pytest.fail("cuobjdump not found (neither in CUDA_HOME/bin, on PATH nor in triton)")
     res = _resources()
     tiles = {k: v for k, v in res.items() if "stencil_tile_kernel" in k[1]}
@@ -407,3 +392,73 @@ def test_layer_hands_the_map_programs_a_per_map_index(monkeypatch, switch):
     assert stencil_index(routed).shape == (3,)
     switch("CONVLORA_MAP_KERNELS", "0")
     assert stencil_index(e).shape == (60,)
+
+
+# --- The cost model (benchmarks/cost_model.py) ----------------------------------------
+
+def _cost_model():
+    import importlib
+    import sys
+
+    bench = os.path.join(os.path.dirname(CSRC), "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module("cost_model")
+
+
+@pytest.mark.parametrize("words,expected", [
+    (list(range(32)), 1),                 # one word per bank
+    (list(range(0, 64, 2)), 2),           # stride 2: two words in each even bank
+    ([5] * 32, 1),                        # one word for every lane: a broadcast
+    (list(range(0, 32 * 32, 32)), 32),    # stride 32: every lane in bank 0
+    (list(range(0, 9 * 8, 8)), 3),        # nine taps at stride 8: banks 0, 8, 16, 24
+    (list(range(0, 9 * 9, 9)), 1),        # ... at stride 9: nine banks
+    ([], 0),
+])
+def test_wavefront_count(checked_ops, words, expected):
+    """The count the cost model rests on: the most distinct words one bank holds."""
+    assert checked_ops.smem_wavefronts(words) == expected
+
+
+@pytest.fixture(scope="module")
+def cost_rows(checked_ops):
+    return _cost_model().run(ops=checked_ops)
+
+
+def test_cost_model_counts_every_phase(cost_rows):
+    """Every block-program kernel of every case has its phases counted (a phase that stops
+    being traced would count as free), with lanes <= 32 per warp access <= wavefronts."""
+    cm = _cost_model()
+    blocks = [r for r in cost_rows if r["phases"]]
+    assert len(blocks) == 2 * len(cm.CASES)
+    for row in blocks:
+        names = set(row["phases"])
+        want = ({"load", "count", "list", "conv", "store"} if row["kernel"] == "stencil_tile_kernel"
+                else {"load", "taps", "cols_up"})
+        assert want <= names, (row["case"], row["direction"], names)
+        for name, p in row["phases"].items():
+            assert p["warp_accesses"] <= p["wavefronts"] + 1e-9, (row["case"], name, p)
+            assert p["lane_accesses"] <= 32 * p["warp_accesses"] + 1e-9, (row["case"], name, p)
+        assert row["wavefronts_per_block"] > 0 and row["est_us"] > 0, row
+
+
+def test_cost_model_within_ceilings(cost_rows):
+    """No phase gets more bank-conflicted, and no estimate slower, than cost_model.py's
+    ceilings and budgets allow (WAVEFRONTS_PER_ACCESS_CEILING, BUDGETS_US, and the phases
+    and cases listed over them today, each at its present value)."""
+    problems = _cost_model().over_limits(cost_rows)
+    assert not problems, "\n".join(problems)
+
+
+def test_cost_model_table_in_design_doc_is_current(cost_rows):
+    """docs/design.md's per-phase table is what the model counts for this code (the SASS
+    columns of the kernel table depend on the build, the phase table only on the code)."""
+    cm = _cost_model()
+    with open(os.path.join(os.path.dirname(CSRC), "docs", "design.md")) as f:
+        doc = f.read()
+    begin, end = "<!-- cost_model --design: begin -->", "<!-- cost_model --design: end -->"
+    section = doc[doc.index(begin):doc.index(end)]
+    missing = [row for row in cm.phase_table(cost_rows) if row not in section]
+    assert not missing, ("docs/design.md's cost-model table is stale; regenerate it with "
+                         "`python benchmarks/cost_model.py --design docs/design.md`:\n"
+                         + "\n".join(missing[:10]))

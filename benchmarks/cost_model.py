@@ -1,0 +1,506 @@
+"""What the CUDA stencil kernels cost, counted on the CPU from the code as built.
+
+    python benchmarks/cost_model.py                        # the table, every case
+    python benchmarks/cost_model.py --phases               # and each kernel's phases
+    python benchmarks/cost_model.py --design docs/design.md   # rewrite the table there
+    python benchmarks/cost_model.py --json cost.json
+
+No GPU is needed. For each case (a SAM shape, routing, rank, interpolation) and each
+kernel the stencil ops launch (prep, the tile or map program, fold, reduce):
+
+- shared-memory wavefronts, from the checked CPU build (csrc/smem_trace.h): the block
+  programs run on a smaller map of the same kind, every 4-byte shared read and write
+  recorded per thread and phase, the threads grouped into warps of 32, the i-th access of
+  each lane taken as one warp instruction, and each such access costing as many
+  wavefronts as the most distinct words one of the 32 banks holds; scaled to the SAM
+  shape by its number of blocks;
+- instructions, from the SASS of the built extension (cuobjdump -sass, sm_90, bf16):
+  the kernel's static ratio of all instructions to shared-memory instructions times the
+  warp-level shared accesses counted above (an estimate: the SASS has no trip counts);
+- bytes to and from DRAM (inputs, outputs, saved pre-activations, partials), counted
+  from the shapes;
+- the busiest warp's shared accesses per phase, a ~30-clock load each with about four in
+  flight (the latency chain of a block when its work sits on a few threads).
+
+An estimated H100 time is the largest of: shared wavefronts at one per clock per SM,
+instructions at four per clock per SM, DRAM bytes at 3.35 TB/s, and the latency chain of
+each SM's blocks run as many at once as fit (the assumptions are printed with the table).
+These are estimates from counting, not measurements; benchmarks/gpu_check.sh prints them
+beside the measured stencil times so the model can be corrected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+CHECKED_NS = "convlora_cost"
+
+# The card the estimate is for, and what the estimate assumes of it.
+H100 = dict(card="H100 SXM", sms=132, clock_ghz=1.755, dram_bytes_per_s=3.35e12,
+            wavefronts_per_clock=1, issue_per_clock=4, shared_latency_clocks=30,
+            loads_in_flight=4,
+            shared_bytes_per_sm=228 * 1024, block_reserved_bytes=1024, max_blocks_per_sm=32,
+            launch_us=2.5)
+INTERP = {"bilinear": 0, "bicubic": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    routing: str        # "token" (per-token programs) or "map" (one expert per map)
+    mode: str           # interpolation
+    shape: Tuple[int, int, int]   # (B, H, W) at the SAM shape
+    rank: int
+    counted: Tuple[int, int, int]  # (B, H, W) the checked build runs
+    experts: int = 8
+
+    @property
+    def scales(self) -> List[int]:
+        return list(range(1, self.experts + 1))
+
+
+CASES = [
+    # ViT-B global attention at 1024 x 1024, token routing: the target shape
+    Case("global token r8", "token", "bilinear", (4, 64, 64), 8, (1, 32, 32)),
+    Case("global token r3", "token", "bilinear", (4, 64, 64), 3, (1, 32, 32)),
+    Case("global token r16", "token", "bilinear", (4, 64, 64), 16, (1, 32, 32)),
+    Case("global token r8 bicubic", "token", "bicubic", (4, 64, 64), 8, (1, 32, 32)),
+    # ViT-B windowed attention: 25 windows of 14 x 14 per image
+    Case("windows token r8", "token", "bilinear", (100, 14, 14), 8, (8, 14, 14)),
+    # the authors' setting: one expert per map, r = 3, bicubic, 14 x 14 windows
+    Case("authors map r3 bicubic", "map", "bicubic", (100, 14, 14), 3, (8, 14, 14)),
+    Case("windows map r8", "map", "bilinear", (100, 14, 14), 8, (8, 14, 14)),
+]
+
+# Budgets of the estimate (bf16, H100), forward and backward (all of the backward's
+# launches), in microseconds.
+BUDGETS_US = {
+    "global token r8": (8.0, 20.0),
+    "authors map r3 bicubic": (15.0, 30.0),
+}
+
+
+# Wavefronts per shared access every phase should reach (1.0: no bank conflict).
+WAVEFRONTS_PER_ACCESS_CEILING = 1.3
+# Phases above that today ("case/pass/phase": the ratio they must not exceed) and
+# estimates above BUDGETS_US today ("case/pass": us not to exceed), held by
+# tests/test_stencil_kernels.py: lower a value when a kernel improves, drop it once it is
+# under the ceiling or the budget.
+OVER_CEILING: Dict[str, float] = {
+    "global token r8/fwd/list": 1.78,
+    "global token r8/fwd/conv": 1.35,
+    "global token r8/fwd/combine": 1.66,
+    "global token r8/fwd/store": 1.5,
+    "global token r8/bwd/list": 1.81,
+    "global token r8/bwd/conv": 1.71,
+    "global token r8/bwd/dw": 2.55,
+    "global token r8/bwd/delta": 1.34,
+    "global token r8/bwd/gather": 2.03,
+    "global token r8/bwd/store": 1.67,
+    "global token r3/fwd/list": 1.8,
+    "global token r3/fwd/conv": 1.47,
+    "global token r3/fwd/combine": 1.66,
+    "global token r3/fwd/store": 1.5,
+    "global token r3/bwd/list": 1.82,
+    "global token r3/bwd/conv": 1.74,
+    "global token r3/bwd/dw": 1.4,
+    "global token r3/bwd/delta": 1.41,
+    "global token r3/bwd/gather": 2.11,
+    "global token r3/bwd/store": 1.67,
+    "global token r16/fwd/list": 1.79,
+    "global token r16/fwd/combine": 1.56,
+    "global token r16/fwd/store": 1.5,
+    "global token r16/bwd/load": 1.71,
+    "global token r16/bwd/list": 1.82,
+    "global token r16/bwd/conv": 1.69,
+    "global token r16/bwd/dw": 4.36,
+    "global token r16/bwd/delta": 1.48,
+    "global token r16/bwd/gather": 1.81,
+    "global token r16/bwd/store": 1.67,
+    "global token r8 bicubic/fwd/list": 1.5,
+    "global token r8 bicubic/fwd/combine": 1.42,
+    "global token r8 bicubic/fwd/store": 1.5,
+    "global token r8 bicubic/bwd/list": 1.7,
+    "global token r8 bicubic/bwd/dw": 2.21,
+    "global token r8 bicubic/bwd/delta": 1.55,
+    "global token r8 bicubic/bwd/gather": 2.06,
+    "global token r8 bicubic/bwd/store": 1.67,
+    "windows token r8/fwd/list": 1.81,
+    "windows token r8/fwd/conv": 1.37,
+    "windows token r8/fwd/combine": 1.6,
+    "windows token r8/fwd/store": 1.38,
+    "windows token r8/bwd/list": 1.82,
+    "windows token r8/bwd/conv": 1.64,
+    "windows token r8/bwd/dw": 2.61,
+    "windows token r8/bwd/delta": 1.42,
+    "windows token r8/bwd/gather": 1.98,
+    "windows token r8/bwd/store": 1.5,
+    "authors map r3 bicubic/fwd/taps": 2.6,
+    "authors map r3 bicubic/bwd/taps": 2.6,
+    "authors map r3 bicubic/bwd/du": 1.9,
+    "authors map r3 bicubic/bwd/cols_down": 1.56,
+    "windows map r8/fwd/taps": 1.5,
+    "windows map r8/bwd/taps": 1.5,
+    "windows map r8/bwd/du": 1.58,
+    "windows map r8/bwd/cols_down": 1.75,
+}
+OVER_BUDGET_US: Dict[str, float] = {
+    "global token r8/fwd": 13.2,
+    "global token r8/bwd": 42.0,
+    "authors map r3 bicubic/fwd": 18.7,
+    "authors map r3 bicubic/bwd": 47.9,
+}
+
+
+# --- the checked build ----------------------------------------------------------------
+
+def build_checked(build_dir: Optional[str] = None):
+    """The CPU kernels built with CONVLORA_CHECKED (bounds checks, race checks and the
+    shared-memory counts) under torch.ops.convlora_cost."""
+    from torch.utils.cpp_extension import load
+
+    if hasattr(torch.ops, CHECKED_NS) and hasattr(getattr(torch.ops, CHECKED_NS), "smem_trace"):
+        return getattr(torch.ops, CHECKED_NS)
+    build_dir = build_dir or os.path.join(tempfile.gettempdir(), "convlora_cost_build")
+    os.makedirs(build_dir, exist_ok=True)
+    load(name=CHECKED_NS, sources=[os.path.join(CSRC, "ops.cpp"),
+                                   os.path.join(CSRC, "stencil_cpu.cpp")],
+         extra_cflags=["-O1", "-std=c++20", "-DCONVLORA_CHECKED",
+                       f"-DCONVLORA_NS={CHECKED_NS}"],
+         extra_include_paths=[CSRC], build_directory=build_dir, is_python_module=False,
+         verbose=False)
+    return getattr(torch.ops, CHECKED_NS)
+
+
+def _problem(case: Case, seed: int = 0):
+    b, h, w = case.counted
+    g = torch.Generator().manual_seed(seed)
+    n, r, tokens = case.experts, case.rank, b * h * w
+    z = torch.randn(tokens, r, generator=g)
+    du = torch.randn(tokens, r, generator=g)
+    if case.routing == "map":  # every expert (scale) on as many maps
+        idx = (torch.arange(b) % n).to(torch.int32)
+    else:
+        idx = torch.randint(0, n, (tokens,), generator=g, dtype=torch.int32)
+    cw = torch.randn(n, r, r, 3, 3, generator=g) / (3 * r ** 0.5)
+    cb = torch.randn(n, r, generator=g)
+    return z, du, idx, cw, cb
+
+
+def _parse_traffic(text: str) -> List[dict]:
+    """smem_traffic()'s report -> one dict per call: blocks, bytes, phases."""
+    calls = []
+    for line in text.splitlines():
+        f = line.split()
+        if f[0] == "call":
+            calls.append(dict(blocks=int(f[1]), bytes=int(f[2]), phases={}))
+        else:
+            calls[-1]["phases"][f[0]] = dict(zip(
+                ("runs", "lane_accesses", "warp_accesses", "wavefronts", "busiest_warp"),
+                map(int, f[1:])))
+    return calls
+
+
+def count_shared(ops, case: Case) -> Dict[str, dict]:
+    """{"fwd": call, "bwd": call} of the block programs at case.counted (checked build)."""
+    z, du, idx, cw, cb = _problem(case)
+    _, h, w = case.counted
+    m = INTERP[case.mode]
+    ops.smem_trace(True)
+    try:
+        _, pre = ops.stencil_fwd(z, idx, cw, cb, case.scales, m, h, w, True)
+        ops.stencil_bwd(du, z, pre, idx, cw, cb, case.scales, m, h, w)
+        calls = _parse_traffic(ops.smem_traffic())
+    finally:
+        ops.smem_trace(False)
+    if len(calls) != 2:
+        raise RuntimeError(f"{case.name}: expected two block-program calls, got {len(calls)}")
+    return {"fwd": calls[0], "bwd": calls[1]}
+
+
+# --- the SASS ----------------------------------------------------------------------
+
+def _demangle(names: List[str]) -> List[str]:
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    return [re.sub(r"\(.*", "", o.replace("convlora::", "").replace("cuda_kernels::", ""))
+            for o in out]
+
+
+@functools.lru_cache(maxsize=None)
+def sass_counts(arch: int = 90) -> Dict[str, Dict[str, int]]:
+    """{demangled kernel: {"total", "shared", "lds", "sts", "ffma", "bar", "ldg", "stg"}}
+    static instruction counts of the built extension's machine code for sm_<arch>
+    ({} when the extension has no CUDA kernels or cuobjdump is missing)."""
+    from convlora_kernels import _ext
+
+    mod, _ = _ext.load()
+    tool = _ext.cuobjdump()
+    if mod is None or tool is None or not _ext.has_cuda_kernels():
+        return {}
+    out = subprocess.run([tool, "-sass", "-arch", f"sm_{arch}", mod.__file__],
+                         capture_output=True, text=True).stdout
+    counts: Dict[str, Dict[str, int]] = {}
+    names: List[str] = []
+    cur = None
+    for line in out.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            names.append(m.group(1))
+            cur = counts.setdefault(m.group(1), dict(total=0, shared=0, lds=0, sts=0, ffma=0,
+                                                     bar=0, ldg=0, stg=0))
+            continue
+        m = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if m is None or cur is None:
+            continue
+        op = m.group(1).split(".")[0]
+        if op == "NOP":
+            continue
+        cur["total"] += 1
+        for key, ops in (("lds", ("LDS", "LDSM")), ("sts", ("STS",)), ("ffma", ("FFMA",)),
+                         ("bar", ("BAR",)), ("ldg", ("LDG",)), ("stg", ("STG",))):
+            if op in ops:
+                cur[key] += 1
+        if op in ("LDS", "LDSM", "STS", "ATOMS"):
+            cur["shared"] += 1
+    return dict(zip(_demangle(names), (counts[n] for n in names)))
+
+
+def _sass_of(kernel: str, R: int, mode: str, bwd: bool) -> Optional[Dict[str, int]]:
+    want = f"{kernel}<{R}, {INTERP[mode]}, {'true' if bwd else 'false'}, c10::BFloat16>"
+    for name, c in sass_counts().items():
+        if name.replace("void ", "").strip() == want:
+            return c
+    return None
+
+
+# --- the model -----------------------------------------------------------------------
+
+def rank_bound(r: int) -> int:
+    return next(b for b in (4, 8, 16, 32, 64) if r <= b)
+
+
+def _grid(case: Case, bwd: bool) -> Dict[str, int]:
+    keys = ("bytes", "w_smem", "dw_smem", "threads", "tile_h", "tile_w", "round")
+    return dict(zip(keys, (_OPS or build_checked()).stencil_grid(
+        case.rank, case.experts, INTERP[case.mode], bwd, 0)))
+
+
+def _blocks_at_shape(case: Case, call: dict, bwd: bool) -> int:
+    """The block count of the SAM shape, from the counted call's."""
+    (B, H, W), (b, h, w) = case.shape, case.counted
+    if (H, W) == (h, w):
+        return call["blocks"] * B // b
+    g = _grid(case, bwd)
+    return B * math.ceil(H / g["tile_h"]) * math.ceil(W / g["tile_w"])
+
+
+def _pre_slots(mode: str) -> int:
+    return 4 if mode == "bilinear" else 16
+
+
+def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
+    """One dict per kernel of the forward and the backward at case.shape (bf16)."""
+    B, H, W = case.shape
+    N, r, n, e = B * H * W, case.rank, case.experts, 2
+    R = rank_bound(r)
+    kernel = "stencil_map_kernel" if case.routing == "map" else "stencil_tile_kernel"
+    rows = []
+    clock = dev["clock_ghz"] * 1e3  # clocks per microsecond
+    grad_stride = R * 9 * R + R
+    for direction, bwd in (("fwd", False), ("bwd", True)):
+        call = counted[direction]
+        blocks = _blocks_at_shape(case, call, bwd)
+        scale = blocks / call["blocks"]
+        ph = call["phases"]
+        wavefronts = sum(p["wavefronts"] for p in ph.values()) * scale
+        accesses = sum(p["warp_accesses"] for p in ph.values()) * scale
+        chain = sum(p["busiest_warp"] for p in ph.values()) * scale / blocks  # per block
+        sass = _sass_of(kernel, R, case.mode, bwd)
+        instr = accesses * sass["total"] / max(1, sass["shared"]) if sass else None
+        resident = max(1, min(dev["max_blocks_per_sm"],
+                              dev["shared_bytes_per_sm"] // (call["bytes"]
+                                                              + dev["block_reserved_bytes"])))
+        per_sm = math.ceil(blocks / dev["sms"])
+        if direction == "fwd":
+            dram = 2 * N * r * e + N * _pre_slots(case.mode) * r * 4
+        else:
+            dram = 3 * N * r * e + N * _pre_slots(case.mode) * r * 4
+            dram += blocks * n * grad_stride * 4  # the blocks' weight-gradient partials
+            if case.routing == "map":              # the dz partials of tile and halo
+                dram += blocks * (1 + 2 * (2 if case.mode == "bicubic" else 1) / 8) ** 2 * 64 * R * 4
+        t = dict(
+            smem=wavefronts / blocks * per_sm / (dev["wavefronts_per_clock"] * clock),
+            issue=(instr / blocks * per_sm / (dev["issue_per_clock"] * clock)
+                   if instr is not None else 0.0),
+            dram=dram / dev["dram_bytes_per_s"] * 1e6,
+            latency=(chain * math.ceil(per_sm / resident) * dev["shared_latency_clocks"]
+                     / dev["loads_in_flight"] / clock),
+        )
+        bound = max(t, key=t.get)
+        rows.append(dict(case=case.name, direction=direction, kernel=kernel, blocks=blocks,
+                         resident=resident, shared_bytes=call["bytes"],
+                         wavefronts_per_block=wavefronts / blocks,
+                         wavefronts_per_access=wavefronts / max(1.0, accesses),
+                         instructions_per_block=(instr / blocks if instr is not None else None),
+                         dram_bytes=dram, times_us=t, bound=bound, est_us=t[bound],
+                         phases={k: dict({f: v[f] / call["blocks"] for f in v},
+                                         wavefronts_per_access=v["wavefronts"]
+                                         / max(1, v["warp_accesses"]))
+                                 for k, v in ph.items()}))
+    # the small kernels: prep (both directions), fold (map backward), reduce (backward)
+    partial_bytes = rows[1]["blocks"] * n * grad_stride * 4
+    small = [("fwd", "prep_kernel", 0.0), ("bwd", "prep_kernel", 0.0),
+             ("bwd", "reduce_dw_kernel", partial_bytes / dev["dram_bytes_per_s"] * 1e6)]
+    if case.routing == "map":
+        small.append(("bwd", "fold_kernel", 3 * N * r * 4 / dev["dram_bytes_per_s"] * 1e6))
+    for direction, name, us in small:
+        rows.append(dict(case=case.name, direction=direction, kernel=name, blocks=None,
+                         times_us=dict(dram=us), bound="dram", est_us=us, phases={}))
+    return rows
+
+
+def totals(rows: List[dict], dev=H100) -> Dict[Tuple[str, str], Dict[str, float]]:
+    """{(case, direction): {"kernels": est. sum, "launches": count, "us": with launches}}."""
+    out: Dict[Tuple[str, str], Dict[str, float]] = {}
+    for row in rows:
+        t = out.setdefault((row["case"], row["direction"]), dict(kernels=0.0, launches=0))
+        t["kernels"] += row["est_us"]
+        t["launches"] += 1
+    for t in out.values():
+        t["us"] = t["kernels"]
+    return out
+
+
+def over_limits(rows: List[dict]) -> List[str]:
+    """What is worse than the ceilings and budgets allow (empty when nothing is)."""
+    bad = []
+    for row in rows:
+        for name, p in row["phases"].items():
+            key = f"{row['case']}/{row['direction']}/{name}"
+            limit = OVER_CEILING.get(key, WAVEFRONTS_PER_ACCESS_CEILING)
+            if p["wavefronts_per_access"] > limit + 1e-9:
+                bad.append(f"{key}: {p['wavefronts_per_access']:.3f} wavefronts per shared "
+                           f"access, above {limit}")
+    for (case, direction), t in totals(rows).items():
+        key = f"{case}/{direction}"
+        budget = BUDGETS_US.get(case)
+        limit = OVER_BUDGET_US.get(key, None if budget is None
+                                    else budget[0 if direction == "fwd" else 1])
+        if limit is not None and t["us"] > limit + 1e-9:
+            bad.append(f"{key}: est. {t['us']:.2f} us, above {limit}")
+    return bad
+
+
+_OPS = None
+
+
+def run(cases=CASES, ops=None) -> List[dict]:
+    """Every kernel row of every case; ops: the checked build (built when not given)."""
+    global _OPS
+    ops = _OPS = ops or build_checked()
+    rows = []
+    for case in cases:
+        rows += kernel_rows(case, count_shared(ops, case))
+    return rows
+
+
+# --- output --------------------------------------------------------------------------
+
+def assumptions(dev=H100) -> str:
+    return (f"{dev['card']}: {dev['sms']} SMs at {dev['clock_ghz']} GHz, one shared-memory "
+            f"wavefront and {dev['issue_per_clock']} warp instructions per clock per SM, "
+            f"DRAM {dev['dram_bytes_per_s'] / 1e12:.2f} TB/s, a shared load "
+            f"{dev['shared_latency_clocks']} clocks with {dev['loads_in_flight']} in flight "
+            f"per warp, {dev['shared_bytes_per_sm'] // 1024} KB "
+            f"of shared memory per SM; bf16; estimates, not measurements")
+
+
+def table(rows: List[dict]) -> List[str]:
+    out = ["| case | pass | kernel | blocks | wavefronts / block | per access | "
+           "instructions / block | est. us (smem / issue / dram / latency) | bound |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        if row["blocks"] is None:
+            continue
+        t = row["times_us"]
+        ipb = row["instructions_per_block"]
+        out.append(
+            f"| {row['case']} | {row['direction']} | {row['kernel']} | {row['blocks']} | "
+            f"{row['wavefronts_per_block']:,.0f} | {row['wavefronts_per_access']:.2f} | "
+            f"{'n/a' if ipb is None else f'{ipb:,.0f}'} | "
+            f"**{row['est_us']:.1f}** ({t['smem']:.1f} / {t['issue']:.1f} / {t['dram']:.1f} / "
+            f"{t['latency']:.1f}) | {row['bound']} |")
+    return out
+
+
+def totals_table(rows: List[dict]) -> List[str]:
+    out = ["| case | pass | launches | est. us (kernels) | budget |", "| --- | --- | --- | --- | --- |"]
+    for (case, direction), t in totals(rows).items():
+        budget = BUDGETS_US.get(case)
+        b = "" if budget is None else f"{budget[0 if direction == 'fwd' else 1]:.0f}"
+        out.append(f"| {case} | {direction} | {t['launches']} | {t['us']:.1f} | {b} |")
+    return out
+
+
+def phase_table(rows: List[dict]) -> List[str]:
+    """Per block (averaged over the counted call's blocks) and phase."""
+    out = ["| case | pass | phase | runs | warp accesses | wavefronts | per access | "
+           "busiest warp |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        for name, p in row["phases"].items():
+            out.append(f"| {row['case']} | {row['direction']} | {name} | {p['runs']:.1f} | "
+                       f"{p['warp_accesses']:,.0f} | {p['wavefronts']:,.0f} | "
+                       f"{p['wavefronts_per_access']:.2f} | {p['busiest_warp']:,.0f} |")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--phases", action="store_true", help="also each kernel's phases")
+    ap.add_argument("--design", help="rewrite the cost-model section of this markdown file")
+    ap.add_argument("--json", help="write every number here")
+    args = ap.parse_args(argv)
+    rows = run()
+    print(assumptions())
+    print()
+    print("\n".join(table(rows)))
+    print()
+    print("\n".join(totals_table(rows)))
+    if args.phases:
+        print()
+        print("\n".join(phase_table(rows)))
+    t = totals(rows)
+    fwd, bwd = t[(CASES[0].name, "fwd")]["us"], t[(CASES[0].name, "bwd")]["us"]
+    print(f"\nRESULT: modeled {CASES[0].name} stencil fwd {fwd:.1f} us, bwd {bwd:.1f} us "
+          f"(est. {H100['card']})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(assumptions=H100, rows=rows), f, indent=1)
+    if args.design:
+        from convlora_kernels._design_tables import commit_of, write_section
+
+        head = (f"{assumptions()}; torch {torch.__version__}, commit {commit_of(args.design)} "
+                f"(regenerate: `python benchmarks/cost_model.py --design docs/design.md`):")
+        write_section(args.design, "<!-- cost_model --design: begin -->",
+                      "<!-- cost_model --design: end -->", head,
+                      table(rows) + [""] + totals_table(rows) + [""] + phase_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,7 +4,8 @@
 // Launches per call (docs/design.md, "The tiled stencil"):
 //   forward:  prep (tap tables, padded fp32 weights) -> stencil_tile_kernel
 //   backward: prep -> stencil_tile_kernel (dz and per-block weight-gradient partials)
-//             -> reduce_dw_kernel (partials summed over blocks in a fixed order)
+//             -> reduce_dw_kernel (partials summed over blocks in a fixed order, two
+//                levels: runs of partials, then the runs)
 //   one expert per map (r <= 8): prep -> stencil_map_kernel, and for the backward
 //             -> fold_kernel (dz from the blocks' halo partials) -> reduce_dw_kernel
 // The tile kernel is tile::run_block, the same block program the CPU backend runs, with
@@ -14,7 +15,12 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <cuda_runtime.h>
+
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "stencil.h"
 #include "stencil_cuda_launch.h"
@@ -78,24 +84,63 @@ __global__ void __launch_bounds__(kPrepThreads)
   }
 }
 
+// The reduce: a block holds every run (reduce_slices) of kReduceThreads / slices outputs;
+// thread (run, output) sums its run of block partials, then the run-0 thread adds the
+// runs' sums in order (tile::reduce_entry's order, which the CPU runs).
 template <int R>
-__global__ void __launch_bounds__(kPrepThreads)
+__global__ void __launch_bounds__(tile::kReduceThreads)
     reduce_dw_kernel(const float* __restrict__ partial, int64_t blocks, int r, int n,
-                     float* __restrict__ dw) {
-  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
-  if (i < n * tile::grad_entries(r)) tile::reduce_entry<R>(partial, blocks, r, n, i, dw);
+                     int slices, float* __restrict__ dw) {
+  __shared__ float sums[tile::kReduceThreads];
+  const int per = tile::kReduceThreads / slices;
+  const int local = static_cast<int>(threadIdx.x) % per;
+  const int slice = static_cast<int>(threadIdx.x) / per;
+  const int i = static_cast<int>(blockIdx.x) * per + local;
+  const int total = n * tile::grad_entries(r);
+  sums[threadIdx.x] = i < total ? tile::reduce_slice<R>(partial, blocks, r, n, i, slice, slices)
+                                : 0.f;
+  __syncthreads();
+  if (slice == 0 && i < total) {
+    float sum = sums[local];
+    for (int s = 1; s < slices; ++s) sum += sums[s * per + local];
+    dw[i] = sum;
+  }
+}
+
+template <int R>
+void launch_reduce(const at::Tensor& partial, int64_t blocks, int r, int n, at::Tensor& dw,
+                   cudaStream_t stream) {
+  const int slices = tile::reduce_slices(blocks);
+  const int per = tile::kReduceThreads / slices;
+  reduce_dw_kernel<R><<<static_cast<unsigned>((dw.numel() + per - 1) / per),
+                        tile::kReduceThreads, 0, stream>>>(
+      partial.const_data_ptr<float>(), blocks, r, n, slices, dw.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 inline unsigned grid_for(int64_t work, int threads) {
   return static_cast<unsigned>((work + threads - 1) / threads);
 }
 
+// Lets `kernel` take `bytes` of dynamic shared memory on the current device: one
+// cudaFuncSetAttribute per (kernel, device) and larger size, not one per launch.
+inline void allow_shared_bytes(const void* kernel, int bytes) {
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> allowed;  // (kernel, device) -> bytes
+  const int device = c10::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mutex);
+  int& have = allowed[{kernel, device}];
+  if (have >= bytes) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      bytes));
+  have = bytes;
+}
+
 template <typename Kernel, typename Layout, typename scalar_t>
 void launch_blocks(Kernel kernel, const tile::TileArgs<scalar_t, float>& A, const Layout& L,
                    int64_t blocks, cudaStream_t stream) {
-  if (L.bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        L.bytes));
+  allow_shared_bytes(reinterpret_cast<const void*>(kernel), L.bytes);
   kernel<<<static_cast<unsigned>(blocks), tile::kThreads, L.bytes, stream>>>(A, L);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -125,9 +170,7 @@ void run_map_call(tile::TileArgs<scalar_t, float> A, const Operands& o, const ti
     fold_kernel<R, INTERP, scalar_t><<<grid_for(total, kPrepThreads), kPrepThreads, 0, stream>>>(
         A, total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    reduce_dw_kernel<R><<<grid_for(dw->numel(), kPrepThreads), kPrepThreads, 0, stream>>>(
-        partial.const_data_ptr<float>(), grid.blocks, A.r, A.n, dw->mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_reduce<R>(partial, grid.blocks, A.r, A.n, *dw, stream);
   }
 }
 
@@ -179,9 +222,7 @@ void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t i
   launch_blocks(stencil_tile_kernel<R, INTERP, BWD, scalar_t>, A, grid.layout, grid.blocks,
                 stream);
   if (BWD) {
-    reduce_dw_kernel<R><<<grid_for(dw->numel(), kPrepThreads), kPrepThreads, 0, stream>>>(
-        partial.const_data_ptr<float>(), grid.blocks, A.r, A.n, dw->mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_reduce<R>(partial, grid.blocks, A.r, A.n, *dw, stream);
   }
 }
 

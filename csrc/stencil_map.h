@@ -459,7 +459,7 @@ template <int R, int INTERP, typename acc_t>
 CONVLORA_HD void map_phase_dw(int n, const MapPos& M, acc_t* partial,
                               const MapSmem<R, INTERP, true, acc_t>& S, int tid) {
   using G = MapGeometry<R, INTERP>;
-  constexpr int GS = grad_stride<R>(), NW = R * 9 * R;
+  constexpr int GS = grad_stride<R>();
   for (int i = tid; i < n * GS; i += kThreads)
     if (M.e < 0 || i / GS != M.e) partial[i] = acc_t(0);
   if (M.e < 0) return;
@@ -471,7 +471,7 @@ CONVLORA_HD void map_phase_dw(int n, const MapPos& M, acc_t* partial,
       acc_t acc = acc_t(0);
       for (int i = 0; i < ncy; ++i)
         for (int j = 0; j < ncx; ++j) acc += S.cbuf[(i * G::kMaxC + j) * G::kCell + co];
-      dst[NW + co] = acc;
+      dst[grad_bias_index<R>(co)] = acc;
       continue;
     }
     const int k = u / R, ci = u % R, ky = k / 3, kx = k - ky * 3;
@@ -491,7 +491,7 @@ CONVLORA_HD void map_phase_dw(int n, const MapPos& M, acc_t* partial,
       }
     }
     CONVLORA_UNROLL
-    for (int co = 0; co < R; ++co) dst[(co * 9 + k) * R + ci] = acc[co];  // [co][k][ci]
+    for (int co = 0; co < R; ++co) dst[grad_index<R>(co, k, ci)] = acc[co];  // [co][k][ci]
   }
 }
 

@@ -102,10 +102,13 @@ struct Geometry {
   static constexpr int kCell = R + 1;              // odd row strides: no bank conflicts
   static constexpr int kMaxItems = kSrc * Interp<INTERP>::kMaxDown * Interp<INTERP>::kMaxDown;
   static constexpr int kItemRow = R + 1;           // cbuf row (GELU outputs or g)
-  // ubuf row (backward): an item's nine U vectors, then its contributions to the z
-  // neighbourhood (side x side cells) of its source token.
+  // ubuf row (backward): an item's nine U vectors (at stride kUTap: the nine taps the
+  // threads of a warp read at once fall in distinct banks), then its contributions to the
+  // z neighbourhood (side x side cells of R) of its source token; odd, so the rows of the
+  // items a warp holds fall in distinct banks.
   static constexpr int kNeighbours = Interp<INTERP>::kSide * Interp<INTERP>::kSide;
-  static constexpr int kURow = (kNeighbours > 9 ? kNeighbours : 9) * R + 1;
+  static constexpr int kUTap = R + 1;
+  static constexpr int kURow = ((kNeighbours * R > 9 * kUTap ? kNeighbours * R : 9 * kUTap) + 1) | 1;
   // Items per round: 128 forward (R values each); backward, about 36 KB of ubuf.
   static constexpr int kRound = !BWD ? 128 : round_items(kURow);
   static constexpr int kBuckets = 2 * kMaxExperts; // (tile or halo) x expert
@@ -120,10 +123,19 @@ CONVLORA_HD constexpr int weight_stride() { return ((R * R * 9 + 31) / 32) * 32 
 // Entries of one expert's weight gradient: r·r·9 conv weights, then r biases.
 CONVLORA_HD int grad_entries(int r) { return r * r * 9 + r; }
 
-// One expert's weight-gradient accumulators inside the kernels: [co][k][ci] (R x 9 x R,
-// input channels contiguous), then R biases; reduce_entry maps them to (co, ci, k).
+// One expert's weight-gradient accumulators inside the kernels: [co][k][ci] (R x 9 rows of
+// R input channels, each row padded to R + 1 so that the rows a warp's threads flush at
+// once fall in distinct banks), then R biases; reduce_entry maps them to (co, ci, k).
 template <int R>
-CONVLORA_HD constexpr int grad_stride() { return R * 9 * R + R; }
+CONVLORA_HD constexpr int grad_row() { return R + 1; }
+template <int R>
+CONVLORA_HD constexpr int grad_stride() { return R * 9 * grad_row<R>() + R; }
+template <int R>
+CONVLORA_HD constexpr int grad_index(int co, int k, int ci) {
+  return (co * 9 + k) * grad_row<R>() + ci;
+}
+template <int R>
+CONVLORA_HD constexpr int grad_bias_index(int co) { return R * 9 * grad_row<R>() + co; }
 
 // --- Per-call tables ----------------------------------------------------------------
 //
@@ -367,7 +379,7 @@ CONVLORA_HD int item_b(int it) { return (it >> 14) & 3; }
 // Pre-activation of one item: C[co] = bias[co] + sum_{k, ci} W[co, ci, k] U(tap k)[ci] for
 // the conv output (oy, ox) of expert e at scale s, U read from the staged z through the
 // up tables (zero outside the s·H x s·W map). With COMPUTE_C writes C to crow[0..R); with
-// STORE_U the nine U vectors to urow[k·R + ci] (zero for taps outside the map).
+// STORE_U the nine U vectors to urow[k·(R + 1) + ci] (zero for taps outside the map).
 template <int R, int INTERP, int ZW, int CELL, bool COMPUTE_C, bool STORE_U, typename acc_t>
 CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int s, int oy,
                            int ox, int zy0, int zx0, SArr<acc_t> zs, SArr<acc_t> w, int w_off,
@@ -408,7 +420,7 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
         const int k = ky * 3 + kx;
         if (!(vy[ky] && vx[kx])) {
           if (STORE_U && co0 == 0)
-            for (int ci = 0; ci < R; ++ci) urow[urow_off + k * R + ci] = acc_t(0);
+            for (int ci = 0; ci < R; ++ci) urow[urow_off + k * (R + 1) + ci] = acc_t(0);
           continue;
         }
         CONVLORA_NO_UNROLL
@@ -429,7 +441,7 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
           }
           if (STORE_U && co0 == 0) {
             CONVLORA_UNROLL
-            for (int i = 0; i < CC; ++i) urow[urow_off + k * R + ci0 + i] = u[i];
+            for (int i = 0; i < CC; ++i) urow[urow_off + k * (R + 1) + ci0 + i] = u[i];
           }
           if (COMPUTE_C) {
             CONVLORA_UNROLL
@@ -724,7 +736,7 @@ CONVLORA_HD void phase_dw(int n, int r0, const Smem<R, INTERP, true, acc_t>& S, 
     const bool bias = u >= NW;
     const int co = bias ? u - NW : u / (9 * NCH);
     const int rest = u - co * 9 * NCH, k = rest / NCH, c0 = (rest - k * NCH) * CH;
-    const int dst = bias ? R * 9 * R + co : (co * 9 + k) * R + c0;
+    const int dst = bias ? grad_bias_index<R>(co) : grad_index<R>(co, k, c0);
     acc_t acc[CH];
     CONVLORA_UNROLL
     for (int j = 0; j < CH; ++j) acc[j] = acc_t(0);
@@ -747,7 +759,7 @@ CONVLORA_HD void phase_dw(int n, int r0, const Smem<R, INTERP, true, acc_t>& S, 
       if (bias) {
         acc[0] += g;
       } else {
-        const int ub = (i - r0) * G::kURow + k * R + c0;
+        const int ub = (i - r0) * G::kURow + k * G::kUTap + c0;
         CONVLORA_UNROLL
         for (int j = 0; j < CH; ++j) acc[j] += g * S.ubuf[ub + j];
       }
@@ -909,29 +921,44 @@ CONVLORA_HD void run_block(Exec& ex, const TileArgs<scalar_t, acc_t>& A, const L
 
 // The reduce after the backward: weight-gradient output i (expert e, then (co, ci, k) of
 // r·r·9 weights and r biases) = the sum over blocks of the matching accumulator of each
-// block's partial (n x grad_stride), in block order within four interleaved sums.
+// block's partial (n x grad_stride), in two levels whose order only the block count fixes:
+// reduce_slices(blocks) contiguous runs of partials, each summed in block order
+// (reduce_slice; on the GPU one thread per (output, run)), then the runs' sums in order.
+constexpr int kReduceThreads = 256;
+
+CONVLORA_HD int reduce_slices(int64_t blocks) {
+  int s = 1;
+  while (s < 32 && static_cast<int64_t>(s) * 32 < blocks) s *= 2;
+  return s;
+}
+
+template <int R, typename acc_t>
+CONVLORA_HD acc_t reduce_slice(const acc_t* partial, int64_t blocks, int r, int n, int i,
+                               int slice, int slices) {
+  const int ne = grad_entries(r), nw = r * r * 9;
+  const int e = i / ne, entry = i - e * ne;
+  int src = grad_bias_index<R>(entry - nw);
+  if (entry < nw) {
+    const int co = entry / (9 * r), ci = (entry / 9) % r, k = entry % 9;
+    src = grad_index<R>(co, k, ci);
+  }
+  const int64_t per_block = static_cast<int64_t>(n) * grad_stride<R>();
+  const int64_t run = (blocks + slices - 1) / slices, b0 = slice * run;
+  const int64_t b1 = b0 + run < blocks ? b0 + run : blocks;
+  const acc_t* p = partial + e * grad_stride<R>() + src;
+  acc_t sum = acc_t(0);
+  for (int64_t b = b0; b < b1; ++b) sum += p[b * per_block];
+  return sum;
+}
+
+// Output i of the reduce, both levels in one call (the CPU's loop body).
 template <int R, typename acc_t>
 CONVLORA_HD void reduce_entry(const acc_t* partial, int64_t blocks, int r, int n, int i,
                               acc_t* dw) {
-  const int ne = grad_entries(r), nw = r * r * 9;
-  const int e = i / ne, entry = i - e * ne;
-  int src = R * 9 * R + (entry - nw);
-  if (entry < nw) {
-    const int co = entry / (9 * r), ci = (entry / 9) % r, k = entry % 9;
-    src = (co * 9 + k) * R + ci;
-  }
-  const int64_t per_block = static_cast<int64_t>(n) * grad_stride<R>();
-  const acc_t* p = partial + e * grad_stride<R>() + src;
-  acc_t s0 = acc_t(0), s1 = acc_t(0), s2 = acc_t(0), s3 = acc_t(0);
-  int64_t b = 0;
-  for (; b + 4 <= blocks; b += 4) {
-    s0 += p[(b + 0) * per_block];
-    s1 += p[(b + 1) * per_block];
-    s2 += p[(b + 2) * per_block];
-    s3 += p[(b + 3) * per_block];
-  }
-  for (; b < blocks; ++b) s0 += p[b * per_block];
-  dw[i] = (s0 + s1) + (s2 + s3);
+  const int slices = reduce_slices(blocks);
+  acc_t sum = reduce_slice<R>(partial, blocks, r, n, i, 0, slices);
+  for (int s = 1; s < slices; ++s) sum += reduce_slice<R>(partial, blocks, r, n, i, s, slices);
+  dw[i] = sum;
 }
 
 }  // namespace tile

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--no-progress", dest="progress", action="store_false")
 
     t = sub.add_parser("train", help="fine-tune; writes finetune.json, history.json, "
-                                     "best/last.safetensors and last.pt into --out",
+                                     "curve.png, best/last.safetensors and last.pt into --out",
                        formatter_class=_Defaults)
     t.add_argument("--train", required=True, help="training data: a folder or a CSV file")
     t.add_argument("--val", default=None, help="validation data (a folder or a CSV file)")
@@ -120,7 +120,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError) as e:  # bad data or settings: said plainly
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        # bad data or settings, or a loss gone non-finite: said plainly, on a line of its own
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -56,7 +56,8 @@ def test_training_learns_the_task(run, data):
     assert len(losses) == STEPS and sum(losses[-20:]) < sum(losses[:20])
     assert len(logs) == 5 and logs[0].startswith("step 30: validation {'iou': ")
     assert sorted(p.name for p in out.iterdir()) == [
-        "best.safetensors", "finetune.json", "history.json", "last.pt", "last.safetensors"]
+        "best.safetensors", "curve.png", "finetune.json", "history.json", "last.pt",
+        "last.safetensors"]
     assert json.loads((out / "finetune.json").read_text())["steps"] == STEPS
 
 @pytest.mark.slow  # the shared 150-step training run: ~2 min on 2 cores
@@ -249,3 +250,45 @@ def test_written_files_take_the_umask_mode(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(target.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o644
+
+
+def test_train_draws_its_curve(run):
+    """curve.png beside history.json: a PNG of the loss and the validation metric, redrawn
+    at each validation from the history it plots."""
+    from PIL import Image
+
+    from convlora_kernels.seg.trainer import write_curve
+
+    _, out, result, _ = run
+    with Image.open(out / "curve.png") as img:
+        assert img.format == "PNG" and img.size == (700, 400)
+        drawn = img.convert("RGB")
+    # orange (the validation line) and blue (the loss) both on the canvas
+    colours = drawn.getcolors(maxcolors=1 << 16)
+    assert any(r > 200 and 100 < g < 160 and b < 60 for _, (r, g, b) in colours), "no metric line"
+    assert any(r < 60 and 90 < g < 140 and b > 160 for _, (r, g, b) in colours), "no loss line"
+    assert write_curve(out / "again.png", result["history"], "iou")
+    assert (out / "again.png").stat().st_size > 1000
+
+
+def test_errors_get_a_line_of_their_own(data, tmp_path):
+    """A bad mask found mid-run (here at the first validation) ends the run with one
+    'error:' line that starts a line, not glued to the progress bar's last state."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    val = tmp_path / "val"
+    shutil.copytree(data[1], val)
+    bad = sorted((val / "masks").iterdir())[0]
+    Image.fromarray(np.full((128, 128), 7, dtype=np.uint8)).save(bad)
+    status, err = _command("train", "--train", data[0], "--val", val, "--num-classes", "1",
+                           "--out", tmp_path / "run", "--model-type", "tiny", "--backend",
+                           "cpu", "--steps", "2", "--val-every", "1")
+    assert status == 2, err
+    lines = err.replace("\r", "\n").splitlines()
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: "), err
+    assert bad.name in errors[0] and "Traceback" not in err, err
+    assert any("step" in line for line in lines), err  # the bar was drawn

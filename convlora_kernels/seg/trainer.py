@@ -10,7 +10,8 @@
     predict(segmenter, images, out)     mask PNGs and overlays
 
 A run's folder holds ``finetune.json`` (the settings), ``history.json`` (training loss and
-validation metrics), ``best.safetensors`` and ``last.safetensors`` (adapters, decoder,
+validation metrics), ``curve.png`` (the two against steps, when matplotlib is installed),
+``best.safetensors`` and ``last.safetensors`` (adapters, decoder,
 class tokens and Conv-LoRA settings, as save_adapter writes them) and ``last.pt`` (the
 same plus the optimizer state and step, to resume). Every file is written beside its
 target and renamed into place, so none is ever half-written.
@@ -191,12 +192,16 @@ def _autocast(device: torch.device, bf16: bool):
                           enabled=bf16 and device.type == "cuda")
 
 
+def _score_name(num_classes: int) -> str:
+    return "iou" if num_classes == 1 else "miou"
+
+
 def _score(metrics: Dict[str, object], num_classes: int) -> float:
-    return float(metrics["iou"] if num_classes == 1 else metrics["miou"])
+    return float(metrics[_score_name(num_classes)])
 
 
 RUN_FILES = ("finetune.json", "history.json", "last.pt", "best.safetensors",
-             "last.safetensors")
+             "last.safetensors", "curve.png")
 
 
 def _overlap(a: Path, b: Path) -> bool:
@@ -273,6 +278,16 @@ def train(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
                                          num_workers=cfg.workers,
                                          drop_last=len(train_ds) >= cfg.batch_size)
     bar = _progress(cfg.steps, step, progress)
+    try:
+        return _train_steps(cfg, seg, opt, loader, train_ds, val_ds, out, device, step,
+                            epoch, best, history, settings, bar, log)
+    finally:
+        if bar is not None:  # also on an error, so that its message gets a line of its own
+            bar.close()
+
+
+def _train_steps(cfg, seg, opt, loader, train_ds, val_ds, out, device, step, epoch, best,
+                 history, settings, bar, log) -> Dict[str, object]:
     seg.train()
     seen, t0 = 0, time.perf_counter()
     while step < cfg.steps:
@@ -306,8 +321,6 @@ def train(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
                 break
         else:
             epoch += 1
-    if bar is not None:
-        bar.close()
     return {"step": step, "best": best, "history": history}
 
 
@@ -344,7 +357,41 @@ def _checkpoint(seg, opt, cfg, out: Path, step, epoch, best, history, val_ds, se
              "optimizer": opt.state_dict()}
     write_atomically(out / "last.pt", lambda tmp: torch.save(state, tmp))
     _write_json(out / "history.json", history)
+    write_curve(out / "curve.png", history, _score_name(cfg.num_classes))
     return best
+
+
+def write_curve(path: Path, history: list, metric: str) -> bool:
+    """The training loss and the validation ``metric`` against steps, as a PNG at ``path``
+    (written beside it and renamed); False, writing nothing, without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    steps = [h["step"] for h in history if "loss" in h]
+    losses = [h["loss"] for h in history if "loss" in h]
+    val = [(h["validation"]["step"], h["validation"][metric]) for h in history
+           if "validation" in h and isinstance(h["validation"].get(metric), float)]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, color="tab:blue", linewidth=1, label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss", color="tab:blue")
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot([s for s, _ in val], [v for _, v in val], "o-", color="tab:orange",
+                 label=f"validation {metric}")
+        ax2.set_ylabel(f"validation {metric}", color="tab:orange")
+        ax2.set_ylim(0, 1)
+    ax.set_title("fine-tuning")
+    fig.tight_layout()
+    try:
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
+    return True
 
 
 def _resume(path: Path, seg, opt, settings) -> Tuple[int, int, object, list]:

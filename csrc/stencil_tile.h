@@ -111,6 +111,10 @@ struct Geometry {
   static constexpr int kURow = ((kNeighbours * R > 9 * kUTap ? kNeighbours * R : 9 * kUTap) + 1) | 1;
   // Items per round: 128 forward (R values each); backward, about 36 KB of ubuf.
   static constexpr int kRound = !BWD ? 128 : round_items(kURow);
+  // Threads per item in the per-item phases (phase_conv, phase_delta), each owning
+  // R / kItemSplit of the item's channels: every thread of the block busy when a round
+  // has fewer items than threads (the backward's; the forward's rounds fill the block).
+  static constexpr int kItemSplit = kThreads / kRound < R ? kThreads / kRound : R;
   static constexpr int kBuckets = 2 * kMaxExperts; // (tile or halo) x expert
 };
 
@@ -380,14 +384,18 @@ CONVLORA_HD int item_b(int it) { return (it >> 14) & 3; }
 // the conv output (oy, ox) of expert e at scale s, U read from the staged z through the
 // up tables (zero outside the s·H x s·W map). With COMPUTE_C writes C to crow[0..R); with
 // STORE_U the nine U vectors to urow[k·(R + 1) + ci] (zero for taps outside the map).
-template <int R, int INTERP, int ZW, int CELL, bool COMPUTE_C, bool STORE_U, typename acc_t>
+// Without COMPUTE_C, only input channels [cs, cs + RS) (the caller's share of the item).
+template <int R, int INTERP, int ZW, int CELL, bool COMPUTE_C, bool STORE_U, int RS = R,
+          typename acc_t>
 CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int s, int oy,
                            int ox, int zy0, int zx0, SArr<acc_t> zs, SArr<acc_t> w, int w_off,
                            SArr<acc_t> bias, SArr<acc_t> crow, int crow_off, SArr<acc_t> urow,
-                           int urow_off) {
+                           int urow_off, int cs = 0) {
+  static_assert(RS == R || !COMPUTE_C, "a share of the channels computes no C");
   constexpr int UT = Interp<INTERP>::kUpTaps;
   // channels per pass: bounded registers (8 from R = 32: bicubic taps would spill at 16)
-  constexpr int CC = R < 16 ? R : (R < 32 ? 16 : 8);
+  constexpr int CC0 = R < 16 ? R : (R < 32 ? 16 : 8);
+  constexpr int CC = CC0 < RS ? CC0 : RS;
   int ry[3][UT], rx[3][UT];
   acc_t wy[3][UT], wx[3][UT];
   bool vy[3], vx[3];
@@ -420,11 +428,11 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
         const int k = ky * 3 + kx;
         if (!(vy[ky] && vx[kx])) {
           if (STORE_U && co0 == 0)
-            for (int ci = 0; ci < R; ++ci) urow[urow_off + k * (R + 1) + ci] = acc_t(0);
+            for (int ci = cs; ci < cs + RS; ++ci) urow[urow_off + k * (R + 1) + ci] = acc_t(0);
           continue;
         }
         CONVLORA_NO_UNROLL
-        for (int ci0 = 0; ci0 < R; ci0 += CC) {
+        for (int ci0 = cs; ci0 < cs + RS; ci0 += CC) {
           // U(tap k)[ci0 .. ci0 + CC): the up-sampling taps of the staged z
           acc_t u[CC];
           CONVLORA_UNROLL
@@ -628,7 +636,8 @@ CONVLORA_HD ItemPos<acc_t> item_pos(const TileArgs<scalar_t, acc_t>& A, int e, i
   return p;
 }
 
-// Phase 4 (per round): thread per item.
+// Phase 4 (per round): thread per item (backward: kItemSplit threads per item, each for
+// its run of channels; thread v takes item v % kRound).
 //   forward:  C (the pre-activation), saved to A.pre when given; cbuf = w_o GELU(C)
 //   backward: C from A.pre; cbuf = g = w_o du GELU'(C); for tile items ubuf = the nine U
 //             vectors (what the weight gradient needs)
@@ -639,7 +648,11 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
   const int sy0 = P.h0 - G::kSH, sx0 = P.w0 - G::kSH;
   const int zy0 = P.h0 - G::kHalo, zx0 = P.w0 - G::kHalo;
   const int tile_items = BWD ? S.first[A.n] : nitems;
-  for (int j = tid; j < G::kRound && r0 + j < nitems; j += kThreads) {
+  constexpr int RS = R / G::kItemSplit;  // channels per thread (R in the forward)
+  static_assert(BWD || RS == R, "the forward's rounds fill the block");
+  for (int v = tid; v < G::kRound * G::kItemSplit; v += kThreads) {
+    const int j = v % G::kRound, cs = (v / G::kRound) * RS;
+    if (r0 + j >= nitems) continue;
     const int it = S.items[r0 + j];
     const int t = item_token(it);
     const int ly = t / G::kSrcW, lx = t - ly * G::kSrcW;
@@ -660,10 +673,10 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
       for (int co = 0; co < R; ++co) S.cbuf[row + co] = ip.w * gelu_erf(acc_t(S.cbuf[row + co]));
     } else {
       if (r0 + j < tile_items)
-        conv_item<R, INTERP, G::kZW, G::kCell, false, true>(
+        conv_item<R, INTERP, G::kZW, G::kCell, false, true, RS>(
             A.taps, A.T, e, A.T.scale[e], ip.oy, ip.ox, zy0, zx0, S.zs, S.w,
-            e * weight_stride<R>(), S.b, S.cbuf, row, S.ubuf, j * G::kURow);
-      for (int co = 0; co < R; ++co)
+            e * weight_stride<R>(), S.b, S.cbuf, row, S.ubuf, j * G::kURow, cs);
+      for (int co = cs; co < cs + RS; ++co)
         S.cbuf[row + co] = co < A.r
             ? ip.w * S.src[t * G::kCell + co] * gelu_erf_grad(pre[co]) : acc_t(0);
     }
@@ -777,25 +790,32 @@ CONVLORA_HD void check_offset(int off, int side) {
 #endif
 }
 
-// Backward phase 6 (per round, after phase_dw has read U): thread per item. The item's
-// dU = W^T g at each of its nine upsampled taps goes, through the up-sampling taps, into
-// its contributions D[c] to the z values c of its source token's neighbourhood
-// (c = (dy + halo)·side + dx + halo), written over the item's ubuf row:
+// Backward phase 6 (per round, after phase_dw has read U): kItemSplit threads per item,
+// each owning a run of RS input channels. The item's dU = W^T g at each of its nine
+// upsampled taps goes, through the up-sampling taps, into its contributions D[c] to the z
+// values c of its source token's neighbourhood (c = (dy + halo)·side + dx + halo), written
+// over the item's ubuf row:
 //   dU(k)[ci] = sum_co W[e, k, ci, co] g[co],   D[z tap of k] += wy wx dU(k)
+// Thread v takes item v % kRound (a warp's lanes: consecutive items, odd row strides) and
+// channel run v / kRound.
 template <int R, int INTERP, typename scalar_t, typename acc_t>
 CONVLORA_HD void phase_delta(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P, int r0,
                              int nitems, const Smem<R, INTERP, true, acc_t>& S, int tid) {
   using G = Geometry<R, INTERP, true>;
   constexpr int UT = Interp<INTERP>::kUpTaps, SIDE = Interp<INTERP>::kSide, HALO = G::kHalo;
-  constexpr int CH = R < 16 ? R : 16;  // channels per pass: bounded registers
+  constexpr int RS = R / G::kItemSplit;  // channels per thread
+  constexpr int CH = RS < 16 ? RS : 16;   // channels per pass: bounded registers
   const int sy0 = P.h0 - G::kSH, sx0 = P.w0 - G::kSH;
-  for (int j = tid; j < G::kRound && r0 + j < nitems; j += kThreads) {
+  for (int v = tid; v < G::kRound * G::kItemSplit; v += kThreads) {
+    const int j = v % G::kRound, cs = (v / G::kRound) * RS;
+    if (r0 + j >= nitems) continue;
     const int it = S.items[r0 + j];
     const int t = item_token(it), e = S.es[t], s = A.T.scale[e];
     const int gy = sy0 + t / G::kSrcW, gx = sx0 + t % G::kSrcW;
     const ItemPos<acc_t> ip = item_pos(A, e, gy, gx, item_a(it), item_b(it));
     const int row = j * G::kURow, w_off = e * weight_stride<R>();
-    for (int c = 0; c < G::kNeighbours * R; ++c) S.ubuf[row + c] = acc_t(0);
+    for (int nb = 0; nb < G::kNeighbours; ++nb)
+      for (int c = 0; c < RS; ++c) S.ubuf[row + nb * R + cs + c] = acc_t(0);
     for (int ky = 0; ky < 3; ++ky) {
       const int p = ip.oy + ky - 1;
       if (p < 0 || p >= s * A.H) continue;
@@ -805,7 +825,7 @@ CONVLORA_HD void phase_delta(const TileArgs<scalar_t, acc_t>& A, const BlockPos&
         if (q < 0 || q >= s * A.W) continue;
         const Taps<acc_t>& txt = A.taps[A.T.up_x[e] + q];
         const int k = ky * 3 + kx;
-        for (int c0 = 0; c0 < R; c0 += CH) {
+        for (int c0 = cs; c0 < cs + RS; c0 += CH) {
           acc_t d[CH];
           CONVLORA_UNROLL
           for (int c = 0; c < CH; ++c) d[c] = acc_t(0);

@@ -10,10 +10,11 @@ kernel the stencil ops launch (prep, the tile or map program, fold, reduce):
 
 - shared-memory wavefronts, from the checked CPU build (csrc/smem_trace.h): the block
   programs run on a smaller map of the same kind, every 4-byte shared read and write
-  recorded per thread and phase, the threads grouped into warps of 32, the i-th access of
-  each lane taken as one warp instruction, and each such access costing as many
-  wavefronts as the most distinct words one of the 32 banks holds; scaled to the SAM
-  shape by its number of blocks;
+  recorded per thread and phase with its place in the code, the threads grouped into
+  warps of 32, the k-th access of each lane at one place taken as one warp instruction
+  (lanes that skip it idle), and each such access costing as many wavefronts as the most
+  distinct words one of the 32 banks holds; scaled to the SAM shape by its number of
+  blocks;
 - instructions, from the SASS of the built extension (cuobjdump -sass, sm_90, bf16):
   the kernel's static ratio of all instructions to shared-memory instructions times the
   warp-level shared accesses counted above (an estimate: the SASS has no trip counts);
@@ -101,64 +102,54 @@ WAVEFRONTS_PER_ACCESS_CEILING = 1.3
 # tests/test_stencil_kernels.py: lower a value when a kernel improves, drop it once it is
 # under the ceiling or the budget.
 OVER_CEILING: Dict[str, float] = {
-    "global token r8/fwd/list": 1.78,
     "global token r8/fwd/conv": 1.35,
-    "global token r8/fwd/combine": 1.66,
+    "global token r8/fwd/combine": 1.58,
     "global token r8/fwd/store": 1.5,
-    "global token r8/bwd/list": 1.81,
     "global token r8/bwd/conv": 1.71,
     "global token r8/bwd/delta": 1.32,
-    "global token r8/bwd/gather": 2.06,
+    "global token r8/bwd/gather": 1.92,
     "global token r8/bwd/store": 1.67,
-    "global token r3/fwd/list": 1.8,
     "global token r3/fwd/conv": 1.47,
-    "global token r3/fwd/combine": 1.66,
+    "global token r3/fwd/combine": 1.56,
     "global token r3/fwd/store": 1.5,
-    "global token r3/bwd/list": 1.82,
     "global token r3/bwd/conv": 1.74,
     "global token r3/bwd/delta": 1.39,
-    "global token r3/bwd/gather": 2.09,
+    "global token r3/bwd/gather": 1.91,
     "global token r3/bwd/store": 1.67,
-    "global token r16/fwd/list": 1.79,
-    "global token r16/fwd/combine": 1.56,
+    "global token r16/fwd/combine": 1.53,
     "global token r16/fwd/store": 1.5,
-    "global token r16/bwd/load": 1.71,
-    "global token r16/bwd/list": 1.82,
+    "global token r16/bwd/load": 1.64,
     "global token r16/bwd/conv": 1.69,
     "global token r16/bwd/delta": 1.37,
-    "global token r16/bwd/gather": 1.76,
+    "global token r16/bwd/gather": 1.94,
     "global token r16/bwd/store": 1.67,
-    "global token r8 bicubic/fwd/list": 1.5,
-    "global token r8 bicubic/fwd/combine": 1.42,
+    "global token r8 bicubic/fwd/combine": 1.36,
     "global token r8 bicubic/fwd/store": 1.5,
-    "global token r8 bicubic/bwd/list": 1.7,
     "global token r8 bicubic/bwd/conv": 1.36,
     "global token r8 bicubic/bwd/delta": 2.17,
-    "global token r8 bicubic/bwd/gather": 2.06,
+    "global token r8 bicubic/bwd/gather": 2.33,
     "global token r8 bicubic/bwd/store": 1.67,
-    "windows token r8/fwd/list": 1.81,
     "windows token r8/fwd/conv": 1.37,
-    "windows token r8/fwd/combine": 1.6,
+    "windows token r8/fwd/combine": 1.56,
     "windows token r8/fwd/store": 1.38,
-    "windows token r8/bwd/list": 1.82,
-    "windows token r8/bwd/conv": 1.65,
+    "windows token r8/bwd/conv": 1.66,
     "windows token r8/bwd/delta": 1.4,
-    "windows token r8/bwd/gather": 2.01,
+    "windows token r8/bwd/gather": 1.88,
     "windows token r8/bwd/store": 1.5,
-    "authors map r3 bicubic/fwd/taps": 2.6,
-    "authors map r3 bicubic/bwd/taps": 2.6,
-    "authors map r3 bicubic/bwd/du": 1.9,
+    "authors map r3 bicubic/fwd/taps": 1.95,
+    "authors map r3 bicubic/fwd/conv": 1.32,
+    "authors map r3 bicubic/bwd/taps": 1.95,
+    "authors map r3 bicubic/bwd/du": 2.74,
     "authors map r3 bicubic/bwd/cols_down": 1.56,
-    "windows map r8/fwd/taps": 1.5,
-    "windows map r8/bwd/taps": 1.5,
-    "windows map r8/bwd/du": 1.58,
+    "windows map r8/fwd/conv": 1.37,
+    "windows map r8/bwd/du": 3.63,
     "windows map r8/bwd/cols_down": 1.75,
 }
 OVER_BUDGET_US: Dict[str, float] = {
     "global token r8/fwd": 13.2,
-    "global token r8/bwd": 32.6,
-    "authors map r3 bicubic/fwd": 18.7,
-    "authors map r3 bicubic/bwd": 47.9,
+    "global token r8/bwd": 38.5,
+    "authors map r3 bicubic/fwd": 18.8,
+    "authors map r3 bicubic/bwd": 50.7,
 }
 
 

@@ -68,21 +68,29 @@ template <typename T>
 struct SArr;
 
 // A checked element: reads and writes go through the race check.
+// Its operators are always inlined, so that the hooks (never inlined) see the kernel's own
+// code as their caller: the return address names the access's place in the program, which
+// the cost model's count aligns the lanes of a warp by (smem_trace.h).
+#define CONVLORA_SITE __attribute__((always_inline)) inline
+#define CONVLORA_HOOK __attribute__((noinline))
 template <typename T>
 struct SRef {
   const SArr<T>* a;
   int i;
-  operator T() const {
+  CONVLORA_SITE operator T() const {
     a->on_read(i);
     return a->p[i];
   }
-  SRef& operator=(T v) {
+  CONVLORA_SITE SRef& operator=(T v) {
     a->on_write(i);
     a->p[i] = v;
     return *this;
   }
-  SRef& operator=(const SRef& o) { return *this = static_cast<T>(o); }
-  SRef& operator+=(T v) {
+  CONVLORA_SITE SRef& operator=(const SRef& o) {
+    const T v = o;
+    return *this = v;
+  }
+  CONVLORA_SITE SRef& operator+=(T v) {
     a->on_read(i);
     a->on_write(i);
     a->p[i] += v;
@@ -105,11 +113,12 @@ struct SArr {
     const auto off = reinterpret_cast<const unsigned char*>(p + i) - s->base;
     return off >= 0 && off / 4 < s->words ? off / 4 : -1;
   }
-  void on_read(int i) const {
+  CONVLORA_HOOK void on_read(int i) const {
+    const void* site = __builtin_return_address(0);  // the access's place in the kernel
     const int64_t w = word(i);
     if (w < 0) return;
     Shadow& s = *g_shadow;
-    if (s.trace != nullptr && s.tid >= 0) s.trace->reads[s.tid].push_back(w);
+    if (s.trace != nullptr && s.tid >= 0) s.trace->reads[s.tid].push_back({site, w});
     if (s.wphase[w] == s.phase && s.wtid[w] != s.tid)
       smem_race(name, i, "written by", s.wtid[w], s.tid);
     if (s.rphase[w] != s.phase) {
@@ -119,13 +128,14 @@ struct SArr {
       s.rtid[w] = -2;  // read by several threads
     }
   }
-  void on_write(int i) const {
+  CONVLORA_HOOK void on_write(int i) const {
+    const void* site = __builtin_return_address(0);
     const int64_t w = word(i);
     if (w < 0) return;
     Shadow& s = *g_shadow;
     if (s.wphase[w] == s.phase && s.wtid[w] != s.tid)
       smem_race(name, i, "written by", s.wtid[w], s.tid);
-    if (s.trace != nullptr && s.tid >= 0) s.trace->writes[s.tid].push_back(w);
+    if (s.trace != nullptr && s.tid >= 0) s.trace->writes[s.tid].push_back({site, w});
     if (s.rphase[w] == s.phase && s.rtid[w] != s.tid)
       smem_race(name, i, "read by", s.rtid[w], s.tid);
     s.wphase[w] = s.phase;

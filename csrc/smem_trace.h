@@ -2,21 +2,24 @@
 // (benchmarks/cost_model.py). Checked builds only (shared_array.h includes it there).
 //
 // Every 4-byte read and write of the block's shared memory is recorded per thread and
-// phase. At the end of a phase the threads are grouped into warps of 32, and the i-th read
-// (or write) of each lane of a warp is taken as one warp-level access instruction: the
-// block's threads run the same code, so the i-th access of one lane is the one its
-// neighbours make at the same instruction (lanes that make fewer accesses are idle for the
-// rest). An access needs as many wavefronts as the most distinct words any one of the 32
-// banks holds among its lanes' words (lanes reading one word share it).
+// phase with its site (the place in the kernel's code that made it, from the hook's return
+// address). At the end of a phase the threads are grouped into warps of 32, and the lanes'
+// accesses are aligned as a warp executes them: the k-th access one lane makes at a site
+// and the k-th its neighbours make there are one warp-level instruction, and a lane that
+// skipped the site (a branch not taken, a loop run fewer times) is idle for it. An access
+// needs as many wavefronts as the most distinct words any one of the 32 banks holds among
+// its lanes' words (lanes reading one word share it).
 #pragma once
 
 #include <stdint.h>
 
 #include <algorithm>
 #include <array>
+#include <map>
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace convlora {
@@ -43,7 +46,11 @@ inline int64_t wavefronts_of(std::vector<int64_t>& words) {
 
 struct Trace {
   int threads = 0;
-  std::vector<std::vector<int64_t>> reads, writes;  // per thread, this phase's words
+  struct Access {
+    const void* site;
+    int64_t word;
+  };
+  std::vector<std::vector<Access>> reads, writes;  // per thread, this phase's accesses
   std::vector<PhaseTraffic> phases;                 // by name, in order of first run
   PhaseTraffic* current = nullptr;
 
@@ -63,20 +70,22 @@ struct Trace {
 
   // Counts one direction (reads or writes) of the phase; returns each warp's access
   // instructions.
-  std::vector<int64_t> count(const std::vector<std::vector<int64_t>>& per_thread) {
-    std::vector<int64_t> words, per_warp;
+  std::vector<int64_t> count(const std::vector<std::vector<Access>>& per_thread) {
+    std::vector<int64_t> per_warp;
+    std::map<std::pair<const void*, int64_t>, std::vector<int64_t>> groups;
+    std::map<const void*, int64_t> seen;
     for (int w0 = 0; w0 < threads; w0 += 32) {
-      size_t most = 0;
-      for (int l = w0; l < w0 + 32 && l < threads; ++l) most = std::max(most, per_thread[l].size());
-      for (size_t i = 0; i < most; ++i) {
-        words.clear();
-        for (int l = w0; l < w0 + 32 && l < threads; ++l)
-          if (i < per_thread[l].size()) words.push_back(per_thread[l][i]);
+      groups.clear();
+      for (int l = w0; l < w0 + 32 && l < threads; ++l) {
+        seen.clear();
+        for (const Access& a : per_thread[l]) groups[{a.site, seen[a.site]++}].push_back(a.word);
+      }
+      for (auto& [key, words] : groups) {
         current->lane_accesses += static_cast<int64_t>(words.size());
-        current->warp_accesses += 1;
         current->wavefronts += wavefronts_of(words);
       }
-      per_warp.push_back(static_cast<int64_t>(most));
+      current->warp_accesses += static_cast<int64_t>(groups.size());
+      per_warp.push_back(static_cast<int64_t>(groups.size()));
     }
     return per_warp;
   }

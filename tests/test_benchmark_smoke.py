@@ -248,3 +248,19 @@ def test_profile_layer_runs_on_cpu(capsys):
                             r["router_outside_ms"] > 0 for r in rows)
     out = capsys.readouterr().out
     assert "the same with the router outside the layer's op" in out and "stencil bwd" in out
+
+
+def test_cost_model_runs_as_a_script(tmp_path):
+    """benchmarks/cost_model.py (the gpu_check.sh model stage) as a user runs it: the
+    kernel table, the totals against the budgets and every number in --json."""
+    out = tmp_path / "cost.json"
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "cost_model.py"), "--json",
+                        str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "RESULT: modeled global token r8 stencil fwd" in r.stdout, r.stdout[-2000:]
+    assert "| global token r8 | bwd | stencil_tile_kernel | 256 |" in r.stdout
+    data = json.loads(out.read_text())
+    assert data["assumptions"]["sms"] == 132
+    kernels = {(row["case"], row["direction"], row["kernel"]) for row in data["rows"]}
+    assert ("authors map r3 bicubic", "bwd", "fold_kernel") in kernels
+    assert ("global token r8", "bwd", "reduce_dw_kernel") in kernels

@@ -43,10 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     def model_args(q, weights=False):
         q.add_argument("--model-type", choices=MODEL_TYPES, default=None if weights else "vit_b",
                        help="SAM's image encoder; 'tiny' is a small random SAM for trying "
-                            "the flow on a CPU" + (" (default: the run's)" if weights else ""))
+                            "the flow on a CPU" + (" (default: the one --weights records)"
+                                                   if weights else ""))
         q.add_argument("--checkpoint", default=None,
                        help="SAM's official weights (sam_vit_b_01ec64.pth, ...)"
-                            + (" (default: the run's)" if weights else
+                            + (" (default: the file --weights records, where training read "
+                               "it; a given file must have its size and SHA-256)" if weights else
                                "; without it the model starts from random weights"))
         q.add_argument("--backend", default="auto",
                        help="Conv-LoRA kernels: auto, cuda, triton, cpu, reference")

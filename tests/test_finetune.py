@@ -292,3 +292,67 @@ def test_errors_get_a_line_of_their_own(data, tmp_path):
     assert len(errors) == 1 and errors[0].startswith("error: "), err
     assert bad.name in errors[0] and "Traceback" not in err, err
     assert any("step" in line for line in lines), err  # the bar was drawn
+
+
+def test_weights_record_their_base_model(data, tmp_path):
+    """best.safetensors says which SAM it was trained on (type and the seed of a random
+    init, or a checkpoint's name, size and SHA-256), so a copy of it alone evaluates on the
+    same model; a different --model-type or a --checkpoint for a random-init run is refused,
+    naming both."""
+    import shutil
+
+    from convlora_kernels.sam import read_base_model
+
+    out = tmp_path / "run"
+    cfg = FinetuneConfig(train_data=str(data[0]), val_data=None, num_classes=1, out=str(out),
+                         model_type="tiny", steps=2, val_every=2, backend="cpu", seed=7)
+    train(cfg, progress=False, log=lambda _: None)
+    assert read_base_model(out / "best.safetensors") == {"model_type": "tiny", "seed": 7}
+    alone = tmp_path / "elsewhere" / "weights.safetensors"
+    alone.parent.mkdir()
+    shutil.copy(out / "best.safetensors", alone)
+    seg = load_segmenter(alone, backend="cpu", device="cpu")
+    want = build_sam("tiny", seed=7).state_dict()
+    got = seg.sam.state_dict() if hasattr(seg, "sam") else None
+    assert got is not None
+    adapter = ("lora_", "conv_weight", "conv_bias", "router")
+    frozen = [k for k in want if k.startswith("image_encoder.") and k in got
+              and not any(a in k for a in adapter)]
+    assert len(frozen) > 10
+    assert all(torch.equal(want[k], got[k]) for k in frozen), \
+        [k for k in frozen if not torch.equal(want[k], got[k])][:5]
+    with pytest.raises(ValueError, match="trained on SAM tiny, not vit_b"):
+        load_segmenter(alone, model_type="vit_b", backend="cpu", device="cpu")
+    with pytest.raises(ValueError, match="randomly initialised SAM tiny \\(seed 7\\)"):
+        load_segmenter(alone, checkpoint=str(alone), backend="cpu", device="cpu")
+
+
+def test_recorded_checkpoint_is_checked(tmp_path):
+    """A recorded checkpoint is found where it was, or given; one of another size or hash
+    is refused with both files described; one that moved is named."""
+    from pathlib import Path
+
+    from convlora_kernels.seg.trainer import base_from_record, describe_base
+
+    ckpt = tmp_path / "sam_vit_b_01ec64.pth"
+    ckpt.write_bytes(b"the weights" * 1000)
+    base = describe_base("vit_b", str(ckpt), seed=0)
+    assert base["checkpoint"]["name"] == "sam_vit_b_01ec64.pth"
+    assert base["checkpoint"]["bytes"] == 11000 and len(base["checkpoint"]["sha256"]) == 64
+    w = Path("run/best.safetensors")
+    assert base_from_record(w, base, None, None) == ("vit_b", str(ckpt), 0)
+    assert base_from_record(w, base, "vit_b", str(ckpt)) == ("vit_b", str(ckpt), 0)
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"the weightz" * 1000)  # same size, another hash
+    with pytest.raises(ValueError, match="is not the file .* trained on: that was "
+                                         "sam_vit_b_01ec64.pth .* this is other.pth"):
+        base_from_record(w, base, None, str(other))
+    shorter = tmp_path / "short.pth"
+    shorter.write_bytes(b"x")
+    with pytest.raises(ValueError, match="1 bytes"):
+        base_from_record(w, base, None, str(shorter))
+    moved = tmp_path / "moved.pth"
+    ckpt.rename(moved)
+    with pytest.raises(FileNotFoundError, match="sam_vit_b_01ec64.pth .* no longer at"):
+        base_from_record(w, base, None, None)
+    assert base_from_record(w, base, None, str(moved)) == ("vit_b", str(moved), 0)

@@ -9,6 +9,8 @@
     adapter_state_dict(model)         exactly the trained tensors; load_adapter_state_dict
     save_adapter / load_adapter       the same in a safetensors file that records the settings
     read_adapter_config(path)         those settings, as apply_conv_lora's keyword arguments
+    read_base_model(path)             the base model a file's adapters were trained on, when
+                                      save_adapter(..., base_model=...) recorded it
     trainable_parameters(model)       trainable count and share; print_trainable_parameters
 
 Models (or any module holding one of their image encoders):
@@ -30,7 +32,7 @@ model's ``state_dict()``.
 """
 
 from .adapter_files import (adapter_state_dict, load_adapter, load_adapter_state_dict,
-                            read_adapter_config, save_adapter)
+                            read_adapter_config, read_base_model, save_adapter)
 from .model import (ConvLoRAConfig, TrainableParameters, adapters_disabled, add_modules_to_save,
                     apply_conv_lora, aux_loss, print_trainable_parameters, remove_conv_lora,
                     set_adapters_enabled, trainable_parameters)
@@ -40,6 +42,7 @@ __all__ = [
     "ConvLoRAConfig", "PromptedMasks", "TrainableParameters", "adapter_state_dict",
     "adapters_disabled", "add_modules_to_save", "apply_conv_lora", "aux_loss",
     "box_prompted_masks", "load_adapter", "load_adapter_state_dict", "mask_loss",
-    "print_trainable_parameters", "read_adapter_config", "remove_conv_lora", "save_adapter",
+    "print_trainable_parameters", "read_adapter_config", "read_base_model", "remove_conv_lora",
+    "save_adapter",
     "set_adapters_enabled", "trainable_parameters",
 ]

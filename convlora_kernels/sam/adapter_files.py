@@ -1,5 +1,6 @@
 """The adapters as tensors and as safetensors files that record apply_conv_lora's settings:
-adapter_state_dict, load_adapter_state_dict, save_adapter, load_adapter, read_adapter_config."""
+adapter_state_dict, load_adapter_state_dict, save_adapter, load_adapter, read_adapter_config,
+read_base_model."""
 
 from __future__ import annotations
 
@@ -95,10 +96,13 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
             t.copy_(state_dict[k])
 
 
-def save_adapter(model: nn.Module, path) -> None:
+def save_adapter(model: nn.Module, path, base_model: Optional[Mapping[str, object]] = None
+                 ) -> None:
     """Write adapter_state_dict(model) to a safetensors file, with the settings of
-    apply_conv_lora in its metadata. The file is written beside ``path`` and renamed into
-    place, so ``path`` is never left half-written."""
+    apply_conv_lora in its metadata, and ``base_model`` (a JSON-serialisable description of
+    the model the adapters were trained on: its type, checkpoint file and hash, ...) when
+    given, for read_base_model. The file is written beside ``path`` and renamed into place,
+    so ``path`` is never left half-written."""
     from safetensors.torch import save_file
 
     root, cfg = _config_of(model)
@@ -112,6 +116,11 @@ def save_adapter(model: nn.Module, path) -> None:
     _warn_unsaved_trainables(root, tensors)
     metadata = {"format": FILE_FORMAT, "format_version": FILE_FORMAT_VERSION,
                 "conv_lora_config": json.dumps(cfg.to_dict())}
+    if base_model is not None:
+        try:
+            metadata["base_model"] = json.dumps(dict(base_model), sort_keys=True)
+        except TypeError as e:
+            raise ValueError(f"base_model: expected a JSON-serialisable mapping ({e})") from None
     write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -181,6 +190,22 @@ def _read_file(path) -> Tuple[ConvLoRAConfig, Dict[str, torch.Tensor]]:
     for key in ("scales", "blocks", "modules_to_save", "targets"):
         raw[key] = tuple(raw[key])
     return ConvLoRAConfig(**raw), tensors
+
+
+def read_base_model(path) -> Optional[dict]:
+    """The description of the base model save_adapter recorded in an adapter file
+    (``base_model=``), or None for a file saved without one."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    why = _not_an_adapter_file(path)
+    if why is not None:
+        raise (FileNotFoundError if "does not exist" in why else ValueError)(why)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FILE_FORMAT:
+        raise ValueError(f"path: {path} is not a Conv-LoRA adapter file written by save_adapter")
+    return json.loads(meta["base_model"]) if "base_model" in meta else None
 
 
 def read_adapter_config(path) -> dict:

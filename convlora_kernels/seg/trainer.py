@@ -5,7 +5,9 @@
     FinetuneConfig                      every setting of a run (the paper's defaults)
     train(config)                       train with periodic validation; best and last
                                         checkpoints; resume
-    load_segmenter(weights)             a trained segmenter from its .safetensors file
+    load_segmenter(weights)             a trained segmenter from its .safetensors file, on
+                                        the SAM the file records (type, checkpoint hash or
+                                        seed)
     evaluate(segmenter, data)           the metrics on a dataset
     predict(segmenter, images, out)     mask PNGs and overlays
 
@@ -19,6 +21,7 @@ target and renamed into place, so none is ever half-written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -277,17 +280,18 @@ def train(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
                                          generator=g, collate_fn=collate,
                                          num_workers=cfg.workers,
                                          drop_last=len(train_ds) >= cfg.batch_size)
+    base = describe_base(cfg.model_type, cfg.checkpoint, cfg.seed)
     bar = _progress(cfg.steps, step, progress)
     try:
         return _train_steps(cfg, seg, opt, loader, train_ds, val_ds, out, device, step,
-                            epoch, best, history, settings, bar, log)
+                            epoch, best, history, settings, base, bar, log)
     finally:
         if bar is not None:  # also on an error, so that its message gets a line of its own
             bar.close()
 
 
 def _train_steps(cfg, seg, opt, loader, train_ds, val_ds, out, device, step, epoch, best,
-                 history, settings, bar, log) -> Dict[str, object]:
+                 history, settings, base, bar, log) -> Dict[str, object]:
     seg.train()
     seen, t0 = 0, time.perf_counter()
     while step < cfg.steps:
@@ -315,7 +319,7 @@ def _train_steps(cfg, seg, opt, loader, train_ds, val_ds, out, device, step, epo
                 bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.1f}")
             if step % cfg.val_every == 0 or step == cfg.steps:
                 best = _checkpoint(seg, opt, cfg, out, step, epoch, best, history, val_ds,
-                                   settings, log)
+                                   settings, base, log)
                 seg.train()
             if step >= cfg.steps:
                 break
@@ -334,7 +338,8 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
-def _checkpoint(seg, opt, cfg, out: Path, step, epoch, best, history, val_ds, settings, log):
+def _checkpoint(seg, opt, cfg, out: Path, step, epoch, best, history, val_ds, settings, base,
+                log):
     record, score = {"step": step}, None
     if val_ds is not None:
         metrics = evaluate(seg, val_ds, batch_size=cfg.batch_size, device=None,
@@ -348,8 +353,8 @@ def _checkpoint(seg, opt, cfg, out: Path, step, epoch, best, history, val_ds, se
     # save_adapter writes beside its target and renames: never half-written
     if best is None or score is None or score > best["score"]:
         best = {"step": step, "score": score}
-        sam_api.save_adapter(seg, out / "best.safetensors")
-    sam_api.save_adapter(seg, out / "last.safetensors")
+        sam_api.save_adapter(seg, out / "best.safetensors", base_model=base)
+    sam_api.save_adapter(seg, out / "last.safetensors", base_model=base)
     state = {"format": CHECKPOINT_FORMAT, "step": step, "epoch": epoch, "best": best,
              "history": history, "settings": settings,
              "adapter": {k: v.detach().cpu() for k, v in
@@ -415,17 +420,88 @@ def _resume(path: Path, seg, opt, settings) -> Tuple[int, int, object, list]:
 
 # --- Evaluate, predict ----------------------------------------------------------------
 
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def describe_base(model_type: str, checkpoint: Optional[str], seed: int) -> Dict[str, object]:
+    """What a run's weights file records of the SAM it was trained on (save_adapter's
+    base_model): the model type, and the checkpoint's file name, size, SHA-256 and path,
+    or the seed of the random initialisation without one."""
+    base: Dict[str, object] = {"model_type": model_type}
+    if checkpoint is None:
+        base["seed"] = seed
+    else:
+        path = os.path.abspath(os.fspath(checkpoint))
+        base["checkpoint"] = {"name": os.path.basename(path), "bytes": os.path.getsize(path),
+                              "sha256": file_sha256(path), "path": path}
+    return base
+
+
+def _describe_file(rec: Dict[str, object]) -> str:
+    return f"{rec['name']} ({rec['bytes']:,} bytes, sha256 {str(rec['sha256'])[:16]}…)"
+
+
+def base_from_record(weights: Path, base: Dict[str, object], model_type: Optional[str],
+                     checkpoint: Optional[str]) -> Tuple[str, Optional[str], int]:
+    """(model_type, checkpoint, seed) to rebuild the SAM that ``weights`` recorded: a given
+    --model-type or --checkpoint must be that one (the checkpoint's size and SHA-256 are
+    checked), and a recorded checkpoint that is not where it was, and not given, is named."""
+    recorded = str(base["model_type"])
+    if model_type is not None and model_type != recorded:
+        raise ValueError(f"model_type: {weights} was trained on SAM {recorded}, not "
+                         f"{model_type}; leave --model-type out")
+    rec = base.get("checkpoint")
+    if rec is None:
+        if checkpoint is not None:
+            raise ValueError(f"checkpoint: {weights} was trained on a randomly initialised SAM "
+                             f"{recorded} (seed {base['seed']}), not on {checkpoint}; leave "
+                             f"--checkpoint out")
+        return recorded, None, int(base["seed"])
+    if checkpoint is None:
+        checkpoint = str(rec["path"])
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(
+                f"checkpoint: {weights} was trained on SAM {recorded} from "
+                f"{_describe_file(rec)}, which is no longer at {checkpoint}; pass "
+                f"--checkpoint with that file")
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint: {checkpoint} does not exist")
+    size = os.path.getsize(checkpoint)
+    digest = file_sha256(checkpoint) if size == rec["bytes"] else "(not read: another size)"
+    if size != rec["bytes"] or digest != rec["sha256"]:
+        given = {"name": os.path.basename(checkpoint), "bytes": size, "sha256": digest}
+        raise ValueError(f"checkpoint: {checkpoint} is not the file {weights} was trained on: "
+                         f"that was {_describe_file(rec)}, this is {_describe_file(given)}")
+    return recorded, checkpoint, 0
+
+
 def load_segmenter(weights, model_type: Optional[str] = None, checkpoint: Optional[str] = None,
                    backend: str = "auto", device: str = "auto") -> SamSegmenter:
     """The segmenter saved in ``weights`` (best/last.safetensors), around the SAM it was
-    trained from: model_type and checkpoint from the run's finetune.json beside the file
-    unless given (and its seed, which made the base weights of a run without one)."""
+    trained on, as the file records it (describe_base; base_from_record checks a given
+    model_type or checkpoint against it). Files without that record: model_type and
+    checkpoint from the run's finetune.json beside the file unless given."""
     weights = Path(weights)
-    run = weights.parent / "finetune.json"
-    saved = json.loads(run.read_text()) if run.is_file() else {}
-    model_type = model_type or saved.get("model_type", "vit_b")
-    checkpoint = checkpoint if checkpoint is not None else saved.get("checkpoint")
-    sam = build_sam(model_type, checkpoint, seed=saved.get("seed", 0))
+    base = sam_api.read_base_model(weights)
+    if base is not None:
+        model_type, checkpoint, seed = base_from_record(weights, base, model_type, checkpoint)
+    else:
+        run = weights.parent / "finetune.json"
+        if not run.is_file() and model_type is None:
+            raise ValueError(f"weights: {weights} records no base model and has no "
+                             f"finetune.json beside it; pass --model-type (and --checkpoint "
+                             f"for a pretrained SAM)")
+        saved = json.loads(run.read_text()) if run.is_file() else {}
+        model_type = model_type or saved.get("model_type", "vit_b")
+        checkpoint = checkpoint if checkpoint is not None else saved.get("checkpoint")
+        seed = saved.get("seed", 0)
+    sam = build_sam(model_type, checkpoint, seed=seed)
     return SamSegmenter.from_adapter(sam, weights, backend=backend).to(resolve_device(device))
 
 

@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--val-every", type=int, default=d.val_every,
                    help="validate and write checkpoints every N steps")
     t.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
+    t.add_argument("--skip-data-check", dest="check_data", action="store_false",
+                   help="start without first reading every image and mask (the check "
+                        "lists every bad file before the first step)")
     t.add_argument("--seed", type=int, default=d.seed,
                    help="data order, augmentation and, without --checkpoint, SAM's weights")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -122,10 +125,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         # bad data or settings, or a loss gone non-finite: said plainly, on a line of its own
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {plain_message(e)}", file=sys.stderr)
         return 2
+
+
+def plain_message(e: BaseException) -> str:
+    """The message of ``e``; for an error a DataLoader worker raised (which arrives as
+    "Caught ValueError in DataLoader worker process 0" and the worker's traceback), the
+    worker's own message."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    kind = type(e).__name__ + ": "
+    return last[len(kind):] if last.startswith(kind) else last
 
 
 def _run(args) -> int:
@@ -139,7 +154,8 @@ def _run(args) -> int:
             weight_decay=args.weight_decay, r=args.r, num_experts=args.experts,
             alpha=args.alpha, gating=args.gating, interpolation=args.interpolation,
             backend=args.backend, aux_weight=args.aux_weight, val_every=args.val_every,
-            device=args.device, bf16=args.bf16, workers=args.workers, seed=args.seed)
+            device=args.device, bf16=args.bf16, workers=args.workers, seed=args.seed,
+            check_data=args.check_data)
         result = steps.train(cfg, resume=args.resume, progress=args.progress,
                              overwrite=args.overwrite)
         print(json.dumps({"step": result["step"], "best": result["best"]}))

@@ -272,8 +272,9 @@ def test_train_draws_its_curve(run):
 
 
 def test_errors_get_a_line_of_their_own(data, tmp_path):
-    """A bad mask found mid-run (here at the first validation) ends the run with one
-    'error:' line that starts a line, not glued to the progress bar's last state."""
+    """A bad mask found mid-run (here at the first validation, the up-front check
+    skipped) ends the run with one 'error:' line that starts a line, not glued to the
+    progress bar's last state."""
     import shutil
 
     import numpy as np
@@ -285,7 +286,7 @@ def test_errors_get_a_line_of_their_own(data, tmp_path):
     Image.fromarray(np.full((128, 128), 7, dtype=np.uint8)).save(bad)
     status, err = _command("train", "--train", data[0], "--val", val, "--num-classes", "1",
                            "--out", tmp_path / "run", "--model-type", "tiny", "--backend",
-                           "cpu", "--steps", "2", "--val-every", "1")
+                           "cpu", "--steps", "2", "--val-every", "1", "--skip-data-check")
     assert status == 2, err
     lines = err.replace("\r", "\n").splitlines()
     errors = [line for line in err.splitlines() if "error:" in line]
@@ -356,3 +357,53 @@ def test_recorded_checkpoint_is_checked(tmp_path):
     with pytest.raises(FileNotFoundError, match="sam_vit_b_01ec64.pth .* no longer at"):
         base_from_record(w, base, None, None)
     assert base_from_record(w, base, None, str(moved)) == ("vit_b", str(moved), 0)
+
+
+def _broken_copy(data, tmp_path):
+    """Copies of the synthetic train and val folders with one bad mask in val (a class id
+    binary masks cannot hold) and one truncated image in train."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    train_dir, val_dir = tmp_path / "train", tmp_path / "val"
+    shutil.copytree(data[0], train_dir)
+    shutil.copytree(data[1], val_dir)
+    bad_mask = sorted((val_dir / "masks").iterdir())[3]
+    Image.fromarray(np.full((128, 128), 7, dtype=np.uint8)).save(bad_mask)
+    cut = sorted((train_dir / "images").iterdir())[5]
+    cut.write_bytes(cut.read_bytes()[:200])
+    return train_dir, val_dir, bad_mask, cut
+
+
+def test_bad_data_is_found_before_the_first_step(data, tmp_path):
+    """Every image and mask of train and val is read before training: a bad validation
+    mask and a truncated training image are both named in one error, and no step runs
+    (no checkpoint, no history)."""
+    train_dir, val_dir, bad_mask, cut = _broken_copy(data, tmp_path)
+    status, err = _command("train", "--train", train_dir, "--val", val_dir, "--num-classes",
+                           "1", "--out", tmp_path / "run", "--model-type", "tiny",
+                           "--backend", "cpu", "--steps", "50", "--val-every", "25",
+                           "--no-progress")
+    assert status == 2, err
+    assert "2 of 64 image/mask pairs cannot be used" in err, err
+    assert str(bad_mask) in err and str(cut) in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "last.pt").exists()
+    assert not (tmp_path / "run" / "history.json").exists()
+
+
+def test_worker_errors_are_one_line(data, tmp_path):
+    """With the check skipped and two loader workers, a bad training image reaches the
+    user as the same one-line error, not DataLoader's 'Caught ... in DataLoader worker'
+    and a traceback."""
+    train_dir, val_dir, bad_mask, cut = _broken_copy(data, tmp_path)
+    status, err = _command("train", "--train", train_dir, "--num-classes", "1", "--out",
+                           tmp_path / "run", "--model-type", "tiny", "--backend", "cpu",
+                           "--steps", "20", "--batch-size", "8", "--workers", "2",
+                           "--skip-data-check", "--no-progress")
+    assert status == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and str(cut) in errors[0], err
+    assert "Caught" not in err and "Traceback" not in err, err

@@ -493,6 +493,54 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 "name": self.pairs[i][0].stem, "valid": valid, "original_size": (H, W)}
 
 
+def check_data(datasets: Sequence["SegmentationDataset"], progress: bool = False,
+               threads: Optional[int] = None, limit: int = 20) -> int:
+    """Reads every image and mask of ``datasets`` (in a thread pool, Pillow decoding
+    outside the GIL) as training will: the files decode whole, the masks hold the classes
+    their dataset's num_classes allows, each image and its mask share a size. Returns the
+    number of pairs checked; raises one ValueError listing every pair that fails (the
+    first ``limit`` of them, and how many more), so bad data is found before the first step
+    rather than at the step that reads it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(ds, i) for ds in datasets for i in range(len(ds))]
+
+    def check(job) -> Optional[str]:
+        ds, i = job
+        try:
+            ds.load(i)
+        except (ValueError, OSError) as e:
+            return str(e)
+        return None
+
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(jobs), unit="pair", desc="checking data", dynamic_ncols=True)
+        except ImportError:
+            bar = None
+    problems: List[str] = []
+    workers = threads or min(8, (os.cpu_count() or 1) + 1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for why in pool.map(check, jobs):
+                if why is not None:
+                    problems.append(why)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if problems:
+        shown = "\n  ".join(problems[:limit])
+        more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+        raise ValueError(f"{len(problems)} of {len(jobs)} image/mask pairs cannot be used "
+                         f"(fix or remove them; nothing was trained):\n  {shown}{more}")
+    return len(jobs)
+
+
 def collate(batch: Sequence[dict]) -> dict:
     """SegmentationDataset items -> one dict: "image" (B, 3, S, S) and "mask" (B, S, S)
     stacked, "name", "valid" and "original_size" as lists. For DataLoader(collate_fn=...)."""

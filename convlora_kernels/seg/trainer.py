@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from .. import sam as sam_api
 from .._files import write_atomically
-from .data import SegmentationDataset, collate, read_image
+from .data import SegmentationDataset, check_data, collate, read_image
 from .losses import segmentation_loss
 from .metrics import SegmentationMetrics
 from .model import SamSegmenter
@@ -141,6 +141,7 @@ class FinetuneConfig:
     scale_jitter: Tuple[float, float] = (0.75, 1.25)
     workers: int = 0
     seed: int = 0
+    check_data: bool = True
 
     def check(self) -> None:
         for name in ("num_classes", "steps", "batch_size", "val_every", "r", "num_experts"):
@@ -265,11 +266,13 @@ def train(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
                                    seed=cfg.seed)
     val_ds = (SegmentationDataset(cfg.val_data, cfg.num_classes, size=seg.image_size)
               if cfg.val_data else None)
+    if cfg.check_data:  # every pair read once now: bad data fails before the first step
+        check_data([train_ds] + ([val_ds] if val_ds is not None else []), progress=progress)
     params = [p for p in seg.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, epoch, best, history = 0, 0, None, []
     settings = {k: v for k, v in asdict(cfg).items()
-                if k not in ("out", "device", "workers", "steps", "val_every")}
+                if k not in ("out", "device", "workers", "steps", "val_every", "check_data")}
     if resume:
         step, epoch, best, history = _resume(out / "last.pt", seg, opt, settings)
         log(f"resumed from {out / 'last.pt'} at step {step}")

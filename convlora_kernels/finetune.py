@@ -35,10 +35,27 @@ class _Defaults(argparse.HelpFormatter):
         return text
 
 
+def _ignore_index(text: str):
+    """--ignore-index: "auto", "none" or a mask value."""
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, none or a mask value (an integer), "
+                                         f"got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m convlora_kernels.finetune",
                                 description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
+
+    def ignore_arg(q):
+        q.add_argument("--ignore-index", type=_ignore_index, default="auto",
+                       help="the mask value of pixels to ignore: auto (none for binary masks, "
+                            "255 with two classes or more), none, or a value that is no "
+                            "class id (a dataset's 'unlabelled' value, e.g. 254)")
 
     def model_args(q, weights=False):
         q.add_argument("--model-type", choices=MODEL_TYPES, default=None if weights else "vit_b",
@@ -82,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="weight of the routers' aux loss (default: 1 binary, 2 multi-class)")
     t.add_argument("--val-every", type=int, default=d.val_every,
                    help="validate and write checkpoints every N steps")
+    ignore_arg(t)
     t.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
     t.add_argument("--skip-data-check", dest="check_data", action="store_false",
                    help="start without first reading every image and mask (the check "
@@ -97,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", required=True, help="a run's best.safetensors or last.safetensors")
     e.add_argument("--data", required=True, help="a folder or a CSV file")
     e.add_argument("--batch-size", type=int, default=4, help="images per forward")
+    ignore_arg(e)
     model_args(e, weights=True)
 
     r = sub.add_parser("predict", help="mask PNGs and overlays for images",
@@ -155,7 +174,7 @@ def _run(args) -> int:
             alpha=args.alpha, gating=args.gating, interpolation=args.interpolation,
             backend=args.backend, aux_weight=args.aux_weight, val_every=args.val_every,
             device=args.device, bf16=args.bf16, workers=args.workers, seed=args.seed,
-            check_data=args.check_data)
+            check_data=args.check_data, ignore_index=args.ignore_index)
         result = steps.train(cfg, resume=args.resume, progress=args.progress,
                              overwrite=args.overwrite)
         print(json.dumps({"step": result["step"], "best": result["best"]}))
@@ -163,7 +182,7 @@ def _run(args) -> int:
         seg = steps.load_segmenter(args.weights, args.model_type, args.checkpoint,
                                    backend=args.backend, device=args.device)
         metrics = steps.evaluate(seg, args.data, batch_size=args.batch_size, bf16=args.bf16,
-                                 progress=args.progress)
+                                 progress=args.progress, ignore_index=args.ignore_index)
         print(json.dumps(metrics))
     elif args.command == "predict":
         steps.prediction_targets(args.images, args.out, args.overwrite)  # before the model

@@ -407,3 +407,27 @@ def test_worker_errors_are_one_line(data, tmp_path):
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1 and str(cut) in errors[0], err
     assert "Caught" not in err and "Traceback" not in err, err
+
+
+def test_eval_with_every_pixel_ignored_is_an_error(run, data, tmp_path):
+    """--ignore-index names the value to skip; a validation set where it covers every
+    pixel has no score to report and says so instead of printing one."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    _, out, _, _ = run
+    val = tmp_path / "val"
+    shutil.copytree(data[1], val)
+    for m in (val / "masks").iterdir():
+        Image.fromarray(np.full((128, 128), 254, dtype=np.uint8)).save(m)
+    status, err = _command("eval", "--weights", out / "best.safetensors", "--data", val,
+                           "--ignore-index", "254", "--backend", "cpu", "--no-progress")
+    assert status == 2 and "every pixel of the 16 image(s) scored is ignored" in err, err
+    status, err = _command("eval", "--weights", out / "best.safetensors", "--data", val,
+                           "--backend", "cpu", "--no-progress")
+    assert status == 2 and "expected a binary mask" in err, err  # 254 is no binary value
+    status, err = _command("eval", "--weights", out / "best.safetensors", "--data", val,
+                           "--ignore-index", "1", "--backend", "cpu", "--no-progress")
+    assert status == 2 and "ignore_index: 1 is a class id" in err, err

@@ -674,3 +674,42 @@ def test_make_synthetic_speed(tmp_path):
 def test_make_synthetic_errors(tmp_path, kwargs, err, match):
     with pytest.raises(err, match=match):
         make_synthetic(tmp_path, **(dict(n_images=1) | kwargs))
+
+
+def test_read_mask_ignore_index(tmp_path):
+    """ignore_index: "auto" (255 ignored with two classes or more, none for binary), None
+    (nothing ignored), or a value that is no class id (ignored, whatever the classes)."""
+    a = np.array([[0, 1, 2], [254, 255, 0]], np.uint8)
+    path = save(tmp_path / "m.png", a)
+    with pytest.raises(ValueError, match=r"ids beyond num_classes=3: found 255 .*or 254 "
+                                         r"for pixels to ignore"):
+        read_mask(path, 3, ignore_index=254)  # 255 is then neither a class nor ignored
+    b = a.copy()
+    b[1, 1] = 0
+    m = read_mask(save(tmp_path / "b.png", b), 3, ignore_index=254)
+    assert m.tolist() == [[0, 1, 2], [IGNORE_INDEX, 0, 0]]
+    c = a.copy()
+    c[1, 0] = 1
+    m = read_mask(save(tmp_path / "c.png", c), 3)  # auto: 255 ignored
+    assert m.tolist() == [[0, 1, 2], [1, IGNORE_INDEX, 0]]
+    with pytest.raises(ValueError, match=r"ids beyond num_classes=3: found 255 \(expected "
+                                         r"ids in \[0, 3\); --ignore"):
+        read_mask(save(tmp_path / "c.png", c), 3, ignore_index=None)
+    # binary: 0/1 with 255 as the value to ignore
+    d = np.array([[0, 1], [255, 1]], np.uint8)
+    m = read_mask(save(tmp_path / "d.png", d), 1, ignore_index=255)
+    assert m.tolist() == [[0, 1], [IGNORE_INDEX, 1]]
+    with pytest.raises(ValueError, match="expected a binary mask"):  # auto: 0, 1 and 255
+        read_mask(save(tmp_path / "d.png", d), 1)
+    # 0/255-only masks with two classes: refused in auto, allowed when 255 is named
+    e = np.array([[0, 255]], np.uint8)
+    with pytest.raises(ValueError, match="255 is read as 'ignore'"):
+        read_mask(save(tmp_path / "e.png", e), 2)
+    assert read_mask(save(tmp_path / "e.png", e), 2, ignore_index=255).tolist() == \
+        [[0, IGNORE_INDEX]]
+    for bad, why in ((1, "is a class id"), (-1, "expected 'auto', None or a mask value"),
+                     ("255", "expected 'auto', None or a mask value")):
+        with pytest.raises(ValueError, match=why):
+            read_mask(path, 3, ignore_index=bad)
+        with pytest.raises(ValueError, match=why):
+            SegmentationDataset(tmp_path, 3, ignore_index=bad)

@@ -254,6 +254,36 @@ def test_metrics_against_hand_counts():
         m.update(lg[:, :1], tg)
 
 
+def test_metrics_never_score_what_is_absent():
+    """An image with no foreground in prediction or target is left out of binary IoU and
+    Dice (not a perfect 1), NaN when no image has any; a class absent from prediction and
+    target is NaN in iou_per_class and out of the mean; every pixel ignored is an error."""
+    m = SegmentationMetrics(1)
+    lg = torch.full((2, 1, 2, 2), -5.0)   # predicts background everywhere
+    lg[0, 0, 0, 0] = 5.0                 # image 0: one foreground pixel, also in the target
+    tg = torch.zeros(2, 2, 2, dtype=torch.long)
+    tg[0, 0, 0] = 1
+    m.update(lg, tg)
+    got = m.compute()
+    assert got["iou"] == 1.0 and got["dice"] == 1.0  # image 1 (empty, empty) left out
+    m = SegmentationMetrics(1)
+    m.update(lg[1:], tg[1:])
+    got = m.compute()
+    assert got["iou"] != got["iou"] and got["dice"] != got["dice"]  # NaN: nothing to score
+    assert got["mae"] == pytest.approx(torch.sigmoid(torch.tensor(-5.0)).item())
+    m = SegmentationMetrics(3)
+    m.update(F.one_hot(torch.zeros(1, 2, 2, dtype=torch.long), 3).permute(0, 3, 1, 2).float(),
+             torch.zeros(1, 2, 2, dtype=torch.long))
+    got = m.compute()
+    assert got["iou_per_class"][0] == 1.0 and all(v != v for v in got["iou_per_class"][1:])
+    assert got["miou"] == 1.0
+    for k in (1, 3):
+        m = SegmentationMetrics(k)
+        m.update(torch.zeros(1, k, 2, 2), torch.full((1, 2, 2), IGNORE_INDEX))
+        with pytest.raises(ValueError, match="every pixel of the 1 image"):
+            m.compute()
+
+
 def test_sam2_is_refused_with_a_clear_error():
     pytest.importorskip("transformers")
     from test_sam_families import _build

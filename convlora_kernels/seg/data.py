@@ -2,7 +2,8 @@
 file or a list, resized and padded for SAM, with training augmentation.
 
     read_image(path)                    (3, H, W) float32 RGB in 0-255
-    read_mask(path, num_classes)        (H, W) int64 class ids, checked against num_classes
+    read_mask(path, num_classes, ignore_index)  (H, W) int64 class ids, checked against
+                                        num_classes; ignored pixels IGNORE_INDEX
     folder_pairs(root)                  root/images/<name>.<ext> with root/masks/<name>.png
     csv_pairs(path)                     a CSV file with columns ``image`` and ``mask``
     SegmentationDataset(source, ...)    items {"image", "mask", "name", "valid", "original_size"}
@@ -119,21 +120,40 @@ def read_image(path: PathLike) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 
-def read_mask(path: PathLike, num_classes: int) -> torch.Tensor:
-    """The mask at path as an (H, W) int64 tensor of class ids.
+def _check_ignore_index(ignore_index, num_classes: int) -> None:
+    if ignore_index in ("auto", None):
+        return
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) \
+            or not 0 <= ignore_index <= 65535:
+        raise ValueError(f"ignore_index: expected 'auto', None or a mask value in [0, 65535], "
+                         f"got {_describe(ignore_index)}")
+    if ignore_index < max(2, num_classes):
+        raise ValueError(f"ignore_index: {ignore_index} is a class id with "
+                         f"num_classes={num_classes} (ids 0 to {max(2, num_classes) - 1}); "
+                         f"the value to ignore must be none of them")
+
+
+def read_mask(path: PathLike, num_classes: int, ignore_index="auto") -> torch.Tensor:
+    """The mask at path as an (H, W) int64 tensor of class ids, IGNORE_INDEX where a pixel
+    is ignored.
 
     The file holds one value per pixel: a grayscale image (8- or 16-bit), or a palette
     image whose palette indices are the ids. An RGB(A) mask is accepted only when its three
     channels are equal; alpha channels are ignored.
 
+    ignore_index, the value in the file that marks pixels to ignore:
+    "auto" (default): none for binary masks; 255 (IGNORE_INDEX, as in VOC-style masks)
+    when num_classes >= 2, where a mask of only 0 and 255 is refused (a binary mask saved
+    as 0/255 would train no foreground at all). None: no value is ignored. An int v (not a
+    class id): pixels of value v are ignored, whatever the number of classes.
+
     num_classes == 1 (binary): values {0, 1} or {0, 255}; 255 becomes 1.
-    num_classes >= 2: ids in [0, num_classes), and IGNORE_INDEX (255: pixels to ignore,
-    as in VOC- or ADE-style masks) when num_classes < 255; a mask of only 0 and 255 is
-    refused there (a binary mask saved as 0/255 would train no foreground at all).
+    num_classes >= 2: ids in [0, num_classes).
     Anything else raises ValueError naming the file and the values found.
     """
     np = _np()
     _check_num_classes(num_classes)
+    _check_ignore_index(ignore_index, num_classes)
     img = _open(path, "a mask: a grayscale or palette PNG of class ids")
     mode = img.mode
     if mode in ("1", "L", "P", "I") or mode.startswith("I;16"):
@@ -154,6 +174,10 @@ def read_mask(path: PathLike, num_classes: int) -> torch.Tensor:
         raise ValueError(f"{path}: expected a single-channel mask of class ids (grayscale or "
                          f"palette PNG), got Pillow mode {mode!r}")
     a = a.astype(np.int64)
+    skip = None
+    if isinstance(ignore_index, int):
+        skip = a == ignore_index
+        a = np.where(skip, 0, a)  # checked as background, ignored below
     values = np.unique(a)
     if num_classes == 1:
         if set(values.tolist()) <= {0, 1}:
@@ -164,19 +188,24 @@ def read_mask(path: PathLike, num_classes: int) -> torch.Tensor:
             raise ValueError(f"{path}: expected a binary mask (num_classes=1) with values "
                              f"{{0, 1}} or {{0, 255}}, found values {_few(values.tolist())}")
     else:
-        if IGNORE_INDEX in values.tolist() and set(values.tolist()) <= {0, IGNORE_INDEX}:
+        auto = ignore_index == "auto"
+        if auto and IGNORE_INDEX in values.tolist() and set(values.tolist()) <= {0, IGNORE_INDEX}:
             raise ValueError(
                 f"{path}: values {{0, {IGNORE_INDEX}}} with num_classes={num_classes}: "
                 f"{IGNORE_INDEX} is read as 'ignore' (VOC style), so nothing in this mask "
                 f"would be learned as foreground. A binary mask saved as 0/255 takes "
                 f"--num-classes 1; with {num_classes} classes save the foreground as ids 1 to "
                 f"{num_classes - 1} (and {IGNORE_INDEX} only for pixels to ignore)")
-        ignored = (values == IGNORE_INDEX) & (num_classes < IGNORE_INDEX)
+        ignored = (values == IGNORE_INDEX) & (num_classes < IGNORE_INDEX) & auto
         bad = values[((values < 0) | (values >= num_classes)) & ~ignored]
         if bad.size:
+            marks = {"auto": f", or {IGNORE_INDEX} for pixels to ignore", None: ""}.get(
+                ignore_index, f", or {ignore_index} for pixels to ignore")
             raise ValueError(f"{path}: ids beyond num_classes={num_classes}: found "
-                             f"{_few(bad.tolist())} (expected ids in [0, {num_classes}), or "
-                             f"{IGNORE_INDEX} for pixels to ignore)")
+                             f"{_few(bad.tolist())} (expected ids in [0, {num_classes})"
+                             f"{marks}; --ignore-index names another value to ignore)")
+    if skip is not None:
+        a = np.where(skip, IGNORE_INDEX, a)
     return torch.from_numpy(a)
 
 
@@ -371,6 +400,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         valid          (h, w): the size of the image content at the top left, before padding
         original_size  (H, W) of the file
 
+    ignore_index: the mask value of pixels to ignore, as read_mask takes it ("auto": 255
+    with two classes or more); those pixels become IGNORE_INDEX.
+
     size=S resizes the image so that its longer side is S (bilinear with antialiasing; the
     mask nearest) and pads it at the bottom and right to S x S (image 0, mask IGNORE_INDEX).
     size=None keeps the file's size; the images of one batch must then share it.
@@ -390,8 +422,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __init__(self, source, num_classes: int, size: Optional[int] = None,
                  train: bool = False, hflip: float = 0.5,
-                 scale: Tuple[float, float] = (0.75, 1.25), seed: int = 0):
+                 scale: Tuple[float, float] = (0.75, 1.25), seed: int = 0,
+                 ignore_index="auto"):
         _check_num_classes(num_classes)
+        _check_ignore_index(ignore_index, num_classes)
         if num_classes > IGNORE_INDEX:
             raise ValueError(f"num_classes: expected at most {IGNORE_INDEX} classes "
                              f"(id {IGNORE_INDEX} is IGNORE_INDEX, the padding), got "
@@ -421,6 +455,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
             raise ValueError(f"seed: expected a non-negative int, got {seed}")
         self.pairs: List[Pair] = _pairs_of(source)
         self.num_classes = num_classes
+        self.ignore_index = ignore_index
         self.size = size
         self.train = train
         self.hflip = float(hflip)
@@ -447,7 +482,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Item i's image and mask as read, checked to be of one size."""
         img_path, mask_path = self.pairs[i]
         image = read_image(img_path)
-        mask = read_mask(mask_path, self.num_classes)
+        mask = read_mask(mask_path, self.num_classes, self.ignore_index)
         if tuple(image.shape[1:]) != tuple(mask.shape):
             raise ValueError(f"size mismatch: image {img_path} is (H, W) = "
                              f"{tuple(image.shape[1:])} but mask {mask_path} is "

@@ -16,11 +16,14 @@ class SegmentationMetrics:
     """Running metrics over batches: ``update(logits, target)`` then ``compute()``.
 
     Binary (num_classes == 1): "iou" and "dice" of the foreground, each the mean over
-    images of the per-image score (an image with no foreground in prediction and target
-    scores 1), and "mae", the mean over images of the mean |sigmoid(logit) - target| over
-    valid pixels. Multi-class: "miou", the mean over classes present in prediction or
-    target of the dataset-wide IoU, "iou_per_class" (NaN for a class never seen) and
-    "pixel_accuracy". IGNORE_INDEX pixels count nowhere.
+    images of the per-image score, over the images with foreground in prediction or target
+    (an image with none in either has nothing to score and is left out, never counted as
+    a perfect 1; NaN when no image has any), and "mae", the mean over images of the mean
+    |sigmoid(logit) - target| over valid pixels. Multi-class: "miou", the mean over
+    classes present in prediction or target of the dataset-wide IoU, "iou_per_class" (NaN
+    for a class absent from both) and "pixel_accuracy". IGNORE_INDEX pixels count nowhere;
+    compute() raises ValueError when every pixel seen was ignored (no score means
+    anything then).
     """
 
     def __init__(self, num_classes: int):
@@ -32,7 +35,7 @@ class SegmentationMetrics:
     def reset(self) -> None:
         k = max(2, self.num_classes)
         self.confusion = torch.zeros(k, k, dtype=torch.int64)
-        self.images = 0
+        self.images = self.scored = self.valid_pixels = 0
         self.iou_sum = self.dice_sum = self.mae_sum = 0.0
 
     @torch.no_grad()
@@ -42,6 +45,7 @@ class SegmentationMetrics:
             raise ValueError(f"logits: expected {self.num_classes} channels "
                              f"(num_classes), got {logits.shape[1]}")
         valid = target != IGNORE_INDEX
+        self.valid_pixels += int(valid.sum().item())
         if self.num_classes == 1:
             prob = torch.sigmoid(logits[:, 0].float())
             pred = (prob > 0.5).long()
@@ -52,8 +56,10 @@ class SegmentationMetrics:
                 inter = (pb & tb).sum().item()
                 union = (pb | tb).sum().item()
                 both = pb.sum().item() + tb.sum().item()
-                self.iou_sum += inter / union if union else 1.0
-                self.dice_sum += 2 * inter / both if both else 1.0
+                if union:  # foreground in prediction or target: something to score
+                    self.iou_sum += inter / union
+                    self.dice_sum += 2 * inter / both
+                    self.scored += 1
                 self.mae_sum += ((prob[b][v] - tb.float()).abs().mean().item()
                                  if v.any() else 0.0)
                 self.images += 1
@@ -70,12 +76,18 @@ class SegmentationMetrics:
             self.images += target.shape[0]
 
     def compute(self) -> Dict[str, object]:
+        if self.valid_pixels == 0:
+            raise ValueError(f"metrics: every pixel of the {self.images} image(s) scored is "
+                             f"ignored (IGNORE_INDEX, or the --ignore-index value), so no "
+                             f"metric means anything; check the masks and --ignore-index")
         c = self.confusion.double()
         inter = c.diag()
         union = c.sum(0) + c.sum(1) - inter
         if self.num_classes == 1:
-            n = max(self.images, 1)
-            return {"iou": self.iou_sum / n, "dice": self.dice_sum / n, "mae": self.mae_sum / n}
+            n, k = max(self.images, 1), self.scored
+            nan = float("nan")
+            return {"iou": self.iou_sum / k if k else nan,
+                    "dice": self.dice_sum / k if k else nan, "mae": self.mae_sum / n}
         iou = torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, float("nan")))
         seen = union > 0
         return {"miou": iou[seen].mean().item() if seen.any() else float("nan"),

@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -142,6 +142,9 @@ class FinetuneConfig:
     workers: int = 0
     seed: int = 0
     check_data: bool = True
+    # the mask value of pixels to ignore: "auto" (none for binary, 255 with two classes or
+    # more), None, or a value that is no class id (read_mask)
+    ignore_index: Union[str, int, None] = "auto"
 
     def check(self) -> None:
         for name in ("num_classes", "steps", "batch_size", "val_every", "r", "num_experts"):
@@ -263,8 +266,9 @@ def train(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
     seg = _segmenter(cfg, device)
     train_ds = SegmentationDataset(cfg.train_data, cfg.num_classes, size=seg.image_size,
                                    train=True, hflip=cfg.hflip, scale=tuple(cfg.scale_jitter),
-                                   seed=cfg.seed)
-    val_ds = (SegmentationDataset(cfg.val_data, cfg.num_classes, size=seg.image_size)
+                                   seed=cfg.seed, ignore_index=cfg.ignore_index)
+    val_ds = (SegmentationDataset(cfg.val_data, cfg.num_classes, size=seg.image_size,
+                                  ignore_index=cfg.ignore_index)
               if cfg.val_data else None)
     if cfg.check_data:  # every pair read once now: bad data fails before the first step
         check_data([train_ds] + ([val_ds] if val_ds is not None else []), progress=progress)
@@ -510,11 +514,13 @@ def load_segmenter(weights, model_type: Optional[str] = None, checkpoint: Option
 
 @torch.no_grad()
 def evaluate(seg: SamSegmenter, data, batch_size: int = 4, device=None, bf16: bool = True,
-             progress: bool = True) -> Dict[str, object]:
+             progress: bool = True, ignore_index="auto") -> Dict[str, object]:
     """The metrics (SegmentationMetrics) of ``seg`` on ``data``: a SegmentationDataset or
-    what it takes (a folder, a CSV file, (image, mask) pairs)."""
+    what it takes (a folder, a CSV file, (image, mask) pairs; its masks read with
+    ``ignore_index``, as read_mask takes it)."""
     if not isinstance(data, SegmentationDataset):
-        data = SegmentationDataset(data, seg.num_classes, size=seg.image_size)
+        data = SegmentationDataset(data, seg.num_classes, size=seg.image_size,
+                                   ignore_index=ignore_index)
     device = device or next(seg.parameters()).device
     was = seg.training
     seg.eval()

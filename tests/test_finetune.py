@@ -431,3 +431,49 @@ def test_eval_with_every_pixel_ignored_is_an_error(run, data, tmp_path):
     status, err = _command("eval", "--weights", out / "best.safetensors", "--data", val,
                            "--ignore-index", "1", "--backend", "cpu", "--no-progress")
     assert status == 2 and "ignore_index: 1 is a class id" in err, err
+
+
+def test_kill_and_resume_is_the_same_run(data, tmp_path):
+    """kill -9 of a real training process after its first checkpoint, then --resume: the
+    adapters at the end are bitwise those of a run never stopped (the epoch's position,
+    the data order and the routers' noise all continue from last.pt), and history.json
+    holds every step once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    steps = 30
+    args = ["train", "--train", data[0], "--val", data[1], "--num-classes", "1",
+            "--model-type", "tiny", "--backend", "cpu", "--steps", steps, "--val-every", 8,
+            "--batch-size", 5, "--lr", "1e-3", "--seed", 3, "--no-progress",
+            "--skip-data-check"]
+    whole = tmp_path / "whole"
+    status, err = _command(*args, "--out", whole)
+    assert status == 0, err
+
+    cut = tmp_path / "cut"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "convlora_kernels.finetune",
+                             *map(str, args), "--out", str(cut)], cwd=root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (cut / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    saved = torch.load(cut / "last.pt", weights_only=False)
+    assert saved["step"] < steps, "the run finished before it could be killed"
+    status, err = _command(*args, "--out", cut, "--resume")
+    assert status == 0, err
+    a, b = load_file(whole / "last.safetensors"), load_file(cut / "last.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    hist = json.loads((cut / "history.json").read_text())
+    assert [h["step"] for h in hist if "loss" in h] == list(range(1, steps + 1))
+    assert hist == json.loads((whole / "history.json").read_text())

@@ -133,7 +133,7 @@ def test_read_mask_errors(tmp_path):
     p = save(tmp_path / "ids.png", np.array([[0, 1, 2, 3, 7]], np.uint8))
     with pytest.raises(ValueError, match=re.escape(
             f"{p}: ids beyond num_classes=3: found 3, 7 (expected ids in [0, 3), or 255 for "
-            f"pixels to ignore)")):
+            f"pixels to ignore; --ignore-index names another value to ignore)")):
         read_mask(p, 3)
     # 255 marks pixels to ignore (VOC / ADE masks) and is kept as such; 254 is an error
     p = save(tmp_path / "void.png", np.array([[0, 2, 255, 1]], np.uint8))

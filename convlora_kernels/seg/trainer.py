@@ -25,8 +25,9 @@ import hashlib
 import json
 import math
 import os
+import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -35,7 +36,7 @@ import torch.nn as nn
 
 from .. import sam as sam_api
 from .._files import write_atomically
-from .data import SegmentationDataset, check_data, collate, read_image
+from .data import SegmentationDataset, _seed_of, check_data, collate, read_image
 from .losses import segmentation_loss
 from .metrics import SegmentationMetrics
 from .model import SamSegmenter
@@ -274,36 +275,105 @@ def train(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
         check_data([train_ds] + ([val_ds] if val_ds is not None else []), progress=progress)
     params = [p for p in seg.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, epoch, best, history = 0, 0, None, []
+    run = RunState()
     settings = {k: v for k, v in asdict(cfg).items()
                 if k not in ("out", "device", "workers", "steps", "val_every", "check_data")}
+    rng = None
     if resume:
-        step, epoch, best, history = _resume(out / "last.pt", seg, opt, settings)
-        log(f"resumed from {out / 'last.pt'} at step {step}")
+        run, rng = _resume(out / "last.pt", seg, opt, settings)
+        log(f"resumed from {out / 'last.pt'} at step {run.step}" + (
+            "" if rng is not None else " (a checkpoint without the random state: the run "
+                                       "continues, but not bitwise as it would have)"))
     _write_json(out / "finetune.json", asdict(cfg))
 
-    g = torch.Generator().manual_seed(cfg.seed + epoch)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True,
-                                         generator=g, collate_fn=collate,
+    batches = EpochBatches(len(train_ds), cfg.batch_size,
+                           drop_last=len(train_ds) >= cfg.batch_size, seed=cfg.seed)
+    # The loader's own generator seeds its workers, so that starting an epoch draws nothing
+    # from the global generator (the routers' noise comes from it).
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=batches, collate_fn=collate,
                                          num_workers=cfg.workers,
-                                         drop_last=len(train_ds) >= cfg.batch_size)
+                                         generator=torch.Generator().manual_seed(cfg.seed))
     base = describe_base(cfg.model_type, cfg.checkpoint, cfg.seed)
-    bar = _progress(cfg.steps, step, progress)
+    bar = _progress(cfg.steps, run.step, progress)
+    if rng is not None:  # last: nothing may draw between here and the first step
+        _set_rng_state(rng)
     try:
-        return _train_steps(cfg, seg, opt, loader, train_ds, val_ds, out, device, step,
-                            epoch, best, history, settings, base, bar, log)
+        return _train_steps(cfg, seg, opt, loader, batches, train_ds, val_ds, out, device,
+                            run, settings, base, bar, log)
     finally:
         if bar is not None:  # also on an error, so that its message gets a line of its own
             bar.close()
 
 
-def _train_steps(cfg, seg, opt, loader, train_ds, val_ds, out, device, step, epoch, best,
-                 history, settings, base, bar, log) -> Dict[str, object]:
+@dataclass
+class RunState:
+    """Where a run stands: optimizer steps, the epoch and the batches of it trained, the
+    best validation so far and the history."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    best: Optional[dict] = None
+    history: List[dict] = field(default_factory=list)
+
+
+class EpochBatches:
+    """A training epoch's batches as lists of dataset indices: a permutation drawn from
+    (seed, epoch) alone, without the first ``start`` batches (those a resumed run had
+    trained on), so a resumed run sees the batches the run would have seen."""
+
+    def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int):
+        self.n, self.batch_size, self.drop_last, self.seed = n, batch_size, drop_last, seed
+        self.epoch = self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _count(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def __len__(self) -> int:
+        return max(0, self._count() - self.start)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(_seed_of(self.seed, self.epoch, 1))
+        perm = torch.randperm(self.n, generator=g).tolist()
+        for b in range(self.start, self._count()):
+            yield perm[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+def _rng_state() -> Dict[str, object]:
+    """Every random generator a step may draw from (the routers' noise: torch's)."""
+    state: Dict[str, object] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, object]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _train_steps(cfg, seg, opt, loader, batches, train_ds, val_ds, out, device, run, settings,
+                 base, bar, log) -> Dict[str, object]:
     seg.train()
     seen, t0 = 0, time.perf_counter()
-    while step < cfg.steps:
-        if hasattr(train_ds, "set_epoch"):
-            train_ds.set_epoch(epoch)
+    while run.step < cfg.steps:
+        train_ds.set_epoch(run.epoch)
+        batches.set_epoch(run.epoch, start=run.position)
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True)
             masks = batch["mask"].to(device, non_blocking=True)
@@ -312,27 +382,28 @@ def _train_steps(cfg, seg, opt, loader, train_ds, val_ds, out, device, step, epo
             loss = segmentation_loss(logits.float(), masks, seg.aux_loss(), cfg.aux_weight)
             value = loss.item()  # the one host sync of a step: the bar and the history
             if not math.isfinite(value):
-                raise FloatingPointError(f"the loss is {value} at step {step + 1}; lower the "
-                                         f"learning rate (lr={cfg.lr})")
+                raise FloatingPointError(f"the loss is {value} at step {run.step + 1}; lower "
+                                         f"the learning rate (lr={cfg.lr})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
+            run.step += 1
+            run.position += 1
             seen += images.shape[0]
             rate = seen / max(time.perf_counter() - t0, 1e-9)
-            history.append({"step": step, "loss": value})
+            run.history.append({"step": run.step, "loss": value})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.1f}")
-            if step % cfg.val_every == 0 or step == cfg.steps:
-                best = _checkpoint(seg, opt, cfg, out, step, epoch, best, history, val_ds,
-                                   settings, base, log)
+            if run.step % cfg.val_every == 0 or run.step == cfg.steps:
+                _checkpoint(seg, opt, cfg, out, run, val_ds, settings, base, log)
                 seg.train()
-            if step >= cfg.steps:
+            if run.step >= cfg.steps:
                 break
         else:
-            epoch += 1
-    return {"step": step, "best": best, "history": history}
+            run.epoch += 1
+            run.position = 0
+    return {"step": run.step, "best": run.best, "history": run.history}
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -345,9 +416,11 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
-def _checkpoint(seg, opt, cfg, out: Path, step, epoch, best, history, val_ds, settings, base,
-                log):
-    record, score = {"step": step}, None
+def _checkpoint(seg, opt, cfg, out: Path, run: RunState, val_ds, settings, base, log) -> None:
+    """Validation, then the run's files: best and last adapters, last.pt (everything to
+    continue bitwise: the optimizer, the epoch's position, every random generator),
+    history.json and curve.png. Updates run.best."""
+    record, score = {"step": run.step}, None
     if val_ds is not None:
         metrics = evaluate(seg, val_ds, batch_size=cfg.batch_size, device=None,
                            bf16=cfg.bf16, progress=False)
@@ -355,22 +428,22 @@ def _checkpoint(seg, opt, cfg, out: Path, step, epoch, best, history, val_ds, se
         score = _score(metrics, cfg.num_classes)
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()
                  if k != "iou_per_class"}
-        log(f"step {step}: validation {shown}")
-    history.append({"validation": record})
+        log(f"step {run.step}: validation {shown}")
+    run.history.append({"validation": record})
     # save_adapter writes beside its target and renames: never half-written
-    if best is None or score is None or score > best["score"]:
-        best = {"step": step, "score": score}
+    if run.best is None or score is None or score > run.best["score"]:
+        run.best = {"step": run.step, "score": score}
         sam_api.save_adapter(seg, out / "best.safetensors", base_model=base)
     sam_api.save_adapter(seg, out / "last.safetensors", base_model=base)
-    state = {"format": CHECKPOINT_FORMAT, "step": step, "epoch": epoch, "best": best,
-             "history": history, "settings": settings,
+    state = {"format": CHECKPOINT_FORMAT, "step": run.step, "epoch": run.epoch,
+             "position": run.position, "best": run.best, "history": run.history,
+             "settings": settings, "rng": _rng_state(),
              "adapter": {k: v.detach().cpu() for k, v in
                          sam_api.adapter_state_dict(seg).items()},
              "optimizer": opt.state_dict()}
     write_atomically(out / "last.pt", lambda tmp: torch.save(state, tmp))
-    _write_json(out / "history.json", history)
-    write_curve(out / "curve.png", history, _score_name(cfg.num_classes))
-    return best
+    _write_json(out / "history.json", run.history)
+    write_curve(out / "curve.png", run.history, _score_name(cfg.num_classes))
 
 
 def write_curve(path: Path, history: list, metric: str) -> bool:
@@ -406,15 +479,20 @@ def write_curve(path: Path, history: list, metric: str) -> bool:
     return True
 
 
-def _resume(path: Path, seg, opt, settings) -> Tuple[int, int, object, list]:
+def _resume(path: Path, seg, opt, settings) -> Tuple[RunState, Optional[dict]]:
+    """The run state saved in last.pt, loaded into seg and opt, and its random state (None
+    for a checkpoint written before it was saved)."""
     if not path.is_file():
         raise FileNotFoundError(f"resume: {path} does not exist; a run writes it at its first "
                                 f"validation step (val_every)")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"resume: {path} is not a checkpoint written by this fine-tuning")
-    changed = {k: (state["settings"].get(k), v) for k, v in settings.items()
-               if json.loads(json.dumps(state["settings"].get(k))) != json.loads(json.dumps(v))}
+    # a setting added since the checkpoint was written counts as its default
+    defaults = asdict(FinetuneConfig("", 1, ""))
+    saved = {k: state["settings"].get(k, defaults.get(k)) for k in settings}
+    changed = {k: (saved[k], v) for k, v in settings.items()
+               if json.loads(json.dumps(saved[k])) != json.loads(json.dumps(v))}
     if changed:
         k, (was, now) = next(iter(changed.items()))
         raise ValueError(f"resume: the run in {path.parent} was trained with {k}={was!r}, now "
@@ -422,7 +500,10 @@ def _resume(path: Path, seg, opt, settings) -> Tuple[int, int, object, list]:
                          f"workers may change)")
     sam_api.load_adapter_state_dict(seg, state["adapter"])
     opt.load_state_dict(state["optimizer"])
-    return state["step"], state["epoch"], state["best"], state["history"]
+    run = RunState(step=state["step"], epoch=state["epoch"],
+                   position=state.get("position", 0), best=state["best"],
+                   history=state["history"])
+    return run, state.get("rng")
 
 
 # --- Evaluate, predict ----------------------------------------------------------------

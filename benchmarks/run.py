@@ -1,7 +1,9 @@
 """Microbenchmark: Conv-LoRA backends against unfused PyTorch, plain LoRA and the frozen linear.
 
-    python benchmarks/run.py                 # CPU subset in fp32: a few minutes on 2 cores
+    python benchmarks/run.py                 # the machine's: the SAM shapes on a GPU,
+                                             # else the CPU subset in fp32 (a few minutes)
     python benchmarks/run.py --device cuda   # SAM ViT-B/L/H shapes in bf16, CUDA events
+    python benchmarks/run.py --device cpu    # the CPU subset, GPU or not
     python benchmarks/run.py --device cuda --preset gpu-check --compile \
         --compile-only global-C768-r8        # what benchmarks/gpu_check.sh runs
     python benchmarks/run.py --preset compat # the paper's setting against the authors' layer
@@ -147,7 +149,9 @@ def _write_json(report: dict, path: str) -> None:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto",
+                   help="auto (default): cuda when torch sees a GPU, else cpu; or cpu, cuda, "
+                        "cuda:N")
     p.add_argument("--dtype", default=None, choices=sorted(common.DTYPES),
                    help=common.default_help("dtype"))
     p.add_argument("--preset", default=None, choices=common.PRESETS,
@@ -173,6 +177,12 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="JSON report path; .md and .png go beside it "
                    "(default: benchmarks/results/local/<device>-<dtype>-<preset>.json)")
     args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        print(f"device: {args.device} ("
+              + ("torch sees a GPU: the SAM shapes in bf16" if args.device == "cuda"
+                 else "torch sees no GPU: the CPU subset in float32") + "; --device to choose)",
+              flush=True)
     args = argparse.Namespace(**common.fill_defaults(vars(args), args.device))
     if args.out is None:
         args.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "local",

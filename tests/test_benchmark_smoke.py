@@ -264,3 +264,24 @@ def test_cost_model_runs_as_a_script(tmp_path):
     kernels = {(row["case"], row["direction"], row["kernel"]) for row in data["rows"]}
     assert ("authors map r3 bicubic", "bwd", "fold_kernel") in kernels
     assert ("global token r8", "bwd", "reduce_dw_kernel") in kernels
+
+
+def test_main_job_follows_the_machine(monkeypatch, capsys):
+    """run.py with no --device picks cuda when torch sees a GPU, cpu otherwise, and says
+    which (the presets and dtype follow the device)."""
+    from benchlib import common as c
+
+    seen = {}
+
+    def fake_fill(values, device):
+        seen["device"] = device
+        raise SystemExit(0)
+
+    monkeypatch.setattr(c, "fill_defaults", fake_fill)
+    for gpu, want in ((True, "cuda"), (False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        with pytest.raises(SystemExit):
+            bench.main(["--preset", "smoke"])
+        assert seen["device"] == want
+        out = capsys.readouterr().out
+        assert f"device: {want} (torch sees {'a GPU' if gpu else 'no GPU'}" in out, out

@@ -452,33 +452,52 @@ CONVLORA_HD void map_dc(const TileArgs<scalar_t, acc_t>& A, const MapPos& M,
   }
 }
 
+// Threads per weight-gradient sum in map_phase_dw: the 9R + R sums (weights and biases)
+// take 40 of the block's 128 threads at R = 4, so each sum is split over this many runs
+// of conv rows (one per thread), added up by map_phase_dw_sum.
+template <int R>
+CONVLORA_HD constexpr int map_dw_runs() {
+  return kThreads / (9 * R + R) > 1 ? kThreads / (9 * R + R) : 1;
+}
+
 // Backward phase 5: the block's weight gradients, written to its partial (the other
-// experts' entries zero). Thread per (tap k, input channel ci): R output-channel sums over
-// the conv grid in order; thread 9R + co: bias co.
+// experts' entries zero). Thread per (tap k, input channel ci) and run of conv rows: R
+// output-channel sums over its rows of the conv grid in order; thread 9R + co: bias co.
+// With one run the sums go to the partial; with several to scratch (over V, which the
+// backward no longer reads) for map_phase_dw_sum.
 template <int R, int INTERP, typename acc_t>
 CONVLORA_HD void map_phase_dw(int n, const MapPos& M, acc_t* partial,
                               const MapSmem<R, INTERP, true, acc_t>& S, int tid) {
   using G = MapGeometry<R, INTERP>;
-  constexpr int GS = grad_stride<R>();
+  constexpr int GS = grad_stride<R>(), NS = 9 * R + R, RUNS = map_dw_runs<R>();
+  static_assert(RUNS == 1 || RUNS * NS * (R + 1) <= G::kMaxU * G::kZ * G::kCell,
+                "the runs' sums fit over V");
   for (int i = tid; i < n * GS; i += kThreads)
     if (M.e < 0 || i / GS != M.e) partial[i] = acc_t(0);
   if (M.e < 0) return;
   const int ncy = S.y.n[0], ncx = S.x.n[0];
   acc_t* dst = partial + M.e * GS;
-  for (int u = tid; u < 9 * R + R; u += kThreads) {
+  for (int v = tid; v < RUNS * NS; v += kThreads) {
+    const int u = v % NS, run = v / NS;
+    const int i0 = run * ncy / RUNS, i1 = (run + 1) * ncy / RUNS;
+    const int scratch = (run * NS + u) * (R + 1);  // odd stride: no bank conflict
     if (u >= 9 * R) {
       const int co = u - 9 * R;
       acc_t acc = acc_t(0);
-      for (int i = 0; i < ncy; ++i)
+      for (int i = i0; i < i1; ++i)
         for (int j = 0; j < ncx; ++j) acc += S.cbuf[(i * G::kMaxC + j) * G::kCell + co];
-      dst[grad_bias_index<R>(co)] = acc;
+      if (RUNS == 1) {
+        dst[grad_bias_index<R>(co)] = acc;
+      } else {
+        S.vbuf[scratch] = acc;
+      }
       continue;
     }
     const int k = u / R, ci = u % R, ky = k / 3, kx = k - ky * 3;
     acc_t acc[R];
     CONVLORA_UNROLL
     for (int co = 0; co < R; ++co) acc[co] = acc_t(0);
-    for (int i = 0; i < ncy; ++i) {
+    for (int i = i0; i < i1; ++i) {
       const int p = S.y.cu[3 * i + ky];
       if (p < 0) continue;
       for (int j = 0; j < ncx; ++j) {
@@ -490,8 +509,37 @@ CONVLORA_HD void map_phase_dw(int n, const MapPos& M, acc_t* partial,
         for (int co = 0; co < R; ++co) acc[co] += S.cbuf[cb + co] * uv;
       }
     }
-    CONVLORA_UNROLL
-    for (int co = 0; co < R; ++co) dst[grad_index<R>(co, k, ci)] = acc[co];  // [co][k][ci]
+    if (RUNS == 1) {
+      CONVLORA_UNROLL
+      for (int co = 0; co < R; ++co) dst[grad_index<R>(co, k, ci)] = acc[co];  // [co][k][ci]
+    } else {
+      CONVLORA_UNROLL
+      for (int co = 0; co < R; ++co) S.vbuf[scratch + co] = acc[co];
+    }
+  }
+}
+
+// Backward phase 5b (map_dw_runs > 1): thread per sum adds its runs' partial sums in run
+// order into the block's partial.
+template <int R, int INTERP, typename acc_t>
+CONVLORA_HD void map_phase_dw_sum(const MapPos& M, acc_t* partial,
+                                  const MapSmem<R, INTERP, true, acc_t>& S, int tid) {
+  constexpr int NS = 9 * R + R, RUNS = map_dw_runs<R>();
+  if (M.e < 0) return;
+  acc_t* dst = partial + M.e * grad_stride<R>();
+  for (int u = tid; u < NS; u += kThreads) {
+    if (u >= 9 * R) {
+      acc_t acc = S.vbuf[u * (R + 1)];
+      for (int run = 1; run < RUNS; ++run) acc += S.vbuf[(run * NS + u) * (R + 1)];
+      dst[grad_bias_index<R>(u - 9 * R)] = acc;
+      continue;
+    }
+    const int k = u / R, ci = u % R;
+    for (int co = 0; co < R; ++co) {
+      acc_t acc = S.vbuf[u * (R + 1) + co];
+      for (int run = 1; run < RUNS; ++run) acc += S.vbuf[(run * NS + u) * (R + 1) + co];
+      dst[grad_index<R>(co, k, ci)] = acc;
+    }
   }
 }
 
@@ -604,6 +652,9 @@ CONVLORA_HD void run_map_block(Exec& ex, const TileArgs<scalar_t, acc_t>& A, con
       ex.phase("cols_up", [&](int tid) { map_cols_up<R, INTERP, true>(S, tid); });
     }
     ex.phase("dw", [&](int tid) { map_phase_dw<R, INTERP>(A.n, M, partial, S, tid); });
+    if constexpr (map_dw_runs<R>() > 1) {
+      ex.phase("dw_sum", [&](int tid) { map_phase_dw_sum<R, INTERP>(M, partial, S, tid); });
+    }
     if (ok) {
       ex.phase("du", [&](int tid) { map_phase_du<R, INTERP>(S, tid); });
       ex.phase("cols_down", [&](int tid) { map_phase_cols_down<R, INTERP>(S, tid); });

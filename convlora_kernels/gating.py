@@ -160,18 +160,24 @@ def aux_loss(importance: Tensor, load: Tensor, loss_coef: float) -> Tensor:
 
 
 def load_term_backward(load: Tensor, d_aux: Tensor, loss_coef: float, features: Tensor,
-                       w_gate: Tensor, w_noise: Tensor, noise: Tensor,
-                       noise_epsilon: float) -> Tuple[Tensor, Tensor, Tensor]:
+                       w_gate: Tensor, w_noise: Tensor, noise: Tensor, noise_epsilon: float,
+                       accumulate: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of (features, w_gate, w_noise) from dL/daux through the aux loss's load
     term: dL/dload = d_aux · loss_coef · dcv²(load)/dload (cv_squared_backward), then
-    route_backward. On CUDA both in one Triton kernel."""
+    route_backward. On CUDA both in one Triton kernel. With ``accumulate`` (a contiguous
+    tensor of the features' shape), dL/dfeatures is added into it (on CUDA inside that
+    kernel) and it is returned in its place."""
     if load.numel() > 1 and _on_gpu(features):
         return _triton_router().route_backward(None, features, w_gate, w_noise, noise,
                                                noise_epsilon,
-                                               aux=(load, d_aux.float(), loss_coef))
+                                               aux=(load, d_aux.float(), loss_coef),
+                                               accumulate=accumulate)
     d_load = cv_squared_backward(load, d_aux * loss_coef)
-    return torch.ops.convlora_layer.route_backward(d_load, features, w_gate, w_noise, noise,
-                                                   noise_epsilon)
+    d_f, d_wg, d_wn = torch.ops.convlora_layer.route_backward(d_load, features, w_gate,
+                                                              w_noise, noise, noise_epsilon)
+    if accumulate is None:
+        return d_f, d_wg, d_wn
+    return accumulate.add_(d_f.to(accumulate.dtype)), d_wg, d_wn
 
 
 @torch.library.custom_op("convlora_layer::route", mutates_args=())

@@ -297,14 +297,18 @@ def _routed_backward_op(dy2: Optional[Tensor], d_aux: Optional[Tensor], x2: Tens
     layer_needs = list(needs[:7]) + [False]
     if dy2 is None:  # only the aux loss was differentiated
         dy2 = x2.new_zeros((x2.shape[0], weight.shape[0]))
-    d_f = d_wg = d_wn = None
-    if d_aux is not None and noise is not None:
-        feats = router_features(z2, gating, height, width)
-        d_f, d_wg, d_wn = load_term_backward(load, d_aux, loss_coef, feats, w_gate, w_noise,
-                                             noise, noise_epsilon)
+    router: List[Optional[Tensor]] = [None, None]  # dL/dw_gate, dL/dw_noise
+    routed = d_aux is not None and noise is not None
 
-    def add_router_dz(dz: Tensor) -> None:
-        if d_f is None:
+    def router_backward(dz: Optional[Tensor]) -> None:
+        """The router's gradients; its dL/dz added into the stencil's dz when there is one
+        (token routing: inside the router's backward kernel on CUDA, no pass of its own)."""
+        feats = router_features(z2, gating, height, width)
+        into = dz if dz is not None and gating == "token" and dz.is_contiguous() else None
+        d_f, router[0], router[1] = load_term_backward(load, d_aux, loss_coef, feats, w_gate,
+                                                       w_noise, noise, noise_epsilon,
+                                                       accumulate=into)
+        if dz is None or into is not None:
             return
         if gating == "token":
             dz.add_(d_f.to(dz.dtype))
@@ -312,10 +316,19 @@ def _routed_backward_op(dy2: Optional[Tensor], d_aux: Optional[Tensor], x2: Tens
             hw = height * width
             dz.view(-1, hw, dz.shape[1]).add_((d_f / hw).to(dz.dtype).unsqueeze(1))
 
+    done = []
+
+    def add_router_dz(dz: Tensor) -> None:
+        if routed:
+            router_backward(dz)
+            done.append(True)
+
     grads = _backward_impl(dy2, x2, weight, lora_A, lora_B, conv_weight, conv_bias, idx, z2,
                            u, saved0, saved1, False, scaling, scales, interpolation, height,
                            width, backend, dy_plan, dx_plan, layer_needs, add_router_dz)[:7]
-    grads += [d_wg if need_wg else None, d_wn if need_wn else None]
+    if routed and not done:  # no dz was formed: the router's own gradients only
+        router_backward(None)
+    grads += [router[0] if need_wg else None, router[1] if need_wn else None]
     return _own_outputs(x2, grads)
 
 

@@ -266,6 +266,18 @@ def test_triton_aux_loss_and_its_load_term_match_composite(units, rank, n):
     for name, a, b in zip(("dfeatures", "dw_gate", "dw_noise"), got, want):
         assert b.abs().max() > 0, name  # relative to the gradient's own size
         assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item(), name
+    # accumulate: dL/dfeatures added into a given tensor (the stencil's dz) in the kernel
+    dz = torch.randn(units, rank, generator=g).to(dev)
+    before = dz.clone()
+    acc = router.route_backward(None, f, wg, wn, noise, 1e-2, aux=(load, d_aux, 0.01),
+                                accumulate=dz)
+    assert acc[0] is dz
+    assert (dz - (before + want[0])).abs().max().item() <= 1e-4 * want[0].abs().max().item()
+    for a, b in zip(acc[1:], got[1:]):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="accumulate: expected a contiguous"):
+        router.route_backward(None, f, wg, wn, noise, 1e-2, aux=(load, d_aux, 0.01),
+                              accumulate=dz.t())
 
 
 @pytest.mark.triton
@@ -299,3 +311,38 @@ def test_cv_squared_backward_by_hand(n):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     if n > 1:
         assert got.abs().max() > 0
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("units,n,noisy", [(150, 8, True), (3, 3, False), (1000, 16, True),
+                                           (0, 4, True)])
+def test_triton_route_sums_match_the_composite(units, n, noisy):
+    """route's importance and load: the per-program partials summed by route_sums_kernel
+    (BP rows at a time; with more programs than BP) against the composite router."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    pytest.importorskip("triton")
+    from convlora_kernels.gating import _route_composite
+    from convlora_kernels.triton_kernels import router
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(units + n)
+    f = torch.randn(units, 8, generator=g).to(dev)
+    wg = torch.randn(8, n, generator=g).to(dev)
+    wn = (0.3 * torch.randn(8, n, generator=g)).to(dev)
+    noise = torch.randn(units, n, generator=g).to(dev) if noisy else None
+    old = router.ROUTE_SUM_ROWS
+    router.ROUTE_SUM_ROWS = 2  # several tiles of partials even at these sizes
+    try:
+        expert, importance, load = router.route(f, wg, wn, noise, 1e-2)
+    finally:
+        router.ROUTE_SUM_ROWS = old
+    want = _route_composite(f, wg, wn, noise, 1e-2)
+    assert torch.equal(expert, want[0])
+    assert importance.shape == load.shape == (n,)
+    assert torch.equal(importance, want[1])  # counts: exact
+    assert (load - want[2]).abs().max().item() <= 1e-5 * max(1.0, want[2].abs().max().item())
+    if not noisy:
+        assert torch.equal(load, importance)

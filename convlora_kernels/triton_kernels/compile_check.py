@@ -157,6 +157,8 @@ def layer_launches(dtype: torch.dtype, interpolation: str, rank: int):
         router.route_backward(torch.randn(n_exp, generator=g), f, wg, wn, noise, 1e-2)
         router.route_backward(None, f, wg, wn, noise, 1e-2,
                               aux=(load, torch.ones(()), 1e-2))
+        router.route_backward(None, f, wg, wn, noise, 1e-2,  # dL/dz added into dz
+                              aux=(load, torch.ones(()), 1e-2), accumulate=rnd(n_tok, rank))
         router.aux_loss(torch.rand(n_exp, generator=g), load, 1e-2)
     return calls
 
@@ -222,7 +224,7 @@ def _usage(cubin: bytes) -> str:
 
 
 # The specialisations a variant's line names (besides dtype, mode, rank and warps).
-FLAGS = ("NBP", "ATOMIC", "NOISY", "FROM_AUX", "HAS_BIAS", "SAVE_U", "NEED_DBIAS")
+FLAGS = ("NBP", "ATOMIC", "NOISY", "FROM_AUX", "ACCUM", "HAS_BIAS", "SAVE_U", "NEED_DBIAS")
 
 
 def _flags(kwargs) -> str:

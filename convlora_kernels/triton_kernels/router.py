@@ -19,6 +19,10 @@ from .device import on_tensors_device
 from .tables import next_pow2
 
 
+# Rows of per-program partials route_sums_kernel adds at a time.
+ROUTE_SUM_ROWS = 128
+
+
 def block_units(rp: int, np_: int) -> int:
     """Routing units per program: the (BU, RP, NP) products of the logits stay near 4K
     values (32 per thread at 4 warps), so no rank or expert count spills."""
@@ -79,6 +83,28 @@ def route_kernel(
         tl.store(load_ptr + pid * NP + ei, tl.sum(p, axis=0))
 
 
+@triton.jit
+def route_sums_kernel(imp_ptr, load_ptr, imp_out, load_out, programs, n,
+                      NP: tl.constexpr, BP: tl.constexpr, NOISY: tl.constexpr):
+    """importance and load (n,) from route_kernel's per-program partials (programs, NP):
+    BP programs' rows at a time, summed by tl.sum (a fixed tree for a given BP), the tiles
+    in order; one program, one launch for both (load = importance without noise)."""
+    ei = tl.arange(0, NP)
+    pi = tl.arange(0, BP)
+    imp = tl.zeros([NP], tl.float32)
+    load = tl.zeros([NP], tl.float32)
+    for p0 in range(0, programs, BP):
+        rows = p0 + pi
+        at = rows[:, None] * NP + ei[None, :]
+        live = (rows < programs)[:, None] & (ei < NP)[None, :]
+        imp += tl.sum(tl.load(imp_ptr + at, mask=live, other=0.0), axis=0)
+        if NOISY:
+            load += tl.sum(tl.load(load_ptr + at, mask=live, other=0.0), axis=0)
+    em = ei < n
+    tl.store(imp_out + ei, imp, mask=em)
+    tl.store(load_out + ei, load if NOISY else imp, mask=em)
+
+
 def _blocks(features, w_gate):
     """(features with unit column stride, U, r, n, RP, NP, BU, programs) of a router
     launch."""
@@ -107,8 +133,10 @@ def route(features, w_gate, w_noise, noise, noise_epsilon):
         noise.contiguous() if noisy else imp, expert, imp, load, units, rank, n,
         float(noise_epsilon), features.stride(0), BU=bu, RP=rp, NP=np_,
         NOISY=noisy, num_warps=4)
-    importance = imp.sum(0)[:n]
-    return expert, importance, (load.sum(0)[:n] if noisy else importance.clone())
+    sums = torch.empty((2, n), dtype=torch.float32, device=dev)
+    route_sums_kernel[(1,)](imp, load, sums[0], sums[1], programs, n, NP=np_,
+                            BP=ROUTE_SUM_ROWS, NOISY=noisy, num_warps=4)
+    return expert, sums[0], sums[1]
 
 
 @triton.jit
@@ -119,15 +147,18 @@ def route_backward_kernel(
         noise_ptr,    # (U, n) float32, the forward's draws
         dload_ptr,    # (n,) float32 dL/dload; with FROM_AUX the load itself
         daux_ptr,     # () float32 dL/daux (FROM_AUX)
-        df_ptr,       # (U, r) output dL/dfeatures in the features' dtype, contiguous
+        df_ptr,       # (U, r) output dL/dfeatures, contiguous; with ACCUM added to it
         dwg_ptr,      # (programs, RP, NP) float32 output: this block's dL/dw_gate
         dwn_ptr,      # (programs, RP, NP) float32 output: this block's dL/dw_noise
         U, r, n, noise_epsilon, loss_coef, stride_f,
-        BU: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr, FROM_AUX: tl.constexpr):
+        BU: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr, FROM_AUX: tl.constexpr,
+        ACCUM: tl.constexpr):
     """The composite route_backward (gating.py) per block of units: load_j = Σ_t Φ(a_tj),
     a_tj = (clean_tj - thr_tj) / std_tj, thr the best other noisy logit, which depends on
     clean and std again through the top two. FROM_AUX: dL/dload is that of the aux loss
-    loss_coef · cv²(load) (gating.cv_squared_backward), computed here from the load."""
+    loss_coef · cv²(load) (gating.cv_squared_backward), computed here from the load.
+    ACCUM: dL/dfeatures is added to what df_ptr holds (the stencil's dz, for token routing)
+    in float32 and rounded once, instead of written."""
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BU + tl.arange(0, BU)
     rm = rows < U
@@ -177,22 +208,34 @@ def route_backward_kernel(
     d_raw = tl.where(live, d_std * tl.where(raw > 20.0, 1.0, tl.sigmoid(raw)), 0.0)
     df = tl.sum(d_clean[:, None, :] * wg[None, :, :], axis=2) + \
         tl.sum(d_raw[:, None, :] * wn[None, :, :], axis=2)  # (BU, RP)
+    dmask = rm[:, None] & (ci[None, :] < r)
+    if ACCUM:
+        df += tl.load(df_ptr + rows[:, None] * r + ci[None, :], mask=dmask,
+                      other=0.0).to(tl.float32)
     tl.store(df_ptr + rows[:, None] * r + ci[None, :], df.to(df_ptr.dtype.element_ty),
-             mask=rm[:, None] & (ci[None, :] < r))
+             mask=dmask)
     slot = pid * RP * NP + ci[:, None] * NP + ei[None, :]
     tl.store(dwg_ptr + slot, tl.sum(f[:, :, None] * d_clean[:, None, :], axis=0))
     tl.store(dwn_ptr + slot, tl.sum(f[:, :, None] * d_raw[:, None, :], axis=0))
 
 
 @on_tensors_device
-def route_backward(d_load, features, w_gate, w_noise, noise, noise_epsilon, aux=None):
+def route_backward(d_load, features, w_gate, w_noise, noise, noise_epsilon, aux=None,
+                   accumulate=None):
     """(dL/dfeatures, dL/dw_gate, dL/dw_noise) from dL/dload, as gating's composite
     route_backward computes them, in the dtypes of features, w_gate and w_noise. With aux =
     (load, dL/daux, loss_coef), d_load is None: dL/dload is the aux loss's, computed in
-    the kernel (n > 1)."""
+    the kernel (n > 1). With accumulate (a contiguous (U, r) tensor), dL/dfeatures is added
+    into it in the kernel, and it is returned in its place."""
     features, units, rank, n, rp, np_, bu, programs = _blocks(features, w_gate)
     dev = features.device
-    df = torch.empty((units, rank), dtype=features.dtype, device=dev)
+    if accumulate is not None:
+        if tuple(accumulate.shape) != (units, rank) or not accumulate.is_contiguous():
+            raise ValueError(f"accumulate: expected a contiguous ({units}, {rank}) tensor, got "
+                             f"{tuple(accumulate.shape)}")
+        df = accumulate
+    else:
+        df = torch.empty((units, rank), dtype=features.dtype, device=dev)
     part = torch.empty((2, programs, rp, np_), dtype=torch.float32, device=dev)
     if units > 0:
         from_aux = aux is not None
@@ -201,7 +244,7 @@ def route_backward(d_load, features, w_gate, w_noise, noise, noise_epsilon, aux=
             features, w_gate.contiguous(), w_noise.contiguous(), noise.contiguous(),
             vec.to(torch.float32).contiguous(), d_aux, df, part[0], part[1], units, rank, n,
             float(noise_epsilon), float(coef), features.stride(0), BU=bu, RP=rp, NP=np_,
-            FROM_AUX=from_aux, num_warps=4)
+            FROM_AUX=from_aux, ACCUM=accumulate is not None, num_warps=4)
     else:
         part.zero_()
     sums = part.sum(1)[:, :rank, :n]  # torch's reduction: the same every run

@@ -163,13 +163,19 @@ def _not_an_adapter_file(path) -> Optional[str]:
     return None
 
 
-def _read_file(path) -> Tuple[ConvLoRAConfig, Dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-
+def _checked_path(path) -> str:
+    """``path`` as a string, once it can be an adapter file (else the error saying why)."""
     path = os.fspath(path)
     why = _not_an_adapter_file(path)
     if why is not None:
         raise (FileNotFoundError if "does not exist" in why else ValueError)(why)
+    return path
+
+
+def _read_file(path) -> Tuple[ConvLoRAConfig, Dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    path = _checked_path(path)
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != FILE_FORMAT or "conv_lora_config" not in meta:
@@ -197,10 +203,7 @@ def read_base_model(path) -> Optional[dict]:
     (``base_model=``), or None for a file saved without one."""
     from safetensors import safe_open
 
-    path = os.fspath(path)
-    why = _not_an_adapter_file(path)
-    if why is not None:
-        raise (FileNotFoundError if "does not exist" in why else ValueError)(why)
+    path = _checked_path(path)
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != FILE_FORMAT:

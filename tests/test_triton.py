@@ -318,6 +318,17 @@ def test_tiles_run_heaviest_experts_first():
     ntaps = tables.stencil_tables(5, 6, (1, 2, 3, 4), "bicubic", torch.device("cpu"))[4]
     assert ntaps.tolist() == [1, 4, 1, 4] + [1, 3, 0, 2]
 
+
+def test_stencil_tables_outlive_any_graph():
+    """The tables a launch reads are never evicted (a captured CUDA graph keeps their
+    addresses): many geometries later, the first one's tensors are still the same."""
+    first = tables.stencil_tables(7, 9, (1, 2), "bilinear", torch.device("cpu"))
+    for h in range(2, 80):
+        tables.stencil_tables(h, h + 1, (1, 3), "bilinear", torch.device("cpu"))
+    again = tables.stencil_tables(7, 9, (1, 2), "bilinear", torch.device("cpu"))
+    assert all(a is b for a, b in zip(first[:5], again[:5]))
+    assert tables.stencil_tables.cache_info().maxsize is None
+
 # --- forward and every gradient against the reference ------------------------------------
 
 CASES = {

@@ -133,7 +133,10 @@ def axis_tables(n: int, scales: Sequence[int], interpolation: str, halo_: int, t
     return t, om
 
 
-@functools.lru_cache(maxsize=64)
+# Never evicted: a CUDA graph that captured a launch reading these tensors keeps their
+# addresses, so they must outlive every graph. The entries are the distinct (map size,
+# scales, interpolation, device) a process uses (SAM: two map sizes), a few KB each.
+@functools.lru_cache(maxsize=None)
 def stencil_tables(height: int, width: int, scales: Tuple[int, ...], interpolation: str,
                    device: torch.device):
     """Everything the stencil kernels need about resampling, as float32/int32 device tensors.

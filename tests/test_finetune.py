@@ -326,6 +326,22 @@ def test_weights_record_their_base_model(data, tmp_path):
         load_segmenter(alone, model_type="vit_b", backend="cpu", device="cpu")
     with pytest.raises(ValueError, match="randomly initialised SAM tiny \\(seed 7\\)"):
         load_segmenter(alone, checkpoint=str(alone), backend="cpu", device="cpu")
+    # the command as a user runs it on the copy alone: the same model, the same scores
+    import os
+    import subprocess
+    import sys
+
+    here = evaluate(seg, data[1], batch_size=4, bf16=False, progress=False)
+    r = subprocess.run([sys.executable, "-m", "convlora_kernels.finetune", "eval", "--weights",
+                        str(alone), "--data", str(data[1]), "--backend", "cpu", "--no-bf16",
+                        "--no-progress"], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+    there = json.loads(r.stdout.strip().splitlines()[-1])
+    assert there["iou"] == pytest.approx(here["iou"], rel=1e-6, abs=1e-9), (there, here)
+    status, err = _command("eval", "--weights", alone, "--data", data[1], "--backend", "cpu",
+                           "--model-type", "vit_b", "--no-progress")
+    assert status == 2 and "trained on SAM tiny, not vit_b" in err, err
 
 
 def test_recorded_checkpoint_is_checked(tmp_path):

@@ -54,8 +54,7 @@ CHECKED_NS = "convlora_cost"
 H100 = dict(card="H100 SXM", sms=132, clock_ghz=1.755, dram_bytes_per_s=3.35e12,
             wavefronts_per_clock=1, issue_per_clock=4, shared_latency_clocks=30,
             loads_in_flight=4,
-            shared_bytes_per_sm=228 * 1024, block_reserved_bytes=1024, max_blocks_per_sm=32,
-            launch_us=2.5)
+            shared_bytes_per_sm=228 * 1024, block_reserved_bytes=1024, max_blocks_per_sm=32)
 INTERP = {"bilinear": 0, "bicubic": 1}
 
 
@@ -362,15 +361,13 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
     return rows
 
 
-def totals(rows: List[dict], dev=H100) -> Dict[Tuple[str, str], Dict[str, float]]:
-    """{(case, direction): {"kernels": est. sum, "launches": count, "us": with launches}}."""
+def totals(rows: List[dict]) -> Dict[Tuple[str, str], Dict[str, float]]:
+    """{(case, direction): {"us": the kernels' estimates summed, "launches": count}}."""
     out: Dict[Tuple[str, str], Dict[str, float]] = {}
     for row in rows:
-        t = out.setdefault((row["case"], row["direction"]), dict(kernels=0.0, launches=0))
-        t["kernels"] += row["est_us"]
+        t = out.setdefault((row["case"], row["direction"]), dict(us=0.0, launches=0))
+        t["us"] += row["est_us"]
         t["launches"] += 1
-    for t in out.values():
-        t["us"] = t["kernels"]
     return out
 
 

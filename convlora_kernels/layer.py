@@ -316,17 +316,11 @@ def _routed_backward_op(dy2: Optional[Tensor], d_aux: Optional[Tensor], x2: Tens
             hw = height * width
             dz.view(-1, hw, dz.shape[1]).add_((d_f / hw).to(dz.dtype).unsqueeze(1))
 
-    done = []
-
-    def add_router_dz(dz: Tensor) -> None:
-        if routed:
-            router_backward(dz)
-            done.append(True)
-
     grads = _backward_impl(dy2, x2, weight, lora_A, lora_B, conv_weight, conv_bias, idx, z2,
                            u, saved0, saved1, False, scaling, scales, interpolation, height,
-                           width, backend, dy_plan, dx_plan, layer_needs, add_router_dz)[:7]
-    if routed and not done:  # no dz was formed: the router's own gradients only
+                           width, backend, dy_plan, dx_plan, layer_needs,
+                           router_backward if routed else None)[:7]
+    if routed and router[0] is None:  # no dz was formed: the router's own gradients only
         router_backward(None)
     grads += [router[0] if need_wg else None, router[1] if need_wn else None]
     return _own_outputs(x2, grads)

@@ -105,7 +105,6 @@ struct Trace {
 struct TraceRequest {
   std::mutex mutex;
   bool on = false;
-  std::vector<std::string> calls;      // "call <blocks> <shared bytes per block>"
   std::vector<PhaseTraffic> phases;    // of the latest call
   std::ostringstream done;             // the report of the calls before it
 

@@ -5,7 +5,6 @@ of many tiles, partial tiles and every shared/global memory path against the ref
 
 import os
 import re
-import shutil
 import subprocess
 
 import pytest

@@ -96,7 +96,7 @@ def route_sums_kernel(imp_ptr, load_ptr, imp_out, load_out, programs, n,
     for p0 in range(0, programs, BP):
         rows = p0 + pi
         at = rows[:, None] * NP + ei[None, :]
-        live = (rows < programs)[:, None] & (ei < NP)[None, :]
+        live = (rows < programs)[:, None]  # broadcast over the NP columns
         imp += tl.sum(tl.load(imp_ptr + at, mask=live, other=0.0), axis=0)
         if NOISY:
             load += tl.sum(tl.load(load_ptr + at, mask=live, other=0.0), axis=0)

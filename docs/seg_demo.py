@@ -53,26 +53,12 @@ def _figures(run: Path, val: Path, masks: Path, out: Path) -> None:
     import matplotlib.pyplot as plt
     from PIL import Image
 
+    from convlora_kernels.seg.trainer import write_curve
+
     out.mkdir(parents=True, exist_ok=True)
     history = json.loads((run / "history.json").read_text())
-    steps = [h["step"] for h in history if "loss" in h]
-    loss = [h["loss"] for h in history if "loss" in h]
-    vals = [h["validation"] for h in history if "validation" in h]
-    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=120)
-    a = ax.plot(steps, loss, color="0.6", lw=0.8, label="training loss (structure loss + aux)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax2 = ax.twinx()
-    b = ax2.plot([v["step"] for v in vals], [v["iou"] for v in vals], "o-", color="C0",
-                 label="validation IoU")
-    ax2.set_ylabel("IoU")
-    ax2.set_ylim(0, 1)
-    ax.legend(a + b, [h.get_label() for h in a + b], loc="lower left", fontsize=8)
-    ax.set_title("small random SAM (frozen) + Conv-LoRA, synthetic binary data, CPU",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "seg_curve.png")
-    plt.close(fig)
+    write_curve(out / "seg_curve.png", history, "iou",
+                title="small random SAM (frozen) + Conv-LoRA, synthetic binary data, CPU")
 
     import numpy as np
 

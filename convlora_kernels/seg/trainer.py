@@ -446,9 +446,10 @@ def _checkpoint(seg, opt, cfg, out: Path, run: RunState, val_ds, settings, base,
     write_curve(out / "curve.png", run.history, _score_name(cfg.num_classes))
 
 
-def write_curve(path: Path, history: list, metric: str) -> bool:
-    """The training loss and the validation ``metric`` against steps, as a PNG at ``path``
-    (written beside it and renamed); False, writing nothing, without matplotlib."""
+def write_curve(path: Path, history: list, metric: str, title: str = "fine-tuning") -> bool:
+    """The training loss and the validation ``metric`` against steps (a run's history),
+    as a PNG at ``path`` (written beside it and renamed); False, writing nothing, without
+    matplotlib."""
     try:
         import matplotlib
 
@@ -461,16 +462,17 @@ def write_curve(path: Path, history: list, metric: str) -> bool:
     val = [(h["validation"]["step"], h["validation"][metric]) for h in history
            if "validation" in h and isinstance(h["validation"].get(metric), float)]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, losses, color="tab:blue", linewidth=1, label="training loss")
+    lines = ax.plot(steps, losses, color="tab:blue", linewidth=1, label="training loss")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss", color="tab:blue")
     if val:
         ax2 = ax.twinx()
-        ax2.plot([s for s, _ in val], [v for _, v in val], "o-", color="tab:orange",
-                 label=f"validation {metric}")
+        lines += ax2.plot([s for s, _ in val], [v for _, v in val], "o-", color="tab:orange",
+                          label=f"validation {metric}")
         ax2.set_ylabel(f"validation {metric}", color="tab:orange")
         ax2.set_ylim(0, 1)
-    ax.set_title("fine-tuning")
+    ax.legend(lines, [line.get_label() for line in lines], loc="lower left", fontsize=8)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     try:
         write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))

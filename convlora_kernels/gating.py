@@ -152,11 +152,20 @@ def _on_gpu(t: Tensor) -> bool:
     return t.device.type in GPU_DEVICE_TYPES and _triton_router() is not None
 
 
-def aux_loss(importance: Tensor, load: Tensor, loss_coef: float) -> Tensor:
-    """loss_coef · (cv²(importance) + cv²(load)), () float32: one Triton launch on CUDA."""
-    if importance.numel() > 1 and _on_gpu(importance):
-        return _triton_router().aux_loss(importance, load, loss_coef)
-    return (cv_squared(importance) + cv_squared(load)).mul_(loss_coef)
+def route_with_aux_loss(features: Tensor, w_gate: Tensor, w_noise: Tensor,
+                        noise: Optional[Tensor], noise_epsilon: float, loss_coef: float
+                        ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(expert (U,) int32, load (n,) float32, aux loss () float32) of U routing units: the
+    routing of convlora_layer::route and loss_coef · (cv²(importance) + cv²(load)), with no
+    autograd (the routed layer op differentiates the load term by hand). On CUDA one Triton
+    launch computes all three."""
+    if w_gate.shape[1] > 1 and _on_gpu(features):
+        expert, _, load, aux = _triton_router().route(features, w_gate, w_noise, noise,
+                                                      noise_epsilon, loss_coef)
+        return expert, load, aux
+    expert, importance, load = _route_composite(features, w_gate, w_noise, noise,
+                                                noise_epsilon)
+    return expert, load, (cv_squared(importance) + cv_squared(load)).mul_(loss_coef)
 
 
 def load_term_backward(load: Tensor, d_aux: Tensor, loss_coef: float, features: Tensor,

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from . import backends
 from ._validate import Problem
-from .gating import aux_loss, load_term_backward, router_features
+from .gating import load_term_backward, route_with_aux_loss, router_features
 from .plan import choose
 
 
@@ -253,12 +253,12 @@ def _routed_forward_op(x2: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                   Tensor]:
     """x2 (N, C_in) -> (y, z, u, saved0, saved1, the stencil's expert index, load, aux
-    loss): z = x Aᵀ, the router on z (convlora_layer::route), its load-balancing loss
-    loss_coef · (cv²(importance) + cv²(load)) (float32), then the layer."""
+    loss): z = x Aᵀ, the router on z (convlora_layer::route's routing), its load-balancing
+    loss loss_coef · (cv²(importance) + cv²(load)) (float32; on CUDA from the routing's own
+    launch), then the layer."""
     z2 = F.linear(x2, lora_A)
-    expert, importance, load = torch.ops.convlora_layer.route(
-        router_features(z2, gating, height, width), w_gate, w_noise, noise, noise_epsilon)
-    aux = aux_loss(importance, load, loss_coef)
+    expert, load, aux = route_with_aux_loss(router_features(z2, gating, height, width),
+                                            w_gate, w_noise, noise, noise_epsilon, loss_coef)
     idx = backends.module(backend).routed_index(expert, gating, height, width)
     y, z2, u, s0, s1 = _forward_impl(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias,
                                      idx, z2, scaling, scales, interpolation, height, width,

@@ -181,8 +181,9 @@ def test_fused_router_ties_pick_the_lowest_expert():
                                            (70, 16, True), (1000, 16, True), (0, 4, True)])
 def test_triton_route_kernel_matches_composite(units, n, noisy):
     """The Triton routing kernels (under the interpreter without a GPU) against the ATen
-    implementation: same experts, importance and load; route_sums_kernel adds the
-    programs' partials two rows at a time here, so that several tiles are summed."""
+    implementation: same experts, importance and load; the last program adds the
+    programs' partials two rows at a time here, so that several tiles are summed, and the
+    aux loss from the same launch is that of cv_squared on them."""
     import os
 
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
@@ -200,9 +201,16 @@ def test_triton_route_kernel_matches_composite(units, n, noisy):
     rows, router.ROUTE_SUM_ROWS = router.ROUTE_SUM_ROWS, 2
     try:
         got = router.route(f, wg, wn, noise, 1e-2)
+        with_aux = router.route(f, wg, wn, noise, 1e-2, loss_coef=0.03)
     finally:
         router.ROUTE_SUM_ROWS = rows
     want = _route_composite(f, wg, wn, noise, 1e-2)
+    for a, b in zip(with_aux[:3], got):
+        assert torch.equal(a, b)  # the same launch, the same sums
+    aux = with_aux[3]
+    want_aux = 0.03 * (cv_squared(want[1]) + cv_squared(want[2]))
+    assert aux.shape == () and aux.dtype == torch.float32 and torch.isfinite(aux)
+    assert abs(aux.item() - want_aux.item()) <= 1e-5 * max(1.0, abs(want_aux.item()))
     assert torch.equal(got[0], want[0])
     assert torch.equal(got[1], want[1])  # importance: counts, exact
     for name, a, b in zip(("importance", "load"), got[1:], want[1:]):
@@ -244,10 +252,9 @@ def test_triton_route_backward_kernel_matches_composite(units, rank, n):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("units,rank,n", [(150, 8, 8), (3, 3, 3), (65, 1, 2)])
-def test_triton_aux_loss_and_its_load_term_match_composite(units, rank, n):
-    """The aux loss in one launch (router.aux_loss) and its load term's backward with
-    dL/dload computed inside the backward kernel (aux=...) against cv_squared,
-    cv_squared_backward and the composite route_backward."""
+def test_triton_aux_loss_load_term_matches_composite(units, rank, n):
+    """The aux loss's load term's backward with dL/dload computed inside the backward
+    kernel (aux=...) against cv_squared_backward and the composite route_backward."""
     import os
 
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
@@ -258,12 +265,7 @@ def test_triton_aux_loss_and_its_load_term_match_composite(units, rank, n):
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(units * 11 + n)
-    importance = (torch.rand(n, generator=g) * units).to(dev)
     load = (torch.rand(n, generator=g) * units).to(dev)
-    got = router.aux_loss(importance, load, 0.01)
-    want = 0.01 * (cv_squared(importance) + cv_squared(load))
-    assert got.shape == () and got.dtype == torch.float32
-    assert abs(got.item() - want.item()) <= 1e-5 * max(1.0, abs(want.item()))
     f = torch.randn(units, rank, generator=g).to(dev)
     wg = torch.randn(rank, n, generator=g).to(dev)
     wn = (0.3 * torch.randn(rank, n, generator=g)).to(dev)
@@ -321,3 +323,48 @@ def test_cv_squared_backward_by_hand(n):
     if n > 1:
         assert got.abs().max() > 0
 
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("gating", ["token", "map"])
+def test_routed_layer_with_the_triton_router_matches_its_composite(monkeypatch, gating):
+    """ConvLoRALinear's routed op with the Triton router (what CUDA runs: the routing and
+    aux loss in one launch, the load term's backward adding dL/dz into the stencil's dz)
+    against the same op with the ATen router: the same experts, output, aux loss and
+    every gradient. Under the interpreter, CPU tensors take the Triton router here."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the Triton router on CPU tensors: needs TRITON_INTERPRET=1")
+    pytest.importorskip("triton")
+    from convlora_kernels import ConvLoRALinear, gating as gating_module
+
+    torch.manual_seed(0)
+    m = ConvLoRALinear(16, 24, r=4, num_experts=4, gating=gating, backend="cpu").train()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.copy_(0.5 * torch.randn_like(p))
+    x = torch.randn(3, 6, 5, 16)
+
+    def step():
+        torch.manual_seed(1)  # the same noise draws
+        for p in m.parameters():
+            p.grad = None
+        xx = x.clone().requires_grad_()
+        y = m(xx)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().add(7.0 * m.aux_loss).backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        return y.detach(), m.aux_loss.detach(), m.expert_index.clone(), xx.grad, grads
+
+    want = step()
+    monkeypatch.setattr(gating_module, "GPU_DEVICE_TYPES", ("cuda", "cpu"))
+    got = step()
+    assert torch.equal(got[2], want[2])
+    assert torch.allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    assert abs(got[1].item() - want[1].item()) <= 1e-5 * max(1.0, abs(want[1].item()))
+    assert torch.allclose(got[3], want[3], rtol=1e-4, atol=1e-5)
+    assert set(got[4]) == set(want[4]) and {"router.w_gate", "router.w_noise"} <= set(want[4])
+    for name, g in want[4].items():
+        assert g.abs().max() > 0, name
+        assert torch.allclose(got[4][name], g, rtol=1e-4, atol=1e-5 * g.abs().max()), name

@@ -152,6 +152,7 @@ def layer_launches(dtype: torch.dtype, interpolation: str, rank: int):
         wg, wn = rnd(rank, n_exp, dt=torch.float32), rnd(rank, n_exp, dt=torch.float32)
         for noise in (torch.randn(n_tok, n_exp, generator=g), None):
             router.route(f, wg, wn, noise, 1e-2)
+            router.route(f, wg, wn, noise, 1e-2, loss_coef=1e-2)  # the aux loss too
         noise = torch.randn(n_tok, n_exp, generator=g)
         load = torch.rand(n_exp, generator=g)
         router.route_backward(torch.randn(n_exp, generator=g), f, wg, wn, noise, 1e-2)
@@ -159,7 +160,6 @@ def layer_launches(dtype: torch.dtype, interpolation: str, rank: int):
                               aux=(load, torch.ones(()), 1e-2))
         router.route_backward(None, f, wg, wn, noise, 1e-2,  # dL/dz added into dz
                               aux=(load, torch.ones(()), 1e-2), accumulate=rnd(n_tok, rank))
-        router.aux_loss(torch.rand(n_exp, generator=g), load, 1e-2)
     return calls
 
 
@@ -224,7 +224,7 @@ def _usage(cubin: bytes) -> str:
 
 
 # The specialisations a variant's line names (besides dtype, mode, rank and warps).
-FLAGS = ("NBP", "ATOMIC", "NOISY", "FROM_AUX", "ACCUM", "HAS_BIAS", "SAVE_U", "NEED_DBIAS")
+FLAGS = ("NBP", "ATOMIC", "NOISY", "AUX", "FROM_AUX", "ACCUM", "HAS_BIAS", "SAVE_U", "NEED_DBIAS")
 
 
 def _flags(kwargs) -> str:

@@ -6,6 +6,8 @@ on those tensors)."""
 from __future__ import annotations
 
 import functools
+import threading
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -24,3 +26,26 @@ def on_tensors_device(fn):
             return fn(*args, **kwargs)
 
     return wrapped
+
+
+# One int32 counter per (device, stream) for kernels whose last program to finish reduces
+# the other programs' partial sums (last_program in the kernels): zero between launches,
+# since that program sets it back to 0. Launches on one stream run in order, so one counter
+# serves every such kernel there; a launch on another stream gets its own. Never freed: a
+# captured CUDA graph keeps reading the address it captured.
+_TICKETS: Dict[Tuple[str, Optional[int], int], torch.Tensor] = {}
+_TICKETS_LOCK = threading.Lock()
+
+
+def ticket_counter(device: torch.device) -> torch.Tensor:
+    """The zeroed (1,) int32 counter of ``device`` and its current stream (above)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    counter = _TICKETS.get(key)
+    if counter is None:
+        with _TICKETS_LOCK:
+            counter = _TICKETS.get(key)
+            if counter is None:
+                counter = torch.zeros(1, dtype=torch.int32, device=device)
+                _TICKETS[key] = counter
+    return counter

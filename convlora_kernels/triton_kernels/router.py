@@ -1,26 +1,36 @@
 """The noisy top-1 router as Triton kernels (convlora_kernels.gating has the math and the
 reference). Forward: per block of routing units, the logits, the noise, the top-1 expert as
-int32 and per-block sums of the aux loss's statistics (importance and load). Backward (of
-the load term, the only one with a gradient): per block of units, the logits again, the
-top two, dL/dclean and dL/draw, then dL/dfeatures for each unit and per-block partial sums
-of dL/dw_gate and dL/dw_noise, summed in block order (one launch where the composite
-takes about 35).
+int32 and per-block sums of the aux loss's statistics (importance and load), which the
+program that finishes last adds in block order, with the aux loss from them: one launch.
+Backward (of the load term, the only one with a gradient): per block of units, the logits
+again, the top two, dL/dclean and dL/draw, then dL/dfeatures for each unit and per-block
+partial sums of dL/dw_gate and dL/dw_noise, added in block order by the program that
+finishes last: one launch where the composite takes about 35.
 
 Bytes per call, U units of r features and n experts: the features once (U·r), the noise
 once (U·n fp32, in training), the experts out (U·4) and (U/BU)·2·n partial sums (BU from
-block_units); one launch plus the partials' sums (torch, deterministic). At SAM's target
-(U = 16384 tokens, r = 8, n = 8, bf16): 256 KB + 512 KB + 64 KB + 16 KB."""
+block_units), written and read once more by the last program. At SAM's target (U = 16384
+tokens, r = 8, n = 8, bf16): 256 KB + 512 KB + 64 KB + 2 × 16 KB.
+
+The last program: each program stores its partials, then takes a ticket from a counter
+(device.ticket_counter: one int32 per device and stream, zero between launches); the
+program whose ticket is the last one reads every program's partials (bypassing L1: they
+were written on other SMs) in a fixed order, writes the sums and sets the counter back to
+zero. The order of the sums does not depend on which program finishes last, so the
+result is the same run to run."""
 
 import torch
 import triton
 import triton.language as tl
 
-from .device import on_tensors_device
+from .device import on_tensors_device, ticket_counter
 from .tables import next_pow2
 
 
-# Rows of per-program partials route_sums_kernel adds at a time.
+# Rows of per-program partials the last program adds at a time (a fixed tl.sum tree).
 ROUTE_SUM_ROWS = 128
+# Values per load when the last program of the router's backward adds the (RP, NP) partials.
+ROUTE_SUM_VALUES = 4096
 
 
 def block_units(rp: int, np_: int) -> int:
@@ -33,6 +43,39 @@ def block_units(rp: int, np_: int) -> int:
 
 
 @triton.jit
+def last_program(counter_ptr, programs):
+    """True in the program of a launch of ``programs`` programs that takes the last ticket
+    from the counter (module doc); every other program's stores before its ticket are
+    visible to it. The barrier orders this program's own stores, by all its threads, before
+    its ticket."""
+    tl.debug_barrier()
+    return tl.atomic_add(counter_ptr, 1, sem="acq_rel") == programs - 1
+
+
+@triton.jit
+def sum_partials(ptr, programs, L: tl.constexpr, BP: tl.constexpr):
+    """(L,) float32: the sum over the (programs, L) float32 partials at ptr, BP rows at a
+    time in row order (each a fixed tl.sum tree), read past L1."""
+    cols = tl.arange(0, L)
+    rows = tl.arange(0, BP)
+    acc = tl.zeros([L], tl.float32)
+    for p0 in range(0, programs, BP):
+        at = (p0 + rows)[:, None] * L + cols[None, :]
+        live = (p0 + rows < programs)[:, None]  # broadcast over the columns
+        acc += tl.sum(tl.load(ptr + at, mask=live, other=0.0, cache_modifier=".cg"), axis=0)
+    return acc
+
+
+@triton.jit
+def _cv_squared(v, em, n):
+    """var / (mean² + 1e-10) of the values v where em, the variance unbiased
+    (gating.cv_squared)."""
+    m = tl.sum(tl.where(em, v, 0.0), axis=0) / n
+    d = tl.where(em, v - m, 0.0)
+    return (tl.sum(d * d, axis=0) / (n - 1)) / (m * m + 1e-10)
+
+
+@triton.jit
 def route_kernel(
         f_ptr,        # (U, r) features, row stride stride_f
         wg_ptr,       # (r, n) w_gate, contiguous
@@ -41,8 +84,12 @@ def route_kernel(
         expert_ptr,   # (U,) int32 output: the top-1 expert
         imp_ptr,      # (programs, NP) float32 output: units per expert, this block's
         load_ptr,     # (programs, NP) float32 output: P(top-1 under fresh noise) (NOISY)
-        U, r, n, noise_epsilon, stride_f,
-        BU: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr, NOISY: tl.constexpr):
+        counter_ptr,  # (1,) int32, zero: device.ticket_counter
+        sums_ptr,     # (2, n) float32 output: importance and load (= importance without noise)
+        aux_ptr,      # () float32 output: loss_coef · (cv²(importance) + cv²(load)) (AUX)
+        U, r, n, noise_epsilon, stride_f, programs, loss_coef,
+        BU: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr, NOISY: tl.constexpr,
+        AUX: tl.constexpr, BP: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BU + tl.arange(0, BU)
     rm = rows < U
@@ -81,28 +128,14 @@ def route_kernel(
         p = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
         p = tl.where(rm[:, None] & em[None, :], p, 0.0)
         tl.store(load_ptr + pid * NP + ei, tl.sum(p, axis=0))
-
-
-@triton.jit
-def route_sums_kernel(imp_ptr, load_ptr, imp_out, load_out, programs, n,
-                      NP: tl.constexpr, BP: tl.constexpr, NOISY: tl.constexpr):
-    """importance and load (n,) from route_kernel's per-program partials (programs, NP):
-    BP programs' rows at a time, summed by tl.sum (a fixed tree for a given BP), the tiles
-    in order; one program, one launch for both (load = importance without noise)."""
-    ei = tl.arange(0, NP)
-    pi = tl.arange(0, BP)
-    imp = tl.zeros([NP], tl.float32)
-    load = tl.zeros([NP], tl.float32)
-    for p0 in range(0, programs, BP):
-        rows = p0 + pi
-        at = rows[:, None] * NP + ei[None, :]
-        live = (rows < programs)[:, None]  # broadcast over the NP columns
-        imp += tl.sum(tl.load(imp_ptr + at, mask=live, other=0.0), axis=0)
-        if NOISY:
-            load += tl.sum(tl.load(load_ptr + at, mask=live, other=0.0), axis=0)
-    em = ei < n
-    tl.store(imp_out + ei, imp, mask=em)
-    tl.store(load_out + ei, load if NOISY else imp, mask=em)
+    if last_program(counter_ptr, programs):
+        imp = sum_partials(imp_ptr, programs, NP, BP)
+        load = sum_partials(load_ptr, programs, NP, BP) if NOISY else imp
+        tl.store(sums_ptr + ei, imp, mask=em)
+        tl.store(sums_ptr + n + ei, load, mask=em)
+        if AUX:
+            tl.store(aux_ptr, (_cv_squared(imp, em, n) + _cv_squared(load, em, n)) * loss_coef)
+        tl.store(counter_ptr, 0)
 
 
 def _blocks(features, w_gate):
@@ -118,25 +151,27 @@ def _blocks(features, w_gate):
 
 
 @on_tensors_device
-def route(features, w_gate, w_noise, noise, noise_epsilon):
-    """(expert (U,) int32, importance (n,) float32, load (n,) float32); noise (U, n) float32
-    in noisy training, None otherwise (load is then the importance)."""
+def route(features, w_gate, w_noise, noise, noise_epsilon, loss_coef=None):
+    """(expert (U,) int32, importance (n,) float32, load (n,) float32) in one launch; noise
+    (U, n) float32 in noisy training, None otherwise (load is then the importance). With
+    loss_coef (n > 1), a fourth output: the aux loss loss_coef · (cv²(importance) +
+    cv²(load)) () float32, from the same launch."""
     features, units, rank, n, rp, np_, bu, programs = _blocks(features, w_gate)
     dev = features.device
     expert = torch.empty(units, dtype=torch.int32, device=dev)
     imp = torch.empty((programs, np_), dtype=torch.float32, device=dev)
-    load = torch.empty((programs, np_), dtype=torch.float32, device=dev) if noise is not None \
-        else imp
     noisy = noise is not None
+    load = torch.empty((programs, np_), dtype=torch.float32, device=dev) if noisy else imp
+    sums = torch.empty((2, n), dtype=torch.float32, device=dev)
+    with_aux = loss_coef is not None
+    aux = torch.empty((), dtype=torch.float32, device=dev) if with_aux else sums
     route_kernel[(programs,)](
         features, w_gate.contiguous(), w_noise.contiguous(),
-        noise.contiguous() if noisy else imp, expert, imp, load, units, rank, n,
-        float(noise_epsilon), features.stride(0), BU=bu, RP=rp, NP=np_,
-        NOISY=noisy, num_warps=4)
-    sums = torch.empty((2, n), dtype=torch.float32, device=dev)
-    route_sums_kernel[(1,)](imp, load, sums[0], sums[1], programs, n, NP=np_,
-                            BP=ROUTE_SUM_ROWS, NOISY=noisy, num_warps=4)
-    return expert, sums[0], sums[1]
+        noise.contiguous() if noisy else imp, expert, imp, load, ticket_counter(dev), sums,
+        aux, units, rank, n, float(noise_epsilon), features.stride(0), programs,
+        float(loss_coef) if with_aux else 0.0, BU=bu, RP=rp, NP=np_, NOISY=noisy,
+        AUX=with_aux, BP=ROUTE_SUM_ROWS, num_warps=4)
+    return (expert, sums[0], sums[1], aux) if with_aux else (expert, sums[0], sums[1])
 
 
 @triton.jit
@@ -148,17 +183,21 @@ def route_backward_kernel(
         dload_ptr,    # (n,) float32 dL/dload; with FROM_AUX the load itself
         daux_ptr,     # () float32 dL/daux (FROM_AUX)
         df_ptr,       # (U, r) output dL/dfeatures, contiguous; with ACCUM added to it
-        dwg_ptr,      # (programs, RP, NP) float32 output: this block's dL/dw_gate
-        dwn_ptr,      # (programs, RP, NP) float32 output: this block's dL/dw_noise
-        U, r, n, noise_epsilon, loss_coef, stride_f,
+        dwg_ptr,      # (programs, RP, NP) float32: this block's dL/dw_gate
+        dwn_ptr,      # (programs, RP, NP) float32: this block's dL/dw_noise
+        counter_ptr,  # (1,) int32, zero: device.ticket_counter
+        dwg_out,      # (r, n) output: dL/dw_gate, the blocks' sums (w_gate's dtype)
+        dwn_out,      # (r, n) output: dL/dw_noise (w_noise's dtype)
+        U, r, n, noise_epsilon, loss_coef, stride_f, programs,
         BU: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr, FROM_AUX: tl.constexpr,
-        ACCUM: tl.constexpr):
+        ACCUM: tl.constexpr, BP: tl.constexpr):
     """The composite route_backward (gating.py) per block of units: load_j = Σ_t Φ(a_tj),
     a_tj = (clean_tj - thr_tj) / std_tj, thr the best other noisy logit, which depends on
     clean and std again through the top two. FROM_AUX: dL/dload is that of the aux loss
     loss_coef · cv²(load) (gating.cv_squared_backward), computed here from the load.
     ACCUM: dL/dfeatures is added to what df_ptr holds (the stencil's dz, for token routing)
-    in float32 and rounded once, instead of written."""
+    in float32 and rounded once, instead of written. The program that finishes last adds the
+    blocks' dL/dw_gate and dL/dw_noise in block order (module doc)."""
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BU + tl.arange(0, BU)
     rm = rows < U
@@ -217,6 +256,15 @@ def route_backward_kernel(
     slot = pid * RP * NP + ci[:, None] * NP + ei[None, :]
     tl.store(dwg_ptr + slot, tl.sum(f[:, :, None] * d_clean[:, None, :], axis=0))
     tl.store(dwn_ptr + slot, tl.sum(f[:, :, None] * d_raw[:, None, :], axis=0))
+    if last_program(counter_ptr, programs):
+        k = tl.arange(0, RP * NP)
+        at = (k // NP) * n + k % NP
+        keep = (k // NP < r) & (k % NP < n)
+        tl.store(dwg_out + at, sum_partials(dwg_ptr, programs, RP * NP, BP).to(
+            dwg_out.dtype.element_ty), mask=keep)
+        tl.store(dwn_out + at, sum_partials(dwn_ptr, programs, RP * NP, BP).to(
+            dwn_out.dtype.element_ty), mask=keep)
+        tl.store(counter_ptr, 0)
 
 
 @on_tensors_device
@@ -236,44 +284,17 @@ def route_backward(d_load, features, w_gate, w_noise, noise, noise_epsilon, aux=
         df = accumulate
     else:
         df = torch.empty((units, rank), dtype=features.dtype, device=dev)
+    d_wg = torch.empty((rank, n), dtype=w_gate.dtype, device=dev)
+    d_wn = torch.empty((rank, n), dtype=w_noise.dtype, device=dev)
+    if units == 0:
+        return df, d_wg.zero_(), d_wn.zero_()
     part = torch.empty((2, programs, rp, np_), dtype=torch.float32, device=dev)
-    if units > 0:
-        from_aux = aux is not None
-        vec, d_aux, coef = aux if from_aux else (d_load, part, 0.0)
-        route_backward_kernel[(programs,)](
-            features, w_gate.contiguous(), w_noise.contiguous(), noise.contiguous(),
-            vec.to(torch.float32).contiguous(), d_aux, df, part[0], part[1], units, rank, n,
-            float(noise_epsilon), float(coef), features.stride(0), BU=bu, RP=rp, NP=np_,
-            FROM_AUX=from_aux, ACCUM=accumulate is not None, num_warps=4)
-    else:
-        part.zero_()
-    sums = part.sum(1)[:, :rank, :n]  # torch's reduction: the same every run
-    return df, sums[0].to(w_gate.dtype), sums[1].to(w_noise.dtype)
-
-
-@triton.jit
-def _cv_squared(ptr, n, NP: tl.constexpr):
-    """var / (mean² + 1e-10) of the n values at ptr, the variance unbiased
-    (gating.cv_squared)."""
-    ei = tl.arange(0, NP)
-    em = ei < n
-    v = tl.load(ptr + ei, mask=em, other=0.0)
-    m = tl.sum(v, axis=0) / n
-    d = tl.where(em, v - m, 0.0)
-    return (tl.sum(d * d, axis=0) / (n - 1)) / (m * m + 1e-10)
-
-
-@triton.jit
-def aux_loss_kernel(imp_ptr, load_ptr, out_ptr, n, loss_coef, NP: tl.constexpr):
-    """out = loss_coef · (cv²(importance) + cv²(load)), one program."""
-    tl.store(out_ptr, (_cv_squared(imp_ptr, n, NP) + _cv_squared(load_ptr, n, NP)) * loss_coef)
-
-
-@on_tensors_device
-def aux_loss(importance, load, loss_coef):
-    """loss_coef · (cv²(importance) + cv²(load)) () float32 in one launch (n > 1)."""
-    n = importance.shape[0]
-    out = torch.empty((), dtype=torch.float32, device=importance.device)
-    aux_loss_kernel[(1,)](importance.float().contiguous(), load.float().contiguous(), out, n,
-                          float(loss_coef), NP=max(2, next_pow2(n)), num_warps=1)
-    return out
+    from_aux = aux is not None
+    vec, d_aux, coef = aux if from_aux else (d_load, part, 0.0)
+    route_backward_kernel[(programs,)](
+        features, w_gate.contiguous(), w_noise.contiguous(), noise.contiguous(),
+        vec.to(torch.float32).contiguous(), d_aux, df, part[0], part[1], ticket_counter(dev),
+        d_wg, d_wn, units, rank, n, float(noise_epsilon), float(coef), features.stride(0),
+        programs, BU=bu, RP=rp, NP=np_, FROM_AUX=from_aux, ACCUM=accumulate is not None,
+        BP=max(1, ROUTE_SUM_VALUES // (rp * np_)), num_warps=4)
+    return df, d_wg, d_wn

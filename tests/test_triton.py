@@ -557,15 +557,20 @@ def test_counting_sort_is_a_stable_sort_by_expert(n, experts, low, high):
 
 
 @pytest.mark.parametrize("det", [False, True], ids=["atomics", "deterministic"])
-def test_dy_pass_partials_do_not_grow_with_n(det, monkeypatch):
-    """The dy pass against torch with more row blocks than programs: deterministic mode
-    keeps DY_PARTIALS slots of partial sums whatever N is (here 3 for 7 row blocks), each
-    program adding its row blocks into its own slot."""
+def test_dy_pass_sums_across_programs(det, monkeypatch):
+    """The dy pass against torch with more row blocks than programs, twice. Deterministic
+    mode keeps DY_PARTIALS slots of partial sums whatever N is (here 3 for 7 row blocks),
+    each program adding its row blocks into its own slot. With atomics the programs add
+    into accumulators that are zero between launches and the last program writes the sums
+    out and zeroes them again: the second call gives the same sums, and the accumulators
+    and the ticket counter are zero after it."""
+    from convlora_kernels.triton_kernels import device
+
     monkeypatch.setattr(launch, "DY_PARTIALS", 3)
     shapes = []
-    acc = launch._acc
-    monkeypatch.setattr(launch, "_acc", lambda shape, programs, atomic, dev: (
-        shapes.append((programs,) + tuple(shape)), acc(shape, programs, atomic, dev))[1])
+    empty = launch._empty
+    monkeypatch.setattr(launch, "_empty", lambda shape, dtype, dev: (
+        shapes.append(tuple(shape)), empty(shape, dtype, dev))[1])
     g = torch.Generator().manual_seed(40)
     n, c_out, r, s = 7 * launch.DY_BT - 5, 20, 3, 0.7
     dy, lora_b, u = (torch.randn(*shape, generator=g).to(DEV)
@@ -573,13 +578,22 @@ def test_dy_pass_partials_do_not_grow_with_n(det, monkeypatch):
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(det)
     try:
+        first = launch.dy_pass(dy, lora_b, u, s, True, True)
         du, d_lora_b, d_bias = launch.dy_pass(dy, lora_b, u, s, True, True)
     finally:
         torch.use_deterministic_algorithms(was)
     close(du, s * dy @ lora_b, "du")
     close(d_lora_b, s * dy.t() @ u, "dlora_B")
     close(d_bias, dy.sum(0), "dbias")
-    assert shapes == ([(3, c_out, r), (3, c_out)] if det else [(7, c_out, r), (7, c_out)])
+    for a, b in zip(first[1:], (d_lora_b, d_bias)):
+        close(a, b, "the first call")
+    dev = torch.device(DEV)
+    if det:
+        assert (3, c_out, r) in shapes and (3, c_out) in shapes, shapes
+    else:
+        assert not any(len(sh) == 3 for sh in shapes), shapes  # no partial slots
+        assert device.zeroed(dev, c_out * r + c_out, torch.float32).eq(0).all()
+        assert device.ticket_counter(dev).item() == 0
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])

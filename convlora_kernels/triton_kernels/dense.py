@@ -5,6 +5,7 @@ per-tile weight-gradient partials."""
 import triton
 import triton.language as tl
 
+from .router import last_program
 from .stencil import tile_ranges
 
 
@@ -14,15 +15,21 @@ def dy_pass_kernel(
         lora_b_ptr,       # (C_out, r) lora_B, row stride stride_bn
         u_ptr,        # (N, r) float32 u from the forward
         du_ptr,       # (N, r) float32 output: dL/du = scaling · dy B
-        d_lora_b_ptr,      # float32: (C_out, r) with ATOMIC, else (programs, C_out, r) partials
-        dbias_ptr,    # float32: (C_out,) with ATOMIC, else (programs, C_out) partials
+        d_lora_b_ptr,      # float32: (C_out, r) zero with ATOMIC, else (programs, C_out, r) partials
+        dbias_ptr,    # float32: (C_out,) zero with ATOMIC, else (programs, C_out) partials
+        counter_ptr,  # (1,) int32, zero (ATOMIC): device.ticket_counter
+        db_out_ptr,   # (C_out, r) output in dy's dtype: dL/dB (ATOMIC and NEED_DB)
+        dbias_out_ptr,  # (C_out,) output in dy's dtype: dL/dbias (ATOMIC and NEED_DBIAS)
         N, C_out, r, scaling, stride_dyn, stride_bn,
         BT: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, NEED_DB: tl.constexpr,
         NEED_DBIAS: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr):
     """Reads dy once: dL/du = scaling · dy B, dL/dB = scaling · dyᵀ u, dL/dbias = Σ_t dy_t.
 
-    Program p takes the row blocks p, p + P, p + 2P, ... (P programs). Without ATOMIC its
-    partial sums of dL/dB and dL/dbias accumulate in its own slot, in row-block order, so
+    Program p takes the row blocks p, p + P, p + 2P, ... (P programs). With ATOMIC its sums
+    of dL/dB and dL/dbias are added with atomics into accumulators that are zero before the
+    launch (device.zeroed); the program that finishes last (router.last_program) writes
+    them out in dy's dtype and zeroes them again: no launch before or after. Without
+    ATOMIC each program's partial sums accumulate in its own slot, in row-block order, so
     the partial buffers hold P slots whatever N is, and the result is the same run to run.
     """
     pid = tl.program_id(0)
@@ -64,6 +71,24 @@ def dy_pass_kernel(
                     tl.store(slot_b, sb, mask=cmask)
         tl.store(du_ptr + rows[:, None] * r + ci[None, :], scaling * du,
                  mask=rmask[:, None] & (ci[None, :] < r))
+    if ATOMIC and (NEED_DB or NEED_DBIAS):
+        if last_program(counter_ptr, progs):
+            for n0 in range(0, C_out, BN):
+                cols = n0 + tl.arange(0, BN)
+                cmask = cols < C_out
+                if NEED_DB:
+                    at = cols[:, None] * r + ci[None, :]
+                    pm = cmask[:, None] & (ci[None, :] < r)
+                    acc = tl.load(d_lora_b_ptr + at, mask=pm, other=0.0, cache_modifier=".cg")
+                    tl.store(db_out_ptr + at, acc.to(db_out_ptr.dtype.element_ty), mask=pm)
+                    tl.store(d_lora_b_ptr + at, tl.zeros([BN, RP], tl.float32), mask=pm)
+                if NEED_DBIAS:
+                    acc_b = tl.load(dbias_ptr + cols, mask=cmask, other=0.0,
+                                    cache_modifier=".cg")
+                    tl.store(dbias_out_ptr + cols, acc_b.to(dbias_out_ptr.dtype.element_ty),
+                             mask=cmask)
+                    tl.store(dbias_ptr + cols, tl.zeros([BN], tl.float32), mask=cmask)
+            tl.store(counter_ptr, 0)
 
 
 @triton.jit

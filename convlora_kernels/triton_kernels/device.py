@@ -28,24 +28,32 @@ def on_tensors_device(fn):
     return wrapped
 
 
-# One int32 counter per (device, stream) for kernels whose last program to finish reduces
-# the other programs' partial sums (last_program in the kernels): zero between launches,
-# since that program sets it back to 0. Launches on one stream run in order, so one counter
-# serves every such kernel there; a launch on another stream gets its own. Never freed: a
-# captured CUDA graph keeps reading the address it captured.
-_TICKETS: Dict[Tuple[str, Optional[int], int], torch.Tensor] = {}
-_TICKETS_LOCK = threading.Lock()
+# Buffers that are zero between launches, per (device, stream, size): an int32 counter for
+# kernels whose last program to finish reduces the other programs' partial sums
+# (router.last_program), and float32 accumulators that a kernel's programs add into with
+# atomics and its last program reads out and zeroes again. Launches on one stream run in
+# order, so one buffer serves every such kernel there; a launch on another stream gets its
+# own. Never freed: a captured CUDA graph keeps reading the addresses it captured (a model
+# has a few layer shapes, so a few buffers).
+_ZEROED: Dict[Tuple[str, Optional[int], int, torch.dtype, int], torch.Tensor] = {}
+_ZEROED_LOCK = threading.Lock()
+
+
+def zeroed(device: torch.device, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (numel,) buffer of ``device`` and its current stream that is zero between
+    launches (above)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream, dtype, numel)
+    buf = _ZEROED.get(key)
+    if buf is None:
+        with _ZEROED_LOCK:
+            buf = _ZEROED.get(key)
+            if buf is None:
+                buf = torch.zeros(numel, dtype=dtype, device=device)
+                _ZEROED[key] = buf
+    return buf
 
 
 def ticket_counter(device: torch.device) -> torch.Tensor:
-    """The zeroed (1,) int32 counter of ``device`` and its current stream (above)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
-    counter = _TICKETS.get(key)
-    if counter is None:
-        with _TICKETS_LOCK:
-            counter = _TICKETS.get(key)
-            if counter is None:
-                counter = torch.zeros(1, dtype=torch.int32, device=device)
-                _TICKETS[key] = counter
-    return counter
+    """The (1,) int32 counter of ``device`` and its current stream, zero between launches."""
+    return zeroed(device, 1, torch.int32)

@@ -30,7 +30,7 @@ import triton
 
 from .. import _switches
 from . import dense, gemm, layer_forward, sort, stencil
-from .device import on_tensors_device
+from .device import on_tensors_device, ticket_counter, zeroed
 from .tables import BORDER, next_pow2, stencil_tables
 
 INTERPRETED = type(stencil.stencil_fwd_kernel).__name__ == "InterpretedFunction"
@@ -83,8 +83,7 @@ _fwd = _autotuned(stencil.stencil_fwd_kernel, [({}, 8), ({}, 4)],
                   key=["RZ", "NBP", "TAPS", "BT", "SHARED_ROWS"])
 _dy_pass = _autotuned(dense.dy_pass_kernel,
                       [({"BN": 64}, 8), ({"BN": 128}, 8), ({"BN": 64}, 4)],
-                      key=["RP", "C_out", "NEED_DB", "NEED_DBIAS", "ATOMIC"],
-                      reset_to_zero=["d_lora_b_ptr", "dbias_ptr"])
+                      key=["RP", "C_out", "NEED_DB", "NEED_DBIAS", "ATOMIC"])
 # BM (tokens) x BN (output columns) x BK: the one-kernel forward's GEMM tile. Its stencil runs
 # LAYER_FWD_BT tokens at a time, so the stencil's registers and the GEMM tile's share one
 # program: the first candidate is the one that builds without spills at r <= 16 for sm_90
@@ -351,23 +350,37 @@ def dy_pass(dy2, lora_B, u, scaling, need_b, need_bias):
     u = u.to(torch.float32).contiguous()
     atomic = not torch.are_deterministic_algorithms_enabled()
     f32 = torch.float32
-    # atomics: one program per row block; else at most DY_PARTIALS programs, each summing
-    # its row blocks into its own partial slot (a buffer of fixed size, reduced in order)
-    programs = triton.cdiv(n_tok, DY_BT)
-    if not atomic:
-        programs = min(programs, DY_PARTIALS)
     du = _empty((n_tok, rank), f32, dev)
+    if n_tok == 0:
+        return (du, torch.zeros((c_out, rank), dtype=dtype, device=dev) if need_b else None,
+                torch.zeros((c_out,), dtype=dtype, device=dev) if need_bias else None)
+    # atomics: one program per row block, adding into accumulators that are zero between
+    # launches, read out by the last program; else at most DY_PARTIALS programs, each
+    # summing its row blocks into its own partial slot (a buffer of fixed size, reduced in
+    # order by torch)
+    programs = triton.cdiv(n_tok, DY_BT)
     unused = torch.empty(1, dtype=f32, device=dev)  # a pointer the kernel never follows
-    d_lora_b = _acc((c_out, rank), programs, atomic, dev) if need_b else unused
-    d_bias = _acc((c_out,), programs, atomic, dev) if need_bias else unused
+    d_b_out = _empty((c_out, rank), dtype, dev) if need_b and atomic else None
+    d_bias_out = _empty((c_out,), dtype, dev) if need_bias and atomic else None
+    if atomic:
+        acc = zeroed(dev, c_out * rank + c_out, f32)  # dL/dB, then dL/dbias
+        d_lora_b, d_bias = acc[:c_out * rank], acc[c_out * rank:]
+    else:
+        programs = min(programs, DY_PARTIALS)
+        d_lora_b = _empty((programs, c_out, rank), f32, dev) if need_b else unused
+        d_bias = _empty((programs, c_out), f32, dev) if need_bias else unused
     lora_b = lora_B.contiguous()
-    if n_tok > 0:
-        _tuned_or_first(_dy_pass)[(programs,)](
-            dy2, lora_b, u, du, d_lora_b, d_bias, n_tok, c_out, rank, float(scaling), dy2.stride(0),
-            lora_b.stride(0), BT=DY_BT, RP=max(16, next_pow2(rank)), NEED_DB=need_b,
-            NEED_DBIAS=need_bias, ATOMIC=atomic, PREC=_precision(dtype))
-    return (du, _reduce_rows(d_lora_b, atomic, need_b, (c_out, rank), dtype),
-            _reduce_rows(d_bias, atomic, need_bias, (c_out,), dtype))
+    _tuned_or_first(_dy_pass)[(programs,)](
+        dy2, lora_b, u, du, d_lora_b, d_bias, ticket_counter(dev) if atomic else unused,
+        unused if d_b_out is None else d_b_out, unused if d_bias_out is None else d_bias_out,
+        n_tok, c_out, rank, float(scaling), dy2.stride(0), lora_b.stride(0), BT=DY_BT,
+        RP=max(16, next_pow2(rank)), NEED_DB=need_b, NEED_DBIAS=need_bias, ATOMIC=atomic,
+        PREC=_precision(dtype))
+    if atomic:
+        return du, d_b_out, d_bias_out
+    # torch's reduction of the partial slots is deterministic
+    return (du, d_lora_b.sum(0).to(dtype) if need_b else None,
+            d_bias.sum(0).to(dtype) if need_bias else None)
 
 
 @on_tensors_device
@@ -432,23 +445,6 @@ def nan_out_of_range(out, perm, bounds):
     sort.nan_out_of_range_kernel[(triton.cdiv(n_tok, NAN_BLOCK),)](
         perm, bounds, out, n_tok, bounds.numel() - 1, rank, BLOCK=NAN_BLOCK,
         RP=max(2, next_pow2(rank)), num_warps=4)
-
-
-def _acc(shape, programs, atomic, dev):
-    """A float32 accumulator: zeros for atomics, else one uninitialised slot per program."""
-    if atomic:
-        return torch.zeros(shape, dtype=torch.float32, device=dev)
-    return _empty((programs,) + tuple(shape), torch.float32, dev)
-
-
-def _reduce_rows(buf, atomic, needed, shape, dtype):
-    if not needed:
-        return None
-    if atomic:
-        return buf.to(dtype)
-    if buf.shape[0] == 0:
-        return torch.zeros(shape, dtype=dtype, device=buf.device)
-    return buf.sum(0).to(dtype)  # torch's reduction is deterministic
 
 
 def _stencil_backward(tiling, z2, perm, bounds, cw, conv_bias, du, n_tok, height, width,

@@ -349,9 +349,10 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
                                          wavefronts_per_access=v["wavefronts"]
                                          / max(1, v["warp_accesses"]))
                                  for k, v in ph.items()}))
-    # the small kernels: prep (both directions), fold (map backward), reduce (backward)
+    # the small kernels: prep (once per step: the layer hands the forward's prep buffer to
+    # the backward), fold (map backward), reduce (backward)
     partial_bytes = rows[1]["blocks"] * n * grad_stride * 4
-    small = [("fwd", "prep_kernel", 0.0), ("bwd", "prep_kernel", 0.0),
+    small = [("fwd", "prep_kernel", 0.0),
              ("bwd", "reduce_dw_kernel", partial_bytes / dev["dram_bytes_per_s"] * 1e6)]
     if case.routing == "map":
         small.append(("bwd", "fold_kernel", 3 * N * r * 4 / dev["dram_bytes_per_s"] * 1e6))

@@ -46,20 +46,25 @@ NO_LAUNCH = {"aten.empty", "aten.empty_strided", "aten.empty_like", "aten.new_em
              "aten.sym_stride", "aten.sym_numel", "aten.is_same_size"}
 
 
+def _given_prep(args, at: int) -> bool:
+    return len(args) > at and args[at] is not None
+
+
 def _stencil_fwd_launches(args) -> int:
-    # run_call / run_map_call: prep_kernel (reading the weights in their dtype), then the
-    # tile (or map) kernel
-    return 2
+    # run_call / run_map_call: prep_kernel (reading the weights in their dtype) unless the
+    # caller passed stencil_prep's output, then the tile (or map) kernel
+    return 1 if _given_prep(args, 10) else 2
 
 
 def _stencil_bwd_launches(args) -> int:
-    # prep, the tile kernel then reduce_dw_kernel; the map programs (one expert per map:
-    # expert_index shorter than z) add fold_kernel between them
+    # prep unless given, the tile kernel then reduce_dw_kernel; the map programs (one
+    # expert per map: expert_index shorter than z) add fold_kernel between them
     z, idx = args[1], args[3]
-    return 4 if idx.shape[0] != z.shape[0] else 3
+    return (3 if idx.shape[0] != z.shape[0] else 2) + (0 if _given_prep(args, 11) else 1)
 
 
-CPP_LAUNCHES = {"convlora.stencil_fwd": _stencil_fwd_launches,
+CPP_LAUNCHES = {"convlora.stencil_prep": lambda args: 1,
+                "convlora.stencil_fwd": _stencil_fwd_launches,
                 "convlora.stencil_bwd": _stencil_bwd_launches}
 
 
@@ -191,27 +196,40 @@ def _step(backend, gating, m, x, dy, d_aux, experts):
     torch.autograd.backward([y, aux], [dy, d_aux])
 
 
-def table(backends=("cuda", "triton")) -> Tuple[List[str], Dict[Tuple[str, str], int]]:
-    """Markdown rows and {(backend, gating): launches} of the training step."""
-    rows = ["| backend | router | launches | synchronisations | by kind |",
-            "| --- | --- | --- | --- | --- |"]
+# The plans the table counts: the default (the measured winner, else the byte model's
+# choice) and the two-source GEMMs for y and dx (plan.MEASURED_ONLY: a GPU measurement
+# selects them), whose step the fewest launches make.
+PLANS = {"default": {}, "two_source": {"CONVLORA_LAYER_FORWARD": "two_source",
+                                       "CONVLORA_LAYER_DX": "two_source"}}
+
+
+def table(backends=("cuda", "triton")) -> Tuple[List[str], Dict[Tuple[str, str, str], int]]:
+    """Markdown rows and {(backend, gating, plan): launches} of the training step: every
+    backend and router under the default plan, and token routing under the others."""
+    from . import _switches
+
+    rows = ["| backend | router | plan | launches | synchronisations | by kind |",
+            "| --- | --- | --- | --- | --- | --- |"]
     totals = {}
-    for backend in backends:
-        for gating in ("token", "map", "none"):
-            c = training_step(backend, gating)
-            total = sum(c.launches.values())
-            totals[(backend, gating)] = total
-            kinds = ", ".join(f"{k.split('.', 1)[1]} {v}" if v > 1 else k.split('.', 1)[1]
-                              for k, v in sorted(c.launches.items()))
-            rows.append(f"| {backend} | {gating} | {total} | {len(c.syncs)} | {kinds} |")
+    for plan_name, forced in PLANS.items():
+        for backend in backends:
+            for gating in ("token", "map", "none") if plan_name == "default" else ("token",):
+                with _switches.forced(forced):
+                    c = training_step(backend, gating)
+                total = sum(c.launches.values())
+                totals[(backend, gating, plan_name)] = total
+                kinds = ", ".join(f"{k.split('.', 1)[1]} {v}" if v > 1 else k.split('.', 1)[1]
+                                  for k, v in sorted(c.launches.items()))
+                rows.append(f"| {backend} | {gating} | {plan_name} | {total} | {len(c.syncs)} "
+                            f"| {kinds} |")
     return rows, totals
 
 
 def write_design(path: str, rows: List[str]) -> None:
     s = SHAPE
     head = (f"ConvLoRALinear {s['c_in']} -> {s['c_out']}, r = {s['r']}, {s['experts']} "
-            f"experts, ({s['batch']}, {s['height']}, {s['width']}) maps, bf16, the default "
-            f"plan, torch {torch.__version__}, commit {_design_tables.commit_of(path)} "
+            f"experts, ({s['batch']}, {s['height']}, {s['width']}) maps, bf16, "
+            f"torch {torch.__version__}, commit {_design_tables.commit_of(path)} "
             f"(regenerate: `python -m convlora_kernels.launch_count --design docs/design.md`):")
     _design_tables.write_section(path, DESIGN_BEGIN, DESIGN_END, head, rows)
 

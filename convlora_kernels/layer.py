@@ -164,8 +164,8 @@ def _forward_op(x2: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
 def _(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index, z, scaling,
       scales, interpolation, height, width, backend, forward_plan, save):
     n_tok, rank = x2.shape[0], lora_A.shape[0]
-    saved = backends.module(backend).saved_shapes(n_tok, rank, conv_weight.shape[0],
-                                                  interpolation, x2.dtype, save, forward_plan)
+    saved = backends.module(backend).saved_shapes(n_tok, rank, scales, interpolation, height,
+                                                  width, x2.dtype, save, forward_plan)
     return (x2.new_empty((n_tok, weight.shape[0])),
             x2.new_empty((n_tok, rank) if z is None else (0,)),
             *(x2.new_empty(s, dtype=d) for s, d in saved))
@@ -272,7 +272,8 @@ def _(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise,
       forward_plan, save):
     n_tok, rank, n_exp = x2.shape[0], lora_A.shape[0], conv_weight.shape[0]
     impl = backends.module(backend)
-    saved = impl.saved_shapes(n_tok, rank, n_exp, interpolation, x2.dtype, save, forward_plan)
+    saved = impl.saved_shapes(n_tok, rank, scales, interpolation, height, width, x2.dtype,
+                              save, forward_plan)
     n_idx = impl.routed_index_length(n_tok, gating, height, width)
     f32 = torch.float32
     return (x2.new_empty((n_tok, weight.shape[0])), x2.new_empty((n_tok, rank)),

@@ -80,6 +80,20 @@ def modeled_bytes(candidate: str, p: Problem, element_size: int) -> int:
                      f"{FORWARD_CANDIDATES + DY_CANDIDATES + DX_CANDIDATES}, got {candidate!r}")
 
 
+def epilogue_bytes(candidate: str, p: Problem, element_size: int) -> int:
+    """Bytes the base GEMM's epilogue reads on top of its own operands for a candidate (C in
+    "bias_first", dz A in "accumulate"): DRAM traffic that modeled_bytes leaves out because
+    a compute-bound GEMM hides it. modeled_bytes + epilogue_bytes is what a candidate adds
+    to the step's DRAM traffic beyond the GEMMs' inputs and outputs."""
+    n = p.batch * p.height * p.width
+    if candidate == "bias_first":
+        return n * p.out_features * element_size
+    if candidate == "accumulate":
+        return n * p.in_features * element_size
+    modeled_bytes(candidate, p, element_size)  # the candidate's name checked
+    return 0
+
+
 def by_model(candidates: Sequence[str]) -> str:
     """The candidate with the fewest modeled bytes (never one of MEASURED_ONLY)."""
     # The ranking is the same at every size (each candidate saves whole passes over y or

@@ -61,20 +61,48 @@ std::vector<int64_t> stencil_grid(int64_t r, int64_t n, int64_t interpolation, b
   return out;
 }
 
+// stencil_prep_bytes: the size of stencil_prep's output for a call of rank r with n experts
+// (float64: z is float64, else float32 tables), for fake tensors of that shape.
+int64_t stencil_prep_bytes(int64_t r, int64_t n, int64_t interpolation, int64_t height,
+                           int64_t width, at::IntArrayRef scales, bool float64) {
+  TORCH_CHECK(r >= 1 && r <= kMaxRank && n >= 1 && n <= kMaxExperts &&
+                  static_cast<int64_t>(scales.size()) == n && height >= 1 && width >= 1 &&
+                  (interpolation == kBilinear || interpolation == kBicubic),
+              "stencil_prep_bytes: r in [1, ", kMaxRank, "], n in [1, ", kMaxExperts,
+              "] with one scale each, height and width >= 1, interpolation 0 or 1; got r = ", r,
+              ", n = ", n, ", ", scales.size(), " scales, ", height, " x ", width,
+              ", interpolation ", interpolation);
+  for (auto s : scales)
+    TORCH_CHECK(s >= 1 && s <= kMaxScale, "stencil_prep_bytes: scales must be in [1, ",
+                kMaxScale, "], got ", s);
+  const auto T = tables_for(height, width, interpolation, scales);
+  int64_t bytes = 0;
+  dispatch_rank(r, [&]<int R>() {
+    bytes = float64 ? prep_layout<R, double>(T).bytes : prep_layout<R, float>(T).bytes;
+  });
+  return bytes;
+}
+
 CONVLORA_LIBRARY(CONVLORA_NS, m) {
   m.def("stencil_grid(int r, int n, int interpolation, bool backward, int smem_kb=0) -> int[]",
         &stencil_grid);
   m.def("gelu_probe(Tensor x) -> Tensor");
   // See stencil.h for shapes. interpolation: 0 bilinear, 1 bicubic. smem_kb: the
   // shared-memory budget of a tile block in KB, 0 for the default (smem_budget).
+  m.def("stencil_prep_bytes(int r, int n, int interpolation, int height, int width, "
+        "int[] scales, bool float64) -> int",
+        &stencil_prep_bytes);
+  m.def(
+      "stencil_prep(Tensor z, Tensor conv_weight, Tensor conv_bias, int[] scales, "
+      "int interpolation, int height, int width) -> Tensor");
   m.def(
       "stencil_fwd(Tensor z, Tensor expert_index, Tensor conv_weight, Tensor conv_bias, "
       "int[] scales, int interpolation, int height, int width, bool save_preact, "
-      "int smem_kb=0) -> (Tensor, Tensor)");
+      "int smem_kb=0, Tensor? prep=None) -> (Tensor, Tensor)");
   m.def(
       "stencil_bwd(Tensor du, Tensor z, Tensor preact, Tensor expert_index, "
       "Tensor conv_weight, Tensor conv_bias, int[] scales, int interpolation, int height, "
-      "int width, int smem_kb=0) -> (Tensor, Tensor, Tensor)");
+      "int width, int smem_kb=0, Tensor? prep=None) -> (Tensor, Tensor, Tensor)");
 }
 
 CONVLORA_LIBRARY_IMPL(CONVLORA_NS, CPU, m) {

@@ -1,9 +1,15 @@
 // The stencil ops of the convlora library: u = z + E_e(z) per token and its backward.
 //
+//   stencil_prep(z, conv_weight, conv_bias, scales, interpolation, height, width) -> prep
 //   stencil_fwd(z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width,
-//               save_preact, smem_kb=0) -> (u, preact)
+//               save_preact, smem_kb=0, prep=None) -> (u, preact)
 //   stencil_bwd(du, z, preact, expert_index, conv_weight, conv_bias, scales, interpolation,
-//               height, width, smem_kb=0) -> (dz, dconv_weight, dconv_bias)
+//               height, width, smem_kb=0, prep=None) -> (dz, dconv_weight, dconv_bias)
+//
+// prep: the per-call tables and padded weights (PrepLayout) as a uint8 tensor, a function
+// of the weights, the rank, z's dtype and the geometry alone. Without it each op runs its
+// own prep pass (a launch on CUDA); a forward and its backward given stencil_prep's output
+// share one pass. z is read by stencil_prep for its rank, dtype and device only.
 //
 // z, u, du, dz: (N, r) with N = B·H·W tokens in (b, h, w) order; expert_index: (N,) int32,
 // or (B,) int32 for one expert per map (the map programs of stencil_map.h run then);
@@ -21,7 +27,9 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <optional>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -48,23 +56,15 @@ inline at::ScalarType acc_dtype_for(at::ScalarType t) {
 
 // Checks shared by the CPU and CUDA kernels; the Python layer has already given
 // users named errors, these guard direct calls of torch.ops.convlora.*.
-inline void check_stencil_args(const at::Tensor& z, const at::Tensor& expert_index,
-                               const at::Tensor& conv_weight, const at::Tensor& conv_bias,
-                               at::IntArrayRef scales, int64_t interpolation, int64_t height,
-                               int64_t width) {
+// The checks of the weights and the geometry (stencil_prep's arguments).
+inline void check_weight_args(const at::Tensor& z, const at::Tensor& conv_weight,
+                              const at::Tensor& conv_bias, at::IntArrayRef scales,
+                              int64_t interpolation, int64_t height, int64_t width) {
   TORCH_CHECK(z.dim() == 2, "stencil: z must be (N, r), got ", z.sizes());
   const int64_t r = z.size(1);
   TORCH_CHECK(r >= 1 && r <= kMaxRank, "stencil: rank r must be in [1, ", kMaxRank, "], got ", r);
   TORCH_CHECK(height >= 1 && width >= 1, "stencil: height and width must be >= 1, got ",
               height, ", ", width);
-  TORCH_CHECK(z.size(0) % (height * width) == 0, "stencil: z has ", z.size(0),
-              " tokens, not a multiple of height * width = ", height * width);
-  const int64_t maps = z.size(0) / (height * width);
-  TORCH_CHECK(expert_index.dim() == 1 &&
-                  (expert_index.size(0) == z.size(0) || expert_index.size(0) == maps) &&
-                  expert_index.scalar_type() == at::kInt,
-              "stencil: expert_index must be int32 of shape (", z.size(0), ") (per token) or (",
-              maps, ") (per map), got ", expert_index.scalar_type(), " ", expert_index.sizes());
   TORCH_CHECK(conv_weight.dim() == 5, "stencil: conv_weight must be (n, r, r, 3, 3), got ",
               conv_weight.sizes());
   const int64_t n = conv_weight.size(0);
@@ -89,9 +89,25 @@ inline void check_stencil_args(const at::Tensor& z, const at::Tensor& expert_ind
               "stencil: conv_weight and conv_bias must both have z's dtype ", z.scalar_type(),
               " or ", acc_dtype_for(z.scalar_type()), ", got ", conv_weight.scalar_type(),
               " and ", conv_bias.scalar_type());
-  TORCH_CHECK(expert_index.device() == z.device() && conv_weight.device() == z.device() &&
-                  conv_bias.device() == z.device(),
+  TORCH_CHECK(conv_weight.device() == z.device() && conv_bias.device() == z.device(),
               "stencil: all tensors must be on z's device ", z.device());
+}
+
+inline void check_stencil_args(const at::Tensor& z, const at::Tensor& expert_index,
+                               const at::Tensor& conv_weight, const at::Tensor& conv_bias,
+                               at::IntArrayRef scales, int64_t interpolation, int64_t height,
+                               int64_t width) {
+  check_weight_args(z, conv_weight, conv_bias, scales, interpolation, height, width);
+  TORCH_CHECK(z.size(0) % (height * width) == 0, "stencil: z has ", z.size(0),
+              " tokens, not a multiple of height * width = ", height * width);
+  const int64_t maps = z.size(0) / (height * width);
+  TORCH_CHECK(expert_index.dim() == 1 &&
+                  (expert_index.size(0) == z.size(0) || expert_index.size(0) == maps) &&
+                  expert_index.scalar_type() == at::kInt && expert_index.device() == z.device(),
+              "stencil: expert_index must be int32 of shape (", z.size(0), ") (per token) or (",
+              maps, ") (per map) on z's device ", z.device(), ", got ",
+              expert_index.scalar_type(), " ", expert_index.sizes(), " on ",
+              expert_index.device());
 }
 
 // The shared-memory budget of a tile block in bytes for an op's smem_kb argument:
@@ -108,6 +124,7 @@ inline int smem_budget(int64_t smem_kb) {
 struct Operands {
   at::Tensor z, expert_index, conv_weight, conv_bias, du, preact;
   int smem_budget;  // bytes (smem_budget)
+  at::Tensor prep;  // stencil_prep's output for this call, or undefined: the call runs its own
 };
 
 // Saved pre-activation slots per token: the most conv outputs one token reads.
@@ -118,11 +135,13 @@ inline Operands checked_operands(const at::Tensor& z, const at::Tensor& expert_i
                                  at::IntArrayRef scales, int64_t interpolation, int64_t height,
                                  int64_t width, int64_t smem_kb,
                                  const at::Tensor* du = nullptr,
-                                 const at::Tensor* preact = nullptr) {
+                                 const at::Tensor* preact = nullptr,
+                                 const std::optional<at::Tensor>& prep = std::nullopt) {
   check_stencil_args(z, expert_index, conv_weight, conv_bias, scales, interpolation, height,
                      width);
   Operands o{z.contiguous(), expert_index.contiguous(), conv_weight.contiguous(),
-             conv_bias.contiguous(), at::Tensor(), at::Tensor(), smem_budget(smem_kb)};
+             conv_bias.contiguous(), at::Tensor(), at::Tensor(), smem_budget(smem_kb),
+             prep.has_value() ? *prep : at::Tensor()};
   if (du) {
     TORCH_CHECK(du->sizes() == z.sizes() && du->scalar_type() == z.scalar_type() &&
                     du->device() == z.device(),
@@ -212,6 +231,42 @@ int64_t wbuf_size(int n) {
   return static_cast<int64_t>(n) * (2 * tile::weight_stride<R>() + R);
 }
 
+// The prep buffer of a call (bytes): the tap tables (T.entries Taps), then from a 16-byte
+// boundary the padded weights (wbuf_size values), both in the accumulation type. The prep
+// pass writes it; stencil_prep returns it so that a forward and its backward share one.
+struct PrepLayout {
+  int64_t taps_bytes, wbuf_offset, bytes;
+};
+
+template <int R, typename acc_t>
+PrepLayout prep_layout(const tile::Tables& T) {
+  const int64_t taps = static_cast<int64_t>(T.entries) * static_cast<int64_t>(sizeof(Taps<acc_t>));
+  const int64_t off = (taps + 15) / 16 * 16;
+  return {taps, off, off + wbuf_size<R>(T.n) * static_cast<int64_t>(sizeof(acc_t))};
+}
+
+// A prep buffer for the prep pass to fill.
+template <int R, typename acc_t>
+at::Tensor new_prep(const tile::Tables& T, const at::Tensor& z) {
+  return at::empty({prep_layout<R, acc_t>(T).bytes}, z.options().dtype(at::kByte));
+}
+
+// (taps, wbuf): views of a prep buffer, checked to be one for this rank, these experts and
+// this geometry (stencil_prep's output when a caller passed it).
+template <int R, typename acc_t>
+std::pair<at::Tensor, at::Tensor> prep_views(const at::Tensor& prep, const tile::Tables& T,
+                                             const at::Tensor& z) {
+  const auto L = prep_layout<R, acc_t>(T);
+  TORCH_CHECK(prep.dim() == 1 && prep.scalar_type() == at::kByte && prep.numel() == L.bytes &&
+                  prep.device() == z.device() && prep.is_contiguous(),
+              "stencil: prep must be stencil_prep's output for this call's rank, experts and "
+              "geometry (", L.bytes, " uint8 on ", z.device(), "), got ", prep.scalar_type(),
+              " ", prep.sizes(), " on ", prep.device());
+  return {prep.narrow(0, 0, L.taps_bytes),
+          prep.narrow(0, L.wbuf_offset, L.bytes - L.wbuf_offset)
+              .view(c10::CppTypeToScalarType<acc_t>::value)};
+}
+
 inline tile::Tables tables_for(int64_t height, int64_t width, int64_t interpolation,
                                at::IntArrayRef scales) {
   int sc[kMaxExperts];
@@ -279,14 +334,18 @@ inline at::Tensor new_preact(const at::Tensor& z, int64_t interpolation, bool sa
               : at::empty({0}, opts);
 }
 
+at::Tensor stencil_prep_cpu(const at::Tensor& z, const at::Tensor& conv_weight,
+                            const at::Tensor& conv_bias, at::IntArrayRef scales,
+                            int64_t interpolation, int64_t height, int64_t width);
 std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
     const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& conv_weight,
     const at::Tensor& conv_bias, at::IntArrayRef scales, int64_t interpolation, int64_t height,
-    int64_t width, bool save_preact, int64_t smem_kb);
+    int64_t width, bool save_preact, int64_t smem_kb, const std::optional<at::Tensor>& prep);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
     const at::Tensor& du, const at::Tensor& z, const at::Tensor& preact,
     const at::Tensor& expert_index,
     const at::Tensor& conv_weight, const at::Tensor& conv_bias, at::IntArrayRef scales,
-    int64_t interpolation, int64_t height, int64_t width, int64_t smem_kb);
+    int64_t interpolation, int64_t height, int64_t width, int64_t smem_kb,
+    const std::optional<at::Tensor>& prep);
 
 }  // namespace convlora

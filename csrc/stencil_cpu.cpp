@@ -47,22 +47,33 @@ struct CpuExec {
   }
 };
 
-// The prep pass on the host: tap tables and padded weights.
+// The prep pass on the host: tap tables and padded weights, into prep_views of a buffer.
 template <int R, typename acc_t>
 void prep_cpu(const at::Tensor& cw, const at::Tensor& cb, int r, const tile::Tables& T,
               at::Tensor& taps, at::Tensor& wbuf) {
   const int n = T.n;
-  taps = at::empty({T.entries * static_cast<int64_t>(sizeof(Taps<acc_t>))},
-                   cw.options().dtype(at::kByte));
-  wbuf = at::empty({wbuf_size<R>(n)}, cw.options().dtype(c10::CppTypeToScalarType<acc_t>()));
   auto* tp = reinterpret_cast<Taps<acc_t>*>(taps.mutable_data_ptr());
   for (int i = 0; i < T.entries; ++i) tile::table_entry<acc_t>(T, i, tp);
+  const auto L = prep_layout<R, acc_t>(T);  // the alignment gap: zero, so a buffer is its inputs'
+  std::memset(static_cast<unsigned char*>(taps.mutable_data_ptr()) + L.taps_bytes, 0,
+              L.wbuf_offset - L.taps_bytes);
   const auto cwa = cw.to(wbuf.scalar_type()).contiguous();
   const auto cba = cb.to(wbuf.scalar_type()).contiguous();
   acc_t* wp = wbuf.mutable_data_ptr<acc_t>();
   for (int64_t i = 0; i < wbuf.numel(); ++i)
     tile::weight_entry<R, acc_t>(cwa.const_data_ptr<acc_t>(), cba.const_data_ptr<acc_t>(), r, n,
                                  static_cast<int>(i), wp);
+}
+
+// (taps, wbuf) of a call: views of o.prep when the caller gave stencil_prep's output, else
+// of a buffer the prep pass fills here.
+template <int R, typename acc_t>
+std::pair<at::Tensor, at::Tensor> call_prep(const Operands& o, const tile::Tables& T) {
+  const bool given = o.prep.defined();
+  auto [taps, wbuf] = prep_views<R, acc_t>(given ? o.prep : new_prep<R, acc_t>(T, o.z), T, o.z);
+  if (!given)
+    prep_cpu<R, acc_t>(o.conv_weight, o.conv_bias, static_cast<int>(o.z.size(1)), T, taps, wbuf);
+  return {taps, wbuf};
 }
 
 // Runs f(ex, smem, block) for every block of one call, blocks in parallel, each worker
@@ -133,12 +144,31 @@ void reduce_dw(const at::Tensor& partial, int64_t blocks, int r, int n, at::Tens
 
 }  // namespace
 
+at::Tensor stencil_prep_cpu(const at::Tensor& z, const at::Tensor& conv_weight,
+                            const at::Tensor& conv_bias, at::IntArrayRef scales,
+                            int64_t interpolation, int64_t height, int64_t width) {
+  check_weight_args(z, conv_weight, conv_bias, scales, interpolation, height, width);
+  const int64_t r = z.size(1);
+  const auto T = tables_for(height, width, interpolation, scales);
+  at::Tensor prep;
+  CONVLORA_DISPATCH_CPU(z.scalar_type(), "stencil_prep_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_rank(r, [&]<int R>() {
+      prep = new_prep<R, acc_t>(T, z);
+      auto [taps, wbuf] = prep_views<R, acc_t>(prep, T, z);
+      prep_cpu<R, acc_t>(conv_weight.contiguous(), conv_bias.contiguous(), static_cast<int>(r),
+                         T, taps, wbuf);
+    });
+  });
+  return prep;
+}
+
 std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
     const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& conv_weight,
     const at::Tensor& conv_bias, at::IntArrayRef scales, int64_t interpolation, int64_t height,
-    int64_t width, bool save_preact, int64_t smem_kb) {
+    int64_t width, bool save_preact, int64_t smem_kb, const std::optional<at::Tensor>& prep) {
   auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales, interpolation,
-                            height, width, smem_kb);
+                            height, width, smem_kb, nullptr, nullptr, prep);
   const auto& zc = o.z;
   auto u = at::empty_like(zc);
   auto pre = new_preact(zc, interpolation, save_preact);
@@ -151,8 +181,7 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_rank(r, [&]<int R>() {
       dispatch_interpolation(interpolation, [&]<int INTERP>() {
-        at::Tensor taps, wbuf;
-        prep_cpu<R, acc_t>(o.conv_weight, o.conv_bias, static_cast<int>(r), T, taps, wbuf);
+        auto [taps, wbuf] = call_prep<R, acc_t>(o, T);
         acc_t* pre_p = save_preact ? pre.mutable_data_ptr<acc_t>() : nullptr;
         if constexpr (R <= tile::kMapMaxRank) {
           if (per_map) {
@@ -178,9 +207,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
     const at::Tensor& du, const at::Tensor& z, const at::Tensor& preact,
     const at::Tensor& expert_index, const at::Tensor& conv_weight, const at::Tensor& conv_bias,
     at::IntArrayRef scales, int64_t interpolation, int64_t height, int64_t width,
-    int64_t smem_kb) {
+    int64_t smem_kb, const std::optional<at::Tensor>& prep) {
   auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales, interpolation,
-                            height, width, smem_kb, &du, &preact);
+                            height, width, smem_kb, &du, &preact, prep);
   const auto& zc = o.z;
   const int64_t N = zc.size(0), r = zc.size(1), n = o.conv_weight.size(0);
   auto dz = at::empty_like(zc);
@@ -198,8 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_rank(r, [&]<int R>() {
       dispatch_interpolation(interpolation, [&]<int INTERP>() {
-        at::Tensor taps, wbuf;
-        prep_cpu<R, acc_t>(o.conv_weight, o.conv_bias, static_cast<int>(r), T, taps, wbuf);
+        auto [taps, wbuf] = call_prep<R, acc_t>(o, T);
         acc_t* pre_p = const_cast<acc_t*>(o.preact.const_data_ptr<acc_t>());
         if constexpr (R <= tile::kMapMaxRank) {
           if (per_map) {
@@ -233,6 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
 }
 
 CONVLORA_LIBRARY_IMPL(CONVLORA_NS, CPU, m) {
+  m.impl("stencil_prep", &stencil_prep_cpu);
   m.impl("stencil_fwd", &stencil_fwd_cpu);
   m.impl("stencil_bwd", &stencil_bwd_cpu);
 }

@@ -8,7 +8,8 @@
 //                levels: runs of partials, then the runs)
 //   one expert per map (r <= 8): prep -> stencil_map_kernel, and for the backward
 //             -> fold_kernel (dz from the blocks' halo partials) -> reduce_dw_kernel
-// The tile kernel is tile::run_block, the same block program the CPU backend runs, with
+// The prep is skipped when the caller passes stencil_prep's output (o.prep): a forward and
+// its backward then share one. The tile kernel is tile::run_block, the same block program the CPU backend runs, with
 // __syncthreads() between its phases. No atomics: the backward is deterministic.
 #pragma once
 
@@ -70,12 +71,18 @@ __global__ void __launch_bounds__(kPrepThreads)
 
 // One thread per table entry, then per padded weight: the per-call prep. The weights are
 // read as stored (w_t: float, or the inputs' 16-bit type) and widened here.
+// Thread 0 also zeroes the gap before the weights (prep_layout), so a prep buffer is a
+// function of its inputs, byte for byte.
 template <int R, typename w_t>
 __global__ void __launch_bounds__(kPrepThreads)
     prep_kernel(const w_t* __restrict__ conv_w, const w_t* __restrict__ conv_b, int r,
                 const tile::Tables T, Taps<float>* __restrict__ taps, float* __restrict__ wbuf,
-                int64_t nw) {
+                int64_t nw, int gap) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i == 0) {
+    auto* end = reinterpret_cast<unsigned char*>(taps + T.entries);
+    for (int b = 0; b < gap; ++b) end[b] = 0;
+  }
   if (i < T.entries) {
     tile::table_entry<float>(T, static_cast<int>(i), taps);
   } else if (i - T.entries < nw) {
@@ -145,6 +152,30 @@ void launch_blocks(Kernel kernel, const tile::TileArgs<scalar_t, float>& A, cons
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The prep pass of a call into (taps, wbuf) (prep_views), reading the weights in their
+// dtype (float, or z's: check_stencil_args allows no other).
+template <int R, typename scalar_t>
+void launch_prep(const Operands& o, const tile::Tables& T, const at::Tensor& taps,
+                 const at::Tensor& wbuf, cudaStream_t stream) {
+  const auto L = prep_layout<R, float>(T);
+  const int64_t gap = L.wbuf_offset - L.taps_bytes;
+  const auto prep = [&](auto* tag) {
+    using w_t = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    prep_kernel<R, w_t><<<grid_for(T.entries + wbuf.numel(), kPrepThreads), kPrepThreads, 0,
+                          stream>>>(
+        o.conv_weight.const_data_ptr<w_t>(), o.conv_bias.const_data_ptr<w_t>(),
+        static_cast<int>(o.z.size(1)), T,
+        reinterpret_cast<Taps<float>*>(taps.mutable_data_ptr()), wbuf.mutable_data_ptr<float>(),
+        wbuf.numel(), static_cast<int>(gap));
+  };
+  if (o.conv_weight.scalar_type() == at::kFloat) {
+    prep(static_cast<float*>(nullptr));
+  } else {
+    prep(static_cast<scalar_t*>(nullptr));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // The map programs of one call: the map kernel, then for the backward the fold (dz) and
 // the reduce (weight gradients).
 template <bool BWD, typename scalar_t, int R, int INTERP>
@@ -184,24 +215,9 @@ void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t i
   const int64_t N = z.size(0), r = z.size(1), n = o.conv_weight.size(0);
   const auto T = tables_for(height, width, interpolation, scales);
   const auto f32 = z.options().dtype(at::kFloat);
-  at::Tensor taps = at::empty({T.entries * static_cast<int64_t>(sizeof(Taps<float>))},
-                              z.options().dtype(at::kByte));
-  at::Tensor wbuf = at::empty({wbuf_size<R>(static_cast<int>(n))}, f32);
-  // The weights in their dtype (float, or z's: check_stencil_args allows no other).
-  const auto prep = [&](auto* tag) {
-    using w_t = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    prep_kernel<R, w_t><<<grid_for(T.entries + wbuf.numel(), kPrepThreads), kPrepThreads, 0,
-                          stream>>>(
-        o.conv_weight.const_data_ptr<w_t>(), o.conv_bias.const_data_ptr<w_t>(),
-        static_cast<int>(r), T, reinterpret_cast<Taps<float>*>(taps.mutable_data_ptr()),
-        wbuf.mutable_data_ptr<float>(), wbuf.numel());
-  };
-  if (o.conv_weight.scalar_type() == at::kFloat) {
-    prep(static_cast<float*>(nullptr));
-  } else {
-    prep(static_cast<scalar_t*>(nullptr));
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const bool given = o.prep.defined();  // stencil_prep's output: no prep pass here
+  auto [taps, wbuf] = prep_views<R, float>(given ? o.prep : new_prep<R, float>(T, z), T, z);
+  if (!given) launch_prep<R, scalar_t>(o, T, taps, wbuf, stream);
   float* pre = !preact.defined() || preact.numel() == 0
                    ? nullptr : const_cast<float*>(preact.const_data_ptr<float>());
   if constexpr (R <= tile::kMapMaxRank) {
@@ -227,6 +243,20 @@ void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t i
 }
 
 }  // namespace cuda_kernels
+
+template <typename scalar_t>
+at::Tensor stencil_cuda_prep(const Operands& o, at::IntArrayRef scales, int64_t interpolation,
+                             int64_t height, int64_t width) {
+  const auto T = tables_for(height, width, interpolation, scales);
+  at::Tensor prep;
+  dispatch_rank(o.z.size(1), [&]<int R>() {
+    prep = new_prep<R, float>(T, o.z);
+    auto [taps, wbuf] = prep_views<R, float>(prep, T, o.z);
+    cuda_kernels::launch_prep<R, scalar_t>(o, T, taps, wbuf,
+                                           at::cuda::getCurrentCUDAStream());
+  });
+  return prep;
+}
 
 template <typename scalar_t>
 void stencil_cuda_call(const Operands& o, bool per_map, at::IntArrayRef scales,

@@ -5,6 +5,8 @@
 #include "stencil_cuda.cuh"
 
 namespace convlora {
+template at::Tensor stencil_cuda_prep<c10::BFloat16>(const Operands&, at::IntArrayRef, int64_t, int64_t,
+                                              int64_t);
 template void stencil_cuda_call<c10::BFloat16>(const Operands&, bool, at::IntArrayRef, int64_t, int64_t, int64_t,
                                       at::Tensor&, const at::Tensor&, at::Tensor*);
 }  // namespace convlora

@@ -26,14 +26,29 @@ void dispatch_cuda_dtype(at::ScalarType t, const char* op, F&& f) {
 
 }  // namespace
 
+at::Tensor stencil_prep_cuda(const at::Tensor& z, const at::Tensor& conv_weight,
+                             const at::Tensor& conv_bias, at::IntArrayRef scales,
+                             int64_t interpolation, int64_t height, int64_t width) {
+  TORCH_CHECK(z.is_cuda(), "stencil_prep_cuda: expected CUDA tensors, got ", z.device());
+  const c10::cuda::CUDAGuard guard(z.device());
+  check_weight_args(z, conv_weight, conv_bias, scales, interpolation, height, width);
+  const Operands o{z, at::Tensor(), conv_weight.contiguous(), conv_bias.contiguous(),
+                   at::Tensor(), at::Tensor(), 0, at::Tensor()};
+  at::Tensor prep;
+  dispatch_cuda_dtype(z.scalar_type(), "stencil_prep", [&]<typename T>() {
+    prep = stencil_cuda_prep<T>(o, scales, interpolation, height, width);
+  });
+  return prep;
+}
+
 std::tuple<at::Tensor, at::Tensor> stencil_fwd_cuda(
     const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& conv_weight,
     const at::Tensor& conv_bias, at::IntArrayRef scales, int64_t interpolation, int64_t height,
-    int64_t width, bool save_preact, int64_t smem_kb) {
+    int64_t width, bool save_preact, int64_t smem_kb, const std::optional<at::Tensor>& prep) {
   TORCH_CHECK(z.is_cuda(), "stencil_fwd_cuda: expected CUDA tensors, got ", z.device());
   const c10::cuda::CUDAGuard guard(z.device());
   auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales, interpolation,
-                            height, width, smem_kb);
+                            height, width, smem_kb, nullptr, nullptr, prep);
   auto u = at::empty_like(o.z);
   auto pre = new_preact(o.z, interpolation, save_preact);
   if (o.z.size(0) == 0) return {u, pre};
@@ -48,11 +63,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cuda(
     const at::Tensor& du, const at::Tensor& z, const at::Tensor& preact,
     const at::Tensor& expert_index, const at::Tensor& conv_weight, const at::Tensor& conv_bias,
     at::IntArrayRef scales, int64_t interpolation, int64_t height, int64_t width,
-    int64_t smem_kb) {
+    int64_t smem_kb, const std::optional<at::Tensor>& prep) {
   TORCH_CHECK(z.is_cuda(), "stencil_bwd_cuda: expected CUDA tensors, got ", z.device());
   const c10::cuda::CUDAGuard guard(z.device());
   auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales, interpolation,
-                            height, width, smem_kb, &du, &preact);
+                            height, width, smem_kb, &du, &preact, prep);
   const int64_t N = o.z.size(0), r = o.z.size(1), n = o.conv_weight.size(0);
   auto dz = at::empty_like(o.z);
   auto dw = at::empty({n, dw_entries(r)}, o.z.options().dtype(at::kFloat));
@@ -69,6 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cuda(
 }
 
 CONVLORA_LIBRARY_IMPL(CONVLORA_NS, CUDA, m) {
+  m.impl("stencil_prep", &stencil_prep_cuda);
   m.impl("stencil_fwd", &stencil_fwd_cuda);
   m.impl("stencil_bwd", &stencil_bwd_cuda);
 }

@@ -205,6 +205,14 @@ def test_stencil_opcheck():
         torch.library.opcheck(torch.ops.convlora.stencil_bwd.default,
                               (du, z.detach(), pre, idx, w.detach(), b.detach(), [1, 2, 3], mode,
                                4, 5))
+        prep_args = (z.detach(), w.detach(), b.detach(), [1, 2, 3], mode, 4, 5)
+        torch.library.opcheck(torch.ops.convlora.stencil_prep.default, prep_args)
+        prep = torch.ops.convlora.stencil_prep(*prep_args)
+        torch.library.opcheck(torch.ops.convlora.stencil_fwd.default,
+                              (z, idx, w, b, [1, 2, 3], mode, 4, 5, True, 0, prep))
+        torch.library.opcheck(torch.ops.convlora.stencil_bwd.default,
+                              (du, z.detach(), pre, idx, w.detach(), b.detach(), [1, 2, 3], mode,
+                               4, 5, 0, prep))
 
 
 def test_torch_compile_traces_without_graph_breaks():

@@ -345,6 +345,35 @@ def test_stencil_bwd_needs_the_saved_preactivations():
         torch.ops.convlora.stencil_bwd(du, z, torch.empty(0), idx, cw, cb, sc, m, h, w)
 
 
+@pytest.mark.parametrize("mode,bhw,scales,rank", [("bilinear", (2, 5, 6), (1, 2, 3), 3),
+                                                ("bicubic", (1, 7, 4), (4, 1), 8),
+                                                ("bilinear", (3, 3, 3), (2,), 5)])
+def test_a_forward_and_its_backward_share_one_prep(mode, bhw, scales, rank):
+    """stencil_prep's output given to stencil_fwd and stencil_bwd (the layer's path: one prep
+    pass per step) gives bitwise what the ops compute with their own prep, for per-token and
+    per-map experts (the map programs); a prep of another geometry or rank is refused by
+    name."""
+    z, du, idx, cw, cb, sc, m, h, w = _stencil_problem(mode, bhw, scales, rank, torch.float32)
+    prep = torch.ops.convlora.stencil_prep(z, cw, cb, sc, m, h, w)
+    size = torch.ops.convlora.stencil_prep_bytes(rank, len(sc), m, h, w, sc, False)
+    assert prep.dtype == torch.uint8 and prep.shape == (size,)
+    per_map = idx.reshape(bhw[0], -1)[:, 0].contiguous()
+    for index in (idx, per_map):
+        want_u, want_pre = torch.ops.convlora.stencil_fwd(z, index, cw, cb, sc, m, h, w, True)
+        want = torch.ops.convlora.stencil_bwd(du, z, want_pre, index, cw, cb, sc, m, h, w)
+        u, pre = torch.ops.convlora.stencil_fwd(z, index, cw, cb, sc, m, h, w, True, 0, prep)
+        got = torch.ops.convlora.stencil_bwd(du, z, pre, index, cw, cb, sc, m, h, w, 0, prep)
+        assert torch.equal(u, want_u) and torch.equal(pre, want_pre)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    other = torch.ops.convlora.stencil_prep(z, cw, cb, sc, m, h + 1, w)
+    with pytest.raises(RuntimeError, match=r"prep must be stencil_prep's output for this "
+                                           r"call's rank, experts and geometry \(\d+ uint8"):
+        torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True, 0, other)
+    with pytest.raises(RuntimeError, match="prep must be stencil_prep's output"):
+        torch.ops.convlora.stencil_bwd(du, z, pre, idx, cw, cb, sc, m, h, w, 0, prep.float())
+
+
 def test_shared_memory_budget(switch):
     """The ops' smem_kb moves the weights and weight-gradient sums between shared and global
     memory (benchmarks/stencil_time.py times the choices on a GPU); results agree. The
@@ -359,8 +388,9 @@ def test_shared_memory_budget(switch):
         assert (p["w_smem"], p["dw_smem"]) == staged and p["bytes"] <= kb * 1024, p
         switch("CONVLORA_STENCIL_SMEM_KB", str(kb))
         assert extension.smem_kb() == kb
-        u, pre, _ = extension.stencil_forward(z, idx, cw, cb, list(sc), "bilinear", h, w, True)
-        runs[kb] = (u,) + tuple(extension.stencil_backward(du, z, pre, None, idx, cw, cb,
+        u, pre, prep = extension.stencil_forward(z, idx, cw, cb, list(sc), "bilinear", h, w,
+                                                 True)
+        runs[kb] = (u,) + tuple(extension.stencil_backward(du, z, pre, prep, idx, cw, cb,
                                                            list(sc), "bilinear", h, w))
     assert _grid(8, 8, "bilinear", True) == _grid(8, 8, "bilinear", True, 96)  # the default
     for kb in (48, 80):

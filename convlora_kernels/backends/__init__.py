@@ -22,7 +22,7 @@ backend module supplies:
     stencil_backward(du, z2, saved0, saved1, idx, cw, cb, scales, interpolation, H, W)
                                         -> (dz in z's dtype, dconv_weight, dconv_bias in
                                             conv_weight's dtype)
-    saved_shapes(n_tok, rank, n_exp, interpolation, dtype, save, forward_candidate)
+    saved_shapes(n_tok, rank, scales, interpolation, H, W, dtype, save, forward_candidate)
                                         -> [(shape, dtype)] of (u, saved0, saved1)
     dy_pass(dy2, lora_B, u, scaling, need_b, need_bias)
                                         -> (dL/du, dL/dB or None, dL/dbias or None), the

@@ -131,30 +131,48 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width, save):
-    u, pre = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales,
-                                            INTERPOLATION_CODES[interpolation], height, width,
-                                            save, smem_kb())
-    return u, pre, z2.new_empty(0)
+    """(u, the pre-activations, the prep buffer) when a backward will follow (save): the
+    forward and the backward share one prep pass (stencil_prep's tables and padded weights);
+    else (u, two empty tensors), the forward running its own prep."""
+    code = INTERPOLATION_CODES[interpolation]
+    if not save:
+        u, pre = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales, code, height, width,
+                                                False, smem_kb())
+        return u, pre, z2.new_empty(0, dtype=torch.uint8)
+    prep = torch.ops.convlora.stencil_prep(z2, cw, cb, scales, code, height, width)
+    u, pre = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales, code, height, width, True,
+                                            smem_kb(), prep)
+    return u, pre, prep
 
 
-def stencil_backward(du, z2, preact, _unused, idx, cw, cb, scales, interpolation, height,
+def stencil_backward(du, z2, preact, prep, idx, cw, cb, scales, interpolation, height,
                      width):
     code = INTERPOLATION_CODES[interpolation]
     kb = smem_kb()
+    prep = prep if prep.numel() > 0 else None  # else the op runs its own prep
     if preact.numel() == 0:  # the forward was told not to keep them: recompute
         preact = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales, code, height, width,
-                                                True, kb)[1]
+                                                True, kb, prep)[1]
     dz, dw, db = torch.ops.convlora.stencil_bwd(du.to(z2.dtype).contiguous(), z2, preact, idx,
-                                                cw, cb, scales, code, height, width, kb)
+                                                cw, cb, scales, code, height, width, kb, prep)
     return dz, dw.to(cw.dtype), db.to(cb.dtype)
 
 
-def saved_shapes(n_tok, rank, n_exp, interpolation, dtype, save, forward_candidate):
+def prep_bytes(rank, scales, interpolation, height, width, dtype) -> int:
+    """The size of stencil_prep's output (uint8) for this call."""
+    return torch.ops.convlora.stencil_prep_bytes(rank, len(scales),
+                                                 INTERPOLATION_CODES[interpolation], height,
+                                                 width, list(scales), dtype == torch.float64)
+
+
+def saved_shapes(n_tok, rank, scales, interpolation, height, width, dtype, save,
+                 forward_candidate):
     """Shapes and dtypes of (u, saved0, saved1) of stencil_forward: u, the pre-activations
-    (or nothing), nothing."""
+    and the prep buffer when save, else u and two empty tensors."""
     slots = PREACT_SLOTS[INTERPOLATION_CODES[interpolation]]
+    prep = (prep_bytes(rank, scales, interpolation, height, width, dtype),) if save else (0,)
     return [((n_tok, rank), dtype), ((n_tok, slots, rank) if save else (0,), acc_dtype(dtype)),
-            ((0,), dtype)]
+            (prep, torch.uint8)]
 
 
 # --- the dy pass ---------------------------------------------------------------------------
@@ -197,37 +215,45 @@ def two_source_gemm(a1, b1, a2, b2, alpha, bias=None):
 def _register() -> None:
     """Fake kernels and autograd for the C++ stencil ops (once, after _C is loaded)."""
 
+    @torch.library.register_fake("convlora::stencil_prep")
+    def _(z, conv_weight, conv_bias, scales, interpolation, height, width):
+        n = torch.ops.convlora.stencil_prep_bytes(z.shape[1], conv_weight.shape[0],
+                                                  interpolation, height, width, list(scales),
+                                                  z.dtype == torch.float64)
+        return z.new_empty((n,), dtype=torch.uint8)
+
     @torch.library.register_fake("convlora::stencil_fwd")
     def _(z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width,
-          save_preact, smem_kb=0):
+          save_preact, smem_kb=0, prep=None):
         shape = (z.shape[0], PREACT_SLOTS[interpolation], z.shape[1]) if save_preact else (0,)
         return torch.empty_like(z), z.new_empty(shape, dtype=acc_dtype(z.dtype))
 
     @torch.library.register_fake("convlora::stencil_bwd")
     def _(du, z, preact, expert_index, conv_weight, conv_bias, scales, interpolation, height,
-          width, smem_kb=0):
+          width, smem_kb=0, prep=None):
         acc = acc_dtype(z.dtype)
         return (torch.empty_like(z), conv_weight.new_empty(conv_weight.shape, dtype=acc),
                 conv_bias.new_empty(conv_bias.shape, dtype=acc))
 
     def setup_context(ctx, inputs, output):
         (z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width, _,
-         kb) = inputs
+         kb, prep) = inputs
         ctx.save_for_backward(z, output[1], expert_index, conv_weight, conv_bias)
         ctx.mark_non_differentiable(output[1])
         ctx.meta = (scales, interpolation, height, width)
         ctx.smem_kb = kb
+        ctx.prep = prep  # a caller's stencil_prep output (not differentiable), or None
 
     def backward(ctx, du, _dpreact):
         z, preact, expert_index, conv_weight, conv_bias = ctx.saved_tensors
         if preact.numel() == 0:  # the forward was told not to keep them: recompute
             preact = torch.ops.convlora.stencil_fwd(z, expert_index, conv_weight, conv_bias,
-                                                    *ctx.meta, True, ctx.smem_kb)[1]
+                                                    *ctx.meta, True, ctx.smem_kb, ctx.prep)[1]
         dz, dw, db = torch.ops.convlora.stencil_bwd(du.contiguous(), z, preact, expert_index,
                                                     conv_weight, conv_bias, *ctx.meta,
-                                                    ctx.smem_kb)
+                                                    ctx.smem_kb, ctx.prep)
         return (dz, None, dw.to(conv_weight.dtype), db.to(conv_bias.dtype), None, None, None,
-                None, None, None)
+                None, None, None, None)
 
     torch.library.register_autograd("convlora::stencil_fwd", backward,
                                     setup_context=setup_context)

@@ -88,9 +88,11 @@ def stencil_backward(du, z2, perm, bounds, idx, cw, cb, scales, interpolation, h
                                    height, width)
 
 
-def saved_shapes(n_tok, rank, n_exp, interpolation, dtype, save, forward_candidate):
+def saved_shapes(n_tok, rank, scales, interpolation, height, width, dtype, save,
+                 forward_candidate):
     """Shapes and dtypes of (u, perm, bounds); the one-kernel forward keeps u only when a
     backward will read it."""
+    n_exp = len(scales)
     kept = n_tok if save or forward_candidate != "one_kernel" else 0
     return [((kept, rank), torch.float32), ((n_tok,), torch.int64),
             ((n_exp + 1,), torch.int32)]

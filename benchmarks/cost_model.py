@@ -9,15 +9,19 @@ No GPU is needed. For each case (a SAM shape, routing, rank, interpolation) and 
 kernel the stencil ops launch (prep, the tile or map program, fold, reduce):
 
 - shared-memory wavefronts, from the checked CPU build (csrc/smem_trace.h): the block
-  programs run on a smaller map of the same kind, every 4-byte shared read and write
-  recorded per thread and phase with its place in the code, the threads grouped into
-  warps of 32, the k-th access of each lane at one place taken as one warp instruction
-  (lanes that skip it idle), and each such access costing as many wavefronts as the most
-  distinct words one of the 32 banks holds; scaled to the SAM shape by its number of
-  blocks;
+  programs run on a smaller map of the same kind, every shared read and write (a 4-byte
+  word, or the four words of a 128-bit load) recorded per thread and phase with its place
+  in the code, the threads grouped into warps of 32, the k-th access of each lane at one
+  place taken as one warp instruction (lanes that skip it idle), and each such access
+  costing as many wavefronts as the most distinct words one of the 32 banks holds; scaled
+  to the SAM shape by its number of blocks. "Per access" is the wavefronts over the fewest
+  the accesses' distinct words allow (one per scalar access; a 128-bit load of 32 lanes'
+  distinct words needs four);
 - instructions, from the SASS of the built extension (cuobjdump -sass, sm_90, bf16):
-  the kernel's static ratio of all instructions to shared-memory instructions times the
-  warp-level shared accesses counted above (an estimate: the SASS has no trip counts);
+  the kernel's static ratio of all instructions to shared-memory instructions (LDS, STS
+  and the generic LD and ST of the weight arrays, which are staged in shared memory at
+  the default budget) times the warp-level shared accesses counted above (an estimate:
+  the SASS has no trip counts);
 - bytes to and from DRAM (inputs, outputs, saved pre-activations, partials), counted
   from the shapes;
 - the busiest warp's shared accesses per phase, a ~30-clock load each with about four in
@@ -94,27 +98,29 @@ BUDGETS_US = {
 }
 
 
-# Wavefronts per shared access every phase should reach (1.0: no bank conflict).
+# Wavefronts per shared access (over the fewest its words allow) every phase should reach
+# (1.0: no bank conflict).
 WAVEFRONTS_PER_ACCESS_CEILING = 1.3
 # Phases above that today ("case/pass/phase": the ratio they must not exceed) and
 # estimates above BUDGETS_US today ("case/pass": us not to exceed), held by
 # tests/test_stencil_kernels.py: lower a value when a kernel improves, drop it once it is
 # under the ceiling or the budget.
 OVER_CEILING: Dict[str, float] = {
-    "global token r8/fwd/conv": 1.35,
+    "global token r8/fwd/conv": 1.58,
     "global token r8/fwd/combine": 1.58,
     "global token r8/fwd/store": 1.5,
     "global token r8/bwd/conv": 1.71,
-    "global token r8/bwd/delta": 1.32,
+    "global token r8/bwd/delta": 1.44,
     "global token r8/bwd/gather": 1.92,
     "global token r8/bwd/store": 1.67,
-    "global token r3/fwd/conv": 1.47,
+    "global token r3/fwd/conv": 1.71,
     "global token r3/fwd/combine": 1.56,
     "global token r3/fwd/store": 1.5,
     "global token r3/bwd/conv": 1.74,
     "global token r3/bwd/delta": 1.39,
     "global token r3/bwd/gather": 1.91,
     "global token r3/bwd/store": 1.67,
+    "global token r16/fwd/conv": 1.46,
     "global token r16/fwd/combine": 1.53,
     "global token r16/fwd/store": 1.5,
     "global token r16/bwd/load": 1.64,
@@ -128,11 +134,11 @@ OVER_CEILING: Dict[str, float] = {
     "global token r8 bicubic/bwd/delta": 2.17,
     "global token r8 bicubic/bwd/gather": 2.33,
     "global token r8 bicubic/bwd/store": 1.67,
-    "windows token r8/fwd/conv": 1.37,
+    "windows token r8/fwd/conv": 1.56,
     "windows token r8/fwd/combine": 1.56,
     "windows token r8/fwd/store": 1.38,
     "windows token r8/bwd/conv": 1.66,
-    "windows token r8/bwd/delta": 1.4,
+    "windows token r8/bwd/delta": 1.51,
     "windows token r8/bwd/gather": 1.88,
     "windows token r8/bwd/store": 1.5,
     "authors map r3 bicubic/fwd/taps": 1.95,
@@ -146,8 +152,7 @@ OVER_CEILING: Dict[str, float] = {
     "windows map r8/bwd/cols_down": 1.75,
 }
 OVER_BUDGET_US: Dict[str, float] = {
-    "global token r8/fwd": 13.2,
-    "global token r8/bwd": 38.5,
+    "global token r8/bwd": 29.9,
     "authors map r3 bicubic/fwd": 18.8,
     "authors map r3 bicubic/bwd": 44.5,
 }
@@ -197,7 +202,8 @@ def _parse_traffic(text: str) -> List[dict]:
             calls.append(dict(blocks=int(f[1]), bytes=int(f[2]), phases={}))
         else:
             calls[-1]["phases"][f[0]] = dict(zip(
-                ("runs", "lane_accesses", "warp_accesses", "wavefronts", "busiest_warp"),
+                ("runs", "lane_accesses", "warp_accesses", "wavefronts", "busiest_warp",
+                 "ideal"),
                 map(int, f[1:])))
     return calls
 
@@ -262,7 +268,9 @@ def sass_counts(arch: int = 90) -> Dict[str, Dict[str, int]]:
                          ("bar", ("BAR",)), ("ldg", ("LDG",)), ("stg", ("STG",))):
             if op in ops:
                 cur[key] += 1
-        if op in ("LDS", "LDSM", "STS", "ATOMS"):
+        # generic loads and stores (LD, ST) are the weight and weight-gradient arrays, which
+        # sit in shared memory unless the budget moves them out (SArr cannot say which)
+        if op in ("LDS", "LDSM", "STS", "ATOMS", "LD", "ST"):
             cur["shared"] += 1
     return dict(zip(_demangle(names), (counts[n] for n in names)))
 
@@ -316,6 +324,7 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
         ph = call["phases"]
         wavefronts = sum(p["wavefronts"] for p in ph.values()) * scale
         accesses = sum(p["warp_accesses"] for p in ph.values()) * scale
+        ideal = sum(p["ideal"] for p in ph.values()) * scale
         chain = sum(p["busiest_warp"] for p in ph.values()) * scale / blocks  # per block
         sass = _sass_of(kernel, R, case.mode, bwd)
         instr = accesses * sass["total"] / max(1, sass["shared"]) if sass else None
@@ -342,12 +351,12 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
         rows.append(dict(case=case.name, direction=direction, kernel=kernel, blocks=blocks,
                          resident=resident, shared_bytes=call["bytes"],
                          wavefronts_per_block=wavefronts / blocks,
-                         wavefronts_per_access=wavefronts / max(1.0, accesses),
+                         wavefronts_per_access=wavefronts / max(1.0, ideal),
                          instructions_per_block=(instr / blocks if instr is not None else None),
                          dram_bytes=dram, times_us=t, bound=bound, est_us=t[bound],
                          phases={k: dict({f: v[f] / call["blocks"] for f in v},
                                          wavefronts_per_access=v["wavefronts"]
-                                         / max(1, v["warp_accesses"]))
+                                         / max(1, v["ideal"]))
                                  for k, v in ph.items()}))
     # the small kernels: prep (once per step: the layer hands the forward's prep buffer to
     # the backward), fold (map backward), reduce (backward)

@@ -26,6 +26,12 @@
 namespace convlora {
 namespace tile {
 
+// Four consecutive elements of a shared array, as SArr::load4 returns them.
+template <typename T>
+struct V4 {
+  T v[4];
+};
+
 #if defined(CONVLORA_CHECKED)
 [[noreturn]] inline void smem_out_of_range(const char* name, int i, int n) {
   throw std::out_of_range(std::string("stencil (checked build): shared array ") + name +
@@ -113,12 +119,38 @@ struct SArr {
     const auto off = reinterpret_cast<const unsigned char*>(p + i) - s->base;
     return off >= 0 && off / 4 < s->words ? off / 4 : -1;
   }
+  // Four consecutive elements from index i, a multiple of 4 at a 16-byte aligned address
+  // (checked: the GPU build reads them with one 128-bit load); counted as one access.
+  CONVLORA_SITE V4<T> load4(int i) const {
+    if (i < 0 || i + 3 >= n) smem_out_of_range(name, i < 0 ? i : i + 3, n);
+    if (i % 4 != 0 || reinterpret_cast<uintptr_t>(p + i) % 16 != 0)
+      throw std::logic_error(std::string("stencil (checked build): shared array ") + name +
+                             " vector load at index " + std::to_string(i) +
+                             " not 16-byte aligned");
+    on_read4(i);
+    return V4<T>{{p[i], p[i + 1], p[i + 2], p[i + 3]}};
+  }
+  CONVLORA_HOOK void on_read4(int i) const {
+    const void* site = __builtin_return_address(0);
+    const int64_t w = word(i);
+    Shadow* s = g_shadow;
+    if (w >= 0 && s->trace != nullptr && s->tid >= 0)  // 4 elements: sizeof(T) words
+      s->trace->reads[s->tid].push_back({site, w, static_cast<int64_t>(sizeof(T))});
+    for (int k = 0; k < 4; ++k) check_read(i + k);
+  }
   CONVLORA_HOOK void on_read(int i) const {
     const void* site = __builtin_return_address(0);  // the access's place in the kernel
     const int64_t w = word(i);
     if (w < 0) return;
     Shadow& s = *g_shadow;
-    if (s.trace != nullptr && s.tid >= 0) s.trace->reads[s.tid].push_back({site, w});
+    if (s.trace != nullptr && s.tid >= 0) s.trace->reads[s.tid].push_back({site, w, 1});
+    check_read(i);
+  }
+  // The race check of a read of element i (its first word).
+  void check_read(int i) const {
+    const int64_t w = word(i);
+    if (w < 0) return;
+    Shadow& s = *g_shadow;
     if (s.wphase[w] == s.phase && s.wtid[w] != s.tid)
       smem_race(name, i, "written by", s.wtid[w], s.tid);
     if (s.rphase[w] != s.phase) {
@@ -135,7 +167,7 @@ struct SArr {
     Shadow& s = *g_shadow;
     if (s.wphase[w] == s.phase && s.wtid[w] != s.tid)
       smem_race(name, i, "written by", s.wtid[w], s.tid);
-    if (s.trace != nullptr && s.tid >= 0) s.trace->writes[s.tid].push_back({site, w});
+    if (s.trace != nullptr && s.tid >= 0) s.trace->writes[s.tid].push_back({site, w, 1});
     if (s.rphase[w] == s.phase && s.rtid[w] != s.tid)
       smem_race(name, i, "read by", s.rtid[w], s.tid);
     s.wphase[w] = s.phase;
@@ -149,6 +181,17 @@ template <typename T>
 struct SArr {
   T* p;
   CONVLORA_HD T& operator[](int i) const { return p[i]; }
+  // Four consecutive elements from index i, a multiple of 4 at a 16-byte aligned address
+  // (the checked build checks it): one 128-bit load on the GPU.
+  CONVLORA_HD V4<T> load4(int i) const {
+#if defined(__CUDA_ARCH__)
+    if constexpr (sizeof(T) == 4) {
+      const float4 f = *reinterpret_cast<const float4*>(p + i);
+      return V4<T>{{f.x, f.y, f.z, f.w}};
+    }
+#endif
+    return V4<T>{{p[i], p[i + 1], p[i + 2], p[i + 3]}};
+  }
 };
 #define CONVLORA_SARR(T, base, off, count, nm) \
   SArr<T> { reinterpret_cast<T*>((base) + (off)) }

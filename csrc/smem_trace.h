@@ -1,9 +1,9 @@
 // Shared-memory traffic of one block, counted by the checked CPU build for the cost model
 // (benchmarks/cost_model.py). Checked builds only (shared_array.h includes it there).
 //
-// Every 4-byte read and write of the block's shared memory is recorded per thread and
-// phase with its site (the place in the kernel's code that made it, from the hook's return
-// address). At the end of a phase the threads are grouped into warps of 32, and the lanes'
+// Every read and write of the block's shared memory is recorded per thread and phase with
+// its site (the place in the kernel's code that made it, from the hook's return address)
+// and its words (one 4-byte word, or the four of a 128-bit vector load: one access). At the end of a phase the threads are grouped into warps of 32, and the lanes'
 // accesses are aligned as a warp executes them: the k-th access one lane makes at a site
 // and the k-th its neighbours make there are one warp-level instruction, and a lane that
 // skipped the site (a branch not taken, a loop run fewer times) is idle for it. An access
@@ -28,9 +28,10 @@ namespace tile {
 struct PhaseTraffic {
   std::string name;
   int64_t runs = 0;             // times the phase ran in the block (rounds)
-  int64_t lane_accesses = 0;    // 4-byte reads and writes, summed over the threads
+  int64_t lane_accesses = 0;    // 4-byte words read and written, summed over the threads
   int64_t warp_accesses = 0;    // warp-level access instructions
   int64_t wavefronts = 0;       // 32-bank wavefronts those need
+  int64_t ideal = 0;            // the fewest they could need: distinct words / 32, rounded up
   int64_t busiest_warp = 0;     // the access instructions of the phase's busiest warp
 };
 
@@ -48,7 +49,8 @@ struct Trace {
   int threads = 0;
   struct Access {
     const void* site;
-    int64_t word;
+    int64_t word;   // the first 4-byte word
+    int64_t words;  // consecutive words from it: 1, or 4 for a vector load (SArr::load4)
   };
   std::vector<std::vector<Access>> reads, writes;  // per thread, this phase's accesses
   std::vector<PhaseTraffic> phases;                 // by name, in order of first run
@@ -78,11 +80,15 @@ struct Trace {
       groups.clear();
       for (int l = w0; l < w0 + 32 && l < threads; ++l) {
         seen.clear();
-        for (const Access& a : per_thread[l]) groups[{a.site, seen[a.site]++}].push_back(a.word);
+        for (const Access& a : per_thread[l]) {
+          auto& words = groups[{a.site, seen[a.site]++}];
+          for (int64_t k = 0; k < a.words; ++k) words.push_back(a.word + k);
+        }
       }
       for (auto& [key, words] : groups) {
         current->lane_accesses += static_cast<int64_t>(words.size());
-        current->wavefronts += wavefronts_of(words);
+        current->wavefronts += wavefronts_of(words);  // leaves the distinct words
+        current->ideal += std::max<int64_t>(1, (static_cast<int64_t>(words.size()) + 31) / 32);
       }
       current->warp_accesses += static_cast<int64_t>(groups.size());
       per_warp.push_back(static_cast<int64_t>(groups.size()));
@@ -111,7 +117,7 @@ struct TraceRequest {
   void flush() {
     for (const auto& p : phases)
       done << p.name << ' ' << p.runs << ' ' << p.lane_accesses << ' ' << p.warp_accesses
-           << ' ' << p.wavefronts << ' ' << p.busiest_warp << '\n';
+           << ' ' << p.wavefronts << ' ' << p.busiest_warp << ' ' << p.ideal << '\n';
     phases.clear();
   }
   void start(bool enable) {
@@ -140,6 +146,7 @@ struct TraceRequest {
       into->warp_accesses += p.warp_accesses;
       into->wavefronts += p.wavefronts;
       into->busiest_warp += p.busiest_warp;
+      into->ideal += p.ideal;
     }
   }
 };
@@ -149,8 +156,8 @@ inline TraceRequest& trace_request() {
 }
 
 // Per call: a line "call <blocks> <shared bytes per block>", then one line per phase:
-// name runs lane_accesses warp_accesses wavefronts busiest_warp (summed over the call's
-// blocks; runs counts the phase once per block and round).
+// name runs lane_accesses warp_accesses wavefronts busiest_warp ideal (summed over the
+// call's blocks; runs counts the phase once per block and round).
 inline std::string trace_report() {
   auto& req = trace_request();
   std::lock_guard<std::mutex> lock(req.mutex);

@@ -451,12 +451,25 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
             CONVLORA_UNROLL
             for (int i = 0; i < CC; ++i) urow[urow_off + k * (R + 1) + ci0 + i] = u[i];
           }
-          if (COMPUTE_C) {
+          if constexpr (COMPUTE_C) {
+            // a weight row's CC outputs in 128-bit loads, except bicubic at R = 8, where
+            // four live weights take the forward past its 128 registers (a stack frame)
+            constexpr bool kVec = !(INTERP == kBicubic && R == 8);
+            static_assert(CC % 4 == 0, "whole 128-bit loads (R, CC and w_off: multiples of 4)");
             CONVLORA_UNROLL
             for (int i = 0; i < CC; ++i) {
               const int wrow = w_off + (k * R + ci0 + i) * R + co0;
-              CONVLORA_UNROLL
-              for (int j = 0; j < CC; ++j) c[j] += w[wrow + j] * u[i];
+              if constexpr (kVec) {
+                CONVLORA_UNROLL
+                for (int j = 0; j < CC; j += 4) {
+                  const V4<acc_t> wv = w.load4(wrow + j);
+                  CONVLORA_UNROLL
+                  for (int q = 0; q < 4; ++q) c[j + q] += wv.v[q] * u[i];
+                }
+              } else {
+                CONVLORA_UNROLL
+                for (int j = 0; j < CC; ++j) c[j] += w[wrow + j] * u[i];
+              }
             }
           }
         }
@@ -831,8 +844,18 @@ CONVLORA_HD void phase_delta(const TileArgs<scalar_t, acc_t>& A, const BlockPos&
           for (int c = 0; c < CH; ++c) d[c] = acc_t(0);
           for (int co = 0; co < R; ++co) {
             const acc_t g = S.cbuf[j * G::kItemRow + co];
-            CONVLORA_UNROLL
-            for (int c = 0; c < CH; ++c) d[c] += S.wt[w_off + (k * R + co) * R + c0 + c] * g;
+            const int wrow = w_off + (k * R + co) * R + c0;
+            if constexpr (CH % 4 == 0) {  // 128-bit loads of Wᵀ's row (R, c0, w_off: x4)
+              CONVLORA_UNROLL
+              for (int c = 0; c < CH; c += 4) {
+                const V4<acc_t> wv = S.wt.load4(wrow + c);
+                CONVLORA_UNROLL
+                for (int q = 0; q < 4; ++q) d[c + q] += wv.v[q] * g;
+              }
+            } else {
+              CONVLORA_UNROLL
+              for (int c = 0; c < CH; ++c) d[c] += S.wt[wrow + c] * g;
+            }
           }
           CONVLORA_UNROLL
           for (int a = 0; a < UT; ++a) {

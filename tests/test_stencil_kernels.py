@@ -442,6 +442,10 @@ def _cost_model():
     (list(range(0, 32 * 32, 32)), 32),    # stride 32: every lane in bank 0
     (list(range(0, 9 * 8, 8)), 3),        # nine taps at stride 8: banks 0, 8, 16, 24
     (list(range(0, 9 * 9, 9)), 1),        # ... at stride 9: nine banks
+    (list(range(128)), 4),                # a 128-bit load, 32 lanes' consecutive words
+    ([0, 1, 2, 3] * 32, 1),               # ... of one row of four: a broadcast
+    ([e * 36 + q for e in range(8) for q in range(4)], 1),  # 8 experts' rows, 36 apart
+    ([e * 32 + q for e in range(8) for q in range(4)], 8),  # ... 32 apart: one bank set
     ([], 0),
 ])
 def test_wavefront_count(checked_ops, words, expected):
@@ -456,7 +460,8 @@ def cost_rows(checked_ops):
 
 def test_cost_model_counts_every_phase(cost_rows):
     """Every block-program kernel of every case has its phases counted (a phase that stops
-    being traced would count as free), with lanes <= 32 per warp access <= wavefronts."""
+    being traced would count as free), with warp accesses <= the fewest wavefronts their
+    words allow <= wavefronts, and at most 32 lanes of four words (a 128-bit load) each."""
     cm = _cost_model()
     blocks = [r for r in cost_rows if r["phases"]]
     assert len(blocks) == 2 * len(cm.CASES)
@@ -466,8 +471,9 @@ def test_cost_model_counts_every_phase(cost_rows):
                 else {"load", "taps", "cols_up"})
         assert want <= names, (row["case"], row["direction"], names)
         for name, p in row["phases"].items():
-            assert p["warp_accesses"] <= p["wavefronts"] + 1e-9, (row["case"], name, p)
-            assert p["lane_accesses"] <= 32 * p["warp_accesses"] + 1e-9, (row["case"], name, p)
+            assert p["warp_accesses"] <= p["ideal"] + 1e-9, (row["case"], name, p)
+            assert p["ideal"] <= p["wavefronts"] + 1e-9, (row["case"], name, p)
+            assert p["lane_accesses"] <= 128 * p["warp_accesses"] + 1e-9, (row["case"], name, p)
         assert row["wavefronts_per_block"] > 0 and row["est_us"] > 0, row
 
 

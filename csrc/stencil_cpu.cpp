@@ -47,15 +47,19 @@ struct CpuExec {
   }
 };
 
-// The prep pass on the host: tap tables and padded weights, into prep_views of a buffer.
+// The prep pass on the host: tap tables and padded weights written into the prep buffer
+// `prep` (new_prep); returns its (taps, wbuf) views.
 template <int R, typename acc_t>
-void prep_cpu(const at::Tensor& cw, const at::Tensor& cb, int r, const tile::Tables& T,
-              at::Tensor& taps, at::Tensor& wbuf) {
+std::pair<at::Tensor, at::Tensor> prep_cpu(const at::Tensor& cw, const at::Tensor& cb, int r,
+                                           const tile::Tables& T, const at::Tensor& prep,
+                                           const at::Tensor& z) {
   const int n = T.n;
+  at::Tensor taps, wbuf;  // not a structured binding: a dependent type would need `template`
+  std::tie(taps, wbuf) = prep_views<R, acc_t>(prep, T, z);
   auto* tp = reinterpret_cast<Taps<acc_t>*>(taps.mutable_data_ptr());
   for (int i = 0; i < T.entries; ++i) tile::table_entry<acc_t>(T, i, tp);
   const auto L = prep_layout<R, acc_t>(T);  // the alignment gap: zero, so a buffer is its inputs'
-  std::memset(static_cast<unsigned char*>(taps.mutable_data_ptr()) + L.taps_bytes, 0,
+  std::memset(static_cast<unsigned char*>(prep.mutable_data_ptr()) + L.taps_bytes, 0,
               L.wbuf_offset - L.taps_bytes);
   const auto cwa = cw.to(wbuf.scalar_type()).contiguous();
   const auto cba = cb.to(wbuf.scalar_type()).contiguous();
@@ -63,17 +67,16 @@ void prep_cpu(const at::Tensor& cw, const at::Tensor& cb, int r, const tile::Tab
   for (int64_t i = 0; i < wbuf.numel(); ++i)
     tile::weight_entry<R, acc_t>(cwa.const_data_ptr<acc_t>(), cba.const_data_ptr<acc_t>(), r, n,
                                  static_cast<int>(i), wp);
+  return {taps, wbuf};
 }
 
 // (taps, wbuf) of a call: views of o.prep when the caller gave stencil_prep's output, else
 // of a buffer the prep pass fills here.
 template <int R, typename acc_t>
 std::pair<at::Tensor, at::Tensor> call_prep(const Operands& o, const tile::Tables& T) {
-  const bool given = o.prep.defined();
-  auto [taps, wbuf] = prep_views<R, acc_t>(given ? o.prep : new_prep<R, acc_t>(T, o.z), T, o.z);
-  if (!given)
-    prep_cpu<R, acc_t>(o.conv_weight, o.conv_bias, static_cast<int>(o.z.size(1)), T, taps, wbuf);
-  return {taps, wbuf};
+  if (o.prep.defined()) return prep_views<R, acc_t>(o.prep, T, o.z);
+  return prep_cpu<R, acc_t>(o.conv_weight, o.conv_bias, static_cast<int>(o.z.size(1)), T,
+                            new_prep<R, acc_t>(T, o.z), o.z);
 }
 
 // Runs f(ex, smem, block) for every block of one call, blocks in parallel, each worker
@@ -155,9 +158,8 @@ at::Tensor stencil_prep_cpu(const at::Tensor& z, const at::Tensor& conv_weight,
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_rank(r, [&]<int R>() {
       prep = new_prep<R, acc_t>(T, z);
-      auto [taps, wbuf] = prep_views<R, acc_t>(prep, T, z);
       prep_cpu<R, acc_t>(conv_weight.contiguous(), conv_bias.contiguous(), static_cast<int>(r),
-                         T, taps, wbuf);
+                         T, prep, z);
     });
   });
   return prep;

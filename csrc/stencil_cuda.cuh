@@ -9,8 +9,8 @@
 //   one expert per map (r <= 8): prep -> stencil_map_kernel, and for the backward
 //             -> fold_kernel (dz from the blocks' halo partials) -> reduce_dw_kernel
 // The prep is skipped when the caller passes stencil_prep's output (o.prep): a forward and
-// its backward then share one. The tile kernel is tile::run_block, the same block program the CPU backend runs, with
-// __syncthreads() between its phases. No atomics: the backward is deterministic.
+// its backward then share one. The tile kernel is tile::run_block, the same block program
+// the CPU backend runs, with __syncthreads() between its phases. No atomics: the backward is deterministic.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -152,28 +152,32 @@ void launch_blocks(Kernel kernel, const tile::TileArgs<scalar_t, float>& A, cons
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The prep pass of a call into (taps, wbuf) (prep_views), reading the weights in their
-// dtype (float, or z's: check_stencil_args allows no other).
+// The prep pass of a call into the prep buffer `prep` (new_prep), reading the weights in
+// their dtype (float, or z's: check_stencil_args allows no other); returns its (taps, wbuf)
+// views.
 template <int R, typename scalar_t>
-void launch_prep(const Operands& o, const tile::Tables& T, const at::Tensor& taps,
-                 const at::Tensor& wbuf, cudaStream_t stream) {
+std::pair<at::Tensor, at::Tensor> launch_prep(const Operands& o, const tile::Tables& T,
+                                              const at::Tensor& prep, cudaStream_t stream) {
+  at::Tensor taps, wbuf;  // not a structured binding: a dependent type would need `template`
+  std::tie(taps, wbuf) = prep_views<R, float>(prep, T, o.z);
   const auto L = prep_layout<R, float>(T);
-  const int64_t gap = L.wbuf_offset - L.taps_bytes;
-  const auto prep = [&](auto* tag) {
+  const int gap = static_cast<int>(L.wbuf_offset - L.taps_bytes);
+  const auto run = [&](auto* tag) {
     using w_t = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     prep_kernel<R, w_t><<<grid_for(T.entries + wbuf.numel(), kPrepThreads), kPrepThreads, 0,
                           stream>>>(
         o.conv_weight.const_data_ptr<w_t>(), o.conv_bias.const_data_ptr<w_t>(),
         static_cast<int>(o.z.size(1)), T,
         reinterpret_cast<Taps<float>*>(taps.mutable_data_ptr()), wbuf.mutable_data_ptr<float>(),
-        wbuf.numel(), static_cast<int>(gap));
+        wbuf.numel(), gap);
   };
   if (o.conv_weight.scalar_type() == at::kFloat) {
-    prep(static_cast<float*>(nullptr));
+    run(static_cast<float*>(nullptr));
   } else {
-    prep(static_cast<scalar_t*>(nullptr));
+    run(static_cast<scalar_t*>(nullptr));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {taps, wbuf};
 }
 
 // The map programs of one call: the map kernel, then for the backward the fold (dz) and
@@ -215,9 +219,10 @@ void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t i
   const int64_t N = z.size(0), r = z.size(1), n = o.conv_weight.size(0);
   const auto T = tables_for(height, width, interpolation, scales);
   const auto f32 = z.options().dtype(at::kFloat);
-  const bool given = o.prep.defined();  // stencil_prep's output: no prep pass here
-  auto [taps, wbuf] = prep_views<R, float>(given ? o.prep : new_prep<R, float>(T, z), T, z);
-  if (!given) launch_prep<R, scalar_t>(o, T, taps, wbuf, stream);
+  // stencil_prep's output when the caller gave it (no prep pass here), else a prep of its own
+  auto [taps, wbuf] = o.prep.defined()
+                          ? prep_views<R, float>(o.prep, T, z)
+                          : launch_prep<R, scalar_t>(o, T, new_prep<R, float>(T, z), stream);
   float* pre = !preact.defined() || preact.numel() == 0
                    ? nullptr : const_cast<float*>(preact.const_data_ptr<float>());
   if constexpr (R <= tile::kMapMaxRank) {
@@ -251,9 +256,7 @@ at::Tensor stencil_cuda_prep(const Operands& o, at::IntArrayRef scales, int64_t 
   at::Tensor prep;
   dispatch_rank(o.z.size(1), [&]<int R>() {
     prep = new_prep<R, float>(T, o.z);
-    auto [taps, wbuf] = prep_views<R, float>(prep, T, o.z);
-    cuda_kernels::launch_prep<R, scalar_t>(o, T, taps, wbuf,
-                                           at::cuda::getCurrentCUDAStream());
+    cuda_kernels::launch_prep<R, scalar_t>(o, T, prep, at::cuda::getCurrentCUDAStream());
   });
   return prep;
 }

@@ -158,19 +158,19 @@ def stencil_backward(du, z2, preact, prep, idx, cw, cb, scales, interpolation, h
     return dz, dw.to(cw.dtype), db.to(cb.dtype)
 
 
-def prep_bytes(rank, scales, interpolation, height, width, dtype) -> int:
-    """The size of stencil_prep's output (uint8) for this call."""
-    return torch.ops.convlora.stencil_prep_bytes(rank, len(scales),
-                                                 INTERPOLATION_CODES[interpolation], height,
-                                                 width, list(scales), dtype == torch.float64)
+def prep_bytes(rank, scales, code, height, width, dtype) -> int:
+    """The size of stencil_prep's output (uint8) for a call (code: the interpolation's)."""
+    return torch.ops.convlora.stencil_prep_bytes(rank, len(scales), code, height, width,
+                                                 list(scales), dtype == torch.float64)
 
 
 def saved_shapes(n_tok, rank, scales, interpolation, height, width, dtype, save,
                  forward_candidate):
     """Shapes and dtypes of (u, saved0, saved1) of stencil_forward: u, the pre-activations
     and the prep buffer when save, else u and two empty tensors."""
-    slots = PREACT_SLOTS[INTERPOLATION_CODES[interpolation]]
-    prep = (prep_bytes(rank, scales, interpolation, height, width, dtype),) if save else (0,)
+    code = INTERPOLATION_CODES[interpolation]
+    slots = PREACT_SLOTS[code]
+    prep = (prep_bytes(rank, scales, code, height, width, dtype),) if save else (0,)
     return [((n_tok, rank), dtype), ((n_tok, slots, rank) if save else (0,), acc_dtype(dtype)),
             (prep, torch.uint8)]
 
@@ -217,9 +217,7 @@ def _register() -> None:
 
     @torch.library.register_fake("convlora::stencil_prep")
     def _(z, conv_weight, conv_bias, scales, interpolation, height, width):
-        n = torch.ops.convlora.stencil_prep_bytes(z.shape[1], conv_weight.shape[0],
-                                                  interpolation, height, width, list(scales),
-                                                  z.dtype == torch.float64)
+        n = prep_bytes(z.shape[1], scales, interpolation, height, width, z.dtype)
         return z.new_empty((n,), dtype=torch.uint8)
 
     @torch.library.register_fake("convlora::stencil_fwd")

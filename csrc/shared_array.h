@@ -160,14 +160,39 @@ struct SArr {
       s.rtid[w] = -2;  // read by several threads
     }
   }
+  // Four elements from index i, as load4 takes them: one 128-bit store on the GPU.
+  CONVLORA_SITE void store4(int i, const V4<T>& v) const {
+    if (i < 0 || i + 3 >= n) smem_out_of_range(name, i < 0 ? i : i + 3, n);
+    if (i % 4 != 0 || reinterpret_cast<uintptr_t>(p + i) % 16 != 0)
+      throw std::logic_error(std::string("stencil (checked build): shared array ") + name +
+                             " vector store at index " + std::to_string(i) +
+                             " not 16-byte aligned");
+    on_write4(i);
+    for (int k = 0; k < 4; ++k) p[i + k] = v.v[k];
+  }
+  CONVLORA_HOOK void on_write4(int i) const {
+    const void* site = __builtin_return_address(0);
+    const int64_t w = word(i);
+    Shadow* s = g_shadow;
+    if (w >= 0 && s->trace != nullptr && s->tid >= 0)
+      s->trace->writes[s->tid].push_back({site, w, static_cast<int64_t>(sizeof(T))});
+    for (int k = 0; k < 4; ++k) check_write(i + k);
+  }
   CONVLORA_HOOK void on_write(int i) const {
     const void* site = __builtin_return_address(0);
     const int64_t w = word(i);
     if (w < 0) return;
     Shadow& s = *g_shadow;
+    if (s.trace != nullptr && s.tid >= 0) s.trace->writes[s.tid].push_back({site, w, 1});
+    check_write(i);
+  }
+  // The race check of a write of element i (its first word).
+  void check_write(int i) const {
+    const int64_t w = word(i);
+    if (w < 0) return;
+    Shadow& s = *g_shadow;
     if (s.wphase[w] == s.phase && s.wtid[w] != s.tid)
       smem_race(name, i, "written by", s.wtid[w], s.tid);
-    if (s.trace != nullptr && s.tid >= 0) s.trace->writes[s.tid].push_back({site, w, 1});
     if (s.rphase[w] == s.phase && s.rtid[w] != s.tid)
       smem_race(name, i, "read by", s.rtid[w], s.tid);
     s.wphase[w] = s.phase;
@@ -191,6 +216,15 @@ struct SArr {
     }
 #endif
     return V4<T>{{p[i], p[i + 1], p[i + 2], p[i + 3]}};
+  }
+  CONVLORA_HD void store4(int i, const V4<T>& v) const {
+#if defined(__CUDA_ARCH__)
+    if constexpr (sizeof(T) == 4) {
+      *reinterpret_cast<float4*>(p + i) = make_float4(v.v[0], v.v[1], v.v[2], v.v[3]);
+      return;
+    }
+#endif
+    for (int k = 0; k < 4; ++k) p[i + k] = v.v[k];
   }
 };
 #define CONVLORA_SARR(T, base, off, count, nm) \

@@ -101,13 +101,18 @@ struct Geometry {
   static constexpr int kPreSlots = Interp<INTERP>::kMaxDown * Interp<INTERP>::kMaxDown;
   static constexpr int kCell = R + 1;              // odd row strides: no bank conflicts
   static constexpr int kMaxItems = kSrc * Interp<INTERP>::kMaxDown * Interp<INTERP>::kMaxDown;
-  static constexpr int kItemRow = R + 1;           // cbuf row (GELU outputs or g)
-  // ubuf row (backward): an item's nine U vectors (at stride kUTap: the nine taps the
-  // threads of a warp read at once fall in distinct banks), then its contributions to the
-  // z neighbourhood (side x side cells of R) of its source token; odd, so the rows of the
-  // items a warp holds fall in distinct banks.
+  // cbuf row (GELU outputs or g). Forward: odd, so the rows of the items a warp holds fall
+  // in distinct banks. Backward, R a multiple of 8: 4 x an odd number, read and written
+  // in 128-bit accesses (kVecRows), which the 8 lanes of a quarter warp then make in
+  // distinct banks.
+  static constexpr bool kVecRows = BWD && R % 8 == 0;
+  static constexpr int kItemRow = kVecRows ? R + 4 : R + 1;
+  // ubuf row (backward): an item's nine U vectors (contiguous: the weight gradient's
+  // threads read one item's at once), then its contributions to the z neighbourhood
+  // (side x side cells of R) of its source token; odd, so the rows of the items a warp
+  // holds fall in distinct banks.
   static constexpr int kNeighbours = Interp<INTERP>::kSide * Interp<INTERP>::kSide;
-  static constexpr int kUTap = R + 1;
+  static constexpr int kUTap = R;
   static constexpr int kURow = ((kNeighbours * R > 9 * kUTap ? kNeighbours * R : 9 * kUTap) + 1) | 1;
   // Items per round: 128 forward (R values each); backward, about 36 KB of ubuf.
   static constexpr int kRound = !BWD ? 128 : round_items(kURow);
@@ -128,18 +133,14 @@ CONVLORA_HD constexpr int weight_stride() { return ((R * R * 9 + 31) / 32) * 32 
 CONVLORA_HD int grad_entries(int r) { return r * r * 9 + r; }
 
 // One expert's weight-gradient accumulators inside the kernels: [co][k][ci] (R x 9 rows of
-// R input channels, each row padded to R + 1 so that the rows a warp's threads flush at
-// once fall in distinct banks), then R biases; reduce_entry maps them to (co, ci, k).
+// R input channels: the threads that flush at once own consecutive (k, ci), so one output
+// channel's words), then R biases; reduce_entry maps them to (co, ci, k).
 template <int R>
-CONVLORA_HD constexpr int grad_row() { return R + 1; }
+CONVLORA_HD constexpr int grad_stride() { return R * 9 * R + R; }
 template <int R>
-CONVLORA_HD constexpr int grad_stride() { return R * 9 * grad_row<R>() + R; }
+CONVLORA_HD constexpr int grad_index(int co, int k, int ci) { return (co * 9 + k) * R + ci; }
 template <int R>
-CONVLORA_HD constexpr int grad_index(int co, int k, int ci) {
-  return (co * 9 + k) * grad_row<R>() + ci;
-}
-template <int R>
-CONVLORA_HD constexpr int grad_bias_index(int co) { return R * 9 * grad_row<R>() + co; }
+CONVLORA_HD constexpr int grad_bias_index(int co) { return R * 9 * R + co; }
 
 // --- Per-call tables ----------------------------------------------------------------
 //
@@ -383,7 +384,7 @@ CONVLORA_HD int item_b(int it) { return (it >> 14) & 3; }
 // Pre-activation of one item: C[co] = bias[co] + sum_{k, ci} W[co, ci, k] U(tap k)[ci] for
 // the conv output (oy, ox) of expert e at scale s, U read from the staged z through the
 // up tables (zero outside the s·H x s·W map). With COMPUTE_C writes C to crow[0..R); with
-// STORE_U the nine U vectors to urow[k·(R + 1) + ci] (zero for taps outside the map).
+// STORE_U the nine U vectors to urow[k·R + ci] (zero for taps outside the map).
 // Without COMPUTE_C, only input channels [cs, cs + RS) (the caller's share of the item).
 template <int R, int INTERP, int ZW, int CELL, bool COMPUTE_C, bool STORE_U, int RS = R,
           typename acc_t>
@@ -428,7 +429,7 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
         const int k = ky * 3 + kx;
         if (!(vy[ky] && vx[kx])) {
           if (STORE_U && co0 == 0)
-            for (int ci = cs; ci < cs + RS; ++ci) urow[urow_off + k * (R + 1) + ci] = acc_t(0);
+            for (int ci = cs; ci < cs + RS; ++ci) urow[urow_off + k * R + ci] = acc_t(0);
           continue;
         }
         CONVLORA_NO_UNROLL
@@ -449,7 +450,7 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
           }
           if (STORE_U && co0 == 0) {
             CONVLORA_UNROLL
-            for (int i = 0; i < CC; ++i) urow[urow_off + k * (R + 1) + ci0 + i] = u[i];
+            for (int i = 0; i < CC; ++i) urow[urow_off + k * R + ci0 + i] = u[i];
           }
           if constexpr (COMPUTE_C) {
             // a weight row's CC outputs in 128-bit loads, except bicubic at R = 8, where
@@ -689,9 +690,18 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
         conv_item<R, INTERP, G::kZW, G::kCell, false, true, RS>(
             A.taps, A.T, e, A.T.scale[e], ip.oy, ip.ox, zy0, zx0, S.zs, S.w,
             e * weight_stride<R>(), S.b, S.cbuf, row, S.ubuf, j * G::kURow, cs);
-      for (int co = cs; co < cs + RS; ++co)
-        S.cbuf[row + co] = co < A.r
-            ? ip.w * S.src[t * G::kCell + co] * gelu_erf_grad(pre[co]) : acc_t(0);
+      acc_t g[RS];
+      CONVLORA_UNROLL
+      for (int c = 0; c < RS; ++c)
+        g[c] = cs + c < A.r
+            ? ip.w * S.src[t * G::kCell + cs + c] * gelu_erf_grad(pre[cs + c]) : acc_t(0);
+      if constexpr (G::kVecRows && RS % 4 == 0) {
+        CONVLORA_UNROLL
+        for (int c = 0; c < RS; c += 4) S.cbuf.store4(row + cs + c, {{g[c], g[c + 1], g[c + 2], g[c + 3]}});
+      } else {
+        CONVLORA_UNROLL
+        for (int c = 0; c < RS; ++c) S.cbuf[row + cs + c] = g[c];
+      }
     }
   }
 }
@@ -746,48 +756,51 @@ CONVLORA_HD void phase_store(const TileArgs<scalar_t, acc_t>& A, const BlockPos&
 }
 
 // Backward phase 5 (per round): weight gradients of the round's tile items (the first
-// first[n] items; expert-sorted, so each expert's items are one stretch):
+// first[n] items; expert-sorted, so expert e's items are the stretch [first[e],
+// first[e + 1])):
 //   dW[e, co, ci, k] += g[co] U(tap k)[ci],   db[e, co] += g[co]
-// Thread u owns (co, k, a chunk of CH input channels) of every expert, or bias co; it
-// walks the items in order and adds its sums to expert e's accumulators when e changes.
+// Thread u owns input (k, ci) (or, u = 9R, the bias: an input of one) and a chunk of CO
+// output channels; it walks each expert's items in order, one U word and the chunk of g
+// (128-bit loads where the rows allow) per item, and adds its sums to expert e's
+// accumulators.
 template <int R, int INTERP, typename acc_t>
 CONVLORA_HD void phase_dw(int n, int r0, const Smem<R, INTERP, true, acc_t>& S, int tid) {
   using G = Geometry<R, INTERP, true>;
-  constexpr int CH = R < 16 ? R : 16, NCH = R / CH, NW = R * 9 * NCH;
+  constexpr int CO = R < 16 ? R : 16, NIN = 9 * R + 1;
   constexpr int GS = grad_stride<R>();
   const int tile_items = S.first[n];
   const int lo = r0, hi = r0 + G::kRound < tile_items ? r0 + G::kRound : tile_items;
   if (lo >= hi) return;
-  for (int u = tid; u < NW + R; u += kThreads) {
-    const bool bias = u >= NW;
-    const int co = bias ? u - NW : u / (9 * NCH);
-    const int rest = u - co * 9 * NCH, k = rest / NCH, c0 = (rest - k * NCH) * CH;
-    const int dst = bias ? grad_bias_index<R>(co) : grad_index<R>(co, k, c0);
-    acc_t acc[CH];
-    CONVLORA_UNROLL
-    for (int j = 0; j < CH; ++j) acc[j] = acc_t(0);
-    int e_cur = S.es[item_token(S.items[lo])];
-    for (int i = lo; i <= hi; ++i) {
-      const int e = i < hi ? S.es[item_token(S.items[i])] : -1;
-      if (e != e_cur) {  // flush expert e_cur's sums
-        if (bias) {
-          S.dw[e_cur * GS + dst] += acc[0];
+  for (int u = tid; u < (R / CO) * NIN; u += kThreads) {
+    const int co0 = (u / NIN) * CO, in = u - (u / NIN) * NIN;
+    const bool bias = in == 9 * R;
+    const int k = in / R, ci = in - k * R;
+    for (int e = 0; e < n; ++e) {
+      const int b0 = S.first[e], b1 = S.first[e + 1];
+      const int i0 = b0 > lo ? b0 : lo, i1 = b1 < hi ? b1 : hi;
+      if (i0 >= i1) continue;
+      acc_t acc[CO];
+      CONVLORA_UNROLL
+      for (int j = 0; j < CO; ++j) acc[j] = acc_t(0);
+      for (int i = i0; i < i1; ++i) {
+        const acc_t x = bias ? acc_t(1) : acc_t(S.ubuf[(i - r0) * G::kURow + k * G::kUTap + ci]);
+        const int grow = (i - r0) * G::kItemRow + co0;
+        if constexpr (G::kVecRows) {
+          CONVLORA_UNROLL
+          for (int j = 0; j < CO; j += 4) {
+            const V4<acc_t> g = S.cbuf.load4(grow + j);
+            CONVLORA_UNROLL
+            for (int q = 0; q < 4; ++q) acc[j + q] += g.v[q] * x;
+          }
         } else {
           CONVLORA_UNROLL
-          for (int j = 0; j < CH; ++j) S.dw[e_cur * GS + dst + j] += acc[j];
+          for (int j = 0; j < CO; ++j) acc[j] += S.cbuf[grow + j] * x;
         }
-        CONVLORA_UNROLL
-        for (int j = 0; j < CH; ++j) acc[j] = acc_t(0);
-        e_cur = e;
       }
-      if (i == hi) break;
-      const acc_t g = S.cbuf[(i - r0) * G::kItemRow + co];
-      if (bias) {
-        acc[0] += g;
-      } else {
-        const int ub = (i - r0) * G::kURow + k * G::kUTap + c0;
-        CONVLORA_UNROLL
-        for (int j = 0; j < CH; ++j) acc[j] += g * S.ubuf[ub + j];
+      CONVLORA_UNROLL
+      for (int j = 0; j < CO; ++j) {
+        const int dst = bias ? grad_bias_index<R>(co0 + j) : grad_index<R>(co0 + j, k, ci);
+        S.dw[e * GS + dst] += acc[j];
       }
     }
   }
@@ -803,21 +816,51 @@ CONVLORA_HD void check_offset(int off, int side) {
 #endif
 }
 
+// The weights with which the up-sampling taps of conv row (or column) p = o + k - 1,
+// k = 0, 1, 2, reach the SIDE rows of a source token's z neighbourhood (token row g):
+// out[n] = sum over the taps a with idx[a] - g + halo = n of w[a]; all zero when p is
+// outside the s·H map (no conv input there). Branch-free over compile-time n, so the
+// result stays in registers.
+template <int INTERP, typename acc_t>
+CONVLORA_HD void neighbour_weights(const Taps<acc_t>* up, int p, int extent, int g,
+                                   acc_t (&out)[Interp<INTERP>::kSide]) {
+  constexpr int UT = Interp<INTERP>::kUpTaps, SIDE = Interp<INTERP>::kSide;
+  constexpr int HALO = Interp<INTERP>::kHalo;
+  const bool valid = p >= 0 && p < extent;
+  const Taps<acc_t>& t = up[valid ? p : 0];
+  CONVLORA_UNROLL
+  for (int n = 0; n < SIDE; ++n) out[n] = acc_t(0);
+  if (!valid) return;
+  CONVLORA_UNROLL
+  for (int a = 0; a < UT; ++a) {
+    const int off = t.idx[a] - g + HALO;
+    check_offset(off, SIDE);
+    CONVLORA_UNROLL
+    for (int n = 0; n < SIDE; ++n) out[n] += n == off ? t.w[a] : acc_t(0);
+  }
+}
+
 // Backward phase 6 (per round, after phase_dw has read U): kItemSplit threads per item,
 // each owning a run of RS input channels. The item's dU = W^T g at each of its nine
 // upsampled taps goes, through the up-sampling taps, into its contributions D[c] to the z
 // values c of its source token's neighbourhood (c = (dy + halo)·side + dx + halo), written
 // over the item's ubuf row:
 //   dU(k)[ci] = sum_co W[e, k, ci, co] g[co],   D[z tap of k] += wy wx dU(k)
+// D is held in registers (side x side x CD channels a pass) and written once: the up taps
+// are separable, so each conv row's three dU vectors are first folded over the
+// neighbourhood's columns (wx), then added to its rows (wy), with compile-time indices.
 // Thread v takes item v % kRound (a warp's lanes: consecutive items, odd row strides) and
 // channel run v / kRound.
 template <int R, int INTERP, typename scalar_t, typename acc_t>
 CONVLORA_HD void phase_delta(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P, int r0,
                              int nitems, const Smem<R, INTERP, true, acc_t>& S, int tid) {
   using G = Geometry<R, INTERP, true>;
-  constexpr int UT = Interp<INTERP>::kUpTaps, SIDE = Interp<INTERP>::kSide, HALO = G::kHalo;
+  constexpr int SIDE = Interp<INTERP>::kSide;
   constexpr int RS = R / G::kItemSplit;  // channels per thread
-  constexpr int CH = RS < 16 ? RS : 16;   // channels per pass: bounded registers
+  // channels per pass: at most 64 accumulators (4 bilinear, 1 bicubic)
+  constexpr int CD0 = 64 / G::kNeighbours >= 4 ? 4 : (64 / G::kNeighbours >= 2 ? 2 : 1);
+  constexpr int CD = CD0 < RS ? CD0 : RS;
+  static_assert(RS % CD == 0, "whole passes");
   const int sy0 = P.h0 - G::kSH, sx0 = P.w0 - G::kSH;
   for (int v = tid; v < G::kRound * G::kItemSplit; v += kThreads) {
     const int j = v % G::kRound, cs = (v / G::kRound) * RS;
@@ -827,52 +870,77 @@ CONVLORA_HD void phase_delta(const TileArgs<scalar_t, acc_t>& A, const BlockPos&
     const int gy = sy0 + t / G::kSrcW, gx = sx0 + t % G::kSrcW;
     const ItemPos<acc_t> ip = item_pos(A, e, gy, gx, item_a(it), item_b(it));
     const int row = j * G::kURow, w_off = e * weight_stride<R>();
-    for (int nb = 0; nb < G::kNeighbours; ++nb)
-      for (int c = 0; c < RS; ++c) S.ubuf[row + nb * R + cs + c] = acc_t(0);
-    for (int ky = 0; ky < 3; ++ky) {
-      const int p = ip.oy + ky - 1;
-      if (p < 0 || p >= s * A.H) continue;
-      const Taps<acc_t>& tyt = A.taps[A.T.up_y[e] + p];
-      for (int kx = 0; kx < 3; ++kx) {
-        const int q = ip.ox + kx - 1;
-        if (q < 0 || q >= s * A.W) continue;
-        const Taps<acc_t>& txt = A.taps[A.T.up_x[e] + q];
-        const int k = ky * 3 + kx;
-        for (int c0 = cs; c0 < cs + RS; c0 += CH) {
-          acc_t d[CH];
+    acc_t wx[3][SIDE];
+    CONVLORA_UNROLL
+    for (int kx = 0; kx < 3; ++kx)
+      neighbour_weights<INTERP>(A.taps + A.T.up_x[e], ip.ox + kx - 1, s * A.W, gx, wx[kx]);
+    CONVLORA_NO_UNROLL
+    for (int c0 = cs; c0 < cs + RS; c0 += CD) {
+      acc_t D[SIDE][SIDE][CD];
+      CONVLORA_UNROLL
+      for (int ny = 0; ny < SIDE; ++ny)
+        CONVLORA_UNROLL
+        for (int nx = 0; nx < SIDE; ++nx)
           CONVLORA_UNROLL
-          for (int c = 0; c < CH; ++c) d[c] = acc_t(0);
-          for (int co = 0; co < R; ++co) {
-            const acc_t g = S.cbuf[j * G::kItemRow + co];
-            const int wrow = w_off + (k * R + co) * R + c0;
-            if constexpr (CH % 4 == 0) {  // 128-bit loads of Wᵀ's row (R, c0, w_off: x4)
-              CONVLORA_UNROLL
-              for (int c = 0; c < CH; c += 4) {
-                const V4<acc_t> wv = S.wt.load4(wrow + c);
-                CONVLORA_UNROLL
-                for (int q = 0; q < 4; ++q) d[c + q] += wv.v[q] * g;
-              }
-            } else {
-              CONVLORA_UNROLL
-              for (int c = 0; c < CH; ++c) d[c] += S.wt[wrow + c] * g;
-            }
+          for (int c = 0; c < CD; ++c) D[ny][nx][c] = acc_t(0);
+      CONVLORA_UNROLL
+      for (int ky = 0; ky < 3; ++ky) {
+        const int p = ip.oy + ky - 1;
+        if (p < 0 || p >= s * A.H) continue;
+        // dU of the row's three taps
+        acc_t du[3][CD];
+        CONVLORA_UNROLL
+        for (int kx = 0; kx < 3; ++kx)
+          CONVLORA_UNROLL
+          for (int c = 0; c < CD; ++c) du[kx][c] = acc_t(0);
+        // g in fours (128-bit loads where the rows allow)
+        constexpr int GV = G::kVecRows ? 4 : 1;
+        for (int co0 = 0; co0 < R; co0 += GV) {
+          acc_t g[GV];
+          if constexpr (GV == 4) {
+            const V4<acc_t> gv = S.cbuf.load4(j * G::kItemRow + co0);
+            CONVLORA_UNROLL
+            for (int q = 0; q < 4; ++q) g[q] = gv.v[q];
+          } else {
+            g[0] = S.cbuf[j * G::kItemRow + co0];
           }
           CONVLORA_UNROLL
-          for (int a = 0; a < UT; ++a) {
-            const int oy = tyt.idx[a] - gy + HALO;
-            check_offset(oy, SIDE);
+          for (int q = 0; q < GV; ++q) {
             CONVLORA_UNROLL
-            for (int b = 0; b < UT; ++b) {
-              const int ox = txt.idx[b] - gx + HALO;
-              check_offset(ox, SIDE);
-              const acc_t wgt = tyt.w[a] * txt.w[b];
-              const int dst = row + (oy * SIDE + ox) * R + c0;
-              CONVLORA_UNROLL
-              for (int c = 0; c < CH; ++c) S.ubuf[dst + c] += wgt * d[c];
+            for (int kx = 0; kx < 3; ++kx) {
+              const int wrow = w_off + ((ky * 3 + kx) * R + co0 + q) * R + c0;
+              if constexpr (CD == 4) {  // a 128-bit load of Wᵀ's row (R, c0, w_off: x4)
+                const V4<acc_t> wv = S.wt.load4(wrow);
+                CONVLORA_UNROLL
+                for (int c = 0; c < 4; ++c) du[kx][c] += wv.v[c] * g[q];
+              } else {
+                CONVLORA_UNROLL
+                for (int c = 0; c < CD; ++c) du[kx][c] += S.wt[wrow + c] * g[q];
+              }
             }
           }
         }
+        // folded over the neighbourhood's columns, then added to its rows
+        acc_t wy[SIDE];
+        neighbour_weights<INTERP>(A.taps + A.T.up_y[e], p, s * A.H, gy, wy);
+        CONVLORA_UNROLL
+        for (int nx = 0; nx < SIDE; ++nx) {
+          acc_t col[CD];
+          CONVLORA_UNROLL
+          for (int c = 0; c < CD; ++c)
+            col[c] = wx[0][nx] * du[0][c] + wx[1][nx] * du[1][c] + wx[2][nx] * du[2][c];
+          CONVLORA_UNROLL
+          for (int ny = 0; ny < SIDE; ++ny)
+            CONVLORA_UNROLL
+            for (int c = 0; c < CD; ++c) D[ny][nx][c] += wy[ny] * col[c];
+        }
       }
+      CONVLORA_UNROLL
+      for (int ny = 0; ny < SIDE; ++ny)
+        CONVLORA_UNROLL
+        for (int nx = 0; nx < SIDE; ++nx)
+          CONVLORA_UNROLL
+          for (int c = 0; c < CD; ++c) S.ubuf[row + (ny * SIDE + nx) * R + c0 + c] = D[ny][nx][c];
     }
   }
 }

@@ -174,6 +174,13 @@ inline bool map_programs(Operands& o, int64_t height, int64_t width) {
   return false;
 }
 
+// The block programs index blocks in 32 bits (a CUDA grid's x extent is below 2^31).
+inline void check_blocks(int64_t blocks) {
+  TORCH_CHECK(blocks <= 2147483647, "convlora stencil: ", blocks,
+              " blocks of 8 x 8 tokens (or 4 x 4) exceed the 2^31 - 1 a launch can index; "
+              "split the batch");
+}
+
 // How a call is cut into blocks and what each block keeps in shared memory.
 struct TileGrid {
   int64_t blocks;
@@ -191,6 +198,7 @@ TileGrid make_tile_grid(int64_t maps, int H, int W, int r, int n, int budget) {
   p.tiles_y = (H + G::kTileH - 1) / G::kTileH;
   p.tiles_x = (W + G::kTileW - 1) / G::kTileW;
   p.blocks = maps * p.tiles_y * p.tiles_x;
+  check_blocks(p.blocks);
   const bool choices[3][2] = {{true, true}, {true, false}, {false, false}};
   for (const auto& c : choices) {
     p.w_smem = c[0];
@@ -215,6 +223,7 @@ MapGrid make_map_grid(int64_t maps, int H, int W) {
   p.tiles_y = (H + G::kTile - 1) / G::kTile;
   p.tiles_x = (W + G::kTile - 1) / G::kTile;
   p.blocks = maps * p.tiles_y * p.tiles_x;
+  check_blocks(p.blocks);
   p.layout = tile::make_map_layout<R, INTERP, BWD, acc_t>();
   return p;
 }

@@ -54,8 +54,10 @@ __global__ void __launch_bounds__(tile::kThreads, min_blocks_per_sm<R>())
 }
 
 // One expert per map (stencil_map.h): the map block program, then for the backward the fold.
+// Shared memory holds it to about two blocks per SM; saying so keeps ptxas from trading a
+// spill for an occupancy the block cannot reach.
 template <int R, int INTERP, bool BWD, typename scalar_t>
-__global__ void __launch_bounds__(tile::kThreads)
+__global__ void __launch_bounds__(tile::kThreads, 2)
     stencil_map_kernel(const tile::TileArgs<scalar_t, float> A, const tile::MapLayout L) {
   extern __shared__ __align__(16) unsigned char smem[];
   GpuExec ex;

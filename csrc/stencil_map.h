@@ -11,8 +11,8 @@
 // compute 144, each with 8 multiply-adds per channel instead of 16.
 //
 // Forward, per tile (phases, a barrier after each):
-//   1 stage z (tile + halo), expert e's weights; thread 0 lists the rows, thread 32 the
-//     columns (conv grid, U grid, which tokens read each conv row)
+//   1 stage z (tile + halo), expert e's weights; warp 0 lists the conv rows, warp 1 the
+//     conv columns       1b the U rows and columns, which tokens read each conv row
 //   2 the U grid's up-sampling taps, from the per-call tables
 //   3 V = Up_y(z) on the U rows                   4 U = Up_x(V)
 //   5 C = bias + conv3x3(U) on the conv grid (saved as the pre-activations)
@@ -49,6 +49,21 @@ struct MapGeometry {
   static constexpr int kMaxC = kDown * kTile;        // conv rows (columns) of a tile
   static constexpr int kMaxU = (kDown + 2) * kTile;  // U rows (columns): conv rows +- 1
   static constexpr int kReaders = 2;                 // tokens reading one conv row, at most
+  static_assert(R % 4 == 0, "weight rows read in 128-bit loads");
+  // A conv-grid cell (C, dC): R channels in 128-bit accesses, 4 x an odd number of words,
+  // so the 8 lanes of a quarter warp reading neighbouring cells fall in distinct banks.
+  static constexpr int kCCell = R % 8 == 0 ? R + 4 : R;
+  // Row strides of the conv grid (16 words more than a multiple of 32) and the U grid
+  // (U, dU; 1 more), so cells of neighbouring rows that a warp reads at once fall in
+  // other banks.
+  static constexpr int kCRow = (kMaxC * kCCell + 31) / 32 * 32 + 16;
+  static constexpr int kURow = (kMaxU * kCell + 31) / 32 * 32 + 1;
+  // Row stride of V (T in the backward): R more than a multiple of 32 words, so the rows
+  // of one warp's (row, channel) threads, R channels each, tile the 32 banks.
+  static constexpr int kVRow = (kZ * kCell - R + 31) / 32 * 32 + R;
+  static CONVLORA_HD constexpr int v_at(int j, int x) { return j * kVRow + x * kCell; }
+  static CONVLORA_HD constexpr int c_at(int i, int j) { return i * kCRow + j * kCCell; }
+  static CONVLORA_HD constexpr int u_at(int p, int q) { return p * kURow + q * kCell; }
 };
 
 // One axis's lists (rows or columns) of a tile, in shared memory.
@@ -95,9 +110,9 @@ CONVLORA_HD MapLayout make_map_layout() {
   };
   const int A = static_cast<int>(sizeof(acc_t)), I = static_cast<int>(sizeof(int));
   L.zs = take(G::kZ * G::kZ * G::kCell * A);  // z; in the backward later the dz region
-  L.vbuf = take(G::kMaxU * G::kZ * G::kCell * A);  // V; backward later T
-  L.ubuf = take(G::kMaxU * G::kMaxU * G::kCell * A);  // U; backward later dU
-  L.cbuf = take(G::kMaxC * G::kMaxC * G::kCell * A);  // C (forward) or dC (backward)
+  L.vbuf = take(G::kMaxU * G::kVRow * A);  // V; backward later T
+  L.ubuf = take(G::kMaxU * G::kURow * A);  // U; backward later dU
+  L.cbuf = take(G::kMaxC * G::kCRow * A);  // C (forward) or dC (backward)
   L.dus = take(BWD ? G::kTile * G::kTile * G::kCell * A : 0);
   L.w = take(9 * R * R * A);  // forward W [k][ci][co]; backward W^T [k][co][ci]
   L.b = take(R * A);
@@ -146,9 +161,9 @@ struct MapSmem {
   AxisLists<acc_t> y, x;
   CONVLORA_HD MapSmem(unsigned char* base, const MapLayout& L)
       : zs(CONVLORA_SARR(acc_t, base, L.zs, G::kZ * G::kZ * G::kCell, "z")),
-        vbuf(CONVLORA_SARR(acc_t, base, L.vbuf, G::kMaxU * G::kZ * G::kCell, "V")),
-        ubuf(CONVLORA_SARR(acc_t, base, L.ubuf, G::kMaxU * G::kMaxU * G::kCell, "U")),
-        cbuf(CONVLORA_SARR(acc_t, base, L.cbuf, G::kMaxC * G::kMaxC * G::kCell, "C")),
+        vbuf(CONVLORA_SARR(acc_t, base, L.vbuf, G::kMaxU * G::kVRow, "V")),
+        ubuf(CONVLORA_SARR(acc_t, base, L.ubuf, G::kMaxU * G::kURow, "U")),
+        cbuf(CONVLORA_SARR(acc_t, base, L.cbuf, G::kMaxC * G::kCRow, "C")),
         dus(CONVLORA_SARR(acc_t, base, L.dus, BWD ? G::kTile * G::kTile * G::kCell : 0, "du")),
         w(CONVLORA_SARR(acc_t, base, L.w, 9 * R * R, "weights")),
         b(CONVLORA_SARR(acc_t, base, L.b, R, "bias")),
@@ -167,54 +182,101 @@ CONVLORA_HD void check_list(bool ok, const char* what) {
 #endif
 }
 
-// Lists of one axis (one thread): the tile covers map rows [o, o + t) of L; e, s its expert
-// and scale; down = table offset of expert e's down taps on this axis.
+// Lists of one axis, built by one warp in two phases (lane = thread index mod 32). The
+// tile covers map rows [o, o + t) of L; down = table offset of its expert's down taps on
+// this axis; sL the upsampled extent. A token's down taps are consecutive conv rows
+// [lo_d, hi_d], and lo_d and hi_d do not decrease with d (checked), so the conv list is
+// the union of those ranges in order: token d adds the rows above hi_{d-1}, from the
+// count the tokens before it add.
+//
+// Phase 1 (axis_conv): every lane adds up the tokens' new rows (the same loop of reads of
+// the per-call tables); lane d < t writes its token's taps and its new conv rows; all
+// lanes mark the readers and U-to-conv slots empty (phase 2 fills them).
 template <int R, int INTERP, typename acc_t>
-CONVLORA_HD void build_axis(const Taps<acc_t>* taps, int down, int o, int t, int sL,
-                            const AxisLists<acc_t>& X) {
+CONVLORA_HD void axis_conv(const Taps<acc_t>* taps, int down, int o, int t, int lane,
+                           const AxisLists<acc_t>& X) {
   using G = MapGeometry<R, INTERP>;
-  for (int i = 0; i < G::kReaders * G::kMaxC; ++i) X.readers[i] = -1;
-  for (int j = 0; j < 3 * G::kMaxU; ++j) X.uc[j] = -1;
-  int nc = 0;
+  for (int i = lane; i < G::kReaders * G::kMaxC; i += 32) X.readers[i] = -1;
+  for (int j = lane; j < 3 * G::kMaxU; j += 32) X.uc[j] = -1;
+  int nc = 0, prev_lo = -1, prev_hi = -1, off = 0, first = 0;
   for (int d = 0; d < t; ++d) {
     const Taps<acc_t>& tp = taps[down + o + d];
-    X.tokn[d] = tp.n;
-    for (int a = 0; a < tp.n; ++a) {
-      const int c = tp.idx[a];
-      int k = nc - 1;
-      while (k >= 0 && X.conv[k] > c) --k;
-      if (k < 0 || X.conv[k] != c) {
-        check_list(k == nc - 1 && nc < G::kMaxC, "a conv row out of order");
-        k = nc++;
-        X.conv[k] = c;
-      }
-      X.tokc[4 * d + a] = k;
-      X.tokw[4 * d + a] = tp.w[a];
-      const int m = X.readers[G::kReaders * k] < 0 ? 0 : 1;
-      check_list(X.readers[G::kReaders * k + m] < 0, "a conv row read by three token taps");
-      X.readers[G::kReaders * k + m] = 4 * d + a;
+    const int lo = tp.idx[0], hi = lo + tp.n - 1;
+#if defined(CONVLORA_CHECKED)
+    for (int a = 1; a < tp.n; ++a) check_list(tp.idx[a] == lo + a, "a token's down taps not consecutive");
+#endif
+    check_list(lo >= prev_lo && hi >= prev_hi, "a token's down taps going back");
+    const int f = lo > prev_hi + 1 ? lo : prev_hi + 1;  // the first row it adds
+    if (d == lane) {
+      off = nc;
+      first = f;
     }
+    nc += hi >= f ? hi - f + 1 : 0;
+    prev_lo = lo;
+    prev_hi = hi;
   }
-  int nu = 0;
+  check_list(nc <= G::kMaxC, "too many conv rows");
+  if (lane == t - 1) X.n[0] = nc;
+  if (lane >= t) return;
+  const Taps<acc_t>& tp = taps[down + o + lane];
+  const int lo = tp.idx[0];
+  X.tokn[lane] = tp.n;
+  for (int a = 0; a < tp.n; ++a) {
+    const int c = lo + a;
+    // rows below `first` are the previous token's last rows: entries off - 1, off - 2, ...
+    const int k = off + c - first;
+    if (c >= first) X.conv[k] = c;
+    X.tokc[4 * lane + a] = k;
+    X.tokw[4 * lane + a] = tp.w[a];
+  }
+}
+
+// Phase 2 (axis_u): lane i < nc (conv entry i, row c) adds up the conv entries' new U rows
+// (each entry's rows c - 1 .. c + 1 inside the map, above the previous entry's), then
+// writes entry i's links to the U list, the U rows it adds, and the token taps reading
+// row c (at most two, in token order).
+template <int R, int INTERP, typename acc_t>
+CONVLORA_HD void axis_u(const Taps<acc_t>* taps, int down, int o, int t, int sL, int lane,
+                        const AxisLists<acc_t>& X) {
+  using G = MapGeometry<R, INTERP>;
+  const int nc = X.n[0];
+  int nu = 0, prev = -3, off = 0, first = 0, c = 0, pc = -3;
   for (int i = 0; i < nc; ++i) {
-    for (int k = 0; k < 3; ++k) {
-      const int p = X.conv[i] + k - 1;
-      int j = -1;
-      if (p >= 0 && p < sL) {
-        j = nu - 1;
-        while (j >= 0 && X.urow[j] > p) --j;
-        if (j < 0 || X.urow[j] != p) {
-          check_list(j == nu - 1 && nu < G::kMaxU, "a U row out of order");
-          j = nu++;
-          X.urow[j] = p;
-        }
-        X.uc[3 * j + k] = i;
-      }
-      X.cu[3 * i + k] = j;
+    const int ci = X.conv[i];
+    const int lo = ci - 1 > prev + 2 ? ci - 1 : prev + 2;  // the first U row it adds
+    const int f = lo > 0 ? lo : 0, l = ci + 1 < sL - 1 ? ci + 1 : sL - 1;
+    if (i == lane) {
+      off = nu;
+      first = f;
+      c = ci;
+      pc = prev;
     }
+    nu += l >= f ? l - f + 1 : 0;
+    prev = ci;
   }
-  X.n[0] = nc;
-  X.n[1] = nu;
+  check_list(nu <= G::kMaxU, "too many U rows");
+  if (lane == 0) X.n[1] = nu;
+  if (lane >= nc) return;
+  for (int k = 0; k < 3; ++k) {
+    const int p = c + k - 1;
+    int j = -1;
+    if (p >= 0 && p < sL) {
+      // rows below `first` are the previous entry's last U rows (its last: pc + 1)
+      j = p >= first ? off + p - first : off - 1 - (pc + 1 - p);
+      if (p >= first) X.urow[j] = p;
+      X.uc[3 * j + k] = lane;
+    }
+    X.cu[3 * lane + k] = j;
+  }
+  int m = 0;
+  for (int d = 0; d < t; ++d) {
+    const Taps<acc_t>& tp = taps[down + o + d];
+    const int a = c - tp.idx[0];
+    if (a < 0 || a >= tp.n) continue;
+    check_list(m < G::kReaders, "a conv row read by three token taps");
+    X.readers[G::kReaders * lane + m] = 4 * d + a;
+    ++m;
+  }
 }
 
 // Up-sampling taps of U entry j (one thread per entry): staged-z rows and weights.
@@ -257,7 +319,7 @@ CONVLORA_HD MapPos map_pos(const TileArgs<scalar_t, acc_t>& A, int64_t block) {
   using G = MapGeometry<R, INTERP>;
   MapPos M;
   M.P = block_pos<G::kTile, G::kTile>(A, block);
-  M.m = static_cast<int>(block / (static_cast<int64_t>(A.tiles_y) * A.tiles_x));
+  M.m = static_cast<int>(block) / (A.tiles_y * A.tiles_x);
   const int e = A.expert_index[M.m];
   M.e = e >= 0 && e < A.n ? e : -1;
   M.s = M.e >= 0 ? A.T.scale[M.e] : 1;
@@ -267,7 +329,7 @@ CONVLORA_HD MapPos map_pos(const TileArgs<scalar_t, acc_t>& A, int64_t block) {
 }
 
 // Phase 1: stage z (and du), the expert's weights (W, or W^T for the backward) and bias;
-// threads 0 and 32 list the rows and the columns.
+// warp 0 lists the conv rows, warp 1 the conv columns.
 template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
 CONVLORA_HD void map_phase_load(const TileArgs<scalar_t, acc_t>& A, const MapPos& M,
                                 const MapSmem<R, INTERP, BWD, acc_t>& S, int tid) {
@@ -283,10 +345,21 @@ CONVLORA_HD void map_phase_load(const TileArgs<scalar_t, acc_t>& A, const MapPos
   const int wsrc = BWD ? A.n * (WS + R) + M.e * WS : M.e * WS;
   for (int i = tid; i < 9 * R * R; i += kThreads) S.w[i] = A.wbuf[wsrc + i];
   for (int i = tid; i < R; i += kThreads) S.b[i] = A.wbuf[A.n * WS + M.e * R + i];
-  if (tid == 0)
-    build_axis<R, INTERP>(A.taps, A.T.down_y + M.e * A.H, P.h0, M.th, M.s * A.H, S.y);
-  if (tid == 32)
-    build_axis<R, INTERP>(A.taps, A.T.down_x + M.e * A.W, P.w0, M.tw, M.s * A.W, S.x);
+  if (tid < 32)
+    axis_conv<R, INTERP>(A.taps, A.T.down_y + M.e * A.H, P.h0, M.th, tid, S.y);
+  else if (tid < 64)
+    axis_conv<R, INTERP>(A.taps, A.T.down_x + M.e * A.W, P.w0, M.tw, tid - 32, S.x);
+}
+
+// Phase 1b: warp 0 links the rows' lists, warp 1 the columns'.
+template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
+CONVLORA_HD void map_phase_lists(const TileArgs<scalar_t, acc_t>& A, const MapPos& M,
+                                 const MapSmem<R, INTERP, BWD, acc_t>& S, int tid) {
+  if (M.e < 0) return;
+  if (tid < 32)
+    axis_u<R, INTERP>(A.taps, A.T.down_y + M.e * A.H, M.P.h0, M.th, M.s * A.H, tid, S.y);
+  else if (tid < 64)
+    axis_u<R, INTERP>(A.taps, A.T.down_x + M.e * A.W, M.P.w0, M.tw, M.s * A.W, tid - 32, S.x);
 }
 
 // Phase 2: the up-sampling taps of every U row and column.
@@ -321,7 +394,7 @@ CONVLORA_HD void map_rows_up(const MapSmem<R, INTERP, BWD, acc_t>& S, int tid) {
       for (int a = 0; a < G::kUT; ++a)
         sum += S.y.utw[G::kUT * j + a] *
                S.zs[(S.y.utap[G::kUT * j + a] * G::kZ + x) * G::kCell + c];
-      S.vbuf[(j * G::kZ + x) * G::kCell + c] = sum;
+      S.vbuf[G::v_at(j, x) + c] = sum;
     }
   }
 }
@@ -338,8 +411,8 @@ CONVLORA_HD void map_cols_up(const MapSmem<R, INTERP, BWD, acc_t>& S, int tid) {
       CONVLORA_UNROLL
       for (int b = 0; b < G::kUT; ++b)
         sum += S.x.utw[G::kUT * q + b] *
-               S.vbuf[(j * G::kZ + S.x.utap[G::kUT * q + b]) * G::kCell + c];
-      S.ubuf[(j * G::kMaxU + q) * G::kCell + c] = sum;
+               S.vbuf[G::v_at(j, S.x.utap[G::kUT * q + b]) + c];
+      S.ubuf[G::u_at(j, q) + c] = sum;
     }
   }
 }
@@ -354,25 +427,32 @@ CONVLORA_HD void map_phase_conv(const MapSmem<R, INTERP, false, acc_t>& S, int t
     acc_t c[R];
     CONVLORA_UNROLL
     for (int co = 0; co < R; ++co) c[co] = S.b[co];
+    // every lane takes every tap (a tap outside the map: U read at (0, 0), times zero),
+    // so a warp's lanes stay together
     CONVLORA_UNROLL
     for (int ky = 0; ky < 3; ++ky) {
       const int p = S.y.cu[3 * i + ky];
-      if (p < 0) continue;
       CONVLORA_UNROLL
       for (int kx = 0; kx < 3; ++kx) {
         const int q = S.x.cu[3 * j + kx];
-        if (q < 0) continue;
-        const int k = ky * 3 + kx, ub = (p * G::kMaxU + q) * G::kCell;
+        const bool in = p >= 0 && q >= 0;
+        const int k = ky * 3 + kx, ub = in ? G::u_at(p, q) : 0;
         CONVLORA_UNROLL
         for (int ci = 0; ci < R; ++ci) {
-          const acc_t uv = S.ubuf[ub + ci];
+          const acc_t raw = S.ubuf[ub + ci];  // every lane loads
+          const acc_t uv = in ? raw : acc_t(0);
           CONVLORA_UNROLL
-          for (int co = 0; co < R; ++co) c[co] += S.w[(k * R + ci) * R + co] * uv;
+          for (int co = 0; co < R; co += 4) {  // 128-bit loads of W's row (R: x4)
+            const V4<acc_t> wv = S.w.load4((k * R + ci) * R + co);
+            CONVLORA_UNROLL
+            for (int q4 = 0; q4 < 4; ++q4) c[co + q4] += wv.v[q4] * uv;
+          }
         }
       }
     }
     CONVLORA_UNROLL
-    for (int co = 0; co < R; ++co) S.cbuf[(i * G::kMaxC + j) * G::kCell + co] = c[co];
+    for (int co = 0; co < R; co += 4)
+      S.cbuf.store4(G::c_at(i, j) + co, {{c[co], c[co + 1], c[co + 2], c[co + 3]}});
   }
 }
 
@@ -403,7 +483,7 @@ CONVLORA_HD void map_phase_combine(const TileArgs<scalar_t, acc_t>& A, const Map
       const int i = S.y.tokc[4 * ty + a];
       const acc_t wa = S.y.tokw[4 * ty + a];
       for (int b = 0; b < nb; ++b) {
-        const acc_t cv = S.cbuf[(i * G::kMaxC + S.x.tokc[4 * tx + b]) * G::kCell + c];
+        const acc_t cv = S.cbuf[G::c_at(i, S.x.tokc[4 * tx + b]) + c];
         sum += wa * S.x.tokw[4 * tx + b] * gelu_erf(cv);
         if (pre != nullptr) pre[(a * nb + b) * r] = cv;
       }
@@ -447,30 +527,31 @@ CONVLORA_HD void map_dc(const TileArgs<scalar_t, acc_t>& A, const MapPos& M,
         }
         g = sum * gelu_erf_grad(pre);
       }
-      S.cbuf[(i * G::kMaxC + j) * G::kCell + co] = g;
+      S.cbuf[G::c_at(i, j) + co] = g;
     }
   }
 }
 
-// Threads per weight-gradient sum in map_phase_dw: the 9R + R sums (weights and biases)
-// take 40 of the block's 128 threads at R = 4, so each sum is split over this many runs
-// of conv rows (one per thread), added up by map_phase_dw_sum.
+// Threads per input of map_phase_dw: its 9R + 1 inputs (the bias one of them) take 37 of
+// the block's 128 threads at R = 4, so each input's sums are split over this many runs of
+// conv rows (one per thread), added up by map_phase_dw_sum.
 template <int R>
 CONVLORA_HD constexpr int map_dw_runs() {
-  return kThreads / (9 * R + R) > 1 ? kThreads / (9 * R + R) : 1;
+  return kThreads / (9 * R + 1) > 1 ? kThreads / (9 * R + 1) : 1;
 }
 
 // Backward phase 5: the block's weight gradients, written to its partial (the other
-// experts' entries zero). Thread per (tap k, input channel ci) and run of conv rows: R
-// output-channel sums over its rows of the conv grid in order; thread 9R + co: bias co.
-// With one run the sums go to the partial; with several to scratch (over V, which the
-// backward no longer reads) for map_phase_dw_sum.
+// experts' entries zero). Thread per input (tap k, input channel ci; or the bias, an input
+// of one) and run of conv rows: R output-channel sums over its rows of the conv grid in
+// order. Every lane takes every grid point (a tap outside the map: U read at (0, 0), times
+// zero), so a warp's lanes stay together. With one run the sums go to the partial; with
+// several to scratch (over V, which the backward no longer reads) for map_phase_dw_sum.
 template <int R, int INTERP, typename acc_t>
 CONVLORA_HD void map_phase_dw(int n, const MapPos& M, acc_t* partial,
                               const MapSmem<R, INTERP, true, acc_t>& S, int tid) {
   using G = MapGeometry<R, INTERP>;
-  constexpr int GS = grad_stride<R>(), NS = 9 * R + R, RUNS = map_dw_runs<R>();
-  static_assert(RUNS == 1 || RUNS * NS * (R + 1) <= G::kMaxU * G::kZ * G::kCell,
+  constexpr int GS = grad_stride<R>(), NS = 9 * R + 1, RUNS = map_dw_runs<R>();
+  static_assert(RUNS == 1 || RUNS * NS * (R + 1) <= G::kMaxU * G::kVRow,
                 "the runs' sums fit over V");
   for (int i = tid; i < n * GS; i += kThreads)
     if (M.e < 0 || i / GS != M.e) partial[i] = acc_t(0);
@@ -481,64 +562,56 @@ CONVLORA_HD void map_phase_dw(int n, const MapPos& M, acc_t* partial,
     const int u = v % NS, run = v / NS;
     const int i0 = run * ncy / RUNS, i1 = (run + 1) * ncy / RUNS;
     const int scratch = (run * NS + u) * (R + 1);  // odd stride: no bank conflict
-    if (u >= 9 * R) {
-      const int co = u - 9 * R;
-      acc_t acc = acc_t(0);
-      for (int i = i0; i < i1; ++i)
-        for (int j = 0; j < ncx; ++j) acc += S.cbuf[(i * G::kMaxC + j) * G::kCell + co];
-      if (RUNS == 1) {
-        dst[grad_bias_index<R>(co)] = acc;
-      } else {
-        S.vbuf[scratch] = acc;
-      }
-      continue;
-    }
-    const int k = u / R, ci = u % R, ky = k / 3, kx = k - ky * 3;
+    const bool bias = u == 9 * R;
+    const int k = bias ? 0 : u / R, ci = u - k * R, ky = k / 3, kx = k - ky * 3;
     acc_t acc[R];
     CONVLORA_UNROLL
     for (int co = 0; co < R; ++co) acc[co] = acc_t(0);
     for (int i = i0; i < i1; ++i) {
       const int p = S.y.cu[3 * i + ky];
-      if (p < 0) continue;
       for (int j = 0; j < ncx; ++j) {
         const int q = S.x.cu[3 * j + kx];
-        if (q < 0) continue;
-        const acc_t uv = S.ubuf[(p * G::kMaxU + q) * G::kCell + ci];
-        const int cb = (i * G::kMaxC + j) * G::kCell;
+        const bool in = p >= 0 && q >= 0;
+        const acc_t raw = S.ubuf[in ? G::u_at(p, q) + ci : 0];  // every lane loads
+        const acc_t uv = bias ? acc_t(1) : in ? raw : acc_t(0);
+        const int cb = G::c_at(i, j);
         CONVLORA_UNROLL
-        for (int co = 0; co < R; ++co) acc[co] += S.cbuf[cb + co] * uv;
+        for (int co = 0; co < R; co += 4) {  // dC in 128-bit loads
+          const V4<acc_t> g = S.cbuf.load4(cb + co);
+          CONVLORA_UNROLL
+          for (int q4 = 0; q4 < 4; ++q4) acc[co + q4] += g.v[q4] * uv;
+        }
       }
     }
-    if (RUNS == 1) {
-      CONVLORA_UNROLL
-      for (int co = 0; co < R; ++co) dst[grad_index<R>(co, k, ci)] = acc[co];  // [co][k][ci]
-    } else {
+    if (RUNS > 1) {
       CONVLORA_UNROLL
       for (int co = 0; co < R; ++co) S.vbuf[scratch + co] = acc[co];
+    } else {  // [co][k][ci]: output channels 9R apart; the biases contiguous
+      acc_t* out = dst + (bias ? grad_bias_index<R>(0) : grad_index<R>(0, k, ci));
+      const int step = bias ? 1 : 9 * R;
+      CONVLORA_UNROLL
+      for (int co = 0; co < R; ++co) out[co * step] = acc[co];
     }
   }
 }
 
-// Backward phase 5b (map_dw_runs > 1): thread per sum adds its runs' partial sums in run
+// Backward phase 5b (map_dw_runs > 1): thread per input adds its runs' partial sums in run
 // order into the block's partial.
 template <int R, int INTERP, typename acc_t>
 CONVLORA_HD void map_phase_dw_sum(const MapPos& M, acc_t* partial,
                                   const MapSmem<R, INTERP, true, acc_t>& S, int tid) {
-  constexpr int NS = 9 * R + R, RUNS = map_dw_runs<R>();
+  constexpr int NS = 9 * R + 1, RUNS = map_dw_runs<R>();
   if (M.e < 0) return;
   acc_t* dst = partial + M.e * grad_stride<R>();
   for (int u = tid; u < NS; u += kThreads) {
-    if (u >= 9 * R) {
-      acc_t acc = S.vbuf[u * (R + 1)];
-      for (int run = 1; run < RUNS; ++run) acc += S.vbuf[(run * NS + u) * (R + 1)];
-      dst[grad_bias_index<R>(u - 9 * R)] = acc;
-      continue;
-    }
-    const int k = u / R, ci = u % R;
+    const bool bias = u == 9 * R;
+    const int k = bias ? 0 : u / R, ci = u - k * R;
+    acc_t* out = dst + (bias ? grad_bias_index<R>(0) : grad_index<R>(0, k, ci));
+    const int step = bias ? 1 : 9 * R;
     for (int co = 0; co < R; ++co) {
       acc_t acc = S.vbuf[u * (R + 1) + co];
       for (int run = 1; run < RUNS; ++run) acc += S.vbuf[(run * NS + u) * (R + 1) + co];
-      dst[grad_index<R>(co, k, ci)] = acc;
+      out[co * step] = acc;
     }
   }
 }
@@ -554,25 +627,33 @@ CONVLORA_HD void map_phase_du(const MapSmem<R, INTERP, true, acc_t>& S, int tid)
     acc_t d[R];
     CONVLORA_UNROLL
     for (int ci = 0; ci < R; ++ci) d[ci] = acc_t(0);
+    // every lane takes every tap (no conv output there: dC read at (0, 0), times zero)
     CONVLORA_UNROLL
     for (int ky = 0; ky < 3; ++ky) {
       const int i = S.y.uc[3 * p + ky];
-      if (i < 0) continue;
       CONVLORA_UNROLL
       for (int kx = 0; kx < 3; ++kx) {
         const int j = S.x.uc[3 * q + kx];
-        if (j < 0) continue;
-        const int k = ky * 3 + kx, cb = (i * G::kMaxC + j) * G::kCell;
+        const bool in = i >= 0 && j >= 0;
+        const int k = ky * 3 + kx, cb = in ? G::c_at(i, j) : 0;
         CONVLORA_UNROLL
-        for (int co = 0; co < R; ++co) {
-          const acc_t g = S.cbuf[cb + co];
+        for (int co0 = 0; co0 < R; co0 += 4) {
+          const V4<acc_t> raw = S.cbuf.load4(cb + co0);  // every lane loads (128 bits)
           CONVLORA_UNROLL
-          for (int ci = 0; ci < R; ++ci) d[ci] += S.w[(k * R + co) * R + ci] * g;
+          for (int c4 = 0; c4 < 4; ++c4) {
+            const acc_t g = in ? raw.v[c4] : acc_t(0);
+            CONVLORA_UNROLL
+            for (int ci = 0; ci < R; ci += 4) {  // 128-bit loads of Wᵀ's row (R: x4)
+              const V4<acc_t> wv = S.w.load4((k * R + co0 + c4) * R + ci);
+              CONVLORA_UNROLL
+              for (int q4 = 0; q4 < 4; ++q4) d[ci + q4] += wv.v[q4] * g;
+            }
+          }
         }
       }
     }
     CONVLORA_UNROLL
-    for (int ci = 0; ci < R; ++ci) S.ubuf[(p * G::kMaxU + q) * G::kCell + ci] = d[ci];
+    for (int ci = 0; ci < R; ++ci) S.ubuf[G::u_at(p, q) + ci] = d[ci];
   }
 }
 
@@ -586,12 +667,12 @@ CONVLORA_HD void map_phase_cols_down(const MapSmem<R, INTERP, true, acc_t>& S, i
   const int nuy = S.y.n[1], nux = S.x.n[1];
   for (int u = tid; u < nuy * R; u += kThreads) {
     const int p = u / R, c = u - p * R;
-    for (int x = lo; x < hi; ++x) S.vbuf[(p * G::kZ + x) * G::kCell + c] = acc_t(0);
+    for (int x = lo; x < hi; ++x) S.vbuf[G::v_at(p, x) + c] = acc_t(0);
     for (int q = 0; q < nux; ++q) {
-      const acc_t g = S.ubuf[(p * G::kMaxU + q) * G::kCell + c];
+      const acc_t g = S.ubuf[G::u_at(p, q) + c];
       CONVLORA_UNROLL
       for (int b = 0; b < G::kUT; ++b)
-        S.vbuf[(p * G::kZ + S.x.utap[G::kUT * q + b]) * G::kCell + c] +=
+        S.vbuf[G::v_at(p, S.x.utap[G::kUT * q + b]) + c] +=
             S.x.utw[G::kUT * q + b] * g;
     }
   }
@@ -612,7 +693,7 @@ CONVLORA_HD void map_phase_rows_down(const MapPos& M, acc_t* region,
     for (int y = 0; y < G::kZ; ++y) S.zs[(y * G::kZ + x) * G::kCell + c] = acc_t(0);
     if (x >= lo && x < hi) {
       for (int p = 0; p < nuy; ++p) {
-        const acc_t t = S.vbuf[(p * G::kZ + x) * G::kCell + c];
+        const acc_t t = S.vbuf[G::v_at(p, x) + c];
         CONVLORA_UNROLL
         for (int a = 0; a < G::kUT; ++a)
           S.zs[(S.y.utap[G::kUT * p + a] * G::kZ + x) * G::kCell + c] += S.y.utw[G::kUT * p + a] * t;
@@ -633,6 +714,7 @@ CONVLORA_HD void run_map_block(Exec& ex, const TileArgs<scalar_t, acc_t>& A, con
   ex.poison(smem, L.bytes);
   const bool ok = M.e >= 0;
   ex.phase("load", [&](int tid) { map_phase_load<R, INTERP, BWD>(A, M, S, tid); });
+  ex.phase("lists", [&](int tid) { map_phase_lists<R, INTERP, BWD>(A, M, S, tid); });
   ex.phase("taps", [&](int tid) { map_phase_taps<R, INTERP, BWD>(A, M, S, tid); });
   if constexpr (!BWD) {
     if (ok) {

@@ -491,12 +491,13 @@ struct BlockPos {
 
 template <int TH, int TW, typename scalar_t, typename acc_t>
 CONVLORA_HD BlockPos block_pos(const TileArgs<scalar_t, acc_t>& A, int64_t block) {
-  const int64_t per_map = static_cast<int64_t>(A.tiles_y) * A.tiles_x;
-  const int64_t m = block / per_map;
-  const int t = static_cast<int>(block - m * per_map);
+  // 32-bit division (the grid is checked to fit; a 64-bit one is a call on the GPU)
+  const int b = static_cast<int>(block), per_map = A.tiles_y * A.tiles_x;
+  const int m = b / per_map;
+  const int t = b - m * per_map;
   const int ty = t / A.tiles_x;
   BlockPos P;
-  P.token0 = m * A.H * A.W;
+  P.token0 = static_cast<int64_t>(m) * A.H * A.W;
   P.h0 = ty * TH;
   P.w0 = (t - ty * A.tiles_x) * TW;
   return P;

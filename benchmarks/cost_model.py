@@ -17,11 +17,13 @@ kernel the stencil ops launch (prep, the tile or map program, fold, reduce):
   to the SAM shape by its number of blocks. "Per access" is the wavefronts over the fewest
   the accesses' distinct words allow (one per scalar access; a 128-bit load of 32 lanes'
   distinct words needs four);
-- instructions, from the SASS of the built extension (cuobjdump -sass, sm_90, bf16):
-  the kernel's static ratio of all instructions to shared-memory instructions (LDS, STS
-  and the generic LD and ST of the weight arrays, which are staged in shared memory at
-  the default budget) times the warp-level shared accesses counted above (an estimate:
-  the SASS has no trip counts);
+- instructions, from the SASS of the built extension (cuobjdump -sass, sm_90, bf16),
+  cut at its barriers into the phases' code (a barrier ends each phase, in program
+  order): each phase's static ratio of all instructions to shared-memory instructions
+  (LDS, STS and the generic LD and ST of the weight arrays, which are staged in shared
+  memory at the default budget) times its warp-level shared accesses counted above; the
+  whole kernel's ratio if the barriers do not match the phases (an estimate: the SASS
+  has no trip counts);
 - bytes to and from DRAM (inputs, outputs, saved pre-activations, partials), counted
   from the shapes;
 - the busiest warp's shared accesses per phase, a ~30-clock load each with about four in
@@ -106,36 +108,34 @@ WAVEFRONTS_PER_ACCESS_CEILING = 1.3
 # tests/test_stencil_kernels.py: lower a value when a kernel improves, drop it once it is
 # under the ceiling or the budget.
 OVER_CEILING: Dict[str, float] = {
-    "global token r8/fwd/conv": 1.58,
     "global token r8/fwd/combine": 1.58,
     "global token r8/fwd/store": 1.5,
-    "global token r8/bwd/conv": 1.71,
-    "global token r8/bwd/gather": 1.95,
+    "global token r8/bwd/conv": 1.39,
+    "global token r8/bwd/gather": 1.38,
     "global token r8/bwd/store": 1.67,
-    "global token r3/fwd/conv": 1.71,
+    "global token r3/fwd/conv": 1.31,
     "global token r3/fwd/combine": 1.56,
     "global token r3/fwd/store": 1.5,
     "global token r3/bwd/conv": 1.74,
     "global token r3/bwd/gather": 1.86,
     "global token r3/bwd/store": 1.67,
-    "global token r16/fwd/conv": 1.46,
     "global token r16/fwd/combine": 1.53,
     "global token r16/fwd/store": 1.5,
-    "global token r16/bwd/load": 1.64,
-    "global token r16/bwd/conv": 1.69,
-    "global token r16/bwd/gather": 1.94,
+    "global token r16/bwd/load": 1.34,
+    "global token r16/bwd/conv": 1.36,
+    "global token r16/bwd/gather": 1.47,
     "global token r16/bwd/store": 1.67,
     "global token r8 bicubic/fwd/combine": 1.36,
     "global token r8 bicubic/fwd/store": 1.5,
-    "global token r8 bicubic/bwd/conv": 1.36,
+    "global token r8 bicubic/bwd/conv": 1.57,
     "global token r8 bicubic/bwd/delta": 1.37,
-    "global token r8 bicubic/bwd/gather": 2.33,
+    "global token r8 bicubic/bwd/gather": 1.41,
     "global token r8 bicubic/bwd/store": 1.67,
-    "windows token r8/fwd/conv": 1.56,
+    "windows token r8/fwd/conv": 1.31,
     "windows token r8/fwd/combine": 1.56,
     "windows token r8/fwd/store": 1.38,
-    "windows token r8/bwd/conv": 1.66,
-    "windows token r8/bwd/gather": 1.86,
+    "windows token r8/bwd/conv": 1.38,
+    "windows token r8/bwd/gather": 1.38,
     "windows token r8/bwd/store": 1.5,
     "authors map r3 bicubic/fwd/load": 1.38,
     "authors map r3 bicubic/fwd/taps": 1.95,
@@ -150,7 +150,6 @@ OVER_CEILING: Dict[str, float] = {
     "windows map r8/bwd/cols_down": 1.31,
 }
 OVER_BUDGET_US: Dict[str, float] = {
-    "authors map r3 bicubic/fwd": 15.1,
 }
 
 
@@ -251,7 +250,8 @@ def sass_counts(arch: int = 90) -> Dict[str, Dict[str, int]]:
         if m:
             names.append(m.group(1))
             cur = counts.setdefault(m.group(1), dict(total=0, shared=0, lds=0, sts=0, ffma=0,
-                                                     bar=0, ldg=0, stg=0))
+                                                     bar=0, ldg=0, stg=0, segments=[]))
+            seg = dict(total=0, shared=0)
             continue
         m = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
         if m is None or cur is None:
@@ -260,6 +260,7 @@ def sass_counts(arch: int = 90) -> Dict[str, Dict[str, int]]:
         if op == "NOP":
             continue
         cur["total"] += 1
+        seg["total"] += 1
         for key, ops in (("lds", ("LDS", "LDSM")), ("sts", ("STS",)), ("ffma", ("FFMA",)),
                          ("bar", ("BAR",)), ("ldg", ("LDG",)), ("stg", ("STG",))):
             if op in ops:
@@ -268,6 +269,10 @@ def sass_counts(arch: int = 90) -> Dict[str, Dict[str, int]]:
         # sit in shared memory unless the budget moves them out (SArr cannot say which)
         if op in ("LDS", "LDSM", "STS", "ATOMS", "LD", "ST"):
             cur["shared"] += 1
+            seg["shared"] += 1
+        if op == "BAR":  # the end of a phase: its code is the stretch since the last one
+            cur["segments"].append(seg)
+            seg = dict(total=0, shared=0)
     return dict(zip(_demangle(names), (counts[n] for n in names)))
 
 
@@ -323,7 +328,14 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
         ideal = sum(p["ideal"] for p in ph.values()) * scale
         chain = sum(p["busiest_warp"] for p in ph.values()) * scale / blocks  # per block
         sass = _sass_of(kernel, R, case.mode, bwd)
-        instr = accesses * sass["total"] / max(1, sass["shared"]) if sass else None
+        instr = None
+        by_phase = bool(sass) and len(sass["segments"]) == len(ph)
+        if by_phase:
+            # one barrier ends each phase, in program order: each phase's own ratio
+            instr = scale * sum(p["warp_accesses"] * g["total"] / max(1, g["shared"])
+                                for p, g in zip(ph.values(), sass["segments"]))
+        elif sass:
+            instr = accesses * sass["total"] / max(1, sass["shared"])
         resident = max(1, min(dev["max_blocks_per_sm"],
                               dev["shared_bytes_per_sm"] // (call["bytes"]
                                                               + dev["block_reserved_bytes"])))
@@ -349,6 +361,7 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
                          wavefronts_per_block=wavefronts / blocks,
                          wavefronts_per_access=wavefronts / max(1.0, ideal),
                          instructions_per_block=(instr / blocks if instr is not None else None),
+                         instructions_by_phase=by_phase,
                          dram_bytes=dram, times_us=t, bound=bound, est_us=t[bound],
                          phases={k: dict({f: v[f] / call["blocks"] for f in v},
                                          wavefronts_per_access=v["wavefronts"]

@@ -100,6 +100,11 @@ struct Geometry {
   // Saved pre-activation slots per token: its largest item count.
   static constexpr int kPreSlots = Interp<INTERP>::kMaxDown * Interp<INTERP>::kMaxDown;
   static constexpr int kCell = R + 1;              // odd row strides: no bank conflicts
+  // A staged z cell: read in 128-bit loads by the conv, 4 x an odd number of words, so the
+  // 8 lanes of a quarter warp reading different cells fall in distinct banks; odd in the
+  // backward at R = 4, whose threads take 2 channels of an item (scalar loads).
+  static constexpr int kZCell = BWD && R == 4 ? R + 1 : (R / 4) % 2 == 1 ? R : R + 4;
+  static_assert(R % 4 == 0, "z cells in 128-bit loads");
   static constexpr int kMaxItems = kSrc * Interp<INTERP>::kMaxDown * Interp<INTERP>::kMaxDown;
   // cbuf row (GELU outputs or g). Forward: odd, so the rows of the items a warp holds fall
   // in distinct banks. Backward, R a multiple of 8: 4 x an odd number, read and written
@@ -109,11 +114,16 @@ struct Geometry {
   static constexpr int kItemRow = kVecRows ? R + 4 : R + 1;
   // ubuf row (backward): an item's nine U vectors (contiguous: the weight gradient's
   // threads read one item's at once), then its contributions to the z neighbourhood
-  // (side x side cells of R) of its source token; odd, so the rows of the items a warp
-  // holds fall in distinct banks.
+  // (side x side cells of R) of its source token. Bilinear at R a multiple of 8 (kVecU)
+  // those are written and gathered in 128-bit accesses and the row is 4 x an odd number
+  // of words; otherwise odd: either way the rows of the items a warp holds fall in
+  // distinct banks.
   static constexpr int kNeighbours = Interp<INTERP>::kSide * Interp<INTERP>::kSide;
   static constexpr int kUTap = R;
-  static constexpr int kURow = ((kNeighbours * R > 9 * kUTap ? kNeighbours * R : 9 * kUTap) + 1) | 1;
+  static constexpr bool kVecU = kVecRows && INTERP != kBicubic;
+  static constexpr int kURowMin = kNeighbours * R > 9 * kUTap ? kNeighbours * R : 9 * kUTap;
+  static constexpr int kURow = kVecU ? ((kURowMin + 3) / 4 * 4) + ((kURowMin + 3) / 4 % 2 == 0 ? 4 : 0)
+                                     : (kURowMin + 1) | 1;
   // Items per round: 128 forward (R values each); backward, about 36 KB of ubuf.
   static constexpr int kRound = !BWD ? 128 : round_items(kURow);
   // Threads per item in the per-item phases (phase_conv, phase_delta), each owning
@@ -258,7 +268,7 @@ CONVLORA_HD Layout make_layout(int r, int n, bool w_smem, bool dw_smem) {
     return at;
   };
   const int A = static_cast<int>(sizeof(acc_t)), I = static_cast<int>(sizeof(int));
-  L.zs = take(G::kZH * G::kZW * G::kCell * A);
+  L.zs = take(G::kZH * G::kZW * G::kZCell * A);
   L.src = take(BWD ? G::kSrc * G::kCell * A : 0);  // du of the sources
   L.es = take(G::kSrc * I);
   L.nt = take(G::kSrc * I);
@@ -357,7 +367,12 @@ CONVLORA_HD void stage_region(const scalar_t* map, int H, int W, int r, int y0, 
         } else {
           for (int j = 0; j < VEC; ++j) v[j] = outside_value<acc_t>();
         }
-        for (int j = 0; j < VEC; ++j) dst[cell * CELL + q * VEC + j] = v[j];
+        if constexpr (CELL % 4 == 0 && VEC % 4 == 0) {  // 128-bit stores
+          for (int j = 0; j < VEC; j += 4)
+            dst.store4(cell * CELL + q * VEC + j, {{v[j], v[j + 1], v[j + 2], v[j + 3]}});
+        } else {
+          for (int j = 0; j < VEC; ++j) dst[cell * CELL + q * VEC + j] = v[j];
+        }
       }
       return;
     }
@@ -387,7 +402,7 @@ CONVLORA_HD int item_b(int it) { return (it >> 14) & 3; }
 // STORE_U the nine U vectors to urow[k·R + ci] (zero for taps outside the map).
 // Without COMPUTE_C, only input channels [cs, cs + RS) (the caller's share of the item).
 template <int R, int INTERP, int ZW, int CELL, bool COMPUTE_C, bool STORE_U, int RS = R,
-          typename acc_t>
+          bool VEC_U = false, typename acc_t>
 CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int s, int oy,
                            int ox, int zy0, int zx0, SArr<acc_t> zs, SArr<acc_t> w, int w_off,
                            SArr<acc_t> bias, SArr<acc_t> crow, int crow_off, SArr<acc_t> urow,
@@ -397,6 +412,9 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
   // channels per pass: bounded registers (8 from R = 32: bicubic taps would spill at 16)
   constexpr int CC0 = R < 16 ? R : (R < 32 ? 16 : 8);
   constexpr int CC = CC0 < RS ? CC0 : RS;
+  // input channels per U pass: 4 (a 128-bit load of z), so that U, the CC sums and the
+  // loads in flight stay within the forward's 128 registers
+  constexpr int CU = CC % 4 == 0 ? 4 : CC;
   int ry[3][UT], rx[3][UT];
   acc_t wy[3][UT], wx[3][UT];
   bool vy[3], vx[3];
@@ -433,24 +451,39 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
           continue;
         }
         CONVLORA_NO_UNROLL
-        for (int ci0 = cs; ci0 < cs + RS; ci0 += CC) {
-          // U(tap k)[ci0 .. ci0 + CC): the up-sampling taps of the staged z
-          acc_t u[CC];
+        for (int ci0 = cs; ci0 < cs + RS; ci0 += CU) {
+          // U(tap k)[ci0 .. ci0 + CU): the up-sampling taps of the staged z
+          acc_t u[CU];
           CONVLORA_UNROLL
-          for (int i = 0; i < CC; ++i) u[i] = acc_t(0);
+          for (int i = 0; i < CU; ++i) u[i] = acc_t(0);
           CONVLORA_UNROLL
           for (int a = 0; a < UT; ++a) {
             CONVLORA_UNROLL
             for (int b = 0; b < UT; ++b) {
               const acc_t wab = wy[ky][a] * wx[kx][b];
               const int zc = (ry[ky][a] + rx[kx][b]) * CELL + ci0;
-              CONVLORA_UNROLL
-              for (int i = 0; i < CC; ++i) u[i] += wab * zs[zc + i];
+              if constexpr (CELL % 4 == 0 && CU % 4 == 0) {  // 128-bit loads (ci0: x4)
+                CONVLORA_UNROLL
+                for (int i = 0; i < CU; i += 4) {
+                  const V4<acc_t> zv = zs.load4(zc + i);
+                  CONVLORA_UNROLL
+                  for (int q = 0; q < 4; ++q) u[i + q] += wab * zv.v[q];
+                }
+              } else {
+                CONVLORA_UNROLL
+                for (int i = 0; i < CU; ++i) u[i] += wab * zs[zc + i];
+              }
             }
           }
           if (STORE_U && co0 == 0) {
-            CONVLORA_UNROLL
-            for (int i = 0; i < CC; ++i) urow[urow_off + k * R + ci0 + i] = u[i];
+            if constexpr (VEC_U && CU % 4 == 0) {  // 128-bit stores (urow_off, ci0: x4)
+              CONVLORA_UNROLL
+              for (int i = 0; i < CU; i += 4)
+                urow.store4(urow_off + k * R + ci0 + i, {{u[i], u[i + 1], u[i + 2], u[i + 3]}});
+            } else {
+              CONVLORA_UNROLL
+              for (int i = 0; i < CU; ++i) urow[urow_off + k * R + ci0 + i] = u[i];
+            }
           }
           if constexpr (COMPUTE_C) {
             // a weight row's CC outputs in 128-bit loads, except bicubic at R = 8, where
@@ -458,7 +491,7 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
             constexpr bool kVec = !(INTERP == kBicubic && R == 8);
             static_assert(CC % 4 == 0, "whole 128-bit loads (R, CC and w_off: multiples of 4)");
             CONVLORA_UNROLL
-            for (int i = 0; i < CC; ++i) {
+            for (int i = 0; i < CU; ++i) {
               const int wrow = w_off + (k * R + ci0 + i) * R + co0;
               if constexpr (kVec) {
                 CONVLORA_UNROLL
@@ -521,7 +554,7 @@ struct Smem {
 
   CONVLORA_HD Smem(unsigned char* base, const Layout& L, int n, const acc_t* wglobal,
                    acc_t* dwglobal, int r)
-      : zs(CONVLORA_SARR(acc_t, base, L.zs, G::kZH * G::kZW * G::kCell, "z")),
+      : zs(CONVLORA_SARR(acc_t, base, L.zs, G::kZH * G::kZW * G::kZCell, "z")),
         src(CONVLORA_SARR(acc_t, base, L.src, BWD ? G::kSrc * G::kCell : 0, "du")),
         cbuf(CONVLORA_SARR(acc_t, base, L.cbuf, G::kRound * G::kItemRow, "item values")),
         ubuf(CONVLORA_SARR(acc_t, base, L.ubuf, BWD ? G::kRound * G::kURow : 0, "taps")),
@@ -552,7 +585,7 @@ CONVLORA_HD void phase_load(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
                             const Smem<R, INTERP, BWD, acc_t>& S, int tid) {
   using G = Geometry<R, INTERP, BWD>;
   const int sy0 = P.h0 - G::kSH, sx0 = P.w0 - G::kSH;
-  stage_region<R, G::kZH, G::kZW, G::kCell>(A.z + P.token0 * A.r, A.H, A.W, A.r,
+  stage_region<R, G::kZH, G::kZW, G::kZCell>(A.z + P.token0 * A.r, A.H, A.W, A.r,
                                            P.h0 - G::kHalo, P.w0 - G::kHalo, A.vec_z, S.zs, tid);
   if (BWD)
     stage_region<R, G::kSrcH, G::kSrcW, G::kCell>(A.du + P.token0 * A.r, A.H, A.W, A.r, sy0,
@@ -680,7 +713,7 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
         : A.pre + ((P.token0 + static_cast<int64_t>(gy) * A.W + gx) * G::kPreSlots + slot) * A.r;
     const int row = j * G::kItemRow;
     if (!BWD) {
-      conv_item<R, INTERP, G::kZW, G::kCell, true, false>(
+      conv_item<R, INTERP, G::kZW, G::kZCell, true, false>(
           A.taps, A.T, e, A.T.scale[e], ip.oy, ip.ox, zy0, zx0, S.zs, S.w,
           e * weight_stride<R>(), S.b, S.cbuf, row, S.ubuf, 0);
       if (pre != nullptr)
@@ -688,7 +721,7 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
       for (int co = 0; co < R; ++co) S.cbuf[row + co] = ip.w * gelu_erf(acc_t(S.cbuf[row + co]));
     } else {
       if (r0 + j < tile_items)
-        conv_item<R, INTERP, G::kZW, G::kCell, false, true, RS>(
+        conv_item<R, INTERP, G::kZW, G::kZCell, false, true, RS, G::kVecU>(
             A.taps, A.T, e, A.T.scale[e], ip.oy, ip.ox, zy0, zx0, S.zs, S.w,
             e * weight_stride<R>(), S.b, S.cbuf, row, S.ubuf, j * G::kURow, cs);
       acc_t g[RS];
@@ -744,7 +777,7 @@ CONVLORA_HD void phase_store(const TileArgs<scalar_t, acc_t>& A, const BlockPos&
       v = S.src[t * G::kCell + c] + S.acc[cell * G::kCell + c];
     } else {
       const int zc = (ty + G::kHalo) * G::kZW + tx + G::kHalo;
-      v = S.zs[zc * G::kCell + c] + S.acc[cell * G::kCell + c];
+      v = S.zs[zc * G::kZCell + c] + S.acc[cell * G::kCell + c];
     }
     const int64_t tok = P.token0 + static_cast<int64_t>(gy) * A.W + gx;
     A.out[tok * r + c] = static_cast<scalar_t>(v);
@@ -939,9 +972,15 @@ CONVLORA_HD void phase_delta(const TileArgs<scalar_t, acc_t>& A, const BlockPos&
       CONVLORA_UNROLL
       for (int ny = 0; ny < SIDE; ++ny)
         CONVLORA_UNROLL
-        for (int nx = 0; nx < SIDE; ++nx)
-          CONVLORA_UNROLL
-          for (int c = 0; c < CD; ++c) S.ubuf[row + (ny * SIDE + nx) * R + c0 + c] = D[ny][nx][c];
+        for (int nx = 0; nx < SIDE; ++nx) {
+          const int dst = row + (ny * SIDE + nx) * R + c0;
+          if constexpr (G::kVecU && CD == 4) {  // a 128-bit store (row, R, c0: x4)
+            S.ubuf.store4(dst, {{D[ny][nx][0], D[ny][nx][1], D[ny][nx][2], D[ny][nx][3]}});
+          } else {
+            CONVLORA_UNROLL
+            for (int c = 0; c < CD; ++c) S.ubuf[dst + c] = D[ny][nx][c];
+          }
+        }
     }
   }
 }
@@ -954,7 +993,8 @@ CONVLORA_HD void phase_gather(int r0, int nitems, const Smem<R, INTERP, true, ac
                               int tid) {
   using G = Geometry<R, INTERP, true>;
   constexpr int SIDE = Interp<INTERP>::kSide, HALO = G::kHalo;
-  constexpr int CH = R < 16 ? R : 16, NCH = R / CH;
+  // channels per thread: two threads per token from R = 8 (all 128 busy at 8 x 8 tokens)
+  constexpr int CH = R < 8 ? R : (R / 2 < 16 ? R / 2 : 16), NCH = R / CH;
   const int hi_round = r0 + G::kRound < nitems ? r0 + G::kRound : nitems;
   for (int u = tid; u < G::kTileH * G::kTileW * NCH; u += kThreads) {
     const int cell = u / NCH, c0 = (u - cell * NCH) * CH;
@@ -972,8 +1012,17 @@ CONVLORA_HD void phase_gather(int r0, int nitems, const Smem<R, INTERP, true, ac
         const int lo = i0 > r0 ? i0 : r0, hi = i1 < hi_round ? i1 : hi_round;
         for (int i = lo; i < hi; ++i) {
           const int src = (i - r0) * G::kURow + (oy * SIDE + ox) * R + c0;
-          CONVLORA_UNROLL
-          for (int c = 0; c < CH; ++c) sum[c] += S.ubuf[src + c];
+          if constexpr (G::kVecU && CH % 4 == 0) {  // 128-bit loads (kURow, R, c0: x4)
+            CONVLORA_UNROLL
+            for (int c = 0; c < CH; c += 4) {
+              const V4<acc_t> v = S.ubuf.load4(src + c);
+              CONVLORA_UNROLL
+              for (int q = 0; q < 4; ++q) sum[c + q] += v.v[q];
+            }
+          } else {
+            CONVLORA_UNROLL
+            for (int c = 0; c < CH; ++c) sum[c] += S.ubuf[src + c];
+          }
         }
       }
     }

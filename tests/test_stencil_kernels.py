@@ -461,7 +461,8 @@ def cost_rows(checked_ops):
 def test_cost_model_counts_every_phase(cost_rows):
     """Every block-program kernel of every case has its phases counted (a phase that stops
     being traced would count as free), with warp accesses <= the fewest wavefronts their
-    words allow <= wavefronts, and at most 32 lanes of four words (a 128-bit load) each."""
+    words allow <= wavefronts, and at most 32 lanes of four words (a 128-bit load) each;
+    and the SASS cut at its barriers matches the phases."""
     cm = _cost_model()
     blocks = [r for r in cost_rows if r["phases"]]
     assert len(blocks) == 2 * len(cm.CASES)
@@ -475,6 +476,10 @@ def test_cost_model_counts_every_phase(cost_rows):
             assert p["ideal"] <= p["wavefronts"] + 1e-9, (row["case"], name, p)
             assert p["lane_accesses"] <= 128 * p["warp_accesses"] + 1e-9, (row["case"], name, p)
         assert row["wavefronts_per_block"] > 0 and row["est_us"] > 0, row
+        # with the CUDA build, the SASS has one barrier per counted phase, so each phase's
+        # instructions come from its own code
+        if row["instructions_per_block"] is not None:
+            assert row["instructions_by_phase"], (row["case"], row["direction"])
 
 
 def test_cost_model_within_ceilings(cost_rows):

@@ -330,10 +330,14 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
         sass = _sass_of(kernel, R, case.mode, bwd)
         instr = None
         by_phase = bool(sass) and len(sass["segments"]) == len(ph)
+        # per block of the counted call, per phase
+        phase_instr = {k: None for k in ph}
         if by_phase:
             # one barrier ends each phase, in program order: each phase's own ratio
-            instr = scale * sum(p["warp_accesses"] * g["total"] / max(1, g["shared"])
-                                for p, g in zip(ph.values(), sass["segments"]))
+            for (k, p), g in zip(ph.items(), sass["segments"]):
+                phase_instr[k] = (p["warp_accesses"] * g["total"] / max(1, g["shared"])
+                                  / call["blocks"])
+            instr = sum(phase_instr.values()) * call["blocks"] * scale
         elif sass:
             instr = accesses * sass["total"] / max(1, sass["shared"])
         resident = max(1, min(dev["max_blocks_per_sm"],
@@ -365,7 +369,8 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
                          dram_bytes=dram, times_us=t, bound=bound, est_us=t[bound],
                          phases={k: dict({f: v[f] / call["blocks"] for f in v},
                                          wavefronts_per_access=v["wavefronts"]
-                                         / max(1, v["ideal"]))
+                                         / max(1, v["ideal"]),
+                                         instructions=phase_instr[k])
                                  for k, v in ph.items()}))
     # the small kernels: prep (once per step: the layer hands the forward's prep buffer to
     # the backward), fold (map backward), reduce (backward)
@@ -482,12 +487,15 @@ def totals_table(rows: List[dict]) -> List[str]:
 def phase_table(rows: List[dict]) -> List[str]:
     """Per block (averaged over the counted call's blocks) and phase."""
     out = ["| case | pass | phase | runs | warp accesses | wavefronts | per access | "
-           "busiest warp |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "busiest warp | instructions |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         for name, p in row["phases"].items():
+            instr = "" if p["instructions"] is None else f"{p['instructions']:,.0f}"
             out.append(f"| {row['case']} | {row['direction']} | {name} | {p['runs']:.1f} | "
                        f"{p['warp_accesses']:,.0f} | {p['wavefronts']:,.0f} | "
-                       f"{p['wavefronts_per_access']:.2f} | {p['busiest_warp']:,.0f} |")
+                       f"{p['wavefronts_per_access']:.2f} | {p['busiest_warp']:,.0f} | "
+                       f"{instr} |")
     return out
 
 

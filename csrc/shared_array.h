@@ -119,14 +119,18 @@ struct SArr {
     const auto off = reinterpret_cast<const unsigned char*>(p + i) - s->base;
     return off >= 0 && off / 4 < s->words ? off / 4 : -1;
   }
-  // Four consecutive elements from index i, a multiple of 4 at a 16-byte aligned address
-  // (checked: the GPU build reads them with one 128-bit load); counted as one access.
-  CONVLORA_SITE V4<T> load4(int i) const {
+  // A 128-bit access at index i: in bounds, i a multiple of 4 at a 16-byte aligned address.
+  void check_vector(int i, const char* what) const {
     if (i < 0 || i + 3 >= n) smem_out_of_range(name, i < 0 ? i : i + 3, n);
     if (i % 4 != 0 || reinterpret_cast<uintptr_t>(p + i) % 16 != 0)
       throw std::logic_error(std::string("stencil (checked build): shared array ") + name +
-                             " vector load at index " + std::to_string(i) +
+                             " vector " + what + " at index " + std::to_string(i) +
                              " not 16-byte aligned");
+  }
+  // Four consecutive elements from index i, a multiple of 4 at a 16-byte aligned address
+  // (checked: the GPU build reads them with one 128-bit load); counted as one access.
+  CONVLORA_SITE V4<T> load4(int i) const {
+    check_vector(i, "load");
     on_read4(i);
     return V4<T>{{p[i], p[i + 1], p[i + 2], p[i + 3]}};
   }
@@ -162,11 +166,7 @@ struct SArr {
   }
   // Four elements from index i, as load4 takes them: one 128-bit store on the GPU.
   CONVLORA_SITE void store4(int i, const V4<T>& v) const {
-    if (i < 0 || i + 3 >= n) smem_out_of_range(name, i < 0 ? i : i + 3, n);
-    if (i % 4 != 0 || reinterpret_cast<uintptr_t>(p + i) % 16 != 0)
-      throw std::logic_error(std::string("stencil (checked build): shared array ") + name +
-                             " vector store at index " + std::to_string(i) +
-                             " not 16-byte aligned");
+    check_vector(i, "store");
     on_write4(i);
     for (int k = 0; k < 4; ++k) p[i + k] = v.v[k];
   }

@@ -203,7 +203,8 @@ CONVLORA_HD void axis_conv(const Taps<acc_t>* taps, int down, int o, int t, int 
     const Taps<acc_t>& tp = taps[down + o + d];
     const int lo = tp.idx[0], hi = lo + tp.n - 1;
 #if defined(CONVLORA_CHECKED)
-    for (int a = 1; a < tp.n; ++a) check_list(tp.idx[a] == lo + a, "a token's down taps not consecutive");
+    for (int a = 1; a < tp.n; ++a)
+      check_list(tp.idx[a] == lo + a, "a token's down taps not consecutive");
 #endif
     check_list(lo >= prev_lo && hi >= prev_hi, "a token's down taps going back");
     const int f = lo > prev_hi + 1 ? lo : prev_hi + 1;  // the first row it adds

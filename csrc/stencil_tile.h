@@ -122,8 +122,8 @@ struct Geometry {
   static constexpr int kUTap = R;
   static constexpr bool kVecU = kVecRows && INTERP != kBicubic;
   static constexpr int kURowMin = kNeighbours * R > 9 * kUTap ? kNeighbours * R : 9 * kUTap;
-  static constexpr int kURow = kVecU ? ((kURowMin + 3) / 4 * 4) + ((kURowMin + 3) / 4 % 2 == 0 ? 4 : 0)
-                                     : (kURowMin + 1) | 1;
+  static constexpr int kURowQuads = (kURowMin + 3) / 4;  // 16-byte groups, rounded up
+  static constexpr int kURow = kVecU ? 4 * (kURowQuads | 1) : (kURowMin + 1) | 1;
   // Items per round: 128 forward (R values each); backward, about 36 KB of ubuf.
   static constexpr int kRound = !BWD ? 128 : round_items(kURow);
   // Threads per item in the per-item phases (phase_conv, phase_delta), each owning
@@ -731,7 +731,8 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
             ? ip.w * S.src[t * G::kCell + cs + c] * gelu_erf_grad(pre[cs + c]) : acc_t(0);
       if constexpr (G::kVecRows && RS % 4 == 0) {
         CONVLORA_UNROLL
-        for (int c = 0; c < RS; c += 4) S.cbuf.store4(row + cs + c, {{g[c], g[c + 1], g[c + 2], g[c + 3]}});
+        for (int c = 0; c < RS; c += 4)
+          S.cbuf.store4(row + cs + c, {{g[c], g[c + 1], g[c + 2], g[c + 3]}});
       } else {
         CONVLORA_UNROLL
         for (int c = 0; c < RS; ++c) S.cbuf[row + cs + c] = g[c];

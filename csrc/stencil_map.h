@@ -63,6 +63,9 @@ struct MapGeometry {
   static constexpr int kVRow = (kZ * kCell - R + 31) / 32 * 32 + R;
   static CONVLORA_HD constexpr int v_at(int j, int x) { return j * kVRow + x * kCell; }
   static CONVLORA_HD constexpr int c_at(int i, int j) { return i * kCRow + j * kCCell; }
+  // Up tap a of U entry j: by tap, then entry (threads of consecutive entries: consecutive
+  // words).
+  static CONVLORA_HD constexpr int ut(int j, int a) { return a * kMaxU + j; }
   static CONVLORA_HD constexpr int u_at(int p, int q) { return p * kURow + q * kCell; }
 };
 
@@ -72,7 +75,7 @@ struct MapGeometry {
 //   cu[3i + k]  U list entry of conv row conv[i] + k - 1, or -1 outside the map (zero)
 //   uc[3j + k]  conv list entry i with cu[3i + k] == j, or -1
 //   urow[j]     the U row of entry j, ascending
-//   utap[kUT j + a], utw[...]  its up-sampling taps: staged-z row (relative to the tile
+//   utap[ut(j, a)], utw[...]  its up-sampling taps: staged-z row (relative to the tile
 //               origin minus the halo) and weight
 //   tokc[4d + a], tokw[...]    conv list entry and weight of token row d's down tap a
 //   tokn[d]     its down-tap count
@@ -288,8 +291,8 @@ CONVLORA_HD void load_up_taps(const Taps<acc_t>* taps, int up, int z0, int j,
   const Taps<acc_t>& tp = taps[up + X.urow[j]];
   CONVLORA_UNROLL
   for (int a = 0; a < G::kUT; ++a) {
-    X.utap[G::kUT * j + a] = tp.idx[a] - z0;
-    X.utw[G::kUT * j + a] = tp.w[a];
+    X.utap[G::ut(j, a)] = tp.idx[a] - z0;
+    X.utw[G::ut(j, a)] = tp.w[a];
   }
 }
 
@@ -298,10 +301,10 @@ template <int R, int INTERP, typename acc_t>
 CONVLORA_HD void z_span(const AxisLists<acc_t>& X, int& lo, int& hi) {
   using G = MapGeometry<R, INTERP>;
   const int nu = X.n[1];
-  lo = X.utap[0];
+  lo = X.utap[G::ut(0, 0)];
   hi = lo;
   for (int a = 0; a < G::kUT; ++a) {
-    const int v = X.utap[G::kUT * (nu - 1) + a];
+    const int v = X.utap[G::ut(nu - 1, a)];
     hi = v > hi ? v : hi;
   }
   ++hi;
@@ -393,8 +396,8 @@ CONVLORA_HD void map_rows_up(const MapSmem<R, INTERP, BWD, acc_t>& S, int tid) {
       acc_t sum = acc_t(0);
       CONVLORA_UNROLL
       for (int a = 0; a < G::kUT; ++a)
-        sum += S.y.utw[G::kUT * j + a] *
-               S.zs[(S.y.utap[G::kUT * j + a] * G::kZ + x) * G::kCell + c];
+        sum += S.y.utw[G::ut(j, a)] *
+               S.zs[(S.y.utap[G::ut(j, a)] * G::kZ + x) * G::kCell + c];
       S.vbuf[G::v_at(j, x) + c] = sum;
     }
   }
@@ -411,8 +414,8 @@ CONVLORA_HD void map_cols_up(const MapSmem<R, INTERP, BWD, acc_t>& S, int tid) {
       acc_t sum = acc_t(0);
       CONVLORA_UNROLL
       for (int b = 0; b < G::kUT; ++b)
-        sum += S.x.utw[G::kUT * q + b] *
-               S.vbuf[G::v_at(j, S.x.utap[G::kUT * q + b]) + c];
+        sum += S.x.utw[G::ut(q, b)] *
+               S.vbuf[G::v_at(j, S.x.utap[G::ut(q, b)]) + c];
       S.ubuf[G::u_at(j, q) + c] = sum;
     }
   }
@@ -673,8 +676,8 @@ CONVLORA_HD void map_phase_cols_down(const MapSmem<R, INTERP, true, acc_t>& S, i
       const acc_t g = S.ubuf[G::u_at(p, q) + c];
       CONVLORA_UNROLL
       for (int b = 0; b < G::kUT; ++b)
-        S.vbuf[G::v_at(p, S.x.utap[G::kUT * q + b]) + c] +=
-            S.x.utw[G::kUT * q + b] * g;
+        S.vbuf[G::v_at(p, S.x.utap[G::ut(q, b)]) + c] +=
+            S.x.utw[G::ut(q, b)] * g;
     }
   }
 }
@@ -697,7 +700,7 @@ CONVLORA_HD void map_phase_rows_down(const MapPos& M, acc_t* region,
         const acc_t t = S.vbuf[G::v_at(p, x) + c];
         CONVLORA_UNROLL
         for (int a = 0; a < G::kUT; ++a)
-          S.zs[(S.y.utap[G::kUT * p + a] * G::kZ + x) * G::kCell + c] += S.y.utw[G::kUT * p + a] * t;
+          S.zs[(S.y.utap[G::ut(p, a)] * G::kZ + x) * G::kCell + c] += S.y.utw[G::ut(p, a)] * t;
       }
     }
     for (int y = 0; y < G::kZ; ++y)

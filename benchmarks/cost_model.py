@@ -127,7 +127,7 @@ OVER_CEILING: Dict[str, float] = {
     "global token r16/bwd/store": 1.67,
     "global token r8 bicubic/fwd/combine": 1.36,
     "global token r8 bicubic/fwd/store": 1.5,
-    "global token r8 bicubic/bwd/conv": 1.57,
+    "global token r8 bicubic/bwd/conv": 1.36,
     "global token r8 bicubic/bwd/delta": 1.37,
     "global token r8 bicubic/bwd/gather": 1.41,
     "global token r8 bicubic/bwd/store": 1.67,

@@ -100,11 +100,6 @@ struct Geometry {
   // Saved pre-activation slots per token: its largest item count.
   static constexpr int kPreSlots = Interp<INTERP>::kMaxDown * Interp<INTERP>::kMaxDown;
   static constexpr int kCell = R + 1;              // odd row strides: no bank conflicts
-  // A staged z cell: read in 128-bit loads by the conv, 4 x an odd number of words, so the
-  // 8 lanes of a quarter warp reading different cells fall in distinct banks; odd in the
-  // backward at R = 4, whose threads take 2 channels of an item (scalar loads).
-  static constexpr int kZCell = BWD && R == 4 ? R + 1 : (R / 4) % 2 == 1 ? R : R + 4;
-  static_assert(R % 4 == 0, "z cells in 128-bit loads");
   static constexpr int kMaxItems = kSrc * Interp<INTERP>::kMaxDown * Interp<INTERP>::kMaxDown;
   // cbuf row (GELU outputs or g). Forward: odd, so the rows of the items a warp holds fall
   // in distinct banks. Backward, R a multiple of 8: 4 x an odd number, read and written
@@ -130,6 +125,11 @@ struct Geometry {
   // R / kItemSplit of the item's channels: every thread of the block busy when a round
   // has fewer items than threads (the backward's; the forward's rounds fill the block).
   static constexpr int kItemSplit = kThreads / kRound < R ? kThreads / kRound : R;
+  // A staged z cell: read in 128-bit loads by the conv, 4 x an odd number of words, so the
+  // 8 lanes of a quarter warp reading different cells fall in distinct banks; odd where a
+  // backward thread takes fewer than 4 channels of an item (scalar loads: R = 4, bicubic).
+  static constexpr int kZCell = BWD && R / kItemSplit < 4 ? R + 1 : (R / 4) % 2 == 1 ? R : R + 4;
+  static_assert(R % 4 == 0, "z cells in 128-bit loads");
   static constexpr int kBuckets = 2 * kMaxExperts; // (tile or halo) x expert
 };
 

@@ -73,6 +73,8 @@ class Case:
 CASES = [
     # ViT-B global attention at 1024 x 1024, token routing: the target shape
     Case("global token r8", "bilinear", (4, 64, 64), 8),
+    Case("global token r16", "bilinear", (4, 64, 64), 16),
+    Case("global token r8 bicubic", "bicubic", (4, 64, 64), 8),
     # ViT-B windowed attention: 25 windows of 14 x 14 per image
     Case("windows token r8", "bilinear", (100, 14, 14), 8),
 ]
@@ -89,19 +91,30 @@ OVER_BUDGET_US: Dict[str, float] = {
 PASSES = {"fwd": ("stencil_fwd",), "bwd": ("stencil_grad", "stencil_scatter")}
 
 
-def _trips_fwd(nt: int, t) -> List[int]:
-    return [nt, nt] if t.shared_rows else [nt * nt]
+def _columns(t) -> List[int]:
+    """The column loops of the three conv rows inside a conv output's loop where the z cells
+    are loaded (stencil.conv_row_taps), none where they are held."""
+    return [] if t.hold else [2 * t.halo + 1] * 3
 
 
 # kernel -> (expert's taps per axis, launch.Tiling) -> the trip count of each SASS loop,
-# in the order the loops' code starts (an enclosing loop before the loops inside it).
+# in the order the loops' code starts (an enclosing loop before the loops inside it), each
+# per run of its enclosing loop.
 TRIPS: Dict[str, Callable] = {
-    "stencil_fwd": _trips_fwd,
-    "stencil_grad": _trips_fwd,
-    # dL/dW: the three conv rows unrolled, each a loop over the conv outputs; dL/dz: the
-    # channel chunks, each a loop over the conv outputs
-    "stencil_scatter": lambda nt, t: [nt * nt] * 3 + [math.ceil(t.rank / t.rc), nt * nt],
+    "stencil_fwd": lambda nt, t: [nt * nt] + _columns(t),
+    "stencil_grad": lambda nt, t: [nt * nt] + _columns(t),
+    # dL/dW: a loop over the conv outputs; dL/dz: the channel chunks, each a loop over the
+    # neighbourhood's row passes, each a loop over the conv outputs
+    "stencil_scatter": lambda nt, t: [nt * nt] + _columns(t) + [math.ceil(t.rank / t.rc)]
+    + _row_passes(t) + [nt * nt],
 }
+
+
+def _row_passes(t) -> List[int]:
+    """The scatter's passes over the neighbourhood's rows, a loop when there are several
+    (its bounds are constants: one pass compiles to no loop)."""
+    n = math.ceil((2 * t.halo + 1) / t.ah)
+    return [n] if n > 1 else []
 
 
 # --- SASS -----------------------------------------------------------------------------

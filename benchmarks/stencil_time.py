@@ -11,8 +11,8 @@ card named; everything else is a ratio. For the first shape the stencil ops are 
 under each shared-memory budget (CONVLORA_STENCIL_SMEM_KB: what the kernels stage in shared
 memory against how many blocks fit an SM), the choice a GPU run should settle. On a GPU the
 Triton stencil is timed alone too: its backward both split and merged
-(CONVLORA_TRITON_BACKWARD), and its forward and grad kernels with the row passes shared
-and per conv output (CONVLORA_TRITON_ROW_PASSES), choices for a GPU run to settle. The last
+(CONVLORA_TRITON_BACKWARD), and every kernel with its z cells held in registers and
+loaded by each conv row (CONVLORA_TRITON_Z_CELLS), choices for a GPU run to settle. The last
 line, "RESULT: ...", is what benchmarks/gpu_check.sh records for the target shape.
 """
 
@@ -72,7 +72,7 @@ def _stencil_fns(inp, interpolation, per_token=False, suffix="", smem_kb=0):
 
 def _triton_stencil_fns(inp, interpolation):
     """The Triton stencil alone (launch.stencil_forward and stencil_backward under each of
-    launch.ROW_PASSES and launch.BACKWARDS, the choices a GPU run should settle); {} where
+    launch.Z_CELLS and launch.BACKWARDS, the choices a GPU run should settle); {} where
     it cannot run."""
     if not inp["x"].is_cuda:
         return {}
@@ -102,12 +102,12 @@ def _triton_stencil_fns(inp, interpolation):
         return launch.stencil_backward(du, z, perm, bounds, cw, cb, scales, interpolation,
                                        h, w)
 
-    fns = {f"triton-stencil-fwd[{rows}]": under({launch.ROW_PASSES_ENV: rows}, fwd)
-           for rows in launch.ROW_PASSES}
-    for rows in launch.ROW_PASSES:  # split's grad kernel recomputes c as the forward does
-        fns[f"triton-stencil-bwd[split, {rows}]"] = under(
-            {launch.BACKWARD_ENV: "split", launch.ROW_PASSES_ENV: rows}, bwd)
-    fns["triton-stencil-bwd[merged]"] = under({launch.BACKWARD_ENV: "merged"}, bwd)
+    fns = {f"triton-stencil-fwd[{cells}]": under({launch.Z_CELLS_ENV: cells}, fwd)
+           for cells in launch.Z_CELLS}
+    for cells in launch.Z_CELLS:
+        for backward in launch.BACKWARDS:
+            fns[f"triton-stencil-bwd[{backward}, {cells}]"] = under(
+                {launch.BACKWARD_ENV: backward, launch.Z_CELLS_ENV: cells}, bwd)
     return fns
 
 

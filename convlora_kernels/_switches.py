@@ -27,7 +27,7 @@ NAMES = (
     "CONVLORA_STENCIL_SMEM_KB",    # backends.extension.SMEM_KB_ENV
     "CONVLORA_TRITON_AUTOTUNE",    # triton_kernels.launch.AUTOTUNE_ENV
     "CONVLORA_TRITON_BACKWARD",    # triton_kernels.launch.BACKWARD_ENV
-    "CONVLORA_TRITON_ROW_PASSES",  # triton_kernels.launch.ROW_PASSES_ENV
+    "CONVLORA_TRITON_Z_CELLS",  # triton_kernels.launch.Z_CELLS_ENV
 )
 
 _environment: Optional[Dict[str, str]] = None

@@ -69,7 +69,7 @@ def test_every_reader_names_a_declared_switch():
     assert {plan.FORWARD_ENV, plan.DY_ENV, plan.DX_ENV, extension.MAP_KERNELS_ENV,
             extension.SMEM_KB_ENV,
             launch.AUTOTUNE_ENV, launch.BACKWARD_ENV,
-            launch.ROW_PASSES_ENV} == set(_switches.NAMES)
+            launch.Z_CELLS_ENV} == set(_switches.NAMES)
 
 
 def test_the_package_never_writes_the_environment():

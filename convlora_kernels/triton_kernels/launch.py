@@ -76,11 +76,10 @@ def _tuned_or_first(pair):
     return pair[1] if _switches.get(AUTOTUNE_ENV, "1") == "0" else pair[0]
 
 
-# Keys: the padded rank, the neighbourhood and the taps set the register footprint and
-# the work per token; C_out sets the length of the y and dy loops. Each list starts with
-# the candidate that compiles without register spills at the SAM shapes (sm_90).
-_fwd = _autotuned(stencil.stencil_fwd_kernel, [({}, 8), ({}, 4)],
-                  key=["RZ", "NBP", "TAPS", "BT", "SHARED_ROWS"])
+# Keys: C_out sets the length of the y and dy loops. Each list starts with the candidate
+# that compiles without register spills at the SAM shapes (sm_90). The stencil kernels
+# are not autotuned: their tile (Tiling) fixes their warps, one token's ZV channels a
+# thread.
 _dy_pass = _autotuned(dense.dy_pass_kernel,
                       [({"BN": 64}, 8), ({"BN": 128}, 8), ({"BN": 64}, 4)],
                       key=["RP", "C_out", "NEED_DB", "NEED_DBIAS", "ATOMIC"])
@@ -95,12 +94,6 @@ _layer_fwd = _autotuned(layer_forward.layer_forward_kernel,
                          ({"BM": 128, "BN": 64, "BK": 32}, 8),
                          ({"BM": 64, "BN": 64, "BK": 64}, 4)],
                         key=["C_in", "C_out", "RZ", "NBP", "TAPS", "HAS_BIAS", "SAVE_U"])
-_grad = _autotuned(stencil.stencil_grad_kernel, [({}, 8), ({}, 4)],
-                   key=["RZ", "NBP", "TAPS", "BT", "ATOMIC", "SHARED_ROWS"],
-                   reset_to_zero=["db_ptr"])
-_scatter = _autotuned(stencil.stencil_scatter_kernel, [({}, 8), ({}, 4)],
-                      key=["RZ", "NBP", "TAPS", "BT", "ATOMIC"], reset_to_zero=["dw_ptr"],
-                      restore_value=["dz_ptr"])
 # The two-source GEMM's tiles (BM x BN x BK, warps, pipeline stages), per dtype: fp32's
 # exact dots run on the CUDA cores and take far more registers per output than the 16-bit
 # types' MMAs, so its tiles are a quarter the size and its K steps 16 (the rank's too:
@@ -129,9 +122,6 @@ _two_source_f32 = _autotuned(gemm.two_source_gemm_kernel,
                              key=_GEMM_KEY)
 # the rank's K step: the whole padded rank in one dot, but 16 for fp32 (as its BK)
 GEMM_RANK_STEP = {torch.float32: 16}
-_bwd = _autotuned(stencil.stencil_bwd_kernel, [({}, 8), ({}, 4)],
-                  key=["RZ", "NBP", "TAPS", "BT", "ATOMIC"],
-                  reset_to_zero=["db_ptr", "dw_ptr"], restore_value=["dz_ptr"])
 
 # The stencil's backward: "split" (stencil_grad_kernel writes g = dL/dc, then
 # stencil_scatter_kernel; each builds the taps) or "merged" (stencil_bwd_kernel: taps built
@@ -166,33 +156,25 @@ def backward_kernels(rz: int = 0) -> str:
     return chosen
 
 
-# The forward and the grad kernel's conv outputs: "shared" row passes (stencil.row_passes:
-# each down-tap row's three row passes computed once and held while its nt conv outputs
-# use them) or "per-output" (each conv output computes its own: nt times the row passes,
-# nothing held). Multiply-adds per token of an even-scale expert, row passes + column
-# passes (NBP²·RZ and 4·NBP·RZ each, 3 conv rows per conv output):
-#     bicubic (nt = 4, NBP = 8)   per-output 48·(64 + 32)·RZ = 4608·RZ, shared 2304·RZ
-#     bilinear (nt = 2, NBP = 4)  per-output 12·(16 + 16)·RZ = 384·RZ,  shared 288·RZ
-# (odd scales, nt = 1: the same either way). What holding them costs in registers (compile_check
-# with ROW_PASSES_ENV set shows it): for bicubic at r = 8 the 8-warp forward and grad kernels
-# stay one program per SM either way and do not spill, at r = 16 they spill; for bilinear at
-# r = 8 holding them halves the programs per SM for 25% fewer multiply-adds. So "shared" runs
-# for bicubic at r <= 8 (half the multiply-adds at the same occupancy), "per-output"
-# elsewhere; ROW_PASSES_ENV forces either for a GPU to compare (benchmarks/stencil_time.py
-# times both). The backward kernels keep the per-output order: the scatter is near the
-# 255-register limit already and spilled with any row pass held.
-ROW_PASSES_ENV = "CONVLORA_TRITON_ROW_PASSES"
-ROW_PASSES = ("shared", "per-output")
+# Each stencil program's z cells (stencil.py: NB² cells of [BT, RZ], NB = 2·halo + 1):
+# "held" (loaded once per tile, kept in registers across the tile's conv outputs) or
+# "loaded" (each conv row loads the cells it combines again: NB² loads of [BT, RZ] per
+# conv row, L1 hits, fewer registers). Tiling holds them when they fit CELL_FLOATS per
+# thread of the first candidate (bilinear at r <= 16; bicubic's 49 cells do not);
+# Z_CELLS_ENV forces either for a GPU to compare (benchmarks/stencil_time.py times both).
+Z_CELLS_ENV = "CONVLORA_TRITON_Z_CELLS"
+Z_CELLS = ("held", "loaded")
 
 
-def shared_row_passes(taps: int, rz: int) -> bool:
-    """Whether the forward and grad kernels hold the row passes (see ROW_PASSES_ENV)."""
-    chosen = _switches.get(ROW_PASSES_ENV)
+def hold_z_cells(cell_floats: int) -> bool:
+    """Whether the stencil programs hold their z cells (see Z_CELLS_ENV), cell_floats =
+    the floats of NB² cells a thread holds."""
+    chosen = _switches.get(Z_CELLS_ENV)
     if chosen is None:
-        return taps == 4 and rz <= 8
-    if chosen not in ROW_PASSES:
-        raise ValueError(f"{ROW_PASSES_ENV}: expected one of {ROW_PASSES}, got {chosen!r}")
-    return chosen == "shared"
+        return cell_floats <= CELL_FLOATS
+    if chosen not in Z_CELLS:
+        raise ValueError(f"{Z_CELLS_ENV}: expected one of {Z_CELLS}, got {chosen!r}")
+    return chosen == "held"
 
 
 DY_BT = 64      # tokens per row block of the dy pass (the M of its dots)
@@ -203,10 +185,14 @@ DY_PARTIALS = 256
 GATHER_BT = 64  # tokens per program of the dL/dz gather
 
 
-NEIGHBOURHOOD_FLOATS = 2048
-# the scatter's dL/dz block (Tiling.rc): fp32 multiplies its dots exactly on the CUDA cores,
-# which takes more registers than the 16-bit types' tensor-core dots
-DZ_BLOCK_FLOATS = {torch.float32: 4096, torch.bfloat16: 1024, torch.float16: 1024}
+# Floats a thread may take for a stencil tile's NB² z cells, or the scatter's NB² cells of
+# dL/dz: 36 at the target (bilinear, r = 8: 9 cells of a token's 4 channels), which keeps
+# the kernels within 128 registers (tests/test_triton.py holds it at every compile).
+CELL_FLOATS = 36
+# warps of a stencil program: its BT tokens of ZV channels a thread, at least 16 tokens
+# (tl.dot's M) and at most STENCIL_MAX_WARPS (threads then take several tokens)
+STENCIL_WARPS = 4
+STENCIL_MAX_WARPS = 8
 
 
 def padded_rank(rank: int) -> int:
@@ -227,23 +213,29 @@ class Tiling:
         self.rank, self.num_experts = rank, num_experts
         self.rp = max(16, next_pow2(rank))  # tl.dot needs 16 on every side
         self.rz = padded_rank(rank)
-        # The z neighbourhood, BT·NBP²·RZ floats, lives in registers (with its products in
-        # the upsampled taps): at most NEIGHBOURHOOD_FLOATS, 8 per thread of the 8-warp
-        # programs, and BT >= 16 (tl.dot's M). Bilinear r = 8 then takes BT = 16, and the
-        # forward and grad kernels stay within 128 registers, so two 8-warp programs fit an
-        # SM (BT = 32 needs one); tests/test_triton.py holds the 128 at every compile, and
-        # docs/design.md ("Triton kernel resources") has the counts.
-        self.bt = min(64, max(16, _pow2_floor(NEIGHBOURHOOD_FLOATS
-                                              // (self.nbp ** 2 * self.rz))))
-        # The scatter's dL/dz phase holds [BT, NBP, NBP, RC] floats of the neighbourhood's
-        # gradient, RC channels at a time: at most DZ_BLOCK_FLOATS[dtype], the largest block
-        # with no spills at r <= 16 in any dtype or interpolation. bf16/fp16 bilinear take
-        # RC = 4, which keeps two 8-warp programs per SM (RC = r = 8 does not); fp32 bilinear
-        # r = 8 takes RC = 8 (at RC = 4 its exact dots spilled); bicubic RC = 4.
-        self.rc = min(self.rz, max(4, _pow2_floor(DZ_BLOCK_FLOATS.get(dtype, 1024)
-                                                  // (self.bt * self.nbp ** 2))))
-        self.prec = _precision(dtype)
-        self.shared_rows = shared_row_passes(self.taps, self.rz)
+        # BT = 64 tokens a tile in 4 warps: the tile's dots place 16 rows a warp, so fewer
+        # tokens a warp would replicate them. A thread takes ZV channels of a token at
+        # once (stencil.z_cell: 4 when the rank is a power of two, so its rows load 4
+        # channels at once; at most RZ / 2, so a warp spans at most 16 tokens, else 1),
+        # and a tile's [BT, RZ] tensors are RZ / 2 floats a thread.
+        self.bt, self.warps = 64, 4
+        self.zv = min(4, self.rz // 2) if rank == self.rz else 1
+        per_thread = self.bt * self.rz // (32 * self.warps)
+        cells = (2 * self.halo + 1) ** 2
+        self.hold = hold_z_cells(cells * per_thread)
+        # the scatter's dL/dz, RC channels at a time: NB² cells within half CELL_FLOATS a
+        # thread (the dot that forms dL/dU and the table weights take the rest), RC >= 4
+        # (4·RC >= 16, tl.dot's K)
+        self.rc = min(self.rz, max(4, _pow2_floor(CELL_FLOATS // 2 * self.rz
+                                                  // (cells * per_thread))))
+        # ... and AH rows of the neighbourhood at a time: AH·NB cells of RC / 2 floats a
+        # thread within CELL_FLOATS (bicubic's 7 rows in passes of 2)
+        nb = 2 * self.halo + 1
+        self.ah = max(1, min(nb, CELL_FLOATS // (nb * max(1, self.rc // 2))))
+        # fp32's dots as three tf32 products (near fp32's rounding on the tensor cores):
+        # "ieee" runs them on the CUDA cores with a dot's whole K a thread, which spilled
+        # kilobytes in every stencil kernel (compile_check)
+        self.prec = "tf32x3" if dtype == torch.float32 else _precision(dtype)
         self.nexp_p = max(2, next_pow2(num_experts))
 
     def programs(self, n_tokens: int) -> int:
@@ -253,7 +245,21 @@ class Tiling:
     def constexprs(self):
         """The stencil kernels' compile-time arguments (tile, padding, taps, precision)."""
         return dict(BT=self.bt, RZ=self.rz, RP=self.rp, NBP=self.nbp, HALO=self.halo,
-                    TAPS=self.taps, NEXP_P=self.nexp_p, BORDER=BORDER, PREC=self.prec)
+                    TAPS=self.taps, NEXP_P=self.nexp_p, BORDER=BORDER, PREC=self.prec,
+                    HOLD=self.hold, ZV=self.zv)
+
+    def launch(self):
+        """The stencil kernels' launch options (no software pipelining: their loops' loads
+        are L1 hits of the tile's own rows)."""
+        return dict(num_warps=self.warps, num_stages=1)
+
+
+def aligned_z(z2: torch.Tensor, tiling: "Tiling") -> torch.Tensor:
+    """z2 (N, r) with unit channel stride and, when the tile loads ZV channels at once,
+    rows starting at multiples of ZV elements (a copy of N·r elements otherwise)."""
+    if z2.stride(-1) != 1 or z2.stride(0) % tiling.zv:
+        return z2.contiguous()
+    return z2
 
 
 def _pow2_floor(v: int) -> int:
@@ -300,10 +306,11 @@ def stencil_forward(z2, expert_index, conv_weight, conv_bias, scales, interpolat
     u = torch.full((n_tok, rank), float("nan"), dtype=torch.float32, device=z2.device)
     if n_tok > 0:
         tiling = Tiling(height, width, rank, n_exp, scales, interpolation, z2.dtype, z2.device)
-        _tuned_or_first(_fwd)[(tiling.programs(n_tok),)](
+        z2 = aligned_z(z2, tiling)
+        stencil.stencil_fwd_kernel[(tiling.programs(n_tok),)](
             z2, perm, bounds, tiling.ntaps, *tiling.tables, conv_weight.contiguous(),
             conv_bias.contiguous(), u, height, width, rank, n_exp, tiling.rows_y, tiling.rows_x,
-            z2.stride(0), SHARED_ROWS=tiling.shared_rows, **tiling.constexprs())
+            z2.stride(0), **tiling.constexprs(), **tiling.launch())
     return u, perm, bounds
 
 
@@ -328,13 +335,17 @@ def layer_forward(x2, weight, bias, lora_B, z2, expert_index, conv_weight, conv_
     u = _empty((n_tok if save else 0, rank), torch.float32, dev)
     if n_tok > 0:
         tiling = Tiling(height, width, rank, n_exp, scales, interpolation, x2.dtype, dev)
+        z2 = aligned_z(z2, tiling)
         has_bias = bias is not None
         _tuned_or_first(_layer_fwd)[lambda meta: (triton.cdiv(n_tok, meta["BM"]) + n_exp,)](
             x2, weight, bias.contiguous() if has_bias else y, lora_b, z2, perm, bounds,
             tiling.ntaps, *tiling.tables, conv_weight.contiguous(), conv_bias.contiguous(), y, u,
             n_tok, c_in, c_out, height, width, rank, n_exp, tiling.rows_y, tiling.rows_x,
             float(scaling), x2.stride(0), weight.stride(0), lora_b.stride(0), z2.stride(0),
-            HAS_BIAS=has_bias, SAVE_U=save, **dict(tiling.constexprs(), BT=LAYER_FWD_BT))
+            HAS_BIAS=has_bias, SAVE_U=save,
+            **dict(tiling.constexprs(), BT=LAYER_FWD_BT,  # 8 warps: 256 threads
+                   HOLD=hold_z_cells((2 * tiling.halo + 1) ** 2
+                                     * max(1, LAYER_FWD_BT * tiling.rz // 256))))
     return y, u, perm, bounds
 
 
@@ -417,6 +428,7 @@ def stencil_backward(du, z2, perm, bounds, conv_weight, conv_bias, scales, inter
     if z2.stride(-1) != 1:
         z2 = z2.contiguous()
     tiling = Tiling(height, width, rank, n_exp, scales, interpolation, z2.dtype, z2.device)
+    z2 = aligned_z(z2, tiling)
     atomic = not torch.are_deterministic_algorithms_enabled()
     du32 = du if du.dtype == torch.float32 and du.is_contiguous() \
         else du.to(torch.float32).contiguous()
@@ -453,7 +465,7 @@ def _stencil_backward(tiling, z2, perm, bounds, cw, conv_bias, du, n_tok, height
     dev, rank, n_exp = du.device, tiling.rank, tiling.num_experts
     f32 = torch.float32
     programs = tiling.programs(n_tok)
-    consts = tiling.constexprs()
+    consts = dict(tiling.constexprs(), **tiling.launch())
     nb = 2 * tiling.halo + 1
     shapes = ((n_exp, rank), (n_exp, rank * rank * 9))
     if n_tok == 0 or atomic:
@@ -472,17 +484,17 @@ def _stencil_backward(tiling, z2, perm, bounds, cw, conv_bias, du, n_tok, height
     dz_buf = du.clone() if atomic else torch.zeros((n_tok, nb, nb, rank), dtype=f32,
                                                    device=dev)
     if backward_kernels(tiling.rz) == "merged":
-        _tuned_or_first(_bwd)[(programs,)](
+        stencil.stencil_bwd_kernel[(programs,)](
             *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, d_cb, d_cw, dz_buf,
             *geometry, ATOMIC=atomic, **consts)
     else:
         g = _empty((n_tok, tiling.taps ** 2, rank), f32, dev)
-        _tuned_or_first(_grad)[(programs,)](
+        stencil.stencil_grad_kernel[(programs,)](
             *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, g, d_cb, *geometry,
-            ATOMIC=atomic, SHARED_ROWS=tiling.shared_rows, **consts)
-        _tuned_or_first(_scatter)[(programs,)](
+            ATOMIC=atomic, **consts)
+        stencil.stencil_scatter_kernel[(programs,)](
             *args, ty, tx, cw, g, d_cw, dz_buf, *geometry, ATOMIC=atomic, RC=tiling.rc,
-            **consts)
+            AH=tiling.ah,            **consts)
     if atomic:
         dz = dz_buf.to(dtype)
     else:

@@ -81,7 +81,8 @@ def layer_forward_kernel(
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
         RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr, HALO: tl.constexpr,
         TAPS: tl.constexpr, NEXP_P: tl.constexpr, BORDER: tl.constexpr, PREC: tl.constexpr,
-        HAS_BIAS: tl.constexpr, SAVE_U: tl.constexpr):
+        HAS_BIAS: tl.constexpr, SAVE_U: tl.constexpr, HOLD: tl.constexpr,
+        ZV: tl.constexpr):
     """y_t = x_t W0ᵀ + scaling · u_t Bᵀ + b for BM tokens of one expert (module doc)."""
     e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BM, NEXP_P)
     ci = tl.arange(0, RP)
@@ -105,7 +106,8 @@ def layer_forward_kernel(
     for j in range(BM // BT):
         _, _, us = tile_u(z_ptr, perm_ptr, e, start + j * BT, stop, ntaps_ptr, ty_ptr,
                           oy_ptr, tx_ptr, ox_ptr, cw_ptr, cb_ptr, H, W, r, rows_y, rows_x,
-                          stride_zn, BT, RZ, RP, NBP, HALO, TAPS, BORDER, PREC, False)
+                          stride_zn, BT, RZ, RP, NBP, HALO, TAPS, BORDER, PREC, HOLD,
+                          ZV)
         u3 = tl.where((sub == j)[:, None, None], us[None, :, :], u3)
     u = tl.reshape(u3, [BM, RP])
     offs = start + tl.arange(0, BM)

@@ -10,16 +10,22 @@ with the tables T, omega of tables.py (Up_s, the conv's zero padding and Down_s)
 
 Tiles: tokens are sorted by expert (stable), and each program takes up to BT tokens of
 one expert, so the scale, the number of conv outputs and W_e are the same across the
-tile, and each row dy of the 3x3 conv is one tl.dot of [BT, 3·r] (the three taps dx side
-by side) with [3·r, r]. The z neighbourhood of each token, [BT, NBP, NBP, RZ] with
-NBP >= 2·HALO + 1, is loaded once per tile. Channels are zero-padded: to RZ >= 4 on the
-conv's input side (so 4·RZ >= 16, as tl.dot needs) and to RP >= 16 on its output side.
+tile. Every tensor is two-dimensional, [BT, channels] or [BT]: a token's z neighbourhood
+is NB x NB cells (NB = 2·HALO + 1) of [BT, RZ] each, a tuple of separate tensors indexed
+by static loops (tl.static_range) over the cells, so the taps are element-wise
+multiply-adds in the threads that hold the cells, with no reduction across threads:
 
-U is separable: the row pass v = sum_a Ty[h, ky, dy, a] · z[h+a-HALO, :] (NBP²·RZ
-multiply-adds a token, row_pass) depends on (ky, dy) only, the column pass on kx (4·NBP·RZ
-for the three dx, col_pass). With SHARED_ROWS the forward and grad kernels compute each
-down-tap row's three row passes once for its nt conv outputs (launch.ROW_PASSES_ENV has the
-counts and when it applies); otherwise each conv output computes its own.
+    row pass     v_b = sum_a Ty[h, ky, dy, a] · z[a, b]       (NB² cells, per conv row dy)
+    column pass  U_dx = sum_b Tx[w, kx, dx, b] · v_b            (dx = 0, 1, 2)
+
+and the conv row is one tl.dot of the three taps side by side, [BT, 4·RZ] (tl.join: a
+column is (channel i, dx) at i·4 + dx', with a fourth tap of zeros so that 4·RZ >= 16)
+with W_e's row [4·RZ, RP] (conv_row_weights). Channels are zero-padded: to RZ >= 4 on
+the conv's input side and to RP >= 16 on its output side (tl.dot's sizes).
+
+With HOLD the z cells are loaded once per tile and held across the conv outputs (NB² ·
+RZ · BT floats: launch.Tiling keeps them within a budget per thread); without (bicubic's
+49 cells), each conv row loads the cells it combines (L1 hits: the tile's tokens' rows).
 
 Under map routing (one expert per map) these programs run as they are: the sort puts a
 map's tokens in one expert's tiles, so each tile already uses one expert's tables and
@@ -74,120 +80,133 @@ def table_row(h, n, rows, BORDER: tl.constexpr):
 
 
 @triton.jit
-def load_tile(z_ptr, perm_ptr, start, stop, H, W, r, rows_y, rows_x, stride_zn,
-              BT: tl.constexpr, RZ: tl.constexpr, NBP: tl.constexpr, HALO: tl.constexpr,
-              BORDER: tl.constexpr):
-    """Token ids, validity, table rows and the z neighbourhood [BT, NBP, NBP, RZ] (fp32)."""
+def tile_tokens(perm_ptr, start, stop, H, W, rows_y, rows_x, BT: tl.constexpr,
+                BORDER: tl.constexpr):
+    """The tile's token ids [BT] (int64), validity, map position (h, w) and table rows."""
     offs = start + tl.arange(0, BT)
     tmask = offs < stop
     tok = tl.load(perm_ptr + offs, mask=tmask, other=0).to(tl.int64)
-    hw = tok % (H * W)
-    bi = tok // (H * W)
+    hw = (tok % (H * W)).to(tl.int32)
     h = hw // W
     w = hw % W
     # table rows are < 2·BORDER + 1: int32 keeps the table addressing cheap
-    hr = table_row(h, H, rows_y, BORDER).to(tl.int32)
-    wr = table_row(w, W, rows_x, BORDER).to(tl.int32)
-    a = tl.arange(0, NBP)[None, :, None, None]
-    b = tl.arange(0, NBP)[None, None, :, None]
-    ch = tl.arange(0, RZ)[None, None, None, :]
-    hh = h[:, None, None, None] + a - HALO
-    ww = w[:, None, None, None] + b - HALO
-    m = (tmask[:, None, None, None] & (a <= 2 * HALO) & (b <= 2 * HALO) & (ch < r)
-         & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W))
-    znb = tl.load(z_ptr + ((bi[:, None, None, None] * H + hh) * W + ww) * stride_zn + ch,
-                  mask=m, other=0.0).to(tl.float32)
-    return tok, tmask, hr, wr, znb
+    return tok, tmask, h, w, table_row(h, H, rows_y, BORDER), table_row(w, W, rows_x, BORDER)
 
 
 @triton.jit
-def row_weights(ty_ptr, e, hr, ky, dy, rows_y, NBP: tl.constexpr, TAPS: tl.constexpr):
-    """wy [BT, NBP] = Ty[h, ky, dy, :]: how conv row dy of the conv outputs in down-tap row
-    ky combines the neighbourhood's rows."""
-    return tl.load(ty_ptr + (((e * rows_y + hr[:, None]) * TAPS + ky) * 3 + dy) * NBP
-                   + tl.arange(0, NBP)[None, :])
+def z_cell(z_ptr, tok, live, h, w, H, W, r, stride_zn, a, b, HALO: tl.constexpr,
+           RZ: tl.constexpr, ZV: tl.constexpr):
+    """z at (h + a - HALO, w + b - HALO) of the tokens where ``live``, [BT, RZ] fp32; zero
+    outside the map (the neighbour's row is the token's + (a - HALO)·W + b - HALO: the
+    same image). ZV > 1: r = RZ and the rows start at multiples of ZV elements, so a
+    thread loads ZV channels of a token at once (Triton's layout follows the load's
+    vector width: [1, ZV] a thread)."""
+    ch = tl.arange(0, RZ)
+    hh = h + (a - HALO)
+    ww = w + (b - HALO)
+    ok = live & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+    row = (tok + ((a - HALO) * W + (b - HALO))) * stride_zn
+    if ZV > 1:
+        return tl.load(z_ptr + tl.multiple_of(row, ZV)[:, None] + ch[None, :],
+                       mask=ok[:, None], other=0.0).to(tl.float32)
+    else:
+        return tl.load(z_ptr + row[:, None] + ch[None, :],
+                       mask=ok[:, None] & (ch < r)[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
-def col_weights(tx_ptr, e, wr, kx, rows_x, NBP: tl.constexpr, TAPS: tl.constexpr):
-    """wx [BT, 4, NBP] = Tx[w, kx, dx, :] for the conv columns dx < 3, zero for dx = 3: how
-    they combine the neighbourhood's columns (the same for the three conv rows)."""
-    dxv = tl.arange(0, 4)[None, :, None]
-    return tl.load(tx_ptr + (((e * rows_x + wr[:, None, None]) * TAPS + kx) * 3 + dxv) * NBP
-                   + tl.arange(0, NBP)[None, None, :], mask=dxv < 3, other=0.0)
+def z_cells(z_ptr, tok, tmask, h, w, H, W, r, stride_zn, HALO: tl.constexpr,
+            RZ: tl.constexpr, ZV: tl.constexpr):
+    """The NB² cells of every token's neighbourhood, row-major (a, b): a tuple."""
+    cells = ()
+    for a in tl.static_range(2 * HALO + 1):
+        for b in tl.static_range(2 * HALO + 1):
+            cells = cells + (z_cell(z_ptr, tok, tmask, h, w, H, W, r, stride_zn, a, b, HALO,
+                                    RZ, ZV),)
+    return cells
 
 
 @triton.jit
-def row_pass(znb, ty_ptr, e, hr, ky, dy, rows_y, NBP: tl.constexpr, TAPS: tl.constexpr):
-    """The rows of the upsampled taps for conv row dy of down-tap row ky: v [BT, NBP(b), RZ]
-    = sum_a Ty[h, ky, dy, a] znb[t, a, b, :] (NBP²·RZ multiply-adds a token), the same for
-    every down-tap column kx."""
-    return rows_combined(row_weights(ty_ptr, e, hr, ky, dy, rows_y, NBP, TAPS), znb)
+def row_weights(ty_ptr, e, hr, ky, dy: tl.constexpr, rows_y, NBP: tl.constexpr,
+                TAPS: tl.constexpr, HALO: tl.constexpr):
+    """(Ty[h, ky, dy, a] for a < NB): how conv row dy of the conv outputs in down-tap row
+    ky combines the neighbourhood's rows, a tuple of [BT]."""
+    base = ty_ptr + (((e * rows_y + hr) * TAPS + ky) * 3 + dy) * NBP
+    wy = ()
+    for a in tl.static_range(2 * HALO + 1):
+        wy = wy + (tl.load(base + a),)
+    return wy
 
 
 @triton.jit
-def rows_combined(wy, znb):
-    """v [BT, NBP(b), RZ] = sum_a wy[t, a] znb[t, a, b, :]."""
-    return tl.sum(wy[:, :, None, None] * znb, axis=1)
+def col_weights(tx_ptr, e, wr, kx, rows_x, NBP: tl.constexpr, TAPS: tl.constexpr,
+                HALO: tl.constexpr):
+    """(Tx[w, kx, dx, b] for dx < 3, b < NB), dx-major: how the conv columns combine the
+    neighbourhood's columns (the same for the three conv rows), a tuple of [BT]."""
+    wx = ()
+    for dx in tl.static_range(3):
+        base = tx_ptr + (((e * rows_x + wr) * TAPS + kx) * 3 + dx) * NBP
+        for b in tl.static_range(2 * HALO + 1):
+            wx = wx + (tl.load(base + b),)
+    return wx
 
 
 @triton.jit
-def col_pass(v, wx, BT: tl.constexpr, RZ: tl.constexpr):
-    """The conv's inputs in one row for one conv output: U[t, dx·RZ + i] = sum_b wx[t, dx, b]
-    v[t, b, i] for dx = 0, 1, 2 and zero for dx = 3 (padding), so the conv row is one tl.dot
-    [BT, 4·RZ] x [4·RZ, RP] (4·NBP·RZ multiply-adds a token)."""
-    up = tl.sum(wx[:, :, :, None] * v[:, None, :, :], axis=2)  # [BT, 4(dx), RZ]
-    return tl.reshape(up, [BT, 4 * RZ])
+def col_base(tx_ptr, e, wr, kx, rows_x, NBP: tl.constexpr, TAPS: tl.constexpr):
+    """Tx[w, kx, 0, :] of each token: pointers [BT] (dx at + dx·NBP, b at + b)."""
+    return tx_ptr + ((e * rows_x + wr) * TAPS + kx) * 3 * NBP
 
 
 @triton.jit
-def conv_row_offsets(r, RZ: tl.constexpr, RP: tl.constexpr):
-    """Offsets (add dy·3) and mask of W_e[o, i, dy, dx] laid out as [4·RZ (dx, i), RP (o)]."""
-    return conv_row_offsets_from(r, 0, RZ, RP)
+def cat_taps(u0, u1, u2, BT: tl.constexpr, RC: tl.constexpr):
+    """The three taps of a conv row side by side, [BT, 4·RC]: column i·4 + 2·m + j holds
+    tap dx = j + 2·m of channel i (dx = 3: zeros), conv_row_weights' order."""
+    return tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, tl.zeros_like(u2))), [BT, 4 * RC])
 
 
 @triton.jit
-def conv_row_offsets_from(r, c0, RC: tl.constexpr, RP: tl.constexpr):
-    """conv_row_offsets for the input channels c0 + [0, RC): [4·RC (dx, i), RP (o)]."""
-    rho = tl.arange(0, 4 * RC)[:, None]
-    dx = rho // RC
-    i = c0 + rho % RC
-    o = tl.arange(0, RP)[None, :]
-    return o * (r * 9) + i * 9 + dx, (dx < 3) & (i < r) & (o < r)
+def split_taps(t, BT: tl.constexpr, RC: tl.constexpr):
+    """cat_taps inverted: [BT, 4·RC] -> (tap 0, tap 1, tap 2), [BT, RC] each."""
+    lo, hi = tl.split(tl.reshape(t, [BT, RC, 2, 2]))
+    t0, t1 = tl.split(lo)
+    t2, _ = tl.split(hi)
+    return t0, t1, t2
 
 
 @triton.jit
-def conv_output(v0, v1, v2, wx, cw_ptr, cb, e, r, BT: tl.constexpr, RZ: tl.constexpr,
-                RP: tl.constexpr, PREC: tl.constexpr):
-    """c_k = conv_bias_e + sum_{dy,dx} W_e[:, :, dy, dx] U_k(dy, dx): [BT, RP], from the
-    row passes v0, v1, v2 of its down-tap row and the column weights wx of its column."""
-    offs, wmask = conv_row_offsets(r, RZ, RP)
-    wbase = cw_ptr + e * (r * r * 9) + offs
-    c = tl.zeros([BT, RP], tl.float32) + cb[None, :]
-    c += tl.dot(col_pass(v0, wx, BT, RZ),
-                tl.load(wbase, mask=wmask, other=0.0).to(tl.float32), input_precision=PREC)
-    c += tl.dot(col_pass(v1, wx, BT, RZ),
-                tl.load(wbase + 3, mask=wmask, other=0.0).to(tl.float32), input_precision=PREC)
-    c += tl.dot(col_pass(v2, wx, BT, RZ),
-                tl.load(wbase + 6, mask=wmask, other=0.0).to(tl.float32), input_precision=PREC)
-    return c
-
-
-@triton.jit
-def conv_output_recomputed(znb, cw_ptr, cb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, r, rows_y,
-                           rows_x, BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr,
-                           NBP: tl.constexpr, TAPS: tl.constexpr, PREC: tl.constexpr):
-    """conv_output for conv output (ky, kx) with its row passes computed here, one conv row
-    at a time (nothing held across conv outputs: fewer registers, nt times the row passes)."""
-    offs, wmask = conv_row_offsets(r, RZ, RP)
-    c = tl.zeros([BT, RP], tl.float32) + cb[None, :]
-    for dy in range(3):
-        up, wy, wx = upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, dy, rows_y,
-                                    rows_x, BT, RZ, NBP, TAPS)
-        w = tl.load(cw_ptr + e * (r * r * 9) + offs + dy * 3, mask=wmask,
-                    other=0.0).to(tl.float32)
-        c += tl.dot(up, w, input_precision=PREC)
-    return c
+def conv_row_taps(cells, wy, wx, wxp, z_ptr, tok, tmask, h, w, H, W, r, stride_zn,
+                  BT: tl.constexpr, RZ: tl.constexpr, NBP: tl.constexpr, HALO: tl.constexpr,
+                  HOLD: tl.constexpr, ZV: tl.constexpr):
+    """The conv's inputs in one conv row of one conv output, [BT, 4·RZ] (cat_taps): the
+    row pass with the row weights wy, then the column pass with the column weights.
+    HOLD: the z cells from ``cells``, the column weights from ``wx`` (col_weights), all
+    unrolled. Otherwise a loop over the neighbourhood's columns b, each loading its NB
+    cells (only the rows whose weight is not zero: an upsampled row combines 4 of
+    bicubic's 7) and its three column weights (wxp: Tx[w, kx, 0, :] of each token), so
+    one column's cells are live at a time (unrolled, the compiler issues every load of
+    the row first and spills)."""
+    NB: tl.constexpr = 2 * HALO + 1
+    u0 = tl.zeros([BT, RZ], tl.float32)
+    u1 = tl.zeros([BT, RZ], tl.float32)
+    u2 = tl.zeros([BT, RZ], tl.float32)
+    if HOLD:
+        for b in tl.static_range(NB):
+            v = tl.zeros([BT, RZ], tl.float32)
+            for a in tl.static_range(NB):
+                v += wy[a][:, None] * cells[a * NB + b]
+            u0 += wx[b][:, None] * v
+            u1 += wx[NB + b][:, None] * v
+            u2 += wx[2 * NB + b][:, None] * v
+    else:
+        for b in range(0, NB):
+            v = tl.zeros([BT, RZ], tl.float32)
+            for a in tl.static_range(NB):
+                v += wy[a][:, None] * z_cell(z_ptr, tok, tmask & (wy[a] != 0.0), h, w, H, W,
+                                             r, stride_zn, a, b, HALO, RZ, ZV)
+            u0 += tl.load(wxp + b)[:, None] * v
+            u1 += tl.load(wxp + NBP + b)[:, None] * v
+            u2 += tl.load(wxp + 2 * NBP + b)[:, None] * v
+    return cat_taps(u0, u1, u2, BT, RZ)
 
 
 @triton.jit
@@ -211,11 +230,68 @@ def down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS: tl.cons
 
 
 @triton.jit
-def row_passes(znb, ty_ptr, e, hr, ky, rows_y, NBP: tl.constexpr, TAPS: tl.constexpr):
-    """row_pass for the three conv rows of down-tap row ky: (v0, v1, v2)."""
-    return (row_pass(znb, ty_ptr, e, hr, ky, 0, rows_y, NBP, TAPS),
-            row_pass(znb, ty_ptr, e, hr, ky, 1, rows_y, NBP, TAPS),
-            row_pass(znb, ty_ptr, e, hr, ky, 2, rows_y, NBP, TAPS))
+def conv_row_offsets(r, dy: tl.constexpr, c0, RC: tl.constexpr, RP: tl.constexpr):
+    """Offsets and mask of W_e[o, c0 + i, dy, dx] in a (r, r, 3, 3) block, laid out as
+    [4·RC (cat_taps' columns: i·4 + 2·m + j for dx = j + 2·m), RP (o)]."""
+    kappa = tl.arange(0, 4 * RC)[:, None]
+    i = c0 + kappa // 4
+    dx = (kappa // 2) % 2 + 2 * (kappa % 2)
+    o = tl.arange(0, RP)[None, :]
+    return o * (r * 9) + i * 9 + dy * 3 + dx, (dx < 3) & (i < r) & (o < r)
+
+
+@triton.jit
+def conv_row_weights(cw_ptr, e, r, dy: tl.constexpr, c0, RC: tl.constexpr, RP: tl.constexpr):
+    """W_e's conv row dy, input channels c0 + [0, RC), as [4·RC, RP] fp32
+    (conv_row_offsets; zero past r and for dx = 3)."""
+    offs, m = conv_row_offsets(r, dy, c0, RC, RP)
+    return tl.load(cw_ptr + e * (r * r * 9) + offs, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def conv_output(cells, c, w0, w1, w2, ty_ptr, tx_ptr, e, hr, wr, ky, kx, rows_y, rows_x,
+                z_ptr, tok, tmask, h, w, H, W, r, stride_zn, BT: tl.constexpr,
+                RZ: tl.constexpr, NBP: tl.constexpr, HALO: tl.constexpr, TAPS: tl.constexpr,
+                HOLD: tl.constexpr, ZV: tl.constexpr, PREC: tl.constexpr):
+    """c (holding conv_bias_e) + sum_dy U_k(dy) W_e[:, :, dy]ᵀ for conv output (ky, kx):
+    [BT, RP], the conv rows' weights w0, w1, w2 of conv_row_weights."""
+    wx = col_weights(tx_ptr, e, wr, kx, rows_x, NBP, TAPS, HALO)
+    wxp = col_base(tx_ptr, e, wr, kx, rows_x, NBP, TAPS)
+    for dy in tl.static_range(3):
+        if dy == 0:
+            wd = w0
+        elif dy == 1:
+            wd = w1
+        else:
+            wd = w2
+        c = tl.dot(conv_row_taps(cells, row_weights(ty_ptr, e, hr, ky, dy, rows_y, NBP, TAPS,
+                                                    HALO),
+                                 wx, wxp, z_ptr, tok, tmask, h, w, H, W, r, stride_zn, BT, RZ,
+                                 NBP, HALO, HOLD, ZV), wd, c, input_precision=PREC)
+    return c
+
+
+@triton.jit
+def tile_setup(z_ptr, perm_ptr, e, start, stop, cw_ptr, cb_ptr, H, W, r, rows_y, rows_x,
+               stride_zn, BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr,
+               HALO: tl.constexpr, BORDER: tl.constexpr, HOLD: tl.constexpr,
+               ZV: tl.constexpr):
+    """What every stencil program of expert e starts from: the tokens (tile_tokens), the
+    z cells when HOLD (else an empty tuple), conv_bias_e as [BT, RP] and W_e's three conv
+    rows (conv_row_weights)."""
+    tok, tmask, h, w, hr, wr = tile_tokens(perm_ptr, start, stop, H, W, rows_y, rows_x, BT,
+                                           BORDER)
+    if HOLD:
+        cells = z_cells(z_ptr, tok, tmask, h, w, H, W, r, stride_zn, HALO, RZ, ZV)
+    else:
+        cells = ()
+    ci = tl.arange(0, RP)
+    cb = tl.load(cb_ptr + e * r + ci, mask=ci < r, other=0.0).to(tl.float32)
+    cb2 = tl.zeros([BT, RP], tl.float32) + cb[None, :]
+    w0 = conv_row_weights(cw_ptr, e, r, 0, 0, RZ, RP)
+    w1 = conv_row_weights(cw_ptr, e, r, 1, 0, RZ, RP)
+    w2 = conv_row_weights(cw_ptr, e, r, 2, 0, RZ, RP)
+    return tok, tmask, h, w, hr, wr, cells, cb2, w0, w1, w2
 
 
 @triton.jit
@@ -223,91 +299,102 @@ def tile_u(z_ptr, perm_ptr, e, start, stop, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr, o
            cw_ptr, cb_ptr, H, W, r, rows_y, rows_x, stride_zn,
            BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
            HALO: tl.constexpr, TAPS: tl.constexpr, BORDER: tl.constexpr, PREC: tl.constexpr,
-           SHARED_ROWS: tl.constexpr):
+           HOLD: tl.constexpr, ZV: tl.constexpr):
     """u_t = z_t + E_e(z)_t for the sorted tokens [start, min(stop, start + BT)) of expert
     e: (token ids [BT], validity [BT], u [BT, RP] fp32; columns past r are zero, rows
     past the range are not meaningful)."""
-    tok, tmask, hr, wr, znb = load_tile(z_ptr, perm_ptr, start, stop, H, W, r, rows_y,
-                                        rows_x, stride_zn, BT, RZ, NBP, HALO, BORDER)
+    tok, tmask, h, w, hr, wr, cells, cb, w0, w1, w2 = tile_setup(
+        z_ptr, perm_ptr, e, start, stop, cw_ptr, cb_ptr, H, W, r, rows_y, rows_x, stride_zn,
+        BT, RZ, RP, HALO, BORDER, HOLD, ZV)
     ci = tl.arange(0, RP)
-    cmask = tmask[:, None] & (ci[None, :] < r)
-    u = tl.load(z_ptr + tok[:, None] * stride_zn + ci[None, :], mask=cmask,
-                other=0.0).to(tl.float32)
-    cb = tl.load(cb_ptr + e * r + ci, mask=ci < r, other=0.0).to(tl.float32)
+    u = tl.load(z_ptr + tok[:, None] * stride_zn + ci[None, :],
+                mask=tmask[:, None] & (ci[None, :] < r), other=0.0).to(tl.float32)
     nt = tl.load(ntaps_ptr + e)
-    if SHARED_ROWS:
-        for ky in range(0, nt):
-            v0, v1, v2 = row_passes(znb, ty_ptr, e, hr, ky, rows_y, NBP, TAPS)
-            for kx in range(0, nt):
-                c = conv_output(v0, v1, v2, col_weights(tx_ptr, e, wr, kx, rows_x, NBP, TAPS),
-                                cw_ptr, cb, e, r, BT, RZ, RP, PREC)
-                om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
-                u += om[:, None] * gelu(c)
-    else:
-        for k in range(0, nt * nt):
-            c = conv_output_recomputed(znb, cw_ptr, cb, ty_ptr, tx_ptr, e, hr, wr, k // nt,
-                                       k % nt, r, rows_y, rows_x, BT, RZ, RP, NBP, TAPS, PREC)
-            om = down_weight(oy_ptr, ox_ptr, e, hr, wr, k // nt, k % nt, rows_y, rows_x, TAPS)
-            u += om[:, None] * gelu(c)
+    for k in range(0, nt * nt):
+        ky = k // nt
+        kx = k % nt
+        c = conv_output(cells, cb, w0, w1, w2, ty_ptr, tx_ptr, e, hr, wr, ky, kx, rows_y,
+                        rows_x, z_ptr, tok, tmask, h, w, H, W, r, stride_zn, BT, RZ, NBP,
+                        HALO, TAPS, HOLD, ZV, PREC)
+        om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
+        u += om[:, None] * gelu(c)
     return tok, tmask, u
 
 
 @triton.jit
-def upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, dy, rows_y, rows_x,
-                   BT: tl.constexpr, RZ: tl.constexpr, NBP: tl.constexpr,
-                   TAPS: tl.constexpr):
-    """The conv's inputs in row dy for conv output k = (ky, kx), both passes:
-    (U [BT, 4·RZ] of col_pass, wy [BT, NBP], wx [BT, 4, NBP])."""
-    wy = row_weights(ty_ptr, e, hr, ky, dy, rows_y, NBP, TAPS)
-    wx = col_weights(tx_ptr, e, wr, kx, rows_x, NBP, TAPS)
-    return col_pass(rows_combined(wy, znb), wx, BT, RZ), wy, wx
+def dz_update(dzc, g, wt0, wt1, wt2, wy0, wy1, wy2, wx, BT: tl.constexpr, RC: tl.constexpr,
+              HALO: tl.constexpr, AH: tl.constexpr, PREC: tl.constexpr):
+    """The gather's transpose for one conv output: dzc (AH rows of the neighbourhood's
+    cells of dL/dz, channels of one chunk) + sum_dy Ty[.., a] Tx[.., b] (g W_e[:, :, dy])_dx,
+    each conv row's dL/dU one tl.dot with its weights wt_dy ([4·RC, RP]), then the column
+    pass's transpose, then the row pass's (wy_dy: the AH rows' weights)."""
+    NB: tl.constexpr = 2 * HALO + 1
+    for dy in tl.static_range(3):
+        if dy == 0:
+            wt = wt0
+            wy = wy0
+        elif dy == 1:
+            wt = wt1
+            wy = wy1
+        else:
+            wt = wt2
+            wy = wy2
+        d0, d1, d2 = split_taps(tl.dot(g, tl.trans(wt), input_precision=PREC), BT, RC)
+        dv = ()
+        for b in tl.static_range(NB):
+            dv = dv + (wx[b][:, None] * d0 + wx[NB + b][:, None] * d1
+                       + wx[2 * NB + b][:, None] * d2,)
+        new = ()
+        for j in tl.static_range(AH):
+            for b in tl.static_range(NB):
+                new = new + (dzc[j * NB + b] + wy[j][:, None] * dv[b],)
+        dzc = new
+    return dzc
 
 
 @triton.jit
-def row_backward(up, wy, wx, g, w, dw, dznb, BT: tl.constexpr, RZ: tl.constexpr,
-                 PREC: tl.constexpr):
-    """One conv row of one conv output, given its upsampled taps (up, wy, wx of
-    upsampled_taps) and g = dL/dc: (dw + upᵀ g, dznb + the gather's transpose applied to
-    dL/dU = g W_e[:, :, dy]ᵀ)."""
-    dw += tl.dot(tl.trans(up), g, input_precision=PREC)  # [4·RZ (dx, i), RP (o)]
-    return dw, dz_row(wy, wx, g, w, dznb, BT, RZ, PREC)
+def row_weights_from(ty_ptr, e, hr, ky, dy: tl.constexpr, rows_y, a0, NBP: tl.constexpr,
+                     TAPS: tl.constexpr, AH: tl.constexpr):
+    """(Ty[h, ky, dy, a0 + j] for j < AH): row_weights for the neighbourhood's rows
+    a0 .. a0 + AH - 1 (zero past the padded rows)."""
+    base = ty_ptr + (((e * rows_y + hr) * TAPS + ky) * 3 + dy) * NBP + a0
+    wy = ()
+    for j in tl.static_range(AH):
+        wy = wy + (tl.load(base + j, mask=a0 + j < NBP, other=0.0),)
+    return wy
 
 
 @triton.jit
-def dz_row(wy, wx, g, w, dznb, BT: tl.constexpr, RZ: tl.constexpr, PREC: tl.constexpr):
-    """dznb + the gather's transpose (weights wy, wx of upsampled_taps) applied to
-    dL/dU = g W_e[:, :, dy]ᵀ, for one conv row of one conv output: the column pass's
-    transpose (4·NBP·RZ multiply-adds a token), then the row pass's (NBP²·RZ)."""
-    dup = tl.reshape(tl.dot(g, tl.trans(w), input_precision=PREC), [BT, 4, RZ])
-    dv = tl.sum(wx[:, :, :, None] * dup[:, :, None, :], axis=1)  # [BT, NBP(b), RZ]
-    return dznb + wy[:, :, None, None] * dv[:, None, :, :]
+def zero_cells(BT: tl.constexpr, RC: tl.constexpr, COUNT: tl.constexpr):
+    """COUNT cells of zeros, [BT, RC] each."""
+    cells = ()
+    for i in tl.static_range(COUNT):
+        cells = cells + (tl.zeros([BT, RC], tl.float32),)
+    return cells
 
 
 @triton.jit
-def store_dz(dz_ptr, dznb, tok, tmask, H, W, r, c0, RZ: tl.constexpr, NBP: tl.constexpr,
-             HALO: tl.constexpr, ATOMIC: tl.constexpr):
-    """A tile's dL/dz of its tokens' neighbourhoods, channels c0 + [0, RZ) of dznb [BT, NBP,
-    NBP, RZ]: added into dz (N, r) with ATOMIC, else stored in each token's own slots
-    (N, NB, NB, r). The addresses are each token's own row (int64) plus an int32 offset: a
-    neighbour in the map lies in the same image, so its row is the token's + (da·W + db)."""
-    a = tl.arange(0, NBP)[None, :, None, None]
-    b = tl.arange(0, NBP)[None, None, :, None]
-    ch = c0 + tl.arange(0, RZ)[None, None, None, :]
-    m = tmask[:, None, None, None] & (a <= 2 * HALO) & (b <= 2 * HALO) & (ch < r)
-    if ATOMIC:
-        hw = (tok % (H * W)).to(tl.int32)
-        h = hw // W
-        w = hw % W
-        hh = h[:, None, None, None] + a - HALO
-        ww = w[:, None, None, None] + b - HALO
-        m = m & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        rel = ((a - HALO) * W + (b - HALO)) * r + ch
-        tl.atomic_add((dz_ptr + tok * r)[:, None, None, None] + rel, dznb,
-                      mask=m, sem="relaxed")
-    else:
-        nb = 2 * HALO + 1
-        tl.store((dz_ptr + tok * (nb * nb * r))[:, None, None, None] + (a * nb + b) * r + ch,
-                 dznb, mask=m)
+def store_dz(dz_ptr, dzc, tok, tmask, h, w, H, W, r, c0, a0, RC: tl.constexpr,
+             HALO: tl.constexpr, AH: tl.constexpr, ATOMIC: tl.constexpr):
+    """A tile's dL/dz of its tokens' neighbourhoods, channels c0 + [0, RC) of rows
+    a0 .. a0 + AH - 1 (dzc): added into dz (N, r) with ATOMIC (neighbour rows inside the
+    map), else stored in each token's own slots (N, NB, NB, r)."""
+    NB: tl.constexpr = 2 * HALO + 1
+    ch = c0 + tl.arange(0, RC)
+    cm = (ch < r)[None, :]
+    for j in tl.static_range(AH):
+        a = a0 + j
+        for b in tl.static_range(NB):
+            if ATOMIC:
+                hh = h + (a - HALO)
+                ww = w + (b - HALO)
+                ok = tmask & (a < NB) & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+                row = tok + ((a - HALO) * W + (b - HALO))
+                tl.atomic_add(dz_ptr + row[:, None] * r + ch[None, :], dzc[j * NB + b],
+                              mask=ok[:, None] & cm, sem="relaxed")
+            else:
+                tl.store(dz_ptr + (tok * (NB * NB) + (a * NB + b))[:, None] * r + ch[None, :],
+                         dzc[j * NB + b], mask=(tmask & (a < NB))[:, None] & cm)
 
 
 @triton.jit
@@ -324,14 +411,14 @@ def stencil_fwd_kernel(
         H, W, r, n_exp, rows_y, rows_x, stride_zn,
         BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
         HALO: tl.constexpr, TAPS: tl.constexpr, NEXP_P: tl.constexpr, BORDER: tl.constexpr,
-        PREC: tl.constexpr, SHARED_ROWS: tl.constexpr):
+        PREC: tl.constexpr, HOLD: tl.constexpr, ZV: tl.constexpr):
     """u_t = z_t + E_{e_t}(z)_t."""
     e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BT, NEXP_P)
     if e >= n_exp:
         return
     tok, tmask, u = tile_u(z_ptr, perm_ptr, e, start, stop, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr,
                            ox_ptr, cw_ptr, cb_ptr, H, W, r, rows_y, rows_x, stride_zn, BT, RZ,
-                           RP, NBP, HALO, TAPS, BORDER, PREC, SHARED_ROWS)
+                           RP, NBP, HALO, TAPS, BORDER, PREC, HOLD, ZV)
     ci = tl.arange(0, RP)
     tl.store(u_ptr + tok[:, None] * r + ci[None, :], u,
              mask=tmask[:, None] & (ci[None, :] < r))
@@ -347,46 +434,57 @@ def stencil_grad_kernel(
         H, W, r, n_exp, rows_y, rows_x, stride_zn,
         BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
         HALO: tl.constexpr, TAPS: tl.constexpr, NEXP_P: tl.constexpr, BORDER: tl.constexpr,
-        PREC: tl.constexpr, ATOMIC: tl.constexpr, SHARED_ROWS: tl.constexpr):
-    """Backward, part 1: recompute each conv output (as tile_u does, SHARED_ROWS alike) and
-    form g_k = dL/dc_k; dL/dconv_bias_e = sum over the expert's tokens and conv outputs of
-    g_k."""
+        PREC: tl.constexpr, ATOMIC: tl.constexpr, HOLD: tl.constexpr,
+        ZV: tl.constexpr):
+    """Backward, part 1: recompute each conv output (as tile_u does) and form
+    g_k = dL/dc_k; dL/dconv_bias_e = sum over the expert's tokens and conv outputs of
+    g_k (summed over the tile's tokens once, at the end)."""
     pid = tl.program_id(0).to(tl.int64)
     e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BT, NEXP_P)
-    ci = tl.arange(0, RP)
     if e >= n_exp:  # past the last tile; the reduction reads only the tiles' slots
         return
-    tok, tmask, hr, wr, znb = load_tile(z_ptr, perm_ptr, start, stop, H, W, r, rows_y,
-                                        rows_x, stride_zn, BT, RZ, NBP, HALO, BORDER)
+    tok, tmask, h, w, hr, wr, cells, cb, w0, w1, w2 = tile_setup(
+        z_ptr, perm_ptr, e, start, stop, cw_ptr, cb_ptr, H, W, r, rows_y, rows_x, stride_zn,
+        BT, RZ, RP, HALO, BORDER, HOLD, ZV)
+    ci = tl.arange(0, RP)
     cmask = tmask[:, None] & (ci[None, :] < r)
     du = tl.load(du_ptr + tok[:, None] * r + ci[None, :], mask=cmask, other=0.0)
-    cb = tl.load(cb_ptr + e * r + ci, mask=ci < r, other=0.0).to(tl.float32)
     nt = tl.load(ntaps_ptr + e)
-    db = tl.zeros([RP], tl.float32)
-    if SHARED_ROWS:
-        for ky in range(0, nt):
-            v0, v1, v2 = row_passes(znb, ty_ptr, e, hr, ky, rows_y, NBP, TAPS)
-            for kx in range(0, nt):
-                c = conv_output(v0, v1, v2, col_weights(tx_ptr, e, wr, kx, rows_x, NBP, TAPS),
-                                cw_ptr, cb, e, r, BT, RZ, RP, PREC)
-                om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
-                g = om[:, None] * du * gelu_grad(c)
-                tl.store(g_ptr + (tok[:, None] * (TAPS * TAPS) + ky * nt + kx) * r
-                         + ci[None, :], g, mask=cmask)
-                db += tl.sum(g, axis=0)
-    else:
-        for k in range(0, nt * nt):
-            c = conv_output_recomputed(znb, cw_ptr, cb, ty_ptr, tx_ptr, e, hr, wr, k // nt,
-                                       k % nt, r, rows_y, rows_x, BT, RZ, RP, NBP, TAPS, PREC)
-            om = down_weight(oy_ptr, ox_ptr, e, hr, wr, k // nt, k % nt, rows_y, rows_x, TAPS)
-            g = om[:, None] * du * gelu_grad(c)
-            tl.store(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :], g,
-                     mask=cmask)
-            db += tl.sum(g, axis=0)
+    db = tl.zeros([BT, RP], tl.float32)
+    for k in range(0, nt * nt):
+        ky = k // nt
+        kx = k % nt
+        c = conv_output(cells, cb, w0, w1, w2, ty_ptr, tx_ptr, e, hr, wr, ky, kx, rows_y,
+                        rows_x, z_ptr, tok, tmask, h, w, H, W, r, stride_zn, BT, RZ, NBP,
+                        HALO, TAPS, HOLD, ZV, PREC)
+        om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
+        g = om[:, None] * du * gelu_grad(c)
+        tl.store(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :], g, mask=cmask)
+        db += g
+    dbs = tl.sum(db, axis=0)
     if ATOMIC:
-        tl.atomic_add(db_ptr + e * r + ci, db, mask=ci < r, sem="relaxed")
+        tl.atomic_add(db_ptr + e * r + ci, dbs, mask=ci < r, sem="relaxed")
     else:
-        tl.store(db_ptr + pid * r + ci, db, mask=ci < r)
+        tl.store(db_ptr + pid * r + ci, dbs, mask=ci < r)
+
+
+@triton.jit
+def store_dw(dw_ptr, dw0, dw1, dw2, slot, r, RZ: tl.constexpr, RP: tl.constexpr,
+             ATOMIC: tl.constexpr):
+    """dL/dW_e's three conv rows ([4·RZ, RP] each, conv_row_offsets) added into slot
+    ``slot`` (the expert) with ATOMIC, else stored there (the program's partial)."""
+    base = dw_ptr + slot * (r * r * 9)
+    o0, m0 = conv_row_offsets(r, 0, 0, RZ, RP)
+    o1, m1 = conv_row_offsets(r, 1, 0, RZ, RP)
+    o2, m2 = conv_row_offsets(r, 2, 0, RZ, RP)
+    if ATOMIC:
+        tl.atomic_add(base + o0, dw0, mask=m0, sem="relaxed")
+        tl.atomic_add(base + o1, dw1, mask=m1, sem="relaxed")
+        tl.atomic_add(base + o2, dw2, mask=m2, sem="relaxed")
+    else:
+        tl.store(base + o0, dw0, mask=m0)
+        tl.store(base + o1, dw1, mask=m1)
+        tl.store(base + o2, dw2, mask=m2)
 
 
 @triton.jit
@@ -399,59 +497,77 @@ def stencil_scatter_kernel(
         H, W, r, n_exp, rows_y, rows_x, stride_zn,
         BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
         HALO: tl.constexpr, TAPS: tl.constexpr, NEXP_P: tl.constexpr, BORDER: tl.constexpr,
-        PREC: tl.constexpr, ATOMIC: tl.constexpr, RC: tl.constexpr):
+        PREC: tl.constexpr, ATOMIC: tl.constexpr, RC: tl.constexpr, AH: tl.constexpr,
+        HOLD: tl.constexpr, ZV: tl.constexpr):
     """Backward, part 2, with U = U_k(dy, dx) recomputed:
         dL/dW_e[:, :, dy, dx] = sum_{t, k} g_k ⊗ U          (fp32, per tile)
         dL/dU = g_k W_e[:, :, dy, dx]
         dL/dz[h+a-HALO, w+b-HALO] += Ty[.., a] Tx[.., b] dL/dU   (the transpose of the gather)
-    in two phases, so the z neighbourhood and its gradient ([BT, NBP, NBP, RZ] each) are never
-    in registers together: first dL/dW, one conv row at a time over the conv outputs (holds
-    z's neighbourhood), then dL/dz, RC channels at a time (launch.Tiling.rc) over the conv
-    outputs and rows (holds one [BT, NBP, NBP, RC] block of its gradient). With both live,
-    the bicubic neighbourhood (8 x 8) spilled 50-770 bytes at r <= 16 (sm_90); now no
-    variant at r <= 16 spills (compile_check).
-    Cost of the split: a tile reads its g (BT·TAPS²·r·4 bytes, 8 KB for bicubic at r = 8)
-    3 + ceil(r / RC) times instead of 3, re-reads that stay in L1/L2 (DRAM sees g once), and
-    rebuilds the tap weights (two table rows per conv output and row) in the second phase.
-    """
+    in two phases, so the z cells and their gradient are never in registers together:
+    first dL/dW over the conv outputs (the z cells held or loaded, as in the forward), then
+    dL/dz, RC channels at a time (launch.Tiling.rc: NB² cells of [BT, RC]) over the conv
+    outputs. Cost of the split: a tile reads its g (BT·TAPS²·r·4 bytes) 1 + ceil(r / RC)
+    times, re-reads that stay in L1/L2 (DRAM sees g once)."""
     pid = tl.program_id(0).to(tl.int64)
     e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BT, NEXP_P)
     if e >= n_exp:
         return
-    tok, tmask, hr, wr, znb = load_tile(z_ptr, perm_ptr, start, stop, H, W, r, rows_y,
-                                        rows_x, stride_zn, BT, RZ, NBP, HALO, BORDER)
+    tok, tmask, h, w, hr, wr = tile_tokens(perm_ptr, start, stop, H, W, rows_y, rows_x, BT,
+                                           BORDER)
+    if HOLD:
+        cells = z_cells(z_ptr, tok, tmask, h, w, H, W, r, stride_zn, HALO, RZ, ZV)
+    else:
+        cells = ()
     ci = tl.arange(0, RP)
     cmask = tmask[:, None] & (ci[None, :] < r)
     nt = tl.load(ntaps_ptr + e)
-    offs, wmask = conv_row_offsets(r, RZ, RP)
-    for row in tl.static_range(3):  # the conv row dy, unrolled
-        dw = tl.zeros([4 * RZ, RP], tl.float32)
-        for k in range(0, nt * nt):
-            g = tl.load(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :],
-                        mask=cmask, other=0.0)
-            up, wy, wx = upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, k // nt, k % nt, row,
-                                        rows_y, rows_x, BT, RZ, NBP, TAPS)
-            dw += tl.dot(tl.trans(up), g, input_precision=PREC)
-        if ATOMIC:
-            tl.atomic_add(dw_ptr + e * (r * r * 9) + offs + row * 3, dw, mask=wmask,
-                          sem="relaxed")
-        else:
-            tl.store(dw_ptr + pid * (r * r * 9) + offs + row * 3, dw, mask=wmask)
+    dw0 = tl.zeros([4 * RZ, RP], tl.float32)
+    dw1 = tl.zeros([4 * RZ, RP], tl.float32)
+    dw2 = tl.zeros([4 * RZ, RP], tl.float32)
+    for k in range(0, nt * nt):
+        ky = k // nt
+        kx = k % nt
+        g = tl.load(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :], mask=cmask,
+                    other=0.0)
+        wx = col_weights(tx_ptr, e, wr, kx, rows_x, NBP, TAPS, HALO)
+        wxp = col_base(tx_ptr, e, wr, kx, rows_x, NBP, TAPS)
+        up = conv_row_taps(cells, row_weights(ty_ptr, e, hr, ky, 0, rows_y, NBP, TAPS, HALO),
+                           wx, wxp, z_ptr, tok, tmask, h, w, H, W, r, stride_zn, BT, RZ, NBP,
+                           HALO, HOLD, ZV)
+        dw0 = tl.dot(tl.trans(up), g, dw0, input_precision=PREC)
+        up = conv_row_taps(cells, row_weights(ty_ptr, e, hr, ky, 1, rows_y, NBP, TAPS, HALO),
+                           wx, wxp, z_ptr, tok, tmask, h, w, H, W, r, stride_zn, BT, RZ, NBP,
+                           HALO, HOLD, ZV)
+        dw1 = tl.dot(tl.trans(up), g, dw1, input_precision=PREC)
+        up = conv_row_taps(cells, row_weights(ty_ptr, e, hr, ky, 2, rows_y, NBP, TAPS, HALO),
+                           wx, wxp, z_ptr, tok, tmask, h, w, H, W, r, stride_zn, BT, RZ, NBP,
+                           HALO, HOLD, ZV)
+        dw2 = tl.dot(tl.trans(up), g, dw2, input_precision=PREC)
+    store_dw(dw_ptr, dw0, dw1, dw2, e if ATOMIC else pid, r, RZ, RP, ATOMIC)
 
-    # dL/dz, RC channels at a time (launch.Tiling.rc: one [BT, NBP, NBP, RC] block in registers)
+    # dL/dz, RC channels and AH rows of the neighbourhood at a time (AH·NB cells of
+    # [BT, RC] in registers)
     for c0 in range(0, r, RC):
-        coffs, cmask_w = conv_row_offsets_from(r, c0, RC, RP)
-        dznb = tl.zeros([BT, NBP, NBP, RC], tl.float32)
-        for k in range(0, nt * nt):
-            g = tl.load(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :],
-                        mask=cmask, other=0.0)
-            for dy in range(3):
-                w = tl.load(cw_ptr + e * (r * r * 9) + coffs + dy * 3, mask=cmask_w,
-                            other=0.0).to(tl.float32)
-                wy = row_weights(ty_ptr, e, hr, k // nt, dy, rows_y, NBP, TAPS)
-                wx = col_weights(tx_ptr, e, wr, k % nt, rows_x, NBP, TAPS)
-                dznb = dz_row(wy, wx, g, w, dznb, BT, RC, PREC)
-        store_dz(dz_ptr, dznb, tok, tmask, H, W, r, c0, RC, NBP, HALO, ATOMIC)
+        wt0 = conv_row_weights(cw_ptr, e, r, 0, c0, RC, RP)
+        wt1 = conv_row_weights(cw_ptr, e, r, 1, c0, RC, RP)
+        wt2 = conv_row_weights(cw_ptr, e, r, 2, c0, RC, RP)
+        for a0 in range(0, 2 * HALO + 1, AH):
+            dzc = zero_cells(BT, RC, AH * (2 * HALO + 1))
+            for k in range(0, nt * nt):
+                ky = k // nt
+                kx = k % nt
+                g = tl.load(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :],
+                            mask=cmask, other=0.0)
+                dzc = dz_update(dzc, g, wt0, wt1, wt2,
+                                row_weights_from(ty_ptr, e, hr, ky, 0, rows_y, a0, NBP, TAPS,
+                                                 AH),
+                                row_weights_from(ty_ptr, e, hr, ky, 1, rows_y, a0, NBP, TAPS,
+                                                 AH),
+                                row_weights_from(ty_ptr, e, hr, ky, 2, rows_y, a0, NBP, TAPS,
+                                                 AH),
+                                col_weights(tx_ptr, e, wr, kx, rows_x, NBP, TAPS, HALO),
+                                BT, RC, HALO, AH, PREC)
+            store_dz(dz_ptr, dzc, tok, tmask, h, w, H, W, r, c0, a0, RC, HALO, AH, ATOMIC)
 
 
 @triton.jit
@@ -466,7 +582,8 @@ def stencil_bwd_kernel(
         H, W, r, n_exp, rows_y, rows_x, stride_zn,
         BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
         HALO: tl.constexpr, TAPS: tl.constexpr, NEXP_P: tl.constexpr, BORDER: tl.constexpr,
-        PREC: tl.constexpr, ATOMIC: tl.constexpr):
+        PREC: tl.constexpr, ATOMIC: tl.constexpr, HOLD: tl.constexpr,
+        ZV: tl.constexpr):
     """The stencil's backward in one pass per tile. For each conv output k, with the three
     rows' upsampled taps U built once:
         c_k = conv_bias_e + sum_dy U_dy W_e[:, :, dy]ᵀ,  g_k = omega_k · dL/du ⊙ GELU'(c_k)
@@ -478,53 +595,48 @@ def stencil_bwd_kernel(
     e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BT, NEXP_P)
     if e >= n_exp:  # past the last tile; the reductions read only the tiles' slots
         return
-    tok, tmask, hr, wr, znb = load_tile(z_ptr, perm_ptr, start, stop, H, W, r, rows_y,
-                                        rows_x, stride_zn, BT, RZ, NBP, HALO, BORDER)
+    tok, tmask, h, w, hr, wr, cells, cb, w0, w1, w2 = tile_setup(
+        z_ptr, perm_ptr, e, start, stop, cw_ptr, cb_ptr, H, W, r, rows_y, rows_x, stride_zn,
+        BT, RZ, RP, HALO, BORDER, HOLD, ZV)
     ci = tl.arange(0, RP)
     cmask = tmask[:, None] & (ci[None, :] < r)
     du = tl.load(du_ptr + tok[:, None] * r + ci[None, :], mask=cmask, other=0.0)
-    cb = tl.load(cb_ptr + e * r + ci, mask=ci < r, other=0.0).to(tl.float32)
-    offs, wmask = conv_row_offsets(r, RZ, RP)
-    wbase = cw_ptr + e * (r * r * 9) + offs
-    w0 = tl.load(wbase, mask=wmask, other=0.0).to(tl.float32)
-    w1 = tl.load(wbase + 3, mask=wmask, other=0.0).to(tl.float32)
-    w2 = tl.load(wbase + 6, mask=wmask, other=0.0).to(tl.float32)
-    db = tl.zeros([RP], tl.float32)
+    db = tl.zeros([BT, RP], tl.float32)
     dw0 = tl.zeros([4 * RZ, RP], tl.float32)
     dw1 = tl.zeros([4 * RZ, RP], tl.float32)
     dw2 = tl.zeros([4 * RZ, RP], tl.float32)
-    dznb = tl.zeros([BT, NBP, NBP, RZ], tl.float32)
+    dzc = zero_cells(BT, RZ, (2 * HALO + 1) * (2 * HALO + 1))
     nt = tl.load(ntaps_ptr + e)
     for k in range(0, nt * nt):
         ky = k // nt
         kx = k % nt
+        wx = col_weights(tx_ptr, e, wr, kx, rows_x, NBP, TAPS, HALO)
+        wxp = col_base(tx_ptr, e, wr, kx, rows_x, NBP, TAPS)
+        wy0 = row_weights(ty_ptr, e, hr, ky, 0, rows_y, NBP, TAPS, HALO)
+        wy1 = row_weights(ty_ptr, e, hr, ky, 1, rows_y, NBP, TAPS, HALO)
+        wy2 = row_weights(ty_ptr, e, hr, ky, 2, rows_y, NBP, TAPS, HALO)
         # the three rows' taps, built once for c_k and for the backward
-        up0, wy0, wx0 = upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, 0, rows_y,
-                                       rows_x, BT, RZ, NBP, TAPS)
-        up1, wy1, wx1 = upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, 1, rows_y,
-                                       rows_x, BT, RZ, NBP, TAPS)
-        up2, wy2, wx2 = upsampled_taps(znb, ty_ptr, tx_ptr, e, hr, wr, ky, kx, 2, rows_y,
-                                       rows_x, BT, RZ, NBP, TAPS)
-        c = cb[None, :] + tl.dot(up0, w0, input_precision=PREC)
-        c += tl.dot(up1, w1, input_precision=PREC)
-        c += tl.dot(up2, w2, input_precision=PREC)
+        up0 = conv_row_taps(cells, wy0, wx, wxp, z_ptr, tok, tmask, h, w, H, W, r, stride_zn,
+                            BT, RZ, NBP, HALO, HOLD, ZV)
+        up1 = conv_row_taps(cells, wy1, wx, wxp, z_ptr, tok, tmask, h, w, H, W, r, stride_zn,
+                            BT, RZ, NBP, HALO, HOLD, ZV)
+        up2 = conv_row_taps(cells, wy2, wx, wxp, z_ptr, tok, tmask, h, w, H, W, r, stride_zn,
+                            BT, RZ, NBP, HALO, HOLD, ZV)
+        c = tl.dot(up0, w0, cb, input_precision=PREC)
+        c = tl.dot(up1, w1, c, input_precision=PREC)
+        c = tl.dot(up2, w2, c, input_precision=PREC)
         om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
         g = om[:, None] * du * gelu_grad(c)
-        db += tl.sum(g, axis=0)
-        dw0, dznb = row_backward(up0, wy0, wx0, g, w0, dw0, dznb, BT, RZ, PREC)
-        dw1, dznb = row_backward(up1, wy1, wx1, g, w1, dw1, dznb, BT, RZ, PREC)
-        dw2, dznb = row_backward(up2, wy2, wx2, g, w2, dw2, dznb, BT, RZ, PREC)
+        db += g
+        dw0 = tl.dot(tl.trans(up0), g, dw0, input_precision=PREC)
+        dw1 = tl.dot(tl.trans(up1), g, dw1, input_precision=PREC)
+        dw2 = tl.dot(tl.trans(up2), g, dw2, input_precision=PREC)
+        dzc = dz_update(dzc, g, w0, w1, w2, wy0, wy1, wy2, wx, BT, RZ, HALO, 2 * HALO + 1,
+                        PREC)
+    dbs = tl.sum(db, axis=0)
     if ATOMIC:
-        tl.atomic_add(db_ptr + e * r + ci, db, mask=ci < r, sem="relaxed")
-        dwp = dw_ptr + e * (r * r * 9) + offs
-        tl.atomic_add(dwp, dw0, mask=wmask, sem="relaxed")
-        tl.atomic_add(dwp + 3, dw1, mask=wmask, sem="relaxed")
-        tl.atomic_add(dwp + 6, dw2, mask=wmask, sem="relaxed")
+        tl.atomic_add(db_ptr + e * r + ci, dbs, mask=ci < r, sem="relaxed")
     else:
-        tl.store(db_ptr + pid * r + ci, db, mask=ci < r)
-        dwp = dw_ptr + pid * (r * r * 9) + offs
-        tl.store(dwp, dw0, mask=wmask)
-        tl.store(dwp + 3, dw1, mask=wmask)
-        tl.store(dwp + 6, dw2, mask=wmask)
-
-    store_dz(dz_ptr, dznb, tok, tmask, H, W, r, 0, RZ, NBP, HALO, ATOMIC)
+        tl.store(db_ptr + pid * r + ci, dbs, mask=ci < r)
+    store_dw(dw_ptr, dw0, dw1, dw2, e if ATOMIC else pid, r, RZ, RP, ATOMIC)
+    store_dz(dz_ptr, dzc, tok, tmask, h, w, H, W, r, 0, 0, RZ, HALO, 2 * HALO + 1, ATOMIC)

@@ -12,6 +12,8 @@
 #   model      the CUDA stencil's cost model (benchmarks/cost_model.py: shared-memory
 #              wavefronts, SASS, bytes -> est. H100 times; CPU only), printed before the
 #              stencil stage measures the same kernels
+#   model-triton   the Triton stencil's cost (benchmarks/cost_triton.py: its sm_90 SASS,
+#              loops x trip counts -> est. H100 times; CPU only)
 #   stencil    the stencil kernels alone (stencil_fwd, stencil_bwd; CUDA events) next to the
 #              layer's fwd+bwd, plain LoRA and the eager reference (benchmarks/stencil_time.py);
 #              for map routing the map programs next to the per-token ones
@@ -254,6 +256,8 @@ else
   # (most of it compiling the checked CPU build the model counts with: over a minute on a
   # busy 2-core machine, the torch-floor check saw 60 s run out)
   stage model "$OUT/bench.log" "$(limit 120 "$BENCH_MIN")" "$PY" benchmarks/cost_model.py
+  stage model-triton "$OUT/bench.log" "$(limit 60 "$BENCH_MIN")" env -u TRITON_INTERPRET \
+    "$PY" benchmarks/cost_triton.py
   if [ "$DEVICE" = cuda ]; then STENCIL=(--device cuda); else STENCIL=(--device cpu --repeats 3); fi
   stage stencil "$OUT/bench.log" "$(limit 90 "$BENCH_MIN")" "$PY" benchmarks/stencil_time.py "${STENCIL[@]}"
   # ---- the layer's candidates, side by side ---------------------------------------------

@@ -380,6 +380,11 @@ CASES = {
     "rank-1": dict(batch=1, height=4, width=5, rank=1, scales=(1, 2)),
     "rank-8": dict(batch=1, height=3, width=5, rank=8, scales=(3, 2)),
     "rank-20": dict(batch=1, height=3, width=4, rank=20, scales=(1, 2)),
+    # a power-of-two rank: 4 channels of a token a thread (launch.Tiling.zv), cells loaded
+    "rank-16": dict(batch=1, height=3, width=5, rank=16, scales=(3, 2)),
+    # 2 channels a thread, bicubic's loaded cells and its scatter in row passes
+    "rank-4-bicubic": dict(batch=1, height=4, width=4, rank=4, scales=(2, 1),
+                           interpolation="bicubic"),
     "map-1x1": dict(batch=3, height=1, width=1, scales=(1, 2, 3), gating="map"),
     "map-1x7-bicubic": dict(batch=2, height=1, width=7, scales=(2, 5),
                             interpolation="bicubic", gating="map"),
@@ -537,6 +542,17 @@ def test_unused_experts_get_zero_gradients(det, request):
     assert g_w[1].abs().sum() > 0 and g_b[1].abs().sum() > 0
     assert (g_w[0] == 0).all() and (g_w[2] == 0).all()
     assert (g_b[0] == 0).all() and (g_b[2] == 0).all()
+
+
+@pytest.mark.parametrize("det", [False, True], ids=["atomics", "deterministic"])
+def test_all_tokens_on_one_expert_match_reference(det, request):
+    """Every token on one expert, over two 64-token tiles, the others with none: forward and
+    every gradient against the reference."""
+    if det:
+        request.getfixturevalue("deterministic")
+    c = case(batch=2, height=8, width=9, rank=8, scales=(1, 2, 3), seed=31)
+    c.expert_index = torch.full_like(c.expert_index, 1)
+    check_accuracy_rule(triton_op, c, torch.float32, FLOOR32)
 
 
 @pytest.fixture(params=["bias_first", "one_kernel"])
@@ -824,6 +840,38 @@ def test_gpu_deterministic_runs_are_bit_identical(deterministic):
 
     for n, a, b in zip(["y"] + names, run(), run()):
         assert torch.equal(a, b), f"{n} differs between two deterministic runs"
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cuda_graph_training_step(deterministic):
+    """A training step of the triton backend (forward and every gradient) captured in a
+    CUDA graph and replayed gives what the step gives eagerly, bit for bit (deterministic
+    mode): no launch synchronises with the host, and every table a captured launch reads
+    stays alive (tables.stencil_tables never evicts)."""
+    c = case(batch=2, height=16, width=16, c_in=64, c_out=96, rank=8,
+             scales=tuple(range(1, 9)), seed=35).to(torch.bfloat16, True)
+    names = ["x", "lora_A", "lora_B", "conv_weight", "conv_bias"]
+    params = [getattr(c, n) for n in names]
+
+    def step():
+        y = triton_op(*c.args(), **c.kwargs())
+        return [y] + list(torch.autograd.grad(y.float().square().sum(), params))
+
+    want = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles) off the capture
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for n, a, b in zip(["y"] + names, got, want):
+        assert torch.equal(a, b), f"{n} differs between the graph's replay and the eager step"
 
 
 @pytest.mark.gpu

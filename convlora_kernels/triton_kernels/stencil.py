@@ -272,6 +272,20 @@ def conv_output(cells, c, w0, w1, w2, ty_ptr, tx_ptr, e, hr, wr, ky, kx, rows_y,
 
 
 @triton.jit
+def tile_cells(z_ptr, perm_ptr, start, stop, H, W, r, rows_y, rows_x, stride_zn,
+               BT: tl.constexpr, RZ: tl.constexpr, HALO: tl.constexpr, BORDER: tl.constexpr,
+               HOLD: tl.constexpr, ZV: tl.constexpr):
+    """The tile's tokens (tile_tokens) and, when HOLD, its z cells (else an empty tuple)."""
+    tok, tmask, h, w, hr, wr = tile_tokens(perm_ptr, start, stop, H, W, rows_y, rows_x, BT,
+                                           BORDER)
+    if HOLD:
+        cells = z_cells(z_ptr, tok, tmask, h, w, H, W, r, stride_zn, HALO, RZ, ZV)
+    else:
+        cells = ()
+    return tok, tmask, h, w, hr, wr, cells
+
+
+@triton.jit
 def tile_setup(z_ptr, perm_ptr, e, start, stop, cw_ptr, cb_ptr, H, W, r, rows_y, rows_x,
                stride_zn, BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr,
                HALO: tl.constexpr, BORDER: tl.constexpr, HOLD: tl.constexpr,
@@ -279,12 +293,9 @@ def tile_setup(z_ptr, perm_ptr, e, start, stop, cw_ptr, cb_ptr, H, W, r, rows_y,
     """What every stencil program of expert e starts from: the tokens (tile_tokens), the
     z cells when HOLD (else an empty tuple), conv_bias_e as [BT, RP] and W_e's three conv
     rows (conv_row_weights)."""
-    tok, tmask, h, w, hr, wr = tile_tokens(perm_ptr, start, stop, H, W, rows_y, rows_x, BT,
-                                           BORDER)
-    if HOLD:
-        cells = z_cells(z_ptr, tok, tmask, h, w, H, W, r, stride_zn, HALO, RZ, ZV)
-    else:
-        cells = ()
+    tok, tmask, h, w, hr, wr, cells = tile_cells(z_ptr, perm_ptr, start, stop, H, W, r,
+                                                 rows_y, rows_x, stride_zn, BT, RZ, HALO,
+                                                 BORDER, HOLD, ZV)
     ci = tl.arange(0, RP)
     cb = tl.load(cb_ptr + e * r + ci, mask=ci < r, other=0.0).to(tl.float32)
     cb2 = tl.zeros([BT, RP], tl.float32) + cb[None, :]
@@ -505,19 +516,17 @@ def stencil_scatter_kernel(
         dL/dz[h+a-HALO, w+b-HALO] += Ty[.., a] Tx[.., b] dL/dU   (the transpose of the gather)
     in two phases, so the z cells and their gradient are never in registers together:
     first dL/dW over the conv outputs (the z cells held or loaded, as in the forward), then
-    dL/dz, RC channels at a time (launch.Tiling.rc: NB² cells of [BT, RC]) over the conv
-    outputs. Cost of the split: a tile reads its g (BT·TAPS²·r·4 bytes) 1 + ceil(r / RC)
-    times, re-reads that stay in L1/L2 (DRAM sees g once)."""
+    dL/dz over the conv outputs, RC channels and AH rows of the neighbourhood at a time
+    (launch.Tiling.rc and .ah: AH·NB cells of [BT, RC]). Cost of the split: a tile reads
+    its g (BT·TAPS²·r·4 bytes) 1 + ceil(r / RC)·ceil(NB / AH) times, re-reads that stay in
+    L1/L2 (DRAM sees g once)."""
     pid = tl.program_id(0).to(tl.int64)
     e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BT, NEXP_P)
     if e >= n_exp:
         return
-    tok, tmask, h, w, hr, wr = tile_tokens(perm_ptr, start, stop, H, W, rows_y, rows_x, BT,
-                                           BORDER)
-    if HOLD:
-        cells = z_cells(z_ptr, tok, tmask, h, w, H, W, r, stride_zn, HALO, RZ, ZV)
-    else:
-        cells = ()
+    tok, tmask, h, w, hr, wr, cells = tile_cells(z_ptr, perm_ptr, start, stop, H, W, r,
+                                                 rows_y, rows_x, stride_zn, BT, RZ, HALO,
+                                                 BORDER, HOLD, ZV)
     ci = tl.arange(0, RP)
     cmask = tmask[:, None] & (ci[None, :] < r)
     nt = tl.load(ntaps_ptr + e)

@@ -303,8 +303,8 @@ def present_limits(rs: List[dict]) -> str:
 def assumptions(dev=H100) -> str:
     return (f"{dev['card']}: {dev['sms']} SMs at {dev['clock_ghz']} GHz, "
             f"{dev['issue_per_clock']} warp instructions per clock per SM, DRAM "
-            f"{dev['dram_bytes_per_s'] / 1e12:.2f} TB/s; sm_90 SASS of the first autotuning "
-            f"candidate; estimates, not measurements")
+            f"{dev['dram_bytes_per_s'] / 1e12:.2f} TB/s; the sm_90 SASS of each kernel as the "
+            f"layer launches it; estimates, not measurements")
 
 
 def table(rs: List[dict]) -> List[str]:

@@ -367,7 +367,8 @@ def layer_forward(x2, weight, bias, lora_B, z2, expert_index, conv_weight, conv_
             **dict(tiling.constexprs(), BT=layer_forward_bt(x2.dtype),
                    ZV=layer_forward_zv(tiling),
                    HOLD=hold_z_cells((2 * tiling.halo + 1) ** 2 * max(
-                       1, layer_forward_bt(x2.dtype) * tiling.rz // (32 * LAYER_FWD_WARPS)))))
+                       1, layer_forward_bt(x2.dtype) * tiling.rz // (32 * LAYER_FWD_WARPS))
+                       if GPU_TILING else 0)))
     return y, u, perm, bounds
 
 

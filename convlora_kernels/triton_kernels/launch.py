@@ -95,6 +95,7 @@ LAYER_FWD_WARPS = 8
 
 
 def layer_forward_bt(dtype: torch.dtype) -> int:
+    """Tokens of the one-kernel forward's stencil at a time in ``dtype``."""
     return LAYER_FWD_BT.get(dtype, 64)
 
 
@@ -102,6 +103,8 @@ def layer_forward_zv(tiling: "Tiling") -> int:
     """ZV of the one-kernel forward's stencil: at most RZ / 4 (a warp then spans
     64 / LAYER_FWD_WARPS tokens or fewer), 1 where the tile's is."""
     return max(1, min(tiling.zv, tiling.rz // 4)) if tiling.zv > 1 else 1
+
+
 _layer_fwd = _autotuned(layer_forward.layer_forward_kernel,
                         [({"BM": 64, "BN": 64, "BK": 64}, 8),
                          ({"BM": 64, "BN": 128, "BK": 64}, 8),
@@ -173,8 +176,8 @@ def backward_kernels(rz: int = 0) -> str:
 # Each stencil program's z cells (stencil.py: NB² cells of [BT, RZ], NB = 2·halo + 1):
 # "held" (loaded once per tile, kept in registers across the tile's conv outputs) or
 # "loaded" (each conv row loads the cells it combines again: NB² loads of [BT, RZ] per
-# conv row, L1 hits, fewer registers). Tiling holds them when they fit CELL_FLOATS per
-# thread of the first candidate (bilinear at r <= 16; bicubic's 49 cells do not);
+# conv row, L1 hits, fewer registers). Tiling holds them when a thread's share fits
+# CELL_FLOATS (bilinear at r <= 8; bicubic's 49 cells and bilinear r = 16 do not);
 # Z_CELLS_ENV forces either for a GPU to compare (benchmarks/stencil_time.py times both).
 Z_CELLS_ENV = "CONVLORA_TRITON_Z_CELLS"
 Z_CELLS = ("held", "loaded")
@@ -199,9 +202,10 @@ DY_PARTIALS = 256
 GATHER_BT = 64  # tokens per program of the dL/dz gather
 
 
-# Floats a thread may take for a stencil tile's NB² z cells, or the scatter's NB² cells of
-# dL/dz: 36 at the target (bilinear, r = 8: 9 cells of a token's 4 channels), which keeps
-# the kernels within 128 registers (tests/test_triton.py holds it at every compile).
+# Floats a thread may take for a stencil tile's NB² z cells, or the scatter's cells of
+# dL/dz: 36 at the target (bilinear, r = 8: 9 cells of a token's 4 channels), where the
+# forward takes 166 registers (three 4-warp programs per SM; tests/test_triton.py holds
+# <= 168) and the grad and scatter kernels <= 255 without spills (two per SM).
 CELL_FLOATS = 36
 # Whether Tiling sizes the stencil kernels for a GPU's registers (the z cells held where
 # they fit, dL/dz in channel chunks and row passes). The interpreter has no registers to
@@ -209,10 +213,9 @@ CELL_FLOATS = 36
 # the fewest (cells held, one chunk, one pass), which runs the same kernel code; tests set
 # this to run the GPU's configurations under it.
 GPU_TILING = not INTERPRETED
-# warps of a stencil program: its BT tokens of ZV channels a thread, at least 16 tokens
-# (tl.dot's M) and at most STENCIL_MAX_WARPS (threads then take several tokens)
+# A stencil program: STENCIL_BT tokens in STENCIL_WARPS warps (Tiling)
+STENCIL_BT = 64
 STENCIL_WARPS = 4
-STENCIL_MAX_WARPS = 8
 
 
 def padded_rank(rank: int) -> int:
@@ -238,7 +241,7 @@ class Tiling:
         # once (stencil.z_cell: 4 when the rank is a power of two, so its rows load 4
         # channels at once; at most RZ / 2, so a warp spans at most 16 tokens, else 1),
         # and a tile's [BT, RZ] tensors are RZ / 2 floats a thread.
-        self.bt, self.warps = 64, 4
+        self.bt, self.warps = STENCIL_BT, STENCIL_WARPS
         self.zv = min(4, self.rz // 2) if rank == self.rz else 1
         per_thread = self.bt * self.rz // (32 * self.warps)
         cells = (2 * self.halo + 1) ** 2

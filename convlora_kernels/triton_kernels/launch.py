@@ -244,7 +244,8 @@ class Tiling:
         self.bt, self.warps = STENCIL_BT, STENCIL_WARPS
         self.zv = min(4, self.rz // 2) if rank == self.rz else 1
         per_thread = self.bt * self.rz // (32 * self.warps)
-        cells = (2 * self.halo + 1) ** 2
+        nb = 2 * self.halo + 1
+        cells = nb * nb
         gpu = GPU_TILING
         self.hold = hold_z_cells(cells * per_thread if gpu else 0)
         # the scatter's dL/dz, RC channels at a time: NB² cells within half CELL_FLOATS a
@@ -254,7 +255,6 @@ class Tiling:
                                                   // (cells * per_thread)))) if gpu else self.rz
         # ... and AH rows of the neighbourhood at a time: AH·NB cells of RC / 2 floats a
         # thread within CELL_FLOATS (bicubic's 7 rows in passes of 2)
-        nb = 2 * self.halo + 1
         self.ah = max(1, min(nb, CELL_FLOATS // (nb * max(1, self.rc // 2)))) if gpu else nb
         # fp32's dots as three tf32 products (near fp32's rounding on the tensor cores):
         # "ieee" runs them on the CUDA cores with a dot's whole K a thread, which spilled
@@ -271,6 +271,15 @@ class Tiling:
         return dict(BT=self.bt, RZ=self.rz, RP=self.rp, NBP=self.nbp, HALO=self.halo,
                     TAPS=self.taps, NEXP_P=self.nexp_p, BORDER=BORDER, PREC=self.prec,
                     HOLD=self.hold, ZV=self.zv)
+
+    def layer_forward_constexprs(self, dtype: torch.dtype):
+        """constexprs() for the one-kernel forward's stencil: layer_forward_bt(dtype) tokens
+        at a time, layer_forward_zv channels a thread, its cells held when a thread's share
+        of LAYER_FWD_WARPS warps fits CELL_FLOATS (always under the interpreter)."""
+        bt = layer_forward_bt(dtype)
+        share = (2 * self.halo + 1) ** 2 * max(1, bt * self.rz // (32 * LAYER_FWD_WARPS))
+        return dict(self.constexprs(), BT=bt, ZV=layer_forward_zv(self),
+                    HOLD=hold_z_cells(share if GPU_TILING else 0))
 
     def launch(self):
         """The stencil kernels' launch options (no software pipelining: their loops' loads
@@ -366,12 +375,7 @@ def layer_forward(x2, weight, bias, lora_B, z2, expert_index, conv_weight, conv_
             tiling.ntaps, *tiling.tables, conv_weight.contiguous(), conv_bias.contiguous(), y, u,
             n_tok, c_in, c_out, height, width, rank, n_exp, tiling.rows_y, tiling.rows_x,
             float(scaling), x2.stride(0), weight.stride(0), lora_b.stride(0), z2.stride(0),
-            HAS_BIAS=has_bias, SAVE_U=save,
-            **dict(tiling.constexprs(), BT=layer_forward_bt(x2.dtype),
-                   ZV=layer_forward_zv(tiling),
-                   HOLD=hold_z_cells((2 * tiling.halo + 1) ** 2 * max(
-                       1, layer_forward_bt(x2.dtype) * tiling.rz // (32 * LAYER_FWD_WARPS))
-                       if GPU_TILING else 0)))
+            HAS_BIAS=has_bias, SAVE_U=save, **tiling.layer_forward_constexprs(x2.dtype))
     return y, u, perm, bounds
 
 

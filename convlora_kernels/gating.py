@@ -28,9 +28,10 @@ Routing units (``gating``, the paper's router granularity):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -168,21 +169,28 @@ def route_with_aux_loss(features: Tensor, w_gate: Tensor, w_noise: Tensor,
     return expert, load, (cv_squared(importance) + cv_squared(load)).mul_(loss_coef)
 
 
-def load_term_backward(load: Tensor, d_aux: Tensor, loss_coef: float, features: Tensor,
-                       w_gate: Tensor, w_noise: Tensor, noise: Tensor, noise_epsilon: float,
-                       accumulate: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+def load_term_backward(load: Tensor, d_aux: Optional[Tensor], loss_coef: float,
+                       features: Tensor, w_gate: Tensor, w_noise: Tensor, noise: Tensor,
+                       noise_epsilon: float, accumulate: Optional[Tensor] = None,
+                       d_load: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of (features, w_gate, w_noise) from dL/daux through the aux loss's load
-    term: dL/dload = d_aux · loss_coef · dcv²(load)/dload (cv_squared_backward), then
+    term: dL/dload = d_aux · loss_coef · dcv²(load)/dload (cv_squared_backward), plus
+    ``d_load`` (a gradient of the load itself: global_aux_loss) when given, then
     route_backward. On CUDA both in one Triton kernel. With ``accumulate`` (a contiguous
     tensor of the features' shape), dL/dfeatures is added into it (on CUDA inside that
     kernel) and it is returned in its place."""
-    if load.numel() > 1 and _on_gpu(features):
+    if d_load is None and load.numel() > 1 and _on_gpu(features):
         return _triton_router().route_backward(None, features, w_gate, w_noise, noise,
                                                noise_epsilon,
                                                aux=(load, d_aux.float(), loss_coef),
                                                accumulate=accumulate)
-    d_load = cv_squared_backward(load, d_aux * loss_coef)
-    d_f, d_wg, d_wn = torch.ops.convlora_layer.route_backward(d_load, features, w_gate,
+    total = d_load.float() if d_load is not None else torch.zeros_like(load, dtype=torch.float32)
+    if d_aux is not None:
+        total = total + cv_squared_backward(load, d_aux * loss_coef)
+    if _on_gpu(features):
+        return _triton_router().route_backward(total, features, w_gate, w_noise, noise,
+                                               noise_epsilon, accumulate=accumulate)
+    d_f, d_wg, d_wn = torch.ops.convlora_layer.route_backward(total, features, w_gate,
                                                               w_noise, noise, noise_epsilon)
     if accumulate is None:
         return d_f, d_wg, d_wn
@@ -280,17 +288,167 @@ _route_op.register_autograd(_route_backward, setup_context=_route_setup)
 
 def noisy_top1_fused(features: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor,
                      training: bool, noise_epsilon: float = 1e-2,
-                     loss_coef: float = 1e-2) -> Tuple[torch.Tensor, torch.Tensor]:
+                     loss_coef: float = 1e-2, noise: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """noisy_top1 with one routing op: the same experts for the same noise (the same draws
-    of the global generator), as int32, and the same aux loss and gradients."""
+    of the global generator, or ``noise`` (U, n) float32 when given), as int32, and the same
+    aux loss and gradients. Inside routing_scope(group=...) the aux loss's statistics are
+    summed over the group's processes (global_aux_loss)."""
     n = w_gate.shape[1]
-    noise = None
-    if training and n > 1:
+    if not (training and n > 1):
+        noise = None
+    elif noise is None:
         noise = torch.randn((features.shape[0], n), dtype=torch.float32,
                             device=features.device)
     expert, importance, load = torch.ops.convlora_layer.route(features, w_gate, w_noise,
                                                               noise, noise_epsilon)
+    if training and current_scope().group is not None:
+        return expert, global_aux_loss(importance, load, loss_coef)
     return expert, loss_coef * (cv_squared(importance) + cv_squared(load))
+
+
+# --- Routing in a training step: per-sample noise, statistics over processes ----------
+
+class RoutingScope:
+    """What routers do differently inside ``routing_scope``: draw their noise with
+    ``noise(router, units, n, device, batch)`` instead of the global generator, and sum the aux
+    loss's statistics over the processes of ``group`` (torch.distributed)."""
+
+    def __init__(self, noise: Optional[Callable] = None, group=None):
+        self.noise, self.group = noise, group
+
+
+_SCOPES = [RoutingScope()]
+
+
+def current_scope() -> RoutingScope:
+    return _SCOPES[-1]
+
+
+@contextlib.contextmanager
+def routing_scope(noise: Optional[Callable] = None, group=None):
+    """Within the block, routers in training mode draw their noise from ``noise`` (a
+    callable (router, units, n, device, batch) -> (units, n) float32, e.g. a PerSampleNoise;
+    batch is the number of samples the units belong to) and,
+    with ``group`` (a torch.distributed process group, or torch.distributed.group.WORLD),
+    compute their aux loss from importance and load summed over the group's processes, so
+    that every process gets the aux loss of the whole batch (global_aux_loss). Every process
+    of the group must then run the same routed layers in the same order."""
+    _SCOPES.append(RoutingScope(noise, group))
+    try:
+        yield _SCOPES[-1]
+    finally:
+        _SCOPES.pop()
+
+
+def router_noise(router: nn.Module, units: int, n: int, device, batch: int) -> Tensor:
+    """A training forward's noise of ``router``: (units, n) float32 standard normal draws,
+    from the scope's noise source when routing_scope gave one, else the global generator."""
+    source = current_scope().noise
+    if source is None:
+        return torch.randn((units, n), dtype=torch.float32, device=device)
+    noise = source(router, units, n, device, batch)
+    if tuple(noise.shape) != (units, n) or noise.dtype != torch.float32:
+        raise ValueError(f"routing_scope: the noise source returned a {noise.dtype} tensor of "
+                         f"shape {tuple(noise.shape)}, expected float32 ({units}, {n})")
+    return noise
+
+
+def global_aux_loss(importance: Tensor, load: Tensor, loss_coef: float) -> Tensor:
+    """loss_coef · (cv²(importance) + cv²(load)) of the statistics summed over the current
+    routing_scope's process group: the importance as a count, the load through an all-reduce
+    whose backward sums the load's gradient over the processes too, so that after
+    DistributedDataParallel averages the gradients each process's units get the gradient
+    of the whole batch's aux loss."""
+    import torch.distributed as dist
+
+    group = current_scope().group
+    importance = importance.detach().float().clone()
+    dist.all_reduce(importance, group=group)
+    load = SumOverProcesses.apply(load.float(), group)
+    return loss_coef * (cv_squared(importance) + cv_squared(load))
+
+
+class SumOverProcesses(torch.autograd.Function):
+    """x summed over a process group (all_reduce), differentiable: the gradient of each
+    process's x is the sum of the processes' gradients of the sum. A loss that every
+    process computes alike from such sums gets, once DistributedDataParallel averages the
+    gradients, the gradient of the whole batch's loss."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        import torch.distributed as dist
+
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _mix64(*ints: int) -> int:
+    """A 63-bit seed from non-negative ints (splitmix64 steps): independent of Python's
+    hash randomisation and of the order of nothing but the ints."""
+    mask = (1 << 64) - 1
+    h = 0x9E3779B97F4A7C15
+    for v in ints:
+        h = (h ^ (int(v) & mask)) * 0xBF58476D1CE4E5B9 & mask
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & mask
+        h ^= h >> 31
+    return h >> 1
+
+
+class PerSampleNoise:
+    """Router noise that belongs to samples, not to a process: sample i's units draw from a
+    generator seeded with (seed, key_i, the router's number in the model), so a sample gets
+    the same noise whatever batch, process or micro-batch it lands in, and again when its
+    forward is recomputed (activation checkpointing).
+
+        noise = PerSampleNoise(model, seed)
+        with routing_scope(noise=noise.keys(keys)):   # keys: one int per sample of the batch
+            out = model(batch)
+
+    A routed layer's units are the batch's samples in order (one per map, or H·W tokens per
+    sample), so each sample's rows are consecutive."""
+
+    def __init__(self, model: nn.Module, seed: int = 0):
+        self.seed = int(seed)
+        self.index: Dict[int, int] = {
+            id(m): k for k, m in enumerate(m for m in model.modules()
+                                           if isinstance(m, NoisyTopOneRouter))}
+        self.sample_keys: Optional[Tuple[int, ...]] = None
+
+    def keys(self, keys: Sequence[int]) -> "PerSampleNoise":
+        """This noise source for a batch whose samples have ``keys`` (ints >= 0, e.g.
+        (epoch, dataset index) mixed into one), in batch order."""
+        self.sample_keys = tuple(int(k) for k in keys)
+        return self
+
+    def __call__(self, router: nn.Module, units: int, n: int, device, batch: int) -> Tensor:
+        keys = self.sample_keys
+        if keys is None or len(keys) != batch or units % batch:
+            raise ValueError(f"PerSampleNoise: a batch of {batch} samples ({units} routing "
+                             f"units), but {None if keys is None else len(keys)} keys; call "
+                             f".keys() with one key per sample of the batch")
+        if id(router) not in self.index:
+            raise ValueError("PerSampleNoise: the router is not one of the model's the noise "
+                             "source was made for")
+        layer, per = self.index[id(router)], units // len(keys)
+        device = torch.device(device)
+        draws = []
+        for key in keys:
+            g = torch.Generator(device=device)
+            g.manual_seed(_mix64(self.seed, key, layer))
+            draws.append(torch.randn((per, n), generator=g, dtype=torch.float32,
+                                     device=device))
+        return torch.cat(draws) if len(draws) > 1 else draws[0]
 
 
 class NoisyTopOneRouter(nn.Module):
@@ -317,8 +475,11 @@ class NoisyTopOneRouter(nn.Module):
             raise ValueError(f"z: expected (B, H, W, r), got shape {tuple(z.shape)}")
         b, h, w, r = z.shape
         features = router_features(z.reshape(-1, r), self.gating, h, w)
+        n = self.w_gate.shape[1]
+        noise = router_noise(self, features.shape[0], n, features.device, b) \
+            if self.training and n > 1 else None
         expert, aux = noisy_top1_fused(features, self.w_gate, self.w_noise, self.training,
-                                       self.noise_epsilon, self.loss_coef)
+                                       self.noise_epsilon, self.loss_coef, noise=noise)
         if self.gating == "token":
             return expert.view(b, h, w), aux
         return expert.view(b, 1, 1).expand(b, h, w), aux

@@ -189,7 +189,7 @@ def _step(backend, gating, m, x, dy, d_aux, experts):
                      None, m.scaling, m.scales, m.interpolation, (h, w))
     units = b if gating == "map" else b * h * w
     noise = torch.randn((units, experts), dtype=torch.float32, device=GPU)
-    y, _, aux = layer.routed_conv_lora_linear(
+    y, _, aux, _ = layer.routed_conv_lora_linear(
         backend, p, as_map(x, p), m.weight, m.bias, m.lora_A, m.lora_B, m.conv_weight,
         m.conv_bias, m.router.w_gate, m.router.w_noise, noise, m.router.noise_epsilon,
         m.router.loss_coef, gating, m.scaling)

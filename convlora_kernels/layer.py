@@ -283,7 +283,8 @@ def _(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise,
 
 
 @torch.library.custom_op("convlora_layer::routed_backward", mutates_args=())
-def _routed_backward_op(dy2: Optional[Tensor], d_aux: Optional[Tensor], x2: Tensor,
+def _routed_backward_op(dy2: Optional[Tensor], d_aux: Optional[Tensor],
+                        d_load: Optional[Tensor], x2: Tensor,
                         weight: Tensor, lora_A: Tensor, lora_B: Tensor, conv_weight: Tensor,
                         conv_bias: Tensor, w_gate: Tensor, w_noise: Tensor,
                         noise: Optional[Tensor], idx: Tensor, z2: Tensor, u: Tensor,
@@ -292,14 +293,16 @@ def _routed_backward_op(dy2: Optional[Tensor], d_aux: Optional[Tensor], x2: Tens
                         interpolation: str, height: int, width: int, backend: str,
                         dy_plan: str, dx_plan: str, needs: List[bool]) -> List[Tensor]:
     """Gradients of (x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate,
-    w_noise); a (0,) tensor where needs is False. dy2 or d_aux is None when that output was
-    not differentiated; the router has gradients only when it drew noise (training)."""
+    w_noise); a (0,) tensor where needs is False. dy2, d_aux or d_load is None when that
+    output was not differentiated (the load is, when an aux loss over several processes is
+    formed from it: gating.global_aux_loss); the router has gradients only when it drew
+    noise (training)."""
     need_wg, need_wn = needs[7], needs[8]
     layer_needs = list(needs[:7]) + [False]
     if dy2 is None:  # only the aux loss was differentiated
         dy2 = x2.new_zeros((x2.shape[0], weight.shape[0]))
     router: List[Optional[Tensor]] = [None, None]  # dL/dw_gate, dL/dw_noise
-    routed = d_aux is not None and noise is not None
+    routed = (d_aux is not None or d_load is not None) and noise is not None
 
     def router_backward(dz: Optional[Tensor]) -> None:
         """The router's gradients; its dL/dz added into the stencil's dz when there is one
@@ -308,7 +311,7 @@ def _routed_backward_op(dy2: Optional[Tensor], d_aux: Optional[Tensor], x2: Tens
         into = dz if dz is not None and gating == "token" and dz.is_contiguous() else None
         d_f, router[0], router[1] = load_term_backward(load, d_aux, loss_coef, feats, w_gate,
                                                        w_noise, noise, noise_epsilon,
-                                                       accumulate=into)
+                                                       accumulate=into, d_load=d_load)
         if dz is None or into is not None:
             return
         if gating == "token":
@@ -328,8 +331,8 @@ def _routed_backward_op(dy2: Optional[Tensor], d_aux: Optional[Tensor], x2: Tens
 
 
 @_routed_backward_op.register_fake
-def _(dy2, d_aux, x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise, noise,
-      idx, z2, u, saved0, saved1, load, noise_epsilon, loss_coef, gating, scaling, scales,
+def _(dy2, d_aux, d_load, x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise,
+      noise, idx, z2, u, saved0, saved1, load, noise_epsilon, loss_coef, gating, scaling, scales,
       interpolation, height, width, backend, dy_plan, dx_plan, needs):
     shapes = [x2.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape,
               conv_weight.shape, conv_bias.shape, w_gate.shape, w_noise.shape]
@@ -350,26 +353,29 @@ def _routed_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise,
                           noise if noise is not None else x2.new_empty(0), idx, z2, u, s0, s1,
                           load)
-    ctx.mark_non_differentiable(z2, u, s0, s1, idx, load)
+    ctx.mark_non_differentiable(z2, u, s0, s1, idx)
     ctx.set_materialize_grads(False)  # no zero tensors for the outputs kept for backward
 
 
-def _routed_backward(ctx, dy2, _dz, _du, _d0, _d1, _didx, _dload, d_aux):
+def _routed_backward(ctx, dy2, _dz, _du, _d0, _d1, _didx, d_load, d_aux):
     (x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise, noise, idx, z2, u,
      s0, s1, load) = ctx.saved_tensors
     n = ctx.needs_input_grad
     # the router's weights learn only through the aux loss's load term: no gradient (None)
-    # without noise (the load is then a count) or when the aux loss was not differentiated
-    router = ctx.has_noise and d_aux is not None
+    # without noise (the load is then a count) or when neither the aux loss nor the load
+    # was differentiated
+    if not ctx.has_noise:
+        d_aux = d_load = None
+    router = d_aux is not None or d_load is not None
     needs = [n[0], n[1], ctx.has_bias and n[2], n[3], n[4], n[5], n[6], router and n[7],
              router and n[8]]
     (noise_epsilon, loss_coef, gating, scaling, scales, interpolation, height, width,
      backend) = ctx.meta
-    if dy2 is None and (d_aux is None or not ctx.has_noise):
+    if dy2 is None and not router:
         return (None,) * 21
     _, dy_plan, dx_plan = choose(backend, x2.device.type)
     grads = torch.ops.convlora_layer.routed_backward(
-        dy2, d_aux, x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise,
+        dy2, d_aux, d_load, x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise,
         noise if ctx.has_noise else None, idx, z2, u, s0, s1, load, noise_epsilon, loss_coef,
         gating, scaling, scales, interpolation, height, width, backend, dy_plan, dx_plan,
         needs)
@@ -404,9 +410,9 @@ def routed_conv_lora_linear(backend: str, p: Problem, x4: Tensor, weight: Tensor
                             conv_weight: Tensor, conv_bias: Tensor, w_gate: Tensor,
                             w_noise: Tensor, noise: Optional[Tensor], noise_epsilon: float,
                             loss_coef: float, gating: str, scaling: float
-                            ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(y (N, C_out), expert index (B, H, W) int32, aux loss () float32) of the router on
-    z = x Aᵀ followed by the layer, both inside one custom-op pair on a fused backend
+                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y (N, C_out), expert index (B, H, W) int32, aux loss () float32, load (n,) float32,
+    differentiable: gating.global_aux_loss) of the router on z = x Aᵀ followed by the layer, both inside one custom-op pair on a fused backend
     (ConvLoRALinear's path); the arguments were checked (_validate.check_inputs) and p is
     their Problem."""
     x2 = x4.reshape(-1, p.in_features)
@@ -421,4 +427,4 @@ def routed_conv_lora_linear(backend: str, p: Problem, x4: Tensor, weight: Tensor
     idx, bhw = out[5], (p.batch, p.height, p.width)
     idx = idx.view(bhw) if idx.numel() == p.batch * p.height * p.width else \
         idx.view(p.batch, 1, 1).expand(bhw)
-    return out[0], idx, out[7]
+    return out[0], idx, out[7], out[6]

@@ -368,3 +368,103 @@ def test_routed_layer_with_the_triton_router_matches_its_composite(monkeypatch, 
     for name, g in want[4].items():
         assert g.abs().max() > 0, name
         assert torch.allclose(got[4][name], g, rtol=1e-4, atol=1e-5 * g.abs().max()), name
+
+
+# --- routing_scope: per-sample noise, the aux loss over processes ------------------------
+
+def _routed_layer(gating, backend, seed=0):
+    from convlora_kernels import ConvLoRALinear
+
+    torch.manual_seed(seed)
+    m = ConvLoRALinear(8, 12, r=3, num_experts=4, gating=gating, backend=backend,
+                       dtype=torch.float64).train()
+    with torch.no_grad():  # a router that is not all zeros, so the noise decides little
+        for p in (m.lora_B, m.router.w_gate, m.router.w_noise):
+            p.normal_()
+    return m
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("gating", ["token", "map"])
+def test_per_sample_noise_does_not_depend_on_the_batch(backend, gating):
+    """A sample routes and computes alike alone or in a batch, wherever it stands in it:
+    its noise comes from (seed, its key, the router), not from the global generator."""
+    from convlora_kernels.gating import PerSampleNoise, routing_scope
+
+    if backend == "cpu":
+        pytest.importorskip("convlora_kernels._C", reason="the cpu backend is not built")
+    m = _routed_layer(gating, backend)
+    noise = PerSampleNoise(m, seed=5)
+    x = torch.randn(3, 4, 5, 8, dtype=torch.float64)
+    keys = [11, 3, 40]
+    with routing_scope(noise=noise.keys(keys)):
+        y = m(x)
+        idx = m.expert_index.clone()
+    for i in (2, 0, 1):
+        torch.randn(7)  # the global generator moves: nothing may depend on it
+        with routing_scope(noise=noise.keys([keys[i]])):
+            yi = m(x[i:i + 1])
+        assert torch.equal(m.expert_index[0], idx[i]), i
+        torch.testing.assert_close(yi[0], y[i], rtol=1e-12, atol=1e-12)
+    # reversed batch: reversed outputs
+    with routing_scope(noise=noise.keys(keys[::-1])):
+        yr = m(x.flip(0))
+    torch.testing.assert_close(yr.flip(0), y, rtol=1e-12, atol=1e-12)
+    # another seed or key: other noise, other experts somewhere (60 tokens / 3 maps x 4)
+    with routing_scope(noise=PerSampleNoise(m, seed=6).keys(keys)):
+        m(x)
+    other = m.expert_index.clone()
+    with routing_scope(noise=noise.keys([12, 3, 40])):
+        m(x)
+    assert not torch.equal(other, idx) or gating == "map"
+    assert not torch.equal(m.expert_index, idx) or gating == "map"
+    with pytest.raises(ValueError, match="a batch of 3 samples .* but 2 keys"):
+        with routing_scope(noise=noise.keys([1, 2])):
+            m(x)
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    """torch.distributed with one gloo process: collectives are identities, so an aux loss
+    over the group must equal the process's own, through the other backward path."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("gating", ["token", "map"])
+def test_aux_loss_over_a_group_differentiates_the_load(world_of_one, backend, gating):
+    """Inside routing_scope(group=...) the aux loss is formed outside the layer's op from
+    its load (the op's backward takes dL/dload); with one process it is the op's own aux
+    loss, and every gradient, the router's included, is the same."""
+    from convlora_kernels.gating import PerSampleNoise, routing_scope
+
+    if backend == "cpu":
+        pytest.importorskip("convlora_kernels._C", reason="the cpu backend is not built")
+    x0 = torch.randn(3, 4, 5, 8, dtype=torch.float64)
+    dy = torch.randn(3, 4, 5, 12, dtype=torch.float64)
+    results = []
+    for group in (None, world_of_one):
+        m = _routed_layer(gating, backend)
+        x = x0.clone().requires_grad_()
+        with routing_scope(noise=PerSampleNoise(m, 1).keys([0, 1, 2]), group=group):
+            y = m(x)
+        ((y * dy).sum() + 10 * m.aux_loss).backward()
+        grads = {"x": x.grad, **{n: p.grad for n, p in m.named_parameters()
+                                 if p.requires_grad}}
+        results.append((m.aux_loss.detach(), grads))
+    (aux0, g0), (aux1, g1) = results
+    assert aux0.item() > 0
+    torch.testing.assert_close(aux1, aux0, rtol=1e-6, atol=0)
+    assert g0.keys() == g1.keys() and {"router.w_gate", "router.w_noise"} <= g0.keys()
+    for k in g0:
+        assert g0[k].abs().max() > 0, k
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-6, atol=1e-9, msg=k)

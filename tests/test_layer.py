@@ -291,7 +291,7 @@ def test_a_training_step_is_captured_and_replayed(backend, plan_name, det, switc
         def step():
             p = check_inputs(x, m.weight, m.bias, m.lora_A, m.lora_B, m.conv_weight,
                              m.conv_bias, None, m.scaling, m.scales, m.interpolation, (16, 16))
-            y, _, aux = layer.routed_conv_lora_linear(
+            y, _, aux, _ = layer.routed_conv_lora_linear(
                 backend, p, as_map(x, p), m.weight, m.bias, m.lora_A, m.lora_B,
                 m.conv_weight, m.conv_bias, m.router.w_gate, m.router.w_noise, noise,
                 m.router.noise_epsilon, m.router.loss_coef, "token", m.scaling)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -85,7 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     model_args(t)
     d = FinetuneConfig("", 1, "")
     t.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in all")
-    t.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
+    t.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="images per step, all processes together under torchrun (each "
+                        "takes batch-size / processes)")
     t.add_argument("--lr", type=float, default=d.lr, help="Adam's learning rate")
     t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="Adam's")
     t.add_argument("--r", type=int, default=d.r, help="Conv-LoRA rank")
@@ -106,6 +109,17 @@ def _parser() -> argparse.ArgumentParser:
                         "lists every bad file before the first step)")
     t.add_argument("--seed", type=int, default=d.seed,
                    help="data order, augmentation and, without --checkpoint, SAM's weights")
+    t.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                   help="make each step's batch in N passes, gradients accumulated (less "
+                        "memory; the routers' balance and the Dice are then measured per "
+                        "pass)")
+    t.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing per encoder block: recompute each block's "
+                        "forward in backward instead of keeping its activations (less "
+                        "memory, about a third more compute; the same gradients)")
+    t.add_argument("--timeout", type=float, default=d.timeout,
+                   help="under torchrun: seconds a process waits for the others before "
+                        "it fails")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--overwrite", action="store_true",
                    help="start a new run over the one in --out (refused without it)")
@@ -146,7 +160,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _run(args)
     except (ValueError, OSError, FloatingPointError) as e:
         # bad data or settings, or a loss gone non-finite: said plainly, on a line of its own
-        print(f"error: {plain_message(e)}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 \
+            else "0"
+        where = "" if rank == "0" else f"[rank {rank}] "
+        print(f"{where}error: {plain_message(e)}", file=sys.stderr)
         return 2
 
 
@@ -174,10 +191,13 @@ def _run(args) -> int:
             alpha=args.alpha, gating=args.gating, interpolation=args.interpolation,
             backend=args.backend, aux_weight=args.aux_weight, val_every=args.val_every,
             device=args.device, bf16=args.bf16, workers=args.workers, seed=args.seed,
-            check_data=args.check_data, ignore_index=args.ignore_index)
+            check_data=args.check_data, ignore_index=args.ignore_index,
+            grad_accum=args.grad_accum, grad_checkpoint=args.grad_checkpoint,
+            timeout=args.timeout)
         result = steps.train(cfg, resume=args.resume, progress=args.progress,
                              overwrite=args.overwrite)
-        print(json.dumps({"step": result["step"], "best": result["best"]}))
+        if os.environ.get("RANK", "0") == "0":
+            print(json.dumps({"step": result["step"], "best": result["best"]}))
     elif args.command == "eval":
         seg = steps.load_segmenter(args.weights, args.model_type, args.checkpoint,
                                    backend=args.backend, device=args.device)

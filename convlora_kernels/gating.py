@@ -416,7 +416,9 @@ class PerSampleNoise:
             out = model(batch)
 
     A routed layer's units are the batch's samples in order (one per map, or H·W tokens per
-    sample), so each sample's rows are consecutive."""
+    sample), so each sample's rows are consecutive; a layer whose batch is a multiple of
+    the model's (SAM's windowed blocks: each image's windows, in order) splits it the same
+    way, each sample's windows consecutive."""
 
     def __init__(self, model: nn.Module, seed: int = 0):
         self.seed = int(seed)
@@ -426,17 +428,20 @@ class PerSampleNoise:
         self.sample_keys: Optional[Tuple[int, ...]] = None
 
     def keys(self, keys: Sequence[int]) -> "PerSampleNoise":
-        """This noise source for a batch whose samples have ``keys`` (ints >= 0, e.g.
-        (epoch, dataset index) mixed into one), in batch order."""
-        self.sample_keys = tuple(int(k) for k in keys)
-        return self
+        """This noise source (a copy) for a batch whose samples have ``keys`` (ints >= 0,
+        e.g. (epoch, dataset index) mixed into one), in batch order."""
+        bound = PerSampleNoise.__new__(PerSampleNoise)
+        bound.seed, bound.index = self.seed, self.index
+        bound.sample_keys = tuple(int(k) for k in keys)
+        return bound
 
     def __call__(self, router: nn.Module, units: int, n: int, device, batch: int) -> Tensor:
         keys = self.sample_keys
-        if keys is None or len(keys) != batch or units % batch:
-            raise ValueError(f"PerSampleNoise: a batch of {batch} samples ({units} routing "
-                             f"units), but {None if keys is None else len(keys)} keys; call "
-                             f".keys() with one key per sample of the batch")
+        if keys is None or batch % len(keys) or units % len(keys):
+            raise ValueError(f"PerSampleNoise: a layer's batch of {batch} ({units} routing "
+                             f"units) does not split over "
+                             f"{None if keys is None else len(keys)} keys; call .keys() with "
+                             f"one key per sample of the model's batch")
         if id(router) not in self.index:
             raise ValueError("PerSampleNoise: the router is not one of the model's the noise "
                              "source was made for")

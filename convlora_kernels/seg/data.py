@@ -6,7 +6,8 @@ file or a list, resized and padded for SAM, with training augmentation.
                                         num_classes; ignored pixels IGNORE_INDEX
     folder_pairs(root)                  root/images/<name>.<ext> with root/masks/<name>.png
     csv_pairs(path)                     a CSV file with columns ``image`` and ``mask``
-    SegmentationDataset(source, ...)    items {"image", "mask", "name", "valid", "original_size"}
+    SegmentationDataset(source, ...)    items {"image", "mask", "name", "index", "valid",
+                                        "original_size"}
     collate(batch)                      the DataLoader's collate_fn for those items
 
 Masks hold one class id per pixel. ``num_classes == 1`` is binary segmentation: the mask is
@@ -397,6 +398,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image          (3, S, S) float32 RGB in 0-255 (not normalised)
         mask           (S, S) int64 class ids, IGNORE_INDEX on the padding
         name           the image file's name without extension
+        index          i, the item's index in the dataset (what seeds its randomness)
         valid          (h, w): the size of the image content at the top left, before padding
         original_size  (H, W) of the file
 
@@ -525,7 +527,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
             image = F.pad(image, (0, pw, 0, ph), value=0.0)
             mask = F.pad(mask, (0, pw, 0, ph), value=IGNORE_INDEX)
         return {"image": image.contiguous(), "mask": mask.contiguous(),
-                "name": self.pairs[i][0].stem, "valid": valid, "original_size": (H, W)}
+                "name": self.pairs[i][0].stem, "index": i, "valid": valid,
+                "original_size": (H, W)}
 
 
 def check_data(datasets: Sequence["SegmentationDataset"], progress: bool = False,
@@ -578,7 +581,7 @@ def check_data(datasets: Sequence["SegmentationDataset"], progress: bool = False
 
 def collate(batch: Sequence[dict]) -> dict:
     """SegmentationDataset items -> one dict: "image" (B, 3, S, S) and "mask" (B, S, S)
-    stacked, "name", "valid" and "original_size" as lists. For DataLoader(collate_fn=...)."""
+    stacked, "name", "index", "valid" and "original_size" as lists. For DataLoader(collate_fn=...)."""
     if not batch:
         raise ValueError("batch: expected at least one item, got none")
     shapes = {tuple(b["image"].shape) for b in batch}
@@ -592,5 +595,6 @@ def collate(batch: Sequence[dict]) -> dict:
     return {"image": torch.stack([b["image"] for b in batch]),
             "mask": torch.stack([b["mask"] for b in batch]),
             "name": [b["name"] for b in batch],
+            "index": [b["index"] for b in batch],
             "valid": [b["valid"] for b in batch],
             "original_size": [b["original_size"] for b in batch]}

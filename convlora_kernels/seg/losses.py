@@ -11,7 +11,7 @@ image). Logits are (B, 1, H, W) for binary, (B, K, H, W) for K classes.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,16 +40,9 @@ def _check(logits: torch.Tensor, target: torch.Tensor) -> None:
         raise ValueError(f"target: expected a tensor on {logits.device}, got {target.device}")
 
 
-def structure_loss(logits: torch.Tensor, target: torch.Tensor,
-                   weighted_bce: bool = True) -> torch.Tensor:
-    """Binary segmentation: BCE + IoU, both weighted by 1 + 5·|avgpool31(t) - t| (pixels
-    near the boundary count up to 6x), a float32 scalar.
-
-    logits (B, 1, H, W); target (B, H, W) with 0, 1 and IGNORE_INDEX. The PraNet and
-    autogluon code pass ``reduce="none"`` to binary_cross_entropy_with_logits, which
-    PyTorch reads as the legacy ``reduce=True``: their BCE term is the plain mean.
-    ``weighted_bce=False`` reproduces that; the default weights it as described.
-    """
+def _structure_per_image(logits: torch.Tensor, target: torch.Tensor,
+                         weighted_bce: bool = True) -> torch.Tensor:
+    """structure_loss of each image, (B,) float32."""
     _check(logits, target)
     if logits.shape[1] != 1:
         raise ValueError(f"logits: structure_loss is for binary segmentation, (B, 1, H, W), "
@@ -68,14 +61,27 @@ def structure_loss(logits: torch.Tensor, target: torch.Tensor,
     inter = (p * t * weight).sum((1, 2))
     union = ((p + t) * weight).sum((1, 2))
     iou = 1 - (inter + 1) / (union - inter + 1)
-    return (bce + iou).mean()
+    return bce + iou
 
 
-def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor,
-                 dice_weight: float = 1.0) -> torch.Tensor:
-    """Multi-class segmentation: cross-entropy + dice_weight · (1 - soft Dice), a float32
-    scalar. Dice is computed per class over the batch's valid pixels (smoothed by 1) and
-    averaged over the classes; IGNORE_INDEX pixels count in neither term."""
+def structure_loss(logits: torch.Tensor, target: torch.Tensor,
+                   weighted_bce: bool = True) -> torch.Tensor:
+    """Binary segmentation: BCE + IoU, both weighted by 1 + 5·|avgpool31(t) - t| (pixels
+    near the boundary count up to 6x), a float32 scalar: the mean over images of each
+    image's loss.
+
+    logits (B, 1, H, W); target (B, H, W) with 0, 1 and IGNORE_INDEX. The PraNet and
+    autogluon code pass ``reduce="none"`` to binary_cross_entropy_with_logits, which
+    PyTorch reads as the legacy ``reduce=True``: their BCE term is the plain mean.
+    ``weighted_bce=False`` reproduces that; the default weights it as described.
+    """
+    return _structure_per_image(logits, target, weighted_bce).mean()
+
+
+def _ce_dice_parts(logits: torch.Tensor, target: torch.Tensor,
+                   sum_over: Callable[[torch.Tensor], torch.Tensor]):
+    """(Σ cross-entropy over valid pixels, the number of valid pixels, soft Dice loss over
+    the classes) of ce_dice_loss, with the Dice statistics passed through sum_over."""
     _check(logits, target)
     k = logits.shape[1]
     if k < 2:
@@ -87,16 +93,40 @@ def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor,
     if bad.any():
         raise ValueError(f"target: class ids must be in [0, {k}) or {IGNORE_INDEX} (ignored), "
                          f"got {target[valid][bad].unique()[:5].tolist()}")
-    if not valid.any():
-        return x.sum() * 0
-    ce = F.cross_entropy(x, target, ignore_index=IGNORE_INDEX)
+    ce_sum = F.cross_entropy(x, target, ignore_index=IGNORE_INDEX, reduction="sum")
     p = torch.softmax(x, 1) * valid[:, None]
     onehot = F.one_hot(target.clamp(0, k - 1) * valid, k).permute(0, 3, 1, 2).float()
     onehot = onehot * valid[:, None]
-    inter = (p * onehot).sum((0, 2, 3))
-    total = p.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    inter = sum_over((p * onehot).sum((0, 2, 3)))
+    total = sum_over(p.sum((0, 2, 3)) + onehot.sum((0, 2, 3)))
     dice = 1 - ((2 * inter + 1) / (total + 1)).mean()
-    return ce + dice_weight * dice
+    return ce_sum, int(valid.sum().item()), dice
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor,
+                 dice_weight: float = 1.0) -> torch.Tensor:
+    """Multi-class segmentation: cross-entropy + dice_weight · (1 - soft Dice), a float32
+    scalar. Dice is computed per class over the batch's valid pixels (smoothed by 1) and
+    averaged over the classes; IGNORE_INDEX pixels count in neither term (0 when no pixel
+    is valid)."""
+    ce_sum, pixels, dice = _ce_dice_parts(logits, target, _identity)
+    if pixels == 0:
+        return logits.float().sum() * 0
+    return ce_sum / pixels + dice_weight * dice
+
+
+def _aux_weight(binary: bool, aux_weight: Optional[float]) -> float:
+    if aux_weight is None:
+        return AUX_WEIGHT_BINARY if binary else AUX_WEIGHT_MULTICLASS
+    return aux_weight
+
+
+def _binary(logits) -> bool:
+    return isinstance(logits, torch.Tensor) and logits.dim() == 4 and logits.shape[1] == 1
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor,
@@ -104,10 +134,36 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor,
                       aux_weight: Optional[float] = None) -> torch.Tensor:
     """structure_loss for one channel, ce_dice_loss for several, plus aux_weight · aux
     (the routers' aux loss; the paper's weights by default: 1 binary, 2 multi-class)."""
-    binary = isinstance(logits, torch.Tensor) and logits.dim() == 4 and logits.shape[1] == 1
+    binary = _binary(logits)
     loss = structure_loss(logits, target) if binary else ce_dice_loss(logits, target)
     if aux is not None:
-        if aux_weight is None:
-            aux_weight = AUX_WEIGHT_BINARY if binary else AUX_WEIGHT_MULTICLASS
-        loss = loss + aux_weight * aux.float()
+        loss = loss + _aux_weight(binary, aux_weight) * aux.float()
+    return loss
+
+
+def step_loss(logits: torch.Tensor, target: torch.Tensor, aux: Optional[torch.Tensor],
+              aux_weight: Optional[float], step_images: int, step_pixels: int,
+              micro_batches: int = 1,
+              sum_over: Callable[[torch.Tensor], torch.Tensor] = _identity) -> torch.Tensor:
+    """One micro-batch's part of segmentation_loss of an optimizer step whose batch is
+    spread over processes (``sum_over``: a sum over them that the gradient passes through,
+    gating.SumOverProcesses; identity in one process) and ``micro_batches`` gradient
+    accumulation passes; ``step_images`` and ``step_pixels`` count the step's images and
+    valid pixels over all of them.
+
+    The terms that are sums over images or pixels (structure_loss, the cross-entropy) are
+    summed here and divided by the step's counts, so the parts add up to the whole batch's
+    loss exactly. The terms that are not (the soft Dice, the routers' aux loss, functions of
+    statistics of a batch) are those of the micro-batch spread over the processes, divided
+    by micro_batches. Every process gets the same value."""
+    binary = _binary(logits)
+    if binary:
+        loss = sum_over(_structure_per_image(logits, target).sum()) / max(step_images, 1)
+    else:
+        ce_sum, _, dice = _ce_dice_parts(logits, target, sum_over)
+        loss = sum_over(ce_sum) / max(step_pixels, 1)
+        if step_pixels:
+            loss = loss + dice / micro_batches
+    if aux is not None:
+        loss = loss + _aux_weight(binary, aux_weight) * aux.float() / micro_batches
     return loss

@@ -4,7 +4,7 @@ them (class ids, IGNORE_INDEX for pixels that count nowhere)."""
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Callable, Dict, List
 
 import torch
 
@@ -74,6 +74,20 @@ class SegmentationMetrics:
         self.confusion += torch.bincount((tv * k + pv).cpu(), minlength=k * k).view(k, k)
         if self.num_classes > 1:
             self.images += target.shape[0]
+
+    def reduce(self, sum_values: Callable[[List[float]], List[float]]) -> None:
+        """Replaces the running sums by ``sum_values`` of them (a sum over processes, each
+        having seen its share of a dataset): compute() then gives the whole dataset's
+        metrics, IoU from summed intersections and unions, never averaged ratios."""
+        k = self.confusion.shape[0]
+        values = [float(v) for v in self.confusion.flatten().tolist()] + [
+            float(self.images), float(self.scored), float(self.valid_pixels), self.iou_sum,
+            self.dice_sum, self.mae_sum]
+        values = sum_values(values)
+        self.confusion = torch.tensor([round(v) for v in values[:k * k]],
+                                      dtype=torch.int64).view(k, k)
+        images, scored, pixels, self.iou_sum, self.dice_sum, self.mae_sum = values[k * k:]
+        self.images, self.scored, self.valid_pixels = round(images), round(scored), round(pixels)
 
     def compute(self) -> Dict[str, object]:
         if self.valid_pixels == 0:

@@ -21,6 +21,7 @@ target and renamed into place, so none is ever half-written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -36,8 +37,10 @@ import torch.nn as nn
 
 from .. import sam as sam_api
 from .._files import write_atomically
+from ..gating import PerSampleNoise
 from .data import SegmentationDataset, _seed_of, check_data, collate, read_image
-from .losses import segmentation_loss
+from .distributed import Processes, checkpoint_blocks
+from .losses import step_loss
 from .metrics import SegmentationMetrics
 from .model import SamSegmenter
 
@@ -143,12 +146,19 @@ class FinetuneConfig:
     workers: int = 0
     seed: int = 0
     check_data: bool = True
+    # optimizer steps' batch in this many passes (micro-batches), gradients accumulated
+    grad_accum: int = 1
+    # activation checkpointing of the encoder's blocks (distributed.checkpoint_blocks)
+    grad_checkpoint: bool = False
+    # seconds a process waits for the others (torchrun) before it fails
+    timeout: float = 1800.0
     # the mask value of pixels to ignore: "auto" (none for binary, 255 with two classes or
     # more), None, or a value that is no class id (read_mask)
     ignore_index: Union[str, int, None] = "auto"
 
     def check(self) -> None:
-        for name in ("num_classes", "steps", "batch_size", "val_every", "r", "num_experts"):
+        for name in ("num_classes", "steps", "batch_size", "val_every", "r", "num_experts",
+                     "grad_accum"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
@@ -161,6 +171,23 @@ class FinetuneConfig:
                              f"{self.model_type!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"workers: expected an integer >= 0, got {self.workers!r}")
+        if not isinstance(self.timeout, (int, float)) or not math.isfinite(self.timeout) \
+                or self.timeout <= 0:
+            raise ValueError(f"timeout: expected a number of seconds > 0, got {self.timeout!r}")
+
+    def per_process_batch(self, world: int) -> int:
+        """The images each of ``world`` processes takes in each of the grad_accum passes of
+        a step: batch_size / (world · grad_accum), which must be a whole number."""
+        parts = world * self.grad_accum
+        if self.batch_size % parts:
+            how = (f"{world} processes x {self.grad_accum} accumulation passes"
+                   if world > 1 and self.grad_accum > 1 else
+                   f"{world} processes" if world > 1 else
+                   f"{self.grad_accum} accumulation passes")
+            raise ValueError(f"batch_size: {self.batch_size} images per step do not split over "
+                             f"{how}; --batch-size is the whole step's batch (all processes, "
+                             f"all passes): pass a multiple of {parts}")
+        return self.batch_size // parts
 
 
 def resolve_device(device: str) -> torch.device:
@@ -255,54 +282,103 @@ def train(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
     the best. With ``resume``, training continues from out/last.pt (same settings
     required; steps may grow). An out holding a run is refused unless ``resume`` or
     ``overwrite``, and so is an out that is, holds or lies inside a data folder.
+
+    Under torchrun (WORLD_SIZE > 1) each process trains on its share of every batch
+    (cfg.batch_size is the whole step's), the model wrapped in DistributedDataParallel;
+    validation is shared out and its metrics summed; only rank 0 logs and writes files.
+    The result is that of one process on the same batches, to float rounding.
     """
     cfg.check()
     check_out(cfg.out, [cfg.train_data] + ([cfg.val_data] if cfg.val_data else []),
               "training")
     check_run_folder(cfg.out, resume, overwrite)
     device = resolve_device(cfg.device)
+    cfg.per_process_batch(int(os.environ.get("WORLD_SIZE", "1") or 1))  # before any wait
+    import torch.distributed as dist
+
+    owned = not (dist.is_available() and dist.is_initialized())
+    procs = Processes.from_env(device, cfg.timeout)
+    try:
+        return _train(cfg, procs, resume, progress, log if procs.main else _quiet)
+    finally:
+        if owned:
+            procs.close()
+
+
+def _quiet(_text: str) -> None:
+    pass
+
+
+def _train(cfg: FinetuneConfig, procs: Processes, resume: bool, progress: bool,
+           log: Callable[[str], None]) -> Dict[str, object]:
+    device = procs.device
+    per = cfg.per_process_batch(procs.world)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     seg = _segmenter(cfg, device)
+    if cfg.grad_checkpoint and checkpoint_blocks(seg) == 0:
+        raise ValueError(f"grad_checkpoint: found no encoder blocks with Conv-LoRA layers "
+                         f"in SAM {cfg.model_type}")
     train_ds = SegmentationDataset(cfg.train_data, cfg.num_classes, size=seg.image_size,
                                    train=True, hflip=cfg.hflip, scale=tuple(cfg.scale_jitter),
                                    seed=cfg.seed, ignore_index=cfg.ignore_index)
     val_ds = (SegmentationDataset(cfg.val_data, cfg.num_classes, size=seg.image_size,
                                   ignore_index=cfg.ignore_index)
               if cfg.val_data else None)
-    if cfg.check_data:  # every pair read once now: bad data fails before the first step
+    split = procs.world * cfg.grad_accum > 1
+    if split and len(train_ds) < cfg.batch_size:
+        raise ValueError(f"batch_size: {cfg.batch_size} images per step, but the training "
+                         f"data has {len(train_ds)}; a step split over processes or passes "
+                         f"needs a whole batch")
+    if cfg.check_data and procs.main:  # every pair read once: bad data fails before step 1
         check_data([train_ds] + ([val_ds] if val_ds is not None else []), progress=progress)
     params = [p for p in seg.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = RunState()
-    settings = {k: v for k, v in asdict(cfg).items()
-                if k not in ("out", "device", "workers", "steps", "val_every", "check_data")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
     rng = None
     if resume:
         run, rng = _resume(out / "last.pt", seg, opt, settings)
         log(f"resumed from {out / 'last.pt'} at step {run.step}" + (
             "" if rng is not None else " (a checkpoint without the random state: the run "
                                        "continues, but not bitwise as it would have)"))
-    _write_json(out / "finetune.json", asdict(cfg))
+    procs.barrier()  # every process has checked and read the run's files: now rank 0 writes
+    if procs.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "finetune.json", asdict(cfg))
 
     batches = EpochBatches(len(train_ds), cfg.batch_size,
-                           drop_last=len(train_ds) >= cfg.batch_size, seed=cfg.seed)
+                           drop_last=split or len(train_ds) >= cfg.batch_size, seed=cfg.seed,
+                           rank=procs.rank, world=procs.world, passes=cfg.grad_accum)
     # The loader's own generator seeds its workers, so that starting an epoch draws nothing
-    # from the global generator (the routers' noise comes from it).
+    # from the global generator.
     loader = torch.utils.data.DataLoader(train_ds, batch_sampler=batches, collate_fn=collate,
                                          num_workers=cfg.workers,
                                          generator=torch.Generator().manual_seed(cfg.seed))
-    base = describe_base(cfg.model_type, cfg.checkpoint, cfg.seed)
-    bar = _progress(cfg.steps, run.step, progress)
+    model = seg
+    if procs.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(
+            seg, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
+    base = describe_base(cfg.model_type, cfg.checkpoint, cfg.seed) if procs.main else None
+    bar = _progress(cfg.steps, run.step, progress and procs.main)
     if rng is not None:  # last: nothing may draw between here and the first step
         _set_rng_state(rng)
+    trainer = _Steps(cfg, seg, model, opt, procs, PerSampleNoise(seg, cfg.seed),
+                     len(train_ds), per)
     try:
-        return _train_steps(cfg, seg, opt, loader, batches, train_ds, val_ds, out, device,
-                            run, settings, base, bar, log)
+        return _train_steps(cfg, trainer, loader, batches, train_ds, val_ds, out, run,
+                            settings, base, bar, log)
     finally:
         if bar is not None:  # also on an error, so that its message gets a line of its own
             bar.close()
+
+
+# Settings a resumed run may change: they do not change what is trained.
+RESUMABLE_CHANGES = ("out", "device", "workers", "steps", "val_every", "check_data",
+                     "grad_accum", "grad_checkpoint", "timeout")
 
 
 @dataclass
@@ -320,10 +396,17 @@ class RunState:
 class EpochBatches:
     """A training epoch's batches as lists of dataset indices: a permutation drawn from
     (seed, epoch) alone, without the first ``start`` batches (those a resumed run had
-    trained on), so a resumed run sees the batches the run would have seen."""
+    trained on), so a resumed run sees the batches the run would have seen.
 
-    def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int):
+    With ``world`` processes and ``passes`` accumulation passes, each step's batch is cut
+    into ``passes`` consecutive parts and each part into ``world`` consecutive shares:
+    process ``rank`` gets its share of each part in turn (``passes`` lists a step), so
+    the processes together see each step the batch one process would."""
+
+    def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int, rank: int = 0,
+                 world: int = 1, passes: int = 1):
         self.n, self.batch_size, self.drop_last, self.seed = n, batch_size, drop_last, seed
+        self.rank, self.world, self.passes = rank, world, passes
         self.epoch = self.start = 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -333,13 +416,21 @@ class EpochBatches:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
     def __len__(self) -> int:
-        return max(0, self._count() - self.start)
+        return max(0, self._count() - self.start) * self.passes
 
     def __iter__(self):
         g = torch.Generator().manual_seed(_seed_of(self.seed, self.epoch, 1))
         perm = torch.randperm(self.n, generator=g).tolist()
+        part = self.batch_size // self.passes
+        share = part // self.world
         for b in range(self.start, self._count()):
-            yield perm[b * self.batch_size:(b + 1) * self.batch_size]
+            batch = perm[b * self.batch_size:(b + 1) * self.batch_size]
+            if self.world == self.passes == 1:
+                yield batch
+                continue
+            for a in range(self.passes):
+                first = a * part + self.rank * share
+                yield batch[first:first + share]
 
 
 def _rng_state() -> Dict[str, object]:
@@ -367,36 +458,76 @@ def _set_rng_state(state: Dict[str, object]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _train_steps(cfg, seg, opt, loader, batches, train_ds, val_ds, out, device, run, settings,
-                 base, bar, log) -> Dict[str, object]:
+class _Steps:
+    """One optimizer step over the batch's parts (this process's share of each
+    accumulation pass): forward in the routing scope (per-sample router noise; over
+    several processes the routers' statistics summed), step_loss, backward; then Adam."""
+
+    def __init__(self, cfg, seg, model, opt, procs: Processes, noise: PerSampleNoise,
+                 n_train: int, per: int):
+        self.cfg, self.seg, self.model, self.opt, self.procs = cfg, seg, model, opt, procs
+        self.noise, self.n_train, self.per = noise, n_train, per
+        self.images = 0  # the last step's, all processes
+
+    def __call__(self, parts: List[dict], epoch: int) -> float:
+        cfg, procs, device = self.cfg, self.procs, self.procs.device
+        from ..seg.data import IGNORE_INDEX
+
+        images, pixels = procs.sum([float(sum(len(p["index"]) for p in parts)),
+                                    float(sum(int((p["mask"] != IGNORE_INDEX).sum())
+                                              for p in parts))])
+        self.images = round(images)
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for a, part in enumerate(parts):
+            x = part["image"].to(device, non_blocking=True)
+            masks = part["mask"].to(device, non_blocking=True)
+            # a sample's noise key: its index and the epoch, whatever process or pass it is in
+            keys = [epoch * self.n_train + i for i in part["index"]]
+            last = a == len(parts) - 1
+            sync = self.model.no_sync() if procs.distributed and not last else \
+                contextlib.nullcontext()
+            with sync:
+                with procs.scope(self.noise.keys(keys)):
+                    with _autocast(device, cfg.bf16):
+                        logits = self.model(x)
+                    loss = step_loss(logits.float(), masks, self.seg.aux_loss(),
+                                     cfg.aux_weight, round(images), round(pixels),
+                                     len(parts), procs.sum_over)
+                loss.backward()
+            total += loss.item()  # a host sync per pass: the bar and the history
+        return total
+
+
+def _train_steps(cfg, step, loader, batches, train_ds, val_ds, out, run, settings, base, bar,
+                 log) -> Dict[str, object]:
+    seg = step.seg
     seg.train()
     seen, t0 = 0, time.perf_counter()
     while run.step < cfg.steps:
         train_ds.set_epoch(run.epoch)
         batches.set_epoch(run.epoch, start=run.position)
-        for batch in loader:
-            images = batch["image"].to(device, non_blocking=True)
-            masks = batch["mask"].to(device, non_blocking=True)
-            with _autocast(device, cfg.bf16):
-                logits = seg(images)
-            loss = segmentation_loss(logits.float(), masks, seg.aux_loss(), cfg.aux_weight)
-            value = loss.item()  # the one host sync of a step: the bar and the history
+        parts: List[dict] = []
+        for part in loader:
+            parts.append(part)
+            if len(parts) < cfg.grad_accum:
+                continue
+            value = step(parts, run.epoch)
+            parts = []
             if not math.isfinite(value):
                 raise FloatingPointError(f"the loss is {value} at step {run.step + 1}; lower "
                                          f"the learning rate (lr={cfg.lr})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            step.opt.step()
             run.step += 1
             run.position += 1
-            seen += images.shape[0]
+            seen += step.images
             rate = seen / max(time.perf_counter() - t0, 1e-9)
             run.history.append({"step": run.step, "loss": value})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.1f}")
             if run.step % cfg.val_every == 0 or run.step == cfg.steps:
-                _checkpoint(seg, opt, cfg, out, run, val_ds, settings, base, log)
+                _checkpoint(step, cfg, out, run, val_ds, settings, base, log)
                 seg.train()
             if run.step >= cfg.steps:
                 break
@@ -416,23 +547,33 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
-def _checkpoint(seg, opt, cfg, out: Path, run: RunState, val_ds, settings, base, log) -> None:
-    """Validation, then the run's files: best and last adapters, last.pt (everything to
-    continue bitwise: the optimizer, the epoch's position, every random generator),
-    history.json and curve.png. Updates run.best."""
+def _checkpoint(step: "_Steps", cfg, out: Path, run: RunState, val_ds, settings, base,
+                log) -> None:
+    """Validation (each process its share, the metrics summed), then rank 0 writes the
+    run's files: best and last adapters, last.pt (everything to continue bitwise: the
+    optimizer, the epoch's position, every random generator), history.json and
+    curve.png. Updates run.best (in every process alike)."""
+    seg, opt, procs = step.seg, step.opt, step.procs
     record, score = {"step": run.step}, None
     if val_ds is not None:
-        metrics = evaluate(seg, val_ds, batch_size=cfg.batch_size, device=None,
-                           bf16=cfg.bf16, progress=False)
+        metrics = _metrics(seg, val_ds, step.per, procs.device, cfg.bf16, False,
+                           range(procs.rank, len(val_ds), procs.world))
+        metrics.reduce(procs.sum)
+        metrics = metrics.compute()
         record.update(metrics)
         score = _score(metrics, cfg.num_classes)
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()
                  if k != "iou_per_class"}
         log(f"step {run.step}: validation {shown}")
     run.history.append({"validation": record})
-    # save_adapter writes beside its target and renames: never half-written
-    if run.best is None or score is None or score > run.best["score"]:
+    better = run.best is None or score is None or score > run.best["score"]
+    if better:
         run.best = {"step": run.step, "score": score}
+    if not procs.main:
+        procs.barrier()  # rank 0 has written the files
+        return
+    # save_adapter writes beside its target and renames: never half-written
+    if better:
         sam_api.save_adapter(seg, out / "best.safetensors", base_model=base)
     sam_api.save_adapter(seg, out / "last.safetensors", base_model=base)
     state = {"format": CHECKPOINT_FORMAT, "step": run.step, "epoch": run.epoch,
@@ -444,6 +585,7 @@ def _checkpoint(seg, opt, cfg, out: Path, run: RunState, val_ds, settings, base,
     write_atomically(out / "last.pt", lambda tmp: torch.save(state, tmp))
     _write_json(out / "history.json", run.history)
     write_curve(out / "curve.png", run.history, _score_name(cfg.num_classes))
+    procs.barrier()
 
 
 def write_curve(path: Path, history: list, metric: str, title: str = "fine-tuning") -> bool:
@@ -595,7 +737,6 @@ def load_segmenter(weights, model_type: Optional[str] = None, checkpoint: Option
     return SamSegmenter.from_adapter(sam, weights, backend=backend).to(resolve_device(device))
 
 
-@torch.no_grad()
 def evaluate(seg: SamSegmenter, data, batch_size: int = 4, device=None, bf16: bool = True,
              progress: bool = True, ignore_index="auto") -> Dict[str, object]:
     """The metrics (SegmentationMetrics) of ``seg`` on ``data``: a SegmentationDataset or
@@ -605,9 +746,18 @@ def evaluate(seg: SamSegmenter, data, batch_size: int = 4, device=None, bf16: bo
         data = SegmentationDataset(data, seg.num_classes, size=seg.image_size,
                                    ignore_index=ignore_index)
     device = device or next(seg.parameters()).device
+    return _metrics(seg, data, batch_size, device, bf16, progress, None).compute()
+
+
+@torch.no_grad()
+def _metrics(seg: SamSegmenter, data: SegmentationDataset, batch_size: int, device,
+             bf16: bool, progress: bool, indices) -> SegmentationMetrics:
+    """The running metrics of ``seg`` on the items ``indices`` of data (all: None)."""
     was = seg.training
     seg.eval()
     metrics = SegmentationMetrics(seg.num_classes)
+    if indices is not None:
+        data = torch.utils.data.Subset(data, list(indices))
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate)
     bar = _progress(len(loader), 0, progress)
     for batch in loader:
@@ -619,7 +769,7 @@ def evaluate(seg: SamSegmenter, data, batch_size: int = 4, device=None, bf16: bo
     if bar is not None:
         bar.close()
     seg.train(was)
-    return metrics.compute()
+    return metrics
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")

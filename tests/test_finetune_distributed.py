@@ -1,0 +1,275 @@
+"""The fine-tuning command over several processes (torchrun, gloo on the CPU, the small
+random SAM): the same adapters as one process on the same batches, resume after kill -9
+with two processes or one, clear errors instead of hangs; gradient accumulation and
+activation checkpointing against the plain step."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("segment_anything", reason="the SAM tests need segment-anything "
+                    "(pip install -e .[test])")
+pytest.importorskip("PIL", reason="the data tests need Pillow")
+pytest.importorskip("convlora_kernels._C", reason="the cpu backend is not built")
+
+import torch.distributed as dist  # noqa: E402
+
+from convlora_kernels.seg.synthetic import synthetic_split  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 3 classes: the cross-entropy's pixel count and the soft Dice's statistics are batch-wide,
+# as are the routers' (token routing, 4 experts): all must be summed over the processes.
+COMMON = ["--model-type", "tiny", "--backend", "cpu", "--batch-size", "4", "--lr", "1e-3",
+          "--seed", "1", "--no-progress", "--skip-data-check", "--experts", "4"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic3")
+    return synthetic_split(root, 16, 5, num_classes=3, size=128, seed=0)
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep +
+               os.environ.get("PYTHONPATH", ""))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _train_cmd(data, out, *extra, procs=1):
+    args = ["train", "--train", str(data[0]), "--val", str(data[1]), "--num-classes", "3",
+            "--out", str(out), *COMMON, *map(str, extra)]
+    if procs == 1:
+        return [sys.executable, "-m", "convlora_kernels.finetune", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={procs}", "-m", "convlora_kernels.finetune", *args]
+
+
+def _run(cmd, timeout=600):
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def _adapters(folder, name="last.safetensors"):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / name))
+
+
+def _first_step_gradients(folder):
+    """The Adam moments after a run's first step (last.pt): g / 10 and g² / 1000."""
+    state = torch.load(folder / "last.pt", weights_only=False)
+    assert state["step"] == 1
+    return {k: (v["exp_avg"], v["exp_avg_sq"]) for k, v in state["optimizer"]["state"].items()}
+
+
+def _assert_same_gradients(a, b):
+    """The first step's gradients of two runs equal to float32 rounding (relative to each
+    tensor's largest entry: the sums run in other orders)."""
+    assert a.keys() == b.keys() and len(a) > 50
+    # at the first step lora_B is zero, so the experts and lora_A have no gradient yet
+    assert sum(bool(a[k][0].abs().max() > 0) for k in a) > 0.6 * len(a)
+    for k in a:
+        for x, y in zip(a[k], b[k], strict=True):
+            torch.testing.assert_close(y, x, rtol=0, atol=1e-5 * x.abs().max().item(),
+                                       msg=f"parameter {k}")
+
+
+def _assert_same_run(a, b, lr=1e-3):
+    """Two runs' losses and validations equal to float32 rounding at every step, and their
+    adapters within Adam's reach of each other: Adam moves a weight by about lr a step
+    whatever its gradient's size, so a gradient within rounding of zero may move it either
+    way (the first step's gradients are compared tightly: _assert_same_gradients)."""
+    ha = json.loads((a / "history.json").read_text())
+    hb = json.loads((b / "history.json").read_text())
+    assert [h.get("step", h.get("validation", {}).get("step")) for h in ha] == \
+        [h.get("step", h.get("validation", {}).get("step")) for h in hb]
+    for x, y in zip(ha, hb, strict=True):
+        if "loss" in x:
+            assert y["loss"] == pytest.approx(x["loss"], rel=1e-4), x["step"]
+        else:
+            assert y["validation"]["miou"] == pytest.approx(x["validation"]["miou"],
+                                                            rel=1e-4, abs=1e-6)
+    losses = [h["loss"] for h in ha if "loss" in h]
+    assert len(set(losses)) == len(losses)
+    wa, wb = _adapters(a), _adapters(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=lr * len(losses), msg=k)
+
+
+@pytest.fixture(scope="module")
+def one_and_two(data, tmp_path_factory):
+    """{(processes, passes): (the first step's gradients, the run's folder)}: one and two
+    processes, plain and with 2 accumulation passes; 1 step, then resumed to 4."""
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for accum in (1, 2):
+        for procs in (1, 2):
+            out = root / f"p{procs}a{accum}"
+            status, _, err = _run(_train_cmd(data, out, "--steps", 1, "--val-every", 1,
+                                             "--grad-accum", accum, procs=procs))
+            assert status == 0, err[-3000:]
+            first = _first_step_gradients(out)
+            status, _, err = _run(_train_cmd(data, out, "--steps", 4, "--val-every", 2,
+                                             "--grad-accum", accum, "--resume", procs=procs))
+            assert status == 0, err[-3000:]
+            runs[procs, accum] = first, out
+    return runs
+
+
+@pytest.mark.slow  # eight runs, four of them under torchrun: ~3 min on 2 cores
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_processes_train_what_one_does(one_and_two, accum):
+    (g1, one), (g2, two) = one_and_two[1, accum], one_and_two[2, accum]
+    _assert_same_gradients(g1, g2)
+    _assert_same_run(one, two)
+    # the files a run writes, written once (by rank 0), none left half-written
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert not [p for p in two.iterdir() if p.name.startswith(".")]
+    cfg = json.loads((two / "finetune.json").read_text())
+    assert cfg["batch_size"] == 4 and cfg["grad_accum"] == accum
+
+
+@pytest.mark.slow
+def test_accumulation_passes_change_only_batch_statistics(one_and_two):
+    """With 2 passes the routers' balance and the soft Dice are measured per pass of 2
+    images, not over the batch of 4: the first step's gradients differ (the two-process
+    runs above, whose passes are split over processes, match one process exactly)."""
+    a, b = one_and_two[1, 1][0], one_and_two[1, 2][0]
+    assert any(not torch.allclose(a[k][0], b[k][0], rtol=1e-3, atol=0) for k in a)
+
+
+def test_a_batch_that_does_not_split_is_an_error(data, tmp_path):
+    start = time.time()
+    status, out, err = _run(_train_cmd(data, tmp_path / "bad", "--steps", 2,
+                                       "--batch-size", 3, procs=2), timeout=300)
+    assert status != 0
+    assert "batch_size: 3 images per step do not split over 2 processes" in err, err[-2000:]
+    # each rank says it on a line of its own; the only traceback is torchrun's own report
+    assert "convlora_kernels/" not in err, err[-2000:]
+    assert not (tmp_path / "bad" / "finetune.json").exists()
+    assert time.time() - start < 120
+
+
+def _children(pid):
+    """Process ids whose parent is pid (Linux /proc)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(entry))
+    return kids
+
+
+@pytest.mark.slow  # three runs under torchrun and two alone: ~2 min on 2 cores
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill_one_rank_then_resume_with_two_or_one(data, tmp_path):
+    """kill -9 of rank 1 after a checkpoint; torchrun stops the other; --resume with two
+    processes, or with one, ends where an uninterrupted run ends, history continuous."""
+    steps = ["--steps", 6, "--val-every", 2]
+    whole = tmp_path / "whole"
+    status, _, err = _run(_train_cmd(data, whole, *steps))
+    assert status == 0, err[-3000:]
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_train_cmd(data, cut, *steps, procs=2), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (cut / "last.pt").exists() and proc.poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.02)
+        ranks = _children(proc.pid)
+        assert ranks, "torchrun's workers were not found"
+        os.kill(max(ranks), signal.SIGKILL)  # one of the two ranks
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    saved = torch.load(cut / "last.pt", weights_only=False)
+    assert saved["step"] < 6, "the run finished before it could be killed"
+    assert not [p for p in cut.iterdir() if p.name.startswith(".")]  # nothing half-written
+
+    cut2 = tmp_path / "cut2"
+    shutil.copytree(cut, cut2)
+    for folder, procs in ((cut, 2), (cut2, 1)):
+        status, _, err = _run(_train_cmd(data, folder, *steps, "--resume", procs=procs))
+        assert status == 0, err[-3000:]
+        _assert_same_run(whole, folder)
+        hist = json.loads((folder / "history.json").read_text())
+        assert [h["step"] for h in hist if "loss" in h] == list(range(1, 7))
+
+
+def test_grad_checkpoint_gives_the_same_gradients():
+    """Activation checkpointing per encoder block: the same loss and gradients (the
+    routers' noise drawn again alike when a block's forward is recomputed)."""
+    from convlora_kernels.gating import PerSampleNoise, routing_scope
+    from convlora_kernels.seg.distributed import checkpoint_blocks
+    from convlora_kernels.seg.losses import segmentation_loss
+    from convlora_kernels.seg.model import SamSegmenter
+    from convlora_kernels.seg.trainer import build_sam
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 128, 128) * 255
+    masks = torch.randint(0, 3, (2, 128, 128))
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(1)  # the same adapters' initialisation
+        seg = SamSegmenter(build_sam("tiny", seed=4), 3, r=4, num_experts=4,
+                           backend="cpu").train()
+        with torch.no_grad():  # adapters that are not zero, routers that route
+            for n, p in seg.named_parameters():
+                if p.requires_grad and ("lora_B" in n or "router" in n):
+                    p.normal_(0, 0.1)
+        if checkpointed:
+            assert checkpoint_blocks(seg) == 4 and checkpoint_blocks(seg) == 0
+        with routing_scope(noise=PerSampleNoise(seg, 7).keys([3, 9])):
+            loss = segmentation_loss(seg(images), masks, seg.aux_loss())
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in seg.named_parameters()
+                                      if p.requires_grad}))
+    (l0, g0), (l1, g1) = grads
+    assert torch.equal(l0, l1)
+    assert g0.keys() == g1.keys() and any("router" in k for k in g0)
+    for k in g0:
+        assert g0[k] is not None and g0[k].abs().max() > 0, k
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_accumulation_of_a_whole_batch_equals_it(tmp_path):
+    """--grad-accum 2 at batch 4 computes the gradient batch 4 does when every loss term is
+    a sum over images (binary structure loss, one expert: no router statistics)."""
+    train_dir, _ = synthetic_split(tmp_path / "d", 8, 2, num_classes=1, size=128, seed=2)
+    grads = []
+    for accum in (1, 2):
+        out = tmp_path / f"a{accum}"
+        status, _, err = _run([sys.executable, "-m", "convlora_kernels.finetune", "train",
+                               "--train", str(train_dir), "--num-classes", "1", "--out",
+                               str(out), "--model-type", "tiny", "--backend", "cpu",
+                               "--batch-size", "4", "--lr", "1e-3", "--no-progress",
+                               "--skip-data-check", "--experts", "1", "--steps", "1",
+                               "--val-every", "1", "--grad-accum", str(accum)])
+        assert status == 0, err[-3000:]
+        grads.append(_first_step_gradients(out))
+    _assert_same_gradients(*grads)

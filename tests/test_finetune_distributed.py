@@ -76,14 +76,22 @@ def _first_step_gradients(folder):
 
 
 def _assert_same_gradients(a, b):
-    """The first step's gradients of two runs equal to float32 rounding (relative to each
-    tensor's largest entry: the sums run in other orders)."""
+    """The first step's gradients of two runs equal to float32 rounding: to 1e-4 of each
+    tensor's largest entry (the sums run in other orders), and to 2e-5 of the largest of
+    all for the tensors whose gradient is rounding noise (lora_B while the experts' output
+    is nearly zero, a bias that a softmax cancels). A lost or doubled term (a statistic
+    not summed over the processes, a gradient averaged twice) is off by tens of percent.
+    Forwards over other batch sizes (one image against two) round differently, and the
+    softmax's cancellation in the decoder's shared weights grows that to 1e-3: the runs
+    compared keep every process's forward at two images."""
     assert a.keys() == b.keys() and len(a) > 50
-    # at the first step lora_B is zero, so the experts and lora_A have no gradient yet
+    # at the first step lora_B is zero, so the experts have no gradient yet
     assert sum(bool(a[k][0].abs().max() > 0) for k in a) > 0.6 * len(a)
+    floor = [2e-5 * max(a[k][i].abs().max().item() for k in a) for i in (0, 1)]
     for k in a:
-        for x, y in zip(a[k], b[k], strict=True):
-            torch.testing.assert_close(y, x, rtol=0, atol=1e-5 * x.abs().max().item(),
+        for i, (x, y) in enumerate(zip(a[k], b[k], strict=True)):
+            torch.testing.assert_close(y, x, rtol=0, atol=max(1e-4 * x.abs().max().item(),
+                                                              floor[i]),
                                        msg=f"parameter {k}")
 
 
@@ -100,8 +108,11 @@ def _assert_same_run(a, b, lr=1e-3):
         if "loss" in x:
             assert y["loss"] == pytest.approx(x["loss"], rel=1e-4), x["step"]
         else:
-            assert y["validation"]["miou"] == pytest.approx(x["validation"]["miou"],
-                                                            rel=1e-4, abs=1e-6)
+            # an arg max over the nearly equal logits of a barely trained model: a weight
+            # moved by rounding flips a few pixels, and a rare class's IoU with them (the
+            # sums over processes themselves: test_metrics_summed_over_shares)
+            for m, tol in (("miou", 0.03), ("pixel_accuracy", 0.01)):
+                assert y["validation"][m] == pytest.approx(x["validation"][m], abs=tol)
     losses = [h["loss"] for h in ha if "loss" in h]
     assert len(set(losses)) == len(losses)
     wa, wb = _adapters(a), _adapters(b)
@@ -113,24 +124,32 @@ def _assert_same_run(a, b, lr=1e-3):
 @pytest.fixture(scope="module")
 def one_and_two(data, tmp_path_factory):
     """{(processes, passes): (the first step's gradients, the run's folder)}: one and two
-    processes, plain and with 2 accumulation passes; 1 step, then resumed to 4."""
+    processes, plain at batch 4 and with 2 accumulation passes at batch 8 (so that each
+    process's forward holds 2 images, as one process's does: the same GEMM shapes); 1
+    step, then resumed to 4. And (1, 0): one process, batch 8 in one pass, 1 step."""
     root = tmp_path_factory.mktemp("runs")
     runs = {}
     for accum in (1, 2):
         for procs in (1, 2):
             out = root / f"p{procs}a{accum}"
+            size = ["--grad-accum", accum, "--batch-size", 4 * accum]
             status, _, err = _run(_train_cmd(data, out, "--steps", 1, "--val-every", 1,
-                                             "--grad-accum", accum, procs=procs))
+                                             *size, procs=procs))
             assert status == 0, err[-3000:]
             first = _first_step_gradients(out)
             status, _, err = _run(_train_cmd(data, out, "--steps", 4, "--val-every", 2,
-                                             "--grad-accum", accum, "--resume", procs=procs))
+                                             *size, "--resume", procs=procs))
             assert status == 0, err[-3000:]
             runs[procs, accum] = first, out
+    out = root / "whole8"
+    status, _, err = _run(_train_cmd(data, out, "--steps", 1, "--val-every", 1,
+                                     "--batch-size", 8))
+    assert status == 0, err[-3000:]
+    runs[1, 0] = _first_step_gradients(out), out
     return runs
 
 
-@pytest.mark.slow  # eight runs, four of them under torchrun: ~3 min on 2 cores
+@pytest.mark.slow  # nine runs, four of them under torchrun: ~3 min on 2 cores
 @pytest.mark.parametrize("accum", [1, 2])
 def test_two_processes_train_what_one_does(one_and_two, accum):
     (g1, one), (g2, two) = one_and_two[1, accum], one_and_two[2, accum]
@@ -140,16 +159,17 @@ def test_two_processes_train_what_one_does(one_and_two, accum):
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     assert not [p for p in two.iterdir() if p.name.startswith(".")]
     cfg = json.loads((two / "finetune.json").read_text())
-    assert cfg["batch_size"] == 4 and cfg["grad_accum"] == accum
+    assert cfg["batch_size"] == 4 * accum and cfg["grad_accum"] == accum
 
 
 @pytest.mark.slow
 def test_accumulation_passes_change_only_batch_statistics(one_and_two):
-    """With 2 passes the routers' balance and the soft Dice are measured per pass of 2
-    images, not over the batch of 4: the first step's gradients differ (the two-process
-    runs above, whose passes are split over processes, match one process exactly)."""
-    a, b = one_and_two[1, 1][0], one_and_two[1, 2][0]
-    assert any(not torch.allclose(a[k][0], b[k][0], rtol=1e-3, atol=0) for k in a)
+    """With 2 passes the routers' balance and the soft Dice are measured per pass of 4
+    images, not over the batch of 8: the first step's gradients differ from one pass's
+    (while the two-process runs above, whose passes are split over processes, match one
+    process's exactly)."""
+    a, b = one_and_two[1, 0][0], one_and_two[1, 2][0]
+    assert any(not torch.allclose(a[k][0], b[k][0], rtol=1e-2, atol=0) for k in a)
 
 
 def test_a_batch_that_does_not_split_is_an_error(data, tmp_path):
@@ -273,3 +293,39 @@ def test_accumulation_of_a_whole_batch_equals_it(tmp_path):
         assert status == 0, err[-3000:]
         grads.append(_first_step_gradients(out))
     _assert_same_gradients(*grads)
+
+
+@pytest.mark.parametrize("num_classes", [1, 3])
+def test_metrics_summed_over_shares(num_classes):
+    """Validation over processes: each scores its share, the running sums are added
+    (SegmentationMetrics.reduce); the metrics are those of the whole set, exactly for
+    the counts (IoU from summed intersections and unions, not averaged ratios)."""
+    from convlora_kernels.seg.metrics import SegmentationMetrics
+
+    torch.manual_seed(0)
+    k = num_classes
+    logits = torch.randn(7, k, 9, 11)
+    target = torch.randint(0, max(2, k), (7, 9, 11))
+    target[2, :4] = 255
+    whole = SegmentationMetrics(k)
+    for i in range(0, 7, 2):
+        whole.update(logits[i:i + 2], target[i:i + 2])
+    shares = [SegmentationMetrics(k) for _ in range(3)]
+    for rank, m in enumerate(shares):
+        for i in range(rank, 7, 3):
+            m.update(logits[i:i + 1], target[i:i + 1])
+
+    def summed(values):
+        return [sum(v) for v in zip(*(m._values for m in shares))]
+
+    for m in shares:
+        m._values = [float(v) for v in m.confusion.flatten().tolist()] + [
+            m.images, m.scored, m.valid_pixels, m.iou_sum, m.dice_sum, m.mae_sum]
+    for m in shares:
+        m.reduce(summed)
+    a, b = whole.compute(), shares[1].compute()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-12, nan_ok=True), key
+    assert torch.equal(shares[0].confusion, whole.confusion)
+    assert shares[2].valid_pixels == whole.valid_pixels == 7 * 99 - 44

@@ -360,8 +360,7 @@ def _train(cfg: FinetuneConfig, procs: Processes, resume: bool, progress: bool,
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(
-            seg, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)
+            seg, device_ids=[device.index] if device.type == "cuda" else None)
     base = describe_base(cfg.model_type, cfg.checkpoint, cfg.seed) if procs.main else None
     bar = _progress(cfg.steps, run.step, progress and procs.main)
     if rng is not None:  # last: nothing may draw between here and the first step

@@ -117,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="activation checkpointing per encoder block: recompute each block's "
                         "forward in backward instead of keeping its activations (less "
                         "memory, about a third more compute; the same gradients)")
+    t.add_argument("--shard", action="store_true",
+                   help="under torchrun: shard every weight over the processes (FSDP2, per "
+                        "encoder block) instead of a copy per GPU, for encoders that do not "
+                        "fit beside their activations; the files are those of an unsharded "
+                        "run")
     t.add_argument("--timeout", type=float, default=d.timeout,
                    help="under torchrun: seconds a process waits for the others before "
                         "it fails")
@@ -193,7 +198,7 @@ def _run(args) -> int:
             device=args.device, bf16=args.bf16, workers=args.workers, seed=args.seed,
             check_data=args.check_data, ignore_index=args.ignore_index,
             grad_accum=args.grad_accum, grad_checkpoint=args.grad_checkpoint,
-            timeout=args.timeout)
+            timeout=args.timeout, shard=args.shard)
         result = steps.train(cfg, resume=args.resume, progress=args.progress,
                              overwrite=args.overwrite)
         if os.environ.get("RANK", "0") == "0":

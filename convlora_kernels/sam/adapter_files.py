@@ -96,13 +96,15 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
             t.copy_(state_dict[k])
 
 
-def save_adapter(model: nn.Module, path, base_model: Optional[Mapping[str, object]] = None
-                 ) -> None:
+def save_adapter(model: nn.Module, path, base_model: Optional[Mapping[str, object]] = None,
+                 state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> None:
     """Write adapter_state_dict(model) to a safetensors file, with the settings of
     apply_conv_lora in its metadata, and ``base_model`` (a JSON-serialisable description of
     the model the adapters were trained on: its type, checkpoint file and hash, ...) when
-    given, for read_base_model. The file is written beside ``path`` and renamed into place,
-    so ``path`` is never left half-written."""
+    given, for read_base_model. ``state_dict``: those tensors as gathered elsewhere (the
+    full tensors of a model whose parameters are sharded over processes), written instead
+    of the model's own; it must hold the same names. The file is written beside ``path``
+    and renamed into place, so ``path`` is never left half-written."""
     from safetensors.torch import save_file
 
     root, cfg = _config_of(model)
@@ -112,7 +114,14 @@ def save_adapter(model: nn.Module, path, base_model: Optional[Mapping[str, objec
         raise FileNotFoundError(f"path: the folder {folder} does not exist; create it first "
                                 f"(os.makedirs({folder!r}, exist_ok=True))")
     # Copies on the CPU: safetensors refuses tensors that share storage.
-    tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
+    own = adapter_state_dict(model)
+    if state_dict is not None:
+        if set(state_dict) != set(own):
+            raise ValueError(f"state_dict: expected the names adapter_state_dict(model) gives, "
+                             f"got {_describe_keys(sorted(set(state_dict) ^ set(own)))} "
+                             f"that differ")
+        own = {k: state_dict[k] for k in own}
+    tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in own.items()}
     _warn_unsaved_trainables(root, tensors)
     metadata = {"format": FILE_FORMAT, "format_version": FILE_FORMAT_VERSION,
                 "conv_lora_config": json.dumps(cfg.to_dict())}

@@ -5,6 +5,7 @@ trainer.train uses.
                                           the process groups (None entries outside torchrun)
     checkpoint_blocks(model)              activation checkpointing of every encoder block
                                           that holds Conv-LoRA layers
+    shard_blocks(model, device)           FSDP2: fully_shard per encoder block, then the rest
 
 Under torchrun (WORLD_SIZE > 1) the process group is torch.distributed's (NCCL on GPUs,
 gloo on CPUs) with a timeout, so that a process that waits for a peer that is gone or
@@ -27,7 +28,7 @@ import torch.nn as nn
 
 from ..gating import SumOverProcesses, current_scope, routing_scope
 
-__all__ = ["Processes", "checkpoint_blocks", "encoder_blocks"]
+__all__ = ["Processes", "checkpoint_blocks", "encoder_blocks", "shard_blocks"]
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -181,3 +182,23 @@ def checkpoint_blocks(model: nn.Module) -> int:
         block._convlora_checkpointed = True
         count += 1
     return count
+
+
+# --- Sharding (FSDP2) -----------------------------------------------------------------
+
+def shard_blocks(model: nn.Module, device: torch.device) -> int:
+    """torch.distributed.fsdp.fully_shard on every encoder block (encoder_blocks), then on
+    the model for what is left (the neck, the decoder): each process holds 1/world of
+    every weight, frozen or trained, and gathers a block's weights for its forward and
+    backward only. Gradients are averaged over the processes, as DDP averages them.
+    Returns the number of blocks sharded. Needs the default process group (torchrun)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    import torch.distributed as dist
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    blocks = encoder_blocks(model)
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return len(blocks)

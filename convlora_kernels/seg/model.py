@@ -201,7 +201,9 @@ class SamSegmenter(nn.Module):
         x, (h, w) = self.preprocess(images)
         low = self.decode(self._parts.encode(x))
         s = self.image_size
-        logits = F.interpolate(low, (s, s), mode="bilinear", align_corners=False)[..., :h, :w]
+        logits = F.interpolate(low, (s, s), mode="bilinear", align_corners=False)
+        if (h, w) != (s, s):  # a copy, not a view (FSDP2 warns of views it returns)
+            logits = logits[..., :h, :w].contiguous()
         if (h, w) != (hh, ww):
             logits = F.interpolate(logits, (hh, ww), mode="bilinear", align_corners=False)
         return logits

@@ -39,7 +39,7 @@ from .. import sam as sam_api
 from .._files import write_atomically
 from ..gating import PerSampleNoise
 from .data import SegmentationDataset, _seed_of, check_data, collate, read_image
-from .distributed import Processes, checkpoint_blocks
+from .distributed import Processes, checkpoint_blocks, shard_blocks
 from .losses import step_loss
 from .metrics import SegmentationMetrics
 from .model import SamSegmenter
@@ -152,6 +152,8 @@ class FinetuneConfig:
     grad_checkpoint: bool = False
     # seconds a process waits for the others (torchrun) before it fails
     timeout: float = 1800.0
+    # under torchrun: FSDP2 (fully_shard per encoder block) instead of DDP
+    shard: bool = False
     # the mask value of pixels to ignore: "auto" (none for binary, 255 with two classes or
     # more), None, or a value that is no class id (read_mask)
     ignore_index: Union[str, int, None] = "auto"
@@ -293,7 +295,12 @@ def train(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
               "training")
     check_run_folder(cfg.out, resume, overwrite)
     device = resolve_device(cfg.device)
-    cfg.per_process_batch(int(os.environ.get("WORLD_SIZE", "1") or 1))  # before any wait
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    cfg.per_process_batch(world)  # before any wait for the other processes
+    if cfg.shard and world < 2:
+        raise ValueError("shard: --shard splits the weights over the processes of a run; "
+                         "start it under torchrun (torchrun --nproc_per_node=N -m "
+                         "convlora_kernels.finetune train ... --shard)")
     import torch.distributed as dist
 
     owned = not (dist.is_available() and dist.is_initialized())
@@ -332,16 +339,20 @@ def _train(cfg: FinetuneConfig, procs: Processes, resume: bool, progress: bool,
                          f"needs a whole batch")
     if cfg.check_data and procs.main:  # every pair read once: bad data fails before step 1
         check_data([train_ds] + ([val_ds] if val_ds is not None else []), progress=progress)
-    params = [p for p in seg.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = RunState()
     settings = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
-    rng = None
-    if resume:
-        run, rng = _resume(out / "last.pt", seg, opt, settings)
+    rng = optimizer_state = None
+    if resume:  # the adapters into the whole model, before it is sharded
+        run, rng, optimizer_state = _resume(out / "last.pt", seg, settings)
         log(f"resumed from {out / 'last.pt'} at step {run.step}" + (
             "" if rng is not None else " (a checkpoint without the random state: the run "
                                        "continues, but not bitwise as it would have)"))
+    if cfg.shard:
+        shard_blocks(seg, device)
+    params = [p for p in seg.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if optimizer_state is not None:
+        _load_optimizer(seg, opt, optimizer_state, cfg.shard)
     procs.barrier()  # every process has checked and read the run's files: now rank 0 writes
     if procs.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -356,7 +367,7 @@ def _train(cfg: FinetuneConfig, procs: Processes, resume: bool, progress: bool,
                                          num_workers=cfg.workers,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     model = seg
-    if procs.distributed:
+    if procs.distributed and not cfg.shard:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(
@@ -378,6 +389,37 @@ def _train(cfg: FinetuneConfig, procs: Processes, resume: bool, progress: bool,
 # Settings a resumed run may change: they do not change what is trained.
 RESUMABLE_CHANGES = ("out", "device", "workers", "steps", "val_every", "check_data",
                      "grad_accum", "grad_checkpoint", "timeout")
+
+
+def _load_optimizer(seg, opt, state, sharded: bool) -> None:
+    """Adam's state from last.pt: a sharded run's is the full state by parameter name
+    (torch.distributed.checkpoint's), which each process cuts to its shards; a plain
+    run's is opt.state_dict()."""
+    if not sharded:
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         set_optimizer_state_dict)
+
+    set_optimizer_state_dict(seg, opt, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def _saved_state(seg, opt, sharded: bool):
+    """(adapter tensors, Adam's state) to save, whole: a sharded model's gathered from the
+    processes (every process must call this; rank 0 gets them)."""
+    adapter = sam_api.adapter_state_dict(seg)
+    if not sharded:
+        return {k: v.detach().cpu() for k, v in adapter.items()}, opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_optimizer_state_dict)
+    from torch.distributed.tensor import DTensor
+
+    adapter = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+               for k, v in adapter.items()}
+    state = get_optimizer_state_dict(seg, opt, options=StateDictOptions(full_state_dict=True,
+                                                                        cpu_offload=True))
+    return adapter, state
 
 
 @dataclass
@@ -484,8 +526,11 @@ class _Steps:
             # a sample's noise key: its index and the epoch, whatever process or pass it is in
             keys = [epoch * self.n_train + i for i in part["index"]]
             last = a == len(parts) - 1
-            sync = self.model.no_sync() if procs.distributed and not last else \
-                contextlib.nullcontext()
+            sync = contextlib.nullcontext()
+            if procs.distributed and cfg.shard:
+                self.model.set_requires_gradient_sync(last)
+            elif procs.distributed and not last:
+                sync = self.model.no_sync()
             with sync:
                 with procs.scope(self.noise.keys(keys)):
                     with _autocast(device, cfg.bf16):
@@ -555,8 +600,12 @@ def _checkpoint(step: "_Steps", cfg, out: Path, run: RunState, val_ds, settings,
     seg, opt, procs = step.seg, step.opt, step.procs
     record, score = {"step": run.step}, None
     if val_ds is not None:
-        metrics = _metrics(seg, val_ds, step.per, procs.device, cfg.bf16, False,
-                           range(procs.rank, len(val_ds), procs.world))
+        share = range(procs.rank, len(val_ds), procs.world)
+        # sharded, every process runs as many forwards (each gathers the weights with all)
+        rounds = -(-len(range(0, len(val_ds), procs.world)) // step.per) if cfg.shard \
+            else None
+        metrics = _metrics(seg, val_ds, step.per, procs.device, cfg.bf16, False, share,
+                           rounds)
         metrics.reduce(procs.sum)
         metrics = metrics.compute()
         record.update(metrics)
@@ -568,19 +617,19 @@ def _checkpoint(step: "_Steps", cfg, out: Path, run: RunState, val_ds, settings,
     better = run.best is None or score is None or score > run.best["score"]
     if better:
         run.best = {"step": run.step, "score": score}
+    adapter, optimizer_state = _saved_state(seg, opt, cfg.shard)
     if not procs.main:
         procs.barrier()  # rank 0 has written the files
         return
     # save_adapter writes beside its target and renames: never half-written
     if better:
-        sam_api.save_adapter(seg, out / "best.safetensors", base_model=base)
-    sam_api.save_adapter(seg, out / "last.safetensors", base_model=base)
+        sam_api.save_adapter(seg, out / "best.safetensors", base_model=base,
+                             state_dict=adapter)
+    sam_api.save_adapter(seg, out / "last.safetensors", base_model=base, state_dict=adapter)
     state = {"format": CHECKPOINT_FORMAT, "step": run.step, "epoch": run.epoch,
              "position": run.position, "best": run.best, "history": run.history,
              "settings": settings, "rng": _rng_state(),
-             "adapter": {k: v.detach().cpu() for k, v in
-                         sam_api.adapter_state_dict(seg).items()},
-             "optimizer": opt.state_dict()}
+             "adapter": adapter, "optimizer": optimizer_state}
     write_atomically(out / "last.pt", lambda tmp: torch.save(state, tmp))
     _write_json(out / "history.json", run.history)
     write_curve(out / "curve.png", run.history, _score_name(cfg.num_classes))
@@ -622,9 +671,9 @@ def write_curve(path: Path, history: list, metric: str, title: str = "fine-tunin
     return True
 
 
-def _resume(path: Path, seg, opt, settings) -> Tuple[RunState, Optional[dict]]:
-    """The run state saved in last.pt, loaded into seg and opt, and its random state (None
-    for a checkpoint written before it was saved)."""
+def _resume(path: Path, seg, settings) -> Tuple[RunState, Optional[dict], dict]:
+    """The run state saved in last.pt, its adapters loaded into seg; its random state (None
+    for a checkpoint written before it was saved) and Adam's state (_load_optimizer)."""
     if not path.is_file():
         raise FileNotFoundError(f"resume: {path} does not exist; a run writes it at its first "
                                 f"validation step (val_every)")
@@ -642,11 +691,10 @@ def _resume(path: Path, seg, opt, settings) -> Tuple[RunState, Optional[dict]]:
                          f"{k}={now!r}; resume with the same settings (only steps, device, "
                          f"workers may change)")
     sam_api.load_adapter_state_dict(seg, state["adapter"])
-    opt.load_state_dict(state["optimizer"])
     run = RunState(step=state["step"], epoch=state["epoch"],
                    position=state.get("position", 0), best=state["best"],
                    history=state["history"])
-    return run, state.get("rng")
+    return run, state.get("rng"), state["optimizer"]
 
 
 # --- Evaluate, predict ----------------------------------------------------------------
@@ -750,8 +798,11 @@ def evaluate(seg: SamSegmenter, data, batch_size: int = 4, device=None, bf16: bo
 
 @torch.no_grad()
 def _metrics(seg: SamSegmenter, data: SegmentationDataset, batch_size: int, device,
-             bf16: bool, progress: bool, indices) -> SegmentationMetrics:
-    """The running metrics of ``seg`` on the items ``indices`` of data (all: None)."""
+             bf16: bool, progress: bool, indices, rounds: Optional[int] = None
+             ) -> SegmentationMetrics:
+    """The running metrics of ``seg`` on the items ``indices`` of data (all: None); with
+    ``rounds``, forwards of data's first item that count nowhere make up the batches to
+    that many (a sharded model's processes must all run every forward)."""
     was = seg.training
     seg.eval()
     metrics = SegmentationMetrics(seg.num_classes)
@@ -765,6 +816,10 @@ def _metrics(seg: SamSegmenter, data: SegmentationDataset, batch_size: int, devi
         metrics.update(logits.float(), batch["mask"].to(device))
         if bar is not None:
             bar.update(1)
+    for _ in range((rounds or 0) - len(loader)):
+        with _autocast(torch.device(device), bf16):
+            seg(collate([data.dataset[0] if indices is not None else data[0]])["image"]
+                .to(device))
     if bar is not None:
         bar.close()
     seg.train(was)

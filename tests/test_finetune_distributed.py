@@ -69,10 +69,19 @@ def _adapters(folder, name="last.safetensors"):
 
 
 def _first_step_gradients(folder):
-    """The Adam moments after a run's first step (last.pt): g / 10 and g² / 1000."""
+    """The Adam moments after a run's first step (last.pt), by parameter name: g / 10 and
+    g² / 1000 (a plain run's Adam state is by index, a sharded run's by name)."""
+    from convlora_kernels.seg.trainer import FinetuneConfig, _segmenter
+
     state = torch.load(folder / "last.pt", weights_only=False)
     assert state["step"] == 1
-    return {k: (v["exp_avg"], v["exp_avg_sq"]) for k, v in state["optimizer"]["state"].items()}
+    moments = state["optimizer"]["state"]
+    if all(isinstance(k, int) for k in moments):
+        cfg = FinetuneConfig("", 3, "", model_type="tiny", num_experts=4, backend="cpu")
+        names = [n for n, p in _segmenter(cfg, torch.device("cpu")).named_parameters()
+                 if p.requires_grad]
+        moments = {names[k]: v for k, v in moments.items()}
+    return {k: (v["exp_avg"], v["exp_avg_sq"]) for k, v in moments.items()}
 
 
 def _assert_same_gradients(a, b):
@@ -170,6 +179,43 @@ def test_accumulation_passes_change_only_batch_statistics(one_and_two):
     process's exactly)."""
     a, b = one_and_two[1, 0][0], one_and_two[1, 2][0]
     assert any(not torch.allclose(a[k][0], b[k][0], rtol=1e-2, atol=0) for k in a)
+
+
+@pytest.mark.slow  # two runs under torchrun, an eval: ~1 min on 2 cores
+def test_sharded_run_trains_what_one_process_does(one_and_two, data, tmp_path):
+    """--shard (FSDP2, with --grad-checkpoint too): the first step's gradients and the run
+    are those of one process; the files are an unsharded run's, and best.safetensors
+    evaluates without torchrun."""
+    g1, one = one_and_two[1, 1]
+    out = tmp_path / "sharded"
+    for steps in (["--steps", 1, "--val-every", 1], ["--steps", 4, "--val-every", 2,
+                                                     "--resume"]):
+        status, _, err = _run(_train_cmd(data, out, *steps, "--shard", "--grad-checkpoint",
+                                         procs=2))
+        assert status == 0, err[-3000:]
+        if "--resume" not in steps:
+            _assert_same_gradients(g1, _first_step_gradients(out))
+    _assert_same_run(one, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in one.iterdir())
+    status, printed, err = _run([sys.executable, "-m", "convlora_kernels.finetune", "eval",
+                                 "--weights", str(out / "best.safetensors"), "--data",
+                                 str(data[1]), "--backend", "cpu", "--no-progress"])
+    assert status == 0, err[-3000:]
+    best = json.loads((out / "history.json").read_text())
+    recorded = [h["validation"] for h in best if "validation" in h]
+    step = json.loads(printed.strip().splitlines()[-1])
+    assert 0 <= step["miou"] <= 1 and max(v["miou"] for v in recorded) == pytest.approx(
+        step["miou"], abs=0.03)
+
+
+def test_shard_needs_torchrun(data, tmp_path, capsys):
+    from convlora_kernels import finetune
+
+    assert finetune.main(["train", "--train", str(data[0]), "--num-classes", "3", "--out",
+                          str(tmp_path / "x"), "--model-type", "tiny", "--shard",
+                          "--no-progress"]) == 2
+    assert "shard: --shard splits the weights over the processes" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_batch_that_does_not_split_is_an_error(data, tmp_path):

@@ -311,6 +311,36 @@ def test_adapter_file_mix_ups_get_clear_errors(tmp_path, monkeypatch):
         "adapter.safetensors", "notes.txt", "sam_vit_b_01ec64.pth"]
 
 
+def test_adapter_file_whose_header_starts_like_a_pickle(tmp_path):
+    """A safetensors file starts with its header's length: one whose low byte is 0x80 (a
+    pickle's first byte) is an adapter file all the same. And adapter files take the mode
+    new files get under the umask (safetensors writes 0600)."""
+    import os
+    import stat
+
+    sam = tiny_sam()
+    apply_conv_lora(sam, **FUSED)
+    randomise_adapters(sam)
+    path = tmp_path / "adapter.safetensors"
+    old = os.umask(0o022)
+    try:
+        for pad in range(256):
+            save_adapter(sam, path, base_model={"model_type": "tiny", "note": "x" * pad})
+            if path.read_bytes()[0] == 0x80:
+                break
+        else:
+            pytest.fail("no padding gave a header length with low byte 0x80")
+    finally:
+        os.umask(old)
+    assert read_adapter_config(path)["r"] == FUSED.get("r", read_adapter_config(path)["r"])
+    fresh = tiny_sam()
+    apply_conv_lora(fresh, **FUSED)
+    load_adapter(fresh, path)
+    for k, v in adapter_state_dict(sam).items():
+        assert torch.equal(adapter_state_dict(fresh)[k], v), k
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
 def test_loading_into_another_setup_names_the_mismatch(tmp_path):
     sam = tiny_sam()
     apply_conv_lora(sam, **FUSED)

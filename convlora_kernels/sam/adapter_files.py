@@ -161,15 +161,18 @@ def _not_an_adapter_file(path) -> Optional[str]:
     if os.path.isdir(path):
         return f"path: {path} is a folder, not an adapter file written by save_adapter"
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
+    size = os.path.getsize(path)
+    # a safetensors file: an 8-byte little-endian header length, then the JSON header (its
+    # first byte may be anything, 0x80 included, so it is recognised before the pickles)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return None
     if head[:2] == b"PK" or head[:1] == b"\x80":
         return (f"path: {path} is a PyTorch checkpoint (torch.save), not an adapter file: "
                 f"SAM's own weights load with sam_model_registry[...](checkpoint=...); "
                 f"adapter files are the .safetensors files save_adapter writes")
-    if len(head) < 8 or int.from_bytes(head, "little") > os.path.getsize(path) - 8:
-        return (f"path: {path} is not a safetensors file (no valid header), so not an "
-                f"adapter file written by save_adapter")
-    return None
+    return (f"path: {path} is not a safetensors file (no valid header), so not an "
+            f"adapter file written by save_adapter")
 
 
 def _checked_path(path) -> str:

@@ -28,6 +28,9 @@
 #   segstep    one semantic-segmentation training step end to end (SamSegmenter, ViT-B,
 #              batch 4, 1024x1024, bf16) per backend, plain LoRA and the frozen encoder
 #              (benchmarks/seg_step.py; into bench.log)
+#   segmem     a Conv-LoRA training step's peak memory and images/s, without and with
+#              activation checkpointing (benchmarks/seg_step.py --memory; ViT-H, batch 4,
+#              1024x1024, bf16 on a GPU)
 #   bench      the GPU benchmark subset (ViT-B global and window maps, r = 8 and 3, token
 #              routing, one map-routing row, the authors' setting (map, bicubic, r = 3) with
 #              their layer when CONVLORA_AUTOGLUON_WHEEL names its wheel, bf16,
@@ -215,7 +218,8 @@ sys.exit(0 if ok else 1)"
 fi
 
 if grep -qE '^build(-check)? +FAIL' "$SUMMARY"; then
-  skip_rest "the build failed" tests memcheck racecheck memcheck-triton model stencil plans segstep bench
+  skip_rest "the build failed" tests memcheck racecheck memcheck-triton model model-triton stencil \
+    plans module module-token segstep segmem bench
 else
   # ---- GPU tests --------------------------------------------------------------------
   # Without a GPU the GPU-marked tests are collected and skip: the stage says so (SKIP).
@@ -278,6 +282,8 @@ else
   # ---- one segmentation training step, end to end ---------------------------------------
   if [ "$DEVICE" = cuda ]; then SEG=(--device cuda); else SEG=(--device cpu --repeats 2); fi
   stage segstep "$OUT/bench.log" "$(limit 75 "$BENCH_MIN")" "$PY" benchmarks/seg_step.py "${SEG[@]}"
+  if [ "$DEVICE" = cuda ]; then MEM=(--device cuda --model-type vit_h --batch 4 --repeats 3); else MEM=(--device cpu --batch 1,4 --repeats 1); fi
+  stage segmem "$OUT/bench.log" "$(limit 90 "$BENCH_MIN")" "$PY" benchmarks/seg_step.py --memory "${MEM[@]}"
   # ---- benchmark subset ---------------------------------------------------------------
   # Whatever time is left, less a margin; rows not started in time are recorded as skipped.
   secs=$(limit 600)

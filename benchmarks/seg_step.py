@@ -14,6 +14,15 @@ side in one run on the same images:
 Times: the median of --repeats steps after --warmup, CUDA-synchronised on a GPU; the last
 column is each row over the frozen encoder. Prints a markdown table, and with --json the
 rows.
+
+    python benchmarks/seg_step.py --memory --model-type vit_b,vit_l,vit_h --batch 1,4
+
+--memory: Conv-LoRA on the default backend only, for each model type and batch, without
+and with activation checkpointing of the encoder's blocks (--grad-checkpoint): the peak
+memory of a training step (GPU: torch.cuda.max_memory_allocated, reset before the step;
+CPU: the process's peak resident set, VmHWM, reset through /proc/self/clear_refs), the
+part of it above what was held before the first step (activations, gradients, Adam's
+state, the workspace: what checkpointing cuts), and images per second.
 """
 
 from __future__ import annotations
@@ -103,12 +112,93 @@ def _time(step, device, warmup: int, repeats: int):
     return statistics.median(times)
 
 
+def _reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM (Linux)
+        f.write("5")
+
+
+def _memory_bytes(device, peak: bool) -> int:
+    """The peak since _reset_peak (peak) or what is held now."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated)(device)
+    key = "VmHWM:" if peak else "VmRSS:"
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def memory_table(args, device, autocast) -> list:
+    """Rows {model, batch, checkpointing, peak_gib, step_gib, img_s} of Conv-LoRA training
+    steps. On the CPU each row runs in a process of its own: the allocator keeps what a
+    row freed, and the resident set would carry it into the next."""
+    import subprocess
+
+    rows = []
+    for model_type in args.model_type.split(","):
+        for batch in (int(b) for b in str(args.batch).split(",")):
+            for checkpointed in (False, True):
+                if device.type == "cpu" and args.memory_row is None:
+                    cmd = [sys.executable, __file__, "--memory", "--device", "cpu",
+                           "--memory-row", f"{model_type}:{batch}:{int(checkpointed)}",
+                           "--classes", str(args.classes), "--r", str(args.r),
+                           "--experts", str(args.experts), "--dtype", args.dtype,
+                           "--repeats", str(args.repeats)]
+                    p = subprocess.run(cmd, capture_output=True, text=True)
+                    line = [x for x in p.stdout.splitlines() if x.startswith("ROW ")]
+                    row = json.loads(line[-1][4:]) if line else {
+                        "model": model_type, "batch": batch, "checkpointing": checkpointed,
+                        "error": (p.stderr.strip().splitlines() or ["no output"])[-1][:100]}
+                else:
+                    row = memory_row(args, device, autocast, model_type, batch, checkpointed)
+                rows.append(row)
+                print(row, file=sys.stderr, flush=True)
+    return rows
+
+
+def memory_row(args, device, autocast, model_type: str, batch: int, checkpointed: bool):
+    """One row of memory_table, in this process."""
+    from convlora_kernels.seg.distributed import checkpoint_blocks
+
+    row = {"model": model_type, "batch": batch, "checkpointing": checkpointed}
+    try:
+        one = argparse.Namespace(**{**vars(args), "model_type": model_type})
+        seg = _segmenter(one, "auto", device, args.classes)
+        if checkpointed:
+            checkpoint_blocks(seg)
+        g = torch.Generator().manual_seed(0)
+        s = seg.image_size
+        images = (torch.rand(batch, 3, s, s, generator=g) * 255).to(device)
+        masks = (torch.rand(batch, s, s, generator=g) > 0.7).long().to(device)
+        step = _step_fn(seg, images, masks, "conv-lora", autocast)
+        # from before the first step (Adam's state is made there): a CPU allocator keeps
+        # what it freed, so later steps' peaks would hide in it
+        _reset_peak(device)
+        start = _memory_bytes(device, peak=False)
+        sec = _time(step, device, 1, args.repeats)
+        peak = _memory_bytes(device, peak=True)
+        row.update(peak_gib=peak / 2 ** 30, step_gib=(peak - start) / 2 ** 30,
+                   img_s=batch / sec)
+        del seg, images, masks, step
+    except Exception as e:  # out of memory, say: the row says so
+        row["error"] = f"{type(e).__name__}: {str(e)[:100]}"
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model-type", default=None,
                     help="default: vit_b on cuda, tiny (128x128, 4 blocks) on cpu")
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", default="4", help="images per step (--memory: a list)")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                     help="default: bf16 autocast on cuda, fp32 on cpu")
     ap.add_argument("--classes", type=int, default=1)
@@ -117,6 +207,10 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--memory", action="store_true",
+                    help="peak memory and images/s per model type (comma-separated) and "
+                         "batch (comma-separated), without and with --grad-checkpoint")
+    ap.add_argument("--memory-row", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -128,6 +222,32 @@ def main() -> int:
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=args.dtype == "bf16")
+
+    name = torch.cuda.get_device_name(device) if gpu else "cpu"
+    if args.memory_row is not None:  # one row, in a process of its own (memory_table)
+        model_type, batch, checkpointed = args.memory_row.split(":")
+        row = memory_row(args, device, autocast, model_type, int(batch), checkpointed == "1")
+        print("ROW " + json.dumps(row))
+        return 0
+    if args.memory:
+        rows = memory_table(args, device, autocast)
+        what = "max_memory_allocated" if gpu else "the process's peak resident set"
+        print(f"\nA Conv-LoRA training step's peak memory ({what}), {args.dtype}, "
+              f"{args.classes} class(es), r = {args.r}, {args.experts} experts, {name}\n")
+        print("| SAM | batch | checkpointing | peak GiB | of it, the step's | images / s |")
+        print("| --- | ---: | --- | ---: | ---: | ---: |")
+        for r in rows:
+            ck = "yes" if r["checkpointing"] else "no"
+            if "error" in r:
+                print(f"| {r['model']} | {r['batch']} | {ck} | {r['error']} | | |")
+            else:
+                print(f"| {r['model']} | {r['batch']} | {ck} | {r['peak_gib']:.2f} | "
+                      f"{r['step_gib']:.2f} | {r['img_s']:.2f} |")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"settings": vars(args), "device": name,
+                                                   "rows": rows}, indent=1))
+        return 0 if all("error" not in r for r in rows) else 1
+    args.batch = int(args.batch)
 
     rows = []
     kinds = [(f"conv-lora[{b}]", b) for b in available_backends(device)]
@@ -154,7 +274,6 @@ def main() -> int:
 
     frozen = next((r["ms"] for r in rows if r["provider"] == "frozen-encoder" and "ms" in r),
                   math.nan)
-    name = torch.cuda.get_device_name(device) if gpu else "cpu"
     print(f"\nOne training step, SAM {args.model_type}, batch {args.batch}, {args.dtype}, "
           f"{args.classes} class(es), r = {args.r}, {args.experts} experts, {name}\n")
     print("| adapter | ms / step | images / s | × frozen encoder |")

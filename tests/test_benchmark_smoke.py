@@ -236,6 +236,24 @@ def test_seg_step_runs_on_cpu(tmp_path):
     assert "| conv-lora[cpu] |" in r.stdout and "× frozen encoder" in r.stdout
 
 
+def test_seg_step_memory_rows_on_cpu(tmp_path):
+    """seg_step.py --memory: a row per batch, without and with activation checkpointing,
+    each in a process of its own on the CPU, with its peak memory and throughput."""
+    pytest.importorskip("segment_anything")
+    out = tmp_path / "memory.json"
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "seg_step.py"), "--memory",
+                        "--batch", "1,2", "--repeats", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["batch"], x["checkpointing"]) for x in rows] == [
+        (1, False), (1, True), (2, False), (2, True)]
+    for x in rows:
+        assert x["model"] == "tiny" and x["img_s"] > 0, x
+        assert 0.1 < x["peak_gib"] < 20 and 0 <= x["step_gib"] < x["peak_gib"], x
+    assert "| tiny | 2 | yes |" in r.stdout
+
+
 def test_profile_layer_runs_on_cpu(capsys):
     """benchmarks/profile_layer.py (the gpu_check.sh module stages) at a small width: the
     step, the frozen linear and the router-outside composition timed, every part listed."""

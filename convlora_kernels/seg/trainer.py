@@ -38,7 +38,7 @@ import torch.nn as nn
 from .. import sam as sam_api
 from .._files import write_atomically
 from ..gating import PerSampleNoise
-from .data import SegmentationDataset, _seed_of, check_data, collate, read_image
+from .data import IGNORE_INDEX, SegmentationDataset, _seed_of, check_data, collate, read_image
 from .distributed import Processes, checkpoint_blocks, shard_blocks
 from .losses import step_loss
 from .metrics import SegmentationMetrics
@@ -286,9 +286,12 @@ def train(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
     ``overwrite``, and so is an out that is, holds or lies inside a data folder.
 
     Under torchrun (WORLD_SIZE > 1) each process trains on its share of every batch
-    (cfg.batch_size is the whole step's), the model wrapped in DistributedDataParallel;
-    validation is shared out and its metrics summed; only rank 0 logs and writes files.
-    The result is that of one process on the same batches, to float rounding.
+    (cfg.batch_size is the whole step's), the model wrapped in DistributedDataParallel, or
+    sharded with FSDP2 (cfg.shard); validation is shared out and its metrics summed; only
+    rank 0 logs and writes files. The result is that of one process on the same batches,
+    to float rounding. cfg.grad_accum splits each step's batch into passes whose gradients
+    add up (the soft Dice and the routers' balance then per pass); cfg.grad_checkpoint
+    recomputes the encoder blocks' activations in backward.
     """
     cfg.check()
     check_out(cfg.out, [cfg.train_data] + ([cfg.val_data] if cfg.val_data else []),
@@ -512,8 +515,6 @@ class _Steps:
 
     def __call__(self, parts: List[dict], epoch: int) -> float:
         cfg, procs, device = self.cfg, self.procs, self.procs.device
-        from ..seg.data import IGNORE_INDEX
-
         images, pixels = procs.sum([float(sum(len(p["index"]) for p in parts)),
                                     float(sum(int((p["mask"] != IGNORE_INDEX).sum())
                                               for p in parts))])

@@ -111,8 +111,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="data order, augmentation and, without --checkpoint, SAM's weights")
     t.add_argument("--grad-accum", type=int, default=d.grad_accum,
                    help="make each step's batch in N passes, gradients accumulated (less "
-                        "memory; the routers' balance and the Dice are then measured per "
-                        "pass)")
+                        "memory; the same step: a forward without autograd first measures "
+                        "the batch's Dice and routing statistics)")
     t.add_argument("--grad-checkpoint", action="store_true",
                    help="activation checkpointing per encoder block: recompute each block's "
                         "forward in backward instead of keeping its activations (less "

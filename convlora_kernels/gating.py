@@ -288,12 +288,12 @@ _route_op.register_autograd(_route_backward, setup_context=_route_setup)
 
 def noisy_top1_fused(features: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor,
                      training: bool, noise_epsilon: float = 1e-2,
-                     loss_coef: float = 1e-2, noise: Optional[torch.Tensor] = None
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+                     loss_coef: float = 1e-2, noise: Optional[torch.Tensor] = None,
+                     router: Optional[nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """noisy_top1 with one routing op: the same experts for the same noise (the same draws
     of the global generator, or ``noise`` (U, n) float32 when given), as int32, and the same
-    aux loss and gradients. Inside routing_scope(group=...) the aux loss's statistics are
-    summed over the group's processes (global_aux_loss)."""
+    aux loss and gradients. With ``router`` (the module routing), in training the aux loss
+    is the current routing_scope's (scoped_aux_loss)."""
     n = w_gate.shape[1]
     if not (training and n > 1):
         noise = None
@@ -302,8 +302,8 @@ def noisy_top1_fused(features: torch.Tensor, w_gate: torch.Tensor, w_noise: torc
                             device=features.device)
     expert, importance, load = torch.ops.convlora_layer.route(features, w_gate, w_noise,
                                                               noise, noise_epsilon)
-    if training and current_scope().group is not None:
-        return expert, global_aux_loss(importance, load, loss_coef)
+    if training and router is not None:
+        return expert, scoped_aux_loss(router, importance, load, loss_coef)
     return expert, loss_coef * (cv_squared(importance) + cv_squared(load))
 
 
@@ -311,11 +311,15 @@ def noisy_top1_fused(features: torch.Tensor, w_gate: torch.Tensor, w_noise: torc
 
 class RoutingScope:
     """What routers do differently inside ``routing_scope``: draw their noise with
-    ``noise(router, units, n, device, batch)`` instead of the global generator, and sum the aux
-    loss's statistics over the processes of ``group`` (torch.distributed)."""
+    ``noise(router, units, n, device, batch)`` instead of the global generator; sum the aux
+    loss's statistics over the processes of ``group`` (torch.distributed); add them into
+    ``collect``; or take them from ``stats`` (scoped_aux_loss)."""
 
-    def __init__(self, noise: Optional[Callable] = None, group=None):
+    def __init__(self, noise: Optional[Callable] = None, group=None,
+                 collect: Optional[Dict[int, Tensor]] = None,
+                 stats: Optional[Dict[int, Tensor]] = None, world: int = 1, passes: int = 1):
         self.noise, self.group = noise, group
+        self.collect, self.stats, self.world, self.passes = collect, stats, world, passes
 
 
 _SCOPES = [RoutingScope()]
@@ -326,19 +330,68 @@ def current_scope() -> RoutingScope:
 
 
 @contextlib.contextmanager
-def routing_scope(noise: Optional[Callable] = None, group=None):
+def routing_scope(noise: Optional[Callable] = None, group=None,
+                  collect: Optional[Dict[int, Tensor]] = None,
+                  stats: Optional[Dict[int, Tensor]] = None, world: int = 1, passes: int = 1,
+                  scope: Optional[RoutingScope] = None):
     """Within the block, routers in training mode draw their noise from ``noise`` (a
-    callable (router, units, n, device, batch) -> (units, n) float32, e.g. a PerSampleNoise;
-    batch is the number of samples the units belong to) and,
-    with ``group`` (a torch.distributed process group, or torch.distributed.group.WORLD),
-    compute their aux loss from importance and load summed over the group's processes, so
-    that every process gets the aux loss of the whole batch (global_aux_loss). Every process
-    of the group must then run the same routed layers in the same order."""
-    _SCOPES.append(RoutingScope(noise, group))
+    callable (router, units, n, device, batch) -> (units, n) float32, e.g. a
+    PerSampleNoise; batch is the number of samples the units belong to), and form their
+    aux loss as scoped_aux_loss says:
+
+    group    (a torch.distributed process group, or torch.distributed.group.WORLD) from
+             importance and load summed over the group's processes, so that every process
+             gets the aux loss of the whole batch (global_aux_loss). Every process of the
+             group must then run the same routed layers in the same order.
+    collect  a dict that each router adds its [importance, load] (n + n float32) into,
+             under id(router): a forward without autograd that measures a batch made in
+             several passes, before them.
+    stats    such a dict, the whole batch's (summed over passes, and over the ``world``
+             processes when there are several): each of ``passes`` passes gets the part of
+             the whole batch's aux loss whose gradient is the whole loss's for its units.
+
+    ``scope``: an existing RoutingScope to enter again (activation checkpointing's
+    recomputation)."""
+    _SCOPES.append(scope if scope is not None else
+                   RoutingScope(noise, group, collect, stats, world, passes))
     try:
         yield _SCOPES[-1]
     finally:
         _SCOPES.pop()
+
+
+def scoped_aux_loss(router: nn.Module, importance: Tensor, load: Tensor, loss_coef: float,
+                    own: Optional[Tensor] = None) -> Tensor:
+    """A training forward's aux loss in the current routing_scope, from its units'
+    importance and load (n,): ``own`` (or loss_coef · (cv²(importance) + cv²(load))) outside
+    any scope; see routing_scope for collect, stats and group."""
+    scope = current_scope()
+    if scope.collect is not None:
+        both = torch.cat([importance.detach().float(), load.detach().float()])
+        key = id(router)
+        scope.collect[key] = scope.collect[key] + both if key in scope.collect else both
+    elif scope.stats is not None:
+        return _aux_share(scope.stats[id(router)], load, loss_coef, scope.world, scope.passes)
+    elif scope.group is not None:
+        return global_aux_loss(importance, load, loss_coef)
+    if own is not None:
+        return own
+    return loss_coef * (cv_squared(importance) + cv_squared(load))
+
+
+def _aux_share(whole: Tensor, load: Tensor, loss_coef: float, world: int,
+               passes: int) -> Tensor:
+    """One pass's share of the aux loss of a batch whose statistics are ``whole``
+    ([importance, load], summed over passes and processes): its value a 1/passes share of
+    the whole loss, its gradient the whole loss's for this pass's units (dcv²/dload at the
+    whole load, times load's own gradient), times world for DDP's average over processes."""
+    n = whole.numel() // 2
+    total_imp, total_load = whole[:n], whole[n:]
+    value = loss_coef * (cv_squared(total_imp) + cv_squared(total_load))
+    slope = cv_squared_backward(total_load, torch.tensor(loss_coef * world,
+                                                         device=total_load.device))
+    load = load.float()
+    return value / passes + (slope * (load - load.detach())).sum()
 
 
 def router_noise(router: nn.Module, units: int, n: int, device, batch: int) -> Tensor:
@@ -484,7 +537,8 @@ class NoisyTopOneRouter(nn.Module):
         noise = router_noise(self, features.shape[0], n, features.device, b) \
             if self.training and n > 1 else None
         expert, aux = noisy_top1_fused(features, self.w_gate, self.w_noise, self.training,
-                                       self.noise_epsilon, self.loss_coef, noise=noise)
+                                       self.noise_epsilon, self.loss_coef, noise=noise,
+                                       router=self)
         if self.gating == "token":
             return expert.view(b, h, w), aux
         return expert.view(b, 1, 1).expand(b, h, w), aux

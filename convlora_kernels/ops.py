@@ -22,7 +22,7 @@ import torch
 
 from . import _ext, backends, layer
 from ._compile import constant_under_compile
-from .gating import current_scope, global_aux_loss, router_noise
+from .gating import current_scope, router_noise, scoped_aux_loss
 from ._versions import autocast_available
 from ._validate import as_map, check_inputs, out_shape
 from .reference import reference_layer
@@ -231,12 +231,14 @@ def routed_conv_lora_linear(x: torch.Tensor, weight, bias, lora_A, lora_B, conv_
                 name, p, as_map(x, p), weight, bias, lora_A, lora_B, conv_weight, conv_bias,
                 router.w_gate, router.w_noise, noise, router.noise_epsilon, router.loss_coef,
                 router.gating, scaling)
-            if router.training and current_scope().group is not None:
-                # the whole batch's aux loss, from statistics summed over the processes; the
-                # op's own (this process's) is left undifferentiated
+            scope = current_scope()
+            if router.training and (scope.group is not None or scope.collect is not None
+                                    or scope.stats is not None):
+                # the aux loss the scope asks for (a whole batch's, over processes or
+                # passes) from the units' statistics; the op's own is left undifferentiated
                 per_unit = expert_index if router.gating == "token" else expert_index[:, 0, 0]
                 importance = torch.bincount(per_unit.reshape(-1).long(), minlength=n)
-                aux = global_aux_loss(importance, load, router.loss_coef)
+                aux = scoped_aux_loss(router, importance, load, router.loss_coef, own=aux)
             return y.reshape(out_shape(x, p)), aux, expert_index
     z = torch.nn.functional.linear(x.reshape(b, h, w, x.shape[-1]), lora_A)
     expert_index, aux = router(z)

@@ -468,3 +468,46 @@ def test_aux_loss_over_a_group_differentiates_the_load(world_of_one, backend, ga
     for k in g0:
         assert g0[k].abs().max() > 0, k
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-6, atol=1e-9, msg=k)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("gating", ["token", "map"])
+def test_aux_loss_of_a_batch_made_in_passes(backend, gating):
+    """routing_scope(collect=...) measures a batch's routing statistics pass by pass;
+    routing_scope(stats=...) then gives each pass a 1/passes share of the whole batch's aux
+    loss whose gradients, summed over the passes, are the whole batch's."""
+    from convlora_kernels.gating import PerSampleNoise, routing_scope
+
+    if backend == "cpu":
+        pytest.importorskip("convlora_kernels._C", reason="the cpu backend is not built")
+    x = torch.randn(4, 4, 5, 8, dtype=torch.float64)
+    m = _routed_layer(gating, backend)
+    noise = PerSampleNoise(m, 2)
+    with routing_scope(noise=noise.keys([0, 1, 2, 3])):
+        m(x)
+    whole = m.aux_loss
+    whole.backward()
+    want = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    passes = [[0, 1], [2, 3]]
+    collect = {}
+    with torch.no_grad(), routing_scope(collect=collect, noise=None):
+        for keys in passes:
+            with routing_scope(noise=noise.keys(keys), collect=collect):
+                m(x[keys])
+    assert list(collect) == [id(m.router)]
+    total = 0.0
+    for keys in passes:
+        with routing_scope(noise=noise.keys(keys), stats=collect, passes=2):
+            m(x[keys])
+        m.aux_loss.backward()
+        total += m.aux_loss.item()
+    # the routing statistics are float32 whatever the layer's dtype
+    assert total == pytest.approx(whole.item(), rel=1e-6)
+    got = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for k in ("router.w_gate", "router.w_noise", "lora_A"):
+        assert want[k].abs().max() > 0, k
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5,
+                                   atol=1e-6 * want[k].abs().max().item(), msg=k)

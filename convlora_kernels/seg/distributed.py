@@ -118,13 +118,26 @@ class Processes:
         dist.all_reduce(t, group=self.stats)
         return t.tolist()
 
+    def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over the processes (no autograd), in one collective; t alone."""
+        if not self.distributed:
+            return t
+        import torch.distributed as dist
+
+        t = t.detach().clone()
+        dist.all_reduce(t, group=self.stats)
+        return t
+
     def sum_over(self, t: torch.Tensor) -> torch.Tensor:
         """t summed over the processes, differentiable (gating.SumOverProcesses); t alone."""
         return SumOverProcesses.apply(t, self.stats) if self.distributed else t
 
-    def scope(self, noise=None):
-        """gating.routing_scope with this run's noise source and, over several processes,
+    def scope(self, noise=None, stats=None, passes: int = 1):
+        """gating.routing_scope with this run's noise source and either the statistics of
+        the whole batch measured before its passes (``stats``) or, over several processes,
         the statistics group."""
+        if stats is not None:
+            return routing_scope(noise=noise, stats=stats, world=self.world, passes=passes)
         return routing_scope(noise=noise, group=self.stats if self.distributed else None)
 
     def close(self) -> None:
@@ -161,7 +174,7 @@ def _checkpointed(forward, *args, **kwargs):
     scope = current_scope()
 
     def run(*a, **k):
-        with routing_scope(noise=scope.noise, group=scope.group):
+        with routing_scope(scope=scope):
             return forward(*a, **k)
 
     if not torch.is_grad_enabled():

@@ -78,10 +78,9 @@ def structure_loss(logits: torch.Tensor, target: torch.Tensor,
     return _structure_per_image(logits, target, weighted_bce).mean()
 
 
-def _ce_dice_parts(logits: torch.Tensor, target: torch.Tensor,
-                   sum_over: Callable[[torch.Tensor], torch.Tensor]):
-    """(Σ cross-entropy over valid pixels, the number of valid pixels, soft Dice loss over
-    the classes) of ce_dice_loss, with the Dice statistics passed through sum_over."""
+def _ce_dice_sums(logits: torch.Tensor, target: torch.Tensor):
+    """(Σ cross-entropy over valid pixels, the number of valid pixels, the soft Dice's
+    intersections (K,) and totals (K,)) of ce_dice_loss, this batch's."""
     _check(logits, target)
     k = logits.shape[1]
     if k < 2:
@@ -97,10 +96,24 @@ def _ce_dice_parts(logits: torch.Tensor, target: torch.Tensor,
     p = torch.softmax(x, 1) * valid[:, None]
     onehot = F.one_hot(target.clamp(0, k - 1) * valid, k).permute(0, 3, 1, 2).float()
     onehot = onehot * valid[:, None]
-    inter = sum_over((p * onehot).sum((0, 2, 3)))
-    total = sum_over(p.sum((0, 2, 3)) + onehot.sum((0, 2, 3)))
-    dice = 1 - ((2 * inter + 1) / (total + 1)).mean()
-    return ce_sum, int(valid.sum().item()), dice
+    inter = (p * onehot).sum((0, 2, 3))
+    total = p.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    return ce_sum, int(valid.sum().item()), inter, total
+
+
+def _dice_of(inter: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    return 1 - ((2 * inter + 1) / (total + 1)).mean()
+
+
+def dice_sums(logits: torch.Tensor, target: torch.Tensor) -> Optional[torch.Tensor]:
+    """The soft Dice's statistics of a batch, [intersections, totals] (2K,) float32 without
+    autograd (what step_loss's ``dice_whole`` sums over passes and processes); None for
+    binary logits, whose loss has none."""
+    if _binary(logits):
+        return None
+    with torch.no_grad():
+        _, _, inter, total = _ce_dice_sums(logits, target)
+    return torch.cat([inter, total])
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -113,10 +126,10 @@ def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor,
     scalar. Dice is computed per class over the batch's valid pixels (smoothed by 1) and
     averaged over the classes; IGNORE_INDEX pixels count in neither term (0 when no pixel
     is valid)."""
-    ce_sum, pixels, dice = _ce_dice_parts(logits, target, _identity)
+    ce_sum, pixels, inter, total = _ce_dice_sums(logits, target)
     if pixels == 0:
         return logits.float().sum() * 0
-    return ce_sum / pixels + dice_weight * dice
+    return ce_sum / pixels + dice_weight * _dice_of(inter, total)
 
 
 def _aux_weight(binary: bool, aux_weight: Optional[float]) -> float:
@@ -144,26 +157,54 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor,
 def step_loss(logits: torch.Tensor, target: torch.Tensor, aux: Optional[torch.Tensor],
               aux_weight: Optional[float], step_images: int, step_pixels: int,
               micro_batches: int = 1,
-              sum_over: Callable[[torch.Tensor], torch.Tensor] = _identity) -> torch.Tensor:
-    """One micro-batch's part of segmentation_loss of an optimizer step whose batch is
-    spread over processes (``sum_over``: a sum over them that the gradient passes through,
+              sum_over: Callable[[torch.Tensor], torch.Tensor] = _identity,
+              dice_whole: Optional[torch.Tensor] = None, world: int = 1,
+              measured: bool = False) -> torch.Tensor:
+    """One pass's part of segmentation_loss of an optimizer step whose batch is spread over
+    processes (``sum_over``: a sum over them that the gradient passes through,
     gating.SumOverProcesses; identity in one process) and ``micro_batches`` gradient
     accumulation passes; ``step_images`` and ``step_pixels`` count the step's images and
-    valid pixels over all of them.
+    valid pixels over all of them. The parts' values add up to the whole batch's loss and
+    their gradients to its gradient (after DDP's average over the ``world`` processes).
 
     The terms that are sums over images or pixels (structure_loss, the cross-entropy) are
-    summed here and divided by the step's counts, so the parts add up to the whole batch's
-    loss exactly. The terms that are not (the soft Dice, the routers' aux loss, functions of
-    statistics of a batch) are those of the micro-batch spread over the processes, divided
-    by micro_batches. Every process gets the same value."""
+    summed here and divided by the step's counts. The soft Dice is a function of sums over
+    the batch: with ``dice_whole`` (dice_sums of the whole batch, summed over passes and
+    processes, measured before the passes) a pass gets 1/micro_batches of its value and,
+    through the pass's own sums, its exact gradient; without it, the Dice of the pass's
+    sums over the processes, divided by micro_batches (exact with one pass). The routers'
+    aux loss ``aux`` comes formed by the layers (gating.routing_scope): ``measured`` says it
+    is already a pass's share of the whole batch's (routing_scope(stats=...)), else it is
+    the pass's and is divided by micro_batches."""
     binary = _binary(logits)
     if binary:
         loss = sum_over(_structure_per_image(logits, target).sum()) / max(step_images, 1)
     else:
-        ce_sum, _, dice = _ce_dice_parts(logits, target, sum_over)
+        ce_sum, _, inter, total = _ce_dice_sums(logits, target)
         loss = sum_over(ce_sum) / max(step_pixels, 1)
-        if step_pixels:
-            loss = loss + dice / micro_batches
+        if measured and dice_whole is None:
+            raise ValueError("dice_whole: a measured step needs the Dice's statistics of the "
+                             "whole batch (dice_sums)")
+        if step_pixels and dice_whole is not None:
+            loss = loss + _dice_share(dice_whole, inter, total, world, micro_batches)
+        elif step_pixels:
+            loss = loss + _dice_of(sum_over(inter), sum_over(total)) / micro_batches
     if aux is not None:
-        loss = loss + _aux_weight(binary, aux_weight) * aux.float() / micro_batches
+        loss = loss + _aux_weight(binary, aux_weight) * aux.float() / (
+            1 if measured else micro_batches)
     return loss
+
+
+def _dice_share(whole: torch.Tensor, inter: torch.Tensor, total: torch.Tensor, world: int,
+                passes: int) -> torch.Tensor:
+    """A pass's share of the soft Dice of the whole batch (statistics ``whole``): 1/passes
+    of its value, and the whole Dice's gradient through this pass's sums (times world, for
+    DDP's average over processes)."""
+    k = whole.numel() // 2
+    w_inter, w_total = whole[:k].detach().requires_grad_(), whole[k:].detach().requires_grad_()
+    with torch.enable_grad():
+        value = _dice_of(w_inter, w_total)
+        d_inter, d_total = torch.autograd.grad(value, (w_inter, w_total))
+    slope = ((d_inter * (inter - inter.detach())).sum()
+             + (d_total * (total - total.detach())).sum())
+    return value.detach() / passes + world * slope

@@ -37,10 +37,10 @@ import torch.nn as nn
 
 from .. import sam as sam_api
 from .._files import write_atomically
-from ..gating import PerSampleNoise
+from ..gating import PerSampleNoise, routing_scope
 from .data import IGNORE_INDEX, SegmentationDataset, _seed_of, check_data, collate, read_image
 from .distributed import Processes, checkpoint_blocks, shard_blocks
-from .losses import step_loss
+from .losses import dice_sums, step_loss
 from .metrics import SegmentationMetrics
 from .model import SamSegmenter
 
@@ -290,8 +290,8 @@ def train(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
     sharded with FSDP2 (cfg.shard); validation is shared out and its metrics summed; only
     rank 0 logs and writes files. The result is that of one process on the same batches,
     to float rounding. cfg.grad_accum splits each step's batch into passes whose gradients
-    add up (the soft Dice and the routers' balance then per pass); cfg.grad_checkpoint
-    recomputes the encoder blocks' activations in backward.
+    add up to the batch's (its statistics measured first, _Steps.measure);
+    cfg.grad_checkpoint recomputes the encoder blocks' activations in backward.
     """
     cfg.check()
     check_out(cfg.out, [cfg.train_data] + ([cfg.val_data] if cfg.val_data else []),
@@ -519,13 +519,15 @@ class _Steps:
                                     float(sum(int((p["mask"] != IGNORE_INDEX).sum())
                                               for p in parts))])
         self.images = round(images)
+        stats = dice = None
+        if len(parts) > 1:
+            stats, dice = self.measure(parts, epoch)
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         for a, part in enumerate(parts):
             x = part["image"].to(device, non_blocking=True)
             masks = part["mask"].to(device, non_blocking=True)
-            # a sample's noise key: its index and the epoch, whatever process or pass it is in
-            keys = [epoch * self.n_train + i for i in part["index"]]
+            keys = self.keys(part, epoch)
             last = a == len(parts) - 1
             sync = contextlib.nullcontext()
             if procs.distributed and cfg.shard:
@@ -533,15 +535,48 @@ class _Steps:
             elif procs.distributed and not last:
                 sync = self.model.no_sync()
             with sync:
-                with procs.scope(self.noise.keys(keys)):
+                with procs.scope(self.noise.keys(keys), stats, len(parts)):
                     with _autocast(device, cfg.bf16):
                         logits = self.model(x)
                     loss = step_loss(logits.float(), masks, self.seg.aux_loss(),
                                      cfg.aux_weight, round(images), round(pixels),
-                                     len(parts), procs.sum_over)
+                                     len(parts), procs.sum_over, dice_whole=dice,
+                                     world=procs.world, measured=stats is not None)
                 loss.backward()
             total += loss.item()  # a host sync per pass: the bar and the history
         return total
+
+    def keys(self, part: dict, epoch: int) -> List[int]:
+        """The samples' router noise keys: index and epoch, whatever process or pass."""
+        return [epoch * self.n_train + i for i in part["index"]]
+
+    @torch.no_grad()
+    def measure(self, parts: List[dict], epoch: int):
+        """The whole batch's statistics before its passes, summed over passes and
+        processes: each router's [importance, load] (by id(router)) and the soft Dice's
+        [intersections, totals] (None for binary). A forward of every pass without
+        autograd, with the noise the passes will draw."""
+        procs, device = self.procs, self.procs.device
+        collect: Dict[int, torch.Tensor] = {}
+        dice = None
+        for part in parts:
+            x = part["image"].to(device, non_blocking=True)
+            masks = part["mask"].to(device, non_blocking=True)
+            with routing_scope(noise=self.noise.keys(self.keys(part, epoch)),
+                               collect=collect):
+                with _autocast(device, self.cfg.bf16):
+                    logits = self.model(x)
+            d = dice_sums(logits.float(), masks)
+            dice = d if dice is None else dice + d
+        # routers in the order they ran, which is every process's: one collective
+        order = list(collect)
+        flat = torch.cat([collect[k] for k in order] + ([dice] if dice is not None else []))
+        flat = procs.sum_tensor(flat)
+        stats, at = {}, 0
+        for k in order:
+            stats[k] = flat[at:at + collect[k].numel()]
+            at += collect[k].numel()
+        return stats, (flat[at:] if dice is not None else None)
 
 
 def _train_steps(cfg, step, loader, batches, train_ds, val_ds, out, run, settings, base, bar,

@@ -447,8 +447,8 @@ class SumOverProcesses(torch.autograd.Function):
 
 
 def _mix64(*ints: int) -> int:
-    """A 63-bit seed from non-negative ints (splitmix64 steps): independent of Python's
-    hash randomisation and of the order of nothing but the ints."""
+    """A 63-bit seed from non-negative ints (splitmix64 steps): it depends on the ints and
+    their order only, not on Python's hash randomisation."""
     mask = (1 << 64) - 1
     h = 0x9E3779B97F4A7C15
     for v in ints:
@@ -496,8 +496,8 @@ class PerSampleNoise:
                              f"{None if keys is None else len(keys)} keys; call .keys() with "
                              f"one key per sample of the model's batch")
         if id(router) not in self.index:
-            raise ValueError("PerSampleNoise: the router is not one of the model's the noise "
-                             "source was made for")
+            raise ValueError("PerSampleNoise: this router is not in the model the noise "
+                             "source was made for (PerSampleNoise(model, seed))")
         layer, per = self.index[id(router)], units // len(keys)
         device = torch.device(device)
         draws = []

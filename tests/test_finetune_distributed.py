@@ -120,7 +120,7 @@ def _assert_same_run(a, b, lr=1e-3):
             # an arg max over the nearly equal logits of a barely trained model: a weight
             # moved by rounding flips a few pixels, and a rare class's IoU with them (the
             # sums over processes themselves: test_metrics_summed_over_shares)
-            for m, tol in (("miou", 0.03), ("pixel_accuracy", 0.01)):
+            for m, tol in (("miou", 0.03), ("pixel_accuracy", 0.02)):
                 assert y["validation"][m] == pytest.approx(x["validation"][m], abs=tol)
     losses = [h["loss"] for h in ha if "loss" in h]
     assert len(set(losses)) == len(losses)
@@ -204,6 +204,23 @@ def test_sharded_run_trains_what_one_process_does(one_and_two, data, tmp_path):
     step = json.loads(printed.strip().splitlines()[-1])
     assert 0 <= step["miou"] <= 1 and max(v["miou"] for v in recorded) == pytest.approx(
         step["miou"], abs=0.03)
+
+
+@pytest.mark.slow  # three runs, two under torchrun: ~1 min on 2 cores
+def test_sharded_run_resumes_with_another_world_size(data, tmp_path):
+    """A --shard run of two processes resumed by three: Adam's state, saved whole by
+    parameter name, is cut anew, and the run goes on as one process's would."""
+    common = ["--batch-size", 6, "--val-every", 2]
+    one = tmp_path / "one"
+    status, _, err = _run(_train_cmd(data, one, *common, "--steps", 4))
+    assert status == 0, err[-3000:]
+    out = tmp_path / "sharded"
+    status, _, err = _run(_train_cmd(data, out, *common, "--steps", 2, "--shard", procs=2))
+    assert status == 0, err[-3000:]
+    status, _, err = _run(_train_cmd(data, out, *common, "--steps", 4, "--shard", "--resume",
+                                     procs=3))
+    assert status == 0, err[-3000:]
+    _assert_same_run(one, out)
 
 
 def test_shard_needs_torchrun(data, tmp_path, capsys):

@@ -321,6 +321,11 @@ class RoutingScope:
         self.noise, self.group = noise, group
         self.collect, self.stats, self.world, self.passes = collect, stats, world, passes
 
+    @property
+    def forms_aux(self) -> bool:
+        """Whether routers form their aux loss here other than alone (scoped_aux_loss)."""
+        return self.group is not None or self.collect is not None or self.stats is not None
+
 
 _SCOPES = [RoutingScope()]
 

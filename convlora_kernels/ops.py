@@ -231,9 +231,7 @@ def routed_conv_lora_linear(x: torch.Tensor, weight, bias, lora_A, lora_B, conv_
                 name, p, as_map(x, p), weight, bias, lora_A, lora_B, conv_weight, conv_bias,
                 router.w_gate, router.w_noise, noise, router.noise_epsilon, router.loss_coef,
                 router.gating, scaling)
-            scope = current_scope()
-            if router.training and (scope.group is not None or scope.collect is not None
-                                    or scope.stats is not None):
+            if router.training and current_scope().forms_aux:
                 # the aux loss the scope asks for (a whole batch's, over processes or
                 # passes) from the units' statistics; the op's own is left undifferentiated
                 per_unit = expert_index if router.gating == "token" else expert_index[:, 0, 0]

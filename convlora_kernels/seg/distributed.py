@@ -111,12 +111,8 @@ class Processes:
         """values summed over the processes (float64), in one collective."""
         if not self.distributed:
             return list(values)
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.float64,
-                         device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t, group=self.stats)
-        return t.tolist()
+        return self.sum_tensor(torch.tensor(values, dtype=torch.float64,
+                                            device=self.device)).tolist()
 
     def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """t summed over the processes (no autograd), in one collective; t alone."""

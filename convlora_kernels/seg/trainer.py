@@ -408,9 +408,12 @@ def _load_optimizer(seg, opt, state, sharded: bool) -> None:
                              options=StateDictOptions(full_state_dict=True))
 
 
-def _saved_state(seg, opt, sharded: bool):
+def _saved_state(seg, opt, sharded: bool, main: bool):
     """(adapter tensors, Adam's state) to save, whole: a sharded model's gathered from the
-    processes (every process must call this; rank 0 gets them)."""
+    processes (every process must call this; rank 0 gets them); (None, None) in the other
+    processes of an unsharded run, whose rank 0 holds it all."""
+    if not sharded and not main:
+        return None, None
     adapter = sam_api.adapter_state_dict(seg)
     if not sharded:
         return {k: v.detach().cpu() for k, v in adapter.items()}, opt.state_dict()
@@ -653,7 +656,7 @@ def _checkpoint(step: "_Steps", cfg, out: Path, run: RunState, val_ds, settings,
     better = run.best is None or score is None or score > run.best["score"]
     if better:
         run.best = {"step": run.step, "score": score}
-    adapter, optimizer_state = _saved_state(seg, opt, cfg.shard)
+    adapter, optimizer_state = _saved_state(seg, opt, cfg.shard, procs.main)
     if not procs.main:
         procs.barrier()  # rank 0 has written the files
         return

@@ -4,6 +4,7 @@
     python benchmarks/cost_model.py --phases               # and each kernel's phases
     python benchmarks/cost_model.py --design docs/design.md   # rewrite the table there
     python benchmarks/cost_model.py --json cost.json
+    python benchmarks/cost_model.py --sites "global token r8"   # a case's accesses by line
 
 No GPU is needed. For each case (a SAM shape, routing, rank, interpolation) and each
 kernel the stencil ops launch (prep, the tile or map program, fold, reduce):
@@ -45,6 +46,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -164,7 +166,7 @@ def build_checked(build_dir: Optional[str] = None):
     os.makedirs(build_dir, exist_ok=True)
     load(name=CHECKED_NS, sources=[os.path.join(CSRC, "ops.cpp"),
                                    os.path.join(CSRC, "stencil_cpu.cpp")],
-         extra_cflags=["-O1", "-std=c++20", "-DCONVLORA_CHECKED",
+         extra_cflags=["-O1", "-g", "-std=c++20", "-DCONVLORA_CHECKED",
                        f"-DCONVLORA_NS={CHECKED_NS}"],
          extra_include_paths=[CSRC], build_directory=build_dir, is_python_module=False,
          verbose=False)
@@ -211,11 +213,74 @@ def count_shared(ops, case: Case) -> Dict[str, dict]:
         _, pre = ops.stencil_fwd(z, idx, cw, cb, case.scales, m, h, w, True)
         ops.stencil_bwd(du, z, pre, idx, cw, cb, case.scales, m, h, w)
         calls = _parse_traffic(ops.smem_traffic())
+        sites = ops.smem_sites()
     finally:
         ops.smem_trace(False)
     if len(calls) != 2:
         raise RuntimeError(f"{case.name}: expected two block-program calls, got {len(calls)}")
+    return {"fwd": calls[0], "bwd": calls[1], "sites": sites}
+
+
+def count_sites(ops, case: Case) -> Dict[str, List[dict]]:
+    """{"fwd": [...], "bwd": [...]}: each site's (place in the code, reads or writes) warp
+    accesses, wavefronts and ideal per phase, its place resolved to file:line (the checked
+    build has debug information)."""
+    text = count_shared(ops, case)["sites"]
+    so = None
+    calls: List[List[dict]] = []
+    for line in text.splitlines():
+        f = line.split(None, 6)
+        if f[0] == "library":
+            so = f[1] if os.path.exists(f[1]) else None
+            continue
+        if f[0] == "call":
+            calls.append([])
+            continue
+        calls[-1].append(dict(phase=f[0], rw=f[1], offset=f[2], array=f[6],
+                              warp_accesses=int(f[3]), wavefronts=int(f[4]), ideal=int(f[5])))
+    offsets = sorted({s["offset"] for c in calls for s in c})
+    where = {}
+    if so is not None and offsets and shutil.which("addr2line"):
+        # -i prints the inlined chain, innermost first; -a marks each address's start
+        out = subprocess.run(["addr2line", "-a", "-i", "-e", so] + offsets,
+                             capture_output=True, text=True).stdout
+        addr = None
+        for ln in out.splitlines():
+            if ln.startswith("0x"):
+                addr = ln
+                continue
+            loc = os.path.relpath(ln.split(" (")[0], ROOT) if ln.startswith("/") else ln
+            if addr is not None and "shared_array.h" not in loc:
+                where.setdefault(int(addr, 16), loc)
+    for c in calls:
+        for s in c:
+            s["line"] = where.get(int(s["offset"], 16), s["offset"])
     return {"fwd": calls[0], "bwd": calls[1]}
+
+
+def site_table(sites: Dict[str, List[dict]], conflicted: bool = True) -> List[str]:
+    """A case's sites (only those with bank conflicts when `conflicted`), most wavefronts
+    beyond the fewest first."""
+    out = ["| pass | phase | r/w | array | line | warp accesses | wavefronts | per access |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = []
+    for direction, ss in sites.items():
+        merged: Dict[tuple, dict] = {}
+        for s in ss:  # one line may hold several sites (unrolled copies)
+            k = (s["phase"], s["rw"], s["array"], s["line"])
+            m = merged.setdefault(k, dict(warp_accesses=0, wavefronts=0, ideal=0))
+            for f in ("warp_accesses", "wavefronts", "ideal"):
+                m[f] += s[f]
+        for (phase, rw, array, line), m in merged.items():
+            rows.append((m["wavefronts"] - m["ideal"], direction, phase, rw, array, line, m))
+    rows.sort(key=lambda t: -t[0])
+    for excess, direction, phase, rw, array, line, m in rows:
+        if conflicted and excess <= 0:
+            continue
+        out.append(f"| {direction} | {phase} | {rw} | {array} | {line} | "
+                   f"{m['warp_accesses']:,} | {m['wavefronts']:,} | "
+                   f"{m['wavefronts'] / max(1, m['ideal']):.2f} |")
+    return out
 
 
 # --- the SASS ----------------------------------------------------------------------
@@ -504,7 +569,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write every number here")
     ap.add_argument("--limits", action="store_true",
                     help="print OVER_CEILING and OVER_BUDGET_US as the code stands")
+    ap.add_argument("--sites", metavar="CASE",
+                    help="only this case's shared accesses with bank conflicts, by line "
+                         "(the counted map, all its blocks)")
     args = ap.parse_args(argv)
+    if args.sites:
+        case = {c.name: c for c in CASES}.get(args.sites)
+        if case is None:
+            ap.error(f"--sites: no case {args.sites!r}; cases: {[c.name for c in CASES]}")
+        print("\n".join(site_table(count_sites(build_checked(), case))))
+        return 0
     rows = run()
     print(assumptions())
     print()

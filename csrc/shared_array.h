@@ -139,7 +139,7 @@ struct SArr {
     const int64_t w = word(i);
     Shadow* s = g_shadow;
     if (w >= 0 && s->trace != nullptr && s->tid >= 0)  // 4 elements: sizeof(T) words
-      s->trace->reads[s->tid].push_back({site, w, static_cast<int64_t>(sizeof(T))});
+      s->trace->reads[s->tid].push_back({site, name, w, static_cast<int64_t>(sizeof(T))});
     for (int k = 0; k < 4; ++k) check_read(i + k);
   }
   CONVLORA_HOOK void on_read(int i) const {
@@ -147,7 +147,7 @@ struct SArr {
     const int64_t w = word(i);
     if (w < 0) return;
     Shadow& s = *g_shadow;
-    if (s.trace != nullptr && s.tid >= 0) s.trace->reads[s.tid].push_back({site, w, 1});
+    if (s.trace != nullptr && s.tid >= 0) s.trace->reads[s.tid].push_back({site, name, w, 1});
     check_read(i);
   }
   // The race check of a read of element i (its first word).
@@ -175,7 +175,7 @@ struct SArr {
     const int64_t w = word(i);
     Shadow* s = g_shadow;
     if (w >= 0 && s->trace != nullptr && s->tid >= 0)
-      s->trace->writes[s->tid].push_back({site, w, static_cast<int64_t>(sizeof(T))});
+      s->trace->writes[s->tid].push_back({site, name, w, static_cast<int64_t>(sizeof(T))});
     for (int k = 0; k < 4; ++k) check_write(i + k);
   }
   CONVLORA_HOOK void on_write(int i) const {
@@ -183,7 +183,7 @@ struct SArr {
     const int64_t w = word(i);
     if (w < 0) return;
     Shadow& s = *g_shadow;
-    if (s.trace != nullptr && s.tid >= 0) s.trace->writes[s.tid].push_back({site, w, 1});
+    if (s.trace != nullptr && s.tid >= 0) s.trace->writes[s.tid].push_back({site, name, w, 1});
     check_write(i);
   }
   // The race check of a write of element i (its first word).

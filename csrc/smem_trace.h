@@ -11,6 +11,7 @@
 // its lanes' words (lanes reading one word share it).
 #pragma once
 
+#include <dlfcn.h>
 #include <stdint.h>
 
 #include <algorithm>
@@ -19,6 +20,7 @@
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -35,6 +37,22 @@ struct PhaseTraffic {
   int64_t busiest_warp = 0;     // the access instructions of the phase's busiest warp
 };
 
+// One site's share of a phase (its reads or its writes): what `smem_sites` reports, so a
+// conflicted phase can be traced to its line (benchmarks/cost_model.py --sites).
+struct SiteTraffic {
+  int64_t warp_accesses = 0, wavefronts = 0, ideal = 0;
+};
+struct SiteKey {
+  std::string phase;
+  const void* site;
+  const char* array;
+  char rw;  // 'r' or 'w'
+  bool operator<(const SiteKey& o) const {
+    return std::tie(phase, site, array, rw) < std::tie(o.phase, o.site, o.array, o.rw);
+  }
+};
+using SiteTable = std::map<SiteKey, SiteTraffic>;
+
 // Wavefronts of one warp-level access to the given words (one per active lane).
 inline int64_t wavefronts_of(std::vector<int64_t>& words) {
   std::sort(words.begin(), words.end());
@@ -49,11 +67,13 @@ struct Trace {
   int threads = 0;
   struct Access {
     const void* site;
+    const char* array;  // the shared array's name
     int64_t word;   // the first 4-byte word
     int64_t words;  // consecutive words from it: 1, or 4 for a vector load (SArr::load4)
   };
   std::vector<std::vector<Access>> reads, writes;  // per thread, this phase's accesses
   std::vector<PhaseTraffic> phases;                 // by name, in order of first run
+  SiteTable sites;                                  // the same counts by site
   PhaseTraffic* current = nullptr;
 
   explicit Trace(int nthreads) : threads(nthreads), reads(nthreads), writes(nthreads) {}
@@ -72,9 +92,10 @@ struct Trace {
 
   // Counts one direction (reads or writes) of the phase; returns each warp's access
   // instructions.
-  std::vector<int64_t> count(const std::vector<std::vector<Access>>& per_thread) {
+  std::vector<int64_t> count(const std::vector<std::vector<Access>>& per_thread, char rw) {
     std::vector<int64_t> per_warp;
     std::map<std::pair<const void*, int64_t>, std::vector<int64_t>> groups;
+    std::map<const void*, const char*> arrays;
     std::map<const void*, int64_t> seen;
     for (int w0 = 0; w0 < threads; w0 += 32) {
       groups.clear();
@@ -82,13 +103,20 @@ struct Trace {
         seen.clear();
         for (const Access& a : per_thread[l]) {
           auto& words = groups[{a.site, seen[a.site]++}];
+          arrays[a.site] = a.array;
           for (int64_t k = 0; k < a.words; ++k) words.push_back(a.word + k);
         }
       }
       for (auto& [key, words] : groups) {
         current->lane_accesses += static_cast<int64_t>(words.size());
-        current->wavefronts += wavefronts_of(words);  // leaves the distinct words
-        current->ideal += std::max<int64_t>(1, (static_cast<int64_t>(words.size()) + 31) / 32);
+        const int64_t wf = wavefronts_of(words);  // leaves the distinct words
+        const int64_t ideal = std::max<int64_t>(1, (static_cast<int64_t>(words.size()) + 31) / 32);
+        current->wavefronts += wf;
+        current->ideal += ideal;
+        SiteTraffic& st = sites[SiteKey{current->name, key.first, arrays[key.first], rw}];
+        st.warp_accesses += 1;
+        st.wavefronts += wf;
+        st.ideal += ideal;
       }
       current->warp_accesses += static_cast<int64_t>(groups.size());
       per_warp.push_back(static_cast<int64_t>(groups.size()));
@@ -98,7 +126,7 @@ struct Trace {
 
   void end() {
     current->runs += 1;
-    const auto r = count(reads), w = count(writes);
+    const auto r = count(reads, 'r'), w = count(writes, 'w');
     int64_t busiest = 0;
     for (size_t i = 0; i < r.size(); ++i) busiest = std::max(busiest, r[i] + w[i]);
     current->busiest_warp += busiest;
@@ -112,24 +140,41 @@ struct TraceRequest {
   std::mutex mutex;
   bool on = false;
   std::vector<PhaseTraffic> phases;    // of the latest call
+  SiteTable sites;                     // of the latest call, by site
   std::ostringstream done;             // the report of the calls before it
+  std::ostringstream done_sites;       // the same by site (smem_sites)
 
   void flush() {
     for (const auto& p : phases)
       done << p.name << ' ' << p.runs << ' ' << p.lane_accesses << ' ' << p.warp_accesses
            << ' ' << p.wavefronts << ' ' << p.busiest_warp << ' ' << p.ideal << '\n';
     phases.clear();
+    for (const auto& [k, t] : sites) {
+      // the site as an offset into the shared object that holds it (addr2line reads it)
+      Dl_info info{};
+      const auto off = dladdr(k.site, &info) != 0 && info.dli_fbase != nullptr
+                           ? reinterpret_cast<uintptr_t>(k.site) -
+                                 reinterpret_cast<uintptr_t>(info.dli_fbase)
+                           : reinterpret_cast<uintptr_t>(k.site);
+      done_sites << k.phase << ' ' << k.rw << " 0x" << std::hex << off << std::dec << ' '
+                 << t.warp_accesses << ' ' << t.wavefronts << ' ' << t.ideal << ' ' << k.array
+                 << '\n';
+    }
+    sites.clear();
   }
   void start(bool enable) {
     std::lock_guard<std::mutex> lock(mutex);
     on = enable;
     phases.clear();
+    sites.clear();
     done.str("");
+    done_sites.str("");
   }
   void begin_call(int64_t blocks, int bytes) {
     std::lock_guard<std::mutex> lock(mutex);
     flush();
     done << "call " << blocks << ' ' << bytes << '\n';
+    done_sites << "call " << blocks << ' ' << bytes << '\n';
   }
   void add(const Trace& t) {  // one worker's blocks
     std::lock_guard<std::mutex> lock(mutex);
@@ -148,6 +193,12 @@ struct TraceRequest {
       into->busiest_warp += p.busiest_warp;
       into->ideal += p.ideal;
     }
+    for (const auto& [k, c] : t.sites) {
+      SiteTraffic& into = sites[k];
+      into.warp_accesses += c.warp_accesses;
+      into.wavefronts += c.wavefronts;
+      into.ideal += c.ideal;
+    }
   }
 };
 inline TraceRequest& trace_request() {
@@ -163,6 +214,20 @@ inline std::string trace_report() {
   std::lock_guard<std::mutex> lock(req.mutex);
   req.flush();
   return req.done.str();
+}
+
+// The same counts by site: a "library <path>" line (the shared object the offsets are
+// in), then per call a "call" line, then per (phase, site) of the calls'
+// reads (r) and writes (w): phase r|w 0x<offset in the shared object> warp_accesses
+// wavefronts ideal array (the array's name, which may hold spaces).
+inline std::string trace_sites() {
+  auto& req = trace_request();
+  std::lock_guard<std::mutex> lock(req.mutex);
+  req.flush();
+  Dl_info info{};  // the shared object these counts' offsets are in, for addr2line
+  const bool found = dladdr(reinterpret_cast<const void*>(&trace_sites), &info) != 0 &&
+                     info.dli_fname != nullptr;
+  return std::string("library ") + (found ? info.dli_fname : "?") + '\n' + req.done_sites.str();
 }
 
 }  // namespace tile

@@ -271,14 +271,16 @@ CONVLORA_LIBRARY_IMPL(CONVLORA_NS, CPU, m) {
 #if defined(CONVLORA_CHECKED)
 // The checked build's shared-memory counts, for benchmarks/cost_model.py (smem_trace.h):
 // smem_trace(true) clears them and counts the block programs of the stencil calls that
-// follow; smem_traffic() reports them; smem_wavefronts(words) is one warp access's count.
+// follow; smem_traffic() reports them (smem_sites() by site); smem_wavefronts(words) is one warp access's count.
 void smem_trace(bool on) { tile::trace_request().start(on); }
 std::string smem_traffic() { return tile::trace_report(); }
+std::string smem_sites() { return tile::trace_sites(); }
 int64_t smem_wavefronts(std::vector<int64_t> words) { return tile::wavefronts_of(words); }
 
 TORCH_LIBRARY_FRAGMENT(CONVLORA_NS, m) {
   m.def("smem_trace(bool on) -> ()", &smem_trace);
   m.def("smem_traffic() -> str", &smem_traffic);
+  m.def("smem_sites() -> str", &smem_sites);
   m.def("smem_wavefronts(int[] words) -> int", &smem_wavefronts);
 }
 #endif

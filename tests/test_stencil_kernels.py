@@ -132,8 +132,8 @@ def _build_checked(tmp_path_factory, namespace, *defines):
     build = tmp_path_factory.mktemp(namespace)
     load(name=namespace, sources=[os.path.join(CSRC, "ops.cpp"),
                                   os.path.join(CSRC, "stencil_cpu.cpp")],
-         extra_cflags=["-O1", "-std=c++20", "-DCONVLORA_CHECKED", f"-DCONVLORA_NS={namespace}",
-                       *defines],
+         extra_cflags=["-O1", "-g", "-std=c++20", "-DCONVLORA_CHECKED",
+                       f"-DCONVLORA_NS={namespace}", *defines],
          extra_include_paths=[CSRC], build_directory=str(build), is_python_module=False,
          verbose=False)
     return getattr(torch.ops, namespace)
@@ -501,6 +501,29 @@ def test_cost_model_counts_every_phase(cost_rows):
         # instructions come from its own code
         if row["instructions_per_block"] is not None:
             assert row["instructions_by_phase"], (row["case"], row["direction"])
+
+
+def test_cost_model_sites_add_up_to_the_phases(checked_ops):
+    """`cost_model.py --sites`: the accesses by site sum to each phase's counts, and each
+    site resolves to a line of the kernels' code (the checked build has debug information;
+    without addr2line a site stays an offset)."""
+    import shutil
+
+    cm = _cost_model()
+    case = cm.CASES[0]
+    counted = cm.count_shared(checked_ops, case)
+    sites = cm.count_sites(checked_ops, case)
+    for direction in ("fwd", "bwd"):
+        for name, p in counted[direction]["phases"].items():
+            mine = [s for s in sites[direction] if s["phase"] == name]
+            for f in ("warp_accesses", "wavefronts", "ideal"):
+                assert sum(s[f] for s in mine) == p[f], (direction, name, f)
+        if shutil.which("addr2line"):
+            lines = {s["line"] for s in sites[direction]}
+            assert all(re.fullmatch(r"csrc/stencil_(tile|map)\.h:\d+", x) for x in lines), lines
+    table = cm.site_table(sites, conflicted=False)
+    assert len(table) == 2 + len({(d, s["phase"], s["rw"], s["array"], s["line"])
+                                  for d, ss in sites.items() for s in ss})
 
 
 def test_cost_model_within_ceilings(cost_rows):

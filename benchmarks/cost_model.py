@@ -110,43 +110,24 @@ WAVEFRONTS_PER_ACCESS_CEILING = 1.3
 # tests/test_stencil_kernels.py: lower a value when a kernel improves, drop it once it is
 # under the ceiling or the budget.
 OVER_CEILING: Dict[str, float] = {
-    "global token r8/fwd/combine": 1.58,
-    "global token r8/fwd/store": 1.5,
-    "global token r8/bwd/conv": 1.39,
-    "global token r8/bwd/gather": 1.38,
-    "global token r8/bwd/store": 1.67,
-    "global token r3/fwd/conv": 1.31,
-    "global token r3/fwd/combine": 1.56,
-    "global token r3/fwd/store": 1.5,
-    "global token r3/bwd/conv": 1.74,
-    "global token r3/bwd/gather": 1.86,
-    "global token r3/bwd/store": 1.67,
-    "global token r16/fwd/combine": 1.53,
-    "global token r16/fwd/store": 1.5,
-    "global token r16/bwd/load": 1.34,
-    "global token r16/bwd/conv": 1.36,
+    "global token r8/bwd/conv": 1.37,
+    "global token r3/bwd/conv": 1.34,
+    "global token r3/bwd/gather": 1.69,
+    "global token r16/bwd/conv": 1.33,
     "global token r16/bwd/gather": 1.47,
-    "global token r16/bwd/store": 1.67,
-    "global token r8 bicubic/fwd/combine": 1.36,
-    "global token r8 bicubic/fwd/store": 1.5,
-    "global token r8 bicubic/bwd/conv": 1.36,
+    "global token r8 bicubic/bwd/conv": 1.37,
     "global token r8 bicubic/bwd/delta": 1.37,
-    "global token r8 bicubic/bwd/gather": 1.41,
-    "global token r8 bicubic/bwd/store": 1.67,
+    "global token r8 bicubic/bwd/gather": 1.36,
+    "global token r8 bicubic/bwd/store": 1.45,
     "windows token r8/fwd/conv": 1.31,
-    "windows token r8/fwd/combine": 1.56,
-    "windows token r8/fwd/store": 1.38,
-    "windows token r8/bwd/conv": 1.38,
-    "windows token r8/bwd/gather": 1.38,
-    "windows token r8/bwd/store": 1.5,
+    "windows token r8/fwd/combine": 1.32,
+    "windows token r8/bwd/conv": 1.36,
     "authors map r3 bicubic/fwd/load": 1.38,
     "authors map r3 bicubic/fwd/conv": 1.33,
     "authors map r3 bicubic/fwd/combine": 1.65,
     "authors map r3 bicubic/bwd/load": 1.45,
     "authors map r3 bicubic/bwd/dw": 1.68,
-    "windows map r8/fwd/load": 1.36,
     "windows map r8/fwd/conv": 1.32,
-    "windows map r8/bwd/load": 1.48,
     "windows map r8/bwd/cols_down": 1.31,
 }
 OVER_BUDGET_US: Dict[str, float] = {
@@ -177,14 +158,15 @@ def _problem(case: Case, seed: int = 0):
     b, h, w = case.counted
     g = torch.Generator().manual_seed(seed)
     n, r, tokens = case.experts, case.rank, b * h * w
-    z = torch.randn(tokens, r, generator=g)
-    du = torch.randn(tokens, r, generator=g)
+    # bf16 activations, as the estimate assumes: the staging's vector width depends on it
+    z = torch.randn(tokens, r, generator=g).bfloat16()
+    du = torch.randn(tokens, r, generator=g).bfloat16()
     if case.routing == "map":  # every expert (scale) on as many maps
         idx = (torch.arange(b) % n).to(torch.int32)
     else:
         idx = torch.randint(0, n, (tokens,), generator=g, dtype=torch.int32)
-    cw = torch.randn(n, r, r, 3, 3, generator=g) / (3 * r ** 0.5)
-    cb = torch.randn(n, r, generator=g)
+    cw = (torch.randn(n, r, r, 3, 3, generator=g) / (3 * r ** 0.5)).bfloat16()
+    cb = torch.randn(n, r, generator=g).bfloat16()
     return z, du, idx, cw, cb
 
 

@@ -213,18 +213,21 @@ struct SArr {
     if constexpr (sizeof(T) == 4) {
       const float4 f = *reinterpret_cast<const float4*>(p + i);
       return V4<T>{{f.x, f.y, f.z, f.w}};
-    }
+    } else
 #endif
-    return V4<T>{{p[i], p[i + 1], p[i + 2], p[i + 3]}};
+    {
+      return V4<T>{{p[i], p[i + 1], p[i + 2], p[i + 3]}};
+    }
   }
   CONVLORA_HD void store4(int i, const V4<T>& v) const {
 #if defined(__CUDA_ARCH__)
     if constexpr (sizeof(T) == 4) {
       *reinterpret_cast<float4*>(p + i) = make_float4(v.v[0], v.v[1], v.v[2], v.v[3]);
-      return;
-    }
+    } else
 #endif
-    for (int k = 0; k < 4; ++k) p[i + k] = v.v[k];
+    {
+      for (int k = 0; k < 4; ++k) p[i + k] = v.v[k];
+    }
   }
 };
 #define CONVLORA_SARR(T, base, off, count, nm) \

@@ -137,9 +137,11 @@ void reduce_dw(const at::Tensor& partial, int64_t blocks, int r, int n, at::Tens
   });
 }
 
-// The checked build instantiates float and double only (it is built by a test).
+// The checked build instantiates float, double and bfloat16 only (it is built by a test;
+// the cost model counts the bfloat16 programs, what the GPU runs).
 #if defined(CONVLORA_CHECKED)
-#define CONVLORA_DISPATCH_CPU(t, name, ...) AT_DISPATCH_FLOATING_TYPES(t, name, __VA_ARGS__)
+#define CONVLORA_DISPATCH_CPU(t, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, t, name, __VA_ARGS__)
 #else
 #define CONVLORA_DISPATCH_CPU(t, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, name, __VA_ARGS__)

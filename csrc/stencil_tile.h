@@ -75,9 +75,9 @@ struct Interp {
   static constexpr int kMaxDown = INTERP == kBicubic ? 4 : 2;  // conv outputs per axis
 };
 
-// Largest power of two <= 9216 / row, within [4, 64]: backward items per round.
+// Largest power of two <= 9216 / row, within [4, 128]: backward items per round.
 CONVLORA_HD constexpr int round_items(int row) {
-  int m = 64;
+  int m = 128;
   while (m > 4 && m * row > 9216) m /= 2;
   return m;
 }
@@ -99,20 +99,20 @@ struct Geometry {
   static constexpr int kZW = kTileW + 2 * kHalo;
   // Saved pre-activation slots per token: its largest item count.
   static constexpr int kPreSlots = Interp<INTERP>::kMaxDown * Interp<INTERP>::kMaxDown;
-  static constexpr int kCell = R + 1;              // odd row strides: no bank conflicts
+  // Tile sums (u or dz of the tile tokens): dense rows of R, read and written by lanes
+  // that hold consecutive channels of consecutive tokens (or 128-bit runs of them).
+  static constexpr int kAccCell = R;
   static constexpr int kMaxItems = kSrc * Interp<INTERP>::kMaxDown * Interp<INTERP>::kMaxDown;
   // cbuf row (GELU outputs or g). Forward: odd, so the rows of the items a warp holds fall
-  // in distinct banks. Backward, R a multiple of 8: 4 x an odd number, read and written
-  // in 128-bit accesses (kVecRows), which the 8 lanes of a quarter warp then make in
-  // distinct banks.
-  static constexpr bool kVecRows = BWD && R % 8 == 0;
-  static constexpr int kItemRow = kVecRows ? R + 4 : R + 1;
+  // in distinct banks. Backward: 4 x an odd number, read and written in 128-bit accesses
+  // (kVecRows), which the 8 lanes of a quarter warp then make in distinct banks.
+  static constexpr bool kVecRows = BWD;
+  static constexpr int kItemRow = kVecRows ? 4 * ((R / 4) | 1) : R + 1;
   // ubuf row (backward): an item's nine U vectors (contiguous: the weight gradient's
   // threads read one item's at once), then its contributions to the z neighbourhood
-  // (side x side cells of R) of its source token. Bilinear at R a multiple of 8 (kVecU)
-  // those are written and gathered in 128-bit accesses and the row is 4 x an odd number
-  // of words; otherwise odd: either way the rows of the items a warp holds fall in
-  // distinct banks.
+  // (side x side cells of R) of its source token. Bilinear (kVecU), those are written and
+  // gathered in 128-bit accesses and the row is 4 x an odd number of words; otherwise
+  // odd: either way the rows of the items a warp holds fall in distinct banks.
   static constexpr int kNeighbours = Interp<INTERP>::kSide * Interp<INTERP>::kSide;
   static constexpr int kUTap = R;
   static constexpr bool kVecU = kVecRows && INTERP != kBicubic;
@@ -130,6 +130,11 @@ struct Geometry {
   // backward thread takes fewer than 4 channels of an item (scalar loads: R = 4, bicubic).
   static constexpr int kZCell = BWD && R / kItemSplit < 4 ? R + 1 : (R / 4) % 2 == 1 ? R : R + 4;
   static_assert(R % 4 == 0, "z cells in 128-bit loads");
+  // A staged du cell (backward): read per item, R / kItemSplit channels by a thread: in
+  // 128-bit loads where that is a multiple of 4 (4 x an odd number of words, like kZCell),
+  // else odd, so the lanes of a warp reading different tokens' cells fall in distinct banks.
+  static constexpr bool kVecSrc = (R / kItemSplit) % 4 == 0;
+  static constexpr int kSrcCell = !kVecSrc ? R + 1 : (R / 4) % 2 == 1 ? R : R + 4;
   static constexpr int kBuckets = 2 * kMaxExperts; // (tile or halo) x expert
 };
 
@@ -269,7 +274,7 @@ CONVLORA_HD Layout make_layout(int r, int n, bool w_smem, bool dw_smem) {
   };
   const int A = static_cast<int>(sizeof(acc_t)), I = static_cast<int>(sizeof(int));
   L.zs = take(G::kZH * G::kZW * G::kZCell * A);
-  L.src = take(BWD ? G::kSrc * G::kCell * A : 0);  // du of the sources
+  L.src = take(BWD ? G::kSrc * G::kSrcCell * A : 0);  // du of the sources
   L.es = take(G::kSrc * I);
   L.nt = take(G::kSrc * I);
   L.start = take(G::kSrc * I);
@@ -278,7 +283,7 @@ CONVLORA_HD Layout make_layout(int r, int n, bool w_smem, bool dw_smem) {
   L.items = take(G::kMaxItems * I);
   L.cbuf = take(G::kRound * G::kItemRow * A);
   L.ubuf = take(BWD ? G::kRound * G::kURow * A : 0);
-  L.acc = take(G::kTileH * G::kTileW * G::kCell * A);  // u (forward) or dz (backward) of the tile
+  L.acc = take(G::kTileH * G::kTileW * G::kAccCell * A);  // u (fwd) or dz (bwd) of the tile
   L.w_count = w_smem ? n * weight_stride<R>() : 0;
   L.w = take(L.w_count * A);
   L.wt = take(BWD ? L.w_count * A : 0);
@@ -347,7 +352,7 @@ CONVLORA_HD acc_t outside_value() {
 }
 
 // Stages an RH x RW region of an (H, W, r) map (origin y0, x0, may reach outside the map)
-// into dst[(ly·RW + lx)·kCell + c] as acc_t; channels c >= r and cells outside the map are
+// into dst[(ly·RW + lx)·CELL + c] as acc_t; channels c >= r and cells outside the map are
 // outside_value() (never read: taps are clamped into the map).
 template <int R, int RH, int RW, int CELL, typename scalar_t, typename acc_t>
 CONVLORA_HD void stage_region(const scalar_t* map, int H, int W, int r, int y0, int x0,
@@ -390,11 +395,19 @@ CONVLORA_HD void stage_region(const scalar_t* map, int H, int W, int r, int y0, 
 
 // --- The block program --------------------------------------------------------------
 
-// Item encoding: source token | down-row tap << 12 | down-column tap << 14.
-CONVLORA_HD int make_item(int t, int a, int b) { return t | (a << 12) | (b << 14); }
+// Item encoding: source token | down-row tap << 12 | down-column tap << 14 | the token's
+// expert << 16 | its tap counts (8 x rows + columns) << 20: what the per-item phases need
+// of the token comes with the item, not from a shared read at a token index each lane
+// holds a different one of.
+static_assert(kMaxExperts <= 16, "an item holds its expert in 4 bits");
+CONVLORA_HD int make_item(int t, int a, int b, int e, int nt) {
+  return t | (a << 12) | (b << 14) | (e << 16) | (nt << 20);
+}
 CONVLORA_HD int item_token(int it) { return it & 0xFFF; }
 CONVLORA_HD int item_a(int it) { return (it >> 12) & 3; }
 CONVLORA_HD int item_b(int it) { return (it >> 14) & 3; }
+CONVLORA_HD int item_expert(int it) { return (it >> 16) & 15; }
+CONVLORA_HD int item_nt(int it) { return (it >> 20) & 63; }
 
 // Pre-activation of one item: C[co] = bias[co] + sum_{k, ci} W[co, ci, k] U(tap k)[ci] for
 // the conv output (oy, ox) of expert e at scale s, U read from the staged z through the
@@ -555,10 +568,11 @@ struct Smem {
   CONVLORA_HD Smem(unsigned char* base, const Layout& L, int n, const acc_t* wglobal,
                    acc_t* dwglobal, int r)
       : zs(CONVLORA_SARR(acc_t, base, L.zs, G::kZH * G::kZW * G::kZCell, "z")),
-        src(CONVLORA_SARR(acc_t, base, L.src, BWD ? G::kSrc * G::kCell : 0, "du")),
+        src(CONVLORA_SARR(acc_t, base, L.src, BWD ? G::kSrc * G::kSrcCell : 0, "du")),
         cbuf(CONVLORA_SARR(acc_t, base, L.cbuf, G::kRound * G::kItemRow, "item values")),
         ubuf(CONVLORA_SARR(acc_t, base, L.ubuf, BWD ? G::kRound * G::kURow : 0, "taps")),
-        acc(CONVLORA_SARR(acc_t, base, L.acc, G::kTileH * G::kTileW * G::kCell, "tile sums")),
+        acc(CONVLORA_SARR(acc_t, base, L.acc, G::kTileH * G::kTileW * G::kAccCell,
+                          "tile sums")),
         w(L.w_count ? CONVLORA_SARR(acc_t, base, L.w, L.w_count, "weights")
                     : global_arr(wglobal, 0, n * weight_stride<R>(), "weights (global)")),
         wt(!BWD ? global_arr(wglobal, 0, 0, "transposed weights (none)")
@@ -588,7 +602,7 @@ CONVLORA_HD void phase_load(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
   stage_region<R, G::kZH, G::kZW, G::kZCell>(A.z + P.token0 * A.r, A.H, A.W, A.r,
                                            P.h0 - G::kHalo, P.w0 - G::kHalo, A.vec_z, S.zs, tid);
   if (BWD)
-    stage_region<R, G::kSrcH, G::kSrcW, G::kCell>(A.du + P.token0 * A.r, A.H, A.W, A.r, sy0,
+    stage_region<R, G::kSrcH, G::kSrcW, G::kSrcCell>(A.du + P.token0 * A.r, A.H, A.W, A.r, sy0,
                                                  sx0, A.vec_z, S.src, tid);
   for (int t = tid; t < G::kSrc; t += kThreads) {
     const int ly = t / G::kSrcW, lx = t - ly * G::kSrcW;
@@ -612,7 +626,7 @@ CONVLORA_HD void phase_load(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
       for (int i = tid; i < nw; i += kThreads) S.wt[i] = A.wbuf[nw + A.n * R + i];
   }
   for (int i = tid; i < A.n * R; i += kThreads) S.b[i] = A.wbuf[A.n * weight_stride<R>() + i];
-  for (int i = tid; i < G::kTileH * G::kTileW * G::kCell; i += kThreads) S.acc[i] = acc_t(0);
+  for (int i = tid; i < G::kTileH * G::kTileW * G::kAccCell; i += kThreads) S.acc[i] = acc_t(0);
   if (BWD) {
     for (int i = tid; i < A.n * grad_stride<R>(); i += kThreads) S.dw[i] = acc_t(0);
   }
@@ -657,11 +671,11 @@ CONVLORA_HD void phase_list(int n, const Smem<R, INTERP, BWD, acc_t>& S, int tid
   S.first[tid] = off;
   if (tid == 2 * n) return;
   for (int t = 0; t < G::kSrc; ++t) {
-    const int nt = S.nt[t];
-    if (token_bucket<R, INTERP, BWD>(t, S.es[t], nt, n) != tid) continue;
+    const int nt = S.nt[t], e = S.es[t];
+    if (token_bucket<R, INTERP, BWD>(t, e, nt, n) != tid) continue;
     S.start[t] = off;
     for (int a = 0; a < (nt >> 3); ++a)
-      for (int b = 0; b < (nt & 7); ++b) S.items[off++] = make_item(t, a, b);
+      for (int b = 0; b < (nt & 7); ++b) S.items[off++] = make_item(t, a, b, e, nt);
   }
 }
 
@@ -704,11 +718,11 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
     const int it = S.items[r0 + j];
     const int t = item_token(it);
     const int ly = t / G::kSrcW, lx = t - ly * G::kSrcW;
-    const int e = S.es[t];
+    const int e = item_expert(it);
     const int gy = sy0 + ly, gx = sx0 + lx;
     const ItemPos<acc_t> ip = item_pos(A, e, gy, gx, item_a(it), item_b(it));
     // the item's slot among its token's saved pre-activations
-    const int slot = item_a(it) * (S.nt[t] & 7) + item_b(it);
+    const int slot = item_a(it) * (item_nt(it) & 7) + item_b(it);
     acc_t* pre = A.pre == nullptr ? nullptr
         : A.pre + ((P.token0 + static_cast<int64_t>(gy) * A.W + gx) * G::kPreSlots + slot) * A.r;
     const int row = j * G::kItemRow;
@@ -724,11 +738,22 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
         conv_item<R, INTERP, G::kZW, G::kZCell, false, true, RS, G::kVecU>(
             A.taps, A.T, e, A.T.scale[e], ip.oy, ip.ox, zy0, zx0, S.zs, S.w,
             e * weight_stride<R>(), S.b, S.cbuf, row, S.ubuf, j * G::kURow, cs);
+      acc_t dsrc[RS];  // the token's du
+      if constexpr (G::kVecSrc) {  // 128-bit loads (kSrcCell, cs: x4)
+        CONVLORA_UNROLL
+        for (int c = 0; c < RS; c += 4) {
+          const V4<acc_t> v = S.src.load4(t * G::kSrcCell + cs + c);
+          CONVLORA_UNROLL
+          for (int q = 0; q < 4; ++q) dsrc[c + q] = v.v[q];
+        }
+      } else {
+        CONVLORA_UNROLL
+        for (int c = 0; c < RS; ++c) dsrc[c] = S.src[t * G::kSrcCell + cs + c];
+      }
       acc_t g[RS];
       CONVLORA_UNROLL
       for (int c = 0; c < RS; ++c)
-        g[c] = cs + c < A.r
-            ? ip.w * S.src[t * G::kCell + cs + c] * gelu_erf_grad(pre[cs + c]) : acc_t(0);
+        g[c] = cs + c < A.r ? ip.w * dsrc[c] * gelu_erf_grad(pre[cs + c]) : acc_t(0);
       if constexpr (G::kVecRows && RS % 4 == 0) {
         CONVLORA_UNROLL
         for (int c = 0; c < RS; c += 4)
@@ -752,40 +777,77 @@ CONVLORA_HD void phase_combine(int r0, const Smem<R, INTERP, false, acc_t>& S, i
     if (nt == 0) continue;
     const int i0 = S.start[t], i1 = i0 + (nt >> 3) * (nt & 7);
     const int lo = i0 > r0 ? i0 : r0, hi = i1 < r0 + G::kRound ? i1 : r0 + G::kRound;
-    acc_t sum = S.acc[t * G::kCell + c];
+    acc_t sum = S.acc[t * G::kAccCell + c];
     for (int i = lo; i < hi; ++i) sum += S.cbuf[(i - r0) * G::kItemRow + c];
-    S.acc[t * G::kCell + c] = sum;
+    S.acc[t * G::kAccCell + c] = sum;
   }
 }
 
+// Stores n <= 4 consecutive values at p: one 4-element vector store where n == 4 and p is
+// aligned to it (8 bytes bf16/fp16, 16 fp32), else one by one.
+template <typename scalar_t, typename acc_t>
+CONVLORA_HD void store_run4(scalar_t* p, const acc_t (&v)[4], int n) {
+  scalar_t vals[4];
+  for (int j = 0; j < 4; ++j) vals[j] = static_cast<scalar_t>(v[j]);
+  if (n == 4 && reinterpret_cast<uintptr_t>(p) % sizeof(vals) == 0) {
+    struct alignas(sizeof(vals)) Raw {
+      scalar_t v[4];
+    };
+#if defined(__CUDA_ARCH__)
+    Raw raw;
+    memcpy(&raw, vals, sizeof(vals));
+    *reinterpret_cast<Raw*>(p) = raw;
+#else
+    memcpy(p, vals, sizeof(vals));
+#endif
+    return;
+  }
+  CONVLORA_UNROLL
+  for (int j = 0; j < 4; ++j)  // compile-time indices: vals stays in registers
+    if (j < n) p[j] = vals[j];
+}
+
 // Last phase: write the tile's rows of u = z + E(z) (forward) or dz = du + the gathered
-// contributions (backward); tokens with an out-of-range expert get NaN.
+// contributions (backward); tokens with an out-of-range expert get NaN. Thread per (tile
+// token, run of 4 channels): the staged rows are read in 128-bit loads (du's at an odd
+// stride, one word at a time, where its cells are not in fours) and the run is stored as
+// one vector.
 template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
 CONVLORA_HD void phase_store(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P,
                              const Smem<R, INTERP, BWD, acc_t>& S, int tid) {
   using G = Geometry<R, INTERP, BWD>;
-  const int r = A.r;
-  for (int u = tid; u < G::kTileH * G::kTileW * r; u += kThreads) {
-    const int cell = u / r, c = u - cell * r;
+  const int r = A.r, runs = (r + 3) / 4;
+  for (int u = tid; u < G::kTileH * G::kTileW * runs; u += kThreads) {
+    const int cell = u / runs, c0 = (u - cell * runs) * 4;
     const int ty = cell / G::kTileW, tx = cell - ty * G::kTileW;
     const int gy = P.h0 + ty, gx = P.w0 + tx;
     if (gy >= A.H || gx >= A.W) continue;
     const int t = (ty + G::kSH) * G::kSrcW + tx + G::kSH;  // source index
-    acc_t v;
-    if (S.es[t] == kBadExpert) {
-      v = nan_value<acc_t>();
-    } else if (BWD) {
-      v = S.src[t * G::kCell + c] + S.acc[cell * G::kCell + c];
+    const int nc = r - c0 < 4 ? r - c0 : 4;
+    acc_t v[4];
+    const V4<acc_t> a = S.acc.load4(cell * G::kAccCell + c0);
+    if constexpr (BWD && !G::kVecSrc) {
+      CONVLORA_UNROLL
+      for (int c = 0; c < 4; ++c) v[c] = S.src[t * G::kSrcCell + c0 + c] + a.v[c];
     } else {
-      const int zc = (ty + G::kHalo) * G::kZW + tx + G::kHalo;
-      v = S.zs[zc * G::kZCell + c] + S.acc[cell * G::kCell + c];
+      V4<acc_t> b;
+      if constexpr (BWD)
+        b = S.src.load4(t * G::kSrcCell + c0);
+      else
+        b = S.zs.load4(((ty + G::kHalo) * G::kZW + tx + G::kHalo) * G::kZCell + c0);
+      CONVLORA_UNROLL
+      for (int c = 0; c < 4; ++c) v[c] = b.v[c] + a.v[c];
+    }
+    if (S.es[t] == kBadExpert) {
+      CONVLORA_UNROLL
+      for (int c = 0; c < 4; ++c) v[c] = nan_value<acc_t>();
     }
     const int64_t tok = P.token0 + static_cast<int64_t>(gy) * A.W + gx;
-    A.out[tok * r + c] = static_cast<scalar_t>(v);
+    store_run4<scalar_t, acc_t>(A.out + tok * r + c0, v, nc);
     if (!BWD && A.pre != nullptr) {  // the token's unused pre-activation slots: zero
       const int nt = S.nt[t];
       for (int slot = (nt >> 3) * (nt & 7); slot < G::kPreSlots; ++slot)
-        A.pre[(tok * G::kPreSlots + slot) * r + c] = acc_t(0);
+        for (int c = 0; c < nc; ++c) A.pre[(tok * G::kPreSlots + slot) * r + c0 + c] = acc_t(0);
     }
   }
 }
@@ -901,7 +963,7 @@ CONVLORA_HD void phase_delta(const TileArgs<scalar_t, acc_t>& A, const BlockPos&
     const int j = v % G::kRound, cs = (v / G::kRound) * RS;
     if (r0 + j >= nitems) continue;
     const int it = S.items[r0 + j];
-    const int t = item_token(it), e = S.es[t], s = A.T.scale[e];
+    const int t = item_token(it), e = item_expert(it), s = A.T.scale[e];
     const int gy = sy0 + t / G::kSrcW, gx = sx0 + t % G::kSrcW;
     const ItemPos<acc_t> ip = item_pos(A, e, gy, gx, item_a(it), item_b(it));
     const int row = j * G::kURow, w_off = e * weight_stride<R>();
@@ -1027,8 +1089,14 @@ CONVLORA_HD void phase_gather(int r0, int nitems, const Smem<R, INTERP, true, ac
         }
       }
     }
+    static_assert(CH % 4 == 0, "tile sums in 128-bit accesses");
     CONVLORA_UNROLL
-    for (int c = 0; c < CH; ++c) S.acc[cell * G::kCell + c0 + c] += sum[c];
+    for (int c = 0; c < CH; c += 4) {  // 128-bit accesses (kAccCell, c0: x4)
+      const int at = cell * G::kAccCell + c0 + c;
+      const V4<acc_t> a = S.acc.load4(at);
+      S.acc.store4(at, {{a.v[0] + sum[c], a.v[1] + sum[c + 1], a.v[2] + sum[c + 2],
+                         a.v[3] + sum[c + 3]}});
+    }
   }
 }
 

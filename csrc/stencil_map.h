@@ -56,13 +56,18 @@ struct MapGeometry {
   // Row strides of the conv grid (16 words more than a multiple of 32) and the U grid
   // (U, dU; 1 more), so cells of neighbouring rows that a warp reads at once fall in
   // other banks.
-  static constexpr int kCRow = (kMaxC * kCCell + 31) / 32 * 32 + 16;
+  // A conv row holds a spare cell after every 8 (c_at), so the conv columns of a tile
+  // row's tokens, s apart (the combine's lanes read them at once), fall in distinct banks
+  // up to s = 8 where without it every token's would at s = 8 share one bank group.
+  static constexpr int kCRow = ((kMaxC + (kMaxC - 1) / 8) * kCCell + 31) / 32 * 32 + 16;
   static constexpr int kURow = (kMaxU * kCell + 31) / 32 * 32 + 1;
   // Row stride of V (T in the backward): R more than a multiple of 32 words, so the rows
   // of one warp's (row, channel) threads, R channels each, tile the 32 banks.
   static constexpr int kVRow = (kZ * kCell - R + 31) / 32 * 32 + R;
   static CONVLORA_HD constexpr int v_at(int j, int x) { return j * kVRow + x * kCell; }
-  static CONVLORA_HD constexpr int c_at(int i, int j) { return i * kCRow + j * kCCell; }
+  static CONVLORA_HD constexpr int c_at(int i, int j) {
+    return i * kCRow + (j + (j >> 3)) * kCCell;
+  }
   // Up tap a of U entry j: by tap, then entry (threads of consecutive entries: consecutive
   // words).
   static CONVLORA_HD constexpr int ut(int j, int a) { return a * kMaxU + j; }
@@ -544,6 +549,19 @@ CONVLORA_HD constexpr int map_dw_runs() {
   return kThreads / (9 * R + 1) > 1 ? kThreads / (9 * R + 1) : 1;
 }
 
+// Where input u's R output-channel sums go in expert e's slice dst of a partial ([co][k][ci]:
+// output channels 9R apart; u = 9R, the bias: contiguous) and the step between them.
+template <int R, typename acc_t>
+struct DwOut {
+  acc_t* at;
+  int step;
+  CONVLORA_HD DwOut(acc_t* dst, int u) {
+    const bool bias = u == 9 * R;
+    at = dst + (bias ? grad_bias_index<R>(0) : grad_index<R>(0, u / R, u % R));
+    step = bias ? 1 : 9 * R;
+  }
+};
+
 // Backward phase 5: the block's weight gradients, written to its partial (the other
 // experts' entries zero). Thread per input (tap k, input channel ci; or the bias, an input
 // of one) and run of conv rows: R output-channel sums over its rows of the conv grid in
@@ -590,11 +608,10 @@ CONVLORA_HD void map_phase_dw(int n, const MapPos& M, acc_t* partial,
     if (RUNS > 1) {
       CONVLORA_UNROLL
       for (int co = 0; co < R; ++co) S.vbuf[scratch + co] = acc[co];
-    } else {  // [co][k][ci]: output channels 9R apart; the biases contiguous
-      acc_t* out = dst + (bias ? grad_bias_index<R>(0) : grad_index<R>(0, k, ci));
-      const int step = bias ? 1 : 9 * R;
+    } else {
+      const DwOut<R, acc_t> out(dst, u);
       CONVLORA_UNROLL
-      for (int co = 0; co < R; ++co) out[co * step] = acc[co];
+      for (int co = 0; co < R; ++co) out.at[co * out.step] = acc[co];
     }
   }
 }
@@ -608,14 +625,11 @@ CONVLORA_HD void map_phase_dw_sum(const MapPos& M, acc_t* partial,
   if (M.e < 0) return;
   acc_t* dst = partial + M.e * grad_stride<R>();
   for (int u = tid; u < NS; u += kThreads) {
-    const bool bias = u == 9 * R;
-    const int k = bias ? 0 : u / R, ci = u - k * R;
-    acc_t* out = dst + (bias ? grad_bias_index<R>(0) : grad_index<R>(0, k, ci));
-    const int step = bias ? 1 : 9 * R;
+    const DwOut<R, acc_t> out(dst, u);
     for (int co = 0; co < R; ++co) {
       acc_t acc = S.vbuf[u * (R + 1) + co];
       for (int run = 1; run < RUNS; ++run) acc += S.vbuf[(run * NS + u) * (R + 1) + co];
-      out[co * step] = acc;
+      out.at[co * out.step] = acc;
     }
   }
 }

@@ -130,11 +130,11 @@ struct Geometry {
   // backward thread takes fewer than 4 channels of an item (scalar loads: R = 4, bicubic).
   static constexpr int kZCell = BWD && R / kItemSplit < 4 ? R + 1 : (R / 4) % 2 == 1 ? R : R + 4;
   static_assert(R % 4 == 0, "z cells in 128-bit loads");
-  // A staged du cell (backward): read per item, R / kItemSplit channels by a thread: in
-  // 128-bit loads where that is a multiple of 4 (4 x an odd number of words, like kZCell),
-  // else odd, so the lanes of a warp reading different tokens' cells fall in distinct banks.
+  // A staged du cell (backward): 4 x an odd number of words, like kZCell, so the last
+  // phase reads it in 128-bit loads; the per-item phase reads R / kItemSplit channels of it
+  // a thread, in 128-bit loads where that is a multiple of 4 (kVecSrc).
   static constexpr bool kVecSrc = (R / kItemSplit) % 4 == 0;
-  static constexpr int kSrcCell = !kVecSrc ? R + 1 : (R / 4) % 2 == 1 ? R : R + 4;
+  static constexpr int kSrcCell = (R / 4) % 2 == 1 ? R : R + 4;
   static constexpr int kBuckets = 2 * kMaxExperts; // (tile or halo) x expert
 };
 
@@ -382,8 +382,13 @@ CONVLORA_HD void stage_region(const scalar_t* map, int H, int W, int r, int y0, 
       return;
     }
   }
+  // A warp's lanes take consecutive channels of consecutive cells where the cells are
+  // packed in fours (their words then run on), consecutive cells of one channel where a
+  // cell's stride is odd (the lanes then write distinct banks; the loads, a token's
+  // channels apart, still come from the same few lines).
   for (int u = tid; u < RH * RW * R; u += kThreads) {
-    const int cell = u / R, c = u - cell * R;
+    const int cell = CELL % 2 == 1 ? u % (RH * RW) : u / R;
+    const int c = CELL % 2 == 1 ? u / (RH * RW) : u - cell * R;
     const int ly = cell / RW, lx = cell - ly * RW;
     const int gy = y0 + ly, gx = x0 + lx;
     const bool inside = gy >= 0 && gy < H && gx >= 0 && gx < W;
@@ -809,9 +814,8 @@ CONVLORA_HD void store_run4(scalar_t* p, const acc_t (&v)[4], int n) {
 
 // Last phase: write the tile's rows of u = z + E(z) (forward) or dz = du + the gathered
 // contributions (backward); tokens with an out-of-range expert get NaN. Thread per (tile
-// token, run of 4 channels): the staged rows are read in 128-bit loads (du's at an odd
-// stride, one word at a time, where its cells are not in fours) and the run is stored as
-// one vector.
+// token, run of 4 channels): the staged rows are read in 128-bit loads and the run is
+// stored as one vector.
 template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
 CONVLORA_HD void phase_store(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P,
                              const Smem<R, INTERP, BWD, acc_t>& S, int tid) {
@@ -826,18 +830,13 @@ CONVLORA_HD void phase_store(const TileArgs<scalar_t, acc_t>& A, const BlockPos&
     const int nc = r - c0 < 4 ? r - c0 : 4;
     acc_t v[4];
     const V4<acc_t> a = S.acc.load4(cell * G::kAccCell + c0);
-    if constexpr (BWD && !G::kVecSrc) {
-      CONVLORA_UNROLL
-      for (int c = 0; c < 4; ++c) v[c] = S.src[t * G::kSrcCell + c0 + c] + a.v[c];
-    } else {
-      V4<acc_t> b;
-      if constexpr (BWD)
-        b = S.src.load4(t * G::kSrcCell + c0);
-      else
-        b = S.zs.load4(((ty + G::kHalo) * G::kZW + tx + G::kHalo) * G::kZCell + c0);
-      CONVLORA_UNROLL
-      for (int c = 0; c < 4; ++c) v[c] = b.v[c] + a.v[c];
-    }
+    V4<acc_t> b;
+    if constexpr (BWD)
+      b = S.src.load4(t * G::kSrcCell + c0);
+    else
+      b = S.zs.load4(((ty + G::kHalo) * G::kZW + tx + G::kHalo) * G::kZCell + c0);
+    CONVLORA_UNROLL
+    for (int c = 0; c < 4; ++c) v[c] = b.v[c] + a.v[c];
     if (S.es[t] == kBadExpert) {
       CONVLORA_UNROLL
       for (int c = 0; c < 4; ++c) v[c] = nan_value<acc_t>();

@@ -226,6 +226,28 @@ def test_stencil_cost_within_budgets(tmp_path):
                                      "--design docs/design.md\n" + line)
 
 
+@pytest.mark.slow  # compiles two stencil forwards for sm_90: ~20 s
+def test_compile_check_builds_both_z_cell_layouts():
+    """compile_check --z-cells: the stencil compiled with its z cells held and loaded (the
+    GPU's choice to settle, launch.Z_CELLS_ENV), each line naming which (HOLD), where the
+    layer would pick one by their size; a name it does not know is refused."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "convlora_kernels.triton_kernels.compile_check", "--first",
+           "--dtypes", "bf16", "--interpolations", "bilinear", "--ranks", "8",
+           "--kernels", "stencil_fwd", "--z-cells"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(cmd + ["held,loaded"], capture_output=True, text=True, env=env,
+                         cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line.split() for line in out.stdout.splitlines() if line.startswith("sm_90")]
+    assert [next(w for w in f if w.startswith("HOLD=")) for f in lines] == \
+        ["HOLD=True", "HOLD=False"], out.stdout
+    assert all("STACK:0" in f for f in lines), out.stdout
+    out = subprocess.run(cmd + ["hoisted"], capture_output=True, text=True, env=env, cwd=root)
+    assert out.returncode == 2 and "--z-cells: expected some of ('held', 'loaded')" in \
+        out.stderr, out.stderr
+
+
 def test_design_table_reads_back():
     """The table's parser and compile_check's writer agree (the staleness check above
     compares them only under the Triton release the table names)."""

@@ -2,7 +2,7 @@
 
     python -m convlora_kernels.triton_kernels.compile_check [--arch 90] [--quick]
         [--dtypes bf16,fp16,fp32] [--interpolations bilinear,bicubic] [--ranks 8,16] [--first]
-        [--kernels stencil_scatter,...]
+        [--kernels stencil_scatter,...] [--z-cells held,loaded]
     python -m convlora_kernels.triton_kernels.compile_check --design docs/design.md
 
 Triton lowers kernels to PTX and cubin with the ptxas it ships, so a machine without a
@@ -22,8 +22,10 @@ alone with --first).
 
 Per compiled variant: REG registers, STACK bytes of stack (spills), SHARED the cubin's
 static shared memory and SMEM the shared memory Triton allocates at launch (its
-pipelines' buffers). --quick: bf16, bilinear, r = 8, first candidates. TRITON_INTERPRET
-must be unset.
+pipelines' buffers). --quick: bf16, bilinear, r = 8, first candidates. --z-cells compiles
+the stencil kernels with their z cells held in registers, loaded by each conv row, or both
+(launch.Z_CELLS_ENV, a choice for a GPU to settle; the HOLD flag of each line), instead of
+what the layer picks by their size. TRITON_INTERPRET must be unset.
 
 --design FILE writes the table of what runs by default (bf16, sm_90, both interpolations,
 r = 8 and 16, the first candidates) into FILE between DESIGN_BEGIN and DESIGN_END, with the
@@ -224,7 +226,8 @@ def _usage(cubin: bytes) -> str:
 
 
 # The specialisations a variant's line names (besides dtype, mode, rank and warps).
-FLAGS = ("NBP", "ATOMIC", "NOISY", "AUX", "FROM_AUX", "ACCUM", "HAS_BIAS", "SAVE_U", "NEED_DBIAS")
+FLAGS = ("NBP", "ATOMIC", "NOISY", "AUX", "FROM_AUX", "ACCUM", "HAS_BIAS", "SAVE_U", "NEED_DBIAS",
+         "HOLD")
 
 
 def _flags(kwargs) -> str:
@@ -232,26 +235,32 @@ def _flags(kwargs) -> str:
 
 
 def compiled(arch: int, dtypes: str, interpolations: str, ranks: str, first: bool,
-             kernels: str):
+             kernels: str, z_cells: str = ""):
     """One dict per compiled variant: kernel, dtype, mode, r, flags, warps, config, REG,
     STACK, SHARED (the cubin's static shared memory, bytes), SMEM (allocated at launch),
-    seconds."""
-    for dname in dtypes.split(","):
-        for interp in interpolations.split(","):
-            for rank in (int(r) for r in ranks.split(",")):
-                launches = layer_launches(DTYPES[dname], interp, rank)
-                for name, fn, a, kw, label in variants(launches, first):
-                    if kernels and name not in kernels.split(","):
-                        continue
-                    t = time.time()
-                    out = compile_launch(fn, a, kw, arch)
-                    text = _usage(out.asm["cubin"])
-                    usage = dict(w.split(":") for w in text.split())
-                    yield dict(kernel=name, dtype=dname, mode=interp, r=rank, flags=_flags(kw),
-                               warps=kw.get("num_warps", 4), config=label, usage=text,
-                               REG=int(usage.get("REG", -1)), STACK=int(usage.get("STACK", -1)),
-                               SHARED=int(usage.get("SHARED", -1)), SMEM=out.metadata.shared,
-                               seconds=time.time() - t)
+    seconds. z_cells: "" (the layer's choice) or some of launch.Z_CELLS, comma-separated."""
+    cells = z_cells.split(",") if z_cells else [None]
+    bad = [c for c in cells if c is not None and c not in launch.Z_CELLS]
+    if bad:
+        raise ValueError(f"z_cells: expected some of {launch.Z_CELLS}, got {bad}")
+    for dname, interp, rank, cell in itertools.product(
+            dtypes.split(","), interpolations.split(","),
+            (int(r) for r in ranks.split(",")), cells):
+        with (contextlib.nullcontext() if cell is None
+              else _switches.forced({launch.Z_CELLS_ENV: cell})):
+            launches = layer_launches(DTYPES[dname], interp, rank)
+        for name, fn, a, kw, label in variants(launches, first):
+            if kernels and name not in kernels.split(","):
+                continue
+            t = time.time()
+            out = compile_launch(fn, a, kw, arch)
+            text = _usage(out.asm["cubin"])
+            usage = dict(w.split(":") for w in text.split())
+            yield dict(kernel=name, dtype=dname, mode=interp, r=rank, flags=_flags(kw),
+                       warps=kw.get("num_warps", 4), config=label, usage=text,
+                       REG=int(usage.get("REG", -1)), STACK=int(usage.get("STACK", -1)),
+                       SHARED=int(usage.get("SHARED", -1)), SMEM=out.metadata.shared,
+                       seconds=time.time() - t)
 
 
 def line(arch: int, v: dict) -> str:
@@ -295,17 +304,23 @@ def main(argv=None) -> int:
     p.add_argument("--first", action="store_true", help="first autotuning candidate only")
     p.add_argument("--kernels", default="",
                    help="only these kernels, e.g. stencil_scatter,stencil_fwd (default: all)")
+    p.add_argument("--z-cells", default="",
+                   help="the stencil's z cells held, loaded or both (held,loaded), not the "
+                        "layer's choice")
     p.add_argument("--design", metavar="FILE", default=None,
                    help="write the default kernels' table into FILE (see above)")
     args = p.parse_args(argv)
     if launch.INTERPRETED:
         print("TRITON_INTERPRET=1 is set: unset it to compile for the GPU", file=sys.stderr)
         return 2
+    bad = [c for c in args.z_cells.split(",") if args.z_cells and c not in launch.Z_CELLS]
+    if bad:
+        p.error(f"--z-cells: expected some of {launch.Z_CELLS}, got {','.join(bad)}")
     if args.quick:
         args.dtypes, args.interpolations, args.ranks, args.first = "bf16", "bilinear", "8", True
     settings = DESIGN_ARGS if args.design else dict(
         arch=args.arch, dtypes=args.dtypes, interpolations=args.interpolations,
-        ranks=args.ranks, first=args.first, kernels=args.kernels)
+        ranks=args.ranks, first=args.first, kernels=args.kernels, z_cells=args.z_cells)
     rows = []
     for v in compiled(**settings):
         print(line(settings["arch"], v), flush=True)

@@ -56,17 +56,23 @@ struct MapGeometry {
   // Row strides of the conv grid (16 words more than a multiple of 32) and the U grid
   // (U, dU; 1 more), so cells of neighbouring rows that a warp reads at once fall in
   // other banks.
-  // A conv row holds a spare cell after every 8 (c_at), so the conv columns of a tile
-  // row's tokens, s apart (the combine's lanes read them at once), fall in distinct banks
-  // up to s = 8 where without it every token's would at s = 8 share one bank group.
-  static constexpr int kCRow = ((kMaxC + (kMaxC - 1) / 8) * kCCell + 31) / 32 * 32 + 16;
+  // At R = 4 the forward's conv rows hold a spare cell after every 8 (c_fwd_at), so the
+  // conv columns of a tile row's tokens, s apart (the combine's lanes read them at once),
+  // fall in distinct banks up to s = 8, where without it every token's would share one
+  // bank group (at R = 8 the cells' 12 words already spread them). The backward's dC keeps
+  // plain rows: its loops walk them, and the spare cells' index arithmetic cost more
+  // instructions there than the banks saved.
+  static constexpr int kSpare = kCCell == R ? 1 : 0;
+  static constexpr int kCRow =
+      ((kMaxC + kSpare * ((kMaxC - 1) / 8)) * kCCell + 31) / 32 * 32 + 16;
   static constexpr int kURow = (kMaxU * kCell + 31) / 32 * 32 + 1;
   // Row stride of V (T in the backward): R more than a multiple of 32 words, so the rows
   // of one warp's (row, channel) threads, R channels each, tile the 32 banks.
   static constexpr int kVRow = (kZ * kCell - R + 31) / 32 * 32 + R;
   static CONVLORA_HD constexpr int v_at(int j, int x) { return j * kVRow + x * kCell; }
-  static CONVLORA_HD constexpr int c_at(int i, int j) {
-    return i * kCRow + (j + (j >> 3)) * kCCell;
+  static CONVLORA_HD constexpr int c_at(int i, int j) { return i * kCRow + j * kCCell; }
+  static CONVLORA_HD constexpr int c_fwd_at(int i, int j) {
+    return i * kCRow + (j + kSpare * (j >> 3)) * kCCell;
   }
   // Up tap a of U entry j: by tap, then entry (threads of consecutive entries: consecutive
   // words).
@@ -461,7 +467,7 @@ CONVLORA_HD void map_phase_conv(const MapSmem<R, INTERP, false, acc_t>& S, int t
     }
     CONVLORA_UNROLL
     for (int co = 0; co < R; co += 4)
-      S.cbuf.store4(G::c_at(i, j) + co, {{c[co], c[co + 1], c[co + 2], c[co + 3]}});
+      S.cbuf.store4(G::c_fwd_at(i, j) + co, {{c[co], c[co + 1], c[co + 2], c[co + 3]}});
   }
 }
 
@@ -492,7 +498,7 @@ CONVLORA_HD void map_phase_combine(const TileArgs<scalar_t, acc_t>& A, const Map
       const int i = S.y.tokc[4 * ty + a];
       const acc_t wa = S.y.tokw[4 * ty + a];
       for (int b = 0; b < nb; ++b) {
-        const acc_t cv = S.cbuf[G::c_at(i, S.x.tokc[4 * tx + b]) + c];
+        const acc_t cv = S.cbuf[G::c_fwd_at(i, S.x.tokc[4 * tx + b]) + c];
         sum += wa * S.x.tokw[4 * tx + b] * gelu_erf(cv);
         if (pre != nullptr) pre[(a * nb + b) * r] = cv;
       }

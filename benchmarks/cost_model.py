@@ -182,7 +182,8 @@ def _parse_traffic(text: str) -> List[dict]:
 
 
 def count_shared(ops, case: Case) -> Dict[str, dict]:
-    """{"fwd": call, "bwd": call} of the block programs at case.counted (checked build)."""
+    """{"fwd": call, "bwd": call, "sites": the same counts by site (smem_sites' text)} of
+    the block programs at case.counted (checked build)."""
     z, du, idx, cw, cb = _problem(case)
     _, h, w = case.counted
     m = INTERP[case.mode]

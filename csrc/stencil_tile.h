@@ -104,10 +104,9 @@ struct Geometry {
   static constexpr int kAccCell = R;
   static constexpr int kMaxItems = kSrc * Interp<INTERP>::kMaxDown * Interp<INTERP>::kMaxDown;
   // cbuf row (GELU outputs or g). Forward: odd, so the rows of the items a warp holds fall
-  // in distinct banks. Backward: 4 x an odd number, read and written in 128-bit accesses
-  // (kVecRows), which the 8 lanes of a quarter warp then make in distinct banks.
-  static constexpr bool kVecRows = BWD;
-  static constexpr int kItemRow = kVecRows ? 4 * ((R / 4) | 1) : R + 1;
+  // in distinct banks. Backward: 4 x an odd number, read and written in 128-bit accesses,
+  // which the 8 lanes of a quarter warp then make in distinct banks.
+  static constexpr int kItemRow = BWD ? 4 * ((R / 4) | 1) : R + 1;
   // ubuf row (backward): an item's nine U vectors (contiguous: the weight gradient's
   // threads read one item's at once), then its contributions to the z neighbourhood
   // (side x side cells of R) of its source token. Bilinear (kVecU), those are written and
@@ -115,7 +114,7 @@ struct Geometry {
   // odd: either way the rows of the items a warp holds fall in distinct banks.
   static constexpr int kNeighbours = Interp<INTERP>::kSide * Interp<INTERP>::kSide;
   static constexpr int kUTap = R;
-  static constexpr bool kVecU = kVecRows && INTERP != kBicubic;
+  static constexpr bool kVecU = BWD && INTERP != kBicubic;
   static constexpr int kURowMin = kNeighbours * R > 9 * kUTap ? kNeighbours * R : 9 * kUTap;
   static constexpr int kURowQuads = (kURowMin + 3) / 4;  // 16-byte groups, rounded up
   static constexpr int kURow = kVecU ? 4 * (kURowQuads | 1) : (kURowMin + 1) | 1;
@@ -759,7 +758,7 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
       CONVLORA_UNROLL
       for (int c = 0; c < RS; ++c)
         g[c] = cs + c < A.r ? ip.w * dsrc[c] * gelu_erf_grad(pre[cs + c]) : acc_t(0);
-      if constexpr (G::kVecRows && RS % 4 == 0) {
+      if constexpr (RS % 4 == 0) {
         CONVLORA_UNROLL
         for (int c = 0; c < RS; c += 4)
           S.cbuf.store4(row + cs + c, {{g[c], g[c + 1], g[c + 2], g[c + 3]}});
@@ -881,16 +880,12 @@ CONVLORA_HD void phase_dw(int n, int r0, const Smem<R, INTERP, true, acc_t>& S, 
       for (int i = i0; i < i1; ++i) {
         const acc_t x = bias ? acc_t(1) : acc_t(S.ubuf[(i - r0) * G::kURow + k * G::kUTap + ci]);
         const int grow = (i - r0) * G::kItemRow + co0;
-        if constexpr (G::kVecRows) {
+        static_assert(CO % 4 == 0, "g rows in 128-bit loads");
+        CONVLORA_UNROLL
+        for (int j = 0; j < CO; j += 4) {
+          const V4<acc_t> g = S.cbuf.load4(grow + j);
           CONVLORA_UNROLL
-          for (int j = 0; j < CO; j += 4) {
-            const V4<acc_t> g = S.cbuf.load4(grow + j);
-            CONVLORA_UNROLL
-            for (int q = 0; q < 4; ++q) acc[j + q] += g.v[q] * x;
-          }
-        } else {
-          CONVLORA_UNROLL
-          for (int j = 0; j < CO; ++j) acc[j] += S.cbuf[grow + j] * x;
+          for (int q = 0; q < 4; ++q) acc[j + q] += g.v[q] * x;
         }
       }
       CONVLORA_UNROLL
@@ -989,17 +984,13 @@ CONVLORA_HD void phase_delta(const TileArgs<scalar_t, acc_t>& A, const BlockPos&
         for (int kx = 0; kx < 3; ++kx)
           CONVLORA_UNROLL
           for (int c = 0; c < CD; ++c) du[kx][c] = acc_t(0);
-        // g in fours (128-bit loads where the rows allow)
-        constexpr int GV = G::kVecRows ? 4 : 1;
+        // g in fours (128-bit loads: kItemRow, R: x4)
+        constexpr int GV = 4;
         for (int co0 = 0; co0 < R; co0 += GV) {
           acc_t g[GV];
-          if constexpr (GV == 4) {
-            const V4<acc_t> gv = S.cbuf.load4(j * G::kItemRow + co0);
-            CONVLORA_UNROLL
-            for (int q = 0; q < 4; ++q) g[q] = gv.v[q];
-          } else {
-            g[0] = S.cbuf[j * G::kItemRow + co0];
-          }
+          const V4<acc_t> gv = S.cbuf.load4(j * G::kItemRow + co0);
+          CONVLORA_UNROLL
+          for (int q = 0; q < 4; ++q) g[q] = gv.v[q];
           CONVLORA_UNROLL
           for (int q = 0; q < GV; ++q) {
             CONVLORA_UNROLL

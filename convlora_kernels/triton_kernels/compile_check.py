@@ -234,15 +234,22 @@ def _flags(kwargs) -> str:
     return " ".join(f"{k}={kwargs[k]}" for k in FLAGS if k in kwargs)
 
 
+def z_cell_layouts(z_cells: str) -> list:
+    """--z-cells' value as layouts to force ([None]: the layer's choice); ValueError names
+    what it does not know."""
+    cells = z_cells.split(",") if z_cells else [None]
+    bad = [c for c in cells if c is not None and c not in launch.Z_CELLS]
+    if bad:
+        raise ValueError(f"--z-cells: expected some of {launch.Z_CELLS}, got {','.join(bad)}")
+    return cells
+
+
 def compiled(arch: int, dtypes: str, interpolations: str, ranks: str, first: bool,
              kernels: str, z_cells: str = ""):
     """One dict per compiled variant: kernel, dtype, mode, r, flags, warps, config, REG,
     STACK, SHARED (the cubin's static shared memory, bytes), SMEM (allocated at launch),
     seconds. z_cells: "" (the layer's choice) or some of launch.Z_CELLS, comma-separated."""
-    cells = z_cells.split(",") if z_cells else [None]
-    bad = [c for c in cells if c is not None and c not in launch.Z_CELLS]
-    if bad:
-        raise ValueError(f"z_cells: expected some of {launch.Z_CELLS}, got {bad}")
+    cells = z_cell_layouts(z_cells)
     for dname, interp, rank, cell in itertools.product(
             dtypes.split(","), interpolations.split(","),
             (int(r) for r in ranks.split(",")), cells):
@@ -313,9 +320,10 @@ def main(argv=None) -> int:
     if launch.INTERPRETED:
         print("TRITON_INTERPRET=1 is set: unset it to compile for the GPU", file=sys.stderr)
         return 2
-    bad = [c for c in args.z_cells.split(",") if args.z_cells and c not in launch.Z_CELLS]
-    if bad:
-        p.error(f"--z-cells: expected some of {launch.Z_CELLS}, got {','.join(bad)}")
+    try:
+        z_cell_layouts(args.z_cells)
+    except ValueError as e:
+        p.error(str(e))
     if args.quick:
         args.dtypes, args.interpolations, args.ranks, args.first = "bf16", "bilinear", "8", True
     settings = DESIGN_ARGS if args.design else dict(

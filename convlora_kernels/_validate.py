@@ -19,8 +19,14 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 MAX_SCALE = 16
 # The fused backends' largest rank: csrc/convlora_math.h (kMaxRank) sizes the C++/CUDA
-# tiles to it and the Triton tiles pad r to at most it (tests/test_errors.py ties the two).
+# tiles to it (tests/test_errors.py ties the two).
 MAX_FUSED_RANK = 64
+# The triton backend's: at a padded rank of 64 the stencil's conv dots ([64 tokens, 4·64]
+# x [4·64, 64] a conv row, W_e's three rows kept across the tile) need 256-512 KB of shared
+# memory a program (compile_check --ranks 64: the forward, the one-kernel forward and the
+# grad kernel, every dtype), more than any GPU has (227 KB on H100/H200); at 32, at most
+# 160 KB (tests/test_triton.py holds it).
+MAX_TRITON_RANK = 32
 MAX_EXPERTS = 16
 
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._validate import (INTERPOLATIONS, MAX_EXPERTS, MAX_FUSED_RANK, normalize_scales,
-                        resolve_hw)
+from ._validate import (INTERPOLATIONS, MAX_EXPERTS, MAX_FUSED_RANK, MAX_TRITON_RANK,
+                        normalize_scales, resolve_hw)
 from .gating import NoisyTopOneRouter
 from .ops import BACKENDS, autocast_inputs, routed_conv_lora_linear
 
@@ -64,8 +64,9 @@ class ConvLoRALinear(nn.Module):
         if num_experts > MAX_EXPERTS:
             raise ValueError(f"num_experts: at most {MAX_EXPERTS} experts are supported, "
                              f"got {num_experts}")
-        if r > MAX_FUSED_RANK and backend in ("cpu", "cuda", "triton"):
-            raise ValueError(f"r: backend={backend!r} supports ranks up to {MAX_FUSED_RANK}, "
+        max_rank = MAX_TRITON_RANK if backend == "triton" else MAX_FUSED_RANK
+        if r > max_rank and backend in ("cpu", "cuda", "triton"):
+            raise ValueError(f"r: backend={backend!r} supports ranks up to {max_rank}, "
                              f"got r = {r}; use backend='auto' (which runs the PyTorch "
                              f"reference for this rank) or 'reference'")
         kw = dict(device=device, dtype=dtype)

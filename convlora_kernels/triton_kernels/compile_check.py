@@ -137,8 +137,6 @@ def layer_launches(dtype: torch.dtype, interpolation: str, rank: int):
         was = torch.are_deterministic_algorithms_enabled()
         try:
             for det, backward in itertools.product((False, True), launch.BACKWARDS):
-                if backward == "merged" and launch.padded_rank(rank) > launch.MERGED_MAX_RZ:
-                    continue  # refused there: it cannot launch (launch.backward_kernels)
                 torch.use_deterministic_algorithms(det)
                 with _switches.forced({launch.BACKWARD_ENV: backward}):
                     # the bias trained or frozen (LoRA's usual case: no dL/dbias)

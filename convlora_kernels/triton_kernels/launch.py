@@ -12,7 +12,8 @@ among its candidates in convlora_kernels.plan; what runs here is the Triton part
     stencil_backward      "split" (BACKWARD_ENV): stencil_grad_kernel recomputes c_k, writes
                           g_k = dL/dc_k and dL/dconv_bias, then stencil_scatter_kernel
                           rebuilds the upsampled taps for dL/dconv_weight and dL/dz; or
-                          "merged": stencil_bwd_kernel does both with the taps built once;
+                          "merged": stencil_bwd_kernel runs their phases in one launch
+                          (the taps built once for c_k and dL/dW where that fits);
                           then gather_dz_kernel (deterministic mode) sums dL/dz over
                           neighbours in order, expert_sum_kernel the weight partials
 Without deterministic algorithms the weight gradients and dL/dz are accumulated with
@@ -141,35 +142,32 @@ _two_source_f32 = _autotuned(gemm.two_source_gemm_kernel,
 GEMM_RANK_STEP = {torch.float32: 16}
 
 # The stencil's backward: "split" (stencil_grad_kernel writes g = dL/dc, then
-# stencil_scatter_kernel; each builds the taps) or "merged" (stencil_bwd_kernel: taps built
-# once, no g in memory, one launch). The byte count favours merged (it saves g's round trip,
-# 2·N·taps²·r·4 bytes, and a second load of every z neighbourhood), the registers split:
-# holding g and the taps together, merged needs about twice the registers of either split
-# kernel (one program per SM where the grad kernel fits two) and spills at r = 16 and for
-# bicubic (docs/design.md, "Triton kernel resources"). Which is faster is for a GPU to tell
-# (benchmarks/stencil_time.py times both); until then "split", the spill-free pair at the
-# default configuration, runs.
+# stencil_scatter_kernel; each loads the tile and builds the taps) or "merged"
+# (stencil_bwd_kernel: the same phases in one program per tile, the tile loaded once and,
+# where they fit, each conv output's taps built once for c_k and dL/dW; g still goes
+# through the program's own rows, read back after a barrier, so dL/dz is formed in the
+# scatter's chunks and nothing spills that the split pair does not). Merged saves a launch,
+# a second load of every z neighbourhood and (taps once) a third of the tap building; split
+# runs two programs where merged runs one. Which is faster is for a GPU to tell
+# (benchmarks/stencil_time.py times both); until then "split" runs.
 BACKWARD_ENV = "CONVLORA_TRITON_BACKWARD"
 BACKWARDS = ("split", "merged")
 
 
-# The merged backward's largest padded rank: at RZ = 64 it needs 250-450 KB of shared
-# memory per program (compile_check, sm_90, bf16 and fp32), more than any GPU has (227 KB
-# on H100/H200); at RZ = 32, 80-130 KB.
-MERGED_MAX_RZ = 32
+def merged_taps_once(rz: int, dtype: torch.dtype) -> bool:
+    """Whether the merged backward builds each conv output's taps once, for c_k and for
+    dL/dW (stencil.grad_dw_phase), or twice as the split pair does (grad_phase, then
+    dw_phase): once where they fit beside the dL/dW sums without spilling, the 16-bit
+    dtypes at RZ <= 8 (compile_check: 240-255 registers; at RZ = 16 once spills ~300 bytes,
+    twice none; fp32's three tf32 products a dot spill either way, twice less)."""
+    return rz <= 8 and dtype != torch.float32
 
 
-def backward_kernels(rz: int = 0) -> str:
-    """The stencil backward that runs for padded rank ``rz``: BACKWARD_ENV when set, else
-    "split"; "merged" is refused above MERGED_MAX_RZ, where it cannot launch."""
+def backward_kernels() -> str:
+    """The stencil backward that runs: BACKWARD_ENV when set, else "split"."""
     chosen = _switches.get(BACKWARD_ENV, "split")
     if chosen not in BACKWARDS:
         raise ValueError(f"{BACKWARD_ENV}: expected one of {BACKWARDS}, got {chosen!r}")
-    if chosen == "merged" and rz > MERGED_MAX_RZ:
-        raise ValueError(f"{BACKWARD_ENV}=merged: the merged stencil backward takes ranks up "
-                         f"to {MERGED_MAX_RZ} (above, one program needs more shared memory "
-                         f"than a GPU has); got a rank padded to {rz}; use split, the "
-                         f"default")
     return chosen
 
 
@@ -218,6 +216,14 @@ STENCIL_BT = 64
 STENCIL_WARPS = 4
 
 
+def stencil_tile(dtype: torch.dtype):
+    """(tokens, warps) of a stencil program: STENCIL_BT in STENCIL_WARPS, half the tokens in
+    fp32, whose dots are three tf32 products (three times the operand fragments): at 64
+    tokens its scatter and merged backward spilled 150-400 bytes at r = 8, at 32 none
+    (compile_check)."""
+    return (STENCIL_BT // 2 if dtype == torch.float32 else STENCIL_BT), STENCIL_WARPS
+
+
 def padded_rank(rank: int) -> int:
     """RZ, the stencil kernels' rank: a power of two, and 4 taps·RZ >= 16 for the conv."""
     return max(4, next_pow2(rank))
@@ -236,13 +242,16 @@ class Tiling:
         self.rank, self.num_experts = rank, num_experts
         self.rp = max(16, next_pow2(rank))  # tl.dot needs 16 on every side
         self.rz = padded_rank(rank)
-        # BT = 64 tokens a tile in 4 warps: the tile's dots place 16 rows a warp, so fewer
-        # tokens a warp would replicate them. A thread takes ZV channels of a token at
-        # once (stencil.z_cell: 4 when the rank is a power of two, so its rows load 4
-        # channels at once; at most RZ / 2, so a warp spans at most 16 tokens, else 1),
-        # and a tile's [BT, RZ] tensors are RZ / 2 floats a thread.
-        self.bt, self.warps = STENCIL_BT, STENCIL_WARPS
-        self.zv = min(4, self.rz // 2) if rank == self.rz else 1
+        # BT = 64 tokens a tile in 4 warps (32 in fp32: stencil_tile): the tile's dots
+        # place 16 rows a warp, so fewer tokens a warp would replicate them. A thread
+        # takes ZV channels of a token at once (stencil.z_cell: 4 when the rank is a power
+        # of two, so its rows load 4 channels at once; at most RZ / 2, so a warp spans at
+        # most 16 tokens, and no more than leaves every thread a distinct part of a
+        # [BT, RZ] tensor; else 1), and a tile's [BT, RZ] tensors are BT·RZ / 128 floats a
+        # thread.
+        self.bt, self.warps = stencil_tile(dtype)
+        self.zv = min(4, self.rz // 2, self.bt * self.rz // (32 * self.warps)) \
+            if rank == self.rz else 1
         per_thread = self.bt * self.rz // (32 * self.warps)
         nb = 2 * self.halo + 1
         cells = nb * nb
@@ -253,14 +262,16 @@ class Tiling:
         # (4·RC >= 16, tl.dot's K)
         self.rc = min(self.rz, max(4, _pow2_floor(CELL_FLOATS // 2 * self.rz
                                                   // (cells * per_thread)))) if gpu else self.rz
-        # ... and AH rows of the neighbourhood at a time: AH·NB cells of RC / 2 floats a
-        # thread within CELL_FLOATS (bicubic's 7 rows in passes of 2)
-        self.ah = max(1, min(nb, CELL_FLOATS // (nb * max(1, self.rc // 2)))) if gpu else nb
+        # ... and AH rows of the neighbourhood at a time: AH·NB cells of BT·RC / 128
+        # floats a thread within CELL_FLOATS (bicubic's 7 rows in passes of 2)
+        rc_floats = max(1, self.bt * self.rc // (32 * self.warps))
+        self.ah = max(1, min(nb, CELL_FLOATS // (nb * rc_floats))) if gpu else nb
         # fp32's dots as three tf32 products (near fp32's rounding on the tensor cores):
         # "ieee" runs them on the CUDA cores with a dot's whole K a thread, which spilled
         # kilobytes in every stencil kernel (compile_check)
         self.prec = "tf32x3" if dtype == torch.float32 else _precision(dtype)
         self.nexp_p = max(2, next_pow2(num_experts))
+        self.taps_once = merged_taps_once(self.rz, dtype)
 
     def programs(self, n_tokens: int) -> int:
         """Enough programs for every expert's tiles: sum_e ceil(count_e / BT) <= this."""
@@ -513,18 +524,19 @@ def _stencil_backward(tiling, z2, perm, bounds, cw, conv_bias, du, n_tok, height
     # out-of-range expert), gathered below in a fixed order
     dz_buf = du.clone() if atomic else torch.zeros((n_tok, nb, nb, rank), dtype=f32,
                                                    device=dev)
-    if backward_kernels(tiling.rz) == "merged":
+    g = _empty((n_tok, tiling.taps ** 2, rank), f32, dev)
+    if backward_kernels() == "merged":
         stencil.stencil_bwd_kernel[(programs,)](
-            *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, d_cb, d_cw, dz_buf,
-            *geometry, ATOMIC=atomic, **consts)
+            *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, g, d_cb, d_cw, dz_buf,
+            *geometry, ATOMIC=atomic, RC=tiling.rc, AH=tiling.ah,
+            TAPS_ONCE=tiling.taps_once, **consts)
     else:
-        g = _empty((n_tok, tiling.taps ** 2, rank), f32, dev)
         stencil.stencil_grad_kernel[(programs,)](
             *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, g, d_cb, *geometry,
             ATOMIC=atomic, **consts)
         stencil.stencil_scatter_kernel[(programs,)](
             *args, ty, tx, cw, g, d_cw, dz_buf, *geometry, ATOMIC=atomic, RC=tiling.rc,
-            AH=tiling.ah,            **consts)
+            AH=tiling.ah, **consts)
     if atomic:
         dz = dz_buf.to(dtype)
     else:

@@ -436,31 +436,15 @@ def stencil_fwd_kernel(
 
 
 @triton.jit
-def stencil_grad_kernel(
-        z_ptr, perm_ptr, bounds_ptr, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr, ox_ptr, cw_ptr,
-        cb_ptr,       # as in stencil_fwd_kernel
-        du_ptr,       # (N, r) float32, dL/du
-        g_ptr,        # (N, TAPS², r) float32 output: g_k = omega_k · du ⊙ GELU'(c_k)
-        db_ptr,       # float32: (n_exp, r) with ATOMIC, else (programs, r) partial sums
-        H, W, r, n_exp, rows_y, rows_x, stride_zn,
-        BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
-        HALO: tl.constexpr, TAPS: tl.constexpr, NEXP_P: tl.constexpr, BORDER: tl.constexpr,
-        PREC: tl.constexpr, ATOMIC: tl.constexpr, HOLD: tl.constexpr,
-        ZV: tl.constexpr):
-    """Backward, part 1: recompute each conv output (as tile_u does) and form
-    g_k = dL/dc_k; dL/dconv_bias_e = sum over the expert's tokens and conv outputs of
-    g_k (summed over the tile's tokens once, at the end)."""
-    pid = tl.program_id(0).to(tl.int64)
-    e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BT, NEXP_P)
-    if e >= n_exp:  # past the last tile; the reduction reads only the tiles' slots
-        return
-    tok, tmask, h, w, hr, wr, cells, cb, w0, w1, w2 = tile_setup(
-        z_ptr, perm_ptr, e, start, stop, cw_ptr, cb_ptr, H, W, r, rows_y, rows_x, stride_zn,
-        BT, RZ, RP, HALO, BORDER, HOLD, ZV)
+def grad_phase(cells, cb, w0, w1, w2, du, g_ptr, ty_ptr, oy_ptr, tx_ptr, ox_ptr, e, nt, hr,
+               wr, rows_y, rows_x, z_ptr, tok, tmask, h, w, H, W, r, stride_zn,
+               BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
+               HALO: tl.constexpr, TAPS: tl.constexpr, HOLD: tl.constexpr, ZV: tl.constexpr,
+               PREC: tl.constexpr):
+    """Each conv output recomputed (as tile_u does) and g_k = omega_k · du ⊙ GELU'(c_k)
+    written to the tile's rows of g; returns sum_k g_k, [BT, RP]."""
     ci = tl.arange(0, RP)
     cmask = tmask[:, None] & (ci[None, :] < r)
-    du = tl.load(du_ptr + tok[:, None] * r + ci[None, :], mask=cmask, other=0.0)
-    nt = tl.load(ntaps_ptr + e)
     db = tl.zeros([BT, RP], tl.float32)
     for k in range(0, nt * nt):
         ky = k // nt
@@ -472,11 +456,50 @@ def stencil_grad_kernel(
         g = om[:, None] * du * gelu_grad(c)
         tl.store(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :], g, mask=cmask)
         db += g
+    return db
+
+
+@triton.jit
+def store_db(db_ptr, db, slot, r, RP: tl.constexpr, ATOMIC: tl.constexpr):
+    """dL/dconv_bias_e: the tile's sum over its tokens of db ([BT, RP]) added into slot
+    ``slot`` (the expert) with ATOMIC, else stored there (the program's partial)."""
+    ci = tl.arange(0, RP)
     dbs = tl.sum(db, axis=0)
     if ATOMIC:
-        tl.atomic_add(db_ptr + e * r + ci, dbs, mask=ci < r, sem="relaxed")
+        tl.atomic_add(db_ptr + slot * r + ci, dbs, mask=ci < r, sem="relaxed")
     else:
-        tl.store(db_ptr + pid * r + ci, dbs, mask=ci < r)
+        tl.store(db_ptr + slot * r + ci, dbs, mask=ci < r)
+
+
+@triton.jit
+def stencil_grad_kernel(
+        z_ptr, perm_ptr, bounds_ptr, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr, ox_ptr, cw_ptr,
+        cb_ptr,       # as in stencil_fwd_kernel
+        du_ptr,       # (N, r) float32, dL/du
+        g_ptr,        # (N, TAPS², r) float32 output: g_k = omega_k · du ⊙ GELU'(c_k)
+        db_ptr,       # float32: (n_exp, r) with ATOMIC, else (programs, r) partial sums
+        H, W, r, n_exp, rows_y, rows_x, stride_zn,
+        BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
+        HALO: tl.constexpr, TAPS: tl.constexpr, NEXP_P: tl.constexpr, BORDER: tl.constexpr,
+        PREC: tl.constexpr, ATOMIC: tl.constexpr, HOLD: tl.constexpr,
+        ZV: tl.constexpr):
+    """Backward, part 1 (grad_phase): g_k = dL/dc_k for each conv output;
+    dL/dconv_bias_e = sum over the expert's tokens and conv outputs of g_k (summed over
+    the tile's tokens once, at the end)."""
+    pid = tl.program_id(0).to(tl.int64)
+    e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BT, NEXP_P)
+    if e >= n_exp:  # past the last tile; the reduction reads only the tiles' slots
+        return
+    tok, tmask, h, w, hr, wr, cells, cb, w0, w1, w2 = tile_setup(
+        z_ptr, perm_ptr, e, start, stop, cw_ptr, cb_ptr, H, W, r, rows_y, rows_x, stride_zn,
+        BT, RZ, RP, HALO, BORDER, HOLD, ZV)
+    ci = tl.arange(0, RP)
+    du = tl.load(du_ptr + tok[:, None] * r + ci[None, :],
+                 mask=tmask[:, None] & (ci[None, :] < r), other=0.0)
+    db = grad_phase(cells, cb, w0, w1, w2, du, g_ptr, ty_ptr, oy_ptr, tx_ptr, ox_ptr, e,
+                    tl.load(ntaps_ptr + e), hr, wr, rows_y, rows_x, z_ptr, tok, tmask, h, w,
+                    H, W, r, stride_zn, BT, RZ, RP, NBP, HALO, TAPS, HOLD, ZV, PREC)
+    store_db(db_ptr, db, e if ATOMIC else pid, r, RP, ATOMIC)
 
 
 @triton.jit
@@ -499,37 +522,15 @@ def store_dw(dw_ptr, dw0, dw1, dw2, slot, r, RZ: tl.constexpr, RP: tl.constexpr,
 
 
 @triton.jit
-def stencil_scatter_kernel(
-        z_ptr, perm_ptr, bounds_ptr, ntaps_ptr, ty_ptr, tx_ptr, cw_ptr,  # as in forward
-        g_ptr,        # (N, TAPS², r) float32, from stencil_grad_kernel
-        dw_ptr,       # float32: (n_exp, r, r, 3, 3) with ATOMIC, else (programs, r, r, 3, 3)
-        dz_ptr,       # ATOMIC: (N, r) float32 holding dL/du, += the stencil's dL/dz;
-                      # else (N, NB, NB, r) float32: each token's dL/dz of its neighbours
-        H, W, r, n_exp, rows_y, rows_x, stride_zn,
-        BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
-        HALO: tl.constexpr, TAPS: tl.constexpr, NEXP_P: tl.constexpr, BORDER: tl.constexpr,
-        PREC: tl.constexpr, ATOMIC: tl.constexpr, RC: tl.constexpr, AH: tl.constexpr,
-        HOLD: tl.constexpr, ZV: tl.constexpr):
-    """Backward, part 2, with U = U_k(dy, dx) recomputed:
-        dL/dW_e[:, :, dy, dx] = sum_{t, k} g_k ⊗ U          (fp32, per tile)
-        dL/dU = g_k W_e[:, :, dy, dx]
-        dL/dz[h+a-HALO, w+b-HALO] += Ty[.., a] Tx[.., b] dL/dU   (the transpose of the gather)
-    in two phases, so the z cells and their gradient are never in registers together:
-    first dL/dW over the conv outputs (the z cells held or loaded, as in the forward), then
-    dL/dz over the conv outputs, RC channels and AH rows of the neighbourhood at a time
-    (launch.Tiling.rc and .ah: AH·NB cells of [BT, RC]). Cost of the split: a tile reads
-    its g (BT·TAPS²·r·4 bytes) 1 + ceil(r / RC)·ceil(NB / AH) times, re-reads that stay in
-    L1/L2 (DRAM sees g once)."""
-    pid = tl.program_id(0).to(tl.int64)
-    e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BT, NEXP_P)
-    if e >= n_exp:
-        return
-    tok, tmask, h, w, hr, wr, cells = tile_cells(z_ptr, perm_ptr, start, stop, H, W, r,
-                                                 rows_y, rows_x, stride_zn, BT, RZ, HALO,
-                                                 BORDER, HOLD, ZV)
+def dw_phase(cells, g_ptr, ty_ptr, tx_ptr, e, nt, hr, wr, rows_y, rows_x, z_ptr, tok, tmask,
+             h, w, H, W, r, stride_zn, BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr,
+             NBP: tl.constexpr, HALO: tl.constexpr, TAPS: tl.constexpr, HOLD: tl.constexpr,
+             ZV: tl.constexpr, PREC: tl.constexpr):
+    """dL/dW_e[:, :, dy, dx] of the tile = sum_{t, k} g_k ⊗ U_k(dy, dx), the taps rebuilt
+    from the z cells (held or loaded, as in the forward) and g read from the tile's rows:
+    the three conv rows, [4·RZ, RP] each (conv_row_offsets)."""
     ci = tl.arange(0, RP)
     cmask = tmask[:, None] & (ci[None, :] < r)
-    nt = tl.load(ntaps_ptr + e)
     dw0 = tl.zeros([4 * RZ, RP], tl.float32)
     dw1 = tl.zeros([4 * RZ, RP], tl.float32)
     dw2 = tl.zeros([4 * RZ, RP], tl.float32)
@@ -552,10 +553,20 @@ def stencil_scatter_kernel(
                            wx, wxp, z_ptr, tok, tmask, h, w, H, W, r, stride_zn, BT, RZ, NBP,
                            HALO, HOLD, ZV)
         dw2 = tl.dot(tl.trans(up), g, dw2, input_precision=PREC)
-    store_dw(dw_ptr, dw0, dw1, dw2, e if ATOMIC else pid, r, RZ, RP, ATOMIC)
+    return dw0, dw1, dw2
 
-    # dL/dz, RC channels and AH rows of the neighbourhood at a time (AH·NB cells of
-    # [BT, RC] in registers)
+
+@triton.jit
+def dz_phase(g_ptr, cw_ptr, dz_ptr, ty_ptr, tx_ptr, e, nt, hr, wr, rows_y, rows_x, tok,
+             tmask, h, w, H, W, r, BT: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
+             HALO: tl.constexpr, TAPS: tl.constexpr, PREC: tl.constexpr,
+             ATOMIC: tl.constexpr, RC: tl.constexpr, AH: tl.constexpr):
+    """dL/dz of the tile's neighbourhoods from the tile's rows of g, RC channels and AH
+    rows of the neighbourhood at a time (AH·NB cells of [BT, RC] in registers; store_dz):
+        dL/dU = g_k W_e[:, :, dy, dx]
+        dL/dz[h+a-HALO, w+b-HALO] += Ty[.., a] Tx[.., b] dL/dU   (the gather's transpose)"""
+    ci = tl.arange(0, RP)
+    cmask = tmask[:, None] & (ci[None, :] < r)
     for c0 in range(0, r, RC):
         wt0 = conv_row_weights(cw_ptr, e, r, 0, c0, RC, RP)
         wt1 = conv_row_weights(cw_ptr, e, r, 1, c0, RC, RP)
@@ -580,10 +591,85 @@ def stencil_scatter_kernel(
 
 
 @triton.jit
+def stencil_scatter_kernel(
+        z_ptr, perm_ptr, bounds_ptr, ntaps_ptr, ty_ptr, tx_ptr, cw_ptr,  # as in forward
+        g_ptr,        # (N, TAPS², r) float32, from stencil_grad_kernel
+        dw_ptr,       # float32: (n_exp, r, r, 3, 3) with ATOMIC, else (programs, r, r, 3, 3)
+        dz_ptr,       # ATOMIC: (N, r) float32 holding dL/du, += the stencil's dL/dz;
+                      # else (N, NB, NB, r) float32: each token's dL/dz of its neighbours
+        H, W, r, n_exp, rows_y, rows_x, stride_zn,
+        BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
+        HALO: tl.constexpr, TAPS: tl.constexpr, NEXP_P: tl.constexpr, BORDER: tl.constexpr,
+        PREC: tl.constexpr, ATOMIC: tl.constexpr, RC: tl.constexpr, AH: tl.constexpr,
+        HOLD: tl.constexpr, ZV: tl.constexpr):
+    """Backward, part 2, with U = U_k(dy, dx) recomputed, in two phases so that the z
+    cells and their gradient are never in registers together: dL/dW_e (dw_phase), then
+    dL/dz (dz_phase; launch.Tiling.rc and .ah). Cost of the split: a tile reads its g
+    (BT·TAPS²·r·4 bytes) 1 + ceil(r / RC)·ceil(NB / AH) times, re-reads that stay in
+    L1/L2 (DRAM sees g once)."""
+    pid = tl.program_id(0).to(tl.int64)
+    e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BT, NEXP_P)
+    if e >= n_exp:
+        return
+    tok, tmask, h, w, hr, wr, cells = tile_cells(z_ptr, perm_ptr, start, stop, H, W, r,
+                                                 rows_y, rows_x, stride_zn, BT, RZ, HALO,
+                                                 BORDER, HOLD, ZV)
+    nt = tl.load(ntaps_ptr + e)
+    dw0, dw1, dw2 = dw_phase(cells, g_ptr, ty_ptr, tx_ptr, e, nt, hr, wr, rows_y, rows_x,
+                             z_ptr, tok, tmask, h, w, H, W, r, stride_zn, BT, RZ, RP, NBP,
+                             HALO, TAPS, HOLD, ZV, PREC)
+    store_dw(dw_ptr, dw0, dw1, dw2, e if ATOMIC else pid, r, RZ, RP, ATOMIC)
+    dz_phase(g_ptr, cw_ptr, dz_ptr, ty_ptr, tx_ptr, e, nt, hr, wr, rows_y, rows_x, tok, tmask,
+             h, w, H, W, r, BT, RP, NBP, HALO, TAPS, PREC, ATOMIC, RC, AH)
+
+
+@triton.jit
+def grad_dw_phase(cells, cb, w0, w1, w2, du, g_ptr, ty_ptr, oy_ptr, tx_ptr, ox_ptr, e, nt,
+                  hr, wr, rows_y, rows_x, z_ptr, tok, tmask, h, w, H, W, r, stride_zn,
+                  BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
+                  HALO: tl.constexpr, TAPS: tl.constexpr, HOLD: tl.constexpr,
+                  ZV: tl.constexpr, PREC: tl.constexpr):
+    """grad_phase and dw_phase with each conv output's three rows of taps built once, for
+    c_k and for dL/dW_e: (sum_k g_k [BT, RP], dw0, dw1, dw2)."""
+    ci = tl.arange(0, RP)
+    cmask = tmask[:, None] & (ci[None, :] < r)
+    db = tl.zeros([BT, RP], tl.float32)
+    dw0 = tl.zeros([4 * RZ, RP], tl.float32)
+    dw1 = tl.zeros([4 * RZ, RP], tl.float32)
+    dw2 = tl.zeros([4 * RZ, RP], tl.float32)
+    for k in range(0, nt * nt):
+        ky = k // nt
+        kx = k % nt
+        wx = col_weights(tx_ptr, e, wr, kx, rows_x, NBP, TAPS, HALO)
+        wxp = col_base(tx_ptr, e, wr, kx, rows_x, NBP, TAPS)
+        up0 = conv_row_taps(cells, row_weights(ty_ptr, e, hr, ky, 0, rows_y, NBP, TAPS, HALO),
+                            wx, wxp, z_ptr, tok, tmask, h, w, H, W, r, stride_zn, BT, RZ, NBP,
+                            HALO, HOLD, ZV)
+        up1 = conv_row_taps(cells, row_weights(ty_ptr, e, hr, ky, 1, rows_y, NBP, TAPS, HALO),
+                            wx, wxp, z_ptr, tok, tmask, h, w, H, W, r, stride_zn, BT, RZ, NBP,
+                            HALO, HOLD, ZV)
+        up2 = conv_row_taps(cells, row_weights(ty_ptr, e, hr, ky, 2, rows_y, NBP, TAPS, HALO),
+                            wx, wxp, z_ptr, tok, tmask, h, w, H, W, r, stride_zn, BT, RZ, NBP,
+                            HALO, HOLD, ZV)
+        c = tl.dot(up0, w0, cb, input_precision=PREC)
+        c = tl.dot(up1, w1, c, input_precision=PREC)
+        c = tl.dot(up2, w2, c, input_precision=PREC)
+        om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
+        g = om[:, None] * du * gelu_grad(c)
+        tl.store(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :], g, mask=cmask)
+        db += g
+        dw0 = tl.dot(tl.trans(up0), g, dw0, input_precision=PREC)
+        dw1 = tl.dot(tl.trans(up1), g, dw1, input_precision=PREC)
+        dw2 = tl.dot(tl.trans(up2), g, dw2, input_precision=PREC)
+    return db, dw0, dw1, dw2
+
+
+@triton.jit
 def stencil_bwd_kernel(
         z_ptr, perm_ptr, bounds_ptr, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr, ox_ptr, cw_ptr,
         cb_ptr,       # as in stencil_fwd_kernel
         du_ptr,       # (N, r) float32, dL/du
+        g_ptr,        # (N, TAPS², r) float32 workspace: g_k of the program's own tokens
         db_ptr,       # float32: (n_exp, r) with ATOMIC, else (programs, r) partial sums
         dw_ptr,       # float32: (n_exp, r, r, 3, 3) with ATOMIC, else (programs, r, r, 3, 3)
         dz_ptr,       # ATOMIC: (N, r) float32 holding dL/du, += the stencil's dL/dz;
@@ -591,15 +677,15 @@ def stencil_bwd_kernel(
         H, W, r, n_exp, rows_y, rows_x, stride_zn,
         BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
         HALO: tl.constexpr, TAPS: tl.constexpr, NEXP_P: tl.constexpr, BORDER: tl.constexpr,
-        PREC: tl.constexpr, ATOMIC: tl.constexpr, HOLD: tl.constexpr,
-        ZV: tl.constexpr):
-    """The stencil's backward in one pass per tile. For each conv output k, with the three
-    rows' upsampled taps U built once:
-        c_k = conv_bias_e + sum_dy U_dy W_e[:, :, dy]ᵀ,  g_k = omega_k · dL/du ⊙ GELU'(c_k)
-        dL/dconv_bias_e += sum_t g_k,  dL/dW_e[:, :, dy] += U_dyᵀ g_k          (per tile)
-        dL/dz[h+a-HALO, w+b-HALO] += Ty[.., a] Tx[.., b] (g_k W_e[:, :, dy])  (the gather's
-                                                                              transpose)
-    """
+        PREC: tl.constexpr, ATOMIC: tl.constexpr, RC: tl.constexpr, AH: tl.constexpr,
+        HOLD: tl.constexpr, ZV: tl.constexpr, TAPS_ONCE: tl.constexpr):
+    """The stencil's backward in one launch: the split pair's phases in one program per
+    tile, the z cells and the tile's setup loaded once. First g_k, dL/dconv_bias and
+    dL/dW_e (grad_dw_phase, each conv output's taps built once, with TAPS_ONCE; else
+    grad_phase then dw_phase, which rebuilds them, in fewer registers), g written to the
+    tile's own rows; then, after a barrier (the block's threads read each other's g), dL/dz
+    from them (dz_phase). g's rows are the program's own, written and read back while in
+    L1/L2."""
     pid = tl.program_id(0).to(tl.int64)
     e, start, stop = expert_tile(bounds_ptr, ntaps_ptr, n_exp, BT, NEXP_P)
     if e >= n_exp:  # past the last tile; the reductions read only the tiles' slots
@@ -608,44 +694,26 @@ def stencil_bwd_kernel(
         z_ptr, perm_ptr, e, start, stop, cw_ptr, cb_ptr, H, W, r, rows_y, rows_x, stride_zn,
         BT, RZ, RP, HALO, BORDER, HOLD, ZV)
     ci = tl.arange(0, RP)
-    cmask = tmask[:, None] & (ci[None, :] < r)
-    du = tl.load(du_ptr + tok[:, None] * r + ci[None, :], mask=cmask, other=0.0)
-    db = tl.zeros([BT, RP], tl.float32)
-    dw0 = tl.zeros([4 * RZ, RP], tl.float32)
-    dw1 = tl.zeros([4 * RZ, RP], tl.float32)
-    dw2 = tl.zeros([4 * RZ, RP], tl.float32)
-    dzc = zero_cells(BT, RZ, (2 * HALO + 1) * (2 * HALO + 1))
+    du = tl.load(du_ptr + tok[:, None] * r + ci[None, :],
+                 mask=tmask[:, None] & (ci[None, :] < r), other=0.0)
     nt = tl.load(ntaps_ptr + e)
-    for k in range(0, nt * nt):
-        ky = k // nt
-        kx = k % nt
-        wx = col_weights(tx_ptr, e, wr, kx, rows_x, NBP, TAPS, HALO)
-        wxp = col_base(tx_ptr, e, wr, kx, rows_x, NBP, TAPS)
-        wy0 = row_weights(ty_ptr, e, hr, ky, 0, rows_y, NBP, TAPS, HALO)
-        wy1 = row_weights(ty_ptr, e, hr, ky, 1, rows_y, NBP, TAPS, HALO)
-        wy2 = row_weights(ty_ptr, e, hr, ky, 2, rows_y, NBP, TAPS, HALO)
-        # the three rows' taps, built once for c_k and for the backward
-        up0 = conv_row_taps(cells, wy0, wx, wxp, z_ptr, tok, tmask, h, w, H, W, r, stride_zn,
-                            BT, RZ, NBP, HALO, HOLD, ZV)
-        up1 = conv_row_taps(cells, wy1, wx, wxp, z_ptr, tok, tmask, h, w, H, W, r, stride_zn,
-                            BT, RZ, NBP, HALO, HOLD, ZV)
-        up2 = conv_row_taps(cells, wy2, wx, wxp, z_ptr, tok, tmask, h, w, H, W, r, stride_zn,
-                            BT, RZ, NBP, HALO, HOLD, ZV)
-        c = tl.dot(up0, w0, cb, input_precision=PREC)
-        c = tl.dot(up1, w1, c, input_precision=PREC)
-        c = tl.dot(up2, w2, c, input_precision=PREC)
-        om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
-        g = om[:, None] * du * gelu_grad(c)
-        db += g
-        dw0 = tl.dot(tl.trans(up0), g, dw0, input_precision=PREC)
-        dw1 = tl.dot(tl.trans(up1), g, dw1, input_precision=PREC)
-        dw2 = tl.dot(tl.trans(up2), g, dw2, input_precision=PREC)
-        dzc = dz_update(dzc, g, w0, w1, w2, wy0, wy1, wy2, wx, BT, RZ, HALO, 2 * HALO + 1,
-                        PREC)
-    dbs = tl.sum(db, axis=0)
-    if ATOMIC:
-        tl.atomic_add(db_ptr + e * r + ci, dbs, mask=ci < r, sem="relaxed")
+    slot = e if ATOMIC else pid
+    if TAPS_ONCE:
+        db, dw0, dw1, dw2 = grad_dw_phase(
+            cells, cb, w0, w1, w2, du, g_ptr, ty_ptr, oy_ptr, tx_ptr, ox_ptr, e, nt, hr, wr,
+            rows_y, rows_x, z_ptr, tok, tmask, h, w, H, W, r, stride_zn, BT, RZ, RP, NBP,
+            HALO, TAPS, HOLD, ZV, PREC)
+        store_db(db_ptr, db, slot, r, RP, ATOMIC)
     else:
-        tl.store(db_ptr + pid * r + ci, dbs, mask=ci < r)
-    store_dw(dw_ptr, dw0, dw1, dw2, e if ATOMIC else pid, r, RZ, RP, ATOMIC)
-    store_dz(dz_ptr, dzc, tok, tmask, h, w, H, W, r, 0, 0, RZ, HALO, 2 * HALO + 1, ATOMIC)
+        db = grad_phase(cells, cb, w0, w1, w2, du, g_ptr, ty_ptr, oy_ptr, tx_ptr, ox_ptr, e,
+                        nt, hr, wr, rows_y, rows_x, z_ptr, tok, tmask, h, w, H, W, r,
+                        stride_zn, BT, RZ, RP, NBP, HALO, TAPS, HOLD, ZV, PREC)
+        store_db(db_ptr, db, slot, r, RP, ATOMIC)
+        tl.debug_barrier()  # dw_phase's threads read g that others wrote
+        dw0, dw1, dw2 = dw_phase(cells, g_ptr, ty_ptr, tx_ptr, e, nt, hr, wr, rows_y, rows_x,
+                                 z_ptr, tok, tmask, h, w, H, W, r, stride_zn, BT, RZ, RP, NBP,
+                                 HALO, TAPS, HOLD, ZV, PREC)
+    store_dw(dw_ptr, dw0, dw1, dw2, slot, r, RZ, RP, ATOMIC)
+    tl.debug_barrier()
+    dz_phase(g_ptr, cw_ptr, dz_ptr, ty_ptr, tx_ptr, e, nt, hr, wr, rows_y, rows_x, tok, tmask,
+             h, w, H, W, r, BT, RP, NBP, HALO, TAPS, PREC, ATOMIC, RC, AH)

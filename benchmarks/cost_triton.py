@@ -87,8 +87,10 @@ BUDGETS_US = {"global token r8": (12.0, 30.0)}
 OVER_BUDGET_US: Dict[str, float] = {
 }
 
-# The stencil kernels each pass launches (the split backward, the default).
-PASSES = {"fwd": ("stencil_fwd",), "bwd": ("stencil_grad", "stencil_scatter")}
+# The stencil kernels each pass launches: the forward, the split backward (the default)
+# and the merged one (launch.BACKWARD_ENV=merged, a candidate for a GPU to choose).
+PASSES = {"fwd": ("stencil_fwd",), "bwd": ("stencil_grad", "stencil_scatter"),
+          "bwd merged": ("stencil_bwd",)}
 
 
 def _columns(t) -> List[int]:
@@ -105,9 +107,19 @@ TRIPS: Dict[str, Callable] = {
     "stencil_grad": lambda nt, t: [nt * nt] + _columns(t),
     # dL/dW: a loop over the conv outputs; dL/dz: the channel chunks, each a loop over the
     # neighbourhood's row passes, each a loop over the conv outputs
-    "stencil_scatter": lambda nt, t: [nt * nt] + _columns(t) + [math.ceil(t.rank / t.rc)]
-    + _row_passes(t) + [nt * nt],
+    "stencil_scatter": lambda nt, t: [nt * nt] + _columns(t) + _dz_loops(nt, t),
+    # g, dL/dconv_bias and dL/dW: one loop over the conv outputs with the taps built once
+    # (launch.merged_taps_once), else the grad's loop then the dL/dW one; then the
+    # scatter's dL/dz loops
+    "stencil_bwd": lambda nt, t: ([nt * nt] + _columns(t)) * (1 if t.taps_once else 2)
+    + _dz_loops(nt, t),
 }
+
+
+def _dz_loops(nt: int, t) -> List[int]:
+    """dL/dz (stencil.dz_phase): the channel chunks, each a loop over the neighbourhood's
+    row passes, each a loop over the conv outputs."""
+    return [math.ceil(t.rank / t.rc)] + _row_passes(t) + [nt * nt]
 
 
 def _row_passes(t) -> List[int]:
@@ -227,6 +239,8 @@ def _bytes(case: Case, kernel: str, t) -> float:
         return perm + n * r * (e + 4) + n * t.taps ** 2 * r * 4
     if kernel == "stencil_scatter":   # z, g read; dz (fp32, atomics on a copy of du) r/w
         return perm + n * r * e + n * t.taps ** 2 * r * 4 + 2 * n * r * 4
+    if kernel == "stencil_bwd":       # z, du read; g written (read back from L2); dz r/w
+        return perm + n * r * (e + 4) + n * t.taps ** 2 * r * 4 + 2 * n * r * 4
     raise ValueError(kernel)
 
 
@@ -363,7 +377,7 @@ def main(argv=None) -> int:
     t = totals(rs)
     print(f"\nRESULT: modeled {CASES[0].name} triton stencil fwd "
           f"{t[(CASES[0].name, 'fwd')]:.1f} us, bwd {t[(CASES[0].name, 'bwd')]:.1f} us "
-          f"(est. {H100['card']})")
+          f"(merged {t[(CASES[0].name, 'bwd merged')]:.1f} us) (est. {H100['card']})")
     if args.limits:
         print()
         print(present_limits(rs))

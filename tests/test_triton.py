@@ -82,8 +82,8 @@ def test_imports_and_reasons_without_triton():
 # register allocation differs between them): (kernel, dtype, mode, r, ATOMIC) -> stack
 # bytes. The 16-bit dtypes, the ones SAM runs in, spill under neither release. In fp32
 # (its dots three tf32 products, launch.Tiling.prec; its stencil tiles 32 tokens,
-# launch.stencil_tile): the one-kernel forward under 3.8 (plan.MEASURED_ONLY: never chosen
-# by the byte model, only by a GPU's measurement), the merged backward at r = 16
+# launch.stencil_tile; the one-kernel forward's own tiles, launch._layer_fwd_f32): the
+# merged backward at r = 16
 # (launch.BACKWARD_ENV=merged, a candidate for a GPU, not the default: 52-56 bytes of
 # spill stores at 255 registers), and under 3.6 the dy pass with per-program partials
 # (deterministic mode: 255 registers and 64 bytes at BN = 64, 8 warps at r = 8; 16 bytes
@@ -94,8 +94,6 @@ def test_imports_and_reasons_without_triton():
 # to the largest figure of any.
 KNOWN_SPILLS_BY_TRITON = {
     (3, 8): {
-        ("layer_forward", "fp32", "bilinear", 8, None): 16,
-        ("layer_forward", "fp32", "bicubic", 8, None): 16,
         ("stencil_bwd", "fp32", "bilinear", 16, True): 48,
         ("stencil_bwd", "fp32", "bilinear", 16, False): 48,
         ("stencil_fwd", "fp32", "bicubic", 16, None): 8,

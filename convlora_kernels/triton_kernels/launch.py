@@ -112,6 +112,14 @@ _layer_fwd = _autotuned(layer_forward.layer_forward_kernel,
                          ({"BM": 128, "BN": 64, "BK": 32}, 8),
                          ({"BM": 64, "BN": 64, "BK": 64}, 4)],
                         key=["C_in", "C_out", "RZ", "NBP", "TAPS", "HAS_BIAS", "SAVE_U"])
+# fp32's own tiles: its dots (the base GEMM's and the stencil's) are three tf32 products,
+# three times the operand fragments, and at the 16-bit tiles every candidate spilled 8-160
+# bytes (compile_check); at these, none does at r <= 16.
+_layer_fwd_f32 = _autotuned(layer_forward.layer_forward_kernel,
+                            [({"BM": 32, "BN": 64, "BK": 32}, 8),
+                             ({"BM": 32, "BN": 32, "BK": 32}, 4),
+                             ({"BM": 32, "BN": 64, "BK": 16}, 4)],
+                            key=["C_in", "C_out", "RZ", "NBP", "TAPS", "HAS_BIAS", "SAVE_U"])
 # The two-source GEMM's tiles (BM x BN x BK, warps, pipeline stages), per dtype: fp32's
 # exact dots run on the CUDA cores and take far more registers per output than the 16-bit
 # types' MMAs, so its tiles are a quarter the size and its K steps 16 (the rank's too:
@@ -381,7 +389,7 @@ def layer_forward(x2, weight, bias, lora_B, z2, expert_index, conv_weight, conv_
         tiling = Tiling(height, width, rank, n_exp, scales, interpolation, x2.dtype, dev)
         z2 = aligned_z(z2, tiling)
         has_bias = bias is not None
-        _tuned_or_first(_layer_fwd)[lambda meta: (triton.cdiv(n_tok, meta["BM"]) + n_exp,)](
+        _tuned_or_first(_layer_fwd_f32 if x2.dtype == torch.float32 else _layer_fwd)[lambda meta: (triton.cdiv(n_tok, meta["BM"]) + n_exp,)](
             x2, weight, bias.contiguous() if has_bias else y, lora_b, z2, perm, bounds,
             tiling.ntaps, *tiling.tables, conv_weight.contiguous(), conv_bias.contiguous(), y, u,
             n_tok, c_in, c_out, height, width, rank, n_exp, tiling.rows_y, tiling.rows_x,

@@ -66,9 +66,13 @@ class ConvLoRALinear(nn.Module):
                              f"got {num_experts}")
         max_rank = MAX_TRITON_RANK if backend == "triton" else MAX_FUSED_RANK
         if r > max_rank and backend in ("cpu", "cuda", "triton"):
-            raise ValueError(f"r: backend={backend!r} supports ranks up to {max_rank}, "
-                             f"got r = {r}; use backend='auto' (which runs the PyTorch "
-                             f"reference for this rank) or 'reference'")
+            why = (" (above, its stencil kernels need more shared memory than a GPU has)"
+                   if backend == "triton" else "")
+            way = (f"backend='cuda' (ranks up to {MAX_FUSED_RANK}), 'auto' or 'reference'"
+                   if r <= MAX_FUSED_RANK else "backend='auto' (which runs the PyTorch "
+                   "reference for this rank) or 'reference'")
+            raise ValueError(f"r: backend={backend!r} supports ranks up to {max_rank}{why}, "
+                             f"got r = {r}; use {way}")
         kw = dict(device=device, dtype=dtype)
         self.in_features = in_features
         self.out_features = out_features

@@ -143,7 +143,9 @@ def test_module_in_float64_and_no_bias():
     (dict(num_experts=17, scales=list(range(1, 18))), "num_experts: at most 16 experts"),
     (dict(r=65, backend="cpu"), r"r: backend='cpu' supports ranks up to 64, got r = 65; use "
                                 r"backend='auto'"),
-    (dict(r=33, backend="triton"), r"r: backend='triton' supports ranks up to 32, got r = 33"),
+    (dict(r=33, backend="triton"), r"r: backend='triton' supports ranks up to 32 \(above, its "
+                                   r"stencil kernels need more shared memory than a GPU has\), "
+                                   r"got r = 33; use backend='cuda' \(ranks up to 64\)"),
 ])
 def test_bad_construction(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -345,8 +345,11 @@ def test_clear_errors_for_unsupported_inputs():
                                          r"memory than a GPU has\), got r = 33; use "
                                          r"backend='cuda' \(ranks up to 64\)"):
         triton_op(*c.args(), **c.kwargs())
-    with pytest.raises(ValueError, match=r"r: backend='triton' supports ranks up to 32, got "
-                                         r"r = 33"):
+    c = case(height=2, width=3, rank=65, scales=(1,), dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"got r = 65; use backend='auto' or 'reference'"):
+        triton_op(*c.args(), **c.kwargs())
+    with pytest.raises(ValueError, match=r"r: backend='triton' supports ranks up to 32 "
+                                         r"\(above, .*\), got r = 33"):
         ConvLoRALinear(16, 16, r=33, backend="triton")
 
 

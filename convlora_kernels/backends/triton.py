@@ -55,10 +55,11 @@ def unsupported(rank: int, dtype: torch.dtype, device: torch.device) -> Optional
         return (f"x: the triton backend takes float16, bfloat16 or float32 tensors, got "
                 f"{dtype}; use backend='reference' for {dtype}")
     if rank > MAX_TRITON_RANK:
+        way = (f"backend='cuda' (ranks up to {MAX_FUSED_RANK}), 'auto' or 'reference'"
+               if rank <= MAX_FUSED_RANK else "backend='auto' or 'reference'")
         return (f"lora_A: the triton backend supports ranks r <= {MAX_TRITON_RANK} (above, "
                 f"its stencil kernels need more shared memory than a GPU has), got r = "
-                f"{rank}; use backend='cuda' (ranks up to {MAX_FUSED_RANK}), 'auto' or "
-                f"'reference'")
+                f"{rank}; use {way}")
     return None
 
 

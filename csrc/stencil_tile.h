@@ -103,27 +103,48 @@ struct Geometry {
   // that hold consecutive channels of consecutive tokens (or 128-bit runs of them).
   static constexpr int kAccCell = R;
   static constexpr int kMaxItems = kSrc * Interp<INTERP>::kMaxDown * Interp<INTERP>::kMaxDown;
+  // The bicubic backward's per-item phases are channel-major (see kItemSplit).
+  static constexpr bool kChannelMajor = BWD && INTERP == kBicubic;
   // cbuf row (GELU outputs or g). Forward: odd, so the rows of the items a warp holds fall
   // in distinct banks. Backward: 4 x an odd number, read and written in 128-bit accesses,
-  // which the 8 lanes of a quarter warp then make in distinct banks.
-  static constexpr int kItemRow = BWD ? 4 * ((R / 4) | 1) : R + 1;
+  // which the 8 lanes of a quarter warp then make in distinct banks; channel-major: R, so
+  // the 32 / R items a warp holds (R lanes each, a word apiece) fall in distinct banks.
+  static constexpr int kItemRow = kChannelMajor ? R : BWD ? 4 * ((R / 4) | 1) : R + 1;
   // ubuf row (backward): an item's nine U vectors (contiguous: the weight gradient's
   // threads read one item's at once), then its contributions to the z neighbourhood
   // (side x side cells of R) of its source token. Bilinear (kVecU), those are written and
-  // gathered in 128-bit accesses and the row is 4 x an odd number of words; otherwise
-  // odd: either way the rows of the items a warp holds fall in distinct banks.
+  // gathered in 128-bit accesses and the row is 4 x an odd number of words, so the rows of
+  // the items a warp holds fall in distinct banks. Bicubic (channel-major), 49 R words: an
+  // odd multiple of R, so the 32 / R items a warp writes a word of each channel of fall in
+  // distinct banks, and a multiple of 4, so the gather reads it in 128-bit loads.
   static constexpr int kNeighbours = Interp<INTERP>::kSide * Interp<INTERP>::kSide;
   static constexpr int kUTap = R;
   static constexpr bool kVecU = BWD && INTERP != kBicubic;
   static constexpr int kURowMin = kNeighbours * R > 9 * kUTap ? kNeighbours * R : 9 * kUTap;
   static constexpr int kURowQuads = (kURowMin + 3) / 4;  // 16-byte groups, rounded up
-  static constexpr int kURow = kVecU ? 4 * (kURowQuads | 1) : (kURowMin + 1) | 1;
+  static constexpr int kURow = kVecU ? 4 * (kURowQuads | 1) : kURowMin;
+  static_assert(!kChannelMajor || kURow == kNeighbours * R, "bicubic rows: 49 R words");
   // Items per round: 128 forward (R values each); backward, about 36 KB of ubuf.
   static constexpr int kRound = !BWD ? 128 : round_items(kURow);
+  // The backward's gather walks the round's items (each adding the one cell of its
+  // source's neighbourhood a tile token is, if any) where a round has fewer items than a
+  // neighbourhood has cells (bicubic: 16 against 49); else the neighbourhood's cells, each
+  // adding its source's items in the round.
+  static constexpr bool kGatherByItem = BWD && kRound < kNeighbours;
   // Threads per item in the per-item phases (phase_conv, phase_delta), each owning
   // R / kItemSplit of the item's channels: every thread of the block busy when a round
   // has fewer items than threads (the backward's; the forward's rounds fill the block).
+  // Thread v takes item v % kRound and channel run v / kRound (a warp's lanes: consecutive
+  // items), or channel-major, item v / kItemSplit and run v % kItemSplit (a warp's lanes:
+  // consecutive channels of 32 / kItemSplit items).
   static constexpr int kItemSplit = kThreads / kRound < R ? kThreads / kRound : R;
+  // Bicubic backward: each item's neighbourhood weights (neighbour_weights of its three
+  // conv columns, then its three conv rows: 6 x side) are built once, by the item's
+  // threads in phase_conv, and read by all of them in phase_delta (else every thread of
+  // an item builds all six). A row of 42 words: the items a warp holds fall in distinct
+  // banks.
+  static constexpr bool kNbrShared = BWD && INTERP == kBicubic;
+  static constexpr int kNbrRow = 6 * Interp<INTERP>::kSide;
   // A staged z cell: read in 128-bit loads by the conv, 4 x an odd number of words, so the
   // 8 lanes of a quarter warp reading different cells fall in distinct banks; odd where a
   // backward thread takes fewer than 4 channels of an item (scalar loads: R = 4, bicubic).
@@ -255,7 +276,7 @@ CONVLORA_HD void weight_entry(const w_t* conv_w, const w_t* conv_b, int r, int n
 
 // Byte offsets of a block's shared arrays (16-byte aligned), the same on host and device.
 struct Layout {
-  int zs, src, es, nt, start, bucket, first, items, cbuf, ubuf, acc, w, wt, b, dw, bytes;
+  int zs, src, es, nt, start, bucket, first, items, cbuf, ubuf, nbr, acc, w, wt, b, dw, bytes;
   int w_count, dw_count;
 };
 
@@ -282,10 +303,11 @@ CONVLORA_HD Layout make_layout(int r, int n, bool w_smem, bool dw_smem) {
   L.items = take(G::kMaxItems * I);
   L.cbuf = take(G::kRound * G::kItemRow * A);
   L.ubuf = take(BWD ? G::kRound * G::kURow * A : 0);
+  L.nbr = take(G::kNbrShared ? G::kRound * G::kNbrRow * A : 0);
   L.acc = take(G::kTileH * G::kTileW * G::kAccCell * A);  // u (fwd) or dz (bwd) of the tile
   L.w_count = w_smem ? n * weight_stride<R>() : 0;
   L.w = take(L.w_count * A);
-  L.wt = take(BWD ? L.w_count * A : 0);
+  L.wt = take(BWD && !G::kChannelMajor ? L.w_count * A : 0);  // phase_delta's Wᵀ
   L.b = take(n * R * A);
   L.dw_count = BWD && dw_smem ? n * grad_stride<R>() : 0;
   L.dw = take(L.dw_count * A);
@@ -566,7 +588,7 @@ CONVLORA_HD SArr<acc_t> global_arr(const acc_t* p, int offset, int count, const 
 template <int R, int INTERP, bool BWD, typename acc_t>
 struct Smem {
   using G = Geometry<R, INTERP, BWD>;
-  SArr<acc_t> zs, src, cbuf, ubuf, acc, w, wt, b, dw;
+  SArr<acc_t> zs, src, cbuf, ubuf, nbr, acc, w, wt, b, dw;
   SArr<int> es, nt, start, bucket, first, items;
 
   CONVLORA_HD Smem(unsigned char* base, const Layout& L, int n, const acc_t* wglobal,
@@ -575,11 +597,13 @@ struct Smem {
         src(CONVLORA_SARR(acc_t, base, L.src, BWD ? G::kSrc * G::kSrcCell : 0, "du")),
         cbuf(CONVLORA_SARR(acc_t, base, L.cbuf, G::kRound * G::kItemRow, "item values")),
         ubuf(CONVLORA_SARR(acc_t, base, L.ubuf, BWD ? G::kRound * G::kURow : 0, "taps")),
+        nbr(CONVLORA_SARR(acc_t, base, L.nbr, G::kNbrShared ? G::kRound * G::kNbrRow : 0,
+                          "neighbourhood weights")),
         acc(CONVLORA_SARR(acc_t, base, L.acc, G::kTileH * G::kTileW * G::kAccCell,
                           "tile sums")),
         w(L.w_count ? CONVLORA_SARR(acc_t, base, L.w, L.w_count, "weights")
                     : global_arr(wglobal, 0, n * weight_stride<R>(), "weights (global)")),
-        wt(!BWD ? global_arr(wglobal, 0, 0, "transposed weights (none)")
+        wt(!BWD || G::kChannelMajor ? global_arr(wglobal, 0, 0, "transposed weights (none)")
            : L.w_count ? CONVLORA_SARR(acc_t, base, L.wt, L.w_count, "transposed weights")
                        : global_arr(wglobal, n * (weight_stride<R>() + R),
                                     n * weight_stride<R>(), "transposed weights (global)")),
@@ -626,7 +650,7 @@ CONVLORA_HD void phase_load(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
   if (A.w_smem) {
     const int nw = A.n * weight_stride<R>();
     for (int i = tid; i < nw; i += kThreads) S.w[i] = A.wbuf[i];
-    if (BWD)
+    if (BWD && !G::kChannelMajor)  // Wᵀ for phase_delta (channel-major reads W)
       for (int i = tid; i < nw; i += kThreads) S.wt[i] = A.wbuf[nw + A.n * R + i];
   }
   for (int i = tid; i < A.n * R; i += kThreads) S.b[i] = A.wbuf[A.n * weight_stride<R>() + i];
@@ -702,8 +726,54 @@ CONVLORA_HD ItemPos<acc_t> item_pos(const TileArgs<scalar_t, acc_t>& A, int e, i
   return p;
 }
 
+// Checked build: a neighbourhood offset outside [0, side) breaks the halo the tiles rely on.
+CONVLORA_HD void check_offset(int off, int side) {
+#if defined(CONVLORA_CHECKED)
+  if (off < 0 || off >= side) smem_out_of_range("neighbourhood offset", off, side);
+#else
+  (void)off;
+  (void)side;
+#endif
+}
+
+// The weights with which the up-sampling taps of conv row (or column) p = o + k - 1,
+// k = 0, 1, 2, reach the SIDE rows of a source token's z neighbourhood (token row g):
+// out[n] = sum over the taps a with idx[a] - g + halo = n of w[a]; all zero when p is
+// outside the s·H map (no conv input there). Branch-free over compile-time n, so the
+// result stays in registers.
+template <int INTERP, typename acc_t>
+CONVLORA_HD void neighbour_weights(const Taps<acc_t>* up, int p, int extent, int g,
+                                   acc_t (&out)[Interp<INTERP>::kSide]) {
+  constexpr int UT = Interp<INTERP>::kUpTaps, SIDE = Interp<INTERP>::kSide;
+  constexpr int HALO = Interp<INTERP>::kHalo;
+  const bool valid = p >= 0 && p < extent;
+  const Taps<acc_t>& t = up[valid ? p : 0];
+  CONVLORA_UNROLL
+  for (int n = 0; n < SIDE; ++n) out[n] = acc_t(0);
+  if (!valid) return;
+  CONVLORA_UNROLL
+  for (int a = 0; a < UT; ++a) {
+    const int off = t.idx[a] - g + HALO;
+    check_offset(off, SIDE);
+    CONVLORA_UNROLL
+    for (int n = 0; n < SIDE; ++n) out[n] += n == off ? t.w[a] : acc_t(0);
+  }
+}
+
+// Thread v's item in the round (j) and first channel (cs) in the per-item phases.
+template <typename G>
+struct ItemShare {
+  int j, run, cs;  // item, channel run, its first channel
+  CONVLORA_HD explicit ItemShare(int v) {
+    constexpr int RS = G::kUTap / G::kItemSplit;  // channels per thread
+    run = G::kChannelMajor ? v % G::kItemSplit : v / G::kRound;
+    j = G::kChannelMajor ? v / G::kItemSplit : v % G::kRound;
+    cs = run * RS;
+  }
+};
+
 // Phase 4 (per round): thread per item (backward: kItemSplit threads per item, each for
-// its run of channels; thread v takes item v % kRound).
+// its run of channels: ItemShare).
 //   forward:  C (the pre-activation), saved to A.pre when given; cbuf = w_o GELU(C)
 //   backward: C from A.pre; cbuf = g = w_o du GELU'(C); for tile items ubuf = the nine U
 //             vectors (what the weight gradient needs)
@@ -717,7 +787,8 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
   constexpr int RS = R / G::kItemSplit;  // channels per thread (R in the forward)
   static_assert(BWD || RS == R, "the forward's rounds fill the block");
   for (int v = tid; v < G::kRound * G::kItemSplit; v += kThreads) {
-    const int j = v % G::kRound, cs = (v / G::kRound) * RS;
+    const ItemShare<G> share(v);
+    const int j = share.j, cs = share.cs;
     if (r0 + j >= nitems) continue;
     const int it = S.items[r0 + j];
     const int t = item_token(it);
@@ -730,6 +801,19 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
     acc_t* pre = A.pre == nullptr ? nullptr
         : A.pre + ((P.token0 + static_cast<int64_t>(gy) * A.W + gx) * G::kPreSlots + slot) * A.r;
     const int row = j * G::kItemRow;
+    if constexpr (G::kNbrShared) {  // the item's six neighbourhood weight rows (phase_delta)
+      constexpr int SIDE = Interp<INTERP>::kSide;
+      const int s = A.T.scale[e];
+      for (int q = share.run; q < 6; q += G::kItemSplit) {
+        acc_t wv[SIDE];
+        if (q < 3)
+          neighbour_weights<INTERP>(A.taps + A.T.up_x[e], ip.ox + q - 1, s * A.W, gx, wv);
+        else
+          neighbour_weights<INTERP>(A.taps + A.T.up_y[e], ip.oy + q - 4, s * A.H, gy, wv);
+        CONVLORA_UNROLL
+        for (int n = 0; n < SIDE; ++n) S.nbr[j * G::kNbrRow + q * SIDE + n] = wv[n];
+      }
+    }
     if (!BWD) {
       conv_item<R, INTERP, G::kZW, G::kZCell, true, false>(
           A.taps, A.T, e, A.T.scale[e], ip.oy, ip.ox, zy0, zx0, S.zs, S.w,
@@ -897,37 +981,67 @@ CONVLORA_HD void phase_dw(int n, int r0, const Smem<R, INTERP, true, acc_t>& S, 
   }
 }
 
-// Checked build: a neighbourhood offset outside [0, side) breaks the halo the tiles rely on.
-CONVLORA_HD void check_offset(int off, int side) {
-#if defined(CONVLORA_CHECKED)
-  if (off < 0 || off >= side) smem_out_of_range("neighbourhood offset", off, side);
-#else
-  (void)off;
-  (void)side;
-#endif
-}
-
-// The weights with which the up-sampling taps of conv row (or column) p = o + k - 1,
-// k = 0, 1, 2, reach the SIDE rows of a source token's z neighbourhood (token row g):
-// out[n] = sum over the taps a with idx[a] - g + halo = n of w[a]; all zero when p is
-// outside the s·H map (no conv input there). Branch-free over compile-time n, so the
-// result stays in registers.
-template <int INTERP, typename acc_t>
-CONVLORA_HD void neighbour_weights(const Taps<acc_t>* up, int p, int extent, int g,
-                                   acc_t (&out)[Interp<INTERP>::kSide]) {
-  constexpr int UT = Interp<INTERP>::kUpTaps, SIDE = Interp<INTERP>::kSide;
-  constexpr int HALO = Interp<INTERP>::kHalo;
-  const bool valid = p >= 0 && p < extent;
-  const Taps<acc_t>& t = up[valid ? p : 0];
+// phase_delta's work for one item where its neighbourhood weights are in shared memory
+// (kNbrShared: bicubic, channel-major, one channel a pass). Per conv row, dU of the row's
+// three taps, one input channel's row of W (outputs contiguous) in 128-bit loads, four
+// outputs at a time, so no transposed copy is staged; folded over the neighbourhood's
+// columns (col, 3 x side); then each contribution D[ny][nx] = sum_ky wy[ky][ny]
+// col[ky][nx] is formed and written at once, so no side x side accumulators are held.
+// Only the cells that are tile tokens (the rows [y0, y1) and columns [x0, x1) of the
+// source t's neighbourhood; a third of them, on average over the tile's sources) are
+// formed and written: the gather reads no other. Rows outside the upsampled map have
+// zero weights (neighbour_weights) and no dU.
+template <int R, int INTERP, typename acc_t>
+CONVLORA_HD void delta_item_shared(const Smem<R, INTERP, true, acc_t>& S, int j, int cs, int t,
+                                   int oy, int extent, int row, int w_off) {
+  using G = Geometry<R, INTERP, true>;
+  constexpr int SIDE = Interp<INTERP>::kSide, HALO = G::kHalo;
+  constexpr int RS = R / G::kItemSplit;  // channels per thread
+  const int nb = j * G::kNbrRow;
+  const int ly = t / G::kSrcW, lx = t - ly * G::kSrcW;
+  const int y0 = G::kSH + HALO - ly > 0 ? G::kSH + HALO - ly : 0;
+  const int y1 = G::kSH + HALO + G::kTileH - ly < SIDE ? G::kSH + HALO + G::kTileH - ly : SIDE;
+  const int x0 = G::kSH + HALO - lx > 0 ? G::kSH + HALO - lx : 0;
+  const int x1 = G::kSH + HALO + G::kTileW - lx < SIDE ? G::kSH + HALO + G::kTileW - lx : SIDE;
+  acc_t wx[3][SIDE];
   CONVLORA_UNROLL
-  for (int n = 0; n < SIDE; ++n) out[n] = acc_t(0);
-  if (!valid) return;
-  CONVLORA_UNROLL
-  for (int a = 0; a < UT; ++a) {
-    const int off = t.idx[a] - g + HALO;
-    check_offset(off, SIDE);
+  for (int kx = 0; kx < 3; ++kx)
     CONVLORA_UNROLL
-    for (int n = 0; n < SIDE; ++n) out[n] += n == off ? t.w[a] : acc_t(0);
+    for (int n = 0; n < SIDE; ++n) wx[kx][n] = S.nbr[nb + kx * SIDE + n];
+  CONVLORA_NO_UNROLL
+  for (int ci = cs; ci < cs + RS; ++ci) {
+    acc_t col[3][SIDE];
+    CONVLORA_UNROLL
+    for (int ky = 0; ky < 3; ++ky) {
+      const int p = oy + ky - 1;
+      acc_t du[3] = {acc_t(0), acc_t(0), acc_t(0)};
+      if (p >= 0 && p < extent) {
+        static_assert(R % 4 == 0 && G::kItemRow % 4 == 0, "128-bit loads (w_off: x4)");
+        for (int co0 = 0; co0 < R; co0 += 4) {
+          const V4<acc_t> g = S.cbuf.load4(j * G::kItemRow + co0);
+          CONVLORA_UNROLL
+          for (int kx = 0; kx < 3; ++kx) {
+            const V4<acc_t> w = S.w.load4(w_off + ((ky * 3 + kx) * R + ci) * R + co0);
+            CONVLORA_UNROLL
+            for (int q = 0; q < 4; ++q) du[kx] += w.v[q] * g.v[q];
+          }
+        }
+      }
+      CONVLORA_UNROLL
+      for (int nx = 0; nx < SIDE; ++nx)
+        col[ky][nx] = nx >= x0 && nx < x1
+                          ? wx[0][nx] * du[0] + wx[1][nx] * du[1] + wx[2][nx] * du[2]
+                          : acc_t(0);
+    }
+    for (int ny = y0; ny < y1; ++ny) {
+      const acc_t w0 = S.nbr[nb + 3 * SIDE + ny], w1 = S.nbr[nb + 4 * SIDE + ny],
+                  w2 = S.nbr[nb + 5 * SIDE + ny];
+      CONVLORA_UNROLL
+      for (int nx = 0; nx < SIDE; ++nx)
+        if (nx >= x0 && nx < x1)
+          S.ubuf[row + (ny * SIDE + nx) * R + ci] = w0 * col[0][nx] + w1 * col[1][nx] +
+                                                    w2 * col[2][nx];
+    }
   }
 }
 
@@ -940,8 +1054,9 @@ CONVLORA_HD void neighbour_weights(const Taps<acc_t>* up, int p, int extent, int
 // D is held in registers (side x side x CD channels a pass) and written once: the up taps
 // are separable, so each conv row's three dU vectors are first folded over the
 // neighbourhood's columns (wx), then added to its rows (wy), with compile-time indices.
-// Thread v takes item v % kRound (a warp's lanes: consecutive items, odd row strides) and
-// channel run v / kRound.
+// Thread v takes the item and channel run ItemShare gives it (bilinear, a warp's lanes
+// hold consecutive items, in rows whose strides put them in distinct banks; bicubic,
+// consecutive channels of a few items).
 template <int R, int INTERP, typename scalar_t, typename acc_t>
 CONVLORA_HD void phase_delta(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P, int r0,
                              int nitems, const Smem<R, INTERP, true, acc_t>& S, int tid) {
@@ -954,13 +1069,18 @@ CONVLORA_HD void phase_delta(const TileArgs<scalar_t, acc_t>& A, const BlockPos&
   static_assert(RS % CD == 0, "whole passes");
   const int sy0 = P.h0 - G::kSH, sx0 = P.w0 - G::kSH;
   for (int v = tid; v < G::kRound * G::kItemSplit; v += kThreads) {
-    const int j = v % G::kRound, cs = (v / G::kRound) * RS;
+    const ItemShare<G> share(v);
+    const int j = share.j, cs = share.cs;
     if (r0 + j >= nitems) continue;
     const int it = S.items[r0 + j];
     const int t = item_token(it), e = item_expert(it), s = A.T.scale[e];
     const int gy = sy0 + t / G::kSrcW, gx = sx0 + t % G::kSrcW;
     const ItemPos<acc_t> ip = item_pos(A, e, gy, gx, item_a(it), item_b(it));
     const int row = j * G::kURow, w_off = e * weight_stride<R>();
+    if constexpr (G::kNbrShared) {
+      delta_item_shared<R, INTERP>(S, j, cs, t, ip.oy, s * A.H, row, w_off);
+      continue;
+    }
     acc_t wx[3][SIDE];
     CONVLORA_UNROLL
     for (int kx = 0; kx < 3; ++kx)
@@ -1040,7 +1160,7 @@ CONVLORA_HD void phase_delta(const TileArgs<scalar_t, acc_t>& A, const BlockPos&
 
 // Backward phase 7 (per round): thread per (tile token, chunk of channels). The token
 // pulls, in a fixed order, the contributions of the round's items of every source whose
-// neighbourhood holds it.
+// neighbourhood holds it: neighbourhood cell by cell, or item by item (kGatherByItem).
 template <int R, int INTERP, typename acc_t>
 CONVLORA_HD void phase_gather(int r0, int nitems, const Smem<R, INTERP, true, acc_t>& S,
                               int tid) {
@@ -1055,7 +1175,33 @@ CONVLORA_HD void phase_gather(int r0, int nitems, const Smem<R, INTERP, true, ac
     acc_t sum[CH];
     CONVLORA_UNROLL
     for (int c = 0; c < CH; ++c) sum[c] = acc_t(0);
-    for (int oy = 0; oy < SIDE; ++oy) {
+    if constexpr (G::kGatherByItem) {
+      // the round's items in order, a source's run of them at a time (its items are
+      // consecutive: an item's down taps give its place in the run), each adding the cell
+      // of the source's neighbourhood that is this token, if it has one
+      for (int i = r0; i < hi_round;) {
+        const int it = S.items[i];  // one broadcast word
+        const int t = item_token(it), nt = item_nt(it);
+        const int run_end = i - (item_a(it) * (nt & 7) + item_b(it)) + (nt >> 3) * (nt & 7);
+        const int end = run_end < hi_round ? run_end : hi_round;
+        const int oy = ty + G::kSH + HALO - t / G::kSrcW;
+        const int ox = tx + G::kSH + HALO - t % G::kSrcW;
+        if (oy >= 0 && oy < SIDE && ox >= 0 && ox < SIDE) {
+          static_assert(G::kURow % 4 == 0 && CH % 4 == 0, "128-bit loads (kURow, R, c0: x4)");
+          for (int k = i; k < end; ++k) {
+            const int src = (k - r0) * G::kURow + (oy * SIDE + ox) * R + c0;
+            CONVLORA_UNROLL
+            for (int c = 0; c < CH; c += 4) {
+              const V4<acc_t> v = S.ubuf.load4(src + c);
+              CONVLORA_UNROLL
+              for (int q = 0; q < 4; ++q) sum[c + q] += v.v[q];
+            }
+          }
+        }
+        i = end;
+      }
+    }
+    for (int oy = 0; oy < (G::kGatherByItem ? 0 : SIDE); ++oy) {
       for (int ox = 0; ox < SIDE; ++ox) {
         // the source whose neighbourhood cell (oy, ox) is this token
         const int t = (ty + G::kSH + HALO - oy) * G::kSrcW + tx + G::kSH + HALO - ox;
@@ -1117,6 +1263,8 @@ CONVLORA_HD void run_block(Exec& ex, const TileArgs<scalar_t, acc_t>& A, const L
   for (int r0 = 0; r0 < nitems; r0 += G::kRound) {
     ex.poison(S.cbuf.p, G::kRound * G::kItemRow * static_cast<int>(sizeof(acc_t)));
     if (BWD) ex.poison(S.ubuf.p, G::kRound * G::kURow * static_cast<int>(sizeof(acc_t)));
+    if (G::kNbrShared)
+      ex.poison(S.nbr.p, G::kRound * G::kNbrRow * static_cast<int>(sizeof(acc_t)));
     ex.phase("conv", [&](int tid) { phase_conv<R, INTERP, BWD>(A, P, r0, nitems, S, tid); });
     if constexpr (!BWD) {
       ex.phase("combine", [&](int tid) { phase_combine<R, INTERP>(r0, S, tid); });

@@ -153,6 +153,7 @@ STENCIL_CASES = [
     ("bilinear", (3, 5, 11), (2, 1, 4), 16),
     ("bilinear", (1, 10, 9), (3, 2), 20),
     ("bicubic", (2, 19, 10), tuple(range(1, 9)), 4),
+    ("bicubic", (2, 11, 13), tuple(range(1, 9)), 8),
     ("bicubic", (1, 7, 9), (2, 16, 1), 33),
 ]
 

@@ -103,7 +103,9 @@ struct Geometry {
   // that hold consecutive channels of consecutive tokens (or 128-bit runs of them).
   static constexpr int kAccCell = R;
   static constexpr int kMaxItems = kSrc * Interp<INTERP>::kMaxDown * Interp<INTERP>::kMaxDown;
-  // The bicubic backward's per-item phases are channel-major (see kItemSplit).
+  // The bicubic backward's per-item phases are channel-major (see kItemSplit), and an
+  // item's threads share its neighbourhood weights (kNbrRow): its rows of contributions
+  // (49 cells) hold so few items a round that each item has a thread per channel.
   static constexpr bool kChannelMajor = BWD && INTERP == kBicubic;
   // cbuf row (GELU outputs or g). Forward: odd, so the rows of the items a warp holds fall
   // in distinct banks. Backward: 4 x an odd number, read and written in 128-bit accesses,
@@ -138,12 +140,10 @@ struct Geometry {
   // items), or channel-major, item v / kItemSplit and run v % kItemSplit (a warp's lanes:
   // consecutive channels of 32 / kItemSplit items).
   static constexpr int kItemSplit = kThreads / kRound < R ? kThreads / kRound : R;
-  // Bicubic backward: each item's neighbourhood weights (neighbour_weights of its three
-  // conv columns, then its three conv rows: 6 x side) are built once, by the item's
-  // threads in phase_conv, and read by all of them in phase_delta (else every thread of
-  // an item builds all six). A row of 42 words: the items a warp holds fall in distinct
-  // banks.
-  static constexpr bool kNbrShared = BWD && INTERP == kBicubic;
+  // Channel-major: each item's neighbourhood weights (neighbour_weights of its three conv
+  // columns, then its three conv rows: 6 x side) are built once, by the item's threads in
+  // phase_conv, and read by all of them in phase_delta (else every thread of an item
+  // builds all six). A row of 42 words: the items a warp holds fall in distinct banks.
   static constexpr int kNbrRow = 6 * Interp<INTERP>::kSide;
   // A staged z cell: read in 128-bit loads by the conv, 4 x an odd number of words, so the
   // 8 lanes of a quarter warp reading different cells fall in distinct banks; odd where a
@@ -303,7 +303,7 @@ CONVLORA_HD Layout make_layout(int r, int n, bool w_smem, bool dw_smem) {
   L.items = take(G::kMaxItems * I);
   L.cbuf = take(G::kRound * G::kItemRow * A);
   L.ubuf = take(BWD ? G::kRound * G::kURow * A : 0);
-  L.nbr = take(G::kNbrShared ? G::kRound * G::kNbrRow * A : 0);
+  L.nbr = take(G::kChannelMajor ? G::kRound * G::kNbrRow * A : 0);
   L.acc = take(G::kTileH * G::kTileW * G::kAccCell * A);  // u (fwd) or dz (bwd) of the tile
   L.w_count = w_smem ? n * weight_stride<R>() : 0;
   L.w = take(L.w_count * A);
@@ -467,9 +467,9 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
     const Taps<acc_t>& tx = taps[T.up_x[e] + (vx[k] ? q : 0)];
     CONVLORA_UNROLL
     for (int a = 0; a < UT; ++a) {
-      ry[k][a] = (ty.idx[a] - zy0) * ZW;
+      ry[k][a] = (ty.idx[a] - zy0) * ZW * CELL;  // word offsets of the staged cells
       wy[k][a] = ty.w[a];
-      rx[k][a] = tx.idx[a] - zx0;
+      rx[k][a] = (tx.idx[a] - zx0) * CELL;
       wx[k][a] = tx.w[a];
     }
   }
@@ -495,22 +495,33 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
           acc_t u[CU];
           CONVLORA_UNROLL
           for (int i = 0; i < CU; ++i) u[i] = acc_t(0);
-          CONVLORA_UNROLL
-          for (int a = 0; a < UT; ++a) {
+          if constexpr (CU == 1) {
+            // one channel: separable, the columns' taps first, then the rows'
             CONVLORA_UNROLL
-            for (int b = 0; b < UT; ++b) {
-              const acc_t wab = wy[ky][a] * wx[kx][b];
-              const int zc = (ry[ky][a] + rx[kx][b]) * CELL + ci0;
-              if constexpr (CELL % 4 == 0 && CU % 4 == 0) {  // 128-bit loads (ci0: x4)
-                CONVLORA_UNROLL
-                for (int i = 0; i < CU; i += 4) {
-                  const V4<acc_t> zv = zs.load4(zc + i);
+            for (int a = 0; a < UT; ++a) {
+              acc_t h = acc_t(0);
+              CONVLORA_UNROLL
+              for (int b = 0; b < UT; ++b) h += wx[kx][b] * zs[ry[ky][a] + rx[kx][b] + ci0];
+              u[0] += wy[ky][a] * h;
+            }
+          } else {
+            CONVLORA_UNROLL
+            for (int a = 0; a < UT; ++a) {
+              CONVLORA_UNROLL
+              for (int b = 0; b < UT; ++b) {
+                const acc_t wab = wy[ky][a] * wx[kx][b];
+                const int zc = ry[ky][a] + rx[kx][b] + ci0;
+                if constexpr (CELL % 4 == 0 && CU % 4 == 0) {  // 128-bit loads (ci0: x4)
                   CONVLORA_UNROLL
-                  for (int q = 0; q < 4; ++q) u[i + q] += wab * zv.v[q];
+                  for (int i = 0; i < CU; i += 4) {
+                    const V4<acc_t> zv = zs.load4(zc + i);
+                    CONVLORA_UNROLL
+                    for (int q = 0; q < 4; ++q) u[i + q] += wab * zv.v[q];
+                  }
+                } else {
+                  CONVLORA_UNROLL
+                  for (int i = 0; i < CU; ++i) u[i] += wab * zs[zc + i];
                 }
-              } else {
-                CONVLORA_UNROLL
-                for (int i = 0; i < CU; ++i) u[i] += wab * zs[zc + i];
               }
             }
           }
@@ -597,7 +608,7 @@ struct Smem {
         src(CONVLORA_SARR(acc_t, base, L.src, BWD ? G::kSrc * G::kSrcCell : 0, "du")),
         cbuf(CONVLORA_SARR(acc_t, base, L.cbuf, G::kRound * G::kItemRow, "item values")),
         ubuf(CONVLORA_SARR(acc_t, base, L.ubuf, BWD ? G::kRound * G::kURow : 0, "taps")),
-        nbr(CONVLORA_SARR(acc_t, base, L.nbr, G::kNbrShared ? G::kRound * G::kNbrRow : 0,
+        nbr(CONVLORA_SARR(acc_t, base, L.nbr, G::kChannelMajor ? G::kRound * G::kNbrRow : 0,
                           "neighbourhood weights")),
         acc(CONVLORA_SARR(acc_t, base, L.acc, G::kTileH * G::kTileW * G::kAccCell,
                           "tile sums")),
@@ -801,7 +812,7 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
     acc_t* pre = A.pre == nullptr ? nullptr
         : A.pre + ((P.token0 + static_cast<int64_t>(gy) * A.W + gx) * G::kPreSlots + slot) * A.r;
     const int row = j * G::kItemRow;
-    if constexpr (G::kNbrShared) {  // the item's six neighbourhood weight rows (phase_delta)
+    if constexpr (G::kChannelMajor) {  // the item's six neighbourhood weight rows (phase_delta)
       constexpr int SIDE = Interp<INTERP>::kSide;
       const int s = A.T.scale[e];
       for (int q = share.run; q < 6; q += G::kItemSplit) {
@@ -981,8 +992,8 @@ CONVLORA_HD void phase_dw(int n, int r0, const Smem<R, INTERP, true, acc_t>& S, 
   }
 }
 
-// phase_delta's work for one item where its neighbourhood weights are in shared memory
-// (kNbrShared: bicubic, channel-major, one channel a pass). Per conv row, dU of the row's
+// phase_delta's work for one item of a channel-major round (bicubic: its neighbourhood
+// weights in shared memory, one channel a pass). Per conv row, dU of the row's
 // three taps, one input channel's row of W (outputs contiguous) in 128-bit loads, four
 // outputs at a time, so no transposed copy is staged; folded over the neighbourhood's
 // columns (col, 3 x side); then each contribution D[ny][nx] = sum_ky wy[ky][ny]
@@ -1077,7 +1088,7 @@ CONVLORA_HD void phase_delta(const TileArgs<scalar_t, acc_t>& A, const BlockPos&
     const int gy = sy0 + t / G::kSrcW, gx = sx0 + t % G::kSrcW;
     const ItemPos<acc_t> ip = item_pos(A, e, gy, gx, item_a(it), item_b(it));
     const int row = j * G::kURow, w_off = e * weight_stride<R>();
-    if constexpr (G::kNbrShared) {
+    if constexpr (G::kChannelMajor) {
       delta_item_shared<R, INTERP>(S, j, cs, t, ip.oy, s * A.H, row, w_off);
       continue;
     }
@@ -1263,7 +1274,7 @@ CONVLORA_HD void run_block(Exec& ex, const TileArgs<scalar_t, acc_t>& A, const L
   for (int r0 = 0; r0 < nitems; r0 += G::kRound) {
     ex.poison(S.cbuf.p, G::kRound * G::kItemRow * static_cast<int>(sizeof(acc_t)));
     if (BWD) ex.poison(S.ubuf.p, G::kRound * G::kURow * static_cast<int>(sizeof(acc_t)));
-    if (G::kNbrShared)
+    if (G::kChannelMajor)
       ex.poison(S.nbr.p, G::kRound * G::kNbrRow * static_cast<int>(sizeof(acc_t)));
     ex.phase("conv", [&](int tid) { phase_conv<R, INTERP, BWD>(A, P, r0, nitems, S, tid); });
     if constexpr (!BWD) {

@@ -154,6 +154,7 @@ STENCIL_CASES = [
     ("bilinear", (1, 10, 9), (3, 2), 20),
     ("bicubic", (2, 19, 10), tuple(range(1, 9)), 4),
     ("bicubic", (2, 11, 13), tuple(range(1, 9)), 8),
+    ("bicubic", (1, 9, 6), (2, 3, 4), 24),
     ("bicubic", (1, 7, 9), (2, 16, 1), 33),
 ]
 

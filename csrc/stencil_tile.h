@@ -130,8 +130,8 @@ struct Geometry {
   static constexpr int kRound = !BWD ? 128 : round_items(kURow);
   // The backward's gather walks the round's items (each adding the one cell of its
   // source's neighbourhood a tile token is, if any) where a round has fewer items than a
-  // neighbourhood has cells (bicubic: 16 against 49); else the neighbourhood's cells, each
-  // adding its source's items in the round.
+  // neighbourhood has cells (bicubic: 16 against 49 at R = 8; bilinear at R = 64: 8
+  // against 9); else the neighbourhood's cells, each adding its source's items in the round.
   static constexpr bool kGatherByItem = BWD && kRound < kNeighbours;
   // Threads per item in the per-item phases (phase_conv, phase_delta), each owning
   // R / kItemSplit of the item's channels: every thread of the block busy when a round
@@ -1211,27 +1211,25 @@ CONVLORA_HD void phase_gather(int r0, int nitems, const Smem<R, INTERP, true, ac
         }
         i = end;
       }
-    }
-    for (int oy = 0; oy < (G::kGatherByItem ? 0 : SIDE); ++oy) {
-      for (int ox = 0; ox < SIDE; ++ox) {
-        // the source whose neighbourhood cell (oy, ox) is this token
-        const int t = (ty + G::kSH + HALO - oy) * G::kSrcW + tx + G::kSH + HALO - ox;
-        const int nt = S.nt[t];
-        if (nt == 0) continue;
-        const int i0 = S.start[t], i1 = i0 + (nt >> 3) * (nt & 7);
-        const int lo = i0 > r0 ? i0 : r0, hi = i1 < hi_round ? i1 : hi_round;
-        for (int i = lo; i < hi; ++i) {
-          const int src = (i - r0) * G::kURow + (oy * SIDE + ox) * R + c0;
-          if constexpr (G::kVecU && CH % 4 == 0) {  // 128-bit loads (kURow, R, c0: x4)
+    } else {
+      // the neighbourhood's cells in order, each adding its source's items in the round
+      static_assert(G::kVecU && CH % 4 == 0, "128-bit loads (kURow, R, c0: x4)");
+      for (int oy = 0; oy < SIDE; ++oy) {
+        for (int ox = 0; ox < SIDE; ++ox) {
+          // the source whose neighbourhood cell (oy, ox) is this token
+          const int t = (ty + G::kSH + HALO - oy) * G::kSrcW + tx + G::kSH + HALO - ox;
+          const int nt = S.nt[t];
+          if (nt == 0) continue;
+          const int i0 = S.start[t], i1 = i0 + (nt >> 3) * (nt & 7);
+          const int lo = i0 > r0 ? i0 : r0, hi = i1 < hi_round ? i1 : hi_round;
+          for (int i = lo; i < hi; ++i) {
+            const int src = (i - r0) * G::kURow + (oy * SIDE + ox) * R + c0;
             CONVLORA_UNROLL
             for (int c = 0; c < CH; c += 4) {
               const V4<acc_t> v = S.ubuf.load4(src + c);
               CONVLORA_UNROLL
               for (int q = 0; q < 4; ++q) sum[c + q] += v.v[q];
             }
-          } else {
-            CONVLORA_UNROLL
-            for (int c = 0; c < CH; ++c) sum[c] += S.ubuf[src + c];
           }
         }
       }

@@ -30,6 +30,14 @@ MAX_TRITON_RANK = 32
 MAX_EXPERTS = 16
 
 
+def rank_way_out(r: int) -> str:
+    """The backends that run rank r, for an error that refuses it on the triton backend
+    (or on a fused backend above MAX_FUSED_RANK)."""
+    if r <= MAX_FUSED_RANK:
+        return f"backend='cuda' (ranks up to {MAX_FUSED_RANK}), 'auto' or 'reference'"
+    return "backend='auto' (which runs the PyTorch reference for this rank) or 'reference'"
+
+
 @dataclass(frozen=True)
 class Problem:
     """The sizes of one call, after the checks."""

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._validate import (INTERPOLATIONS, MAX_EXPERTS, MAX_FUSED_RANK, MAX_TRITON_RANK,
-                        normalize_scales, resolve_hw)
+                        normalize_scales, rank_way_out, resolve_hw)
 from .gating import NoisyTopOneRouter
 from .ops import BACKENDS, autocast_inputs, routed_conv_lora_linear
 
@@ -68,11 +68,8 @@ class ConvLoRALinear(nn.Module):
         if r > max_rank and backend in ("cpu", "cuda", "triton"):
             why = (" (above, its stencil kernels need more shared memory than a GPU has)"
                    if backend == "triton" else "")
-            way = (f"backend='cuda' (ranks up to {MAX_FUSED_RANK}), 'auto' or 'reference'"
-                   if r <= MAX_FUSED_RANK else "backend='auto' (which runs the PyTorch "
-                   "reference for this rank) or 'reference'")
             raise ValueError(f"r: backend={backend!r} supports ranks up to {max_rank}{why}, "
-                             f"got r = {r}; use {way}")
+                             f"got r = {r}; use {rank_way_out(r)}")
         kw = dict(device=device, dtype=dtype)
         self.in_features = in_features
         self.out_features = out_features

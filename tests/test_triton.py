@@ -346,7 +346,8 @@ def test_clear_errors_for_unsupported_inputs():
                                          r"backend='cuda' \(ranks up to 64\)"):
         triton_op(*c.args(), **c.kwargs())
     c = case(height=2, width=3, rank=65, scales=(1,), dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"got r = 65; use backend='auto' or 'reference'"):
+    with pytest.raises(ValueError, match=r"got r = 65; use backend='auto' \(which runs the "
+                                         r"PyTorch reference for this rank\) or 'reference'"):
         triton_op(*c.args(), **c.kwargs())
     with pytest.raises(ValueError, match=r"r: backend='triton' supports ranks up to 32 "
                                          r"\(above, .*\), got r = 33"):

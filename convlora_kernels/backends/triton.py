@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from .._validate import MAX_FUSED_RANK, MAX_TRITON_RANK
+from .._validate import MAX_TRITON_RANK, rank_way_out
 
 try:
     import triton  # noqa: F401
@@ -55,11 +55,9 @@ def unsupported(rank: int, dtype: torch.dtype, device: torch.device) -> Optional
         return (f"x: the triton backend takes float16, bfloat16 or float32 tensors, got "
                 f"{dtype}; use backend='reference' for {dtype}")
     if rank > MAX_TRITON_RANK:
-        way = (f"backend='cuda' (ranks up to {MAX_FUSED_RANK}), 'auto' or 'reference'"
-               if rank <= MAX_FUSED_RANK else "backend='auto' or 'reference'")
         return (f"lora_A: the triton backend supports ranks r <= {MAX_TRITON_RANK} (above, "
                 f"its stencil kernels need more shared memory than a GPU has), got r = "
-                f"{rank}; use {way}")
+                f"{rank}; use {rank_way_out(rank)}")
     return None
 
 

@@ -389,7 +389,8 @@ def layer_forward(x2, weight, bias, lora_B, z2, expert_index, conv_weight, conv_
         tiling = Tiling(height, width, rank, n_exp, scales, interpolation, x2.dtype, dev)
         z2 = aligned_z(z2, tiling)
         has_bias = bias is not None
-        _tuned_or_first(_layer_fwd_f32 if x2.dtype == torch.float32 else _layer_fwd)[lambda meta: (triton.cdiv(n_tok, meta["BM"]) + n_exp,)](
+        tuners = _layer_fwd_f32 if x2.dtype == torch.float32 else _layer_fwd
+        _tuned_or_first(tuners)[lambda meta: (triton.cdiv(n_tok, meta["BM"]) + n_exp,)](
             x2, weight, bias.contiguous() if has_bias else y, lora_b, z2, perm, bounds,
             tiling.ntaps, *tiling.tables, conv_weight.contiguous(), conv_bias.contiguous(), y, u,
             n_tok, c_in, c_out, height, width, rank, n_exp, tiling.rows_y, tiling.rows_x,

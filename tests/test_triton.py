@@ -78,55 +78,25 @@ def test_imports_and_reasons_without_triton():
     assert out.stdout.strip() == "triton is not installed: pip install triton"
 
 
-# Spills at r <= 16 as compile_check reports them for sm_90, per Triton release (the
-# register allocation differs between them): (kernel, dtype, mode, r, ATOMIC) -> stack
-# bytes. The 16-bit dtypes, the ones SAM runs in, spill under neither release. In fp32
-# (its dots three tf32 products, launch.Tiling.prec; its stencil tiles 32 tokens,
-# launch.stencil_tile; the one-kernel forward's own tiles, launch._layer_fwd_f32): the
-# merged backward at r = 16
-# (launch.BACKWARD_ENV=merged, a candidate for a GPU, not the default: 52-56 bytes of
-# spill stores at 255 registers), and under 3.6 the dy pass with per-program partials
-# (deterministic mode: 255 registers and 64 bytes at BN = 64, 8 warps at r = 8; 16 bytes
-# at r = 16 with a frozen bias). The 8-byte entries are ptxas' own trade: it caps the
-# kernel at 168 registers, three programs an SM, for 4-8 bytes of spill stores (with
-# -minnctapersm=1 it takes 172 registers and spills nothing). A variant not listed must
-# not spill; a listed one must not spill more. A release without its own table is held
-# to the largest figure of any.
-KNOWN_SPILLS_BY_TRITON = {
-    (3, 8): {
-        ("stencil_bwd", "fp32", "bilinear", 16, True): 48,
-        ("stencil_bwd", "fp32", "bilinear", 16, False): 48,
-        ("stencil_fwd", "fp32", "bicubic", 16, None): 8,
-        ("stencil_grad", "fp32", "bicubic", 16, True): 8,
-    },
-    (3, 6): {
-        ("stencil_bwd", "fp32", "bilinear", 16, True): 24,
-        ("stencil_grad", "fp32", "bilinear", 8, False): 8,
-        ("dy_pass", "fp32", "bilinear", 8, False): 64,
-        ("dy_pass", "fp32", "bicubic", 8, False): 64,
-        # the frozen-bias dy pass (NEED_DBIAS=False) at r = 16
-        ("dy_pass", "fp32", "bilinear", 16, False): 16,
-        ("dy_pass", "fp32", "bicubic", 16, False): 16,
-    },
-}
-
-
-def _known_spills():
-    from convlora_kernels._versions import _version_tuple
-
-    release = _version_tuple(triton.__version__)[:2]
-    if release in KNOWN_SPILLS_BY_TRITON:
-        return KNOWN_SPILLS_BY_TRITON[release]
-    merged = {}
-    for table in KNOWN_SPILLS_BY_TRITON.values():
-        for key, stack in table.items():
-            merged[key] = max(stack, merged.get(key, 0))
-    return merged
-
-
 # The most shared memory a program may have on the GPUs the kernels are built for (227 KB
 # on H100/H200; A100's 163 KB is checked by the sm_80 figures a GPU run reports).
 SMEM_LIMIT = 227 * 1024
+
+
+def _compile_check(*args):
+    """compile_check's sm_90 lines for ``args`` (run as a script, without the interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "convlora_kernels.triton_kernels.compile_check",
+                          "--arch", "90", *args], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [line for line in out.stdout.splitlines() if line.startswith("sm_90")], out.stdout
+
+
+def _spilled(lines):
+    """The lines of variants at r <= 16 with a stack frame (spills)."""
+    return [line for line in lines if int(line.split()[4][2:]) <= 16
+            and int(next(w for w in line.split() if w.startswith("STACK:"))[6:]) > 0]
 
 
 @pytest.mark.slow  # builds ~280 kernel variants for sm_90: ~7 min on 2 cores
@@ -134,36 +104,22 @@ def test_kernels_compile_for_the_gpu_without_new_spills():
     """Every kernel builds for sm_90 as the JIT would build it at the layer's launches (the
     interpreter cannot show that): bf16, fp16 and fp32, bilinear and bicubic, r = 8 and 16
     and the triton backend's largest rank, the first autotuning candidate, both stencil
-    backwards; none spills (STACK in ptxas' resource usage) at r <= 16 beyond
-    KNOWN_SPILLS_BY_TRITON, and none needs more shared memory than a GPU has at any rank."""
+    backwards; none spills (STACK in ptxas' resource usage) at r <= 16, and none needs more
+    shared memory than a GPU has at any rank."""
     from convlora_kernels._validate import MAX_TRITON_RANK
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "convlora_kernels.triton_kernels.compile_check",
-                          "--first", "--ranks", f"8,16,{MAX_TRITON_RANK}", "--arch", "90"],
-                         capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = [line for line in out.stdout.splitlines() if line.startswith("sm_90")]
+    lines, stdout = _compile_check("--first", "--ranks", f"8,16,{MAX_TRITON_RANK}")
     built = {line.split()[1] for line in lines}
     assert built == {"stencil_fwd", "layer_forward", "stencil_grad", "stencil_scatter",
                      "stencil_bwd", "dy_pass", "route", "gather_dz", "expert_sum",
                      "expert_counts", "expert_order", "two_source_gemm", "route_backward",
-                     "nan_out_of_range"}, out.stdout
-    assert len({tuple(line.split()[2:5]) for line in lines}) == 18, out.stdout
+                     "nan_out_of_range"}, stdout
+    assert len({tuple(line.split()[2:5]) for line in lines}) == 18, stdout
     big = [line for line in lines
            if int(next(w for w in line.split() if w.startswith("SMEM:"))[5:]) > SMEM_LIMIT]
     assert not big, "more shared memory than a GPU has:\n" + "\n".join(big)
-    known, worse = _known_spills(), []
-    for line in lines:
-        f = line.split()
-        atomic = {"ATOMIC=True": True, "ATOMIC=False": False}
-        key = (f[1], f[2], f[3], int(f[4][2:]), next((atomic[w] for w in f if w in atomic),
-                                                     None))
-        stack = int(next(w for w in f if w.startswith("STACK:"))[6:])
-        if key[3] <= 16 and stack > known.get(key, 0):
-            worse.append(line)
-    assert not worse, "spills beyond KNOWN_SPILLS_BY_TRITON:\n" + "\n".join(worse)
+    spilled = _spilled(lines)
+    assert not spilled, "spills at r <= 16:\n" + "\n".join(spilled)
     lines = [line for line in lines if int(line.split()[4][2:]) <= 16]
     # three 4-warp programs per SM (<= 168 registers) for the stencil forward at the
     # target (bilinear r = 8, the 16-bit dtypes): its z cells are held in registers
@@ -180,6 +136,25 @@ def test_kernels_compile_for_the_gpu_without_new_spills():
         assert compile_check.design_rows(rows)[2:] == table, (
             "docs/design.md's resource table is stale: regenerate it with python -m "
             "convlora_kernels.triton_kernels.compile_check --design docs/design.md")
+
+
+@pytest.mark.slow  # ~9 min on 2 cores (the one-kernel forward's candidates, most of it)
+def test_every_autotune_candidate_builds_without_spills():
+    """The autotuned kernels (the dy pass, the one-kernel forward, the two-source GEMM) at
+    every candidate of their lists, bf16, fp16 and fp32, bilinear and bicubic, r = 8 and
+    16, as the layer launches them: none spills, so whichever autotuning picks on a GPU
+    (the test above builds the first candidates only)."""
+    lines, stdout = _compile_check("--ranks", "8,16", "--kernels",
+                                   "dy_pass,layer_forward,two_source_gemm")
+    assert {line.split()[1] for line in lines} == {"dy_pass", "layer_forward",
+                                                   "two_source_gemm"}, stdout
+    # (dtype, warps, tile) of the dy pass: three candidates a 16-bit dtype, two in fp32
+    dy = {(f[2], next(w for w in f if w.startswith("warps=")),
+           line[line.index("{"):line.index("}") + 1])
+          for line in lines for f in [line.split()] if f[1] == "dy_pass"}
+    assert len(dy) == 8, sorted(dy)
+    spilled = _spilled(lines)
+    assert not spilled, "spills at r <= 16:\n" + "\n".join(spilled)
 
 
 def _parsed(line):
@@ -556,6 +531,27 @@ def test_merged_backward_builds_the_taps_once_where_they_fit():
     for rz, dtype, once in [(4, torch.bfloat16, True), (8, torch.float16, True),
                             (16, torch.bfloat16, False), (8, torch.float32, False)]:
         assert launch.merged_taps_once(rz, dtype) == once, (rz, dtype)
+
+
+def test_fp32_runs_what_builds_without_spills(monkeypatch):
+    """fp32 on a GPU (launch.GPU_TILING): the merged backward only where it builds without
+    spills (not with held cells at RZ = 16: bilinear), and the forward and grad programs
+    with the register cap ptxas allocates them in without spilling (compile_check); the
+    16-bit dtypes as ptxas chooses. Under the interpreter merged runs wherever asked."""
+    monkeypatch.setattr(launch, "GPU_TILING", True)
+    for interpolation, rank, dtype, merged, caps in [
+            ("bilinear", 16, torch.float32, False, (None, None, None, None)),
+            ("bilinear", 8, torch.float32, True, (None, 184, None, None)),
+            ("bicubic", 16, torch.float32, True, (168, 168, None, None)),
+            ("bicubic", 8, torch.float32, True, (168, 168, None, None)),
+            ("bilinear", 16, torch.bfloat16, True, (None, None, None, None)),
+            ("bicubic", 8, torch.float16, True, (None, None, None, None))]:
+        tiling = launch.Tiling(8, 8, rank, 8, range(1, 9), interpolation, dtype, DEV)
+        assert tiling.merged == merged, (interpolation, rank, dtype)
+        got = tuple(tiling.launch(k).get("maxnreg") for k in ("fwd", "grad", "scatter", "bwd"))
+        assert got == caps, (interpolation, rank, dtype, got)
+    monkeypatch.setattr(launch, "GPU_TILING", False)
+    assert launch.Tiling(8, 8, 16, 8, range(1, 9), "bilinear", torch.float32, DEV).merged
 
 
 def test_deterministic_mode_is_accurate_and_bit_identical(deterministic):

@@ -62,8 +62,8 @@ def _autotuners():
     """The JIT function of each autotuned kernel -> its full autotuners (every candidate;
     one kernel can have several, say one per dtype's tiles)."""
     out = {}
-    for pair in (launch._layer_fwd, launch._layer_fwd_f32, launch._dy_pass, launch._two_source,
-                 launch._two_source_f32):
+    for pair in (launch._layer_fwd, launch._layer_fwd_f32, launch._dy_pass, launch._dy_pass_f32,
+                 launch._two_source, launch._two_source_f32):
         out.setdefault(pair[0].fn, []).append(pair[0])
     return out
 

@@ -81,9 +81,15 @@ def _tuned_or_first(pair):
 # that compiles without register spills at the SAM shapes (sm_90). The stencil kernels
 # are not autotuned: their tile (Tiling) fixes their warps, one token's ZV channels a
 # thread.
+_DY_KEY = ["RP", "C_out", "NEED_DB", "NEED_DBIAS", "ATOMIC"]
 _dy_pass = _autotuned(dense.dy_pass_kernel,
-                      [({"BN": 64}, 8), ({"BN": 128}, 8), ({"BN": 64}, 4)],
-                      key=["RP", "C_out", "NEED_DB", "NEED_DBIAS", "ATOMIC"])
+                      [({"BN": 64}, 8), ({"BN": 128}, 8), ({"BN": 64}, 4)], key=_DY_KEY)
+# fp32's own: its dots are three tf32 products, and software-pipelined (the default three
+# stages) every candidate above spilled 8-80 bytes at r <= 16 in some specialisation under
+# Triton 3.6 or 3.8 (ptxas caps the registers for occupancy); unpipelined, these build
+# without spills under both (compile_check)
+_dy_pass_f32 = _autotuned(dense.dy_pass_kernel,
+                          [({"BN": 32}, 8, 1), ({"BN": 128}, 8, 1)], key=_DY_KEY)
 # BM (tokens) x BN (output columns) x BK: the one-kernel forward's GEMM tile. Its stencil runs
 # LAYER_FWD_BT tokens at a time, so the stencil's registers and the GEMM tile's share one
 # program: the first candidate is the one that builds without spills at r <= 16 for sm_90
@@ -157,7 +163,8 @@ GEMM_RANK_STEP = {torch.float32: 16}
 # scatter's chunks and nothing spills that the split pair does not). Merged saves a launch,
 # a second load of every z neighbourhood and (taps once) a third of the tap building; split
 # runs two programs where merged runs one. Which is faster is for a GPU to tell
-# (benchmarks/stencil_time.py times both); until then "split" runs.
+# (benchmarks/stencil_time.py times both); until then "split" runs. Where merged would
+# spill (merged_builds: fp32 with held cells at RZ = 16) split runs whatever the switch.
 BACKWARD_ENV = "CONVLORA_TRITON_BACKWARD"
 BACKWARDS = ("split", "merged")
 
@@ -237,6 +244,29 @@ def padded_rank(rank: int) -> int:
     return max(4, next_pow2(rank))
 
 
+def f32_register_cap(kernel: str, hold: bool, rz: int) -> Optional[int]:
+    """The registers (ptxas' maxnreg) an fp32 stencil program may take, or None: ptxas'
+    own choice. Left to itself, ptxas caps some of them for occupancy (168 registers,
+    three 4-warp programs an SM) and spills 8 bytes to fit: the forward and grad kernels
+    that load their cells (bicubic) at RZ = 16 under Triton 3.8, the grad kernel that
+    holds them at RZ = 8 under 3.6. Given the cap, it allocates without spilling: 168 for
+    the kernels that load their cells (at RZ = 8 and 16, 3.6 and 3.8), 184 (two programs
+    an SM) for the grad kernel holding its cells at RZ <= 8 (at 168 it spills 8 bytes
+    under 3.6) (compile_check --dtypes fp32)."""
+    if kernel in ("fwd", "grad") and not hold:
+        return 168
+    if kernel == "grad" and rz <= 8:
+        return 184
+    return None
+
+
+def merged_builds(rz: int, hold: bool, dtype: torch.dtype) -> bool:
+    """Whether the merged backward (BACKWARD_ENV) builds without spills: not in fp32 with
+    the cells held at RZ = 16 (bilinear), where at 255 registers it spills 24-64 bytes
+    whatever its chunks (RC, AH) or cells (compile_check); the split pair runs there."""
+    return not (dtype == torch.float32 and hold and rz >= 16)
+
+
 class Tiling:
     """Tile sizes, padding, precision and stencil tables of one call."""
 
@@ -280,6 +310,8 @@ class Tiling:
         self.prec = "tf32x3" if dtype == torch.float32 else _precision(dtype)
         self.nexp_p = max(2, next_pow2(num_experts))
         self.taps_once = merged_taps_once(self.rz, dtype)
+        self.fp32 = dtype == torch.float32
+        self.merged = merged_builds(self.rz, self.hold, dtype) if gpu else True
 
     def programs(self, n_tokens: int) -> int:
         """Enough programs for every expert's tiles: sum_e ceil(count_e / BT) <= this."""
@@ -300,10 +332,15 @@ class Tiling:
         return dict(self.constexprs(), BT=bt, ZV=layer_forward_zv(self),
                     HOLD=hold_z_cells(share if GPU_TILING else 0))
 
-    def launch(self):
+    def launch(self, kernel: str):
         """The stencil kernels' launch options (no software pipelining: their loops' loads
-        are L1 hits of the tile's own rows)."""
-        return dict(num_warps=self.warps, num_stages=1)
+        are L1 hits of the tile's own rows), and in fp32 the register cap
+        f32_register_cap gives ``kernel`` ("fwd", "grad", "scatter" or "bwd")."""
+        options = dict(num_warps=self.warps, num_stages=1)
+        cap = f32_register_cap(kernel, self.hold, self.rz) if self.fp32 else None
+        if cap is not None:
+            options["maxnreg"] = cap
+        return options
 
 
 def aligned_z(z2: torch.Tensor, tiling: "Tiling") -> torch.Tensor:
@@ -362,7 +399,7 @@ def stencil_forward(z2, expert_index, conv_weight, conv_bias, scales, interpolat
         stencil.stencil_fwd_kernel[(tiling.programs(n_tok),)](
             z2, perm, bounds, tiling.ntaps, *tiling.tables, conv_weight.contiguous(),
             conv_bias.contiguous(), u, height, width, rank, n_exp, tiling.rows_y, tiling.rows_x,
-            z2.stride(0), **tiling.constexprs(), **tiling.launch())
+            z2.stride(0), **tiling.constexprs(), **tiling.launch("fwd"))
     return u, perm, bounds
 
 
@@ -431,7 +468,7 @@ def dy_pass(dy2, lora_B, u, scaling, need_b, need_bias):
         d_lora_b = _empty((programs, c_out, rank), f32, dev) if need_b else unused
         d_bias = _empty((programs, c_out), f32, dev) if need_bias else unused
     lora_b = lora_B.contiguous()
-    _tuned_or_first(_dy_pass)[(programs,)](
+    _tuned_or_first(_dy_pass_f32 if dtype == f32 else _dy_pass)[(programs,)](
         dy2, lora_b, u, du, d_lora_b, d_bias, ticket_counter(dev) if atomic else unused,
         unused if d_b_out is None else d_b_out, unused if d_bias_out is None else d_bias_out,
         n_tok, c_out, rank, float(scaling), dy2.stride(0), lora_b.stride(0), BT=DY_BT,
@@ -515,7 +552,7 @@ def _stencil_backward(tiling, z2, perm, bounds, cw, conv_bias, du, n_tok, height
     dev, rank, n_exp = du.device, tiling.rank, tiling.num_experts
     f32 = torch.float32
     programs = tiling.programs(n_tok)
-    consts = dict(tiling.constexprs(), **tiling.launch())
+    consts = tiling.constexprs()
     nb = 2 * tiling.halo + 1
     shapes = ((n_exp, rank), (n_exp, rank * rank * 9))
     if n_tok == 0 or atomic:
@@ -534,18 +571,18 @@ def _stencil_backward(tiling, z2, perm, bounds, cw, conv_bias, du, n_tok, height
     dz_buf = du.clone() if atomic else torch.zeros((n_tok, nb, nb, rank), dtype=f32,
                                                    device=dev)
     g = _empty((n_tok, tiling.taps ** 2, rank), f32, dev)
-    if backward_kernels() == "merged":
+    if backward_kernels() == "merged" and tiling.merged:
         stencil.stencil_bwd_kernel[(programs,)](
             *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, g, d_cb, d_cw, dz_buf,
             *geometry, ATOMIC=atomic, RC=tiling.rc, AH=tiling.ah,
-            TAPS_ONCE=tiling.taps_once, **consts)
+            TAPS_ONCE=tiling.taps_once, **consts, **tiling.launch("bwd"))
     else:
         stencil.stencil_grad_kernel[(programs,)](
             *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, g, d_cb, *geometry,
-            ATOMIC=atomic, **consts)
+            ATOMIC=atomic, **consts, **tiling.launch("grad"))
         stencil.stencil_scatter_kernel[(programs,)](
             *args, ty, tx, cw, g, d_cw, dz_buf, *geometry, ATOMIC=atomic, RC=tiling.rc,
-            AH=tiling.ah, **consts)
+            AH=tiling.ah, **consts, **tiling.launch("scatter"))
     if atomic:
         dz = dz_buf.to(dtype)
     else:

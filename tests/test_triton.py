@@ -100,7 +100,7 @@ def _spilled(lines):
 
 
 @pytest.mark.slow  # builds ~280 kernel variants for sm_90: ~7 min on 2 cores
-def test_kernels_compile_for_the_gpu_without_new_spills():
+def test_kernels_compile_for_the_gpu_without_spills():
     """Every kernel builds for sm_90 as the JIT would build it at the layer's launches (the
     interpreter cannot show that): bf16, fp16 and fp32, bilinear and bicubic, r = 8 and 16
     and the triton backend's largest rank, the first autotuning candidate, both stencil

@@ -4,9 +4,9 @@
     python benchmarks/stencil_time.py --device cuda    # bf16, SAM's ViT-B shapes, CUDA events
 
 Per shape: torch.ops.convlora.stencil_fwd and stencil_bwd called directly (the tap-table
-prep and, for the backward, the weight-gradient reduce included), then the layer's
-forward+backward on the fused backend next to plain eager LoRA, the eager Conv-LoRA
-reference and the frozen linear. On a GPU the stencil rows are in microseconds with the
+prep and, for the backward, the weight-gradient reduce included; for the first shape in
+bicubic too), then the layer's forward+backward on the fused backend next to plain eager
+LoRA, the eager Conv-LoRA reference and the frozen linear. On a GPU the stencil rows are in microseconds with the
 card named; everything else is a ratio. For the first shape the stencil ops are also timed
 under each shared-memory budget (CONVLORA_STENCIL_SMEM_KB: what the kernels stage in shared
 memory against how many blocks fit an SM), the choice a GPU run should settle. On a GPU the
@@ -164,6 +164,10 @@ def main(argv=None) -> int:
         sfns = _stencil_fns(inputs[0], interp)
         if gating == "map":  # the map programs next to the per-token ones (a GPU's choice)
             sfns.update(_stencil_fns(inputs[0], interp, per_token=True, suffix=" per-token"))
+        if result is None and interp == "bilinear":
+            # the target's per-token programs in bicubic too, the costliest the cost model
+            # counts (benchmarks/cost_model.py, "global token r8 bicubic")
+            sfns.update(_stencil_fns(inputs[0], "bicubic", suffix=" bicubic"))
         st = measure.time_group(sfns, inputs, False, {k: warm for k in sfns}, repeats)
         lin_fwd = measure.time_group({common.LINEAR: common.frozen_linear}, inputs, False,
                                      {common.LINEAR: warm}, repeats)[common.LINEAR]

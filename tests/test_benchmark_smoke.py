@@ -203,6 +203,7 @@ def test_stencil_time_runs_on_cpu(capsys):
     assert stencil_time.main(["--device", "cpu", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "stencil-bwd" in out and "RESULT: cpu-1x32x32-C768-r8: layer fwd+bwd" in out
+    assert "stencil-bwd bicubic" in out and "stencil-fwd bicubic" in out
 
 
 def test_authors_layer_left_out_with_a_note(monkeypatch, capsys):

@@ -536,23 +536,16 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
             }
           }
           if constexpr (COMPUTE_C) {
-            // a weight row's CC outputs in 128-bit loads, except bicubic at R = 8, where
-            // four live weights take the forward past its 128 registers (a stack frame)
-            constexpr bool kVec = !(INTERP == kBicubic && R == 8);
+            // a weight row's CC outputs in 128-bit loads
             static_assert(CC % 4 == 0, "whole 128-bit loads (R, CC and w_off: multiples of 4)");
             CONVLORA_UNROLL
             for (int i = 0; i < CU; ++i) {
               const int wrow = w_off + (k * R + ci0 + i) * R + co0;
-              if constexpr (kVec) {
+              CONVLORA_UNROLL
+              for (int j = 0; j < CC; j += 4) {
+                const V4<acc_t> wv = w.load4(wrow + j);
                 CONVLORA_UNROLL
-                for (int j = 0; j < CC; j += 4) {
-                  const V4<acc_t> wv = w.load4(wrow + j);
-                  CONVLORA_UNROLL
-                  for (int q = 0; q < 4; ++q) c[j + q] += wv.v[q] * u[i];
-                }
-              } else {
-                CONVLORA_UNROLL
-                for (int j = 0; j < CC; ++j) c[j] += w[wrow + j] * u[i];
+                for (int q = 0; q < 4; ++q) c[j + q] += wv.v[q] * u[i];
               }
             }
           }

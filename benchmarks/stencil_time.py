@@ -7,9 +7,10 @@ Per shape: torch.ops.convlora.stencil_fwd and stencil_bwd called directly (the t
 prep and, for the backward, the weight-gradient reduce included; for the first shape in
 bicubic too), then the layer's forward+backward on the fused backend next to plain eager
 LoRA, the eager Conv-LoRA reference and the frozen linear. On a GPU the stencil rows are
-in microseconds with the card named; everything else is a ratio. For the first shape the stencil ops are also timed
-under each shared-memory budget (CONVLORA_STENCIL_SMEM_KB: what the kernels stage in shared
-memory against how many blocks fit an SM), the choice a GPU run should settle. On a GPU the
+in microseconds with the card named; everything else is a ratio. For the first shape the
+stencil ops are also timed under each shared-memory budget (CONVLORA_STENCIL_SMEM_KB: what
+the kernels stage in shared memory against how many blocks fit an SM), the choice a GPU
+run should settle. On a GPU the
 Triton stencil is timed alone too: its backward both split and merged
 (CONVLORA_TRITON_BACKWARD), and every kernel with its z cells held in registers and
 loaded by each conv row (CONVLORA_TRITON_Z_CELLS), choices for a GPU run to settle. The last

@@ -99,9 +99,13 @@ struct Geometry {
   static constexpr int kZW = kTileW + 2 * kHalo;
   // Saved pre-activation slots per token: its largest item count.
   static constexpr int kPreSlots = Interp<INTERP>::kMaxDown * Interp<INTERP>::kMaxDown;
-  // Tile sums (u or dz of the tile tokens): dense rows of R, read and written by lanes
-  // that hold consecutive channels of consecutive tokens (or 128-bit runs of them).
-  static constexpr int kAccCell = R;
+  // Tile sums (u or dz of the tile tokens). Forward: dense rows of R, read and written by
+  // lanes that hold consecutive channels of consecutive tokens (or 128-bit runs of them).
+  // Backward: only 128-bit accesses, of a run of channels per lane (the gather's half
+  // rows); from R = 16, R + 4 words (4 x an odd number), so the lanes' runs fall in all
+  // eight bank quads, where dense rows would put every token's half rows in the same four
+  // quads (or fewer). At R = 8 dense rows already spread them.
+  static constexpr int kAccCell = BWD && R >= 16 ? R + 4 : R;
   static constexpr int kMaxItems = kSrc * Interp<INTERP>::kMaxDown * Interp<INTERP>::kMaxDown;
   // The bicubic backward's per-item phases are channel-major (see kItemSplit), and an
   // item's threads share its neighbourhood weights (kNbrRow): its rows of contributions

@@ -114,14 +114,9 @@ OVER_CEILING: Dict[str, float] = {
     "global token r3/bwd/conv": 1.34,
     "global token r3/bwd/gather": 1.69,
     "global token r16/bwd/conv": 1.33,
-    "global token r16/bwd/gather": 1.47,
     "windows token r8/fwd/conv": 1.31,
     "windows token r8/fwd/combine": 1.32,
     "windows token r8/bwd/conv": 1.36,
-    "authors map r3 bicubic/fwd/conv": 1.33,
-    "authors map r3 bicubic/bwd/dw": 1.68,
-    "windows map r8/fwd/conv": 1.32,
-    "windows map r8/bwd/cols_down": 1.31,
 }
 OVER_BUDGET_US: Dict[str, float] = {
 }

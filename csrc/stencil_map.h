@@ -53,9 +53,8 @@ struct MapGeometry {
   // A conv-grid cell (C, dC): R channels in 128-bit accesses, 4 x an odd number of words,
   // so the 8 lanes of a quarter warp reading neighbouring cells fall in distinct banks.
   static constexpr int kCCell = R % 8 == 0 ? R + 4 : R;
-  // Row strides of the conv grid (16 words more than a multiple of 32) and the U grid
-  // (U, dU; 1 more), so cells of neighbouring rows that a warp reads at once fall in
-  // other banks.
+  // Row stride of the conv grid: 16 words more than a multiple of 32, so cells of
+  // neighbouring rows that a warp reads at once fall in other banks.
   // At R = 4 the forward's conv rows hold a spare cell after every 8 (c_fwd_at), so the
   // conv columns of a tile row's tokens, s apart (the combine's lanes read them at once),
   // fall in distinct banks up to s = 8, where without it every token's would share one
@@ -65,7 +64,25 @@ struct MapGeometry {
   static constexpr int kSpare = kCCell == R ? 1 : 0;
   static constexpr int kCRow =
       ((kMaxC + kSpare * ((kMaxC - 1) / 8)) * kCCell + 31) / 32 * 32 + 16;
-  static constexpr int kURow = (kMaxU * kCell + 31) / 32 * 32 + 1;
+  // A U-grid cell (U, dU). At R = 4 one 128-bit word group, which the forward's conv
+  // reads and the backward's dU pass writes whole: the lanes' consecutive U columns then
+  // fall in all eight bank quads. At R = 8 (two groups a cell, whose first groups would
+  // share four quads) R + 1: scalar accesses, consecutive columns in distinct banks.
+  static constexpr int kUCell = R == 4 ? 4 : kCell;
+  static constexpr bool kVecU = kUCell % 4 == 0;
+  // Row stride of the U grid: an odd multiple of R more than a multiple of 32, so the
+  // 32 / R rows whose channel c the backward's column pass reads at once tile the 32 banks
+  // and rows stay 128-bit aligned. 3R is the multiple the cost model
+  // (benchmarks/cost_model.py) counts fewest wavefronts for: in the forward's conv (lanes:
+  // conv outputs, of two conv rows where a warp straddles them) and in the backward's
+  // weight gradient at R = 4 (lanes: the nine taps' channels of one conv output, three U
+  // rows). The backward at R = 8 takes R: as many wavefronts there, and bilinear 2 KB
+  // less shared memory than 3R, which keeps three of its blocks on an H100 SM.
+  template <bool BWD>
+  static CONVLORA_HD constexpr int u_row() {
+    constexpr int off = (BWD && R == 8 ? 1 : 3) * R;
+    return (kMaxU * kUCell - off + 31) / 32 * 32 + off;
+  }
   // Row stride of V (T in the backward): R more than a multiple of 32 words, so the rows
   // of one warp's (row, channel) threads, R channels each, tile the 32 banks.
   static constexpr int kVRow = (kZ * kCell - R + 31) / 32 * 32 + R;
@@ -77,7 +94,8 @@ struct MapGeometry {
   // Up tap a of U entry j: by tap, then entry (threads of consecutive entries: consecutive
   // words).
   static CONVLORA_HD constexpr int ut(int j, int a) { return a * kMaxU + j; }
-  static CONVLORA_HD constexpr int u_at(int p, int q) { return p * kURow + q * kCell; }
+  template <bool BWD>
+  static CONVLORA_HD constexpr int u_at(int p, int q) { return p * u_row<BWD>() + q * kUCell; }
 };
 
 // One axis's lists (rows or columns) of a tile, in shared memory.
@@ -125,7 +143,7 @@ CONVLORA_HD MapLayout make_map_layout() {
   const int A = static_cast<int>(sizeof(acc_t)), I = static_cast<int>(sizeof(int));
   L.zs = take(G::kZ * G::kZ * G::kCell * A);  // z; in the backward later the dz region
   L.vbuf = take(G::kMaxU * G::kVRow * A);  // V; backward later T
-  L.ubuf = take(G::kMaxU * G::kURow * A);  // U; backward later dU
+  L.ubuf = take(G::kMaxU * G::template u_row<BWD>() * A);  // U; backward later dU
   L.cbuf = take(G::kMaxC * G::kCRow * A);  // C (forward) or dC (backward)
   L.dus = take(BWD ? G::kTile * G::kTile * G::kCell * A : 0);
   L.w = take(9 * R * R * A);  // forward W [k][ci][co]; backward W^T [k][co][ci]
@@ -176,7 +194,7 @@ struct MapSmem {
   CONVLORA_HD MapSmem(unsigned char* base, const MapLayout& L)
       : zs(CONVLORA_SARR(acc_t, base, L.zs, G::kZ * G::kZ * G::kCell, "z")),
         vbuf(CONVLORA_SARR(acc_t, base, L.vbuf, G::kMaxU * G::kVRow, "V")),
-        ubuf(CONVLORA_SARR(acc_t, base, L.ubuf, G::kMaxU * G::kURow, "U")),
+        ubuf(CONVLORA_SARR(acc_t, base, L.ubuf, G::kMaxU * G::template u_row<BWD>(), "U")),
         cbuf(CONVLORA_SARR(acc_t, base, L.cbuf, G::kMaxC * G::kCRow, "C")),
         dus(CONVLORA_SARR(acc_t, base, L.dus, BWD ? G::kTile * G::kTile * G::kCell : 0, "du")),
         w(CONVLORA_SARR(acc_t, base, L.w, 9 * R * R, "weights")),
@@ -427,7 +445,7 @@ CONVLORA_HD void map_cols_up(const MapSmem<R, INTERP, BWD, acc_t>& S, int tid) {
       for (int b = 0; b < G::kUT; ++b)
         sum += S.x.utw[G::ut(q, b)] *
                S.vbuf[G::v_at(j, S.x.utap[G::ut(q, b)]) + c];
-      S.ubuf[G::u_at(j, q) + c] = sum;
+      S.ubuf[G::template u_at<BWD>(j, q) + c] = sum;
     }
   }
 }
@@ -451,11 +469,22 @@ CONVLORA_HD void map_phase_conv(const MapSmem<R, INTERP, false, acc_t>& S, int t
       for (int kx = 0; kx < 3; ++kx) {
         const int q = S.x.cu[3 * j + kx];
         const bool in = p >= 0 && q >= 0;
-        const int k = ky * 3 + kx, ub = in ? G::u_at(p, q) : 0;
+        const int k = ky * 3 + kx, ub = in ? G::template u_at<false>(p, q) : 0;
+        acc_t uc[R];  // every lane loads (R = 4: one 128-bit load)
+        if constexpr (G::kVecU) {
+          CONVLORA_UNROLL
+          for (int ci = 0; ci < R; ci += 4) {
+            const V4<acc_t> v = S.ubuf.load4(ub + ci);
+            CONVLORA_UNROLL
+            for (int q4 = 0; q4 < 4; ++q4) uc[ci + q4] = v.v[q4];
+          }
+        } else {
+          CONVLORA_UNROLL
+          for (int ci = 0; ci < R; ++ci) uc[ci] = S.ubuf[ub + ci];
+        }
         CONVLORA_UNROLL
         for (int ci = 0; ci < R; ++ci) {
-          const acc_t raw = S.ubuf[ub + ci];  // every lane loads
-          const acc_t uv = in ? raw : acc_t(0);
+          const acc_t uv = in ? uc[ci] : acc_t(0);
           CONVLORA_UNROLL
           for (int co = 0; co < R; co += 4) {  // 128-bit loads of W's row (R: x4)
             const V4<acc_t> wv = S.w.load4((k * R + ci) * R + co);
@@ -600,7 +629,7 @@ CONVLORA_HD void map_phase_dw(int n, const MapPos& M, acc_t* partial,
       for (int j = 0; j < ncx; ++j) {
         const int q = S.x.cu[3 * j + kx];
         const bool in = p >= 0 && q >= 0;
-        const acc_t raw = S.ubuf[in ? G::u_at(p, q) + ci : 0];  // every lane loads
+        const acc_t raw = S.ubuf[in ? G::template u_at<true>(p, q) + ci : 0];  // all lanes load
         const acc_t uv = bias ? acc_t(1) : in ? raw : acc_t(0);
         const int cb = G::c_at(i, j);
         CONVLORA_UNROLL
@@ -676,8 +705,15 @@ CONVLORA_HD void map_phase_du(const MapSmem<R, INTERP, true, acc_t>& S, int tid)
         }
       }
     }
-    CONVLORA_UNROLL
-    for (int ci = 0; ci < R; ++ci) S.ubuf[G::u_at(p, q) + ci] = d[ci];
+    const int ub = G::template u_at<true>(p, q);
+    if constexpr (G::kVecU) {  // 128-bit stores
+      CONVLORA_UNROLL
+      for (int ci = 0; ci < R; ci += 4)
+        S.ubuf.store4(ub + ci, {{d[ci], d[ci + 1], d[ci + 2], d[ci + 3]}});
+    } else {
+      CONVLORA_UNROLL
+      for (int ci = 0; ci < R; ++ci) S.ubuf[ub + ci] = d[ci];
+    }
   }
 }
 
@@ -693,7 +729,7 @@ CONVLORA_HD void map_phase_cols_down(const MapSmem<R, INTERP, true, acc_t>& S, i
     const int p = u / R, c = u - p * R;
     for (int x = lo; x < hi; ++x) S.vbuf[G::v_at(p, x) + c] = acc_t(0);
     for (int q = 0; q < nux; ++q) {
-      const acc_t g = S.ubuf[G::u_at(p, q) + c];
+      const acc_t g = S.ubuf[G::template u_at<true>(p, q) + c];
       CONVLORA_UNROLL
       for (int b = 0; b < G::kUT; ++b)
         S.vbuf[G::v_at(p, S.x.utap[G::ut(q, b)]) + c] +=

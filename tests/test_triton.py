@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -552,6 +553,28 @@ def test_fp32_runs_what_builds_without_spills(monkeypatch):
         assert got == caps, (interpolation, rank, dtype, got)
     monkeypatch.setattr(launch, "GPU_TILING", False)
     assert launch.Tiling(8, 8, 16, 8, range(1, 9), "bilinear", torch.float32, DEV).merged
+
+
+def test_a_refused_merged_backward_warns_once(monkeypatch, switch):
+    """CONVLORA_TRITON_BACKWARD=merged where merged does not build (fp32, held cells at RZ =
+    16 on a GPU): the split pair runs, and a warning says so once per rank and dtype; where
+    it builds, or without the switch, no warning."""
+    monkeypatch.setattr(launch, "GPU_TILING", True)
+    monkeypatch.setattr(launch, "_MERGED_REFUSED", set())
+    refused = launch.Tiling(8, 8, 16, 8, range(1, 9), "bilinear", torch.float32, DEV)
+    builds = launch.Tiling(8, 8, 8, 8, range(1, 9), "bilinear", torch.float32, DEV)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not launch.runs_merged(refused)  # split by default: nothing to say
+        switch(launch.BACKWARD_ENV, "merged")
+        assert launch.runs_merged(builds)
+    with pytest.warns(RuntimeWarning, match=r"CONVLORA_TRITON_BACKWARD=merged: the merged "
+                      r"stencil backward spills registers in torch.float32 with its z cells "
+                      r"held at padded rank 16, so the split pair .* runs instead"):
+        assert not launch.runs_merged(refused)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not launch.runs_merged(refused)  # once
 
 
 def test_deterministic_mode_is_accurate_and_bit_identical(deterministic):

@@ -24,6 +24,7 @@ partial sums, reduced in a fixed order.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -164,7 +165,8 @@ GEMM_RANK_STEP = {torch.float32: 16}
 # a second load of every z neighbourhood and (taps once) a third of the tap building; split
 # runs two programs where merged runs one. Which is faster is for a GPU to tell
 # (benchmarks/stencil_time.py times both); until then "split" runs. Where merged would
-# spill (merged_builds: fp32 with held cells at RZ = 16) split runs whatever the switch.
+# spill (merged_builds: fp32 with held cells at RZ = 16) split runs whatever the switch
+# (runs_merged: with a warning once where the switch asked for merged).
 BACKWARD_ENV = "CONVLORA_TRITON_BACKWARD"
 BACKWARDS = ("split", "merged")
 
@@ -267,6 +269,28 @@ def merged_builds(rz: int, hold: bool, dtype: torch.dtype) -> bool:
     return not (dtype == torch.float32 and hold and rz >= 16)
 
 
+_MERGED_REFUSED = set()  # the (RZ, dtype) a forced merged backward was refused at, warned
+
+
+def runs_merged(tiling: "Tiling") -> bool:
+    """Whether the stencil backward runs merged: BACKWARD_ENV asks for it and it builds
+    without spills there (tiling.merged). Where it was asked for and does not, the split
+    pair runs, with a warning once per padded rank and dtype, so a timing of "merged"
+    there is not silently one of split."""
+    if backward_kernels() != "merged":
+        return False
+    if tiling.merged:
+        return True
+    key = (tiling.rz, tiling.dtype)
+    if key not in _MERGED_REFUSED:
+        _MERGED_REFUSED.add(key)
+        warnings.warn(f"{BACKWARD_ENV}=merged: the merged stencil backward spills registers "
+                      f"in {tiling.dtype} with its z cells held at padded rank {tiling.rz}, "
+                      "so the split pair (stencil_grad_kernel, stencil_scatter_kernel) runs "
+                      "instead", RuntimeWarning, stacklevel=2)
+    return False
+
+
 class Tiling:
     """Tile sizes, padding, precision and stencil tables of one call."""
 
@@ -311,6 +335,7 @@ class Tiling:
         self.nexp_p = max(2, next_pow2(num_experts))
         self.taps_once = merged_taps_once(self.rz, dtype)
         self.fp32 = dtype == torch.float32
+        self.dtype = dtype
         self.merged = merged_builds(self.rz, self.hold, dtype) if gpu else True
 
     def programs(self, n_tokens: int) -> int:
@@ -571,7 +596,7 @@ def _stencil_backward(tiling, z2, perm, bounds, cw, conv_bias, du, n_tok, height
     dz_buf = du.clone() if atomic else torch.zeros((n_tok, nb, nb, rank), dtype=f32,
                                                    device=dev)
     g = _empty((n_tok, tiling.taps ** 2, rank), f32, dev)
-    if backward_kernels() == "merged" and tiling.merged:
+    if runs_merged(tiling):
         stencil.stencil_bwd_kernel[(programs,)](
             *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, g, d_cb, d_cw, dz_buf,
             *geometry, ATOMIC=atomic, RC=tiling.rc, AH=tiling.ah,

@@ -168,7 +168,7 @@ def _parse_traffic(text: str) -> List[dict]:
         else:
             calls[-1]["phases"][f[0]] = dict(zip(
                 ("runs", "lane_accesses", "warp_accesses", "wavefronts", "busiest_warp",
-                 "ideal"),
+                 "ideal", "quarter_wavefronts"),
                 map(int, f[1:])))
     return calls
 
@@ -358,6 +358,7 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
         scale = blocks / call["blocks"]
         ph = call["phases"]
         wavefronts = sum(p["wavefronts"] for p in ph.values()) * scale
+        quarter = sum(p.get("quarter_wavefronts", p["wavefronts"]) for p in ph.values()) * scale
         accesses = sum(p["warp_accesses"] for p in ph.values()) * scale
         ideal = sum(p["ideal"] for p in ph.values()) * scale
         chain = sum(p["busiest_warp"] for p in ph.values()) * scale / blocks  # per block
@@ -394,7 +395,10 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
                      / dev["loads_in_flight"] / clock),
         )
         bound = max(t, key=t.get)
+        # the same if a 128-bit access takes each quarter warp apart (smem_trace.h)
+        smem_q = quarter / blocks * per_sm / (dev["wavefronts_per_clock"] * clock)
         rows.append(dict(case=case.name, direction=direction, kernel=kernel, blocks=blocks,
+                         quarter_smem_us=smem_q, quarter_est_us=max(smem_q, t[bound]),
                          resident=resident, shared_bytes=call["bytes"],
                          wavefronts_per_block=wavefronts / blocks,
                          wavefronts_per_access=wavefronts / max(1.0, ideal),
@@ -415,7 +419,8 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
         small.append(("bwd", "fold_kernel", 3 * N * r * 4 / dev["dram_bytes_per_s"] * 1e6))
     for direction, name, us in small:
         rows.append(dict(case=case.name, direction=direction, kernel=name, blocks=None,
-                         times_us=dict(dram=us), bound="dram", est_us=us, phases={}))
+                         times_us=dict(dram=us), bound="dram", est_us=us, quarter_est_us=us,
+                         phases={}))
     return rows
 
 
@@ -423,8 +428,10 @@ def totals(rows: List[dict]) -> Dict[Tuple[str, str], Dict[str, float]]:
     """{(case, direction): {"us": the kernels' estimates summed, "launches": count}}."""
     out: Dict[Tuple[str, str], Dict[str, float]] = {}
     for row in rows:
-        t = out.setdefault((row["case"], row["direction"]), dict(us=0.0, launches=0))
+        t = out.setdefault((row["case"], row["direction"]), dict(us=0.0, launches=0,
+                                                                   quarter_us=0.0))
         t["us"] += row["est_us"]
+        t["quarter_us"] += row["quarter_est_us"]
         t["launches"] += 1
     return out
 
@@ -493,8 +500,9 @@ def assumptions(dev=H100) -> str:
 
 def table(rows: List[dict]) -> List[str]:
     out = ["| case | pass | kernel | blocks | wavefronts / block | per access | "
-           "instructions / block | est. us (smem / issue / dram / latency) | bound |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "instructions / block | est. us (smem / issue / dram / latency) | bound | "
+           "smem us, 128-bit by quarter warps |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         if row["blocks"] is None:
             continue
@@ -505,16 +513,19 @@ def table(rows: List[dict]) -> List[str]:
             f"{row['wavefronts_per_block']:,.0f} | {row['wavefronts_per_access']:.2f} | "
             f"{'n/a' if ipb is None else f'{ipb:,.0f}'} | "
             f"**{row['est_us']:.1f}** ({t['smem']:.1f} / {t['issue']:.1f} / {t['dram']:.1f} / "
-            f"{t['latency']:.1f}) | {row['bound']} |")
+            f"{t['latency']:.1f}) | {row['bound']} | {row['quarter_smem_us']:.1f} |")
     return out
 
 
 def totals_table(rows: List[dict]) -> List[str]:
-    out = ["| case | pass | launches | est. us (kernels) | budget |", "| --- | --- | --- | --- | --- |"]
+    out = ["| case | pass | launches | est. us (kernels) | budget | "
+           "est. us, 128-bit by quarter warps |",
+           "| --- | --- | --- | --- | --- | --- |"]
     for (case, direction), t in totals(rows).items():
         budget = BUDGETS_US.get(case)
         b = "" if budget is None else f"{budget[0 if direction == 'fwd' else 1]:.0f}"
-        out.append(f"| {case} | {direction} | {t['launches']} | {t['us']:.1f} | {b} |")
+        out.append(f"| {case} | {direction} | {t['launches']} | {t['us']:.1f} | {b} | "
+                   f"{t['quarter_us']:.1f} |")
     return out
 
 
@@ -561,8 +572,9 @@ def main(argv=None) -> int:
         print("\n".join(phase_table(rows)))
     t = totals(rows)
     fwd, bwd = t[(CASES[0].name, "fwd")]["us"], t[(CASES[0].name, "bwd")]["us"]
+    qf, qb = t[(CASES[0].name, "fwd")]["quarter_us"], t[(CASES[0].name, "bwd")]["quarter_us"]
     print(f"\nRESULT: modeled {CASES[0].name} stencil fwd {fwd:.1f} us, bwd {bwd:.1f} us "
-          f"(est. {H100['card']})")
+          f"(est. {H100['card']}; 128-bit by quarter warps: {qf:.1f}, {qb:.1f} us)")
     if args.limits:
         print()
         print(present_limits(rows))

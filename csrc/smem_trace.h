@@ -3,12 +3,21 @@
 //
 // Every read and write of the block's shared memory is recorded per thread and phase with
 // its site (the place in the kernel's code that made it, from the hook's return address)
-// and its words (one 4-byte word, or the four of a 128-bit vector load: one access). At the end of a phase the threads are grouped into warps of 32, and the lanes'
-// accesses are aligned as a warp executes them: the k-th access one lane makes at a site
+// and its words (one 4-byte word, or the four of a 128-bit vector load: one access). At
+// the end of a phase the threads are grouped into warps of 32, and the lanes' accesses
+// are aligned as a warp executes them: the k-th access one lane makes at a site
 // and the k-th its neighbours make there are one warp-level instruction, and a lane that
 // skipped the site (a branch not taken, a loop run fewer times) is idle for it. An access
 // needs as many wavefronts as the most distinct words any one of the 32 banks holds among
-// its lanes' words (lanes reading one word share it).
+// its lanes' words (lanes reading one word share it). How a GPU schedules a 128-bit access
+// is not published; the count above takes the warp's words together, so 32 lanes reading
+// one vector cost one wavefront. A second count (quarter_wavefronts) takes each quarter
+// warp's (8 lanes') words apart, as 128-bit accesses are often described: at least a
+// wavefront per quarter with an active lane, so that broadcast costs four. The cost model
+// prints both; a GPU's counters tell which is right. A loop the GPU build unrolls is one
+// site here, so a lane that skips an iteration (a conv tap outside the map) pairs its
+// later accesses there with its neighbours' next ones, where on a GPU each unrolled copy
+// is an instruction of its own: that overstates the conflicts of warps with such lanes.
 #pragma once
 
 #include <dlfcn.h>
@@ -35,6 +44,7 @@ struct PhaseTraffic {
   int64_t wavefronts = 0;       // 32-bank wavefronts those need
   int64_t ideal = 0;            // the fewest they could need: distinct words / 32, rounded up
   int64_t busiest_warp = 0;     // the access instructions of the phase's busiest warp
+  int64_t quarter_wavefronts = 0;  // wavefronts if 128-bit accesses go by quarter warps
 };
 
 // One site's share of a phase (its reads or its writes): what `smem_sites` reports, so a
@@ -92,9 +102,15 @@ struct Trace {
 
   // Counts one direction (reads or writes) of the phase; returns each warp's access
   // instructions.
+  struct Group {
+    std::vector<int64_t> words;                   // the warp's
+    std::array<std::vector<int64_t>, 4> quarter;  // each quarter warp's
+    bool wide = false;                            // 128-bit accesses
+  };
+
   std::vector<int64_t> count(const std::vector<std::vector<Access>>& per_thread, char rw) {
     std::vector<int64_t> per_warp;
-    std::map<std::pair<const void*, int64_t>, std::vector<int64_t>> groups;
+    std::map<std::pair<const void*, int64_t>, Group> groups;
     std::map<const void*, const char*> arrays;
     std::map<const void*, int64_t> seen;
     for (int w0 = 0; w0 < threads; w0 += 32) {
@@ -102,16 +118,25 @@ struct Trace {
       for (int l = w0; l < w0 + 32 && l < threads; ++l) {
         seen.clear();
         for (const Access& a : per_thread[l]) {
-          auto& words = groups[{a.site, seen[a.site]++}];
+          Group& g = groups[{a.site, seen[a.site]++}];
           arrays[a.site] = a.array;
-          for (int64_t k = 0; k < a.words; ++k) words.push_back(a.word + k);
+          g.wide = g.wide || a.words > 1;
+          for (int64_t k = 0; k < a.words; ++k) {
+            g.words.push_back(a.word + k);
+            g.quarter[(l - w0) / 8].push_back(a.word + k);
+          }
         }
       }
-      for (auto& [key, words] : groups) {
+      for (auto& [key, g] : groups) {
+        auto& words = g.words;
         current->lane_accesses += static_cast<int64_t>(words.size());
         const int64_t wf = wavefronts_of(words);  // leaves the distinct words
         const int64_t ideal = std::max<int64_t>(1, (static_cast<int64_t>(words.size()) + 31) / 32);
+        int64_t qwf = g.wide ? 0 : wf;
+        if (g.wide)
+          for (auto& q : g.quarter) qwf += q.empty() ? 0 : wavefronts_of(q);
         current->wavefronts += wf;
+        current->quarter_wavefronts += qwf;
         current->ideal += ideal;
         SiteTraffic& st = sites[SiteKey{current->name, key.first, arrays[key.first], rw}];
         st.warp_accesses += 1;
@@ -147,7 +172,8 @@ struct TraceRequest {
   void flush() {
     for (const auto& p : phases)
       done << p.name << ' ' << p.runs << ' ' << p.lane_accesses << ' ' << p.warp_accesses
-           << ' ' << p.wavefronts << ' ' << p.busiest_warp << ' ' << p.ideal << '\n';
+           << ' ' << p.wavefronts << ' ' << p.busiest_warp << ' ' << p.ideal << ' '
+           << p.quarter_wavefronts << '\n';
     phases.clear();
     for (const auto& [k, t] : sites) {
       // the site as an offset into the shared object that holds it (addr2line reads it)
@@ -192,6 +218,7 @@ struct TraceRequest {
       into->wavefronts += p.wavefronts;
       into->busiest_warp += p.busiest_warp;
       into->ideal += p.ideal;
+      into->quarter_wavefronts += p.quarter_wavefronts;
     }
     for (const auto& [k, c] : t.sites) {
       SiteTraffic& into = sites[k];
@@ -207,8 +234,8 @@ inline TraceRequest& trace_request() {
 }
 
 // Per call: a line "call <blocks> <shared bytes per block>", then one line per phase:
-// name runs lane_accesses warp_accesses wavefronts busiest_warp ideal (summed over the
-// call's blocks; runs counts the phase once per block and round).
+// name runs lane_accesses warp_accesses wavefronts busiest_warp ideal quarter_wavefronts
+// (summed over the call's blocks; runs counts the phase once per block and round).
 inline std::string trace_report() {
   auto& req = trace_request();
   std::lock_guard<std::mutex> lock(req.mutex);

@@ -499,11 +499,27 @@ def test_cost_model_counts_every_phase(cost_rows):
             assert p["warp_accesses"] <= p["ideal"] + 1e-9, (row["case"], name, p)
             assert p["ideal"] <= p["wavefronts"] + 1e-9, (row["case"], name, p)
             assert p["lane_accesses"] <= 128 * p["warp_accesses"] + 1e-9, (row["case"], name, p)
+            # by quarter warps (128-bit accesses): each quarter at most the warp's count
+            assert p["wavefronts"] <= p["quarter_wavefronts"] + 1e-9, (row["case"], name, p)
+            assert p["quarter_wavefronts"] <= 4 * p["wavefronts"] + 1e-9, (row["case"], name, p)
         assert row["wavefronts_per_block"] > 0 and row["est_us"] > 0, row
         # with the CUDA build, the SASS has one barrier per counted phase, so each phase's
         # instructions come from its own code
         if row["instructions_per_block"] is not None:
             assert row["instructions_by_phase"], (row["case"], row["direction"])
+
+
+def test_cost_model_counts_128_bit_accesses_by_quarter_warps_too(cost_rows):
+    """The second count (smem_trace.h): scalar phases count the same; the map forward's
+    conv, whose lanes all read expert e's weight rows in 128-bit loads (a broadcast: one
+    wavefront a warp, one a quarter), counts more, and so does its estimate."""
+    rows = {(r["case"], r["direction"]): r for r in cost_rows if r["phases"]}
+    conv = rows[("authors map r3 bicubic", "fwd")]["phases"]["conv"]
+    assert conv["quarter_wavefronts"] > 1.5 * conv["wavefronts"], conv
+    taps = rows[("authors map r3 bicubic", "fwd")]["phases"]["taps"]  # scalar accesses
+    assert taps["quarter_wavefronts"] == taps["wavefronts"], taps
+    for row in rows.values():
+        assert row["quarter_est_us"] >= row["est_us"] - 1e-9, row
 
 
 def test_cost_model_sites_add_up_to_the_phases(checked_ops):

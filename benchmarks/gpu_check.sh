@@ -14,6 +14,10 @@
 #              stencil stage measures the same kernels
 #   model-triton   the Triton stencil's cost (benchmarks/cost_triton.py: its sm_90 SASS,
 #              loops x trip counts -> est. H100 times; CPU only)
+#   counters   the tile and map kernels' shared-memory wavefronts and warp instructions
+#              read by Nsight Compute (ncu) on the problems the model counts, beside its
+#              two wavefront counts and its instruction estimate (benchmarks/smem_counters.py;
+#              SKIP without a GPU, without ncu, or where ncu cannot read the counters)
 #   stencil    the stencil kernels alone (stencil_fwd, stencil_bwd; CUDA events) next to the
 #              layer's fwd+bwd, plain LoRA and the eager reference (benchmarks/stencil_time.py);
 #              for map routing the map programs next to the per-token ones
@@ -218,8 +222,8 @@ sys.exit(0 if ok else 1)"
 fi
 
 if grep -qE '^build(-check)? +FAIL' "$SUMMARY"; then
-  skip_rest "the build failed" tests memcheck racecheck memcheck-triton model model-triton stencil \
-    plans module module-token segstep segmem bench
+  skip_rest "the build failed" tests memcheck racecheck memcheck-triton model model-triton counters \
+    stencil plans module module-token segstep segmem bench
 else
   # ---- GPU tests --------------------------------------------------------------------
   # Without a GPU the GPU-marked tests are collected and skip: the stage says so (SKIP).
@@ -262,6 +266,7 @@ else
   stage model "$OUT/bench.log" "$(limit 120 "$BENCH_MIN")" "$PY" benchmarks/cost_model.py
   stage model-triton "$OUT/bench.log" "$(limit 60 "$BENCH_MIN")" env -u TRITON_INTERPRET \
     "$PY" benchmarks/cost_triton.py
+  stage counters "$OUT/bench.log" "$(limit 60 "$BENCH_MIN")" "$PY" benchmarks/smem_counters.py
   if [ "$DEVICE" = cuda ]; then STENCIL=(--device cuda); else STENCIL=(--device cpu --repeats 3); fi
   stage stencil "$OUT/bench.log" "$(limit 90 "$BENCH_MIN")" "$PY" benchmarks/stencil_time.py "${STENCIL[@]}"
   # ---- the layer's candidates, side by side ---------------------------------------------

@@ -285,6 +285,46 @@ def test_cost_model_runs_as_a_script(tmp_path):
     assert ("global token r8", "bwd", "reduce_dw_kernel") in kernels
 
 
+_NCU_CSV = "\n".join([
+    "==PROF== Connected to process 4242",
+    '"ID","Process ID","Process Name","Kernel Name","Block Size",'
+    '"l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum",'
+    '"l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum","smsp__inst_executed.sum"',
+    '"","","","","","","","inst"',
+    '"0","4242","python","stencil_tile_kernel","(128, 1, 1)","12,000","3,000","250,000"',
+    "a line the profiled program printed",
+    '"1","4242","python","stencil_tile_kernel","(128, 1, 1)","40,000","8,000","900,000"',
+    "==PROF== Disconnected from process 4242"])
+
+
+def test_smem_counters_reads_ncu_beside_the_model(capsys):
+    """benchmarks/smem_counters.py (the gpu_check.sh counters stage): ncu's raw CSV read in
+    launch order, set beside the model's counts of the same problem (warp-wide and by
+    quarter warps, from the checked build) with their ratios; a launch that is not the
+    model's kernel is an error, not a wrong row; without a GPU it skips (exit 4)."""
+    import smem_counters as sc
+
+    launches = sc.parse_ncu_csv(_NCU_CSV)
+    assert [g["kernel"] for g in launches] == ["stencil_tile_kernel"] * 2
+    ld, st, inst = sc.METRICS
+    assert (launches[0][ld], launches[0][st], launches[1][inst]) == (12000, 3000, 900000)
+    assert sc.parse_ncu_csv("==PROF== no kernels were profiled") == []
+    model = sc.model_counts([sc.cm.CASES[0]])
+    assert [(m["direction"], m["kernel"]) for m in model] == [
+        ("fwd", "stencil_tile_kernel"), ("bwd", "stencil_tile_kernel")]
+    for m in model:
+        assert 0 < m["wavefronts"] <= m["quarter"] <= 4 * m["wavefronts"], m
+    table = sc.compare(model, launches)
+    fwd = model[0]
+    assert (f"| global token r8 | fwd | stencil_tile_kernel | 15,000 | "
+            f"{fwd['wavefronts']:,.0f} ({fwd['wavefronts'] / 15000:.2f}x) |") in table[2]
+    with pytest.raises(RuntimeError, match="launch order: expected stencil_map_kernel"):
+        sc.compare([dict(model[0], kernel="stencil_map_kernel")], launches)
+    if not torch.cuda.is_available():
+        assert sc.main([]) == 4
+        assert "RESULT: SKIP no GPU" in capsys.readouterr().out
+
+
 def test_main_job_follows_the_machine(monkeypatch, capsys):
     """run.py with no --device picks cuda when torch sees a GPU, cpu otherwise, and says
     which (the presets and dtype follow the device)."""

@@ -38,7 +38,7 @@ METRICS = ("l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum",
 KERNELS = "regex:stencil_(tile|map)_kernel"
 
 
-def run_cases(cases: List[cm.Case], device: str = "cuda") -> None:
+def run_cases(cases: List[cm.Case]) -> None:
     """One forward and one backward of each case's counted problem: the launches ncu
     profiles, in this order."""
     from convlora_kernels import _ext
@@ -47,13 +47,12 @@ def run_cases(cases: List[cm.Case], device: str = "cuda") -> None:
     if mod is None:
         raise RuntimeError(why)
     for case in cases:
-        z, du, idx, cw, cb = (t.to(device) for t in cm._problem(case))
+        z, du, idx, cw, cb = (t.cuda() for t in cm._problem(case))
         _, h, w = case.counted
         m = cm.INTERP[case.mode]
         _, pre = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, case.scales, m, h, w, True, 0)
         torch.ops.convlora.stencil_bwd(du, z, pre, idx, cw, cb, case.scales, m, h, w, 0)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    torch.cuda.synchronize()
 
 
 def parse_ncu_csv(text: str) -> List[Dict[str, float]]:

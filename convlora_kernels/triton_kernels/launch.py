@@ -334,7 +334,6 @@ class Tiling:
         self.prec = "tf32x3" if dtype == torch.float32 else _precision(dtype)
         self.nexp_p = max(2, next_pow2(num_experts))
         self.taps_once = merged_taps_once(self.rz, dtype)
-        self.fp32 = dtype == torch.float32
         self.dtype = dtype
         self.merged = merged_builds(self.rz, self.hold, dtype) if gpu else True
 
@@ -362,7 +361,7 @@ class Tiling:
         are L1 hits of the tile's own rows), and in fp32 the register cap
         f32_register_cap gives ``kernel`` ("fwd", "grad", "scatter" or "bwd")."""
         options = dict(num_warps=self.warps, num_stages=1)
-        cap = f32_register_cap(kernel, self.hold, self.rz) if self.fp32 else None
+        cap = f32_register_cap(kernel, self.hold, self.rz) if self.dtype == torch.float32 else None
         if cap is not None:
             options["maxnreg"] = cap
         return options

@@ -158,6 +158,10 @@ def main(argv=None) -> int:
            sys.executable, os.path.abspath(__file__), "--run", "--cases", ",".join(names)]
     print("$ " + " ".join(f"'{c}'" if " " in c else c for c in cmd))
     r = subprocess.run(cmd, capture_output=True, text=True)
+    # ncu's table as it came, first: the model below takes a while, and a reader (or a
+    # corrected parser) needs no second GPU run to read it again.
+    print("ncu --csv --page raw:\n" + "\n".join(
+        line for line in r.stdout.splitlines() if line.startswith('"')), flush=True)
     measured = parse_ncu_csv(r.stdout)
     if r.returncode != 0 or not measured:
         print(r.stdout[-3000:] + r.stderr[-3000:])

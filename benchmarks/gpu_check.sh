@@ -22,6 +22,9 @@
 #              layer's fwd+bwd, plain LoRA and the eager reference (benchmarks/stencil_time.py);
 #              for map routing the map programs next to the per-token ones
 #              (CONVLORA_MAP_KERNELS=0 switches the layer to the latter)
+#   kernels    where each stencil op's and the layer's GPU time goes: every kernel it launches
+#              with its time (torch.profiler), one call alone against calls back to back
+#              (benchmarks/kernel_profile.py; SKIP without a GPU)
 #   plans      every candidate of the layer's plan, per fused backend, at SAM's shapes, and
 #              the winners (benchmarks/plan_time.py; plans.json, the source of the
 #              MEASURED table of convlora_kernels/plan.py)
@@ -51,6 +54,7 @@
 #   CONVLORA_CHECK_DEVICE   cuda (default), or cpu to exercise the script on a machine
 #                           without a GPU (sanitizers skipped, smoke-sized benchmark)
 #   CONVLORA_CHECK_SKIP_BUILD=1   use the extension already built in the checkout
+#   CONVLORA_CHECK_BENCH_MIN   seconds kept for the bench stage (default 150)
 #   CONVLORA_CHECK_STAGES   the stages to run, by name, e.g. "build tests stencil plans"
 #                           (default: all); the others are recorded as SKIP. The model
 #                           stages need no GPU: a short lease can leave them to the CPU.
@@ -80,7 +84,7 @@ SUMMARY=$OUT/summary.txt
 FAILED=0
 STAGES=${CONVLORA_CHECK_STAGES:-}
 selected() { [ -z "$STAGES" ] || [[ " $STAGES " == *" $1 "* ]]; }
-BENCH_MIN=150              # seconds kept for the benchmark whatever comes before it
+BENCH_MIN=${CONVLORA_CHECK_BENCH_MIN:-150}  # seconds kept for the benchmark whatever precedes it
 selected bench || BENCH_MIN=0
 AFTER_BUILD=$((BENCH_MIN + 60))  # and for the tests after the build
 : >"$SUMMARY"
@@ -233,7 +237,7 @@ fi
 
 if grep -qE '^build(-check)? +FAIL' "$SUMMARY"; then
   skip_rest "the build failed" tests memcheck racecheck memcheck-triton model model-triton counters \
-    stencil plans module module-token segstep segmem bench
+    stencil kernels plans module module-token segstep segmem bench
 else
   # ---- GPU tests --------------------------------------------------------------------
   # Without a GPU the GPU-marked tests are collected and skip: the stage says so (SKIP).
@@ -279,6 +283,7 @@ else
   stage counters "$OUT/bench.log" "$(limit 90 "$BENCH_MIN")" "$PY" benchmarks/smem_counters.py
   if [ "$DEVICE" = cuda ]; then STENCIL=(--device cuda); else STENCIL=(--device cpu --repeats 3); fi
   stage stencil "$OUT/bench.log" "$(limit 90 "$BENCH_MIN")" "$PY" benchmarks/stencil_time.py "${STENCIL[@]}"
+  stage kernels "$OUT/bench.log" "$(limit 60 "$BENCH_MIN")" "$PY" benchmarks/kernel_profile.py
   # ---- the layer's candidates, side by side ---------------------------------------------
   if [ "$DEVICE" = cuda ]; then PLANS=(--device cuda --repeats 20); else PLANS=(--device cpu --repeats 3); fi
   # 200 s: four forward candidates and 2 x 2 backward ones on triton, 12 on cuda (one_kernel

@@ -173,7 +173,8 @@ def assert_close(actual, expected, rtol, atol, what=""):
 def outputs_and_grads(fn: Callable, case: Case, dy: torch.Tensor, names: Sequence[str]):
     """fn's output and the gradients of ``names`` for the cotangent dy."""
     y = fn(*case.args(), **case.kwargs())
-    grads = torch.autograd.grad(y, [getattr(case, n) for n in names], dy.to(y.dtype))
+    grads = torch.autograd.grad(y, [getattr(case, n) for n in names],
+                                dy.to(device=y.device, dtype=y.dtype))
     return [y.detach()] + [g.detach() for g in grads]
 
 

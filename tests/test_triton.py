@@ -933,7 +933,10 @@ def test_gpu_cuda_graph_training_step(deterministic):
         y = triton_op(*c.args(), **c.kwargs())
         return [y] + list(torch.autograd.grad(y.float().square().sum(), params))
 
-    want = step()
+    # Detached: a live graph would keep the leaves' AccumulateGrad nodes, made on the default
+    # stream, and the captured backward would then sync with that stream, which breaks the
+    # capture.
+    want = [t.detach() for t in step()]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up (compiles) off the capture

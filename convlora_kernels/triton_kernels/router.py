@@ -85,7 +85,8 @@ def route_kernel(
         imp_ptr,      # (programs, NP) float32 output: units per expert, this block's
         load_ptr,     # (programs, NP) float32 output: P(top-1 under fresh noise) (NOISY)
         counter_ptr,  # (1,) int32, zero: device.ticket_counter
-        sums_ptr,     # (2, n) float32 output: importance and load (= importance without noise)
+        imp_sum_ptr,  # (n,) float32 output: importance
+        load_sum_ptr,  # (n,) float32 output: load (= importance without noise)
         aux_ptr,      # () float32 output: loss_coef · (cv²(importance) + cv²(load)) (AUX)
         U, r, n, noise_epsilon, stride_f, programs, loss_coef,
         BU: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr, NOISY: tl.constexpr,
@@ -131,8 +132,8 @@ def route_kernel(
     if last_program(counter_ptr, programs):
         imp = sum_partials(imp_ptr, programs, NP, BP)
         load = sum_partials(load_ptr, programs, NP, BP) if NOISY else imp
-        tl.store(sums_ptr + ei, imp, mask=em)
-        tl.store(sums_ptr + n + ei, load, mask=em)
+        tl.store(imp_sum_ptr + ei, imp, mask=em)
+        tl.store(load_sum_ptr + ei, load, mask=em)
         if AUX:
             tl.store(aux_ptr, (_cv_squared(imp, em, n) + _cv_squared(load, em, n)) * loss_coef)
         tl.store(counter_ptr, 0)
@@ -162,16 +163,18 @@ def route(features, w_gate, w_noise, noise, noise_epsilon, loss_coef=None):
     imp = torch.empty((programs, np_), dtype=torch.float32, device=dev)
     noisy = noise is not None
     load = torch.empty((programs, np_), dtype=torch.float32, device=dev) if noisy else imp
-    sums = torch.empty((2, n), dtype=torch.float32, device=dev)
+    # Two tensors, not two rows of one: a custom op's outputs may not alias each other.
+    imp_sum = torch.empty(n, dtype=torch.float32, device=dev)
+    load_sum = torch.empty(n, dtype=torch.float32, device=dev)
     with_aux = loss_coef is not None
-    aux = torch.empty((), dtype=torch.float32, device=dev) if with_aux else sums
+    aux = torch.empty((), dtype=torch.float32, device=dev) if with_aux else imp_sum
     route_kernel[(programs,)](
         features, w_gate.contiguous(), w_noise.contiguous(),
-        noise.contiguous() if noisy else imp, expert, imp, load, ticket_counter(dev), sums,
-        aux, units, rank, n, float(noise_epsilon), features.stride(0), programs,
+        noise.contiguous() if noisy else imp, expert, imp, load, ticket_counter(dev), imp_sum,
+        load_sum, aux, units, rank, n, float(noise_epsilon), features.stride(0), programs,
         float(loss_coef) if with_aux else 0.0, BU=bu, RP=rp, NP=np_, NOISY=noisy,
         AUX=with_aux, BP=ROUTE_SUM_ROWS, num_warps=4)
-    return (expert, sums[0], sums[1], aux) if with_aux else (expert, sums[0], sums[1])
+    return (expert, imp_sum, load_sum, aux) if with_aux else (expert, imp_sum, load_sum)
 
 
 @triton.jit

@@ -44,6 +44,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
 from ._validate import Problem
@@ -146,8 +148,7 @@ def _backward_impl(dy2, x2, weight, lora_A, lora_B, conv_weight, conv_bias, expe
 
 # --- the custom ops ----------------------------------------------------------------------
 
-@torch.library.custom_op("convlora_layer::forward", mutates_args=())
-def _forward_op(x2: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+def _forward_fn(x2: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                 lora_B: Tensor, conv_weight: Tensor, conv_bias: Tensor, expert_index: Tensor,
                 z: Optional[Tensor], scaling: float, scales: List[int], interpolation: str,
                 height: int, width: int, backend: str, forward_plan: str, save: bool
@@ -158,6 +159,9 @@ def _forward_op(x2: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
                                      expert_index, z, scaling, scales, interpolation, height,
                                      width, backend, forward_plan, save)
     return y, (z2 if z is None else x2.new_empty(0)), u, s0, s1
+
+
+_forward_op = torch.library.custom_op("convlora_layer::forward", _forward_fn, mutates_args=())
 
 
 @_forward_op.register_fake
@@ -171,8 +175,7 @@ def _(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index, z,
             *(x2.new_empty(s, dtype=d) for s, d in saved))
 
 
-@torch.library.custom_op("convlora_layer::backward", mutates_args=())
-def _backward_op(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+def _backward_fn(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                  conv_weight: Tensor, conv_bias: Tensor, expert_index: Tensor, z2: Tensor,
                  u: Tensor, saved0: Tensor, saved1: Tensor, has_z: bool, scaling: float,
                  scales: List[int], interpolation: str, height: int, width: int,
@@ -183,6 +186,10 @@ def _backward_op(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B
                            expert_index, z2, u, saved0, saved1, has_z, scaling, scales,
                            interpolation, height, width, backend, dy_plan, dx_plan, needs)
     return _own_outputs(x2, grads)
+
+
+_backward_op = torch.library.custom_op("convlora_layer::backward", _backward_fn,
+                                       mutates_args=())
 
 
 def _own_outputs(x2: Tensor, grads) -> List[Tensor]:
@@ -225,9 +232,9 @@ def _backward(ctx, dy2, *_unused):
              ctx.has_z and n[8]]
     scaling, scales, interpolation, height, width, backend = ctx.meta
     _, dy_plan, dx_plan = choose(backend, dy2.device.type)
-    grads = torch.ops.convlora_layer.backward(dy2, *saved, ctx.has_z, scaling, scales,
-                                              interpolation, height, width, backend, dy_plan,
-                                              dx_plan, needs)
+    op = _backward_fn if getattr(ctx, "eager", False) else torch.ops.convlora_layer.backward
+    grads = op(dy2, *saved, ctx.has_z, scaling, scales, interpolation, height, width, backend,
+               dy_plan, dx_plan, needs)
     dx, dw, dbias, da, db, dcw, dcb, dz = [g if need else None for g, need in zip(grads, needs)]
     return (dx, dw, dbias, da, db, dcw, dcb, None, dz) + (None,) * 8
 
@@ -243,8 +250,7 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 # dL/dz joins the stencil's dz before dx = dz A + dy W0 is formed by one GEMM with beta = 1,
 # and dA = dzᵀ x is one GEMM too.
 
-@torch.library.custom_op("convlora_layer::routed_forward", mutates_args=())
-def _routed_forward_op(x2: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+def _routed_forward_fn(x2: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                        lora_B: Tensor, conv_weight: Tensor, conv_bias: Tensor, w_gate: Tensor,
                        w_noise: Tensor, noise: Optional[Tensor], noise_epsilon: float,
                        loss_coef: float, gating: str, scaling: float, scales: List[int],
@@ -266,6 +272,10 @@ def _routed_forward_op(x2: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
     return y, z2, u, s0, s1, idx, load, aux
 
 
+_routed_forward_op = torch.library.custom_op("convlora_layer::routed_forward",
+                                             _routed_forward_fn, mutates_args=())
+
+
 @_routed_forward_op.register_fake
 def _(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise, noise,
       noise_epsilon, loss_coef, gating, scaling, scales, interpolation, height, width, backend,
@@ -282,8 +292,7 @@ def _(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise,
             x2.new_empty((n_exp,), dtype=f32), x2.new_empty((), dtype=f32))
 
 
-@torch.library.custom_op("convlora_layer::routed_backward", mutates_args=())
-def _routed_backward_op(dy2: Optional[Tensor], d_aux: Optional[Tensor],
+def _routed_backward_fn(dy2: Optional[Tensor], d_aux: Optional[Tensor],
                         d_load: Optional[Tensor], x2: Tensor,
                         weight: Tensor, lora_A: Tensor, lora_B: Tensor, conv_weight: Tensor,
                         conv_bias: Tensor, w_gate: Tensor, w_noise: Tensor,
@@ -330,6 +339,10 @@ def _routed_backward_op(dy2: Optional[Tensor], d_aux: Optional[Tensor],
     return _own_outputs(x2, grads)
 
 
+_routed_backward_op = torch.library.custom_op("convlora_layer::routed_backward",
+                                              _routed_backward_fn, mutates_args=())
+
+
 @_routed_backward_op.register_fake
 def _(dy2, d_aux, d_load, x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise,
       noise, idx, z2, u, saved0, saved1, load, noise_epsilon, loss_coef, gating, scaling, scales,
@@ -374,7 +387,9 @@ def _routed_backward(ctx, dy2, _dz, _du, _d0, _d1, _didx, d_load, d_aux):
     if dy2 is None and not router:
         return (None,) * 21
     _, dy_plan, dx_plan = choose(backend, x2.device.type)
-    grads = torch.ops.convlora_layer.routed_backward(
+    op = _routed_backward_fn if getattr(ctx, "eager", False) else \
+        torch.ops.convlora_layer.routed_backward
+    grads = op(
         dy2, d_aux, d_load, x2, weight, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise,
         noise if ctx.has_noise else None, idx, z2, u, s0, s1, load, noise_epsilon, loss_coef,
         gating, scaling, scales, interpolation, height, width, backend, dy_plan, dx_plan,
@@ -385,6 +400,41 @@ def _routed_backward(ctx, dy2, _dz, _du, _d0, _d1, _didx, d_load, d_aux):
 
 
 _routed_forward_op.register_autograd(_routed_backward, setup_context=_routed_setup_context)
+
+
+# --- eager mode: the same functions as autograd.Functions --------------------------------
+# A Python custom op costs host time on every call (its arguments matched to the schema,
+# its outputs checked for aliases, its autograd wrapper): at SAM's shapes on an H100 the
+# layer's fwd+bwd spent several times its kernel time on the host
+# (benchmarks/results/h100). In eager mode on real tensors the pair runs as a plain
+# autograd.Function over the very functions the custom ops wrap, with the same setup and
+# backward; torch.compile, export, fake or meta tensors, dispatch modes and functorch
+# transforms get the custom ops, whose fake implementations and schemas they need.
+
+def _eager(x: Tensor) -> bool:
+    """Whether the layer on x takes the autograd.Function path (see above)."""
+    return not (torch.compiler.is_compiling() or x.device.type == "meta" or is_fake(x)
+                or _get_current_dispatch_mode() is not None
+                or torch._C._are_functorch_transforms_active())
+
+
+def _as_function(name: str, fn, setup_context, backward):
+    # forward(ctx, ...) with the setup inside: a separate setup_context would make every
+    # apply bind its arguments to forward's signature (inspect.signature, per call)
+    def forward(ctx, *args):
+        out = fn(*args)
+        setup_context(ctx, args, out)
+        ctx.eager = True  # the backward calls the raw function too
+        return out
+
+    return type(name, (torch.autograd.Function,),
+                dict(forward=staticmethod(forward), backward=staticmethod(backward),
+                     __doc__=f"{fn.__name__} in eager mode (see _eager)."))
+
+
+_EagerForward = _as_function("_EagerForward", _forward_fn, _setup_context, _backward)
+_EagerRoutedForward = _as_function("_EagerRoutedForward", _routed_forward_fn,
+                                   _routed_setup_context, _routed_backward)
 
 
 def conv_lora_linear(backend: str, p: Problem, x4: Tensor, weight: Tensor,
@@ -400,9 +450,10 @@ def conv_lora_linear(backend: str, p: Problem, x4: Tensor, weight: Tensor,
         t is not None and t.requires_grad
         for t in (x4, weight, bias, lora_A, lora_B, conv_weight, conv_bias, z))
     forward_plan = choose(backend, x4.device.type)[0]
-    return torch.ops.convlora_layer.forward(
-        x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, idx, z2, float(scaling),
-        list(p.scales), p.interpolation, p.height, p.width, backend, forward_plan, save)[0]
+    op = _EagerForward.apply if _eager(x2) else torch.ops.convlora_layer.forward
+    return op(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, idx, z2, float(scaling),
+              list(p.scales), p.interpolation, p.height, p.width, backend, forward_plan,
+              save)[0]
 
 
 def routed_conv_lora_linear(backend: str, p: Problem, x4: Tensor, weight: Tensor,
@@ -420,7 +471,8 @@ def routed_conv_lora_linear(backend: str, p: Problem, x4: Tensor, weight: Tensor
         t is not None and t.requires_grad
         for t in (x4, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise))
     forward_plan = choose(backend, x4.device.type)[0]
-    out = torch.ops.convlora_layer.routed_forward(
+    op = _EagerRoutedForward.apply if _eager(x2) else torch.ops.convlora_layer.routed_forward
+    out = op(
         x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, w_gate, w_noise, noise,
         float(noise_epsilon), float(loss_coef), gating, float(scaling), list(p.scales),
         p.interpolation, p.height, p.width, backend, forward_plan, save)

@@ -320,3 +320,55 @@ def test_a_training_step_is_captured_and_replayed(backend, plan_name, det, switc
         else:
             torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2 * float(
                 b.float().abs().max()), msg=name)
+
+
+def _graph_nodes(t):
+    """The names of every autograd node behind t."""
+    seen, todo, names = set(), [t.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo += [n for n, _ in node.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("routed", [False, True], ids=["layer", "router inside"])
+def test_eager_mode_runs_the_custom_op_pair_as_an_autograd_function(monkeypatch, routed):
+    """In eager mode on real tensors the layer skips the custom ops' Python dispatch
+    (layer._eager): the same functions as an autograd.Function. Its output and every
+    gradient equal, bit for bit, what the custom-op pair gives (the path torch.compile,
+    export and dispatch modes take), in training (the routed op's noise and aux loss too)."""
+    from convlora_kernels import ConvLoRALinear, layer
+
+    def run(eager):
+        monkeypatch.setattr(layer, "_eager", lambda x: eager)
+        if routed:
+            torch.manual_seed(3)
+            m = ConvLoRALinear(8, 12, r=3, num_experts=4, backend="cpu",
+                               dtype=torch.float64).train()
+            with torch.no_grad():
+                for p in m.parameters():
+                    if p.requires_grad:
+                        p.normal_(0, 0.5)
+            x = torch.randn(2, 5, 6, 8, dtype=torch.float64, requires_grad=True)
+            torch.manual_seed(4)  # the router's noise
+            y = m(x)
+            params = [x] + [p for p in m.parameters() if p.requires_grad]
+            loss = y.square().sum() + m.aux_loss
+        else:
+            c = make_case(seed=21).to(torch.float64, True)
+            y = conv_lora_linear(*c.args(), **c.kwargs(), backend="cpu")
+            params = [getattr(c, n) for n in TRAINABLE if getattr(c, n) is not None]
+            loss = y.square().sum()
+        eager_nodes = [n for n in _graph_nodes(loss) if n.startswith("_Eager")]
+        return [y.detach()] + list(torch.autograd.grad(loss, params)), eager_nodes
+
+    got, nodes = run(True)
+    want, none = run(False)
+    assert len(nodes) == 1 and not none, (nodes, none)
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"output {i} differs between the two paths"

@@ -133,7 +133,14 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width, save):
     """(u, the pre-activations, the prep buffer) when a backward will follow (save): the
     forward and the backward share one prep pass (stencil_prep's tables and padded weights);
-    else (u, two empty tensors), the forward running its own prep."""
+    else (u, two empty tensors), the forward running its own prep. The layer differentiates
+    by hand: the ops are called below autograd, so stencil_fwd's autograd wrapper (a Python
+    dispatch on every call) stays out of it."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return _stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width, save)
+
+
+def _stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width, save):
     code = INTERPOLATION_CODES[interpolation]
     if not save:
         u, pre = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales, code, height, width,
@@ -147,6 +154,13 @@ def stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width, save)
 
 def stencil_backward(du, z2, preact, prep, idx, cw, cb, scales, interpolation, height,
                      width):
+    with torch._C._AutoDispatchBelowAutograd():  # as in stencil_forward
+        return _stencil_backward(du, z2, preact, prep, idx, cw, cb, scales, interpolation,
+                                 height, width)
+
+
+def _stencil_backward(du, z2, preact, prep, idx, cw, cb, scales, interpolation, height,
+                      width):
     code = INTERPOLATION_CODES[interpolation]
     kb = smem_kb()
     prep = prep if prep.numel() > 0 else None  # else the op runs its own prep

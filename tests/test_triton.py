@@ -556,16 +556,20 @@ def test_fp32_runs_what_builds_without_spills(monkeypatch):
 
 
 def test_a_refused_merged_backward_warns_once(monkeypatch, switch):
-    """CONVLORA_TRITON_BACKWARD=merged where merged does not build (fp32, held cells at RZ =
-    16 on a GPU): the split pair runs, and a warning says so once per rank and dtype; where
-    it builds, or without the switch, no warning."""
+    """Merged is the default backward where it builds; where it does not (fp32, held cells
+    at RZ = 16 on a GPU) the split pair runs, silently by default, and with a warning once
+    per rank and dtype where CONVLORA_TRITON_BACKWARD=merged asked for it; "split" runs
+    split everywhere."""
     monkeypatch.setattr(launch, "GPU_TILING", True)
     monkeypatch.setattr(launch, "_MERGED_REFUSED", set())
     refused = launch.Tiling(8, 8, 16, 8, range(1, 9), "bilinear", torch.float32, DEV)
     builds = launch.Tiling(8, 8, 8, 8, range(1, 9), "bilinear", torch.float32, DEV)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not launch.runs_merged(refused)  # split by default: nothing to say
+        assert launch.runs_merged(builds)  # the default
+        assert not launch.runs_merged(refused)  # not asked for: nothing to say
+        switch(launch.BACKWARD_ENV, "split")
+        assert not launch.runs_merged(builds)
         switch(launch.BACKWARD_ENV, "merged")
         assert launch.runs_merged(builds)
     with pytest.warns(RuntimeWarning, match=r"CONVLORA_TRITON_BACKWARD=merged: the merged "

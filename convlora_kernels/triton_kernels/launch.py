@@ -12,8 +12,9 @@ among its candidates in convlora_kernels.plan; what runs here is the Triton part
     stencil_backward      "split" (BACKWARD_ENV): stencil_grad_kernel recomputes c_k, writes
                           g_k = dL/dc_k and dL/dconv_bias, then stencil_scatter_kernel
                           rebuilds the upsampled taps for dL/dconv_weight and dL/dz; or
-                          "merged": stencil_bwd_kernel runs their phases in one launch
-                          (the taps built once for c_k and dL/dW where that fits);
+                          "merged" (the default): stencil_bwd_kernel runs their phases in
+                          one launch (the taps built once for c_k and dL/dW where that
+                          fits);
                           then gather_dz_kernel (deterministic mode) sums dL/dz over
                           neighbours in order, expert_sum_kernel the weight partials
 Without deterministic algorithms the weight gradients and dL/dz are accumulated with
@@ -163,9 +164,11 @@ GEMM_RANK_STEP = {torch.float32: 16}
 # through the program's own rows, read back after a barrier, so dL/dz is formed in the
 # scatter's chunks and nothing spills that the split pair does not). Merged saves a launch,
 # a second load of every z neighbourhood and (taps once) a third of the tap building; split
-# runs two programs where merged runs one. Which is faster is for a GPU to tell
-# (benchmarks/stencil_time.py times both); until then "split" runs. Where merged would
-# spill (merged_builds: fp32 with held cells at RZ = 16) split runs whatever the switch
+# runs two programs where merged runs one. On the first GPU run (an H100,
+# benchmarks/results/h100: stencil_time.py, bf16, r = 8 bilinear and r = 3 bicubic, the
+# cells held and loaded) merged took 8-31% less time than split in all six comparisons, so
+# "merged" runs unless BACKWARD_ENV says "split". Where merged would spill
+# (merged_builds: fp32 with held cells at RZ = 16) split runs whatever the switch
 # (runs_merged: with a warning once where the switch asked for merged).
 BACKWARD_ENV = "CONVLORA_TRITON_BACKWARD"
 BACKWARDS = ("split", "merged")
@@ -181,8 +184,8 @@ def merged_taps_once(rz: int, dtype: torch.dtype) -> bool:
 
 
 def backward_kernels() -> str:
-    """The stencil backward that runs: BACKWARD_ENV when set, else "split"."""
-    chosen = _switches.get(BACKWARD_ENV, "split")
+    """The stencil backward asked for: BACKWARD_ENV when set, else "merged"."""
+    chosen = _switches.get(BACKWARD_ENV, "merged")
     if chosen not in BACKWARDS:
         raise ValueError(f"{BACKWARD_ENV}: expected one of {BACKWARDS}, got {chosen!r}")
     return chosen
@@ -282,7 +285,7 @@ def runs_merged(tiling: "Tiling") -> bool:
     if tiling.merged:
         return True
     key = (tiling.rz, tiling.dtype)
-    if key not in _MERGED_REFUSED:
+    if _switches.get(BACKWARD_ENV) == "merged" and key not in _MERGED_REFUSED:
         _MERGED_REFUSED.add(key)
         warnings.warn(f"{BACKWARD_ENV}=merged: the merged stencil backward spills registers "
                       f"in {tiling.dtype} with its z cells held at padded rank {tiling.rz}, "

@@ -3,7 +3,9 @@
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR
 #
-# Stages, each under its own time limit, all within about 8 minutes on an H100:
+# Stages, each under its own time limit (on the first H100 run the build took 101-143 s and
+# the GPU tests over 90 s: all stages need about 12 minutes, more than the default budget,
+# so a short lease names the stages it runs, CONVLORA_CHECK_STAGES below):
 #   build      the extension from source (sm_XY of this card only), timed
 #   tests      python -m pytest -m gpu -ra tests (SKIP on the CPU: they skip there)
 #   memcheck   compute-sanitizer memcheck: probe op + backend "cuda", tiny fwd+bwd vs reference
@@ -241,7 +243,7 @@ if grep -qE '^build(-check)? +FAIL' "$SUMMARY"; then
 else
   # ---- GPU tests --------------------------------------------------------------------
   # Without a GPU the GPU-marked tests are collected and skip: the stage says so (SKIP).
-  stage tests "$OUT/tests.log" "$(limit 90 "$BENCH_MIN")" bash -c '
+  stage tests "$OUT/tests.log" "$(limit 150 "$BENCH_MIN")" bash -c '
     "$1" -m pytest -m gpu -ra -q -p no:cacheprovider tests || exit
     if [ "$2" != cuda ]; then
       echo "RESULT: SKIP device $2: the GPU tests were collected and skipped (see tests.log)"

@@ -344,3 +344,14 @@ def test_main_job_follows_the_machine(monkeypatch, capsys):
         assert seen["device"] == want
         out = capsys.readouterr().out
         assert f"device: {want} (torch sees {'a GPU' if gpu else 'no GPU'}" in out, out
+
+
+def test_kernel_profile_skips_without_a_gpu(capsys):
+    """benchmarks/kernel_profile.py (the gpu_check.sh kernels stage) needs a GPU: without
+    one it says so and exits 4, which gpu_check.sh records as SKIP."""
+    import kernel_profile
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the stage runs for real in gpu_check.sh")
+    assert kernel_profile.main([]) == 4
+    assert "RESULT: SKIP no GPU" in capsys.readouterr().out

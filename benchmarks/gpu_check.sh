@@ -19,7 +19,9 @@
 #   counters   the tile and map kernels' shared-memory wavefronts and warp instructions
 #              read by Nsight Compute (ncu) on the problems the model counts, beside its
 #              two wavefront counts and its instruction estimate (benchmarks/smem_counters.py;
-#              SKIP without a GPU, without ncu, or where ncu cannot read the counters)
+#              then ncu's warp-state, scheduler and occupancy sections of the same kernels
+#              at SAM's shapes; SKIP without a GPU, without ncu, or where ncu cannot
+#              read the counters)
 #   stencil    the stencil kernels alone (stencil_fwd, stencil_bwd; CUDA events) next to the
 #              layer's fwd+bwd, plain LoRA and the eager reference (benchmarks/stencil_time.py);
 #              for map routing the map programs next to the per-token ones
@@ -282,7 +284,7 @@ else
   stage model "$OUT/bench.log" "$(limit 120 "$BENCH_MIN")" "$PY" benchmarks/cost_model.py
   stage model-triton "$OUT/bench.log" "$(limit 60 "$BENCH_MIN")" env -u TRITON_INTERPRET \
     "$PY" benchmarks/cost_triton.py
-  stage counters "$OUT/bench.log" "$(limit 90 "$BENCH_MIN")" "$PY" benchmarks/smem_counters.py
+  stage counters "$OUT/bench.log" "$(limit 120 "$BENCH_MIN")" "$PY" benchmarks/smem_counters.py
   if [ "$DEVICE" = cuda ]; then STENCIL=(--device cuda); else STENCIL=(--device cpu --repeats 3); fi
   stage stencil "$OUT/bench.log" "$(limit 90 "$BENCH_MIN")" "$PY" benchmarks/stencil_time.py "${STENCIL[@]}"
   stage kernels "$OUT/bench.log" "$(limit 60 "$BENCH_MIN")" "$PY" benchmarks/kernel_profile.py

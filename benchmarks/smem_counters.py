@@ -12,6 +12,12 @@ executed, and prints them beside the model's three numbers, so a GPU run says wh
 count holds and how far the instruction estimate is off. The prep, fold and reduce
 kernels are left out (the model counts them by bytes).
 
+Then, on the shapes benchmarks/stencil_time.py times (SAM's, one forward and one backward
+each), ncu's warp-state, scheduler and occupancy sections of the same kernels: why their
+warps wait (barrier, shared or global memory, issue), and how many are eligible per
+scheduler. The first H100 run measured them at a fifth of the issue rate the model assumes
+(docs/design.md): these say where the rest goes.
+
 Exit status 4 (gpu_check.sh: SKIP) without a GPU, without ncu, or where ncu cannot read the
 counters; the last line, "RESULT: ...", is the target case's comparison.
 """
@@ -53,6 +59,37 @@ def run_cases(cases: List[cm.Case]) -> None:
         _, pre = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, case.scales, m, h, w, True, 0)
         torch.ops.convlora.stencil_bwd(du, z, pre, idx, cw, cb, case.scales, m, h, w, 0)
     torch.cuda.synchronize()
+
+
+def run_shapes() -> None:
+    """One forward and one backward of the stencil ops at each of stencil_time.py's GPU
+    shapes (what the stall sections profile), as that script calls them."""
+    import stencil_time
+    from benchlib import common
+
+    for name, b, h, w, c, r, gating, interp in stencil_time.SHAPES["cuda"]:
+        shape = common.Shape(name, b, h, w, c, r, gating=gating, interpolation=interp)
+        inp = common.make_inputs(shape, torch.device("cuda"), torch.bfloat16, seed=0)
+        for fn in stencil_time._stencil_fns(inp, interp).values():
+            fn(inp)
+    torch.cuda.synchronize()
+
+
+STALL_SECTIONS = ("WarpStateStats", "SchedulerStats", "Occupancy", "LaunchStats")
+
+
+def stalls(ncu: str) -> None:
+    """ncu's STALL_SECTIONS of the tile and map kernels at SAM's shapes, printed as ncu
+    prints them (the details page)."""
+    cmd = [ncu, "--clock-control", "none", "--target-processes", "all", "--kernel-name",
+           KERNELS]
+    for section in STALL_SECTIONS:
+        cmd += ["--section", section]
+    cmd += [sys.executable, os.path.abspath(__file__), "--run-shapes"]
+    print("\n$ " + " ".join(f"'{c}'" if " " in c else c for c in cmd), flush=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    print(r.stdout[-60000:] + (f"\n(ncu exit {r.returncode}) " + r.stderr[-3000:]
+                               if r.returncode else ""), flush=True)
 
 
 def parse_ncu_csv(text: str) -> List[Dict[str, float]]:
@@ -134,6 +171,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", action="store_true",
                     help="only launch the kernels (what ncu profiles)")
+    ap.add_argument("--run-shapes", action="store_true",
+                    help="only launch the stencil ops at SAM's shapes (the stall sections)")
+    ap.add_argument("--no-stalls", action="store_true",
+                    help="skip the stall sections")
     ap.add_argument("--cases", default=f"{cm.CASES[0].name},authors map r3 bicubic",
                     help="comma-separated cost-model cases (default: %(default)s)")
     args = ap.parse_args(argv)
@@ -145,6 +186,9 @@ def main(argv=None) -> int:
     cases = [by_name[n] for n in names]
     if args.run:
         run_cases(cases)
+        return 0
+    if args.run_shapes:
+        run_shapes()
         return 0
     if not torch.cuda.is_available():
         print("RESULT: SKIP no GPU: nothing to count")
@@ -167,6 +211,8 @@ def main(argv=None) -> int:
         print(r.stdout[-3000:] + r.stderr[-3000:])
         print(f"RESULT: SKIP ncu read no counters (exit {r.returncode})")
         return 4
+    if not args.no_stalls:
+        stalls(ncu)
     model = model_counts(cases)
     print("\n".join(compare(model, measured)))
     t = model[0]

@@ -66,8 +66,9 @@ H100 = dict(card="H100 SXM", sms=132, clock_ghz=1.755, dram_bytes_per_s=3.35e12,
             fitted_issue_per_clock=0.7)
 # fitted_issue_per_clock: the warp instructions per clock per SM the stencil kernels reach,
 # fitted to the first H100 run (benchmarks/results/h100): the tile kernels' instructions
-# (read by ncu) over their measured times gave 0.71 to 1.02 per clock at clock_ghz, not the
-# 4 that issue_per_clock assumes. With two to four warps per scheduler at SAM's shapes, the
+# (read by ncu) over their measured times gave 0.71 to 1.02 per clock at clock_ghz (the map
+# kernels 1.0 to 1.16, so the fit overestimates them), not the 4 that issue_per_clock
+# assumes. With two to four warps per scheduler at SAM's shapes, the
 # warps' dependent latencies and barriers, not a pipe, bound them.
 INTERP = {"bilinear": 0, "bicubic": 1}
 

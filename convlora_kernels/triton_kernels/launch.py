@@ -212,6 +212,23 @@ def hold_z_cells(cell_floats: int) -> bool:
     return chosen == "held"
 
 
+# The forward's own choice where a GPU measured it: on the first H100 run
+# (benchmarks/results/h100, stencil_time.py, bf16) the bicubic forward at r = 3 (RZ = 4)
+# took 175 us with its cells held against 331 us loaded, and held it builds without spills
+# in the 16-bit dtypes (compile_check: 254 registers); its backward keeps them loaded, where
+# held spills 112-336 bytes. Elsewhere the forward takes the backward's choice.
+FORWARD_HOLDS = {("bicubic", 4)}
+
+
+def hold_z_cells_forward(cell_floats: int, interpolation: str, rz: int,
+                         dtype: torch.dtype) -> bool:
+    """hold_z_cells for the stencil forward (Z_CELLS_ENV forces both)."""
+    if _switches.get(Z_CELLS_ENV) is None and dtype != torch.float32 and \
+            (interpolation, rz) in FORWARD_HOLDS:
+        return True
+    return hold_z_cells(cell_floats)
+
+
 DY_BT = 64      # tokens per row block of the dy pass (the M of its dots)
 # programs of the deterministic dy pass, so its partials of dL/dB are DY_PARTIALS x C_out x
 # r x 4 bytes at any N: 19 MB at C_out = 2304, r = 8; 84 MB at C_out = 1280, r = 64
@@ -322,6 +339,8 @@ class Tiling:
         cells = nb * nb
         gpu = GPU_TILING
         self.hold = hold_z_cells(cells * per_thread if gpu else 0)
+        self.hold_fwd = hold_z_cells_forward(cells * per_thread, interpolation, self.rz,
+                                             dtype) if gpu else self.hold
         # the scatter's dL/dz, RC channels at a time: NB² cells within half CELL_FLOATS a
         # thread (the dot that forms dL/dU and the table weights take the rest), RC >= 4
         # (4·RC >= 16, tl.dot's K)
@@ -364,7 +383,8 @@ class Tiling:
         are L1 hits of the tile's own rows), and in fp32 the register cap
         f32_register_cap gives ``kernel`` ("fwd", "grad", "scatter" or "bwd")."""
         options = dict(num_warps=self.warps, num_stages=1)
-        cap = f32_register_cap(kernel, self.hold, self.rz) if self.dtype == torch.float32 else None
+        hold = self.hold_fwd if kernel == "fwd" else self.hold
+        cap = f32_register_cap(kernel, hold, self.rz) if self.dtype == torch.float32 else None
         if cap is not None:
             options["maxnreg"] = cap
         return options
@@ -426,7 +446,8 @@ def stencil_forward(z2, expert_index, conv_weight, conv_bias, scales, interpolat
         stencil.stencil_fwd_kernel[(tiling.programs(n_tok),)](
             z2, perm, bounds, tiling.ntaps, *tiling.tables, conv_weight.contiguous(),
             conv_bias.contiguous(), u, height, width, rank, n_exp, tiling.rows_y, tiling.rows_x,
-            z2.stride(0), **tiling.constexprs(), **tiling.launch("fwd"))
+            z2.stride(0), **dict(tiling.constexprs(), HOLD=tiling.hold_fwd),
+            **tiling.launch("fwd"))
     return u, perm, bounds
 
 

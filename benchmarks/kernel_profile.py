@@ -3,9 +3,9 @@
     python benchmarks/kernel_profile.py                 # CUDA: bf16, stencil_time.py's shapes
     python benchmarks/kernel_profile.py --shapes global-4x64x64-C768-r8
 
-Per shape and call (the stencil ops alone as stencil_time.py calls them, then the layer's
-forward+backward on the cuda backend next to plain LoRA and the frozen linear), three times
-per call:
+Per shape and call (the stencil ops alone as stencil_time.py calls them, the Triton stencil
+under the layer's default switches, then the layer's forward+backward on the cuda backend
+next to plain LoRA and the frozen linear), three times per call:
   alone      one call between two CUDA events after a synchronisation: what
              stencil_time.py reports, the host's launch work included where the GPU
              waits for it
@@ -105,6 +105,9 @@ def main(argv=None) -> int:
             if result is None and k == "stencil-fwd":
                 result = f"{name}: stencil fwd alone {a:.1f} us, pipelined {pp:.1f} us, " \
                          f"kernels {kern:.1f} us"
+        # the Triton stencil under the layer's default switches
+        for k, fn in stencil_time._triton_stencil_fns(inputs[0], interp, defaults=True).items():
+            profile_call(k, fn, inputs, False, args.calls)
         measure.prepare(inputs, True)
         for k, fn in {"conv-lora[cuda]": stencil_time._layer("cuda", interp),
                       common.PLAIN_LORA: common.plain_lora,

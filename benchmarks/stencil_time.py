@@ -71,10 +71,10 @@ def _stencil_fns(inp, interpolation, per_token=False, suffix="", smem_kb=0):
     return {"stencil-fwd" + suffix: fwd, "stencil-bwd" + suffix: bwd}
 
 
-def _triton_stencil_fns(inp, interpolation):
+def _triton_stencil_fns(inp, interpolation, defaults=False):
     """The Triton stencil alone (launch.stencil_forward and stencil_backward under each of
-    launch.Z_CELLS and launch.BACKWARDS, the choices a GPU run should settle); {} where
-    it cannot run."""
+    launch.Z_CELLS and launch.BACKWARDS, the choices a GPU run should settle; with defaults,
+    once each under the layer's default switches); {} where it cannot run."""
     if not inp["x"].is_cuda:
         return {}
     try:
@@ -103,6 +103,8 @@ def _triton_stencil_fns(inp, interpolation):
         return launch.stencil_backward(du, z, perm, bounds, cw, cb, scales, interpolation,
                                        h, w)
 
+    if defaults:
+        return {"triton-stencil-fwd": lambda _: fwd(), "triton-stencil-bwd": lambda _: bwd()}
     fns = {f"triton-stencil-fwd[{cells}]": under({launch.Z_CELLS_ENV: cells}, fwd)
            for cells in launch.Z_CELLS}
     for cells in launch.Z_CELLS:

@@ -207,6 +207,11 @@ def test_triton_route_kernel_matches_composite(units, n, noisy):
     want = _route_composite(f, wg, wn, noise, 1e-2)
     for a, b in zip(with_aux[:3], got):
         assert torch.equal(a, b)  # the same launch, the same sums
+    # no output shares memory with another: convlora_layer::route returns them, and torch
+    # refuses a custom op whose outputs alias (2.11 checks on every call)
+    for outs in (got, with_aux):
+        ptrs = [t.untyped_storage().data_ptr() for t in outs if t.numel() > 0]
+        assert len(set(ptrs)) == len(ptrs), "outputs share storage"
     aux = with_aux[3]
     want_aux = 0.03 * (cv_squared(want[1]) + cv_squared(want[2]))
     assert aux.shape == () and aux.dtype == torch.float32 and torch.isfinite(aux)

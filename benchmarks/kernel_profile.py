@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -68,9 +69,9 @@ def profile_call(name, fn, inputs, backward, calls):
     dy = measure.cotangent(inputs[0]) if backward else None
     for i in range(5):
         measure.step(fn, inputs[i % len(inputs)], backward, dy)
-    alone = sorted(measure._time_call(fn, inputs[i % len(inputs)], backward, dy,
-                                      inputs[0]["x"].device) for i in range(calls))
-    alone_us = alone[len(alone) // 2] * 1e3
+    alone_us = statistics.median(measure._time_call(fn, inputs[i % len(inputs)], backward, dy,
+                                                    inputs[0]["x"].device)
+                                 for i in range(calls)) * 1e3
     pipe_us, host_us = _pipelined_us(fn, inputs, backward, dy, calls)
     rows = _kernels(fn, inputs, backward, dy, calls)
     total = sum(r[0] for r in rows)
@@ -94,12 +95,11 @@ def main(argv=None) -> int:
     want = [s.strip() for s in args.shapes.split(",") if s.strip()]
     print(f"{torch.cuda.get_device_name()}, {dtype}, torch {torch.__version__}")
     result = None
-    for name, b, h, w, c, r, gating, interp in stencil_time.SHAPES["cuda"]:
+    for name, shape, interp in stencil_time.shapes("cuda"):
         if want and name not in want:
             continue
-        shape = common.Shape(name, b, h, w, c, r, gating=gating, interpolation=interp)
         inputs = [common.make_inputs(shape, device, dtype, seed=s) for s in range(2)]
-        print(f"\n{name} ({gating} routing, {interp})")
+        print(f"\n{name} ({shape.gating} routing, {interp})")
         for k, fn in stencil_time._stencil_fns(inputs[0], interp).items():
             a, pp, kern = profile_call(k, fn, inputs, False, args.calls)
             if result is None and k == "stencil-fwd":

@@ -28,6 +28,7 @@ import argparse
 import csv
 import glob
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -67,8 +68,7 @@ def run_shapes() -> None:
     import stencil_time
     from benchlib import common
 
-    for name, b, h, w, c, r, gating, interp in stencil_time.SHAPES["cuda"]:
-        shape = common.Shape(name, b, h, w, c, r, gating=gating, interpolation=interp)
+    for _, shape, interp in stencil_time.shapes("cuda"):
         inp = common.make_inputs(shape, torch.device("cuda"), torch.bfloat16, seed=0)
         for fn in stencil_time._stencil_fns(inp, interp).values():
             fn(inp)
@@ -86,7 +86,7 @@ def stalls(ncu: str) -> None:
     for section in STALL_SECTIONS:
         cmd += ["--section", section]
     cmd += [sys.executable, os.path.abspath(__file__), "--run-shapes"]
-    print("\n$ " + " ".join(f"'{c}'" if " " in c else c for c in cmd), flush=True)
+    print("\n$ " + shlex.join(cmd), flush=True)
     r = subprocess.run(cmd, capture_output=True, text=True)
     print(r.stdout[-60000:] + (f"\n(ncu exit {r.returncode}) " + r.stderr[-3000:]
                                if r.returncode else ""), flush=True)
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     cmd = [ncu, "--clock-control", "none", "--csv", "--page", "raw", "--target-processes",
            "all", "--kernel-name", KERNELS, "--metrics", ",".join(METRICS),
            sys.executable, os.path.abspath(__file__), "--run", "--cases", ",".join(names)]
-    print("$ " + " ".join(f"'{c}'" if " " in c else c for c in cmd))
+    print("$ " + shlex.join(cmd))
     r = subprocess.run(cmd, capture_output=True, text=True)
     # ncu's table as it came, first: the model below takes a while, and a reader (or a
     # corrected parser) needs no second GPU run to read it again.

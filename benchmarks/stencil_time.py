@@ -40,6 +40,13 @@ SHAPES = {
 }
 
 
+def shapes(kind: str):
+    """(name, common.Shape, interpolation) of SHAPES[kind] ("cuda" or "cpu")."""
+    for name, b, h, w, c, r, gating, interp in SHAPES[kind]:
+        yield name, common.Shape(name, b, h, w, c, r, gating=gating, interpolation=interp), \
+            interp
+
+
 def _stencil_fns(inp, interpolation, per_token=False, suffix="", smem_kb=0):
     """The stencil ops as the layer calls them (for map routing: the map programs), or with
     per_token the per-token programs whatever the routing; smem_kb: a tile block's
@@ -157,8 +164,8 @@ def main(argv=None) -> int:
     card = torch.cuda.get_device_name(device) if gpu else "CPU"
     print(f"{card}, {dtype}, torch {torch.__version__}")
     result = None
-    for name, b, h, w, c, r, gating, interp in SHAPES["cuda" if gpu else "cpu"]:
-        shape = common.Shape(name, b, h, w, c, r, gating=gating, interpolation=interp)
+    for name, shape, interp in shapes("cuda" if gpu else "cpu"):
+        gating = shape.gating
         layer_fns = {f"conv-lora[{backend}]": _layer(backend, interp),
                      common.PLAIN_LORA: common.plain_lora,
                      common.REFERENCE: _layer("reference", interp),
@@ -212,7 +219,7 @@ def main(argv=None) -> int:
                                                                       "stencil-bwd")]
                 shown = [f"{m * 1e3:.1f} us" if gpu else f"{m / lin_fwd['median_ms']:.3f}x"
                          for m in ms if m is not None]
-                print(f"    {kb:3d} KB ({_grid_text(r, 8, interp, kb)}): fwd, bwd "
+                print(f"    {kb:3d} KB ({_grid_text(shape.rank, 8, interp, kb)}): fwd, bwd "
                       f"{' / '.join(shown)}")
         if result is None and fused is not None and st["stencil-fwd"].get("median_ms"):
             if gpu:

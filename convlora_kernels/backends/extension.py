@@ -130,17 +130,22 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _below_autograd(fn):
+    """fn with the ops it calls dispatched below autograd: the layer differentiates the
+    stencil by hand, so stencil_fwd's autograd wrapper (a Python dispatch on every call)
+    stays out of it."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch._C._AutoDispatchBelowAutograd():
+            return fn(*args, **kwargs)
+    return run
+
+
+@_below_autograd
 def stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width, save):
     """(u, the pre-activations, the prep buffer) when a backward will follow (save): the
     forward and the backward share one prep pass (stencil_prep's tables and padded weights);
-    else (u, two empty tensors), the forward running its own prep. The layer differentiates
-    by hand: the ops are called below autograd, so stencil_fwd's autograd wrapper (a Python
-    dispatch on every call) stays out of it."""
-    with torch._C._AutoDispatchBelowAutograd():
-        return _stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width, save)
-
-
-def _stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width, save):
+    else (u, two empty tensors), the forward running its own prep."""
     code = INTERPOLATION_CODES[interpolation]
     if not save:
         u, pre = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales, code, height, width,
@@ -152,15 +157,9 @@ def _stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width, save
     return u, pre, prep
 
 
+@_below_autograd
 def stencil_backward(du, z2, preact, prep, idx, cw, cb, scales, interpolation, height,
                      width):
-    with torch._C._AutoDispatchBelowAutograd():  # as in stencil_forward
-        return _stencil_backward(du, z2, preact, prep, idx, cw, cb, scales, interpolation,
-                                 height, width)
-
-
-def _stencil_backward(du, z2, preact, prep, idx, cw, cb, scales, interpolation, height,
-                      width):
     code = INTERPOLATION_CODES[interpolation]
     kb = smem_kb()
     prep = prep if prep.numel() > 0 else None  # else the op runs its own prep

@@ -50,7 +50,8 @@ std::vector<int64_t> stencil_grid(int64_t r, int64_t n, int64_t interpolation, b
     const auto go = [&]<int INTERP, bool BWD>() {  // BWD: a compile-time direction
       const auto p = make_tile_grid<R, INTERP, BWD, float>(1, 1, 1, static_cast<int>(r),
                                                          static_cast<int>(n), budget);
-      out = {p.layout.bytes, p.w_smem, p.dw_smem, tile::kThreads, tile::Geometry<R, INTERP, BWD>::kTileH,
+      out = {p.layout.bytes, p.w_smem, p.dw_smem, tile::Geometry<R, INTERP, BWD>::kThreads,
+             tile::Geometry<R, INTERP, BWD>::kTileH,
              tile::Geometry<R, INTERP, BWD>::kTileW,
              tile::Geometry<R, INTERP, BWD>::kRound};
     };

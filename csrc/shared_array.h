@@ -12,6 +12,7 @@
 #pragma once
 
 #include <stdint.h>
+#include <type_traits>
 
 #include "convlora_math.h"
 
@@ -210,7 +211,10 @@ struct SArr {
   // (the checked build checks it): one 128-bit load on the GPU.
   CONVLORA_HD V4<T> load4(int i) const {
 #if defined(__CUDA_ARCH__)
-    if constexpr (sizeof(T) == 4) {
+    if constexpr (sizeof(T) == 4 && std::is_integral<T>::value) {
+      const int4 f = *reinterpret_cast<const int4*>(p + i);
+      return V4<T>{{f.x, f.y, f.z, f.w}};
+    } else if constexpr (sizeof(T) == 4) {
       const float4 f = *reinterpret_cast<const float4*>(p + i);
       return V4<T>{{f.x, f.y, f.z, f.w}};
     } else

@@ -1,6 +1,6 @@
 // CPU kernels of the stencil ops: the tiled block programs of stencil_tile.h (per-token
 // experts) and stencil_map.h (one expert per map), each block's phases run as loops over its
-// 128 thread ids, blocks in parallel with at::parallel_for.
+// thread ids, blocks in parallel with at::parallel_for.
 // Built with CONVLORA_CHECKED, every shared-memory index is bounds-checked, cross-thread
 // accesses within a phase are reported as races, and buffers are poisoned before they are
 // written (see stencil_tile.h).
@@ -19,13 +19,14 @@ namespace {
 // Runs a phase for every thread of the block, one after another: the barrier after a
 // phase is the end of the loop.
 struct CpuExec {
+  int threads;  // the block's
   template <typename F>
   void phase(const char* name, F&& f) {
 #if defined(CONVLORA_CHECKED)
     tile::Shadow& s = *tile::g_shadow;
     ++s.phase;
     if (s.trace != nullptr) s.trace->begin(name);
-    for (int tid = 0; tid < tile::kThreads; ++tid) {
+    for (int tid = 0; tid < threads; ++tid) {
       s.tid = tid;
       f(tid);
     }
@@ -34,7 +35,7 @@ struct CpuExec {
     ++s.phase;
 #else
     (void)name;
-    for (int tid = 0; tid < tile::kThreads; ++tid) f(tid);
+    for (int tid = 0; tid < threads; ++tid) f(tid);
 #endif
   }
   void poison(void* p, int bytes) {
@@ -83,7 +84,7 @@ std::pair<at::Tensor, at::Tensor> call_prep(const Operands& o, const tile::Table
 // with its own shared memory (16-byte aligned) and, in the checked build, its race shadow
 // and, when the cost model asks (smem_trace), its count of shared accesses.
 template <typename F>
-void for_each_block(int64_t blocks, int bytes, F&& f) {
+void for_each_block(int64_t blocks, int threads, int bytes, F&& f) {
 #if defined(CONVLORA_CHECKED)
   const bool trace = tile::trace_request().on;
   if (trace) tile::trace_request().begin_call(blocks, bytes);
@@ -92,11 +93,11 @@ void for_each_block(int64_t blocks, int bytes, F&& f) {
     std::vector<double> storage((bytes + sizeof(double) - 1) / sizeof(double) + 2);
     auto* smem = reinterpret_cast<unsigned char*>(
         (reinterpret_cast<uintptr_t>(storage.data()) + 15) & ~static_cast<uintptr_t>(15));
-    CpuExec ex;
+    CpuExec ex{threads};
 #if defined(CONVLORA_CHECKED)
     tile::Shadow shadow;
     shadow.attach(smem, bytes);
-    tile::Trace counts(tile::kThreads);
+    tile::Trace counts(threads);
     if (trace) shadow.trace = &counts;
     tile::g_shadow = &shadow;
 #endif
@@ -111,8 +112,8 @@ void for_each_block(int64_t blocks, int bytes, F&& f) {
 // Runs every block of one call (per-token programs).
 template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
 void run_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const TileGrid& grid) {
-  for_each_block(grid.blocks, grid.layout.bytes, [&](CpuExec& ex, unsigned char* smem,
-                                                      int64_t blk) {
+  for_each_block(grid.blocks, tile::Geometry<R, INTERP, BWD>::kThreads, grid.layout.bytes,
+                 [&](CpuExec& ex, unsigned char* smem, int64_t blk) {
     tile::run_block<R, INTERP, BWD>(ex, A, grid.layout, smem, blk);
   });
 }
@@ -120,8 +121,8 @@ void run_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const TileGrid& grid) 
 // Runs every block of one call (map programs).
 template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
 void run_map_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const MapGrid& grid) {
-  for_each_block(grid.blocks, grid.layout.bytes, [&](CpuExec& ex, unsigned char* smem,
-                                                      int64_t blk) {
+  for_each_block(grid.blocks, tile::kThreads, grid.layout.bytes,
+                 [&](CpuExec& ex, unsigned char* smem, int64_t blk) {
     tile::run_map_block<R, INTERP, BWD>(ex, A, grid.layout, smem, blk);
   });
 }

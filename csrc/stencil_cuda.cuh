@@ -41,12 +41,16 @@ struct GpuExec {
   __device__ __forceinline__ void poison(void*, int) {}
 };
 
-// At R <= 8 four blocks of 128 threads per SM: at most 128 registers per thread.
-template <int R>
-constexpr int min_blocks_per_sm() { return R <= 8 ? 4 : 2; }
+// At R <= 8 four blocks of 128 threads (two of 256) per SM: at most 128 registers per
+// thread.
+template <int R, int INTERP, bool BWD>
+constexpr int min_blocks_per_sm() {
+  return (R <= 8 ? 4 : 2) * 128 / tile::Geometry<R, INTERP, BWD>::kThreads;
+}
 
 template <int R, int INTERP, bool BWD, typename scalar_t>
-__global__ void __launch_bounds__(tile::kThreads, min_blocks_per_sm<R>())
+__global__ void __launch_bounds__(tile::Geometry<R, INTERP, BWD>::kThreads,
+                                  min_blocks_per_sm<R, INTERP, BWD>())
     stencil_tile_kernel(const tile::TileArgs<scalar_t, float> A, const tile::Layout L) {
   extern __shared__ __align__(16) unsigned char smem[];
   GpuExec ex;
@@ -148,9 +152,9 @@ inline void allow_shared_bytes(const void* kernel, int bytes) {
 
 template <typename Kernel, typename Layout, typename scalar_t>
 void launch_blocks(Kernel kernel, const tile::TileArgs<scalar_t, float>& A, const Layout& L,
-                   int64_t blocks, cudaStream_t stream) {
+                   int64_t blocks, int threads, cudaStream_t stream) {
   allow_shared_bytes(reinterpret_cast<const void*>(kernel), L.bytes);
-  kernel<<<static_cast<unsigned>(blocks), tile::kThreads, L.bytes, stream>>>(A, L);
+  kernel<<<static_cast<unsigned>(blocks), threads, L.bytes, stream>>>(A, L);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -201,7 +205,7 @@ void run_map_call(tile::TileArgs<scalar_t, float> A, const Operands& o, const ti
                                          BWD ? partial.mutable_data_ptr<float>() : nullptr, pre);
   if (BWD) A.region = region.mutable_data_ptr<float>();
   launch_blocks(stencil_map_kernel<R, INTERP, BWD, scalar_t>, A, grid.layout, grid.blocks,
-                stream);
+                tile::kThreads, stream);
   if (BWD) {
     const int64_t total = N * A.r;
     fold_kernel<R, INTERP, scalar_t><<<grid_for(total, kPrepThreads), kPrepThreads, 0, stream>>>(
@@ -243,7 +247,7 @@ void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t i
                                               BWD ? partial.mutable_data_ptr<float>() : nullptr,
                                               pre);
   launch_blocks(stencil_tile_kernel<R, INTERP, BWD, scalar_t>, A, grid.layout, grid.blocks,
-                stream);
+                tile::Geometry<R, INTERP, BWD>::kThreads, stream);
   if (BWD) {
     launch_reduce<R>(partial, grid.blocks, A.r, A.n, *dw, stream);
   }

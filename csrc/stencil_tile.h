@@ -47,7 +47,9 @@
 #if defined(__CUDA_ARCH__)
 #define CONVLORA_UNROLL _Pragma("unroll")
 #define CONVLORA_NO_UNROLL _Pragma("unroll 1")  // chunk loops: keep one chunk's registers
+#define CONVLORA_UNROLL_4 _Pragma("unroll 4")   // a few loads in flight, not all of them
 #else
+#define CONVLORA_UNROLL_4
 #define CONVLORA_UNROLL
 #define CONVLORA_NO_UNROLL
 #endif
@@ -55,7 +57,10 @@
 namespace convlora {
 namespace tile {
 
+// Threads per block of the map programs, and the most a tile program has (its own:
+// Geometry::kThreads).
 constexpr int kThreads = 128;
+constexpr int kMaxThreads = 256;
 // Per-block shared memory that stages the conv weights or the weight-gradient
 // accumulators only when they fit under this many bytes (else they stay in global memory).
 // A first choice, not a measured one: the ops' smem_kb argument overrides it (stencil.h; the
@@ -86,6 +91,11 @@ CONVLORA_HD constexpr int round_items(int row) {
 template <int R, int INTERP, bool BWD>
 struct Geometry {
   static constexpr int kHalo = Interp<INTERP>::kHalo;
+  // Threads per block: 256 in the forward at R <= 8 (a round is one item a thread, so a
+  // block takes twice the items at once, and an SM holds twice the warps to hide the
+  // conv's latencies: 128 registers a thread allow two blocks); else 128 (the forward at
+  // R >= 16 takes more registers than two such blocks would leave).
+  static constexpr int kThreads = !BWD && R <= 8 ? 256 : 128;
   // 8 x 8 tokens; 4 x 4 where the staged halo would outgrow an A100's 163 KB per block.
   static constexpr int kTileH = R >= 64 && INTERP == kBicubic && BWD ? 4 : 8;
   static constexpr int kTileW = kTileH;
@@ -130,8 +140,8 @@ struct Geometry {
   static constexpr int kURowQuads = (kURowMin + 3) / 4;  // 16-byte groups, rounded up
   static constexpr int kURow = kVecU ? 4 * (kURowQuads | 1) : kURowMin;
   static_assert(!kChannelMajor || kURow == kNeighbours * R, "bicubic rows: 49 R words");
-  // Items per round: 128 forward (R values each); backward, about 36 KB of ubuf.
-  static constexpr int kRound = !BWD ? 128 : round_items(kURow);
+  // Items per round: one a thread forward (R values each); backward, about 36 KB of ubuf.
+  static constexpr int kRound = !BWD ? kThreads : round_items(kURow);
   // The backward's gather walks the round's items (each adding the one cell of its
   // source's neighbourhood a tile token is, if any) where a round has fewer items than a
   // neighbourhood has cells (bicubic: 16 against 49 at R = 8; bilinear at R = 64: 8
@@ -280,7 +290,7 @@ CONVLORA_HD void weight_entry(const w_t* conv_w, const w_t* conv_b, int r, int n
 
 // Byte offsets of a block's shared arrays (16-byte aligned), the same on host and device.
 struct Layout {
-  int zs, src, es, nt, start, bucket, first, items, cbuf, ubuf, nbr, acc, w, wt, b, dw, bytes;
+  int zs, src, es, nt, start, key, first, items, cbuf, ubuf, nbr, acc, w, wt, b, dw, bytes;
   int w_count, dw_count;
 };
 
@@ -302,7 +312,7 @@ CONVLORA_HD Layout make_layout(int r, int n, bool w_smem, bool dw_smem) {
   L.es = take(G::kSrc * I);
   L.nt = take(G::kSrc * I);
   L.start = take(G::kSrc * I);
-  L.bucket = take(G::kBuckets * I);
+  L.key = take(G::kSrc * I);
   L.first = take((G::kBuckets + 1) * I);
   L.items = take(G::kMaxItems * I);
   L.cbuf = take(G::kRound * G::kItemRow * A);
@@ -378,15 +388,16 @@ CONVLORA_HD acc_t outside_value() {
 
 // Stages an RH x RW region of an (H, W, r) map (origin y0, x0, may reach outside the map)
 // into dst[(ly·RW + lx)·CELL + c] as acc_t; channels c >= r and cells outside the map are
-// outside_value() (never read: taps are clamped into the map).
-template <int R, int RH, int RW, int CELL, typename scalar_t, typename acc_t>
+// outside_value() (never read: taps are clamped into the map). THREADS: the block's.
+template <int R, int RH, int RW, int CELL, int THREADS = kThreads, typename scalar_t,
+          typename acc_t>
 CONVLORA_HD void stage_region(const scalar_t* map, int H, int W, int r, int y0, int x0,
                               bool vec, SArr<acc_t> dst, int tid) {
   constexpr int VEC = 16 / static_cast<int>(sizeof(scalar_t));
   if constexpr (R % VEC == 0) {
     if (vec) {
       constexpr int QV = R / VEC;  // vectors per token
-      for (int u = tid; u < RH * RW * QV; u += kThreads) {
+      for (int u = tid; u < RH * RW * QV; u += THREADS) {
         const int cell = u / QV, q = u - cell * QV;
         const int ly = cell / RW, lx = cell - ly * RW;
         const int gy = y0 + ly, gx = x0 + lx;
@@ -411,7 +422,7 @@ CONVLORA_HD void stage_region(const scalar_t* map, int H, int W, int r, int y0, 
   // packed in fours (their words then run on), consecutive cells of one channel where a
   // cell's stride is odd (the lanes then write distinct banks; the loads, a token's
   // channels apart, still come from the same few lines).
-  for (int u = tid; u < RH * RW * R; u += kThreads) {
+  for (int u = tid; u < RH * RW * R; u += THREADS) {
     const int cell = CELL % 2 == 1 ? u % (RH * RW) : u / R;
     const int c = CELL % 2 == 1 ? u / (RH * RW) : u - cell * R;
     const int ly = cell / RW, lx = cell - ly * RW;
@@ -563,6 +574,46 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
   }
 }
 
+// Shared arrays filled and flushed in 128-bit accesses: thread tid takes every THREADS-th
+// group of four elements (count and both offsets multiples of 4, the global arrays 16-byte
+// aligned, as the prep buffer, the partials and the staged arrays are).
+template <int THREADS, typename acc_t>
+CONVLORA_HD void copy_in4(const acc_t* src, SArr<acc_t> dst, int count, int tid) {
+  for (int g = tid; g < count / 4; g += THREADS) {
+    V4<acc_t> v;
+#if defined(__CUDA_ARCH__)
+    if constexpr (sizeof(acc_t) == 4) {
+      const float4 f = reinterpret_cast<const float4*>(src)[g];
+      v = V4<acc_t>{{f.x, f.y, f.z, f.w}};
+    } else
+#endif
+    {
+      for (int q = 0; q < 4; ++q) v.v[q] = src[4 * g + q];
+    }
+    dst.store4(4 * g, v);
+  }
+}
+
+template <int THREADS, typename acc_t>
+CONVLORA_HD void zero4(SArr<acc_t> dst, int count, int tid) {
+  for (int g = tid; g < count / 4; g += THREADS)
+    dst.store4(4 * g, {{acc_t(0), acc_t(0), acc_t(0), acc_t(0)}});
+}
+
+template <int THREADS, typename acc_t>
+CONVLORA_HD void copy_out4(SArr<acc_t> src, acc_t* dst, int count, int tid) {
+  for (int g = tid; g < count / 4; g += THREADS) {
+    const V4<acc_t> v = src.load4(4 * g);
+#if defined(__CUDA_ARCH__)
+    if constexpr (sizeof(acc_t) == 4) {
+      reinterpret_cast<float4*>(dst)[g] = make_float4(v.v[0], v.v[1], v.v[2], v.v[3]);
+      continue;
+    }
+#endif
+    for (int q = 0; q < 4; ++q) dst[4 * g + q] = v.v[q];
+  }
+}
+
 // Where this block's tile sits.
 struct BlockPos {
   int64_t token0;  // first token of the block's map
@@ -597,7 +648,7 @@ template <int R, int INTERP, bool BWD, typename acc_t>
 struct Smem {
   using G = Geometry<R, INTERP, BWD>;
   SArr<acc_t> zs, src, cbuf, ubuf, nbr, acc, w, wt, b, dw;
-  SArr<int> es, nt, start, bucket, first, items;
+  SArr<int> es, nt, start, key, first, items;
 
   CONVLORA_HD Smem(unsigned char* base, const Layout& L, int n, const acc_t* wglobal,
                    acc_t* dwglobal, int r)
@@ -623,50 +674,10 @@ struct Smem {
         es(CONVLORA_SARR(int, base, L.es, G::kSrc, "expert")),
         nt(CONVLORA_SARR(int, base, L.nt, G::kSrc, "taps per token")),
         start(CONVLORA_SARR(int, base, L.start, G::kSrc, "item start")),
-        bucket(CONVLORA_SARR(int, base, L.bucket, G::kBuckets, "bucket size")),
+        key(CONVLORA_SARR(int, base, L.key, G::kSrc, "item order key")),
         first(CONVLORA_SARR(int, base, L.first, G::kBuckets + 1, "bucket start")),
         items(CONVLORA_SARR(int, base, L.items, G::kMaxItems, "items")) {}
 };
-
-// Phase 1: stage z (and du), the expert of every source token, weights and biases;
-// zero the tile accumulators.
-template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
-CONVLORA_HD void phase_load(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P,
-                            const Smem<R, INTERP, BWD, acc_t>& S, int tid) {
-  using G = Geometry<R, INTERP, BWD>;
-  const int sy0 = P.h0 - G::kSH, sx0 = P.w0 - G::kSH;
-  stage_region<R, G::kZH, G::kZW, G::kZCell>(A.z + P.token0 * A.r, A.H, A.W, A.r,
-                                           P.h0 - G::kHalo, P.w0 - G::kHalo, A.vec_z, S.zs, tid);
-  if (BWD)
-    stage_region<R, G::kSrcH, G::kSrcW, G::kSrcCell>(A.du + P.token0 * A.r, A.H, A.W, A.r, sy0,
-                                                 sx0, A.vec_z, S.src, tid);
-  for (int t = tid; t < G::kSrc; t += kThreads) {
-    const int ly = t / G::kSrcW, lx = t - ly * G::kSrcW;
-    const int gy = sy0 + ly, gx = sx0 + lx;
-    int e = kOutside, nt = 0;
-    if (gy >= 0 && gy < A.H && gx >= 0 && gx < A.W) {
-      e = A.expert_index[P.token0 + static_cast<int64_t>(gy) * A.W + gx];
-      if (e < 0 || e >= A.n) {
-        e = kBadExpert;
-      } else {
-        nt = A.taps[A.T.down_y + e * A.H + gy].n * 8 + A.taps[A.T.down_x + e * A.W + gx].n;
-      }
-    }
-    S.es[t] = e;
-    S.nt[t] = nt;
-  }
-  if (A.w_smem) {
-    const int nw = A.n * weight_stride<R>();
-    for (int i = tid; i < nw; i += kThreads) S.w[i] = A.wbuf[i];
-    if (BWD && !G::kChannelMajor)  // Wᵀ for phase_delta (channel-major reads W)
-      for (int i = tid; i < nw; i += kThreads) S.wt[i] = A.wbuf[nw + A.n * R + i];
-  }
-  for (int i = tid; i < A.n * R; i += kThreads) S.b[i] = A.wbuf[A.n * weight_stride<R>() + i];
-  for (int i = tid; i < G::kTileH * G::kTileW * G::kAccCell; i += kThreads) S.acc[i] = acc_t(0);
-  if (BWD) {
-    for (int i = tid; i < A.n * grad_stride<R>(); i += kThreads) S.dw[i] = acc_t(0);
-  }
-}
 
 template <int R, int INTERP, bool BWD>
 CONVLORA_HD bool in_tile(int t) {
@@ -682,36 +693,86 @@ CONVLORA_HD int token_bucket(int t, int e, int nt, int n) {
   return in_tile<R, INTERP, BWD>(t) ? e : n + e;
 }
 
-// Phase 2: thread b < 2n counts the items of bucket b.
-template <int R, int INTERP, bool BWD, typename acc_t>
-CONVLORA_HD void phase_count(int n, const Smem<R, INTERP, BWD, acc_t>& S, int tid) {
-  using G = Geometry<R, INTERP, BWD>;
-  if (tid >= 2 * n) return;
-  int total = 0;
-  for (int t = 0; t < G::kSrc; ++t) {
-    const int nt = S.nt[t];
-    if (token_bucket<R, INTERP, BWD>(t, S.es[t], nt, n) == tid) total += (nt >> 3) * (nt & 7);
-  }
-  S.bucket[tid] = total;
+// A source token's place in the block's item order, as phase_list reads it: its item
+// count << 16 | its bucket << 8 | its index; 0 for a token without items.
+template <int R, int INTERP, bool BWD>
+CONVLORA_HD int order_key(int t, int e, int nt, int n) {
+  static_assert(Geometry<R, INTERP, BWD>::kSrc <= 256 && kMaxExperts <= 64, "8-bit fields");
+  const int b = token_bucket<R, INTERP, BWD>(t, e, nt, n);
+  return b < 0 ? 0 : ((nt >> 3) * (nt & 7)) << 16 | b << 8 | t;
 }
 
-// Phase 3: thread b < 2n walks the sources in order and lists the items of bucket b from
-// the bucket's offset: items sorted by (halo, expert, token, down tap). first[b] is the
-// first item of bucket b (first[2n]: the item count).
+// Phase 1: stage z (and du), the expert of every source token, weights and biases;
+// zero the tile accumulators.
+template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
+CONVLORA_HD void phase_load(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P,
+                            const Smem<R, INTERP, BWD, acc_t>& S, int tid) {
+  using G = Geometry<R, INTERP, BWD>;
+  const int sy0 = P.h0 - G::kSH, sx0 = P.w0 - G::kSH;
+  stage_region<R, G::kZH, G::kZW, G::kZCell, G::kThreads>(A.z + P.token0 * A.r, A.H, A.W, A.r,
+                                           P.h0 - G::kHalo, P.w0 - G::kHalo, A.vec_z, S.zs, tid);
+  if (BWD)
+    stage_region<R, G::kSrcH, G::kSrcW, G::kSrcCell, G::kThreads>(A.du + P.token0 * A.r, A.H, A.W, A.r, sy0,
+                                                 sx0, A.vec_z, S.src, tid);
+  for (int t = tid; t < G::kSrc; t += G::kThreads) {
+    const int ly = t / G::kSrcW, lx = t - ly * G::kSrcW;
+    const int gy = sy0 + ly, gx = sx0 + lx;
+    int e = kOutside, nt = 0;
+    if (gy >= 0 && gy < A.H && gx >= 0 && gx < A.W) {
+      e = A.expert_index[P.token0 + static_cast<int64_t>(gy) * A.W + gx];
+      if (e < 0 || e >= A.n) {
+        e = kBadExpert;
+      } else {
+        nt = A.taps[A.T.down_y + e * A.H + gy].n * 8 + A.taps[A.T.down_x + e * A.W + gx].n;
+      }
+    }
+    S.es[t] = e;
+    S.nt[t] = nt;
+    S.key[t] = order_key<R, INTERP, BWD>(t, e, nt, A.n);
+  }
+  // weights, Wᵀ (phase_delta's; channel-major reads W), biases: the prep buffer's rows
+  // (multiples of 4 floats) in 128-bit copies
+  static_assert(grad_stride<R>() % 4 == 0 && weight_stride<R>() % 4 == 0, "128-bit rows");
+  constexpr int T = G::kThreads;
+  const int nw = A.n * weight_stride<R>();
+  if (A.w_smem) {
+    copy_in4<T>(A.wbuf, S.w, nw, tid);
+    if (BWD && !G::kChannelMajor) copy_in4<T>(A.wbuf + nw + A.n * R, S.wt, nw, tid);
+  }
+  copy_in4<T>(A.wbuf + nw, S.b, A.n * R, tid);
+  zero4<T>(S.acc, G::kTileH * G::kTileW * G::kAccCell, tid);
+  if (BWD) zero4<T>(S.dw, A.n * grad_stride<R>(), tid);
+}
+
+// Phase 2: the items, sorted by (halo, expert, token, down tap), with no thread walking
+// more than the sources' keys (no serial count of a bucket after another). Thread v < kSrc
+// is source token v: its items start after every item of a source with a smaller key
+// (bucket, token), a sum over the keys (four a 128-bit load, the same for every lane);
+// it writes its start and its items there. Thread kSrc + b, b <= 2n, sums the items of the
+// buckets before b: first[b], the first item of bucket b (first[2n]: the item count).
 template <int R, int INTERP, bool BWD, typename acc_t>
 CONVLORA_HD void phase_list(int n, const Smem<R, INTERP, BWD, acc_t>& S, int tid) {
   using G = Geometry<R, INTERP, BWD>;
-  if (tid > 2 * n) return;
-  int off = 0;
-  for (int b = 0; b < tid; ++b) off += S.bucket[b];
-  S.first[tid] = off;
-  if (tid == 2 * n) return;
-  for (int t = 0; t < G::kSrc; ++t) {
-    const int nt = S.nt[t], e = S.es[t];
-    if (token_bucket<R, INTERP, BWD>(t, e, nt, n) != tid) continue;
-    S.start[t] = off;
+  static_assert(G::kSrc % 4 == 0, "the keys in 128-bit loads");
+  for (int v = tid; v <= G::kSrc + 2 * n; v += G::kThreads) {
+    const int key = v < G::kSrc ? S.key[v] : 0;
+    const int mine = v < G::kSrc ? key & 0xFFFF : (v - G::kSrc) << 8;
+    int off = 0;
+    CONVLORA_UNROLL_4
+    for (int q = 0; q < G::kSrc; q += 4) {
+      const V4<int> k = S.key.load4(q);
+      CONVLORA_UNROLL
+      for (int i = 0; i < 4; ++i) off += (k.v[i] & 0xFFFF) < mine ? k.v[i] >> 16 : 0;
+    }
+    if (v >= G::kSrc) {
+      S.first[v - G::kSrc] = off;
+      continue;
+    }
+    S.start[v] = off;
+    if (key == 0) continue;  // no items
+    const int nt = S.nt[v], e = S.es[v];
     for (int a = 0; a < (nt >> 3); ++a)
-      for (int b = 0; b < (nt & 7); ++b) S.items[off++] = make_item(t, a, b, e, nt);
+      for (int b = 0; b < (nt & 7); ++b) S.items[off++] = make_item(v, a, b, e, nt);
   }
 }
 
@@ -794,7 +855,7 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
   const int tile_items = BWD ? S.first[A.n] : nitems;
   constexpr int RS = R / G::kItemSplit;  // channels per thread (R in the forward)
   static_assert(BWD || RS == R, "the forward's rounds fill the block");
-  for (int v = tid; v < G::kRound * G::kItemSplit; v += kThreads) {
+  for (int v = tid; v < G::kRound * G::kItemSplit; v += G::kThreads) {
     const ItemShare<G> share(v);
     const int j = share.j, cs = share.cs;
     if (r0 + j >= nitems) continue;
@@ -867,7 +928,7 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
 template <int R, int INTERP, typename acc_t>
 CONVLORA_HD void phase_combine(int r0, const Smem<R, INTERP, false, acc_t>& S, int tid) {
   using G = Geometry<R, INTERP, false>;
-  for (int u = tid; u < G::kSrc * R; u += kThreads) {
+  for (int u = tid; u < G::kSrc * R; u += G::kThreads) {
     const int t = u / R, c = u - t * R;
     const int nt = S.nt[t];
     if (nt == 0) continue;
@@ -912,7 +973,7 @@ CONVLORA_HD void phase_store(const TileArgs<scalar_t, acc_t>& A, const BlockPos&
                              const Smem<R, INTERP, BWD, acc_t>& S, int tid) {
   using G = Geometry<R, INTERP, BWD>;
   const int r = A.r, runs = (r + 3) / 4;
-  for (int u = tid; u < G::kTileH * G::kTileW * runs; u += kThreads) {
+  for (int u = tid; u < G::kTileH * G::kTileW * runs; u += G::kThreads) {
     const int cell = u / runs, c0 = (u - cell * runs) * 4;
     const int ty = cell / G::kTileW, tx = cell - ty * G::kTileW;
     const int gy = P.h0 + ty, gx = P.w0 + tx;
@@ -958,7 +1019,7 @@ CONVLORA_HD void phase_dw(int n, int r0, const Smem<R, INTERP, true, acc_t>& S, 
   const int tile_items = S.first[n];
   const int lo = r0, hi = r0 + G::kRound < tile_items ? r0 + G::kRound : tile_items;
   if (lo >= hi) return;
-  for (int u = tid; u < (R / CO) * NIN; u += kThreads) {
+  for (int u = tid; u < (R / CO) * NIN; u += G::kThreads) {
     const int co0 = (u / NIN) * CO, in = u - (u / NIN) * NIN;
     const bool bias = in == 9 * R;
     const int k = in / R, ci = in - k * R;
@@ -1076,7 +1137,7 @@ CONVLORA_HD void phase_delta(const TileArgs<scalar_t, acc_t>& A, const BlockPos&
   constexpr int CD = CD0 < RS ? CD0 : RS;
   static_assert(RS % CD == 0, "whole passes");
   const int sy0 = P.h0 - G::kSH, sx0 = P.w0 - G::kSH;
-  for (int v = tid; v < G::kRound * G::kItemSplit; v += kThreads) {
+  for (int v = tid; v < G::kRound * G::kItemSplit; v += G::kThreads) {
     const ItemShare<G> share(v);
     const int j = share.j, cs = share.cs;
     if (r0 + j >= nitems) continue;
@@ -1177,7 +1238,7 @@ CONVLORA_HD void phase_gather(int r0, int nitems, const Smem<R, INTERP, true, ac
   // channels per thread: two threads per token from R = 8 (all 128 busy at 8 x 8 tokens)
   constexpr int CH = R < 8 ? R : (R / 2 < 16 ? R / 2 : 16), NCH = R / CH;
   const int hi_round = r0 + G::kRound < nitems ? r0 + G::kRound : nitems;
-  for (int u = tid; u < G::kTileH * G::kTileW * NCH; u += kThreads) {
+  for (int u = tid; u < G::kTileH * G::kTileW * NCH; u += G::kThreads) {
     const int cell = u / NCH, c0 = (u - cell * NCH) * CH;
     const int ty = cell / G::kTileW, tx = cell - ty * G::kTileW;
     acc_t sum[CH];
@@ -1247,8 +1308,9 @@ CONVLORA_HD void phase_gather(int r0, int nitems, const Smem<R, INTERP, true, ac
 template <int R, int INTERP, typename acc_t>
 CONVLORA_HD void phase_flush_dw(int r, int n, bool dw_smem, acc_t* partial,
                                 const Smem<R, INTERP, true, acc_t>& S, int tid) {
+  using G = Geometry<R, INTERP, true>;
   if (!dw_smem) return;
-  for (int i = tid; i < n * grad_stride<R>(); i += kThreads) partial[i] = S.dw[i];
+  copy_out4<G::kThreads>(S.dw, partial, n * grad_stride<R>(), tid);
 }
 
 // Runs one block. Exec::phase(name, f) calls f(tid) for every thread of the block and then
@@ -1263,7 +1325,6 @@ CONVLORA_HD void run_block(Exec& ex, const TileArgs<scalar_t, acc_t>& A, const L
   const Smem<R, INTERP, BWD, acc_t> S(smem, L, A.n, A.wbuf, partial, A.r);
   ex.poison(smem, L.bytes);
   ex.phase("load", [&](int tid) { phase_load<R, INTERP, BWD>(A, P, S, tid); });
-  ex.phase("count", [&](int tid) { phase_count<R, INTERP, BWD>(A.n, S, tid); });
   ex.phase("list", [&](int tid) { phase_list<R, INTERP, BWD>(A.n, S, tid); });
   const int nitems = S.first[2 * A.n];
   for (int r0 = 0; r0 < nitems; r0 += G::kRound) {

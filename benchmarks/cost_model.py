@@ -346,9 +346,9 @@ def sass_counts(arch: int = 90) -> Dict[str, Dict[str, int]]:
 
 
 @functools.lru_cache(maxsize=None)
-def registers(arch: int = 90) -> Dict[str, int]:
-    """{demangled kernel: registers per thread} of the built extension for sm_<arch> ({}
-    without CUDA kernels or cuobjdump)."""
+def resources() -> Dict[Tuple[int, str], Dict[str, int]]:
+    """{(arch, demangled kernel): {"REG", "STACK", "SHARED", "LOCAL", ...}} of every kernel
+    of the built extension ({} without CUDA kernels or cuobjdump)."""
     from convlora_kernels import _ext
 
     mod, _ = _ext.load()
@@ -356,27 +356,28 @@ def registers(arch: int = 90) -> Dict[str, int]:
     if mod is None or tool is None or not _ext.has_cuda_kernels():
         return {}
     out = subprocess.run([tool, "--dump-resource-usage", mod.__file__],
-                         capture_output=True, text=True).stdout
-    names, regs, arch_now = [], [], None
+                         capture_output=True, text=True, check=True).stdout
+    keys, values, arch, name = [], [], None, None
     for line in out.splitlines():
         m = re.search(r"arch = sm_(\d+)", line)
         if m:
-            arch_now = int(m.group(1))
+            arch = int(m.group(1))
         m = re.search(r"Function (\S+):", line)
         if m:
             name = m.group(1)
-        m = re.search(r"REG:(\d+)", line)
-        if m and arch_now == arch:
-            names.append(name)
-            regs.append(int(m.group(1)))
-    return dict(zip(_demangle(names), regs))
+        if "REG:" in line and name:
+            keys.append((arch, name))
+            values.append({k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)})
+            name = None
+    names = _demangle([n for _, n in keys])
+    return {(a, d): v for (a, _), d, v in zip(keys, names, values)}
 
 
-def _registers_of(kernel: str, R: int, mode: str, bwd: bool) -> Optional[int]:
+def _registers_of(kernel: str, R: int, mode: str, bwd: bool, arch: int = 90) -> Optional[int]:
     want = f"{kernel}<{R}, {INTERP[mode]}, {'true' if bwd else 'false'}, c10::BFloat16>"
-    for name, n in registers().items():
-        if name.replace("void ", "").strip() == want:
-            return n
+    for (a, name), v in resources().items():
+        if a == arch and name.replace("void ", "").strip() == want:
+            return v["REG"]
     return None
 
 

@@ -5,7 +5,6 @@ of many tiles, partial tiles and every shared/global memory path against the ref
 
 import os
 import re
-import subprocess
 
 import pytest
 import torch
@@ -71,27 +70,7 @@ def test_stencil_grid_at_the_target_configuration():
 
 def _resources():
     """{(arch, kernel signature): {REG, STACK, SHARED, LOCAL}} of every kernel in _C."""
-    mod, _ = _ext.load()
-    out = subprocess.run([_ext.cuobjdump(), "--dump-resource-usage", mod.__file__],
-                         capture_output=True, text=True, check=True).stdout
-    res, arch, name = {}, None, None
-    for line in out.splitlines():
-        m = re.search(r"arch = sm_(\d+)", line)
-        if m:
-            arch = int(m.group(1))
-        m = re.search(r"Function (\S+):", line)
-        if m:
-            name = m.group(1)
-        if "REG:" in line and name:
-            fields = dict(re.findall(r"(\w+):(\d+)", line))
-            res[(arch, _demangle(name))] = {k: int(v) for k, v in fields.items()}
-            name = None
-    return res
-
-
-def _demangle(name):
-    out = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip()
-    return re.sub(r"\(.*", "", out.replace("convlora::", "").replace("cuda_kernels::", ""))
+    return _cost_model().resources()
 
 
 @pytest.mark.skipif(not _ext.has_cuda_kernels(), reason="_C was built without CUDA kernels")

@@ -719,11 +719,11 @@ CONVLORA_HD void phase_load(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
                             const Smem<R, INTERP, BWD, acc_t>& S, int tid) {
   using G = Geometry<R, INTERP, BWD>;
   const int sy0 = P.h0 - G::kSH, sx0 = P.w0 - G::kSH;
-  stage_region<R, G::kZH, G::kZW, G::kZCell, G::kThreads>(A.z + P.token0 * A.r, A.H, A.W, A.r,
-                                           P.h0 - G::kHalo, P.w0 - G::kHalo, A.vec_z, S.zs, tid);
+  stage_region<R, G::kZH, G::kZW, G::kZCell, G::kThreads>(
+      A.z + P.token0 * A.r, A.H, A.W, A.r, P.h0 - G::kHalo, P.w0 - G::kHalo, A.vec_z, S.zs, tid);
   if (BWD)
-    stage_region<R, G::kSrcH, G::kSrcW, G::kSrcCell, G::kThreads>(A.du + P.token0 * A.r, A.H, A.W, A.r, sy0,
-                                                 sx0, A.vec_z, S.src, tid);
+    stage_region<R, G::kSrcH, G::kSrcW, G::kSrcCell, G::kThreads>(
+        A.du + P.token0 * A.r, A.H, A.W, A.r, sy0, sx0, A.vec_z, S.src, tid);
   for (int t = tid; t < G::kSrc; t += G::kThreads) {
     const int ly = t / G::kSrcW, lx = t - ly * G::kSrcW;
     const int gy = sy0 + ly, gx = sx0 + lx;

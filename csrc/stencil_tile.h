@@ -57,10 +57,8 @@
 namespace convlora {
 namespace tile {
 
-// Threads per block of the map programs, and the most a tile program has (its own:
-// Geometry::kThreads).
+// Threads per block of the map programs (the tile programs': Geometry::kThreads).
 constexpr int kThreads = 128;
-constexpr int kMaxThreads = 256;
 // Per-block shared memory that stages the conv weights or the weight-gradient
 // accumulators only when they fit under this many bytes (else they stay in global memory).
 // A first choice, not a measured one: the ops' smem_kb argument overrides it (stencil.h; the
@@ -573,8 +571,8 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
 }
 
 // Shared arrays filled and flushed in 128-bit accesses: thread tid takes every THREADS-th
-// group of four elements (count and both offsets multiples of 4, the global arrays 16-byte
-// aligned, as the prep buffer, the partials and the staged arrays are).
+// group of four elements (count a multiple of 4; the global array 16-byte aligned, as the
+// prep buffer's rows and the blocks' partials are).
 template <int THREADS, typename acc_t>
 CONVLORA_HD void copy_in4(const acc_t* src, SArr<acc_t> dst, int count, int tid) {
   for (int g = tid; g < count / 4; g += THREADS) {
@@ -707,7 +705,7 @@ CONVLORA_HD int token_bucket(int t, int e, int nt, int n) {
 // count << 16 | its bucket << 8 | its index; 0 for a token without items.
 template <int R, int INTERP, bool BWD>
 CONVLORA_HD int order_key(int t, int e, int nt, int n) {
-  static_assert(Geometry<R, INTERP, BWD>::kSrc <= 256 && kMaxExperts <= 64, "8-bit fields");
+  static_assert(Geometry<R, INTERP, BWD>::kSrc <= 256 && 2 * kMaxExperts <= 256, "8-bit fields");
   const int b = token_bucket<R, INTERP, BWD>(t, e, nt, n);
   return b < 0 ? 0 : ((nt >> 3) * (nt & 7)) << 16 | b << 8 | t;
 }

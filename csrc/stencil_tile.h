@@ -450,16 +450,15 @@ CONVLORA_HD int item_nt(int it) { return (it >> 20) & 63; }
 
 // Pre-activation of one item: C[co] = bias[co] + sum_{k, ci} W[co, ci, k] U(tap k)[ci] for
 // the conv output (oy, ox) of expert e at scale s, U read from the staged z through the
-// up tables (zero outside the s·H x s·W map). With COMPUTE_C hands C, a run of CC output
-// channels at a time, to epi(co0, c) in registers; with STORE_U writes the nine U vectors
-// to urow[k·R + ci] (zero for taps outside the map).
+// up tables (zero outside the s·H x s·W map). With COMPUTE_C writes C to crow[0..R); with
+// STORE_U the nine U vectors to urow[k·R + ci] (zero for taps outside the map).
 // Without COMPUTE_C, only input channels [cs, cs + RS) (the caller's share of the item).
 template <int R, int INTERP, int ZW, int CELL, bool COMPUTE_C, bool STORE_U, int RS = R,
-          bool VEC_U = false, typename acc_t, typename Epi>
+          bool VEC_U = false, typename acc_t>
 CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int s, int oy,
                            int ox, int zy0, int zx0, SArr<acc_t> zs, SArr<acc_t> w, int w_off,
-                           SArr<acc_t> bias, Epi&& epi, SArr<acc_t> urow, int urow_off,
-                           int cs = 0) {
+                           SArr<acc_t> bias, SArr<acc_t> crow, int crow_off, SArr<acc_t> urow,
+                           int urow_off, int cs = 0) {
   static_assert(RS == R || !COMPUTE_C, "a share of the channels computes no C");
   constexpr int UT = Interp<INTERP>::kUpTaps;
   // channels per pass: bounded registers (8 from R = 32: bicubic taps would spill at 16)
@@ -566,7 +565,10 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
         }
       }
     }
-    if constexpr (COMPUTE_C) epi(co0, c);
+    if (COMPUTE_C) {
+      CONVLORA_UNROLL
+      for (int j = 0; j < CC; ++j) crow[crow_off + co0 + j] = c[j];
+    }
   }
 }
 
@@ -594,18 +596,6 @@ template <int THREADS, typename acc_t>
 CONVLORA_HD void zero4(SArr<acc_t> dst, int count, int tid) {
   for (int g = tid; g < count / 4; g += THREADS)
     dst.store4(4 * g, {{acc_t(0), acc_t(0), acc_t(0), acc_t(0)}});
-}
-
-// Four elements to global memory at p (16-byte aligned): one 128-bit store on the GPU.
-template <typename acc_t>
-CONVLORA_HD void store4_global(acc_t* p, const V4<acc_t>& v) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (sizeof(acc_t) == 4) {
-    *reinterpret_cast<float4*>(p) = make_float4(v.v[0], v.v[1], v.v[2], v.v[3]);
-    return;
-  }
-#endif
-  for (int q = 0; q < 4; ++q) p[q] = v.v[q];
 }
 
 template <int THREADS, typename acc_t>
@@ -892,32 +882,23 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
       }
     }
     if (!BWD) {
-      // from C in registers: the saved pre-activation (128-bit stores when r = R: the
-      // slots are then 16-byte aligned) and w_o GELU(C)
-      const auto epi = [&](int co0, const auto& c) {
-        constexpr int CC = static_cast<int>(sizeof(c) / sizeof(c[0]));
-        if (pre != nullptr) {
-          if (A.r == R && CC % 4 == 0) {
-            CONVLORA_UNROLL
-            for (int j = 0; j < CC; j += 4)
-              store4_global(pre + co0 + j, {{c[j], c[j + 1], c[j + 2], c[j + 3]}});
-          } else {
-            CONVLORA_UNROLL
-            for (int j = 0; j < CC; ++j)
-              if (co0 + j < A.r) pre[co0 + j] = c[j];
-          }
-        }
-        CONVLORA_UNROLL
-        for (int j = 0; j < CC; ++j) S.cbuf[row + co0 + j] = ip.w * gelu_erf(c[j]);
-      };
       conv_item<R, INTERP, G::kZW, G::kZCell, true, false>(
           A.taps, A.T, e, A.T.scale[e], ip.oy, ip.ox, zy0, zx0, S.zs, S.w,
-          e * weight_stride<R>(), S.b, epi, S.ubuf, 0);
+          e * weight_stride<R>(), S.b, S.cbuf, row, S.ubuf, 0);
+      if (pre != nullptr) {
+        if (A.r == R) {  // unrolled: no generic copy loop (r = R is the usual case)
+          CONVLORA_UNROLL
+          for (int co = 0; co < R; ++co) pre[co] = S.cbuf[row + co];
+        } else {
+          for (int co = 0; co < A.r; ++co) pre[co] = S.cbuf[row + co];
+        }
+      }
+      for (int co = 0; co < R; ++co) S.cbuf[row + co] = ip.w * gelu_erf(acc_t(S.cbuf[row + co]));
     } else {
       if (r0 + j < tile_items)
         conv_item<R, INTERP, G::kZW, G::kZCell, false, true, RS, G::kVecU>(
             A.taps, A.T, e, A.T.scale[e], ip.oy, ip.ox, zy0, zx0, S.zs, S.w,
-            e * weight_stride<R>(), S.b, [](int, const auto&) {}, S.ubuf, j * G::kURow, cs);
+            e * weight_stride<R>(), S.b, S.cbuf, row, S.ubuf, j * G::kURow, cs);
       acc_t dsrc[RS];  // the token's du
       if constexpr (G::kVecSrc) {  // 128-bit loads (kSrcCell, cs: x4)
         CONVLORA_UNROLL

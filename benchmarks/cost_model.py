@@ -70,7 +70,7 @@ H100 = dict(card="H100 SXM", sms=132, clock_ghz=1.755, dram_bytes_per_s=3.35e12,
             fitted_chain_clocks=9.0, fitted_issue_per_clock=0.85)
 # The H100-fitted estimate, from the first H100 run (benchmarks/results/h100), where the
 # tile kernels took 4.5 to 7 times the throughput estimate. Two numbers fit its four tile
-# kernels (global and windows token r8, fwd and bwd) within 5 %:
+# kernels (global and windows token r8, fwd and bwd) within 7 %:
 # - fitted_chain_clocks: a block takes this many clocks per instruction of its critical
 #   path, the busiest warp's instructions of each phase summed over the phases (the
 #   barriers wait for it). Three kernels run two blocks of four warps per SM (two warps per

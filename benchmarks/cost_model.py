@@ -368,8 +368,13 @@ def resources() -> Dict[Tuple[int, str], Dict[str, int]]:
     return {(a, d): v for (a, _), d, v in zip(keys, names, values)}
 
 
+def _signature(kernel: str, R: int, mode: str, bwd: bool) -> str:
+    """The demangled name of the bf16 instantiation of a block-program kernel."""
+    return f"{kernel}<{R}, {INTERP[mode]}, {'true' if bwd else 'false'}, c10::BFloat16>"
+
+
 def _registers_of(kernel: str, R: int, mode: str, bwd: bool, arch: int = 90) -> Optional[int]:
-    want = f"{kernel}<{R}, {INTERP[mode]}, {'true' if bwd else 'false'}, c10::BFloat16>"
+    want = _signature(kernel, R, mode, bwd)
     for (a, name), v in resources().items():
         if a == arch and name.replace("void ", "").strip() == want:
             return v["REG"]
@@ -377,7 +382,7 @@ def _registers_of(kernel: str, R: int, mode: str, bwd: bool, arch: int = 90) -> 
 
 
 def _sass_of(kernel: str, R: int, mode: str, bwd: bool) -> Optional[Dict[str, int]]:
-    want = f"{kernel}<{R}, {INTERP[mode]}, {'true' if bwd else 'false'}, c10::BFloat16>"
+    want = _signature(kernel, R, mode, bwd)
     for name, c in sass_counts().items():
         if name.replace("void ", "").strip() == want:
             return c

@@ -96,6 +96,7 @@ class Case:
     rank: int
     counted: Tuple[int, int, int]  # (B, H, W) the checked build runs
     experts: int = 8
+    mma: bool = False   # the forward's conv as MMA (the ops' mma argument)
 
     @property
     def scales(self) -> List[int]:
@@ -105,6 +106,8 @@ class Case:
 CASES = [
     # ViT-B global attention at 1024 x 1024, token routing: the target shape
     Case("global token r8", "token", "bilinear", (4, 64, 64), 8, (1, 32, 32)),
+    # the same with the forward's conv as tf32 MMA (CONVLORA_STENCIL_MMA=1)
+    Case("global token r8 mma", "token", "bilinear", (4, 64, 64), 8, (1, 32, 32), mma=True),
     Case("global token r3", "token", "bilinear", (4, 64, 64), 3, (1, 32, 32)),
     Case("global token r16", "token", "bilinear", (4, 64, 64), 16, (1, 32, 32)),
     Case("global token r8 bicubic", "token", "bicubic", (4, 64, 64), 8, (1, 32, 32)),
@@ -136,6 +139,9 @@ OVER_CEILING: Dict[str, float] = {
     # the block's instructions)
     "global token r8/fwd/combine": 1.45,
     "global token r8/bwd/conv": 1.37,
+    # the MMA forward's u phase: its 128-bit z loads, the multiply-add conv's (whose
+    # conflict-free weight loads bring that phase's ratio down to 1.28)
+    "global token r8 mma/fwd/u": 1.37,
     "global token r3/fwd/combine": 1.45,
     "global token r3/bwd/conv": 1.34,
     "global token r3/bwd/gather": 1.69,
@@ -211,7 +217,7 @@ def count_shared(ops, case: Case) -> Dict[str, dict]:
     m = INTERP[case.mode]
     ops.smem_trace(True)
     try:
-        _, pre = ops.stencil_fwd(z, idx, cw, cb, case.scales, m, h, w, True)
+        _, pre = ops.stencil_fwd(z, idx, cw, cb, case.scales, m, h, w, True, 0, None, case.mma)
         ops.stencil_bwd(du, z, pre, idx, cw, cb, case.scales, m, h, w)
         calls = _parse_traffic(ops.smem_traffic())
         sites = ops.smem_sites()
@@ -368,21 +374,25 @@ def resources() -> Dict[Tuple[int, str], Dict[str, int]]:
     return {(a, d): v for (a, _), d, v in zip(keys, names, values)}
 
 
-def _signature(kernel: str, R: int, mode: str, bwd: bool) -> str:
-    """The demangled name of the bf16 instantiation of a block-program kernel."""
-    return f"{kernel}<{R}, {INTERP[mode]}, {'true' if bwd else 'false'}, c10::BFloat16>"
+def _signature(kernel: str, R: int, mode: str, bwd: bool, mma: bool = False) -> str:
+    """The demangled name of the bf16 instantiation of a block-program kernel (the tile
+    kernel's last argument: the forward's conv as MMA)."""
+    last = f", {'true' if mma else 'false'}" if kernel == "stencil_tile_kernel" else ""
+    return f"{kernel}<{R}, {INTERP[mode]}, {'true' if bwd else 'false'}, c10::BFloat16{last}>"
 
 
-def _registers_of(kernel: str, R: int, mode: str, bwd: bool, arch: int = 90) -> Optional[int]:
-    want = _signature(kernel, R, mode, bwd)
+def _registers_of(kernel: str, R: int, mode: str, bwd: bool, arch: int = 90,
+                  mma: bool = False) -> Optional[int]:
+    want = _signature(kernel, R, mode, bwd, mma)
     for (a, name), v in resources().items():
         if a == arch and name.replace("void ", "").strip() == want:
             return v["REG"]
     return None
 
 
-def _sass_of(kernel: str, R: int, mode: str, bwd: bool) -> Optional[Dict[str, int]]:
-    want = _signature(kernel, R, mode, bwd)
+def _sass_of(kernel: str, R: int, mode: str, bwd: bool,
+             mma: bool = False) -> Optional[Dict[str, int]]:
+    want = _signature(kernel, R, mode, bwd, mma)
     for name, c in sass_counts().items():
         if name.replace("void ", "").strip() == want:
             return c
@@ -396,9 +406,9 @@ def rank_bound(r: int) -> int:
 
 
 def _grid(case: Case, bwd: bool) -> Dict[str, int]:
-    keys = ("bytes", "w_smem", "dw_smem", "threads", "tile_h", "tile_w", "round")
+    keys = ("bytes", "w_smem", "dw_smem", "threads", "tile_h", "tile_w", "round", "mma")
     return dict(zip(keys, (_OPS or build_checked()).stencil_grid(
-        case.rank, case.experts, INTERP[case.mode], bwd, 0)))
+        case.rank, case.experts, INTERP[case.mode], bwd, 0, case.mma and not bwd)))
 
 
 def _blocks_at_shape(case: Case, call: dict, bwd: bool) -> int:
@@ -433,7 +443,8 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
         accesses = sum(p["warp_accesses"] for p in ph.values()) * scale
         ideal = sum(p["ideal"] for p in ph.values()) * scale
         chain = sum(p["busiest_warp"] for p in ph.values()) * scale / blocks  # per block
-        sass = _sass_of(kernel, R, case.mode, bwd)
+        mma = case.mma and not bwd
+        sass = _sass_of(kernel, R, case.mode, bwd, mma)
         instr = None
         by_phase = bool(sass) and len(sass["segments"]) == len(ph)
         # per block of the counted call, per phase
@@ -454,7 +465,7 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
                                      if by_phase else sass["total"] / max(1, sass["shared"]))
                 for k, p in ph.items() if p["warp_accesses"] > 0) * scale / blocks
         threads = _grid(case, bwd)["threads"] if kernel == "stencil_tile_kernel" else MAP_THREADS
-        regs = _registers_of(kernel, R, case.mode, bwd) or 128
+        regs = _registers_of(kernel, R, case.mode, bwd, mma=mma) or 128
         resident = max(1, min(dev["max_blocks_per_sm"],
                               dev["shared_bytes_per_sm"] // (call["bytes"]
                                                               + dev["block_reserved_bytes"]),
@@ -512,6 +523,8 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
         rows.append(dict(case=case.name, direction=direction, kernel=name, blocks=None,
                          times_us=dict(dram=us), bound="dram", est_us=us, quarter_est_us=us,
                          calibrated_us=us, phases={}))
+    if case.mma:  # its backward is the other case's
+        rows = [row for row in rows if row["direction"] == "fwd"]
     return rows
 
 

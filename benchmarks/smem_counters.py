@@ -57,7 +57,8 @@ def run_cases(cases: List[cm.Case]) -> None:
         z, du, idx, cw, cb = (t.cuda() for t in cm._problem(case))
         _, h, w = case.counted
         m = cm.INTERP[case.mode]
-        _, pre = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, case.scales, m, h, w, True, 0)
+        _, pre = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, case.scales, m, h, w, True, 0,
+                                                None, case.mma)
         torch.ops.convlora.stencil_bwd(du, z, pre, idx, cw, cb, case.scales, m, h, w, 0)
     torch.cuda.synchronize()
 
@@ -68,9 +69,12 @@ def run_shapes() -> None:
     import stencil_time
     from benchlib import common
 
-    for _, shape, interp in stencil_time.shapes("cuda"):
+    for i, (_, shape, interp) in enumerate(stencil_time.shapes("cuda")):
         inp = common.make_inputs(shape, torch.device("cuda"), torch.bfloat16, seed=0)
-        for fn in stencil_time._stencil_fns(inp, interp).values():
+        fns = stencil_time._stencil_fns(inp, interp)
+        if i == 0:  # the target's forward with the conv as MMA too
+            fns.update(stencil_time._stencil_fns(inp, interp, suffix=" mma", mma=True))
+        for fn in fns.values():
             fn(inp)
     torch.cuda.synchronize()
 
@@ -175,7 +179,8 @@ def main(argv=None) -> int:
                     help="only launch the stencil ops at SAM's shapes (the stall sections)")
     ap.add_argument("--no-stalls", action="store_true",
                     help="skip the stall sections")
-    ap.add_argument("--cases", default=f"{cm.CASES[0].name},authors map r3 bicubic",
+    ap.add_argument("--cases", default=f"{cm.CASES[0].name},{cm.CASES[1].name},"
+                                       "authors map r3 bicubic",
                     help="comma-separated cost-model cases (default: %(default)s)")
     args = ap.parse_args(argv)
     by_name = {c.name: c for c in cm.CASES}

@@ -38,9 +38,9 @@ at::Tensor gelu_probe_cpu(const at::Tensor& x) {
 // shared-memory budget of smem_kb KB (0: the default), for reports and the resource test:
 // [shared-memory bytes per block, weights staged in shared memory (0/1), weight-gradient
 // accumulators in shared memory (0/1), threads per block, tile height, tile width, items
-// per round].
+// per round, the forward's conv as MMA (0/1; mma asks for it where it runs)].
 std::vector<int64_t> stencil_grid(int64_t r, int64_t n, int64_t interpolation, bool backward,
-                                  int64_t smem_kb) {
+                                  int64_t smem_kb, bool mma) {
   TORCH_CHECK(r >= 1 && r <= kMaxRank && n >= 1 && n <= kMaxExperts,
               "stencil_grid: r must be in [1, ", kMaxRank, "] and n in [1, ", kMaxExperts,
               "], got r = ", r, ", n = ", n);
@@ -49,11 +49,12 @@ std::vector<int64_t> stencil_grid(int64_t r, int64_t n, int64_t interpolation, b
   dispatch_rank(r, [&]<int R>() {
     const auto go = [&]<int INTERP, bool BWD>() {  // BWD: a compile-time direction
       const auto p = make_tile_grid<R, INTERP, BWD, float>(1, 1, 1, static_cast<int>(r),
-                                                         static_cast<int>(n), budget);
+                                                         static_cast<int>(n), budget, mma);
       out = {p.layout.bytes, p.w_smem, p.dw_smem, tile::Geometry<R, INTERP, BWD>::kThreads,
              tile::Geometry<R, INTERP, BWD>::kTileH,
              tile::Geometry<R, INTERP, BWD>::kTileW,
-             tile::Geometry<R, INTERP, BWD>::kRound};
+             p.layout.mma ? tile::MmaGeometry<R>::kRound : tile::Geometry<R, INTERP, BWD>::kRound,
+             p.layout.mma};
     };
     dispatch_interpolation(interpolation, [&]<int INTERP>() {
       backward ? go.template operator()<INTERP, true>() : go.template operator()<INTERP, false>();
@@ -85,11 +86,13 @@ int64_t stencil_prep_bytes(int64_t r, int64_t n, int64_t interpolation, int64_t 
 }
 
 CONVLORA_LIBRARY(CONVLORA_NS, m) {
-  m.def("stencil_grid(int r, int n, int interpolation, bool backward, int smem_kb=0) -> int[]",
+  m.def("stencil_grid(int r, int n, int interpolation, bool backward, int smem_kb=0, "
+        "bool mma=False) -> int[]",
         &stencil_grid);
   m.def("gelu_probe(Tensor x) -> Tensor");
   // See stencil.h for shapes. interpolation: 0 bilinear, 1 bicubic. smem_kb: the
-  // shared-memory budget of a tile block in KB, 0 for the default (smem_budget).
+  // shared-memory budget of a tile block in KB, 0 for the default (smem_budget). mma: the
+  // forward's conv as tf32 MMA where it can run (make_tile_grid).
   m.def("stencil_prep_bytes(int r, int n, int interpolation, int height, int width, "
         "int[] scales, bool float64) -> int",
         &stencil_prep_bytes);
@@ -99,7 +102,7 @@ CONVLORA_LIBRARY(CONVLORA_NS, m) {
   m.def(
       "stencil_fwd(Tensor z, Tensor expert_index, Tensor conv_weight, Tensor conv_bias, "
       "int[] scales, int interpolation, int height, int width, bool save_preact, "
-      "int smem_kb=0, Tensor? prep=None) -> (Tensor, Tensor)");
+      "int smem_kb=0, Tensor? prep=None, bool mma=False) -> (Tensor, Tensor)");
   m.def(
       "stencil_bwd(Tensor du, Tensor z, Tensor preact, Tensor expert_index, "
       "Tensor conv_weight, Tensor conv_bias, int[] scales, int interpolation, int height, "

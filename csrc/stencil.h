@@ -2,7 +2,7 @@
 //
 //   stencil_prep(z, conv_weight, conv_bias, scales, interpolation, height, width) -> prep
 //   stencil_fwd(z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width,
-//               save_preact, smem_kb=0, prep=None) -> (u, preact)
+//               save_preact, smem_kb=0, prep=None, mma=False) -> (u, preact)
 //   stencil_bwd(du, z, preact, expert_index, conv_weight, conv_bias, scales, interpolation,
 //               height, width, smem_kb=0, prep=None) -> (dz, dconv_weight, dconv_bias)
 //
@@ -16,8 +16,12 @@
 // conv_weight (n, r, r, 3, 3), conv_bias (n, r); preact: each token's conv pre-activations,
 // (N, 4, r) bilinear or (N, 16, r) bicubic, in float32 (float64 for float64 inputs), saved
 // by the forward for the backward when save_preact (else empty); dconv_* in that dtype too,
-// every expert present; smem_kb: a tile block's shared-memory budget (smem_budget). The
-// projections around the stencil are GEMMs done by the caller.
+// every expert present; smem_kb: a tile block's shared-memory budget (smem_budget); mma:
+// the per-token forward's conv as tensor-core MMA with tf32 operands (z's U taps and the
+// weights rounded to tf32, fp32 sums) where it runs: r in (4, 8], bilinear, fp32
+// accumulation, a CUDA device of compute capability 8.0 or later, the operands within the
+// budget; elsewhere the multiply-add programs run (make_tile_grid). The projections around
+// the stencil are GEMMs done by the caller.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -125,6 +129,7 @@ struct Operands {
   at::Tensor z, expert_index, conv_weight, conv_bias, du, preact;
   int smem_budget;  // bytes (smem_budget)
   at::Tensor prep;  // stencil_prep's output for this call, or undefined: the call runs its own
+  bool mma = false;  // the forward's conv as tf32 MMA where it can run (make_tile_grid)
 };
 
 // Saved pre-activation slots per token: the most conv outputs one token reads.
@@ -190,15 +195,23 @@ struct TileGrid {
 };
 
 // Weights go to shared memory when they fit the budget, then the weight-gradient
-// accumulators; what does not fit is read (or accumulated) in global memory.
+// accumulators; what does not fit is read (or accumulated) in global memory. mma: the
+// forward's conv as tf32 MMA (tile::MmaGeometry) where tile::mma_program in fp32 accumulation,
+// when its operands fit the budget (else the multiply-add programs: layout.mma says which).
 template <int R, int INTERP, bool BWD, typename acc_t>
-TileGrid make_tile_grid(int64_t maps, int H, int W, int r, int n, int budget) {
+TileGrid make_tile_grid(int64_t maps, int H, int W, int r, int n, int budget, bool mma = false) {
   TileGrid p;
   using G = tile::Geometry<R, INTERP, BWD>;
   p.tiles_y = (H + G::kTileH - 1) / G::kTileH;
   p.tiles_x = (W + G::kTileW - 1) / G::kTileW;
   p.blocks = maps * p.tiles_y * p.tiles_x;
   check_blocks(p.blocks);
+  if (mma && tile::mma_program<R, INTERP, BWD>() && std::is_same_v<acc_t, float>) {
+    p.w_smem = true;
+    p.dw_smem = false;
+    p.layout = tile::make_layout<R, INTERP, BWD, acc_t>(r, n, true, false, true);
+    if (p.layout.bytes <= budget) return p;
+  }
   const bool choices[3][2] = {{true, true}, {true, false}, {false, false}};
   for (const auto& c : choices) {
     p.w_smem = c[0];
@@ -237,7 +250,7 @@ constexpr int64_t map_region_size() {
 
 template <int R>
 int64_t wbuf_size(int n) {
-  return static_cast<int64_t>(n) * (2 * tile::weight_stride<R>() + R);
+  return static_cast<int64_t>(n) * (2 * tile::weight_stride<R>() + R + tile::mma_b_stride<R>());
 }
 
 // The prep buffer of a call (bytes): the tap tables (T.entries Taps), then from a 16-byte
@@ -349,7 +362,8 @@ at::Tensor stencil_prep_cpu(const at::Tensor& z, const at::Tensor& conv_weight,
 std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
     const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& conv_weight,
     const at::Tensor& conv_bias, at::IntArrayRef scales, int64_t interpolation, int64_t height,
-    int64_t width, bool save_preact, int64_t smem_kb, const std::optional<at::Tensor>& prep);
+    int64_t width, bool save_preact, int64_t smem_kb, const std::optional<at::Tensor>& prep,
+    bool mma);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
     const at::Tensor& du, const at::Tensor& z, const at::Tensor& preact,
     const at::Tensor& expert_index,

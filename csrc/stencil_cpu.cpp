@@ -38,6 +38,14 @@ struct CpuExec {
     for (int tid = 0; tid < threads; ++tid) f(tid);
 #endif
   }
+  // A warp phase: f(warp, 0) runs the warp's 32 lanes (tile_mma.h), which name themselves
+  // to the checked build's counts (as_thread).
+  template <typename F>
+  void warps(const char* name, F&& f) {
+    phase(name, [&](int tid) {
+      if (tid % 32 == 0) f(tid / 32, 0);
+    });
+  }
   void poison(void* p, int bytes) {
 #if defined(CONVLORA_CHECKED)
     std::memset(p, 0xFF, bytes);  // NaN floats, -1 ints
@@ -112,6 +120,15 @@ void for_each_block(int64_t blocks, int threads, int bytes, F&& f) {
 // Runs every block of one call (per-token programs).
 template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
 void run_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const TileGrid& grid) {
+  if constexpr (tile::mma_program<R, INTERP, BWD>() && std::is_same_v<acc_t, float>) {
+    if (grid.layout.mma) {
+      for_each_block(grid.blocks, tile::Geometry<R, INTERP, BWD>::kThreads, grid.layout.bytes,
+                     [&](CpuExec& ex, unsigned char* smem, int64_t blk) {
+        tile::run_block<R, INTERP, BWD, true>(ex, A, grid.layout, smem, blk);
+      });
+      return;
+    }
+  }
   for_each_block(grid.blocks, tile::Geometry<R, INTERP, BWD>::kThreads, grid.layout.bytes,
                  [&](CpuExec& ex, unsigned char* smem, int64_t blk) {
     tile::run_block<R, INTERP, BWD>(ex, A, grid.layout, smem, blk);
@@ -171,7 +188,8 @@ at::Tensor stencil_prep_cpu(const at::Tensor& z, const at::Tensor& conv_weight,
 std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
     const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& conv_weight,
     const at::Tensor& conv_bias, at::IntArrayRef scales, int64_t interpolation, int64_t height,
-    int64_t width, bool save_preact, int64_t smem_kb, const std::optional<at::Tensor>& prep) {
+    int64_t width, bool save_preact, int64_t smem_kb, const std::optional<at::Tensor>& prep,
+    bool mma) {
   auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales, interpolation,
                             height, width, smem_kb, nullptr, nullptr, prep);
   const auto& zc = o.z;
@@ -199,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
         }
         const auto grid = make_tile_grid<R, INTERP, false, acc_t>(maps, T.H, T.W,
                                                                 static_cast<int>(r), T.n,
-                                                                o.smem_budget);
+                                                                o.smem_budget, mma);
         auto A = make_tile_args<R, scalar_t, acc_t>(o, T, grid, taps, wbuf, u, nullptr, pre_p);
         run_blocks<R, INTERP, false>(A, grid);
       });

@@ -38,6 +38,11 @@ struct GpuExec {
     f(static_cast<int>(threadIdx.x));
     __syncthreads();
   }
+  template <typename F>
+  __device__ __forceinline__ void warps(const char*, F&& f) {
+    f(static_cast<int>(threadIdx.x) >> 5, static_cast<int>(threadIdx.x) & 31);
+    __syncthreads();
+  }
   __device__ __forceinline__ void poison(void*, int) {}
 };
 
@@ -48,13 +53,14 @@ constexpr int min_blocks_per_sm() {
   return (R <= 8 ? 4 : 2) * 128 / tile::Geometry<R, INTERP, BWD>::kThreads;
 }
 
-template <int R, int INTERP, bool BWD, typename scalar_t>
+// MMA: the forward's conv as tf32 MMA (tile::MmaGeometry; L made with mma).
+template <int R, int INTERP, bool BWD, typename scalar_t, bool MMA = false>
 __global__ void __launch_bounds__(tile::Geometry<R, INTERP, BWD>::kThreads,
                                   min_blocks_per_sm<R, INTERP, BWD>())
     stencil_tile_kernel(const tile::TileArgs<scalar_t, float> A, const tile::Layout L) {
   extern __shared__ __align__(16) unsigned char smem[];
   GpuExec ex;
-  tile::run_block<R, INTERP, BWD>(ex, A, L, smem, static_cast<int64_t>(blockIdx.x));
+  tile::run_block<R, INTERP, BWD, MMA>(ex, A, L, smem, static_cast<int64_t>(blockIdx.x));
 }
 
 // One expert per map (stencil_map.h): the map block program, then for the backward the fold.
@@ -240,14 +246,24 @@ void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t i
   }
   const int64_t maps = N / (height * width);
   const auto grid = make_tile_grid<R, INTERP, BWD, float>(maps, T.H, T.W, static_cast<int>(r),
-                                                        T.n, o.smem_budget);
+                                                        T.n, o.smem_budget, o.mma);
   at::Tensor partial;
   if (BWD) partial = at::empty({grid.blocks, n * tile::grad_stride<R>()}, f32);
   auto A = make_tile_args<R, scalar_t, float>(o, T, grid, taps, wbuf, out,
                                               BWD ? partial.mutable_data_ptr<float>() : nullptr,
                                               pre);
-  launch_blocks(stencil_tile_kernel<R, INTERP, BWD, scalar_t>, A, grid.layout, grid.blocks,
-                tile::Geometry<R, INTERP, BWD>::kThreads, stream);
+  constexpr int threads = tile::Geometry<R, INTERP, BWD>::kThreads;
+  bool done = false;
+  if constexpr (tile::mma_program<R, INTERP, BWD>()) {
+    if (grid.layout.mma) {
+      launch_blocks(stencil_tile_kernel<R, INTERP, BWD, scalar_t, true>, A, grid.layout,
+                    grid.blocks, threads, stream);
+      done = true;
+    }
+  }
+  if (!done)
+    launch_blocks(stencil_tile_kernel<R, INTERP, BWD, scalar_t>, A, grid.layout, grid.blocks,
+                  threads, stream);
   if (BWD) {
     launch_reduce<R>(partial, grid.blocks, A.r, A.n, *dw, stream);
   }

@@ -95,6 +95,20 @@ def test_accuracy_rule(backend, dtype, floor, mode, gating):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,floor", [(torch.bfloat16, 1e-3), (torch.float16, 1e-4)])
+def test_accuracy_rule_with_the_conv_as_mma(backend, dtype, floor):
+    """CONVLORA_STENCIL_MMA=1 (tf32 operands for the per-token bilinear forward's conv,
+    16-bit dtypes): the same rule as without."""
+    from convlora_kernels import _switches
+    from convlora_kernels.backends import extension
+
+    c = make_case(height=9, width=7, rank=8, interpolation="bilinear", gating="token",
+                  scales=(1, 2, 3, 4, 5, 6, 7, 8), seed=3, device=_device(backend))
+    with _switches.forced({extension.MMA_ENV: "1"}):
+        check_accuracy_rule(_fused(backend), c, dtype, floor)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_x_without_copy_matches(backend):
     dev = _device(backend)
     c = make_case(height=6, width=5, c_in=8, seed=4, device=dev, dtype=torch.float32)
@@ -416,6 +430,22 @@ def test_sam_shapes_on_gpu(shape, mode, gating, rank, dtype):
                   scales=tuple(range(1, 9)), interpolation=mode, gating=gating, seed=14,
                   device="cuda")
     check_accuracy_rule(_fused("cuda"), c, dtype, 1e-3 if dtype == torch.bfloat16 else 1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", [(2, 64, 64, 768), (50, 14, 14, 768)], ids=["global", "window"])
+def test_sam_shapes_on_gpu_with_the_conv_as_mma(shape):
+    """CONVLORA_STENCIL_MMA=1: bfloat16 at SAM's shapes still meets the accuracy rule."""
+    from convlora_kernels import _switches
+    from convlora_kernels.backends import extension
+
+    b, h, w, c_in = shape
+    c = make_case(batch=b, height=h, width=w, c_in=c_in, c_out=3 * c_in, rank=8,
+                  scales=tuple(range(1, 9)), interpolation="bilinear", gating="token", seed=14,
+                  device="cuda")
+    with _switches.forced({extension.MMA_ENV: "1"}):
+        check_accuracy_rule(_fused("cuda"), c, torch.bfloat16, 1e-3)
 
 
 @pytest.mark.gpu

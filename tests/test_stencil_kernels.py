@@ -90,7 +90,8 @@ def test_cuda_kernel_resources():
     assert archs, "no stencil_tile_kernel machine code in _C"
     for arch in archs:
         kernels = [(n, v) for (a, n), v in tiles.items() if a == arch]
-        assert len(kernels) == len(RANK_BOUNDS) * 2 * 2 * 3, (arch, len(kernels))
+        # R x interp x (fwd, bwd) x dtype, and the MMA forward (R = 8, bilinear) x dtype
+        assert len(kernels) == (len(RANK_BOUNDS) * 2 * 2 + 1) * 3, (arch, len(kernels))
         for name, v in kernels:
             R = int(re.search(r"stencil_tile_kernel<(\d+),", name).group(1))
             if R <= 16:
@@ -329,6 +330,155 @@ def test_checked_build_marks_an_out_of_range_expert(checked_ops):
     assert torch.isfinite(dw).all() and torch.isfinite(db).all()
 
 
+# --- The forward's conv as MMA (tf32 operands) -------------------------------------
+
+MMA_CASES = [
+    # (mode, (B, H, W), scales, rank, expert draw): bilinear, r in (4, 8] (R = 8; r = 6 and
+    # 7 pad the channels); many experts a 16-item group (random), one expert for every
+    # token, experts without tokens; several rounds of 128 items, partial groups, partial
+    # tiles
+    ("bilinear", (2, 17, 23), tuple(range(1, 9)), 8, "random"),
+    ("bilinear", (2, 9, 12), (1, 2, 3, 4, 5, 6, 7, 8, 9, 10), 6, "random"),
+    ("bilinear", (1, 11, 9), (4, 1, 2), 8, "one"),
+    ("bilinear", (1, 8, 16), (3, 2, 5, 8), 8, "two"),
+    ("bilinear", (1, 9, 10), (2, 5, 1), 7, "two"),
+]
+
+
+def _tf32(t):
+    """t rounded to float32, then to tf32 (10 mantissa bits, to nearest, ties away from
+    zero), as the MMA programs round U and the weights."""
+    b = t.to(torch.float32).contiguous().view(torch.int32)
+    return ((b + 0x1000) & ~0x1FFF).view(torch.float32).to(torch.float64)
+
+
+def _tf32_reference_u(z, idx, cw, cb, scales, mode, h, w):
+    """u = z + E(z) in float64 with the conv's operands in tf32: Up_s(z) rounded to float32
+    and then to tf32 at every upsampled position and channel, the weights to tf32."""
+    import torch.nn.functional as F
+
+    interp = ["bilinear", "bicubic"][mode]
+    r = z.shape[1]
+    zc = z.double().reshape(-1, h, w, r).permute(0, 3, 1, 2)
+    outs = []
+    for i, s in enumerate(scales):
+        up = F.interpolate(zc, scale_factor=s, mode=interp, align_corners=False) if s != 1 \
+            else zc
+        c = F.conv2d(_tf32(up), _tf32(cw[i].double()), cb[i].double(), padding=1)
+        g = F.gelu(c)
+        outs.append(F.interpolate(g, size=(h, w), mode=interp, align_corners=False)
+                    if s != 1 else g)
+    outs = torch.stack(outs)  # (n, B, r, H, W)
+    sel = idx.long().reshape(1, -1, 1, h, w).expand(1, -1, r, -1, -1)
+    e = outs.gather(0, sel).squeeze(0).permute(0, 2, 3, 1).reshape(-1, r)
+    return z.double() + e
+
+
+def _mma_problem(mode, bhw, scales, rank, draw, seed):
+    args = list(_stencil_problem(mode, bhw, scales, rank, torch.float32, seed=seed))
+    idx, n = args[2], len(scales)
+    if draw == "one":
+        args[2] = torch.full_like(idx, 1)
+    elif draw == "two":  # experts 0 and n - 1 only, in runs of tokens
+        args[2] = torch.where(torch.arange(idx.numel()) % 7 < 3, 0, n - 1).to(idx.dtype)
+    return args
+
+
+@pytest.mark.parametrize("mode,bhw,scales,rank,draw", MMA_CASES)
+def test_mma_forward_matches_a_tf32_reference(checked_ops, mode, bhw, scales, rank, draw):
+    """mma=True: the forward's conv as m16n8k8 tf32 MMA (warp phase emulated lane by lane
+    on the CPU), in the checked build (bounds, races, poisoned A and item buffers) and the
+    main one, against the reference with the conv's operands in tf32. The kernels compute
+    U in float32 and the reference in float64, so a few U values round to the neighbouring
+    tf32 value (1-2 % of the outputs move by up to ~3e-4: one ulp of one U x W term); the
+    rest agree to float32 rounding. A misplaced or missing term moves an output by ~0.1,
+    and the float32 programs (no tf32 rounding) are off by ~1e-4 on most outputs."""
+    z, du, idx, cw, cb, sc, m, h, w = _mma_problem(mode, bhw, scales, rank, draw, seed=rank)
+    grid = dict(zip(("bytes", "w_smem", "dw_smem", "threads", "tile_h", "tile_w", "round",
+                     "mma"), torch.ops.convlora.stencil_grid(rank, len(sc), m, False, 0, True)))
+    assert grid["mma"] == 1 and grid["round"] == 128, grid
+    u_ref = _tf32_reference_u(z, idx, cw, cb, sc, m, h, w)
+    u_plain, pre_plain = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True)
+    for ops in (checked_ops, torch.ops.convlora):
+        u, pre = ops.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True, 0, None, True)
+        assert torch.isfinite(u).all() and torch.isfinite(pre).all()
+        err = (u.double() - u_ref).abs()
+        assert err.max() < 5e-4 and err.mean() < 3e-6 and (err > 1e-5).double().mean() < 0.05, \
+            (str(ops), err.max().item(), err.mean().item(), (err > 1e-5).double().mean().item())
+        # the saved pre-activations: the same conv outputs, in the same slots
+        assert_close(pre, pre_plain, 0, 2e-2, f"pre-activations ({ops})")
+        u_fwd = ops.stencil_fwd(z, idx, cw, cb, sc, m, h, w, False, 0, None, True)[0]
+        assert torch.equal(u_fwd, u)
+    plain = (u_plain.double() - u_ref).abs()  # the test tells tf32 from float32
+    assert plain.mean() > 2e-5 and (plain > 1e-5).double().mean() > 0.5, plain.mean()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode,bhw,scales,rank,draw", MMA_CASES)
+def test_mma_forward_on_the_gpu(mode, bhw, scales, rank, draw):
+    """The tensor cores (mma.sync) against the same tf32 reference, with the CPU's
+    criteria (the hardware sums an MMA's products in its own order), and the saved
+    pre-activations against the CPU's emulation."""
+    z, du, idx, cw, cb, sc, m, h, w = _mma_problem(mode, bhw, scales, rank, draw, seed=rank)
+    u_ref = _tf32_reference_u(z, idx, cw, cb, sc, m, h, w)
+    u, pre = torch.ops.convlora.stencil_fwd(z.cuda(), idx.cuda(), cw.cuda(), cb.cuda(), sc, m,
+                                            h, w, True, 0, None, True)
+    err = (u.cpu().double() - u_ref).abs()
+    assert err.max() < 5e-4 and err.mean() < 3e-6 and (err > 1e-5).double().mean() < 0.05, \
+        (err.max().item(), err.mean().item(), (err > 1e-5).double().mean().item())
+    pre_cpu = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True, 0, None, True)[1]
+    assert_close(pre.cpu(), pre_cpu, 1e-5, 1e-5, "pre-activations, GPU against CPU")
+
+
+def test_mma_forward_elsewhere_runs_the_multiply_add_programs():
+    """mma=True where the MMA programs do not run (r outside (4, 8], bicubic, float64, a
+    budget too small for their operands): the multiply-add programs' result, bit for bit."""
+    for mode, bhw, scales, rank, dtype, kb in [("bilinear", (1, 9, 10), (1, 2, 3), 16,
+                                                torch.float32, 0),
+                                               ("bilinear", (1, 9, 10), (1, 2, 3), 3,
+                                                torch.float32, 0),
+                                               ("bicubic", (1, 9, 10), (1, 2, 3), 8,
+                                                torch.float32, 0),
+                                               ("bicubic", (1, 9, 10), (1, 2, 3), 8,
+                                                torch.float64, 0),
+                                               ("bilinear", (1, 9, 10), (1, 2, 3), 8,
+                                                torch.float32, 40)]:
+        z, du, idx, cw, cb, sc, m, h, w = _stencil_problem(mode, bhw, scales, rank, dtype)
+        if dtype == torch.float32:
+            assert torch.ops.convlora.stencil_grid(rank, len(sc), m, False, kb, True)[7] == 0
+        a = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True, kb, None, True)
+        b = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True, kb)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (rank, dtype, kb)
+
+
+def test_mma_switch_reaches_the_layer_in_16_bit_dtypes_only():
+    """CONVLORA_STENCIL_MMA=1: the stencil's forward in bfloat16 runs the MMA programs
+    (within bfloat16 rounding of the multiply-add result), float32 stays bit-exact; the
+    switch's values are checked."""
+    from convlora_kernels import _switches
+    from convlora_kernels.backends import extension
+
+    z, du, idx, cw, cb, sc, m, h, w = _stencil_problem("bilinear", (2, 9, 12), tuple(range(1, 9)),
+                                                       8, torch.float32)
+    outs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for on in ("0", "1"):
+            with _switches.forced({extension.MMA_ENV: on}):
+                assert extension.mma_for(dtype) == (on == "1" and dtype == torch.bfloat16)
+                zz = z.to(dtype).requires_grad_(True)
+                u = extension.stencil(zz, idx, cw.to(dtype), cb.to(dtype), sc, "bilinear", h, w)
+                outs[dtype, on] = (u.detach(), torch.autograd.grad(u, zz, du.to(dtype))[0])
+    assert all(torch.equal(a, b) for a, b in zip(outs[torch.float32, "0"],
+                                                 outs[torch.float32, "1"]))
+    assert not torch.equal(outs[torch.bfloat16, "0"][0], outs[torch.bfloat16, "1"][0])
+    for a, b in zip(outs[torch.bfloat16, "0"], outs[torch.bfloat16, "1"]):
+        assert_close(a, b, 2e-2, 2e-2, "bfloat16 with and without MMA")
+    with _switches.forced({extension.MMA_ENV: "yes"}):
+        with pytest.raises(ValueError, match="CONVLORA_STENCIL_MMA: expected 0 or 1, got 'yes'"):
+            extension.mma_on()
+
+
 def test_checked_build_reports_a_missing_barrier(tmp_path_factory):
     """The same kernels with one barrier removed (the backward's contributions and gather in
     one phase): the race check names the shared array and the two threads."""
@@ -473,11 +623,13 @@ def test_cost_model_counts_every_phase(cost_rows):
     and the SASS cut at its barriers matches the phases."""
     cm = _cost_model()
     blocks = [r for r in cost_rows if r["phases"]]
-    assert len(blocks) == 2 * len(cm.CASES)
+    assert len(blocks) == 2 * len(cm.CASES) - sum(c.mma for c in cm.CASES)  # mma: fwd only
     for row in blocks:
         names = set(row["phases"])
         want = ({"load", "list", "conv", "store"} if row["kernel"] == "stencil_tile_kernel"
                 else {"load", "taps", "cols_up"})
+        if row["case"].endswith(" mma") and row["direction"] == "fwd":  # the conv as MMA
+            want = {"load", "list", "u", "mma", "combine", "store"}
         assert want <= names, (row["case"], row["direction"], names)
         for name, p in row["phases"].items():
             assert p["warp_accesses"] <= p["ideal"] + 1e-9, (row["case"], name, p)

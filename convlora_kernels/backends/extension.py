@@ -26,9 +26,13 @@ CPU_DY_ROWS = 512  # rows of dy per block of the cpu one-pass (fp32: 4.7 MB at C
 
 # Internal switches (docs/design.md, "Internal switches"): CONVLORA_MAP_KERNELS=0 runs the
 # per-token stencil programs for map routing too; CONVLORA_STENCIL_SMEM_KB sets the
-# shared memory one tile block may use (benchmarks/stencil_time.py times both on a GPU).
+# shared memory one tile block may use (benchmarks/stencil_time.py times both on a GPU);
+# CONVLORA_STENCIL_MMA=1 runs the per-token forward's conv as tensor-core MMA (tf32
+# operands) for bfloat16 and float16 inputs at ranks 5 to 8, bilinear (off until a GPU
+# run shows it faster: benchmarks/stencil_time.py times both).
 MAP_KERNELS_ENV = "CONVLORA_MAP_KERNELS"
 SMEM_KB_ENV = "CONVLORA_STENCIL_SMEM_KB"
+MMA_ENV = "CONVLORA_STENCIL_MMA"
 
 
 # --- availability --------------------------------------------------------------------------
@@ -95,6 +99,22 @@ def smem_kb() -> int:
     return kb
 
 
+@constant_under_compile
+def mma_on() -> bool:
+    """CONVLORA_STENCIL_MMA: "1" runs the forward's conv as MMA where it can (the ops'
+    mma argument), "0" (the default) as multiply-adds."""
+    value = _switches.get(MMA_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{MMA_ENV}: expected 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def mma_for(dtype: torch.dtype) -> bool:
+    """The ops' mma argument for inputs of ``dtype``: the switch, for the 16-bit dtypes
+    only (tf32 operands keep more bits than they have; float32 stays exact)."""
+    return dtype in (torch.bfloat16, torch.float16) and mma_on()
+
+
 # --- the expert index ----------------------------------------------------------------------
 
 def stencil_index(expert_index: Tensor) -> Tensor:
@@ -147,13 +167,14 @@ def stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width, save)
     forward and the backward share one prep pass (stencil_prep's tables and padded weights);
     else (u, two empty tensors), the forward running its own prep."""
     code = INTERPOLATION_CODES[interpolation]
+    mma = mma_for(z2.dtype)
     if not save:
         u, pre = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales, code, height, width,
-                                                False, smem_kb())
+                                                False, smem_kb(), None, mma)
         return u, pre, z2.new_empty(0, dtype=torch.uint8)
     prep = torch.ops.convlora.stencil_prep(z2, cw, cb, scales, code, height, width)
     u, pre = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales, code, height, width, True,
-                                            smem_kb(), prep)
+                                            smem_kb(), prep, mma)
     return u, pre, prep
 
 
@@ -165,7 +186,7 @@ def stencil_backward(du, z2, preact, prep, idx, cw, cb, scales, interpolation, h
     prep = prep if prep.numel() > 0 else None  # else the op runs its own prep
     if preact.numel() == 0:  # the forward was told not to keep them: recompute
         preact = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales, code, height, width,
-                                                True, kb, prep)[1]
+                                                True, kb, prep, mma_for(z2.dtype))[1]
     dz, dw, db = torch.ops.convlora.stencil_bwd(du.to(z2.dtype).contiguous(), z2, preact, idx,
                                                 cw, cb, scales, code, height, width, kb, prep)
     return dz, dw.to(cw.dtype), db.to(cb.dtype)
@@ -235,7 +256,7 @@ def _register() -> None:
 
     @torch.library.register_fake("convlora::stencil_fwd")
     def _(z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width,
-          save_preact, smem_kb=0, prep=None):
+          save_preact, smem_kb=0, prep=None, mma=False):
         shape = (z.shape[0], PREACT_SLOTS[interpolation], z.shape[1]) if save_preact else (0,)
         return torch.empty_like(z), z.new_empty(shape, dtype=acc_dtype(z.dtype))
 
@@ -248,23 +269,25 @@ def _register() -> None:
 
     def setup_context(ctx, inputs, output):
         (z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width, _,
-         kb, prep) = inputs
+         kb, prep, mma) = inputs
         ctx.save_for_backward(z, output[1], expert_index, conv_weight, conv_bias)
         ctx.mark_non_differentiable(output[1])
         ctx.meta = (scales, interpolation, height, width)
         ctx.smem_kb = kb
+        ctx.mma = mma
         ctx.prep = prep  # a caller's stencil_prep output (not differentiable), or None
 
     def backward(ctx, du, _dpreact):
         z, preact, expert_index, conv_weight, conv_bias = ctx.saved_tensors
         if preact.numel() == 0:  # the forward was told not to keep them: recompute
             preact = torch.ops.convlora.stencil_fwd(z, expert_index, conv_weight, conv_bias,
-                                                    *ctx.meta, True, ctx.smem_kb, ctx.prep)[1]
+                                                    *ctx.meta, True, ctx.smem_kb, ctx.prep,
+                                                    ctx.mma)[1]
         dz, dw, db = torch.ops.convlora.stencil_bwd(du.contiguous(), z, preact, expert_index,
                                                     conv_weight, conv_bias, *ctx.meta,
                                                     ctx.smem_kb, ctx.prep)
         return (dz, None, dw.to(conv_weight.dtype), db.to(conv_bias.dtype), None, None, None,
-                None, None, None, None)
+                None, None, None, None, None)
 
     torch.library.register_autograd("convlora::stencil_fwd", backward,
                                     setup_context=setup_context)
@@ -283,7 +306,7 @@ def stencil(z: torch.Tensor, expert_index: torch.Tensor, conv_weight: torch.Tens
     return torch.ops.convlora.stencil_fwd(
         z.contiguous(), expert_index.reshape(-1).to(torch.int32), conv_weight.contiguous(),
         conv_bias.contiguous(), list(scales), INTERPOLATION_CODES[interpolation], height, width,
-        save, smem_kb())[0]
+        save, smem_kb(), None, mma_for(z.dtype))[0]
 
 
 if _ext.load()[0] is not None:  # the ops exist once _C is loaded: complete them now

@@ -5,8 +5,9 @@
 
 Per shape: torch.ops.convlora.stencil_fwd and stencil_bwd called directly (the tap-table
 prep and, for the backward, the weight-gradient reduce included; for the first shape in
-bicubic too, and its forward with the conv as tf32 MMA, CONVLORA_STENCIL_MMA), then the layer's forward+backward on the fused backend next to plain eager
-LoRA, the eager Conv-LoRA reference and the frozen linear. On a GPU the stencil rows are
+bicubic too, and its forward with the conv as tf32 MMA, CONVLORA_STENCIL_MMA), then the
+layer's forward+backward on the fused backend next to plain eager LoRA, the eager
+Conv-LoRA reference and the frozen linear. On a GPU the stencil rows are
 in microseconds with the card named; everything else is a ratio. For the first shape the
 stencil ops are also timed under each shared-memory budget (CONVLORA_STENCIL_SMEM_KB: what
 the kernels stage in shared memory against how many blocks fit an SM), the choice a GPU

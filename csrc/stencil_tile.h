@@ -1059,7 +1059,7 @@ CONVLORA_HD void phase_mma_u(const TileArgs<scalar_t, acc_t>& A, const BlockPos&
 
 // Phase "mma": warp per group of 16 items (A's rows), lanes lane0 .. + kLanes of warp
 // `warp` (tile_mma.h): C = bias + A B, an expert at a time (the group's experts: a bit
-// mask OR-reduced over the warp), the rows of other experts selected to zero; then per
+// mask OR-reduced over the warp), each expert's product kept on its own rows; then per
 // lane its C values (two items, two output channels an n-tile) saved to A.pre when given,
 // and w_o GELU(C) to cbuf.
 template <int R, int INTERP, typename scalar_t, typename acc_t>

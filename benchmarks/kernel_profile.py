@@ -3,9 +3,10 @@
     python benchmarks/kernel_profile.py                 # CUDA: bf16, stencil_time.py's shapes
     python benchmarks/kernel_profile.py --shapes global-4x64x64-C768-r8
 
-Per shape and call (the stencil ops alone as stencil_time.py calls them, the Triton stencil
-under the layer's default switches, then the layer's forward+backward on the cuda backend
-next to plain LoRA and the frozen linear), three times per call:
+Per shape and call (the stencil ops alone as stencil_time.py calls them, at the per-token
+bilinear shapes the forward with the conv as MMA too (CONVLORA_STENCIL_MMA), the Triton
+stencil under the layer's default switches, then the layer's forward+backward on the cuda
+backend next to plain LoRA and the frozen linear), three times per call:
   alone      one call between two CUDA events after a synchronisation: what
              stencil_time.py reports, the host's launch work included where the GPU
              waits for it
@@ -100,7 +101,10 @@ def main(argv=None) -> int:
             continue
         inputs = [common.make_inputs(shape, device, dtype, seed=s) for s in range(2)]
         print(f"\n{name} ({shape.gating} routing, {interp})")
-        for k, fn in stencil_time._stencil_fns(inputs[0], interp).items():
+        fns = stencil_time._stencil_fns(inputs[0], interp)
+        if interp == "bilinear" and shape.gating == "token":  # and the conv as tf32 MMA
+            fns.update(stencil_time._stencil_fns(inputs[0], interp, suffix=" mma", mma=True))
+        for k, fn in fns.items():
             a, pp, kern = profile_call(k, fn, inputs, False, args.calls)
             if result is None and k == "stencil-fwd":
                 result = f"{name}: stencil fwd alone {a:.1f} us, pipelined {pp:.1f} us, " \

@@ -742,6 +742,7 @@ struct Smem {
   using G = Geometry<R, INTERP, BWD>;
   SArr<acc_t> zs, src, cbuf, ubuf, nbr, acc, w, wt, b, dw;
   SArr<int> es, nt, start, key, first, items;
+  SArr<acc_t> w_shared;  // w where it is staged (MMA: always), as a shared-memory array
 
   CONVLORA_HD Smem(unsigned char* base, const Layout& L, int n, const acc_t* wglobal,
                    acc_t* dwglobal, int r)
@@ -770,7 +771,8 @@ struct Smem {
         start(CONVLORA_SARR(int, base, L.start, G::kSrc, "item start")),
         key(CONVLORA_SARR(int, base, L.key, G::kSrc, "item order key")),
         first(CONVLORA_SARR(int, base, L.first, G::kBuckets + 1, "bucket start")),
-        items(CONVLORA_SARR(int, base, L.items, G::kMaxItems, "items")) {}
+        items(CONVLORA_SARR(int, base, L.items, G::kMaxItems, "items")),
+        w_shared(CONVLORA_SARR(acc_t, base, L.w, L.w_count, "MMA operand B")) {}
 };
 
 template <int R, int INTERP, bool BWD>
@@ -1125,7 +1127,8 @@ CONVLORA_HD void phase_mma(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P
           for (int l = 0; l < kLanes; ++l) {
             const int lane = lane0 + l;
             as_thread(32 * warp + lane);
-            const V4<acc_t> v = S.w.load4(((e * M::kPairs + m) * NT + nt) * 128 + lane * 4);
+            const V4<acc_t> v =
+                S.w_shared.load4(((e * M::kPairs + m) * NT + nt) * 128 + lane * 4);
             b0[l][0] = v.v[0];
             b0[l][1] = v.v[1];
             b1[l][0] = v.v[2];

@@ -64,9 +64,6 @@ def _stencil_fns(inp, interpolation, per_token=False, suffix="", smem_kb=0, mma=
                 scales=list(range(1, inp["conv_weight"].shape[0] + 1)),
                 mode=INTERPOLATION_CODES[interpolation], h=h, w=w)
     z = z.detach().contiguous()
-    du = torch.randn_like(z)
-    _, pre = torch.ops.convlora.stencil_fwd(z, args["idx"], args["cw"], args["cb"],
-                                            args["scales"], args["mode"], h, w, True, smem_kb)
 
     def fwd(_):  # as in training: the pre-activations are saved for the backward
         return torch.ops.convlora.stencil_fwd(z, args["idx"], args["cw"], args["cb"],
@@ -75,6 +72,9 @@ def _stencil_fns(inp, interpolation, per_token=False, suffix="", smem_kb=0, mma=
 
     if mma:
         return {"stencil-fwd" + suffix: fwd}
+    du = torch.randn_like(z)
+    _, pre = torch.ops.convlora.stencil_fwd(z, args["idx"], args["cw"], args["cb"],
+                                            args["scales"], args["mode"], h, w, True, smem_kb)
 
     def bwd(_):
         return torch.ops.convlora.stencil_bwd(du, z, pre, args["idx"], args["cw"], args["cb"],

@@ -374,6 +374,14 @@ def _tf32_reference_u(z, idx, cw, cb, scales, mode, h, w):
     return z.double() + e
 
 
+def _assert_tf32_close(u, u_ref, what):
+    """u against the tf32 reference: float32 rounding, but for the 1-2 % of outputs where
+    a U value rounds to the other tf32 neighbour (up to ~3e-4)."""
+    err = (u.cpu().double() - u_ref).abs()
+    assert err.max() < 5e-4 and err.mean() < 3e-6 and (err > 1e-5).double().mean() < 0.05, \
+        (what, err.max().item(), err.mean().item(), (err > 1e-5).double().mean().item())
+
+
 def _mma_problem(mode, bhw, scales, rank, draw, seed):
     args = list(_stencil_problem(mode, bhw, scales, rank, torch.float32, seed=seed))
     idx, n = args[2], len(scales)
@@ -402,9 +410,7 @@ def test_mma_forward_matches_a_tf32_reference(checked_ops, mode, bhw, scales, ra
     for ops in (checked_ops, torch.ops.convlora):
         u, pre = ops.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True, 0, None, True)
         assert torch.isfinite(u).all() and torch.isfinite(pre).all()
-        err = (u.double() - u_ref).abs()
-        assert err.max() < 5e-4 and err.mean() < 3e-6 and (err > 1e-5).double().mean() < 0.05, \
-            (str(ops), err.max().item(), err.mean().item(), (err > 1e-5).double().mean().item())
+        _assert_tf32_close(u, u_ref, str(ops))
         # the saved pre-activations: the same conv outputs, in the same slots
         assert_close(pre, pre_plain, 0, 2e-2, f"pre-activations ({ops})")
         u_fwd = ops.stencil_fwd(z, idx, cw, cb, sc, m, h, w, False, 0, None, True)[0]
@@ -424,9 +430,7 @@ def test_mma_forward_on_the_gpu(mode, bhw, scales, rank, draw):
     u_ref = _tf32_reference_u(z, idx, cw, cb, sc, m, h, w)
     u, pre = torch.ops.convlora.stencil_fwd(z.cuda(), idx.cuda(), cw.cuda(), cb.cuda(), sc, m,
                                             h, w, True, 0, None, True)
-    err = (u.cpu().double() - u_ref).abs()
-    assert err.max() < 5e-4 and err.mean() < 3e-6 and (err > 1e-5).double().mean() < 0.05, \
-        (err.max().item(), err.mean().item(), (err > 1e-5).double().mean().item())
+    _assert_tf32_close(u, u_ref, "cuda")
     pre_cpu = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True, 0, None, True)[1]
     assert_close(pre.cpu(), pre_cpu, 1e-5, 1e-5, "pre-activations, GPU against CPU")
 

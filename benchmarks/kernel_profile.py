@@ -4,7 +4,7 @@
     python benchmarks/kernel_profile.py --shapes global-4x64x64-C768-r8
 
 Per shape and call (the stencil ops alone as stencil_time.py calls them, at the per-token
-bilinear shapes the forward with the conv as MMA too (CONVLORA_STENCIL_MMA), the Triton
+bilinear shapes the composed-weight forward too (CONVLORA_STENCIL_MMA), the Triton
 stencil under the layer's default switches, then the layer's forward+backward on the cuda
 backend next to plain LoRA and the frozen linear), three times per call:
   alone      one call between two CUDA events after a synchronisation: what
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         inputs = [common.make_inputs(shape, device, dtype, seed=s) for s in range(2)]
         print(f"\n{name} ({shape.gating} routing, {interp})")
         fns = stencil_time._stencil_fns(inputs[0], interp)
-        if interp == "bilinear" and shape.gating == "token":  # and the conv as tf32 MMA
+        if interp == "bilinear" and shape.gating == "token":  # and the composed weights
             fns.update(stencil_time._stencil_fns(inputs[0], interp, suffix=" mma", mma=True))
         for k, fn in fns.items():
             a, pp, kern = profile_call(k, fn, inputs, False, args.calls)

@@ -5,7 +5,7 @@
 
 Per shape: torch.ops.convlora.stencil_fwd and stencil_bwd called directly (the tap-table
 prep and, for the backward, the weight-gradient reduce included; for the first shape in
-bicubic too, and its forward with the conv as tf32 MMA, CONVLORA_STENCIL_MMA), then the
+bicubic too, and its composed-weight forward, CONVLORA_STENCIL_MMA), then the
 layer's forward+backward on the fused backend next to plain eager LoRA, the eager
 Conv-LoRA reference and the frozen linear. On a GPU the stencil rows are
 in microseconds with the card named; everything else is a ratio. For the first shape the
@@ -51,8 +51,8 @@ def shapes(kind: str):
 def _stencil_fns(inp, interpolation, per_token=False, suffix="", smem_kb=0, mma=False):
     """The stencil ops as the layer calls them (for map routing: the map programs), or with
     per_token the per-token programs whatever the routing; smem_kb: a tile block's
-    shared-memory budget (0: the default); mma: the forward's conv as tf32 MMA (the ops'
-    mma argument, CONVLORA_STENCIL_MMA), the forward alone (the backward is the same)."""
+    shared-memory budget (0: the default); mma: the composed-weight forward (tf32 MMA; the
+    ops' mma argument, CONVLORA_STENCIL_MMA), the forward alone (the backward is the same)."""
     from convlora_kernels.backends.extension import stencil_index
 
     z = torch.nn.functional.linear(inp["x"], inp["lora_A"]).reshape(-1, inp["lora_A"].shape[0])
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
             # the target's per-token programs in bicubic too, the costliest the cost model
             # counts (benchmarks/cost_model.py, "global token r8 bicubic")
             sfns.update(_stencil_fns(inputs[0], "bicubic", suffix=" bicubic"))
-            # and its forward with the conv as tf32 MMA (CONVLORA_STENCIL_MMA=1)
+            # and its composed-weight forward (CONVLORA_STENCIL_MMA=1)
             sfns.update(_stencil_fns(inputs[0], interp, suffix=" mma", mma=True))
         st = measure.time_group(sfns, inputs, False, {k: warm for k in sfns}, repeats)
         lin_fwd = measure.time_group({common.LINEAR: common.frozen_linear}, inputs, False,

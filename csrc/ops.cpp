@@ -38,7 +38,8 @@ at::Tensor gelu_probe_cpu(const at::Tensor& x) {
 // shared-memory budget of smem_kb KB (0: the default), for reports and the resource test:
 // [shared-memory bytes per block, weights staged in shared memory (0/1), weight-gradient
 // accumulators in shared memory (0/1), threads per block, tile height, tile width, items
-// per round, the forward's conv as MMA (0/1; mma asks for it where it runs)].
+// per round (tokens per block for the composed-weight forward), the composed-weight forward
+// (0/1; mma asks for it where it runs)].
 std::vector<int64_t> stencil_grid(int64_t r, int64_t n, int64_t interpolation, bool backward,
                                   int64_t smem_kb, bool mma) {
   TORCH_CHECK(r >= 1 && r <= kMaxRank && n >= 1 && n <= kMaxExperts,
@@ -50,11 +51,11 @@ std::vector<int64_t> stencil_grid(int64_t r, int64_t n, int64_t interpolation, b
     const auto go = [&]<int INTERP, bool BWD>() {  // BWD: a compile-time direction
       const auto p = make_tile_grid<R, INTERP, BWD, float>(1, 1, 1, static_cast<int>(r),
                                                          static_cast<int>(n), budget, mma);
-      out = {p.layout.bytes, p.w_smem, p.dw_smem, tile::Geometry<R, INTERP, BWD>::kThreads,
-             tile::Geometry<R, INTERP, BWD>::kTileH,
-             tile::Geometry<R, INTERP, BWD>::kTileW,
-             p.layout.mma ? tile::MmaGeometry<R>::kRound : tile::Geometry<R, INTERP, BWD>::kRound,
-             p.layout.mma};
+      using G = tile::Geometry<R, INTERP, BWD>;
+      const bool cells = p.layout.mma;
+      out = {p.layout.bytes, p.w_smem, p.dw_smem, cells ? tile::kCellThreads : G::kThreads,
+             cells ? tile::kCellTile : G::kTileH, cells ? tile::kCellTile : G::kTileW,
+             cells ? tile::kCellTile * tile::kCellTile : G::kRound, cells};
     };
     dispatch_interpolation(interpolation, [&]<int INTERP>() {
       backward ? go.template operator()<INTERP, true>() : go.template operator()<INTERP, false>();
@@ -92,7 +93,7 @@ CONVLORA_LIBRARY(CONVLORA_NS, m) {
   m.def("gelu_probe(Tensor x) -> Tensor");
   // See stencil.h for shapes. interpolation: 0 bilinear, 1 bicubic. smem_kb: the
   // shared-memory budget of a tile block in KB, 0 for the default (smem_budget). mma: the
-  // forward's conv as tf32 MMA where it can run (make_tile_grid).
+  // composed-weight forward where it can run (make_tile_grid).
   m.def("stencil_prep_bytes(int r, int n, int interpolation, int height, int width, "
         "int[] scales, bool float64) -> int",
         &stencil_prep_bytes);

@@ -110,6 +110,9 @@ struct SArr {
   T* p;
   int n;
   const char* name;
+  // A global-memory array whose loads the cost model counts (as instructions, with no
+  // shared-memory wavefronts): global_view.
+  bool global = false;
   SRef<T> operator[](int i) const {
     if (i < 0 || i >= n) smem_out_of_range(name, i, n);
     return SRef<T>{this, i};
@@ -139,9 +142,30 @@ struct SArr {
     const void* site = __builtin_return_address(0);
     const int64_t w = word(i);
     Shadow* s = g_shadow;
-    if (w >= 0 && s->trace != nullptr && s->tid >= 0)  // 4 elements: sizeof(T) words
-      s->trace->reads[s->tid].push_back({site, name, w, static_cast<int64_t>(sizeof(T))});
+    if ((w >= 0 || global) && s != nullptr && s->trace != nullptr && s->tid >= 0)
+      s->trace->reads[s->tid].push_back(  // 4 elements: sizeof(T) words
+          {site, name, global ? -1 : w, static_cast<int64_t>(sizeof(T))});
     for (int k = 0; k < 4; ++k) check_read(i + k);
+  }
+  // Two consecutive elements from index i, a multiple of 2 at an aligned address (one
+  // 64-bit load on the GPU); counted as one access.
+  CONVLORA_SITE void load2(int i, T (&out)[2]) const {
+    if (i < 0 || i + 1 >= n) smem_out_of_range(name, i < 0 ? i : i + 1, n);
+    if (i % 2 != 0 || reinterpret_cast<uintptr_t>(p + i) % (2 * sizeof(T)) != 0)
+      throw std::logic_error(std::string("stencil (checked build): shared array ") + name +
+                             " pair load at index " + std::to_string(i) + " not aligned");
+    on_read2(i);
+    out[0] = p[i];
+    out[1] = p[i + 1];
+  }
+  CONVLORA_HOOK void on_read2(int i) const {
+    const void* site = __builtin_return_address(0);
+    const int64_t w = word(i);
+    Shadow* s = g_shadow;
+    if ((w >= 0 || global) && s != nullptr && s->trace != nullptr && s->tid >= 0)
+      s->trace->reads[s->tid].push_back(
+          {site, name, global ? -1 : w, static_cast<int64_t>(sizeof(T)) / 2});
+    for (int k = 0; k < 2; ++k) check_read(i + k);
   }
   CONVLORA_HOOK void on_read(int i) const {
     const void* site = __builtin_return_address(0);  // the access's place in the kernel
@@ -202,6 +226,9 @@ struct SArr {
 };
 #define CONVLORA_SARR(T, base, off, count, nm) \
   SArr<T> { reinterpret_cast<T*>((base) + (off)), (count), nm }
+// A global array read through SArr: bounds-checked, its loads counted for the cost model.
+#define CONVLORA_GLOBAL_VIEW(T, ptr, count, nm) \
+  SArr<T> { const_cast<T*>(ptr), (count), nm, true }
 #else
 template <typename T>
 struct SArr {
@@ -223,6 +250,19 @@ struct SArr {
       return V4<T>{{p[i], p[i + 1], p[i + 2], p[i + 3]}};
     }
   }
+  // Two consecutive elements from index i (aligned to both): one 64-bit load on the GPU.
+  CONVLORA_HD void load2(int i, T (&out)[2]) const {
+#if defined(__CUDA_ARCH__)
+    if constexpr (sizeof(T) == 4 && !std::is_integral<T>::value) {
+      const float2 f = *reinterpret_cast<const float2*>(p + i);
+      out[0] = f.x;
+      out[1] = f.y;
+      return;
+    }
+#endif
+    out[0] = p[i];
+    out[1] = p[i + 1];
+  }
   CONVLORA_HD void store4(int i, const V4<T>& v) const {
 #if defined(__CUDA_ARCH__)
     if constexpr (sizeof(T) == 4) {
@@ -236,6 +276,8 @@ struct SArr {
 };
 #define CONVLORA_SARR(T, base, off, count, nm) \
   SArr<T> { reinterpret_cast<T*>((base) + (off)) }
+#define CONVLORA_GLOBAL_VIEW(T, ptr, count, nm) \
+  SArr<T> { const_cast<T*>(ptr) }
 #endif
 
 }  // namespace tile

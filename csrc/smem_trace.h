@@ -45,6 +45,7 @@ struct PhaseTraffic {
   int64_t ideal = 0;            // the fewest they could need: distinct words / 32, rounded up
   int64_t busiest_warp = 0;     // the access instructions of the phase's busiest warp
   int64_t quarter_wavefronts = 0;  // wavefronts if 128-bit accesses go by quarter warps
+  int64_t global_accesses = 0;  // warp-level loads of counted global arrays (SArr::global)
 };
 
 // One site's share of a phase (its reads or its writes): what `smem_sites` reports, so a
@@ -78,8 +79,8 @@ struct Trace {
   struct Access {
     const void* site;
     const char* array;  // the shared array's name
-    int64_t word;   // the first 4-byte word
-    int64_t words;  // consecutive words from it: 1, or 4 for a vector load (SArr::load4)
+    int64_t word;   // the first 4-byte word; -1: a counted global array's (no banks)
+    int64_t words;  // consecutive words from it: 1, or 2 or 4 for a vector load (load2, load4)
   };
   std::vector<std::vector<Access>> reads, writes;  // per thread, this phase's accesses
   std::vector<PhaseTraffic> phases;                 // by name, in order of first run
@@ -127,8 +128,13 @@ struct Trace {
           }
         }
       }
+      int64_t global = 0;
       for (auto& [key, g] : groups) {
         auto& words = g.words;
+        if (!words.empty() && words.front() < 0) {  // a global array's load: no wavefronts
+          ++global;
+          continue;
+        }
         current->lane_accesses += static_cast<int64_t>(words.size());
         const int64_t wf = wavefronts_of(words);  // leaves the distinct words
         const int64_t ideal = std::max<int64_t>(1, (static_cast<int64_t>(words.size()) + 31) / 32);
@@ -143,7 +149,8 @@ struct Trace {
         st.wavefronts += wf;
         st.ideal += ideal;
       }
-      current->warp_accesses += static_cast<int64_t>(groups.size());
+      current->warp_accesses += static_cast<int64_t>(groups.size()) - global;
+      current->global_accesses += global;
       per_warp.push_back(static_cast<int64_t>(groups.size()));
     }
     return per_warp;
@@ -173,7 +180,7 @@ struct TraceRequest {
     for (const auto& p : phases)
       done << p.name << ' ' << p.runs << ' ' << p.lane_accesses << ' ' << p.warp_accesses
            << ' ' << p.wavefronts << ' ' << p.busiest_warp << ' ' << p.ideal << ' '
-           << p.quarter_wavefronts << '\n';
+           << p.quarter_wavefronts << ' ' << p.global_accesses << '\n';
     phases.clear();
     for (const auto& [k, t] : sites) {
       // the site as an offset into the shared object that holds it (addr2line reads it)
@@ -219,6 +226,7 @@ struct TraceRequest {
       into->busiest_warp += p.busiest_warp;
       into->ideal += p.ideal;
       into->quarter_wavefronts += p.quarter_wavefronts;
+      into->global_accesses += p.global_accesses;
     }
     for (const auto& [k, c] : t.sites) {
       SiteTraffic& into = sites[k];
@@ -235,7 +243,8 @@ inline TraceRequest& trace_request() {
 
 // Per call: a line "call <blocks> <shared bytes per block>", then one line per phase:
 // name runs lane_accesses warp_accesses wavefronts busiest_warp ideal quarter_wavefronts
-// (summed over the call's blocks; runs counts the phase once per block and round).
+// global_accesses (summed over the call's blocks; runs counts the phase once per block and
+// round; busiest_warp counts the global loads too).
 inline std::string trace_report() {
   auto& req = trace_request();
   std::lock_guard<std::mutex> lock(req.mutex);

@@ -17,11 +17,11 @@
 // (N, 4, r) bilinear or (N, 16, r) bicubic, in float32 (float64 for float64 inputs), saved
 // by the forward for the backward when save_preact (else empty); dconv_* in that dtype too,
 // every expert present; smem_kb: a tile block's shared-memory budget (smem_budget); mma:
-// the per-token forward's conv as tensor-core MMA with tf32 operands (z's U taps and the
-// weights rounded to tf32, fp32 sums) where it runs: r in (4, 8], bilinear, fp32
-// accumulation, a CUDA device of compute capability 8.0 or later, the operands within the
-// budget; elsewhere the multiply-add programs run (make_tile_grid). The projections around
-// the stencil are GEMMs done by the caller.
+// the per-token forward as tensor-core products of each token's 3 x 3 z cells by composed
+// weights (stencil_cells.h: the weights rounded to tf32, fp32 sums) where it runs: r in
+// (4, 8], bilinear, fp32 accumulation, a CUDA device of compute capability 8.0 or later;
+// elsewhere the multiply-add programs run (make_tile_grid). The projections around the
+// stencil are GEMMs done by the caller.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "convlora_math.h"
+#include "stencil_cells.h"
 #include "stencil_map.h"
 #include "stencil_tile.h"
 
@@ -129,7 +130,7 @@ struct Operands {
   at::Tensor z, expert_index, conv_weight, conv_bias, du, preact;
   int smem_budget;  // bytes (smem_budget)
   at::Tensor prep;  // stencil_prep's output for this call, or undefined: the call runs its own
-  bool mma = false;  // the forward's conv as tf32 MMA where it can run (make_tile_grid)
+  bool mma = false;  // the composed-weight forward where it can run (make_tile_grid)
 };
 
 // Saved pre-activation slots per token: the most conv outputs one token reads.
@@ -196,8 +197,8 @@ struct TileGrid {
 
 // Weights go to shared memory when they fit the budget, then the weight-gradient
 // accumulators; what does not fit is read (or accumulated) in global memory. mma: the
-// forward's conv as tf32 MMA (tile::MmaGeometry) where tile::mma_program in fp32 accumulation,
-// when its operands fit the budget (else the multiply-add programs: layout.mma says which).
+// composed-weight forward (stencil_cells.h) where tile::cells_program in fp32 accumulation
+// (layout.mma says whether it runs; its blocks need a few KB, whatever the budget).
 template <int R, int INTERP, bool BWD, typename acc_t>
 TileGrid make_tile_grid(int64_t maps, int H, int W, int r, int n, int budget, bool mma = false) {
   TileGrid p;
@@ -206,11 +207,11 @@ TileGrid make_tile_grid(int64_t maps, int H, int W, int r, int n, int budget, bo
   p.tiles_x = (W + G::kTileW - 1) / G::kTileW;
   p.blocks = maps * p.tiles_y * p.tiles_x;
   check_blocks(p.blocks);
-  if (mma && tile::mma_program<R, INTERP, BWD>() && std::is_same_v<acc_t, float>) {
-    p.w_smem = true;
+  if (mma && tile::cells_program<R, INTERP, BWD>() && std::is_same_v<acc_t, float>) {
+    p.w_smem = false;
     p.dw_smem = false;
-    p.layout = tile::make_layout<R, INTERP, BWD, acc_t>(r, n, true, false, true);
-    if (p.layout.bytes <= budget) return p;
+    p.layout = tile::make_cells_layout<R>(n);
+    return p;
   }
   const bool choices[3][2] = {{true, true}, {true, false}, {false, false}};
   for (const auto& c : choices) {
@@ -250,7 +251,7 @@ constexpr int64_t map_region_size() {
 
 template <int R>
 int64_t wbuf_size(int n) {
-  return static_cast<int64_t>(n) * (2 * tile::weight_stride<R>() + R + tile::mma_b_stride<R>());
+  return static_cast<int64_t>(n) * (2 * tile::weight_stride<R>() + R);
 }
 
 // The prep buffer of a call (bytes): the tap tables (T.entries Taps), then from a 16-byte

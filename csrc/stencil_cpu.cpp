@@ -120,18 +120,29 @@ void for_each_block(int64_t blocks, int threads, int bytes, F&& f) {
 // Runs every block of one call (per-token programs).
 template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
 void run_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const TileGrid& grid) {
-  if constexpr (tile::mma_program<R, INTERP, BWD>() && std::is_same_v<acc_t, float>) {
-    if (grid.layout.mma) {
-      for_each_block(grid.blocks, tile::Geometry<R, INTERP, BWD>::kThreads, grid.layout.bytes,
-                     [&](CpuExec& ex, unsigned char* smem, int64_t blk) {
-        tile::run_block<R, INTERP, BWD, true>(ex, A, grid.layout, smem, blk);
-      });
-      return;
-    }
-  }
   for_each_block(grid.blocks, tile::Geometry<R, INTERP, BWD>::kThreads, grid.layout.bytes,
                  [&](CpuExec& ex, unsigned char* smem, int64_t blk) {
     tile::run_block<R, INTERP, BWD>(ex, A, grid.layout, smem, blk);
+  });
+}
+
+// The composed-weight forward (stencil_cells.h): its weights from the call's tap tables,
+// then its blocks.
+template <int R, typename scalar_t>
+void run_cells_blocks(const tile::TileArgs<scalar_t, float>& A, const Operands& o,
+                      const TileGrid& grid) {
+  const tile::CellTables C = tile::make_cell_tables(A.T);
+  at::Tensor cells = at::empty({tile::cell_words(C, A.n)}, o.z.options().dtype(at::kFloat));
+  const auto cw = o.conv_weight.to(at::kFloat).contiguous();
+  const float* wp = cw.const_data_ptr<float>();
+  float* cp = cells.mutable_data_ptr<float>();
+  at::parallel_for(0, cells.numel(), 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      tile::cell_entry<R, float, float>(wp, A.r, A.T, C, A.taps, i, cp);
+  });
+  for_each_block(grid.blocks, tile::kCellThreads, grid.layout.bytes,
+                 [&](CpuExec& ex, unsigned char* smem, int64_t blk) {
+    tile::run_cells_block<R>(ex, A, grid.layout, cp, C, smem, blk);
   });
 }
 
@@ -219,6 +230,12 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
                                                                 static_cast<int>(r), T.n,
                                                                 o.smem_budget, mma);
         auto A = make_tile_args<R, scalar_t, acc_t>(o, T, grid, taps, wbuf, u, nullptr, pre_p);
+        if constexpr (tile::cells_program<R, INTERP, false>() && std::is_same_v<acc_t, float>) {
+          if (grid.layout.mma) {
+            run_cells_blocks<R>(A, o, grid);
+            return;
+          }
+        }
         run_blocks<R, INTERP, false>(A, grid);
       });
     });

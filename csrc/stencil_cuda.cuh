@@ -2,7 +2,8 @@
 // (stencil_cuda_{f32,f16,bf16}.cu) so the build compiles them in parallel.
 //
 // Launches per call (docs/design.md, "The tiled stencil"):
-//   forward:  prep (tap tables, padded fp32 weights) -> stencil_tile_kernel
+//   forward:  prep (tap tables, padded fp32 weights) -> stencil_tile_kernel; with mma at
+//             its ranks (stencil_cells.h) prep -> cells_prep_kernel -> stencil_cells_kernel
 //   backward: prep -> stencil_tile_kernel (dz and per-block weight-gradient partials)
 //             -> reduce_dw_kernel (partials summed over blocks in a fixed order, two
 //                levels: runs of partials, then the runs)
@@ -53,14 +54,33 @@ constexpr int min_blocks_per_sm() {
   return (R <= 8 ? 4 : 2) * 128 / tile::Geometry<R, INTERP, BWD>::kThreads;
 }
 
-// MMA: the forward's conv as tf32 MMA (tile::MmaGeometry; L made with mma).
-template <int R, int INTERP, bool BWD, typename scalar_t, bool MMA = false>
+template <int R, int INTERP, bool BWD, typename scalar_t>
 __global__ void __launch_bounds__(tile::Geometry<R, INTERP, BWD>::kThreads,
                                   min_blocks_per_sm<R, INTERP, BWD>())
     stencil_tile_kernel(const tile::TileArgs<scalar_t, float> A, const tile::Layout L) {
   extern __shared__ __align__(16) unsigned char smem[];
   GpuExec ex;
-  tile::run_block<R, INTERP, BWD, MMA>(ex, A, L, smem, static_cast<int64_t>(blockIdx.x));
+  tile::run_block<R, INTERP, BWD>(ex, A, L, smem, static_cast<int64_t>(blockIdx.x));
+}
+
+// The composed-weight forward (stencil_cells.h): its weights, one thread per entry, from the
+// call's tap tables (written by the prep before it), then its blocks of four warps.
+template <int R, typename w_t>
+__global__ void __launch_bounds__(kPrepThreads)
+    cells_prep_kernel(const w_t* __restrict__ conv_w, int r, const tile::Tables T,
+                      const tile::CellTables C, const Taps<float>* __restrict__ taps,
+                      float* __restrict__ cells, int64_t total) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < total) tile::cell_entry<R, float, w_t>(conv_w, r, T, C, taps, i, cells);
+}
+
+template <int R, typename scalar_t>
+__global__ void __launch_bounds__(tile::kCellThreads, 4)
+    stencil_cells_kernel(const tile::TileArgs<scalar_t, float> A, const tile::Layout L,
+                         const float* __restrict__ cells, const tile::CellTables C) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  GpuExec ex;
+  tile::run_cells_block<R>(ex, A, L, cells, C, smem, static_cast<int64_t>(blockIdx.x));
 }
 
 // One expert per map (stencil_map.h): the map block program, then for the backward the fold.
@@ -252,18 +272,34 @@ void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t i
   auto A = make_tile_args<R, scalar_t, float>(o, T, grid, taps, wbuf, out,
                                               BWD ? partial.mutable_data_ptr<float>() : nullptr,
                                               pre);
-  constexpr int threads = tile::Geometry<R, INTERP, BWD>::kThreads;
-  bool done = false;
-  if constexpr (tile::mma_program<R, INTERP, BWD>()) {
+  if constexpr (tile::cells_program<R, INTERP, BWD>()) {
     if (grid.layout.mma) {
-      launch_blocks(stencil_tile_kernel<R, INTERP, BWD, scalar_t, true>, A, grid.layout,
-                    grid.blocks, threads, stream);
-      done = true;
+      const tile::CellTables C = tile::make_cell_tables(T);
+      const int64_t total = tile::cell_words(C, A.n);
+      at::Tensor cells = at::empty({total}, f32);
+      const auto prep_cells = [&](auto* tag) {
+        using w_t = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+        cells_prep_kernel<R, w_t><<<grid_for(total, kPrepThreads), kPrepThreads, 0, stream>>>(
+            o.conv_weight.const_data_ptr<w_t>(), A.r, T, C, A.taps,
+            cells.mutable_data_ptr<float>(), total);
+      };
+      if (o.conv_weight.scalar_type() == at::kFloat) {
+        prep_cells(static_cast<float*>(nullptr));
+      } else {
+        prep_cells(static_cast<scalar_t*>(nullptr));
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      allow_shared_bytes(reinterpret_cast<const void*>(stencil_cells_kernel<R, scalar_t>),
+                         grid.layout.bytes);
+      stencil_cells_kernel<R, scalar_t><<<static_cast<unsigned>(grid.blocks), tile::kCellThreads,
+                                          grid.layout.bytes, stream>>>(
+          A, grid.layout, cells.const_data_ptr<float>(), C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
     }
   }
-  if (!done)
-    launch_blocks(stencil_tile_kernel<R, INTERP, BWD, scalar_t>, A, grid.layout, grid.blocks,
-                  threads, stream);
+  launch_blocks(stencil_tile_kernel<R, INTERP, BWD, scalar_t>, A, grid.layout, grid.blocks,
+                tile::Geometry<R, INTERP, BWD>::kThreads, stream);
   if (BWD) {
     launch_reduce<R>(partial, grid.blocks, A.r, A.n, *dw, stream);
   }

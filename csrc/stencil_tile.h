@@ -38,7 +38,6 @@
 
 #include "convlora_math.h"
 #include "shared_array.h"
-#include "tile_mma.h"
 
 #if defined(CONVLORA_CHECKED)
 #include <stdexcept>
@@ -177,68 +176,6 @@ struct Geometry {
 template <int R>
 CONVLORA_HD constexpr int weight_stride() { return ((R * R * 9 + 31) / 32) * 32 + 4; }
 
-// The forward's conv as warp-level MMA (tile_mma.h; the ops' mma argument; mma_program): per
-// round of kRound items, thread per item writes its nine U vectors to shared memory as
-// the A operand (phase_mma_u); warp per 16 items multiplies them by the B operand, the
-// experts' weights, an expert at a time, from the bias, and applies GELU (phase_mma).
-//   K: an item's 9 R values of U ([k][ci]), zero-padded to KP pairs of 8-wide k-steps;
-//      lane (g, t) holds of a row the values K = 16 m + 4 t + 2 i + {0, 1} as cols t and
-//      t + 4 of k-step 2 m + i (a relabelling of the sum, the same in A and B).
-//   A: per group of 16 items and k-step, 32 runs of 4 words, lane (g, t)'s fragment in the
-//      run at a_run(g, t) (a0..a3: rows g, g + 8 of col t, then of col t + 4): one 128-bit
-//      load an MMA. The quarter warps reading a k-step (g, g + 1; all t) and the 16 items
-//      of a group writing one word of it (g = 0..7, rows g, g + 8) fall in distinct bank
-//      quads (store_a: a warp's two groups in complementary words of them).
-//   B: per expert, pair m and n-tile nt (output channels 8 nt ..), lane l's run at 4 l
-//      (b0, b1 of k-step 2 m, then of 2 m + 1); built by the prep pass (weight_entry),
-//      rounded to tf32.
-template <int R>
-CONVLORA_HD constexpr bool mma_rank() { return R == 8; }
-// The programs that run it: the forward at the MMA ranks, bilinear (bicubic's nine taps of
-// 16 z cells an item would spill the u phase's registers at 256 threads).
-template <int R, int INTERP, bool BWD>
-CONVLORA_HD constexpr bool mma_program() { return !BWD && INTERP != kBicubic && mma_rank<R>(); }
-
-template <int R>
-struct MmaGeometry {
-  static constexpr int kRound = 128;  // items per round (A: 40 KB at R = 8)
-  static constexpr int kGroups = kRound / 16;
-  static constexpr int kPairs = (9 * R + 15) / 16;
-  static constexpr int kK = 16 * kPairs;  // padded K
-  static constexpr int kNTiles = (R + 7) / 8;
-  static constexpr int kBStride = kPairs * kNTiles * 128;  // one expert's B, words
-  static constexpr int kAGroup = 2 * kPairs * 128;  // one group's A, words
-  static constexpr int kAWords = kGroups * kAGroup;
-};
-
-template <int R>
-CONVLORA_HD constexpr int mma_b_stride() { return mma_rank<R>() ? MmaGeometry<R>::kBStride : 0; }
-
-CONVLORA_HD int a_run(int g, int t) { return 8 * (g >> 1) + ((2 * t + g) & 7); }
-
-// Word index in A of lane (g, t)'s fragment of k-step ks of group grp.
-template <int R>
-CONVLORA_HD int a_frag(int grp, int ks, int g, int t) {
-  return grp * MmaGeometry<R>::kAGroup + ks * 128 + a_run(g, t) * 4;
-}
-
-// Item j's U values K = k4 .. k4 + 3 (k4 a multiple of 4) into A, in tf32: K 16 m + 4 t +
-// 2 i + c is word 2 c + (row >= 8) of lane (g, t)'s fragment of k-step 2 m + i. A warp's
-// 32 items are two groups, whose words of one (i, c) fall in the same 16 banks: the odd
-// group's items store their values in another order (c flipped), so that each store fills
-// all 32 banks.
-template <int R, typename acc_t>
-CONVLORA_HD void store_a(SArr<acc_t> a, int j, int k4, const acc_t (&u)[4]) {
-  const int grp = j >> 4, g = j & 7, h = (j >> 3) & 1, m = k4 >> 4, t = (k4 >> 2) & 3;
-  const bool odd = grp & 1;
-  CONVLORA_UNROLL
-  for (int q = 0; q < 4; ++q) {
-    const int c = (q & 1) ^ int(odd), i = q >> 1;  // this store's K 16 m + 4 t + 2 i + c
-    const acc_t v = odd ? u[q ^ 1] : u[q];
-    a[a_frag<R>(grp, 2 * m + i, g, t) + 2 * c + h] = tf32_round(v);
-  }
-}
-
 // Entries of one expert's weight gradient: r·r·9 conv weights, then r biases.
 CONVLORA_HD int grad_entries(int r) { return r * r * 9 + r; }
 
@@ -292,6 +229,38 @@ inline Tables make_tables(int H, int W, int n, int interp, const int* scales) {
   return T;
 }
 
+// The composed-weight forward's classes of map rows (stencil_cells.h): a row's up-sampling
+// weights, seen from the row, are the same for every row but the first and the last
+// (clamped taps, the conv's zero padding). row_classes(n): 3 from n = 3 (0 inside, 1 the
+// first row, 2 the last), else one per row.
+CONVLORA_HD int row_classes(int n) { return n >= 3 ? 3 : n; }
+CONVLORA_HD int row_class(int i, int n) {
+  return n >= 3 ? (i == 0 ? 1 : i == n - 1 ? 2 : 0) : i;
+}
+CONVLORA_HD int class_row(int c, int n) {  // a row of class c
+  return n >= 3 ? (c == 0 ? 1 : c == 1 ? 0 : n - 1) : c;
+}
+
+// Where each expert's composed weights start (in blocks of one (row class, column class,
+// row phase, column phase): 9 cells x R x R) and how many phases (down taps) an axis has.
+struct CellTables {
+  int ns_y, ns_x;               // row and column classes
+  int ph[kMaxExperts];          // down taps a token has per axis at the expert's scale
+  int off[kMaxExperts + 1];     // first block of each expert; off[n]: all blocks
+};
+
+inline CellTables make_cell_tables(const Tables& T) {
+  CellTables C{};
+  C.ns_y = row_classes(T.H);
+  C.ns_x = row_classes(T.W);
+  C.off[0] = 0;
+  for (int e = 0; e < T.n; ++e) {
+    C.ph[e] = down_taps<float>(0, T.H, T.scale[e], T.interp).n;
+    C.off[e + 1] = C.off[e] + C.ns_y * C.ns_x * C.ph[e] * C.ph[e];
+  }
+  return C;
+}
+
 // Table entry i (the prep pass runs one per entry).
 template <typename acc_t>
 CONVLORA_HD void table_entry(const Tables& T, int i, Taps<acc_t>* out) {
@@ -318,8 +287,7 @@ CONVLORA_HD void table_entry(const Tables& T, int i, Taps<acc_t>* out) {
 
 // Prep entry i of the padded weights: (n, weight_stride) conv weights [k][ci][co], zero
 // outside r x r; then (n, R) biases; then (n, weight_stride) transposed weights [k][co][ci]
-// (the backward's W^T g runs over contiguous input channels); then at the MMA ranks
-// (n, mma_b_stride) the MMA's B operand (MmaGeometry), in tf32.
+// (the backward's W^T g runs over contiguous input channels).
 // w_t: the weights' dtype as stored (acc_t, or the inputs' 16-bit type, read and widened
 // here so no cast of the weights runs before the prep).
 template <int R, typename acc_t, typename w_t = acc_t>
@@ -338,7 +306,7 @@ CONVLORA_HD void weight_entry(const w_t* conv_w, const w_t* conv_b, int r, int n
   } else if (i < n * (WS + R)) {
     const int j = i - n * WS, e = j / R, co = j % R;
     wbuf[i] = co < r ? static_cast<acc_t>(conv_b[e * r + co]) : acc_t(0);
-  } else if (i < n * (2 * WS + R)) {
+  } else {
     const int j = i - n * (WS + R), e = j / WS, off = j - e * WS;
     acc_t v = acc_t(0);
     if (off < R * R * 9) {
@@ -347,35 +315,22 @@ CONVLORA_HD void weight_entry(const w_t* conv_w, const w_t* conv_b, int r, int n
         v = static_cast<acc_t>(conv_w[((static_cast<int64_t>(e) * r + co) * r + ci) * 9 + k]);
     }
     wbuf[i] = v;
-  } else {
-    using M = MmaGeometry<R>;
-    const int j = i - n * (2 * WS + R), e = j / M::kBStride, off = j - e * M::kBStride;
-    const int m = off / (M::kNTiles * 128), nt = (off / 128) % M::kNTiles;
-    const int lane = (off % 128) / 4, q = off % 4;
-    const int kk = 16 * m + 4 * (lane & 3) + q, co = 8 * nt + (lane >> 2);
-    const int k = kk / R, ci = kk % R;
-    acc_t v = acc_t(0);
-    if (k < 9 && co < r && ci < r)
-      v = tf32_round(
-          static_cast<float>(conv_w[((static_cast<int64_t>(e) * r + co) * r + ci) * 9 + k]));
-    wbuf[i] = v;
   }
 }
 
 // Byte offsets of a block's shared arrays (16-byte aligned), the same on host and device.
 struct Layout {
   int zs, src, es, nt, start, key, first, items, cbuf, ubuf, nbr, acc, w, wt, b, dw, bytes;
-  int w_count, dw_count, u_count;
-  bool mma;  // the forward's conv as MMA (MmaGeometry): ubuf is A, w is B
+  int w_count, dw_count;
+  bool mma;  // the composed-weight forward's (stencil_cells.h: make_cells_layout)
 };
 
 CONVLORA_HD int align16(int x) { return (x + 15) & ~15; }
 
 template <int R, int INTERP, bool BWD, typename acc_t>
-CONVLORA_HD Layout make_layout(int r, int n, bool w_smem, bool dw_smem, bool mma = false) {
+CONVLORA_HD Layout make_layout(int r, int n, bool w_smem, bool dw_smem) {
   using G = Geometry<R, INTERP, BWD>;
-  Layout L;
-  L.mma = mma && mma_program<R, INTERP, BWD>();
+  Layout L{};
   int off = 0;
   auto take = [&off](int bytes) {
     const int at = off;
@@ -392,11 +347,10 @@ CONVLORA_HD Layout make_layout(int r, int n, bool w_smem, bool dw_smem, bool mma
   L.first = take((G::kBuckets + 1) * I);
   L.items = take(G::kMaxItems * I);
   L.cbuf = take(G::kRound * G::kItemRow * A);
-  L.u_count = BWD ? G::kRound * G::kURow : L.mma ? MmaGeometry<R>::kAWords : 0;
-  L.ubuf = take(L.u_count * A);
+  L.ubuf = take(BWD ? G::kRound * G::kURow * A : 0);
   L.nbr = take(G::kChannelMajor ? G::kRound * G::kNbrRow * A : 0);
   L.acc = take(G::kTileH * G::kTileW * G::kAccCell * A);  // u (fwd) or dz (bwd) of the tile
-  L.w_count = w_smem ? n * (L.mma ? mma_b_stride<R>() : weight_stride<R>()) : 0;
+  L.w_count = w_smem ? n * weight_stride<R>() : 0;
   L.w = take(L.w_count * A);
   L.wt = take(BWD && !G::kChannelMajor ? L.w_count * A : 0);  // phase_delta's Wᵀ
   L.b = take(n * R * A);
@@ -464,12 +418,14 @@ CONVLORA_HD acc_t outside_value() {
 }
 
 // Stages an RH x RW region of an (H, W, r) map (origin y0, x0, may reach outside the map)
-// into dst[(ly·RW + lx)·CELL + c] as acc_t; channels c >= r and cells outside the map are
-// outside_value() (never read: taps are clamped into the map). THREADS: the block's.
-template <int R, int RH, int RW, int CELL, int THREADS = kThreads, typename scalar_t,
-          typename acc_t>
+// into dst[(ly·RW + lx)·CELL + c] as acc_t; channels c >= r are zero, cells outside the map
+// outside_value() (never read: taps are clamped into the map), or zero with ZERO_OUTSIDE
+// (programs that multiply them by zero weights). THREADS: the block's.
+template <int R, int RH, int RW, int CELL, int THREADS = kThreads, bool ZERO_OUTSIDE = false,
+          typename scalar_t, typename acc_t>
 CONVLORA_HD void stage_region(const scalar_t* map, int H, int W, int r, int y0, int x0,
                               bool vec, SArr<acc_t> dst, int tid) {
+  const acc_t outside = ZERO_OUTSIDE ? acc_t(0) : outside_value<acc_t>();
   constexpr int VEC = 16 / static_cast<int>(sizeof(scalar_t));
   if constexpr (R % VEC == 0) {
     if (vec) {
@@ -483,7 +439,7 @@ CONVLORA_HD void stage_region(const scalar_t* map, int H, int W, int r, int y0, 
           load16<scalar_t, acc_t, VEC>(map + (static_cast<int64_t>(gy) * W + gx) * R + q * VEC,
                                        v);
         } else {
-          for (int j = 0; j < VEC; ++j) v[j] = outside_value<acc_t>();
+          for (int j = 0; j < VEC; ++j) v[j] = outside;
         }
         if constexpr (CELL % 4 == 0 && VEC % 4 == 0) {  // 128-bit stores
           for (int j = 0; j < VEC; j += 4)
@@ -505,7 +461,7 @@ CONVLORA_HD void stage_region(const scalar_t* map, int H, int W, int r, int y0, 
     const int ly = cell / RW, lx = cell - ly * RW;
     const int gy = y0 + ly, gx = x0 + lx;
     const bool inside = gy >= 0 && gy < H && gx >= 0 && gx < W;
-    acc_t v = inside ? acc_t(0) : outside_value<acc_t>();
+    acc_t v = inside ? acc_t(0) : outside;
     if (c < r && inside) v = static_cast<acc_t>(map[(static_cast<int64_t>(gy) * W + gx) * r + c]);
     dst[cell * CELL + c] = v;
   }
@@ -532,9 +488,8 @@ CONVLORA_HD int item_nt(int it) { return (it >> 20) & 63; }
 // up tables (zero outside the s·H x s·W map). With COMPUTE_C writes C to crow[0..R); with
 // STORE_U the nine U vectors to urow[k·R + ci] (zero for taps outside the map).
 // Without COMPUTE_C, only input channels [cs, cs + RS) (the caller's share of the item).
-// FRAG_U: U goes to the MMA's operand A instead (store_a of item urow_off), in tf32.
 template <int R, int INTERP, int ZW, int CELL, bool COMPUTE_C, bool STORE_U, int RS = R,
-          bool VEC_U = false, bool FRAG_U = false, typename acc_t>
+          bool VEC_U = false, typename acc_t>
 CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int s, int oy,
                            int ox, int zy0, int zx0, SArr<acc_t> zs, SArr<acc_t> w, int w_off,
                            SArr<acc_t> bias, SArr<acc_t> crow, int crow_off, SArr<acc_t> urow,
@@ -578,16 +533,8 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
       for (int kx = 0; kx < 3; ++kx) {
         const int k = ky * 3 + kx;
         if (!(vy[ky] && vx[kx])) {
-          if constexpr (FRAG_U) {
-            static_assert(RS % 4 == 0, "whole runs of 4 K values");
-            CONVLORA_UNROLL
-            for (int ci = cs; ci < cs + RS; ci += 4) {
-              const acc_t zero[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-              store_a<R>(urow, urow_off, k * R + ci, zero);
-            }
-          } else if (STORE_U && co0 == 0) {
+          if (STORE_U && co0 == 0)
             for (int ci = cs; ci < cs + RS; ++ci) urow[urow_off + k * R + ci] = acc_t(0);
-          }
           continue;
         }
         CONVLORA_NO_UNROLL
@@ -626,14 +573,7 @@ CONVLORA_HD void conv_item(const Taps<acc_t>* taps, const Tables& T, int e, int 
               }
             }
           }
-          if constexpr (FRAG_U) {
-            static_assert(CU % 4 == 0, "whole runs of 4 K values");
-            CONVLORA_UNROLL
-            for (int i = 0; i < CU; i += 4) {
-              const acc_t run[4] = {u[i], u[i + 1], u[i + 2], u[i + 3]};
-              store_a<R>(urow, urow_off, k * R + ci0 + i, run);
-            }
-          } else if (STORE_U && co0 == 0) {
+          if (STORE_U && co0 == 0) {
             if constexpr (VEC_U && CU % 4 == 0) {  // 128-bit stores (urow_off, ci0: x4)
               CONVLORA_UNROLL
               for (int i = 0; i < CU; i += 4)
@@ -742,20 +682,18 @@ struct Smem {
   using G = Geometry<R, INTERP, BWD>;
   SArr<acc_t> zs, src, cbuf, ubuf, nbr, acc, w, wt, b, dw;
   SArr<int> es, nt, start, key, first, items;
-  SArr<acc_t> w_shared;  // w where it is staged (MMA: always), as a shared-memory array
 
   CONVLORA_HD Smem(unsigned char* base, const Layout& L, int n, const acc_t* wglobal,
                    acc_t* dwglobal, int r)
       : zs(CONVLORA_SARR(acc_t, base, L.zs, G::kZH * G::kZW * G::kZCell, "z")),
         src(CONVLORA_SARR(acc_t, base, L.src, BWD ? G::kSrc * G::kSrcCell : 0, "du")),
         cbuf(CONVLORA_SARR(acc_t, base, L.cbuf, G::kRound * G::kItemRow, "item values")),
-        ubuf(CONVLORA_SARR(acc_t, base, L.ubuf, L.u_count, L.mma ? "MMA operand A" : "taps")),
+        ubuf(CONVLORA_SARR(acc_t, base, L.ubuf, BWD ? G::kRound * G::kURow : 0, "taps")),
         nbr(CONVLORA_SARR(acc_t, base, L.nbr, G::kChannelMajor ? G::kRound * G::kNbrRow : 0,
                           "neighbourhood weights")),
         acc(CONVLORA_SARR(acc_t, base, L.acc, G::kTileH * G::kTileW * G::kAccCell,
                           "tile sums")),
-        w(L.w_count ? CONVLORA_SARR(acc_t, base, L.w, L.w_count,
-                                    L.mma ? "MMA operand B" : "weights")
+        w(L.w_count ? CONVLORA_SARR(acc_t, base, L.w, L.w_count, "weights")
                     : global_arr(wglobal, 0, n * weight_stride<R>(), "weights (global)")),
         wt(!BWD || G::kChannelMajor ? global_arr(wglobal, 0, 0, "transposed weights (none)")
            : L.w_count ? CONVLORA_SARR(acc_t, base, L.wt, L.w_count, "transposed weights")
@@ -771,8 +709,7 @@ struct Smem {
         start(CONVLORA_SARR(int, base, L.start, G::kSrc, "item start")),
         key(CONVLORA_SARR(int, base, L.key, G::kSrc, "item order key")),
         first(CONVLORA_SARR(int, base, L.first, G::kBuckets + 1, "bucket start")),
-        items(CONVLORA_SARR(int, base, L.items, G::kMaxItems, "items")),
-        w_shared(CONVLORA_SARR(acc_t, base, L.w, L.w_count, "MMA operand B")) {}
+        items(CONVLORA_SARR(int, base, L.items, G::kMaxItems, "items")) {}
 };
 
 template <int R, int INTERP, bool BWD>
@@ -800,7 +737,7 @@ CONVLORA_HD int order_key(int t, int e, int nt, int n) {
 
 // Phase 1: stage z (and du), the expert of every source token, weights and biases;
 // zero the tile accumulators.
-template <int R, int INTERP, bool BWD, bool MMA = false, typename scalar_t, typename acc_t>
+template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
 CONVLORA_HD void phase_load(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P,
                             const Smem<R, INTERP, BWD, acc_t>& S, int tid) {
   using G = Geometry<R, INTERP, BWD>;
@@ -831,10 +768,7 @@ CONVLORA_HD void phase_load(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
   static_assert(grad_stride<R>() % 4 == 0 && weight_stride<R>() % 4 == 0, "128-bit rows");
   constexpr int T = G::kThreads;
   const int nw = A.n * weight_stride<R>();
-  if (MMA) {  // the prep's B operand (always staged: the host sizes the layout so)
-    static_assert(mma_b_stride<R>() % 4 == 0, "128-bit rows");
-    copy_in4<T>(A.wbuf + 2 * nw + A.n * R, S.w, A.n * mma_b_stride<R>(), tid);
-  } else if (A.w_smem) {
+  if (A.w_smem) {
     copy_in4<T>(A.wbuf, S.w, nw, tid);
     if (BWD && !G::kChannelMajor) copy_in4<T>(A.wbuf + nw + A.n * R, S.wt, nw, tid);
   }
@@ -1028,161 +962,9 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
   }
 }
 
-// The forward's conv as MMA (MmaGeometry), two phases a round of M::kRound items.
-// Phase "u": thread per (item, half of its channels): the item's U vectors into A, in
-// tf32, zeros in A's padding (K from 9 R), and its down-sampling weight into its cbuf
-// row's last word. (A thread per item would walk the nine taps twice as long: the round's
-// critical path.)
-template <int R, int INTERP, typename scalar_t, typename acc_t>
-CONVLORA_HD void phase_mma_u(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P, int r0,
-                             int nitems, const Smem<R, INTERP, false, acc_t>& S, int tid) {
-  using G = Geometry<R, INTERP, false>;
-  using M = MmaGeometry<R>;
-  constexpr int RS = R * M::kRound / G::kThreads;  // channels per thread
-  static_assert(G::kItemRow == R + 1 && RS % 4 == 0 && R % RS == 0,
-                "a word for w; whole runs of 4 K values");
-  const int zy0 = P.h0 - G::kHalo, zx0 = P.w0 - G::kHalo;
-  const int j = tid % M::kRound, cs = tid / M::kRound * RS;
-  if (r0 + j >= nitems) return;
-  const int it = S.items[r0 + j];
-  const int t = item_token(it), e = item_expert(it);
-  const int ly = t / G::kSrcW, lx = t - ly * G::kSrcW;
-  const ItemPos<acc_t> ip = item_pos(A, e, P.h0 + ly, P.w0 + lx, item_a(it), item_b(it));
-  conv_item<R, INTERP, G::kZW, G::kZCell, false, false, RS, false, true>(
-      A.taps, A.T, e, A.T.scale[e], ip.oy, ip.ox, zy0, zx0, S.zs, S.w, 0, S.b, S.cbuf, 0,
-      S.ubuf, j, cs);
-  CONVLORA_UNROLL
-  for (int k4 = 9 * R + cs; k4 < M::kK; k4 += R) {  // this thread's channels of the padding
-    const acc_t zero[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-    store_a<R>(S.ubuf, j, k4, zero);
-  }
-  if (cs == 0) S.cbuf[j * G::kItemRow + R] = ip.w;
-}
-
-// Phase "mma": warp per group of 16 items (A's rows), lanes lane0 .. + kLanes of warp
-// `warp` (tile_mma.h): C = bias + A B, an expert at a time (the group's experts: a bit
-// mask OR-reduced over the warp), each expert's product kept on its own rows; then per
-// lane its C values (two items, two output channels an n-tile) saved to A.pre when given,
-// and w_o GELU(C) to cbuf.
-template <int R, int INTERP, typename scalar_t, typename acc_t>
-CONVLORA_HD void phase_mma(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P, int r0,
-                           int nitems, const Smem<R, INTERP, false, acc_t>& S, int warp,
-                           int lane0) {
-  using G = Geometry<R, INTERP, false>;
-  using M = MmaGeometry<R>;
-  constexpr int NT = M::kNTiles, WARPS = G::kThreads / 32;
-  static_assert(kMaxExperts <= 31, "an expert mask in an int");
-  for (int grp = warp; grp < M::kGroups; grp += WARPS) {
-    const int base = r0 + grp * 16;
-    if (base >= nitems) break;  // the same in every lane
-    int it[kLanes][2];  // the items of the lane's rows g, g + 8
-    int ex[kLanes][2];  // their experts (-1: no item)
-    int bits[kLanes];
-    float c[kLanes][NT][4];
-    for (int l = 0; l < kLanes; ++l) {
-      const int lane = lane0 + l;
-      as_thread(32 * warp + lane);
-      const int g = lane >> 2, t = lane & 3;
-      bits[l] = 0;
-      CONVLORA_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        const int idx = base + g + 8 * h;
-        it[l][h] = idx < nitems ? int(S.items[idx]) : 0;
-        ex[l][h] = idx < nitems ? item_expert(it[l][h]) : -1;
-        bits[l] |= idx < nitems ? 1 << ex[l][h] : 0;
-      }
-      CONVLORA_UNROLL
-      for (int nt = 0; nt < NT; ++nt)
-        CONVLORA_UNROLL
-        for (int q = 0; q < 4; ++q) {
-          const int e = ex[l][q >> 1], co = 8 * nt + 2 * t + (q & 1);
-          c[l][nt][q] = e >= 0 && co < R ? float(S.b[e * R + co]) : 0.f;
-        }
-    }
-    float a[kLanes][2 * M::kPairs][4];  // the lane's A fragment of each k-step
-    for (int l = 0; l < kLanes; ++l) {
-      const int lane = lane0 + l;
-      as_thread(32 * warp + lane);
-      CONVLORA_UNROLL
-      for (int ks = 0; ks < 2 * M::kPairs; ++ks) {
-        const V4<acc_t> v = S.ubuf.load4(a_frag<R>(grp, ks, lane >> 2, lane & 3));
-        CONVLORA_UNROLL
-        for (int i = 0; i < 4; ++i) a[l][ks][i] = v.v[i];
-      }
-    }
-    // each expert of the group: D = A B_e over all rows (those of other experts, or past
-    // the items, are discarded), then C += D on the rows of expert e; D in two sums (even
-    // and odd k-steps), two chains of dependent MMAs
-    for (int rest = warp_or(bits); rest != 0; rest &= rest - 1) {
-      const int e = lowest_bit(rest);
-      CONVLORA_UNROLL
-      for (int nt = 0; nt < NT; ++nt) {
-        float d[kLanes][4], d1[kLanes][4];
-        for (int l = 0; l < kLanes; ++l)
-          CONVLORA_UNROLL
-          for (int q = 0; q < 4; ++q) d[l][q] = d1[l][q] = 0.f;
-        CONVLORA_UNROLL
-        for (int m = 0; m < M::kPairs; ++m) {
-          float a0[kLanes][4], a1[kLanes][4], b0[kLanes][2], b1[kLanes][2];
-          for (int l = 0; l < kLanes; ++l) {
-            const int lane = lane0 + l;
-            as_thread(32 * warp + lane);
-            const V4<acc_t> v =
-                S.w_shared.load4(((e * M::kPairs + m) * NT + nt) * 128 + lane * 4);
-            b0[l][0] = v.v[0];
-            b0[l][1] = v.v[1];
-            b1[l][0] = v.v[2];
-            b1[l][1] = v.v[3];
-            CONVLORA_UNROLL
-            for (int i = 0; i < 4; ++i) {
-              a0[l][i] = a[l][2 * m][i];
-              a1[l][i] = a[l][2 * m + 1][i];
-            }
-          }
-          mma_tf32(a0, b0, d);
-          mma_tf32(a1, b1, d1);
-        }
-        for (int l = 0; l < kLanes; ++l)
-          CONVLORA_UNROLL
-          for (int q = 0; q < 4; ++q)
-            c[l][nt][q] += ex[l][q >> 1] == e ? d[l][q] + d1[l][q] : 0.f;
-      }
-    }
-    for (int l = 0; l < kLanes; ++l) {
-      const int lane = lane0 + l;
-      as_thread(32 * warp + lane);
-      const int g = lane >> 2, t = lane & 3;
-      CONVLORA_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        const int row = grp * 16 + g + 8 * h;
-        if (r0 + row >= nitems) continue;
-        const int item = it[l][h], tok = item_token(item);
-        const int ty = tok / G::kSrcW, tx = tok - ty * G::kSrcW;
-        const acc_t w = S.cbuf[row * G::kItemRow + R];
-        acc_t* pre = nullptr;
-        if (A.pre != nullptr) {
-          const int slot = item_a(item) * (item_nt(item) & 7) + item_b(item);
-          pre = A.pre + ((P.token0 + static_cast<int64_t>(P.h0 + ty) * A.W + P.w0 + tx) *
-                             G::kPreSlots + slot) * A.r;
-        }
-        CONVLORA_UNROLL
-        for (int nt = 0; nt < NT; ++nt)
-          CONVLORA_UNROLL
-          for (int q = 0; q < 2; ++q) {
-            const int co = 8 * nt + 2 * t + q;
-            const acc_t cv = c[l][nt][2 * h + q];
-            if (co >= R) continue;
-            if (pre != nullptr && co < A.r) pre[co] = cv;
-            S.cbuf[row * G::kItemRow + co] = w * gelu_erf(cv);
-          }
-      }
-    }
-  }
-}
-
-// Forward phase 5 (per round of ROUND items): thread per (tile token, channel): add the
-// round's items of the token in item order.
-template <int R, int INTERP, int ROUND = Geometry<R, INTERP, false>::kRound, typename acc_t>
+// Forward phase 5 (per round): thread per (tile token, channel): add the round's items of
+// the token in item order.
+template <int R, int INTERP, typename acc_t>
 CONVLORA_HD void phase_combine(int r0, const Smem<R, INTERP, false, acc_t>& S, int tid) {
   using G = Geometry<R, INTERP, false>;
   for (int u = tid; u < G::kSrc * R; u += G::kThreads) {
@@ -1190,7 +972,7 @@ CONVLORA_HD void phase_combine(int r0, const Smem<R, INTERP, false, acc_t>& S, i
     const int nt = S.nt[t];
     if (nt == 0) continue;
     const int i0 = S.start[t], i1 = i0 + (nt >> 3) * (nt & 7);
-    const int lo = i0 > r0 ? i0 : r0, hi = i1 < r0 + ROUND ? i1 : r0 + ROUND;
+    const int lo = i0 > r0 ? i0 : r0, hi = i1 < r0 + G::kRound ? i1 : r0 + G::kRound;
     acc_t sum = S.acc[t * G::kAccCell + c];
     for (int i = lo; i < hi; ++i) sum += S.cbuf[(i - r0) * G::kItemRow + c];
     S.acc[t * G::kAccCell + c] = sum;
@@ -1571,36 +1353,20 @@ CONVLORA_HD void phase_flush_dw(int r, int n, bool dw_smem, acc_t* partial,
 }
 
 // Runs one block. Exec::phase(name, f) calls f(tid) for every thread of the block and then
-// synchronises (a __syncthreads() on the GPU); Exec::warps(name, f) calls f(warp, lane0)
-// for the lanes kLanes at a time (tile_mma.h), then synchronises; Exec::poison(p, bytes)
-// fills a buffer with NaN bytes in the checked CPU build and does nothing elsewhere.
-// MMA: the forward's conv as MMA (MmaGeometry; L made with mma).
-template <int R, int INTERP, bool BWD, bool MMA = false, typename Exec, typename scalar_t,
-          typename acc_t>
+// synchronises (a __syncthreads() on the GPU); Exec::poison(p, bytes) fills a buffer with
+// NaN bytes in the checked CPU build and does nothing elsewhere.
+template <int R, int INTERP, bool BWD, typename Exec, typename scalar_t, typename acc_t>
 CONVLORA_HD void run_block(Exec& ex, const TileArgs<scalar_t, acc_t>& A, const Layout& L,
                            unsigned char* smem, int64_t block) {
   using G = Geometry<R, INTERP, BWD>;
-  static_assert(!MMA || mma_program<R, INTERP, BWD>(), "MMA: mma_program's");
   const BlockPos P = block_pos<G::kTileH, G::kTileW>(A, block);
   acc_t* partial = BWD ? A.dw_partial + block * A.n * grad_stride<R>() : nullptr;
   const Smem<R, INTERP, BWD, acc_t> S(smem, L, A.n, A.wbuf, partial, A.r);
   ex.poison(smem, L.bytes);
-  ex.phase("load", [&](int tid) { phase_load<R, INTERP, BWD, MMA>(A, P, S, tid); });
+  ex.phase("load", [&](int tid) { phase_load<R, INTERP, BWD>(A, P, S, tid); });
   ex.phase("list", [&](int tid) { phase_list<R, INTERP, BWD>(A.n, S, tid); });
   const int nitems = S.first[2 * A.n];
-  if constexpr (MMA) {
-    constexpr int ROUND = MmaGeometry<R>::kRound;
-    for (int r0 = 0; r0 < nitems; r0 += ROUND) {
-      ex.poison(S.cbuf.p, ROUND * G::kItemRow * static_cast<int>(sizeof(acc_t)));
-      ex.poison(S.ubuf.p, MmaGeometry<R>::kAWords * static_cast<int>(sizeof(acc_t)));
-      ex.phase("u", [&](int tid) { phase_mma_u<R, INTERP>(A, P, r0, nitems, S, tid); });
-      ex.warps("mma", [&](int warp, int lane0) {
-        phase_mma<R, INTERP>(A, P, r0, nitems, S, warp, lane0);
-      });
-      ex.phase("combine", [&](int tid) { phase_combine<R, INTERP, ROUND>(r0, S, tid); });
-    }
-  }
-  for (int r0 = 0; r0 < (MMA ? 0 : nitems); r0 += G::kRound) {
+  for (int r0 = 0; r0 < nitems; r0 += G::kRound) {
     ex.poison(S.cbuf.p, G::kRound * G::kItemRow * static_cast<int>(sizeof(acc_t)));
     if (BWD) ex.poison(S.ubuf.p, G::kRound * G::kURow * static_cast<int>(sizeof(acc_t)));
     if (G::kChannelMajor)

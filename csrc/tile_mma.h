@@ -1,5 +1,5 @@
-// Warp-level matrix multiply-add (mma.sync m16n8k8, tf32 in, fp32 accumulate) as the tile
-// forward's conv runs it, and the same operation on the CPU.
+// Warp-level matrix multiply-add (mma.sync m16n8k8, tf32 in, fp32 accumulate) as the
+// composed-weight forward runs it (stencil_cells.h), and the same operation on the CPU.
 //
 // A warp phase (Exec::warps) is written once for both: its per-lane code sits in loops
 // over the lanes [lane0, lane1) the caller runs, and its per-lane state in arrays of
@@ -70,6 +70,22 @@ CONVLORA_HD int warp_or(const int (&v)[kLanes]) {
   int o = 0;
   for (int lane = 0; lane < 32; ++lane) o |= v[lane];
   return o;
+#endif
+}
+
+// The least of v (non-negative) over the warp's 32 lanes, in every lane (redux.sync).
+CONVLORA_HD int warp_min(const int (&v)[kLanes]) {
+#if defined(__CUDA_ARCH__)
+#if __CUDA_ARCH__ >= 800
+  return static_cast<int>(__reduce_min_sync(0xffffffffu, static_cast<unsigned>(v[0])));
+#else
+  __trap();
+  return 0;
+#endif
+#else
+  int m = v[0];
+  for (int lane = 1; lane < 32; ++lane) m = v[lane] < m ? v[lane] : m;
+  return m;
 #endif
 }
 

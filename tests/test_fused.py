@@ -96,9 +96,9 @@ def test_accuracy_rule(backend, dtype, floor, mode, gating):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,floor", [(torch.bfloat16, 1e-3), (torch.float16, 1e-4)])
-def test_accuracy_rule_with_the_conv_as_mma(backend, dtype, floor):
-    """CONVLORA_STENCIL_MMA=1 (tf32 operands for the per-token bilinear forward's conv,
-    16-bit dtypes): the same rule as without."""
+def test_accuracy_rule_with_composed_weights(backend, dtype, floor):
+    """CONVLORA_STENCIL_MMA=1 (the per-token bilinear forward as tf32 products by composed
+    weights, 16-bit dtypes): the same rule as without."""
     from convlora_kernels import _switches
     from convlora_kernels.backends import extension
 
@@ -435,7 +435,7 @@ def test_sam_shapes_on_gpu(shape, mode, gating, rank, dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("shape", [(2, 64, 64, 768), (50, 14, 14, 768)], ids=["global", "window"])
-def test_sam_shapes_on_gpu_with_the_conv_as_mma(shape):
+def test_sam_shapes_on_gpu_with_composed_weights(shape):
     """CONVLORA_STENCIL_MMA=1: bfloat16 at SAM's shapes still meets the accuracy rule."""
     from convlora_kernels import _switches
     from convlora_kernels.backends import extension

@@ -90,14 +90,19 @@ def test_cuda_kernel_resources():
     assert archs, "no stencil_tile_kernel machine code in _C"
     for arch in archs:
         kernels = [(n, v) for (a, n), v in tiles.items() if a == arch]
-        # R x interp x (fwd, bwd) x dtype, and the MMA forward (R = 8, bilinear) x dtype
-        assert len(kernels) == (len(RANK_BOUNDS) * 2 * 2 + 1) * 3, (arch, len(kernels))
+        # R x interp x (fwd, bwd) x dtype
+        assert len(kernels) == len(RANK_BOUNDS) * 2 * 2 * 3, (arch, len(kernels))
         for name, v in kernels:
             R = int(re.search(r"stencil_tile_kernel<(\d+),", name).group(1))
             if R <= 16:
                 assert v["STACK"] == 0 and v["LOCAL"] == 0, (arch, name, v)
             if R <= 8:
                 assert v["REG"] <= 128, (arch, name, v)
+        # the composed-weight forward (R = 8) x dtype: no stack, at most 128 registers
+        cells = [(n, v) for (a, n), v in res.items() if a == arch and "stencil_cells_kernel" in n]
+        assert len(cells) == 3, (arch, cells)
+        for name, v in cells:
+            assert v["STACK"] == 0 and v["LOCAL"] == 0 and v["REG"] <= 128, (arch, name, v)
         preps = [v for (a, n), v in res.items() if a == arch and "prep_kernel" in n]
         assert preps and all(v["STACK"] <= 64 for v in preps), preps
         # the map programs (r <= 8) and their fold: no stack, no local memory, <= 128 regs
@@ -330,55 +335,72 @@ def test_checked_build_marks_an_out_of_range_expert(checked_ops):
     assert torch.isfinite(dw).all() and torch.isfinite(db).all()
 
 
-# --- The forward's conv as MMA (tf32 operands) -------------------------------------
+# --- The forward as composed weights (mma: tf32 tensor-core products) ----------------
 
 MMA_CASES = [
     # (mode, (B, H, W), scales, rank, expert draw): bilinear, r in (4, 8] (R = 8; r = 6 and
-    # 7 pad the channels); many experts a 16-item group (random), one expert for every
-    # token, experts without tokens; several rounds of 128 items, partial groups, partial
-    # tiles
+    # 7 pad the channels); many keys a 16-token group (random), one expert for every token,
+    # experts without tokens; partial tiles; maps of one and two rows or columns (their own
+    # row classes); every scale up to 16
     ("bilinear", (2, 17, 23), tuple(range(1, 9)), 8, "random"),
     ("bilinear", (2, 9, 12), (1, 2, 3, 4, 5, 6, 7, 8, 9, 10), 6, "random"),
+    ("bilinear", (1, 9, 8), tuple(range(1, 17)), 8, "random"),
     ("bilinear", (1, 11, 9), (4, 1, 2), 8, "one"),
     ("bilinear", (1, 8, 16), (3, 2, 5, 8), 8, "two"),
     ("bilinear", (1, 9, 10), (2, 5, 1), 7, "two"),
+    ("bilinear", (3, 1, 5), (1, 2, 3, 4), 8, "random"),
+    ("bilinear", (2, 2, 3), (2, 1, 6), 5, "random"),
 ]
 
 
 def _tf32(t):
     """t rounded to float32, then to tf32 (10 mantissa bits, to nearest, ties away from
-    zero), as the MMA programs round U and the weights."""
+    zero), as the composed-weight forward rounds its weights."""
     b = t.to(torch.float32).contiguous().view(torch.int32)
     return ((b + 0x1000) & ~0x1FFF).view(torch.float32).to(torch.float64)
 
 
-def _tf32_reference_u(z, idx, cw, cb, scales, mode, h, w):
-    """u = z + E(z) in float64 with the conv's operands in tf32: Up_s(z) rounded to float32
-    and then to tf32 at every upsampled position and channel, the weights to tf32."""
-    import torch.nn.functional as F
-
-    interp = ["bilinear", "bicubic"][mode]
-    r = z.shape[1]
-    zc = z.double().reshape(-1, h, w, r).permute(0, 3, 1, 2)
-    outs = []
-    for i, s in enumerate(scales):
-        up = F.interpolate(zc, scale_factor=s, mode=interp, align_corners=False) if s != 1 \
-            else zc
-        c = F.conv2d(_tf32(up), _tf32(cw[i].double()), cb[i].double(), padding=1)
-        g = F.gelu(c)
-        outs.append(F.interpolate(g, size=(h, w), mode=interp, align_corners=False)
-                    if s != 1 else g)
-    outs = torch.stack(outs)  # (n, B, r, H, W)
-    sel = idx.long().reshape(1, -1, 1, h, w).expand(1, -1, r, -1, -1)
-    e = outs.gather(0, sel).squeeze(0).permute(0, 2, 3, 1).reshape(-1, r)
-    return z.double() + e
+def _tf32_reference(z, idx, cw, cb, scales, mode, h, w):
+    """(u, the pre-activations) in float64 with each token's composed weights M (the
+    derivative of its pre-activations by its 3 x 3 z cells) and z rounded to tf32.
+    M is read off the float64 multiply-add forward (tested against the reference elsewhere
+    in this file), which is linear in z but for the bias: z is 1 in one channel of every
+    third row and column, so each token sees one cell of its 3 x 3, and the pre-activations
+    less the bias are that cell's column of M; 9 x r such calls give every column."""
+    r, ops = z.shape[1], torch.ops.convlora
+    z64, cw64, cb64 = z.double(), cw.double(), cb.double()
+    zero = torch.zeros_like(z64)
+    pre0 = ops.stencil_fwd(zero, idx, cw64, cb64, scales, mode, h, w, True)[1]
+    ys = torch.arange(h).repeat_interleave(w).repeat(z.shape[0] // (h * w))
+    xs = torch.arange(w).repeat(z.shape[0] // w)
+    tok = torch.arange(z.shape[0])
+    pre = pre0.clone()
+    zt = _tf32(z64)  # the operand A: float32 z rounded to tf32 (16-bit z is already)
+    for a in range(3):
+        for b in range(3):
+            dy = (a - ys + 1) % 3 - 1  # the row of the token's 3 x 3 that is a mod 3
+            dx = (b - xs + 1) % 3 - 1
+            inside = (ys + dy >= 0) & (ys + dy < h) & (xs + dx >= 0) & (xs + dx < w)
+            cell = torch.where(inside, tok + dy * w + dx, tok)
+            for ci in range(r):
+                probe = zero.clone()
+                probe[(ys % 3 == a) & (xs % 3 == b), ci] = 1.0
+                m = ops.stencil_fwd(probe, idx, cw64, cb64, scales, mode, h, w, True)[1] - pre0
+                zc = torch.where(inside, zt[cell, ci], torch.zeros_like(zt[:, 0]))
+                pre += _tf32(m) * zc[:, None, None]
+    ph = torch.tensor([1 if s % 2 else 2 for s in scales])[idx.long()]  # down taps per axis
+    weight = torch.where(ph == 1, 1.0, 0.25).double()
+    slots = torch.arange(4)[None, :] < (ph * ph)[:, None]
+    g = torch.nn.functional.gelu(pre) * (weight[:, None] * slots)[:, :, None]
+    return z64 + g.sum(1), pre
 
 
 def _assert_tf32_close(u, u_ref, what):
-    """u against the tf32 reference: float32 rounding, but for the 1-2 % of outputs where
-    a U value rounds to the other tf32 neighbour (up to ~3e-4)."""
+    """u against the tf32 reference: float32 rounding, but where a composed weight computed
+    in float32 rounds to the other tf32 neighbour than the float64 one (a few outputs move
+    by up to ~2e-4)."""
     err = (u.cpu().double() - u_ref).abs()
-    assert err.max() < 5e-4 and err.mean() < 3e-6 and (err > 1e-5).double().mean() < 0.05, \
+    assert err.max() < 5e-4 and err.mean() < 1e-6 and (err > 1e-5).double().mean() < 0.02, \
         (what, err.max().item(), err.mean().item(), (err > 1e-5).double().mean().item())
 
 
@@ -394,29 +416,61 @@ def _mma_problem(mode, bhw, scales, rank, draw, seed):
 
 @pytest.mark.parametrize("mode,bhw,scales,rank,draw", MMA_CASES)
 def test_mma_forward_matches_a_tf32_reference(checked_ops, mode, bhw, scales, rank, draw):
-    """mma=True: the forward's conv as m16n8k8 tf32 MMA (warp phase emulated lane by lane
-    on the CPU), in the checked build (bounds, races, poisoned A and item buffers) and the
-    main one, against the reference with the conv's operands in tf32. The kernels compute
-    U in float32 and the reference in float64, so a few U values round to the neighbouring
-    tf32 value (1-2 % of the outputs move by up to ~3e-4: one ulp of one U x W term); the
-    rest agree to float32 rounding. A misplaced or missing term moves an output by ~0.1,
-    and the float32 programs (no tf32 rounding) are off by ~1e-4 on most outputs."""
+    """mma=True: the composed-weight forward (m16n8k8 tf32 products, the warp phase
+    emulated lane by lane on the CPU), in the checked build (bounds, races, poisoned shared
+    memory) and the main one, against the reference with the composed weights in tf32:
+    float32 rounding, but for the few outputs where a weight rounds to the other tf32
+    neighbour. A misplaced or missing term moves an output by ~0.1; the float32 programs
+    (no tf32 rounding) are off by ~1e-4 on most outputs, which the test tells apart. The
+    saved pre-activations: the same conv outputs in the same slots, zero in the unused
+    ones."""
     z, du, idx, cw, cb, sc, m, h, w = _mma_problem(mode, bhw, scales, rank, draw, seed=rank)
     grid = dict(zip(("bytes", "w_smem", "dw_smem", "threads", "tile_h", "tile_w", "round",
                      "mma"), torch.ops.convlora.stencil_grid(rank, len(sc), m, False, 0, True)))
-    assert grid["mma"] == 1 and grid["round"] == 128, grid
-    u_ref = _tf32_reference_u(z, idx, cw, cb, sc, m, h, w)
-    u_plain, pre_plain = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True)
+    assert grid["mma"] == 1 and grid["round"] == 64 and grid["threads"] == 128, grid
+    u_ref, pre_ref = _tf32_reference(z, idx, cw, cb, sc, m, h, w)
+    u_plain = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True)[0]
     for ops in (checked_ops, torch.ops.convlora):
         u, pre = ops.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True, 0, None, True)
         assert torch.isfinite(u).all() and torch.isfinite(pre).all()
         _assert_tf32_close(u, u_ref, str(ops))
-        # the saved pre-activations: the same conv outputs, in the same slots
-        assert_close(pre, pre_plain, 0, 2e-2, f"pre-activations ({ops})")
+        assert_close(pre, pre_ref.float(), 5e-4, 5e-4, f"pre-activations ({ops})")
+        unused = pre_ref == 0  # slots of phases a token does not have
+        assert torch.equal(pre[unused], torch.zeros_like(pre[unused]))
         u_fwd = ops.stencil_fwd(z, idx, cw, cb, sc, m, h, w, False, 0, None, True)[0]
         assert torch.equal(u_fwd, u)
     plain = (u_plain.double() - u_ref).abs()  # the test tells tf32 from float32
     assert plain.mean() > 2e-5 and (plain > 1e-5).double().mean() > 0.5, plain.mean()
+
+
+def test_mma_forward_in_16_bit_dtypes():
+    """bfloat16 and float16 z (exact in tf32: the operand A as staged), weights in z's
+    dtype or in float32: the composed-weight forward against the tf32 reference of the
+    same (rounded) operands, within the dtype's rounding of u."""
+    for dtype, wdtype in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)):
+        z, du, idx, cw, cb, sc, m, h, w = _mma_problem("bilinear", (2, 9, 12), tuple(range(1, 9)),
+                                                       8, "random", seed=3)
+        z, cw, cb = z.to(dtype), cw.to(wdtype), cb.to(wdtype)
+        u_ref = _tf32_reference(z.float(), idx, cw.float(), cb.float(), sc, m, h, w)[0]
+        u = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, False, 0, None, True)[0]
+        assert u.dtype == dtype
+        eps = torch.finfo(dtype).eps
+        err = (u.double() - u_ref).abs() / (u_ref.abs() + 1)
+        assert err.max() < eps, (dtype, err.max().item())
+
+
+def test_mma_forward_bad_expert_and_empty_tiles():
+    """An expert index out of range gives NaN for its token only (and zero pre-activation
+    slots); a partial tile's missing tokens are never written."""
+    z, du, idx, cw, cb, sc, m, h, w = _stencil_problem("bilinear", (1, 9, 10), (1, 2, 3), 8,
+                                                       torch.float32)
+    idx = idx.clone()
+    idx[37] = 3
+    u, pre = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True, 0, None, True)
+    bad = torch.zeros(90, dtype=torch.bool)
+    bad[37] = True
+    assert torch.isnan(u[bad]).all() and torch.isfinite(u[~bad]).all()
+    assert torch.equal(pre[37], torch.zeros_like(pre[37]))
 
 
 @pytest.mark.gpu
@@ -427,7 +481,7 @@ def test_mma_forward_on_the_gpu(mode, bhw, scales, rank, draw):
     criteria (the hardware sums an MMA's products in its own order), and the saved
     pre-activations against the CPU's emulation."""
     z, du, idx, cw, cb, sc, m, h, w = _mma_problem(mode, bhw, scales, rank, draw, seed=rank)
-    u_ref = _tf32_reference_u(z, idx, cw, cb, sc, m, h, w)
+    u_ref = _tf32_reference(z, idx, cw, cb, sc, m, h, w)[0]
     u, pre = torch.ops.convlora.stencil_fwd(z.cuda(), idx.cuda(), cw.cuda(), cb.cuda(), sc, m,
                                             h, w, True, 0, None, True)
     _assert_tf32_close(u, u_ref, "cuda")
@@ -436,8 +490,8 @@ def test_mma_forward_on_the_gpu(mode, bhw, scales, rank, draw):
 
 
 def test_mma_forward_elsewhere_runs_the_multiply_add_programs():
-    """mma=True where the MMA programs do not run (r outside (4, 8], bicubic, float64, a
-    budget too small for their operands): the multiply-add programs' result, bit for bit."""
+    """mma=True where the composed-weight forward does not run (r outside (4, 8], bicubic,
+    float64): the multiply-add programs' result, bit for bit."""
     for mode, bhw, scales, rank, dtype, kb in [("bilinear", (1, 9, 10), (1, 2, 3), 16,
                                                 torch.float32, 0),
                                                ("bilinear", (1, 9, 10), (1, 2, 3), 3,
@@ -447,7 +501,7 @@ def test_mma_forward_elsewhere_runs_the_multiply_add_programs():
                                                ("bicubic", (1, 9, 10), (1, 2, 3), 8,
                                                 torch.float64, 0),
                                                ("bilinear", (1, 9, 10), (1, 2, 3), 8,
-                                                torch.float32, 40)]:
+                                                torch.float64, 40)]:
         z, du, idx, cw, cb, sc, m, h, w = _stencil_problem(mode, bhw, scales, rank, dtype)
         if dtype == torch.float32:
             assert torch.ops.convlora.stencil_grid(rank, len(sc), m, False, kb, True)[7] == 0
@@ -457,7 +511,7 @@ def test_mma_forward_elsewhere_runs_the_multiply_add_programs():
 
 
 def test_mma_switch_reaches_the_layer_in_16_bit_dtypes_only():
-    """CONVLORA_STENCIL_MMA=1: the stencil's forward in bfloat16 runs the MMA programs
+    """CONVLORA_STENCIL_MMA=1: the stencil's forward in bfloat16 runs the composed weights
     (within bfloat16 rounding of the multiply-add result), float32 stays bit-exact; the
     switch's values are checked."""
     from convlora_kernels import _switches
@@ -632,8 +686,8 @@ def test_cost_model_counts_every_phase(cost_rows):
         names = set(row["phases"])
         want = ({"load", "list", "conv", "store"} if row["kernel"] == "stencil_tile_kernel"
                 else {"load", "taps", "cols_up"})
-        if row["case"].endswith(" mma") and row["direction"] == "fwd":  # the conv as MMA
-            want = {"load", "list", "u", "mma", "combine", "store"}
+        if row["kernel"] == "stencil_cells_kernel":  # the composed-weight forward
+            want = {"load", "list", "mma", "out"}
         assert want <= names, (row["case"], row["direction"], names)
         for name, p in row["phases"].items():
             assert p["warp_accesses"] <= p["ideal"] + 1e-9, (row["case"], name, p)

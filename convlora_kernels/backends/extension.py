@@ -27,9 +27,10 @@ CPU_DY_ROWS = 512  # rows of dy per block of the cpu one-pass (fp32: 4.7 MB at C
 # Internal switches (docs/design.md, "Internal switches"): CONVLORA_MAP_KERNELS=0 runs the
 # per-token stencil programs for map routing too; CONVLORA_STENCIL_SMEM_KB sets the
 # shared memory one tile block may use (benchmarks/stencil_time.py times both on a GPU);
-# CONVLORA_STENCIL_MMA=1 runs the per-token forward's conv as tensor-core MMA (tf32
-# operands) for bfloat16 and float16 inputs at ranks 5 to 8, bilinear (off until a GPU
-# run shows it faster: benchmarks/stencil_time.py times both).
+# CONVLORA_STENCIL_MMA=1 runs the per-token forward as tensor-core products of each
+# token's 3 x 3 z cells by composed weights (tf32) for bfloat16 and float16 inputs at ranks
+# 5 to 8, bilinear (off until a GPU run shows it faster: benchmarks/stencil_time.py times
+# both).
 MAP_KERNELS_ENV = "CONVLORA_MAP_KERNELS"
 SMEM_KB_ENV = "CONVLORA_STENCIL_SMEM_KB"
 MMA_ENV = "CONVLORA_STENCIL_MMA"
@@ -101,8 +102,8 @@ def smem_kb() -> int:
 
 @constant_under_compile
 def mma_on() -> bool:
-    """CONVLORA_STENCIL_MMA: "1" runs the forward's conv as MMA where it can (the ops'
-    mma argument), "0" (the default) as multiply-adds."""
+    """CONVLORA_STENCIL_MMA: "1" runs the forward as composed-weight MMA where it can (the
+    ops' mma argument), "0" (the default) as multiply-adds."""
     value = _switches.get(MMA_ENV, "0")
     if value not in ("0", "1"):
         raise ValueError(f"{MMA_ENV}: expected 0 or 1, got {value!r}")

@@ -203,6 +203,24 @@ struct SArr {
       s->trace->writes[s->tid].push_back({site, name, w, static_cast<int64_t>(sizeof(T))});
     for (int k = 0; k < 4; ++k) check_write(i + k);
   }
+  // Two elements from index i, as load2 takes them: one 64-bit store on the GPU.
+  CONVLORA_SITE void store2(int i, const T (&v)[2]) const {
+    if (i < 0 || i + 1 >= n) smem_out_of_range(name, i < 0 ? i : i + 1, n);
+    if (i % 2 != 0 || reinterpret_cast<uintptr_t>(p + i) % (2 * sizeof(T)) != 0)
+      throw std::logic_error(std::string("stencil (checked build): shared array ") + name +
+                             " pair store at index " + std::to_string(i) + " not aligned");
+    on_write2(i);
+    p[i] = v[0];
+    p[i + 1] = v[1];
+  }
+  CONVLORA_HOOK void on_write2(int i) const {
+    const void* site = __builtin_return_address(0);
+    const int64_t w = word(i);
+    Shadow* s = g_shadow;
+    if (w >= 0 && s->trace != nullptr && s->tid >= 0)
+      s->trace->writes[s->tid].push_back({site, name, w, static_cast<int64_t>(sizeof(T)) / 2});
+    for (int k = 0; k < 2; ++k) check_write(i + k);
+  }
   CONVLORA_HOOK void on_write(int i) const {
     const void* site = __builtin_return_address(0);
     const int64_t w = word(i);
@@ -262,6 +280,16 @@ struct SArr {
 #endif
     out[0] = p[i];
     out[1] = p[i + 1];
+  }
+  CONVLORA_HD void store2(int i, const T (&v)[2]) const {
+#if defined(__CUDA_ARCH__)
+    if constexpr (sizeof(T) == 4 && !std::is_integral<T>::value) {
+      *reinterpret_cast<float2*>(p + i) = make_float2(v[0], v[1]);
+      return;
+    }
+#endif
+    p[i] = v[0];
+    p[i + 1] = v[1];
   }
   CONVLORA_HD void store4(int i, const V4<T>& v) const {
 #if defined(__CUDA_ARCH__)

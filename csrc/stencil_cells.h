@@ -16,7 +16,8 @@
 // of 9 R x R: a prep launch writes them all (cell_entry, in tf32, in the MMA's fragment
 // order), from the tap tables; 415 KB at SAM's global shape with 8 experts.
 //
-// The block program: one block per 8 x 8 tile, four warps, a warp per 16 tokens.
+// The block program: one block per 8 x 8 tile, eight warps (four of them a warp per 16
+// tokens in the mma phase).
 //   load  stage z of the tile and its one-token ring (zero outside the map: those cells meet
 //         zero weights), each token's key (phase count, expert, row class, column class),
 //         the biases
@@ -24,10 +25,9 @@
 //   mma   warp per 16 consecutive sorted tokens: A is the tokens' 3 x 3 cells (K = 9 R = 72,
 //         one k-step a cell), read once; per key in the group (a warp-uniform loop over the
 //         distinct keys, in increasing order), per phase pair j, D = A M_j in 9 MMAs
-//         (m16n8k8, tf32, fp32 sums), kept on the rows of that key
-//   out   each lane has two tokens' C for two output channels and every phase: it saves
-//         them as the pre-activations (the backward's slots), sums w_down GELU(C) over the
-//         phases and writes u = z + that.
+//         (m16n8k8, tf32, fp32 sums), kept on the rows of that key; C to shared memory
+//   out   thread per (token, pair of channels): C + bias saved as the pre-activations (the
+//         backward's slots), u = z + the sum of w_down GELU(C) over the phases written.
 // No U, no item list, no per-item rounds: per 16 tokens about 40 shared loads for A and
 // the keys, 5 global loads and 9 MMAs per phase pair of each key, and the GELUs.
 #pragma once
@@ -46,7 +46,9 @@ CONVLORA_HD constexpr bool cells_program() {
   return !BWD && INTERP == kBilinear && cells_rank<R>();
 }
 
-constexpr int kCellThreads = 128;  // four warps, 16 tokens each
+constexpr int kCellThreads = 256;  // eight warps: four for the MMAs (16 tokens each), all for
+                                   // the out phase (a thread per token and channel pair)
+constexpr int kCellMmaWarps = 4;
 constexpr int kCellTile = 8;       // tokens per side
 constexpr int kCellZ = kCellTile + 2;  // staged cells per side: the tile and its ring
 // A staged cell: R + 4 words (4 x an odd number at R = 8): the 8 tokens (g) of a warp's A
@@ -55,6 +57,11 @@ constexpr int kCellZ = kCellTile + 2;  // staged cells per side: the tile and it
 // pairs of channels likewise; and staging stores 128 bits at a time.
 template <int R>
 CONVLORA_HD constexpr int cell_stride() { return R + 4; }
+// A sorted token's C values in shared memory between the mma and out phases: four phase
+// pairs of R channels, then R words of padding, so that the 8 tokens a warp's lanes write
+// (or read) a pair of channels of fall 8 words apart: all 32 banks, twice.
+template <int R>
+CONVLORA_HD constexpr int cell_c_row() { return 5 * R; }
 // One composed matrix (one key, one phase pair) in fragment order: 9 k-steps of 8 x R.
 template <int R>
 CONVLORA_HD constexpr int cell_block() { return 9 * 8 * R; }
@@ -132,7 +139,7 @@ CONVLORA_HD void cell_entry(const w_t* conv_w, int r, const Tables& T, const Cel
 }
 
 // Byte offsets of the block's shared arrays (in Layout's fields: zs, key, items (the sorted
-// tokens), b).
+// tokens), b, cbuf (the sorted tokens' C)).
 template <int R>
 CONVLORA_HD Layout make_cells_layout(int n) {
   constexpr int tokens = kCellTile * kCellTile * 4;  // bytes of an int per tile token
@@ -141,18 +148,20 @@ CONVLORA_HD Layout make_cells_layout(int n) {
   L.key = align16(kCellZ * kCellZ * cell_stride<R>() * 4);
   L.items = L.key + align16(tokens);
   L.b = L.items + align16(tokens);
-  L.bytes = L.b + align16(n * R * 4);
+  L.cbuf = L.b + align16(n * R * 4);
+  L.bytes = L.cbuf + align16(kCellTile * kCellTile * cell_c_row<R>() * 4);
   L.mma = true;
   return L;
 }
 
 template <typename acc_t>
 struct CellSmem {
-  SArr<acc_t> zs, b;
+  SArr<acc_t> zs, b, c;
   SArr<int> key, order;
   CONVLORA_HD CellSmem(unsigned char* base, const Layout& L, int n, int R)
       : zs(CONVLORA_SARR(acc_t, base, L.zs, kCellZ * kCellZ * (R + 4), "z")),
         b(CONVLORA_SARR(acc_t, base, L.b, n * R, "bias")),
+        c(CONVLORA_SARR(acc_t, base, L.cbuf, kCellTile * kCellTile * 5 * R, "pre-activations")),
         key(CONVLORA_SARR(int, base, L.key, kCellTile * kCellTile, "token key")),
         order(CONVLORA_SARR(int, base, L.items, kCellTile * kCellTile, "sorted tokens")) {}
 };
@@ -217,13 +226,6 @@ CONVLORA_HD void load_cells2(const SArr<float>& m, int i, float (&v)[2]) {
 #endif
 }
 
-// What a lane carries from the mma phase to the out phase: its rows' tokens and keys and
-// their products (C without the bias) per phase pair (at most 2 x 2, bilinear).
-struct CellLanes {
-  int tok[kLanes][2], key[kLanes][2];
-  float c[kLanes][4][4];
-};
-
 // Stores v[0 .. min(n, 2)) at p (nothing for n <= 0: channels past r): one 2-element store
 // where both go and p is aligned to it.
 template <typename T>
@@ -245,18 +247,19 @@ CONVLORA_HD void store_pair(T* p, const float (&v)[2], int n) {
   if (n >= 2) p[1] = static_cast<T>(v[1]);
 }
 
-// Phase 3 (a warp phase: lanes lane0 .. + kLanes of warp `warp`, tile_mma.h): the warp's
-// 16 sorted tokens (rows g, g + 8 of lane (g, t)) and their products with the composed
-// weights of each key among them, into the lanes' state L.
+// Phase 3 (a warp phase: lanes lane0 .. + kLanes of warp `warp`, tile_mma.h; warps 0 to 3):
+// the warp's 16 sorted tokens (rows g, g + 8 of lane (g, t)) and their products with the
+// composed weights of each key among them (C without the bias), into S.c: lane (g, t)
+// writes channels 2t, 2t + 1 of its rows' phase pairs.
 template <int R, typename scalar_t>
 CONVLORA_HD void cells_mma(const TileArgs<scalar_t, float>& A, const float* cells,
-                           const CellTables& CT, const CellSmem<float>& S, CellLanes& L,
-                           int warp, int lane0) {
-  constexpr int ZC = cell_stride<R>(), BLK = cell_block<R>();
+                           const CellTables& CT, const CellSmem<float>& S, int warp,
+                           int lane0) {
+  constexpr int ZC = cell_stride<R>(), BLK = cell_block<R>(), CR = cell_c_row<R>();
   constexpr int NJ = 4;  // phase pairs: at most 2 x 2 (bilinear)
-  auto& tok = L.tok;
-  auto& key = L.key;
-  auto& c = L.c;
+  if (warp >= kCellMmaWarps) return;  // the same in every lane
+  int tok[kLanes][2], key[kLanes][2];
+  float c[kLanes][NJ][4];     // C without the bias, per phase pair
   float a[kLanes][9][4];      // A: the lane's fragment of each k-step (cell)
   for (int l = 0; l < kLanes; ++l) {
     const int lane = lane0 + l;
@@ -350,56 +353,70 @@ CONVLORA_HD void cells_mma(const TileArgs<scalar_t, float>& A, const float* cell
           c[l][j][q] += key[l][q >> 1] == cur ? d[l][q] + d1[l][q] : 0.f;
     }
   }
-}
-
-// Phase 4 (a warp phase): per lane, the tokens of rows g and g + 8, output channels 2t and
-// 2t + 1: the pre-activations (C + bias) saved, u = z + sum over the phases of
-// w_down GELU(C) written.
-template <int R, typename scalar_t>
-CONVLORA_HD void cells_out(const TileArgs<scalar_t, float>& A, const BlockPos& P,
-                           const CellSmem<float>& S, const CellLanes& L, int warp, int lane0) {
-  constexpr int ZC = cell_stride<R>(), NJ = 4;
-  const auto& tok = L.tok;
-  const auto& key = L.key;
-  const auto& c = L.c;
+  // the lanes' C: sorted place 16 warp + g + 8 h, its phase pairs, channels 2t, 2t + 1
   for (int l = 0; l < kLanes; ++l) {
     const int lane = lane0 + l;
     as_thread(32 * warp + lane);
-    const int t = lane & 3;
+    const int g = lane >> 2, t = lane & 3;
     CONVLORA_UNROLL
     for (int h = 0; h < 2; ++h) {
       const int k = key[l][h];
-      if (k == kCellNone) continue;
-      const int ty = tok[l][h] / kCellTile, tx = tok[l][h] % kCellTile;
-      const int gy = P.h0 + ty, gx = P.w0 + tx;
-      const int64_t tk = P.token0 + static_cast<int64_t>(gy) * A.W + gx;
-      float* pre = A.pre == nullptr ? nullptr : A.pre + tk * 4 * A.r;
-      const int zc = ((ty + 1) * kCellZ + tx + 1) * ZC;
-      // bilinear down-sampling: one tap (weight 1) at odd scales, two (0.5 each) at even
-      const int nj = k == kCellBad ? 0 : k >> 8 ? 4 : 1;
-      const float wd = nj == 4 ? 0.25f : 1.f;
-      float bias[2] = {0.f, 0.f};
-      if (nj > 0) S.b.load2(cell_expert(k) * R + 2 * t, bias);
-      float y[2] = {0.f, 0.f};
+      if (k > kCellLast) continue;  // no work
+      const int nj = k >> 8 ? 4 : 1, row = (16 * warp + g + 8 * h) * CR + 2 * t;
       CONVLORA_UNROLL
       for (int j = 0; j < NJ; ++j) {
         if (j >= nj) break;
-        const float cv[2] = {c[l][j][2 * h] + bias[0], c[l][j][2 * h + 1] + bias[1]};
-        if (pre != nullptr) store_pair(pre + j * A.r + 2 * t, cv, A.r - 2 * t);
-        CONVLORA_UNROLL
-        for (int q = 0; q < 2; ++q) y[q] += wd * gelu_erf(cv[q]);
+        const float v[2] = {c[l][j][2 * h], c[l][j][2 * h + 1]};
+        S.c.store2(row + j * R, v);
       }
-      if (pre != nullptr) {  // the slots of phases the token does not have: zero
-        const float zero[2] = {0.f, 0.f};
-        for (int j = nj; j < NJ; ++j) store_pair(pre + j * A.r + 2 * t, zero, A.r - 2 * t);
-      }
-      float u[2];
-      S.zs.load2(zc + 2 * t, u);
-      CONVLORA_UNROLL
-      for (int q = 0; q < 2; ++q) u[q] = k == kCellBad ? nan_value<float>() : u[q] + y[q];
-      store_pair(A.out + tk * A.r + 2 * t, u, A.r - 2 * t);
     }
   }
+}
+
+// Phase 4: thread per (sorted token, pair of output channels 2t, 2t + 1): C = the mma
+// phase's products + bias, saved as the pre-activations, and u = z + the sum over the
+// phases of w_down GELU(C) written. A warp holds 8 sorted tokens: one-phase tokens come
+// first, so most warps take one phase or four, not both.
+template <int R, typename scalar_t>
+CONVLORA_HD void cells_out(const TileArgs<scalar_t, float>& A, const BlockPos& P,
+                           const CellSmem<float>& S, int tid) {
+  constexpr int ZC = cell_stride<R>(), CR = cell_c_row<R>(), NJ = 4;
+  static_assert(kCellThreads == kCellTile * kCellTile * R / 2, "a thread per channel pair");
+  const int place = tid / (R / 2), t = tid % (R / 2);
+  const int sk = S.key[S.order[place]];
+  const int k = sk >> 6;
+  if (k == kCellNone) return;
+  const int ty = (sk & 63) / kCellTile, tx = (sk & 63) % kCellTile;
+  const int gy = P.h0 + ty, gx = P.w0 + tx;
+  const int64_t tk = P.token0 + static_cast<int64_t>(gy) * A.W + gx;
+  float* pre = A.pre == nullptr ? nullptr : A.pre + tk * 4 * A.r;
+  const int zc = ((ty + 1) * kCellZ + tx + 1) * ZC;
+  // bilinear down-sampling: one tap (weight 1) at odd scales, two (0.5 each) at even
+  const int nj = k == kCellBad ? 0 : k >> 8 ? 4 : 1;
+  const float wd = nj == 4 ? 0.25f : 1.f;
+  float bias[2] = {0.f, 0.f};
+  if (nj > 0) S.b.load2(cell_expert(k) * R + 2 * t, bias);
+  float y[2] = {0.f, 0.f};
+  CONVLORA_UNROLL
+  for (int j = 0; j < NJ; ++j) {
+    if (j >= nj) break;
+    float cv[2];
+    S.c.load2(place * CR + j * R + 2 * t, cv);
+    cv[0] += bias[0];
+    cv[1] += bias[1];
+    if (pre != nullptr) store_pair(pre + j * A.r + 2 * t, cv, A.r - 2 * t);
+    CONVLORA_UNROLL
+    for (int q = 0; q < 2; ++q) y[q] += wd * gelu_erf(cv[q]);
+  }
+  if (pre != nullptr) {  // the slots of phases the token does not have: zero
+    const float zero[2] = {0.f, 0.f};
+    for (int j = nj; j < NJ; ++j) store_pair(pre + j * A.r + 2 * t, zero, A.r - 2 * t);
+  }
+  float u[2];
+  S.zs.load2(zc + 2 * t, u);
+  CONVLORA_UNROLL
+  for (int q = 0; q < 2; ++q) u[q] = k == kCellBad ? nan_value<float>() : u[q] + y[q];
+  store_pair(A.out + tk * A.r + 2 * t, u, A.r - 2 * t);
 }
 
 // Runs one block of the composed-weight forward (Exec: as run_block's).
@@ -414,14 +431,8 @@ CONVLORA_HD void run_cells_block(Exec& ex, const TileArgs<scalar_t, float>& A, c
   ex.poison(smem, L.bytes);
   ex.phase("load", [&](int tid) { cells_load<R>(A, P, S, tid); });
   ex.phase("list", [&](int tid) { cells_list(S, tid); });
-  // each warp's lanes' state: on the GPU the thread's own (registers), on the CPU the block's
-  CellLanes lanes[kLanes == 1 ? 1 : kCellThreads / 32];
-  ex.warps("mma", [&](int warp, int lane0) {
-    cells_mma<R>(A, cells, CT, S, lanes[kLanes == 1 ? 0 : warp], warp, lane0);
-  });
-  ex.warps("out", [&](int warp, int lane0) {
-    cells_out<R>(A, P, S, lanes[kLanes == 1 ? 0 : warp], warp, lane0);
-  });
+  ex.warps("mma", [&](int warp, int lane0) { cells_mma<R>(A, cells, CT, S, warp, lane0); });
+  ex.phase("out", [&](int tid) { cells_out<R>(A, P, S, tid); });
 }
 
 }  // namespace tile

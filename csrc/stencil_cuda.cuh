@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kPrepThreads)
 }
 
 template <int R, typename scalar_t>
-__global__ void __launch_bounds__(tile::kCellThreads, 4)
+__global__ void __launch_bounds__(tile::kCellThreads, 2)
     stencil_cells_kernel(const tile::TileArgs<scalar_t, float> A, const tile::Layout L,
                          const float* __restrict__ cells, const tile::CellTables C) {
   extern __shared__ __align__(16) unsigned char smem[];

@@ -427,7 +427,7 @@ def test_mma_forward_matches_a_tf32_reference(checked_ops, mode, bhw, scales, ra
     z, du, idx, cw, cb, sc, m, h, w = _mma_problem(mode, bhw, scales, rank, draw, seed=rank)
     grid = dict(zip(("bytes", "w_smem", "dw_smem", "threads", "tile_h", "tile_w", "round",
                      "mma"), torch.ops.convlora.stencil_grid(rank, len(sc), m, False, 0, True)))
-    assert grid["mma"] == 1 and grid["round"] == 64 and grid["threads"] == 128, grid
+    assert grid["mma"] == 1 and grid["round"] == 64 and grid["threads"] == 256, grid
     u_ref, pre_ref = _tf32_reference(z, idx, cw, cb, sc, m, h, w)
     u_plain = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True)[0]
     for ops in (checked_ops, torch.ops.convlora):

@@ -75,8 +75,10 @@ constexpr int kCellNone = 0x201;  // outside the map
 constexpr int kCellLast = 0x1FF;  // the largest key with work
 CONVLORA_HD int cell_expert(int key) { return (key >> 4) & 15; }
 
+// Floats of a call's composed weights (n experts).
+template <int R>
 CONVLORA_HD int64_t cell_words(const CellTables& C, int n) {
-  return static_cast<int64_t>(C.off[n]) * cell_block<8>();
+  return static_cast<int64_t>(C.off[n]) * cell_block<R>();
 }
 
 // Prep entry i of the composed weights: block (expert e; row class cy, column class cx, row

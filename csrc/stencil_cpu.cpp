@@ -132,7 +132,7 @@ template <int R, typename scalar_t>
 void run_cells_blocks(const tile::TileArgs<scalar_t, float>& A, const Operands& o,
                       const TileGrid& grid) {
   const tile::CellTables C = tile::make_cell_tables(A.T);
-  at::Tensor cells = at::empty({tile::cell_words(C, A.n)}, o.z.options().dtype(at::kFloat));
+  at::Tensor cells = at::empty({tile::cell_words<R>(C, A.n)}, o.z.options().dtype(at::kFloat));
   const auto cw = o.conv_weight.to(at::kFloat).contiguous();
   const float* wp = cw.const_data_ptr<float>();
   float* cp = cells.mutable_data_ptr<float>();

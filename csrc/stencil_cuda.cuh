@@ -275,7 +275,7 @@ void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t i
   if constexpr (tile::cells_program<R, INTERP, BWD>()) {
     if (grid.layout.mma) {
       const tile::CellTables C = tile::make_cell_tables(T);
-      const int64_t total = tile::cell_words(C, A.n);
+      const int64_t total = tile::cell_words<R>(C, A.n);
       at::Tensor cells = at::empty({total}, f32);
       const auto prep_cells = [&](auto* tag) {
         using w_t = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;

@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(tile::Geometry<R, INTERP, BWD>::kThreads,
 }
 
 // The composed-weight forward (stencil_cells.h): its weights, one thread per entry, from the
-// call's tap tables (written by the prep before it), then its blocks of four warps.
+// call's tap tables (written by the prep before it), then its blocks of eight warps.
 template <int R, typename w_t>
 __global__ void __launch_bounds__(kPrepThreads)
     cells_prep_kernel(const w_t* __restrict__ conv_w, int r, const tile::Tables T,

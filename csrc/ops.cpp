@@ -38,8 +38,8 @@ at::Tensor gelu_probe_cpu(const at::Tensor& x) {
 // shared-memory budget of smem_kb KB (0: the default), for reports and the resource test:
 // [shared-memory bytes per block, weights staged in shared memory (0/1), weight-gradient
 // accumulators in shared memory (0/1), threads per block, tile height, tile width, items
-// per round (tokens per block for the composed-weight forward), the composed-weight forward
-// (0/1; mma asks for it where it runs)].
+// per round (tokens per block for the composed-weight programs), the composed-weight
+// programs (0/1; mma asks for them where they run)].
 std::vector<int64_t> stencil_grid(int64_t r, int64_t n, int64_t interpolation, bool backward,
                                   int64_t smem_kb, bool mma) {
   TORCH_CHECK(r >= 1 && r <= kMaxRank && n >= 1 && n <= kMaxExperts,
@@ -93,7 +93,7 @@ CONVLORA_LIBRARY(CONVLORA_NS, m) {
   m.def("gelu_probe(Tensor x) -> Tensor");
   // See stencil.h for shapes. interpolation: 0 bilinear, 1 bicubic. smem_kb: the
   // shared-memory budget of a tile block in KB, 0 for the default (smem_budget). mma: the
-  // composed-weight forward where it can run (make_tile_grid).
+  // composed-weight programs where they can run (make_tile_grid).
   m.def("stencil_prep_bytes(int r, int n, int interpolation, int height, int width, "
         "int[] scales, bool float64) -> int",
         &stencil_prep_bytes);
@@ -107,7 +107,7 @@ CONVLORA_LIBRARY(CONVLORA_NS, m) {
   m.def(
       "stencil_bwd(Tensor du, Tensor z, Tensor preact, Tensor expert_index, "
       "Tensor conv_weight, Tensor conv_bias, int[] scales, int interpolation, int height, "
-      "int width, int smem_kb=0, Tensor? prep=None) -> (Tensor, Tensor, Tensor)");
+      "int width, int smem_kb=0, Tensor? prep=None, bool mma=False) -> (Tensor, Tensor, Tensor)");
 }
 
 CONVLORA_LIBRARY_IMPL(CONVLORA_NS, CPU, m) {

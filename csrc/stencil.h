@@ -4,7 +4,8 @@
 //   stencil_fwd(z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width,
 //               save_preact, smem_kb=0, prep=None, mma=False) -> (u, preact)
 //   stencil_bwd(du, z, preact, expert_index, conv_weight, conv_bias, scales, interpolation,
-//               height, width, smem_kb=0, prep=None) -> (dz, dconv_weight, dconv_bias)
+//               height, width, smem_kb=0, prep=None, mma=False)
+//               -> (dz, dconv_weight, dconv_bias)
 //
 // prep: the per-call tables and padded weights (PrepLayout) as a uint8 tensor, a function
 // of the weights, the rank, z's dtype and the geometry alone. Without it each op runs its
@@ -17,10 +18,11 @@
 // (N, 4, r) bilinear or (N, 16, r) bicubic, in float32 (float64 for float64 inputs), saved
 // by the forward for the backward when save_preact (else empty); dconv_* in that dtype too,
 // every expert present; smem_kb: a tile block's shared-memory budget (smem_budget); mma:
-// the per-token forward as tensor-core products of each token's 3 x 3 z cells by composed
-// weights (stencil_cells.h: the weights rounded to tf32, fp32 sums) where it runs: r in
-// (4, 8], bilinear, fp32 accumulation, a CUDA device of compute capability 8.0 or later;
-// elsewhere the multiply-add programs run (make_tile_grid). The projections around the
+// the per-token forward (or backward) as tensor-core products of each token's 3 x 3 z
+// cells by composed weights (stencil_cells.h: the weights, z and the backward's deltas
+// rounded to tf32, fp32 sums) where it runs: r in (4, 8], bilinear, fp32 accumulation, a
+// CUDA device of compute capability 8.0 or later; elsewhere the multiply-add programs run
+// (make_tile_grid). The backward reads the same pre-activations either way. The projections around the
 // stencil are GEMMs done by the caller.
 #pragma once
 
@@ -210,7 +212,7 @@ TileGrid make_tile_grid(int64_t maps, int H, int W, int r, int n, int budget, bo
   if (mma && tile::cells_program<R, INTERP, BWD>() && std::is_same_v<acc_t, float>) {
     p.w_smem = false;
     p.dw_smem = false;
-    p.layout = tile::make_cells_layout<R>(n);
+    p.layout = BWD ? tile::make_cells_bwd_layout<R>(n) : tile::make_cells_layout<R>(n);
     return p;
   }
   const bool choices[3][2] = {{true, true}, {true, false}, {false, false}};
@@ -370,6 +372,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
     const at::Tensor& expert_index,
     const at::Tensor& conv_weight, const at::Tensor& conv_bias, at::IntArrayRef scales,
     int64_t interpolation, int64_t height, int64_t width, int64_t smem_kb,
-    const std::optional<at::Tensor>& prep);
+    const std::optional<at::Tensor>& prep, bool mma);
 
 }  // namespace convlora

@@ -43,7 +43,7 @@ CONVLORA_HD constexpr bool cells_rank() { return R == 8; }
 // The programs that run it: the forward at those ranks, bilinear.
 template <int R, int INTERP, bool BWD>
 CONVLORA_HD constexpr bool cells_program() {
-  return !BWD && INTERP == kBilinear && cells_rank<R>();
+  return INTERP == kBilinear && cells_rank<R>();
 }
 
 constexpr int kCellThreads = 256;  // eight warps: four for the MMAs (16 tokens each), all for
@@ -75,10 +75,22 @@ constexpr int kCellNone = 0x201;  // outside the map
 constexpr int kCellLast = 0x1FF;  // the largest key with work
 CONVLORA_HD int cell_expert(int key) { return (key >> 4) & 15; }
 
-// Floats of a call's composed weights (n experts).
+// Floats of a call's composed weights (n experts): the forward's; the backward's are the
+// same blocks transposed, then the fold tables (cell_fold).
 template <int R>
 CONVLORA_HD int64_t cell_words(const CellTables& C, int n) {
   return static_cast<int64_t>(C.off[n]) * cell_block<R>();
+}
+constexpr int kFoldWords = 2 * 3 * 2 * 9;  // per expert: axis, class, phase, 3 x 3
+template <int R>
+CONVLORA_HD int64_t cell_bwd_words(const CellTables& C, int n) {
+  return cell_words<R>(C, n) + static_cast<int64_t>(n) * kFoldWords;
+}
+// The backward's fold table of expert e, axis (0 rows, 1 columns), class c and phase a: 9
+// words, [k][nb] the weight with which conv row (or column) p + k - 1 (p: the token's
+// down tap a) takes z row (column) nb - 1 of the token's 3 x 3.
+CONVLORA_HD int cell_fold(int e, int axis, int c, int a) {
+  return (((e * 2 + axis) * 3 + c) * 2 + a) * 9;
 }
 
 // Prep entry i of the composed weights: block (expert e; row class cy, column class cx, row
@@ -88,7 +100,9 @@ CONVLORA_HD int64_t cell_words(const CellTables& C, int n) {
 // n = g, which are input channels t and t + 4 and output channel g of cell k-step (the
 // cell (k-step / 3, k-step % 3) of the token's 3 x 3). Summed over (ky, kx) in order in
 // acc_t, then rounded to tf32. taps: the call's tables (table_entry), already written.
-template <int R, typename acc_t, typename w_t>
+// TRANSPOSED (the backward's): B[k][n] = M[k][n], k the output channel and n the input one
+// (dz of a cell = M^T delta), in the same order.
+template <int R, typename acc_t, typename w_t, bool TRANSPOSED = false>
 CONVLORA_HD void cell_entry(const w_t* conv_w, int r, const Tables& T, const CellTables& C,
                             const Taps<acc_t>* taps, int64_t i, acc_t* out) {
   static_assert(cells_rank<R>(), "a k-step of 8 input channels is one cell");
@@ -113,7 +127,8 @@ CONVLORA_HD void cell_entry(const w_t* conv_w, int r, const Tables& T, const Cel
     ks = 8;
     which = w & 1;
   }
-  const int ci = (lane & 3) + 4 * which, co = lane >> 2;
+  const int kk = (lane & 3) + 4 * which, nn = lane >> 2;
+  const int ci = TRANSPOSED ? nn : kk, co = TRANSPOSED ? kk : nn;
   acc_t v = acc_t(0);
   if (ci < r && co < r) {
     const int s = T.scale[e];
@@ -138,6 +153,33 @@ CONVLORA_HD void cell_entry(const w_t* conv_w, int r, const Tables& T, const Cel
         v += wy[ky] * wx[kx] * static_cast<acc_t>(wp[ky * 3 + kx]);
   }
   out[i] = tf32_round(v);
+}
+
+// Prep entry i of the backward's composed weights: the transposed blocks, then the fold
+// tables (cell_fold; zero for classes and phases the call does not have), in acc_t.
+template <int R, typename acc_t, typename w_t>
+CONVLORA_HD void cell_bwd_entry(const w_t* conv_w, int r, const Tables& T, const CellTables& C,
+                                const Taps<acc_t>* taps, int64_t i, acc_t* out) {
+  const int64_t nb = cell_words<R>(C, T.n);
+  if (i < nb) {
+    cell_entry<R, acc_t, w_t, true>(conv_w, r, T, C, taps, i, out);
+    return;
+  }
+  int f = static_cast<int>(i - nb);
+  const int e = f / kFoldWords;
+  f -= e * kFoldWords;
+  const int axis = f / 54, c = (f / 18) % 3, a = (f / 9) % 2, k = (f % 9) / 3, cell = f % 3;
+  const int n = axis ? T.W : T.H, ns = axis ? C.ns_x : C.ns_y;
+  acc_t v = acc_t(0);
+  if (c < ns && a < C.ph[e]) {
+    const int row = class_row(c, n);
+    const int p = taps[(axis ? T.down_x + e * T.W : T.down_y + e * T.H) + row].idx[a];
+    acc_t w[3];
+    neighbour_weights<kBilinear>(taps + (axis ? T.up_x[e] : T.up_y[e]), p + k - 1,
+                                 T.scale[e] * n, row, w);
+    v = w[cell];
+  }
+  out[i] = v;
 }
 
 // Byte offsets of the block's shared arrays (in Layout's fields: zs, key, items (the sorted
@@ -435,6 +477,525 @@ CONVLORA_HD void run_cells_block(Exec& ex, const TileArgs<scalar_t, float>& A, c
   ex.phase("list", [&](int tid) { cells_list(S, tid); });
   ex.warps("mma", [&](int warp, int lane0) { cells_mma<R>(A, cells, CT, S, warp, lane0); });
   ex.phase("out", [&](int tid) { cells_out<R>(A, P, S, tid); });
+}
+
+
+// --- The backward as composed weights ---------------------------------------------------
+//
+// With delta_j = w_down g GELU'(C_j) (g: du of the token; j its phase pairs), the same
+// composition gives both gradients:
+//   dz(cell) += M_j(cell)^T delta_j                     (every token of the tile and ring)
+//   dM_j(cell) = sum over a key's tile tokens of delta_j z(cell)^T, and
+//   dW[ky, kx] += sum_j sum_cells wy[ky][cy] wx[kx][cx] dM_j(cell)   (the fold, per key)
+//   db += sum_j delta_j
+// The block: the same 8 x 8 tile, eight warps; the tile's tokens and its one-token ring
+// (100, whose dz terms reach the tile) sorted by (ring, key): the tile's first, so an
+// expert's tile tokens are one run of sorted places and its keys runs within it.
+//   load   z of the tile and ring (zero outside the map), the tokens' sort keys
+//   list   the sort; each token's place
+//   delta  thread per (sorted token, pair of channels): delta_j of its phases (tf32)
+//   mma    warps 0-6, 16 sorted tokens each: per key, per phase pair, per cell, an MMA of
+//          delta_j by the transposed composed weights: dz terms of the token's 9 cells to
+//          shared memory. Then warp w takes experts w, w + 8: per key of its tile tokens,
+//          per row of cells, dM by MMAs (rows: phase pair and output channel; k: 8 tokens;
+//          columns: input channels, a cell each; the bias by a column of ones), folded at
+//          once into the lane's weight gradients (lane (g, t): output channel g, input
+//          channels 2t, 2t + 1, every tap), written to the block's partial.
+//   out    thread per (tile token, pair of channels): dz = g + its 9 terms, in cell order.
+// The partials go through reduce_dw as the multiply-add backward's do.
+
+constexpr int kCellRegion = kCellZ * kCellZ;  // the tile and its ring
+constexpr int kCellSlots = 16 * 7;             // sorted places: seven warps of 16
+static_assert(kCellRegion <= kCellSlots && kCellRegion % 4 == 0, "the region in 7 warps");
+// Sort keys of the backward: ((ring << 10 | key) << 7) | region index.
+CONVLORA_HD int cellb_key(int sk) { return (sk >> 7) & 0x3FF; }
+CONVLORA_HD int cellb_token(int sk) { return sk & 127; }
+CONVLORA_HD bool cellb_ring(int sk) { return (sk >> 17) != 0; }
+constexpr int kCellDummy = ((1 << 10 | kCellNone) << 7) | 127;  // places past the region
+
+// A sorted token's delta: four phase pairs of R channels, then 4 words of padding (the 8
+// tokens whose channel t a warp's A load reads fall in distinct quads of banks).
+template <int R>
+CONVLORA_HD constexpr int cell_delta_row() { return 4 * R + 4; }
+// A sorted token's dz terms: its 9 cells of R channels, then 4 words of padding.
+template <int R>
+CONVLORA_HD constexpr int cell_term_row() { return 9 * R + 4; }
+
+// Layout's fields: zs, key (the region's sort keys), items (the sorted keys), start (each
+// region token's place), cbuf (delta), ubuf (dz terms).
+template <int R>
+CONVLORA_HD Layout make_cells_bwd_layout(int n) {
+  (void)n;
+  constexpr int ints = kCellSlots * 4 + 64;  // bytes of an int per place, rounded up
+  Layout L{};
+  L.zs = 0;
+  L.key = align16(kCellRegion * cell_stride<R>() * 4);
+  L.items = L.key + align16(ints);
+  L.start = L.items + align16(ints);
+  L.cbuf = L.start + align16(ints);
+  L.ubuf = L.cbuf + align16(kCellSlots * cell_delta_row<R>() * 4);
+  L.bytes = L.ubuf + align16(kCellSlots * cell_term_row<R>() * 4);
+  L.mma = true;
+  return L;
+}
+
+struct CellBwdSmem {
+  SArr<float> zs, delta, term;
+  SArr<int> key, sorted, place;
+  CONVLORA_HD CellBwdSmem(unsigned char* base, const Layout& L, int R)
+      : zs(CONVLORA_SARR(float, base, L.zs, kCellRegion * (R + 4), "z")),
+        delta(CONVLORA_SARR(float, base, L.cbuf, kCellSlots * (4 * R + 4), "delta")),
+        term(CONVLORA_SARR(float, base, L.ubuf, kCellSlots * (9 * R + 4), "dz terms")),
+        key(CONVLORA_SARR(int, base, L.key, kCellRegion, "token key")),
+        sorted(CONVLORA_SARR(int, base, L.items, kCellSlots, "sorted keys")),
+        place(CONVLORA_SARR(int, base, L.start, kCellRegion, "token place")) {}
+};
+
+// v[0 .. min(n, 2)) from p as floats, the rest zero: one 2-element load where both come
+// and p is aligned to it.
+template <typename T>
+CONVLORA_HD void load_pair(const T* p, float (&v)[2], int n) {
+  v[0] = v[1] = 0.f;
+  if (n <= 0) return;
+  if (n >= 2 && reinterpret_cast<uintptr_t>(p) % (2 * sizeof(T)) == 0) {
+    struct alignas(2 * sizeof(T)) Pair {
+      T v[2];
+    };
+    Pair pair;
+#if defined(__CUDA_ARCH__)
+    pair = *reinterpret_cast<const Pair*>(p);
+#else
+    memcpy(&pair, p, sizeof(pair));
+#endif
+    v[0] = static_cast<float>(pair.v[0]);
+    v[1] = static_cast<float>(pair.v[1]);
+    return;
+  }
+  v[0] = static_cast<float>(p[0]);
+  if (n >= 2) v[1] = static_cast<float>(p[1]);
+}
+
+// Phase 1: z of the tile and ring (zero outside the map), the region's sort keys.
+template <int R, typename scalar_t>
+CONVLORA_HD void cellb_load(const TileArgs<scalar_t, float>& A, const BlockPos& P,
+                            const CellBwdSmem& S, int tid) {
+  stage_region<R, kCellZ, kCellZ, cell_stride<R>(), kCellThreads, true>(
+      A.z + P.token0 * A.r, A.H, A.W, A.r, P.h0 - 1, P.w0 - 1, A.vec_z, S.zs, tid);
+  for (int t = tid; t < kCellRegion; t += kCellThreads) {
+    const int ry = t / kCellZ, rx = t % kCellZ;
+    const int gy = P.h0 - 1 + ry, gx = P.w0 - 1 + rx;
+    const int ring = ry == 0 || ry == kCellZ - 1 || rx == 0 || rx == kCellZ - 1;
+    int key = kCellNone;
+    if (gy >= 0 && gy < A.H && gx >= 0 && gx < A.W) {
+      const int e = A.expert_index[P.token0 + static_cast<int64_t>(gy) * A.W + gx];
+      key = e < 0 || e >= A.n ? kCellBad
+                              : int(A.taps[A.T.down_y + e * A.H + gy].n == 2) << 8 | e << 4 |
+                                    row_class(gy, A.H) << 2 | row_class(gx, A.W);
+    }
+    S.key[t] = (ring << 10 | key) << 7 | t;
+  }
+}
+
+// Phase 2: region token v goes to place (the number of smaller sort keys); the places
+// past the region hold kCellDummy.
+CONVLORA_HD void cellb_list(const CellBwdSmem& S, int tid) {
+  if (tid >= kCellSlots) return;
+  if (tid >= kCellRegion) {
+    S.sorted[tid] = kCellDummy;
+    return;
+  }
+  const int mine = S.key[tid];
+  int place = 0;
+  CONVLORA_UNROLL_4
+  for (int u = 0; u < kCellRegion; u += 4) {
+    const V4<int> k = S.key.load4(u);
+    CONVLORA_UNROLL
+    for (int q = 0; q < 4; ++q) place += k.v[q] < mine ? 1 : 0;
+  }
+  S.sorted[place] = mine;
+  S.place[tid] = place;
+}
+
+// Phase 3: thread per (sorted place, channels 2t, 2t + 1): delta_j = w_down g GELU'(C_j),
+// rounded to tf32, for the token's phase pairs; zero for the others, for tokens with no
+// work and for channels past r.
+template <int R, typename scalar_t>
+CONVLORA_HD void cellb_delta(const TileArgs<scalar_t, float>& A, const BlockPos& P,
+                             const CellBwdSmem& S, int tid) {
+  constexpr int DR = cell_delta_row<R>(), NJ = 4, PAIRS = R / 2;
+  for (int u = tid; u < kCellSlots * PAIRS; u += kCellThreads) {
+    const int slot = u / PAIRS, t = u % PAIRS;
+    const int sk = S.sorted[slot], key = cellb_key(sk);
+    float d[NJ][2];
+    CONVLORA_UNROLL
+    for (int j = 0; j < NJ; ++j) d[j][0] = d[j][1] = 0.f;
+    if (key <= kCellLast) {
+      const int tr = cellb_token(sk);
+      const int gy = P.h0 - 1 + tr / kCellZ, gx = P.w0 - 1 + tr % kCellZ;
+      const int64_t tk = P.token0 + static_cast<int64_t>(gy) * A.W + gx;
+      const int nj = key >> 8 ? 4 : 1;
+      const float wd = nj == 4 ? 0.25f : 1.f;
+      float g[2];
+      load_pair(A.du + tk * A.r + 2 * t, g, A.r - 2 * t);
+      const float* pre = A.pre + tk * 4 * A.r;
+      CONVLORA_UNROLL
+      for (int j = 0; j < NJ; ++j) {
+        if (j >= nj) break;
+        float c[2];
+        load_pair(pre + j * A.r + 2 * t, c, A.r - 2 * t);
+        CONVLORA_UNROLL
+        for (int q = 0; q < 2; ++q) d[j][q] = tf32_round(wd * g[q] * gelu_erf_grad(c[q]));
+      }
+    }
+    CONVLORA_UNROLL
+    for (int j = 0; j < NJ; ++j) S.delta.store2(slot * DR + j * R + 2 * t, d[j]);
+  }
+}
+
+// Phase 4a (warps 0 to 6): the warp's 16 sorted tokens' dz terms. Per key among them and
+// phase pair j, A = delta_j (rows: tokens, k: output channels; the rows of other keys
+// zero), per cell D += A M_j(cell)^T; the 9 cells' D to the tokens' term rows.
+template <int R, typename scalar_t>
+CONVLORA_HD void cellb_terms(const float* cells, const CellTables& CT, const CellBwdSmem& S,
+                             int warp, int lane0) {
+  constexpr int DR = cell_delta_row<R>(), TR = cell_term_row<R>(), BLK = cell_block<R>();
+  constexpr int NJ = 4;
+  if (warp * 16 >= kCellSlots) return;  // the same in every lane
+  int key[kLanes][2];
+  float a[kLanes][NJ][4];   // delta_j: the lane's A fragment per phase pair
+  float acc[kLanes][9][4];  // D per cell
+  for (int l = 0; l < kLanes; ++l) {
+    const int lane = lane0 + l;
+    as_thread(32 * warp + lane);
+    const int g = lane >> 2, t = lane & 3;
+    CONVLORA_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const int slot = 16 * warp + g + 8 * h;
+      key[l][h] = cellb_key(S.sorted[slot]);
+      CONVLORA_UNROLL
+      for (int j = 0; j < NJ; ++j) {
+        a[l][j][h] = S.delta[slot * DR + j * R + t];          // row g (+ 8), k = t
+        a[l][j][2 + h] = S.delta[slot * DR + j * R + t + 4];  // k = t + 4
+      }
+    }
+    CONVLORA_UNROLL
+    for (int c = 0; c < 9; ++c)
+      CONVLORA_UNROLL
+      for (int q = 0; q < 4; ++q) acc[l][c][q] = 0.f;
+  }
+  int done = -1;
+  for (;;) {
+    int cand[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      cand[l] = kCellNone;
+      CONVLORA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int k = key[l][h];
+        if (k <= kCellLast && k > done && k < cand[l]) cand[l] = k;
+      }
+    }
+    const int cur = warp_min(cand);
+    if (cur > kCellLast) break;
+    done = cur;
+    const int e = cell_expert(cur), cy = (cur >> 2) & 3, cx = cur & 3;
+    const int nj = CT.ph[e] * CT.ph[e];
+    const SArr<float> mb = CONVLORA_GLOBAL_VIEW(  // this key's transposed composed weights
+        float, cells + static_cast<int64_t>(CT.off[e] + (cy * CT.ns_x + cx) * nj) * BLK,
+        nj * BLK, "composed weights (global)");
+    CONVLORA_UNROLL
+    for (int j = 0; j < NJ; ++j) {
+      if (j >= nj) break;  // the same in every lane
+      float am[kLanes][4];
+      for (int l = 0; l < kLanes; ++l)
+        CONVLORA_UNROLL
+        for (int q = 0; q < 4; ++q) am[l][q] = key[l][q & 1] == cur ? a[l][j][q] : 0.f;
+      CONVLORA_UNROLL
+      for (int m = 0; m < 4; ++m) {  // cells 2m and 2m + 1
+        float b0[kLanes][2], b1[kLanes][2];
+        for (int l = 0; l < kLanes; ++l) {
+          float v[4];
+          as_thread(32 * warp + lane0 + l);
+          load_cells4(mb, j * BLK + 128 * m + 4 * (lane0 + l), v);
+          b0[l][0] = v[0];
+          b0[l][1] = v[1];
+          b1[l][0] = v[2];
+          b1[l][1] = v[3];
+        }
+        float d0[kLanes][4], d1[kLanes][4];
+        for (int l = 0; l < kLanes; ++l)
+          CONVLORA_UNROLL
+          for (int q = 0; q < 4; ++q) {
+            d0[l][q] = acc[l][2 * m][q];
+            d1[l][q] = acc[l][2 * m + 1][q];
+          }
+        mma_tf32(am, b0, d0);
+        mma_tf32(am, b1, d1);
+        for (int l = 0; l < kLanes; ++l)
+          CONVLORA_UNROLL
+          for (int q = 0; q < 4; ++q) {
+            acc[l][2 * m][q] = d0[l][q];
+            acc[l][2 * m + 1][q] = d1[l][q];
+          }
+      }
+      float b8[kLanes][2], d8[kLanes][4];
+      for (int l = 0; l < kLanes; ++l) {
+        as_thread(32 * warp + lane0 + l);
+        load_cells2(mb, j * BLK + 512 + 2 * (lane0 + l), b8[l]);
+        CONVLORA_UNROLL
+        for (int q = 0; q < 4; ++q) d8[l][q] = acc[l][8][q];
+      }
+      mma_tf32(am, b8, d8);
+      for (int l = 0; l < kLanes; ++l)
+        CONVLORA_UNROLL
+        for (int q = 0; q < 4; ++q) acc[l][8][q] = d8[l][q];
+    }
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    const int lane = lane0 + l;
+    as_thread(32 * warp + lane);
+    const int g = lane >> 2, t = lane & 3;
+    CONVLORA_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      if (key[l][h] > kCellLast) continue;  // no work: no terms
+      const int row = (16 * warp + g + 8 * h) * TR + 2 * t;
+      CONVLORA_UNROLL
+      for (int c = 0; c < 9; ++c) {
+        const float v[2] = {acc[l][c][2 * h], acc[l][c][2 * h + 1]};
+        S.term.store2(row + c * R, v);
+      }
+    }
+  }
+}
+
+// Phase 4b (every warp): the weight gradients of experts warp, warp + 8, ... over the
+// tile's tokens, into the block's partial (grad_index order, every entry written).
+template <int R, typename scalar_t>
+CONVLORA_HD void cellb_dw(const TileArgs<scalar_t, float>& A, const float* cells,
+                          const CellTables& CT, const CellBwdSmem& S, float* partial, int warp,
+                          int lane0) {
+  constexpr int DR = cell_delta_row<R>(), ZC = cell_stride<R>(), GS = grad_stride<R>();
+  constexpr int TILE = kCellTile * kCellTile;
+  const float* fold = cells + cell_words<R>(CT, A.n);
+  const SArr<float> fw = CONVLORA_GLOBAL_VIEW(float, fold, A.n * kFoldWords,
+                                              "fold tables (global)");
+  for (int e = warp; e < A.n; e += kCellThreads / 32) {
+    int k2[kLanes][2];
+    int lo[kLanes], hi[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      const int lane = lane0 + l;
+      as_thread(32 * warp + lane);
+      lo[l] = TILE;
+      hi[l] = TILE;
+      CONVLORA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int s = lane + 32 * h, sk = S.sorted[s], k = cellb_key(sk);
+        const bool mine = !cellb_ring(sk) && k <= kCellLast && cell_expert(k) == e;
+        k2[l][h] = mine ? k : kCellNone;
+        if (mine && s < lo[l]) lo[l] = s;
+        if (mine && TILE - 1 - s < hi[l]) hi[l] = TILE - 1 - s;
+      }
+    }
+    const int s0 = warp_min(lo), s1 = TILE - warp_min(hi);  // the expert's places [s0, s1)
+    float dw[kLanes][9][2], db[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      db[l] = 0.f;
+      CONVLORA_UNROLL
+      for (int k = 0; k < 9; ++k) dw[l][k][0] = dw[l][k][1] = 0.f;
+    }
+    for (int p = s0; p < s1;) {  // a key's run of places [p, end)
+      int nxt[kLanes];
+      for (int l = 0; l < kLanes; ++l) {
+        as_thread(32 * warp + lane0 + l);
+        nxt[l] = s1;
+        const int cur = cellb_key(S.sorted[p]);
+        CONVLORA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          const int s = lane0 + l + 32 * h;
+          if (s > p && s < nxt[l] && k2[l][h] != cur) nxt[l] = s;
+        }
+      }
+      const int end = warp_min(nxt);
+      int cur;
+      {
+        as_thread(32 * warp + lane0);
+        cur = cellb_key(S.sorted[p]);
+      }
+      const int cy = (cur >> 2) & 3, cx = cur & 3, ph = CT.ph[e], nj = ph * ph;
+      CONVLORA_NO_UNROLL
+      for (int ny = 0; ny < 3; ++ny) {
+        float dm[kLanes][2][3][4], dbm[kLanes][2][4];
+        for (int l = 0; l < kLanes; ++l)
+          CONVLORA_UNROLL
+          for (int mt = 0; mt < 2; ++mt) {
+            CONVLORA_UNROLL
+            for (int q = 0; q < 4; ++q) {
+              dbm[l][mt][q] = 0.f;
+              CONVLORA_UNROLL
+              for (int nx = 0; nx < 3; ++nx) dm[l][mt][nx][q] = 0.f;
+            }
+          }
+        for (int c0 = p; c0 < end; c0 += 8) {  // 8 tokens a k-step
+          float am[kLanes][2][4], b[kLanes][3][2], ones[kLanes][2];
+          for (int l = 0; l < kLanes; ++l) {
+            const int lane = lane0 + l;
+            as_thread(32 * warp + lane);
+            const int g = lane >> 2, t = lane & 3;
+            CONVLORA_UNROLL
+            for (int h = 0; h < 2; ++h) {  // tokens c0 + t (h 0) and c0 + t + 4 (h 1)
+              const int s = c0 + t + 4 * h;
+              const bool in = s < end;
+              CONVLORA_UNROLL
+              for (int mt = 0; mt < 2; ++mt) {
+                // rows g: phase pair 2 mt, g + 8: 2 mt + 1 (output channel g)
+                am[l][mt][2 * h] = in && 2 * mt < nj ? S.delta[s * DR + 2 * mt * R + g] : 0.f;
+                am[l][mt][2 * h + 1] =
+                    in && 2 * mt < nj ? S.delta[s * DR + (2 * mt + 1) * R + g] : 0.f;
+              }
+              ones[l][h] = in ? 1.f : 0.f;
+              int base = 0;
+              if (in) {
+                const int tr = cellb_token(S.sorted[s]);
+                base = ((tr / kCellZ + ny - 1) * kCellZ + tr % kCellZ - 1) * ZC + g;
+              }
+              CONVLORA_UNROLL
+              for (int nx = 0; nx < 3; ++nx) b[l][nx][h] = in ? S.zs[base + nx * ZC] : 0.f;
+            }
+            if constexpr (std::is_same_v<scalar_t, float>) {  // 16-bit z is tf32 already
+              CONVLORA_UNROLL
+              for (int nx = 0; nx < 3; ++nx)
+                CONVLORA_UNROLL
+                for (int h = 0; h < 2; ++h) b[l][nx][h] = tf32_round(b[l][nx][h]);
+            }
+          }
+          CONVLORA_UNROLL
+          for (int mt = 0; mt < 2; ++mt) {
+            if (2 * mt >= nj) break;  // the same in every lane
+            float a0[kLanes][4];
+            for (int l = 0; l < kLanes; ++l)
+              CONVLORA_UNROLL
+              for (int q = 0; q < 4; ++q) a0[l][q] = am[l][mt][q];
+            CONVLORA_UNROLL
+            for (int nx = 0; nx < 3; ++nx) {
+              float bb[kLanes][2], d[kLanes][4];
+              for (int l = 0; l < kLanes; ++l) {
+                bb[l][0] = b[l][nx][0];
+                bb[l][1] = b[l][nx][1];
+                CONVLORA_UNROLL
+                for (int q = 0; q < 4; ++q) d[l][q] = dm[l][mt][nx][q];
+              }
+              mma_tf32(a0, bb, d);
+              for (int l = 0; l < kLanes; ++l)
+                CONVLORA_UNROLL
+                for (int q = 0; q < 4; ++q) dm[l][mt][nx][q] = d[l][q];
+            }
+            if (ny == 0) {  // the bias: a column of ones
+              float d[kLanes][4];
+              for (int l = 0; l < kLanes; ++l)
+                CONVLORA_UNROLL
+                for (int q = 0; q < 4; ++q) d[l][q] = dbm[l][mt][q];
+              mma_tf32(a0, ones, d);
+              for (int l = 0; l < kLanes; ++l)
+                CONVLORA_UNROLL
+                for (int q = 0; q < 4; ++q) dbm[l][mt][q] = d[l][q];
+            }
+          }
+        }
+        // the fold: dW[ky][kx] += sum_j wy[ky][ny] sum_nx wx[kx][nx] dM_j(ny, nx)
+        for (int l = 0; l < kLanes; ++l) {
+          as_thread(32 * warp + lane0 + l);
+          CONVLORA_UNROLL
+          for (int j = 0; j < 4; ++j) {
+            if (j >= nj) break;
+            const int mt = j >> 1, hq = j & 1, ra = j / ph, cb = j % ph;
+            const int fy = cell_fold(e, 0, cy, ra) + ny, fx = cell_fold(e, 1, cx, cb);
+            float wy[3];
+            CONVLORA_UNROLL
+            for (int ky = 0; ky < 3; ++ky) wy[ky] = fw[fy + 3 * ky];
+            CONVLORA_UNROLL
+            for (int kx = 0; kx < 3; ++kx) {
+              float sx[2] = {0.f, 0.f};
+              CONVLORA_UNROLL
+              for (int nx = 0; nx < 3; ++nx) {
+                const float w = fw[fx + 3 * kx + nx];
+                sx[0] += w * dm[l][mt][nx][2 * hq];
+                sx[1] += w * dm[l][mt][nx][2 * hq + 1];
+              }
+              CONVLORA_UNROLL
+              for (int ky = 0; ky < 3; ++ky) {
+                dw[l][3 * ky + kx][0] += wy[ky] * sx[0];
+                dw[l][3 * ky + kx][1] += wy[ky] * sx[1];
+              }
+            }
+            if (ny == 0) db[l] += dbm[l][mt][2 * hq];
+          }
+        }
+      }
+      p = end;
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      const int lane = lane0 + l, g = lane >> 2, t = lane & 3;
+      float* out = partial + e * GS;
+      CONVLORA_UNROLL
+      for (int k = 0; k < 9; ++k) {
+        float* q = out + grad_index<R>(g, k, 2 * t);
+#if defined(__CUDA_ARCH__)
+        *reinterpret_cast<float2*>(q) = make_float2(dw[l][k][0], dw[l][k][1]);
+#else
+        q[0] = dw[l][k][0];
+        q[1] = dw[l][k][1];
+#endif
+      }
+      if (t == 0) out[grad_bias_index<R>(g)] = db[l];
+    }
+  }
+}
+
+// Phase 5: thread per (tile token, channels 2t, 2t + 1): dz = g + the terms of the 9
+// tokens whose cells it is, in cell order; NaN for an expert out of range.
+template <int R, typename scalar_t>
+CONVLORA_HD void cellb_out(const TileArgs<scalar_t, float>& A, const BlockPos& P,
+                           const CellBwdSmem& S, int tid) {
+  constexpr int TR = cell_term_row<R>(), PAIRS = R / 2;
+  static_assert(kCellThreads == kCellTile * kCellTile * PAIRS, "a thread per channel pair");
+  const int tt = tid / PAIRS, t = tid % PAIRS;
+  const int ty = tt / kCellTile, tx = tt % kCellTile;
+  const int key = cellb_key(S.key[(ty + 1) * kCellZ + tx + 1]);
+  if (key == kCellNone) return;
+  const int64_t tk = P.token0 + static_cast<int64_t>(P.h0 + ty) * A.W + P.w0 + tx;
+  float v[2];
+  load_pair(A.du + tk * A.r + 2 * t, v, A.r - 2 * t);
+  CONVLORA_UNROLL
+  for (int c = 0; c < 9; ++c) {
+    const int src = (ty + 2 - c / 3) * kCellZ + tx + 2 - c % 3;
+    if (cellb_key(S.key[src]) > kCellLast) continue;
+    float w[2];
+    S.term.load2(S.place[src] * TR + c * R + 2 * t, w);
+    v[0] += w[0];
+    v[1] += w[1];
+  }
+  if (key == kCellBad) v[0] = v[1] = nan_value<float>();
+  store_pair(A.out + tk * A.r + 2 * t, v, A.r - 2 * t);
+}
+
+// Runs one block of the composed-weight backward (Exec: as run_block's). cells, CT: the
+// backward's composed weights (cell_bwd_entry) and where they are.
+template <int R, typename Exec, typename scalar_t>
+CONVLORA_HD void run_cells_bwd_block(Exec& ex, const TileArgs<scalar_t, float>& A,
+                                     const Layout& L, const float* cells, const CellTables& CT,
+                                     unsigned char* smem, int64_t block) {
+  static_assert(cells_rank<R>(), "the composed-weight backward's ranks");
+  const BlockPos P = block_pos<kCellTile, kCellTile>(A, block);
+  const CellBwdSmem S(smem, L, R);
+  float* partial = A.dw_partial + block * A.n * grad_stride<R>();
+  ex.poison(smem, L.bytes);
+  ex.phase("load", [&](int tid) { cellb_load<R>(A, P, S, tid); });
+  ex.phase("list", [&](int tid) { cellb_list(S, tid); });
+  ex.phase("delta", [&](int tid) { cellb_delta<R>(A, P, S, tid); });
+  ex.warps("mma", [&](int warp, int lane0) {
+    cellb_terms<R, scalar_t>(cells, CT, S, warp, lane0);
+    cellb_dw<R>(A, cells, CT, S, partial, warp, lane0);
+  });
+  ex.phase("out", [&](int tid) { cellb_out<R>(A, P, S, tid); });
 }
 
 }  // namespace tile

@@ -146,6 +146,27 @@ void run_cells_blocks(const tile::TileArgs<scalar_t, float>& A, const Operands& 
   });
 }
 
+// The composed-weight backward (stencil_cells.h): its weights (transposed) and fold tables,
+// then its blocks; the partials are reduced by the caller.
+template <int R, typename scalar_t>
+void run_cells_bwd_blocks(const tile::TileArgs<scalar_t, float>& A, const Operands& o,
+                          const TileGrid& grid) {
+  const tile::CellTables C = tile::make_cell_tables(A.T);
+  at::Tensor cells =
+      at::empty({tile::cell_bwd_words<R>(C, A.n)}, o.z.options().dtype(at::kFloat));
+  const auto cw = o.conv_weight.to(at::kFloat).contiguous();
+  const float* wp = cw.const_data_ptr<float>();
+  float* cp = cells.mutable_data_ptr<float>();
+  at::parallel_for(0, cells.numel(), 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      tile::cell_bwd_entry<R, float, float>(wp, A.r, A.T, C, A.taps, i, cp);
+  });
+  for_each_block(grid.blocks, tile::kCellThreads, grid.layout.bytes,
+                 [&](CpuExec& ex, unsigned char* smem, int64_t blk) {
+    tile::run_cells_bwd_block<R>(ex, A, grid.layout, cp, C, smem, blk);
+  });
+}
+
 // Runs every block of one call (map programs).
 template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
 void run_map_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const MapGrid& grid) {
@@ -247,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
     const at::Tensor& du, const at::Tensor& z, const at::Tensor& preact,
     const at::Tensor& expert_index, const at::Tensor& conv_weight, const at::Tensor& conv_bias,
     at::IntArrayRef scales, int64_t interpolation, int64_t height, int64_t width,
-    int64_t smem_kb, const std::optional<at::Tensor>& prep) {
+    int64_t smem_kb, const std::optional<at::Tensor>& prep, bool mma) {
   auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales, interpolation,
                             height, width, smem_kb, &du, &preact, prep);
   const auto& zc = o.z;
@@ -287,11 +308,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
         }
         const auto grid = make_tile_grid<R, INTERP, true, acc_t>(maps, T.H, T.W,
                                                                static_cast<int>(r), T.n,
-                                                                o.smem_budget);
+                                                               o.smem_budget, mma);
         at::Tensor partial = at::empty({grid.blocks, n * tile::grad_stride<R>()}, acc_opts);
         auto A = make_tile_args<R, scalar_t, acc_t>(o, T, grid, taps, wbuf, dz,
                                                     partial.mutable_data_ptr<acc_t>(), pre_p);
-        run_blocks<R, INTERP, true>(A, grid);
+        bool cells = false;
+        if constexpr (tile::cells_program<R, INTERP, true>() && std::is_same_v<acc_t, float>) {
+          if (grid.layout.mma) {
+            run_cells_bwd_blocks<R>(A, o, grid);
+            cells = true;
+          }
+        }
+        if (!cells) run_blocks<R, INTERP, true>(A, grid);
         reduce_dw<R, acc_t>(partial, grid.blocks, A.r, A.n, dw);
       });
     });

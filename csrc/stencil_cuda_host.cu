@@ -66,11 +66,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cuda(
     const at::Tensor& du, const at::Tensor& z, const at::Tensor& preact,
     const at::Tensor& expert_index, const at::Tensor& conv_weight, const at::Tensor& conv_bias,
     at::IntArrayRef scales, int64_t interpolation, int64_t height, int64_t width,
-    int64_t smem_kb, const std::optional<at::Tensor>& prep) {
+    int64_t smem_kb, const std::optional<at::Tensor>& prep, bool mma) {
   TORCH_CHECK(z.is_cuda(), "stencil_bwd_cuda: expected CUDA tensors, got ", z.device());
   const c10::cuda::CUDAGuard guard(z.device());
   auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales, interpolation,
                             height, width, smem_kb, &du, &preact, prep);
+  o.mma = mma && at::cuda::getCurrentDeviceProperties()->major >= 8;
   const int64_t N = o.z.size(0), r = o.z.size(1), n = o.conv_weight.size(0);
   auto dz = at::empty_like(o.z);
   auto dw = at::empty({n, dw_entries(r)}, o.z.options().dtype(at::kFloat));

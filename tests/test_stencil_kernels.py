@@ -360,22 +360,24 @@ def _tf32(t):
     return ((b + 0x1000) & ~0x1FFF).view(torch.float32).to(torch.float64)
 
 
-def _tf32_reference(z, idx, cw, cb, scales, mode, h, w):
-    """(u, the pre-activations) in float64 with each token's composed weights M (the
-    derivative of its pre-activations by its 3 x 3 z cells) and z rounded to tf32.
-    M is read off the float64 multiply-add forward (tested against the reference elsewhere
-    in this file), which is linear in z but for the bias: z is 1 in one channel of every
-    third row and column, so each token sees one cell of its 3 x 3, and the pre-activations
-    less the bias are that cell's column of M; 9 x r such calls give every column."""
+def _composed_weights(z, idx, cw, cb, scales, mode, h, w):
+    """Each token's composed weights M (the derivative of its pre-activations by its 3 x 3
+    z cells) in tf32, a cell and an input channel at a time, and the pre-activations at z = 0
+    (the biases): yields (pre0, None, None, None) first, then (cell, inside, ci, m): m (N, 4, r)
+    the derivative of every token's pre-activations by channel ci of z at token cell[t]
+    (inside[t]: that cell is in the map). M is read off the float64 multiply-add forward
+    (tested against the reference elsewhere in this file), which is linear in z but for the
+    bias: z is 1 in one channel of every third row and column, so each token sees one cell
+    of its 3 x 3, and the pre-activations less the bias are that cell's column of M; 9 x r
+    such calls give every column."""
     r, ops = z.shape[1], torch.ops.convlora
-    z64, cw64, cb64 = z.double(), cw.double(), cb.double()
-    zero = torch.zeros_like(z64)
+    cw64, cb64 = cw.double(), cb.double()
+    zero = torch.zeros(z.shape, dtype=torch.float64)
     pre0 = ops.stencil_fwd(zero, idx, cw64, cb64, scales, mode, h, w, True)[1]
+    yield pre0, None, None, None
     ys = torch.arange(h).repeat_interleave(w).repeat(z.shape[0] // (h * w))
     xs = torch.arange(w).repeat(z.shape[0] // w)
     tok = torch.arange(z.shape[0])
-    pre = pre0.clone()
-    zt = _tf32(z64)  # the operand A: float32 z rounded to tf32 (16-bit z is already)
     for a in range(3):
         for b in range(3):
             dy = (a - ys + 1) % 3 - 1  # the row of the token's 3 x 3 that is a mod 3
@@ -386,13 +388,60 @@ def _tf32_reference(z, idx, cw, cb, scales, mode, h, w):
                 probe = zero.clone()
                 probe[(ys % 3 == a) & (xs % 3 == b), ci] = 1.0
                 m = ops.stencil_fwd(probe, idx, cw64, cb64, scales, mode, h, w, True)[1] - pre0
-                zc = torch.where(inside, zt[cell, ci], torch.zeros_like(zt[:, 0]))
-                pre += _tf32(m) * zc[:, None, None]
+                yield cell, inside, ci, _tf32(m)
+
+
+def _phase_weights(idx, scales):
+    """Per token: the down-sampling weight of each of its 4 pre-activation slots (0 for
+    the slots of phases it does not have)."""
     ph = torch.tensor([1 if s % 2 else 2 for s in scales])[idx.long()]  # down taps per axis
     weight = torch.where(ph == 1, 1.0, 0.25).double()
     slots = torch.arange(4)[None, :] < (ph * ph)[:, None]
-    g = torch.nn.functional.gelu(pre) * (weight[:, None] * slots)[:, :, None]
+    return weight[:, None] * slots
+
+
+def _tf32_reference(z, idx, cw, cb, scales, mode, h, w):
+    """(u, the pre-activations) in float64 with the composed weights (_composed_weights)
+    and z rounded to tf32."""
+    z64 = z.double()
+    zt = _tf32(z64)  # the operand A: float32 z rounded to tf32 (16-bit z is already)
+    probes = _composed_weights(z, idx, cw, cb, scales, mode, h, w)
+    pre = next(probes)[0].clone()
+    for cell, inside, ci, m in probes:
+        zc = torch.where(inside, zt[cell, ci], torch.zeros_like(zt[:, 0]))
+        pre += m * zc[:, None, None]
+    g = torch.nn.functional.gelu(pre) * _phase_weights(idx, scales)[:, :, None]
     return z64 + g.sum(1), pre
+
+
+def _tf32_backward_reference(du, z, pre, idx, cw, cb, scales, mode, h, w):
+    """(dz, dconv_weight, dconv_bias) in float64 as the composed-weight backward rounds its
+    operands: delta = w_down du GELU'(pre) and z rounded to tf32, the composed weights in
+    tf32 (_composed_weights) for dz; dW = sum over tokens and slots of delta x U with U the
+    up-sampled tf32 z at the slot's nine conv inputs, read off the float64 forward with one
+    unit tap as weights (U(k)[c] = the pre-activation of channel c when W[c, c, k] = 1)."""
+    n, r = cw.shape[0], z.shape[1]
+    x = pre.double()
+    gelu_grad = 0.5 * (1 + torch.erf(x / 2 ** 0.5)) + x * torch.exp(-0.5 * x * x) / (
+        2 * torch.pi) ** 0.5
+    delta = _tf32(_phase_weights(idx, scales)[:, :, None] * du.double()[:, None, :] * gelu_grad)
+    dz = du.double().clone()
+    probes = _composed_weights(z, idx, cw, cb, scales, mode, h, w)
+    next(probes)
+    for cell, inside, ci, m in probes:
+        dz[:, ci].index_add_(0, cell[inside], (m * delta).sum((1, 2))[inside])
+    zt, dw = _tf32(z.double()), torch.zeros(n, r, r, 9, dtype=torch.float64)
+    for k in range(9):
+        unit = torch.zeros(n, r, r, 9, dtype=torch.float64)
+        unit[:, torch.arange(r), torch.arange(r), k] = 1.0
+        u_k = torch.ops.convlora.stencil_fwd(zt, idx, unit.reshape(n, r, r, 3, 3),
+                                             torch.zeros(n, r, dtype=torch.float64), scales,
+                                             mode, h, w, True)[1]
+        for e in range(n):
+            sel = idx.long() == e
+            dw[e, :, :, k] = torch.einsum("tjo,tji->oi", delta[sel], u_k[sel])
+    db = torch.stack([delta[idx.long() == e].sum((0, 1)) for e in range(n)])
+    return dz, dw.reshape(n, r, r, 3, 3), db
 
 
 def _assert_tf32_close(u, u_ref, what):
@@ -489,9 +538,105 @@ def test_mma_forward_on_the_gpu(mode, bhw, scales, rank, draw):
     assert_close(pre.cpu(), pre_cpu, 1e-5, 1e-5, "pre-activations, GPU against CPU")
 
 
+def _assert_tf32_grads(dw, db, dw_ref, db_ref, what):
+    """Weight gradients against the tf32 reference, relative to the largest: float32
+    sums, and a few deltas rounding to the other tf32 neighbour (computed in float32, not
+    float64): measured up to 4e-6 (max) and 6e-8 (mean). The float32 programs, which do
+    not round the operands to tf32, are off by 9e-5 .. 7e-4 (max) and 1.5e-5 .. 4e-5 (mean)
+    on the cases here."""
+    for got, ref, name in ((dw, dw_ref, "dconv_weight"), (db, db_ref, "dconv_bias")):
+        err = (got.cpu().double() - ref).abs() / ref.abs().max()
+        assert err.max() < 3e-5 and err.mean() < 1e-6, (what, name, err.max().item(),
+                                                         err.mean().item())
+
+
+@pytest.mark.parametrize("mode,bhw,scales,rank,draw", MMA_CASES)
+def test_mma_backward_matches_a_tf32_reference(checked_ops, mode, bhw, scales, rank, draw):
+    """mma=True in the backward: dz by the transposed composed weights and the weight
+    gradients by products of the deltas and the z cells folded into the taps (m16n8k8 tf32,
+    emulated lane by lane on the CPU), checked build and main build, against the reference
+    with the deltas, z and the composed weights in tf32. dz to the forward's criteria; the
+    weight gradients to float32 sums. The float32 multiply-add backward (no tf32 rounding)
+    fails both, which the test checks: it can tell them apart."""
+    z, du, idx, cw, cb, sc, m, h, w = _mma_problem(mode, bhw, scales, rank, draw, seed=rank)
+    grid = dict(zip(("bytes", "w_smem", "dw_smem", "threads", "tile_h", "tile_w", "round",
+                     "mma"), torch.ops.convlora.stencil_grid(rank, len(sc), m, True, 0, True)))
+    assert grid["mma"] == 1 and grid["round"] == 64 and grid["threads"] == 256, grid
+    pre = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True)[1]
+    dz_ref, dw_ref, db_ref = _tf32_backward_reference(du, z, pre, idx, cw, cb, sc, m, h, w)
+    for ops in (checked_ops, torch.ops.convlora):
+        dz, dw, db = ops.stencil_bwd(du, z, pre, idx, cw, cb, sc, m, h, w, 0, None, True)
+        assert torch.isfinite(dz).all() and torch.isfinite(dw).all()
+        _assert_tf32_close(dz, dz_ref, f"dz ({ops})")
+        _assert_tf32_grads(dw, db, dw_ref, db_ref, str(ops))
+    dz, dw, db = torch.ops.convlora.stencil_bwd(du, z, pre, idx, cw, cb, sc, m, h, w)
+    plain = (dz.double() - dz_ref).abs()
+    assert plain.mean() > 2e-5 and (plain > 1e-5).double().mean() > 0.5, plain.mean()
+    with pytest.raises(AssertionError):
+        _assert_tf32_grads(dw, db, dw_ref, db_ref, "the float32 programs")
+
+
+def test_mma_backward_in_16_bit_dtypes():
+    """bfloat16 and float16 z and du, weights in z's dtype or float32: dz within the
+    dtype's rounding of the tf32 reference, the weight gradients (float32) to its sums."""
+    for dtype, wdtype in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)):
+        z, du, idx, cw, cb, sc, m, h, w = _mma_problem("bilinear", (2, 9, 12), tuple(range(1, 9)),
+                                                       8, "random", seed=5)
+        z, du, cw, cb = z.to(dtype), du.to(dtype), cw.to(wdtype), cb.to(wdtype)
+        pre = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True, 0, None, True)[1]
+        dz_ref, dw_ref, db_ref = _tf32_backward_reference(du.float(), z.float(), pre, idx,
+                                                          cw.float(), cb.float(), sc, m, h, w)
+        dz, dw, db = torch.ops.convlora.stencil_bwd(du, z, pre, idx, cw, cb, sc, m, h, w, 0, None,
+                                                    True)
+        assert dz.dtype == dtype and dw.dtype == torch.float32
+        err = (dz.double() - dz_ref).abs() / (dz_ref.abs() + 1)
+        assert err.max() < torch.finfo(dtype).eps, (dtype, err.max().item())
+        _assert_tf32_grads(dw, db, dw_ref, db_ref, str(dtype))
+
+
+def test_mma_backward_bad_expert_and_partial_tiles():
+    """An expert index out of range: NaN in dz for its token only, finite weight
+    gradients, those of the map with a zero delta at that token (its delta is not taken;
+    float32 sums in another order)."""
+    z, du, idx, cw, cb, sc, m, h, w = _stencil_problem("bilinear", (1, 9, 10), (1, 2, 3), 8,
+                                                       torch.float32)
+    idx = idx.clone()
+    idx[37] = 3
+    pre = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True, 0, None, True)[1]
+    dz, dw, db = torch.ops.convlora.stencil_bwd(du, z, pre, idx, cw, cb, sc, m, h, w, 0, None,
+                                                True)
+    bad = torch.zeros(90, dtype=torch.bool)
+    bad[37] = True
+    assert torch.isnan(dz[bad]).all() and torch.isfinite(dz[~bad]).all()
+    du0 = du.clone()
+    du0[37] = 0.0  # the bad token's delta is zero either way: the same gradients
+    idx0 = idx.clone()
+    idx0[37] = 0
+    pre0 = pre.clone()
+    pre0[37] = 0.0
+    _, dw0, db0 = torch.ops.convlora.stencil_bwd(du0, z, pre0, idx0, cw, cb, sc, m, h, w, 0,
+                                                 None, True)
+    assert_close(dw, dw0, 1e-6, 1e-6, "dconv_weight")
+    assert_close(db, db0, 1e-6, 1e-6, "dconv_bias")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode,bhw,scales,rank,draw", MMA_CASES)
+def test_mma_backward_on_the_gpu(mode, bhw, scales, rank, draw):
+    """The tensor cores' backward against the tf32 reference, with the CPU's criteria."""
+    z, du, idx, cw, cb, sc, m, h, w = _mma_problem(mode, bhw, scales, rank, draw, seed=rank)
+    pre = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True)[1]
+    dz_ref, dw_ref, db_ref = _tf32_backward_reference(du, z, pre, idx, cw, cb, sc, m, h, w)
+    dz, dw, db = torch.ops.convlora.stencil_bwd(du.cuda(), z.cuda(), pre.cuda(), idx.cuda(),
+                                                cw.cuda(), cb.cuda(), sc, m, h, w, 0, None, True)
+    _assert_tf32_close(dz, dz_ref, "cuda")
+    _assert_tf32_grads(dw, db, dw_ref, db_ref, "cuda")
+
+
 def test_mma_forward_elsewhere_runs_the_multiply_add_programs():
-    """mma=True where the composed-weight forward does not run (r outside (4, 8], bicubic,
-    float64): the multiply-add programs' result, bit for bit."""
+    """mma=True where the composed-weight programs do not run (r outside (4, 8], bicubic,
+    float64): the multiply-add programs' result, bit for bit, forward and backward."""
     for mode, bhw, scales, rank, dtype, kb in [("bilinear", (1, 9, 10), (1, 2, 3), 16,
                                                 torch.float32, 0),
                                                ("bilinear", (1, 9, 10), (1, 2, 3), 3,
@@ -508,6 +653,11 @@ def test_mma_forward_elsewhere_runs_the_multiply_add_programs():
         a = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True, kb, None, True)
         b = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True, kb)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (rank, dtype, kb)
+        if dtype == torch.float32:
+            assert torch.ops.convlora.stencil_grid(rank, len(sc), m, True, kb, True)[7] == 0
+        ga = torch.ops.convlora.stencil_bwd(du, z, a[1], idx, cw, cb, sc, m, h, w, kb, None, True)
+        gb = torch.ops.convlora.stencil_bwd(du, z, a[1], idx, cw, cb, sc, m, h, w, kb)
+        assert all(torch.equal(x, y) for x, y in zip(ga, gb)), (rank, dtype, kb)
 
 
 def test_mma_switch_reaches_the_layer_in_16_bit_dtypes_only():

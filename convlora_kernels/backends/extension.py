@@ -102,8 +102,8 @@ def smem_kb() -> int:
 
 @constant_under_compile
 def mma_on() -> bool:
-    """CONVLORA_STENCIL_MMA: "1" runs the forward as composed-weight MMA where it can (the
-    ops' mma argument), "0" (the default) as multiply-adds."""
+    """CONVLORA_STENCIL_MMA: "1" runs the stencil's forward and backward as composed-weight
+    MMA where they can (the ops' mma argument), "0" (the default) as multiply-adds."""
     value = _switches.get(MMA_ENV, "0")
     if value not in ("0", "1"):
         raise ValueError(f"{MMA_ENV}: expected 0 or 1, got {value!r}")
@@ -185,11 +185,13 @@ def stencil_backward(du, z2, preact, prep, idx, cw, cb, scales, interpolation, h
     code = INTERPOLATION_CODES[interpolation]
     kb = smem_kb()
     prep = prep if prep.numel() > 0 else None  # else the op runs its own prep
+    mma = mma_for(z2.dtype)
     if preact.numel() == 0:  # the forward was told not to keep them: recompute
         preact = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales, code, height, width,
-                                                True, kb, prep, mma_for(z2.dtype))[1]
+                                                True, kb, prep, mma)[1]
     dz, dw, db = torch.ops.convlora.stencil_bwd(du.to(z2.dtype).contiguous(), z2, preact, idx,
-                                                cw, cb, scales, code, height, width, kb, prep)
+                                                cw, cb, scales, code, height, width, kb, prep,
+                                                mma)
     return dz, dw.to(cw.dtype), db.to(cb.dtype)
 
 
@@ -263,7 +265,7 @@ def _register() -> None:
 
     @torch.library.register_fake("convlora::stencil_bwd")
     def _(du, z, preact, expert_index, conv_weight, conv_bias, scales, interpolation, height,
-          width, smem_kb=0, prep=None):
+          width, smem_kb=0, prep=None, mma=False):
         acc = acc_dtype(z.dtype)
         return (torch.empty_like(z), conv_weight.new_empty(conv_weight.shape, dtype=acc),
                 conv_bias.new_empty(conv_bias.shape, dtype=acc))
@@ -286,7 +288,7 @@ def _register() -> None:
                                                     ctx.mma)[1]
         dz, dw, db = torch.ops.convlora.stencil_bwd(du.contiguous(), z, preact, expert_index,
                                                     conv_weight, conv_bias, *ctx.meta,
-                                                    ctx.smem_kb, ctx.prep)
+                                                    ctx.smem_kb, ctx.prep, ctx.mma)
         return (dz, None, dw.to(conv_weight.dtype), db.to(conv_bias.dtype), None, None, None,
                 None, None, None, None, None)
 

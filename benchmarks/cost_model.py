@@ -96,7 +96,7 @@ class Case:
     rank: int
     counted: Tuple[int, int, int]  # (B, H, W) the checked build runs
     experts: int = 8
-    mma: bool = False   # the composed-weight forward (the ops' mma argument)
+    mma: bool = False   # the composed-weight programs (the ops' mma argument)
 
     @property
     def scales(self) -> List[int]:
@@ -106,7 +106,7 @@ class Case:
 CASES = [
     # ViT-B global attention at 1024 x 1024, token routing: the target shape
     Case("global token r8", "token", "bilinear", (4, 64, 64), 8, (1, 32, 32)),
-    # the same with the composed-weight forward (tf32 MMA; CONVLORA_STENCIL_MMA=1)
+    # the same with the composed-weight programs (tf32 MMA; CONVLORA_STENCIL_MMA=1)
     Case("global token r8 mma", "token", "bilinear", (4, 64, 64), 8, (1, 32, 32), mma=True),
     Case("global token r3", "token", "bilinear", (4, 64, 64), 3, (1, 32, 32)),
     Case("global token r16", "token", "bilinear", (4, 64, 64), 16, (1, 32, 32)),
@@ -220,7 +220,7 @@ def count_shared(ops, case: Case) -> Dict[str, dict]:
     ops.smem_trace(True)
     try:
         _, pre = ops.stencil_fwd(z, idx, cw, cb, case.scales, m, h, w, True, 0, None, case.mma)
-        ops.stencil_bwd(du, z, pre, idx, cw, cb, case.scales, m, h, w)
+        ops.stencil_bwd(du, z, pre, idx, cw, cb, case.scales, m, h, w, 0, None, case.mma)
         calls = _parse_traffic(ops.smem_traffic())
         sites = ops.smem_sites()
     finally:
@@ -383,7 +383,7 @@ def resources() -> Dict[Tuple[int, str], Dict[str, int]]:
 
 def _signature(kernel: str, R: int, mode: str, bwd: bool) -> str:
     """The demangled name of the bf16 instantiation of a block-program kernel."""
-    if kernel == "stencil_cells_kernel":  # the composed-weight forward: rank and dtype
+    if kernel.startswith("stencil_cells"):  # the composed-weight programs: rank and dtype
         return f"{kernel}<{R}, c10::BFloat16>"
     return f"{kernel}<{R}, {INTERP[mode]}, {'true' if bwd else 'false'}, c10::BFloat16>"
 
@@ -413,7 +413,7 @@ def rank_bound(r: int) -> int:
 def _grid(case: Case, bwd: bool) -> Dict[str, int]:
     keys = ("bytes", "w_smem", "dw_smem", "threads", "tile_h", "tile_w", "round", "mma")
     return dict(zip(keys, (_OPS or build_checked()).stencil_grid(
-        case.rank, case.experts, INTERP[case.mode], bwd, 0, case.mma and not bwd)))
+        case.rank, case.experts, INTERP[case.mode], bwd, 0, case.mma)))
 
 
 def _blocks_at_shape(case: Case, call: dict, bwd: bool) -> int:
@@ -425,13 +425,15 @@ def _blocks_at_shape(case: Case, call: dict, bwd: bool) -> int:
     return B * math.ceil(H / g["tile_h"]) * math.ceil(W / g["tile_w"])
 
 
-def cell_bytes(case: Case) -> int:
-    """The composed weights of the composed-weight forward at case.shape (stencil_cells.h:
-    row and column classes x phases per axis squared x 9 R x R floats per expert)."""
+def cell_bytes(case: Case, bwd: bool = False) -> int:
+    """The composed weights of the composed-weight programs at case.shape (stencil_cells.h:
+    row and column classes x phases per axis squared x 9 R x R floats per expert; the
+    backward's fold tables after them, kFoldWords floats per expert)."""
     _, H, W = case.shape
     classes = (3 if H >= 3 else H) * (3 if W >= 3 else W)
     R = rank_bound(case.rank)
-    return sum(classes * (1 if s % 2 else 2) ** 2 for s in case.scales) * 9 * 8 * R * 4
+    fold = case.experts * 2 * 3 * 2 * 9 * 4 if bwd else 0
+    return sum(classes * (1 if s % 2 else 2) ** 2 for s in case.scales) * 9 * 8 * R * 4 + fold
 
 
 def _pre_slots(mode: str) -> int:
@@ -449,7 +451,8 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
     for direction, bwd in (("fwd", False), ("bwd", True)):
         call = counted[direction]
         kernel = ("stencil_map_kernel" if case.routing == "map" else
-                  "stencil_cells_kernel" if case.mma and not bwd else "stencil_tile_kernel")
+                  ("stencil_cells_bwd_kernel" if bwd else "stencil_cells_kernel") if case.mma
+                  else "stencil_tile_kernel")
         blocks = _blocks_at_shape(case, call, bwd)
         scale = blocks / call["blocks"]
         ph = call["phases"]
@@ -541,17 +544,17 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
     partial_bytes = rows[1]["blocks"] * n * grad_stride * 4
     small = [("fwd", "prep_kernel", 0.0),
              ("bwd", "reduce_dw_kernel", partial_bytes / dev["dram_bytes_per_s"] * 1e6)]
-    if case.mma:  # the composed weights: written once, read from L2 by every block
+    if case.mma:  # the composed weights: written once a pass, read from L2 by every block
         small.append(("fwd", "cells_prep_kernel",
                       cell_bytes(case) / dev["dram_bytes_per_s"] * 1e6))
+        small.append(("bwd", "cells_bwd_prep_kernel",
+                      cell_bytes(case, True) / dev["dram_bytes_per_s"] * 1e6))
     if case.routing == "map":
         small.append(("bwd", "fold_kernel", 3 * N * r * 4 / dev["dram_bytes_per_s"] * 1e6))
     for direction, name, us in small:
         rows.append(dict(case=case.name, direction=direction, kernel=name, blocks=None,
                          times_us=dict(dram=us), bound="dram", est_us=us, quarter_est_us=us,
                          calibrated_us=us, phases={}))
-    if case.mma:  # its backward is the other case's
-        rows = [row for row in rows if row["direction"] == "fwd"]
     return rows
 
 

@@ -42,7 +42,7 @@ import cost_model as cm  # noqa: E402
 METRICS = ("l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum",
            "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum",
            "smsp__inst_executed.sum")
-KERNELS = "regex:stencil_(tile|map|cells)_kernel"
+KERNELS = "regex:stencil_(tile|map|cells|cells_bwd)_kernel"
 
 
 def run_cases(cases: List[cm.Case]) -> None:
@@ -59,9 +59,8 @@ def run_cases(cases: List[cm.Case]) -> None:
         m = cm.INTERP[case.mode]
         _, pre = torch.ops.convlora.stencil_fwd(z, idx, cw, cb, case.scales, m, h, w, True, 0,
                                                 None, case.mma)
-        if not case.mma:  # a composed-weight case models its forward only (its backward is
-            # the plain case's): the launches match the model's rows one for one
-            torch.ops.convlora.stencil_bwd(du, z, pre, idx, cw, cb, case.scales, m, h, w, 0)
+        torch.ops.convlora.stencil_bwd(du, z, pre, idx, cw, cb, case.scales, m, h, w, 0, None,
+                                       case.mma)
     torch.cuda.synchronize()
 
 

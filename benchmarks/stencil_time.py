@@ -51,8 +51,8 @@ def shapes(kind: str):
 def _stencil_fns(inp, interpolation, per_token=False, suffix="", smem_kb=0, mma=False):
     """The stencil ops as the layer calls them (for map routing: the map programs), or with
     per_token the per-token programs whatever the routing; smem_kb: a tile block's
-    shared-memory budget (0: the default); mma: the composed-weight forward (tf32 MMA; the
-    ops' mma argument, CONVLORA_STENCIL_MMA), the forward alone (the backward is the same)."""
+    shared-memory budget (0: the default); mma: the composed-weight programs (tf32 MMA; the
+    ops' mma argument, CONVLORA_STENCIL_MMA)."""
     from convlora_kernels.backends.extension import stencil_index
 
     z = torch.nn.functional.linear(inp["x"], inp["lora_A"]).reshape(-1, inp["lora_A"].shape[0])
@@ -70,15 +70,14 @@ def _stencil_fns(inp, interpolation, per_token=False, suffix="", smem_kb=0, mma=
                                               args["scales"], args["mode"], h, w, True,
                                               smem_kb, None, mma)
 
-    if mma:
-        return {"stencil-fwd" + suffix: fwd}
     du = torch.randn_like(z)
     _, pre = torch.ops.convlora.stencil_fwd(z, args["idx"], args["cw"], args["cb"],
                                             args["scales"], args["mode"], h, w, True, smem_kb)
 
     def bwd(_):
         return torch.ops.convlora.stencil_bwd(du, z, pre, args["idx"], args["cw"], args["cb"],
-                                              args["scales"], args["mode"], h, w, smem_kb)
+                                              args["scales"], args["mode"], h, w, smem_kb,
+                                              None, mma)
 
     return {"stencil-fwd" + suffix: fwd, "stencil-bwd" + suffix: bwd}
 

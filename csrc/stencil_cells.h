@@ -246,7 +246,7 @@ CONVLORA_HD void cells_list(const CellSmem<float>& S, int tid) {
   S.order[place] = tid;
 }
 
-// Four (or two) consecutive floats of the composed weights from index i (16- or 8-byte
+// Four (two, one) consecutive floats of the composed weights from index i (16- or 8-byte
 // aligned): through the read-only path on the GPU; the checked CPU build counts them.
 CONVLORA_HD void load_cells4(const SArr<float>& m, int i, float (&v)[4]) {
 #if defined(__CUDA_ARCH__)
@@ -267,6 +267,14 @@ CONVLORA_HD void load_cells2(const SArr<float>& m, int i, float (&v)[2]) {
   v[1] = f.y;
 #else
   m.load2(i, v);
+#endif
+}
+
+CONVLORA_HD float load_cell(const SArr<float>& m, int i) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(m.p + i);
+#else
+  return m[i];
 #endif
 }
 
@@ -498,9 +506,10 @@ CONVLORA_HD void run_cells_block(Exec& ex, const TileArgs<scalar_t, float>& A, c
 //          delta_j by the transposed composed weights: dz terms of the token's 9 cells to
 //          shared memory. Then warp w takes experts w, w + 8: per key of its tile tokens,
 //          per row of cells, dM by MMAs (rows: phase pair and output channel; k: 8 tokens;
-//          columns: input channels, a cell each; the bias by a column of ones), folded at
-//          once into the lane's weight gradients (lane (g, t): output channel g, input
-//          channels 2t, 2t + 1, every tap), written to the block's partial.
+//          columns: input channels, a cell each), folded at once into the lane's weight
+//          gradients (lane (g, t): output channel g, input channels 2t, 2t + 1, every
+//          tap); the bias from the deltas (a butterfly over the lanes of a channel); both
+//          written to the block's partial.
 //   out    thread per (tile token, pair of channels): dz = g + its 9 terms, in cell order.
 // The partials go through reduce_dw as the multiply-add backward's do.
 
@@ -551,28 +560,33 @@ struct CellBwdSmem {
         place(CONVLORA_SARR(int, base, L.start, kCellRegion, "token place")) {}
 };
 
-// v[0 .. min(n, 2)) from p as floats, the rest zero: one 2-element load where both come
-// and p is aligned to it.
+// v[0 .. min(n, 2)) from p as floats, the rest zero: two predicated loads (no branch on
+// the alignment: one path of code).
 template <typename T>
 CONVLORA_HD void load_pair(const T* p, float (&v)[2], int n) {
-  v[0] = v[1] = 0.f;
-  if (n <= 0) return;
-  if (n >= 2 && reinterpret_cast<uintptr_t>(p) % (2 * sizeof(T)) == 0) {
-    struct alignas(2 * sizeof(T)) Pair {
-      T v[2];
-    };
-    Pair pair;
+  CONVLORA_UNROLL
+  for (int q = 0; q < 2; ++q) v[q] = q < n ? static_cast<float>(p[q]) : 0.f;
+}
+
+// GELU'(x) = Phi(x) + x phi(x) for the deltas, which are rounded to tf32 (10 mantissa
+// bits) next: erf by Abramowitz and Stegun 7.1.26 (|error| <= 1.5e-7), whose exponential
+// exp(-x^2 / 2) is phi's too, and on the GPU the fast exponential and division (a few ulp):
+// about 20 instructions where erff and expf take about 50, far below tf32's rounding.
+CONVLORA_HD float gelu_grad_for_tf32(float x) {
+  const float u = fabsf(x) * 0.70710678f;
 #if defined(__CUDA_ARCH__)
-    pair = *reinterpret_cast<const Pair*>(p);
+  const float e = __expf(-0.5f * x * x);
+  const float t = __fdividef(1.f, 1.f + 0.3275911f * u);
 #else
-    memcpy(&pair, p, sizeof(pair));
+  const float e = expf(-0.5f * x * x);
+  const float t = 1.f / (1.f + 0.3275911f * u);
 #endif
-    v[0] = static_cast<float>(pair.v[0]);
-    v[1] = static_cast<float>(pair.v[1]);
-    return;
-  }
-  v[0] = static_cast<float>(p[0]);
-  if (n >= 2) v[1] = static_cast<float>(p[1]);
+  const float poly =
+      t * (0.254829592f +
+           t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  const float tail = 0.5f * poly * e;  // (1 - erf(|x| / sqrt 2)) / 2
+  const float cdf = x >= 0.f ? 1.f - tail : tail;
+  return cdf + x * 0.39894228f * e;
 }
 
 // Phase 1: z of the tile and ring (zero outside the map), the region's sort keys.
@@ -644,7 +658,7 @@ CONVLORA_HD void cellb_delta(const TileArgs<scalar_t, float>& A, const BlockPos&
         float c[2];
         load_pair(pre + j * A.r + 2 * t, c, A.r - 2 * t);
         CONVLORA_UNROLL
-        for (int q = 0; q < 2; ++q) d[j][q] = tf32_round(wd * g[q] * gelu_erf_grad(c[q]));
+        for (int q = 0; q < 2; ++q) d[j][q] = tf32_round(wd * g[q] * gelu_grad_for_tf32(c[q]));
       }
     }
     CONVLORA_UNROLL
@@ -823,19 +837,16 @@ CONVLORA_HD void cellb_dw(const TileArgs<scalar_t, float>& A, const float* cells
       const int cy = (cur >> 2) & 3, cx = cur & 3, ph = CT.ph[e], nj = ph * ph;
       CONVLORA_NO_UNROLL
       for (int ny = 0; ny < 3; ++ny) {
-        float dm[kLanes][2][3][4], dbm[kLanes][2][4];
+        float dm[kLanes][2][3][4];
         for (int l = 0; l < kLanes; ++l)
           CONVLORA_UNROLL
-          for (int mt = 0; mt < 2; ++mt) {
+          for (int mt = 0; mt < 2; ++mt)
             CONVLORA_UNROLL
-            for (int q = 0; q < 4; ++q) {
-              dbm[l][mt][q] = 0.f;
+            for (int q = 0; q < 4; ++q)
               CONVLORA_UNROLL
               for (int nx = 0; nx < 3; ++nx) dm[l][mt][nx][q] = 0.f;
-            }
-          }
         for (int c0 = p; c0 < end; c0 += 8) {  // 8 tokens a k-step
-          float am[kLanes][2][4], b[kLanes][3][2], ones[kLanes][2];
+          float am[kLanes][2][4], b[kLanes][3][2];
           for (int l = 0; l < kLanes; ++l) {
             const int lane = lane0 + l;
             as_thread(32 * warp + lane);
@@ -851,7 +862,6 @@ CONVLORA_HD void cellb_dw(const TileArgs<scalar_t, float>& A, const float* cells
                 am[l][mt][2 * h + 1] =
                     in && 2 * mt < nj ? S.delta[s * DR + (2 * mt + 1) * R + g] : 0.f;
               }
-              ones[l][h] = in ? 1.f : 0.f;
               int base = 0;
               if (in) {
                 const int tr = cellb_token(S.sorted[s]);
@@ -888,49 +898,63 @@ CONVLORA_HD void cellb_dw(const TileArgs<scalar_t, float>& A, const float* cells
                 CONVLORA_UNROLL
                 for (int q = 0; q < 4; ++q) dm[l][mt][nx][q] = d[l][q];
             }
-            if (ny == 0) {  // the bias: a column of ones
-              float d[kLanes][4];
-              for (int l = 0; l < kLanes; ++l)
-                CONVLORA_UNROLL
-                for (int q = 0; q < 4; ++q) d[l][q] = dbm[l][mt][q];
-              mma_tf32(a0, ones, d);
-              for (int l = 0; l < kLanes; ++l)
-                CONVLORA_UNROLL
-                for (int q = 0; q < 4; ++q) dbm[l][mt][q] = d[l][q];
-            }
           }
         }
-        // the fold: dW[ky][kx] += sum_j wy[ky][ny] sum_nx wx[kx][nx] dM_j(ny, nx)
+        // the fold, phase pair j = (row phase a, column phase b) = 2 a + b (m-tile a, row
+        // half b; with one phase j = 0): per row phase a,
+        //   sx[kx] = sum_b sum_nx wx_b[kx][nx] dM_j(ny, nx),  dW[ky][kx] += wy_a[ky][ny] sx[kx]
         for (int l = 0; l < kLanes; ++l) {
           as_thread(32 * warp + lane0 + l);
           CONVLORA_UNROLL
-          for (int j = 0; j < 4; ++j) {
-            if (j >= nj) break;
-            const int mt = j >> 1, hq = j & 1, ra = j / ph, cb = j % ph;
-            const int fy = cell_fold(e, 0, cy, ra) + ny, fx = cell_fold(e, 1, cx, cb);
-            float wy[3];
+          for (int a = 0; a < 2; ++a) {
+            if (a >= ph) break;
+            float sx[3][2];
             CONVLORA_UNROLL
-            for (int ky = 0; ky < 3; ++ky) wy[ky] = fw[fy + 3 * ky];
+            for (int kx = 0; kx < 3; ++kx) sx[kx][0] = sx[kx][1] = 0.f;
             CONVLORA_UNROLL
-            for (int kx = 0; kx < 3; ++kx) {
-              float sx[2] = {0.f, 0.f};
+            for (int b = 0; b < 2; ++b) {
+              if (b >= ph) break;
+              const int fx = cell_fold(e, 1, cx, b);
               CONVLORA_UNROLL
-              for (int nx = 0; nx < 3; ++nx) {
-                const float w = fw[fx + 3 * kx + nx];
-                sx[0] += w * dm[l][mt][nx][2 * hq];
-                sx[1] += w * dm[l][mt][nx][2 * hq + 1];
-              }
+              for (int kx = 0; kx < 3; ++kx)
+                CONVLORA_UNROLL
+                for (int nx = 0; nx < 3; ++nx) {
+                  const float w = load_cell(fw, fx + 3 * kx + nx);
+                  sx[kx][0] += w * dm[l][a][nx][2 * b];
+                  sx[kx][1] += w * dm[l][a][nx][2 * b + 1];
+                }
+            }
+            const int fy = cell_fold(e, 0, cy, a) + ny;
+            CONVLORA_UNROLL
+            for (int ky = 0; ky < 3; ++ky) {
+              const float wy = load_cell(fw, fy + 3 * ky);
               CONVLORA_UNROLL
-              for (int ky = 0; ky < 3; ++ky) {
-                dw[l][3 * ky + kx][0] += wy[ky] * sx[0];
-                dw[l][3 * ky + kx][1] += wy[ky] * sx[1];
+              for (int kx = 0; kx < 3; ++kx) {
+                dw[l][3 * ky + kx][0] += wy * sx[kx][0];
+                dw[l][3 * ky + kx][1] += wy * sx[kx][1];
               }
             }
-            if (ny == 0) db[l] += dbm[l][mt][2 * hq];
           }
         }
       }
       p = end;
+    }
+    // the bias: lane (g, t) sums output channel g of every phase pair of the expert's
+    // places s0 + t, s0 + t + 4, ...; then the four lanes of g add theirs (a butterfly)
+    {
+      const int nj = CT.ph[e] * CT.ph[e];
+      for (int l = 0; l < kLanes; ++l) {
+        const int lane = lane0 + l, g = lane >> 2, t = lane & 3;
+        as_thread(32 * warp + lane);
+        for (int s = s0 + t; s < s1; s += 4)
+          CONVLORA_UNROLL
+          for (int j = 0; j < 4; ++j) {
+            if (j >= nj) break;
+            db[l] += S.delta[s * DR + j * R + g];
+          }
+      }
+      warp_xor_add(db, 1);
+      warp_xor_add(db, 2);
     }
     for (int l = 0; l < kLanes; ++l) {
       const int lane = lane0 + l, g = lane >> 2, t = lane & 3;

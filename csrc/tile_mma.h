@@ -89,6 +89,18 @@ CONVLORA_HD int warp_min(const int (&v)[kLanes]) {
 #endif
 }
 
+// v += v of lane ^ mask, in every lane (shfl.sync.bfly): a lane and its partner get the
+// same sum (addition commutes), so a butterfly of these is one fixed sum in all lanes.
+CONVLORA_HD void warp_xor_add(float (&v)[kLanes], int mask) {
+#if defined(__CUDA_ARCH__)
+  v[0] += __shfl_xor_sync(0xffffffffu, v[0], mask);
+#else
+  float w[kLanes];
+  for (int lane = 0; lane < 32; ++lane) w[lane] = v[lane];
+  for (int lane = 0; lane < 32; ++lane) v[lane] = w[lane] + w[lane ^ mask];
+#endif
+}
+
 // The index of x's lowest set bit (x != 0).
 CONVLORA_HD int lowest_bit(int x) {
 #if defined(__CUDA_ARCH__)

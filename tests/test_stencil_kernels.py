@@ -98,9 +98,10 @@ def test_cuda_kernel_resources():
                 assert v["STACK"] == 0 and v["LOCAL"] == 0, (arch, name, v)
             if R <= 8:
                 assert v["REG"] <= 128, (arch, name, v)
-        # the composed-weight forward (R = 8) x dtype: no stack, at most 128 registers
-        cells = [(n, v) for (a, n), v in res.items() if a == arch and "stencil_cells_kernel" in n]
-        assert len(cells) == 3, (arch, cells)
+        # the composed-weight forward and backward (R = 8) x dtype: no stack, at most 128
+        # registers
+        cells = [(n, v) for (a, n), v in res.items() if a == arch and "stencil_cells" in n]
+        assert len(cells) == 2 * 3, (arch, cells)
         for name, v in cells:
             assert v["STACK"] == 0 and v["LOCAL"] == 0 and v["REG"] <= 128, (arch, name, v)
         preps = [v for (a, n), v in res.items() if a == arch and "prep_kernel" in n]
@@ -444,12 +445,15 @@ def _tf32_backward_reference(du, z, pre, idx, cw, cb, scales, mode, h, w):
     return dz, dw.reshape(n, r, r, 3, 3), db
 
 
-def _assert_tf32_close(u, u_ref, what):
+def _assert_tf32_close(u, u_ref, what, mean=1e-6, share=0.02):
     """u against the tf32 reference: float32 rounding, but where a composed weight computed
     in float32 rounds to the other tf32 neighbour than the float64 one (a few outputs move
-    by up to ~2e-4)."""
+    by up to ~2e-4). The backward's dz (mean=2e-6, share=0.06): its deltas too, computed
+    in float32 with an erf within 2.8e-7 (gelu_grad_for_tf32), and a dz sums up to 288 of
+    them: measured mean up to 1.1e-6 and 4.3 % of outputs above 1e-5, where every token
+    has four phases."""
     err = (u.cpu().double() - u_ref).abs()
-    assert err.max() < 5e-4 and err.mean() < 1e-6 and (err > 1e-5).double().mean() < 0.02, \
+    assert err.max() < 5e-4 and err.mean() < mean and (err > 1e-5).double().mean() < share, \
         (what, err.max().item(), err.mean().item(), (err > 1e-5).double().mean().item())
 
 
@@ -567,7 +571,7 @@ def test_mma_backward_matches_a_tf32_reference(checked_ops, mode, bhw, scales, r
     for ops in (checked_ops, torch.ops.convlora):
         dz, dw, db = ops.stencil_bwd(du, z, pre, idx, cw, cb, sc, m, h, w, 0, None, True)
         assert torch.isfinite(dz).all() and torch.isfinite(dw).all()
-        _assert_tf32_close(dz, dz_ref, f"dz ({ops})")
+        _assert_tf32_close(dz, dz_ref, f"dz ({ops})", 2e-6, 0.06)
         _assert_tf32_grads(dw, db, dw_ref, db_ref, str(ops))
     dz, dw, db = torch.ops.convlora.stencil_bwd(du, z, pre, idx, cw, cb, sc, m, h, w)
     plain = (dz.double() - dz_ref).abs()
@@ -630,7 +634,7 @@ def test_mma_backward_on_the_gpu(mode, bhw, scales, rank, draw):
     dz_ref, dw_ref, db_ref = _tf32_backward_reference(du, z, pre, idx, cw, cb, sc, m, h, w)
     dz, dw, db = torch.ops.convlora.stencil_bwd(du.cuda(), z.cuda(), pre.cuda(), idx.cuda(),
                                                 cw.cuda(), cb.cuda(), sc, m, h, w, 0, None, True)
-    _assert_tf32_close(dz, dz_ref, "cuda")
+    _assert_tf32_close(dz, dz_ref, "cuda", 2e-6, 0.06)
     _assert_tf32_grads(dw, db, dw_ref, db_ref, "cuda")
 
 
@@ -831,13 +835,15 @@ def test_cost_model_counts_every_phase(cost_rows):
     and the SASS cut at its barriers matches the phases."""
     cm = _cost_model()
     blocks = [r for r in cost_rows if r["phases"]]
-    assert len(blocks) == 2 * len(cm.CASES) - sum(c.mma for c in cm.CASES)  # mma: fwd only
+    assert len(blocks) == 2 * len(cm.CASES)
     for row in blocks:
         names = set(row["phases"])
         want = ({"load", "list", "conv", "store"} if row["kernel"] == "stencil_tile_kernel"
                 else {"load", "taps", "cols_up"})
         if row["kernel"] == "stencil_cells_kernel":  # the composed-weight forward
             want = {"load", "list", "mma", "out"}
+        if row["kernel"] == "stencil_cells_bwd_kernel":  # and its backward
+            want = {"load", "list", "delta", "mma", "out"}
         assert want <= names, (row["case"], row["direction"], names)
         for name, p in row["phases"].items():
             assert p["warp_accesses"] <= p["ideal"] + 1e-9, (row["case"], name, p)

@@ -530,7 +530,8 @@ CONVLORA_HD constexpr int cell_delta_row() { return 4 * R + 4; }
 template <int R>
 CONVLORA_HD constexpr int cell_term_row() { return 9 * R + 4; }
 
-// Layout's fields: zs, key (the region's sort keys), items (the sorted keys), start (each
+// Layout's fields: zs, key (the region's sort keys by region index), nt (the same grouped:
+// the tile's 64 in tile order, then the ring's 36), items (the sorted keys), start (each
 // region token's place), cbuf (delta), ubuf (dz terms).
 template <int R>
 CONVLORA_HD Layout make_cells_bwd_layout(int n) {
@@ -539,7 +540,8 @@ CONVLORA_HD Layout make_cells_bwd_layout(int n) {
   Layout L{};
   L.zs = 0;
   L.key = align16(kCellRegion * cell_stride<R>() * 4);
-  L.items = L.key + align16(ints);
+  L.nt = L.key + align16(ints);
+  L.items = L.nt + align16(ints);
   L.start = L.items + align16(ints);
   L.cbuf = L.start + align16(ints);
   L.ubuf = L.cbuf + align16(kCellSlots * cell_delta_row<R>() * 4);
@@ -550,12 +552,13 @@ CONVLORA_HD Layout make_cells_bwd_layout(int n) {
 
 struct CellBwdSmem {
   SArr<float> zs, delta, term;
-  SArr<int> key, sorted, place;
+  SArr<int> key, group, sorted, place;
   CONVLORA_HD CellBwdSmem(unsigned char* base, const Layout& L, int R)
       : zs(CONVLORA_SARR(float, base, L.zs, kCellRegion * (R + 4), "z")),
         delta(CONVLORA_SARR(float, base, L.cbuf, kCellSlots * (4 * R + 4), "delta")),
         term(CONVLORA_SARR(float, base, L.ubuf, kCellSlots * (9 * R + 4), "dz terms")),
         key(CONVLORA_SARR(int, base, L.key, kCellRegion, "token key")),
+        group(CONVLORA_SARR(int, base, L.nt, kCellRegion, "token key (grouped)")),
         sorted(CONVLORA_SARR(int, base, L.items, kCellSlots, "sorted keys")),
         place(CONVLORA_SARR(int, base, L.start, kCellRegion, "token place")) {}
 };
@@ -606,28 +609,39 @@ CONVLORA_HD void cellb_load(const TileArgs<scalar_t, float>& A, const BlockPos& 
                               : int(A.taps[A.T.down_y + e * A.H + gy].n == 2) << 8 | e << 4 |
                                     row_class(gy, A.H) << 2 | row_class(gx, A.W);
     }
-    S.key[t] = (ring << 10 | key) << 7 | t;
+    const int sk = (ring << 10 | key) << 7 | t;
+    S.key[t] = sk;
+    // grouped: tile token (ry - 1, rx - 1) at its tile index; the ring's after, in order
+    const int ring_index = ry == 0 ? rx
+                           : ry == kCellZ - 1 ? kCellZ + rx
+                                              : 2 * kCellZ + 2 * (ry - 1) + (rx != 0);
+    S.group[ring ? kCellTile * kCellTile + ring_index : (ry - 1) * kCellTile + rx - 1] = sk;
   }
 }
 
-// Phase 2: region token v goes to place (the number of smaller sort keys); the places
-// past the region hold kCellDummy.
+// Phase 2: grouped token v goes to place (the number of smaller sort keys): a tile token's
+// are the tile's (every ring key is larger), a ring token's the 64 tile tokens and the
+// ring's. The places past the region hold kCellDummy; place[t] is -1 for a token with no
+// work (outside the map, or an expert out of range).
 CONVLORA_HD void cellb_list(const CellBwdSmem& S, int tid) {
+  constexpr int TILE = kCellTile * kCellTile;
+  static_assert(TILE % 4 == 0 && kCellRegion % 4 == 0, "the groups in 128-bit loads");
   if (tid >= kCellSlots) return;
   if (tid >= kCellRegion) {
     S.sorted[tid] = kCellDummy;
     return;
   }
-  const int mine = S.key[tid];
-  int place = 0;
+  const int mine = S.group[tid];
+  const int u0 = tid < TILE ? 0 : TILE, u1 = tid < TILE ? TILE : kCellRegion;
+  int place = u0;
   CONVLORA_UNROLL_4
-  for (int u = 0; u < kCellRegion; u += 4) {
-    const V4<int> k = S.key.load4(u);
+  for (int u = u0; u < u1; u += 4) {
+    const V4<int> k = S.group.load4(u);
     CONVLORA_UNROLL
     for (int q = 0; q < 4; ++q) place += k.v[q] < mine ? 1 : 0;
   }
   S.sorted[place] = mine;
-  S.place[tid] = place;
+  S.place[cellb_token(mine)] = cellb_key(mine) <= kCellLast ? place : -1;  // -1: no terms
 }
 
 // Phase 3: thread per (sorted place, channels 2t, 2t + 1): delta_j = w_down g GELU'(C_j),
@@ -675,9 +689,20 @@ CONVLORA_HD void cellb_terms(const float* cells, const CellTables& CT, const Cel
   constexpr int DR = cell_delta_row<R>(), TR = cell_term_row<R>(), BLK = cell_block<R>();
   constexpr int NJ = 4;
   if (warp * 16 >= kCellSlots) return;  // the same in every lane
-  int key[kLanes][2];
+  int key[kLanes][2], two[kLanes];
   float a[kLanes][NJ][4];   // delta_j: the lane's A fragment per phase pair
   float acc[kLanes][9][4];  // D per cell
+  for (int l = 0; l < kLanes; ++l) {
+    as_thread(32 * warp + lane0 + l);
+    const int g = (lane0 + l) >> 2;
+    two[l] = 0;
+    CONVLORA_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      key[l][h] = cellb_key(S.sorted[16 * warp + g + 8 * h]);
+      two[l] |= key[l][h] <= kCellLast ? key[l][h] >> 8 : 0;
+    }
+  }
+  const int nj_max = warp_or(two) ? NJ : 1;  // the group's phase pairs (the sort groups them)
   for (int l = 0; l < kLanes; ++l) {
     const int lane = lane0 + l;
     as_thread(32 * warp + lane);
@@ -685,11 +710,11 @@ CONVLORA_HD void cellb_terms(const float* cells, const CellTables& CT, const Cel
     CONVLORA_UNROLL
     for (int h = 0; h < 2; ++h) {
       const int slot = 16 * warp + g + 8 * h;
-      key[l][h] = cellb_key(S.sorted[slot]);
       CONVLORA_UNROLL
       for (int j = 0; j < NJ; ++j) {
-        a[l][j][h] = S.delta[slot * DR + j * R + t];          // row g (+ 8), k = t
-        a[l][j][2 + h] = S.delta[slot * DR + j * R + t + 4];  // k = t + 4
+        const bool used = j < nj_max;
+        a[l][j][h] = used ? S.delta[slot * DR + j * R + t] : 0.f;          // row g (+ 8), k = t
+        a[l][j][2 + h] = used ? S.delta[slot * DR + j * R + t + 4] : 0.f;  // k = t + 4
       }
     }
     CONVLORA_UNROLL
@@ -835,6 +860,15 @@ CONVLORA_HD void cellb_dw(const TileArgs<scalar_t, float>& A, const float* cells
         cur = cellb_key(S.sorted[p]);
       }
       const int cy = (cur >> 2) & 3, cx = cur & 3, ph = CT.ph[e], nj = ph * ph;
+      float wx[kLanes][2][9];  // the key's column fold weights, for every row of cells
+      for (int l = 0; l < kLanes; ++l) {
+        as_thread(32 * warp + lane0 + l);
+        CONVLORA_UNROLL
+        for (int b = 0; b < 2; ++b)
+          CONVLORA_UNROLL
+          for (int k = 0; k < 9; ++k)
+            wx[l][b][k] = b < ph ? load_cell(fw, cell_fold(e, 1, cx, b) + k) : 0.f;
+      }
       CONVLORA_NO_UNROLL
       for (int ny = 0; ny < 3; ++ny) {
         float dm[kLanes][2][3][4];
@@ -860,7 +894,7 @@ CONVLORA_HD void cellb_dw(const TileArgs<scalar_t, float>& A, const float* cells
                 // rows g: phase pair 2 mt, g + 8: 2 mt + 1 (output channel g)
                 am[l][mt][2 * h] = in && 2 * mt < nj ? S.delta[s * DR + 2 * mt * R + g] : 0.f;
                 am[l][mt][2 * h + 1] =
-                    in && 2 * mt < nj ? S.delta[s * DR + (2 * mt + 1) * R + g] : 0.f;
+                    in && 2 * mt + 1 < nj ? S.delta[s * DR + (2 * mt + 1) * R + g] : 0.f;
               }
               int base = 0;
               if (in) {
@@ -914,12 +948,11 @@ CONVLORA_HD void cellb_dw(const TileArgs<scalar_t, float>& A, const float* cells
             CONVLORA_UNROLL
             for (int b = 0; b < 2; ++b) {
               if (b >= ph) break;
-              const int fx = cell_fold(e, 1, cx, b);
               CONVLORA_UNROLL
               for (int kx = 0; kx < 3; ++kx)
                 CONVLORA_UNROLL
                 for (int nx = 0; nx < 3; ++nx) {
-                  const float w = load_cell(fw, fx + 3 * kx + nx);
+                  const float w = wx[l][b][3 * kx + nx];
                   sx[kx][0] += w * dm[l][a][nx][2 * b];
                   sx[kx][1] += w * dm[l][a][nx][2 * b + 1];
                 }
@@ -990,10 +1023,10 @@ CONVLORA_HD void cellb_out(const TileArgs<scalar_t, float>& A, const BlockPos& P
   load_pair(A.du + tk * A.r + 2 * t, v, A.r - 2 * t);
   CONVLORA_UNROLL
   for (int c = 0; c < 9; ++c) {
-    const int src = (ty + 2 - c / 3) * kCellZ + tx + 2 - c % 3;
-    if (cellb_key(S.key[src]) > kCellLast) continue;
+    const int place = S.place[(ty + 2 - c / 3) * kCellZ + tx + 2 - c % 3];
+    if (place < 0) continue;  // a token with no work: no terms
     float w[2];
-    S.term.load2(S.place[src] * TR + c * R + 2 * t, w);
+    S.term.load2(place * TR + c * R + 2 * t, w);
     v[0] += w[0];
     v[1] += w[1];
   }

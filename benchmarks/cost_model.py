@@ -144,6 +144,13 @@ OVER_CEILING: Dict[str, float] = {
     # cell): ~2.5 tokens in the fullest quad, as 8 balls in 8 bins. The shared-memory
     # pipe's time stays small: 0.7 us at the target, 7.1 us fitted.
     "global token r8 mma/fwd/mma": 2.15,
+    # the composed-weight backward's delta stores (a 128-bit store a channel: a quarter
+    # warp's 2 places x 4 channel pairs meet in 4 bank quads; the layout serves the mma
+    # phase's loads, which are conflict-free) and its out phase (a token's nine dz terms
+    # from the places the sort gave its sources, 64-bit loads): 0.3 us of shared-memory
+    # time between them at the target
+    "global token r8 mma/bwd/delta": 1.9,
+    "global token r8 mma/bwd/out": 1.52,
     "global token r3/fwd/combine": 1.45,
     "global token r3/bwd/conv": 1.34,
     "global token r3/bwd/gather": 1.69,
@@ -206,7 +213,7 @@ def _parse_traffic(text: str) -> List[dict]:
         else:
             calls[-1]["phases"][f[0]] = dict(zip(
                 ("runs", "lane_accesses", "warp_accesses", "wavefronts", "busiest_warp",
-                 "ideal", "quarter_wavefronts", "global_accesses"),
+                 "ideal", "quarter_wavefronts", "global_accesses", "mma_ops", "busiest_mma"),
                 map(int, f[1:])))
     return calls
 
@@ -322,8 +329,9 @@ def sass_counts(arch: int = 90) -> Dict[str, Dict[str, int]]:
         if m:
             names.append(m.group(1))
             cur = counts.setdefault(m.group(1), dict(total=0, shared=0, lds=0, sts=0, ffma=0,
-                                                     bar=0, ldg=0, stg=0, nc=0, segments=[]))
-            seg = dict(total=0, shared=0, nc=0)
+                                                     bar=0, ldg=0, stg=0, nc=0, mma=0,
+                                                     segments=[]))
+            seg = dict(total=0, shared=0, nc=0, mma=0)
             continue
         m = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
         if m is None or cur is None:
@@ -347,9 +355,12 @@ def sass_counts(arch: int = 90) -> Dict[str, Dict[str, int]]:
         if op == "LDG" and ".CONSTANT" in m.group(1):
             cur["nc"] += 1
             seg["nc"] += 1
+        if op == "HMMA":  # the warp-level MMAs (mma.sync), which the checked build counts
+            cur["mma"] += 1
+            seg["mma"] += 1
         if op == "BAR":  # the end of a phase: its code is the stretch since the last one
             cur["segments"].append(seg)
-            seg = dict(total=0, shared=0, nc=0)
+            seg = dict(total=0, shared=0, nc=0, mma=0)
     return dict(zip(_demangle(names), (counts[n] for n in names)))
 
 
@@ -465,13 +476,16 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
         instr = None
         by_phase = bool(sass) and len(sass["segments"]) == len(ph)
         # a phase's counted loads: its shared accesses, and its loads of global arrays read
-        # through SArr (the composed weights), which the SASS holds as read-only loads
+        # through SArr (the composed weights), which the SASS holds as read-only loads; its
+        # MMAs (HMMA in the SASS, counted by the checked build) are an instruction each, not
+        # scaled by the ratio
         counted_loads = {k: p["warp_accesses"] + p.get("global_accesses", 0)
                          for k, p in ph.items()}
+        mmas = {k: p.get("mma_ops", 0) for k, p in ph.items()}
 
-        def ratio(p, g):  # instructions per counted load
+        def ratio(p, g):  # instructions but the MMAs per counted load
             loads = g["shared"] + (g["nc"] if p.get("global_accesses", 0) else 0)
-            return g["total"] / max(1, loads)
+            return (g["total"] - (g["mma"] if p.get("mma_ops", 0) else 0)) / max(1, loads)
 
         # per block of the counted call, per phase
         phase_instr = {k: None for k in ph}
@@ -480,7 +494,7 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
             # one barrier ends each phase, in program order: each phase's own ratio
             for (k, p), g in zip(ph.items(), sass["segments"]):
                 per_load[k] = ratio(p, g)
-                phase_instr[k] = counted_loads[k] * per_load[k] / call["blocks"]
+                phase_instr[k] = (counted_loads[k] * per_load[k] + mmas[k]) / call["blocks"]
             instr = sum(phase_instr.values()) * call["blocks"] * scale
         elif sass:
             instr = accesses * sass["total"] / max(1, sass["shared"])
@@ -490,6 +504,7 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
             chain_instr = sum(
                 p["busiest_warp"] * (per_load[k] if by_phase
                                      else sass["total"] / max(1, sass["shared"]))
+                + p.get("busiest_mma", 0)
                 for k, p in ph.items() if counted_loads[k] > 0) * scale / blocks
         threads = MAP_THREADS if kernel == "stencil_map_kernel" else _grid(case, bwd)["threads"]
         regs = _registers_of(kernel, R, case.mode, bwd) or 128

@@ -46,6 +46,8 @@ struct PhaseTraffic {
   int64_t busiest_warp = 0;     // the access instructions of the phase's busiest warp
   int64_t quarter_wavefronts = 0;  // wavefronts if 128-bit accesses go by quarter warps
   int64_t global_accesses = 0;  // warp-level loads of counted global arrays (SArr::global)
+  int64_t mma_ops = 0;          // warp-level MMAs (tile_mma.h: mma_tf32)
+  int64_t busiest_mma = 0;      // the MMAs of the phase's warp with the most of them
 };
 
 // One site's share of a phase (its reads or its writes): what `smem_sites` reports, so a
@@ -83,11 +85,20 @@ struct Trace {
     int64_t words;  // consecutive words from it: 1, or 2 or 4 for a vector load (load2, load4)
   };
   std::vector<std::vector<Access>> reads, writes;  // per thread, this phase's accesses
+  std::vector<int64_t> mmas;                        // per warp, this phase's MMAs
   std::vector<PhaseTraffic> phases;                 // by name, in order of first run
   SiteTable sites;                                  // the same counts by site
   PhaseTraffic* current = nullptr;
 
-  explicit Trace(int nthreads) : threads(nthreads), reads(nthreads), writes(nthreads) {}
+  explicit Trace(int nthreads)
+      : threads(nthreads), reads(nthreads), writes(nthreads), mmas((nthreads + 31) / 32) {}
+
+  // One warp-level MMA of the warp of thread tid (the CPU's mma_tf32 runs once a warp).
+  void mma(int tid) {
+    if (current == nullptr || tid < 0) return;
+    current->mma_ops += 1;
+    mmas[tid / 32] += 1;
+  }
 
   void begin(const char* name) {
     current = nullptr;
@@ -99,6 +110,7 @@ struct Trace {
     }
     for (auto& v : reads) v.clear();
     for (auto& v : writes) v.clear();
+    std::fill(mmas.begin(), mmas.end(), 0);
   }
 
   // Counts one direction (reads or writes) of the phase; returns each warp's access
@@ -162,6 +174,7 @@ struct Trace {
     int64_t busiest = 0;
     for (size_t i = 0; i < r.size(); ++i) busiest = std::max(busiest, r[i] + w[i]);
     current->busiest_warp += busiest;
+    current->busiest_mma += *std::max_element(mmas.begin(), mmas.end());
     current = nullptr;
   }
 };
@@ -180,7 +193,8 @@ struct TraceRequest {
     for (const auto& p : phases)
       done << p.name << ' ' << p.runs << ' ' << p.lane_accesses << ' ' << p.warp_accesses
            << ' ' << p.wavefronts << ' ' << p.busiest_warp << ' ' << p.ideal << ' '
-           << p.quarter_wavefronts << ' ' << p.global_accesses << '\n';
+           << p.quarter_wavefronts << ' ' << p.global_accesses << ' ' << p.mma_ops << ' '
+           << p.busiest_mma << '\n';
     phases.clear();
     for (const auto& [k, t] : sites) {
       // the site as an offset into the shared object that holds it (addr2line reads it)
@@ -227,6 +241,8 @@ struct TraceRequest {
       into->ideal += p.ideal;
       into->quarter_wavefronts += p.quarter_wavefronts;
       into->global_accesses += p.global_accesses;
+      into->mma_ops += p.mma_ops;
+      into->busiest_mma += p.busiest_mma;
     }
     for (const auto& [k, c] : t.sites) {
       SiteTraffic& into = sites[k];
@@ -243,8 +259,8 @@ inline TraceRequest& trace_request() {
 
 // Per call: a line "call <blocks> <shared bytes per block>", then one line per phase:
 // name runs lane_accesses warp_accesses wavefronts busiest_warp ideal quarter_wavefronts
-// global_accesses (summed over the call's blocks; runs counts the phase once per block and
-// round; busiest_warp counts the global loads too).
+// global_accesses mma_ops busiest_mma (summed over the call's blocks; runs counts the phase
+// once per block and round; busiest_warp counts the global loads too, not the MMAs).
 inline std::string trace_report() {
   auto& req = trace_request();
   std::lock_guard<std::mutex> lock(req.mutex);

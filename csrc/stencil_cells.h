@@ -522,10 +522,14 @@ CONVLORA_HD int cellb_token(int sk) { return sk & 127; }
 CONVLORA_HD bool cellb_ring(int sk) { return (sk >> 17) != 0; }
 constexpr int kCellDummy = ((1 << 10 | kCellNone) << 7) | 127;  // places past the region
 
-// A sorted token's delta: four phase pairs of R channels, then 4 words of padding (the 8
-// tokens whose channel t a warp's A load reads fall in distinct quads of banks).
+// A sorted token's deltas: per output channel its four phase pairs (one 128-bit load: the
+// MMAs' A takes two or four of them a channel), then 8 words of padding (40 a token: the
+// quarter warp of a 128-bit load in the weight gradients' k-steps, 4 consecutive places x 2
+// channels, reads 8 distinct bank quads).
 template <int R>
-CONVLORA_HD constexpr int cell_delta_row() { return 4 * R + 4; }
+CONVLORA_HD constexpr int cell_delta_row() { return 4 * R + 8; }
+template <int R>
+CONVLORA_HD constexpr int cell_delta(int place, int co) { return place * cell_delta_row<R>() + 4 * co; }
 // A sorted token's dz terms: its 9 cells of R channels, then 4 words of padding.
 template <int R>
 CONVLORA_HD constexpr int cell_term_row() { return 9 * R + 4; }
@@ -555,7 +559,7 @@ struct CellBwdSmem {
   SArr<int> key, group, sorted, place;
   CONVLORA_HD CellBwdSmem(unsigned char* base, const Layout& L, int R)
       : zs(CONVLORA_SARR(float, base, L.zs, kCellRegion * (R + 4), "z")),
-        delta(CONVLORA_SARR(float, base, L.cbuf, kCellSlots * (4 * R + 4), "delta")),
+        delta(CONVLORA_SARR(float, base, L.cbuf, kCellSlots * (4 * R + 8), "delta")),
         term(CONVLORA_SARR(float, base, L.ubuf, kCellSlots * (9 * R + 4), "dz terms")),
         key(CONVLORA_SARR(int, base, L.key, kCellRegion, "token key")),
         group(CONVLORA_SARR(int, base, L.nt, kCellRegion, "token key (grouped)")),
@@ -650,7 +654,7 @@ CONVLORA_HD void cellb_list(const CellBwdSmem& S, int tid) {
 template <int R, typename scalar_t>
 CONVLORA_HD void cellb_delta(const TileArgs<scalar_t, float>& A, const BlockPos& P,
                              const CellBwdSmem& S, int tid) {
-  constexpr int DR = cell_delta_row<R>(), NJ = 4, PAIRS = R / 2;
+  constexpr int NJ = 4, PAIRS = R / 2;
   for (int u = tid; u < kCellSlots * PAIRS; u += kCellThreads) {
     const int slot = u / PAIRS, t = u % PAIRS;
     const int sk = S.sorted[slot], key = cellb_key(sk);
@@ -676,7 +680,8 @@ CONVLORA_HD void cellb_delta(const TileArgs<scalar_t, float>& A, const BlockPos&
       }
     }
     CONVLORA_UNROLL
-    for (int j = 0; j < NJ; ++j) S.delta.store2(slot * DR + j * R + 2 * t, d[j]);
+    for (int q = 0; q < 2; ++q)
+      S.delta.store4(cell_delta<R>(slot, 2 * t + q), {{d[0][q], d[1][q], d[2][q], d[3][q]}});
   }
 }
 
@@ -686,23 +691,12 @@ CONVLORA_HD void cellb_delta(const TileArgs<scalar_t, float>& A, const BlockPos&
 template <int R, typename scalar_t>
 CONVLORA_HD void cellb_terms(const float* cells, const CellTables& CT, const CellBwdSmem& S,
                              int warp, int lane0) {
-  constexpr int DR = cell_delta_row<R>(), TR = cell_term_row<R>(), BLK = cell_block<R>();
+  constexpr int TR = cell_term_row<R>(), BLK = cell_block<R>();
   constexpr int NJ = 4;
   if (warp * 16 >= kCellSlots) return;  // the same in every lane
-  int key[kLanes][2], two[kLanes];
+  int key[kLanes][2];
   float a[kLanes][NJ][4];   // delta_j: the lane's A fragment per phase pair
   float acc[kLanes][9][4];  // D per cell
-  for (int l = 0; l < kLanes; ++l) {
-    as_thread(32 * warp + lane0 + l);
-    const int g = (lane0 + l) >> 2;
-    two[l] = 0;
-    CONVLORA_UNROLL
-    for (int h = 0; h < 2; ++h) {
-      key[l][h] = cellb_key(S.sorted[16 * warp + g + 8 * h]);
-      two[l] |= key[l][h] <= kCellLast ? key[l][h] >> 8 : 0;
-    }
-  }
-  const int nj_max = warp_or(two) ? NJ : 1;  // the group's phase pairs (the sort groups them)
   for (int l = 0; l < kLanes; ++l) {
     const int lane = lane0 + l;
     as_thread(32 * warp + lane);
@@ -710,11 +704,13 @@ CONVLORA_HD void cellb_terms(const float* cells, const CellTables& CT, const Cel
     CONVLORA_UNROLL
     for (int h = 0; h < 2; ++h) {
       const int slot = 16 * warp + g + 8 * h;
+      key[l][h] = cellb_key(S.sorted[slot]);
+      const V4<float> lo = S.delta.load4(cell_delta<R>(slot, t));      // row g (+ 8), k = t
+      const V4<float> hi = S.delta.load4(cell_delta<R>(slot, t + 4));  // k = t + 4
       CONVLORA_UNROLL
       for (int j = 0; j < NJ; ++j) {
-        const bool used = j < nj_max;
-        a[l][j][h] = used ? S.delta[slot * DR + j * R + t] : 0.f;          // row g (+ 8), k = t
-        a[l][j][2 + h] = used ? S.delta[slot * DR + j * R + t + 4] : 0.f;  // k = t + 4
+        a[l][j][h] = lo.v[j];
+        a[l][j][2 + h] = hi.v[j];
       }
     }
     CONVLORA_UNROLL
@@ -812,7 +808,7 @@ template <int R, typename scalar_t>
 CONVLORA_HD void cellb_dw(const TileArgs<scalar_t, float>& A, const float* cells,
                           const CellTables& CT, const CellBwdSmem& S, float* partial, int warp,
                           int lane0) {
-  constexpr int DR = cell_delta_row<R>(), ZC = cell_stride<R>(), GS = grad_stride<R>();
+  constexpr int ZC = cell_stride<R>(), GS = grad_stride<R>();
   constexpr int TILE = kCellTile * kCellTile;
   const float* fold = cells + cell_words<R>(CT, A.n);
   const SArr<float> fw = CONVLORA_GLOBAL_VIEW(float, fold, A.n * kFoldWords,
@@ -889,12 +885,13 @@ CONVLORA_HD void cellb_dw(const TileArgs<scalar_t, float>& A, const float* cells
             for (int h = 0; h < 2; ++h) {  // tokens c0 + t (h 0) and c0 + t + 4 (h 1)
               const int s = c0 + t + 4 * h;
               const bool in = s < end;
+              // rows g: phase pair 2 mt, g + 8: 2 mt + 1 (output channel g; zero past nj)
+              V4<float> dv{{0.f, 0.f, 0.f, 0.f}};
+              if (in) dv = S.delta.load4(cell_delta<R>(s, g));
               CONVLORA_UNROLL
               for (int mt = 0; mt < 2; ++mt) {
-                // rows g: phase pair 2 mt, g + 8: 2 mt + 1 (output channel g)
-                am[l][mt][2 * h] = in && 2 * mt < nj ? S.delta[s * DR + 2 * mt * R + g] : 0.f;
-                am[l][mt][2 * h + 1] =
-                    in && 2 * mt + 1 < nj ? S.delta[s * DR + (2 * mt + 1) * R + g] : 0.f;
+                am[l][mt][2 * h] = dv.v[2 * mt];
+                am[l][mt][2 * h + 1] = dv.v[2 * mt + 1];
               }
               int base = 0;
               if (in) {
@@ -973,18 +970,16 @@ CONVLORA_HD void cellb_dw(const TileArgs<scalar_t, float>& A, const float* cells
       p = end;
     }
     // the bias: lane (g, t) sums output channel g of every phase pair of the expert's
-    // places s0 + t, s0 + t + 4, ...; then the four lanes of g add theirs (a butterfly)
+    // places s0 + t, s0 + t + 4, ... (the pairs past its phases are zero); then the four
+    // lanes of g add theirs (a butterfly)
     {
-      const int nj = CT.ph[e] * CT.ph[e];
       for (int l = 0; l < kLanes; ++l) {
         const int lane = lane0 + l, g = lane >> 2, t = lane & 3;
         as_thread(32 * warp + lane);
-        for (int s = s0 + t; s < s1; s += 4)
-          CONVLORA_UNROLL
-          for (int j = 0; j < 4; ++j) {
-            if (j >= nj) break;
-            db[l] += S.delta[s * DR + j * R + g];
-          }
+        for (int s = s0 + t; s < s1; s += 4) {
+          const V4<float> dv = S.delta.load4(cell_delta<R>(s, g));
+          db[l] += (dv.v[0] + dv.v[1]) + (dv.v[2] + dv.v[3]);
+        }
       }
       warp_xor_add(db, 1);
       warp_xor_add(db, 2);

@@ -126,6 +126,9 @@ CONVLORA_HD void mma_tf32(const float (&a)[kLanes][4], const float (&b)[kLanes][
   __trap();  // the host launches the MMA programs on sm_80 and later only
 #endif
 #else
+#if defined(CONVLORA_CHECKED)
+  if (g_shadow != nullptr && g_shadow->trace != nullptr) g_shadow->trace->mma(g_shadow->tid);
+#endif
   float A[16][8], B[8][8];
   for (int lane = 0; lane < 32; ++lane) {
     const int g = lane >> 2, t = lane & 3;

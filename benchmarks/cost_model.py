@@ -394,8 +394,8 @@ def resources() -> Dict[Tuple[int, str], Dict[str, int]]:
 
 def _signature(kernel: str, R: int, mode: str, bwd: bool) -> str:
     """The demangled name of the bf16 instantiation of a block-program kernel."""
-    if kernel.startswith("stencil_cells"):  # the composed-weight programs: rank and dtype
-        return f"{kernel}<{R}, c10::BFloat16>"
+    if kernel == "stencil_cells_kernel":  # the composed-weight programs: rank, direction
+        return f"{kernel}<{R}, {'true' if bwd else 'false'}, c10::BFloat16>"
     return f"{kernel}<{R}, {INTERP[mode]}, {'true' if bwd else 'false'}, c10::BFloat16>"
 
 
@@ -462,8 +462,7 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
     for direction, bwd in (("fwd", False), ("bwd", True)):
         call = counted[direction]
         kernel = ("stencil_map_kernel" if case.routing == "map" else
-                  ("stencil_cells_bwd_kernel" if bwd else "stencil_cells_kernel") if case.mma
-                  else "stencil_tile_kernel")
+                  "stencil_cells_kernel" if case.mma else "stencil_tile_kernel")
         blocks = _blocks_at_shape(case, call, bwd)
         scale = blocks / call["blocks"]
         ph = call["phases"]
@@ -562,7 +561,7 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
     if case.mma:  # the composed weights: written once a pass, read from L2 by every block
         small.append(("fwd", "cells_prep_kernel",
                       cell_bytes(case) / dev["dram_bytes_per_s"] * 1e6))
-        small.append(("bwd", "cells_bwd_prep_kernel",
+        small.append(("bwd", "cells_prep_kernel",
                       cell_bytes(case, True) / dev["dram_bytes_per_s"] * 1e6))
     if case.routing == "map":
         small.append(("bwd", "fold_kernel", 3 * N * r * 4 / dev["dram_bytes_per_s"] * 1e6))

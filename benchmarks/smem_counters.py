@@ -42,7 +42,7 @@ import cost_model as cm  # noqa: E402
 METRICS = ("l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum",
            "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum",
            "smsp__inst_executed.sum")
-KERNELS = "regex:stencil_(tile|map|cells|cells_bwd)_kernel"
+KERNELS = "regex:stencil_(tile|map|cells)_kernel"
 
 
 def run_cases(cases: List[cm.Case]) -> None:

@@ -278,6 +278,34 @@ CONVLORA_HD float load_cell(const SArr<float>& m, int i) {
 #endif
 }
 
+// The least key with work above `done` among a warp's rows (lane (g, t): rows g, g + 8),
+// in every lane: each lane proposes its own, the warp takes the least (redux.sync);
+// kCellNone when none is left.
+CONVLORA_HD int next_group_key(const int (&key)[kLanes][2], int done) {
+  int cand[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    cand[l] = kCellNone;
+    CONVLORA_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const int k = key[l][h];
+      if (k <= kCellLast && k > done && k < cand[l]) cand[l] = k;
+    }
+  }
+  return warp_min(cand);
+}
+
+// The composed weights of a key (its phase pairs' blocks, cell_entry's order) in a call's
+// buffer (the backward's: the same blocks transposed), read through the read-only path.
+template <int R>
+CONVLORA_HD SArr<float> key_cells(const float* cells, const CellTables& CT, int key) {
+  constexpr int BLK = cell_block<R>();
+  const int e = cell_expert(key), cy = (key >> 2) & 3, cx = key & 3;
+  const int nj = CT.ph[e] * CT.ph[e];
+  return CONVLORA_GLOBAL_VIEW(
+      float, cells + static_cast<int64_t>(CT.off[e] + (cy * CT.ns_x + cx) * nj) * BLK,
+      nj * BLK, "composed weights (global)");
+}
+
 // Stores v[0 .. min(n, 2)) at p (nothing for n <= 0: channels past r): one 2-element store
 // where both go and p is aligned to it.
 template <typename T>
@@ -341,27 +369,10 @@ CONVLORA_HD void cells_mma(const TileArgs<scalar_t, float>& A, const float* cell
       CONVLORA_UNROLL
       for (int q = 0; q < 4; ++q) c[l][j][q] = 0.f;
   }
-  // the keys of the group, smallest first: every lane proposes its smallest key above the
-  // last one done, the warp takes the least
-  int done = -1;
-  for (;;) {
-    int cand[kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      cand[l] = kCellNone;
-      CONVLORA_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        const int k = key[l][h];
-        if (k <= kCellLast && k > done && k < cand[l]) cand[l] = k;
-      }
-    }
-    const int cur = warp_min(cand);
-    if (cur > kCellLast) break;
-    done = cur;
-    const int e = cell_expert(cur), cy = (cur >> 2) & 3, cx = cur & 3;
-    const int nj = CT.ph[e] * CT.ph[e];
-    const SArr<float> mb = CONVLORA_GLOBAL_VIEW(  // this key's composed weights
-        float, cells + static_cast<int64_t>(CT.off[e] + (cy * CT.ns_x + cx) * nj) * BLK,
-        nj * BLK, "composed weights (global)");
+  // the keys of the group, smallest first
+  for (int cur = next_group_key(key, -1); cur <= kCellLast; cur = next_group_key(key, cur)) {
+    const int nj = CT.ph[cell_expert(cur)] * CT.ph[cell_expert(cur)];
+    const SArr<float> mb = key_cells<R>(cells, CT, cur);
     CONVLORA_UNROLL
     for (int j = 0; j < NJ; ++j) {
       if (j >= nj) break;  // the same in every lane
@@ -718,25 +729,10 @@ CONVLORA_HD void cellb_terms(const float* cells, const CellTables& CT, const Cel
       CONVLORA_UNROLL
       for (int q = 0; q < 4; ++q) acc[l][c][q] = 0.f;
   }
-  int done = -1;
-  for (;;) {
-    int cand[kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      cand[l] = kCellNone;
-      CONVLORA_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        const int k = key[l][h];
-        if (k <= kCellLast && k > done && k < cand[l]) cand[l] = k;
-      }
-    }
-    const int cur = warp_min(cand);
-    if (cur > kCellLast) break;
-    done = cur;
-    const int e = cell_expert(cur), cy = (cur >> 2) & 3, cx = cur & 3;
-    const int nj = CT.ph[e] * CT.ph[e];
-    const SArr<float> mb = CONVLORA_GLOBAL_VIEW(  // this key's transposed composed weights
-        float, cells + static_cast<int64_t>(CT.off[e] + (cy * CT.ns_x + cx) * nj) * BLK,
-        nj * BLK, "composed weights (global)");
+  // the keys of the group, smallest first; their transposed composed weights
+  for (int cur = next_group_key(key, -1); cur <= kCellLast; cur = next_group_key(key, cur)) {
+    const int nj = CT.ph[cell_expert(cur)] * CT.ph[cell_expert(cur)];
+    const SArr<float> mb = key_cells<R>(cells, CT, cur);
     CONVLORA_UNROLL
     for (int j = 0; j < NJ; ++j) {
       if (j >= nj) break;  // the same in every lane
@@ -1048,6 +1044,29 @@ CONVLORA_HD void run_cells_bwd_block(Exec& ex, const TileArgs<scalar_t, float>& 
     cellb_dw<R>(A, cells, CT, S, partial, warp, lane0);
   });
   ex.phase("out", [&](int tid) { cellb_out<R>(A, P, S, tid); });
+}
+
+// The composed-weight programs by direction: the prep's size and entries, the block.
+template <int R, bool BWD>
+CONVLORA_HD int64_t cells_words(const CellTables& C, int n) {
+  return BWD ? cell_bwd_words<R>(C, n) : cell_words<R>(C, n);
+}
+template <int R, typename acc_t, typename w_t, bool BWD>
+CONVLORA_HD void cells_entry(const w_t* conv_w, int r, const Tables& T, const CellTables& C,
+                             const Taps<acc_t>* taps, int64_t i, acc_t* out) {
+  if constexpr (BWD)
+    cell_bwd_entry<R, acc_t, w_t>(conv_w, r, T, C, taps, i, out);
+  else
+    cell_entry<R, acc_t, w_t>(conv_w, r, T, C, taps, i, out);
+}
+template <int R, bool BWD, typename Exec, typename scalar_t>
+CONVLORA_HD void run_cells(Exec& ex, const TileArgs<scalar_t, float>& A, const Layout& L,
+                           const float* cells, const CellTables& CT, unsigned char* smem,
+                           int64_t block) {
+  if constexpr (BWD)
+    run_cells_bwd_block<R>(ex, A, L, cells, CT, smem, block);
+  else
+    run_cells_block<R>(ex, A, L, cells, CT, smem, block);
 }
 
 }  // namespace tile

@@ -126,44 +126,25 @@ void run_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const TileGrid& grid) 
   });
 }
 
-// The composed-weight forward (stencil_cells.h): its weights from the call's tap tables,
-// then its blocks.
-template <int R, typename scalar_t>
+// The composed-weight programs (stencil_cells.h): their weights from the call's tap tables
+// (the backward's transposed, with its fold tables), then their blocks; a backward's
+// partials are reduced by the caller.
+template <int R, bool BWD, typename scalar_t>
 void run_cells_blocks(const tile::TileArgs<scalar_t, float>& A, const Operands& o,
                       const TileGrid& grid) {
   const tile::CellTables C = tile::make_cell_tables(A.T);
-  at::Tensor cells = at::empty({tile::cell_words<R>(C, A.n)}, o.z.options().dtype(at::kFloat));
-  const auto cw = o.conv_weight.to(at::kFloat).contiguous();
-  const float* wp = cw.const_data_ptr<float>();
-  float* cp = cells.mutable_data_ptr<float>();
-  at::parallel_for(0, cells.numel(), 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      tile::cell_entry<R, float, float>(wp, A.r, A.T, C, A.taps, i, cp);
-  });
-  for_each_block(grid.blocks, tile::kCellThreads, grid.layout.bytes,
-                 [&](CpuExec& ex, unsigned char* smem, int64_t blk) {
-    tile::run_cells_block<R>(ex, A, grid.layout, cp, C, smem, blk);
-  });
-}
-
-// The composed-weight backward (stencil_cells.h): its weights (transposed) and fold tables,
-// then its blocks; the partials are reduced by the caller.
-template <int R, typename scalar_t>
-void run_cells_bwd_blocks(const tile::TileArgs<scalar_t, float>& A, const Operands& o,
-                          const TileGrid& grid) {
-  const tile::CellTables C = tile::make_cell_tables(A.T);
   at::Tensor cells =
-      at::empty({tile::cell_bwd_words<R>(C, A.n)}, o.z.options().dtype(at::kFloat));
+      at::empty({tile::cells_words<R, BWD>(C, A.n)}, o.z.options().dtype(at::kFloat));
   const auto cw = o.conv_weight.to(at::kFloat).contiguous();
   const float* wp = cw.const_data_ptr<float>();
   float* cp = cells.mutable_data_ptr<float>();
   at::parallel_for(0, cells.numel(), 4096, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i)
-      tile::cell_bwd_entry<R, float, float>(wp, A.r, A.T, C, A.taps, i, cp);
+      tile::cells_entry<R, float, float, BWD>(wp, A.r, A.T, C, A.taps, i, cp);
   });
   for_each_block(grid.blocks, tile::kCellThreads, grid.layout.bytes,
                  [&](CpuExec& ex, unsigned char* smem, int64_t blk) {
-    tile::run_cells_bwd_block<R>(ex, A, grid.layout, cp, C, smem, blk);
+    tile::run_cells<R, BWD>(ex, A, grid.layout, cp, C, smem, blk);
   });
 }
 
@@ -253,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
         auto A = make_tile_args<R, scalar_t, acc_t>(o, T, grid, taps, wbuf, u, nullptr, pre_p);
         if constexpr (tile::cells_program<R, INTERP, false>() && std::is_same_v<acc_t, float>) {
           if (grid.layout.mma) {
-            run_cells_blocks<R>(A, o, grid);
+            run_cells_blocks<R, false>(A, o, grid);
             return;
           }
         }
@@ -315,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
         bool cells = false;
         if constexpr (tile::cells_program<R, INTERP, true>() && std::is_same_v<acc_t, float>) {
           if (grid.layout.mma) {
-            run_cells_bwd_blocks<R>(A, o, grid);
+            run_cells_blocks<R, true>(A, o, grid);
             cells = true;
           }
         }

@@ -4,7 +4,7 @@
 // Launches per call (docs/design.md, "The tiled stencil"):
 //   forward:  prep (tap tables, padded fp32 weights) -> stencil_tile_kernel; with mma at
 //             its ranks (stencil_cells.h) prep -> cells_prep_kernel -> stencil_cells_kernel
-//             (backward: cells_bwd_prep_kernel -> stencil_cells_bwd_kernel -> reduce_dw_kernel)
+//             (the backward likewise, then reduce_dw_kernel)
 //   backward: prep -> stencil_tile_kernel (dz and per-block weight-gradient partials)
 //             -> reduce_dw_kernel (partials summed over blocks in a fixed order, two
 //                levels: runs of partials, then the runs)
@@ -64,44 +64,25 @@ __global__ void __launch_bounds__(tile::Geometry<R, INTERP, BWD>::kThreads,
   tile::run_block<R, INTERP, BWD>(ex, A, L, smem, static_cast<int64_t>(blockIdx.x));
 }
 
-// The composed-weight forward (stencil_cells.h): its weights, one thread per entry, from the
-// call's tap tables (written by the prep before it), then its blocks of eight warps.
-template <int R, typename w_t>
+// The composed-weight programs (stencil_cells.h): their weights, one thread per entry,
+// from the call's tap tables (written by the prep before it; the backward's transposed,
+// with its fold tables), then their blocks of eight warps (the backward's reduce after).
+template <int R, typename w_t, bool BWD>
 __global__ void __launch_bounds__(kPrepThreads)
     cells_prep_kernel(const w_t* __restrict__ conv_w, int r, const tile::Tables T,
                       const tile::CellTables C, const Taps<float>* __restrict__ taps,
                       float* __restrict__ cells, int64_t total) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < total) tile::cell_entry<R, float, w_t>(conv_w, r, T, C, taps, i, cells);
+  if (i < total) tile::cells_entry<R, float, w_t, BWD>(conv_w, r, T, C, taps, i, cells);
 }
 
-template <int R, typename scalar_t>
+template <int R, bool BWD, typename scalar_t>
 __global__ void __launch_bounds__(tile::kCellThreads, 2)
     stencil_cells_kernel(const tile::TileArgs<scalar_t, float> A, const tile::Layout L,
                          const float* __restrict__ cells, const tile::CellTables C) {
   extern __shared__ __align__(16) unsigned char smem[];
   GpuExec ex;
-  tile::run_cells_block<R>(ex, A, L, cells, C, smem, static_cast<int64_t>(blockIdx.x));
-}
-
-// The composed-weight backward (stencil_cells.h): its weights (transposed) and fold tables,
-// one thread per entry, then its blocks of eight warps; the reduce after it.
-template <int R, typename w_t>
-__global__ void __launch_bounds__(kPrepThreads)
-    cells_bwd_prep_kernel(const w_t* __restrict__ conv_w, int r, const tile::Tables T,
-                          const tile::CellTables C, const Taps<float>* __restrict__ taps,
-                          float* __restrict__ cells, int64_t total) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < total) tile::cell_bwd_entry<R, float, w_t>(conv_w, r, T, C, taps, i, cells);
-}
-
-template <int R, typename scalar_t>
-__global__ void __launch_bounds__(tile::kCellThreads, 2)
-    stencil_cells_bwd_kernel(const tile::TileArgs<scalar_t, float> A, const tile::Layout L,
-                             const float* __restrict__ cells, const tile::CellTables C) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  GpuExec ex;
-  tile::run_cells_bwd_block<R>(ex, A, L, cells, C, smem, static_cast<int64_t>(blockIdx.x));
+  tile::run_cells<R, BWD>(ex, A, L, cells, C, smem, static_cast<int64_t>(blockIdx.x));
 }
 
 // One expert per map (stencil_map.h): the map block program, then for the backward the fold.
@@ -296,12 +277,11 @@ void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t i
   if constexpr (tile::cells_program<R, INTERP, BWD>()) {
     if (grid.layout.mma) {
       const tile::CellTables C = tile::make_cell_tables(T);
-      const int64_t total = BWD ? tile::cell_bwd_words<R>(C, A.n) : tile::cell_words<R>(C, A.n);
+      const int64_t total = tile::cells_words<R, BWD>(C, A.n);
       at::Tensor cells = at::empty({total}, f32);
       const auto prep_cells = [&](auto* tag) {
         using w_t = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-        const auto kernel = BWD ? cells_bwd_prep_kernel<R, w_t> : cells_prep_kernel<R, w_t>;
-        kernel<<<grid_for(total, kPrepThreads), kPrepThreads, 0, stream>>>(
+        cells_prep_kernel<R, w_t, BWD><<<grid_for(total, kPrepThreads), kPrepThreads, 0, stream>>>(
             o.conv_weight.const_data_ptr<w_t>(), A.r, T, C, A.taps,
             cells.mutable_data_ptr<float>(), total);
       };
@@ -311,8 +291,7 @@ void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t i
         prep_cells(static_cast<scalar_t*>(nullptr));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const auto kernel = BWD ? stencil_cells_bwd_kernel<R, scalar_t>
-                              : stencil_cells_kernel<R, scalar_t>;
+      const auto kernel = stencil_cells_kernel<R, BWD, scalar_t>;
       allow_shared_bytes(reinterpret_cast<const void*>(kernel), grid.layout.bytes);
       kernel<<<static_cast<unsigned>(grid.blocks), tile::kCellThreads, grid.layout.bytes,
                stream>>>(A, grid.layout, cells.const_data_ptr<float>(), C);

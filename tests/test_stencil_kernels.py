@@ -840,10 +840,9 @@ def test_cost_model_counts_every_phase(cost_rows):
         names = set(row["phases"])
         want = ({"load", "list", "conv", "store"} if row["kernel"] == "stencil_tile_kernel"
                 else {"load", "taps", "cols_up"})
-        if row["kernel"] == "stencil_cells_kernel":  # the composed-weight forward
-            want = {"load", "list", "mma", "out"}
-        if row["kernel"] == "stencil_cells_bwd_kernel":  # and its backward
-            want = {"load", "list", "delta", "mma", "out"}
+        if row["kernel"] == "stencil_cells_kernel":  # the composed-weight programs
+            want = ({"load", "list", "delta", "mma", "out"} if row["direction"] == "bwd"
+                    else {"load", "list", "mma", "out"})
         assert want <= names, (row["case"], row["direction"], names)
         for name, p in row["phases"].items():
             assert p["warp_accesses"] <= p["ideal"] + 1e-9, (row["case"], name, p)

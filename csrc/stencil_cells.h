@@ -306,6 +306,48 @@ CONVLORA_HD SArr<float> key_cells(const float* cells, const CellTables& CT, int 
       nj * BLK, "composed weights (global)");
 }
 
+// f(cur, j, mb) for each key with work among a warp's rows, smallest first, and each of its
+// phase pairs j (mb: the key's composed weights); warp-uniform.
+template <int R, typename F>
+CONVLORA_HD void for_each_key_pair(const int (&key)[kLanes][2], const float* cells,
+                                   const CellTables& CT, F&& f) {
+  for (int cur = next_group_key(key, -1); cur <= kCellLast; cur = next_group_key(key, cur)) {
+    const int nj = CT.ph[cell_expert(cur)] * CT.ph[cell_expert(cur)];
+    const SArr<float> mb = key_cells<R>(cells, CT, cur);
+    CONVLORA_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      if (j >= nj) break;
+      f(cur, j, mb);
+    }
+  }
+}
+
+// The lanes' B fragments of k-steps 2m and 2m + 1 of a composed-weight block from `at` =
+// its offset plus 128 m (cell_entry's order: lane l's four words at at + 4 l), one
+// 128-bit load a lane (warp phase: lanes lane0 .. + kLanes of warp `warp`).
+CONVLORA_HD void load_b_pair(const SArr<float>& mb, int at, int warp, int lane0,
+                             float (&b0)[kLanes][2], float (&b1)[kLanes][2]) {
+  for (int l = 0; l < kLanes; ++l) {
+    float v[4];
+    as_thread(32 * warp + lane0 + l);
+    load_cells4(mb, at + 4 * (lane0 + l), v);
+    b0[l][0] = v[0];
+    b0[l][1] = v[1];
+    b1[l][0] = v[2];
+    b1[l][1] = v[3];
+  }
+}
+
+// The lanes' B fragment of k-step 8 of the composed-weight block at `at` (lane l's two
+// words at at + 512 + 2 l), one 64-bit load a lane.
+CONVLORA_HD void load_b_last(const SArr<float>& mb, int at, int warp, int lane0,
+                             float (&b)[kLanes][2]) {
+  for (int l = 0; l < kLanes; ++l) {
+    as_thread(32 * warp + lane0 + l);
+    load_cells2(mb, at + 512 + 2 * (lane0 + l), b[l]);
+  }
+}
+
 // Stores v[0 .. min(n, 2)) at p (nothing for n <= 0: channels past r): one 2-element store
 // where both go and p is aligned to it.
 template <typename T>
@@ -340,7 +382,7 @@ CONVLORA_HD void cells_mma(const TileArgs<scalar_t, float>& A, const float* cell
   if (warp >= kCellMmaWarps) return;  // the same in every lane
   int tok[kLanes][2], key[kLanes][2];
   float c[kLanes][NJ][4];     // C without the bias, per phase pair
-  float a[kLanes][9][4];      // A: the lane's fragment of each k-step (cell)
+  float a[9][kLanes][4];      // A: the lanes' fragments of each k-step (cell)
   for (int l = 0; l < kLanes; ++l) {
     const int lane = lane0 + l;
     as_thread(32 * warp + lane);
@@ -360,8 +402,8 @@ CONVLORA_HD void cells_mma(const TileArgs<scalar_t, float>& A, const float* cell
           lo = tf32_round(lo);
           hi = tf32_round(hi);
         }
-        a[l][ks][h] = lo;       // a0 / a1: col t (input channel t) of row g / g + 8
-        a[l][ks][2 + h] = hi;   // a2 / a3: col t + 4
+        a[ks][l][h] = lo;       // a0 / a1: col t (input channel t) of row g / g + 8
+        a[ks][l][2 + h] = hi;   // a2 / a3: col t + 4
       }
     }
     CONVLORA_UNROLL
@@ -369,53 +411,26 @@ CONVLORA_HD void cells_mma(const TileArgs<scalar_t, float>& A, const float* cell
       CONVLORA_UNROLL
       for (int q = 0; q < 4; ++q) c[l][j][q] = 0.f;
   }
-  // the keys of the group, smallest first
-  for (int cur = next_group_key(key, -1); cur <= kCellLast; cur = next_group_key(key, cur)) {
-    const int nj = CT.ph[cell_expert(cur)] * CT.ph[cell_expert(cur)];
-    const SArr<float> mb = key_cells<R>(cells, CT, cur);
-    CONVLORA_UNROLL
-    for (int j = 0; j < NJ; ++j) {
-      if (j >= nj) break;  // the same in every lane
+  for_each_key_pair<R>(key, cells, CT, [&](int cur, int j, const SArr<float>& mb) {
       float d[kLanes][4], d1[kLanes][4];
       for (int l = 0; l < kLanes; ++l)
         CONVLORA_UNROLL
         for (int q = 0; q < 4; ++q) d[l][q] = d1[l][q] = 0.f;
       CONVLORA_UNROLL
       for (int m = 0; m < 4; ++m) {  // k-steps 2m (into d) and 2m + 1 (into d1)
-        float a0[kLanes][4], a1[kLanes][4], b0[kLanes][2], b1[kLanes][2];
-        for (int l = 0; l < kLanes; ++l) {
-          float v[4];
-          as_thread(32 * warp + lane0 + l);
-          load_cells4(mb, j * BLK + 128 * m + 4 * (lane0 + l), v);
-          b0[l][0] = v[0];
-          b0[l][1] = v[1];
-          b1[l][0] = v[2];
-          b1[l][1] = v[3];
-          CONVLORA_UNROLL
-          for (int q = 0; q < 4; ++q) {
-            a0[l][q] = a[l][2 * m][q];
-            a1[l][q] = a[l][2 * m + 1][q];
-          }
-        }
-        mma_tf32(a0, b0, d);
-        mma_tf32(a1, b1, d1);
+        float b0[kLanes][2], b1[kLanes][2];
+        load_b_pair(mb, j * BLK + 128 * m, warp, lane0, b0, b1);
+        mma_tf32(a[2 * m], b0, d);
+        mma_tf32(a[2 * m + 1], b1, d1);
       }
-      {
-        float a8[kLanes][4], b8[kLanes][2];
-        for (int l = 0; l < kLanes; ++l) {
-          as_thread(32 * warp + lane0 + l);
-          load_cells2(mb, j * BLK + 512 + 2 * (lane0 + l), b8[l]);
-          CONVLORA_UNROLL
-          for (int q = 0; q < 4; ++q) a8[l][q] = a[l][8][q];
-        }
-        mma_tf32(a8, b8, d);
-      }
+      float b8[kLanes][2];
+      load_b_last(mb, j * BLK, warp, lane0, b8);
+      mma_tf32(a[8], b8, d);
       for (int l = 0; l < kLanes; ++l)
         CONVLORA_UNROLL
         for (int q = 0; q < 4; ++q)
           c[l][j][q] += key[l][q >> 1] == cur ? d[l][q] + d1[l][q] : 0.f;
-    }
-  }
+  });
   // the lanes' C: sorted place 16 warp + g + 8 h, its phase pairs, channels 2t, 2t + 1
   for (int l = 0; l < kLanes; ++l) {
     const int lane = lane0 + l;
@@ -587,9 +602,10 @@ CONVLORA_HD void load_pair(const T* p, float (&v)[2], int n) {
 }
 
 // GELU'(x) = Phi(x) + x phi(x) for the deltas, which are rounded to tf32 (10 mantissa
-// bits) next: erf by Abramowitz and Stegun 7.1.26 (|error| <= 1.5e-7), whose exponential
-// exp(-x^2 / 2) is phi's too, and on the GPU the fast exponential and division (a few ulp):
-// about 20 instructions where erff and expf take about 50, far below tf32's rounding.
+// bits) next: erf by Abramowitz and Stegun 7.1.26 (|error| <= 1.5e-7; the result within
+// 2.8e-7 in float32), whose exponential exp(-x^2 / 2) is phi's too, and on the GPU the fast
+// exponential and division (a few ulp). The delta phase's code is 350 instructions with it
+// against 430 with erff and expf; the error is far below tf32's rounding.
 CONVLORA_HD float gelu_grad_for_tf32(float x) {
   const float u = fabsf(x) * 0.70710678f;
 #if defined(__CUDA_ARCH__)
@@ -707,7 +723,7 @@ CONVLORA_HD void cellb_terms(const float* cells, const CellTables& CT, const Cel
   if (warp * 16 >= kCellSlots) return;  // the same in every lane
   int key[kLanes][2];
   float a[kLanes][NJ][4];   // delta_j: the lane's A fragment per phase pair
-  float acc[kLanes][9][4];  // D per cell
+  float acc[9][kLanes][4];  // D per cell
   for (int l = 0; l < kLanes; ++l) {
     const int lane = lane0 + l;
     as_thread(32 * warp + lane);
@@ -727,15 +743,10 @@ CONVLORA_HD void cellb_terms(const float* cells, const CellTables& CT, const Cel
     CONVLORA_UNROLL
     for (int c = 0; c < 9; ++c)
       CONVLORA_UNROLL
-      for (int q = 0; q < 4; ++q) acc[l][c][q] = 0.f;
+      for (int q = 0; q < 4; ++q) acc[c][l][q] = 0.f;
   }
-  // the keys of the group, smallest first; their transposed composed weights
-  for (int cur = next_group_key(key, -1); cur <= kCellLast; cur = next_group_key(key, cur)) {
-    const int nj = CT.ph[cell_expert(cur)] * CT.ph[cell_expert(cur)];
-    const SArr<float> mb = key_cells<R>(cells, CT, cur);
-    CONVLORA_UNROLL
-    for (int j = 0; j < NJ; ++j) {
-      if (j >= nj) break;  // the same in every lane
+  // (mb: the key's transposed composed weights)
+  for_each_key_pair<R>(key, cells, CT, [&](int cur, int j, const SArr<float>& mb) {
       float am[kLanes][4];
       for (int l = 0; l < kLanes; ++l)
         CONVLORA_UNROLL
@@ -743,44 +754,14 @@ CONVLORA_HD void cellb_terms(const float* cells, const CellTables& CT, const Cel
       CONVLORA_UNROLL
       for (int m = 0; m < 4; ++m) {  // cells 2m and 2m + 1
         float b0[kLanes][2], b1[kLanes][2];
-        for (int l = 0; l < kLanes; ++l) {
-          float v[4];
-          as_thread(32 * warp + lane0 + l);
-          load_cells4(mb, j * BLK + 128 * m + 4 * (lane0 + l), v);
-          b0[l][0] = v[0];
-          b0[l][1] = v[1];
-          b1[l][0] = v[2];
-          b1[l][1] = v[3];
-        }
-        float d0[kLanes][4], d1[kLanes][4];
-        for (int l = 0; l < kLanes; ++l)
-          CONVLORA_UNROLL
-          for (int q = 0; q < 4; ++q) {
-            d0[l][q] = acc[l][2 * m][q];
-            d1[l][q] = acc[l][2 * m + 1][q];
-          }
-        mma_tf32(am, b0, d0);
-        mma_tf32(am, b1, d1);
-        for (int l = 0; l < kLanes; ++l)
-          CONVLORA_UNROLL
-          for (int q = 0; q < 4; ++q) {
-            acc[l][2 * m][q] = d0[l][q];
-            acc[l][2 * m + 1][q] = d1[l][q];
-          }
+        load_b_pair(mb, j * BLK + 128 * m, warp, lane0, b0, b1);
+        mma_tf32(am, b0, acc[2 * m]);
+        mma_tf32(am, b1, acc[2 * m + 1]);
       }
-      float b8[kLanes][2], d8[kLanes][4];
-      for (int l = 0; l < kLanes; ++l) {
-        as_thread(32 * warp + lane0 + l);
-        load_cells2(mb, j * BLK + 512 + 2 * (lane0 + l), b8[l]);
-        CONVLORA_UNROLL
-        for (int q = 0; q < 4; ++q) d8[l][q] = acc[l][8][q];
-      }
-      mma_tf32(am, b8, d8);
-      for (int l = 0; l < kLanes; ++l)
-        CONVLORA_UNROLL
-        for (int q = 0; q < 4; ++q) acc[l][8][q] = d8[l][q];
-    }
-  }
+      float b8[kLanes][2];
+      load_b_last(mb, j * BLK, warp, lane0, b8);
+      mma_tf32(am, b8, acc[8]);
+  });
   for (int l = 0; l < kLanes; ++l) {
     const int lane = lane0 + l;
     as_thread(32 * warp + lane);
@@ -791,7 +772,7 @@ CONVLORA_HD void cellb_terms(const float* cells, const CellTables& CT, const Cel
       const int row = (16 * warp + g + 8 * h) * TR + 2 * t;
       CONVLORA_UNROLL
       for (int c = 0; c < 9; ++c) {
-        const float v[2] = {acc[l][c][2 * h], acc[l][c][2 * h + 1]};
+        const float v[2] = {acc[c][l][2 * h], acc[c][l][2 * h + 1]};
         S.term.store2(row + c * R, v);
       }
     }

@@ -199,8 +199,9 @@ struct TileGrid {
 
 // Weights go to shared memory when they fit the budget, then the weight-gradient
 // accumulators; what does not fit is read (or accumulated) in global memory. mma: the
-// composed-weight forward (stencil_cells.h) where tile::cells_program in fp32 accumulation
-// (layout.mma says whether it runs; its blocks need a few KB, whatever the budget).
+// composed-weight programs (stencil_cells.h) where tile::cells_program in fp32 accumulation
+// (layout.mma says whether they run; their blocks' shared memory is fixed: 16 KB forward,
+// 59 KB backward, whatever the budget).
 template <int R, int INTERP, bool BWD, typename acc_t>
 TileGrid make_tile_grid(int64_t maps, int H, int W, int r, int n, int budget, bool mma = false) {
   TileGrid p;
@@ -209,7 +210,7 @@ TileGrid make_tile_grid(int64_t maps, int H, int W, int r, int n, int budget, bo
   p.tiles_x = (W + G::kTileW - 1) / G::kTileW;
   p.blocks = maps * p.tiles_y * p.tiles_x;
   check_blocks(p.blocks);
-  if (mma && tile::cells_program<R, INTERP, BWD>() && std::is_same_v<acc_t, float>) {
+  if (mma && tile::cells_program<R, INTERP>() && std::is_same_v<acc_t, float>) {
     p.w_smem = false;
     p.dw_smem = false;
     p.layout = BWD ? tile::make_cells_bwd_layout<R>(n) : tile::make_cells_layout<R>(n);

@@ -40,8 +40,8 @@ namespace tile {
 
 template <int R>
 CONVLORA_HD constexpr bool cells_rank() { return R == 8; }
-// The programs that run it: the forward at those ranks, bilinear.
-template <int R, int INTERP, bool BWD>
+// The programs that run it: the forward and the backward at those ranks, bilinear.
+template <int R, int INTERP>
 CONVLORA_HD constexpr bool cells_program() {
   return INTERP == kBilinear && cells_rank<R>();
 }
@@ -815,11 +815,14 @@ CONVLORA_HD void cellb_dw(const TileArgs<scalar_t, float>& A, const float* cells
       for (int k = 0; k < 9; ++k) dw[l][k][0] = dw[l][k][1] = 0.f;
     }
     for (int p = s0; p < s1;) {  // a key's run of places [p, end)
+      int cur;
+      {
+        as_thread(32 * warp + lane0);  // one broadcast load of the warp
+        cur = cellb_key(S.sorted[p]);
+      }
       int nxt[kLanes];
       for (int l = 0; l < kLanes; ++l) {
-        as_thread(32 * warp + lane0 + l);
         nxt[l] = s1;
-        const int cur = cellb_key(S.sorted[p]);
         CONVLORA_UNROLL
         for (int h = 0; h < 2; ++h) {
           const int s = lane0 + l + 32 * h;
@@ -827,11 +830,6 @@ CONVLORA_HD void cellb_dw(const TileArgs<scalar_t, float>& A, const float* cells
         }
       }
       const int end = warp_min(nxt);
-      int cur;
-      {
-        as_thread(32 * warp + lane0);
-        cur = cellb_key(S.sorted[p]);
-      }
       const int cy = (cur >> 2) & 3, cx = cur & 3, ph = CT.ph[e], nj = ph * ph;
       float wx[kLanes][2][9];  // the key's column fold weights, for every row of cells
       for (int l = 0; l < kLanes; ++l) {

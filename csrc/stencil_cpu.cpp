@@ -232,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
                                                                 static_cast<int>(r), T.n,
                                                                 o.smem_budget, mma);
         auto A = make_tile_args<R, scalar_t, acc_t>(o, T, grid, taps, wbuf, u, nullptr, pre_p);
-        if constexpr (tile::cells_program<R, INTERP, false>() && std::is_same_v<acc_t, float>) {
+        if constexpr (tile::cells_program<R, INTERP>() && std::is_same_v<acc_t, float>) {
           if (grid.layout.mma) {
             run_cells_blocks<R, false>(A, o, grid);
             return;
@@ -294,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
         auto A = make_tile_args<R, scalar_t, acc_t>(o, T, grid, taps, wbuf, dz,
                                                     partial.mutable_data_ptr<acc_t>(), pre_p);
         bool cells = false;
-        if constexpr (tile::cells_program<R, INTERP, true>() && std::is_same_v<acc_t, float>) {
+        if constexpr (tile::cells_program<R, INTERP>() && std::is_same_v<acc_t, float>) {
           if (grid.layout.mma) {
             run_cells_blocks<R, true>(A, o, grid);
             cells = true;

@@ -274,7 +274,8 @@ void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t i
   auto A = make_tile_args<R, scalar_t, float>(o, T, grid, taps, wbuf, out,
                                               BWD ? partial.mutable_data_ptr<float>() : nullptr,
                                               pre);
-  if constexpr (tile::cells_program<R, INTERP, BWD>()) {
+  bool composed = false;  // the composed-weight kernel ran
+  if constexpr (tile::cells_program<R, INTERP>()) {
     if (grid.layout.mma) {
       const tile::CellTables C = tile::make_cell_tables(T);
       const int64_t total = tile::cells_words<R, BWD>(C, A.n);
@@ -296,12 +297,12 @@ void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t i
       kernel<<<static_cast<unsigned>(grid.blocks), tile::kCellThreads, grid.layout.bytes,
                stream>>>(A, grid.layout, cells.const_data_ptr<float>(), C);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (BWD) launch_reduce<R>(partial, grid.blocks, A.r, A.n, *dw, stream);
-      return;
+      composed = true;
     }
   }
-  launch_blocks(stencil_tile_kernel<R, INTERP, BWD, scalar_t>, A, grid.layout, grid.blocks,
-                tile::Geometry<R, INTERP, BWD>::kThreads, stream);
+  if (!composed)
+    launch_blocks(stencil_tile_kernel<R, INTERP, BWD, scalar_t>, A, grid.layout, grid.blocks,
+                  tile::Geometry<R, INTERP, BWD>::kThreads, stream);
   if (BWD) {
     launch_reduce<R>(partial, grid.blocks, A.r, A.n, *dw, stream);
   }

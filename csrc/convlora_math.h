@@ -56,6 +56,17 @@ CONVLORA_HD T gelu_erf_grad(T x) {
   return T(0.5) * (T(1) + erf_t(x * inv_sqrt2)) + x * inv_sqrt_2pi * exp_t(T(-0.5) * x * x);
 }
 
+// Both at once, one erf: GELU(x) returned, GELU'(x) to slope (the same values as the two
+// functions above; the forward saves the slope, which is all the backward needs of x).
+template <typename T>
+CONVLORA_HD T gelu_erf_and_grad(T x, T& slope) {
+  const T inv_sqrt2 = T(0.70710678118654752440);
+  const T inv_sqrt_2pi = T(0.39894228040143267794);
+  const T cdf2 = T(1) + erf_t(x * inv_sqrt2);  // 2 Phi(x)
+  slope = T(0.5) * cdf2 + x * inv_sqrt_2pi * exp_t(T(-0.5) * x * x);
+  return T(0.5) * x * cdf2;
+}
+
 CONVLORA_HD int clamp_int(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 // Up to four taps of 1-D resampling: out = sum_k w[k] * in[idx[k]], distinct

@@ -103,7 +103,8 @@ CONVLORA_LIBRARY(CONVLORA_NS, m) {
   m.def(
       "stencil_fwd(Tensor z, Tensor expert_index, Tensor conv_weight, Tensor conv_bias, "
       "int[] scales, int interpolation, int height, int width, bool save_preact, "
-      "int smem_kb=0, Tensor? prep=None, bool mma=False) -> (Tensor, Tensor)");
+      "int smem_kb=0, Tensor? prep=None, bool mma=False, bool raw_preact=False) "
+      "-> (Tensor, Tensor)");
   m.def(
       "stencil_bwd(Tensor du, Tensor z, Tensor preact, Tensor expert_index, "
       "Tensor conv_weight, Tensor conv_bias, int[] scales, int interpolation, int height, "

@@ -2,7 +2,7 @@
 //
 //   stencil_prep(z, conv_weight, conv_bias, scales, interpolation, height, width) -> prep
 //   stencil_fwd(z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width,
-//               save_preact, smem_kb=0, prep=None, mma=False) -> (u, preact)
+//               save_preact, smem_kb=0, prep=None, mma=False, raw_preact=False) -> (u, preact)
 //   stencil_bwd(du, z, preact, expert_index, conv_weight, conv_bias, scales, interpolation,
 //               height, width, smem_kb=0, prep=None, mma=False)
 //               -> (dz, dconv_weight, dconv_bias)
@@ -14,16 +14,19 @@
 //
 // z, u, du, dz: (N, r) with N = B·H·W tokens in (b, h, w) order; expert_index: (N,) int32,
 // or (B,) int32 for one expert per map (the map programs of stencil_map.h run then);
-// conv_weight (n, r, r, 3, 3), conv_bias (n, r); preact: each token's conv pre-activations,
-// (N, 4, r) bilinear or (N, 16, r) bicubic, in float32 (float64 for float64 inputs), saved
-// by the forward for the backward when save_preact (else empty); dconv_* in that dtype too,
-// every expert present; smem_kb: a tile block's shared-memory budget (smem_budget); mma:
-// the per-token forward (or backward) as tensor-core products of each token's 3 x 3 z
-// cells by composed weights (stencil_cells.h: the weights, z and the backward's deltas
-// rounded to tf32, fp32 sums) where it runs: r in (4, 8], bilinear, fp32 accumulation, a
-// CUDA device of compute capability 8.0 or later; elsewhere the multiply-add programs run
-// (make_tile_grid). The backward reads the same pre-activations either way. The projections around the
-// stencil are GEMMs done by the caller.
+// conv_weight (n, r, r, 3, 3), conv_bias (n, r); preact: what the backward needs of each
+// token's conv pre-activations C, their GELU slopes GELU'(C) (the backward reads nothing
+// else of C), (N, 4, r) bilinear or (N, 16, r) bicubic, in float32 (float64 for float64
+// inputs), zero in the slots a token does not use, saved by the forward when save_preact
+// (else empty); with raw_preact the forward saves C itself instead (what the tests probe:
+// C is linear in z, its slope is not), which the backward must not be given; dconv_* in
+// that dtype too, every expert present; smem_kb: a tile block's shared-memory budget
+// (smem_budget); mma: the per-token forward (or backward) as tensor-core products of each
+// token's 3 x 3 z cells by composed weights (stencil_cells.h: the weights, z and the
+// backward's deltas rounded to tf32, fp32 sums) where it runs: r in (4, 8], bilinear, fp32
+// accumulation, a CUDA device of compute capability 8.0 or later; elsewhere the
+// multiply-add programs run (make_tile_grid). The backward reads the same slopes either way. The projections around
+// the stencil are GEMMs done by the caller.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -133,6 +136,7 @@ struct Operands {
   int smem_budget;  // bytes (smem_budget)
   at::Tensor prep;  // stencil_prep's output for this call, or undefined: the call runs its own
   bool mma = false;  // the composed-weight forward where it can run (make_tile_grid)
+  bool raw_preact = false;  // the forward saves C, not GELU'(C) (tests)
 };
 
 // Saved pre-activation slots per token: the most conv outputs one token reads.
@@ -162,7 +166,7 @@ inline Operands checked_operands(const at::Tensor& z, const at::Tensor& expert_i
     const auto acc = acc_dtype_for(z.scalar_type());
     TORCH_CHECK(preact->sizes() == at::IntArrayRef(want) && preact->scalar_type() == acc &&
                     preact->device() == z.device(),
-                "stencil_bwd: preact must be the forward's saved pre-activations, ", acc, " ",
+                "stencil_bwd: preact must be the forward's saved GELU slopes, ", acc, " ",
                 at::IntArrayRef(want), " on ", z.device(), ", got ", preact->scalar_type(), " ",
                 preact->sizes(), " on ", preact->device(),
                 " (run stencil_fwd with save_preact=True)");
@@ -326,6 +330,7 @@ tile::TileArgs<scalar_t, acc_t> make_tile_args(const Operands& o, const tile::Ta
   A.taps = reinterpret_cast<const Taps<acc_t>*>(taps.const_data_ptr());
   A.dw_partial = dw_partial;
   A.pre = pre;
+  A.raw_pre = o.raw_preact;
   A.T = T;
   A.maps = o.z.size(0) / (static_cast<int64_t>(T.H) * T.W);
   A.H = T.H;
@@ -367,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
     const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& conv_weight,
     const at::Tensor& conv_bias, at::IntArrayRef scales, int64_t interpolation, int64_t height,
     int64_t width, bool save_preact, int64_t smem_kb, const std::optional<at::Tensor>& prep,
-    bool mma);
+    bool mma, bool raw_preact);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
     const at::Tensor& du, const at::Tensor& z, const at::Tensor& preact,
     const at::Tensor& expert_index,

@@ -26,8 +26,8 @@
 //         one k-step a cell), read once; per key in the group (a warp-uniform loop over the
 //         distinct keys, in increasing order), per phase pair j, D = A M_j in 9 MMAs
 //         (m16n8k8, tf32, fp32 sums), kept on the rows of that key; C to shared memory
-//   out   thread per (token, pair of channels): C + bias saved as the pre-activations (the
-//         backward's slots), u = z + the sum of w_down GELU(C) over the phases written.
+//   out   thread per (token, pair of channels): C = the products + bias, GELU'(C) saved
+//         (the backward's slots), u = z + the sum of w_down GELU(C) over the phases written.
 // No U, no item list, no per-item rounds: per 16 tokens about 40 shared loads for A and
 // the keys, 5 global loads and 9 MMAs per phase pair of each key, and the GELUs.
 #pragma once
@@ -452,7 +452,7 @@ CONVLORA_HD void cells_mma(const TileArgs<scalar_t, float>& A, const float* cell
 }
 
 // Phase 4: thread per (sorted token, pair of output channels 2t, 2t + 1): C = the mma
-// phase's products + bias, saved as the pre-activations, and u = z + the sum over the
+// phase's products + bias, GELU'(C) saved for the backward, and u = z + the sum over the
 // phases of w_down GELU(C) written. A warp holds 8 sorted tokens: one-phase tokens come
 // first, so most warps take one phase or four, not both.
 template <int R, typename scalar_t>
@@ -482,9 +482,19 @@ CONVLORA_HD void cells_out(const TileArgs<scalar_t, float>& A, const BlockPos& P
     S.c.load2(place * CR + j * R + 2 * t, cv);
     cv[0] += bias[0];
     cv[1] += bias[1];
-    if (pre != nullptr) store_pair(pre + j * A.r + 2 * t, cv, A.r - 2 * t);
-    CONVLORA_UNROLL
-    for (int q = 0; q < 2; ++q) y[q] += wd * gelu_erf(cv[q]);
+    if (pre == nullptr) {
+      CONVLORA_UNROLL
+      for (int q = 0; q < 2; ++q) y[q] += wd * gelu_erf(cv[q]);
+    } else {  // GELU'(C) (or C) to the slot
+      float saved[2];
+      CONVLORA_UNROLL
+      for (int q = 0; q < 2; ++q) {
+        float slope;
+        y[q] += wd * gelu_erf_and_grad(cv[q], slope);
+        saved[q] = A.raw_pre ? cv[q] : slope;
+      }
+      store_pair(pre + j * A.r + 2 * t, saved, A.r - 2 * t);
+    }
   }
   if (pre != nullptr) {  // the slots of phases the token does not have: zero
     const float zero[2] = {0.f, 0.f};
@@ -601,28 +611,6 @@ CONVLORA_HD void load_pair(const T* p, float (&v)[2], int n) {
   for (int q = 0; q < 2; ++q) v[q] = q < n ? static_cast<float>(p[q]) : 0.f;
 }
 
-// GELU'(x) = Phi(x) + x phi(x) for the deltas, which are rounded to tf32 (10 mantissa
-// bits) next: erf by Abramowitz and Stegun 7.1.26 (|error| <= 1.5e-7; the result within
-// 2.8e-7 in float32), whose exponential exp(-x^2 / 2) is phi's too, and on the GPU the fast
-// exponential and division (a few ulp). The delta phase's code is 350 instructions with it
-// against 430 with erff and expf; the error is far below tf32's rounding.
-CONVLORA_HD float gelu_grad_for_tf32(float x) {
-  const float u = fabsf(x) * 0.70710678f;
-#if defined(__CUDA_ARCH__)
-  const float e = __expf(-0.5f * x * x);
-  const float t = __fdividef(1.f, 1.f + 0.3275911f * u);
-#else
-  const float e = expf(-0.5f * x * x);
-  const float t = 1.f / (1.f + 0.3275911f * u);
-#endif
-  const float poly =
-      t * (0.254829592f +
-           t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
-  const float tail = 0.5f * poly * e;  // (1 - erf(|x| / sqrt 2)) / 2
-  const float cdf = x >= 0.f ? 1.f - tail : tail;
-  return cdf + x * 0.39894228f * e;
-}
-
 // Phase 1: z of the tile and ring (zero outside the map), the region's sort keys.
 template <int R, typename scalar_t>
 CONVLORA_HD void cellb_load(const TileArgs<scalar_t, float>& A, const BlockPos& P,
@@ -675,8 +663,8 @@ CONVLORA_HD void cellb_list(const CellBwdSmem& S, int tid) {
   S.place[cellb_token(mine)] = cellb_key(mine) <= kCellLast ? place : -1;  // -1: no terms
 }
 
-// Phase 3: thread per (sorted place, channels 2t, 2t + 1): delta_j = w_down g GELU'(C_j),
-// rounded to tf32, for the token's phase pairs; zero for the others, for tokens with no
+// Phase 3: thread per (sorted place, channels 2t, 2t + 1): delta_j = w_down g GELU'(C_j)
+// (the forward's saved slopes), rounded to tf32, for the token's phase pairs; zero for the others, for tokens with no
 // work and for channels past r.
 template <int R, typename scalar_t>
 CONVLORA_HD void cellb_delta(const TileArgs<scalar_t, float>& A, const BlockPos& P,
@@ -703,7 +691,7 @@ CONVLORA_HD void cellb_delta(const TileArgs<scalar_t, float>& A, const BlockPos&
         float c[2];
         load_pair(pre + j * A.r + 2 * t, c, A.r - 2 * t);
         CONVLORA_UNROLL
-        for (int q = 0; q < 2; ++q) d[j][q] = tf32_round(wd * g[q] * gelu_grad_for_tf32(c[q]));
+        for (int q = 0; q < 2; ++q) d[j][q] = tf32_round(wd * g[q] * c[q]);  // c: GELU'(C)
       }
     }
     CONVLORA_UNROLL

@@ -202,9 +202,10 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
     const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& conv_weight,
     const at::Tensor& conv_bias, at::IntArrayRef scales, int64_t interpolation, int64_t height,
     int64_t width, bool save_preact, int64_t smem_kb, const std::optional<at::Tensor>& prep,
-    bool mma) {
+    bool mma, bool raw_preact) {
   auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales, interpolation,
                             height, width, smem_kb, nullptr, nullptr, prep);
+  o.raw_preact = raw_preact;
   const auto& zc = o.z;
   auto u = at::empty_like(zc);
   auto pre = new_preact(zc, interpolation, save_preact);

@@ -45,13 +45,14 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cuda(
     const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& conv_weight,
     const at::Tensor& conv_bias, at::IntArrayRef scales, int64_t interpolation, int64_t height,
     int64_t width, bool save_preact, int64_t smem_kb, const std::optional<at::Tensor>& prep,
-    bool mma) {
+    bool mma, bool raw_preact) {
   TORCH_CHECK(z.is_cuda(), "stencil_fwd_cuda: expected CUDA tensors, got ", z.device());
   const c10::cuda::CUDAGuard guard(z.device());
   auto o = checked_operands(z, expert_index, conv_weight, conv_bias, scales, interpolation,
                             height, width, smem_kb, nullptr, nullptr, prep);
   // mma.sync with tf32 operands: sm_80 and later (else the multiply-add programs)
   o.mma = mma && at::cuda::getCurrentDeviceProperties()->major >= 8;
+  o.raw_preact = raw_preact;
   auto u = at::empty_like(o.z);
   auto pre = new_preact(o.z, interpolation, save_preact);
   if (o.z.size(0) == 0) return {u, pre};

@@ -15,8 +15,8 @@
 //     conv columns       1b the U rows and columns, which tokens read each conv row
 //   2 the U grid's up-sampling taps, from the per-call tables
 //   3 V = Up_y(z) on the U rows                   4 U = Up_x(V)
-//   5 C = bias + conv3x3(U) on the conv grid (saved as the pre-activations)
-//   6 u = z + sum of the token's down taps of GELU(C)
+//   5 C = bias + conv3x3(U) on the conv grid
+//   6 u = z + sum of the token's down taps of GELU(C); GELU'(C) saved for the backward
 // Backward (scatter, then a fold; no atomics, deterministic):
 //   1-2 as the forward, du of the tile staged
 //   3 V, and dC = GELU'(C) · sum over the tokens reading the output of w_down · du
@@ -500,8 +500,8 @@ CONVLORA_HD void map_phase_conv(const MapSmem<R, INTERP, false, acc_t>& S, int t
   }
 }
 
-// Forward phase 6: u = z + sum_{a, b} wy_a wx_b GELU(C) for each tile token, the
-// pre-activations to their slots (a · taps_x + b; the unused slots zero). A map whose
+// Forward phase 6: u = z + sum_{a, b} wy_a wx_b GELU(C) for each tile token, the slopes
+// GELU'(C) to their slots (a · taps_x + b; the unused slots zero). A map whose
 // expert index is out of range gets NaN.
 template <int R, int INTERP, typename scalar_t, typename acc_t>
 CONVLORA_HD void map_phase_combine(const TileArgs<scalar_t, acc_t>& A, const MapPos& M,
@@ -528,8 +528,13 @@ CONVLORA_HD void map_phase_combine(const TileArgs<scalar_t, acc_t>& A, const Map
       const acc_t wa = S.y.tokw[4 * ty + a];
       for (int b = 0; b < nb; ++b) {
         const acc_t cv = S.cbuf[G::c_fwd_at(i, S.x.tokc[4 * tx + b]) + c];
-        sum += wa * S.x.tokw[4 * tx + b] * gelu_erf(cv);
-        if (pre != nullptr) pre[(a * nb + b) * r] = cv;
+        if (pre == nullptr) {
+          sum += wa * S.x.tokw[4 * tx + b] * gelu_erf(cv);
+        } else {
+          acc_t slope;
+          sum += wa * S.x.tokw[4 * tx + b] * gelu_erf_and_grad(cv, slope);
+          pre[(a * nb + b) * r] = A.raw_pre ? cv : slope;
+        }
       }
     }
     if (pre != nullptr)
@@ -540,7 +545,8 @@ CONVLORA_HD void map_phase_combine(const TileArgs<scalar_t, acc_t>& A, const Map
 }
 
 // Backward phase 3 (with V): dC[i][j][co] = GELU'(C) sum over the token taps reading
-// (conv row i, conv column j) of wy wx du[token][co]; C from the forward's saved slots.
+// (conv row i, conv column j) of wy wx du[token][co]; GELU'(C) from the forward's saved
+// slots.
 template <int R, int INTERP, typename scalar_t, typename acc_t>
 CONVLORA_HD void map_dc(const TileArgs<scalar_t, acc_t>& A, const MapPos& M,
                         const MapSmem<R, INTERP, true, acc_t>& S, int tid) {
@@ -552,7 +558,7 @@ CONVLORA_HD void map_dc(const TileArgs<scalar_t, acc_t>& A, const MapPos& M,
       const int j = v / R, co = v % R;
       acc_t g = acc_t(0);
       if (co < r) {
-        acc_t sum = acc_t(0), pre = acc_t(0);
+        acc_t sum = acc_t(0), slope = acc_t(0);
         CONVLORA_UNROLL
         for (int my = 0; my < G::kReaders; ++my) {
           const int ry = S.y.readers[G::kReaders * i + my];
@@ -565,11 +571,11 @@ CONVLORA_HD void map_dc(const TileArgs<scalar_t, acc_t>& A, const MapPos& M,
             const int tx = rx >> 2, b = rx & 3;
             const int64_t tok =
                 M.P.token0 + static_cast<int64_t>(M.P.h0 + ty) * A.W + M.P.w0 + tx;
-            pre = A.pre[(tok * SLOTS + a * S.x.tokn[tx] + b) * r + co];
+            slope = A.pre[(tok * SLOTS + a * S.x.tokn[tx] + b) * r + co];
             sum += S.y.tokw[ry] * S.x.tokw[rx] * S.dus[(ty * G::kTile + tx) * G::kCell + co];
           }
         }
-        g = sum * gelu_erf_grad(pre);
+        g = sum * slope;
       }
       S.cbuf[G::c_at(i, j) + co] = g;
     }

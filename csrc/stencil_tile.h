@@ -21,7 +21,7 @@
 //   forward   conv (thread per item: 9 upsampled taps from the staged z, r x r x 9 MACs,
 //             GELU, times the down-sampling weight) -> per-token sums in item order.
 //   backward  the block owns a tile of dz. Sources are tile + halo tokens (their stencils
-//             reach the tile); g = w_o du GELU'(C) from the pre-activations the forward
+//             reach the tile); g = w_o du GELU'(C) with the slopes GELU'(C) the forward
 //             saved (N x 4 x r fp32 bilinear, N x 16 x r bicubic); U is recomputed for the
 //             tile's items only, for the weight gradient.
 //             dW: thread-owned entries summed over the tile's items in order.
@@ -102,10 +102,10 @@ struct Geometry {
   static constexpr int kSrcW = kTileW + 2 * kSH;
   static constexpr int kSrc = kSrcH * kSrcW;
   // Staged z: the tile and the reach of its tokens (the backward recomputes U for tile
-  // items only; halo items read their saved pre-activations).
+  // items only; halo items read their saved slopes).
   static constexpr int kZH = kTileH + 2 * kHalo;
   static constexpr int kZW = kTileW + 2 * kHalo;
-  // Saved pre-activation slots per token: its largest item count.
+  // Saved slots (GELU'(C) of a pre-activation C) per token: its largest item count.
   static constexpr int kPreSlots = Interp<INTERP>::kMaxDown * Interp<INTERP>::kMaxDown;
   // Tile sums (u or dz of the tile tokens). Forward: dense rows of R, read and written by
   // lanes that hold consecutive channels of consecutive tokens (or 128-bit runs of them).
@@ -371,8 +371,9 @@ struct TileArgs {
   const acc_t* wbuf;           // prep: weights, biases, transposed weights (weight_entry)
   const Taps<acc_t>* taps;     // prep: Tables entries
   acc_t* dw_partial;           // backward: (blocks, n, grad_stride) fp32 partials
-  acc_t* pre;                  // (N, kPreSlots, r) pre-activations: written by the forward
-                               // when not null, read by the backward
+  acc_t* pre;                  // (N, kPreSlots, r) per slot GELU'(C) of its pre-activation
+                               // C (C itself when raw_pre): written by the forward when not
+                               // null, read by the backward
   acc_t* region;               // map backward: (blocks, kZ, kZ, R) dz partials (stencil_map.h)
   Tables T;
   int64_t maps;
@@ -380,6 +381,7 @@ struct TileArgs {
   int tiles_y, tiles_x;
   bool w_smem, dw_smem;
   bool vec_z;                  // z and du rows load as 16-byte vectors (r == R, aligned)
+  bool raw_pre;                // the forward saves C, not GELU'(C) (stencil_fwd's raw_preact)
 };
 
 // --- Small helpers --------------------------------------------------------------------
@@ -876,8 +878,8 @@ struct ItemShare {
 
 // Phase 4 (per round): thread per item (backward: kItemSplit threads per item, each for
 // its run of channels: ItemShare).
-//   forward:  C (the pre-activation), saved to A.pre when given; cbuf = w_o GELU(C)
-//   backward: C from A.pre; cbuf = g = w_o du GELU'(C); for tile items ubuf = the nine U
+//   forward:  C (the pre-activation); GELU'(C) saved to A.pre when given; cbuf = w_o GELU(C)
+//   backward: GELU'(C) from A.pre; cbuf = g = w_o du GELU'(C); for tile items ubuf = the nine U
 //             vectors (what the weight gradient needs)
 template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
 CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P, int r0,
@@ -920,15 +922,17 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
       conv_item<R, INTERP, G::kZW, G::kZCell, true, false>(
           A.taps, A.T, e, A.T.scale[e], ip.oy, ip.ox, zy0, zx0, S.zs, S.w,
           e * weight_stride<R>(), S.b, S.cbuf, row, S.ubuf, 0);
-      if (pre != nullptr) {
-        if (A.r == R) {  // unrolled: no generic copy loop (r = R is the usual case)
-          CONVLORA_UNROLL
-          for (int co = 0; co < R; ++co) pre[co] = S.cbuf[row + co];
-        } else {
-          for (int co = 0; co < A.r; ++co) pre[co] = S.cbuf[row + co];
+      if (pre == nullptr) {
+        for (int co = 0; co < R; ++co) S.cbuf[row + co] = ip.w * gelu_erf(acc_t(S.cbuf[row + co]));
+      } else {  // GELU'(C) (or C) to the slot, channels past r not stored
+        CONVLORA_UNROLL
+        for (int co = 0; co < R; ++co) {
+          const acc_t c = S.cbuf[row + co];
+          acc_t slope;
+          S.cbuf[row + co] = ip.w * gelu_erf_and_grad(c, slope);
+          if (co < A.r) pre[co] = A.raw_pre ? c : slope;
         }
       }
-      for (int co = 0; co < R; ++co) S.cbuf[row + co] = ip.w * gelu_erf(acc_t(S.cbuf[row + co]));
     } else {
       if (r0 + j < tile_items)
         conv_item<R, INTERP, G::kZW, G::kZCell, false, true, RS, G::kVecU>(
@@ -949,7 +953,7 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
       acc_t g[RS];
       CONVLORA_UNROLL
       for (int c = 0; c < RS; ++c)
-        g[c] = cs + c < A.r ? ip.w * dsrc[c] * gelu_erf_grad(pre[cs + c]) : acc_t(0);
+        g[c] = cs + c < A.r ? ip.w * dsrc[c] * pre[cs + c] : acc_t(0);  // pre: GELU'(C)
       if constexpr (RS % 4 == 0) {
         CONVLORA_UNROLL
         for (int c = 0; c < RS; c += 4)

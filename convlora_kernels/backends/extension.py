@@ -1,7 +1,7 @@
 """The "cpu" and "cuda" backends: the fused stencil kernels of convlora_kernels._C
 (torch.ops.convlora.stencil_fwd / stencil_bwd: one pass over z; the backward from the
-forward's saved pre-activations, weight gradients in fp32, deterministic, no atomics)
-between the layer's GEMMs (BLAS on CPU, cuBLAS on CUDA), composed and planned in
+GELU slopes of the pre-activations the forward saved, weight gradients in fp32,
+deterministic, no atomics) between the layer's GEMMs (BLAS on CPU, cuBLAS on CUDA), composed and planned in
 convlora_kernels.layer. The backend interface is described in convlora_kernels.backends.
 
 The stencil ops are also registered here with fake kernels and autograd, so ``stencil``
@@ -21,7 +21,7 @@ from .._compile import constant_under_compile
 from .._validate import MAX_FUSED_RANK
 
 INTERPOLATION_CODES = {"bilinear": 0, "bicubic": 1}
-PREACT_SLOTS = {0: 4, 1: 16}  # saved pre-activations per token, by interpolation code
+PREACT_SLOTS = {0: 4, 1: 16}  # saved slots (GELU' of a pre-activation) per token, by code
 CPU_DY_ROWS = 512  # rows of dy per block of the cpu one-pass (fp32: 4.7 MB at C_out = 2304)
 
 # Internal switches (docs/design.md, "Internal switches"): CONVLORA_MAP_KERNELS=0 runs the
@@ -164,7 +164,7 @@ def _below_autograd(fn):
 
 @_below_autograd
 def stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width, save):
-    """(u, the pre-activations, the prep buffer) when a backward will follow (save): the
+    """(u, the saved GELU slopes, the prep buffer) when a backward will follow (save): the
     forward and the backward share one prep pass (stencil_prep's tables and padded weights);
     else (u, two empty tensors), the forward running its own prep."""
     code = INTERPOLATION_CODES[interpolation]
@@ -203,8 +203,8 @@ def prep_bytes(rank, scales, code, height, width, dtype) -> int:
 
 def saved_shapes(n_tok, rank, scales, interpolation, height, width, dtype, save,
                  forward_candidate):
-    """Shapes and dtypes of (u, saved0, saved1) of stencil_forward: u, the pre-activations
-    and the prep buffer when save, else u and two empty tensors."""
+    """Shapes and dtypes of (u, saved0, saved1) of stencil_forward: u, the saved GELU
+    slopes and the prep buffer when save, else u and two empty tensors."""
     code = INTERPOLATION_CODES[interpolation]
     slots = PREACT_SLOTS[code]
     prep = (prep_bytes(rank, scales, code, height, width, dtype),) if save else (0,)
@@ -259,7 +259,7 @@ def _register() -> None:
 
     @torch.library.register_fake("convlora::stencil_fwd")
     def _(z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width,
-          save_preact, smem_kb=0, prep=None, mma=False):
+          save_preact, smem_kb=0, prep=None, mma=False, raw_preact=False):
         shape = (z.shape[0], PREACT_SLOTS[interpolation], z.shape[1]) if save_preact else (0,)
         return torch.empty_like(z), z.new_empty(shape, dtype=acc_dtype(z.dtype))
 
@@ -272,8 +272,10 @@ def _register() -> None:
 
     def setup_context(ctx, inputs, output):
         (z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width, _,
-         kb, prep, mma) = inputs
-        ctx.save_for_backward(z, output[1], expert_index, conv_weight, conv_bias)
+         kb, prep, mma, raw_preact) = inputs
+        # raw_preact saved C, not the slopes the backward reads: it recomputes them then
+        slopes = output[1].new_empty(0) if raw_preact else output[1]
+        ctx.save_for_backward(z, slopes, expert_index, conv_weight, conv_bias)
         ctx.mark_non_differentiable(output[1])
         ctx.meta = (scales, interpolation, height, width)
         ctx.smem_kb = kb
@@ -290,7 +292,7 @@ def _register() -> None:
                                                     conv_weight, conv_bias, *ctx.meta,
                                                     ctx.smem_kb, ctx.prep, ctx.mma)
         return (dz, None, dw.to(conv_weight.dtype), db.to(conv_bias.dtype), None, None, None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
     torch.library.register_autograd("convlora::stencil_fwd", backward,
                                     setup_context=setup_context)
@@ -301,9 +303,9 @@ def stencil(z: torch.Tensor, expert_index: torch.Tensor, conv_weight: torch.Tens
             width: int) -> torch.Tensor:
     """u = z + E_e(z) for z (N, r) with N = B·H·W tokens and expert_index (N,) (differentiable).
 
-    When a gradient may be asked for, the forward also keeps each token's conv
-    pre-activations (N x 4 x r bilinear, N x 16 x r bicubic, float32), so the backward
-    recomputes only what the weight gradient needs."""
+    When a gradient may be asked for, the forward also keeps the GELU slope of each
+    token's conv pre-activations (N x 4 x r bilinear, N x 16 x r bicubic, float32), so the
+    backward recomputes only what the weight gradient needs."""
     save = torch.is_grad_enabled() and (z.requires_grad or conv_weight.requires_grad or
                                         conv_bias.requires_grad)
     return torch.ops.convlora.stencil_fwd(

@@ -18,14 +18,19 @@ kernel the stencil ops launch (prep, the tile or map program, fold, reduce):
   to the SAM shape by its number of blocks. "Per access" is the wavefronts over the fewest
   the accesses' distinct words allow (one per scalar access; a 128-bit load of 32 lanes'
   distinct words needs four);
-- instructions, from the SASS of the built extension (cuobjdump -sass, sm_90, bf16),
-  cut at its barriers into the phases' code (a barrier ends each phase, in program
-  order): each phase's static ratio of all instructions to shared-memory instructions
-  (LDS, STS and the generic LD and ST of the weight arrays, which are staged in shared
-  memory at the default budget) times its warp-level shared accesses counted above; the
-  whole kernel's ratio if the barriers do not match the phases (an estimate: the SASS
-  has no trip counts);
-- bytes to and from DRAM (inputs, outputs, saved pre-activations, partials), counted
+- instructions, from the machine code of the built extension (nvdisasm -gi of its sm_90
+  bf16 cubin: the build has line information), cut at its barriers into the phases' code
+  (a barrier ends each phase, in program order) and into basic blocks, each block
+  weighted by how often a warp runs it: as often as the checked build counted the warp
+  accesses of the source lines of its shared-memory instructions (a line's count shared
+  by its copies: unrolled loops), else as often as the most frequent block of the
+  innermost loop that holds it, else once a warp and run of the phase (phase_instructions).
+  On the build the first H100 run measured, this gives 1.03 to 1.12 times ncu's warp
+  instructions of the same problems (a phase's static ratio of all instructions to shared
+  ones, the count before, gave 0.79 to 0.96, and priced code that runs once an item, an
+  item's GELUs, at the rate of the conv loop before it). Without nvdisasm: that ratio
+  times the phase's counted accesses;
+- bytes to and from DRAM (inputs, outputs, saved GELU slopes, partials), counted
   from the shapes;
 - the busiest warp's shared accesses per phase, a ~30-clock load each with about four in
   flight (the latency chain of a block when its work sits on a few threads).
@@ -67,22 +72,26 @@ H100 = dict(card="H100 SXM", sms=132, clock_ghz=1.755, dram_bytes_per_s=3.35e12,
             loads_in_flight=4,
             shared_bytes_per_sm=228 * 1024, block_reserved_bytes=1024, max_blocks_per_sm=32,
             threads_per_sm=2048, registers_per_sm=65536,
-            fitted_chain_clocks=9.0, fitted_issue_per_clock=0.85)
-# The H100-fitted estimate, from the first H100 run (benchmarks/results/h100), where the
-# tile kernels took 4.5 to 7 times the throughput estimate. Two numbers fit its four tile
-# kernels (global and windows token r8, fwd and bwd) within 7 %:
+            fitted_chain_clocks=6.5, fitted_issue_per_clock=1.05)
+# The H100-fitted estimate, from the first H100 run (benchmarks/results/h100, commit
+# 5c20a52), where the tile kernels took 4.5 to 7 times the throughput estimate. Two numbers
+# fit its four tile kernels (global and windows token r8, fwd and bwd) within 3.5 %, with
+# that build's instructions counted by basic block (phase_instructions):
 # - fitted_chain_clocks: a block takes this many clocks per instruction of its critical
 #   path, the busiest warp's instructions of each phase summed over the phases (the
-#   barriers wait for it). Three kernels run two blocks of four warps per SM (two warps per
-#   scheduler) and took 8.6, 9.1 and 9.7 clocks per such instruction: each warp issues
-#   about once per 9 clocks, its dependent latencies not hidden.
+#   barriers wait for it). Three kernels are bound by it and took 6.43, 6.66 and 6.28
+#   clocks per such instruction (two blocks of four warps per SM, two warps per
+#   scheduler): each warp issues about once per 6.5 clocks, its dependent latencies not
+#   hidden.
 # - fitted_issue_per_clock: the SM's warp instructions per clock when more warps are
-#   resident. The windows forward, four blocks on its busiest SMs, issued 0.85 per clock,
-#   not the 4 that issue_per_clock assumes (ncu's instructions over the measured time).
-# The SM runs its blocks as many at once as shared memory, threads and registers allow,
-# in waves; the estimate is the largest of the chain of every wave, the instructions at
-# fitted_issue_per_clock, the quarter-warp shared time and DRAM. The map kernels (one run at
-# another shape) issued 1.0 to 1.16 per clock; the fit is weakest there.
+#   resident. The windows forward, four blocks on its busiest SMs, issued 1.05 per clock,
+#   not the 4 that issue_per_clock assumes.
+# (With each phase's static ratio of instructions to shared ones, the count before, the
+# same run gave 9 clocks and 0.85 per clock, within 7 %.) The SM runs its blocks as many at
+# once as shared memory, threads and registers allow, in waves; the estimate is the
+# largest of the chain of every wave, the instructions at fitted_issue_per_clock, the
+# quarter-warp shared time and DRAM. The map kernels (one run at another shape, not refit)
+# issued 1.0 to 1.16 per clock; the fit is weakest there.
 INTERP = {"bilinear": 0, "bicubic": 1}
 MAP_THREADS = 128  # threads per block of the map programs (stencil_grid reports the tile's)
 
@@ -245,7 +254,11 @@ def count_sites(ops, case: Case) -> Dict[str, List[dict]]:
     """{"fwd": [...], "bwd": [...]}: each site's (place in the code, reads or writes) warp
     accesses, wavefronts and ideal per phase, its place resolved to file:line (the checked
     build has debug information)."""
-    text = count_shared(ops, case)["sites"]
+    return parse_sites(count_shared(ops, case)["sites"])
+
+
+def parse_sites(text: str) -> Dict[str, List[dict]]:
+    """smem_sites' text of a forward and a backward call -> count_sites' dict."""
     so = None
     calls: List[List[dict]] = []
     for line in text.splitlines():
@@ -269,9 +282,10 @@ def count_sites(ops, case: Case) -> Dict[str, List[dict]]:
             if ln.startswith("0x"):
                 addr = ln
                 continue
-            loc = os.path.relpath(ln.split(" (")[0], ROOT) if ln.startswith("/") else ln
-            if addr is not None and "shared_array.h" not in loc:
-                where.setdefault(int(addr, 16), loc)
+            loc = ln.split(" (")[0]
+            if addr is not None and "shared_array.h" not in loc and ":" in loc:
+                f, n = loc.rsplit(":", 1)  # file:line, as sass_lines names an instruction's
+                where.setdefault(int(addr, 16), f"{os.path.basename(f)}:{n}")
     for c in calls:
         for s in c:
             s["line"] = where.get(int(s["offset"], 16), s["offset"])
@@ -368,6 +382,150 @@ def sass_counts(arch: int = 90) -> Dict[str, Dict[str, int]]:
     return dict(zip(_demangle(names), (counts[n] for n in names)))
 
 
+SHARED_OPS = ("LDS", "LDSM", "STS", "ATOMS", "LD", "ST")
+
+
+@functools.lru_cache(maxsize=None)
+def sass_lines(arch: int = 90) -> Dict[str, List[dict]]:
+    """{demangled kernel: [instruction]} of the bf16 translation unit's machine code for
+    sm_<arch>, each instruction a dict: addr, op (its base opcode), nc (a read-only global
+    load), target (the address a branch goes to, or None), label (a branch target starts
+    here), line (its source line, "file.h:N": the innermost place of its inlined chain
+    outside shared_array.h, as parse_sites resolves the checked build's sites; the file's
+    name without its folder). From
+    nvdisasm -gi of the extension's cubin (the build has -lineinfo); {} without them."""
+    from convlora_kernels import _ext
+
+    mod, _ = _ext.load()
+    tool = _ext.cuobjdump()
+    if mod is None or tool is None or not _ext.has_cuda_kernels():
+        return {}
+    nvdisasm = os.path.join(os.path.dirname(tool), "nvdisasm")
+    nvdisasm = nvdisasm if os.path.exists(nvdisasm) else shutil.which("nvdisasm")
+    if nvdisasm is None:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([tool, "-xelf", "all", mod.__file__], cwd=tmp, capture_output=True,
+                       check=True)
+        cubins = [f for f in os.listdir(tmp) if "bf16" in f and f.endswith(f".sm_{arch}.cubin")]
+        if len(cubins) != 1:
+            return {}
+        return code_of_cubin(os.path.join(tmp, cubins[0]), nvdisasm)
+
+
+def code_of_cubin(cubin: str, nvdisasm: str) -> Dict[str, List[dict]]:
+    """sass_lines' dict of one cubin."""
+    text = subprocess.run([nvdisasm, "-gi", "-c", cubin], capture_output=True, text=True,
+                          check=True).stdout
+    funcs: Dict[str, List[dict]] = {}
+    cur, line, chain, waiting = None, None, [], []
+    labels: Dict[Tuple[str, str], int] = {}  # (function, label): address
+    branches: List[Tuple[str, dict, str]] = []
+    fname = ""
+    for ln in text.splitlines():
+        m = re.match(r"\.text\.(\S+):$", ln)
+        if m:
+            fname = m.group(1)
+            cur = funcs.setdefault(fname, [])
+            chain, line, waiting = [], None, []
+            continue
+        if cur is None:
+            continue
+        if ln.lstrip().startswith("//## File"):
+            if not chain:  # the first line of a chain holds the innermost place
+                chain = [(a or c, int(b or d)) for a, b, c, d in re.findall(
+                    r"File \"([^\"]+)\", line (\d+)|at \"([^\"]+)\", line (\d+)", ln)]
+            continue
+        m = re.match(r"(\.L_x_\d+):$", ln)
+        if m:
+            waiting.append(m.group(1))
+            continue
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*);", ln)
+        if m is None:
+            continue
+        if chain:
+            f, n = next(((f, n) for f, n in chain if not f.endswith("shared_array.h")), chain[0])
+            line = f"{os.path.basename(f)}:{n}"
+            chain = []
+        op = m.group(2).split(".")[0]
+        ins = dict(addr=int(m.group(1), 16), op=op, target=None, label=bool(waiting),
+                   nc=op == "LDG" and ".CONSTANT" in m.group(2), line=line)
+        for name in waiting:
+            labels[fname, name] = ins["addr"]
+        waiting = []
+        t = re.search(r"`\((\.L_x_\d+)\)", m.group(3))
+        if op == "BRA" and t:
+            branches.append((fname, ins, t.group(1)))
+        cur.append(ins)
+    for fname, ins, name in branches:
+        ins["target"] = labels.get((fname, name))
+    names = list(funcs)
+    return dict(zip(_demangle(names), (funcs[n] for n in names)))
+
+
+def phase_instructions(code: List[dict], phases: Dict[str, dict], sites: List[dict],
+                       warps: int) -> Optional[Dict[str, float]]:
+    """{phase: warp instructions (all the counted call's blocks), HMMAs excluded} from the
+    machine code's basic blocks, each weighted by how often a warp runs it: a block with
+    shared-memory instructions runs as often as the checked build counted the warp accesses
+    of their source lines (a line's count shared by its copies in the code: unrolled
+    loops); a block without any, as often as the most frequent block of the innermost loop
+    that holds it (a back branch's range), or once a warp and run of its phase outside
+    any loop. None when the code's barriers do not match the phases. So code that runs once
+    a thread (an item's GELUs) counts once, not at the rate of the loop before it, as a
+    phase's single ratio of all instructions to shared ones would."""
+    segs: List[List[dict]] = [[]]
+    for ins in code:
+        if ins["op"] == "NOP":
+            continue
+        segs[-1].append(ins)
+        if ins["op"] == "BAR":
+            segs.append([])
+    segs = [g for g in segs if g]
+    if len(segs) < len(phases):
+        return None
+    out: Dict[str, float] = {}
+    for (name, p), seg in zip(phases.items(), segs):
+        dyn: Dict[str, float] = {}
+        for st in sites:
+            if st["phase"] == name:
+                dyn[st["line"]] = dyn.get(st["line"], 0) + st["warp_accesses"]
+        static: Dict[str, int] = {}
+        for ins in seg:
+            if ins["op"] in SHARED_OPS:
+                static[ins["line"]] = static.get(ins["line"], 0) + 1
+        # basic blocks: a label or the instruction after a branch starts one
+        blocks: List[List[dict]] = []
+        for i, ins in enumerate(seg):
+            if not blocks or ins["label"] or seg[i - 1]["op"] in ("BRA", "EXIT", "RET", "BAR"):
+                blocks.append([])
+            blocks[-1].append(ins)
+        own: List[Optional[float]] = []
+        for b in blocks:
+            w = [dyn[i["line"]] / static[i["line"]] for i in b
+                 if i["op"] in SHARED_OPS and i["line"] in dyn]
+            own.append(sum(w) / len(w) if w else None)
+        loops = [(i["target"], i["addr"]) for i in seg
+                 if i["target"] is not None and i["target"] <= i["addr"]]
+        once = p["runs"] * warps
+        total = 0.0
+        for b, w in zip(blocks, own):
+            if w is None:
+                a = b[0]["addr"]
+                for lo, hi in sorted((l for l in loops if l[0] <= a <= l[1]),
+                                     key=lambda l: l[1] - l[0]):
+                    inside = [v for bb, v in zip(blocks, own)
+                              if v is not None and lo <= bb[0]["addr"] <= hi]
+                    if inside:
+                        w = max(inside)
+                        break
+                if w is None:
+                    w = once
+            total += w * sum(1 for i in b if i["op"] != "HMMA")
+        out[name] = total
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def resources() -> Dict[Tuple[int, str], Dict[str, int]]:
     """{(arch, demangled kernel): {"REG", "STACK", "SHARED", "LOCAL", ...}} of every kernel
@@ -408,6 +566,14 @@ def _registers_of(kernel: str, R: int, mode: str, bwd: bool, arch: int = 90) -> 
     for (a, name), v in resources().items():
         if a == arch and name.replace("void ", "").strip() == want:
             return v["REG"]
+    return None
+
+
+def _code_of(kernel: str, R: int, mode: str, bwd: bool) -> Optional[List[dict]]:
+    want = _signature(kernel, R, mode, bwd)
+    for name, code in sass_lines().items():
+        if name.replace("void ", "").strip() == want:
+            return code
     return None
 
 
@@ -463,6 +629,7 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
     rows = []
     clock = dev["clock_ghz"] * 1e3  # clocks per microsecond
     grad_stride = R * 9 * R + R
+    sites = parse_sites(counted["sites"]) if counted.get("sites") else None
     for direction, bwd in (("fwd", False), ("bwd", True)):
         call = counted[direction]
         kernel = ("stencil_map_kernel" if case.routing == "map" else
@@ -493,7 +660,17 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
         # per block of the counted call, per phase
         phase_instr = {k: None for k in ph}
         per_load = {}
-        if by_phase:
+        threads = MAP_THREADS if kernel == "stencil_map_kernel" else _grid(case, bwd)["threads"]
+        code = _code_of(kernel, R, case.mode, bwd)
+        dyn = (phase_instructions(code, ph, sites[direction], threads // 32)
+               if code is not None and sites is not None and by_phase else None)
+        if dyn is not None:
+            # the machine code's basic blocks, weighted by how often they run
+            for k in ph:
+                per_load[k] = dyn[k] / max(1, counted_loads[k])
+                phase_instr[k] = (dyn[k] + mmas[k]) / call["blocks"]
+            instr = sum(phase_instr.values()) * call["blocks"] * scale
+        elif by_phase:
             # one barrier ends each phase, in program order: each phase's own ratio
             for (k, p), g in zip(ph.items(), sass["segments"]):
                 per_load[k] = ratio(p, g)
@@ -509,7 +686,6 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
                                      else sass["total"] / max(1, sass["shared"]))
                 + p.get("busiest_mma", 0)
                 for k, p in ph.items() if counted_loads[k] > 0) * scale / blocks
-        threads = MAP_THREADS if kernel == "stencil_map_kernel" else _grid(case, bwd)["threads"]
         regs = _registers_of(kernel, R, case.mode, bwd) or 128
         resident = max(1, min(dev["max_blocks_per_sm"],
                               dev["shared_bytes_per_sm"] // (call["bytes"]
@@ -551,6 +727,7 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
                          wavefronts_per_access=wavefronts / max(1.0, ideal),
                          instructions_per_block=(instr / blocks if instr is not None else None),
                          instructions_by_phase=by_phase,
+                         instructions_by_blocks=dyn is not None,
                          dram_bytes=dram, times_us=t, bound=bound, est_us=t[bound],
                          phases={k: dict({f: v[f] / call["blocks"] for f in v},
                                          wavefronts_per_access=v["wavefronts"]

@@ -385,6 +385,7 @@ def sass_counts(arch: int = 90) -> Dict[str, Dict[str, int]]:
 
 
 SHARED_OPS = ("LDS", "LDSM", "STS", "ATOMS", "LD", "ST")
+_CSRC_FILES = frozenset(os.listdir(CSRC)) if os.path.isdir(CSRC) else frozenset()
 
 
 @functools.lru_cache(maxsize=None)
@@ -392,9 +393,9 @@ def sass_lines(arch: int = 90) -> Dict[str, List[dict]]:
     """{demangled kernel: [instruction]} of the bf16 translation unit's machine code for
     sm_<arch>, each instruction a dict: addr, op (its base opcode), nc (a read-only global
     load), target (the address a branch goes to, or None), label (a branch target starts
-    here), line (its source line, "file.h:N": the innermost place of its inlined chain
-    outside shared_array.h, as parse_sites resolves the checked build's sites; the file's
-    name without its folder). From
+    here), line (its source line, "file.h:N": the innermost place of its inlined chain in
+    csrc/ outside shared_array.h, as parse_sites resolves the checked build's sites; the
+    file's name without its folder). From
     nvdisasm -gi of the extension's cubin (the build has -lineinfo); {} without them."""
     from convlora_kernels import _ext
 
@@ -446,7 +447,10 @@ def code_of_cubin(cubin: str, nvdisasm: str) -> Dict[str, List[dict]]:
         if m is None:
             continue
         if chain:
-            f, n = next(((f, n) for f, n in chain if not f.endswith("shared_array.h")), chain[0])
+            # the innermost place in the kernels' own sources (a load's is the line that
+            # reads an SArr, not shared_array.h's or a CUDA header's such as __ldg's)
+            f, n = next(((f, n) for f, n in chain if os.path.basename(f) in _CSRC_FILES
+                         and not f.endswith("shared_array.h")), chain[0])
             line = f"{os.path.basename(f)}:{n}"
             chain = []
         op = m.group(2).split(".")[0]
@@ -466,7 +470,8 @@ def code_of_cubin(cubin: str, nvdisasm: str) -> Dict[str, List[dict]]:
 
 
 def phase_instructions(code: List[dict], phases: Dict[str, dict], sites: List[dict],
-                       warps: int) -> Optional[Dict[str, float]]:
+                       warps: int, detail: Optional[List[tuple]] = None
+                       ) -> Optional[Dict[str, float]]:
     """{phase: warp instructions (all the counted call's blocks), HMMAs excluded} from the
     machine code's basic blocks, each weighted by how often a warp runs it: a block with
     shared-memory instructions runs as often as the checked build counted the warp accesses
@@ -476,7 +481,8 @@ def phase_instructions(code: List[dict], phases: Dict[str, dict], sites: List[di
     shared accesses before and after it inside no other loop (a branch not taken counts
     as its stores do: zero), else once a warp and run of its phase. None when the code's barriers do not match the phases. So code that runs once
     a thread (an item's GELUs) counts once, not at the rate of the loop before it, as a
-    phase's single ratio of all instructions to shared ones would."""
+    phase's single ratio of all instructions to shared ones would. detail, when given,
+    gets each block's (phase, address, instructions, runs, source lines)."""
     segs: List[List[dict]] = [[]]
     for ins in code:
         if ins["op"] == "NOP":
@@ -495,7 +501,7 @@ def phase_instructions(code: List[dict], phases: Dict[str, dict], sites: List[di
                 dyn[st["line"]] = dyn.get(st["line"], 0) + st["warp_accesses"]
         static: Dict[str, int] = {}
         for ins in seg:
-            if ins["op"] in SHARED_OPS:
+            if ins["op"] in SHARED_OPS or ins["nc"]:  # the nc loads: counted global arrays
                 static[ins["line"]] = static.get(ins["line"], 0) + 1
         # basic blocks: a label or the instruction after a branch starts one
         blocks: List[List[dict]] = []
@@ -506,7 +512,7 @@ def phase_instructions(code: List[dict], phases: Dict[str, dict], sites: List[di
         own: List[Optional[float]] = []
         for b in blocks:
             w = [dyn[i["line"]] / static[i["line"]] for i in b
-                 if i["op"] in SHARED_OPS and i["line"] in dyn]
+                 if (i["op"] in SHARED_OPS or i["nc"]) and i["line"] in dyn]
             own.append(sum(w) / len(w) if w else None)
         loops = [(i["target"], i["addr"]) for i in seg
                  if i["target"] is not None and i["target"] <= i["addr"]]
@@ -536,7 +542,10 @@ def phase_instructions(code: List[dict], phases: Dict[str, dict], sites: List[di
                                         (blocks[:j][::-1], own[:j][::-1]))]
                 near = [v for v in near if v is not None]
                 w = min(near) if near else once
-            total += w * sum(1 for i in b if i["op"] != "HMMA")
+            n = sum(1 for i in b if i["op"] != "HMMA")
+            total += w * n
+            if detail is not None:  # (phase, address, instructions, runs, source lines)
+                detail.append((name, b[0]["addr"], n, w, sorted({i["line"] for i in b})))
         out[name] = total
     return out
 

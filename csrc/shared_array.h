@@ -33,6 +33,24 @@ struct V4 {
   T v[4];
 };
 
+// A load of a global array through the read-only path on the GPU, and the SArr access the
+// checked CPU build counts, written on one source line (CONVLORA_GPU_OR_CPU(gpu, cpu)): the
+// cost model matches the machine code's loads to the checked build's counts by line.
+#if defined(__CUDA_ARCH__)
+#define CONVLORA_GPU_OR_CPU(gpu, cpu) (gpu)
+__device__ __forceinline__ V4<float> ldg4(const float* p) {
+  const float4 f = __ldg(reinterpret_cast<const float4*>(p));
+  return {{f.x, f.y, f.z, f.w}};
+}
+__device__ __forceinline__ void ldg2(const float* p, float (&v)[2]) {
+  const float2 f = __ldg(reinterpret_cast<const float2*>(p));
+  v[0] = f.x;
+  v[1] = f.y;
+}
+#else
+#define CONVLORA_GPU_OR_CPU(gpu, cpu) (cpu)
+#endif
+
 #if defined(CONVLORA_CHECKED)
 [[noreturn]] inline void smem_out_of_range(const char* name, int i, int n) {
   throw std::out_of_range(std::string("stencil (checked build): shared array ") + name +
@@ -170,10 +188,11 @@ struct SArr {
   CONVLORA_HOOK void on_read(int i) const {
     const void* site = __builtin_return_address(0);  // the access's place in the kernel
     const int64_t w = word(i);
-    if (w < 0) return;
-    Shadow& s = *g_shadow;
-    if (s.trace != nullptr && s.tid >= 0) s.trace->reads[s.tid].push_back({site, name, w, 1});
-    check_read(i);
+    if (w < 0 && !global) return;
+    Shadow* s = g_shadow;  // a counted global array's load: counted, not race-checked
+    if (s != nullptr && s->trace != nullptr && s->tid >= 0)
+      s->trace->reads[s->tid].push_back({site, name, global ? -1 : w, 1});
+    if (w >= 0) check_read(i);
   }
   // The race check of a read of element i (its first word).
   void check_read(int i) const {

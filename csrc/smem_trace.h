@@ -59,7 +59,7 @@ struct SiteKey {
   std::string phase;
   const void* site;
   const char* array;
-  char rw;  // 'r' or 'w'
+  char rw;  // 'r' or 'w', or 'g': a counted global array's load (no wavefronts)
   bool operator<(const SiteKey& o) const {
     return std::tie(phase, site, array, rw) < std::tie(o.phase, o.site, o.array, o.rw);
   }
@@ -144,7 +144,8 @@ struct Trace {
       for (auto& [key, g] : groups) {
         auto& words = g.words;
         if (!words.empty() && words.front() < 0) {  // a global array's load: no wavefronts
-          ++global;
+          ++global;  // by site too ('g'), for the cost model's count of instructions
+          sites[SiteKey{current->name, key.first, arrays[key.first], 'g'}].warp_accesses += 1;
           continue;
         }
         current->lane_accesses += static_cast<int64_t>(words.size());

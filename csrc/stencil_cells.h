@@ -249,33 +249,16 @@ CONVLORA_HD void cells_list(const CellSmem<float>& S, int tid) {
 // Four (two, one) consecutive floats of the composed weights from index i (16- or 8-byte
 // aligned): through the read-only path on the GPU; the checked CPU build counts them.
 CONVLORA_HD void load_cells4(const SArr<float>& m, int i, float (&v)[4]) {
-#if defined(__CUDA_ARCH__)
-  const float4 f = __ldg(reinterpret_cast<const float4*>(m.p + i));
-  v[0] = f.x;
-  v[1] = f.y;
-  v[2] = f.z;
-  v[3] = f.w;
-#else
-  const V4<float> f = m.load4(i);
+  const V4<float> f = CONVLORA_GPU_OR_CPU(ldg4(m.p + i), m.load4(i));
+  CONVLORA_UNROLL
   for (int q = 0; q < 4; ++q) v[q] = f.v[q];
-#endif
 }
 CONVLORA_HD void load_cells2(const SArr<float>& m, int i, float (&v)[2]) {
-#if defined(__CUDA_ARCH__)
-  const float2 f = __ldg(reinterpret_cast<const float2*>(m.p + i));
-  v[0] = f.x;
-  v[1] = f.y;
-#else
-  m.load2(i, v);
-#endif
+  CONVLORA_GPU_OR_CPU(ldg2(m.p + i, v), m.load2(i, v));
 }
 
 CONVLORA_HD float load_cell(const SArr<float>& m, int i) {
-#if defined(__CUDA_ARCH__)
-  return __ldg(m.p + i);
-#else
-  return m[i];
-#endif
+  return CONVLORA_GPU_OR_CPU(__ldg(m.p + i), m[i]);
 }
 
 // The least key with work above `done` among a warp's rows (lane (g, t): rows g, g + 8),
@@ -482,19 +465,14 @@ CONVLORA_HD void cells_out(const TileArgs<scalar_t, float>& A, const BlockPos& P
     S.c.load2(place * CR + j * R + 2 * t, cv);
     cv[0] += bias[0];
     cv[1] += bias[1];
-    if (pre == nullptr) {
-      CONVLORA_UNROLL
-      for (int q = 0; q < 2; ++q) y[q] += wd * gelu_erf(cv[q]);
-    } else {  // GELU'(C) (or C) to the slot
-      float saved[2];
-      CONVLORA_UNROLL
-      for (int q = 0; q < 2; ++q) {
-        float slope;
-        y[q] += wd * gelu_erf_and_grad(cv[q], slope);
-        saved[q] = A.raw_pre ? cv[q] : slope;
-      }
-      store_pair(pre + j * A.r + 2 * t, saved, A.r - 2 * t);
+    float saved[2];  // GELU'(C) (or C) for the slot; computed saved or not: one path
+    CONVLORA_UNROLL
+    for (int q = 0; q < 2; ++q) {
+      float slope;
+      y[q] += wd * gelu_erf_and_grad(cv[q], slope);
+      saved[q] = A.raw_pre ? cv[q] : slope;
     }
+    if (pre != nullptr) store_pair(pre + j * A.r + 2 * t, saved, A.r - 2 * t);
   }
   if (pre != nullptr) {  // the slots of phases the token does not have: zero
     const float zero[2] = {0.f, 0.f};

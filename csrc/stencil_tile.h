@@ -922,16 +922,14 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
       conv_item<R, INTERP, G::kZW, G::kZCell, true, false>(
           A.taps, A.T, e, A.T.scale[e], ip.oy, ip.ox, zy0, zx0, S.zs, S.w,
           e * weight_stride<R>(), S.b, S.cbuf, row, S.ubuf, 0);
-      if (pre == nullptr) {
-        for (int co = 0; co < R; ++co) S.cbuf[row + co] = ip.w * gelu_erf(acc_t(S.cbuf[row + co]));
-      } else {  // GELU'(C) (or C) to the slot, channels past r not stored
-        CONVLORA_UNROLL
-        for (int co = 0; co < R; ++co) {
-          const acc_t c = S.cbuf[row + co];
-          acc_t slope;
-          S.cbuf[row + co] = ip.w * gelu_erf_and_grad(c, slope);
-          if (co < A.r) pre[co] = A.raw_pre ? c : slope;
-        }
+      // GELU'(C) (or C) to the slot when saving (one path of code either way: the slope's
+      // exponential is cheap beside the conv), channels past r not stored
+      CONVLORA_UNROLL
+      for (int co = 0; co < R; ++co) {
+        const acc_t c = S.cbuf[row + co];
+        acc_t slope;
+        S.cbuf[row + co] = ip.w * gelu_erf_and_grad(c, slope);
+        if (pre != nullptr && co < A.r) pre[co] = A.raw_pre ? c : slope;
       }
     } else {
       if (r0 + j < tile_items)

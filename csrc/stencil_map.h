@@ -579,7 +579,7 @@ CONVLORA_HD void map_dc(const TileArgs<scalar_t, acc_t>& A, const MapPos& M,
 }
 
 // Threads per input of map_phase_dw: its 9R + 1 inputs (the bias one of them) take 37 of
-// the block's 128 threads at R = 4, so each input's sums are split over this many runs of
+// the block's 256 threads at R = 4, so each input's sums are split over this many runs of
 // conv rows (one per thread), added up by map_phase_dw_sum.
 template <int R>
 CONVLORA_HD constexpr int map_dw_runs() {

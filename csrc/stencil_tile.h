@@ -57,8 +57,11 @@
 namespace convlora {
 namespace tile {
 
-// Threads per block of the map programs (the tile programs': Geometry::kThreads).
-constexpr int kThreads = 128;
+// Threads per block of the map programs (the tile programs': Geometry::kThreads). Eight
+// warps: a map block's phases are loops over its grid's points with every thread taking
+// one in turn, so twice the warps of 128 halve the block's critical path (the cost model's
+// H100-fitted bound at the authors' setting) for the same instructions.
+constexpr int kThreads = 256;
 // Per-block shared memory that stages the conv weights or the weight-gradient
 // accumulators only when they fit under this many bytes (else they stay in global memory).
 // A first choice, not a measured one: the ops' smem_kb argument overrides it (stencil.h; the

@@ -479,12 +479,13 @@ def phase_instructions(code: List[dict], phases: Dict[str, dict], sites: List[di
                        ) -> Optional[Dict[str, float]]:
     """{phase: warp instructions (all the counted call's blocks), HMMAs excluded} from the
     machine code's basic blocks, each weighted by how often a warp runs it: a block with
-    shared-memory instructions runs as often as the checked build counted the warp accesses
-    of their source lines (a line's count shared by its copies in the code: unrolled
-    loops); a block without any, as often as the most frequent block of the innermost loop
-    that holds it (a back branch's range), else as the less frequent of the blocks with
-    shared accesses before and after it inside no other loop (a branch not taken counts
-    as its stores do: zero), else once a warp and run of its phase. None when the code's barriers do not match the phases. So code that runs once
+    shared-memory instructions (or loads of counted global arrays) runs as often as the
+    checked build counted the warp accesses of their source lines (a line's count shared by
+    its copies in the code: unrolled loops); a block without any, as often as the most
+    frequent block of the innermost loop that holds it (a back branch's range), else as the
+    less frequent of the blocks with accesses before and after it inside no other loop (a
+    branch not taken counts as its stores do: zero), else once a warp and run of its
+    phase. None when the code's barriers do not match the phases. So code that runs once
     a thread (an item's GELUs) counts once, not at the rate of the loop before it, as a
     phase's single ratio of all instructions to shared ones would. detail, when given,
     gets each block's (phase, address, instructions, runs, source lines)."""

@@ -25,8 +25,8 @@
 // token's 3 x 3 z cells by composed weights (stencil_cells.h: the weights, z and the
 // backward's deltas rounded to tf32, fp32 sums) where it runs: r in (4, 8], bilinear, fp32
 // accumulation, a CUDA device of compute capability 8.0 or later; elsewhere the
-// multiply-add programs run (make_tile_grid). The backward reads the same slopes either way. The projections around
-// the stencil are GEMMs done by the caller.
+// multiply-add programs run (make_tile_grid). The backward reads the same slopes either
+// way. The projections around the stencil are GEMMs done by the caller.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -642,8 +642,8 @@ CONVLORA_HD void cellb_list(const CellBwdSmem& S, int tid) {
 }
 
 // Phase 3: thread per (sorted place, channels 2t, 2t + 1): delta_j = w_down g GELU'(C_j)
-// (the forward's saved slopes), rounded to tf32, for the token's phase pairs; zero for the others, for tokens with no
-// work and for channels past r.
+// (the forward's saved slopes), rounded to tf32, for the token's phase pairs; zero for the
+// others, for tokens with no work and for channels past r.
 template <int R, typename scalar_t>
 CONVLORA_HD void cellb_delta(const TileArgs<scalar_t, float>& A, const BlockPos& P,
                              const CellBwdSmem& S, int tid) {

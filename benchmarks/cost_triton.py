@@ -27,7 +27,13 @@ token routing spreads the tokens evenly over the experts). The estimate is the l
 (the assumptions of benchmarks/cost_model.py's H100). It leaves out latency (the loops'
 global loads of the z neighbourhood and tables hit L1 or L2) and the tail of the last
 wave: an estimate from counting, not a measurement; gpu_check.sh prints it beside the
-measured times so the model can be corrected.
+measured times so the model can be corrected. The "H100-fitted" column applies the rates
+the cuda stencil kernels ran at on the first H100 run (cost_model.py's fitted_chain_clocks
+per instruction of a warp's path, a wave of resident programs at a time, or
+fitted_issue_per_clock of the SM's instructions): what the count would mean if the
+Triton programs, two or three of four warps an SM at these registers, ran as latency-bound
+as those did. No Triton kernel has been timed alone yet: kernel_profile.py's Triton rows
+will tell.
 """
 
 from __future__ import annotations
@@ -208,6 +214,7 @@ def compiled_kernels(case: Case, arch: int = 90) -> Dict[str, dict]:
         usage = dict(w.split(":") for w in cc._usage(built.asm["cubin"]).split())
         out[name] = dict(sass=parse_sass(sass), warps=kw.get("num_warps", 4),
                          regs=int(usage.get("REG", -1)), stack=int(usage.get("STACK", -1)),
+                         shared=int(built.metadata.shared),
                          constexprs={k: v for k, v in kw.items() if k.isupper()})
     missing = wanted - set(out)
     if missing:
@@ -270,9 +277,25 @@ def rows(cases=CASES, dev=H100, arch: int = 90) -> List[dict]:
                     programs += tiles
                     if detail is None or nt == max(ntaps):
                         detail = d
-                issue_us = total / (dev["sms"] * dev["issue_per_clock"]
-                                    * dev["clock_ghz"] * 1e3)
+                clock = dev["clock_ghz"] * 1e3  # clocks per microsecond
+                issue_us = total / (dev["sms"] * dev["issue_per_clock"] * clock)
                 dram_us = _bytes(case, kernel, t) / dev["dram_bytes_per_s"] * 1e6
+                # H100-fitted, at the rates the cuda kernels ran on the first H100 run
+                # (cost_model.py): every warp of a program runs its code, so a program's
+                # critical path is a warp's instructions (the programs' mean), at
+                # fitted_chain_clocks each, a wave of resident programs at a time; or the
+                # SM's instructions at fitted_issue_per_clock
+                threads = 32 * k["warps"]
+                resident = max(1, min(dev["max_blocks_per_sm"],
+                                      dev["threads_per_sm"] // threads,
+                                      dev["registers_per_sm"] // (max(1, k["regs"]) * threads),
+                                      dev["shared_bytes_per_sm"]
+                                      // (k["shared"] + dev["block_reserved_bytes"])))
+                per_sm = math.ceil(programs / dev["sms"])
+                chain_us = (math.ceil(per_sm / resident) * total / (programs * k["warps"])
+                            * dev["fitted_chain_clocks"] / clock)
+                fitted_issue_us = total / programs * per_sm / (dev["fitted_issue_per_clock"]
+                                                               * clock)
                 out.append(dict(case=case.name, direction=direction, kernel=kernel,
                                 programs=programs, warps=k["warps"], bt=t.bt,
                                 regs=k["regs"], stack=k["stack"],
@@ -280,16 +303,18 @@ def rows(cases=CASES, dev=H100, arch: int = 90) -> List[dict]:
                                 warp_instructions=total,
                                 per_token=total / n,
                                 times_us=dict(issue=issue_us, dram=dram_us),
-                                est_us=max(issue_us, dram_us),
+                                est_us=max(issue_us, dram_us), resident=resident,
+                                fitted_chain_us=chain_us, fitted_issue_us=fitted_issue_us,
+                                calibrated_us=max(chain_us, fitted_issue_us, dram_us),
                                 bound="issue" if issue_us >= dram_us else "dram"))
     return out
 
 
-def totals(rs: List[dict]) -> Dict[Tuple[str, str], float]:
+def totals(rs: List[dict], field: str = "est_us") -> Dict[Tuple[str, str], float]:
     out: Dict[Tuple[str, str], float] = {}
     for r in rs:
         out[(r["case"], r["direction"])] = out.get((r["case"], r["direction"]), 0.0) \
-            + r["est_us"]
+            + r[field]
     return out
 
 
@@ -323,23 +348,28 @@ def assumptions(dev=H100) -> str:
 
 def table(rs: List[dict]) -> List[str]:
     out = ["| case | pass | kernel | programs x warps (BT) | registers | warp instructions "
-           "/ token | est. us (issue / dram) | bound |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "/ token | est. us (issue / dram) | bound | programs an SM | H100-fitted us "
+           "(chain / issue) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rs:
         t = r["times_us"]
         out.append(f"| {r['case']} | {r['direction']} | {r['kernel']} | {r['programs']} x "
                    f"{r['warps']} ({r['bt']}) | {r['regs']} | {r['per_token']:,.0f} | "
                    f"**{r['est_us']:.1f}** ({t['issue']:.1f} / {t['dram']:.1f}) | "
-                   f"{r['bound']} |")
+                   f"{r['bound']} | {r['resident']} | **{r['calibrated_us']:.1f}** "
+                   f"({r['fitted_chain_us']:.1f} / {r['fitted_issue_us']:.1f}) |")
     return out
 
 
 def totals_table(rs: List[dict]) -> List[str]:
-    out = ["| case | pass | est. us (kernels) | budget |", "| --- | --- | --- | --- |"]
+    out = ["| case | pass | est. us (kernels) | budget | H100-fitted us |",
+           "| --- | --- | --- | --- | --- |"]
+    fitted = totals(rs, "calibrated_us")
     for (case, direction), us in totals(rs).items():
         budget = BUDGETS_US.get(case)
         b = "" if budget is None else f"{budget[0 if direction == 'fwd' else 1]:.0f}"
-        out.append(f"| {case} | {direction} | {us:.1f} | {b} |")
+        out.append(f"| {case} | {direction} | {us:.1f} | {b} | "
+                   f"{fitted[(case, direction)]:.1f} |")
     return out
 
 
@@ -374,10 +404,12 @@ def main(argv=None) -> int:
     if args.loops:
         print()
         print("\n".join(loop_table(rs)))
-    t = totals(rs)
-    print(f"\nRESULT: modeled {CASES[0].name} triton stencil fwd "
-          f"{t[(CASES[0].name, 'fwd')]:.1f} us, bwd {t[(CASES[0].name, 'bwd')]:.1f} us "
-          f"(merged {t[(CASES[0].name, 'bwd merged')]:.1f} us) (est. {H100['card']})")
+    t, f = totals(rs), totals(rs, "calibrated_us")
+    c = CASES[0].name
+    print(f"\nRESULT: modeled {c} triton stencil fwd {t[(c, 'fwd')]:.1f} us, bwd "
+          f"{t[(c, 'bwd')]:.1f} us (merged {t[(c, 'bwd merged')]:.1f} us); H100-fitted fwd "
+          f"{f[(c, 'fwd')]:.1f}, bwd {f[(c, 'bwd')]:.1f} (merged {f[(c, 'bwd merged')]:.1f}) "
+          f"(est. {H100['card']})")
     if args.limits:
         print()
         print(present_limits(rs))

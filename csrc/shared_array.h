@@ -33,23 +33,6 @@ struct V4 {
   T v[4];
 };
 
-// A load of a global array through the read-only path on the GPU, and the SArr access the
-// checked CPU build counts, written on one source line (CONVLORA_GPU_OR_CPU(gpu, cpu)): the
-// cost model matches the machine code's loads to the checked build's counts by line.
-#if defined(__CUDA_ARCH__)
-#define CONVLORA_GPU_OR_CPU(gpu, cpu) (gpu)
-__device__ __forceinline__ V4<float> ldg4(const float* p) {
-  const float4 f = __ldg(reinterpret_cast<const float4*>(p));
-  return {{f.x, f.y, f.z, f.w}};
-}
-__device__ __forceinline__ void ldg2(const float* p, float (&v)[2]) {
-  const float2 f = __ldg(reinterpret_cast<const float2*>(p));
-  v[0] = f.x;
-  v[1] = f.y;
-}
-#else
-#define CONVLORA_GPU_OR_CPU(gpu, cpu) (cpu)
-#endif
 
 #if defined(CONVLORA_CHECKED)
 [[noreturn]] inline void smem_out_of_range(const char* name, int i, int n) {
@@ -128,8 +111,8 @@ struct SArr {
   T* p;
   int n;
   const char* name;
-  // A global-memory array whose loads the cost model counts (as instructions, with no
-  // shared-memory wavefronts): global_view.
+  // A global-memory array whose loads and stores the cost model counts (as instructions,
+  // with no shared-memory wavefronts): global_view.
   bool global = false;
   SRef<T> operator[](int i) const {
     if (i < 0 || i >= n) smem_out_of_range(name, i, n);
@@ -194,6 +177,17 @@ struct SArr {
       s->trace->reads[s->tid].push_back({site, name, global ? -1 : w, 1});
     if (w >= 0) check_read(i);
   }
+  // Loads of a global view (CONVLORA_GLOBAL_VIEW) that the GPU build takes through the
+  // read-only path (ldg: one element, ldg2: two, ldg4: four, aligned as load2 and load4
+  // require): here the same counted loads. Being inlined here, on both builds the access's
+  // place is its caller's line, which is how the cost model pairs the machine code's loads
+  // with these counts.
+  CONVLORA_SITE T ldg(int i) const { return (*this)[i]; }
+  CONVLORA_SITE void ldg2(int i, T (&out)[2]) const { load2(i, out); }
+  CONVLORA_SITE V4<T> ldg4(int i) const { return load4(i); }
+  // A store of two elements to a global view that the next kernel reads (stcg2: streamed
+  // past L1 on the GPU, one 64-bit store): here store2, counted.
+  CONVLORA_SITE void stcg2(int i, const T (&v)[2]) const { store2(i, v); }
   // The race check of a read of element i (its first word).
   void check_read(int i) const {
     const int64_t w = word(i);
@@ -218,8 +212,9 @@ struct SArr {
     const void* site = __builtin_return_address(0);
     const int64_t w = word(i);
     Shadow* s = g_shadow;
-    if (w >= 0 && s->trace != nullptr && s->tid >= 0)
-      s->trace->writes[s->tid].push_back({site, name, w, static_cast<int64_t>(sizeof(T))});
+    if ((w >= 0 || global) && s != nullptr && s->trace != nullptr && s->tid >= 0)
+      s->trace->writes[s->tid].push_back(
+          {site, name, global ? -1 : w, static_cast<int64_t>(sizeof(T))});
     for (int k = 0; k < 4; ++k) check_write(i + k);
   }
   // Two elements from index i, as load2 takes them: one 64-bit store on the GPU.
@@ -236,17 +231,19 @@ struct SArr {
     const void* site = __builtin_return_address(0);
     const int64_t w = word(i);
     Shadow* s = g_shadow;
-    if (w >= 0 && s->trace != nullptr && s->tid >= 0)
-      s->trace->writes[s->tid].push_back({site, name, w, static_cast<int64_t>(sizeof(T)) / 2});
+    if ((w >= 0 || global) && s != nullptr && s->trace != nullptr && s->tid >= 0)
+      s->trace->writes[s->tid].push_back(
+          {site, name, global ? -1 : w, static_cast<int64_t>(sizeof(T)) / 2});
     for (int k = 0; k < 2; ++k) check_write(i + k);
   }
   CONVLORA_HOOK void on_write(int i) const {
     const void* site = __builtin_return_address(0);
     const int64_t w = word(i);
-    if (w < 0) return;
-    Shadow& s = *g_shadow;
-    if (s.trace != nullptr && s.tid >= 0) s.trace->writes[s.tid].push_back({site, name, w, 1});
-    check_write(i);
+    if (w < 0 && !global) return;
+    Shadow* s = g_shadow;  // a counted global array's store: counted, not race-checked
+    if (s != nullptr && s->trace != nullptr && s->tid >= 0)
+      s->trace->writes[s->tid].push_back({site, name, global ? -1 : w, 1});
+    if (w >= 0) check_write(i);
   }
   // The race check of a write of element i (its first word).
   void check_write(int i) const {
@@ -263,7 +260,8 @@ struct SArr {
 };
 #define CONVLORA_SARR(T, base, off, count, nm) \
   SArr<T> { reinterpret_cast<T*>((base) + (off)), (count), nm }
-// A global array read through SArr: bounds-checked, its loads counted for the cost model.
+// A global array read or written through SArr: bounds-checked, its loads and stores counted
+// for the cost model.
 #define CONVLORA_GLOBAL_VIEW(T, ptr, count, nm) \
   SArr<T> { const_cast<T*>(ptr), (count), nm, true }
 #else
@@ -299,6 +297,49 @@ struct SArr {
 #endif
     out[0] = p[i];
     out[1] = p[i + 1];
+  }
+  // Loads of a global view through the read-only path (the checked build counts them).
+  CONVLORA_HD T ldg(int i) const {
+#if defined(__CUDA_ARCH__)
+    return __ldg(p + i);
+#else
+    return p[i];
+#endif
+  }
+  CONVLORA_HD void ldg2(int i, T (&out)[2]) const {
+#if defined(__CUDA_ARCH__)
+    if constexpr (std::is_same_v<T, float>) {
+      const float2 f = __ldg(reinterpret_cast<const float2*>(p + i));
+      out[0] = f.x;
+      out[1] = f.y;
+      return;
+    }
+#endif
+    out[0] = p[i];
+    out[1] = p[i + 1];
+  }
+  CONVLORA_HD V4<T> ldg4(int i) const {
+#if defined(__CUDA_ARCH__)
+    if constexpr (std::is_same_v<T, float>) {
+      const float4 f = __ldg(reinterpret_cast<const float4*>(p + i));
+      return V4<T>{{f.x, f.y, f.z, f.w}};
+    } else
+#endif
+    {
+      return V4<T>{{p[i], p[i + 1], p[i + 2], p[i + 3]}};
+    }
+  }
+  // Two elements from index i (8-byte aligned) to a global view that the next kernel reads:
+  // st.global.cg on the GPU, one 64-bit store (a float2 store of the C++ may be split).
+  CONVLORA_HD void stcg2(int i, const T (&v)[2]) const {
+#if defined(__CUDA_ARCH__)
+    if constexpr (std::is_same_v<T, float>) {
+      __stcg(reinterpret_cast<float2*>(p + i), make_float2(v[0], v[1]));
+      return;
+    }
+#endif
+    p[i] = v[0];
+    p[i + 1] = v[1];
   }
   CONVLORA_HD void store2(int i, const T (&v)[2]) const {
 #if defined(__CUDA_ARCH__)

@@ -143,9 +143,10 @@ struct Trace {
       int64_t global = 0;
       for (auto& [key, g] : groups) {
         auto& words = g.words;
-        if (!words.empty() && words.front() < 0) {  // a global array's load: no wavefronts
-          ++global;  // by site too ('g'), for the cost model's count of instructions
-          sites[SiteKey{current->name, key.first, arrays[key.first], 'g'}].warp_accesses += 1;
+        if (!words.empty() && words.front() < 0) {  // a global array's: no wavefronts
+          ++global;  // by site too ('g' a load, 'G' a store), for the cost model's count
+          const char grw = rw == 'r' ? 'g' : 'G';  // of instructions
+          sites[SiteKey{current->name, key.first, arrays[key.first], grw}].warp_accesses += 1;
           continue;
         }
         current->lane_accesses += static_cast<int64_t>(words.size());

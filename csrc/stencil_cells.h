@@ -246,21 +246,6 @@ CONVLORA_HD void cells_list(const CellSmem<float>& S, int tid) {
   S.order[place] = tid;
 }
 
-// Four (two, one) consecutive floats of the composed weights from index i (16- or 8-byte
-// aligned): through the read-only path on the GPU; the checked CPU build counts them.
-CONVLORA_HD void load_cells4(const SArr<float>& m, int i, float (&v)[4]) {
-  const V4<float> f = CONVLORA_GPU_OR_CPU(ldg4(m.p + i), m.load4(i));
-  CONVLORA_UNROLL
-  for (int q = 0; q < 4; ++q) v[q] = f.v[q];
-}
-CONVLORA_HD void load_cells2(const SArr<float>& m, int i, float (&v)[2]) {
-  CONVLORA_GPU_OR_CPU(ldg2(m.p + i, v), m.load2(i, v));
-}
-
-CONVLORA_HD float load_cell(const SArr<float>& m, int i) {
-  return CONVLORA_GPU_OR_CPU(__ldg(m.p + i), m[i]);
-}
-
 // The least key with work above `done` among a warp's rows (lane (g, t): rows g, g + 8),
 // in every lane: each lane proposes its own, the warp takes the least (redux.sync);
 // kCellNone when none is left.
@@ -311,13 +296,12 @@ CONVLORA_HD void for_each_key_pair(const int (&key)[kLanes][2], const float* cel
 CONVLORA_HD void load_b_pair(const SArr<float>& mb, int at, int warp, int lane0,
                              float (&b0)[kLanes][2], float (&b1)[kLanes][2]) {
   for (int l = 0; l < kLanes; ++l) {
-    float v[4];
     as_thread(32 * warp + lane0 + l);
-    load_cells4(mb, at + 4 * (lane0 + l), v);
-    b0[l][0] = v[0];
-    b0[l][1] = v[1];
-    b1[l][0] = v[2];
-    b1[l][1] = v[3];
+    const V4<float> v = mb.ldg4(at + 4 * (lane0 + l));
+    b0[l][0] = v.v[0];
+    b0[l][1] = v.v[1];
+    b1[l][0] = v.v[2];
+    b1[l][1] = v.v[3];
   }
 }
 
@@ -327,7 +311,7 @@ CONVLORA_HD void load_b_last(const SArr<float>& mb, int at, int warp, int lane0,
                              float (&b)[kLanes][2]) {
   for (int l = 0; l < kLanes; ++l) {
     as_thread(32 * warp + lane0 + l);
-    load_cells2(mb, at + 512 + 2 * (lane0 + l), b[l]);
+    mb.ldg2(at + 512 + 2 * (lane0 + l), b[l]);
   }
 }
 
@@ -797,6 +781,12 @@ CONVLORA_HD void cellb_dw(const TileArgs<scalar_t, float>& A, const float* cells
       }
       const int end = warp_min(nxt);
       const int cy = (cur >> 2) & 3, cx = cur & 3, ph = CT.ph[e], nj = ph * ph;
+      // the key's row fold weights per row phase a (wy_a[ky][ny] at ny + 3 ky: one address
+      // a row of cells, the taps at fixed offsets from it)
+      const SArr<float> wy_of[2] = {
+          CONVLORA_GLOBAL_VIEW(float, fold + cell_fold(e, 0, cy, 0), 9, "fold tables (global)"),
+          CONVLORA_GLOBAL_VIEW(float, fold + cell_fold(e, 0, cy, ph - 1), 9,
+                               "fold tables (global)")};
       float wx[kLanes][2][9];  // the key's column fold weights, for every row of cells
       for (int l = 0; l < kLanes; ++l) {
         as_thread(32 * warp + lane0 + l);
@@ -804,7 +794,7 @@ CONVLORA_HD void cellb_dw(const TileArgs<scalar_t, float>& A, const float* cells
         for (int b = 0; b < 2; ++b)
           CONVLORA_UNROLL
           for (int k = 0; k < 9; ++k)
-            wx[l][b][k] = b < ph ? load_cell(fw, cell_fold(e, 1, cx, b) + k) : 0.f;
+            wx[l][b][k] = b < ph ? fw.ldg(cell_fold(e, 1, cx, b) + k) : 0.f;
       }
       CONVLORA_NO_UNROLL
       for (int ny = 0; ny < 3; ++ny) {
@@ -816,7 +806,8 @@ CONVLORA_HD void cellb_dw(const TileArgs<scalar_t, float>& A, const float* cells
             for (int q = 0; q < 4; ++q)
               CONVLORA_UNROLL
               for (int nx = 0; nx < 3; ++nx) dm[l][mt][nx][q] = 0.f;
-        for (int c0 = p; c0 < end; c0 += 8) {  // 8 tokens a k-step
+        int c0 = p;  // 8 tokens a k-step; a key has one at least (end > p)
+        do {
           float am[kLanes][2][4], b[kLanes][3][2];
           for (int l = 0; l < kLanes; ++l) {
             const int lane = lane0 + l;
@@ -834,11 +825,11 @@ CONVLORA_HD void cellb_dw(const TileArgs<scalar_t, float>& A, const float* cells
                 am[l][mt][2 * h] = dv.v[2 * mt];
                 am[l][mt][2 * h + 1] = dv.v[2 * mt + 1];
               }
+              // the bias: output channel g's deltas of every phase pair (zero past nj), once
+              if (ny == 0) db[l] += (dv.v[0] + dv.v[1]) + (dv.v[2] + dv.v[3]);
+              // the token's cell (ny, 0): its region index tr less a row and a column
               int base = 0;
-              if (in) {
-                const int tr = cellb_token(S.sorted[s]);
-                base = ((tr / kCellZ + ny - 1) * kCellZ + tr % kCellZ - 1) * ZC + g;
-              }
+              if (in) base = (cellb_token(S.sorted[s]) + (ny - 1) * kCellZ - 1) * ZC + g;
               CONVLORA_UNROLL
               for (int nx = 0; nx < 3; ++nx) b[l][nx][h] = in ? S.zs[base + nx * ZC] : 0.f;
             }
@@ -871,7 +862,8 @@ CONVLORA_HD void cellb_dw(const TileArgs<scalar_t, float>& A, const float* cells
                 for (int q = 0; q < 4; ++q) dm[l][mt][nx][q] = d[l][q];
             }
           }
-        }
+          c0 += 8;
+        } while (c0 < end);
         // the fold, phase pair j = (row phase a, column phase b) = 2 a + b (m-tile a, row
         // half b; with one phase j = 0): per row phase a,
         //   sx[kx] = sum_b sum_nx wx_b[kx][nx] dM_j(ny, nx),  dW[ky][kx] += wy_a[ky][ny] sx[kx]
@@ -895,10 +887,9 @@ CONVLORA_HD void cellb_dw(const TileArgs<scalar_t, float>& A, const float* cells
                   sx[kx][1] += w * dm[l][a][nx][2 * b + 1];
                 }
             }
-            const int fy = cell_fold(e, 0, cy, a) + ny;
             CONVLORA_UNROLL
             for (int ky = 0; ky < 3; ++ky) {
-              const float wy = load_cell(fw, fy + 3 * ky);
+              const float wy = wy_of[a].ldg(ny + 3 * ky);
               CONVLORA_UNROLL
               for (int kx = 0; kx < 3; ++kx) {
                 dw[l][3 * ky + kx][0] += wy * sx[kx][0];
@@ -910,34 +901,18 @@ CONVLORA_HD void cellb_dw(const TileArgs<scalar_t, float>& A, const float* cells
       }
       p = end;
     }
-    // the bias: lane (g, t) sums output channel g of every phase pair of the expert's
-    // places s0 + t, s0 + t + 4, ... (the pairs past its phases are zero); then the four
-    // lanes of g add theirs (a butterfly)
-    {
-      for (int l = 0; l < kLanes; ++l) {
-        const int lane = lane0 + l, g = lane >> 2, t = lane & 3;
-        as_thread(32 * warp + lane);
-        for (int s = s0 + t; s < s1; s += 4) {
-          const V4<float> dv = S.delta.load4(cell_delta<R>(s, g));
-          db[l] += (dv.v[0] + dv.v[1]) + (dv.v[2] + dv.v[3]);
-        }
-      }
-      warp_xor_add(db, 1);
-      warp_xor_add(db, 2);
-    }
+    // the bias: lane (g, t) summed output channel g of the tokens its k-steps loaded (each
+    // key's places p + t, p + t + 4, ...); the four lanes of g add theirs (a butterfly)
+    warp_xor_add(db, 1);
+    warp_xor_add(db, 2);
+    const SArr<float> out = CONVLORA_GLOBAL_VIEW(float, partial + e * GS, GS,
+                                                 "weight-gradient partial (global)");
     for (int l = 0; l < kLanes; ++l) {
       const int lane = lane0 + l, g = lane >> 2, t = lane & 3;
-      float* out = partial + e * GS;
+      as_thread(32 * warp + lane);
+      const int at = grad_index<R>(g, 0, 2 * t);  // tap k at at + k R
       CONVLORA_UNROLL
-      for (int k = 0; k < 9; ++k) {
-        float* q = out + grad_index<R>(g, k, 2 * t);
-#if defined(__CUDA_ARCH__)
-        *reinterpret_cast<float2*>(q) = make_float2(dw[l][k][0], dw[l][k][1]);
-#else
-        q[0] = dw[l][k][0];
-        q[1] = dw[l][k][1];
-#endif
-      }
+      for (int k = 0; k < 9; ++k) out.stcg2(at + k * R, dw[l][k]);
       if (t == 0) out[grad_bias_index<R>(g)] = db[l];
     }
   }

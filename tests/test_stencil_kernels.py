@@ -934,10 +934,10 @@ def test_cost_model_sites_add_up_to_the_phases(checked_ops):
     sites = cm.count_sites(checked_ops, case)
     for direction in ("fwd", "bwd"):
         for name, p in counted[direction]["phases"].items():
-            mine = [s for s in sites[direction] if s["phase"] == name and s["rw"] != "g"]
+            mine = [s for s in sites[direction] if s["phase"] == name and s["rw"] not in "gG"]
             for f in ("warp_accesses", "wavefronts", "ideal"):
                 assert sum(s[f] for s in mine) == p[f], (direction, name, f)
-            glob = [s for s in sites[direction] if s["phase"] == name and s["rw"] == "g"]
+            glob = [s for s in sites[direction] if s["phase"] == name and s["rw"] in "gG"]
             assert sum(s["warp_accesses"] for s in glob) == p["global_accesses"], name
         if shutil.which("addr2line"):
             lines = {s["line"] for s in sites[direction]}

@@ -909,6 +909,33 @@ def test_cost_model_counts_every_phase(cost_rows):
                            if p["warp_accesses"] > 0), row["phases"]
 
 
+def test_cost_model_matches_counted_memory_instructions_to_their_lines(checked_ops):
+    """The basic-block count weights a block by the checked build's accesses of its source
+    lines, so every memory instruction it counts must carry its kernel's line: in the
+    composed-weight backward (the kernel with loads of global arrays through SArr::ldg and
+    stores through SArr::stcg2), each shared access, read-only global load and store of
+    its mma phase sits on a line of csrc/ (not a CUDA header's: nvdisasm prints an inlined
+    chain over several lines), each counted site's line has instructions, and the
+    partial's stores are the phase's only global stores."""
+    cm = _cost_model()
+    if not cm.sass_lines():
+        pytest.skip("no CUDA kernels in this build, or no nvdisasm")
+    case = next(c for c in cm.CASES if c.mma)
+    code = cm._code_of("stencil_cells_kernel", 8, case.mode, True)
+    bars = [i for i, ins in enumerate(code) if ins["op"] == "BAR"]
+    mma = code[bars[2] + 1:bars[3] + 1]  # load, list, delta, then the mma phase
+    counted = [ins for ins in mma if ins["op"] in cm.SHARED_OPS or ins["nc"]
+               or ins["op"] == "STG"]
+    csrc = set(os.listdir(CSRC))
+    assert counted and all(ins["line"].split(":")[0] in csrc for ins in counted), \
+        sorted({ins["line"] for ins in counted})
+    sites = [s for s in cm.count_sites(checked_ops, case)["bwd"] if s["phase"] == "mma"]
+    lines = {ins["line"] for ins in counted}
+    assert all(s["line"] in lines for s in sites), (sorted({s["line"] for s in sites}), lines)
+    stored = {s["line"] for s in sites if s["rw"] == "G"}
+    assert stored and stored == {ins["line"] for ins in mma if ins["op"] == "STG"}, stored
+
+
 def test_cost_model_counts_128_bit_accesses_by_quarter_warps_too(cost_rows):
     """The second count (smem_trace.h): scalar phases count the same; the map forward's
     conv, whose lanes all read expert e's weight rows in 128-bit loads (a broadcast: one

@@ -315,19 +315,16 @@ struct SArr {
       return;
     }
 #endif
-    out[0] = p[i];
-    out[1] = p[i + 1];
+    load2(i, out);
   }
   CONVLORA_HD V4<T> ldg4(int i) const {
 #if defined(__CUDA_ARCH__)
     if constexpr (std::is_same_v<T, float>) {
       const float4 f = __ldg(reinterpret_cast<const float4*>(p + i));
       return V4<T>{{f.x, f.y, f.z, f.w}};
-    } else
-#endif
-    {
-      return V4<T>{{p[i], p[i + 1], p[i + 2], p[i + 3]}};
     }
+#endif
+    return load4(i);
   }
   // Two elements from index i (8-byte aligned) to a global view that the next kernel reads:
   // st.global.cg on the GPU, one 64-bit store (a float2 store of the C++ may be split).
@@ -338,8 +335,7 @@ struct SArr {
       return;
     }
 #endif
-    p[i] = v[0];
-    p[i + 1] = v[1];
+    store2(i, v);
   }
   CONVLORA_HD void store2(int i, const T (&v)[2]) const {
 #if defined(__CUDA_ARCH__)

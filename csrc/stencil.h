@@ -336,6 +336,7 @@ tile::TileArgs<scalar_t, acc_t> make_tile_args(const Operands& o, const tile::Ta
   A.H = T.H;
   A.W = T.W;
   A.r = static_cast<int>(o.z.size(1));
+  A.by_r = tile::SmallDiv(A.r);
   A.n = T.n;
   A.tiles_y = grid.tiles_y;
   A.tiles_x = grid.tiles_x;

@@ -381,6 +381,7 @@ struct TileArgs {
   Tables T;
   int64_t maps;
   int H, W, r, n;
+  SmallDiv by_r;               // n / r (made on the host: no division a thread)
   int tiles_y, tiles_x;
   bool w_smem, dw_smem;
   bool vec_z;                  // z and du rows load as 16-byte vectors (r == R, aligned)

@@ -38,7 +38,7 @@ struct V4 {
 // an item, where the division by a runtime int is ~25 instructions on the GPU.
 // m = ceil(2^32 / d) = (2^32 + e) / d with e < d, so n m / 2^32 = n / d + n e / (2^32 d),
 // whose error term stays under 1 / d while n (d - 1) < 2^32 (every n < 2^16 for d <= 2^16).
-// A divisor 0 (an empty grid: no item divides) is taken as 1, not a division by zero.
+// A divisor below 1 is taken as 1 where m is made (no division by zero; ranks are >= 1).
 struct SmallDiv {
   uint64_t m = uint64_t(1) << 32;
   int d = 1;

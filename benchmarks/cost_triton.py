@@ -88,13 +88,16 @@ CASES = [
 # Budgets of the estimate (bf16, H100), microseconds: the stencil forward, and its
 # backward (grad + scatter, all launches).
 BUDGETS_US = {"global token r8": (12.0, 30.0)}
-# Estimates above BUDGETS_US today ("case/pass": us not to exceed), held by
-# tests/test_triton.py: lower a value when a kernel improves, drop it once under budget.
+# Estimates above BUDGETS_US today ("case/pass" for the plain count, "case/pass fitted"
+# for the H100-fitted one: us not to exceed), held by tests/test_triton.py: lower a value
+# when a kernel improves, drop it once under budget.
 OVER_BUDGET_US: Dict[str, float] = {
+    "global token r8/bwd fitted": 32.3,
 }
 
-# The stencil kernels each pass launches: the forward, the split backward (the default)
-# and the merged one (launch.BACKWARD_ENV=merged, a candidate for a GPU to choose).
+# The stencil kernels each pass launches: the forward, the split backward
+# (launch.BACKWARD_ENV=split) and the merged one (the default: the first H100 run timed
+# it 8-31 % faster).
 PASSES = {"fwd": ("stencil_fwd",), "bwd": ("stencil_grad", "stencil_scatter"),
           "bwd merged": ("stencil_bwd",)}
 
@@ -147,13 +150,37 @@ def parse_sass(text: str) -> List[Tuple[int, str]]:
             for m in map(_INSTR.match, text.splitlines()) if m]
 
 
+def _detour(instrs: Sequence[Tuple[int, str]], i: int, target: int) -> bool:
+    """Whether the unconditional branch instrs[i] back to ``target`` ends a detour, not a
+    loop: a block placed out of line (after an unconditional branch or EXIT) that a branch
+    from before ``target`` enters, and that returns to ``target`` (ptxas puts a shuffle's
+    fallback for a warp not converged there: WARPSYNC.COLLECTIVE). A loop's blocks are
+    entered at its start."""
+    if instrs[i][1].startswith("@"):
+        return False
+    j = i - 1
+    while j >= 0 and instrs[j][0] > target and not _ends_block(instrs[j][1]):
+        j -= 1
+    if j < 0 or instrs[j][0] <= target:
+        return False
+    entry = instrs[j + 1][0]
+    return any(addr < target and (m := _BRANCH.search(text)) and int(m.group(1), 16) == entry
+               for addr, text in instrs)
+
+
+def _ends_block(text: str) -> bool:
+    """An unconditional BRA or EXIT: what follows is reached only by a branch."""
+    return not text.startswith("@") and (text.startswith("BRA") or text.startswith("EXIT"))
+
+
 def loops(instrs: Sequence[Tuple[int, str]]) -> List[Tuple[int, int]]:
     """[start, end] (addresses) of each loop: a branch back to an earlier address, its
-    target the start. A branch to itself (the trap after EXIT) is no loop."""
+    target the start. A branch to itself (the trap after EXIT) is no loop, nor a detour's
+    return (_detour: counted as straight-line code, an overcount of the path that skips it)."""
     out = []
-    for addr, text in instrs:
+    for i, (addr, text) in enumerate(instrs):
         m = _BRANCH.search(text)
-        if m and int(m.group(1), 16) < addr:
+        if m and int(m.group(1), 16) < addr and not _detour(instrs, i, int(m.group(1), 16)):
             out.append((int(m.group(1), 16), addr))
     out.sort(key=lambda se: (se[0], -se[1]))
     for (s0, e0), (s1, e1) in zip(out, out[1:]):
@@ -318,24 +345,30 @@ def totals(rs: List[dict], field: str = "est_us") -> Dict[Tuple[str, str], float
     return out
 
 
+# the totals BUDGETS_US holds: the plain count, and the H100-fitted one
+_HELD = (("est_us", ""), ("calibrated_us", " fitted"))
+
+
 def over_limits(rs: List[dict]) -> List[str]:
     bad = []
-    for (case, direction), us in totals(rs).items():
-        budget = BUDGETS_US.get(case)
-        key = f"{case}/{direction}"
-        limit = OVER_BUDGET_US.get(key, None if budget is None
-                                   else budget[0 if direction == "fwd" else 1])
-        if limit is not None and us > limit + 1e-9:
-            bad.append(f"{key}: est. {us:.2f} us, above {limit}")
+    for field, suffix in _HELD:
+        for (case, direction), us in totals(rs, field).items():
+            budget = BUDGETS_US.get(case)
+            key = f"{case}/{direction}{suffix}"
+            limit = OVER_BUDGET_US.get(key, None if budget is None
+                                       else budget[0 if direction == "fwd" else 1])
+            if limit is not None and us > limit + 1e-9:
+                bad.append(f"{key}: est. {us:.2f} us, above {limit}")
     return bad
 
 
 def present_limits(rs: List[dict]) -> str:
     lines = ["OVER_BUDGET_US: Dict[str, float] = {"]
-    for (case, direction), us in totals(rs).items():
-        budget = BUDGETS_US.get(case)
-        if budget and us > budget[0 if direction == "fwd" else 1]:
-            lines.append(f'    "{case}/{direction}": {math.ceil(us * 10) / 10},')
+    for field, suffix in _HELD:
+        for (case, direction), us in totals(rs, field).items():
+            budget = BUDGETS_US.get(case)
+            if budget and us > budget[0 if direction == "fwd" else 1]:
+                lines.append(f'    "{case}/{direction}{suffix}": {math.ceil(us * 10) / 10},')
     return "\n".join(lines + ["}"])
 
 

@@ -560,9 +560,10 @@ def test_fp32_runs_what_builds_without_spills(monkeypatch):
     monkeypatch.setattr(launch, "GPU_TILING", True)
     for interpolation, rank, dtype, merged, caps in [
             ("bilinear", 16, torch.float32, False, (None, None, None, None)),
-            ("bilinear", 8, torch.float32, True, (None, 184, None, None)),
-            ("bicubic", 16, torch.float32, True, (168, 168, None, None)),
-            ("bicubic", 8, torch.float32, True, (168, 168, None, None)),
+            ("bilinear", 8, torch.float32, True, (168, 184, None, None)),
+            ("bilinear", 3, torch.float32, True, (168, 184, None, 184)),
+            ("bicubic", 16, torch.float32, True, (168, 168, 240, 240)),
+            ("bicubic", 8, torch.float32, True, (168, 168, 240, 240)),
             ("bilinear", 16, torch.bfloat16, True, (None, None, None, None)),
             ("bicubic", 8, torch.float16, True, (None, None, None, None))]:
         tiling = launch.Tiling(8, 8, rank, 8, range(1, 9), interpolation, dtype, DEV)

@@ -274,11 +274,21 @@ def f32_register_cap(kernel: str, hold: bool, rz: int) -> Optional[int]:
     holds them at RZ = 8 under 3.6. Given the cap, it allocates without spilling: 168 for
     the kernels that load their cells (at RZ = 8 and 16, 3.6 and 3.8), 184 (two programs
     an SM) for the grad kernel holding its cells at RZ <= 8 (at 168 it spills 8 bytes
-    under 3.6) (compile_check --dtypes fp32)."""
+    under 3.6). The forward holding its cells at RZ <= 8 (3.8 capped it at 128 and spilled
+    16 bytes) gets 168, the merged backward holding them at RZ = 4 (3.6: 128, 8 bytes)
+    184, and the scatter and merged backward that load them 240 (3.8 allocates them
+    204-230; 3.6 capped them at 128-168 and spilled 16-48 bytes) (compile_check --dtypes
+    fp32)."""
     if kernel in ("fwd", "grad") and not hold:
         return 168
     if kernel == "grad" and rz <= 8:
         return 184
+    if kernel == "fwd" and rz <= 8:
+        return 168
+    if kernel == "bwd" and hold and rz <= 4:
+        return 184
+    if kernel in ("scatter", "bwd") and not hold:
+        return 240
     return None
 
 
@@ -347,9 +357,12 @@ class Tiling:
         self.rc = min(self.rz, max(4, _pow2_floor(CELL_FLOATS // 2 * self.rz
                                                   // (cells * per_thread)))) if gpu else self.rz
         # ... and AH rows of the neighbourhood at a time: AH·NB cells of BT·RC / 128
-        # floats a thread within CELL_FLOATS (bicubic's 7 rows in passes of 2)
+        # floats a thread within CELL_FLOATS (bicubic's 7 rows in passes of 2), half that
+        # in fp32, whose dots take three tf32 products' operands (bicubic's scatter at r =
+        # 3 and 8 took 255 registers and spilled 8 bytes at 5 rows a pass; at 2, ~210)
         rc_floats = max(1, self.bt * self.rc // (32 * self.warps))
-        self.ah = max(1, min(nb, CELL_FLOATS // (nb * rc_floats))) if gpu else nb
+        self.ah = max(1, min(nb, CELL_FLOATS // (nb * rc_floats)
+                             // (2 if dtype == torch.float32 else 1))) if gpu else nb
         # fp32's dots as three tf32 products (near fp32's rounding on the tensor cores):
         # "ieee" runs them on the CUDA cores with a dot's whole K a thread, which spilled
         # kilobytes in every stencil kernel (compile_check)

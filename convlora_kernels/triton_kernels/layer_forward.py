@@ -45,7 +45,7 @@ so every element of y is written by some program.
 import triton
 import triton.language as tl
 
-from .stencil import expert_tile, tile_ranges, tile_u
+from .stencil import expert_tile, pad_cols, tile_ranges, tile_u
 
 
 @triton.jit
@@ -108,6 +108,7 @@ def layer_forward_kernel(
                           oy_ptr, tx_ptr, ox_ptr, cw_ptr, cb_ptr, H, W, r, rows_y, rows_x,
                           stride_zn, BT, RZ, RP, NBP, HALO, TAPS, BORDER, PREC, HOLD,
                           ZV)
+        us = pad_cols(us, BT, RZ, RP)
         u3 = tl.where((sub == j)[:, None, None], us[None, :, :], u3)
     u = tl.reshape(u3, [BM, RP])
     offs = start + tl.arange(0, BM)

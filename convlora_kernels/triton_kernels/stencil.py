@@ -18,10 +18,12 @@ multiply-adds in the threads that hold the cells, with no reduction across threa
     row pass     v_b = sum_a Ty[h, ky, dy, a] · z[a, b]       (NB² cells, per conv row dy)
     column pass  U_dx = sum_b Tx[w, kx, dx, b] · v_b            (dx = 0, 1, 2)
 
-and the conv row is one tl.dot of the three taps side by side, [BT, 4·RZ] (tl.join: a
-column is (channel i, dx) at i·4 + dx', with a fourth tap of zeros so that 4·RZ >= 16)
-with W_e's row [4·RZ, RP] (conv_row_weights). Channels are zero-padded: to RZ >= 4 on
-the conv's input side and to RP >= 16 on its output side (tl.dot's sizes).
+and the conv row is one tl.dot of the three taps side by side, [BT, 4·RZ] (cat_taps: tl.join
+with a fourth tap of zeros so that 4·RZ >= 16) with W_e's row [4·RZ, RP]
+(conv_row_weights). Channels are zero-padded: to RZ >= 4 on the conv's input side and to
+RP >= 16 on its output side (tl.dot's sizes). Where r <= 8 the GELU and what follows it
+run on the first RP / 2 columns of a conv output only (live_cols: no data moves), and g is
+stored and read back at that width.
 
 With HOLD the z cells are loaded once per tile and held across the conv outputs (NB² ·
 RZ · BT floats: launch.Tiling keeps them within a budget per thread); without (bicubic's
@@ -166,8 +168,13 @@ def cat_taps(u0, u1, u2, BT: tl.constexpr, RC: tl.constexpr):
 
 @triton.jit
 def split_taps(t, BT: tl.constexpr, RC: tl.constexpr):
-    """cat_taps inverted: [BT, 4·RC] -> (tap 0, tap 1, tap 2), [BT, RC] each."""
-    lo, hi = tl.split(tl.reshape(t, [BT, RC, 2, 2]))
+    """A dot's output [BT, 4·RC] in the order of conv_row_weights(..., SPLIT=True) -> (tap 0,
+    tap 1, tap 2), [BT, RC] each: column 2·RC·m + 2·i + j holds tap dx = j + 2·m of channel
+    i. The tap's bits are the column's lowest and highest, and a dot's accumulator holds
+    columns 2c, 2c + 1 and every eighth on from them in one thread, so the split moves no
+    data between threads (cat_taps' order, the tap in the two lowest bits, cost two
+    shared-memory round trips with barriers a conv row)."""
+    lo, hi = tl.split(tl.permute(tl.reshape(t, [BT, 2, RC, 2]), (0, 2, 3, 1)))  # m split
     t0, t1 = tl.split(lo)
     t2, _ = tl.split(hi)
     return t0, t1, t2
@@ -223,6 +230,46 @@ def gelu_grad(c):
 
 
 @triton.jit
+def live_cols(c, BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr):
+    """The columns of a conv output [BT, RP] that can hold channels: the first RP / 2 when
+    RZ <= RP / 2 (r <= 8: RP is 16, tl.dot's least N), else all. A dot's [BT, 16] output
+    puts columns 0-7 and 8-15 in separate 8-wide fragments of the same threads, so taking
+    the first half moves no data, and the GELU and what follows it run on half the
+    elements."""
+    if 2 * RZ <= RP:
+        lo, hi = tl.split(tl.permute(tl.reshape(c, [BT, 2, RP // 2]), (0, 2, 1)))
+        return lo
+    else:
+        return c
+
+
+@triton.jit
+def live_range(RZ: tl.constexpr, RP: tl.constexpr):
+    """tl.arange over live_cols' columns."""
+    return tl.arange(0, RP // 2 if 2 * RZ <= RP else RP)
+
+
+@triton.jit
+def load_g(g_ptr, tok, tmask, k, r, BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr,
+           TAPS: tl.constexpr):
+    """g_k of the tile's tokens as [BT, RP] (zero past r; rows past the tile's range zero),
+    read as live_cols' columns."""
+    ci = live_range(RZ, RP)
+    g = tl.load(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :],
+                mask=tmask[:, None] & (ci[None, :] < r), other=0.0)
+    return pad_cols(g, BT, RZ, RP)
+
+
+@triton.jit
+def pad_cols(c, BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr):
+    """live_cols inverted: [BT, RP] with zeros in the columns live_cols drops."""
+    if 2 * RZ <= RP:
+        return tl.reshape(tl.permute(tl.join(c, tl.zeros_like(c)), (0, 2, 1)), [BT, RP])
+    else:
+        return c
+
+
+@triton.jit
 def down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS: tl.constexpr):
     """omega_k = omega_y[h, ky] · omega_x[w, kx], [BT]."""
     return tl.load(oy_ptr + (e * rows_y + hr) * TAPS + ky) * \
@@ -230,21 +277,28 @@ def down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS: tl.cons
 
 
 @triton.jit
-def conv_row_offsets(r, dy: tl.constexpr, c0, RC: tl.constexpr, RP: tl.constexpr):
+def conv_row_offsets(r, dy: tl.constexpr, c0, RC: tl.constexpr, RP: tl.constexpr,
+                     SPLIT: tl.constexpr):
     """Offsets and mask of W_e[o, c0 + i, dy, dx] in a (r, r, 3, 3) block, laid out as
-    [4·RC (cat_taps' columns: i·4 + 2·m + j for dx = j + 2·m), RP (o)]."""
+    [4·RC, RP (o)]: row i·4 + 2·m + j for dx = j + 2·m (cat_taps' columns), or with SPLIT
+    2·RC·m + 2·i + j (split_taps')."""
     kappa = tl.arange(0, 4 * RC)[:, None]
-    i = c0 + kappa // 4
-    dx = (kappa // 2) % 2 + 2 * (kappa % 2)
+    if SPLIT:
+        i = c0 + (kappa // 2) % RC
+        dx = kappa % 2 + 2 * (kappa // (2 * RC))
+    else:
+        i = c0 + kappa // 4
+        dx = (kappa // 2) % 2 + 2 * (kappa % 2)
     o = tl.arange(0, RP)[None, :]
     return o * (r * 9) + i * 9 + dy * 3 + dx, (dx < 3) & (i < r) & (o < r)
 
 
 @triton.jit
-def conv_row_weights(cw_ptr, e, r, dy: tl.constexpr, c0, RC: tl.constexpr, RP: tl.constexpr):
+def conv_row_weights(cw_ptr, e, r, dy: tl.constexpr, c0, RC: tl.constexpr, RP: tl.constexpr,
+                     SPLIT: tl.constexpr):
     """W_e's conv row dy, input channels c0 + [0, RC), as [4·RC, RP] fp32
     (conv_row_offsets; zero past r and for dx = 3)."""
-    offs, m = conv_row_offsets(r, dy, c0, RC, RP)
+    offs, m = conv_row_offsets(r, dy, c0, RC, RP, SPLIT)
     return tl.load(cw_ptr + e * (r * r * 9) + offs, mask=m, other=0.0).to(tl.float32)
 
 
@@ -299,9 +353,9 @@ def tile_setup(z_ptr, perm_ptr, e, start, stop, cw_ptr, cb_ptr, H, W, r, rows_y,
     ci = tl.arange(0, RP)
     cb = tl.load(cb_ptr + e * r + ci, mask=ci < r, other=0.0).to(tl.float32)
     cb2 = tl.zeros([BT, RP], tl.float32) + cb[None, :]
-    w0 = conv_row_weights(cw_ptr, e, r, 0, 0, RZ, RP)
-    w1 = conv_row_weights(cw_ptr, e, r, 1, 0, RZ, RP)
-    w2 = conv_row_weights(cw_ptr, e, r, 2, 0, RZ, RP)
+    w0 = conv_row_weights(cw_ptr, e, r, 0, 0, RZ, RP, False)
+    w1 = conv_row_weights(cw_ptr, e, r, 1, 0, RZ, RP, False)
+    w2 = conv_row_weights(cw_ptr, e, r, 2, 0, RZ, RP, False)
     return tok, tmask, h, w, hr, wr, cells, cb2, w0, w1, w2
 
 
@@ -312,14 +366,12 @@ def tile_u(z_ptr, perm_ptr, e, start, stop, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr, o
            HALO: tl.constexpr, TAPS: tl.constexpr, BORDER: tl.constexpr, PREC: tl.constexpr,
            HOLD: tl.constexpr, ZV: tl.constexpr):
     """u_t = z_t + E_e(z)_t for the sorted tokens [start, min(stop, start + BT)) of expert
-    e: (token ids [BT], validity [BT], u [BT, RP] fp32; columns past r are zero, rows
-    past the range are not meaningful)."""
+    e: (token ids [BT], validity [BT], u fp32 [BT, RP] or [BT, RP / 2] (live_cols); columns
+    past r are zero, rows past the range are not meaningful)."""
     tok, tmask, h, w, hr, wr, cells, cb, w0, w1, w2 = tile_setup(
         z_ptr, perm_ptr, e, start, stop, cw_ptr, cb_ptr, H, W, r, rows_y, rows_x, stride_zn,
         BT, RZ, RP, HALO, BORDER, HOLD, ZV)
-    ci = tl.arange(0, RP)
-    u = tl.load(z_ptr + tok[:, None] * stride_zn + ci[None, :],
-                mask=tmask[:, None] & (ci[None, :] < r), other=0.0).to(tl.float32)
+    u = tl.zeros_like(live_cols(cb, BT, RZ, RP))
     nt = tl.load(ntaps_ptr + e)
     for k in range(0, nt * nt):
         ky = k // nt
@@ -328,7 +380,10 @@ def tile_u(z_ptr, perm_ptr, e, start, stop, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr, o
                         rows_x, z_ptr, tok, tmask, h, w, H, W, r, stride_zn, BT, RZ, NBP,
                         HALO, TAPS, HOLD, ZV, PREC)
         om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
-        u += om[:, None] * gelu(c)
+        u += om[:, None] * gelu(live_cols(c, BT, RZ, RP))
+    ci = tl.arange(0, u.shape[1])
+    u += tl.load(z_ptr + tok[:, None] * stride_zn + ci[None, :],
+                 mask=tmask[:, None] & (ci[None, :] < r), other=0.0).to(tl.float32)
     return tok, tmask, u
 
 
@@ -337,8 +392,8 @@ def dz_update(dzc, g, wt0, wt1, wt2, wy0, wy1, wy2, wx, BT: tl.constexpr, RC: tl
               HALO: tl.constexpr, AH: tl.constexpr, PREC: tl.constexpr):
     """The gather's transpose for one conv output: dzc (AH rows of the neighbourhood's
     cells of dL/dz, channels of one chunk) + sum_dy Ty[.., a] Tx[.., b] (g W_e[:, :, dy])_dx,
-    each conv row's dL/dU one tl.dot with its weights wt_dy ([4·RC, RP]), then the column
-    pass's transpose, then the row pass's (wy_dy: the AH rows' weights)."""
+    each conv row's dL/dU one tl.dot with its weights wt_dy ([4·RC, RP], split_taps' order),
+    then the column pass's transpose, then the row pass's (wy_dy: the AH rows' weights)."""
     NB: tl.constexpr = 2 * HALO + 1
     for dy in tl.static_range(3):
         if dy == 0:
@@ -430,7 +485,7 @@ def stencil_fwd_kernel(
     tok, tmask, u = tile_u(z_ptr, perm_ptr, e, start, stop, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr,
                            ox_ptr, cw_ptr, cb_ptr, H, W, r, rows_y, rows_x, stride_zn, BT, RZ,
                            RP, NBP, HALO, TAPS, BORDER, PREC, HOLD, ZV)
-    ci = tl.arange(0, RP)
+    ci = tl.arange(0, u.shape[1])
     tl.store(u_ptr + tok[:, None] * r + ci[None, :], u,
              mask=tmask[:, None] & (ci[None, :] < r))
 
@@ -442,10 +497,11 @@ def grad_phase(cells, cb, w0, w1, w2, du, g_ptr, ty_ptr, oy_ptr, tx_ptr, ox_ptr,
                HALO: tl.constexpr, TAPS: tl.constexpr, HOLD: tl.constexpr, ZV: tl.constexpr,
                PREC: tl.constexpr):
     """Each conv output recomputed (as tile_u does) and g_k = omega_k · du ⊙ GELU'(c_k)
-    written to the tile's rows of g; returns sum_k g_k, [BT, RP]."""
-    ci = tl.arange(0, RP)
+    written to the tile's rows of g; returns sum_k g_k, [BT, RP] or [BT, RP / 2] (live_cols,
+    as du is)."""
+    ci = tl.arange(0, du.shape[1])
     cmask = tmask[:, None] & (ci[None, :] < r)
-    db = tl.zeros([BT, RP], tl.float32)
+    db = tl.zeros_like(du)
     for k in range(0, nt * nt):
         ky = k // nt
         kx = k % nt
@@ -453,7 +509,7 @@ def grad_phase(cells, cb, w0, w1, w2, du, g_ptr, ty_ptr, oy_ptr, tx_ptr, ox_ptr,
                         rows_x, z_ptr, tok, tmask, h, w, H, W, r, stride_zn, BT, RZ, NBP,
                         HALO, TAPS, HOLD, ZV, PREC)
         om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
-        g = om[:, None] * du * gelu_grad(c)
+        g = om[:, None] * du * gelu_grad(live_cols(c, BT, RZ, RP))
         tl.store(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :], g, mask=cmask)
         db += g
     return db
@@ -461,9 +517,10 @@ def grad_phase(cells, cb, w0, w1, w2, du, g_ptr, ty_ptr, oy_ptr, tx_ptr, ox_ptr,
 
 @triton.jit
 def store_db(db_ptr, db, slot, r, RP: tl.constexpr, ATOMIC: tl.constexpr):
-    """dL/dconv_bias_e: the tile's sum over its tokens of db ([BT, RP]) added into slot
-    ``slot`` (the expert) with ATOMIC, else stored there (the program's partial)."""
-    ci = tl.arange(0, RP)
+    """dL/dconv_bias_e: the tile's sum over its tokens of db ([BT, RP] or [BT, RP / 2])
+    added into slot ``slot`` (the expert) with ATOMIC, else stored there (the program's
+    partial)."""
+    ci = tl.arange(0, db.shape[1])
     dbs = tl.sum(db, axis=0)
     if ATOMIC:
         tl.atomic_add(db_ptr + slot * r + ci, dbs, mask=ci < r, sem="relaxed")
@@ -493,7 +550,7 @@ def stencil_grad_kernel(
     tok, tmask, h, w, hr, wr, cells, cb, w0, w1, w2 = tile_setup(
         z_ptr, perm_ptr, e, start, stop, cw_ptr, cb_ptr, H, W, r, rows_y, rows_x, stride_zn,
         BT, RZ, RP, HALO, BORDER, HOLD, ZV)
-    ci = tl.arange(0, RP)
+    ci = live_range(RZ, RP)
     du = tl.load(du_ptr + tok[:, None] * r + ci[None, :],
                  mask=tmask[:, None] & (ci[None, :] < r), other=0.0)
     db = grad_phase(cells, cb, w0, w1, w2, du, g_ptr, ty_ptr, oy_ptr, tx_ptr, ox_ptr, e,
@@ -508,9 +565,9 @@ def store_dw(dw_ptr, dw0, dw1, dw2, slot, r, RZ: tl.constexpr, RP: tl.constexpr,
     """dL/dW_e's three conv rows ([4·RZ, RP] each, conv_row_offsets) added into slot
     ``slot`` (the expert) with ATOMIC, else stored there (the program's partial)."""
     base = dw_ptr + slot * (r * r * 9)
-    o0, m0 = conv_row_offsets(r, 0, 0, RZ, RP)
-    o1, m1 = conv_row_offsets(r, 1, 0, RZ, RP)
-    o2, m2 = conv_row_offsets(r, 2, 0, RZ, RP)
+    o0, m0 = conv_row_offsets(r, 0, 0, RZ, RP, False)
+    o1, m1 = conv_row_offsets(r, 1, 0, RZ, RP, False)
+    o2, m2 = conv_row_offsets(r, 2, 0, RZ, RP, False)
     if ATOMIC:
         tl.atomic_add(base + o0, dw0, mask=m0, sem="relaxed")
         tl.atomic_add(base + o1, dw1, mask=m1, sem="relaxed")
@@ -529,16 +586,13 @@ def dw_phase(cells, g_ptr, ty_ptr, tx_ptr, e, nt, hr, wr, rows_y, rows_x, z_ptr,
     """dL/dW_e[:, :, dy, dx] of the tile = sum_{t, k} g_k ⊗ U_k(dy, dx), the taps rebuilt
     from the z cells (held or loaded, as in the forward) and g read from the tile's rows:
     the three conv rows, [4·RZ, RP] each (conv_row_offsets)."""
-    ci = tl.arange(0, RP)
-    cmask = tmask[:, None] & (ci[None, :] < r)
     dw0 = tl.zeros([4 * RZ, RP], tl.float32)
     dw1 = tl.zeros([4 * RZ, RP], tl.float32)
     dw2 = tl.zeros([4 * RZ, RP], tl.float32)
     for k in range(0, nt * nt):
         ky = k // nt
         kx = k % nt
-        g = tl.load(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :], mask=cmask,
-                    other=0.0)
+        g = load_g(g_ptr, tok, tmask, k, r, BT, RZ, RP, TAPS)
         wx = col_weights(tx_ptr, e, wr, kx, rows_x, NBP, TAPS, HALO)
         wxp = col_base(tx_ptr, e, wr, kx, rows_x, NBP, TAPS)
         up = conv_row_taps(cells, row_weights(ty_ptr, e, hr, ky, 0, rows_y, NBP, TAPS, HALO),
@@ -558,26 +612,23 @@ def dw_phase(cells, g_ptr, ty_ptr, tx_ptr, e, nt, hr, wr, rows_y, rows_x, z_ptr,
 
 @triton.jit
 def dz_phase(g_ptr, cw_ptr, dz_ptr, ty_ptr, tx_ptr, e, nt, hr, wr, rows_y, rows_x, tok,
-             tmask, h, w, H, W, r, BT: tl.constexpr, RP: tl.constexpr, NBP: tl.constexpr,
-             HALO: tl.constexpr, TAPS: tl.constexpr, PREC: tl.constexpr,
+             tmask, h, w, H, W, r, BT: tl.constexpr, RZ: tl.constexpr, RP: tl.constexpr,
+             NBP: tl.constexpr, HALO: tl.constexpr, TAPS: tl.constexpr, PREC: tl.constexpr,
              ATOMIC: tl.constexpr, RC: tl.constexpr, AH: tl.constexpr):
     """dL/dz of the tile's neighbourhoods from the tile's rows of g, RC channels and AH
     rows of the neighbourhood at a time (AH·NB cells of [BT, RC] in registers; store_dz):
         dL/dU = g_k W_e[:, :, dy, dx]
         dL/dz[h+a-HALO, w+b-HALO] += Ty[.., a] Tx[.., b] dL/dU   (the gather's transpose)"""
-    ci = tl.arange(0, RP)
-    cmask = tmask[:, None] & (ci[None, :] < r)
     for c0 in range(0, r, RC):
-        wt0 = conv_row_weights(cw_ptr, e, r, 0, c0, RC, RP)
-        wt1 = conv_row_weights(cw_ptr, e, r, 1, c0, RC, RP)
-        wt2 = conv_row_weights(cw_ptr, e, r, 2, c0, RC, RP)
+        wt0 = conv_row_weights(cw_ptr, e, r, 0, c0, RC, RP, True)
+        wt1 = conv_row_weights(cw_ptr, e, r, 1, c0, RC, RP, True)
+        wt2 = conv_row_weights(cw_ptr, e, r, 2, c0, RC, RP, True)
         for a0 in range(0, 2 * HALO + 1, AH):
             dzc = zero_cells(BT, RC, AH * (2 * HALO + 1))
             for k in range(0, nt * nt):
                 ky = k // nt
                 kx = k % nt
-                g = tl.load(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :],
-                            mask=cmask, other=0.0)
+                g = load_g(g_ptr, tok, tmask, k, r, BT, RZ, RP, TAPS)
                 dzc = dz_update(dzc, g, wt0, wt1, wt2,
                                 row_weights_from(ty_ptr, e, hr, ky, 0, rows_y, a0, NBP, TAPS,
                                                  AH),
@@ -620,7 +671,7 @@ def stencil_scatter_kernel(
                              HALO, TAPS, HOLD, ZV, PREC)
     store_dw(dw_ptr, dw0, dw1, dw2, e if ATOMIC else pid, r, RZ, RP, ATOMIC)
     dz_phase(g_ptr, cw_ptr, dz_ptr, ty_ptr, tx_ptr, e, nt, hr, wr, rows_y, rows_x, tok, tmask,
-             h, w, H, W, r, BT, RP, NBP, HALO, TAPS, PREC, ATOMIC, RC, AH)
+             h, w, H, W, r, BT, RZ, RP, NBP, HALO, TAPS, PREC, ATOMIC, RC, AH)
 
 
 @triton.jit
@@ -630,10 +681,10 @@ def grad_dw_phase(cells, cb, w0, w1, w2, du, g_ptr, ty_ptr, oy_ptr, tx_ptr, ox_p
                   HALO: tl.constexpr, TAPS: tl.constexpr, HOLD: tl.constexpr,
                   ZV: tl.constexpr, PREC: tl.constexpr):
     """grad_phase and dw_phase with each conv output's three rows of taps built once, for
-    c_k and for dL/dW_e: (sum_k g_k [BT, RP], dw0, dw1, dw2)."""
-    ci = tl.arange(0, RP)
+    c_k and for dL/dW_e: (sum_k g_k as du's shape, dw0, dw1, dw2)."""
+    ci = tl.arange(0, du.shape[1])
     cmask = tmask[:, None] & (ci[None, :] < r)
-    db = tl.zeros([BT, RP], tl.float32)
+    db = tl.zeros_like(du)
     dw0 = tl.zeros([4 * RZ, RP], tl.float32)
     dw1 = tl.zeros([4 * RZ, RP], tl.float32)
     dw2 = tl.zeros([4 * RZ, RP], tl.float32)
@@ -655,12 +706,13 @@ def grad_dw_phase(cells, cb, w0, w1, w2, du, g_ptr, ty_ptr, oy_ptr, tx_ptr, ox_p
         c = tl.dot(up1, w1, c, input_precision=PREC)
         c = tl.dot(up2, w2, c, input_precision=PREC)
         om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
-        g = om[:, None] * du * gelu_grad(c)
+        g = om[:, None] * du * gelu_grad(live_cols(c, BT, RZ, RP))
         tl.store(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :], g, mask=cmask)
         db += g
-        dw0 = tl.dot(tl.trans(up0), g, dw0, input_precision=PREC)
-        dw1 = tl.dot(tl.trans(up1), g, dw1, input_precision=PREC)
-        dw2 = tl.dot(tl.trans(up2), g, dw2, input_precision=PREC)
+        gp = pad_cols(g, BT, RZ, RP)
+        dw0 = tl.dot(tl.trans(up0), gp, dw0, input_precision=PREC)
+        dw1 = tl.dot(tl.trans(up1), gp, dw1, input_precision=PREC)
+        dw2 = tl.dot(tl.trans(up2), gp, dw2, input_precision=PREC)
     return db, dw0, dw1, dw2
 
 
@@ -693,7 +745,7 @@ def stencil_bwd_kernel(
     tok, tmask, h, w, hr, wr, cells, cb, w0, w1, w2 = tile_setup(
         z_ptr, perm_ptr, e, start, stop, cw_ptr, cb_ptr, H, W, r, rows_y, rows_x, stride_zn,
         BT, RZ, RP, HALO, BORDER, HOLD, ZV)
-    ci = tl.arange(0, RP)
+    ci = live_range(RZ, RP)
     du = tl.load(du_ptr + tok[:, None] * r + ci[None, :],
                  mask=tmask[:, None] & (ci[None, :] < r), other=0.0)
     nt = tl.load(ntaps_ptr + e)
@@ -716,4 +768,4 @@ def stencil_bwd_kernel(
     store_dw(dw_ptr, dw0, dw1, dw2, slot, r, RZ, RP, ATOMIC)
     tl.debug_barrier()
     dz_phase(g_ptr, cw_ptr, dz_ptr, ty_ptr, tx_ptr, e, nt, hr, wr, rows_y, rows_x, tok, tmask,
-             h, w, H, W, r, BT, RP, NBP, HALO, TAPS, PREC, ATOMIC, RC, AH)
+             h, w, H, W, r, BT, RZ, RP, NBP, HALO, TAPS, PREC, ATOMIC, RC, AH)

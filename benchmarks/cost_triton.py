@@ -163,9 +163,9 @@ def _detour(instrs: Sequence[Tuple[int, str]], i: int, target: int) -> bool:
         j -= 1
     if j < 0 or instrs[j][0] <= target:
         return False
-    entry = instrs[j + 1][0]
-    return any(addr < target and (m := _BRANCH.search(text)) and int(m.group(1), 16) == entry
-               for addr, text in instrs)
+    block = (instrs[j][0], instrs[i][0])  # the out-of-line block: (after its start, its end]
+    return any(addr < target and (m := _BRANCH.search(text))
+               and block[0] < int(m.group(1), 16) <= block[1] for addr, text in instrs)
 
 
 def _ends_block(text: str) -> bool:

@@ -199,6 +199,32 @@ def _design_table():
     return version.group(1), rows
 
 
+def test_cost_loops_are_backward_branches_not_detours():
+    """cost_triton.loops: a branch back to an earlier address is a loop, unless it returns
+    from a block placed out of line (after an unconditional branch) that a branch from
+    before its target enters: ptxas' fallback for a shuffle in a warp not converged."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "benchmarks"))
+    try:
+        import cost_triton
+    finally:
+        sys.path.pop(0)
+    sass = [(0x00, "MOV R1, R2"),
+            (0x10, "@P0 BRA 0x80"),          # into the detour, from before its return target
+            (0x20, "FADD R3, R3, R4"),       # the detour returns here
+            (0x30, "FADD R5, R5, R3"),       # a loop: 0x30 .. 0x40
+            (0x40, "@P1 BRA 0x30"),
+            (0x50, "EXIT"),
+            (0x60, "BRA 0x60"),              # the trap after EXIT: no loop
+            (0x70, "NOP"),
+            (0x80, "SHFL.BFLY PT, R3, R3, 0x1, 0x1f"),
+            (0x90, "BRA 0x20")]
+    assert cost_triton.loops(sass) == [(0x30, 0x40)]
+    # the same block entered from inside the span it returns to is a loop
+    looped = sass[:1] + [(0x10, "NOP"), (0x20, "@P0 BRA 0x80")] + sass[3:]
+    assert cost_triton.loops(looped) == [(0x20, 0x90), (0x30, 0x40)]
+
+
 @pytest.mark.slow  # compiles the stencil kernels of four cases for sm_90: ~1 min
 def test_stencil_cost_within_budgets(tmp_path):
     """benchmarks/cost_triton.py (the stencil kernels' SASS, loops x trip counts): every

@@ -239,8 +239,9 @@ GATHER_BT = 64  # tokens per program of the dL/dz gather
 
 # Floats a thread may take for a stencil tile's NB² z cells, or the scatter's cells of
 # dL/dz: 36 at the target (bilinear, r = 8: 9 cells of a token's 4 channels), where the
-# forward takes 166 registers (three 4-warp programs per SM; tests/test_triton.py holds
-# <= 168) and the grad and scatter kernels <= 255 without spills (two per SM).
+# forward takes 164 registers (three 4-warp programs per SM; tests/test_triton.py holds
+# <= 168), the grad and scatter kernels 164-168 (three) and the merged backward 226 (two),
+# none spilling.
 CELL_FLOATS = 36
 # Whether Tiling sizes the stencil kernels for a GPU's registers (the z cells held where
 # they fit, dL/dz in channel chunks and row passes). The interpreter has no registers to

@@ -299,5 +299,8 @@ def route_backward(d_load, features, w_gate, w_noise, noise, noise_epsilon, aux=
         vec.to(torch.float32).contiguous(), d_aux, df, part[0], part[1], ticket_counter(dev),
         d_wg, d_wn, units, rank, n, float(noise_epsilon), float(coef), features.stride(0),
         programs, BU=bu, RP=rp, NP=np_, FROM_AUX=from_aux, ACCUM=accumulate is not None,
-        BP=max(1, ROUTE_SUM_VALUES // (rp * np_)), num_warps=4)
+        BP=max(1, ROUTE_SUM_VALUES // (rp * np_)), num_warps=4,
+        # left to itself, ptxas capped it at 80 registers for occupancy in fp16 at r <= 4
+        # and spilled 8 bytes (Triton 3.8); it needs at most 107 (r = 8)
+        maxnreg=128)
     return df, d_wg, d_wn

@@ -83,6 +83,10 @@ CASES = [
     Case("global token r8 bicubic", "bicubic", (4, 64, 64), 8),
     # ViT-B windowed attention: 25 windows of 14 x 14 per image
     Case("windows token r8", "bilinear", (100, 14, 14), 8),
+    # the authors' setting (map routing, bicubic, r = 3) on the windows: the triton backend
+    # runs the token programs, a map's tokens in its expert's tiles (as even as here when
+    # 100 maps draw from 8 experts)
+    Case("authors r3 bicubic", "bicubic", (100, 14, 14), 3),
 ]
 
 # Budgets of the estimate (bf16, H100), microseconds: the stencil forward, and its
@@ -102,17 +106,18 @@ PASSES = {"fwd": ("stencil_fwd",), "bwd": ("stencil_grad", "stencil_scatter"),
           "bwd merged": ("stencil_bwd",)}
 
 
-def _columns(t) -> List[int]:
+def _columns(t, forward: bool = False) -> List[int]:
     """The column loops of the three conv rows inside a conv output's loop where the z cells
-    are loaded (stencil.conv_row_taps), none where they are held."""
-    return [] if t.hold else [2 * t.halo + 1] * 3
+    are loaded (stencil.conv_row_taps), none where they are held (the forward's own choice:
+    launch.Tiling.hold_fwd)."""
+    return [] if (t.hold_fwd if forward else t.hold) else [2 * t.halo + 1] * 3
 
 
 # kernel -> (expert's taps per axis, launch.Tiling) -> the trip count of each SASS loop,
 # in the order the loops' code starts (an enclosing loop before the loops inside it), each
 # per run of its enclosing loop.
 TRIPS: Dict[str, Callable] = {
-    "stencil_fwd": lambda nt, t: [nt * nt] + _columns(t),
+    "stencil_fwd": lambda nt, t: [nt * nt] + _columns(t, forward=True),
     "stencil_grad": lambda nt, t: [nt * nt] + _columns(t),
     # dL/dW: a loop over the conv outputs; dL/dz: the channel chunks, each a loop over the
     # neighbourhood's row passes, each a loop over the conv outputs

@@ -215,8 +215,12 @@ def hold_z_cells(cell_floats: int) -> bool:
 # The forward's own choice where a GPU measured it: on the first H100 run
 # (benchmarks/results/h100, stencil_time.py, bf16) the bicubic forward at r = 3 (RZ = 4)
 # took 175 us with its cells held against 331 us loaded, and held it builds without spills
-# in the 16-bit dtypes (compile_check: 254 registers); its backward keeps them loaded, where
-# held spills 112-336 bytes. Elsewhere the forward takes the backward's choice.
+# in the 16-bit dtypes (compile_check: 254 registers). Its backward keeps them loaded: held,
+# the merged backward spills 112-160 bytes; the split pair builds without spills under
+# Triton 3.6 (under 3.8 the deterministic scatter spills 16 bytes), and that run timed it
+# at 322 us against 435 for the merged one loaded (the default), so holding them there,
+# with split, is a measured candidate not yet taken. Elsewhere the forward takes the
+# backward's choice.
 FORWARD_HOLDS = {("bicubic", 4)}
 
 

@@ -106,22 +106,30 @@ PASSES = {"fwd": ("stencil_fwd",), "bwd": ("stencil_grad", "stencil_scatter"),
           "bwd merged": ("stencil_bwd",)}
 
 
-def _columns(t, forward: bool = False) -> List[int]:
+def _columns(t, hold: Optional[bool] = None) -> List[int]:
     """The column loops of the three conv rows inside a conv output's loop where the z cells
-    are loaded (stencil.conv_row_taps), none where they are held (the forward's own choice:
-    launch.Tiling.hold_fwd)."""
-    return [] if (t.hold_fwd if forward else t.hold) else [2 * t.halo + 1] * 3
+    are loaded (stencil.conv_row_taps), none where they are held (``hold``, else the
+    tiling's choice for the backward)."""
+    return [] if (t.hold if hold is None else hold) else [2 * t.halo + 1] * 3
+
+
+def _split_hold(t) -> bool:
+    """The split backward's cells with atomic sums (the case launches taken here)."""
+    from convlora_kernels.triton_kernels import launch
+
+    return launch.backward_plan(t, True)[1]
 
 
 # kernel -> (expert's taps per axis, launch.Tiling) -> the trip count of each SASS loop,
 # in the order the loops' code starts (an enclosing loop before the loops inside it), each
 # per run of its enclosing loop.
 TRIPS: Dict[str, Callable] = {
-    "stencil_fwd": lambda nt, t: [nt * nt] + _columns(t, forward=True),
-    "stencil_grad": lambda nt, t: [nt * nt] + _columns(t),
+    "stencil_fwd": lambda nt, t: [nt * nt] + _columns(t, t.hold_fwd),
+    "stencil_grad": lambda nt, t: [nt * nt] + _columns(t, _split_hold(t)),
     # dL/dW: a loop over the conv outputs; dL/dz: the channel chunks, each a loop over the
     # neighbourhood's row passes, each a loop over the conv outputs
-    "stencil_scatter": lambda nt, t: [nt * nt] + _columns(t) + _dz_loops(nt, t),
+    "stencil_scatter": lambda nt, t: [nt * nt] + _columns(t, _split_hold(t))
+    + _dz_loops(nt, t),
     # g, dL/dconv_bias and dL/dW: one loop over the conv outputs with the taps built once
     # (launch.merged_taps_once), else the grad's loop then the dL/dW one; then the
     # scatter's dL/dz loops

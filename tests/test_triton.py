@@ -139,22 +139,55 @@ def test_kernels_compile_for_the_gpu_without_spills():
             "convlora_kernels.triton_kernels.compile_check --design docs/design.md")
 
 
-def test_measured_forward_hold_builds_without_spills():
-    """launch.FORWARD_HOLDS (the bicubic forward at RZ = 4, held cells measured 1.9x faster
-    on an H100): the stencil forward compiles with HOLD=True and no spills in the 16-bit
-    dtypes, and keeps loading its cells in fp32 and in the backward kernels."""
-    assert ("bicubic", 4) in launch.FORWARD_HOLDS
+def test_measured_holds_build_without_spills():
+    """launch.FORWARD_HOLDS and SPLIT_HOLDS (bicubic at RZ = 4, held cells measured faster
+    on an H100: the forward 1.9x, the split backward 1.35x the merged one loaded): the
+    stencil forward compiles with HOLD=True and no spills in the 16-bit dtypes, the split
+    backward with atomic sums held in bfloat16, and every other backward keeps loading
+    its cells (fp32, float16, deterministic sums, merged)."""
+    assert ("bicubic", 4) in launch.FORWARD_HOLDS and ("bicubic", 4) in launch.SPLIT_HOLDS
     lines, stdout = _compile_check("--first", "--dtypes", "bf16,fp16,fp32", "--interpolations",
                                    "bicubic", "--ranks", "3", "--kernels",
-                                   "stencil_fwd,stencil_bwd")
+                                   "stencil_fwd,stencil_grad,stencil_scatter,stencil_bwd")
     fwd = {line.split()[2]: line for line in lines if line.split()[1] == "stencil_fwd"}
     assert set(fwd) == {"bf16", "fp16", "fp32"}, stdout
     for dtype, line in fwd.items():
         assert ("HOLD=True" in line) == (dtype != "fp32"), line
+    split = [line for line in lines if line.split()[1] in ("stencil_grad", "stencil_scatter")]
+    assert {(f[1], f[2]) for f in map(str.split, split)} == {
+        (k, d) for k in ("stencil_grad", "stencil_scatter") for d in ("bf16", "fp16", "fp32")}
+    for line in split:
+        held = line.split()[2] == "bf16" and "ATOMIC=True" in line
+        assert ("HOLD=True" in line) == held, line
     assert all("HOLD=False" in line for line in lines if line.split()[1] == "stencil_bwd"), \
         stdout
     spilled = _spilled(lines)
     assert not spilled, "spills:\n" + "\n".join(spilled)
+
+
+def test_backward_plan_holds_the_cells_where_measured(monkeypatch, switch):
+    """backward_plan on a GPU (launch.GPU_TILING): bicubic at RZ = 4 in bfloat16 with atomic
+    sums runs split with its cells held, unless CONVLORA_TRITON_BACKWARD=merged asks for
+    merged (its cells loaded then); deterministic sums, float16, fp32, other ranks and
+    bilinear keep the tiling's choice, merged by default."""
+    monkeypatch.setattr(launch, "GPU_TILING", True)
+
+    def plan(interpolation, rank, dtype, atomic):
+        tiling = launch.Tiling(8, 8, rank, 8, range(1, 9), interpolation, dtype, DEV)
+        return launch.backward_plan(tiling, atomic)
+
+    assert plan("bicubic", 3, torch.bfloat16, True) == (False, True)
+    assert plan("bicubic", 4, torch.bfloat16, True) == (False, True)
+    for case in [("bicubic", 3, torch.bfloat16, False), ("bicubic", 3, torch.float16, True),
+                 ("bicubic", 8, torch.bfloat16, True), ("bicubic", 3, torch.float32, True)]:
+        assert plan(*case) == (True, False), case
+    assert plan("bilinear", 3, torch.bfloat16, True) == (True, True)
+    switch(launch.BACKWARD_ENV, "merged")
+    assert plan("bicubic", 3, torch.bfloat16, True) == (True, False)
+    switch(launch.BACKWARD_ENV, "split")
+    assert plan("bicubic", 3, torch.bfloat16, True) == (False, True)
+    switch(launch.Z_CELLS_ENV, "loaded")
+    assert plan("bicubic", 3, torch.bfloat16, True) == (False, False)
 
 
 @pytest.mark.slow  # ~9 min on 2 cores (the one-kernel forward's candidates, most of it)

@@ -14,7 +14,8 @@ among its candidates in convlora_kernels.plan; what runs here is the Triton part
                           rebuilds the upsampled taps for dL/dconv_weight and dL/dz; or
                           "merged" (the default): stencil_bwd_kernel runs their phases in
                           one launch (the taps built once for c_k and dL/dW where that
-                          fits);
+                          fits); split with the z cells held where that was measured
+                          faster (backward_plan: bicubic at r <= 4, atomic sums);
                           then gather_dz_kernel (deterministic mode) sums dL/dz over
                           neighbours in order, expert_sum_kernel the weight partials
 Without deterministic algorithms the weight gradients and dL/dz are accumulated with
@@ -26,7 +27,7 @@ partial sums, reduced in a fixed order.
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -218,10 +219,13 @@ def hold_z_cells(cell_floats: int) -> bool:
 # in the 16-bit dtypes (compile_check: 254 registers). Its backward keeps them loaded: held,
 # the merged backward spills 112-160 bytes; the split pair builds without spills under
 # Triton 3.6 (under 3.8 the deterministic scatter spills 16 bytes), and that run timed it
-# at 322 us against 435 for the merged one loaded (the default), so holding them there,
-# with split, is a measured candidate not yet taken. Elsewhere the forward takes the
-# backward's choice.
+# at 322 us against 435 for the merged one loaded (merged held, spilling: 292; split
+# loaded: 628), so there the backward with atomic sums runs split with its cells held in
+# bfloat16 (SPLIT_HOLDS, backward_plan; deterministic sums and float16 keep merged and
+# loaded cells: held, their scatter spills under 3.8).
+# Elsewhere the forward takes the backward's choice.
 FORWARD_HOLDS = {("bicubic", 4)}
+SPLIT_HOLDS = {("bicubic", 4)}
 
 
 def hold_z_cells_forward(cell_floats: int, interpolation: str, rz: int,
@@ -229,6 +233,18 @@ def hold_z_cells_forward(cell_floats: int, interpolation: str, rz: int,
     """hold_z_cells for the stencil forward (Z_CELLS_ENV forces both)."""
     if _switches.get(Z_CELLS_ENV) is None and dtype != torch.float32 and \
             (interpolation, rz) in FORWARD_HOLDS:
+        return True
+    return hold_z_cells(cell_floats)
+
+
+def hold_z_cells_split(cell_floats: int, interpolation: str, rz: int,
+                       dtype: torch.dtype) -> bool:
+    """hold_z_cells for the split backward where backward_plan takes it for its held cells
+    (SPLIT_HOLDS, in bfloat16, where it was timed and builds without spills under Triton
+    3.6 and 3.8; float16's scatter spills 24 bytes held under 3.8; Z_CELLS_ENV forces
+    every kernel alike)."""
+    if _switches.get(Z_CELLS_ENV) is None and dtype == torch.bfloat16 and \
+            (interpolation, rz) in SPLIT_HOLDS:
         return True
     return hold_z_cells(cell_floats)
 
@@ -326,6 +342,17 @@ def runs_merged(tiling: "Tiling") -> bool:
     return False
 
 
+def backward_plan(tiling: "Tiling", atomic: bool) -> Tuple[bool, bool]:
+    """(merged, hold) of the stencil backward: runs_merged and the tiling's cells, except
+    where holding the cells was measured faster with the split pair (SPLIT_HOLDS) and the
+    sums are atomic: split with its cells held, unless BACKWARD_ENV asks for merged (the
+    deterministic scatter spills 16 bytes held under Triton 3.8, so it keeps them loaded)."""
+    if atomic and tiling.hold_split and not tiling.hold and \
+            _switches.get(BACKWARD_ENV) != "merged":
+        return False, True
+    return runs_merged(tiling), tiling.hold
+
+
 class Tiling:
     """Tile sizes, padding, precision and stencil tables of one call."""
 
@@ -355,6 +382,8 @@ class Tiling:
         gpu = GPU_TILING
         self.hold = hold_z_cells(cells * per_thread if gpu else 0)
         self.hold_fwd = hold_z_cells_forward(cells * per_thread, interpolation, self.rz,
+                                             dtype) if gpu else self.hold
+        self.hold_split = hold_z_cells_split(cells * per_thread, interpolation, self.rz,
                                              dtype) if gpu else self.hold
         # the scatter's dL/dz, RC channels at a time: NB² cells within half CELL_FLOATS a
         # thread (the dot that forms dL/dU and the table weights take the rest), RC >= 4
@@ -396,12 +425,14 @@ class Tiling:
         return dict(self.constexprs(), BT=bt, ZV=layer_forward_zv(self),
                     HOLD=hold_z_cells(share if GPU_TILING else 0))
 
-    def launch(self, kernel: str):
+    def launch(self, kernel: str, hold: Optional[bool] = None):
         """The stencil kernels' launch options (no software pipelining: their loops' loads
         are L1 hits of the tile's own rows), and in fp32 the register cap
-        f32_register_cap gives ``kernel`` ("fwd", "grad", "scatter" or "bwd")."""
+        f32_register_cap gives ``kernel`` ("fwd", "grad", "scatter" or "bwd") with its cells
+        held or not (``hold``, else the tiling's choice for it)."""
         options = dict(num_warps=self.warps, num_stages=1)
-        hold = self.hold_fwd if kernel == "fwd" else self.hold
+        if hold is None:
+            hold = self.hold_fwd if kernel == "fwd" else self.hold
         cap = f32_register_cap(kernel, hold, self.rz) if self.dtype == torch.float32 else None
         if cap is not None:
             options["maxnreg"] = cap
@@ -637,7 +668,9 @@ def _stencil_backward(tiling, z2, perm, bounds, cw, conv_bias, du, n_tok, height
     dz_buf = du.clone() if atomic else torch.zeros((n_tok, nb, nb, rank), dtype=f32,
                                                    device=dev)
     g = _empty((n_tok, tiling.taps ** 2, rank), f32, dev)
-    if runs_merged(tiling):
+    merged, hold = backward_plan(tiling, atomic)
+    consts = dict(consts, HOLD=hold)
+    if merged:
         stencil.stencil_bwd_kernel[(programs,)](
             *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, g, d_cb, d_cw, dz_buf,
             *geometry, ATOMIC=atomic, RC=tiling.rc, AH=tiling.ah,
@@ -645,10 +678,10 @@ def _stencil_backward(tiling, z2, perm, bounds, cw, conv_bias, du, n_tok, height
     else:
         stencil.stencil_grad_kernel[(programs,)](
             *args, ty, oy, tx, ox, cw, conv_bias.contiguous(), du, g, d_cb, *geometry,
-            ATOMIC=atomic, **consts, **tiling.launch("grad"))
+            ATOMIC=atomic, **consts, **tiling.launch("grad", hold))
         stencil.stencil_scatter_kernel[(programs,)](
             *args, ty, tx, cw, g, d_cw, dz_buf, *geometry, ATOMIC=atomic, RC=tiling.rc,
-            AH=tiling.ah, **consts, **tiling.launch("scatter"))
+            AH=tiling.ah, **consts, **tiling.launch("scatter", hold))
     if atomic:
         dz = dz_buf.to(dtype)
     else:

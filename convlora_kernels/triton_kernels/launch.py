@@ -54,8 +54,10 @@ def _empty(shape, dtype, device):
 
 
 def _configs(options):
-    """(meta, warps) or (meta, warps, stages) -> triton.Config."""
-    return [triton.Config(o[0], num_warps=o[1], **({"num_stages": o[2]} if len(o) > 2 else {}))
+    """(meta, warps), (meta, warps, stages) or (meta, warps, stages, maxnreg) ->
+    triton.Config."""
+    return [triton.Config(o[0], num_warps=o[1], **({"num_stages": o[2]} if len(o) > 2 else {}),
+                          **({"maxnreg": o[3]} if len(o) > 3 else {}))
             for o in options]
 
 
@@ -123,11 +125,14 @@ _layer_fwd = _autotuned(layer_forward.layer_forward_kernel,
                         key=["C_in", "C_out", "RZ", "NBP", "TAPS", "HAS_BIAS", "SAVE_U"])
 # fp32's own tiles: its dots (the base GEMM's and the stencil's) are three tf32 products,
 # three times the operand fragments, and at the 16-bit tiles every candidate spilled 8-160
-# bytes (compile_check); at these, none does at r <= 16.
+# bytes (compile_check); at these, none does at r <= 16. The 4-warp ones get register
+# caps: left to themselves ptxas capped them at 168 (three programs an SM) at r = 8 and
+# spilled 8-16 bytes; at 255 the 32 x 32 tile spilled 24-40 at r = 16 under Triton 3.6,
+# at 232 the 64 x 16 one 16 (these caps: none, under 3.6 and 3.8).
 _layer_fwd_f32 = _autotuned(layer_forward.layer_forward_kernel,
                             [({"BM": 32, "BN": 64, "BK": 32}, 8),
-                             ({"BM": 32, "BN": 32, "BK": 32}, 4),
-                             ({"BM": 32, "BN": 64, "BK": 16}, 4)],
+                             ({"BM": 32, "BN": 32, "BK": 32}, 4, 3, 232),
+                             ({"BM": 32, "BN": 64, "BK": 16}, 4, 3, 255)],
                             key=["C_in", "C_out", "RZ", "NBP", "TAPS", "HAS_BIAS", "SAVE_U"])
 # The two-source GEMM's tiles (BM x BN x BK, warps, pipeline stages), per dtype: fp32's
 # exact dots run on the CUDA cores and take far more registers per output than the 16-bit

@@ -233,25 +233,30 @@ FORWARD_HOLDS = {("bicubic", 4)}
 SPLIT_HOLDS = {("bicubic", 4)}
 
 
-def hold_z_cells_forward(cell_floats: int, interpolation: str, rz: int,
+def _held_where_measured(holds, dtypes, cell_floats: int, interpolation: str, rz: int,
                          dtype: torch.dtype) -> bool:
-    """hold_z_cells for the stencil forward (Z_CELLS_ENV forces both)."""
-    if _switches.get(Z_CELLS_ENV) is None and dtype != torch.float32 and \
-            (interpolation, rz) in FORWARD_HOLDS:
+    """hold_z_cells, or True where a GPU measured holding faster ((interpolation, rz) in
+    ``holds``, ``dtype`` in ``dtypes``) and Z_CELLS_ENV does not force a choice."""
+    if _switches.get(Z_CELLS_ENV) is None and dtype in dtypes and \
+            (interpolation, rz) in holds:
         return True
     return hold_z_cells(cell_floats)
+
+
+def hold_z_cells_forward(cell_floats: int, interpolation: str, rz: int,
+                         dtype: torch.dtype) -> bool:
+    """hold_z_cells for the stencil forward (FORWARD_HOLDS, the 16-bit dtypes)."""
+    return _held_where_measured(FORWARD_HOLDS, (torch.bfloat16, torch.float16), cell_floats,
+                                interpolation, rz, dtype)
 
 
 def hold_z_cells_split(cell_floats: int, interpolation: str, rz: int,
                        dtype: torch.dtype) -> bool:
     """hold_z_cells for the split backward where backward_plan takes it for its held cells
     (SPLIT_HOLDS, in bfloat16, where it was timed and builds without spills under Triton
-    3.6 and 3.8; float16's scatter spills 24 bytes held under 3.8; Z_CELLS_ENV forces
-    every kernel alike)."""
-    if _switches.get(Z_CELLS_ENV) is None and dtype == torch.bfloat16 and \
-            (interpolation, rz) in SPLIT_HOLDS:
-        return True
-    return hold_z_cells(cell_floats)
+    3.6 and 3.8; float16's scatter spills 24 bytes held under 3.8)."""
+    return _held_where_measured(SPLIT_HOLDS, (torch.bfloat16,), cell_floats, interpolation,
+                                rz, dtype)
 
 
 DY_BT = 64      # tokens per row block of the dy pass (the M of its dots)

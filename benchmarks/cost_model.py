@@ -119,6 +119,8 @@ CASES = [
     Case("global token r8", "token", "bilinear", (4, 64, 64), 8, (1, 64, 64)),
     # the same with the composed-weight programs (tf32 MMA; CONVLORA_STENCIL_MMA=1)
     Case("global token r8 mma", "token", "bilinear", (4, 64, 64), 8, (1, 64, 64), mma=True),
+    # and at the module's default rank (the same programs: R = 8 at every rank up to 8)
+    Case("global token r3 mma", "token", "bilinear", (4, 64, 64), 3, (1, 64, 64), mma=True),
     Case("global token r3", "token", "bilinear", (4, 64, 64), 3, (1, 64, 64)),
     Case("global token r16", "token", "bilinear", (4, 64, 64), 16, (1, 64, 64)),
     Case("global token r8 bicubic", "token", "bicubic", (4, 64, 64), 8, (1, 64, 64)),
@@ -626,6 +628,12 @@ def rank_bound(r: int) -> int:
     return next(b for b in (4, 8, 16, 32, 64) if r <= b)
 
 
+def kernel_rank(case: Case) -> int:
+    """The rank bound R of the kernels that run case: the composed-weight programs' is 8 at
+    every rank up to 8 (stencil_cells.h: cells_bound)."""
+    return 8 if case.mma else rank_bound(case.rank)
+
+
 def _grid(case: Case, bwd: bool) -> Dict[str, int]:
     keys = ("bytes", "w_smem", "dw_smem", "threads", "tile_h", "tile_w", "round", "mma")
     return dict(zip(keys, (_OPS or build_checked()).stencil_grid(
@@ -644,12 +652,13 @@ def _blocks_at_shape(case: Case, call: dict, bwd: bool) -> int:
 def cell_bytes(case: Case, bwd: bool = False) -> int:
     """The composed weights of the composed-weight programs at case.shape (stencil_cells.h:
     row and column classes x phases per axis squared x 9 R x R floats per expert; the
-    backward's fold tables after them, kFoldWords floats per expert)."""
+    forward's R biases an expert after them, the backward's fold tables, kFoldWords floats
+    per expert)."""
     _, H, W = case.shape
     classes = (3 if H >= 3 else H) * (3 if W >= 3 else W)
-    R = rank_bound(case.rank)
-    fold = case.experts * 2 * 3 * 2 * 9 * 4 if bwd else 0
-    return sum(classes * (1 if s % 2 else 2) ** 2 for s in case.scales) * 9 * 8 * R * 4 + fold
+    R = kernel_rank(case)
+    tail = case.experts * (2 * 3 * 2 * 9 if bwd else R) * 4
+    return sum(classes * (1 if s % 2 else 2) ** 2 for s in case.scales) * 9 * 8 * R * 4 + tail
 
 
 def _pre_slots(mode: str) -> int:
@@ -660,7 +669,7 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
     """One dict per kernel of the forward and the backward at case.shape (bf16)."""
     B, H, W = case.shape
     N, r, n, e = B * H * W, case.rank, case.experts, 2
-    R = rank_bound(r)
+    R = kernel_rank(case)
     rows = []
     clock = dev["clock_ghz"] * 1e3  # clocks per microsecond
     grad_stride = R * 9 * R + R

@@ -53,9 +53,9 @@ def _given_prep(args, at: int) -> bool:
 def _stencil_fwd_launches(args) -> int:
     # run_call / run_map_call: prep_kernel (reading the weights in their dtype) unless the
     # caller passed stencil_prep's output, then the tile (or map) kernel; the composed-weight
-    # forward (mma, per token, r in (4, 8], bilinear, 16-bit z) runs cells_prep_kernel first
+    # forward (mma, per token, r <= 8, bilinear, 16-bit z) runs cells_prep_kernel first
     z, idx, mma = args[0], args[1], len(args) > 11 and bool(args[11])
-    cells = (mma and idx.shape[0] == z.shape[0] and 4 < z.shape[1] <= 8 and args[5] == 0
+    cells = (mma and idx.shape[0] == z.shape[0] and z.shape[1] <= 8 and args[5] == 0
              and z.dtype in (torch.bfloat16, torch.float16, torch.float32))
     return (1 if _given_prep(args, 10) else 2) + (1 if cells else 0)
 
@@ -65,7 +65,7 @@ def _stencil_bwd_launches(args) -> int:
     # expert per map: expert_index shorter than z) add fold_kernel between them; the
     # composed-weight backward (mma, as the forward's) cells_prep_kernel
     z, idx, mma = args[1], args[3], len(args) > 12 and bool(args[12])
-    cells = (mma and idx.shape[0] == z.shape[0] and 4 < z.shape[1] <= 8 and args[7] == 0
+    cells = (mma and idx.shape[0] == z.shape[0] and z.shape[1] <= 8 and args[7] == 0
              and z.dtype in (torch.bfloat16, torch.float16, torch.float32))
     return ((3 if idx.shape[0] != z.shape[0] else 2) + (0 if _given_prep(args, 11) else 1)
             + (1 if cells else 0))

@@ -23,7 +23,7 @@
 // that dtype too, every expert present; smem_kb: a tile block's shared-memory budget
 // (smem_budget); mma: the per-token forward (or backward) as tensor-core products of each
 // token's 3 x 3 z cells by composed weights (stencil_cells.h: the weights, z and the
-// backward's deltas rounded to tf32, fp32 sums) where it runs: r in (4, 8], bilinear, fp32
+// backward's deltas rounded to tf32, fp32 sums) where it runs: r <= 8, bilinear, fp32
 // accumulation, a CUDA device of compute capability 8.0 or later; elsewhere the
 // multiply-add programs run (make_tile_grid). The backward reads the same slopes either
 // way. The projections around the stencil are GEMMs done by the caller.
@@ -203,7 +203,7 @@ struct TileGrid {
 
 // Weights go to shared memory when they fit the budget, then the weight-gradient
 // accumulators; what does not fit is read (or accumulated) in global memory. mma: the
-// composed-weight programs (stencil_cells.h) where tile::cells_program in fp32 accumulation
+// composed-weight programs (stencil_cells.h) where tile::cells_bound in fp32 accumulation
 // (layout.mma says whether they run; their blocks' shared memory is fixed: 16 KB forward,
 // 59 KB backward, whatever the budget).
 template <int R, int INTERP, bool BWD, typename acc_t>
@@ -214,11 +214,16 @@ TileGrid make_tile_grid(int64_t maps, int H, int W, int r, int n, int budget, bo
   p.tiles_x = (W + G::kTileW - 1) / G::kTileW;
   p.blocks = maps * p.tiles_y * p.tiles_x;
   check_blocks(p.blocks);
-  if (mma && tile::cells_program<R, INTERP>() && std::is_same_v<acc_t, float>) {
-    p.w_smem = false;
-    p.dw_smem = false;
-    p.layout = BWD ? tile::make_cells_bwd_layout<R>(n) : tile::make_cells_layout<R>(n);
-    return p;
+  constexpr int RC = tile::cells_bound<R, INTERP>();
+  if constexpr (RC != 0 && std::is_same_v<acc_t, float>) {
+    if (mma) {
+      static_assert(tile::kCellTile == G::kTileH && tile::kCellTile == G::kTileW,
+                    "the composed-weight programs' tiles are the multiply-add programs'");
+      p.w_smem = false;
+      p.dw_smem = false;
+      p.layout = BWD ? tile::make_cells_bwd_layout<RC>(n) : tile::make_cells_layout<RC>(n);
+      return p;
+    }
   }
   const bool choices[3][2] = {{true, true}, {true, false}, {false, false}};
   for (const auto& c : choices) {

@@ -1,4 +1,4 @@
-// The per-token forward at r in (4, 8], bilinear, as tensor-core products of the z cells
+// The per-token forward at r <= 8, bilinear, as tensor-core products of the z cells
 // around each token by composed weights (the stencil ops' mma argument; docs/design.md,
 // "The forward as composed weights").
 //
@@ -45,6 +45,14 @@ template <int R, int INTERP>
 CONVLORA_HD constexpr bool cells_program() {
   return INTERP == kBilinear && cells_rank<R>();
 }
+// The rank bound of the composed-weight programs that run a call of rank bound R (bilinear):
+// 8 for every rank up to 8 (below 8 the channels from r on are zero in every composed
+// weight, bias and delta; the prep buffer's tap tables, the one part of it they read, do not
+// depend on the rank), 0 where they do not run.
+template <int R, int INTERP>
+CONVLORA_HD constexpr int cells_bound() {
+  return INTERP == kBilinear && R <= 8 ? 8 : 0;
+}
 
 constexpr int kCellThreads = 256;  // eight warps: four for the MMAs (16 tokens each), all for
                                    // the out phase (a thread per token and channel pair)
@@ -75,12 +83,16 @@ constexpr int kCellNone = 0x201;  // outside the map
 constexpr int kCellLast = 0x1FF;  // the largest key with work
 CONVLORA_HD int cell_expert(int key) { return (key >> 4) & 15; }
 
-// Floats of a call's composed weights (n experts): the forward's; the backward's are the
-// same blocks transposed, then the fold tables (cell_fold).
+// Floats of a call's composed weights (n experts): the forward's blocks (then its biases,
+// cell_bias_words); the backward's are the same blocks transposed, then the fold tables
+// (cell_fold).
 template <int R>
 CONVLORA_HD int64_t cell_words(const CellTables& C, int n) {
   return static_cast<int64_t>(C.off[n]) * cell_block<R>();
 }
+// The forward's biases after its blocks: expert e's channel c at e R + c (zero from r on).
+template <int R>
+CONVLORA_HD int64_t cell_bias_words(int n) { return static_cast<int64_t>(n) * R; }
 constexpr int kFoldWords = 2 * 3 * 2 * 9;  // per expert: axis, class, phase, 3 x 3
 template <int R>
 CONVLORA_HD int64_t cell_bwd_words(const CellTables& C, int n) {
@@ -212,9 +224,10 @@ struct CellSmem {
 
 // Phase 1: z of the tile and its ring (zero outside the map), each tile token's sort key,
 // the biases.
+// bias: the composed weights' biases (cell_bias_words)
 template <int R, typename scalar_t, typename acc_t>
 CONVLORA_HD void cells_load(const TileArgs<scalar_t, acc_t>& A, const BlockPos& P,
-                            const CellSmem<acc_t>& S, int tid) {
+                            const CellSmem<acc_t>& S, const acc_t* bias, int tid) {
   stage_region<R, kCellZ, kCellZ, cell_stride<R>(), kCellThreads, true>(
       A.z + P.token0 * A.r, A.H, A.W, A.r, P.h0 - 1, P.w0 - 1, A.vec_z, S.zs, tid);
   for (int t = tid; t < kCellTile * kCellTile; t += kCellThreads) {
@@ -228,7 +241,7 @@ CONVLORA_HD void cells_load(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
     }
     S.key[t] = key << 6 | t;
   }
-  copy_in4<kCellThreads>(A.wbuf + A.n * weight_stride<R>(), S.b, A.n * R, tid);
+  copy_in4<kCellThreads>(bias, S.b, A.n * R, tid);
 }
 
 // Phase 2: token v goes to place (the number of smaller sort keys: they are distinct).
@@ -479,7 +492,8 @@ CONVLORA_HD void run_cells_block(Exec& ex, const TileArgs<scalar_t, float>& A, c
   const BlockPos P = block_pos<kCellTile, kCellTile>(A, block);
   const CellSmem<float> S(smem, L, A.n, R);
   ex.poison(smem, L.bytes);
-  ex.phase("load", [&](int tid) { cells_load<R>(A, P, S, tid); });
+  const float* bias = cells + cell_words<R>(CT, A.n);
+  ex.phase("load", [&](int tid) { cells_load<R>(A, P, S, bias, tid); });
   ex.phase("list", [&](int tid) { cells_list(S, tid); });
   ex.warps("mma", [&](int warp, int lane0) { cells_mma<R>(A, cells, CT, S, warp, lane0); });
   ex.phase("out", [&](int tid) { cells_out<R>(A, P, S, tid); });
@@ -969,15 +983,23 @@ CONVLORA_HD void run_cells_bwd_block(Exec& ex, const TileArgs<scalar_t, float>& 
 // The composed-weight programs by direction: the prep's size and entries, the block.
 template <int R, bool BWD>
 CONVLORA_HD int64_t cells_words(const CellTables& C, int n) {
-  return BWD ? cell_bwd_words<R>(C, n) : cell_words<R>(C, n);
+  return BWD ? cell_bwd_words<R>(C, n) : cell_words<R>(C, n) + cell_bias_words<R>(n);
 }
 template <int R, typename acc_t, typename w_t, bool BWD>
-CONVLORA_HD void cells_entry(const w_t* conv_w, int r, const Tables& T, const CellTables& C,
-                             const Taps<acc_t>* taps, int64_t i, acc_t* out) {
-  if constexpr (BWD)
+CONVLORA_HD void cells_entry(const w_t* conv_w, const w_t* conv_b, int r, const Tables& T,
+                             const CellTables& C, const Taps<acc_t>* taps, int64_t i,
+                             acc_t* out) {
+  if constexpr (BWD) {
     cell_bwd_entry<R, acc_t, w_t>(conv_w, r, T, C, taps, i, out);
-  else
-    cell_entry<R, acc_t, w_t>(conv_w, r, T, C, taps, i, out);
+  } else {
+    const int64_t nb = cell_words<R>(C, T.n);
+    if (i < nb) {
+      cell_entry<R, acc_t, w_t>(conv_w, r, T, C, taps, i, out);
+    } else {  // a bias, in fp32 as the multiply-add programs' (not rounded to tf32)
+      const int e = static_cast<int>((i - nb) / R), c = static_cast<int>((i - nb) % R);
+      out[i] = c < r ? static_cast<acc_t>(conv_b[e * r + c]) : acc_t(0);
+    }
+  }
 }
 template <int R, bool BWD, typename Exec, typename scalar_t>
 CONVLORA_HD void run_cells(Exec& ex, const TileArgs<scalar_t, float>& A, const Layout& L,

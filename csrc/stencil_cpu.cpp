@@ -126,37 +126,6 @@ void run_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const TileGrid& grid) 
   });
 }
 
-// The composed-weight programs (stencil_cells.h): their weights from the call's tap tables
-// (the backward's transposed, with its fold tables), then their blocks; a backward's
-// partials are reduced by the caller.
-template <int R, bool BWD, typename scalar_t>
-void run_cells_blocks(const tile::TileArgs<scalar_t, float>& A, const Operands& o,
-                      const TileGrid& grid) {
-  const tile::CellTables C = tile::make_cell_tables(A.T);
-  at::Tensor cells =
-      at::empty({tile::cells_words<R, BWD>(C, A.n)}, o.z.options().dtype(at::kFloat));
-  const auto cw = o.conv_weight.to(at::kFloat).contiguous();
-  const float* wp = cw.const_data_ptr<float>();
-  float* cp = cells.mutable_data_ptr<float>();
-  at::parallel_for(0, cells.numel(), 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      tile::cells_entry<R, float, float, BWD>(wp, A.r, A.T, C, A.taps, i, cp);
-  });
-  for_each_block(grid.blocks, tile::kCellThreads, grid.layout.bytes,
-                 [&](CpuExec& ex, unsigned char* smem, int64_t blk) {
-    tile::run_cells<R, BWD>(ex, A, grid.layout, cp, C, smem, blk);
-  });
-}
-
-// Runs every block of one call (map programs).
-template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
-void run_map_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const MapGrid& grid) {
-  for_each_block(grid.blocks, tile::kThreads, grid.layout.bytes,
-                 [&](CpuExec& ex, unsigned char* smem, int64_t blk) {
-    tile::run_map_block<R, INTERP, BWD>(ex, A, grid.layout, smem, blk);
-  });
-}
-
 // The weight-gradient reduce of a backward: dw (n, r·r·9 + r) from the blocks' partials.
 template <int R, typename acc_t>
 void reduce_dw(const at::Tensor& partial, int64_t blocks, int r, int n, at::Tensor& dw) {
@@ -165,6 +134,47 @@ void reduce_dw(const at::Tensor& partial, int64_t blocks, int r, int n, at::Tens
   at::parallel_for(0, dw.numel(), 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i)
       tile::reduce_entry<R>(pp, blocks, r, n, static_cast<int>(i), dwp);
+  });
+}
+
+// The composed-weight programs (stencil_cells.h) at their rank bound RC for a call of any
+// rank up to RC: their weights and biases from the call's tap tables (the backward's
+// transposed, with its fold tables), then their blocks; for the backward the blocks'
+// partials (RC's stride), reduced into dw. A: the call's arguments (any rank bound's).
+template <int RC, bool BWD, typename scalar_t>
+void run_cells_call(tile::TileArgs<scalar_t, float> A, const Operands& o, const TileGrid& grid,
+                    at::Tensor* dw) {
+  const auto f32 = o.z.options().dtype(at::kFloat);
+  A.vec_z = rows_vectorizable<RC, scalar_t>(A.r, A.z, A.du);
+  at::Tensor partial;
+  if (BWD) {
+    partial = at::empty({grid.blocks, A.n * tile::grad_stride<RC>()}, f32);
+    A.dw_partial = partial.mutable_data_ptr<float>();
+  }
+  const tile::CellTables C = tile::make_cell_tables(A.T);
+  at::Tensor cells = at::empty({tile::cells_words<RC, BWD>(C, A.n)}, f32);
+  const auto cw = o.conv_weight.to(at::kFloat).contiguous();
+  const auto cb = o.conv_bias.to(at::kFloat).contiguous();
+  const float* wp = cw.const_data_ptr<float>();
+  const float* bp = cb.const_data_ptr<float>();
+  float* cp = cells.mutable_data_ptr<float>();
+  at::parallel_for(0, cells.numel(), 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      tile::cells_entry<RC, float, float, BWD>(wp, bp, A.r, A.T, C, A.taps, i, cp);
+  });
+  for_each_block(grid.blocks, tile::kCellThreads, grid.layout.bytes,
+                 [&](CpuExec& ex, unsigned char* smem, int64_t blk) {
+    tile::run_cells<RC, BWD>(ex, A, grid.layout, cp, C, smem, blk);
+  });
+  if (BWD) reduce_dw<RC, float>(partial, grid.blocks, A.r, A.n, *dw);
+}
+
+// Runs every block of one call (map programs).
+template <int R, int INTERP, bool BWD, typename scalar_t, typename acc_t>
+void run_map_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const MapGrid& grid) {
+  for_each_block(grid.blocks, tile::kThreads, grid.layout.bytes,
+                 [&](CpuExec& ex, unsigned char* smem, int64_t blk) {
+    tile::run_map_block<R, INTERP, BWD>(ex, A, grid.layout, smem, blk);
   });
 }
 
@@ -233,9 +243,10 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
                                                                 static_cast<int>(r), T.n,
                                                                 o.smem_budget, mma);
         auto A = make_tile_args<R, scalar_t, acc_t>(o, T, grid, taps, wbuf, u, nullptr, pre_p);
-        if constexpr (tile::cells_program<R, INTERP>() && std::is_same_v<acc_t, float>) {
+        constexpr int RC = tile::cells_bound<R, INTERP>();
+        if constexpr (RC != 0 && std::is_same_v<acc_t, float>) {
           if (grid.layout.mma) {
-            run_cells_blocks<R, false>(A, o, grid);
+            run_cells_call<RC, false>(A, o, grid, nullptr);
             return;
           }
         }
@@ -291,17 +302,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
         const auto grid = make_tile_grid<R, INTERP, true, acc_t>(maps, T.H, T.W,
                                                                static_cast<int>(r), T.n,
                                                                o.smem_budget, mma);
+        constexpr int RC = tile::cells_bound<R, INTERP>();
+        if constexpr (RC != 0 && std::is_same_v<acc_t, float>) {
+          if (grid.layout.mma) {
+            auto A = make_tile_args<R, scalar_t, acc_t>(o, T, grid, taps, wbuf, dz, nullptr,
+                                                        pre_p);
+            run_cells_call<RC, true>(A, o, grid, &dw);
+            return;
+          }
+        }
         at::Tensor partial = at::empty({grid.blocks, n * tile::grad_stride<R>()}, acc_opts);
         auto A = make_tile_args<R, scalar_t, acc_t>(o, T, grid, taps, wbuf, dz,
                                                     partial.mutable_data_ptr<acc_t>(), pre_p);
-        bool cells = false;
-        if constexpr (tile::cells_program<R, INTERP>() && std::is_same_v<acc_t, float>) {
-          if (grid.layout.mma) {
-            run_cells_blocks<R, true>(A, o, grid);
-            cells = true;
-          }
-        }
-        if (!cells) run_blocks<R, INTERP, true>(A, grid);
+        run_blocks<R, INTERP, true>(A, grid);
         reduce_dw<R, acc_t>(partial, grid.blocks, A.r, A.n, dw);
       });
     });

@@ -3,8 +3,8 @@
 //
 // Launches per call (docs/design.md, "The tiled stencil"):
 //   forward:  prep (tap tables, padded fp32 weights) -> stencil_tile_kernel; with mma at
-//             its ranks (stencil_cells.h) prep -> cells_prep_kernel -> stencil_cells_kernel
-//             (the backward likewise, then reduce_dw_kernel)
+//             r <= 8, bilinear (stencil_cells.h) prep -> cells_prep_kernel ->
+//             stencil_cells_kernel (the backward likewise, then reduce_dw_kernel)
 //   backward: prep -> stencil_tile_kernel (dz and per-block weight-gradient partials)
 //             -> reduce_dw_kernel (partials summed over blocks in a fixed order, two
 //                levels: runs of partials, then the runs)
@@ -64,16 +64,18 @@ __global__ void __launch_bounds__(tile::Geometry<R, INTERP, BWD>::kThreads,
   tile::run_block<R, INTERP, BWD>(ex, A, L, smem, static_cast<int64_t>(blockIdx.x));
 }
 
-// The composed-weight programs (stencil_cells.h): their weights, one thread per entry,
-// from the call's tap tables (written by the prep before it; the backward's transposed,
-// with its fold tables), then their blocks of eight warps (the backward's reduce after).
+// The composed-weight programs (stencil_cells.h): their weights (and the forward's biases),
+// one thread per entry, from the call's tap tables (written by the prep before it; the
+// backward's transposed, with its fold tables), then their blocks of eight warps (the
+// backward's reduce after).
 template <int R, typename w_t, bool BWD>
 __global__ void __launch_bounds__(kPrepThreads)
-    cells_prep_kernel(const w_t* __restrict__ conv_w, int r, const tile::Tables T,
-                      const tile::CellTables C, const Taps<float>* __restrict__ taps,
-                      float* __restrict__ cells, int64_t total) {
+    cells_prep_kernel(const w_t* __restrict__ conv_w, const w_t* __restrict__ conv_b, int r,
+                      const tile::Tables T, const tile::CellTables C,
+                      const Taps<float>* __restrict__ taps, float* __restrict__ cells,
+                      int64_t total) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < total) tile::cells_entry<R, float, w_t, BWD>(conv_w, r, T, C, taps, i, cells);
+  if (i < total) tile::cells_entry<R, float, w_t, BWD>(conv_w, conv_b, r, T, C, taps, i, cells);
 }
 
 template <int R, bool BWD, typename scalar_t>
@@ -243,6 +245,43 @@ void run_map_call(tile::TileArgs<scalar_t, float> A, const Operands& o, const ti
   }
 }
 
+// The composed-weight programs (stencil_cells.h) at their rank bound RC for a call of any
+// rank up to RC: their weights and biases from the call's tap tables (the backward's
+// transposed, with its fold tables), then their blocks; for the backward the blocks'
+// partials (RC's stride) and the reduce. A: the call's arguments (any rank bound's).
+template <int RC, bool BWD, typename scalar_t>
+void run_cells_call(tile::TileArgs<scalar_t, float> A, const Operands& o, const TileGrid& grid,
+                    at::Tensor* dw, cudaStream_t stream) {
+  const auto f32 = o.z.options().dtype(at::kFloat);
+  A.vec_z = rows_vectorizable<RC, scalar_t>(A.r, A.z, A.du);
+  at::Tensor partial;
+  if (BWD) {
+    partial = at::empty({grid.blocks, A.n * tile::grad_stride<RC>()}, f32);
+    A.dw_partial = partial.mutable_data_ptr<float>();
+  }
+  const tile::CellTables C = tile::make_cell_tables(A.T);
+  const int64_t total = tile::cells_words<RC, BWD>(C, A.n);
+  at::Tensor cells = at::empty({total}, f32);
+  const auto prep_cells = [&](auto* tag) {
+    using w_t = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    cells_prep_kernel<RC, w_t, BWD><<<grid_for(total, kPrepThreads), kPrepThreads, 0, stream>>>(
+        o.conv_weight.const_data_ptr<w_t>(), o.conv_bias.const_data_ptr<w_t>(), A.r, A.T, C,
+        A.taps, cells.mutable_data_ptr<float>(), total);
+  };
+  if (o.conv_weight.scalar_type() == at::kFloat) {
+    prep_cells(static_cast<float*>(nullptr));
+  } else {
+    prep_cells(static_cast<scalar_t*>(nullptr));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto kernel = stencil_cells_kernel<RC, BWD, scalar_t>;
+  allow_shared_bytes(reinterpret_cast<const void*>(kernel), grid.layout.bytes);
+  kernel<<<static_cast<unsigned>(grid.blocks), tile::kCellThreads, grid.layout.bytes, stream>>>(
+      A, grid.layout, cells.const_data_ptr<float>(), C);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (BWD) launch_reduce<RC>(partial, grid.blocks, A.r, A.n, *dw, stream);
+}
+
 // Prep, then the tile kernel (and for the backward the reduce) of one call.
 template <bool BWD, typename scalar_t, int R, int INTERP>
 void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t interpolation,
@@ -269,40 +308,21 @@ void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t i
   const int64_t maps = N / (height * width);
   const auto grid = make_tile_grid<R, INTERP, BWD, float>(maps, T.H, T.W, static_cast<int>(r),
                                                         T.n, o.smem_budget, o.mma);
+  constexpr int RC = tile::cells_bound<R, INTERP>();
+  if constexpr (RC != 0) {
+    if (grid.layout.mma) {
+      auto A = make_tile_args<R, scalar_t, float>(o, T, grid, taps, wbuf, out, nullptr, pre);
+      run_cells_call<RC, BWD>(A, o, grid, dw, stream);
+      return;
+    }
+  }
   at::Tensor partial;
   if (BWD) partial = at::empty({grid.blocks, n * tile::grad_stride<R>()}, f32);
   auto A = make_tile_args<R, scalar_t, float>(o, T, grid, taps, wbuf, out,
                                               BWD ? partial.mutable_data_ptr<float>() : nullptr,
                                               pre);
-  bool composed = false;  // the composed-weight kernel ran
-  if constexpr (tile::cells_program<R, INTERP>()) {
-    if (grid.layout.mma) {
-      const tile::CellTables C = tile::make_cell_tables(T);
-      const int64_t total = tile::cells_words<R, BWD>(C, A.n);
-      at::Tensor cells = at::empty({total}, f32);
-      const auto prep_cells = [&](auto* tag) {
-        using w_t = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-        cells_prep_kernel<R, w_t, BWD><<<grid_for(total, kPrepThreads), kPrepThreads, 0, stream>>>(
-            o.conv_weight.const_data_ptr<w_t>(), A.r, T, C, A.taps,
-            cells.mutable_data_ptr<float>(), total);
-      };
-      if (o.conv_weight.scalar_type() == at::kFloat) {
-        prep_cells(static_cast<float*>(nullptr));
-      } else {
-        prep_cells(static_cast<scalar_t*>(nullptr));
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const auto kernel = stencil_cells_kernel<R, BWD, scalar_t>;
-      allow_shared_bytes(reinterpret_cast<const void*>(kernel), grid.layout.bytes);
-      kernel<<<static_cast<unsigned>(grid.blocks), tile::kCellThreads, grid.layout.bytes,
-               stream>>>(A, grid.layout, cells.const_data_ptr<float>(), C);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      composed = true;
-    }
-  }
-  if (!composed)
-    launch_blocks(stencil_tile_kernel<R, INTERP, BWD, scalar_t>, A, grid.layout, grid.blocks,
-                  tile::Geometry<R, INTERP, BWD>::kThreads, stream);
+  launch_blocks(stencil_tile_kernel<R, INTERP, BWD, scalar_t>, A, grid.layout, grid.blocks,
+                tile::Geometry<R, INTERP, BWD>::kThreads, stream);
   if (BWD) {
     launch_reduce<R>(partial, grid.blocks, A.r, A.n, *dw, stream);
   }

@@ -96,13 +96,15 @@ def test_accuracy_rule(backend, dtype, floor, mode, gating):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,floor", [(torch.bfloat16, 1e-3), (torch.float16, 1e-4)])
-def test_accuracy_rule_with_composed_weights(backend, dtype, floor):
+@pytest.mark.parametrize("rank", [8, 3])
+def test_accuracy_rule_with_composed_weights(backend, dtype, floor, rank):
     """CONVLORA_STENCIL_MMA=1 (the per-token bilinear forward as tf32 products by composed
-    weights, 16-bit dtypes): the same rule as without."""
+    weights, 16-bit dtypes): the same rule as without, at r = 8 and at the module's default
+    r = 3 (the same programs, channels 3 to 7 padding)."""
     from convlora_kernels import _switches
     from convlora_kernels.backends import extension
 
-    c = make_case(height=9, width=7, rank=8, interpolation="bilinear", gating="token",
+    c = make_case(height=9, width=7, rank=rank, interpolation="bilinear", gating="token",
                   scales=(1, 2, 3, 4, 5, 6, 7, 8), seed=3, device=_device(backend))
     with _switches.forced({extension.MMA_ENV: "1"}):
         check_accuracy_rule(_fused(backend), c, dtype, floor)

@@ -339,10 +339,10 @@ def test_checked_build_marks_an_out_of_range_expert(checked_ops):
 # --- The forward as composed weights (mma: tf32 tensor-core products) ----------------
 
 MMA_CASES = [
-    # (mode, (B, H, W), scales, rank, expert draw): bilinear, r in (4, 8] (R = 8; r = 6 and
-    # 7 pad the channels); many keys a 16-token group (random), one expert for every token,
-    # experts without tokens; partial tiles; maps of one and two rows or columns (their own
-    # row classes); every scale up to 16
+    # (mode, (B, H, W), scales, rank, expert draw): bilinear, r <= 8 (R = 8 for every rank:
+    # below 8 the channels from r on are padding); many keys a 16-token group (random), one
+    # expert for every token, experts without tokens; partial tiles; maps of one and two
+    # rows or columns (their own row classes); every scale up to 16
     ("bilinear", (2, 17, 23), tuple(range(1, 9)), 8, "random"),
     ("bilinear", (2, 9, 12), (1, 2, 3, 4, 5, 6, 7, 8, 9, 10), 6, "random"),
     ("bilinear", (1, 9, 8), tuple(range(1, 17)), 8, "random"),
@@ -351,6 +351,11 @@ MMA_CASES = [
     ("bilinear", (1, 9, 10), (2, 5, 1), 7, "two"),
     ("bilinear", (3, 1, 5), (1, 2, 3, 4), 8, "random"),
     ("bilinear", (2, 2, 3), (2, 1, 6), 5, "random"),
+    # ranks of the rank bound 4 (the module's default rank is 3) on the same programs
+    ("bilinear", (2, 9, 12), tuple(range(1, 9)), 3, "random"),
+    ("bilinear", (1, 9, 10), (2, 5, 1), 4, "two"),
+    ("bilinear", (1, 11, 9), (4, 1, 2), 2, "one"),
+    ("bilinear", (2, 2, 3), (2, 1, 6), 1, "random"),
 ]
 
 
@@ -651,11 +656,11 @@ def test_mma_backward_on_the_gpu(mode, bhw, scales, rank, draw):
 
 
 def test_mma_forward_elsewhere_runs_the_multiply_add_programs():
-    """mma=True where the composed-weight programs do not run (r outside (4, 8], bicubic,
+    """mma=True where the composed-weight programs do not run (r above 8, bicubic,
     float64): the multiply-add programs' result, bit for bit, forward and backward."""
     for mode, bhw, scales, rank, dtype, kb in [("bilinear", (1, 9, 10), (1, 2, 3), 16,
                                                 torch.float32, 0),
-                                               ("bilinear", (1, 9, 10), (1, 2, 3), 3,
+                                               ("bicubic", (1, 9, 10), (1, 2, 3), 3,
                                                 torch.float32, 0),
                                                ("bicubic", (1, 9, 10), (1, 2, 3), 8,
                                                 torch.float32, 0),

@@ -29,7 +29,7 @@ CPU_DY_ROWS = 512  # rows of dy per block of the cpu one-pass (fp32: 4.7 MB at C
 # shared memory one tile block may use (benchmarks/stencil_time.py times both on a GPU);
 # CONVLORA_STENCIL_MMA=1 runs the per-token forward as tensor-core products of each
 # token's 3 x 3 z cells by composed weights (tf32) for bfloat16 and float16 inputs at ranks
-# 5 to 8, bilinear (off until a GPU run shows it faster: benchmarks/stencil_time.py times
+# up to 8, bilinear (off until a GPU run shows it faster: benchmarks/stencil_time.py times
 # both).
 MAP_KERNELS_ENV = "CONVLORA_MAP_KERNELS"
 SMEM_KB_ENV = "CONVLORA_STENCIL_SMEM_KB"

@@ -164,6 +164,14 @@ OVER_CEILING: Dict[str, float] = {
     # time between them at the target
     "global token r8 mma/bwd/delta": 1.89,
     "global token r8 mma/bwd/out": 1.51,
+    # the same programs at r = 3: z staged a word a lane (the 16-byte path needs rows of
+    # R = 8 channels), a warp's 4 cells 12 words apart overlapping in 4 banks; the other
+    # phases as at r = 8
+    "global token r3 mma/fwd/load": 1.87,
+    "global token r3 mma/fwd/mma": 2.06,
+    "global token r3 mma/bwd/load": 1.85,
+    "global token r3 mma/bwd/delta": 1.89,
+    "global token r3 mma/bwd/out": 1.53,
     "global token r3/fwd/combine": 1.52,
     "global token r3/bwd/conv": 1.33,
     "global token r3/bwd/gather": 1.7,

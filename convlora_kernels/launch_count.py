@@ -61,14 +61,14 @@ def _stencil_fwd_launches(args) -> int:
 
 
 def _stencil_bwd_launches(args) -> int:
-    # prep unless given, the tile kernel then reduce_dw_kernel; the map programs (one
-    # expert per map: expert_index shorter than z) add fold_kernel between them; the
-    # composed-weight backward (mma, as the forward's) cells_prep_kernel
+    # prep unless given, the tile kernel then reduce_dw_kernel (the map programs, one
+    # expert per map: expert_index shorter than z, fold_reduce_kernel: the fold and the
+    # reduce in one launch); the composed-weight backward (mma, as the forward's)
+    # cells_prep_kernel
     z, idx, mma = args[1], args[3], len(args) > 12 and bool(args[12])
     cells = (mma and idx.shape[0] == z.shape[0] and z.shape[1] <= 8 and args[7] == 0
              and z.dtype in (torch.bfloat16, torch.float16, torch.float32))
-    return ((3 if idx.shape[0] != z.shape[0] else 2) + (0 if _given_prep(args, 11) else 1)
-            + (1 if cells else 0))
+    return 2 + (0 if _given_prep(args, 11) else 1) + (1 if cells else 0)
 
 
 CPP_LAUNCHES = {"convlora.stencil_prep": lambda args: 1,

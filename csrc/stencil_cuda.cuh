@@ -9,7 +9,8 @@
 //             -> reduce_dw_kernel (partials summed over blocks in a fixed order, two
 //                levels: runs of partials, then the runs)
 //   one expert per map (r <= 8): prep -> stencil_map_kernel, and for the backward
-//             -> fold_kernel (dz from the blocks' halo partials) -> reduce_dw_kernel
+//             -> fold_reduce_kernel (dz from the blocks' halo partials, and the reduce,
+//                in one launch)
 // The prep is skipped when the caller passes stencil_prep's output (o.prep): a forward and
 // its backward then share one. The tile kernel is tile::run_block, the same block program
 // the CPU backend runs, with __syncthreads() between its phases. No atomics: the backward is deterministic.
@@ -98,12 +99,6 @@ __global__ void __launch_bounds__(tile::kThreads, 2)
   tile::run_map_block<R, INTERP, BWD>(ex, A, L, smem, static_cast<int64_t>(blockIdx.x));
 }
 
-template <int R, int INTERP, typename scalar_t>
-__global__ void __launch_bounds__(kPrepThreads)
-    fold_kernel(const tile::TileArgs<scalar_t, float> A, int64_t total) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < total) tile::fold_entry<R, INTERP>(A, i);
-}
 
 // One thread per table entry, then per padded weight: the per-call prep. The weights are
 // read as stored (w_t: float, or the inputs' 16-bit type) and widened here.
@@ -130,15 +125,16 @@ __global__ void __launch_bounds__(kPrepThreads)
 // The reduce: a block holds every run (reduce_slices) of kReduceThreads / slices outputs;
 // thread (run, output) sums its run of block partials, then the run-0 thread adds the
 // runs' sums in order (tile::reduce_entry's order, which the CPU runs).
+// Block `block` of the reduce (every thread of the block calls it: it has a barrier).
 template <int R>
-__global__ void __launch_bounds__(tile::kReduceThreads)
-    reduce_dw_kernel(const float* __restrict__ partial, int64_t blocks, int r, int n,
-                     int slices, float* __restrict__ dw) {
+__device__ __forceinline__ void reduce_block(const float* __restrict__ partial, int64_t blocks,
+                                             int r, int n, int slices, float* __restrict__ dw,
+                                             int block) {
   __shared__ float sums[tile::kReduceThreads];
   const int per = tile::kReduceThreads / slices;
   const int local = static_cast<int>(threadIdx.x) % per;
   const int slice = static_cast<int>(threadIdx.x) / per;
-  const int i = static_cast<int>(blockIdx.x) * per + local;
+  const int i = block * per + local;
   const int total = n * tile::grad_entries(r);
   sums[threadIdx.x] = i < total ? tile::reduce_slice<R>(partial, blocks, r, n, i, slice, slices)
                                 : 0.f;
@@ -151,12 +147,40 @@ __global__ void __launch_bounds__(tile::kReduceThreads)
 }
 
 template <int R>
+__global__ void __launch_bounds__(tile::kReduceThreads)
+    reduce_dw_kernel(const float* __restrict__ partial, int64_t blocks, int r, int n,
+                     int slices, float* __restrict__ dw) {
+  reduce_block<R>(partial, blocks, r, n, slices, dw, static_cast<int>(blockIdx.x));
+}
+
+// The map backward's two passes after its blocks in one launch (they read what the blocks
+// wrote and nothing of each other): blocks [0, reduce_blocks) the reduce of the weight-
+// gradient partials, the rest a thread per fold entry (dz from the halo partials).
+template <int R, int INTERP, typename scalar_t>
+__global__ void __launch_bounds__(tile::kReduceThreads)
+    fold_reduce_kernel(const tile::TileArgs<scalar_t, float> A, int64_t fold_total,
+                       int64_t blocks, int slices, int reduce_blocks, float* __restrict__ dw) {
+  static_assert(tile::kReduceThreads == kPrepThreads, "one block size for both passes");
+  if (static_cast<int>(blockIdx.x) < reduce_blocks) {  // the same in every thread of a block
+    reduce_block<R>(A.dw_partial, blocks, A.r, A.n, slices, dw, static_cast<int>(blockIdx.x));
+    return;
+  }
+  const int64_t i = static_cast<int64_t>(blockIdx.x - reduce_blocks) * blockDim.x + threadIdx.x;
+  if (i < fold_total) tile::fold_entry<R, INTERP>(A, i);
+}
+
+// The reduce's grid: blocks of kReduceThreads / slices outputs each.
+inline int reduce_grid(const at::Tensor& dw, int slices) {
+  const int per = tile::kReduceThreads / slices;
+  return static_cast<int>((dw.numel() + per - 1) / per);
+}
+
+template <int R>
 void launch_reduce(const at::Tensor& partial, int64_t blocks, int r, int n, at::Tensor& dw,
                    cudaStream_t stream) {
   const int slices = tile::reduce_slices(blocks);
-  const int per = tile::kReduceThreads / slices;
-  reduce_dw_kernel<R><<<static_cast<unsigned>((dw.numel() + per - 1) / per),
-                        tile::kReduceThreads, 0, stream>>>(
+  reduce_dw_kernel<R><<<static_cast<unsigned>(reduce_grid(dw, slices)), tile::kReduceThreads,
+                        0, stream>>>(
       partial.const_data_ptr<float>(), blocks, r, n, slices, dw.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -217,7 +241,7 @@ std::pair<at::Tensor, at::Tensor> launch_prep(const Operands& o, const tile::Tab
 }
 
 // The map programs of one call: the map kernel, then for the backward the fold (dz) and
-// the reduce (weight gradients).
+// the reduce (weight gradients) in one launch.
 template <bool BWD, typename scalar_t, int R, int INTERP>
 void run_map_call(tile::TileArgs<scalar_t, float> A, const Operands& o, const tile::Tables& T,
                   const at::Tensor& taps, const at::Tensor& wbuf, at::Tensor& out, float* pre,
@@ -238,10 +262,12 @@ void run_map_call(tile::TileArgs<scalar_t, float> A, const Operands& o, const ti
                 tile::kThreads, stream);
   if (BWD) {
     const int64_t total = N * A.r;
-    fold_kernel<R, INTERP, scalar_t><<<grid_for(total, kPrepThreads), kPrepThreads, 0, stream>>>(
-        A, total);
+    const int slices = tile::reduce_slices(grid.blocks);
+    const int reduce_blocks = reduce_grid(*dw, slices);
+    fold_reduce_kernel<R, INTERP, scalar_t>
+        <<<static_cast<unsigned>(reduce_blocks + grid_for(total, kPrepThreads)), kPrepThreads, 0,
+           stream>>>(A, total, grid.blocks, slices, reduce_blocks, dw->mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_reduce<R>(partial, grid.blocks, A.r, A.n, *dw, stream);
   }
 }
 

@@ -281,7 +281,7 @@ def test_cost_model_runs_as_a_script(tmp_path):
     data = json.loads(out.read_text())
     assert data["assumptions"]["sms"] == 132
     kernels = {(row["case"], row["direction"], row["kernel"]) for row in data["rows"]}
-    assert ("authors map r3 bicubic", "bwd", "fold_kernel") in kernels
+    assert ("authors map r3 bicubic", "bwd", "fold_reduce_kernel") in kernels
     assert ("global token r8", "bwd", "reduce_dw_kernel") in kernels
 
 

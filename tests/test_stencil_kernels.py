@@ -106,9 +106,10 @@ def test_cuda_kernel_resources():
             assert v["STACK"] == 0 and v["LOCAL"] == 0 and v["REG"] <= 128, (arch, name, v)
         preps = [v for (a, n), v in res.items() if a == arch and "prep_kernel" in n]
         assert preps and all(v["STACK"] <= 64 for v in preps), preps
-        # the map programs (r <= 8) and their fold: no stack, no local memory, <= 128 regs
+        # the map programs (r <= 8) and their fold (with the reduce): no stack, no local
+        # memory, <= 128 regs
         maps = [(n, v) for (a, n), v in res.items() if a == arch and
-                ("stencil_map_kernel" in n or "fold_kernel" in n)]
+                ("stencil_map_kernel" in n or "fold_reduce_kernel" in n)]
         assert len(maps) == 2 * 2 * 3 * 3, (arch, len(maps))  # R x interp x (fwd, bwd, fold)
         for name, v in maps:
             assert v["STACK"] == 0 and v["LOCAL"] == 0 and v["REG"] <= 128, (arch, name, v)

@@ -94,7 +94,7 @@ H100 = dict(card="H100 SXM", sms=132, clock_ghz=1.755, dram_bytes_per_s=3.35e12,
 # largest of the chain of every wave, the instructions at fitted_issue_per_clock, the
 # quarter-warp shared time and DRAM. The map kernels (one run at another shape, not refit)
 # issued 1.0 to 1.16 per clock; the fit is weakest there.
-# - fitted_small_kernel_us: what a small kernel (prep, cells_prep, fold, reduce) takes
+# - fitted_small_kernel_us: what a small kernel (prep, fold, reduce) takes
 #   beyond its DRAM bytes. The second H100 run (benchmarks/results/h100/run2-bench.log,
 #   torch.profiler) timed prep_kernel at 3.1-4.0 us for a few KB, fold_kernel at 2.9 us,
 #   reduce_dw_kernel at 3.1-3.2 us for 4 maps' partials and at 4.1 and 5.8-5.9 us for the
@@ -797,14 +797,12 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
     partial_bytes = rows[1]["blocks"] * n * grad_stride * 4
     if case.routing == "map":  # the fold (dz from the halo partials) in the reduce's launch
         partial_bytes += 3 * N * r * 4
-    small = [("fwd", "prep_kernel", 0.0),
+    # the prep writes the composed weights of both passes with its tables (mma), which every
+    # block then reads from L2
+    prep_bytes = cell_bytes(case) + cell_bytes(case, True) if case.mma else 0
+    small = [("fwd", "prep_kernel", prep_bytes / dev["dram_bytes_per_s"] * 1e6),
              ("bwd", "fold_reduce_kernel" if case.routing == "map" else "reduce_dw_kernel",
               partial_bytes / dev["dram_bytes_per_s"] * 1e6)]
-    if case.mma:  # the composed weights: written once a pass, read from L2 by every block
-        small.append(("fwd", "cells_prep_kernel",
-                      cell_bytes(case) / dev["dram_bytes_per_s"] * 1e6))
-        small.append(("bwd", "cells_prep_kernel",
-                      cell_bytes(case, True) / dev["dram_bytes_per_s"] * 1e6))
     for direction, name, us in small:
         rows.append(dict(case=case.name, direction=direction, kernel=name, blocks=None,
                          times_us=dict(dram=us), bound="dram", est_us=us, quarter_est_us=us,

@@ -50,25 +50,37 @@ def _given_prep(args, at: int) -> bool:
     return len(args) > at and args[at] is not None
 
 
-def _stencil_fwd_launches(args) -> int:
-    # run_call / run_map_call: prep_kernel (reading the weights in their dtype) unless the
-    # caller passed stencil_prep's output, then the tile (or map) kernel; the composed-weight
-    # forward (mma, per token, r <= 8, bilinear, 16-bit z) runs cells_prep_kernel first
-    z, idx, mma = args[0], args[1], len(args) > 11 and bool(args[11])
-    cells = (mma and idx.shape[0] == z.shape[0] and z.shape[1] <= 8 and args[5] == 0
+def _cells_launch(z, idx, mma, prep, scales, code, height, width) -> int:
+    """The composed-weight programs' own prep launch: 1 when they run (mma, per token,
+    r <= 8, bilinear, not float64) on a caller's prep buffer made without mma (the ops'
+    own prep, and stencil_prep's with mma, write the composed weights in their launch)."""
+    cells = (mma and idx.shape[0] == z.shape[0] and z.shape[1] <= 8 and code == 0
              and z.dtype in (torch.bfloat16, torch.float16, torch.float32))
-    return (1 if _given_prep(args, 10) else 2) + (1 if cells else 0)
+    if not cells or prep is None:
+        return 0
+    plain = torch.ops.convlora.stencil_prep_bytes(z.shape[1], len(scales), code, height, width,
+                                                  list(scales), False, False)
+    return 1 if prep.numel() == plain else 0
+
+
+def _stencil_fwd_launches(args) -> int:
+    # run_call / run_map_call: prep_kernel (reading the weights in their dtype; with mma
+    # the composed weights too) unless the caller passed stencil_prep's output, then the
+    # tile (or map, or composed-weight) kernel
+    z, idx, mma = args[0], args[1], len(args) > 11 and bool(args[11])
+    prep = args[10] if _given_prep(args, 10) else None
+    return ((1 if prep is not None else 2)
+            + _cells_launch(z, idx, mma, prep, args[4], args[5], args[6], args[7]))
 
 
 def _stencil_bwd_launches(args) -> int:
     # prep unless given, the tile kernel then reduce_dw_kernel (the map programs, one
     # expert per map: expert_index shorter than z, fold_reduce_kernel: the fold and the
-    # reduce in one launch); the composed-weight backward (mma, as the forward's)
-    # cells_prep_kernel
+    # reduce in one launch)
     z, idx, mma = args[1], args[3], len(args) > 12 and bool(args[12])
-    cells = (mma and idx.shape[0] == z.shape[0] and z.shape[1] <= 8 and args[7] == 0
-             and z.dtype in (torch.bfloat16, torch.float16, torch.float32))
-    return 2 + (0 if _given_prep(args, 11) else 1) + (1 if cells else 0)
+    prep = args[11] if _given_prep(args, 11) else None
+    return (2 + (0 if prep is not None else 1)
+            + _cells_launch(z, idx, mma, prep, args[6], args[7], args[8], args[9]))
 
 
 CPP_LAUNCHES = {"convlora.stencil_prep": lambda args: 1,

@@ -93,22 +93,40 @@ CONVLORA_HD void cubic_weights(acc_t t, acc_t w[4]) {
 
 // Merges taps on the same (clamped) index and drops zero weights: an odd-scale
 // downsample is then one tap, and no work is spent on taps that add nothing.
+// Every loop has a fixed trip count and every write a fixed index (the slot chosen by a
+// comparison), so a Taps stays in registers on the GPU (the composed weights' prep computes
+// eight of them per entry). Slots from n on keep their old contents.
 template <typename acc_t>
 CONVLORA_HD void compact(Taps<acc_t>& t) {
+  Taps<acc_t> o = t;
   int n = 0;
-  for (int k = 0; k < t.n; ++k) {
-    if (t.w[k] == acc_t(0)) continue;
-    int j = 0;
-    while (j < n && t.idx[j] != t.idx[k]) ++j;
-    if (j < n) {
-      t.w[j] += t.w[k];
-    } else {
-      t.idx[n] = t.idx[k];
-      t.w[n] = t.w[k];
-      ++n;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int k = 0; k < 4; ++k) {
+    const bool live = k < t.n && t.w[k] != acc_t(0);
+    bool merged = false;  // into an earlier slot with its index
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int j = 0; j < k; ++j) {
+      const bool hit = live && !merged && j < n && o.idx[j] == t.idx[k];
+      if (hit) o.w[j] += t.w[k];
+      merged = merged || hit;
     }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int j = 0; j <= k; ++j) {
+      if (live && !merged && j == n) {
+        o.idx[j] = t.idx[k];
+        o.w[j] = t.w[k];
+      }
+    }
+    n += live && !merged ? 1 : 0;
   }
-  t.n = n;
+  o.n = n;
+  t = o;
 }
 
 // Source taps of output index d when resampling an axis of n_in values with

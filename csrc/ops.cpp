@@ -65,9 +65,10 @@ std::vector<int64_t> stencil_grid(int64_t r, int64_t n, int64_t interpolation, b
 }
 
 // stencil_prep_bytes: the size of stencil_prep's output for a call of rank r with n experts
-// (float64: z is float64, else float32 tables), for fake tensors of that shape.
+// (float64: z is float64, else float32 tables; mma: stencil_prep's), for fake tensors of
+// that shape.
 int64_t stencil_prep_bytes(int64_t r, int64_t n, int64_t interpolation, int64_t height,
-                           int64_t width, at::IntArrayRef scales, bool float64) {
+                           int64_t width, at::IntArrayRef scales, bool float64, bool mma) {
   TORCH_CHECK(r >= 1 && r <= kMaxRank && n >= 1 && n <= kMaxExperts &&
                   static_cast<int64_t>(scales.size()) == n && height >= 1 && width >= 1 &&
                   (interpolation == kBilinear || interpolation == kBicubic),
@@ -81,7 +82,8 @@ int64_t stencil_prep_bytes(int64_t r, int64_t n, int64_t interpolation, int64_t 
   const auto T = tables_for(height, width, interpolation, scales);
   int64_t bytes = 0;
   dispatch_rank(r, [&]<int R>() {
-    bytes = float64 ? prep_layout<R, double>(T).bytes : prep_layout<R, float>(T).bytes;
+    bytes = float64 ? prep_layout<R, double>(T).bytes
+                    : prep_layout<R, float>(T, prep_has_cells<R, float>(T, mma)).bytes;
   });
   return bytes;
 }
@@ -95,11 +97,13 @@ CONVLORA_LIBRARY(CONVLORA_NS, m) {
   // shared-memory budget of a tile block in KB, 0 for the default (smem_budget). mma: the
   // composed-weight programs where they can run (make_tile_grid).
   m.def("stencil_prep_bytes(int r, int n, int interpolation, int height, int width, "
-        "int[] scales, bool float64) -> int",
+        "int[] scales, bool float64, bool mma=False) -> int",
         &stencil_prep_bytes);
+  // mma: the prep of calls that run the composed-weight programs (the stencil ops' mma
+  // argument, per-token routing), with their composed weights (PrepLayout)
   m.def(
       "stencil_prep(Tensor z, Tensor conv_weight, Tensor conv_bias, int[] scales, "
-      "int interpolation, int height, int width) -> Tensor");
+      "int interpolation, int height, int width, bool mma=False) -> Tensor");
   m.def(
       "stencil_fwd(Tensor z, Tensor expert_index, Tensor conv_weight, Tensor conv_bias, "
       "int[] scales, int interpolation, int height, int width, bool save_preact, "

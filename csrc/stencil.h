@@ -1,6 +1,7 @@
 // The stencil ops of the convlora library: u = z + E_e(z) per token and its backward.
 //
-//   stencil_prep(z, conv_weight, conv_bias, scales, interpolation, height, width) -> prep
+//   stencil_prep(z, conv_weight, conv_bias, scales, interpolation, height, width, mma=False)
+//               -> prep
 //   stencil_fwd(z, expert_index, conv_weight, conv_bias, scales, interpolation, height, width,
 //               save_preact, smem_kb=0, prep=None, mma=False, raw_preact=False) -> (u, preact)
 //   stencil_bwd(du, z, preact, expert_index, conv_weight, conv_bias, scales, interpolation,
@@ -8,9 +9,10 @@
 //               -> (dz, dconv_weight, dconv_bias)
 //
 // prep: the per-call tables and padded weights (PrepLayout) as a uint8 tensor, a function
-// of the weights, the rank, z's dtype and the geometry alone. Without it each op runs its
-// own prep pass (a launch on CUDA); a forward and its backward given stencil_prep's output
-// share one pass. z is read by stencil_prep for its rank, dtype and device only.
+// of the weights, the rank, z's dtype and the geometry alone (with mma, and where the
+// composed-weight programs run, their weights too). Without it each op runs its own prep
+// pass (a launch on CUDA); a forward and its backward given stencil_prep's output share one
+// pass. z is read by stencil_prep for its rank, dtype and device only.
 //
 // z, u, du, dz: (N, r) with N = B·H·W tokens in (b, h, w) order; expert_index: (N,) int32,
 // or (B,) int32 for one expert per map (the map programs of stencil_map.h run then);
@@ -37,6 +39,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <type_traits>
@@ -267,39 +270,84 @@ int64_t wbuf_size(int n) {
 }
 
 // The prep buffer of a call (bytes): the tap tables (T.entries Taps), then from a 16-byte
-// boundary the padded weights (wbuf_size values), both in the accumulation type. The prep
-// pass writes it; stencil_prep returns it so that a forward and its backward share one.
+// boundary the padded weights (wbuf_size values), both in the accumulation type; with the
+// composed weights (prep_has_cells: a call that runs the composed-weight programs), from the
+// next 16-byte boundary the forward's (tile::cells_words, with its biases) and then the
+// backward's (with its fold tables), fp32, for the programs' rank bound 8 whatever R. The
+// prep pass writes it, in one launch; stencil_prep returns it so that a forward and its
+// backward share one.
 struct PrepLayout {
-  int64_t taps_bytes, wbuf_offset, bytes;
+  int64_t taps_bytes, wbuf_offset, cells_offset, cells_fwd, cells_bwd, bytes;
 };
 
+// Whether the prep of a call with the ops' mma argument holds the composed weights: where
+// the composed-weight programs run (bilinear, r <= 8, fp32 accumulation; make_tile_grid),
+// the device aside (they are written for an older one too, and not read).
 template <int R, typename acc_t>
-PrepLayout prep_layout(const tile::Tables& T) {
-  const int64_t taps = static_cast<int64_t>(T.entries) * static_cast<int64_t>(sizeof(Taps<acc_t>));
-  const int64_t off = (taps + 15) / 16 * 16;
-  return {taps, off, off + wbuf_size<R>(T.n) * static_cast<int64_t>(sizeof(acc_t))};
+bool prep_has_cells(const tile::Tables& T, bool mma) {
+  return mma && std::is_same_v<acc_t, float> && R <= 8 && T.interp == kBilinear;
 }
 
-// A prep buffer for the prep pass to fill.
 template <int R, typename acc_t>
-at::Tensor new_prep(const tile::Tables& T, const at::Tensor& z) {
-  return at::empty({prep_layout<R, acc_t>(T).bytes}, z.options().dtype(at::kByte));
+PrepLayout prep_layout(const tile::Tables& T, bool cells = false) {
+  const auto up16 = [](int64_t b) { return (b + 15) / 16 * 16; };
+  PrepLayout L{};
+  L.taps_bytes = static_cast<int64_t>(T.entries) * static_cast<int64_t>(sizeof(Taps<acc_t>));
+  L.wbuf_offset = up16(L.taps_bytes);
+  L.bytes = L.wbuf_offset + wbuf_size<R>(T.n) * static_cast<int64_t>(sizeof(acc_t));
+  L.cells_offset = L.bytes;
+  if (cells) {
+    const tile::CellTables C = tile::make_cell_tables(T);
+    L.cells_offset = up16(L.bytes);
+    L.cells_fwd = tile::cells_words<8, false>(C, T.n);
+    L.cells_bwd = tile::cells_words<8, true>(C, T.n);
+    L.bytes = L.cells_offset + (L.cells_fwd + L.cells_bwd) * static_cast<int64_t>(sizeof(float));
+  }
+  return L;
 }
 
-// (taps, wbuf): views of a prep buffer, checked to be one for this rank, these experts and
-// this geometry (stencil_prep's output when a caller passed it).
+// A prep buffer for the prep pass to fill (cells: with the composed weights).
+template <int R, typename acc_t>
+at::Tensor new_prep(const tile::Tables& T, const at::Tensor& z, bool cells = false) {
+  return at::empty({prep_layout<R, acc_t>(T, cells).bytes}, z.options().dtype(at::kByte));
+}
+
+// The layout of a prep buffer a caller passed, checked to be one for this rank, these
+// experts and this geometry, with or without the composed weights (stencil_prep's output).
+template <int R, typename acc_t>
+PrepLayout given_prep_layout(const at::Tensor& prep, const tile::Tables& T,
+                             const at::Tensor& z) {
+  const auto plain = prep_layout<R, acc_t>(T);
+  const bool can = prep_has_cells<R, acc_t>(T, true);
+  const auto full = can ? prep_layout<R, acc_t>(T, true) : plain;
+  TORCH_CHECK(prep.dim() == 1 && prep.scalar_type() == at::kByte &&
+                  (prep.numel() == plain.bytes || prep.numel() == full.bytes) &&
+                  prep.device() == z.device() && prep.is_contiguous(),
+              "stencil: prep must be stencil_prep's output for this call's rank, experts and "
+              "geometry (", plain.bytes, can ? " or, with mma, " : "",
+              can ? std::to_string(full.bytes) : std::string(), " uint8 on ", z.device(),
+              "), got ", prep.scalar_type(), " ", prep.sizes(), " on ", prep.device());
+  return prep.numel() == plain.bytes ? plain : full;
+}
+
+// (taps, wbuf): views of a prep buffer (stencil_prep's output when a caller passed it).
 template <int R, typename acc_t>
 std::pair<at::Tensor, at::Tensor> prep_views(const at::Tensor& prep, const tile::Tables& T,
                                              const at::Tensor& z) {
-  const auto L = prep_layout<R, acc_t>(T);
-  TORCH_CHECK(prep.dim() == 1 && prep.scalar_type() == at::kByte && prep.numel() == L.bytes &&
-                  prep.device() == z.device() && prep.is_contiguous(),
-              "stencil: prep must be stencil_prep's output for this call's rank, experts and "
-              "geometry (", L.bytes, " uint8 on ", z.device(), "), got ", prep.scalar_type(),
-              " ", prep.sizes(), " on ", prep.device());
+  const auto L = given_prep_layout<R, acc_t>(prep, T, z);
   return {prep.narrow(0, 0, L.taps_bytes),
-          prep.narrow(0, L.wbuf_offset, L.bytes - L.wbuf_offset)
+          prep.narrow(0, L.wbuf_offset, L.cells_offset - L.wbuf_offset)
+              .narrow(0, 0, wbuf_size<R>(T.n) * static_cast<int64_t>(sizeof(acc_t)))
               .view(c10::CppTypeToScalarType<acc_t>::value)};
+}
+
+// The composed weights of a prep buffer, fp32 (the forward's, then the backward's), or an
+// undefined tensor when it has none.
+template <int R, typename acc_t>
+at::Tensor prep_cells(const at::Tensor& prep, const tile::Tables& T, const at::Tensor& z) {
+  const auto L = given_prep_layout<R, acc_t>(prep, T, z);
+  if (L.cells_fwd + L.cells_bwd == 0) return at::Tensor();
+  return prep.narrow(0, L.cells_offset, L.bytes - L.cells_offset).view(at::kFloat);
 }
 
 inline tile::Tables tables_for(int64_t height, int64_t width, int64_t interpolation,
@@ -373,7 +421,7 @@ inline at::Tensor new_preact(const at::Tensor& z, int64_t interpolation, bool sa
 
 at::Tensor stencil_prep_cpu(const at::Tensor& z, const at::Tensor& conv_weight,
                             const at::Tensor& conv_bias, at::IntArrayRef scales,
-                            int64_t interpolation, int64_t height, int64_t width);
+                            int64_t interpolation, int64_t height, int64_t width, bool mma);
 std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
     const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& conv_weight,
     const at::Tensor& conv_bias, at::IntArrayRef scales, int64_t interpolation, int64_t height,

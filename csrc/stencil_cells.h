@@ -13,8 +13,10 @@
 // depend on the scale, on which of the token's down taps p is (its phase) and on whether the
 // row is the map's first or last (clamped taps, the conv's zero padding), not otherwise on
 // the row (row_class). So per expert there are classes x classes x phases x phases matrices M
-// of 9 R x R: a prep launch writes them all (cell_entry, in tf32, in the MMA's fragment
-// order), from the tap tables; 415 KB at SAM's global shape with 8 experts.
+// of 9 R x R: the stencil's prep pass writes them all with its tap tables and padded
+// weights, in the same launch (cell_entry, in tf32, in the MMA's fragment order; the taps
+// they need computed, not read), the backward's transposed blocks and fold tables after
+// them; 415 KB at SAM's global shape with 8 experts, each.
 //
 // The block program: one block per 8 x 8 tile, eight warps (four of them a warp per 16
 // tokens in the mma phase).
@@ -105,18 +107,27 @@ CONVLORA_HD int cell_fold(int e, int axis, int c, int a) {
   return (((e * 2 + axis) * 3 + c) * 2 + a) * 9;
 }
 
+// neighbour_weights (bilinear) of conv row p with its up taps computed (table entry up0 + p),
+// not read: the prep pass writes the tap tables in the same launch.
+template <typename acc_t>
+CONVLORA_HD void cell_axis_weights(const Tables& T, int up0, int p, int extent, int g,
+                                   acc_t (&out)[3]) {
+  const bool valid = p >= 0 && p < extent;
+  neighbour_weights_of<kBilinear>(table_value<acc_t>(T, up0 + (valid ? p : 0)), valid, g, out);
+}
+
 // Prep entry i of the composed weights: block (expert e; row class cy, column class cx, row
 // phase a, column phase b) = C.off[e] + ((cy·ns_x + cx)·ph + a)·ph + b, then its 576 words:
 // k-steps 0..7 in pairs, lane l's four words at 128 m + 4 l (b0, b1 of k-step 2 m, then of
 // 2 m + 1), k-step 8 at 512 + 2 l; lane l = 4 g + t holds B[k][n] for k = t, t + 4 and
 // n = g, which are input channels t and t + 4 and output channel g of cell k-step (the
 // cell (k-step / 3, k-step % 3) of the token's 3 x 3). Summed over (ky, kx) in order in
-// acc_t, then rounded to tf32. taps: the call's tables (table_entry), already written.
+// acc_t, then rounded to tf32. The taps are computed (table_value), not read.
 // TRANSPOSED (the backward's): B[k][n] = M[k][n], k the output channel and n the input one
 // (dz of a cell = M^T delta), in the same order.
 template <int R, typename acc_t, typename w_t, bool TRANSPOSED = false>
 CONVLORA_HD void cell_entry(const w_t* conv_w, int r, const Tables& T, const CellTables& C,
-                            const Taps<acc_t>* taps, int64_t i, acc_t* out) {
+                            int64_t i, acc_t* out) {
   static_assert(cells_rank<R>(), "a k-step of 8 input channels is one cell");
   constexpr int BLK = cell_block<R>();
   const int blk = static_cast<int>(i / BLK), w = static_cast<int>(i - int64_t(blk) * BLK);
@@ -145,16 +156,18 @@ CONVLORA_HD void cell_entry(const w_t* conv_w, int r, const Tables& T, const Cel
   if (ci < r && co < r) {
     const int s = T.scale[e];
     const int iy = class_row(cy, T.H), ix = class_row(cx, T.W);
-    const int p = taps[T.down_y + e * T.H + iy].idx[a];
-    const int q = taps[T.down_x + e * T.W + ix].idx[b];
+    const Taps<acc_t> ty = table_value<acc_t>(T, T.down_y + e * T.H + iy);
+    const Taps<acc_t> tx = table_value<acc_t>(T, T.down_x + e * T.W + ix);
+    const int p = a ? ty.idx[1] : ty.idx[0];  // phases a, b < 2: no runtime index
+    const int q = b ? tx.idx[1] : tx.idx[0];
     const int ny = ks / 3, nx = ks % 3;  // the cell, in the token's 3 x 3
     acc_t wy[3], wx[3];
     CONVLORA_UNROLL
     for (int k = 0; k < 3; ++k) {
       acc_t nb[3];
-      neighbour_weights<kBilinear>(taps + T.up_y[e], p + k - 1, s * T.H, iy, nb);
+      cell_axis_weights<acc_t>(T, T.up_y[e], p + k - 1, s * T.H, iy, nb);
       wy[k] = nb[ny];
-      neighbour_weights<kBilinear>(taps + T.up_x[e], q + k - 1, s * T.W, ix, nb);
+      cell_axis_weights<acc_t>(T, T.up_x[e], q + k - 1, s * T.W, ix, nb);
       wx[k] = nb[nx];
     }
     const w_t* wp = conv_w + (static_cast<int64_t>(e) * r + co) * r * 9 + ci * 9;
@@ -171,10 +184,10 @@ CONVLORA_HD void cell_entry(const w_t* conv_w, int r, const Tables& T, const Cel
 // tables (cell_fold; zero for classes and phases the call does not have), in acc_t.
 template <int R, typename acc_t, typename w_t>
 CONVLORA_HD void cell_bwd_entry(const w_t* conv_w, int r, const Tables& T, const CellTables& C,
-                                const Taps<acc_t>* taps, int64_t i, acc_t* out) {
+                                int64_t i, acc_t* out) {
   const int64_t nb = cell_words<R>(C, T.n);
   if (i < nb) {
-    cell_entry<R, acc_t, w_t, true>(conv_w, r, T, C, taps, i, out);
+    cell_entry<R, acc_t, w_t, true>(conv_w, r, T, C, i, out);
     return;
   }
   int f = static_cast<int>(i - nb);
@@ -185,10 +198,12 @@ CONVLORA_HD void cell_bwd_entry(const w_t* conv_w, int r, const Tables& T, const
   acc_t v = acc_t(0);
   if (c < ns && a < C.ph[e]) {
     const int row = class_row(c, n);
-    const int p = taps[(axis ? T.down_x + e * T.W : T.down_y + e * T.H) + row].idx[a];
+    const Taps<acc_t> down =
+        table_value<acc_t>(T, (axis ? T.down_x + e * T.W : T.down_y + e * T.H) + row);
+    const int p = a ? down.idx[1] : down.idx[0];  // a < 2: no runtime index
     acc_t w[3];
-    neighbour_weights<kBilinear>(taps + (axis ? T.up_x[e] : T.up_y[e]), p + k - 1,
-                                 T.scale[e] * n, row, w);
+    cell_axis_weights<acc_t>(T, axis ? T.up_x[e] : T.up_y[e], p + k - 1, T.scale[e] * n, row,
+                             w);
     v = w[cell];
   }
   out[i] = v;
@@ -987,14 +1002,13 @@ CONVLORA_HD int64_t cells_words(const CellTables& C, int n) {
 }
 template <int R, typename acc_t, typename w_t, bool BWD>
 CONVLORA_HD void cells_entry(const w_t* conv_w, const w_t* conv_b, int r, const Tables& T,
-                             const CellTables& C, const Taps<acc_t>* taps, int64_t i,
-                             acc_t* out) {
+                             const CellTables& C, int64_t i, acc_t* out) {
   if constexpr (BWD) {
-    cell_bwd_entry<R, acc_t, w_t>(conv_w, r, T, C, taps, i, out);
+    cell_bwd_entry<R, acc_t, w_t>(conv_w, r, T, C, i, out);
   } else {
     const int64_t nb = cell_words<R>(C, T.n);
     if (i < nb) {
-      cell_entry<R, acc_t, w_t>(conv_w, r, T, C, taps, i, out);
+      cell_entry<R, acc_t, w_t>(conv_w, r, T, C, i, out);
     } else {  // a bias, in fp32 as the multiply-add programs' (not rounded to tf32)
       const int e = static_cast<int>((i - nb) / R), c = static_cast<int>((i - nb) % R);
       out[i] = c < r ? static_cast<acc_t>(conv_b[e * r + c]) : acc_t(0);

@@ -56,36 +56,63 @@ struct CpuExec {
   }
 };
 
-// The prep pass on the host: tap tables and padded weights written into the prep buffer
-// `prep` (new_prep); returns its (taps, wbuf) views.
+// The composed weights (fwd: the forward's, with its biases; else the backward's, with its
+// fold tables) of a call into out (fp32; tile::cells_words<8, !fwd> floats).
+template <typename acc_t>
+void cells_cpu(const at::Tensor& cw, const at::Tensor& cb, int r, const tile::Tables& T,
+               bool fwd, float* out) {
+  const tile::CellTables C = tile::make_cell_tables(T);
+  const auto cwf = cw.to(at::kFloat).contiguous(), cbf = cb.to(at::kFloat).contiguous();
+  const float* wp = cwf.const_data_ptr<float>();
+  const float* bp = cbf.const_data_ptr<float>();
+  const int64_t total = fwd ? tile::cells_words<8, false>(C, T.n) : tile::cells_words<8, true>(C, T.n);
+  at::parallel_for(0, total, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      if (fwd)
+        tile::cells_entry<8, float, float, false>(wp, bp, r, T, C, i, out);
+      else
+        tile::cells_entry<8, float, float, true>(wp, bp, r, T, C, i, out);
+    }
+  });
+}
+
+// The prep pass on the host: tap tables and padded weights (and the composed weights, where
+// its layout has them) written into the prep buffer `prep` (new_prep).
 template <int R, typename acc_t>
-std::pair<at::Tensor, at::Tensor> prep_cpu(const at::Tensor& cw, const at::Tensor& cb, int r,
-                                           const tile::Tables& T, const at::Tensor& prep,
-                                           const at::Tensor& z) {
+void prep_cpu(const at::Tensor& cw, const at::Tensor& cb, int r, const tile::Tables& T,
+              const at::Tensor& prep, const at::Tensor& z) {
   const int n = T.n;
   at::Tensor taps, wbuf;  // not a structured binding: a dependent type would need `template`
   std::tie(taps, wbuf) = prep_views<R, acc_t>(prep, T, z);
   auto* tp = reinterpret_cast<Taps<acc_t>*>(taps.mutable_data_ptr());
   for (int i = 0; i < T.entries; ++i) tile::table_entry<acc_t>(T, i, tp);
-  const auto L = prep_layout<R, acc_t>(T);  // the alignment gap: zero, so a buffer is its inputs'
-  std::memset(static_cast<unsigned char*>(prep.mutable_data_ptr()) + L.taps_bytes, 0,
-              L.wbuf_offset - L.taps_bytes);
+  const auto L = given_prep_layout<R, acc_t>(prep, T, z);
+  // the alignment gaps: zero, so a buffer is its inputs'
+  auto* bytes = static_cast<unsigned char*>(prep.mutable_data_ptr());
+  std::memset(bytes + L.taps_bytes, 0, L.wbuf_offset - L.taps_bytes);
+  const int64_t wend = L.wbuf_offset + wbuf.numel() * static_cast<int64_t>(sizeof(acc_t));
+  std::memset(bytes + wend, 0, L.cells_offset - wend);
   const auto cwa = cw.to(wbuf.scalar_type()).contiguous();
   const auto cba = cb.to(wbuf.scalar_type()).contiguous();
   acc_t* wp = wbuf.mutable_data_ptr<acc_t>();
   for (int64_t i = 0; i < wbuf.numel(); ++i)
     tile::weight_entry<R, acc_t>(cwa.const_data_ptr<acc_t>(), cba.const_data_ptr<acc_t>(), r, n,
                                  static_cast<int>(i), wp);
-  return {taps, wbuf};
+  if (L.cells_fwd + L.cells_bwd > 0) {
+    float* cells = reinterpret_cast<float*>(bytes + L.cells_offset);
+    cells_cpu<acc_t>(cw, cb, r, T, true, cells);
+    cells_cpu<acc_t>(cw, cb, r, T, false, cells + L.cells_fwd);
+  }
 }
 
-// (taps, wbuf) of a call: views of o.prep when the caller gave stencil_prep's output, else
-// of a buffer the prep pass fills here.
+// The prep buffer of a call: o.prep when the caller gave stencil_prep's output, else one the
+// prep pass fills here (cells: with the composed weights).
 template <int R, typename acc_t>
-std::pair<at::Tensor, at::Tensor> call_prep(const Operands& o, const tile::Tables& T) {
-  if (o.prep.defined()) return prep_views<R, acc_t>(o.prep, T, o.z);
-  return prep_cpu<R, acc_t>(o.conv_weight, o.conv_bias, static_cast<int>(o.z.size(1)), T,
-                            new_prep<R, acc_t>(T, o.z), o.z);
+at::Tensor call_prep(const Operands& o, const tile::Tables& T, bool cells) {
+  if (o.prep.defined()) return o.prep;
+  at::Tensor prep = new_prep<R, acc_t>(T, o.z, cells);
+  prep_cpu<R, acc_t>(o.conv_weight, o.conv_bias, static_cast<int>(o.z.size(1)), T, prep, o.z);
+  return prep;
 }
 
 // Runs f(ex, smem, block) for every block of one call, blocks in parallel, each worker
@@ -138,12 +165,13 @@ void reduce_dw(const at::Tensor& partial, int64_t blocks, int r, int n, at::Tens
 }
 
 // The composed-weight programs (stencil_cells.h) at their rank bound RC for a call of any
-// rank up to RC: their weights and biases from the call's tap tables (the backward's
-// transposed, with its fold tables), then their blocks; for the backward the blocks'
-// partials (RC's stride), reduced into dw. A: the call's arguments (any rank bound's).
+// rank up to RC: their blocks, reading the composed weights of the call's prep buffer
+// (prep_cells: the forward's, then the backward's), or where it has none (a caller's prep
+// made without mma) ones written here; for the backward the blocks' partials (RC's
+// stride), reduced into dw. A: the call's arguments (any rank bound's).
 template <int RC, bool BWD, typename scalar_t>
 void run_cells_call(tile::TileArgs<scalar_t, float> A, const Operands& o, const TileGrid& grid,
-                    at::Tensor* dw) {
+                    const at::Tensor& prep_cells, at::Tensor* dw) {
   const auto f32 = o.z.options().dtype(at::kFloat);
   A.vec_z = rows_vectorizable<RC, scalar_t>(A.r, A.z, A.du);
   at::Tensor partial;
@@ -152,16 +180,15 @@ void run_cells_call(tile::TileArgs<scalar_t, float> A, const Operands& o, const 
     A.dw_partial = partial.mutable_data_ptr<float>();
   }
   const tile::CellTables C = tile::make_cell_tables(A.T);
-  at::Tensor cells = at::empty({tile::cells_words<RC, BWD>(C, A.n)}, f32);
-  const auto cw = o.conv_weight.to(at::kFloat).contiguous();
-  const auto cb = o.conv_bias.to(at::kFloat).contiguous();
-  const float* wp = cw.const_data_ptr<float>();
-  const float* bp = cb.const_data_ptr<float>();
-  float* cp = cells.mutable_data_ptr<float>();
-  at::parallel_for(0, cells.numel(), 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      tile::cells_entry<RC, float, float, BWD>(wp, bp, A.r, A.T, C, A.taps, i, cp);
-  });
+  at::Tensor cells = prep_cells;
+  if (cells.defined()) {
+    if (BWD) cells = cells.narrow(0, tile::cells_words<RC, false>(C, A.n),
+                                  tile::cells_words<RC, true>(C, A.n));
+  } else {
+    cells = at::empty({tile::cells_words<RC, BWD>(C, A.n)}, f32);
+    cells_cpu<float>(o.conv_weight, o.conv_bias, A.r, A.T, !BWD, cells.mutable_data_ptr<float>());
+  }
+  const float* cp = cells.const_data_ptr<float>();
   for_each_block(grid.blocks, tile::kCellThreads, grid.layout.bytes,
                  [&](CpuExec& ex, unsigned char* smem, int64_t blk) {
     tile::run_cells<RC, BWD>(ex, A, grid.layout, cp, C, smem, blk);
@@ -192,7 +219,7 @@ void run_map_blocks(const tile::TileArgs<scalar_t, acc_t>& A, const MapGrid& gri
 
 at::Tensor stencil_prep_cpu(const at::Tensor& z, const at::Tensor& conv_weight,
                             const at::Tensor& conv_bias, at::IntArrayRef scales,
-                            int64_t interpolation, int64_t height, int64_t width) {
+                            int64_t interpolation, int64_t height, int64_t width, bool mma) {
   check_weight_args(z, conv_weight, conv_bias, scales, interpolation, height, width);
   const int64_t r = z.size(1);
   const auto T = tables_for(height, width, interpolation, scales);
@@ -200,7 +227,7 @@ at::Tensor stencil_prep_cpu(const at::Tensor& z, const at::Tensor& conv_weight,
   CONVLORA_DISPATCH_CPU(z.scalar_type(), "stencil_prep_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_rank(r, [&]<int R>() {
-      prep = new_prep<R, acc_t>(T, z);
+      prep = new_prep<R, acc_t>(T, z, prep_has_cells<R, acc_t>(T, mma));
       prep_cpu<R, acc_t>(conv_weight.contiguous(), conv_bias.contiguous(), static_cast<int>(r),
                          T, prep, z);
     });
@@ -228,7 +255,9 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_rank(r, [&]<int R>() {
       dispatch_interpolation(interpolation, [&]<int INTERP>() {
-        auto [taps, wbuf] = call_prep<R, acc_t>(o, T);
+        const at::Tensor pbuf =
+            call_prep<R, acc_t>(o, T, !per_map && prep_has_cells<R, acc_t>(T, mma));
+        auto [taps, wbuf] = prep_views<R, acc_t>(pbuf, T, zc);
         acc_t* pre_p = save_preact ? pre.mutable_data_ptr<acc_t>() : nullptr;
         if constexpr (R <= tile::kMapMaxRank) {
           if (per_map) {
@@ -246,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
         constexpr int RC = tile::cells_bound<R, INTERP>();
         if constexpr (RC != 0 && std::is_same_v<acc_t, float>) {
           if (grid.layout.mma) {
-            run_cells_call<RC, false>(A, o, grid, nullptr);
+            run_cells_call<RC, false>(A, o, grid, prep_cells<R, acc_t>(pbuf, T, zc), nullptr);
             return;
           }
         }
@@ -281,7 +310,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_rank(r, [&]<int R>() {
       dispatch_interpolation(interpolation, [&]<int INTERP>() {
-        auto [taps, wbuf] = call_prep<R, acc_t>(o, T);
+        const at::Tensor pbuf =
+            call_prep<R, acc_t>(o, T, !per_map && prep_has_cells<R, acc_t>(T, mma));
+        auto [taps, wbuf] = prep_views<R, acc_t>(pbuf, T, zc);
         acc_t* pre_p = const_cast<acc_t*>(o.preact.const_data_ptr<acc_t>());
         if constexpr (R <= tile::kMapMaxRank) {
           if (per_map) {
@@ -307,7 +338,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
           if (grid.layout.mma) {
             auto A = make_tile_args<R, scalar_t, acc_t>(o, T, grid, taps, wbuf, dz, nullptr,
                                                         pre_p);
-            run_cells_call<RC, true>(A, o, grid, &dw);
+            run_cells_call<RC, true>(A, o, grid, prep_cells<R, acc_t>(pbuf, T, zc), &dw);
             return;
           }
         }

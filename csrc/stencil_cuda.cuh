@@ -3,8 +3,9 @@
 //
 // Launches per call (docs/design.md, "The tiled stencil"):
 //   forward:  prep (tap tables, padded fp32 weights) -> stencil_tile_kernel; with mma at
-//             r <= 8, bilinear (stencil_cells.h) prep -> cells_prep_kernel ->
-//             stencil_cells_kernel (the backward likewise, then reduce_dw_kernel)
+//             r <= 8, bilinear (stencil_cells.h) prep (the composed weights too, the
+//             backward's with them) -> stencil_cells_kernel (the backward likewise, then
+//             reduce_dw_kernel)
 //   backward: prep -> stencil_tile_kernel (dz and per-block weight-gradient partials)
 //             -> reduce_dw_kernel (partials summed over blocks in a fixed order, two
 //                levels: runs of partials, then the runs)
@@ -65,20 +66,8 @@ __global__ void __launch_bounds__(tile::Geometry<R, INTERP, BWD>::kThreads,
   tile::run_block<R, INTERP, BWD>(ex, A, L, smem, static_cast<int64_t>(blockIdx.x));
 }
 
-// The composed-weight programs (stencil_cells.h): their weights (and the forward's biases),
-// one thread per entry, from the call's tap tables (written by the prep before it; the
-// backward's transposed, with its fold tables), then their blocks of eight warps (the
-// backward's reduce after).
-template <int R, typename w_t, bool BWD>
-__global__ void __launch_bounds__(kPrepThreads)
-    cells_prep_kernel(const w_t* __restrict__ conv_w, const w_t* __restrict__ conv_b, int r,
-                      const tile::Tables T, const tile::CellTables C,
-                      const Taps<float>* __restrict__ taps, float* __restrict__ cells,
-                      int64_t total) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < total) tile::cells_entry<R, float, w_t, BWD>(conv_w, conv_b, r, T, C, taps, i, cells);
-}
-
+// The composed-weight programs (stencil_cells.h): blocks of eight warps, reading the composed
+// weights the prep wrote (the backward's reduce after).
 template <int R, bool BWD, typename scalar_t>
 __global__ void __launch_bounds__(tile::kCellThreads, 2)
     stencil_cells_kernel(const tile::TileArgs<scalar_t, float> A, const tile::Layout L,
@@ -100,31 +89,38 @@ __global__ void __launch_bounds__(tile::kThreads, 2)
 }
 
 
-// One thread per table entry, then per padded weight: the per-call prep. The weights are
-// read as stored (w_t: float, or the inputs' 16-bit type) and widened here.
-// Thread 0 also zeroes the gap before the weights (prep_layout), so a prep buffer is a
-// function of its inputs, byte for byte.
+// One thread per table entry, then per padded weight, then per composed weight (the
+// forward's, then the backward's; nf, nb: their counts, zero without them): the per-call
+// prep. The weights are read as stored (w_t: float, or the inputs' 16-bit type) and widened
+// here. The composed weights compute the taps they need (cells_entry), so they do not wait
+// for the tables. Thread 0 also zeroes the gaps before the weights and before the composed
+// weights (prep_layout; base: the buffer, or null for composed weights alone), so a prep
+// buffer is a function of its inputs, byte for byte.
 template <int R, typename w_t>
 __global__ void __launch_bounds__(kPrepThreads)
     prep_kernel(const w_t* __restrict__ conv_w, const w_t* __restrict__ conv_b, int r,
-                const tile::Tables T, Taps<float>* __restrict__ taps, float* __restrict__ wbuf,
-                int64_t nw, int gap) {
+                const tile::Tables T, const tile::CellTables C, unsigned char* __restrict__ base,
+                const PrepLayout L, int ntaps, int64_t nw, float* __restrict__ cells,
+                int64_t nf, int64_t nb) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i == 0) {
-    auto* end = reinterpret_cast<unsigned char*>(taps + T.entries);
-    for (int b = 0; b < gap; ++b) end[b] = 0;
+  if (i == 0 && base != nullptr) {
+    const int64_t wend = L.wbuf_offset + nw * static_cast<int64_t>(sizeof(float));
+    for (int64_t b = L.taps_bytes; b < L.wbuf_offset; ++b) base[b] = 0;
+    for (int64_t b = wend; b < L.cells_offset; ++b) base[b] = 0;
   }
-  if (i < T.entries) {
-    tile::table_entry<float>(T, static_cast<int>(i), taps);
-  } else if (i - T.entries < nw) {
-    tile::weight_entry<R, float, w_t>(conv_w, conv_b, r, T.n, static_cast<int>(i - T.entries),
-                                      wbuf);
+  if (i < ntaps) {
+    tile::table_entry<float>(T, static_cast<int>(i), reinterpret_cast<Taps<float>*>(base));
+  } else if (i - ntaps < nw) {
+    tile::weight_entry<R, float, w_t>(conv_w, conv_b, r, T.n, static_cast<int>(i - ntaps),
+                                      reinterpret_cast<float*>(base + L.wbuf_offset));
+  } else if (i - ntaps - nw < nf) {
+    tile::cells_entry<8, float, w_t, false>(conv_w, conv_b, r, T, C, i - ntaps - nw, cells);
+  } else if (i - ntaps - nw - nf < nb) {
+    tile::cells_entry<8, float, w_t, true>(conv_w, conv_b, r, T, C, i - ntaps - nw - nf,
+                                           cells + nf);
   }
 }
 
-// The reduce: a block holds every run (reduce_slices) of kReduceThreads / slices outputs;
-// thread (run, output) sums its run of block partials, then the run-0 thread adds the
-// runs' sums in order (tile::reduce_entry's order, which the CPU runs).
 // Block `block` of the reduce (every thread of the block calls it: it has a barrier).
 template <int R>
 __device__ __forceinline__ void reduce_block(const float* __restrict__ partial, int64_t blocks,
@@ -212,24 +208,19 @@ void launch_blocks(Kernel kernel, const tile::TileArgs<scalar_t, float>& A, cons
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The prep pass of a call into the prep buffer `prep` (new_prep), reading the weights in
-// their dtype (float, or z's: check_stencil_args allows no other); returns its (taps, wbuf)
-// views.
+// Launches prep_kernel over ntaps tables, nw padded weights and nf + nb composed weights,
+// reading the weights in their dtype (float, or z's: check_stencil_args allows no other).
 template <int R, typename scalar_t>
-std::pair<at::Tensor, at::Tensor> launch_prep(const Operands& o, const tile::Tables& T,
-                                              const at::Tensor& prep, cudaStream_t stream) {
-  at::Tensor taps, wbuf;  // not a structured binding: a dependent type would need `template`
-  std::tie(taps, wbuf) = prep_views<R, float>(prep, T, o.z);
-  const auto L = prep_layout<R, float>(T);
-  const int gap = static_cast<int>(L.wbuf_offset - L.taps_bytes);
+void run_prep_kernel(const Operands& o, const tile::Tables& T, unsigned char* base,
+                     const PrepLayout& L, int ntaps, int64_t nw, float* cells, int64_t nf,
+                     int64_t nb, cudaStream_t stream) {
+  const tile::CellTables C = tile::make_cell_tables(T);
   const auto run = [&](auto* tag) {
     using w_t = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    prep_kernel<R, w_t><<<grid_for(T.entries + wbuf.numel(), kPrepThreads), kPrepThreads, 0,
+    prep_kernel<R, w_t><<<grid_for(ntaps + nw + nf + nb, kPrepThreads), kPrepThreads, 0,
                           stream>>>(
         o.conv_weight.const_data_ptr<w_t>(), o.conv_bias.const_data_ptr<w_t>(),
-        static_cast<int>(o.z.size(1)), T,
-        reinterpret_cast<Taps<float>*>(taps.mutable_data_ptr()), wbuf.mutable_data_ptr<float>(),
-        wbuf.numel(), gap);
+        static_cast<int>(o.z.size(1)), T, C, base, L, ntaps, nw, cells, nf, nb);
   };
   if (o.conv_weight.scalar_type() == at::kFloat) {
     run(static_cast<float*>(nullptr));
@@ -237,7 +228,18 @@ std::pair<at::Tensor, at::Tensor> launch_prep(const Operands& o, const tile::Tab
     run(static_cast<scalar_t*>(nullptr));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {taps, wbuf};
+}
+
+// The prep pass of a call into the prep buffer `prep` (new_prep): one launch, the composed
+// weights too where its layout has them.
+template <int R, typename scalar_t>
+void launch_prep(const Operands& o, const tile::Tables& T, const at::Tensor& prep,
+                 cudaStream_t stream) {
+  const auto L = given_prep_layout<R, float>(prep, T, o.z);
+  auto* base = static_cast<unsigned char*>(prep.mutable_data_ptr());
+  run_prep_kernel<R, scalar_t>(o, T, base, L, T.entries, wbuf_size<R>(T.n),
+                               reinterpret_cast<float*>(base + L.cells_offset), L.cells_fwd,
+                               L.cells_bwd, stream);
 }
 
 // The map programs of one call: the map kernel, then for the backward the fold (dz) and
@@ -272,12 +274,13 @@ void run_map_call(tile::TileArgs<scalar_t, float> A, const Operands& o, const ti
 }
 
 // The composed-weight programs (stencil_cells.h) at their rank bound RC for a call of any
-// rank up to RC: their weights and biases from the call's tap tables (the backward's
-// transposed, with its fold tables), then their blocks; for the backward the blocks'
-// partials (RC's stride) and the reduce. A: the call's arguments (any rank bound's).
+// rank up to RC: their blocks, reading the composed weights of the call's prep buffer
+// (prep_cells: the forward's, then the backward's), or where it has none (a caller's prep
+// made without mma) ones a prep launch writes here; for the backward the blocks' partials
+// (RC's stride) and the reduce. A: the call's arguments (any rank bound's).
 template <int RC, bool BWD, typename scalar_t>
 void run_cells_call(tile::TileArgs<scalar_t, float> A, const Operands& o, const TileGrid& grid,
-                    at::Tensor* dw, cudaStream_t stream) {
+                    const at::Tensor& prep_cells, at::Tensor* dw, cudaStream_t stream) {
   const auto f32 = o.z.options().dtype(at::kFloat);
   A.vec_z = rows_vectorizable<RC, scalar_t>(A.r, A.z, A.du);
   at::Tensor partial;
@@ -286,20 +289,17 @@ void run_cells_call(tile::TileArgs<scalar_t, float> A, const Operands& o, const 
     A.dw_partial = partial.mutable_data_ptr<float>();
   }
   const tile::CellTables C = tile::make_cell_tables(A.T);
-  const int64_t total = tile::cells_words<RC, BWD>(C, A.n);
-  at::Tensor cells = at::empty({total}, f32);
-  const auto prep_cells = [&](auto* tag) {
-    using w_t = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    cells_prep_kernel<RC, w_t, BWD><<<grid_for(total, kPrepThreads), kPrepThreads, 0, stream>>>(
-        o.conv_weight.const_data_ptr<w_t>(), o.conv_bias.const_data_ptr<w_t>(), A.r, A.T, C,
-        A.taps, cells.mutable_data_ptr<float>(), total);
-  };
-  if (o.conv_weight.scalar_type() == at::kFloat) {
-    prep_cells(static_cast<float*>(nullptr));
+  const int64_t fwd_words = tile::cells_words<RC, false>(C, A.n);
+  const int64_t words = tile::cells_words<RC, BWD>(C, A.n);
+  at::Tensor cells;
+  if (prep_cells.defined()) {
+    cells = prep_cells.narrow(0, BWD ? fwd_words : 0, words);
   } else {
-    prep_cells(static_cast<scalar_t*>(nullptr));
+    cells = at::empty({words}, f32);
+    run_prep_kernel<RC, scalar_t>(o, A.T, nullptr, PrepLayout{}, 0, 0,
+                                  cells.mutable_data_ptr<float>(), BWD ? 0 : words,
+                                  BWD ? words : 0, stream);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto kernel = stencil_cells_kernel<RC, BWD, scalar_t>;
   allow_shared_bytes(reinterpret_cast<const void*>(kernel), grid.layout.bytes);
   kernel<<<static_cast<unsigned>(grid.blocks), tile::kCellThreads, grid.layout.bytes, stream>>>(
@@ -319,9 +319,13 @@ void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t i
   const auto T = tables_for(height, width, interpolation, scales);
   const auto f32 = z.options().dtype(at::kFloat);
   // stencil_prep's output when the caller gave it (no prep pass here), else a prep of its own
-  auto [taps, wbuf] = o.prep.defined()
-                          ? prep_views<R, float>(o.prep, T, z)
-                          : launch_prep<R, scalar_t>(o, T, new_prep<R, float>(T, z), stream);
+  // (with the composed weights where they run)
+  at::Tensor pbuf = o.prep;
+  if (!pbuf.defined()) {
+    pbuf = new_prep<R, float>(T, z, !per_map && prep_has_cells<R, float>(T, o.mma));
+    launch_prep<R, scalar_t>(o, T, pbuf, stream);
+  }
+  auto [taps, wbuf] = prep_views<R, float>(pbuf, T, z);
   float* pre = !preact.defined() || preact.numel() == 0
                    ? nullptr : const_cast<float*>(preact.const_data_ptr<float>());
   if constexpr (R <= tile::kMapMaxRank) {
@@ -338,7 +342,7 @@ void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t i
   if constexpr (RC != 0) {
     if (grid.layout.mma) {
       auto A = make_tile_args<R, scalar_t, float>(o, T, grid, taps, wbuf, out, nullptr, pre);
-      run_cells_call<RC, BWD>(A, o, grid, dw, stream);
+      run_cells_call<RC, BWD>(A, o, grid, prep_cells<R, float>(pbuf, T, z), dw, stream);
       return;
     }
   }
@@ -362,7 +366,7 @@ at::Tensor stencil_cuda_prep(const Operands& o, at::IntArrayRef scales, int64_t 
   const auto T = tables_for(height, width, interpolation, scales);
   at::Tensor prep;
   dispatch_rank(o.z.size(1), [&]<int R>() {
-    prep = new_prep<R, float>(T, o.z);
+    prep = new_prep<R, float>(T, o.z, prep_has_cells<R, float>(T, o.mma));
     cuda_kernels::launch_prep<R, scalar_t>(o, T, prep, at::cuda::getCurrentCUDAStream());
   });
   return prep;

@@ -28,12 +28,14 @@ void dispatch_cuda_dtype(at::ScalarType t, const char* op, F&& f) {
 
 at::Tensor stencil_prep_cuda(const at::Tensor& z, const at::Tensor& conv_weight,
                              const at::Tensor& conv_bias, at::IntArrayRef scales,
-                             int64_t interpolation, int64_t height, int64_t width) {
+                             int64_t interpolation, int64_t height, int64_t width,
+                             bool mma) {
   TORCH_CHECK(z.is_cuda(), "stencil_prep_cuda: expected CUDA tensors, got ", z.device());
   const c10::cuda::CUDAGuard guard(z.device());
   check_weight_args(z, conv_weight, conv_bias, scales, interpolation, height, width);
-  const Operands o{z, at::Tensor(), conv_weight.contiguous(), conv_bias.contiguous(),
-                   at::Tensor(), at::Tensor(), 0, at::Tensor()};
+  Operands o{z, at::Tensor(), conv_weight.contiguous(), conv_bias.contiguous(),
+             at::Tensor(), at::Tensor(), 0, at::Tensor()};
+  o.mma = mma;  // the composed weights in the buffer whatever the device (stencil_prep_bytes)
   at::Tensor prep;
   dispatch_cuda_dtype(z.scalar_type(), "stencil_prep", [&]<typename T>() {
     prep = stencil_cuda_prep<T>(o, scales, interpolation, height, width);

@@ -264,9 +264,10 @@ inline CellTables make_cell_tables(const Tables& T) {
   return C;
 }
 
-// Table entry i (the prep pass runs one per entry).
+// Table entry i (the prep pass writes one per entry: table_entry; the composed weights'
+// entries, which the same launch writes, compute the ones they need).
 template <typename acc_t>
-CONVLORA_HD void table_entry(const Tables& T, int i, Taps<acc_t>* out) {
+CONVLORA_HD Taps<acc_t> table_value(const Tables& T, int i) {
   Taps<acc_t> t;
   if (i < T.down_x) {
     const int e = i / T.H;
@@ -281,11 +282,19 @@ CONVLORA_HD void table_entry(const Tables& T, int i, Taps<acc_t>* out) {
     const int p = i - (rows ? T.up_y : T.up_x)[e];
     t = up_taps<acc_t>(p, rows ? T.H : T.W, T.scale[e], T.interp);
   }
-  for (int k = t.n; k < 4; ++k) {
-    t.idx[k] = t.idx[0];
-    t.w[k] = acc_t(0);
+  CONVLORA_UNROLL
+  for (int k = 1; k < 4; ++k) {  // fixed indices: the Taps stays in registers
+    if (k >= t.n) {
+      t.idx[k] = t.idx[0];
+      t.w[k] = acc_t(0);
+    }
   }
-  out[i] = t;
+  return t;
+}
+
+template <typename acc_t>
+CONVLORA_HD void table_entry(const Tables& T, int i, Taps<acc_t>* out) {
+  out[i] = table_value<acc_t>(T, i);
 }
 
 // Prep entry i of the padded weights: (n, weight_stride) conv weights [k][ci][co], zero
@@ -849,13 +858,12 @@ CONVLORA_HD void check_offset(int off, int side) {
 // out[n] = sum over the taps a with idx[a] - g + halo = n of w[a]; all zero when p is
 // outside the s·H map (no conv input there). Branch-free over compile-time n, so the
 // result stays in registers.
+// (neighbour_weights_of: the same from conv row p's up taps t, valid: p inside the map.)
 template <int INTERP, typename acc_t>
-CONVLORA_HD void neighbour_weights(const Taps<acc_t>* up, int p, int extent, int g,
-                                   acc_t (&out)[Interp<INTERP>::kSide]) {
+CONVLORA_HD void neighbour_weights_of(const Taps<acc_t>& t, bool valid, int g,
+                                      acc_t (&out)[Interp<INTERP>::kSide]) {
   constexpr int UT = Interp<INTERP>::kUpTaps, SIDE = Interp<INTERP>::kSide;
   constexpr int HALO = Interp<INTERP>::kHalo;
-  const bool valid = p >= 0 && p < extent;
-  const Taps<acc_t>& t = up[valid ? p : 0];
   CONVLORA_UNROLL
   for (int n = 0; n < SIDE; ++n) out[n] = acc_t(0);
   if (!valid) return;
@@ -866,6 +874,13 @@ CONVLORA_HD void neighbour_weights(const Taps<acc_t>* up, int p, int extent, int
     CONVLORA_UNROLL
     for (int n = 0; n < SIDE; ++n) out[n] += n == off ? t.w[a] : acc_t(0);
   }
+}
+
+template <int INTERP, typename acc_t>
+CONVLORA_HD void neighbour_weights(const Taps<acc_t>* up, int p, int extent, int g,
+                                   acc_t (&out)[Interp<INTERP>::kSide]) {
+  const bool valid = p >= 0 && p < extent;
+  neighbour_weights_of<INTERP>(up[valid ? p : 0], valid, g, out);
 }
 
 // Thread v's item in the round (j) and first channel (cs) in the per-item phases.

@@ -223,6 +223,7 @@ def test_stencil_opcheck():
                                4, 5))
         prep_args = (z.detach(), w.detach(), b.detach(), [1, 2, 3], mode, 4, 5)
         torch.library.opcheck(torch.ops.convlora.stencil_prep.default, prep_args)
+        torch.library.opcheck(torch.ops.convlora.stencil_prep.default, prep_args + (True,))
         prep = torch.ops.convlora.stencil_prep(*prep_args)
         torch.library.opcheck(torch.ops.convlora.stencil_fwd.default,
                               (z, idx, w, b, [1, 2, 3], mode, 4, 5, True, 0, prep))

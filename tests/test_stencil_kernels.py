@@ -104,8 +104,10 @@ def test_cuda_kernel_resources():
         assert len(cells) == 2 * 3, (arch, cells)
         for name, v in cells:
             assert v["STACK"] == 0 and v["LOCAL"] == 0 and v["REG"] <= 128, (arch, name, v)
+        # the prep, with the composed weights' entries (eight tap tables computed each):
+        # no stack (compact keeps a Taps in registers)
         preps = [v for (a, n), v in res.items() if a == arch and "prep_kernel" in n]
-        assert preps and all(v["STACK"] <= 64 for v in preps), preps
+        assert preps and all(v["STACK"] == 0 and v["LOCAL"] == 0 for v in preps), preps
         # the map programs (r <= 8) and their fold (with the reduce): no stack, no local
         # memory, <= 128 regs
         maps = [(n, v) for (a, n), v in res.items() if a == arch and
@@ -685,7 +687,8 @@ def test_mma_forward_elsewhere_runs_the_multiply_add_programs():
 def test_mma_switch_reaches_the_layer_in_16_bit_dtypes_only():
     """CONVLORA_STENCIL_MMA=1: the stencil's forward in bfloat16 runs the composed weights
     (within bfloat16 rounding of the multiply-add result), float32 stays bit-exact; the
-    switch's values are checked."""
+    layer's forward (its prep with the composed weights) agrees with the shapes its fake
+    kernels give; the switch's values are checked."""
     from convlora_kernels import _switches
     from convlora_kernels.backends import extension
 
@@ -699,6 +702,14 @@ def test_mma_switch_reaches_the_layer_in_16_bit_dtypes_only():
                 zz = z.to(dtype).requires_grad_(True)
                 u = extension.stencil(zz, idx, cw.to(dtype), cb.to(dtype), sc, "bilinear", h, w)
                 outs[dtype, on] = (u.detach(), torch.autograd.grad(u, zz, du.to(dtype))[0])
+                # the layer's path: the prep buffer its fake kernels size (with the composed
+                # weights under the switch in 16-bit dtypes)
+                got = extension.stencil_forward(zz.detach(), idx, cw.to(dtype), cb.to(dtype),
+                                                sc, "bilinear", h, w, True)
+                want = extension.saved_shapes(z.shape[0], 8, sc, "bilinear", h, w, dtype, True,
+                                              None)
+                assert [tuple(t.shape) for t in got] == [tuple(s) for s, _ in want]
+                assert torch.equal(got[0], outs[dtype, on][0])
     assert all(torch.equal(a, b) for a, b in zip(outs[torch.float32, "0"],
                                                  outs[torch.float32, "1"]))
     assert not torch.equal(outs[torch.bfloat16, "0"][0], outs[torch.bfloat16, "1"][0])
@@ -790,10 +801,52 @@ def test_a_forward_and_its_backward_share_one_prep(mode, bhw, scales, rank):
             assert torch.equal(a, b)
     other = torch.ops.convlora.stencil_prep(z, cw, cb, sc, m, h + 1, w)
     with pytest.raises(RuntimeError, match=r"prep must be stencil_prep's output for this "
-                                           r"call's rank, experts and geometry \(\d+ uint8"):
+                                           r"call's rank, experts and geometry \(\d+ "
+                                           r"(or, with mma, \d+ )?uint8"):
         torch.ops.convlora.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True, 0, other)
     with pytest.raises(RuntimeError, match="prep must be stencil_prep's output"):
         torch.ops.convlora.stencil_bwd(du, z, pre, idx, cw, cb, sc, m, h, w, 0, prep.float())
+
+
+@pytest.mark.parametrize("rank", [3, 8])
+def test_mma_prep_holds_the_composed_weights(rank):
+    """stencil_prep(..., mma=True) (the layer's prep under CONVLORA_STENCIL_MMA=1): the
+    tables and padded weights as without mma, then the composed weights of both passes
+    (stencil_prep_bytes says its size). The composed-weight forward and backward given it,
+    given a prep made without mma (their weights then written by the call) and given none
+    agree bit for bit, and the multiply-add programs read the same buffer; where the
+    composed-weight programs do not run (bicubic, r above 8, float64) mma adds nothing; a
+    buffer of another size is refused, naming both sizes it could have."""
+    ops = torch.ops.convlora
+    z, du, idx, cw, cb, sc, m, h, w = _mma_problem("bilinear", (2, 9, 12), tuple(range(1, 9)),
+                                                   rank, "random", seed=5)
+    plain = ops.stencil_prep(z, cw, cb, sc, m, h, w)
+    full = ops.stencil_prep(z, cw, cb, sc, m, h, w, True)
+    assert plain.numel() == ops.stencil_prep_bytes(rank, len(sc), m, h, w, sc, False)
+    assert full.numel() == ops.stencil_prep_bytes(rank, len(sc), m, h, w, sc, False, True)
+    assert full.numel() > plain.numel() + 2 * 8 * 9 * 8 * 4 * len(sc)
+    assert torch.equal(full[:plain.numel()], plain)
+    outs = []
+    for prep in (None, plain, full):
+        u, pre = ops.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True, 0, prep, True)
+        outs.append((u, pre) + tuple(ops.stencil_bwd(du, z, pre, idx, cw, cb, sc, m, h, w, 0,
+                                                     prep, True)))
+    for got in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], got))
+    u_plain = ops.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True, 0, plain)
+    u_full = ops.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True, 0, full)
+    assert torch.equal(u_plain[0], u_full[0]) and not torch.equal(u_full[0], outs[0][0])
+    for mode, r, dtype in ((1, rank, torch.float32), (0, 16, torch.float32),
+                           (0, rank, torch.float64)):
+        zz, _, _, c_w, c_b, ss, mm, hh, ww = _stencil_problem(
+            "bicubic" if mode else "bilinear", (1, 5, 6), (1, 2, 3), r, dtype)
+        assert torch.equal(ops.stencil_prep(zz, c_w, c_b, ss, mm, hh, ww, True),
+                           ops.stencil_prep(zz, c_w, c_b, ss, mm, hh, ww)), (mode, r, dtype)
+    with pytest.raises(RuntimeError, match=rf"prep must be stencil_prep's output for this "
+                                           rf"call's rank, experts and geometry "
+                                           rf"\({plain.numel()} or, with mma, {full.numel()} "
+                                           rf"uint8"):
+        ops.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True, 0, full[:-4], True)
 
 
 def test_shared_memory_budget(switch):

@@ -165,7 +165,8 @@ def _below_autograd(fn):
 @_below_autograd
 def stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width, save):
     """(u, the saved GELU slopes, the prep buffer) when a backward will follow (save): the
-    forward and the backward share one prep pass (stencil_prep's tables and padded weights);
+    forward and the backward share one prep pass (stencil_prep's tables and padded weights,
+    and with mma the composed weights of both);
     else (u, two empty tensors), the forward running its own prep."""
     code = INTERPOLATION_CODES[interpolation]
     mma = mma_for(z2.dtype)
@@ -173,7 +174,8 @@ def stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width, save)
         u, pre = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales, code, height, width,
                                                 False, smem_kb(), None, mma)
         return u, pre, z2.new_empty(0, dtype=torch.uint8)
-    prep = torch.ops.convlora.stencil_prep(z2, cw, cb, scales, code, height, width)
+    # with mma, the composed weights of both passes too (unused by the map programs)
+    prep = torch.ops.convlora.stencil_prep(z2, cw, cb, scales, code, height, width, mma)
     u, pre = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales, code, height, width, True,
                                             smem_kb(), prep, mma)
     return u, pre, prep
@@ -195,10 +197,11 @@ def stencil_backward(du, z2, preact, prep, idx, cw, cb, scales, interpolation, h
     return dz, dw.to(cw.dtype), db.to(cb.dtype)
 
 
-def prep_bytes(rank, scales, code, height, width, dtype) -> int:
-    """The size of stencil_prep's output (uint8) for a call (code: the interpolation's)."""
+def prep_bytes(rank, scales, code, height, width, dtype, mma=False) -> int:
+    """The size of stencil_prep's output (uint8) for a call (code: the interpolation's;
+    mma: stencil_prep's)."""
     return torch.ops.convlora.stencil_prep_bytes(rank, len(scales), code, height, width,
-                                                 list(scales), dtype == torch.float64)
+                                                 list(scales), dtype == torch.float64, mma)
 
 
 def saved_shapes(n_tok, rank, scales, interpolation, height, width, dtype, save,
@@ -207,7 +210,8 @@ def saved_shapes(n_tok, rank, scales, interpolation, height, width, dtype, save,
     slopes and the prep buffer when save, else u and two empty tensors."""
     code = INTERPOLATION_CODES[interpolation]
     slots = PREACT_SLOTS[code]
-    prep = (prep_bytes(rank, scales, code, height, width, dtype),) if save else (0,)
+    prep = (prep_bytes(rank, scales, code, height, width, dtype, mma_for(dtype)),) if save \
+        else (0,)
     return [((n_tok, rank), dtype), ((n_tok, slots, rank) if save else (0,), acc_dtype(dtype)),
             (prep, torch.uint8)]
 
@@ -253,8 +257,8 @@ def _register() -> None:
     """Fake kernels and autograd for the C++ stencil ops (once, after _C is loaded)."""
 
     @torch.library.register_fake("convlora::stencil_prep")
-    def _(z, conv_weight, conv_bias, scales, interpolation, height, width):
-        n = prep_bytes(z.shape[1], scales, interpolation, height, width, z.dtype)
+    def _(z, conv_weight, conv_bias, scales, interpolation, height, width, mma=False):
+        n = prep_bytes(z.shape[1], scales, interpolation, height, width, z.dtype, mma)
         return z.new_empty((n,), dtype=torch.uint8)
 
     @torch.library.register_fake("convlora::stencil_fwd")

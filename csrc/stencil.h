@@ -402,6 +402,20 @@ tile::TileArgs<scalar_t, acc_t> make_tile_args(const Operands& o, const tile::Ta
 }
 
 
+// The composed-weight programs' arguments (rank bound RC) from a call's A (any rank
+// bound's): z's rows staged as RC's, and for the backward the blocks' weight-gradient
+// partials at RC's stride (returned, A.dw_partial set).
+template <int RC, bool BWD, typename scalar_t>
+at::Tensor cells_args(tile::TileArgs<scalar_t, float>& A, const Operands& o, int64_t blocks) {
+  A.vec_z = rows_vectorizable<RC, scalar_t>(A.r, A.z, A.du);
+  at::Tensor partial;
+  if (BWD) {
+    partial = at::empty({blocks, A.n * tile::grad_stride<RC>()}, o.z.options().dtype(at::kFloat));
+    A.dw_partial = partial.mutable_data_ptr<float>();
+  }
+  return partial;
+}
+
 // Entries of one expert's weight-gradient vector: r·r·9 conv weights, then r biases.
 inline int64_t dw_entries(int64_t r) { return r * r * 9 + r; }
 

@@ -282,12 +282,7 @@ template <int RC, bool BWD, typename scalar_t>
 void run_cells_call(tile::TileArgs<scalar_t, float> A, const Operands& o, const TileGrid& grid,
                     const at::Tensor& prep_cells, at::Tensor* dw, cudaStream_t stream) {
   const auto f32 = o.z.options().dtype(at::kFloat);
-  A.vec_z = rows_vectorizable<RC, scalar_t>(A.r, A.z, A.du);
-  at::Tensor partial;
-  if (BWD) {
-    partial = at::empty({grid.blocks, A.n * tile::grad_stride<RC>()}, f32);
-    A.dw_partial = partial.mutable_data_ptr<float>();
-  }
+  const at::Tensor partial = cells_args<RC, BWD>(A, o, grid.blocks);
   const tile::CellTables C = tile::make_cell_tables(A.T);
   const int64_t fwd_words = tile::cells_words<RC, false>(C, A.n);
   const int64_t words = tile::cells_words<RC, BWD>(C, A.n);

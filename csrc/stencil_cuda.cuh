@@ -88,7 +88,6 @@ __global__ void __launch_bounds__(tile::kThreads, 2)
   tile::run_map_block<R, INTERP, BWD>(ex, A, L, smem, static_cast<int64_t>(blockIdx.x));
 }
 
-
 // One thread per table entry, then per padded weight, then per composed weight (the
 // forward's, then the backward's; nf, nb: their counts, zero without them): the per-call
 // prep. The weights are read as stored (w_t: float, or the inputs' 16-bit type) and widened

@@ -330,24 +330,24 @@ PrepLayout given_prep_layout(const at::Tensor& prep, const tile::Tables& T,
   return prep.numel() == plain.bytes ? plain : full;
 }
 
-// (taps, wbuf): views of a prep buffer (stencil_prep's output when a caller passed it).
-template <int R, typename acc_t>
-std::pair<at::Tensor, at::Tensor> prep_views(const at::Tensor& prep, const tile::Tables& T,
-                                             const at::Tensor& z) {
-  const auto L = given_prep_layout<R, acc_t>(prep, T, z);
-  return {prep.narrow(0, 0, L.taps_bytes),
-          prep.narrow(0, L.wbuf_offset, L.cells_offset - L.wbuf_offset)
-              .narrow(0, 0, wbuf_size<R>(T.n) * static_cast<int64_t>(sizeof(acc_t)))
-              .view(c10::CppTypeToScalarType<acc_t>::value)};
-}
+// Views of a prep buffer (stencil_prep's output when a caller passed it): its tap tables,
+// its padded weights (acc_t) and its composed weights (fp32, the forward's then the
+// backward's; undefined when it has none), with its layout.
+struct PrepViews {
+  at::Tensor taps, wbuf, cells;
+  PrepLayout layout;
+};
 
-// The composed weights of a prep buffer, fp32 (the forward's, then the backward's), or an
-// undefined tensor when it has none.
 template <int R, typename acc_t>
-at::Tensor prep_cells(const at::Tensor& prep, const tile::Tables& T, const at::Tensor& z) {
+PrepViews prep_views(const at::Tensor& prep, const tile::Tables& T, const at::Tensor& z) {
   const auto L = given_prep_layout<R, acc_t>(prep, T, z);
-  if (L.cells_fwd + L.cells_bwd == 0) return at::Tensor();
-  return prep.narrow(0, L.cells_offset, L.bytes - L.cells_offset).view(at::kFloat);
+  const int64_t wbytes = wbuf_size<R>(T.n) * static_cast<int64_t>(sizeof(acc_t));
+  PrepViews v{prep.narrow(0, 0, L.taps_bytes),
+              prep.narrow(0, L.wbuf_offset, wbytes).view(c10::CppTypeToScalarType<acc_t>::value),
+              at::Tensor(), L};
+  if (L.cells_fwd + L.cells_bwd > 0)
+    v.cells = prep.narrow(0, L.cells_offset, L.bytes - L.cells_offset).view(at::kFloat);
+  return v;
 }
 
 inline tile::Tables tables_for(int64_t height, int64_t width, int64_t interpolation,

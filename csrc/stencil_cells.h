@@ -42,11 +42,6 @@ namespace tile {
 
 template <int R>
 CONVLORA_HD constexpr bool cells_rank() { return R == 8; }
-// The programs that run it: the forward and the backward at those ranks, bilinear.
-template <int R, int INTERP>
-CONVLORA_HD constexpr bool cells_program() {
-  return INTERP == kBilinear && cells_rank<R>();
-}
 // The rank bound of the composed-weight programs that run a call of rank bound R (bilinear):
 // 8 for every rank up to 8 (below 8 the channels from r on are zero in every composed
 // weight, bias and delta; the prep buffer's tap tables, the one part of it they read, do not

@@ -82,11 +82,11 @@ template <int R, typename acc_t>
 void prep_cpu(const at::Tensor& cw, const at::Tensor& cb, int r, const tile::Tables& T,
               const at::Tensor& prep, const at::Tensor& z) {
   const int n = T.n;
-  at::Tensor taps, wbuf;  // not a structured binding: a dependent type would need `template`
-  std::tie(taps, wbuf) = prep_views<R, acc_t>(prep, T, z);
-  auto* tp = reinterpret_cast<Taps<acc_t>*>(taps.mutable_data_ptr());
+  const PrepViews V = prep_views<R, acc_t>(prep, T, z);
+  const at::Tensor& wbuf = V.wbuf;
+  const PrepLayout& L = V.layout;
+  auto* tp = reinterpret_cast<Taps<acc_t>*>(V.taps.mutable_data_ptr());
   for (int i = 0; i < T.entries; ++i) tile::table_entry<acc_t>(T, i, tp);
-  const auto L = given_prep_layout<R, acc_t>(prep, T, z);
   // the alignment gaps: zero, so a buffer is its inputs'
   auto* bytes = static_cast<unsigned char*>(prep.mutable_data_ptr());
   std::memset(bytes + L.taps_bytes, 0, L.wbuf_offset - L.taps_bytes);
@@ -98,8 +98,8 @@ void prep_cpu(const at::Tensor& cw, const at::Tensor& cb, int r, const tile::Tab
   for (int64_t i = 0; i < wbuf.numel(); ++i)
     tile::weight_entry<R, acc_t>(cwa.const_data_ptr<acc_t>(), cba.const_data_ptr<acc_t>(), r, n,
                                  static_cast<int>(i), wp);
-  if (L.cells_fwd + L.cells_bwd > 0) {
-    float* cells = reinterpret_cast<float*>(bytes + L.cells_offset);
+  if (V.cells.defined()) {
+    float* cells = V.cells.mutable_data_ptr<float>();
     cells_cpu<acc_t>(cw, cb, r, T, true, cells);
     cells_cpu<acc_t>(cw, cb, r, T, false, cells + L.cells_fwd);
   }
@@ -252,7 +252,8 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
       dispatch_interpolation(interpolation, [&]<int INTERP>() {
         const at::Tensor pbuf =
             call_prep<R, acc_t>(o, T, !per_map && prep_has_cells<R, acc_t>(T, mma));
-        auto [taps, wbuf] = prep_views<R, acc_t>(pbuf, T, zc);
+        const PrepViews views = prep_views<R, acc_t>(pbuf, T, zc);
+        const at::Tensor &taps = views.taps, &wbuf = views.wbuf;
         acc_t* pre_p = save_preact ? pre.mutable_data_ptr<acc_t>() : nullptr;
         if constexpr (R <= tile::kMapMaxRank) {
           if (per_map) {
@@ -270,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor> stencil_fwd_cpu(
         constexpr int RC = tile::cells_bound<R, INTERP>();
         if constexpr (RC != 0 && std::is_same_v<acc_t, float>) {
           if (grid.layout.mma) {
-            run_cells_call<RC, false>(A, o, grid, prep_cells<R, acc_t>(pbuf, T, zc), nullptr);
+            run_cells_call<RC, false>(A, o, grid, views.cells, nullptr);
             return;
           }
         }
@@ -307,7 +308,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
       dispatch_interpolation(interpolation, [&]<int INTERP>() {
         const at::Tensor pbuf =
             call_prep<R, acc_t>(o, T, !per_map && prep_has_cells<R, acc_t>(T, mma));
-        auto [taps, wbuf] = prep_views<R, acc_t>(pbuf, T, zc);
+        const PrepViews views = prep_views<R, acc_t>(pbuf, T, zc);
+        const at::Tensor &taps = views.taps, &wbuf = views.wbuf;
         acc_t* pre_p = const_cast<acc_t*>(o.preact.const_data_ptr<acc_t>());
         if constexpr (R <= tile::kMapMaxRank) {
           if (per_map) {
@@ -333,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stencil_bwd_cpu(
           if (grid.layout.mma) {
             auto A = make_tile_args<R, scalar_t, acc_t>(o, T, grid, taps, wbuf, dz, nullptr,
                                                         pre_p);
-            run_cells_call<RC, true>(A, o, grid, prep_cells<R, acc_t>(pbuf, T, zc), &dw);
+            run_cells_call<RC, true>(A, o, grid, views.cells, &dw);
             return;
           }
         }

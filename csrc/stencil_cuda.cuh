@@ -319,7 +319,8 @@ void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t i
     pbuf = new_prep<R, float>(T, z, !per_map && prep_has_cells<R, float>(T, o.mma));
     launch_prep<R, scalar_t>(o, T, pbuf, stream);
   }
-  auto [taps, wbuf] = prep_views<R, float>(pbuf, T, z);
+  const PrepViews views = prep_views<R, float>(pbuf, T, z);
+  const at::Tensor &taps = views.taps, &wbuf = views.wbuf;
   float* pre = !preact.defined() || preact.numel() == 0
                    ? nullptr : const_cast<float*>(preact.const_data_ptr<float>());
   if constexpr (R <= tile::kMapMaxRank) {
@@ -336,7 +337,7 @@ void run_call(const Operands& o, bool per_map, at::IntArrayRef scales, int64_t i
   if constexpr (RC != 0) {
     if (grid.layout.mma) {
       auto A = make_tile_args<R, scalar_t, float>(o, T, grid, taps, wbuf, out, nullptr, pre);
-      run_cells_call<RC, BWD>(A, o, grid, prep_cells<R, float>(pbuf, T, z), dw, stream);
+      run_cells_call<RC, BWD>(A, o, grid, views.cells, dw, stream);
       return;
     }
   }

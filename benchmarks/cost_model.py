@@ -609,6 +609,8 @@ def _signature(kernel: str, R: int, mode: str, bwd: bool) -> str:
     """The demangled name of the bf16 instantiation of a block-program kernel."""
     if kernel == "stencil_cells_kernel":  # the composed-weight programs: rank, direction
         return f"{kernel}<{R}, {'true' if bwd else 'false'}, c10::BFloat16>"
+    if kernel == "prep_kernel":  # rank bound, the weights' dtype
+        return f"{kernel}<{R}, c10::BFloat16>"
     return f"{kernel}<{R}, {INTERP[mode]}, {'true' if bwd else 'false'}, c10::BFloat16>"
 
 
@@ -634,6 +636,71 @@ def _sass_of(kernel: str, R: int, mode: str, bwd: bool) -> Optional[Dict[str, in
         if name.replace("void ", "").strip() == want:
             return c
     return None
+
+
+def prep_matrix_warps(code: Optional[List[dict]], threads: int = 256, word0: int = 32,
+                      words: int = 128) -> Optional[List[int]]:
+    """The instructions of each warp of one composed-matrix block of prep_kernel (the
+    composed weights, stencil_cuda.cuh; its machine code, sass_lines), or None where the
+    code is not that shape. The block (threads word0 .. word0 + words: kCellWordThread0,
+    kCellWordThreads): the entry; the words threads read their channel pair's weights
+    (the others branch past them); threads < 6 (warp 0) compute the 18 factors (the others
+    branch past them to the first barrier); threads < 81 the products (the others branch
+    past them to the second); the threads past the words exit, the words threads loop over
+    their cells (a cell a trip: (tid - word0) / 64, + words / 64, ...). Straight-line but
+    for those loops and the identity-or-resample choice of the factors' taps, both counted
+    (an upper bound there)."""
+    if not code:
+        return None
+    bars = [i["addr"] for i in code if i["op"] == "BAR"]
+    if len(bars) != 2:
+        return None
+    b1, b2 = bars
+    step = code[1]["addr"] - code[0]["addr"]
+
+    def count(lo: int, hi: int) -> int:  # instructions at addresses [lo, hi)
+        return sum(1 for i in code if lo <= i["addr"] < hi)
+
+    def forward(lo: int, hi: int, reach: int) -> Optional[dict]:
+        """The first forward branch at [lo, hi) whose target is at most `reach`."""
+        return next((i for i in code if i["target"] is not None and lo <= i["addr"] < hi
+                     and i["addr"] < i["target"] <= reach), None)
+
+    skip_factors = next((i for i in code if i["target"] is not None and i["addr"] < b1
+                         and b1 - 4 * step <= i["target"] <= b1), None)
+    if skip_factors is None:
+        return None
+    skip_weights = forward(0, skip_factors["addr"], skip_factors["addr"])
+    skip_products = forward(b1, b2, b2)
+    leave = next((i for i in code if i["op"] == "EXIT" and i["addr"] > b2), None)
+    loop = next((i for i in code if i["target"] is not None and i["addr"] > b2
+                 and i["target"] < i["addr"]), None)
+    if None in (skip_weights, skip_products, leave, loop):
+        return None
+    after = skip_weights["addr"] + step
+    body = count(loop["target"], loop["addr"] + step)
+    warps = []
+    for w in range(threads // 32):
+        wt = 32 * w - word0  # its first words thread (words threads: whole warps)
+        is_words = 0 <= wt < words
+        n = count(0, after) + (count(after, skip_weights["target"]) if is_words else 0)
+        n += count(skip_weights["target"], skip_factors["addr"] + step)
+        n += (count(skip_factors["addr"] + step, b1 + step) if w == 0
+              else count(skip_factors["target"], b1 + step))
+        n += (count(b1 + step, b2 + step) if 32 * w < 81
+              else count(b1 + step, skip_products["addr"] + step)
+              + count(skip_products["target"], b2 + step))
+        n += (count(b2 + step, loop["target"]) + len(range(wt // 64, 9, words // 64)) * body
+              if is_words else count(b2 + step, leave["addr"] + step))
+        warps.append(n)
+    return warps
+
+
+def prep_matrices(case: Case) -> int:
+    """Composed-weight matrices the prep writes at case.shape (both passes; a block each)."""
+    _, H, W = case.shape
+    classes = (3 if H >= 3 else H) * (3 if W >= 3 else W)
+    return 2 * sum(classes * (1 if s % 2 else 2) ** 2 for s in case.scales)
 
 
 # --- the model -----------------------------------------------------------------------
@@ -803,10 +870,28 @@ def kernel_rows(case: Case, counted: Dict[str, dict], dev=H100) -> List[dict]:
     small = [("fwd", "prep_kernel", prep_bytes / dev["dram_bytes_per_s"] * 1e6),
              ("bwd", "fold_reduce_kernel" if case.routing == "map" else "reduce_dw_kernel",
               partial_bytes / dev["dram_bytes_per_s"] * 1e6)]
+    # the prep's composed matrices, a block each (prep_matrix_warps): their instructions
+    # at the fitted issue rate, the busiest warp's at the fitted chain rate (one wave)
+    prep = dict(issue=0.0, chain=0.0, instructions=None)
+    code = _code_of("prep_kernel", R, case.mode, False) if case.mma else None
+    if code is not None:  # (no machine code without a CUDA build: DRAM alone, as above)
+        warps = prep_matrix_warps(code)
+        if warps is None:
+            raise RuntimeError("prep_kernel's composed-matrix blocks not found in its "
+                               "machine code (prep_matrix_warps)")
+        per_sm = math.ceil(prep_matrices(case) / dev["sms"])
+        prep = dict(issue=per_sm * sum(warps) / (dev["fitted_issue_per_clock"] * clock),
+                    chain=max(warps) * dev["fitted_chain_clocks"] / clock,
+                    instructions=sum(warps))
     for direction, name, us in small:
+        extra = prep if name == "prep_kernel" else dict(issue=0.0, chain=0.0,
+                                                        instructions=None)
         rows.append(dict(case=case.name, direction=direction, kernel=name, blocks=None,
                          times_us=dict(dram=us), bound="dram", est_us=us, quarter_est_us=us,
-                         calibrated_us=us + dev["fitted_small_kernel_us"], phases={}))
+                         fitted_issue_us=extra["issue"], fitted_chain_us=extra["chain"],
+                         instructions_per_block=extra["instructions"],
+                         calibrated_us=max(us, extra["issue"], extra["chain"])
+                         + dev["fitted_small_kernel_us"], phases={}))
     return rows
 
 
@@ -889,8 +974,9 @@ def assumptions(dev=H100) -> str:
             f"{dev['fitted_issue_per_clock']:g} per clock per SM and each wave's critical "
             f"path (the busiest warp of every phase) at {dev['fitted_chain_clocks']:g} clocks "
             f"per instruction, with as many blocks per SM as shared memory, threads and "
-            f"registers allow; a small kernel (prep, fold, reduce) its DRAM time and "
-            f"{dev['fitted_small_kernel_us']:g} us")
+            f"registers allow; a small kernel (prep, fold, reduce) the largest of its DRAM "
+            f"time and (the prep's composed matrices) their instructions at those two rates, "
+            f"plus {dev['fitted_small_kernel_us']:g} us")
 
 
 def table(rows: List[dict]) -> List[str]:
@@ -915,6 +1001,20 @@ def table(rows: List[dict]) -> List[str]:
             f"{'n/a' if chain is None else f'{chain:,.0f}'} | "
             f"{row['fitted_issue_us']:.1f} / {row['fitted_chain_us']:.1f} | "
             f"**{row['calibrated_us']:.1f}** |")
+    return out
+
+
+def prep_table(rows: List[dict]) -> List[str]:
+    """The prep launches that write composed weights (mma): their counted instructions."""
+    out = ["| case | prep: composed matrices (both passes) | warp instructions / matrix | "
+           "issue / chain us, H100-fitted | est. us, H100-fitted |",
+           "| --- | --- | --- | --- | --- |"]
+    for row in rows:
+        if row["kernel"] == "prep_kernel" and row["instructions_per_block"] is not None:
+            case = next(c for c in CASES if c.name == row["case"])
+            out.append(f"| {row['case']} | {prep_matrices(case)} | "
+                       f"{row['instructions_per_block']:,} | {row['fitted_issue_us']:.1f} / "
+                       f"{row['fitted_chain_us']:.1f} | **{row['calibrated_us']:.1f}** |")
     return out
 
 
@@ -967,6 +1067,8 @@ def main(argv=None) -> int:
     print()
     print("\n".join(table(rows)))
     print()
+    print("\n".join(prep_table(rows)))
+    print()
     print("\n".join(totals_table(rows)))
     if args.phases:
         print()
@@ -992,7 +1094,8 @@ def main(argv=None) -> int:
                 f"(regenerate: `python benchmarks/cost_model.py --design docs/design.md`):")
         write_section(args.design, "<!-- cost_model --design: begin -->",
                       "<!-- cost_model --design: end -->", head,
-                      table(rows) + [""] + totals_table(rows) + [""] + phase_table(rows))
+                      table(rows) + [""] + prep_table(rows) + [""] + totals_table(rows)
+                      + [""] + phase_table(rows))
     return 0
 
 

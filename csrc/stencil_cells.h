@@ -14,9 +14,10 @@
 // row is the map's first or last (clamped taps, the conv's zero padding), not otherwise on
 // the row (row_class). So per expert there are classes x classes x phases x phases matrices M
 // of 9 R x R: the stencil's prep pass writes them all with its tap tables and padded
-// weights, in the same launch (cell_entry, in tf32, in the MMA's fragment order; the taps
-// they need computed, not read), the backward's transposed blocks and fold tables after
-// them; 415 KB at SAM's global shape with 8 experts, each.
+// weights, in the same launch (a block of threads per matrix: its 18 factors wy, wx once,
+// the taps they need computed, not read; their 81 products; then its words in tf32 in the
+// MMA's fragment order, cell_block_words), the backward's transposed blocks and fold tables
+// after them; 415 KB at SAM's global shape with 8 experts, each.
 //
 // The block program: one block per 8 x 8 tile, eight warps (four of them a warp per 16
 // tokens in the mma phase).
@@ -91,10 +92,6 @@ CONVLORA_HD int64_t cell_words(const CellTables& C, int n) {
 template <int R>
 CONVLORA_HD int64_t cell_bias_words(int n) { return static_cast<int64_t>(n) * R; }
 constexpr int kFoldWords = 2 * 3 * 2 * 9;  // per expert: axis, class, phase, 3 x 3
-template <int R>
-CONVLORA_HD int64_t cell_bwd_words(const CellTables& C, int n) {
-  return cell_words<R>(C, n) + static_cast<int64_t>(n) * kFoldWords;
-}
 // The backward's fold table of expert e, axis (0 rows, 1 columns), class c and phase a: 9
 // words, [k][nb] the weight with which conv row (or column) p + k - 1 (p: the token's
 // down tap a) takes z row (column) nb - 1 of the token's 3 x 3.
@@ -102,106 +99,137 @@ CONVLORA_HD int cell_fold(int e, int axis, int c, int a) {
   return (((e * 2 + axis) * 3 + c) * 2 + a) * 9;
 }
 
-// neighbour_weights (bilinear) of conv row p with its up taps computed (table entry up0 + p),
-// not read: the prep pass writes the tap tables in the same launch.
-template <typename acc_t>
-CONVLORA_HD void cell_axis_weights(const Tables& T, int up0, int p, int extent, int g,
-                                   acc_t (&out)[3]) {
-  const bool valid = p >= 0 && p < extent;
-  neighbour_weights_of<kBilinear>(table_value<acc_t>(T, up0 + (valid ? p : 0)), valid, g, out);
+// Composed block blk of a call: its expert e, row and column classes cy, cx, and row and
+// column phases a, b (blocks C.off[e] + ((cy·ns_x + cx)·ph + a)·ph + b).
+struct CellBlock {
+  int e, cy, cx, a, b;
+};
+CONVLORA_HD CellBlock cell_block_of(const CellTables& C, int n, int blk) {
+  CellBlock B{};
+  while (B.e + 1 < n && blk >= C.off[B.e + 1]) ++B.e;
+  const int ph = C.ph[B.e];
+  int rest = blk - C.off[B.e];
+  B.b = rest % ph;
+  rest /= ph;
+  B.a = rest % ph;
+  rest /= ph;
+  B.cx = rest % C.ns_x;
+  B.cy = rest / C.ns_x;
+  return B;
 }
 
-// Prep entry i of the composed weights: block (expert e; row class cy, column class cx, row
-// phase a, column phase b) = C.off[e] + ((cy·ns_x + cx)·ph + a)·ph + b, then its 576 words:
-// k-steps 0..7 in pairs, lane l's four words at 128 m + 4 l (b0, b1 of k-step 2 m, then of
-// 2 m + 1), k-step 8 at 512 + 2 l; lane l = 4 g + t holds B[k][n] for k = t, t + 4 and
-// n = g, which are input channels t and t + 4 and output channel g of cell k-step (the
-// cell (k-step / 3, k-step % 3) of the token's 3 x 3). Summed over (ky, kx) in order in
-// acc_t, then rounded to tf32. The taps are computed (table_value), not read.
+// The weights with which conv row (axis 0; column: 1) p + k - 1 takes z rows (columns) -1,
+// 0, 1 of a token's 3 x 3 (nb; neighbour_weights, bilinear), p the down tap a (0 or 1) of
+// a token of class c of expert e. The taps are computed as the tables hold them
+// (padded_taps of down_taps, up_taps: table_value's entries down_y (x) + e n + row and
+// up_y (x)[e] + p, with the interpolation a constant), not read: the prep pass writes the
+// tables in the same launch.
+template <typename acc_t>
+CONVLORA_HD void cell_axis_row(const Tables& T, int e, int axis, int c, int a, int k,
+                               acc_t (&nb)[3]) {
+  const int n = axis ? T.W : T.H, s = T.scale[e];
+  const int row = class_row(c, n);
+  const Taps<acc_t> down = padded_taps(down_taps<acc_t>(row, n, s, kBilinear));
+  const int p = (a ? down.idx[1] : down.idx[0]) + k - 1;  // a < 2: no runtime index
+  const bool valid = p >= 0 && p < s * n;
+  neighbour_weights_of<kBilinear>(padded_taps(up_taps<acc_t>(valid ? p : 0, n, s, kBilinear)),
+                                  valid, row, nb);
+}
+
+// Row k of a composed block's factors along an axis: f[9 axis + 3 k + nb] (cell_axis_row of
+// the block's class and phase on that axis). Six calls (axis, k) fill a block's 18.
+template <typename acc_t>
+CONVLORA_HD void cell_factor_row(const Tables& T, const CellBlock& B, int axis, int k,
+                                 acc_t* f) {
+  acc_t nb[3];
+  cell_axis_row<acc_t>(T, B.e, axis, axis ? B.cx : B.cy, axis ? B.b : B.a, k, nb);
+  CONVLORA_UNROLL
+  for (int q = 0; q < 3; ++q) f[9 * axis + 3 * k + q] = nb[q];
+}
+
+// A composed block's products (cell_product): a cell's nine, then three words of padding
+// (a row of 48 bytes: three 128-bit loads).
+constexpr int kCellProductRow = 12;
+template <typename acc_t>
+struct alignas(16) CellProducts {
+  acc_t v[kCellProductRow];
+};
+
+// Entry i < 81 of a composed block's products (f: its factors, cell_factor_row): tap
+// (ky, kx) = (i % 9 / 3, i % 3) of cell i / 9 (the cell (cell / 3, cell % 3) of the token's
+// 3 x 3), wy[ky][cell row] wx[kx][cell column], at F[kCellProductRow cell + 3 ky + kx].
+template <typename acc_t>
+CONVLORA_HD void cell_product(const acc_t* f, int i, acc_t* F) {
+  const int cell = i / 9, tap = i % 9;
+  F[kCellProductRow * cell + tap] = f[3 * (tap / 3) + cell / 3] * f[9 + 3 * (tap % 3) + cell % 3];
+}
+
+// The weights W[co][ci][ky][kx] of expert e's channel pair p (input ci = p % 8, output
+// co = p / 8) in acc_t (zero for channels from r on).
+template <int R, typename acc_t, typename w_t>
+CONVLORA_HD void cell_pair_weights(const w_t* conv_w, int r, int e, int p, acc_t (&w)[9]) {
+  const int ci = p % 8, co = p / 8;
+  const bool in = ci < r && co < r;
+  const w_t* wp = conv_w + ((static_cast<int64_t>(e) * r + (in ? co : 0)) * r + (in ? ci : 0)) * 9;
+  CONVLORA_UNROLL
+  for (int k = 0; k < 9; ++k) w[k] = in ? static_cast<acc_t>(wp[k]) : acc_t(0);
+}
+
+// The words of a composed block (F: its products) that thread tid of `threads` (a multiple
+// of 64) writes into out (the block's first word), w: its channel pair's weights
+// (cell_pair_weights of p = tid % 64): cells tid / 64, + threads / 64, ... A block's 576
+// words: k-steps 0..7 in pairs, lane l's four words at 128 m + 4 l (b0, b1 of k-step 2 m,
+// then of 2 m + 1), k-step 8 at 512 + 2 l; lane l = 4 g + t holds B[k][n] for k = t, t + 4
+// and n = g, which are input channels t and t + 4 and output channel g of cell k-step:
+// M(cell) = sum over the taps, in order in acc_t, of F[cell][tap] W[tap], rounded to tf32.
 // TRANSPOSED (the backward's): B[k][n] = M[k][n], k the output channel and n the input one
 // (dz of a cell = M^T delta), in the same order.
-template <int R, typename acc_t, typename w_t, bool TRANSPOSED = false>
-CONVLORA_HD void cell_entry(const w_t* conv_w, int r, const Tables& T, const CellTables& C,
-                            int64_t i, acc_t* out) {
+template <int R, typename acc_t, bool TRANSPOSED>
+CONVLORA_HD void cell_block_words(const acc_t (&w)[9], const acc_t* F, int tid, int threads,
+                                  acc_t* out) {
   static_assert(cells_rank<R>(), "a k-step of 8 input channels is one cell");
-  constexpr int BLK = cell_block<R>();
-  const int blk = static_cast<int>(i / BLK), w = static_cast<int>(i - int64_t(blk) * BLK);
-  int e = 0;
-  while (e + 1 < T.n && blk >= C.off[e + 1]) ++e;
-  const int ph = C.ph[e];
-  int rest = blk - C.off[e];
-  const int b = rest % ph;
-  rest /= ph;
-  const int a = rest % ph;
-  rest /= ph;
-  const int cx = rest % C.ns_x, cy = rest / C.ns_x;
-  int ks, which, lane;
-  if (w < 512) {
-    lane = (w % 128) / 4;
-    ks = 2 * (w / 128) + ((w % 4) >> 1);
-    which = w & 1;
-  } else {
-    lane = (w - 512) / 2;
-    ks = 8;
-    which = w & 1;
-  }
-  const int kk = (lane & 3) + 4 * which, nn = lane >> 2;
-  const int ci = TRANSPOSED ? nn : kk, co = TRANSPOSED ? kk : nn;
-  acc_t v = acc_t(0);
-  if (ci < r && co < r) {
-    const int s = T.scale[e];
-    const int iy = class_row(cy, T.H), ix = class_row(cx, T.W);
-    const Taps<acc_t> ty = table_value<acc_t>(T, T.down_y + e * T.H + iy);
-    const Taps<acc_t> tx = table_value<acc_t>(T, T.down_x + e * T.W + ix);
-    const int p = a ? ty.idx[1] : ty.idx[0];  // phases a, b < 2: no runtime index
-    const int q = b ? tx.idx[1] : tx.idx[0];
-    const int ny = ks / 3, nx = ks % 3;  // the cell, in the token's 3 x 3
-    acc_t wy[3], wx[3];
+  const int p = tid % 64, ci = p % 8, co = p / 8;
+  const int kk = TRANSPOSED ? co : ci, nn = TRANSPOSED ? ci : co;  // B[kk][nn]
+  const int lane = 4 * nn + kk % 4, which = kk / 4;
+  const auto* rows = reinterpret_cast<const CellProducts<acc_t>*>(F);
+  for (int ks = tid / 64; ks < 9; ks += threads / 64) {
+    const CellProducts<acc_t> row = rows[ks];  // 128-bit loads
+    acc_t v = acc_t(0);
     CONVLORA_UNROLL
-    for (int k = 0; k < 3; ++k) {
-      acc_t nb[3];
-      cell_axis_weights<acc_t>(T, T.up_y[e], p + k - 1, s * T.H, iy, nb);
-      wy[k] = nb[ny];
-      cell_axis_weights<acc_t>(T, T.up_x[e], q + k - 1, s * T.W, ix, nb);
-      wx[k] = nb[nx];
-    }
-    const w_t* wp = conv_w + (static_cast<int64_t>(e) * r + co) * r * 9 + ci * 9;
-    CONVLORA_UNROLL
-    for (int ky = 0; ky < 3; ++ky)
-      CONVLORA_UNROLL
-      for (int kx = 0; kx < 3; ++kx)
-        v += wy[ky] * wx[kx] * static_cast<acc_t>(wp[ky * 3 + kx]);
+    for (int k = 0; k < 9; ++k) v += row.v[k] * w[k];
+    const int at = ks < 8 ? 128 * (ks / 2) + 4 * lane + 2 * (ks % 2) + which
+                          : 512 + 2 * lane + which;
+    out[at] = tf32_round(v);
   }
-  out[i] = tf32_round(v);
 }
 
-// Prep entry i of the backward's composed weights: the transposed blocks, then the fold
-// tables (cell_fold; zero for classes and phases the call does not have), in acc_t.
-template <int R, typename acc_t, typename w_t>
-CONVLORA_HD void cell_bwd_entry(const w_t* conv_w, int r, const Tables& T, const CellTables& C,
-                                int64_t i, acc_t* out) {
-  const int64_t nb = cell_words<R>(C, T.n);
-  if (i < nb) {
-    cell_entry<R, acc_t, w_t, true>(conv_w, r, T, C, i, out);
-    return;
+// Words after a pass's blocks: the forward's biases (cell_bias_words), the backward's fold
+// tables (kFoldWords an expert).
+template <int R, bool BWD>
+CONVLORA_HD int cells_tail_words(int n) {
+  return BWD ? n * kFoldWords : static_cast<int>(cell_bias_words<R>(n));
+}
+// Entry j of a pass's tail (tail: its first word). The forward's biases in fp32 as the
+// multiply-add programs' (not rounded to tf32); the backward's fold table of expert e, axis,
+// class c and phase a (cell_fold; zero for classes and phases the call does not have), in
+// acc_t.
+template <int R, typename acc_t, typename w_t, bool BWD>
+CONVLORA_HD void cells_tail_entry(const w_t* conv_b, int r, const Tables& T,
+                                  const CellTables& C, int j, acc_t* tail) {
+  if constexpr (!BWD) {
+    const int e = j / R, c = j % R;
+    tail[j] = c < r ? static_cast<acc_t>(conv_b[e * r + c]) : acc_t(0);
+  } else {
+    const int e = j / kFoldWords, f = j - e * kFoldWords;
+    const int axis = f / 54, c = (f / 18) % 3, a = (f / 9) % 2, k = (f % 9) / 3, cell = f % 3;
+    acc_t v = acc_t(0);
+    if (c < (axis ? C.ns_x : C.ns_y) && a < C.ph[e]) {
+      acc_t w[3];
+      cell_axis_row<acc_t>(T, e, axis, c, a, k, w);
+      v = w[cell];
+    }
+    tail[j] = v;
   }
-  int f = static_cast<int>(i - nb);
-  const int e = f / kFoldWords;
-  f -= e * kFoldWords;
-  const int axis = f / 54, c = (f / 18) % 3, a = (f / 9) % 2, k = (f % 9) / 3, cell = f % 3;
-  const int n = axis ? T.W : T.H, ns = axis ? C.ns_x : C.ns_y;
-  acc_t v = acc_t(0);
-  if (c < ns && a < C.ph[e]) {
-    const int row = class_row(c, n);
-    const Taps<acc_t> down =
-        table_value<acc_t>(T, (axis ? T.down_x + e * T.W : T.down_y + e * T.H) + row);
-    const int p = a ? down.idx[1] : down.idx[0];  // a < 2: no runtime index
-    acc_t w[3];
-    cell_axis_weights<acc_t>(T, axis ? T.up_x[e] : T.up_y[e], p + k - 1, T.scale[e] * n, row,
-                             w);
-    v = w[cell];
-  }
-  out[i] = v;
 }
 
 // Byte offsets of the block's shared arrays (in Layout's fields: zs, key, items (the sorted
@@ -285,7 +313,7 @@ CONVLORA_HD int next_group_key(const int (&key)[kLanes][2], int done) {
   return warp_min(cand);
 }
 
-// The composed weights of a key (its phase pairs' blocks, cell_entry's order) in a call's
+// The composed weights of a key (its phase pairs' blocks, cell_block_words' order) in a call's
 // buffer (the backward's: the same blocks transposed), read through the read-only path.
 template <int R>
 CONVLORA_HD SArr<float> key_cells(const float* cells, const CellTables& CT, int key) {
@@ -314,7 +342,7 @@ CONVLORA_HD void for_each_key_pair(const int (&key)[kLanes][2], const float* cel
 }
 
 // The lanes' B fragments of k-steps 2m and 2m + 1 of a composed-weight block from `at` =
-// its offset plus 128 m (cell_entry's order: lane l's four words at at + 4 l), one
+// its offset plus 128 m (cell_block_words' order: lane l's four words at at + 4 l), one
 // 128-bit load a lane (warp phase: lanes lane0 .. + kLanes of warp `warp`).
 CONVLORA_HD void load_b_pair(const SArr<float>& mb, int at, int warp, int lane0,
                              float (&b0)[kLanes][2], float (&b1)[kLanes][2]) {
@@ -493,7 +521,7 @@ CONVLORA_HD void cells_out(const TileArgs<scalar_t, float>& A, const BlockPos& P
 }
 
 // Runs one block of the composed-weight forward (Exec: as run_block's).
-// cells, CT: the composed weights (cell_entry) and where they are.
+// cells, CT: the composed weights (cell_block_words) and where they are.
 template <int R, typename Exec, typename scalar_t>
 CONVLORA_HD void run_cells_block(Exec& ex, const TileArgs<scalar_t, float>& A, const Layout& L,
                                  const float* cells, const CellTables& CT, unsigned char* smem,
@@ -970,7 +998,7 @@ CONVLORA_HD void cellb_out(const TileArgs<scalar_t, float>& A, const BlockPos& P
 }
 
 // Runs one block of the composed-weight backward (Exec: as run_block's). cells, CT: the
-// backward's composed weights (cell_bwd_entry) and where they are.
+// backward's composed weights (transposed, then the fold tables) and where they are.
 template <int R, typename Exec, typename scalar_t>
 CONVLORA_HD void run_cells_bwd_block(Exec& ex, const TileArgs<scalar_t, float>& A,
                                      const Layout& L, const float* cells, const CellTables& CT,
@@ -990,25 +1018,11 @@ CONVLORA_HD void run_cells_bwd_block(Exec& ex, const TileArgs<scalar_t, float>& 
   ex.phase("out", [&](int tid) { cellb_out<R>(A, P, S, tid); });
 }
 
-// The composed-weight programs by direction: the prep's size and entries, the block.
+// The composed-weight programs by direction: the prep's size (the blocks, then the tail:
+// cells_tail_entry), the block.
 template <int R, bool BWD>
 CONVLORA_HD int64_t cells_words(const CellTables& C, int n) {
-  return BWD ? cell_bwd_words<R>(C, n) : cell_words<R>(C, n) + cell_bias_words<R>(n);
-}
-template <int R, typename acc_t, typename w_t, bool BWD>
-CONVLORA_HD void cells_entry(const w_t* conv_w, const w_t* conv_b, int r, const Tables& T,
-                             const CellTables& C, int64_t i, acc_t* out) {
-  if constexpr (BWD) {
-    cell_bwd_entry<R, acc_t, w_t>(conv_w, r, T, C, i, out);
-  } else {
-    const int64_t nb = cell_words<R>(C, T.n);
-    if (i < nb) {
-      cell_entry<R, acc_t, w_t>(conv_w, r, T, C, i, out);
-    } else {  // a bias, in fp32 as the multiply-add programs' (not rounded to tf32)
-      const int e = static_cast<int>((i - nb) / R), c = static_cast<int>((i - nb) % R);
-      out[i] = c < r ? static_cast<acc_t>(conv_b[e * r + c]) : acc_t(0);
-    }
-  }
+  return cell_words<R>(C, n) + cells_tail_words<R, BWD>(n);
 }
 template <int R, bool BWD, typename Exec, typename scalar_t>
 CONVLORA_HD void run_cells(Exec& ex, const TileArgs<scalar_t, float>& A, const Layout& L,

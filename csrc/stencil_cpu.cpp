@@ -57,7 +57,32 @@ struct CpuExec {
 };
 
 // The composed weights (fwd: the forward's, with its biases; else the backward's, with its
-// fold tables) of a call into out (fp32; tile::cells_words<8, !fwd> floats).
+// fold tables) of a call into out (fp32; tile::cells_words<8, !fwd> floats): per composed
+// block its factors, their products, then its words, as the GPU's prep blocks (64 threads
+// of them here, each all nine cells); then the tail.
+template <bool BWD>
+void cells_cpu_pass(const float* wp, const float* bp, int r, const tile::Tables& T,
+                    const tile::CellTables& C, float* out) {
+  constexpr int BLK = tile::cell_block<8>();
+  at::parallel_for(0, C.off[T.n], 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const tile::CellBlock B = tile::cell_block_of(C, T.n, static_cast<int>(blk));
+      float f[18];
+      tile::CellProducts<float> F[9];
+      for (int q = 0; q < 6; ++q) tile::cell_factor_row<float>(T, B, q / 3, q % 3, f);
+      for (int i = 0; i < 81; ++i) tile::cell_product<float>(f, i, F[0].v);
+      for (int t = 0; t < 64; ++t) {
+        float w[9];
+        tile::cell_pair_weights<8>(wp, r, B.e, t, w);
+        tile::cell_block_words<8, float, BWD>(w, F[0].v, t, 64, out + blk * BLK);
+      }
+    }
+  });
+  float* tail = out + tile::cell_words<8>(C, T.n);
+  for (int j = 0; j < tile::cells_tail_words<8, BWD>(T.n); ++j)
+    tile::cells_tail_entry<8, float, float, BWD>(bp, r, T, C, j, tail);
+}
+
 template <typename acc_t>
 void cells_cpu(const at::Tensor& cw, const at::Tensor& cb, int r, const tile::Tables& T,
                bool fwd, float* out) {
@@ -65,15 +90,10 @@ void cells_cpu(const at::Tensor& cw, const at::Tensor& cb, int r, const tile::Ta
   const auto cwf = cw.to(at::kFloat).contiguous(), cbf = cb.to(at::kFloat).contiguous();
   const float* wp = cwf.const_data_ptr<float>();
   const float* bp = cbf.const_data_ptr<float>();
-  const int64_t total = fwd ? tile::cells_words<8, false>(C, T.n) : tile::cells_words<8, true>(C, T.n);
-  at::parallel_for(0, total, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      if (fwd)
-        tile::cells_entry<8, float, float, false>(wp, bp, r, T, C, i, out);
-      else
-        tile::cells_entry<8, float, float, true>(wp, bp, r, T, C, i, out);
-    }
-  });
+  if (fwd)
+    cells_cpu_pass<false>(wp, bp, r, T, C, out);
+  else
+    cells_cpu_pass<true>(wp, bp, r, T, C, out);
 }
 
 // The prep pass on the host: tap tables and padded weights (and the composed weights, where

@@ -34,6 +34,10 @@ namespace convlora {
 namespace cuda_kernels {
 
 constexpr int kPrepThreads = 256;
+// The threads of a composed-matrix block of the prep that write its words: warps 1 to 4
+// (warp 0 computes the factors meanwhile), two threads a channel pair.
+constexpr int kCellWordThread0 = 32;
+constexpr int kCellWordThreads = 128;
 
 // Runs a phase on the block's threads, then the barrier.
 struct GpuExec {
@@ -88,35 +92,71 @@ __global__ void __launch_bounds__(tile::kThreads, 2)
   tile::run_map_block<R, INTERP, BWD>(ex, A, L, smem, static_cast<int64_t>(blockIdx.x));
 }
 
-// One thread per table entry, then per padded weight, then per composed weight (the
-// forward's, then the backward's; nf, nb: their counts, zero without them): the per-call
-// prep. The weights are read as stored (w_t: float, or the inputs' 16-bit type) and widened
-// here. The composed weights compute the taps they need (cells_entry), so they do not wait
-// for the tables. Thread 0 also zeroes the gaps before the weights and before the composed
-// weights (prep_layout; base: the buffer, or null for composed weights alone), so a prep
-// buffer is a function of its inputs, byte for byte.
+// The per-call prep: blocks [0, scalar_blocks) a thread per table entry, then per padded
+// weight, then per word of the composed weights' tails (the forward's biases, the
+// backward's fold tables: cells_tail_entry); then a block per composed matrix (the
+// forward's, then the backward's; nf, nb: the words of each pass, zero without it): six
+// threads of warp 0 compute its 18 factors into shared memory while warps 1 to 4 read
+// their channel pairs' weights (cell_pair_weights), 81 threads the products, then warps 1
+// to 4 the words (cell_block_words: each a channel pair, every other cell). The weights are
+// read as stored (w_t: float, or the inputs' 16-bit type) and widened here. The composed
+// weights compute the taps they need, so they do not wait for the tables. Thread 0 also
+// zeroes the gaps before the weights and before the composed weights (prep_layout; base:
+// the buffer, or null for composed weights alone), so a prep buffer is a function of its
+// inputs, byte for byte.
 template <int R, typename w_t>
 __global__ void __launch_bounds__(kPrepThreads)
     prep_kernel(const w_t* __restrict__ conv_w, const w_t* __restrict__ conv_b, int r,
                 const tile::Tables T, const tile::CellTables C, unsigned char* __restrict__ base,
                 const PrepLayout L, int ntaps, int64_t nw, float* __restrict__ cells,
-                int64_t nf, int64_t nb) {
+                int64_t nf, int64_t nb, int scalar_blocks) {
+  constexpr int BLK = tile::cell_block<8>();
+  static_assert(kCellWordThread0 + kCellWordThreads <= kPrepThreads && kPrepThreads >= 81,
+                "a composed matrix's block");
+  const int nblk = C.off[T.n];
+  if (static_cast<int>(blockIdx.x) >= scalar_blocks) {  // a composed matrix: block-uniform
+    int blk = static_cast<int>(blockIdx.x) - scalar_blocks;
+    const bool bwd = nf == 0 || blk >= nblk;
+    if (bwd && nf != 0) blk -= nblk;
+    __shared__ float f[18];
+    __shared__ tile::CellProducts<float> F[9];
+    const tile::CellBlock B = tile::cell_block_of(C, T.n, blk);
+    const int wt = static_cast<int>(threadIdx.x) - kCellWordThread0;  // words: [0, 128)
+    const bool words = wt >= 0 && wt < kCellWordThreads;
+    float w[9];  // its channel pair's weights, read while warp 0 computes the factors
+    if (words) tile::cell_pair_weights<8>(conv_w, r, B.e, wt % 64, w);
+    if (threadIdx.x < 6) tile::cell_factor_row<float>(T, B, threadIdx.x / 3, threadIdx.x % 3, f);
+    __syncthreads();
+    if (threadIdx.x < 81) tile::cell_product<float>(f, threadIdx.x, F[0].v);
+    __syncthreads();
+    if (!words) return;
+    float* out = (bwd ? cells + nf : cells) + static_cast<int64_t>(blk) * BLK;
+    if (bwd)
+      tile::cell_block_words<8, float, true>(w, F[0].v, wt, kCellWordThreads, out);
+    else
+      tile::cell_block_words<8, float, false>(w, F[0].v, wt, kCellWordThreads, out);
+    return;
+  }
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i == 0 && base != nullptr) {
     const int64_t wend = L.wbuf_offset + nw * static_cast<int64_t>(sizeof(float));
     for (int64_t b = L.taps_bytes; b < L.wbuf_offset; ++b) base[b] = 0;
     for (int64_t b = wend; b < L.cells_offset; ++b) base[b] = 0;
   }
+  const int64_t tf = nf == 0 ? 0 : tile::cells_tail_words<8, false>(T.n);
+  const int64_t tb = nb == 0 ? 0 : tile::cells_tail_words<8, true>(T.n);
+  const int64_t j = i - ntaps - nw;
   if (i < ntaps) {
     tile::table_entry<float>(T, static_cast<int>(i), reinterpret_cast<Taps<float>*>(base));
-  } else if (i - ntaps < nw) {
+  } else if (j < 0) {
     tile::weight_entry<R, float, w_t>(conv_w, conv_b, r, T.n, static_cast<int>(i - ntaps),
                                       reinterpret_cast<float*>(base + L.wbuf_offset));
-  } else if (i - ntaps - nw < nf) {
-    tile::cells_entry<8, float, w_t, false>(conv_w, conv_b, r, T, C, i - ntaps - nw, cells);
-  } else if (i - ntaps - nw - nf < nb) {
-    tile::cells_entry<8, float, w_t, true>(conv_w, conv_b, r, T, C, i - ntaps - nw - nf,
-                                           cells + nf);
+  } else if (j < tf) {
+    tile::cells_tail_entry<8, float, w_t, false>(conv_b, r, T, C, static_cast<int>(j),
+                                                 cells + static_cast<int64_t>(nblk) * BLK);
+  } else if (j - tf < tb) {
+    tile::cells_tail_entry<8, float, w_t, true>(conv_b, r, T, C, static_cast<int>(j - tf),
+                                                cells + nf + static_cast<int64_t>(nblk) * BLK);
   }
 }
 
@@ -207,19 +247,24 @@ void launch_blocks(Kernel kernel, const tile::TileArgs<scalar_t, float>& A, cons
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Launches prep_kernel over ntaps tables, nw padded weights and nf + nb composed weights,
-// reading the weights in their dtype (float, or z's: check_stencil_args allows no other).
+// Launches prep_kernel over ntaps tables, nw padded weights and nf + nb composed weights
+// (a block per composed matrix), reading the weights in their dtype (float, or z's:
+// check_stencil_args allows no other).
 template <int R, typename scalar_t>
 void run_prep_kernel(const Operands& o, const tile::Tables& T, unsigned char* base,
                      const PrepLayout& L, int ntaps, int64_t nw, float* cells, int64_t nf,
                      int64_t nb, cudaStream_t stream) {
   const tile::CellTables C = tile::make_cell_tables(T);
+  const int64_t tails = (nf == 0 ? 0 : tile::cells_tail_words<8, false>(T.n)) +
+                        (nb == 0 ? 0 : tile::cells_tail_words<8, true>(T.n));
+  const unsigned scalar_blocks = grid_for(ntaps + nw + tails, kPrepThreads);
+  const unsigned matrices = static_cast<unsigned>(((nf != 0) + (nb != 0)) * C.off[T.n]);
   const auto run = [&](auto* tag) {
     using w_t = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    prep_kernel<R, w_t><<<grid_for(ntaps + nw + nf + nb, kPrepThreads), kPrepThreads, 0,
-                          stream>>>(
+    prep_kernel<R, w_t><<<scalar_blocks + matrices, kPrepThreads, 0, stream>>>(
         o.conv_weight.const_data_ptr<w_t>(), o.conv_bias.const_data_ptr<w_t>(),
-        static_cast<int>(o.z.size(1)), T, C, base, L, ntaps, nw, cells, nf, nb);
+        static_cast<int>(o.z.size(1)), T, C, base, L, ntaps, nw, cells, nf, nb,
+        static_cast<int>(scalar_blocks));
   };
   if (o.conv_weight.scalar_type() == at::kFloat) {
     run(static_cast<float*>(nullptr));

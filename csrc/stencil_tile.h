@@ -264,6 +264,20 @@ inline CellTables make_cell_tables(const Tables& T) {
   return C;
 }
 
+// t as a table entry holds it: the taps from t.n on at tap 0's index with weight zero
+// (fixed indices: the Taps stays in registers).
+template <typename acc_t>
+CONVLORA_HD Taps<acc_t> padded_taps(Taps<acc_t> t) {
+  CONVLORA_UNROLL
+  for (int k = 1; k < 4; ++k) {
+    if (k >= t.n) {
+      t.idx[k] = t.idx[0];
+      t.w[k] = acc_t(0);
+    }
+  }
+  return t;
+}
+
 // Table entry i (the prep pass writes one per entry: table_entry; the composed weights'
 // entries, which the same launch writes, compute the ones they need).
 template <typename acc_t>
@@ -282,14 +296,7 @@ CONVLORA_HD Taps<acc_t> table_value(const Tables& T, int i) {
     const int p = i - (rows ? T.up_y : T.up_x)[e];
     t = up_taps<acc_t>(p, rows ? T.H : T.W, T.scale[e], T.interp);
   }
-  CONVLORA_UNROLL
-  for (int k = 1; k < 4; ++k) {  // fixed indices: the Taps stays in registers
-    if (k >= t.n) {
-      t.idx[k] = t.idx[0];
-      t.w[k] = acc_t(0);
-    }
-  }
-  return t;
+  return padded_taps(t);
 }
 
 template <typename acc_t>

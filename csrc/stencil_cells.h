@@ -176,30 +176,31 @@ CONVLORA_HD void cell_pair_weights(const w_t* conv_w, int r, int e, int p, acc_t
 }
 
 // The words of a composed block (F: its products) that thread tid of `threads` (a multiple
-// of 64) writes into out (the block's first word), w: its channel pair's weights
-// (cell_pair_weights of p = tid % 64): cells tid / 64, + threads / 64, ... A block's 576
-// words: k-steps 0..7 in pairs, lane l's four words at 128 m + 4 l (b0, b1 of k-step 2 m,
-// then of 2 m + 1), k-step 8 at 512 + 2 l; lane l = 4 g + t holds B[k][n] for k = t, t + 4
-// and n = g, which are input channels t and t + 4 and output channel g of cell k-step:
-// M(cell) = sum over the taps, in order in acc_t, of F[cell][tap] W[tap], rounded to tf32.
-// TRANSPOSED (the backward's): B[k][n] = M[k][n], k the output channel and n the input one
-// (dz of a cell = M^T delta), in the same order.
-template <int R, typename acc_t, bool TRANSPOSED>
+// of 64) writes, w: its channel pair's weights (cell_pair_weights of p = tid % 64): cells
+// tid / 64, + threads / 64, ..., each into the forward's block at fwd and the backward's
+// at bwd (either null: not written). A block's 576 words: k-steps 0..7 in pairs, lane l's
+// four words at 128 m + 4 l (b0, b1 of k-step 2 m, then of 2 m + 1), k-step 8 at
+// 512 + 2 l; lane l = 4 g + t holds B[k][n] for k = t, t + 4 and n = g. The forward's
+// B[ci][co] (input channel ci, output co) of cell k-step is M(cell)[ci][co] = the sum over
+// the taps, in order in acc_t, of F[cell][tap] W[co][ci][tap], rounded to tf32; the
+// backward's B[co][ci] is the same value (dz of a cell = M^T delta).
+template <int R, typename acc_t>
 CONVLORA_HD void cell_block_words(const acc_t (&w)[9], const acc_t* F, int tid, int threads,
-                                  acc_t* out) {
+                                  acc_t* fwd, acc_t* bwd) {
   static_assert(cells_rank<R>(), "a k-step of 8 input channels is one cell");
   const int p = tid % 64, ci = p % 8, co = p / 8;
-  const int kk = TRANSPOSED ? co : ci, nn = TRANSPOSED ? ci : co;  // B[kk][nn]
-  const int lane = 4 * nn + kk % 4, which = kk / 4;
+  const int lane_f = 4 * co + ci % 4, which_f = ci / 4;  // B[ci][co]: k = ci, n = co
+  const int lane_b = 4 * ci + co % 4, which_b = co / 4;  // B[co][ci]: k = co, n = ci
   const auto* rows = reinterpret_cast<const CellProducts<acc_t>*>(F);
   for (int ks = tid / 64; ks < 9; ks += threads / 64) {
     const CellProducts<acc_t> row = rows[ks];  // 128-bit loads
     acc_t v = acc_t(0);
     CONVLORA_UNROLL
     for (int k = 0; k < 9; ++k) v += row.v[k] * w[k];
-    const int at = ks < 8 ? 128 * (ks / 2) + 4 * lane + 2 * (ks % 2) + which
-                          : 512 + 2 * lane + which;
-    out[at] = tf32_round(v);
+    v = tf32_round(v);
+    const int base = ks < 8 ? 128 * (ks / 2) + 2 * (ks % 2) : 512, lanes = ks < 8 ? 4 : 2;
+    if (fwd != nullptr) fwd[base + lanes * lane_f + which_f] = v;
+    if (bwd != nullptr) bwd[base + lanes * lane_b + which_b] = v;
   }
 }
 

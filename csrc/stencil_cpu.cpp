@@ -56,14 +56,18 @@ struct CpuExec {
   }
 };
 
-// The composed weights (fwd: the forward's, with its biases; else the backward's, with its
-// fold tables) of a call into out (fp32; tile::cells_words<8, !fwd> floats): per composed
-// block its factors, their products, then its words, as the GPU's prep blocks (64 threads
-// of them here, each all nine cells); then the tail.
-template <bool BWD>
-void cells_cpu_pass(const float* wp, const float* bp, int r, const tile::Tables& T,
-                    const tile::CellTables& C, float* out) {
+// The composed weights of a call into fwd (the forward's, with its biases) and bwd (the
+// backward's, with its fold tables; fp32, tile::cells_words<8, BWD> floats each; either
+// null: not written): per composed matrix its factors, their products, then its words of
+// both, as the GPU's prep blocks (64 threads of them here, each all nine cells); then the
+// tails.
+void cells_cpu(const at::Tensor& cw, const at::Tensor& cb, int r, const tile::Tables& T,
+               float* fwd, float* bwd) {
   constexpr int BLK = tile::cell_block<8>();
+  const tile::CellTables C = tile::make_cell_tables(T);
+  const auto cwf = cw.to(at::kFloat).contiguous(), cbf = cb.to(at::kFloat).contiguous();
+  const float* wp = cwf.const_data_ptr<float>();
+  const float* bp = cbf.const_data_ptr<float>();
   at::parallel_for(0, C.off[T.n], 4, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const tile::CellBlock B = tile::cell_block_of(C, T.n, static_cast<int>(blk));
@@ -74,26 +78,19 @@ void cells_cpu_pass(const float* wp, const float* bp, int r, const tile::Tables&
       for (int t = 0; t < 64; ++t) {
         float w[9];
         tile::cell_pair_weights<8>(wp, r, B.e, t, w);
-        tile::cell_block_words<8, float, BWD>(w, F[0].v, t, 64, out + blk * BLK);
+        tile::cell_block_words<8, float>(w, F[0].v, t, 64,
+                                         fwd == nullptr ? nullptr : fwd + blk * BLK,
+                                         bwd == nullptr ? nullptr : bwd + blk * BLK);
       }
     }
   });
-  float* tail = out + tile::cell_words<8>(C, T.n);
-  for (int j = 0; j < tile::cells_tail_words<8, BWD>(T.n); ++j)
-    tile::cells_tail_entry<8, float, float, BWD>(bp, r, T, C, j, tail);
-}
-
-template <typename acc_t>
-void cells_cpu(const at::Tensor& cw, const at::Tensor& cb, int r, const tile::Tables& T,
-               bool fwd, float* out) {
-  const tile::CellTables C = tile::make_cell_tables(T);
-  const auto cwf = cw.to(at::kFloat).contiguous(), cbf = cb.to(at::kFloat).contiguous();
-  const float* wp = cwf.const_data_ptr<float>();
-  const float* bp = cbf.const_data_ptr<float>();
-  if (fwd)
-    cells_cpu_pass<false>(wp, bp, r, T, C, out);
-  else
-    cells_cpu_pass<true>(wp, bp, r, T, C, out);
+  const int64_t blocks = tile::cell_words<8>(C, T.n);
+  if (fwd != nullptr)
+    for (int j = 0; j < tile::cells_tail_words<8, false>(T.n); ++j)
+      tile::cells_tail_entry<8, float, float, false>(bp, r, T, C, j, fwd + blocks);
+  if (bwd != nullptr)
+    for (int j = 0; j < tile::cells_tail_words<8, true>(T.n); ++j)
+      tile::cells_tail_entry<8, float, float, true>(bp, r, T, C, j, bwd + blocks);
 }
 
 // The prep pass on the host: tap tables and padded weights (and the composed weights, where
@@ -120,8 +117,7 @@ void prep_cpu(const at::Tensor& cw, const at::Tensor& cb, int r, const tile::Tab
                                  static_cast<int>(i), wp);
   if (V.cells.defined()) {
     float* cells = V.cells.mutable_data_ptr<float>();
-    cells_cpu<acc_t>(cw, cb, r, T, true, cells);
-    cells_cpu<acc_t>(cw, cb, r, T, false, cells + L.cells_fwd);
+    cells_cpu(cw, cb, r, T, cells, cells + L.cells_fwd);
   }
 }
 
@@ -201,7 +197,8 @@ void run_cells_call(tile::TileArgs<scalar_t, float> A, const Operands& o, const 
                                   tile::cells_words<RC, true>(C, A.n));
   } else {
     cells = at::empty({tile::cells_words<RC, BWD>(C, A.n)}, f32);
-    cells_cpu<float>(o.conv_weight, o.conv_bias, A.r, A.T, !BWD, cells.mutable_data_ptr<float>());
+    float* out = cells.mutable_data_ptr<float>();
+    cells_cpu(o.conv_weight, o.conv_bias, A.r, A.T, BWD ? nullptr : out, BWD ? out : nullptr);
   }
   const float* cp = cells.const_data_ptr<float>();
   for_each_block(grid.blocks, tile::kCellThreads, grid.layout.bytes,

@@ -94,11 +94,12 @@ __global__ void __launch_bounds__(tile::kThreads, 2)
 
 // The per-call prep: blocks [0, scalar_blocks) a thread per table entry, then per padded
 // weight, then per word of the composed weights' tails (the forward's biases, the
-// backward's fold tables: cells_tail_entry); then a block per composed matrix (the
-// forward's, then the backward's; nf, nb: the words of each pass, zero without it): six
+// backward's fold tables: cells_tail_entry); then a block per composed matrix, which writes
+// it into both passes' (nf, nb: the words of each pass, zero without it: not written): six
 // threads of warp 0 compute its 18 factors into shared memory while warps 1 to 4 read
 // their channel pairs' weights (cell_pair_weights), 81 threads the products, then warps 1
-// to 4 the words (cell_block_words: each a channel pair, every other cell). The weights are
+// to 4 the words (cell_block_words: each a channel pair, every other cell, each value into
+// the forward's block and, transposed, the backward's). The weights are
 // read as stored (w_t: float, or the inputs' 16-bit type) and widened here. The composed
 // weights compute the taps they need, so they do not wait for the tables. Thread 0 also
 // zeroes the gaps before the weights and before the composed weights (prep_layout; base:
@@ -115,9 +116,7 @@ __global__ void __launch_bounds__(kPrepThreads)
                 "a composed matrix's block");
   const int nblk = C.off[T.n];
   if (static_cast<int>(blockIdx.x) >= scalar_blocks) {  // a composed matrix: block-uniform
-    int blk = static_cast<int>(blockIdx.x) - scalar_blocks;
-    const bool bwd = nf == 0 || blk >= nblk;
-    if (bwd && nf != 0) blk -= nblk;
+    const int blk = static_cast<int>(blockIdx.x) - scalar_blocks;
     __shared__ float f[18];
     __shared__ tile::CellProducts<float> F[9];
     const tile::CellBlock B = tile::cell_block_of(C, T.n, blk);
@@ -130,11 +129,10 @@ __global__ void __launch_bounds__(kPrepThreads)
     if (threadIdx.x < 81) tile::cell_product<float>(f, threadIdx.x, F[0].v);
     __syncthreads();
     if (!words) return;
-    float* out = (bwd ? cells + nf : cells) + static_cast<int64_t>(blk) * BLK;
-    if (bwd)
-      tile::cell_block_words<8, float, true>(w, F[0].v, wt, kCellWordThreads, out);
-    else
-      tile::cell_block_words<8, float, false>(w, F[0].v, wt, kCellWordThreads, out);
+    const int64_t at = static_cast<int64_t>(blk) * BLK;
+    tile::cell_block_words<8, float>(w, F[0].v, wt, kCellWordThreads,
+                                     nf == 0 ? nullptr : cells + at,
+                                     nb == 0 ? nullptr : cells + nf + at);
     return;
   }
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -258,7 +256,7 @@ void run_prep_kernel(const Operands& o, const tile::Tables& T, unsigned char* ba
   const int64_t tails = (nf == 0 ? 0 : tile::cells_tail_words<8, false>(T.n)) +
                         (nb == 0 ? 0 : tile::cells_tail_words<8, true>(T.n));
   const unsigned scalar_blocks = grid_for(ntaps + nw + tails, kPrepThreads);
-  const unsigned matrices = static_cast<unsigned>(((nf != 0) + (nb != 0)) * C.off[T.n]);
+  const unsigned matrices = nf + nb == 0 ? 0u : static_cast<unsigned>(C.off[T.n]);
   const auto run = [&](auto* tag) {
     using w_t = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     prep_kernel<R, w_t><<<scalar_blocks + matrices, kPrepThreads, 0, stream>>>(

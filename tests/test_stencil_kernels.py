@@ -849,6 +849,33 @@ def test_mma_prep_holds_the_composed_weights(rank):
         ops.stencil_fwd(z, idx, cw, cb, sc, m, h, w, True, 0, full[:-4], True)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rank", [3, 8])
+def test_mma_prep_on_the_gpu(rank):
+    """stencil_prep(..., mma=True) on the GPU (prep_kernel: a block per composed matrix,
+    both passes' words from one sum): its composed weights against the CPU's within a tf32
+    rounding (the GPU fuses the products' multiply-adds), and the forward and backward given
+    it the same, bit for bit, as those that write their own."""
+    ops = torch.ops.convlora
+    z, du, idx, cw, cb, sc, m, h, w = _mma_problem("bilinear", (2, 9, 12), tuple(range(1, 9)),
+                                                   rank, "random", seed=7)
+    plain = ops.stencil_prep(z, cw, cb, sc, m, h, w)
+    cpu = ops.stencil_prep(z, cw, cb, sc, m, h, w, True)
+    zc, ic, cwc, cbc, duc = z.cuda(), idx.cuda(), cw.cuda(), cb.cuda(), du.cuda()
+    gpu = ops.stencil_prep(zc, cwc, cbc, sc, m, h, w, True)
+    assert gpu.numel() == cpu.numel()
+    start = plain.numel() + (-plain.numel()) % 16  # the composed weights: 16-byte aligned
+    assert_close(gpu[start:].cpu().view(torch.float32), cpu[start:].view(torch.float32),
+                 2.0 ** -9, 1e-6, "composed weights, GPU against CPU")
+    outs = []
+    for prep in (None, gpu):
+        u, pre = ops.stencil_fwd(zc, ic, cwc, cbc, sc, m, h, w, True, 0, prep, True)
+        outs.append((u, pre) + tuple(ops.stencil_bwd(duc, zc, pre, ic, cwc, cbc, sc, m, h, w,
+                                                     0, prep, True)))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
 def test_shared_memory_budget(switch):
     """The ops' smem_kb moves the weights and weight-gradient sums between shared and global
     memory (benchmarks/stencil_time.py times the choices on a GPU); results agree. The

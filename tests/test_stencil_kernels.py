@@ -995,6 +995,28 @@ def test_cost_model_counts_every_phase(cost_rows):
                            if p["warp_accesses"] > 0), row["phases"]
 
 
+def test_cost_model_counts_the_prep_of_the_composed_weights(cost_rows):
+    """The prep of the composed weights (mma cases) is priced by its instructions: each
+    matrix's block read from the machine code (prep_matrix_warps: eight warps, warp 0 the
+    factors, warps 1 to 4 the words), at most 2,400 warp instructions (2,114 as built: a
+    thread per word, before, ran about a thousand instructions a word), and its fitted time
+    includes their issue."""
+    cm = _cost_model()
+    preps = [r for r in cost_rows if r["kernel"] == "prep_kernel"
+             and next(c for c in cm.CASES if c.name == r["case"]).mma]
+    assert preps
+    if not cm.sass_lines():
+        pytest.skip("no machine code to count (a build without the CUDA kernels)")
+    warps = cm.prep_matrix_warps(cm._code_of("prep_kernel", 8, "bilinear", False))
+    assert warps is not None and len(warps) == 8
+    assert warps[0] > warps[5] and min(warps[1:5]) > warps[5], warps
+    for row in preps:
+        assert row["instructions_per_block"] == sum(warps) <= 2400, row
+        assert row["fitted_issue_us"] > 0 and row["fitted_chain_us"] > 0, row
+        assert row["calibrated_us"] >= (max(row["fitted_issue_us"], row["fitted_chain_us"])
+                                        + cm.H100["fitted_small_kernel_us"] - 1e-9), row
+
+
 def test_cost_model_matches_counted_memory_instructions_to_their_lines(checked_ops):
     """The basic-block count weights a block by the checked build's accesses of its source
     lines, so every memory instruction it counts must carry its kernel's line: in the

@@ -104,17 +104,21 @@ CONVLORA_HD int cell_fold(int e, int axis, int c, int a) {
 struct CellBlock {
   int e, cy, cx, a, b;
 };
+// The quotients as shifts and a multiply, not divisions by runtime values: the composed
+// weights are bilinear's (cells_bound), one or two phases a token, one to three classes
+// per axis, at most 9 class pairs.
 CONVLORA_HD CellBlock cell_block_of(const CellTables& C, int n, int blk) {
   CellBlock B{};
   while (B.e + 1 < n && blk >= C.off[B.e + 1]) ++B.e;
-  const int ph = C.ph[B.e];
+  const int sh = C.ph[B.e] - 1;  // phases: 1 or 2
   int rest = blk - C.off[B.e];
-  B.b = rest % ph;
-  rest /= ph;
-  B.a = rest % ph;
-  rest /= ph;
-  B.cx = rest % C.ns_x;
-  B.cy = rest / C.ns_x;
+  B.b = rest & sh;
+  rest >>= sh;
+  B.a = rest & sh;
+  rest >>= sh;
+  // rest / ns_x: (rest · 11) >> 5 is rest / 3 for rest < 9
+  B.cy = C.ns_x == 3 ? (rest * 11) >> 5 : rest >> (C.ns_x - 1);
+  B.cx = rest - B.cy * C.ns_x;
   return B;
 }
 

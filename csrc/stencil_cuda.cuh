@@ -112,8 +112,9 @@ __global__ void __launch_bounds__(kPrepThreads)
                 const PrepLayout L, int ntaps, int64_t nw, float* __restrict__ cells,
                 int64_t nf, int64_t nb, int scalar_blocks) {
   constexpr int BLK = tile::cell_block<8>();
-  static_assert(kCellWordThread0 + kCellWordThreads <= kPrepThreads && kPrepThreads >= 81,
-                "a composed matrix's block");
+  static_assert(kCellWordThread0 == 32 && kCellWordThread0 + kCellWordThreads <= kPrepThreads &&
+                    kPrepThreads >= 81,
+                "a composed matrix's block: the factors in warp 0, the words after it");
   const int nblk = C.off[T.n];
   if (static_cast<int>(blockIdx.x) >= scalar_blocks) {  // a composed matrix: block-uniform
     const int blk = static_cast<int>(blockIdx.x) - scalar_blocks;

@@ -998,7 +998,7 @@ def test_cost_model_counts_every_phase(cost_rows):
 def test_cost_model_counts_the_prep_of_the_composed_weights(cost_rows):
     """The prep of the composed weights (mma cases) is priced by its instructions: each
     matrix's block read from the machine code (prep_matrix_warps: eight warps, warp 0 the
-    factors, warps 1 to 4 the words), at most 2,400 warp instructions (2,114 as built: a
+    factors, warps 1 to 4 the words), at most 2,400 warp instructions (1,953 as built: a
     thread per word, before, ran about a thousand instructions a word), and its fitted time
     includes their issue."""
     cm = _cost_model()

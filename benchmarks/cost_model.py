@@ -648,8 +648,9 @@ def prep_matrix_warps(code: Optional[List[dict]], threads: int = 256, word0: int
     branch past them to the first barrier); threads < 81 the products (the others branch
     past them to the second); the threads past the words exit, the words threads loop over
     their cells (a cell a trip: (tid - word0) / 64, + words / 64, ...). Straight-line but
-    for those loops and the identity-or-resample choice of the factors' taps, both counted
-    (an upper bound there)."""
+    for those loops, the search for the matrix's expert (counted one trip: a few
+    instructions a trip short) and the identity-or-resample choice of the factors' taps
+    (both counted: an upper bound there)."""
     if not code:
         return None
     bars = [i["addr"] for i in code if i["op"] == "BAR"]

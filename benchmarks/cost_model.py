@@ -698,8 +698,8 @@ def prep_matrix_warps(code: Optional[List[dict]], threads: int = 256, word0: int
 
 
 def prep_matrices(case: Case) -> int:
-    """Composed-weight matrices the prep writes at case.shape (a block each, which writes it
-    into both passes' composed weights)."""
+    """Composed-weight matrices of a pass at case.shape (row and column classes x phases
+    per axis squared, per expert); the prep writes each with a block, into both passes."""
     _, H, W = case.shape
     classes = (3 if H >= 3 else H) * (3 if W >= 3 else W)
     return sum(classes * (1 if s % 2 else 2) ** 2 for s in case.scales)
@@ -737,11 +737,9 @@ def cell_bytes(case: Case, bwd: bool = False) -> int:
     row and column classes x phases per axis squared x 9 R x R floats per expert; the
     forward's R biases an expert after them, the backward's fold tables, kFoldWords floats
     per expert)."""
-    _, H, W = case.shape
-    classes = (3 if H >= 3 else H) * (3 if W >= 3 else W)
     R = kernel_rank(case)
     tail = case.experts * (2 * 3 * 2 * 9 if bwd else R) * 4
-    return sum(classes * (1 if s % 2 else 2) ** 2 for s in case.scales) * 9 * 8 * R * 4 + tail
+    return prep_matrices(case) * 9 * 8 * R * 4 + tail
 
 
 def _pre_slots(mode: str) -> int:

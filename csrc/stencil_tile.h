@@ -278,8 +278,8 @@ CONVLORA_HD Taps<acc_t> padded_taps(Taps<acc_t> t) {
   return t;
 }
 
-// Table entry i (the prep pass writes one per entry: table_entry; the composed weights'
-// entries, which the same launch writes, compute the ones they need).
+// Table entry i (the prep pass writes one per entry: table_entry; the composed weights it
+// writes in the same launch compute their taps from down_taps, up_taps: cell_axis_row).
 template <typename acc_t>
 CONVLORA_HD Taps<acc_t> table_value(const Tables& T, int i) {
   Taps<acc_t> t;

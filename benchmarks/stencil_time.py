@@ -11,7 +11,8 @@ Conv-LoRA reference and the frozen linear. On a GPU the stencil rows are
 in microseconds with the card named; everything else is a ratio. For the first shape the
 stencil ops are also timed under each shared-memory budget (CONVLORA_STENCIL_SMEM_KB: what
 the kernels stage in shared memory against how many blocks fit an SM), the choice a GPU
-run should settle. On a GPU the Triton stencil is timed alone too: its backward both split
+run should settle, and the layer under the switches LAYER_SWITCHES names (the prep
+pass on a second stream, the composed-weight stencil, both). On a GPU the Triton stencil is timed alone too: its backward both split
 and merged (CONVLORA_TRITON_BACKWARD), and every kernel with its z cells held in registers
 and loaded by each conv row (CONVLORA_TRITON_Z_CELLS), choices for a GPU run to settle.
 The last line, "RESULT: ...", is what benchmarks/gpu_check.sh records for the target
@@ -146,11 +147,25 @@ def _grid_text(r, n, interpolation, kb):
     return ", ".join(out)
 
 
-def _layer(backend, interpolation):
+def _layer(backend, interpolation, switches=None):
+    """The layer's call on an input; switches: internal switches forced around it."""
     from convlora_kernels import conv_lora_linear
 
-    return lambda inp: conv_lora_linear(*common._conv_lora_args(inp), backend=backend,
-                                        interpolation=interpolation, check_expert_index=False)
+    def run(inp):
+        with _switches.forced(switches or {}):
+            return conv_lora_linear(*common._conv_lora_args(inp), backend=backend,
+                                    interpolation=interpolation, check_expert_index=False)
+    return run
+
+
+# The layer under the switches only a GPU run can settle, on the target shape: the prep pass
+# on a second stream beside the down-projection (CONVLORA_PREP_STREAM), with the multiply-add
+# stencil and with the composed-weight one (CONVLORA_STENCIL_MMA).
+LAYER_SWITCHES = {
+    " prep-stream": {"CONVLORA_PREP_STREAM": "1"},
+    " mma": {"CONVLORA_STENCIL_MMA": "1"},
+    " mma prep-stream": {"CONVLORA_STENCIL_MMA": "1", "CONVLORA_PREP_STREAM": "1"},
+}
 
 
 def main(argv=None) -> int:
@@ -174,6 +189,9 @@ def main(argv=None) -> int:
                      common.PLAIN_LORA: common.plain_lora,
                      common.REFERENCE: _layer("reference", interp),
                      common.LINEAR: common.frozen_linear}
+        if result is None:  # (on the CPU the same calls: the switches' paths run there too)
+            layer_fns.update({f"conv-lora[{backend}]{k}": _layer(backend, interp, v)
+                              for k, v in LAYER_SWITCHES.items()})
         inputs = [common.make_inputs(shape, device, dtype, seed=s) for s in range(2)]
         sfns = _stencil_fns(inputs[0], interp)
         if gating == "map":  # the map programs next to the per-token ones (a GPU's choice)
@@ -209,9 +227,9 @@ def main(argv=None) -> int:
         fused = med[f"conv-lora[{backend}]"]
         for k, ms in med.items():
             if ms is None:
-                print(f"  {k:24s} fwd+bwd error: {layer[k]['error']}")
+                print(f"  {k:31s} fwd+bwd error: {layer[k]['error']}")
                 continue
-            print(f"  {k:24s} fwd+bwd {ms / med[common.PLAIN_LORA]:6.3f} x plain LoRA  "
+            print(f"  {k:31s} fwd+bwd {ms / med[common.PLAIN_LORA]:6.3f} x plain LoRA  "
                   f"{ms / med[common.LINEAR]:6.3f} x frozen linear"
                   + (f"  ({med[common.REFERENCE] / ms:5.1f} x faster than the reference)"
                      if k != common.REFERENCE else ""))

@@ -26,6 +26,7 @@ NAMES = (
     "CONVLORA_MAP_KERNELS",        # backends.extension.MAP_KERNELS_ENV
     "CONVLORA_STENCIL_SMEM_KB",    # backends.extension.SMEM_KB_ENV
     "CONVLORA_STENCIL_MMA",        # backends.extension.MMA_ENV
+    "CONVLORA_PREP_STREAM",        # backends.extension.PREP_STREAM_ENV
     "CONVLORA_TRITON_AUTOTUNE",    # triton_kernels.launch.AUTOTUNE_ENV
     "CONVLORA_TRITON_BACKWARD",    # triton_kernels.launch.BACKWARD_ENV
     "CONVLORA_TRITON_Z_CELLS",  # triton_kernels.launch.Z_CELLS_ENV

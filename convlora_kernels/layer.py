@@ -61,8 +61,24 @@ def _b_t(lora_B: Tensor) -> Tensor:
     return lora_B.t().contiguous() if lora_B.device.type == "cpu" else lora_B.t()
 
 
+def _early_prep(x2, lora_A, conv_weight, conv_bias, scales, interpolation, height, width,
+                backend, forward_plan, save):
+    """The backend's prep pass started before z = x Aᵀ (backends: early_prep), or None."""
+    if forward_plan == "one_kernel":
+        return None
+    return backends.module(backend).early_prep(
+        x2, lora_A.shape[0], conv_weight.contiguous(), conv_bias.contiguous(), list(scales),
+        interpolation, height, width, save)
+
+
 def _forward_impl(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index, z,
-                  scaling, scales, interpolation, height, width, backend, forward_plan, save):
+                  scaling, scales, interpolation, height, width, backend, forward_plan, save,
+                  early=None):
+    """early: the routed op's _early_prep, started before its z; else the layer starts one
+    here when it forms z itself."""
+    if z is None:
+        early = _early_prep(x2, lora_A, conv_weight, conv_bias, scales, interpolation, height,
+                            width, backend, forward_plan, save)
     z2 = F.linear(x2, lora_A) if z is None else z
     if z2.stride(-1) != 1:
         z2 = z2.contiguous()
@@ -74,7 +90,7 @@ def _forward_impl(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expe
         return y, z2, u, s0, s1
     u, s0, s1 = impl.stencil_forward(z2, expert_index, conv_weight.contiguous(),
                                      conv_bias.contiguous(), list(scales), interpolation,
-                                     height, width, save)
+                                     height, width, save, early)
     uq = u if u.dtype == x2.dtype else u.to(x2.dtype)  # rounded as the reference rounds u
     bt = _b_t(lora_B)
     if forward_plan == "two_source":  # u rounded to x's dtype inside, as uq is here
@@ -262,13 +278,15 @@ def _routed_forward_fn(x2: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
     loss): z = x Aᵀ, the router on z (convlora_layer::route's routing), its load-balancing
     loss loss_coef · (cv²(importance) + cv²(load)) (float32; on CUDA from the routing's own
     launch), then the layer."""
+    early = _early_prep(x2, lora_A, conv_weight, conv_bias, scales, interpolation, height,
+                        width, backend, forward_plan, save)
     z2 = F.linear(x2, lora_A)
     expert, load, aux = route_with_aux_loss(router_features(z2, gating, height, width),
                                             w_gate, w_noise, noise, noise_epsilon, loss_coef)
     idx = backends.module(backend).routed_index(expert, gating, height, width)
     y, z2, u, s0, s1 = _forward_impl(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias,
                                      idx, z2, scaling, scales, interpolation, height, width,
-                                     backend, forward_plan, save)
+                                     backend, forward_plan, save, early)
     return y, z2, u, s0, s1, idx, load, aux
 
 

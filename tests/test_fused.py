@@ -453,13 +453,21 @@ def test_sam_shapes_on_gpu_with_composed_weights(shape):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
-def test_cuda_graph_capture():
-    """No host synchronisation inside: the layer (forward and backward) can be captured."""
+@pytest.mark.parametrize("prep_stream", ["0", "1"])
+def test_cuda_graph_capture(prep_stream):
+    """No host synchronisation inside: the layer (forward and backward) can be captured,
+    also with its prep on a second stream (CONVLORA_PREP_STREAM=1: fork and join become
+    edges of the graph)."""
+    from convlora_kernels import _switches
+    from convlora_kernels.backends import extension
+
     c = make_case(height=14, width=14, rank=8, scales=tuple(range(1, 9)), seed=15,
                   device="cuda", dtype=torch.float32).to(torch.float32, True)
 
     def step():
-        y = conv_lora_linear(*c.args(), **c.kwargs(), backend="cuda", check_expert_index=False)
+        with _switches.forced({extension.PREP_STREAM_ENV: prep_stream}):
+            y = conv_lora_linear(*c.args(), **c.kwargs(), backend="cuda",
+                                 check_expert_index=False)
         return [y] + list(torch.autograd.grad(y.square().sum(), [c.x, c.conv_weight]))
 
     stream = torch.cuda.Stream()
@@ -572,3 +580,48 @@ def test_unchecked_out_of_range_expert_reaches_nothing(backend, forward_plan, tr
     assert torch.isfinite(y_bad[~bad]).all() and torch.isfinite(dx_bad[~bad]).all()
     assert_close(y_bad[~bad], y_good[~bad], 1e-6, 1e-6, "y of the other tokens")
     assert_close(dx_bad[~bad], dx_good[~bad], 1e-5, 1e-5, "dx of the other tokens")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mma", ["0", "1"])
+@pytest.mark.parametrize("routed", [False, True], ids=["op", "module"])
+def test_prep_stream_is_the_same_layer(backend, mma, routed, monkeypatch):
+    """CONVLORA_PREP_STREAM=1 (the prep pass started before z = x Aᵀ; on CUDA on a second
+    stream): the output and every gradient bit for bit those without it, for the layer's op
+    and for the module (router inside its op), with and without the composed weights; the
+    forward takes the early prep (EarlyPrep.take hands it over), and a bad value is named."""
+    from convlora_kernels import _switches
+    from convlora_kernels.backends import extension
+
+    taken = []
+    take = extension.EarlyPrep.take
+    monkeypatch.setattr(extension.EarlyPrep, "take",
+                        lambda self, z2: taken.append(take(self, z2)) or taken[-1])
+    dtype = torch.bfloat16
+
+    def run(switch):
+        with _switches.forced({extension.PREP_STREAM_ENV: switch, extension.MMA_ENV: mma}):
+            if routed:
+                layer, _ = _module_pair("token", "bilinear", dtype=dtype, r=8, n=8,
+                                        backend=backend)
+                x = torch.randn(2, 6, 7, 8, generator=torch.Generator().manual_seed(9))
+                return _step(layer, x.to(layer.lora_A.device, dtype),
+                             lambda y, aux: (y.float() ** 2).sum() + aux)
+            c = make_case(height=6, width=7, rank=8, scales=(1, 2, 3, 4, 5, 6, 7, 8),
+                          seed=11, device=_device(backend)).to(dtype, True)
+            names = [n for n in TRAINABLE if getattr(c, n) is not None]
+            y = conv_lora_linear(*c.args(), **c.kwargs(), backend=backend)
+            dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+            grads = torch.autograd.grad(y, [getattr(c, n) for n in names], dy.to(y))
+            return y, dict(zip(names, grads))
+
+    off = run("0")
+    assert taken == []
+    on = run("1")
+    assert len(taken) == 1 and isinstance(taken[0], torch.Tensor)  # the early prep ran
+    for a, b in zip(torch.utils._pytree.tree_leaves(off), torch.utils._pytree.tree_leaves(on)):
+        assert torch.equal(a, b)
+    with _switches.forced({extension.PREP_STREAM_ENV: "yes"}):
+        with pytest.raises(ValueError, match="CONVLORA_PREP_STREAM: expected 0 or 1, got 'yes'"):
+            conv_lora_linear(*make_case(device=_device(backend)).args(),
+                             **make_case().kwargs(), backend=backend)

@@ -67,7 +67,7 @@ def test_every_reader_names_a_declared_switch():
     from convlora_kernels.triton_kernels import launch
 
     assert {plan.FORWARD_ENV, plan.DY_ENV, plan.DX_ENV, extension.MAP_KERNELS_ENV,
-            extension.SMEM_KB_ENV, extension.MMA_ENV,
+            extension.SMEM_KB_ENV, extension.MMA_ENV, extension.PREP_STREAM_ENV,
             launch.AUTOTUNE_ENV, launch.BACKWARD_ENV,
             launch.Z_CELLS_ENV} == set(_switches.NAMES)
 

@@ -17,8 +17,12 @@ backend module supplies:
     routed_index(expert, gating, H, W)         the same for the router's output (one expert
                                                per map or per token)
     routed_index_length(n_tok, gating, H, W)   its length (for the fake kernels)
-    stencil_forward(z2, idx, cw, cb, scales, interpolation, H, W, save)
-                                        -> (u (N, r), saved0, saved1)
+    early_prep(x2, rank, cw, cb, scales, interpolation, H, W, save)
+                                        -> None, or a pass the stencil's forward will use,
+                                           started before z = x2 Aᵀ exists (the "cuda"
+                                           prep on a second stream: CONVLORA_PREP_STREAM)
+    stencil_forward(z2, idx, cw, cb, scales, interpolation, H, W, save, early=None)
+                                        -> (u (N, r), saved0, saved1); early: early_prep's
     stencil_backward(du, z2, saved0, saved1, idx, cw, cb, scales, interpolation, H, W)
                                         -> (dz in z's dtype, dconv_weight, dconv_bias in
                                             conv_weight's dtype)

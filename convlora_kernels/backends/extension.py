@@ -30,10 +30,15 @@ CPU_DY_ROWS = 512  # rows of dy per block of the cpu one-pass (fp32: 4.7 MB at C
 # CONVLORA_STENCIL_MMA=1 runs the per-token forward as tensor-core products of each
 # token's 3 x 3 z cells by composed weights (tf32) for bfloat16 and float16 inputs at ranks
 # up to 8, bilinear (off until a GPU run shows it faster: benchmarks/stencil_time.py times
-# both).
+# both); CONVLORA_PREP_STREAM=1 launches the layer's prep pass (the tap tables, padded
+# weights and composed weights, which read the conv weights only) on a second CUDA stream
+# before the down-projection, so it can run beside z = x Aᵀ and the router instead of
+# between them and the stencil (off until a GPU run shows it faster: stencil_time.py times
+# the layer both ways).
 MAP_KERNELS_ENV = "CONVLORA_MAP_KERNELS"
 SMEM_KB_ENV = "CONVLORA_STENCIL_SMEM_KB"
 MMA_ENV = "CONVLORA_STENCIL_MMA"
+PREP_STREAM_ENV = "CONVLORA_PREP_STREAM"
 
 
 # --- availability --------------------------------------------------------------------------
@@ -110,6 +115,16 @@ def mma_on() -> bool:
     return value == "1"
 
 
+@constant_under_compile
+def prep_stream_on() -> bool:
+    """CONVLORA_PREP_STREAM: "1" starts the layer's prep pass ahead of the down-projection
+    (early_prep), "0" (the default) runs it just before the stencil's forward."""
+    value = _switches.get(PREP_STREAM_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{PREP_STREAM_ENV}: expected 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def mma_for(dtype: torch.dtype) -> bool:
     """The ops' mma argument for inputs of ``dtype``: the switch, for the 16-bit dtypes
     only (tf32 operands keep more bits than they have; float32 stays exact)."""
@@ -162,20 +177,71 @@ def _below_autograd(fn):
     return run
 
 
+class EarlyPrep:
+    """A prep pass started by early_prep: its buffer, what it was made for (z's dtype and
+    rank), and the stream that writes it (None: it was run in order, on the CPU)."""
+
+    def __init__(self, prep: Tensor, dtype: torch.dtype, rank: int, stream):
+        self.prep, self.dtype, self.rank, self.stream = prep, dtype, rank, stream
+
+    def take(self, z2: Tensor) -> Optional[Tensor]:
+        """The buffer for a forward on z2, once the current stream has waited for it; None
+        when z2 is not what it was made for (another dtype: the forward preps again)."""
+        if self.stream is not None:
+            current = torch.cuda.current_stream(z2.device)
+            current.wait_stream(self.stream)
+            self.prep.record_stream(current)  # freed after the backward, on this stream
+            self.stream = None
+        if z2.dtype != self.dtype or z2.shape[1] != self.rank:
+            return None
+        return self.prep
+
+
+_prep_streams = {}  # CUDA device index -> the stream early_prep launches on
+
+
 @_below_autograd
-def stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width, save):
+def early_prep(x2, rank, cw, cb, scales, interpolation, height, width, save):
+    """With CONVLORA_PREP_STREAM=1 and a backward to follow (save): the stencil's prep pass
+    for z = x2 Aᵀ of rank ``rank``, started before z exists (it reads the conv weights
+    only). On CUDA it runs on a second stream, after everything already queued on the
+    current one, so the down-projection and the router can run beside it; stencil_forward
+    waits for it (EarlyPrep.take) before the stencil's kernel. On the CPU it runs in order
+    (the same buffer, the same forward). None otherwise."""
+    if not prep_stream_on() or not save:  # the switch read first: a bad value is named
+        return None
+    code = INTERPOLATION_CODES[interpolation]
+    z_like = x2.new_empty((0, rank))  # the prep reads z's dtype, rank and device only
+    args = (z_like, cw, cb, scales, code, height, width, mma_for(x2.dtype))
+    if x2.device.type != "cuda":
+        return EarlyPrep(torch.ops.convlora.stencil_prep(*args), x2.dtype, rank, None)
+    index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    side = _prep_streams.get(index)
+    if side is None:
+        # the highest priority: its few blocks are dispatched as soon as an SM has room
+        side = _prep_streams[index] = torch.cuda.Stream(device=x2.device, priority=-1)
+    side.wait_stream(torch.cuda.current_stream(x2.device))
+    with torch.cuda.stream(side):
+        prep = torch.ops.convlora.stencil_prep(*args)
+    return EarlyPrep(prep, x2.dtype, rank, side)
+
+
+@_below_autograd
+def stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width, save, early=None):
     """(u, the saved GELU slopes, the prep buffer) when a backward will follow (save): the
     forward and the backward share one prep pass (stencil_prep's tables and padded weights,
-    and with mma the composed weights of both);
+    and with mma the composed weights of both; early: early_prep's, when it started one);
     else (u, two empty tensors), the forward running its own prep."""
     code = INTERPOLATION_CODES[interpolation]
     mma = mma_for(z2.dtype)
+    prep = early.take(z2) if early is not None else None
     if not save:
         u, pre = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales, code, height, width,
-                                                False, smem_kb(), None, mma)
+                                                False, smem_kb(), prep, mma)
         return u, pre, z2.new_empty(0, dtype=torch.uint8)
     # with mma, the composed weights of both passes too (unused by the map programs)
-    prep = torch.ops.convlora.stencil_prep(z2, cw, cb, scales, code, height, width, mma)
+    if prep is None:
+        prep = torch.ops.convlora.stencil_prep(z2, cw, cb, scales, code, height, width, mma)
     u, pre = torch.ops.convlora.stencil_fwd(z2, idx, cw, cb, scales, code, height, width, True,
                                             smem_kb(), prep, mma)
     return u, pre, prep

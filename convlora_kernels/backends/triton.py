@@ -78,7 +78,12 @@ def routed_index_length(n_tok: int, gating: str, height: int, width: int) -> int
     return n_tok
 
 
-def stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width, save):
+def early_prep(x2, rank, cw, cb, scales, interpolation, height, width, save):
+    """None: the Triton stencil has no prep pass to start early."""
+    return None
+
+
+def stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width, save, early=None):
     """(u float32, the token order sorted by expert, the experts' bounds in it)."""
     return launch.stencil_forward(z2, idx, cw, cb, scales, interpolation, height, width)
 

@@ -88,11 +88,34 @@ int64_t stencil_prep_bytes(int64_t r, int64_t n, int64_t interpolation, int64_t 
   return bytes;
 }
 
+// gelu_slope_probe: the stencils' GELU and its slope (gelu_and_grad) as a call on float32
+// inputs computes them (sixteen_bit false: the exact form) or one on float16 or bfloat16
+// inputs (true: gelu_as_and_grad), float32 in, (GELU(x), GELU'(x)) out: what the tests hold
+// against float64, on each device.
+std::tuple<at::Tensor, at::Tensor> gelu_slope_probe_cpu(const at::Tensor& x, bool sixteen_bit) {
+  TORCH_CHECK(x.device().is_cpu(), "gelu_slope_probe_cpu: expected a CPU tensor, got ",
+              x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "gelu_slope_probe: expected float32, got ",
+              x.scalar_type());
+  auto xc = x.contiguous();
+  auto y = at::empty_like(xc), slope = at::empty_like(xc);
+  const float* in = xc.const_data_ptr<float>();
+  float* out = y.mutable_data_ptr<float>();
+  float* d = slope.mutable_data_ptr<float>();
+  at::parallel_for(0, xc.numel(), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      out[i] = sixteen_bit ? gelu_and_grad<at::BFloat16>(in[i], d[i])
+                           : gelu_and_grad<float>(in[i], d[i]);
+  });
+  return {y, slope};
+}
+
 CONVLORA_LIBRARY(CONVLORA_NS, m) {
   m.def("stencil_grid(int r, int n, int interpolation, bool backward, int smem_kb=0, "
         "bool mma=False) -> int[]",
         &stencil_grid);
   m.def("gelu_probe(Tensor x) -> Tensor");
+  m.def("gelu_slope_probe(Tensor x, bool sixteen_bit) -> (Tensor, Tensor)");
   // See stencil.h for shapes. interpolation: 0 bilinear, 1 bicubic. smem_kb: the
   // shared-memory budget of a tile block in KB, 0 for the default (smem_budget). mma: the
   // composed-weight programs where they can run (make_tile_grid).
@@ -117,6 +140,7 @@ CONVLORA_LIBRARY(CONVLORA_NS, m) {
 
 CONVLORA_LIBRARY_IMPL(CONVLORA_NS, CPU, m) {
   m.impl("gelu_probe", &gelu_probe_cpu);
+  m.impl("gelu_slope_probe", &gelu_slope_probe_cpu);
 }
 
 }  // namespace convlora

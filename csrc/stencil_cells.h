@@ -509,7 +509,7 @@ CONVLORA_HD void cells_out(const TileArgs<scalar_t, float>& A, const BlockPos& P
     CONVLORA_UNROLL
     for (int q = 0; q < 2; ++q) {
       float slope;
-      y[q] += wd * gelu_erf_and_grad(cv[q], slope);
+      y[q] += wd * gelu_and_grad<scalar_t>(cv[q], slope);
       saved[q] = A.raw_pre ? cv[q] : slope;
     }
     if (pre != nullptr) store_pair(pre + j * A.r + 2 * t, saved, A.r - 2 * t);

@@ -526,7 +526,7 @@ CONVLORA_HD void map_phase_combine(const TileArgs<scalar_t, acc_t>& A, const Map
       for (int b = 0; b < nb; ++b) {
         const acc_t cv = S.cbuf[G::c_fwd_at(i, S.x.tokc[4 * tx + b]) + c];
         acc_t slope;  // computed saved or not: one path of code
-        sum += wa * S.x.tokw[4 * tx + b] * gelu_erf_and_grad(cv, slope);
+        sum += wa * S.x.tokw[4 * tx + b] * gelu_and_grad<scalar_t>(cv, slope);
         if (pre != nullptr) pre[(a * nb + b) * r] = A.raw_pre ? cv : slope;
       }
     }

@@ -954,7 +954,7 @@ CONVLORA_HD void phase_conv(const TileArgs<scalar_t, acc_t>& A, const BlockPos& 
       for (int co = 0; co < R; ++co) {
         const acc_t c = S.cbuf[row + co];
         acc_t slope;
-        S.cbuf[row + co] = ip.w * gelu_erf_and_grad(c, slope);
+        S.cbuf[row + co] = ip.w * gelu_and_grad<scalar_t>(c, slope);
         if (pre != nullptr && co < A.r) pre[co] = A.raw_pre ? c : slope;
       }
     } else {

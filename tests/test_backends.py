@@ -62,6 +62,66 @@ def test_probe_op_on_gpu():
     torch.testing.assert_close(_testing.gelu_probe(x), torch.nn.functional.gelu(x))
 
 
+def _gelu_float64(x):
+    """(GELU(x), GELU'(x)) in float64 from math.erf (independent of torch's GELU)."""
+    import math
+
+    xd = x.double()
+    phi = 0.5 * (1 + torch.tensor([math.erf(v / math.sqrt(2)) for v in xd.tolist()],
+                                  dtype=torch.float64))
+    return xd * phi, phi + xd * torch.exp(-0.5 * xd * xd) / math.sqrt(2 * math.pi)
+
+
+def _gelu_probe_points(device):
+    """Float32 points over [-20, 20]: a dense grid, where the two erfc forms meet (0), the
+    tails, and random ones."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.linspace(-20, 20, 40_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30]),
+                   torch.randn(20_000, generator=g) * 3])
+    return x.to(device)
+
+
+@pytest.mark.parametrize("sixteen_bit,tol", [(True, 5e-7), (False, 1e-6)])
+def test_stencil_gelu_and_slope_against_float64(sixteen_bit, tol):
+    """The stencils' GELU with its slope (convlora_math.h gelu_and_grad): for 16-bit calls
+    the one-exponential form (within 4.3e-7 of float64 over [-20, 20]), for float32 the
+    exact one (within float32's rounding of values up to 20); both slopes against the
+    derivative Phi(x) + x phi(x), not against each other."""
+    x = _gelu_probe_points("cpu")
+    y, slope = _testing.gelu_slope_probe(x, sixteen_bit)
+    ref, dref = _gelu_float64(x)
+    scale = ref.abs().clamp_min(1.0)
+    assert ((y.double() - ref).abs() / scale).max().item() <= tol
+    assert (slope.double() - dref).abs().max().item() <= tol
+    # one pass of code either way: the strided input gives the same values
+    xs = torch.stack([x, x], 1)[:, 0]
+    assert not xs.is_contiguous()
+    assert all(torch.equal(a, b) for a, b in zip(_testing.gelu_slope_probe(xs, sixteen_bit),
+                                                 (y, slope)))
+
+
+def test_gelu_slope_probe_opcheck():
+    torch.library.opcheck(torch.ops.convlora.gelu_slope_probe.default, (torch.randn(4, 5), True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("sixteen_bit,tol", [(True, 5e-7), (False, 1e-6)])
+def test_stencil_gelu_and_slope_on_gpu(sixteen_bit, tol):
+    """The same on the GPU (its special-function unit's reciprocal and exponential for the
+    16-bit form), and within 2e-7 of the CPU's."""
+    x = _gelu_probe_points("cuda")
+    y, slope = _testing.gelu_slope_probe(x, sixteen_bit)
+    ref, dref = _gelu_float64(x.cpu())
+    scale = ref.abs().clamp_min(1.0)
+    assert ((y.cpu().double() - ref).abs() / scale).max().item() <= tol
+    assert (slope.cpu().double() - dref).abs().max().item() <= tol
+    yc, sc = _testing.gelu_slope_probe(x.cpu(), sixteen_bit)
+    assert ((y.cpu() - yc).abs() / scale.float()).max().item() <= 2e-7
+    assert (slope.cpu() - sc).abs().max().item() <= 2e-7
+
+
 def test_auto_falls_back_to_reference_with_one_warning():
     """Meta tensors have no fused backend: auto warns once, names why, runs the reference."""
     ops._warn_fallback_once.cache_clear()

@@ -62,13 +62,13 @@ def _b_t(lora_B: Tensor) -> Tensor:
 
 
 def _early_prep(x2, lora_A, conv_weight, conv_bias, scales, interpolation, height, width,
-                backend, forward_plan, save):
+                backend, forward_plan):
     """The backend's prep pass started before z = x Aᵀ (backends: early_prep), or None."""
     if forward_plan == "one_kernel":
         return None
     return backends.module(backend).early_prep(
         x2, lora_A.shape[0], conv_weight.contiguous(), conv_bias.contiguous(), list(scales),
-        interpolation, height, width, save)
+        interpolation, height, width)
 
 
 def _forward_impl(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expert_index, z,
@@ -78,7 +78,7 @@ def _forward_impl(x2, weight, bias, lora_A, lora_B, conv_weight, conv_bias, expe
     here when it forms z itself."""
     if z is None:
         early = _early_prep(x2, lora_A, conv_weight, conv_bias, scales, interpolation, height,
-                            width, backend, forward_plan, save)
+                            width, backend, forward_plan)
     z2 = F.linear(x2, lora_A) if z is None else z
     if z2.stride(-1) != 1:
         z2 = z2.contiguous()
@@ -279,7 +279,7 @@ def _routed_forward_fn(x2: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
     loss loss_coef · (cv²(importance) + cv²(load)) (float32; on CUDA from the routing's own
     launch), then the layer."""
     early = _early_prep(x2, lora_A, conv_weight, conv_bias, scales, interpolation, height,
-                        width, backend, forward_plan, save)
+                        width, backend, forward_plan)
     z2 = F.linear(x2, lora_A)
     expert, load, aux = route_with_aux_loss(router_features(z2, gating, height, width),
                                             w_gate, w_noise, noise, noise_epsilon, loss_coef)

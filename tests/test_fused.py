@@ -588,8 +588,9 @@ def test_unchecked_out_of_range_expert_reaches_nothing(backend, forward_plan, tr
 def test_prep_stream_is_the_same_layer(backend, mma, routed, monkeypatch):
     """CONVLORA_PREP_STREAM=1 (the prep pass started before z = x Aᵀ; on CUDA on a second
     stream): the output and every gradient bit for bit those without it, for the layer's op
-    and for the module (router inside its op), with and without the composed weights; the
-    forward takes the early prep (EarlyPrep.take hands it over), and a bad value is named."""
+    and for the module (router inside its op), with and without the composed weights, and
+    a forward under no_grad; the forward takes the early prep (EarlyPrep.take hands it
+    over), and a bad value is named."""
     from convlora_kernels import _switches
     from convlora_kernels.backends import extension
 
@@ -621,6 +622,16 @@ def test_prep_stream_is_the_same_layer(backend, mma, routed, monkeypatch):
     assert len(taken) == 1 and isinstance(taken[0], torch.Tensor)  # the early prep ran
     for a, b in zip(torch.utils._pytree.tree_leaves(off), torch.utils._pytree.tree_leaves(on)):
         assert torch.equal(a, b)
+    # a forward with no backward to follow (inference) takes it too
+    with torch.no_grad():
+        c = make_case(height=6, width=7, rank=8, scales=(1, 2, 3, 4, 5, 6, 7, 8), seed=12,
+                      device=_device(backend)).to(dtype)
+        outs = []
+        for switch in ("0", "1"):
+            with _switches.forced({extension.PREP_STREAM_ENV: switch, extension.MMA_ENV: mma}):
+                outs.append(conv_lora_linear(*c.args(), **c.kwargs(), backend=backend))
+    assert len(taken) == 2 and isinstance(taken[1], torch.Tensor)
+    assert torch.equal(outs[0], outs[1])
     with _switches.forced({extension.PREP_STREAM_ENV: "yes"}):
         with pytest.raises(ValueError, match="CONVLORA_PREP_STREAM: expected 0 or 1, got 'yes'"):
             conv_lora_linear(*make_case(device=_device(backend)).args(),

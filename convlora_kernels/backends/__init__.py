@@ -17,7 +17,7 @@ backend module supplies:
     routed_index(expert, gating, H, W)         the same for the router's output (one expert
                                                per map or per token)
     routed_index_length(n_tok, gating, H, W)   its length (for the fake kernels)
-    early_prep(x2, rank, cw, cb, scales, interpolation, H, W, save)
+    early_prep(x2, rank, cw, cb, scales, interpolation, H, W)
                                         -> None, or a pass the stencil's forward will use,
                                            started before z = x2 Aᵀ exists (the "cuda"
                                            prep on a second stream: CONVLORA_PREP_STREAM)

@@ -201,14 +201,14 @@ _prep_streams = {}  # CUDA device index -> the stream early_prep launches on
 
 
 @_below_autograd
-def early_prep(x2, rank, cw, cb, scales, interpolation, height, width, save):
-    """With CONVLORA_PREP_STREAM=1 and a backward to follow (save): the stencil's prep pass
-    for z = x2 Aᵀ of rank ``rank``, started before z exists (it reads the conv weights
-    only). On CUDA it runs on a second stream, after everything already queued on the
-    current one, so the down-projection and the router can run beside it; stencil_forward
-    waits for it (EarlyPrep.take) before the stencil's kernel. On the CPU it runs in order
-    (the same buffer, the same forward). None otherwise."""
-    if not prep_stream_on() or not save:  # the switch read first: a bad value is named
+def early_prep(x2, rank, cw, cb, scales, interpolation, height, width):
+    """With CONVLORA_PREP_STREAM=1: the stencil's prep pass for z = x2 Aᵀ of rank ``rank``,
+    started before z exists (it reads the conv weights only). On CUDA it runs on a second
+    stream, after everything already queued on the current one, so the down-projection and
+    the router can run beside it; stencil_forward waits for it (EarlyPrep.take) before the
+    stencil's kernel, and keeps it for the backward when one follows. On the CPU it runs in
+    order (the same buffer, the same forward). None when the switch is off."""
+    if not prep_stream_on():
         return None
     code = INTERPOLATION_CODES[interpolation]
     z_like = x2.new_empty((0, rank))  # the prep reads z's dtype, rank and device only

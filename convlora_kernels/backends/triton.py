@@ -78,7 +78,7 @@ def routed_index_length(n_tok: int, gating: str, height: int, width: int) -> int
     return n_tok
 
 
-def early_prep(x2, rank, cw, cb, scales, interpolation, height, width, save):
+def early_prep(x2, rank, cw, cb, scales, interpolation, height, width):
     """None: the Triton stencil has no prep pass to start early."""
     return None
 

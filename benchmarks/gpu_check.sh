@@ -25,7 +25,10 @@
 #   stencil    the stencil kernels alone (stencil_fwd, stencil_bwd; CUDA events) next to the
 #              layer's fwd+bwd, plain LoRA and the eager reference (benchmarks/stencil_time.py);
 #              for map routing the map programs next to the per-token ones
-#              (CONVLORA_MAP_KERNELS=0 switches the layer to the latter)
+#              (CONVLORA_MAP_KERNELS=0 switches the layer to the latter); on the target
+#              shape the layer also under the switches a GPU must settle
+#              (stencil_time.LAYER_SWITCHES: the prep on a second stream, CONVLORA_PREP_STREAM;
+#              the composed-weight stencil, CONVLORA_STENCIL_MMA; both)
 #   kernels    where each stencil op's and the layer's GPU time goes: every kernel it launches
 #              with its time (torch.profiler), one call alone against calls back to back
 #              (benchmarks/kernel_profile.py; SKIP without a GPU)

@@ -20,7 +20,8 @@ from convlora_kernels import ConvLoRALinear, conv_lora_linear, conv_lora_linear_
 
 triton = pytest.importorskip("triton")
 from convlora_kernels.backends import triton as op  # noqa: E402
-from convlora_kernels.triton_kernels import compile_check, launch, tables  # noqa: E402
+from convlora_kernels.triton_kernels import compile_check, launch, stencil, tables  # noqa: E402
+tl = triton.language
 
 from helpers import assert_close, check_accuracy_rule, make_case, resample_matrix  # noqa: E402
 
@@ -825,6 +826,36 @@ def test_float16_by_the_accuracy_rule(mode, forward_plan):
     c = case(batch=1, height=5, width=6, rank=3, scales=(1, 2, 3), interpolation=mode,
              seed=5)
     check_accuracy_rule(triton_op, c, torch.float16, 1e-4)
+
+
+@triton.jit
+def _gelu_probe_kernel(x_ptr, y_ptr, d_ptr, n, SIXTEEN: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    x = tl.load(x_ptr + i, mask=m)
+    tl.store(y_ptr + i, stencil.gelu(x, SIXTEEN), mask=m)
+    tl.store(d_ptr + i, stencil.gelu_grad(x, SIXTEEN), mask=m)
+
+
+@pytest.mark.parametrize("sixteen,tol", [(True, 5e-7), (False, 1e-6)])
+def test_stencil_gelu_forms_against_float64(sixteen, tol):
+    """stencil.gelu and gelu_grad, as the kernels take them for 16-bit inputs (the one-
+    exponential form the C++ stencils share) and for float32 (erf), against float64 over
+    [-20, 20]: the GELU within tol of max(1, |GELU|), the slope within tol."""
+    import math
+
+    x = torch.cat([torch.linspace(-20, 20, 4_001), torch.tensor([0.0, -0.0, 1e-30]),
+                   torch.randn(2_000, generator=torch.Generator().manual_seed(0)) * 3])
+    x = x.to(DEV)
+    y, d = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    block = 1024
+    _gelu_probe_kernel[(triton.cdiv(x.numel(), block),)](x, y, d, x.numel(), sixteen, block)
+    xd = x.cpu().double()
+    phi = 0.5 * (1 + torch.tensor([math.erf(v / math.sqrt(2)) for v in xd.tolist()],
+                                  dtype=torch.float64))
+    ref, dref = xd * phi, phi + xd * torch.exp(-0.5 * xd * xd) / math.sqrt(2 * math.pi)
+    assert ((y.cpu().double() - ref).abs() / ref.abs().clamp_min(1)).max().item() <= tol
+    assert (d.cpu().double() - dref).abs().max().item() <= tol
 
 
 def test_empty_batch_forward_and_backward(forward_plan):

@@ -217,16 +217,39 @@ def conv_row_taps(cells, wy, wx, wxp, z_ptr, tok, tmask, h, w, H, W, r, stride_z
 
 
 @triton.jit
-def gelu(c):
-    """Exact GELU: c · Φ(c) = 0.5 c (1 + erf(c / √2))."""
-    return 0.5 * c * (1.0 + tl.math.erf(c * 0.7071067811865476))
+def cdf2_and_gauss(c):
+    """(1 + erf(c / √2), e^(-c²/2)) for calls on 16-bit inputs: erfc from Abramowitz and
+    Stegun's 7.1.26, k (a1 + k (a2 + ... + k a5)) e^(-t²) with k = 1 / (1 + p |t|),
+    t = c / √2, its e^(-t²) shared with φ (the C++ stencils' gelu_as_and_grad,
+    csrc/convlora_math.h: within 4.3e-7 of float64, far below a 16-bit value's rounding)."""
+    k = 1.0 / (1.0 + 0.23164189 * tl.abs(c))
+    poly = k * (0.254829592 + k * (-0.284496736 + k * (1.421413741 + k * (-1.453152027
+                                                                          + k * 1.061405429))))
+    e = tl.exp2(c * (c * -0.7213475204444817))
+    q = poly * e
+    return tl.where(c >= 0.0, 2.0 - q, q), e
 
 
 @triton.jit
-def gelu_grad(c):
-    """d GELU / dc = Φ(c) + c · φ(c), φ(c) = exp(-c²/2) / √(2π)."""
-    return 0.5 * (1.0 + tl.math.erf(c * 0.7071067811865476)) + \
-        c * 0.3989422804014327 * tl.exp(-0.5 * c * c)
+def gelu(c, SIXTEEN: tl.constexpr):
+    """GELU: c · Φ(c) = 0.5 c (1 + erf(c / √2)); exact (erf) unless SIXTEEN (16-bit
+    inputs: cdf2_and_gauss)."""
+    if SIXTEEN:
+        cdf2, _ = cdf2_and_gauss(c)
+    else:
+        cdf2 = 1.0 + tl.math.erf(c * 0.7071067811865476)
+    return 0.5 * c * cdf2
+
+
+@triton.jit
+def gelu_grad(c, SIXTEEN: tl.constexpr):
+    """d GELU / dc = Φ(c) + c · φ(c), φ(c) = exp(-c²/2) / √(2π); exact unless SIXTEEN."""
+    if SIXTEEN:
+        cdf2, e = cdf2_and_gauss(c)
+    else:
+        cdf2 = 1.0 + tl.math.erf(c * 0.7071067811865476)
+        e = tl.exp(-0.5 * c * c)
+    return 0.5 * cdf2 + c * 0.3989422804014327 * e
 
 
 @triton.jit
@@ -380,7 +403,8 @@ def tile_u(z_ptr, perm_ptr, e, start, stop, ntaps_ptr, ty_ptr, oy_ptr, tx_ptr, o
                         rows_x, z_ptr, tok, tmask, h, w, H, W, r, stride_zn, BT, RZ, NBP,
                         HALO, TAPS, HOLD, ZV, PREC)
         om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
-        u += om[:, None] * gelu(live_cols(c, BT, RZ, RP))
+        u += om[:, None] * gelu(live_cols(c, BT, RZ, RP),
+                                z_ptr.dtype.element_ty.primitive_bitwidth == 16)
     ci = tl.arange(0, u.shape[1])
     u += tl.load(z_ptr + tok[:, None] * stride_zn + ci[None, :],
                  mask=tmask[:, None] & (ci[None, :] < r), other=0.0).to(tl.float32)
@@ -509,7 +533,8 @@ def grad_phase(cells, cb, w0, w1, w2, du, g_ptr, ty_ptr, oy_ptr, tx_ptr, ox_ptr,
                         rows_x, z_ptr, tok, tmask, h, w, H, W, r, stride_zn, BT, RZ, NBP,
                         HALO, TAPS, HOLD, ZV, PREC)
         om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
-        g = om[:, None] * du * gelu_grad(live_cols(c, BT, RZ, RP))
+        g = om[:, None] * du * gelu_grad(live_cols(c, BT, RZ, RP),
+                                         z_ptr.dtype.element_ty.primitive_bitwidth == 16)
         tl.store(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :], g, mask=cmask)
         db += g
     return db
@@ -706,7 +731,8 @@ def grad_dw_phase(cells, cb, w0, w1, w2, du, g_ptr, ty_ptr, oy_ptr, tx_ptr, ox_p
         c = tl.dot(up1, w1, c, input_precision=PREC)
         c = tl.dot(up2, w2, c, input_precision=PREC)
         om = down_weight(oy_ptr, ox_ptr, e, hr, wr, ky, kx, rows_y, rows_x, TAPS)
-        g = om[:, None] * du * gelu_grad(live_cols(c, BT, RZ, RP))
+        g = om[:, None] * du * gelu_grad(live_cols(c, BT, RZ, RP),
+                                         z_ptr.dtype.element_ty.primitive_bitwidth == 16)
         tl.store(g_ptr + (tok[:, None] * (TAPS * TAPS) + k) * r + ci[None, :], g, mask=cmask)
         db += g
         gp = pad_cols(g, BT, RZ, RP)

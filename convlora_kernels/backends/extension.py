@@ -223,6 +223,10 @@ def early_prep(x2, rank, cw, cb, scales, interpolation, height, width):
     side.wait_stream(torch.cuda.current_stream(x2.device))
     with torch.cuda.stream(side):
         prep = torch.ops.convlora.stencil_prep(*args)
+    # the weights (copies, when the caller's were not contiguous) are read on `side`: not
+    # reused by the current stream before that read is done
+    cw.record_stream(side)
+    cb.record_stream(side)
     return EarlyPrep(prep, x2.dtype, rank, side)
 
 

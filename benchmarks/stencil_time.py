@@ -12,8 +12,8 @@ in microseconds with the card named; everything else is a ratio. For the first s
 stencil ops are also timed under each shared-memory budget (CONVLORA_STENCIL_SMEM_KB: what
 the kernels stage in shared memory against how many blocks fit an SM), the choice a GPU
 run should settle, and the layer under the switches LAYER_SWITCHES names (the prep
-pass on a second stream, the composed-weight stencil, both). On a GPU the Triton stencil is timed alone too: its backward both split
-and merged (CONVLORA_TRITON_BACKWARD), and every kernel with its z cells held in registers
+pass on a second stream, the composed-weight stencil, both). On a GPU the Triton stencil
+is timed alone too: its backward both split and merged (CONVLORA_TRITON_BACKWARD), and every kernel with its z cells held in registers
 and loaded by each conv row (CONVLORA_TRITON_Z_CELLS), choices for a GPU run to settle.
 The last line, "RESULT: ...", is what benchmarks/gpu_check.sh records for the target
 shape.
